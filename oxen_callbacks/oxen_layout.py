@@ -1,0 +1,104 @@
+"""What this library knows of Oxen's private on-disk layout, in one place.
+
+oxenai (0.65) offers no public way to read an old commit of a local repository
+without touching its working tree, to list the commits of every branch, or to
+find the temp files a killed ``add`` leaves behind. Those needs are met here
+from the ``.oxen`` folder's layout. ``tests/test_oxen_layout.py`` checks every
+assumption against the installed oxenai and fails loudly when an upgrade
+changes one; pyproject bounds the oxenai version range accordingly.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from pathlib import Path
+
+OXEN_DIR = ".oxen"
+#: Our own state inside a repository's ``.oxen`` folder (Oxen ignores unknown entries).
+STATE_DIR_NAME = "oxen-callbacks"
+#: Entries of ``.oxen`` a read-only shadow must not copy: the content store is
+#: shared through a symlink; the rest is per-working-tree state.
+_SHADOW_SKIP = {"versions", "staged", "workspaces", "tmp", STATE_DIR_NAME}
+_TEMP_INFIX = ".oxentmp."
+
+
+def oxen_dir(repo: str | os.PathLike[str]) -> Path:
+    return Path(repo) / OXEN_DIR
+
+
+def is_repo(path: str | os.PathLike[str]) -> bool:
+    """True when ``path`` is the root of a local Oxen repository."""
+    return (oxen_dir(path) / "config.toml").is_file()
+
+
+def find_repo_root(path: str | os.PathLike[str]) -> Path | None:
+    """The Oxen repository containing ``path`` (itself or an ancestor), if any."""
+    p = Path(path).resolve()
+    for candidate in (p, *p.parents):
+        if is_repo(candidate):
+            return candidate
+    return None
+
+
+def state_dir(repo: str | os.PathLike[str]) -> Path:
+    """Where this library keeps queues and locks of a repository."""
+    return oxen_dir(repo) / STATE_DIR_NAME
+
+
+def head_ref(repo: str | os.PathLike[str]) -> str:
+    """What ``.oxen/HEAD`` holds: a branch name, or a commit id when detached."""
+    return (oxen_dir(repo) / "HEAD").read_text().strip()
+
+
+def commit_ids(repo: str | os.PathLike[str]) -> list[str]:
+    """Ids of every commit the repository holds, on any branch (``.oxen/history/<id>``)."""
+    history = oxen_dir(repo) / "history"
+    if not history.is_dir():
+        return []
+    return [entry.name for entry in os.scandir(history) if entry.is_dir()]
+
+
+def make_shadow(repo: str | os.PathLike[str], dest: str | os.PathLike[str], commit_id: str) -> Path:
+    """Make ``dest`` a working tree of ``repo`` detached at ``commit_id``, with no files.
+
+    The shadow's ``.oxen`` copies the original's metadata and links its content
+    store, so ``restore(path, source=commit_id)`` run in the shadow writes that
+    commit's bytes while the original tree, HEAD, branches and staging area stay
+    as they are.
+    """
+    src = oxen_dir(repo)
+    dst = Path(dest) / OXEN_DIR
+    dst.mkdir(parents=True)
+    for entry in os.scandir(src):
+        target = dst / entry.name
+        if entry.name == "versions":
+            os.symlink(os.path.realpath(entry.path), target)
+        elif entry.name in _SHADOW_SKIP:
+            continue
+        elif entry.is_dir(follow_symlinks=False):
+            shutil.copytree(entry.path, target, symlinks=True)
+        else:
+            shutil.copy2(entry.path, target)
+    (dst / "HEAD").write_text(commit_id)
+    return Path(dest)
+
+
+def orphan_temp_files(repo: str | os.PathLike[str], older_than_s: float = 60.0) -> list[Path]:
+    """Scratch files (``*.oxentmp.*``) a killed ``oxen add`` left in the content store."""
+    root = oxen_dir(repo) / "versions"
+    if not root.is_dir():
+        return []
+    cutoff = time.time() - older_than_s
+    found: list[Path] = []
+    for dirpath, _dirnames, filenames in os.walk(root):
+        for name in filenames:
+            if _TEMP_INFIX in name:
+                path = Path(dirpath) / name
+                try:
+                    if path.stat().st_mtime < cutoff:
+                        found.append(path)
+                except FileNotFoundError:
+                    continue
+    return found

@@ -1,0 +1,190 @@
+"""Pin a dataset to one immutable Oxen commit and read it from a read-only snapshot.
+
+Example::
+
+    from oxen_callbacks import PinnedDataset
+
+    data = PinnedDataset("data/reviews", revision="main", paths=["train.csv"])
+    data.commit                 # the commit 'main' pointed at, fixed from now on
+    df = pd.read_csv(data.file("train.csv"))   # bytes of that commit, whatever 'main' does next
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigurationError, DatasetMismatchError
+from .locks import FileLock
+from .relpath import covers, safe_relpath
+from .snapshot import SnapshotStore, default_cache_dir, remove_tree
+from .source_local import LocalSource
+
+log = logging.getLogger(__name__)
+
+
+class PinnedDataset:
+    """The paths of one dataset commit, materialized on first use into a cached snapshot.
+
+    Args:
+        repo: path of a local Oxen repository.
+        revision: a branch name or commit id (or unique prefix); default: what is checked out.
+            Resolved to a commit id once, at construction.
+        paths: repository-relative files or folders to use; default the whole commit.
+        cache_dir: snapshot cache root; default ``~/.cache/oxen-callbacks``
+            (``$OXEN_CALLBACKS_CACHE`` overrides).
+        allow_dirty: accept uncommitted changes in ``paths`` of the checked-out branch
+            (the snapshot still holds the committed bytes; the lineage records ``dirty``).
+
+    Raises:
+        ConfigurationError: not an Oxen repository, unknown revision, bad paths, or
+            uncommitted changes in the pinned paths without ``allow_dirty``.
+    """
+
+    def __init__(
+        self,
+        repo: str | os.PathLike[str],
+        revision: str | None = None,
+        paths: list[str] | tuple[str, ...] | str | None = None,
+        *,
+        cache_dir: str | os.PathLike[str] | None = None,
+        allow_dirty: bool = False,
+    ) -> None:
+        if isinstance(paths, str):
+            paths = [paths]
+        wanted = [safe_relpath(p, what="dataset path") for p in (paths or ["."])]
+        self.paths: list[str] = [p for p in dict.fromkeys(wanted) if not _covered_by_other(p, wanted)]
+        self.source = LocalSource(repo)
+        self.revision = revision
+        self.commit: str = self.source.resolve(revision)
+        self.revision_label: str = revision or self.source.repo.current_branch() or self.commit
+        self.dirty = False
+        if self.source.tracks_working_tree(revision):
+            changed = self.source.changed_paths(self.paths)
+            if changed and not allow_dirty:
+                shown = ", ".join(changed[:5]) + (f" (+{len(changed) - 5} more)" if len(changed) > 5 else "")
+                raise ConfigurationError(
+                    f"The dataset repository {self.source.location!r} has uncommitted changes in the pinned "
+                    f"paths: {shown}. Training would read commit {self.commit}, not your working tree.",
+                    "commit them (`oxen add ... && oxen commit -m ...`), pin another revision, "
+                    "or pass allow_dirty=True (recorded as dirty in the lineage).",
+                )
+            self.dirty = bool(changed)
+        self.store = SnapshotStore(cache_dir or default_cache_dir(), self.source.key)
+        self.pull_seconds: float | None = None
+
+    # -- materialization -------------------------------------------------------
+    def pull(self) -> Path:
+        """Materialize the pinned paths (once; later calls and other processes reuse the cache)."""
+        started = time.perf_counter()
+        if self.store.manifest(self.commit).missing(self.paths):
+            self._materialize_missing()
+        self.pull_seconds = time.perf_counter() - started
+        return self.store.folder(self.commit)
+
+    def _materialize_missing(self) -> None:
+        try:
+            lock = FileLock(self.store.lock_path(self.commit), timeout=3600)
+            lock.acquire()
+        except PermissionError as exc:
+            raise ConfigurationError(
+                f"The snapshot cache {str(self.store.cache_dir)!r} is not writable ({exc.strerror}).",
+                "pass cache_dir= a writable folder, or set OXEN_CALLBACKS_CACHE.",
+            ) from None
+        try:
+            manifest = self.store.manifest(self.commit)
+            missing = manifest.missing(self.paths)
+            if not missing:
+                return
+            scratch = self.store.scratch()
+            try:
+                self.source.materialize(self.commit, missing, scratch)
+                self.store.adopt(self.commit, scratch, missing, manifest)
+            finally:
+                remove_tree(scratch)
+            log.info(
+                "Pinned %s@%s: %d files, %.1f MB in %s",
+                self.source.location, self.commit, manifest.files, manifest.bytes / 1e6, self.store.folder(self.commit),
+            )
+        finally:
+            lock.release()
+
+    @property
+    def is_pulled(self) -> bool:
+        return not self.store.manifest(self.commit).missing(self.paths)
+
+    @property
+    def path(self) -> Path:
+        """The snapshot folder (the repository root as of the pinned commit)."""
+        return self.pull()
+
+    def file(self, rel_path: str) -> Path:
+        """Absolute path of ``rel_path`` in the snapshot; it must lie in the pinned paths."""
+        rel = safe_relpath(rel_path, what="dataset path")
+        if not any(covers(p, rel) for p in self.paths):
+            raise ConfigurationError(
+                f"{rel_path!r} is not among the pinned paths {self.paths}.",
+                f"add it: PinnedDataset({self.source.location!r}, paths=[..., {rel_path!r}]).",
+            )
+        target = self.path / rel
+        if not target.exists():
+            raise ConfigurationError(f"{rel_path!r} is not in commit {self.commit} of {self.source.location!r}.")
+        return target
+
+    def files(self) -> list[Path]:
+        """Every file of the pinned paths, sorted."""
+        root = self.path
+        found: list[Path] = []
+        for rel in self.paths:
+            target = root / rel
+            if target.is_file():
+                found.append(target)
+            else:
+                found.extend(p for p in target.rglob("*") if p.is_file())
+        return sorted(set(found))
+
+    def verify(self) -> None:
+        """Check the snapshot still holds what its manifest recorded (file counts and sizes)."""
+        manifest = self.store.manifest(self.commit)
+        from .snapshot import _count
+
+        for rel, recorded in manifest.paths.items():
+            root = self.store.folder(self.commit)
+            actual = _count(root if rel == "." else root / rel)
+            if actual != recorded:
+                raise DatasetMismatchError(
+                    f"Snapshot {root} of {self.source.location}@{self.commit} changed on disk at {rel!r}: "
+                    f"{actual} != {recorded}. Delete the folder to re-materialize it."
+                )
+
+    # -- lineage ------------------------------------------------------------------
+    def to_lineage(self) -> dict[str, Any]:
+        """The ``dataset`` section of a lineage record."""
+        return {
+            "repo": self.source.location,
+            "revision": self.revision_label,
+            "commit": self.commit,
+            "paths": list(self.paths),
+            "dirty": self.dirty,
+        }
+
+    def check_same(self, recorded: dict[str, Any], *, what: str) -> None:
+        """Raise :class:`DatasetMismatchError` when ``recorded`` names another commit or paths."""
+        if recorded.get("commit") != self.commit:
+            raise DatasetMismatchError(
+                f"{what} was trained on dataset commit {recorded.get('commit')} of {recorded.get('repo')}, "
+                f"but this run pins {self.commit} of {self.source.location} "
+                f"(revision {self.revision_label!r}). Resuming would mix two datasets.\n"
+                f"HINT: pin the recorded commit: PinnedDataset(..., revision={recorded.get('commit')!r}), "
+                "or pass allow_dataset_change=True to resume on the new data on purpose."
+            )
+
+    def __repr__(self) -> str:
+        return f"PinnedDataset({self.source.location!r}, commit={self.commit!r}, paths={self.paths})"
+
+
+def _covered_by_other(path: str, others: list[str]) -> bool:
+    return any(o != path and covers(o, path) for o in others)
