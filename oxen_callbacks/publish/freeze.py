@@ -1,0 +1,56 @@
+"""Freeze a just-written checkpoint so rotation or a rewrite cannot change what gets committed.
+
+Hard links cost microseconds whatever the size and survive the trainer deleting
+the original (``save_top_k``, ``save_total_limit``). Where a hard link is not
+possible (another filesystem, or a filesystem without links) the bytes are copied.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import shutil
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+_warned_copy = False
+
+
+def freeze(src: str | os.PathLike[str], dest: str | os.PathLike[str]) -> tuple[int, int]:
+    """Freeze file or folder ``src`` at ``dest``; returns ``(files, bytes)``.
+
+    Symlinks inside a checkpoint folder (or a symlinked checkpoint, such as
+    Lightning's ``save_last="link"``) are followed: what is frozen is content.
+    """
+    src_path, dest_path = Path(os.path.realpath(src)), Path(dest)
+    if src_path.is_dir():
+        files = size = 0
+        for dirpath, _dirs, names in os.walk(src_path, followlinks=True):
+            rel = Path(dirpath).relative_to(src_path)
+            (dest_path / rel).mkdir(parents=True, exist_ok=True)
+            for name in names:
+                size += _freeze_file(Path(dirpath) / name, dest_path / rel / name)
+                files += 1
+        return files, size
+    dest_path.parent.mkdir(parents=True, exist_ok=True)
+    return 1, _freeze_file(src_path, dest_path)
+
+
+def _freeze_file(src: Path, dest: Path) -> int:
+    global _warned_copy
+    real = Path(os.path.realpath(src))
+    try:
+        os.link(real, dest)
+    except OSError as exc:
+        if exc.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP, errno.EACCES):
+            raise
+        if not _warned_copy:
+            log.warning(
+                "Checkpoints and the model repository are on different filesystems (or links are not "
+                "allowed): checkpoints are copied at save time, which costs training time. "
+                "Put the model repository on the checkpoints' filesystem to avoid it."
+            )
+            _warned_copy = True
+        shutil.copyfile(real, dest)
+    return dest.stat().st_size

@@ -1,0 +1,296 @@
+"""Publish checkpoints to an Oxen model repository from a training process, without stalling it.
+
+Modelled on huggingface_hub's ``CommitScheduler`` and Lightning's
+``AsyncCheckpointIO``: keyword-only construction, a background worker (a
+*process* here: oxenai holds the GIL), worker errors kept and re-raised at the
+next submit and at close, ``flush()``, and use as a context manager.
+
+Example::
+
+    with CheckpointPublisher(model_repo="models/classifier", run="run-42") as pub:
+        pub.submit_checkpoint("ckpts/epoch=0.ckpt", step=100, epoch=0, record=record)
+    pub.results[-1]["commit"]     # the commit holding it
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from ..errors import ConfigurationError, PublishError
+from ..identity import resolve_author, worker_environment
+from ..locks import FileLock
+from ..oxen_repo import LocalRepo
+from ..redact import redact_text
+from ..snapshot import default_cache_dir
+from .committer import run_folder
+from .freeze import freeze
+from .queue import JobQueue
+from .registry import register_model_repo
+
+log = logging.getLogger(__name__)
+
+
+def open_model_repo(path: str | os.PathLike[str], cache_dir: Path) -> LocalRepo:
+    """Open the model repository, creating it (``oxen init``) when missing or empty."""
+    target = Path(path).expanduser().resolve()
+    if target.exists() and not target.is_dir():
+        raise ConfigurationError(f"The model repository {str(path)!r} is a file.", "pass a folder path.")
+    import hashlib
+
+    key = hashlib.sha1(str(target).encode()).hexdigest()[:16]
+    try:
+        with FileLock(cache_dir / "locks" / f"init-{key}.lock", timeout=120):
+            if target.is_dir() and any(target.iterdir()) and not (target / ".oxen").exists():
+                raise ConfigurationError(
+                    f"The model repository {str(path)!r} is a non-empty folder that is not an Oxen repository.",
+                    "pass a new or empty folder (it will be created with `oxen init`), or run `oxen init` there.",
+                )
+            return LocalRepo.init(target, role="model repository")
+    except PermissionError as exc:
+        raise ConfigurationError(
+            f"Cannot create the model repository {str(path)!r}: {exc.strerror}.", "pass a writable folder."
+        ) from None
+
+
+class CheckpointPublisher:
+    """Queue checkpoints for commit by a worker process; see the module docstring.
+
+    Args:
+        model_repo: local model repository (created when missing).
+        run: name of the run folder, ``runs/<run>/`` in the repository.
+        cache_dir: state root (identity config, registry); default ``~/.cache/oxen-callbacks``.
+        author: ``(name, email)`` for commits (see :mod:`oxen_callbacks.identity`).
+        remote: name of an Oxen remote of the model repository to push to after commits.
+        branch: branch to push (default: the checked-out one).
+        push_timeout: wall-clock limit of one push, in seconds.
+        on_result: called (from a background thread) with each job result.
+    """
+
+    def __init__(
+        self,
+        *,
+        model_repo: str | os.PathLike[str],
+        run: str,
+        cache_dir: str | os.PathLike[str] | None = None,
+        author: tuple[str, str] | None = None,
+        remote: str | None = None,
+        branch: str | None = None,
+        push_timeout: float = 300.0,
+        on_result: Callable[[dict[str, Any]], None] | None = None,
+    ) -> None:
+        self.cache_dir = Path(cache_dir or default_cache_dir()).expanduser().resolve()
+        self.repo = open_model_repo(model_repo, self.cache_dir)
+        self.run = run
+        self.remote, self.branch, self.push_timeout = remote, branch, push_timeout
+        self.on_result = on_result
+        self._author = resolve_author(author)
+        self.results: list[dict[str, Any]] = []
+        self.stall_seconds: list[float] = []
+        self._errors: list[str] = []
+        self._dest_by_source: dict[str, str] = {}
+        self._submitted: set[int] = set()
+        self._answered: set[int] = set()
+        self._cond = threading.Condition()
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._restarts = 0
+        self.queue = JobQueue.create(self.repo.path, run, {"pid": os.getpid(), "remote": remote, "branch": branch})
+        self._owner = FileLock(self.queue.owner_lock)
+        self._owner.acquire()
+        register_model_repo(self.cache_dir, self.repo.path)
+        self._seq = self.queue.next_seq()
+        self._start_worker()
+
+    # -- worker process -----------------------------------------------------------
+    def _start_worker(self) -> None:
+        cmd = [sys.executable, "-m", "oxen_callbacks.publish.worker", "--queue", str(self.queue.folder),
+               "--repo", str(self.repo.path), "--push-timeout", str(self.push_timeout)]
+        if self.remote:
+            cmd += ["--remote", self.remote] + (["--branch", self.branch] if self.branch else [])
+        env = {**os.environ, **worker_environment(self._author, self.cache_dir)}
+        src_root = str(Path(__file__).resolve().parents[2])
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [src_root, env.get("PYTHONPATH")]))
+        self._proc = subprocess.Popen(
+            cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+            env=env, start_new_session=True,  # a Ctrl-C in the notebook must not kill a commit halfway
+        )
+        reader = threading.Thread(target=self._read_results, args=(self._proc,), daemon=True, name="oxen-publisher")
+        reader.start()
+
+    def _read_results(self, proc: subprocess.Popen[bytes]) -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            try:
+                result = json.loads(line)
+            except ValueError:
+                continue
+            if result.get("kind") == "ready":
+                continue
+            if self.on_result:  # before the job counts as answered, so flush() covers it
+                try:
+                    self.on_result(result)
+                except Exception:  # a sink failure must not kill the reader
+                    log.exception("on_result callback failed")
+            with self._cond:
+                if result.get("ok") or result.get("kind") == "push":
+                    self.results.append(result)
+                else:
+                    self._errors.append(result.get("error", "unknown error"))
+                if result.get("kind") == "push" and not result.get("ok"):
+                    log.warning("Push to Oxen remote %r failed: %s (journaled; `oxen-callbacks sync` retries it)",
+                                result.get("remote"), result.get("error"))
+                if "seq" in result:
+                    self._answered.add(result["seq"])
+                self._cond.notify_all()
+        with self._cond:
+            self._cond.notify_all()
+
+    def _wake(self) -> None:
+        proc = self._proc
+        if proc is None or proc.poll() is not None:
+            if self._restarts >= 3:
+                raise PublishError(f"The publishing worker keeps dying; see {self.queue.log_path}")
+            self._restarts += 1
+            log.warning("Publishing worker exited (code %s); restarting it", proc.returncode if proc else None)
+            self._start_worker()
+            proc = self._proc
+        assert proc is not None and proc.stdin is not None
+        try:
+            proc.stdin.write(b"\n")
+            proc.stdin.flush()
+        except (BrokenPipeError, OSError):
+            pass  # it died meanwhile: the next wake restarts it; the job is on disk
+
+    def _raise_errors(self) -> None:
+        with self._cond:
+            errors, self._errors = self._errors, []
+        if errors:
+            raise PublishError(
+                f"Committing to the model repository {self.repo.path} failed: {errors[0]}"
+                + (f" (+{len(errors) - 1} more)" if len(errors) > 1 else "")
+                + f"\nThe jobs stay journaled in {self.queue.folder}; fix the cause, then run `oxen-callbacks sync`."
+            )
+
+    # -- submitting -----------------------------------------------------------------
+    def has_source(self, source: str | os.PathLike[str]) -> bool:
+        """True when a checkpoint at ``source`` was already submitted."""
+        return os.path.abspath(source) in self._dest_by_source
+
+    def dest_for(self, source: str | os.PathLike[str]) -> str:
+        """The repository path a checkpoint file or folder is published to."""
+        source = os.path.abspath(source)
+        if source in self._dest_by_source:
+            return self._dest_by_source[source]
+        name = os.path.basename(source.rstrip("/"))
+        dest = f"{run_folder(self.run)}/checkpoints/{name}"
+        if dest in self._dest_by_source.values():  # same name from another ModelCheckpoint folder
+            dest = f"{run_folder(self.run)}/checkpoints/{os.path.basename(os.path.dirname(source))}/{name}"
+        self._dest_by_source[source] = dest
+        return dest
+
+    def _put(self, kind: str, payload: dict[str, Any]) -> int:
+        self._raise_errors()
+        seq = self._seq
+        self._seq += 1
+        self.queue.put(seq, kind, payload)
+        with self._cond:
+            self._submitted.add(seq)
+        self._wake()
+        return seq
+
+    def submit_checkpoint(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        record: dict[str, Any],
+        step: int | None = None,
+        epoch: int | None = None,
+        metrics: dict[str, float] | None = None,
+    ) -> int:
+        """Freeze the finished checkpoint at ``path`` (file or folder) and queue its commit."""
+        started = time.perf_counter()
+        if not os.path.exists(path):
+            raise PublishError(f"Checkpoint {path} does not exist (was it written?)")
+        seq = self._seq
+        dest = self.dest_for(path)
+        name = os.path.basename(dest)
+        try:
+            files, size = freeze(path, self.queue.staging_for(seq) / name)
+        except OSError as exc:
+            raise PublishError(f"Could not freeze checkpoint {path} into {self.queue.folder}: {exc}") from exc
+        message = f"oxen-callbacks: {self.run} step {step} epoch {epoch}: {name}"
+        payload = {"run": self.run, "dest": dest, "staged_name": name, "source": os.path.abspath(path),
+                   "step": step, "epoch": epoch, "metrics": metrics or {}, "files": files, "bytes": size,
+                   "message": redact_text(message), "record": record}
+        self._put("checkpoint", payload)
+        self.stall_seconds.append(time.perf_counter() - started)
+        return seq
+
+    def submit_removal(self, path: str | os.PathLike[str]) -> int | None:
+        """Record that the trainer deleted a published checkpoint (top-k rotation)."""
+        dest = self._dest_by_source.get(os.path.abspath(path))
+        if dest is None:
+            return None
+        return self._put("remove", {"run": self.run, "dest": dest})
+
+    def finalize(self, record: dict[str, Any], *, best: str | os.PathLike[str] | None = None,
+                 timeout: float | None = None) -> dict[str, Any] | None:
+        """Commit the run's complete lineage record; returns it (commit ids filled) once committed."""
+        best_dest = self._dest_by_source.get(os.path.abspath(best)) if best else None
+        seq = self._put("finalize", {"run": self.run, "record": record, "best": best_dest})
+        self.flush(timeout)
+        with self._cond:
+            found = [r for r in self.results if r.get("seq") == seq]
+        return found[0]["record"] if found else None
+
+    # -- waiting ------------------------------------------------------------------------
+    @property
+    def pending(self) -> int:
+        with self._cond:
+            return len(self._submitted - self._answered)
+
+    def flush(self, timeout: float | None = None) -> bool:
+        """Wait until every submitted job has an answer; ``False`` on timeout (jobs stay journaled)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._cond:
+            while self._submitted - self._answered:
+                if self._proc is None or self._proc.poll() is not None:
+                    break
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    break
+                self._cond.wait(timeout=min(left, 1.0) if left is not None else 1.0)
+            done = not (self._submitted - self._answered)
+        self._raise_errors()
+        return done
+
+    def close(self, timeout: float | None = None) -> None:
+        """Flush, let the worker finish (pushes included) and release the queue."""
+        try:
+            self.flush(timeout)
+        finally:
+            proc = self._proc
+            if proc is not None and proc.stdin is not None:
+                try:
+                    proc.stdin.close()
+                except OSError:
+                    pass
+                try:
+                    proc.wait(timeout=timeout)
+                except subprocess.TimeoutExpired:
+                    log.warning("Publishing worker still busy (pid %s); it finishes in the background", proc.pid)
+            self._owner.release()
+
+    def __enter__(self) -> "CheckpointPublisher":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

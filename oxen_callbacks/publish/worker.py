@@ -1,0 +1,148 @@
+"""The publishing worker process: ``python -m oxen_callbacks.publish.worker --queue DIR --repo DIR``.
+
+oxenai holds the GIL for a whole add (seconds for a large checkpoint) and can
+hang on a dead remote, so commits run here, in a process of their own, never in
+the training process. The worker drains its queue, wakes on a newline on stdin,
+and finishes the remaining jobs when stdin closes (the trainer finished or died).
+Results go back as JSON lines on the original stdout; oxenai's own prints and the
+log go to the queue's ``worker.log``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import select
+import sys
+from typing import IO, Any
+
+from .. import oxen_layout
+from ..locks import FileLock
+from ..oxen_repo import LocalRepo
+from .committer import Committer
+from .queue import JobQueue, all_queues
+from .remote import PushTarget, push_with_timeout
+
+log = logging.getLogger("oxen_callbacks.worker")
+
+
+class _Results:
+    """JSON-line results to the parent; silent once the parent is gone."""
+
+    def __init__(self, stream: IO[str] | None) -> None:
+        self.stream = stream
+
+    def emit(self, result: dict[str, Any]) -> None:
+        if self.stream is None:
+            return
+        try:
+            self.stream.write(json.dumps(result) + "\n")
+            self.stream.flush()
+        except (BrokenPipeError, OSError):
+            self.stream = None
+
+
+def _redirect_output(log_path: str) -> IO[str]:
+    """Keep the original stdout for results; send fds 1 and 2 (Rust prints) to the log."""
+    results = os.fdopen(os.dup(1), "w", buffering=1)
+    fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    os.close(fd)
+    logging.basicConfig(
+        stream=sys.stderr, level=logging.INFO, format="%(asctime)s %(process)d %(levelname)s %(message)s"
+    )
+    return results
+
+
+def clean_orphan_temp_files(committer: Committer) -> int:
+    """Delete scratch files of a killed ``oxen add`` (under the repo lock, so no live add owns them)."""
+    removed = 0
+    with committer.lock:
+        for path in oxen_layout.orphan_temp_files(committer.repo.path):
+            path.unlink(missing_ok=True)
+            removed += 1
+    if removed:
+        log.info("Removed %d orphan temp file(s) left by an interrupted oxen add", removed)
+    return removed
+
+
+def drain(queue: JobQueue, committer: Committer, results: _Results | None = None, *, final: bool = True) -> list[dict[str, Any]]:
+    """Run every pending job of ``queue`` (used for orphans and by ``oxen-callbacks sync``)."""
+    done = committer.run_batch(queue, queue.pending(), final=final)
+    for result in done:
+        if results:
+            results.emit(result)
+    return done
+
+
+def drain_orphans(committer: Committer, skip: JobQueue | None = None) -> int:
+    """Finish the queues of training processes that died (kill -9, crash) before their jobs ran."""
+    count = 0
+    for other in all_queues(committer.repo.path):
+        if skip is not None and other.folder == skip.folder:
+            continue
+        if not other.pending() or not other.is_orphan():
+            continue
+        lock = FileLock(other.worker_lock)
+        if not lock.acquire(blocking=False):
+            continue
+        try:
+            log.info("Adopting orphan queue %s", other.folder.name)
+            count += len(drain(other, committer))
+        finally:
+            lock.release()
+    return count
+
+
+def serve(queue: JobQueue, committer: Committer, results: _Results, push: PushTarget | None) -> None:
+    failed: set[int] = set()
+    eof = False
+    while True:
+        jobs = [j for j in queue.pending() if j.seq not in failed]
+        done = committer.run_batch(queue, jobs, final=eof) if jobs else []
+        for result in done:
+            if not result["ok"]:
+                failed.add(result["seq"])
+            elif push and result["kind"] in ("checkpoint", "finalize"):
+                push.dirty = True
+            results.emit(result)
+        if done:
+            continue  # more may have arrived meanwhile
+        if push and push.dirty:
+            results.emit(push_with_timeout(committer.repo.path, push))
+        if eof:
+            return
+        ready, _, _ = select.select([sys.stdin], [], [], 1.0)
+        if ready and sys.stdin.readline() == "":
+            eof = True
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="oxen_callbacks.publish.worker")
+    parser.add_argument("--queue", required=True)
+    parser.add_argument("--repo", required=True)
+    parser.add_argument("--remote")
+    parser.add_argument("--branch")
+    parser.add_argument("--push-timeout", type=float, default=300.0)
+    args = parser.parse_args(argv)
+    queue = JobQueue(args.queue)
+    results = _Results(_redirect_output(str(queue.log_path)))
+    lock = FileLock(queue.worker_lock)
+    if not lock.acquire(blocking=False):
+        log.error("Another worker drains %s", queue.folder)
+        return 2
+    committer = Committer(LocalRepo(args.repo, role="model repository"))
+    push = PushTarget(args.remote, args.branch, args.push_timeout) if args.remote else None
+    results.emit({"kind": "ready", "ok": True, "pid": os.getpid()})
+    clean_orphan_temp_files(committer)
+    drain_orphans(committer, skip=queue)
+    serve(queue, committer, results, push)
+    log.info("Worker done: queue %s drained", queue.folder.name)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
