@@ -1,0 +1,232 @@
+"""The framework-free core a training run talks to: pin, publish, record, log.
+
+The Lightning and Hugging Face adapters only translate their hooks into these
+calls, on the process that does I/O (global rank 0)::
+
+    run = LineageRun(dataset=pin, model_repo="models/clf", framework=("lightning", "2.6"))
+    run.start()                                  # pull the pin, start the worker, open MLflow
+    run.checkpoint_saved("ckpts/e0.ckpt", step=100, epoch=0, metrics={"val_loss": 0.4})
+    run.checkpoint_removed("ckpts/e0.ckpt")      # top-k rotation
+    record = run.finish("FINISHED", best="ckpts/e3.ckpt")
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+from . import __version__
+from .errors import ConfigurationError, PublishError
+from .gitinfo import code_info
+from .lineage import LineageRecord, new_record
+from .pin import PinnedDataset
+from .publish.publisher import CheckpointPublisher
+from .redact import redact_url
+from .snapshot import default_cache_dir
+
+log = logging.getLogger(__name__)
+_RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+
+def new_run_name() -> str:
+    return f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
+
+
+class LineageRun:
+    """One training run's lineage; see the module docstring.
+
+    Args:
+        dataset: the pinned dataset the run reads (``None``: checkpoints only).
+        model_repo: local Oxen repository the checkpoints are committed to (created if missing).
+        framework: ``(name, version)`` recorded in the lineage.
+        mlflow: log tags and the pointer file to MLflow (``False``: lineage in the model repo only).
+        mlflow_run_id / mlflow_tracking_uri / experiment_name: which run to log into;
+            default the active run, else a new one in ``$MLFLOW_EXPERIMENT_NAME`` or ``Default``.
+        run_name: the run's folder in the model repository, ``runs/<run_name>/``.
+        cache_dir: snapshots and journals; default ``~/.cache/oxen-callbacks``.
+        author: ``(name, email)`` of the checkpoint commits.
+        remote / branch / push_timeout: push the model repository after commits.
+        drain_timeout: longest wait at the end for commits (``None``: until done).
+        mlflow_timeout: longest wait at the end for MLflow (the rest stays journaled).
+    """
+
+    def __init__(
+        self,
+        *,
+        dataset: PinnedDataset | None,
+        model_repo: str | os.PathLike[str],
+        framework: tuple[str, str],
+        mlflow: bool = True,
+        mlflow_run_id: str | None = None,
+        mlflow_tracking_uri: str | None = None,
+        experiment_name: str | None = None,
+        run_name: str | None = None,
+        cache_dir: str | os.PathLike[str] | None = None,
+        author: tuple[str, str] | None = None,
+        remote: str | None = None,
+        branch: str | None = None,
+        push_timeout: float = 300.0,
+        drain_timeout: float | None = None,
+        mlflow_timeout: float = 60.0,
+    ) -> None:
+        self.dataset = dataset
+        self.model_repo = Path(model_repo).expanduser().resolve()
+        self.framework = {"name": framework[0], "version": framework[1]}
+        self.cache_dir = Path(cache_dir or default_cache_dir()).expanduser().resolve()
+        self.run_name = run_name or new_run_name()
+        self.use_mlflow = mlflow
+        self.mlflow_run_id, self.mlflow_tracking_uri = mlflow_run_id, mlflow_tracking_uri
+        self.experiment_name = experiment_name
+        self.author, self.remote, self.branch, self.push_timeout = author, remote, branch, push_timeout
+        self.drain_timeout, self.mlflow_timeout = drain_timeout, mlflow_timeout
+        self._validate()
+        self.publisher: CheckpointPublisher | None = None
+        self.sink: Any = None
+        self.record: LineageRecord | None = None
+        self.finished = False
+
+    def _validate(self) -> None:
+        if not _RUN_NAME.match(self.run_name):
+            raise ConfigurationError(
+                f"run_name={self.run_name!r} cannot name a folder in the model repository.",
+                "use letters, digits, '.', '_' and '-' (at most 128 characters).",
+            )
+        if self.dataset is not None:
+            data_root = self.dataset.source.repo.path
+            if self.model_repo == data_root or data_root in self.model_repo.parents:
+                raise ConfigurationError(
+                    f"model_repo={str(self.model_repo)!r} lies inside the dataset repository {str(data_root)!r}: "
+                    "checkpoint commits would mix with the dataset's history.",
+                    "put the model repository in a folder of its own, e.g. beside the dataset repository.",
+                )
+            if self.model_repo in data_root.parents:
+                raise ConfigurationError(
+                    f"The dataset repository {str(data_root)!r} lies inside model_repo={str(self.model_repo)!r}.",
+                    "put the model repository in a folder of its own.",
+                )
+        if self.model_repo.exists() and not self.model_repo.is_dir():
+            raise ConfigurationError(f"model_repo={str(self.model_repo)!r} is a file.", "pass a folder.")
+        if self.use_mlflow:
+            from .mlflow_sink import mlflow_available
+
+            if not mlflow_available():
+                raise ConfigurationError("mlflow=True but MLflow is not installed.",
+                                         "pip install mlflow, or pass mlflow=False (lineage then lives in the model repo).")
+
+    # -- lifecycle -------------------------------------------------------------------
+    def start(self) -> None:
+        """Pull the pinned data, start the publisher, open the MLflow run and tag it."""
+        if self.dataset is not None:
+            self.dataset.pull()
+        if self.use_mlflow:
+            from .mlflow_sink import MlflowSink
+
+            self.sink = MlflowSink.attach(
+                cache_dir=self.cache_dir, run_id=self.mlflow_run_id, tracking_uri=self.mlflow_tracking_uri,
+                experiment_name=self.experiment_name, run_name=self.run_name,
+            )
+        self.record = new_record(
+            dataset=self.dataset.to_lineage() if self.dataset else None,
+            model_repo=str(self.model_repo),
+            framework=self.framework,
+            code={k: v for k, v in code_info().items() if k != "git_root"},
+            run=self._run_section(),
+        )
+        self.record.update({"status": "RUNNING", "started_at": _now(), "oxen_callbacks_version": __version__})
+        self.publisher = CheckpointPublisher(
+            model_repo=self.model_repo, run=self.run_name, cache_dir=self.cache_dir, author=self.author,
+            remote=self.remote, branch=self.branch, push_timeout=self.push_timeout, on_result=self._on_result,
+        )
+        if self.sink is not None:
+            self.sink.set_tags(self._start_tags())
+
+    def _run_section(self) -> dict[str, Any]:
+        run: dict[str, Any] = {"name": self.run_name}
+        if self.sink is not None:
+            run.update(mlflow_run_id=self.sink.run_id, mlflow_tracking_uri=redact_url(self.sink.tracking_uri))
+        return run
+
+    def _start_tags(self) -> dict[str, Any]:
+        assert self.record is not None
+        tags = {"oxen.run": self.run_name, "oxen.model.repo": self.record["model"]["repo"],
+                "oxen.code.git_commit": self.record["code"]["git_commit"]}
+        if self.record["dataset"]:
+            d = self.record["dataset"]
+            tags.update({"oxen.dataset.repo": redact_url(d["repo"]), "oxen.dataset.commit": d["commit"],
+                         "oxen.dataset.revision": d["revision"], "oxen.dataset.paths": json.dumps(d["paths"])})
+        return tags
+
+    def _on_result(self, result: dict[str, Any]) -> None:
+        if self.sink is not None and result.get("ok") and result.get("kind") == "checkpoint":
+            self.sink.set_tags({"oxen.model.commit": result["commit"], "oxen.model.path": result["dest"]})
+
+    def checkpoint_saved(self, path: str | os.PathLike[str], *, step: int | None = None,
+                         epoch: int | None = None, metrics: dict[str, float] | None = None) -> int:
+        """Queue the finished checkpoint at ``path`` (file or folder) for commit; returns at once."""
+        if self.publisher is None or self.record is None:
+            raise PublishError("LineageRun.checkpoint_saved() called before start()")
+        return self.publisher.submit_checkpoint(path, record=self._base_record(), step=step, epoch=epoch,
+                                                metrics=metrics)
+
+    def checkpoint_removed(self, path: str | os.PathLike[str]) -> None:
+        if self.publisher is not None:
+            self.publisher.submit_removal(path)
+
+    def _base_record(self) -> LineageRecord:
+        assert self.record is not None
+        return {**self.record, "run": {**self.record["run"], **self._run_section()}}
+
+    def finish(self, status: str = "FINISHED", *, best: str | os.PathLike[str] | None = None) -> LineageRecord | None:
+        """Wait for every commit, commit the final lineage, log it to MLflow; returns the record.
+
+        Safe to call twice (the second call returns the first result). Publishing
+        errors are raised after the lineage of what was published is logged.
+        """
+        if self.finished:
+            return self.record
+        self.finished = True
+        if self.publisher is None or self.record is None:
+            return None
+        self.record.update(status=status, ended_at=_now())
+        error: Exception | None = None
+        final: LineageRecord | None = None
+        try:
+            final = self.publisher.finalize(self._base_record(), best=best, timeout=self.drain_timeout)
+        except PublishError as exc:
+            error = exc
+        finally:
+            self.publisher.close(timeout=self.drain_timeout)
+        if final is None:
+            final = self._base_record()
+            final["checkpoints"] = [
+                {"commit": r["commit"], "path": r["dest"], "step": r.get("step"), "epoch": r.get("epoch"),
+                 "metrics": r.get("metrics") or {}}
+                for r in self.publisher.results if r.get("kind") == "checkpoint"
+            ]
+            if final["checkpoints"]:
+                last = final["checkpoints"][-1]
+                final["model"] = {**final["model"], "commit": last["commit"], "path": last["path"]}
+            log.warning("The final lineage commit did not complete; the pointer lists what was published.")
+        self.record = final
+        if self.sink is not None:
+            self.sink.set_tags({"oxen.model.commit": final["model"]["commit"], "oxen.model.path": final["model"]["path"],
+                                "oxen.lineage.status": status})
+            self.sink.log_lineage(final)
+            self.sink.end(status)
+            if not self.sink.flush(self.mlflow_timeout):
+                log.warning("MLflow did not take the lineage within %.0fs (%s); it is journaled in %s: "
+                            "run `oxen-callbacks sync` later.", self.mlflow_timeout, self.sink.last_error,
+                            self.sink.journal.folder)
+        if error is not None:
+            raise error
+        return final
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S%z")
