@@ -27,10 +27,8 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.utils.data import DataLoader, TensorDataset
 
-from oxen_callbacks import PinnedDataset
-from oxen_callbacks.identity import commit_identity
+from oxen_callbacks import PinnedDataset, oxen_child
 from oxen_callbacks.lightning import OxenLightningCallback
-from oxen_callbacks.oxen_repo import LocalRepo
 
 FEATURES = 8
 
@@ -50,24 +48,17 @@ def write_table(path: Path, rows: int, seed: int, flip: float) -> None:
             out.writerow(x + [label])
 
 
-def ensure_dataset(root: Path) -> tuple[LocalRepo, str]:
-    """The dataset repository and its first commit (made on the first run)."""
+def ensure_dataset(root: Path) -> str:
+    """Create the dataset repository on the first run; return its first commit."""
     if not (root / ".oxen").exists():
         root.mkdir(parents=True, exist_ok=True)
-        repo = LocalRepo.init(root, role="dataset repository")
-        with commit_identity():
-            write_table(root / "train.csv", rows=2048, seed=0, flip=0.0)
-            write_table(root / "val.csv", rows=512, seed=1, flip=0.0)
-            repo.add("train.csv"), repo.add("val.csv")
-            repo.commit("First version: clean labels")
-            write_table(root / "train.csv", rows=2048, seed=0, flip=0.3)
-            repo.add("train.csv")
-            repo.commit("Second version: 30% label noise from a new vendor")
-    repo = LocalRepo(root, role="dataset repository")
-    import oxen
-
-    first = [c.id for c in oxen.Repo(str(root)).log()][-1]
-    return repo, first
+        oxen_child.init_repo(root)
+        write_table(root / "train.csv", rows=2048, seed=0, flip=0.0)
+        write_table(root / "val.csv", rows=512, seed=1, flip=0.0)
+        oxen_child.commit_paths(root, ["train.csv", "val.csv"], "First version: clean labels")
+        write_table(root / "train.csv", rows=2048, seed=0, flip=0.3)
+        oxen_child.commit_paths(root, ["train.csv"], "Second version: 30% label noise from a new vendor")
+    return oxen_child.log(root)[-1]["id"]
 
 
 def load_table(path: Path) -> TensorDataset:
@@ -115,7 +106,7 @@ def main() -> None:
     tracking_uri = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{work / 'mlflow.db'}"
     os.environ.setdefault("OXEN_CALLBACKS_CACHE", str(work / "cache"))
 
-    _, first_commit = ensure_dataset(work / "dataset")
+    first_commit = ensure_dataset(work / "dataset")
     data = PinnedDataset(work / "dataset", revision=first_commit, paths=["train.csv", "val.csv"])
     callbacks: list[L.Callback] = [ModelCheckpoint(dirpath=work / "checkpoints", monitor="val_loss",
                                                    save_top_k=2, save_last=True)]

@@ -22,10 +22,12 @@ _EXPORTS = {
     "OxenTrainerCallback": "oxen_callbacks.huggingface",
 }
 
-__all__ = ["__version__", *_EXPORTS]
+__all__ = ["__version__", "oxen_child", *_EXPORTS]
 
 
 def __getattr__(name: str) -> Any:
+    if name == "oxen_child":
+        return importlib.import_module("oxen_callbacks.oxen_child")
     module = _EXPORTS.get(name)
     if module is None:
         raise AttributeError(f"module 'oxen_callbacks' has no attribute {name!r}")

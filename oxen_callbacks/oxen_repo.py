@@ -121,23 +121,28 @@ class LocalRepo:
     def commit_ids(self) -> list[str]:
         return oxen_layout.commit_ids(self.path)
 
-    def resolve(self, revision: str | None) -> str:
-        """Resolve a branch name, a commit id (or unique prefix) or ``HEAD`` to a commit id."""
-        branches = self.branches()
+    def resolve(self, revision: str | None, branches: Callable[[], dict[str, str]] | None = None) -> str:
+        """Resolve a branch name, a commit id (or unique prefix) or ``HEAD`` to a commit id.
+
+        ``branches`` lists branch heads (default: this process asks oxenai); commit
+        ids resolve from the repository's files without oxenai.
+        """
+        list_branches = branches or self.branches
+        ids = self.commit_ids()
         if revision in (None, "HEAD"):
             ref = oxen_layout.head_ref(self.path)
-            commit = branches.get(ref, ref if ref in self.commit_ids() else None)
+            commit = ref if ref in ids else list_branches().get(ref)
             if not commit:
                 raise ConfigurationError(
                     f"The {self.role} {str(self.path)!r} has no commits yet.",
                     "add and commit the data first: `oxen add <files> && oxen commit -m '...'`.",
                 )
             return commit
-        if revision in branches:
-            return branches[revision]
-        ids = self.commit_ids()
         if revision in ids:
             return revision
+        heads = list_branches()
+        if revision in heads:
+            return heads[revision]
         if is_commit_like(revision):
             matches = [c for c in ids if c.startswith(revision.lower())]
             if len(matches) == 1:
@@ -147,11 +152,17 @@ class LocalRepo:
                     f"Revision {revision!r} is ambiguous in {str(self.path)!r}: it starts {len(matches)} commits.",
                     "give more characters of the commit id.",
                 )
-        names = ", ".join(sorted(branches)) or "none"
+        names = ", ".join(sorted(heads)) or "none"
         raise ConfigurationError(
             f"Revision {revision!r} was not found in the {self.role} {str(self.path)!r} (branches: {names}).",
             "pass a branch name or a commit id from `oxen log` (Oxen has no tags: use a branch such as 'release/v1').",
         )
+
+    def log(self) -> list[dict[str, Any]]:
+        """Commits reachable from HEAD, newest first."""
+        commits = call_oxen(self._repo.log, what=f"oxen log {self.path}", busy_timeout=30)
+        return [{"id": c.id, "message": c.message, "author": c.author, "email": c.email,
+                 "timestamp": str(c.timestamp), "parent_ids": list(c.parent_ids)} for c in commits]
 
     def changed_paths(self, paths: Iterable[str]) -> list[str]:
         """Uncommitted changes (staged, unstaged or untracked) in ``paths`` of the working tree."""

@@ -1,4 +1,9 @@
-"""Reading commits of a local Oxen repository without touching its working tree."""
+"""Reading commits of a local Oxen repository without touching its working tree.
+
+The training process never calls oxenai on the user's repository (see
+:mod:`oxen_callbacks.oxen_child`): commit ids resolve from the repository's files,
+branch names and materialization run in a child process.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +14,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from . import oxen_layout
+from . import oxen_child, oxen_layout
 from .errors import ConfigurationError, OxenError
 from .oxen_repo import LocalRepo, call_oxen
 from .snapshot import remove_tree
@@ -27,7 +32,7 @@ class LocalSource:
         self.key = f"{self.repo.path.name}-{digest}"
 
     def resolve(self, revision: str | None) -> str:
-        return self.repo.resolve(revision)
+        return self.repo.resolve(revision, branches=lambda: oxen_child.branches(self.repo.path))
 
     def tracks_working_tree(self, revision: str | None) -> bool:
         """True when ``revision`` names what is checked out (so local edits could be meant)."""
@@ -35,34 +40,41 @@ class LocalSource:
         return revision in (None, "HEAD") or (current is not None and revision == current)
 
     def changed_paths(self, paths: list[str]) -> list[str]:
-        return self.repo.changed_paths(paths)
+        return oxen_child.changed_paths(self.repo.path, paths)
 
     def materialize(self, commit: str, paths: list[str], dest: Path) -> None:
-        """Write ``paths`` of ``commit`` under ``dest`` (an empty scratch folder).
+        """Write ``paths`` of ``commit`` under ``dest`` (an empty scratch folder), in a child process."""
+        oxen_child.materialize(self.repo.path, commit, paths, dest)
 
-        Uses a shadow working tree (see :func:`oxen_layout.make_shadow`): Oxen
-        restores the commit's bytes there; the user's tree, HEAD and branches are
-        never touched.
-        """
-        import oxen
 
-        oxen_layout.make_shadow(self.repo.path, dest, commit)
-        shadow = oxen.Repo(str(dest))
-        try:
-            for rel in tqdm(paths, desc=f"pin {self.repo.path.name}@{commit[:10]}", unit="path", disable=None):
-                try:
-                    call_oxen(shadow.restore, rel, False, commit, what=f"read {rel!r} at {commit}")
-                except OxenError as exc:
-                    if "not found" in str(exc).lower():
-                        raise ConfigurationError(
-                            f"Path {rel!r} is not in commit {commit} of the dataset repository {self.location!r}.",
-                            "paths are relative to the repository root (e.g. 'train.csv', 'images/'); "
-                            "check the commit holds them with `oxen ls` or `oxen log`.",
-                        ) from None
+def restore_into(repo: LocalRepo, commit: str, paths: list[str], dest: Path) -> None:
+    """Write ``paths`` of ``commit`` under ``dest`` through a shadow working tree.
+
+    Oxen restores the commit's bytes into the shadow (see
+    :func:`oxen_layout.make_shadow`); the user's tree, HEAD and branches are never
+    touched. Runs in the child process of :func:`oxen_child.materialize`.
+    """
+    import oxen
+
+    oxen_layout.make_shadow(repo.path, dest, commit)
+    shadow = oxen.Repo(str(dest))
+    try:
+        for rel in tqdm(paths, desc=f"pin {repo.path.name}@{commit[:10]}", unit="path", disable=None):
+            try:
+                call_oxen(shadow.restore, rel, False, commit, what=f"read {rel!r} at {commit}")
+            except OxenError as exc:
+                if "not found" not in str(exc).lower():
                     raise
-                if not (dest / rel).exists():
-                    raise ConfigurationError(
-                        f"Path {rel!r} is not in commit {commit} of the dataset repository {self.location!r}."
-                    )
-        finally:
-            remove_tree(dest / oxen_layout.OXEN_DIR)
+                raise _missing(rel, commit, repo) from None
+            if not (dest / rel).exists():
+                raise _missing(rel, commit, repo)
+    finally:
+        remove_tree(dest / oxen_layout.OXEN_DIR)
+
+
+def _missing(rel: str, commit: str, repo: LocalRepo) -> ConfigurationError:
+    return ConfigurationError(
+        f"Path {rel!r} is not in commit {commit} of the dataset repository {str(repo.path)!r}.",
+        "paths are relative to the repository root (e.g. 'train.csv', 'images/'); "
+        "check the commit holds them with `oxen ls` or `oxen log`.",
+    )

@@ -25,6 +25,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from .. import oxen_child
 from ..errors import ConfigurationError, PublishError
 from ..identity import resolve_author, worker_environment
 from ..locks import FileLock
@@ -54,7 +55,9 @@ def open_model_repo(path: str | os.PathLike[str], cache_dir: Path) -> LocalRepo:
                     f"The model repository {str(path)!r} is a non-empty folder that is not an Oxen repository.",
                     "pass a new or empty folder (it will be created with `oxen init`), or run `oxen init` there.",
                 )
-            return LocalRepo.init(target, role="model repository")
+            if not (target / ".oxen").exists():
+                oxen_child.init_repo(target)
+            return LocalRepo(target, role="model repository")
     except PermissionError as exc:
         raise ConfigurationError(
             f"Cannot create the model repository {str(path)!r}: {exc.strerror}.", "pass a writable folder."

@@ -16,9 +16,11 @@ import logging
 import os
 import select
 import sys
+from collections.abc import Callable
 from typing import IO, Any
 
 from .. import oxen_layout
+from ..errors import PublishError
 from ..locks import FileLock
 from ..oxen_repo import LocalRepo
 from .committer import Committer
@@ -55,6 +57,38 @@ def _redirect_output(log_path: str) -> IO[str]:
         stream=sys.stderr, level=logging.INFO, format="%(asctime)s %(process)d %(levelname)s %(message)s"
     )
     return results
+
+
+def in_child(fn: Callable[[], Any]) -> Any:
+    """Run ``fn`` in a forked child and return its JSON-able result.
+
+    oxenai keeps a repository's databases (and their OS locks) open until the
+    process exits; a child per batch releases them at once, so other training
+    processes, ``sync`` and the user's own ``oxen`` commands can use the repository
+    between our commits. This supervisor never calls oxenai itself, so forking is safe.
+    """
+    read_fd, write_fd = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child
+        os.close(read_fd)
+        try:
+            reply = {"ok": True, "value": fn()}
+        except BaseException as exc:  # noqa: BLE001 - everything must reach the parent
+            log.exception("Publishing batch failed")
+            reply = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
+        with os.fdopen(write_fd, "w") as out:
+            out.write(json.dumps(reply))
+        os._exit(0)
+    os.close(write_fd)
+    with os.fdopen(read_fd) as inp:
+        data = inp.read()
+    _, status = os.waitpid(pid, 0)
+    if not data:
+        raise PublishError(f"The commit process died (wait status {status}); its jobs stay queued")
+    reply = json.loads(data)
+    if not reply["ok"]:
+        raise PublishError(reply["error"])
+    return reply["value"]
 
 
 def clean_orphan_temp_files(committer: Committer) -> int:
@@ -102,7 +136,10 @@ def serve(queue: JobQueue, committer: Committer, results: _Results, push: PushTa
     eof = False
     while True:
         jobs = [j for j in queue.pending() if j.seq not in failed]
-        done = committer.run_batch(queue, jobs, final=eof) if jobs else []
+        try:
+            done = in_child(lambda: committer.run_batch(queue, jobs, final=eof)) if jobs else []
+        except PublishError as exc:
+            done = [{"seq": j.seq, "kind": j.kind, "ok": False, "error": str(exc)} for j in jobs]
         for result in done:
             if not result["ok"]:
                 failed.add(result["seq"])
@@ -137,8 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     committer = Committer(LocalRepo(args.repo, role="model repository"))
     push = PushTarget(args.remote, args.branch, args.push_timeout) if args.remote else None
     results.emit({"kind": "ready", "ok": True, "pid": os.getpid()})
-    clean_orphan_temp_files(committer)
-    drain_orphans(committer, skip=queue)
+    in_child(lambda: (clean_orphan_temp_files(committer), drain_orphans(committer, skip=queue)))
     serve(queue, committer, results, push)
     log.info("Worker done: queue %s drained", queue.folder.name)
     return 0

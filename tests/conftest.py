@@ -1,0 +1,53 @@
+"""Shared fixtures: every test runs in its own folder with its own Oxen config, cache and MLflow store."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from helpers import make_repo  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def isolated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """cwd, Oxen identity (none), snapshot cache and MLflow store all under ``tmp_path``."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("OXEN_CONFIG_DIR", str(tmp_path / "oxen-config"))
+    monkeypatch.setenv("OXEN_CALLBACKS_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    for var in ("MLFLOW_EXPERIMENT_NAME", "MLFLOW_EXPERIMENT_ID", "MLFLOW_RUN_ID",
+                "OXEN_CALLBACKS_AUTHOR_NAME", "OXEN_CALLBACKS_AUTHOR_EMAIL"):
+        monkeypatch.delenv(var, raising=False)
+    yield tmp_path
+    if "mlflow" in sys.modules:
+        import mlflow
+
+        while mlflow.active_run() is not None:
+            mlflow.end_run()
+
+
+@pytest.fixture
+def dataset_repo(tmp_path: Path):
+    """A dataset repository whose branch moved: commit A (labels 0), then commit B (labels 1)."""
+    return make_repo(
+        tmp_path / "dataset",
+        [
+            ("A", {"train.csv": table(label=0, seed=0), "val.csv": table(label=0, seed=1, rows=32)}),
+            ("B", {"train.csv": table(label=1, seed=0)}),
+        ],
+    )
+
+
+def table(label: int, seed: int, rows: int = 96) -> str:
+    import random
+
+    rng = random.Random(seed)
+    lines = ["x0,x1,x2,x3,label"]
+    for i in range(rows):
+        lines.append(",".join(f"{rng.gauss(0, 1):.4f}" for _ in range(4)) + f",{label}")
+    return "\n".join(lines) + "\n"

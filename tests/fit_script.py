@@ -1,0 +1,55 @@
+"""One Lightning fit with the Oxen callback, as its own process (concurrency and crash tests)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint  # noqa: E402
+from lightning_model import CsvData, TinyModel, make_trainer  # noqa: E402
+
+from oxen_callbacks import PinnedDataset  # noqa: E402
+from oxen_callbacks.lightning import OxenLightningCallback  # noqa: E402
+
+
+class SlowSteps(Callback):
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+
+    def on_train_batch_end(self, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
+        time.sleep(self.seconds)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--dataset", required=True)
+    parser.add_argument("--revision")
+    parser.add_argument("--model-repo", required=True)
+    parser.add_argument("--root", required=True)
+    parser.add_argument("--run-name")
+    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--every-n-steps", type=int, default=2)
+    parser.add_argument("--step-sleep", type=float, default=0.0)
+    parser.add_argument("--ckpt-path")
+    parser.add_argument("--mlflow", action="store_true")
+    parser.add_argument("--out")
+    args = parser.parse_args()
+    pin = PinnedDataset(args.dataset, revision=args.revision, paths=["train.csv", "val.csv"])
+    root = Path(args.root)
+    cb = OxenLightningCallback(dataset=pin, model_repo=args.model_repo, mlflow=args.mlflow, run_name=args.run_name)
+    callbacks = [ModelCheckpoint(dirpath=root / "ckpt", every_n_train_steps=args.every_n_steps, save_top_k=-1,
+                                 save_last=True), cb]
+    if args.step_sleep:
+        callbacks.append(SlowSteps(args.step_sleep))
+    make_trainer(root, callbacks, epochs=args.epochs).fit(TinyModel(), datamodule=CsvData(pin), ckpt_path=args.ckpt_path)
+    if args.out:
+        Path(args.out).write_text(json.dumps({"lineage": cb.lineage, "saved": sorted(p.name for p in (root / "ckpt").iterdir())}))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,72 @@
+"""Test helpers: real Oxen repositories and a tiny Lightning model on CSV data."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from oxen_callbacks import oxen_child
+
+AUTHOR = ("Test Data", "data@example.com")
+
+
+@dataclass
+class Repo:
+    path: Path
+    commits: list[str] = field(default_factory=list)  # in order, oldest first
+
+    @property
+    def head(self) -> str:
+        return self.commits[-1]
+
+
+def make_repo(path: Path, history: list[tuple[str, dict[str, str | bytes]]]) -> Repo:
+    """An Oxen repository with one commit per ``(message, {relpath: content})``."""
+    path.mkdir(parents=True, exist_ok=True)
+    oxen_child.init_repo(path)
+    made = Repo(path.resolve())
+    for message, files in history:
+        commit_files(made, message, files)
+    return made
+
+
+def commit_files(repo: Repo, message: str, files: dict[str, str | bytes]) -> str:
+    """Write ``files`` into the working tree and commit them (in a child process, as users' tools would)."""
+    for rel, content in files.items():
+        target = repo.path / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(content if isinstance(content, bytes) else content.encode())
+    commit = oxen_child.commit_paths(repo.path, list(files), message, author=AUTHOR)
+    repo.commits.append(commit)
+    return commit
+
+
+def tree_state(path: Path) -> dict[str, str]:
+    """Hash of every working-tree file plus .oxen/HEAD: to prove nothing changed."""
+    state = {}
+    for dirpath, dirs, names in os.walk(path):
+        dirs[:] = [d for d in dirs if d not in ("versions", "oxen-callbacks")]
+        for name in names:
+            p = Path(dirpath) / name
+            if "LOCK" in name or name.startswith("LOG") or name.endswith(".mdb"):
+                continue  # databases' own bookkeeping
+            rel = str(p.relative_to(path))
+            if rel.startswith(".oxen/") and rel != ".oxen/HEAD":  # refs: compared as branches
+                continue
+            state[rel] = hashlib.sha1(p.read_bytes()).hexdigest()
+    return state
+
+
+def read_csv_rows(path: Path) -> list[list[str]]:
+    with open(path) as f:
+        return list(csv.reader(f))[1:]
+
+
+def file_at(repo_path: Path, commit: str, rel: str, cache: Path) -> Path:
+    """A committed file's bytes, read from the repository at ``commit`` (not its working tree)."""
+    from oxen_callbacks import PinnedDataset
+
+    return PinnedDataset(repo_path, revision=commit, paths=[rel], cache_dir=cache).file(rel)

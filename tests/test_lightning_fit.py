@@ -1,0 +1,160 @@
+"""Real Lightning fits with the Oxen callback: pinned data, committed checkpoints, MLflow pointers."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import mlflow
+import torch
+from helpers import file_at, tree_state
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import MLFlowLogger
+from lightning_model import CsvData, TinyModel, make_trainer
+from mlflow import MlflowClient
+
+from oxen_callbacks import PinnedDataset, oxen_child, read_lineage
+from oxen_callbacks.lightning import OxenLightningCallback
+from oxen_callbacks.oxen_repo import LocalRepo
+
+
+def _artifact_lineage(run_id: str, tmp_path: Path) -> dict:
+    local = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="oxen/lineage.json",
+                                                dst_path=str(tmp_path / "dl"))
+    return read_lineage(local)
+
+
+def test_fit_reads_pinned_commit_while_branch_moved(dataset_repo, tmp_path):
+    commit_a, commit_b = dataset_repo.commits
+    pin = PinnedDataset(dataset_repo.path, revision=commit_a, paths=["train.csv", "val.csv"])
+    model = TinyModel()
+    cb = OxenLightningCallback(dataset=pin, model_repo=tmp_path / "models", mlflow=False)
+    make_trainer(tmp_path, [ModelCheckpoint(dirpath=tmp_path / "ckpt"), cb], epochs=1).fit(model, datamodule=CsvData(pin))
+
+    assert model.labels_seen == {0}  # commit A's labels; the branch head B has only 1s
+    assert oxen_child.branches(dataset_repo.path)["main"] == commit_b
+    assert cb.lineage["dataset"]["commit"] == commit_a
+    assert cb.lineage["dataset"]["revision"] == commit_a
+
+
+def test_branch_revision_resolves_to_head_commit(dataset_repo, tmp_path):
+    pin = PinnedDataset(dataset_repo.path, revision="main", paths=["train.csv", "val.csv"])
+    model = TinyModel()
+    cb = OxenLightningCallback(dataset=pin, model_repo=tmp_path / "models", mlflow=False)
+    make_trainer(tmp_path, [cb], epochs=1, enable_checkpointing=False).fit(model, datamodule=CsvData(pin))
+    assert model.labels_seen == {1}
+    assert cb.lineage["dataset"] | {"revision": "main", "commit": dataset_repo.commits[1]} == cb.lineage["dataset"]
+
+
+def test_every_checkpoint_committed_loads_and_mlflow_names_commits(dataset_repo, tmp_path):
+    pin = PinnedDataset(dataset_repo.path, revision=dataset_repo.commits[0], paths=["train.csv", "val.csv"])
+    topk = ModelCheckpoint(dirpath=tmp_path / "ckpt", monitor="val_loss", save_top_k=1, save_last=True)
+    steps = ModelCheckpoint(dirpath=tmp_path / "ckpt-steps", every_n_train_steps=4, save_top_k=-1)
+    cb = OxenLightningCallback(dataset=pin, model_repo=tmp_path / "models", experiment_name="lineage-test")
+    make_trainer(tmp_path, [topk, steps, cb], epochs=3).fit(TinyModel(), datamodule=CsvData(pin))
+
+    record = cb.lineage
+    model_repo = LocalRepo(tmp_path / "models")
+    repo_commits = set(model_repo.commit_ids())
+    assert len(record["checkpoints"]) >= 4 + 1 + 1  # 18 steps: 4 step saves, >= 1 top-k save, last
+    for entry in record["checkpoints"]:
+        assert entry["commit"] in repo_commits
+        blob = file_at(model_repo.path, entry["commit"], entry["path"], tmp_path / "read-cache")
+        ckpt = torch.load(blob, weights_only=False)
+        assert ckpt["global_step"] == entry["step"]  # the bytes of that save, not a later one
+        TinyModel.load_from_checkpoint(blob)
+    # every file the trainer kept is, byte for byte, a kept checkpoint of the model repo
+    kept = {c["path"]: c for c in record["checkpoints"] if c["kept"]}
+    on_disk = [*(tmp_path / "ckpt").iterdir(), *(tmp_path / "ckpt-steps").iterdir()]
+    assert len(on_disk) == len(kept)
+    for path in on_disk:
+        same_name = [c for p, c in kept.items() if p.endswith("/" + path.name)]
+        assert any(file_at(model_repo.path, c["commit"], c["path"], tmp_path / "read-cache").read_bytes()
+                   == path.read_bytes() for c in same_name)
+    # top-k rotation: deleted files were committed first and are marked, not lost
+    rotated = [c for c in record["checkpoints"] if not c["kept"]]
+    assert rotated and all(c["commit"] in repo_commits for c in rotated)
+    # the pointer names the best checkpoint (monitor val_loss)
+    assert record["model"]["path"].endswith(Path(topk.best_model_path).name)
+    best_entry = next(c for c in record["checkpoints"] if c["path"] == record["model"]["path"] and c["kept"])
+    assert record["model"]["commit"] == best_entry["commit"]
+
+    run_id = record["run"]["mlflow_run_id"]
+    run = MlflowClient().get_run(run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.tags["oxen.dataset.commit"] == dataset_repo.commits[0]
+    assert run.data.tags["oxen.dataset.repo"] == str(dataset_repo.path)
+    assert run.data.tags["oxen.model.commit"] == record["model"]["commit"]
+    assert run.data.tags["oxen.model.repo"] == str(model_repo.path)
+    artifact = _artifact_lineage(run_id, tmp_path)
+    assert artifact["model"] == record["model"]
+    assert [c["commit"] for c in artifact["checkpoints"]] == [c["commit"] for c in record["checkpoints"]]
+    assert artifact["dataset"]["commit"] in set(LocalRepo(dataset_repo.path).commit_ids())
+    # lineage also lives in the model repo without MLflow: committed, complete
+    committed = read_lineage(file_at(model_repo.path, oxen_child.branches(model_repo.path)["main"],
+                                     f"runs/{record['run']['name']}/lineage.json", tmp_path / "read-cache"))
+    assert committed["model"] == record["model"]
+
+
+def test_lineage_without_mlflow_lives_in_model_repo(dataset_repo, tmp_path):
+    pin = PinnedDataset(dataset_repo.path, revision=dataset_repo.commits[0], paths=["train.csv", "val.csv"])
+    cb = OxenLightningCallback(dataset=pin, model_repo=tmp_path / "models", mlflow=False, run_name="solo-run")
+    make_trainer(tmp_path, [ModelCheckpoint(dirpath=tmp_path / "ckpt"), cb], epochs=2).fit(
+        TinyModel(), datamodule=CsvData(pin))
+    assert not (tmp_path / "mlflow.db").exists()
+    record = read_lineage(tmp_path / "models" / "runs" / "solo-run" / "lineage.json")
+    assert record["run"]["mlflow_run_id"] is None
+    assert record["model"]["commit"] in LocalRepo(tmp_path / "models").commit_ids()
+    assert record["status"] == "FINISHED"
+
+
+def test_joins_lightning_mlflow_logger_run(dataset_repo, tmp_path):
+    pin = PinnedDataset(dataset_repo.path, revision=dataset_repo.commits[0], paths=["train.csv", "val.csv"])
+    logger = MLFlowLogger(experiment_name="with-logger", tracking_uri=f"sqlite:///{tmp_path / 'logger.db'}")
+    cb = OxenLightningCallback(dataset=pin, model_repo=tmp_path / "models")
+    make_trainer(tmp_path, [ModelCheckpoint(dirpath=tmp_path / "ckpt"), cb], epochs=1, logger=logger).fit(
+        TinyModel(), datamodule=CsvData(pin))
+    client = MlflowClient(f"sqlite:///{tmp_path / 'logger.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("with-logger").experiment_id])
+    assert len(runs) == 1 and runs[0].info.run_id == logger.run_id == cb.lineage["run"]["mlflow_run_id"]
+    assert runs[0].data.tags["oxen.dataset.commit"] == dataset_repo.commits[0]
+    assert "train_loss" in runs[0].data.metrics  # the logger's own metrics, same run
+
+
+def test_pinning_leaves_user_dataset_tree_head_and_branches_alone(dataset_repo, tmp_path):
+    repo = LocalRepo(dataset_repo.path)
+    before = (tree_state(dataset_repo.path), oxen_child.branches(repo.path), repo.current_branch())
+    pin = PinnedDataset(dataset_repo.path, revision=dataset_repo.commits[0])
+    cb = OxenLightningCallback(dataset=pin, model_repo=tmp_path / "models", mlflow=False)
+    make_trainer(tmp_path, [ModelCheckpoint(dirpath=tmp_path / "ckpt"), cb], epochs=1).fit(
+        TinyModel(), datamodule=CsvData(pin))
+    after = (tree_state(dataset_repo.path), oxen_child.branches(repo.path), repo.current_branch())
+    assert after == before
+    assert (dataset_repo.path / "train.csv").read_text().rstrip().endswith(",1")  # still B's bytes
+
+
+def test_resume_checks_the_dataset_commit(dataset_repo, tmp_path):
+    import pytest
+
+    from oxen_callbacks.errors import DatasetMismatchError
+
+    pin_a = PinnedDataset(dataset_repo.path, revision=dataset_repo.commits[0], paths=["train.csv", "val.csv"])
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    cb = OxenLightningCallback(dataset=pin_a, model_repo=tmp_path / "models", mlflow=False)
+    make_trainer(tmp_path, [ckpt, cb], epochs=1).fit(TinyModel(), datamodule=CsvData(pin_a))
+    stored = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=False)["callbacks"]["OxenLightningCallback"]
+    assert stored["dataset"]["commit"] == dataset_repo.commits[0]
+
+    pin_b = PinnedDataset(dataset_repo.path, revision="main", paths=["train.csv", "val.csv"])
+    cb_b = OxenLightningCallback(dataset=pin_b, model_repo=tmp_path / "models", mlflow=False)
+    model = TinyModel()
+    with pytest.raises(DatasetMismatchError, match=dataset_repo.commits[0]):
+        make_trainer(tmp_path, [ModelCheckpoint(dirpath=tmp_path / "ckpt2"), cb_b], epochs=2).fit(
+            model, datamodule=CsvData(pin_b), ckpt_path=tmp_path / "ckpt" / "last.ckpt")
+    assert not model.labels_seen  # failed before any training step
+
+    cb_same = OxenLightningCallback(dataset=pin_a, model_repo=tmp_path / "models", mlflow=False)
+    make_trainer(tmp_path, [ModelCheckpoint(dirpath=tmp_path / "ckpt3"), cb_same], epochs=2).fit(
+        TinyModel(), datamodule=CsvData(pin_a), ckpt_path=tmp_path / "ckpt" / "last.ckpt")
+    assert cb_same.lineage["checkpoints"][-1]["epoch"] == 1
+    assert json.dumps(cb_same.lineage)  # serializable
