@@ -27,6 +27,7 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import MLFlowLogger
 
 from .errors import DatasetMismatchError
+from .lineage import read_lineage
 from .pin import PinnedDataset
 from .session import LineageRun
 
@@ -160,7 +161,16 @@ class OxenLightningCallback(Callback):
 
     @property
     def lineage(self) -> dict[str, Any] | None:
-        """The run's lineage record (complete after fit)."""
+        """The run's lineage record (complete after fit).
+
+        Under ``ddp_spawn`` the fit ran in copies of this callback; the record is
+        then read from the model repository, where rank 0 committed it.
+        """
+        if self.run.record is not None and self.run.finished:
+            return self.run.record
+        committed = self.run.model_repo / "runs" / self.run.run_name / "lineage.json"
+        if committed.exists():
+            return read_lineage(committed)
         return self.run.record
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import tempfile
 import threading
 import time
@@ -24,6 +25,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from .locks import FileLock
 from .redact import redact_url
 
 log = logging.getLogger(__name__)
@@ -54,6 +56,11 @@ class MlflowJournal:
         journal.write_meta(meta)
         return journal
 
+    @property
+    def lock_path(self) -> Path:
+        """Held by the process still working on this journal (``sync`` leaves it alone)."""
+        return self.folder / "owner.lock"
+
     def meta(self) -> dict[str, Any]:
         return json.loads((self.folder / "meta.json").read_text())
 
@@ -75,6 +82,12 @@ class MlflowJournal:
 
     def is_empty(self) -> bool:
         return not any((self.folder / "ops").glob("*.json"))
+
+
+def journals(cache_dir: Path) -> list[Path]:
+    """Every MLflow journal folder under ``cache_dir``, oldest first."""
+    root = Path(cache_dir) / "mlflow-journal"
+    return sorted(p for p in root.iterdir() if (p / "meta.json").exists()) if root.is_dir() else []
 
 
 def replay(journal: MlflowJournal) -> int:
@@ -141,6 +154,10 @@ class MlflowSink:
 
     def __init__(self, journal: MlflowJournal, *, owns_run: bool, client_uri: str | None = None) -> None:
         self.journal = journal
+        self._lock = FileLock(journal.lock_path)
+        self._lock.acquire()
+        self._closing = False
+        self._gave_up = False
         self.owns_run = owns_run
         self._client_uri = client_uri or journal.meta()["tracking_uri"]
         self._seq = 0
@@ -206,19 +223,23 @@ class MlflowSink:
                        "data": record})
 
     def end(self, status: str = "FINISHED") -> None:
+        """End the run (when this sink started it); no more operations after this."""
         if self.owns_run:
             self._enqueue({"op": "end_run", "status": status})
+        with self._cond:
+            self._closing = True
+            self._cond.notify_all()
 
     def flush(self, timeout: float | None = None) -> bool:
         """Wait for the queued operations; ``False`` if some remain (journaled) at the timeout."""
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._cond:
-            while self._done < self._queued:
+            while self._done < self._queued and not self._gave_up:
                 left = None if deadline is None else deadline - time.monotonic()
                 if left is not None and left <= 0:
                     return False
                 self._cond.wait(min(left, 0.5) if left is not None else 0.5)
-        return True
+            return self._done >= self._queued
 
     # -- internals -----------------------------------------------------------------------
     def _enqueue(self, op: dict[str, Any]) -> None:
@@ -228,6 +249,11 @@ class MlflowSink:
             self._queued += 1
             self._cond.notify_all()
 
+    def _release(self, *, forget: bool) -> None:
+        self._lock.release()
+        if forget:
+            shutil.rmtree(self.journal.folder, ignore_errors=True)
+
     def _run(self) -> None:
         from mlflow import MlflowClient
 
@@ -235,6 +261,9 @@ class MlflowSink:
         while True:
             with self._cond:
                 while self._done >= self._queued:
+                    if self._closing:
+                        self._release(forget=self.journal.is_empty())
+                        return
                     self._cond.wait()
             pending = self.journal.pending()
             if not pending:
@@ -256,6 +285,10 @@ class MlflowSink:
                     self.last_error = f"{type(exc).__name__}: {exc}"
                     if delay is None:
                         log.warning("MLflow %s failed (%s); kept for `oxen-callbacks sync`", op["op"], self.last_error)
+                        self._release(forget=False)
+                        with self._cond:
+                            self._gave_up = True
+                            self._cond.notify_all()
                         return  # stop: order matters, the rest stays journaled
                     time.sleep(delay)
             with self._cond:

@@ -21,7 +21,9 @@ from .errors import ConfigurationError, DatasetMismatchError
 from .locks import FileLock
 from .relpath import covers, safe_relpath
 from .snapshot import SnapshotStore, default_cache_dir, remove_tree
+from .remote_spec import looks_remote
 from .source_local import LocalSource
+from .source_remote import RemoteSource
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +32,8 @@ class PinnedDataset:
     """The paths of one dataset commit, materialized on first use into a cached snapshot.
 
     Args:
-        repo: path of a local Oxen repository.
+        repo: path of a local Oxen repository, or the URL of a remote one
+            (``https://hub.oxen.ai/namespace/name``; or ``namespace/name`` with ``host=``).
         revision: a branch name or commit id (or unique prefix); default: what is checked out.
             Resolved to a commit id once, at construction.
         paths: repository-relative files or folders to use; default the whole commit.
@@ -38,6 +41,9 @@ class PinnedDataset:
             (``$OXEN_CALLBACKS_CACHE`` overrides).
         allow_dirty: accept uncommitted changes in ``paths`` of the checked-out branch
             (the snapshot still holds the committed bytes; the lineage records ``dirty``).
+        host: host of a remote repository given as ``namespace/name``.
+        remote_timeout: wall-clock limit in seconds of one call to a remote server
+            (a download of one path may take ten times that).
 
     Raises:
         ConfigurationError: not an Oxen repository, unknown revision, bad paths, or
@@ -52,15 +58,21 @@ class PinnedDataset:
         *,
         cache_dir: str | os.PathLike[str] | None = None,
         allow_dirty: bool = False,
+        host: str | None = None,
+        remote_timeout: float = 60.0,
     ) -> None:
         if isinstance(paths, str):
             paths = [paths]
         wanted = [safe_relpath(p, what="dataset path") for p in (paths or ["."])]
         self.paths: list[str] = [p for p in dict.fromkeys(wanted) if not _covered_by_other(p, wanted)]
-        self.source = LocalSource(repo)
+        self.source: LocalSource | RemoteSource
+        if host is not None or looks_remote(str(repo)):
+            self.source = RemoteSource(str(repo), host=host, timeout=remote_timeout)
+        else:
+            self.source = LocalSource(repo)
         self.revision = revision
         self.commit: str = self.source.resolve(revision)
-        self.revision_label: str = revision or self.source.repo.current_branch() or self.commit
+        self.revision_label: str = revision or self.source.default_revision() or self.commit
         self.dirty = False
         if self.source.tracks_working_tree(revision):
             changed = self.source.changed_paths(self.paths)

@@ -28,6 +28,7 @@ from .lineage import LineageRecord, new_record
 from .pin import PinnedDataset
 from .publish.publisher import CheckpointPublisher
 from .redact import redact_url
+from .remote_spec import parse_remote
 from .snapshot import default_cache_dir
 
 log = logging.getLogger(__name__)
@@ -51,7 +52,8 @@ class LineageRun:
         run_name: the run's folder in the model repository, ``runs/<run_name>/``.
         cache_dir: snapshots and journals; default ``~/.cache/oxen-callbacks``.
         author: ``(name, email)`` of the checkpoint commits.
-        remote / branch / push_timeout: push the model repository after commits.
+        remote / remote_url / branch / push_timeout: push the model repository to an Oxen
+            remote after commits (each push a child process killed after ``push_timeout``).
         drain_timeout: longest wait at the end for commits (``None``: until done).
         mlflow_timeout: longest wait at the end for MLflow (the rest stays journaled).
     """
@@ -70,6 +72,7 @@ class LineageRun:
         cache_dir: str | os.PathLike[str] | None = None,
         author: tuple[str, str] | None = None,
         remote: str | None = None,
+        remote_url: str | None = None,
         branch: str | None = None,
         push_timeout: float = 300.0,
         drain_timeout: float | None = None,
@@ -84,6 +87,7 @@ class LineageRun:
         self.mlflow_run_id, self.mlflow_tracking_uri = mlflow_run_id, mlflow_tracking_uri
         self.experiment_name = experiment_name
         self.author, self.remote, self.branch, self.push_timeout = author, remote, branch, push_timeout
+        self.remote_url = parse_remote(remote_url).url if remote_url else None
         self.drain_timeout, self.mlflow_timeout = drain_timeout, mlflow_timeout
         self._validate()
         self.publisher: CheckpointPublisher | None = None
@@ -141,7 +145,8 @@ class LineageRun:
         self.record.update({"status": "RUNNING", "started_at": _now(), "oxen_callbacks_version": __version__})
         self.publisher = CheckpointPublisher(
             model_repo=self.model_repo, run=self.run_name, cache_dir=self.cache_dir, author=self.author,
-            remote=self.remote, branch=self.branch, push_timeout=self.push_timeout, on_result=self._on_result,
+            remote=self.remote, remote_url=self.remote_url, branch=self.branch, push_timeout=self.push_timeout,
+            on_result=self._on_result,
         )
         if self.sink is not None:
             self.sink.set_tags(self._start_tags())
@@ -214,6 +219,7 @@ class LineageRun:
                 final["model"] = {**final["model"], "commit": last["commit"], "path": last["path"]}
             log.warning("The final lineage commit did not complete; the pointer lists what was published.")
         self.record = final
+        self._warn_unpushed()
         if self.sink is not None:
             self.sink.set_tags({"oxen.model.commit": final["model"]["commit"], "oxen.model.path": final["model"]["path"],
                                 "oxen.lineage.status": status})
@@ -226,6 +232,21 @@ class LineageRun:
         if error is not None:
             raise error
         return final
+
+    def _warn_unpushed(self) -> None:
+        from .publish.remote import pending_push
+
+        if self.remote is None and self.remote_url is None:
+            return
+        marker = pending_push(self.model_repo)
+        if marker is not None:
+            log.warning(
+                "Checkpoints are committed in %s but NOT pushed to Oxen remote %r (%s): %s. "
+                "Run `oxen-callbacks sync` once the remote is reachable.",
+                self.model_repo, marker["remote"], marker.get("url") or "configured remote", marker.get("error"),
+            )
+            if self.record is not None:
+                self.record["push"] = {"remote": marker["remote"], "pushed": False, "error": marker.get("error")}
 
 
 def _now() -> str:

@@ -34,6 +34,10 @@ class LocalSource:
     def resolve(self, revision: str | None) -> str:
         return self.repo.resolve(revision, branches=lambda: oxen_child.branches(self.repo.path))
 
+    def default_revision(self) -> str | None:
+        """What an omitted revision means: the checked-out branch (``None`` when detached)."""
+        return self.repo.current_branch()
+
     def tracks_working_tree(self, revision: str | None) -> bool:
         """True when ``revision`` names what is checked out (so local edits could be meant)."""
         current = self.repo.current_branch()

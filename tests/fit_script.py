@@ -38,6 +38,8 @@ def main() -> None:
     parser.add_argument("--ckpt-path")
     parser.add_argument("--mlflow", action="store_true")
     parser.add_argument("--out")
+    parser.add_argument("--strategy", default="auto")
+    parser.add_argument("--devices", type=int, default=1)
     args = parser.parse_args()
     pin = PinnedDataset(args.dataset, revision=args.revision, paths=["train.csv", "val.csv"])
     root = Path(args.root)
@@ -46,8 +48,14 @@ def main() -> None:
                                  save_last=True), cb]
     if args.step_sleep:
         callbacks.append(SlowSteps(args.step_sleep))
-    make_trainer(root, callbacks, epochs=args.epochs).fit(TinyModel(), datamodule=CsvData(pin), ckpt_path=args.ckpt_path)
-    if args.out:
+    trainer = make_trainer(root, callbacks, epochs=args.epochs, strategy=args.strategy, devices=args.devices)
+    model = TinyModel()
+    trainer.fit(model, datamodule=CsvData(pin), ckpt_path=args.ckpt_path)
+    rows = Path(args.out).with_suffix(f".rank{trainer.global_rank}.json") if args.out else None
+    if rows:
+        rows.write_text(json.dumps({"labels": sorted(model.labels_seen), "commit": pin.commit,
+                                    "snapshot": str(pin.path)}))
+    if args.out and trainer.global_rank == 0:
         Path(args.out).write_text(json.dumps({"lineage": cb.lineage, "saved": sorted(p.name for p in (root / "ckpt").iterdir())}))
 
 

@@ -60,6 +60,7 @@ class CsvData(L.LightningDataModule):
 
 
 def make_trainer(root: Path, callbacks: list, epochs: int = 2, **kwargs) -> L.Trainer:  # type: ignore[no-untyped-def]
+    kwargs.setdefault("devices", 1)
     return L.Trainer(max_epochs=epochs, callbacks=callbacks, default_root_dir=root, logger=kwargs.pop("logger", False),
                      enable_progress_bar=False, enable_model_summary=False, log_every_n_steps=1,
-                     accelerator="cpu", devices=1, **kwargs)
+                     accelerator="cpu", **kwargs)

@@ -31,6 +31,7 @@ from ..identity import resolve_author, worker_environment
 from ..locks import FileLock
 from ..oxen_repo import LocalRepo
 from ..redact import redact_text
+from ..remote_spec import parse_remote
 from ..snapshot import default_cache_dir
 from .committer import run_folder
 from .freeze import freeze
@@ -72,7 +73,10 @@ class CheckpointPublisher:
         run: name of the run folder, ``runs/<run>/`` in the repository.
         cache_dir: state root (identity config, registry); default ``~/.cache/oxen-callbacks``.
         author: ``(name, email)`` for commits (see :mod:`oxen_callbacks.identity`).
-        remote: name of an Oxen remote of the model repository to push to after commits.
+        remote: name of an Oxen remote of the model repository to push to after commits
+            (``"origin"`` when only ``remote_url`` is given).
+        remote_url: URL of that remote (``https://host/namespace/name``), added to the
+            repository when missing; never with credentials (Oxen's auth config holds tokens).
         branch: branch to push (default: the checked-out one).
         push_timeout: wall-clock limit of one push, in seconds.
         on_result: called (from a background thread) with each job result.
@@ -86,6 +90,7 @@ class CheckpointPublisher:
         cache_dir: str | os.PathLike[str] | None = None,
         author: tuple[str, str] | None = None,
         remote: str | None = None,
+        remote_url: str | None = None,
         branch: str | None = None,
         push_timeout: float = 300.0,
         on_result: Callable[[dict[str, Any]], None] | None = None,
@@ -93,7 +98,10 @@ class CheckpointPublisher:
         self.cache_dir = Path(cache_dir or default_cache_dir()).expanduser().resolve()
         self.repo = open_model_repo(model_repo, self.cache_dir)
         self.run = run
-        self.remote, self.branch, self.push_timeout = remote, branch, push_timeout
+        if remote_url is not None:
+            remote_url = parse_remote(remote_url).url
+            remote = remote or "origin"
+        self.remote, self.remote_url, self.branch, self.push_timeout = remote, remote_url, branch, push_timeout
         self.on_result = on_result
         self._author = resolve_author(author)
         self.results: list[dict[str, Any]] = []
@@ -105,7 +113,9 @@ class CheckpointPublisher:
         self._cond = threading.Condition()
         self._proc: subprocess.Popen[bytes] | None = None
         self._restarts = 0
-        self.queue = JobQueue.create(self.repo.path, run, {"pid": os.getpid(), "remote": remote, "branch": branch})
+        self._env = worker_environment(self._author, self.cache_dir)
+        self.queue = JobQueue.create(self.repo.path, run, {"pid": os.getpid(), "remote": remote, "branch": branch,
+                                                           "remote_url": remote_url, "env": self._env})
         self._owner = FileLock(self.queue.owner_lock)
         self._owner.acquire()
         register_model_repo(self.cache_dir, self.repo.path)
@@ -118,7 +128,8 @@ class CheckpointPublisher:
                "--repo", str(self.repo.path), "--push-timeout", str(self.push_timeout)]
         if self.remote:
             cmd += ["--remote", self.remote] + (["--branch", self.branch] if self.branch else [])
-        env = {**os.environ, **worker_environment(self._author, self.cache_dir)}
+            cmd += ["--remote-url", self.remote_url] if self.remote_url else []
+        env = {**os.environ, **self._env}
         src_root = str(Path(__file__).resolve().parents[2])
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [src_root, env.get("PYTHONPATH")]))
         self._proc = subprocess.Popen(

@@ -163,6 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repo", required=True)
     parser.add_argument("--remote")
     parser.add_argument("--branch")
+    parser.add_argument("--remote-url")
     parser.add_argument("--push-timeout", type=float, default=300.0)
     args = parser.parse_args(argv)
     queue = JobQueue(args.queue)
@@ -172,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
         log.error("Another worker drains %s", queue.folder)
         return 2
     committer = Committer(LocalRepo(args.repo, role="model repository"))
-    push = PushTarget(args.remote, args.branch, args.push_timeout) if args.remote else None
+    push = PushTarget(args.remote, args.branch, args.push_timeout, url=args.remote_url) if args.remote else None
     results.emit({"kind": "ready", "ok": True, "pid": os.getpid()})
     in_child(lambda: (clean_orphan_temp_files(committer), drain_orphans(committer, skip=queue)))
     serve(queue, committer, results, push)

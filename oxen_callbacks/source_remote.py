@@ -1,0 +1,105 @@
+"""Pinned snapshots from a remote Oxen repository (hub or ``oxen-server``).
+
+The revision resolves to a commit id once; every file is then downloaded *by
+that commit id*, so a branch moving on the server mid-download changes nothing.
+Every network call runs in a child process with a wall-clock limit (a server
+that accepts and never answers must not freeze training) and is retried with
+backoff on connection errors. Authentication comes from Oxen's own config
+(``oxen config --auth HOST TOKEN``); tokens are never taken in URLs.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from . import oxen_child
+from .errors import ConfigurationError, OxenError
+from .remote_spec import RemoteSpec, parse_remote
+
+log = logging.getLogger(__name__)
+BACKOFF_S = (1.0, 2.0, 4.0)
+
+
+class RemoteSource:
+    """A remote dataset repository as a source of pinned snapshots."""
+
+    def __init__(self, repo: str, *, host: str | None = None, timeout: float = 60.0) -> None:
+        self.spec: RemoteSpec = parse_remote(repo, host)
+        self.location = self.spec.url
+        self.key = self.spec.key
+        self.timeout = timeout
+
+    def _call(self, function: str, what: str, timeout: float, **kwargs: Any) -> Any:
+        error: OxenError | None = None
+        for pause in (0.0, *BACKOFF_S):
+            time.sleep(pause)
+            try:
+                return oxen_child.run_in_child(f"oxen_callbacks.source_remote:{function}", timeout=timeout,
+                                               repo_id=self.spec.repo_id, host=self.spec.host,
+                                               scheme=self.spec.scheme, **kwargs)
+            except ConfigurationError:
+                raise
+            except OxenError as exc:
+                error = exc
+                if "no answer within" in str(exc):
+                    break  # a hanging server: waiting again would only double the stall
+                log.warning("%s failed (%s); retrying", what, exc)
+        raise ConfigurationError(
+            f"Could not {what} at {self.location}: {error}",
+            "check the host and that the server is up; for a private repository run "
+            "`oxen config --auth HOST TOKEN`.",
+        )
+
+    def resolve(self, revision: str | None) -> str:
+        return self._call("child_resolve", f"resolve revision {revision or 'main'!r}", self.timeout,
+                          revision=revision)
+
+    def default_revision(self) -> str:
+        return "main"
+
+    def tracks_working_tree(self, revision: str | None) -> bool:
+        return False  # no local working tree to be dirty
+
+    def changed_paths(self, paths: list[str]) -> list[str]:
+        return []
+
+    def materialize(self, commit: str, paths: list[str], dest: Path) -> None:
+        for rel in tqdm(paths, desc=f"download {self.spec.repo_id}@{commit[:10]}", unit="path", disable=None):
+            self._call("child_download", f"download {rel!r}", self.timeout * 10, commit=commit, rel=rel,
+                       dest=str(dest))
+
+
+# -- child side (run by oxen_child in a separate process) -----------------------------
+def child_resolve(repo_id: str, host: str, scheme: str, revision: str | None) -> str:
+    from oxen import RemoteRepo
+
+    remote = RemoteRepo(repo_id, host, revision or "main", scheme)
+    name = revision or remote.revision
+    try:
+        branch = remote.get_branch(name)
+    except Exception:  # not a branch: maybe a commit id
+        branch = None
+    if branch is not None:
+        return branch.commit_id
+    try:
+        return remote._repo.get_commit(name).id
+    except Exception as exc:
+        raise ConfigurationError(f"Revision {name!r} was not found in {scheme}://{host}/{repo_id} ({exc}).",
+                                 "pass a branch name or a commit id of that repository.") from None
+
+
+def child_download(repo_id: str, host: str, scheme: str, commit: str, rel: str, dest: str) -> None:
+    from oxen import RemoteRepo
+
+    remote = RemoteRepo(repo_id, host, commit, scheme)
+    target = Path(dest) / rel
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if rel == ".":
+        remote.download("", str(dest), revision=commit)
+    else:
+        remote.download(rel, str(target), revision=commit)

@@ -1,0 +1,72 @@
+"""Lightning DDP with 2 CPU processes (gloo): one pull per node, one commit per save, one MLflow run."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from helpers import file_at
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning_model import CsvData, TinyModel, make_trainer
+from mlflow import MlflowClient
+
+from oxen_callbacks import PinnedDataset
+from oxen_callbacks.lightning import OxenLightningCallback
+from oxen_callbacks.oxen_repo import LocalRepo
+
+SCRIPT = Path(__file__).parent / "fit_script.py"
+
+
+def _check_one_commit_per_save(lineage: dict, saved: list[str], model_repo: Path, cache: Path) -> None:
+    commits = [c["commit"] for c in lineage["checkpoints"]]
+    assert len(commits) == len(set(commits))  # every save its own commit, none twice
+    assert set(commits) <= set(LocalRepo(model_repo).commit_ids())
+    kept = {Path(c["path"]).name for c in lineage["checkpoints"] if c["kept"]}
+    assert kept == set(saved)
+    last = lineage["checkpoints"][-1]
+    assert file_at(model_repo, last["commit"], last["path"], cache).stat().st_size > 0
+
+
+def test_ddp_spawn_two_processes(dataset_repo, tmp_path):
+    pin = PinnedDataset(dataset_repo.path, revision=dataset_repo.commits[0], paths=["train.csv", "val.csv"])
+    cb = OxenLightningCallback(dataset=pin, model_repo=tmp_path / "models", experiment_name="ddp-spawn")
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=2, save_top_k=-1)
+    trainer = make_trainer(tmp_path, [ckpt, cb], epochs=2, strategy="ddp_spawn", devices=2)
+    trainer.fit(TinyModel(), datamodule=CsvData(pin))
+
+    lineage = cb.lineage  # read back from the model repo: the fit ran in spawned copies
+    assert lineage["dataset"]["commit"] == dataset_repo.commits[0]
+    saved = sorted(p.name for p in (tmp_path / "ckpt").iterdir())
+    # 96 rows / 2 ranks / batch 16 = 3 steps per epoch, 6 steps, a save every 2 steps
+    assert len(saved) == 3
+    _check_one_commit_per_save(lineage, saved, tmp_path / "models", tmp_path / "read")
+    client = MlflowClient()
+    runs = client.search_runs([client.get_experiment_by_name("ddp-spawn").experiment_id])
+    assert len(runs) == 1 and runs[0].info.run_id == lineage["run"]["mlflow_run_id"]
+    assert runs[0].data.tags["oxen.dataset.commit"] == dataset_repo.commits[0]
+    snapshots = list((tmp_path / "cache" / "snapshots").iterdir())
+    assert len(snapshots) == 1  # pulled once for both ranks
+
+
+@pytest.mark.timeout(600)
+def test_ddp_subprocess_two_processes(dataset_repo, tmp_path):
+    out = tmp_path / "out.json"
+    cmd = [sys.executable, str(SCRIPT), "--dataset", str(dataset_repo.path), "--revision", "main",
+           "--model-repo", str(tmp_path / "models"), "--root", str(tmp_path), "--strategy", "ddp",
+           "--devices", "2", "--epochs", "2", "--every-n-steps", "2", "--mlflow", "--out", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=500)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    result = json.loads(out.read_text())
+    lineage = result["lineage"]
+    assert lineage["dataset"]["commit"] == dataset_repo.commits[1]
+    ranks = [json.loads(out.with_suffix(f".rank{r}.json").read_text()) for r in (0, 1)]
+    assert {r["commit"] for r in ranks} == {dataset_repo.commits[1]}
+    assert ranks[0]["snapshot"] == ranks[1]["snapshot"]
+    assert all(r["labels"] == [1] for r in ranks)  # both ranks read the pinned commit (B's labels)
+    _check_one_commit_per_save(lineage, result["saved"], tmp_path / "models", tmp_path / "read")
+    client = MlflowClient()
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert len(runs) == 1 and runs[0].info.run_id == lineage["run"]["mlflow_run_id"]
