@@ -40,7 +40,7 @@ def _call(op: str, timeout: float | None = 600.0, **args: Any) -> Any:
         proc = subprocess.run([sys.executable, "-m", "oxen_callbacks.oxen_child"], input=request,
                               capture_output=True, text=True, timeout=timeout, env=env)
     except subprocess.TimeoutExpired:
-        raise OxenError(f"oxen {op} did not finish within {timeout:.0f}s") from None
+        raise OxenError(f"no answer within {timeout:.0f}s (oxen {op} stopped)") from None
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
     if not lines:
         tail = "\n".join(proc.stderr.strip().splitlines()[-5:])
@@ -52,6 +52,11 @@ def _call(op: str, timeout: float | None = 600.0, **args: Any) -> Any:
     if kind is errors.ConfigurationError:
         raise kind(reply["message"], reply.get("hint"))
     raise kind(reply["message"])
+
+
+def run_in_child(function: str, *, timeout: float | None = 600.0, **kwargs: Any) -> Any:
+    """Call ``function`` (``"package.module:name"``, JSON-able kwargs and result) in a child process."""
+    return _call("call", timeout=timeout, function=function, kwargs=kwargs)
 
 
 def init_repo(path: str | os.PathLike[str]) -> None:
@@ -90,6 +95,11 @@ def _serve(request: dict[str, Any]) -> Any:
     from .oxen_repo import LocalRepo
 
     op, args = request["op"], request["args"]
+    if op == "call":
+        import importlib
+
+        module, _, name = args["function"].partition(":")
+        return getattr(importlib.import_module(module), name)(**args["kwargs"])
     if op == "init":
         LocalRepo.init(args["path"])
         return None
