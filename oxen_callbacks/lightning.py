@@ -26,7 +26,7 @@ import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import MLFlowLogger
 
-from .errors import DatasetMismatchError
+from .errors import ConfigurationError, DatasetMismatchError
 from .lineage import read_lineage
 from .pin import PinnedDataset
 from .session import LineageRun
@@ -61,6 +61,11 @@ class OxenLightningCallback(Callback):
         allow_dataset_change: bool = False,
         **run_options: Any,
     ) -> None:
+        if isinstance(dataset, PinnedDataset) and (revision is not None or paths is not None):
+            raise ConfigurationError(
+                "revision= and paths= apply when dataset= is a repository path, not a PinnedDataset.",
+                "set them on the PinnedDataset: PinnedDataset(repo, revision=..., paths=[...]).",
+            )
         if dataset is not None and not isinstance(dataset, PinnedDataset):
             dataset = PinnedDataset(dataset, revision, paths, cache_dir=run_options.get("cache_dir"))
         self.dataset: PinnedDataset | None = dataset

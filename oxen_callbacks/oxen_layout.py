@@ -52,6 +52,17 @@ def head_ref(repo: str | os.PathLike[str]) -> str:
     return (oxen_dir(repo) / "HEAD").read_text().strip()
 
 
+def remotes(repo: str | os.PathLike[str]) -> dict[str, str]:
+    """Remote name -> URL, from ``.oxen/config.toml`` (``remotes = [{name, url}]``)."""
+    import tomllib
+
+    try:
+        config = tomllib.loads((oxen_dir(repo) / "config.toml").read_text())
+    except FileNotFoundError:
+        return {}
+    return {r["name"]: r["url"] for r in config.get("remotes", []) if "name" in r and "url" in r}
+
+
 def commit_ids(repo: str | os.PathLike[str]) -> list[str]:
     """Ids of every commit the repository holds, on any branch (``.oxen/history/<id>``)."""
     history = oxen_dir(repo) / "history"

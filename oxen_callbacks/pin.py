@@ -99,30 +99,24 @@ class PinnedDataset:
 
     def _materialize_missing(self) -> None:
         try:
-            lock = FileLock(self.store.lock_path(self.commit), timeout=3600)
-            lock.acquire()
-        except PermissionError as exc:
+            with FileLock(self.store.lock_path(self.commit), timeout=3600):
+                manifest = self.store.manifest(self.commit)
+                missing = manifest.missing(self.paths)
+                if not missing:
+                    return
+                scratch = self.store.scratch()
+                try:
+                    self.source.materialize(self.commit, missing, scratch)
+                    self.store.adopt(self.commit, scratch, missing, manifest)
+                finally:
+                    remove_tree(scratch)
+        except OSError as exc:  # permission denied, disk full, a file in the way...
             raise ConfigurationError(
-                f"The snapshot cache {str(self.store.cache_dir)!r} is not writable ({exc.strerror}).",
-                "pass cache_dir= a writable folder, or set OXEN_CALLBACKS_CACHE.",
-            ) from None
-        try:
-            manifest = self.store.manifest(self.commit)
-            missing = manifest.missing(self.paths)
-            if not missing:
-                return
-            scratch = self.store.scratch()
-            try:
-                self.source.materialize(self.commit, missing, scratch)
-                self.store.adopt(self.commit, scratch, missing, manifest)
-            finally:
-                remove_tree(scratch)
-            log.info(
-                "Pinned %s@%s: %d files, %.1f MB in %s",
-                self.source.location, self.commit, manifest.files, manifest.bytes / 1e6, self.store.folder(self.commit),
-            )
-        finally:
-            lock.release()
+                f"The snapshot cache {str(self.store.cache_dir)!r} is not writable: {exc.strerror or exc}.",
+                "free some space, or pass cache_dir= a writable folder (or set OXEN_CALLBACKS_CACHE).",
+            ) from exc
+        log.info("Pinned %s@%s: %d files, %.1f MB in %s", self.source.location, self.commit, manifest.files,
+                 manifest.bytes / 1e6, self.store.folder(self.commit))
 
     @property
     def is_pulled(self) -> bool:

@@ -21,7 +21,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from . import __version__
+from . import __version__, oxen_layout
 from .errors import ConfigurationError, PublishError
 from .gitinfo import code_info
 from .lineage import LineageRecord, new_record
@@ -116,6 +116,37 @@ class LineageRun:
                 )
         if self.model_repo.exists() and not self.model_repo.is_dir():
             raise ConfigurationError(f"model_repo={str(self.model_repo)!r} is a file.", "pass a folder.")
+        if self.model_repo.is_dir() and not oxen_layout.is_repo(self.model_repo) and any(self.model_repo.iterdir()):
+            raise ConfigurationError(
+                f"model_repo={str(self.model_repo)!r} is a non-empty folder that is not an Oxen repository.",
+                "pass a new or empty folder (it will be created with `oxen init`), or run `oxen init` there.",
+            )
+        if self.remote and self.remote_url is None and oxen_layout.is_repo(self.model_repo):
+            known = oxen_layout.remotes(self.model_repo)
+            if self.remote not in known:
+                raise ConfigurationError(
+                    f"remote={self.remote!r} is not a remote of the model repository {str(self.model_repo)!r} "
+                    f"(it has: {', '.join(known) or 'none'}).",
+                    "pass remote_url='https://HOST/namespace/name' too, or add it: "
+                    "`oxen config --set-remote NAME URL`.",
+                )
+        for name, value in (("push_timeout", self.push_timeout), ("drain_timeout", self.drain_timeout),
+                            ("mlflow_timeout", self.mlflow_timeout)):
+            if value is not None and not value > 0:
+                raise ConfigurationError(f"{name}={value!r} must be a positive number of seconds.",
+                                         f"e.g. {name}=300, or {name}=None where waiting without limit is allowed.")
+        if not self.use_mlflow:
+            given = [n for n, v in (("mlflow_run_id", self.mlflow_run_id), ("mlflow_tracking_uri",
+                     self.mlflow_tracking_uri), ("experiment_name", self.experiment_name)) if v]
+            if given:
+                raise ConfigurationError(f"mlflow=False conflicts with {', '.join(given)}.",
+                                         "drop those options, or keep MLflow on (mlflow=True).")
+        uri = self.mlflow_tracking_uri
+        if uri and "://" not in uri and uri != "databricks":
+            raise ConfigurationError(
+                f"mlflow_tracking_uri={uri!r} is not a tracking URI.",
+                "use e.g. 'sqlite:///path/mlflow.db' or 'http://127.0.0.1:5000'.",
+            )
         if self.use_mlflow:
             from .mlflow_sink import mlflow_available
 

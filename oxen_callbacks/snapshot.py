@@ -73,7 +73,7 @@ class SnapshotStore:
         path = self.base / f"{commit}.manifest.json"
         try:
             data = json.loads(path.read_text())
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError):
             return Manifest(commit)
         return Manifest(commit, data.get("paths", {}))
 

@@ -1,0 +1,126 @@
+"""Bad input fails before any training time is spent, with a message naming the value and a fix."""
+
+from __future__ import annotations
+
+import socket
+
+import pytest
+from helpers import make_repo
+from lightning_model import CsvData, TinyModel, make_trainer
+
+from oxen_callbacks import PinnedDataset
+from oxen_callbacks.errors import ConfigurationError
+from oxen_callbacks.lightning import OxenLightningCallback
+
+
+@pytest.fixture(scope="module")
+def hanging_port():
+    """A loopback server that accepts connections and never answers."""
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(64)
+    yield srv.getsockname()[1]
+    srv.close()
+
+
+def closed_port() -> int:
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+def _cases(data, tmp, hanging_port):  # type: ignore[no-untyped-def]
+    a = data.commits[0]
+    cb = OxenLightningCallback
+    not_a_repo = tmp / "plain"
+    not_a_repo.mkdir(exist_ok=True)
+    (tmp / "busy-folder").mkdir(exist_ok=True)
+    (tmp / "busy-folder" / "notes.txt").write_text("mine")
+    (tmp / "a-file").write_text("x")
+    return [
+        ("missing repo", lambda: PinnedDataset(tmp / "nope"), "does not exist"),
+        ("not a repo", lambda: PinnedDataset(not_a_repo), "is not an Oxen repository"),
+        ("repo sub-folder", lambda: PinnedDataset(data.path / ".oxen" / "history"), "pass the repository root"),
+        ("unknown revision", lambda: PinnedDataset(data.path, revision="release-9"), "'release-9' was not found"),
+        ("unknown commit id", lambda: PinnedDataset(data.path, revision="0123456789abcdef"), "was not found"),
+        ("absolute path", lambda: PinnedDataset(data.path, a, paths=["/etc/passwd"]), "it is absolute"),
+        ("escaping path", lambda: PinnedDataset(data.path, a, paths=["../secrets"]), "'..' would leave"),
+        ("path not in commit", lambda: PinnedDataset(data.path, a, paths=["test.csv"]).pull(),
+         "'test.csv' is not in commit"),
+        ("dirty pinned path", lambda: _dirty(data), "uncommitted changes in the pinned paths: val.csv"),
+        ("model repo inside dataset", lambda: cb(dataset=PinnedDataset(data.path, a), model_repo=data.path / "models"),
+         "lies inside the dataset repository"),
+        ("model repo is a user folder", lambda: cb(model_repo=tmp / "busy-folder", mlflow=False),
+         "non-empty folder that is not an Oxen repository"),
+        ("model repo is a file", lambda: cb(model_repo=tmp / "a-file", mlflow=False), "is a file"),
+        ("token in remote URL", lambda: PinnedDataset("https://me:tok_123@hub.oxen.ai/ox/data"),
+         "carries credentials"),
+        ("token in model remote URL", lambda: cb(model_repo=tmp / "m1", mlflow=False,
+                                                  remote_url="https://me:tok_123@hub.oxen.ai/ox/models"),
+         "carries credentials"),
+        ("bad URI scheme", lambda: PinnedDataset("s3://bucket/ox/data"), "scheme 's3' is not supported"),
+        ("bad host", lambda: PinnedDataset("https://bad host/ox/data"), "not a valid host"),
+        ("remote repo without namespace", lambda: PinnedDataset("https://hub.oxen.ai/data"), "namespace/name"),
+        ("host refuses", lambda: PinnedDataset(f"http://127.0.0.1:{closed_port()}/ox/data", remote_timeout=5),
+         "Could not resolve revision"),
+        ("host hangs", lambda: PinnedDataset(f"http://127.0.0.1:{hanging_port}/ox/data", remote_timeout=2),
+         "no answer within 2s"),
+        ("unknown remote name", lambda: _with_model_repo(tmp, lambda m: cb(model_repo=m, mlflow=False,
+                                                                        remote="backup")),
+         "remote='backup' is not a remote"),
+        ("mlflow off but run id", lambda: cb(model_repo=tmp / "m2", mlflow=False, mlflow_run_id="abc"),
+         "mlflow=False conflicts with mlflow_run_id"),
+        ("tracking URI is a path", lambda: cb(model_repo=tmp / "m3", mlflow_tracking_uri="./mlruns"),
+         "is not a tracking URI"),
+        ("pin plus revision", lambda: cb(model_repo=tmp / "m4", dataset=PinnedDataset(data.path, a), revision="main"),
+         "apply when dataset= is a repository path"),
+        ("bad run name", lambda: cb(model_repo=tmp / "m5", mlflow=False, run_name="../../etc"),
+         "cannot name a folder"),
+        ("negative timeout", lambda: cb(model_repo=tmp / "m6", mlflow=False, push_timeout=-1),
+         "push_timeout=-1 must be a positive number"),
+        ("unwritable cache", lambda: PinnedDataset(data.path, a, cache_dir=tmp / "a-file" / "c").pull(),
+         "is not writable"),
+    ]
+
+
+def _dirty(data):  # type: ignore[no-untyped-def]
+    original = (data.path / "val.csv").read_bytes()
+    (data.path / "val.csv").write_text("x0,x1,x2,x3,label\n")
+    try:
+        return PinnedDataset(data.path, paths=["val.csv"])
+    finally:
+        (data.path / "val.csv").write_bytes(original)
+
+
+def _with_model_repo(tmp, make):  # type: ignore[no-untyped-def]
+    repo = make_repo(tmp / "models-with-remote-check", [("init", {"README.md": "models"})])
+    return make(repo.path)
+
+
+def test_bad_input_table(dataset_repo, tmp_path, hanging_port):
+    cases = _cases(dataset_repo, tmp_path, hanging_port)
+    assert len(cases) >= 15
+    failures = []
+    for name, call, expected in cases:
+        try:
+            call()
+        except ConfigurationError as exc:
+            text = str(exc)
+            if expected not in text or "HINT:" not in text and "does not exist" not in text:
+                failures.append(f"{name}: message {text!r} lacks {expected!r} or a hint")
+        except Exception as exc:  # noqa: BLE001
+            failures.append(f"{name}: raised {type(exc).__name__}: {exc}")
+        else:
+            failures.append(f"{name}: no error")
+    assert not failures, "\n".join(failures)
+
+
+def test_missing_path_stops_fit_before_the_first_step(dataset_repo, tmp_path):
+    pin = PinnedDataset(dataset_repo.path, dataset_repo.commits[0], paths=["train.csv", "val.csv", "labels.csv"])
+    model = TinyModel()
+    with pytest.raises(ConfigurationError, match="'labels.csv' is not in commit"):
+        make_trainer(tmp_path, [OxenLightningCallback(dataset=pin, model_repo=tmp_path / "models", mlflow=False)],
+                     epochs=1).fit(model, datamodule=CsvData(pin))
+    assert not model.labels_seen

@@ -1,0 +1,108 @@
+"""PinnedDataset: resolve once, snapshot read-only, cache by commit, never touch the user's repo."""
+
+from __future__ import annotations
+
+import stat
+import subprocess
+import sys
+
+import pytest
+from helpers import commit_files, tree_state
+
+from oxen_callbacks import PinnedDataset, oxen_child
+from oxen_callbacks.errors import ConfigurationError
+
+
+def test_snapshot_holds_commit_bytes_and_is_read_only(dataset_repo, tmp_path):
+    pin = PinnedDataset(dataset_repo.path, revision=dataset_repo.commits[0], paths=["train.csv"])
+    path = pin.file("train.csv")
+    assert path.read_text().rstrip().endswith(",0")  # A's labels
+    assert (dataset_repo.path / "train.csv").read_text().rstrip().endswith(",1")  # the working tree is B
+    assert not path.stat().st_mode & (stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH)
+    assert not path.parent.stat().st_mode & stat.S_IWUSR
+    assert pin.files() == [path]
+    assert dataset_repo.commits[0] in str(path)  # keyed by commit
+    pin.verify()
+
+
+def test_cached_repin_copies_nothing(dataset_repo, tmp_path):
+    first = PinnedDataset(dataset_repo.path, revision=dataset_repo.commits[0], paths=["train.csv", "val.csv"])
+    before = {p: (p.stat().st_ino, p.stat().st_mtime_ns) for p in first.files()}
+    scratch = tmp_path / "cache" / "tmp"
+    again = PinnedDataset(dataset_repo.path, revision=dataset_repo.commits[0][:12], paths=["val.csv", "train.csv"])
+    assert again.path == first.path
+    assert {p: (p.stat().st_ino, p.stat().st_mtime_ns) for p in again.files()} == before
+    assert not any(scratch.iterdir()) if scratch.exists() else True
+
+
+def test_more_paths_of_a_cached_commit_are_added(dataset_repo):
+    PinnedDataset(dataset_repo.path, revision=dataset_repo.commits[0], paths=["val.csv"]).pull()
+    both = PinnedDataset(dataset_repo.path, revision=dataset_repo.commits[0])  # the whole commit
+    assert sorted(p.name for p in both.files()) == ["train.csv", "val.csv"]
+
+
+def test_pins_from_two_processes_at_once(dataset_repo, tmp_path):
+    code = ("import sys; from oxen_callbacks import PinnedDataset; "
+            "p = PinnedDataset(sys.argv[1], revision=sys.argv[2]); print(p.file('train.csv').read_text()[-3:])")
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(dataset_repo.path), dataset_repo.commits[0]],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(3)]
+    outs = [p.communicate(timeout=120) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0, 0], outs
+    assert {o for o, _ in outs} == {",0\n\n"}
+    assert len(list((tmp_path / "cache" / "snapshots").iterdir())) == 1
+
+
+def test_branch_pin_leaves_no_lock_on_the_users_repo(dataset_repo):
+    """The user keeps committing to the dataset while a pinned run holds its pin."""
+    pin = PinnedDataset(dataset_repo.path, revision="main", paths=["train.csv"])
+    pin.pull()
+    new = commit_files(dataset_repo, "C", {"train.csv": "x0,x1,x2,x3,label\n0,0,0,0,0\n"})
+    assert oxen_child.branches(dataset_repo.path)["main"] == new
+    assert pin.commit == dataset_repo.commits[1]  # the pin does not move
+    assert pin.file("train.csv").read_text().rstrip().endswith(",1")
+
+
+def test_dirty_pinned_paths_are_refused_unless_allowed(dataset_repo):
+    (dataset_repo.path / "train.csv").write_text("x0,x1,x2,x3,label\n9,9,9,9,1\n")
+    state = tree_state(dataset_repo.path)
+    with pytest.raises(ConfigurationError, match=r"uncommitted changes in the pinned paths: train.csv") as err:
+        PinnedDataset(dataset_repo.path, paths=["train.csv"])
+    assert "allow_dirty=True" in str(err.value)
+    clean_other = PinnedDataset(dataset_repo.path, paths=["val.csv"])  # the change is outside the pinned paths
+    assert clean_other.dirty is False
+    dirty = PinnedDataset(dataset_repo.path, paths=["train.csv"], allow_dirty=True)
+    assert dirty.to_lineage()["dirty"] is True
+    assert dirty.file("train.csv").read_text().rstrip().endswith(",1")
+    assert len(dirty.file("train.csv").read_text().splitlines()) == 97  # committed bytes, not the edit
+    explicit = PinnedDataset(dataset_repo.path, revision=dataset_repo.commits[1], paths=["train.csv"])
+    assert explicit.dirty is False  # a commit id does not mean "my working tree"
+    assert tree_state(dataset_repo.path) == state
+
+
+def test_untracked_file_in_pinned_folder_is_dirty(tmp_path):
+    from helpers import make_repo
+
+    repo = make_repo(tmp_path / "imgs", [("one", {"images/a.txt": "a"})])
+    (repo.path / "images" / "b.txt").write_text("new")
+    with pytest.raises(ConfigurationError, match="images/b.txt"):
+        PinnedDataset(repo.path, paths=["images"])
+
+
+def test_to_lineage_and_file_outside_paths(dataset_repo):
+    pin = PinnedDataset(dataset_repo.path, revision="main", paths=["./train.csv"])
+    assert pin.to_lineage() == {"repo": str(dataset_repo.path), "revision": "main",
+                                "commit": dataset_repo.commits[1], "paths": ["train.csv"], "dirty": False}
+    with pytest.raises(ConfigurationError, match="not among the pinned paths"):
+        pin.file("val.csv")
+
+
+def test_default_revision_is_checked_out_branch(dataset_repo):
+    pin = PinnedDataset(dataset_repo.path)
+    assert (pin.revision_label, pin.commit) == ("main", dataset_repo.commits[1])
+
+
+def test_unwritable_cache_is_a_clear_error(dataset_repo, tmp_path):
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("a file where the cache folder should be")
+    with pytest.raises(ConfigurationError, match=r"snapshot cache .*not-a-folder.* is not writable"):
+        PinnedDataset(dataset_repo.path, cache_dir=blocker / "cache").pull()
