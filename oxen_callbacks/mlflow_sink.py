@@ -62,12 +62,19 @@ class MlflowJournal:
         return self.folder / "owner.lock"
 
     def meta(self) -> dict[str, Any]:
-        return json.loads((self.folder / "meta.json").read_text())
+        """The run this journal logs to (kept in memory too: a finished journal's folder is deleted)."""
+        try:
+            self._meta = json.loads((self.folder / "meta.json").read_text())
+        except FileNotFoundError:
+            if not hasattr(self, "_meta"):
+                raise
+        return dict(self._meta)
 
     def write_meta(self, meta: dict[str, Any]) -> None:
         tmp = self.folder / f".meta.{uuid.uuid4().hex}.tmp"
         tmp.write_text(json.dumps(meta))
         os.replace(tmp, self.folder / "meta.json")
+        self._meta = dict(meta)
 
     def put(self, seq: int, op: dict[str, Any]) -> Path:
         path = self.folder / "ops" / f"{seq:06d}.json"

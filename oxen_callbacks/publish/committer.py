@@ -59,6 +59,9 @@ class Committer:
             started = time.perf_counter()
             try:
                 with self.lock:
+                    if not queue.is_pending(job):  # done meanwhile by a batch that outlived its worker
+                        removals = []
+                        continue
                     if job.kind == "checkpoint":
                         result = self._checkpoint(queue, job, removals)
                     elif job.kind == "finalize":

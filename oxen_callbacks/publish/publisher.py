@@ -111,6 +111,7 @@ class CheckpointPublisher:
         self._submitted: set[int] = set()
         self._answered: set[int] = set()
         self._cond = threading.Condition()
+        self._handling = threading.Lock()
         self._proc: subprocess.Popen[bytes] | None = None
         self._restarts = 0
         self._env = worker_environment(self._author, self.cache_dir)
@@ -146,8 +147,25 @@ class CheckpointPublisher:
                 result = json.loads(line)
             except ValueError:
                 continue
-            if result.get("kind") == "ready":
-                continue
+            if result.get("kind") != "ready":
+                self._handle(result)
+        with self._cond:
+            self._cond.notify_all()
+
+    def _collect_from_disk(self) -> None:
+        """Answers the journal holds but no worker sent (a batch that outlived its killed worker)."""
+        with self._cond:
+            missing = self._submitted - self._answered
+        if missing:
+            for result in self.queue.results():
+                if result.get("seq") in missing:
+                    self._handle(result)
+
+    def _handle(self, result: dict[str, Any]) -> None:
+        with self._handling:  # one at a time: the reader thread and flush() may both deliver a result
+            with self._cond:
+                if result.get("seq") in self._answered:
+                    return  # re-sent by a restarted worker
             if self.on_result:  # before the job counts as answered, so flush() covers it
                 try:
                     self.on_result(result)
@@ -164,8 +182,6 @@ class CheckpointPublisher:
                 if "seq" in result:
                     self._answered.add(result["seq"])
                 self._cond.notify_all()
-        with self._cond:
-            self._cond.notify_all()
 
     def _wake(self) -> None:
         proc = self._proc
@@ -265,6 +281,11 @@ class CheckpointPublisher:
             found = [r for r in self.results if r.get("seq") == seq]
         return found[0]["record"] if found else None
 
+    @property
+    def worker_pid(self) -> int | None:
+        """Process id of the current worker (it is restarted if it dies)."""
+        return self._proc.pid if self._proc is not None else None
+
     # -- waiting ------------------------------------------------------------------------
     @property
     def pending(self) -> int:
@@ -272,16 +293,26 @@ class CheckpointPublisher:
             return len(self._submitted - self._answered)
 
     def flush(self, timeout: float | None = None) -> bool:
-        """Wait until every submitted job has an answer; ``False`` on timeout (jobs stay journaled)."""
+        """Wait until every submitted job has an answer; ``False`` on timeout (jobs stay journaled).
+
+        A worker that died meanwhile is restarted (it picks the journaled jobs up).
+        """
         deadline = None if timeout is None else time.monotonic() + timeout
-        with self._cond:
-            while self._submitted - self._answered:
-                if self._proc is None or self._proc.poll() is not None:
+        while True:
+            with self._cond:
+                if not (self._submitted - self._answered):
                     break
                 left = None if deadline is None else deadline - time.monotonic()
                 if left is not None and left <= 0:
                     break
                 self._cond.wait(timeout=min(left, 1.0) if left is not None else 1.0)
+            self._collect_from_disk()
+            if self._proc is None or self._proc.poll() is not None:
+                try:
+                    self._wake()
+                except PublishError:
+                    break
+        with self._cond:
             done = not (self._submitted - self._answered)
         self._raise_errors()
         return done

@@ -116,6 +116,9 @@ class JobQueue:
             jobs.append(Job(data["seq"], data["kind"], data["payload"]))
         return jobs
 
+    def is_pending(self, job: Job) -> bool:
+        return (self.jobs_dir / f"{job.name}.json").exists()
+
     def complete(self, job: Job, result: dict[str, Any]) -> None:
         """Record ``result``, then forget the job and its staged bytes (in that order)."""
         _write_json(self.done_dir / f"{job.name}.json", result)

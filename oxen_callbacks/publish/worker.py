@@ -59,7 +59,7 @@ def _redirect_output(log_path: str) -> IO[str]:
     return results
 
 
-def in_child(fn: Callable[[], Any]) -> Any:
+def in_child(fn: Callable[[], Any], close_fds: tuple[int, ...] = ()) -> Any:
     """Run ``fn`` in a forked child and return its JSON-able result.
 
     oxenai keeps a repository's databases (and their OS locks) open until the
@@ -69,16 +69,20 @@ def in_child(fn: Callable[[], Any]) -> Any:
     """
     read_fd, write_fd = os.pipe()
     pid = os.fork()
-    if pid == 0:  # child
-        os.close(read_fd)
+    if pid == 0:  # child: never returns into the worker's loop, whatever happens
         try:
-            reply = {"ok": True, "value": fn()}
-        except BaseException as exc:  # noqa: BLE001 - everything must reach the parent
-            log.exception("Publishing batch failed")
-            reply = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
-        with os.fdopen(write_fd, "w") as out:
-            out.write(json.dumps(reply))
-        os._exit(0)
+            os.close(read_fd)
+            for fd in close_fds:  # e.g. the worker lock: a batch outliving a killed worker must not keep it
+                os.close(fd)
+            try:
+                reply = {"ok": True, "value": fn()}
+            except BaseException as exc:  # noqa: BLE001 - everything must reach the parent
+                log.exception("Publishing batch failed")
+                reply = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
+            with os.fdopen(write_fd, "w") as out:
+                out.write(json.dumps(reply))
+        finally:
+            os._exit(0)  # also when the parent is gone (broken pipe): the work itself is on disk
     os.close(write_fd)
     with os.fdopen(read_fd) as inp:
         data = inp.read()
@@ -131,25 +135,31 @@ def drain_orphans(committer: Committer, skip: JobQueue | None = None) -> int:
     return count
 
 
-def serve(queue: JobQueue, committer: Committer, results: _Results, push: PushTarget | None) -> None:
+def serve(queue: JobQueue, committer: Committer, results: _Results, push: PushTarget | None,
+          close_fds: tuple[int, ...] = ()) -> None:
     failed: set[int] = set()
-    eof = False
+    eof = push_failed = False
     while True:
         jobs = [j for j in queue.pending() if j.seq not in failed]
         try:
-            done = in_child(lambda: committer.run_batch(queue, jobs, final=eof)) if jobs else []
-        except PublishError as exc:
-            done = [{"seq": j.seq, "kind": j.kind, "ok": False, "error": str(exc)} for j in jobs]
+            done = in_child(lambda: committer.run_batch(queue, jobs, final=eof), close_fds) if jobs else []
+        except PublishError as exc:  # the batch process died: report what it finished, fail the rest
+            still = {j.seq for j in queue.pending()}
+            finished = {r["seq"]: r for r in queue.results() if "seq" in r}
+            done = [finished.get(j.seq) or {"seq": j.seq, "kind": j.kind, "ok": False, "error": str(exc)}
+                    for j in jobs if j.seq in still or j.seq in finished]
         for result in done:
             if not result["ok"]:
                 failed.add(result["seq"])
-            elif push and result["kind"] in ("checkpoint", "finalize"):
+            elif push and result["kind"] in ("checkpoint", "finalize", "remove"):
                 push.dirty = True
             results.emit(result)
         if done:
             continue  # more may have arrived meanwhile
-        if push and push.dirty:
-            results.emit(push_with_timeout(committer.repo.path, push))
+        if push and push.dirty and (eof or not push_failed):
+            report = push_with_timeout(committer.repo.path, push)
+            push_failed = not report["ok"]  # then wait for the end: each try may cost a full timeout
+            results.emit(report)
         if eof:
             return
         ready, _, _ = select.select([sys.stdin], [], [], 1.0)
@@ -168,15 +178,16 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     queue = JobQueue(args.queue)
     results = _Results(_redirect_output(str(queue.log_path)))
-    lock = FileLock(queue.worker_lock)
-    if not lock.acquire(blocking=False):
-        log.error("Another worker drains %s", queue.folder)
-        return 2
+    lock = FileLock(queue.worker_lock, timeout=3600)
+    lock.acquire()  # a batch of a killed predecessor may still be finishing
+    assert lock._fd is not None
     committer = Committer(LocalRepo(args.repo, role="model repository"))
     push = PushTarget(args.remote, args.branch, args.push_timeout, url=args.remote_url) if args.remote else None
     results.emit({"kind": "ready", "ok": True, "pid": os.getpid()})
-    in_child(lambda: (clean_orphan_temp_files(committer), drain_orphans(committer, skip=queue)))
-    serve(queue, committer, results, push)
+    for result in queue.results():  # answers a killed predecessor could not send (the parent drops repeats)
+        results.emit(result)
+    in_child(lambda: (clean_orphan_temp_files(committer), drain_orphans(committer, skip=queue)), (lock._fd,))
+    serve(queue, committer, results, push, (lock._fd,))
     log.info("Worker done: queue %s drained", queue.folder.name)
     return 0
 

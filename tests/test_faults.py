@@ -1,0 +1,138 @@
+"""Faults lose nothing: dead or hanging remotes, a killed worker, a broken model repository, a full disk."""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import shutil
+import signal
+import socket
+
+import pytest
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning_model import CsvData, TinyModel, make_trainer
+
+from oxen_callbacks import PinnedDataset, read_lineage, sync
+from oxen_callbacks.errors import PublishError
+from oxen_callbacks.lightning import OxenLightningCallback
+from oxen_callbacks.oxen_repo import LocalRepo
+from oxen_callbacks.publish.remote import pending_push
+
+
+@pytest.fixture
+def hanging_server():
+    """A loopback server that accepts connections and never answers."""
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(64)
+    yield srv.getsockname()[1]
+    srv.close()
+
+
+def _closed_port() -> int:
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+def _fit(dataset_repo, tmp_path, extra=(), **options):  # type: ignore[no-untyped-def]
+    pin = PinnedDataset(dataset_repo.path, revision=dataset_repo.commits[0], paths=["train.csv", "val.csv"])
+    cb = OxenLightningCallback(dataset=pin, model_repo=tmp_path / "models", mlflow=False, **options)
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=2, save_top_k=-1)
+    make_trainer(tmp_path, [ckpt, cb, *extra], epochs=2).fit(TinyModel(), datamodule=CsvData(pin))
+    return cb
+
+
+def _all_committed(cb, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    commits = set(LocalRepo(tmp_path / "models").commit_ids())
+    saved = sorted(p.name for p in (tmp_path / "ckpt").iterdir())
+    entries = cb.lineage["checkpoints"]
+    assert sorted(os.path.basename(c["path"]) for c in entries) == saved
+    assert all(c["commit"] in commits for c in entries)
+
+
+@pytest.mark.parametrize("kind", ["refused", "hanging"])
+def test_unreachable_remote_loses_nothing(kind, dataset_repo, tmp_path, hanging_server, caplog):
+    port = _closed_port() if kind == "refused" else hanging_server
+    url = f"http://127.0.0.1:{port}/ox/models"
+    with caplog.at_level(logging.WARNING, logger="oxen_callbacks"):
+        cb = _fit(dataset_repo, tmp_path, remote_url=url, push_timeout=3)
+    _all_committed(cb, tmp_path)
+    assert cb.lineage["push"]["pushed"] is False
+    assert any("NOT pushed" in r.getMessage() and "oxen-callbacks sync" in r.getMessage() for r in caplog.records)
+    marker = pending_push(tmp_path / "models")
+    assert marker["url"] == url and marker["seconds"] <= 3 + 5  # bounded: one timeout, no retry loop on a hang
+
+    report = sync.sync_all(push_timeout=3)
+    assert report["pending"] == 1
+    assert report["model_repos"][0]["push"]["ok"] is False
+    assert pending_push(tmp_path / "models") is not None  # still journaled for the next sync
+
+
+class KillWorker(Callback):
+    """Kill the publishing worker (SIGKILL) after the second save."""
+
+    def __init__(self, oxen_cb: OxenLightningCallback) -> None:
+        self.oxen_cb, self.killed = oxen_cb, None
+
+    def on_train_batch_end(self, trainer, *args) -> None:  # type: ignore[no-untyped-def]
+        if trainer.global_step == 5 and self.killed is None:
+            self.killed = self.oxen_cb.run.publisher.worker_pid
+            os.kill(self.killed, signal.SIGKILL)
+
+
+def test_killed_worker_is_restarted_and_nothing_is_lost(dataset_repo, tmp_path):
+    pin = PinnedDataset(dataset_repo.path, revision=dataset_repo.commits[0], paths=["train.csv", "val.csv"])
+    cb = OxenLightningCallback(dataset=pin, model_repo=tmp_path / "models", mlflow=False)
+    killer = KillWorker(cb)
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=2, save_top_k=-1)
+    make_trainer(tmp_path, [ckpt, cb, killer], epochs=2).fit(TinyModel(), datamodule=CsvData(pin))
+    assert killer.killed and cb.run.publisher.worker_pid != killer.killed
+    _all_committed(cb, tmp_path)
+
+
+class BreakStore(Callback):
+    """After the first commit, make the model repository's content store unwritable (a file in its place)."""
+
+    def __init__(self, store, oxen_cb) -> None:  # type: ignore[no-untyped-def]
+        self.store, self.oxen_cb, self.broken = store, oxen_cb, False
+
+    def on_train_batch_end(self, trainer, *args) -> None:  # type: ignore[no-untyped-def]
+        if trainer.global_step == 3 and not self.broken:
+            self.oxen_cb.run.publisher.flush(60)
+            shutil.move(self.store, str(self.store) + ".moved")
+            self.store.write_text("not a folder")
+            self.broken = True
+
+
+def test_broken_model_repo_is_a_clear_error_and_sync_recovers(dataset_repo, tmp_path):
+    store = tmp_path / "models" / ".oxen" / "versions"
+    pin = PinnedDataset(dataset_repo.path, revision=dataset_repo.commits[0], paths=["train.csv", "val.csv"])
+    cb = OxenLightningCallback(dataset=pin, model_repo=tmp_path / "models", mlflow=False)
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=2, save_top_k=-1)
+    with pytest.raises(PublishError, match=r"(?s)Committing to the model repository .*models.*oxen-callbacks sync"):
+        make_trainer(tmp_path, [ckpt, cb, BreakStore(store, cb)], epochs=2).fit(TinyModel(), datamodule=CsvData(pin))
+    store.unlink()
+    shutil.move(str(store) + ".moved", store)  # the operator fixes the disk
+    report = sync.sync_all()
+    assert report["pending"] == 0 and report["model_repos"][0]["committed"] >= 1
+    record = read_lineage(tmp_path / "models" / "runs" / cb.run.run_name / "lineage.json")
+    commits = set(LocalRepo(tmp_path / "models").commit_ids())
+    assert all(c["commit"] in commits for c in record["checkpoints"])
+    assert {os.path.basename(c["path"]) for c in record["checkpoints"]} == {p.name for p in (tmp_path / "ckpt").iterdir()}
+
+
+def test_disk_full_while_freezing_is_a_clear_error(dataset_repo, tmp_path, monkeypatch):
+    """ENOSPC cannot be produced for real here (no root, no small filesystem): inject it."""
+    from oxen_callbacks.publish import freeze
+
+    def no_space(*_a, **_k):  # type: ignore[no-untyped-def]
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(freeze.os, "link", no_space)
+    monkeypatch.setattr(freeze.shutil, "copyfile", no_space)
+    with pytest.raises(PublishError, match="No space left on device"):
+        _fit(dataset_repo, tmp_path)
