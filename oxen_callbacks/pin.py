@@ -152,6 +152,18 @@ class PinnedDataset:
                 found.extend(p for p in target.rglob("*") if p.is_file())
         return sorted(set(found))
 
+    def load_dataset(self, data_files: Any = None, **kwargs: Any) -> Any:
+        """The pinned CSV / JSON Lines / Parquet files as a ``datasets.DatasetDict`` (``Dataset`` with ``split=``).
+
+        Cached per commit; see :func:`oxen_callbacks.hf_datasets.load_pinned`::
+
+            splits = PinnedDataset("data/reviews", paths=["train.jsonl", "eval.jsonl"]).load_dataset()
+            splits["train"], splits["eval"]
+        """
+        from .hf_datasets import load_pinned
+
+        return load_pinned(self, data_files, **kwargs)
+
     def verify(self) -> None:
         """Check the snapshot still holds what its manifest recorded (file counts and sizes)."""
         manifest = self.store.manifest(self.commit)

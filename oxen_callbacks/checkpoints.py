@@ -1,0 +1,155 @@
+"""Get a published checkpoint (file or folder) back out of a model-repository commit, for any framework.
+
+Example::
+
+    from oxen_callbacks.checkpoints import materialize_checkpoint
+
+    ckpt = materialize_checkpoint("models/reviews", run="20250101-120000-ab12cd", step=200)
+    ckpt.path            # read-only folder (or file) holding exactly what was committed
+    ckpt.dataset         # the dataset section recorded with it: repo, revision, commit, paths
+    data = ckpt.pinned_dataset()             # PinnedDataset of that same dataset commit
+    trainer.train(resume_from_checkpoint=str(ckpt.path))
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigurationError
+from .lineage import LineageRecord, read_lineage
+from .pin import PinnedDataset
+from .publish.committer import lineage_path
+from .relpath import safe_relpath
+
+_RUN_PATH = re.compile(r"^runs/(?P<run>[^/]+)/checkpoints/.+")
+
+
+@dataclass(frozen=True)
+class MaterializedCheckpoint:
+    """A checkpoint read from a model-repository commit.
+
+    Attributes:
+        path: the checkpoint file or folder on disk (read-only unless ``dest`` was given).
+        commit: the model-repository commit it was read from.
+        repo_path: its path inside the model repository.
+        lineage: the run's lineage record as committed with it (``None`` outside ``runs/<run>/``).
+    """
+
+    path: Path
+    commit: str
+    repo_path: str
+    lineage: LineageRecord | None
+
+    @property
+    def dataset(self) -> dict[str, Any] | None:
+        """The dataset section recorded with the checkpoint (repo, revision, commit, paths)."""
+        return self.lineage["dataset"] if self.lineage else None
+
+    def pinned_dataset(self, **kwargs: Any) -> PinnedDataset:
+        """A :class:`PinnedDataset` of the recorded dataset commit (``kwargs``: e.g. ``cache_dir``)."""
+        if not self.dataset:
+            raise ConfigurationError(f"No dataset is recorded with checkpoint {self.repo_path!r} at {self.commit}.",
+                                     "build the PinnedDataset yourself.")
+        return PinnedDataset(self.dataset["repo"], revision=self.dataset["commit"], paths=self.dataset["paths"],
+                             **kwargs)
+
+
+def materialize_checkpoint(
+    model_repo: str | os.PathLike[str] | None = None,
+    *,
+    commit: str | None = None,
+    path: str | None = None,
+    run: str | None = None,
+    lineage: str | os.PathLike[str] | Mapping[str, Any] | None = None,
+    step: int | None = None,
+    dest: str | os.PathLike[str] | None = None,
+    cache_dir: str | os.PathLike[str] | None = None,
+) -> MaterializedCheckpoint:
+    """Read one checkpoint out of the model repository's history, without touching its working tree.
+
+    Name the checkpoint in one of three ways:
+
+    - ``commit`` and ``path`` (as listed in a lineage record's ``checkpoints``);
+    - ``run``: a run folder ``runs/<run>/`` of ``model_repo``;
+    - ``lineage``: a lineage record (mapping, JSON file or MLflow artifact ``oxen/lineage.json``;
+      ``model_repo`` defaults to the one it names).
+
+    With ``run`` or ``lineage``, ``step`` picks the checkpoint saved at that step; by
+    default the record's final/best model.
+
+    Args:
+        dest: copy the checkpoint into this new folder, writable (default: return the
+            read-only cached snapshot, shared by later calls; the HF Trainer and
+            Lightning only read the checkpoint they resume from).
+        cache_dir: snapshot cache root; default ``~/.cache/oxen-callbacks``.
+    """
+    record = _record(model_repo, run, lineage)
+    if record is not None:
+        if commit or path:
+            raise ConfigurationError("Pass either commit= and path=, or run=/lineage=, not both.")
+        model_repo = model_repo or record["model"]["repo"]
+        commit, path = _pick(record, step)
+    if not (model_repo and commit and path):
+        raise ConfigurationError(
+            "materialize_checkpoint() needs the model repository and which checkpoint to read.",
+            "pass model_repo with commit= and path=, or with run=, or pass lineage=.",
+        )
+    path = safe_relpath(path, what="checkpoint path")
+    match = _RUN_PATH.match(path)
+    wanted = [path, lineage_path(match["run"])] if match else [path]
+    snapshot = PinnedDataset(model_repo, revision=commit, paths=wanted, cache_dir=cache_dir)
+    source = snapshot.file(path)
+    committed = read_lineage(snapshot.file(wanted[1]), at_commit=snapshot.commit) if match else None
+    return MaterializedCheckpoint(path=_copy(source, Path(dest)) if dest is not None else source,
+                                  commit=snapshot.commit, repo_path=path, lineage=committed)
+
+
+def _record(model_repo: str | os.PathLike[str] | None, run: str | None,
+            lineage: str | os.PathLike[str] | Mapping[str, Any] | None) -> LineageRecord | None:
+    if run is not None and lineage is not None:
+        raise ConfigurationError("Pass run= or lineage=, not both.")
+    if run is None:
+        return read_lineage(lineage) if lineage is not None else None
+    if model_repo is None:
+        raise ConfigurationError(f"run={run!r} needs model_repo= (the repository holding runs/{run}/).")
+    file = Path(model_repo) / lineage_path(safe_relpath(run, what="run name"))
+    if not file.is_file():
+        raise ConfigurationError(f"The model repository {str(model_repo)!r} has no run {run!r} ({file} is missing).",
+                                 "pass a run name from its runs/ folder (or the lineage record's run.name).")
+    return read_lineage(file)
+
+
+def _pick(record: LineageRecord, step: int | None) -> tuple[str, str]:
+    if step is None:
+        chosen = record["model"]
+    else:
+        saved = [c for c in record["checkpoints"] if c["step"] == step]
+        if not saved:
+            steps = sorted({c["step"] for c in record["checkpoints"] if c["step"] is not None})
+            raise ConfigurationError(f"No checkpoint of run {record['run'].get('name')!r} was saved at step={step}.",
+                                     f"pick one of the saved steps: {steps}.")
+        chosen = saved[-1]
+    if not chosen.get("commit") or not chosen.get("path"):
+        raise ConfigurationError(f"The lineage record names no committed checkpoint (step={step}).",
+                                 "was any checkpoint saved? See its 'checkpoints' list.")
+    return chosen["commit"], chosen["path"]
+
+
+def _copy(source: Path, dest: Path) -> Path:
+    """A writable copy of the read-only snapshot ``source`` at the new path ``dest``."""
+    if dest.exists():
+        raise ConfigurationError(f"dest={str(dest)!r} already exists.", "pass a new folder path.")
+    if source.is_dir():
+        shutil.copytree(source, dest, copy_function=shutil.copyfile)
+        for dirpath, _dirs, _names in os.walk(dest):
+            os.chmod(dirpath, 0o755)
+    else:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(source, dest)
+    return dest

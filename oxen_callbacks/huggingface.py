@@ -1,0 +1,186 @@
+"""Hugging Face ``Trainer`` adapter: ``OxenTrainerCallback``.
+
+Example::
+
+    from oxen_callbacks import PinnedDataset
+    from oxen_callbacks.huggingface import OxenTrainerCallback
+
+    pinned = PinnedDataset("data/reviews", revision="main", paths=["train.jsonl", "eval.jsonl"])
+    splits = pinned.load_dataset()
+    trainer = Trainer(model, args, train_dataset=splits["train"], eval_dataset=splits["eval"],
+                      callbacks=[OxenTrainerCallback(dataset=pinned, model_repo="models/reviews")])
+    trainer.train()
+
+Every ``checkpoint-N`` folder the Trainer saves is committed to the model
+repository (frozen at ``on_save``, before ``save_total_limit`` can delete it). The
+pin rides in each checkpoint's ``trainer_state.json``, so a resumed run checks it
+reads the same dataset commit.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from typing import Any
+
+import transformers
+from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+
+from .errors import ConfigurationError, DatasetMismatchError
+from .hf_datasets import dataset_commits
+from .pin import PinnedDataset
+from .session import LineageRun
+
+log = logging.getLogger(__name__)
+
+# A plain entry of TrainerState.stateful_callbacks, not an ExportableState: with
+# restore_callback_states_from_checkpoint=True transformers rebuilds ExportableState
+# callbacks from stored arguments, which would replace this configured callback.
+STATE_KEY = "oxen_callbacks"
+
+
+class OxenTrainerCallback(TrainerCallback):
+    """Pin the dataset at train start, commit every checkpoint folder to Oxen, log lineage to MLflow.
+
+    Args:
+        dataset: a :class:`PinnedDataset`, or the path of a local Oxen dataset repository
+            (then ``revision`` and ``paths`` apply). ``None``: no dataset lineage.
+        model_repo: local Oxen repository for checkpoints (created when missing).
+        allow_dataset_change: let the run read another dataset commit than the pin:
+            a resumed checkpoint's, or a ``train_dataset`` loaded from another commit.
+        **run_options: passed to :class:`oxen_callbacks.session.LineageRun`
+            (``mlflow``, ``run_name``, ``experiment_name``, ``cache_dir``, ``author``,
+            ``remote``, ``branch``, ``push_timeout``, ``drain_timeout``, ``mlflow_timeout``).
+
+    The MLflow run is the one transformers' ``MLflowCallback`` opens with
+    ``report_to="mlflow"`` (it runs first), else the active ``mlflow`` run, else a
+    new run ended at train end.
+    """
+
+    def __init__(
+        self,
+        *,
+        model_repo: str | os.PathLike[str],
+        dataset: PinnedDataset | str | os.PathLike[str] | None = None,
+        revision: str | None = None,
+        paths: list[str] | None = None,
+        allow_dataset_change: bool = False,
+        **run_options: Any,
+    ) -> None:
+        if isinstance(dataset, PinnedDataset) and (revision is not None or paths is not None):
+            raise ConfigurationError(
+                "revision= and paths= apply when dataset= is a repository path, not a PinnedDataset.",
+                "set them on the PinnedDataset: PinnedDataset(repo, revision=..., paths=[...]).",
+            )
+        if dataset is not None and not isinstance(dataset, PinnedDataset):
+            dataset = PinnedDataset(dataset, revision, paths, cache_dir=run_options.get("cache_dir"))
+        self.dataset: PinnedDataset | None = dataset
+        self.allow_dataset_change = allow_dataset_change
+        self._run_args = {"dataset": dataset, "model_repo": model_repo,
+                          "framework": ("transformers", transformers.__version__), **run_options}
+        # Validates every option now, before any training time is spent.
+        self.run = LineageRun(**self._run_args)
+        self._published: list[str] = []
+
+    # -- train start ----------------------------------------------------------------
+    def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+                       train_dataloader: Any = None, **kwargs: Any) -> None:
+        if self.run.publisher is not None and not self.run.finished:  # the previous train() raised
+            try:
+                self.run.finish("FAILED")
+            except Exception:
+                log.exception("Recording the lineage of the interrupted train() failed too")
+        if self.run.finished:  # the same callback in a second train(): a new run
+            self.run = LineageRun(**{**self._run_args, "run_name": None})
+            self._published = []
+        recorded = state.stateful_callbacks.get(STATE_KEY)  # present when resuming from a checkpoint
+        if self.dataset is not None and not self.allow_dataset_change:  # every process: all fail alike
+            if recorded and recorded.get("dataset"):
+                self.dataset.check_same(recorded["dataset"], what="The checkpoint being resumed")
+            self._check_train_data(getattr(train_dataloader, "dataset", None))
+        if state.is_world_process_zero:
+            if self.dataset is not None:
+                self.dataset.pull()
+                self.dataset.verify()
+            self.run.start()
+            if recorded and self.run.record is not None:
+                self.run.record["resumed_from"] = {"run_name": recorded.get("run_name"), "step": state.global_step,
+                                                   "dataset": recorded.get("dataset")}
+        state.stateful_callbacks[STATE_KEY] = {"dataset": self.dataset.to_lineage() if self.dataset else None,
+                                               "run_name": self.run.run_name, "model_repo": str(self.run.model_repo)}
+
+    def _check_train_data(self, train_dataset: Any) -> None:
+        """A ``train_dataset`` from ``PinnedDataset.load_dataset`` must come from the pinned commit."""
+        assert self.dataset is not None
+        others = dataset_commits(train_dataset) - {self.dataset.commit}
+        if others:
+            raise DatasetMismatchError(
+                f"The Trainer's train_dataset was loaded from dataset commit(s) {sorted(others)}, but "
+                f"OxenTrainerCallback pins {self.dataset.commit} of {self.dataset.source.location}: "
+                "the lineage would name data the model never read.\n"
+                "HINT: load the train_dataset from the PinnedDataset given to the callback (pin.load_dataset()), "
+                "or pass allow_dataset_change=True."
+            )
+
+    # -- saves ---------------------------------------------------------------------------
+    def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+                    **kwargs: Any) -> None:
+        if control.should_save:
+            self._before_save(args, state)
+
+    def on_epoch_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+                     **kwargs: Any) -> None:
+        if control.should_save:
+            self._before_save(args, state)
+
+    def _before_save(self, args: TrainingArguments, state: TrainerState) -> None:
+        """The Trainer rewrites an existing ``checkpoint-N`` in place (same inodes): a folder
+        published earlier (by this run, or an earlier run into the same output_dir) shares
+        those inodes with its frozen copy, so unlink its files first to keep that copy intact."""
+        folder = _checkpoint_folder(args, state)
+        if not state.is_world_process_zero or not os.path.isdir(folder):
+            return
+        for dirpath, _dirs, names in os.walk(folder):
+            for name in names:
+                file = os.path.join(dirpath, name)
+                if os.stat(file, follow_symlinks=False).st_nlink > 1:
+                    os.unlink(file)
+
+    def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+                **kwargs: Any) -> None:
+        if not state.is_world_process_zero or self.run.publisher is None:
+            return
+        self._note_removed()  # save_total_limit rotation ran just before this hook
+        folder = _checkpoint_folder(args, state)
+        if not os.path.isdir(folder):  # a hyperparameter-search trial saves under output_dir/run-<trial>/
+            raise ConfigurationError(f"OxenTrainerCallback found no saved checkpoint at {folder}.",
+                                     "use it with Trainer.train(), not Trainer.hyperparameter_search().")
+        metrics = {k: float(v) for entry in state.log_history if entry.get("step") == state.global_step
+                   for k, v in entry.items() if k != "step" and isinstance(v, (int, float))}
+        # Lightning's convention: the index of the epoch in progress (HF's state.epoch 1.0 = end of epoch 0).
+        epoch = max(math.ceil(state.epoch) - 1, 0) if state.epoch is not None else None
+        self.run.checkpoint_saved(folder, step=state.global_step, epoch=epoch, metrics=metrics)
+        self._published.append(folder)
+
+    def _note_removed(self) -> None:
+        """Checkpoints the Trainer deleted (``save_total_limit``) leave the run folder; they stay in history."""
+        for folder in [f for f in self._published if not os.path.exists(f)]:
+            self._published.remove(folder)
+            self.run.checkpoint_removed(folder)
+
+    # -- train end -------------------------------------------------------------------------
+    def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+                     **kwargs: Any) -> None:
+        if state.is_world_process_zero and self.run.publisher is not None and not self.run.finished:
+            self._note_removed()
+            self.run.finish("FINISHED", best=state.best_model_checkpoint)
+
+    @property
+    def lineage(self) -> dict[str, Any] | None:
+        """The run's lineage record (complete after train)."""
+        return self.run.record
+
+
+def _checkpoint_folder(args: TrainingArguments, state: TrainerState) -> str:
+    return os.path.join(args.output_dir, f"checkpoint-{state.global_step}")

@@ -1,0 +1,262 @@
+"""Real Hugging Face Trainer runs with the Oxen callback: pinned datasets, committed checkpoints, resume, MLflow."""
+
+from __future__ import annotations
+
+import filecmp
+import runpy
+import shutil
+import stat
+import sys
+from pathlib import Path
+
+import mlflow
+import pytest
+import torch
+from helpers import commit_files, make_repo
+from hf_model import jsonl, make_tokenizer, make_trainer, tokenize
+from mlflow import MlflowClient
+from transformers import TrainerCallback
+
+from oxen_callbacks import PinnedDataset, oxen_child, read_lineage
+from oxen_callbacks.checkpoints import materialize_checkpoint
+from oxen_callbacks.errors import ConfigurationError, DatasetMismatchError
+from oxen_callbacks.hf_datasets import dataset_commits
+from oxen_callbacks.huggingface import OxenTrainerCallback
+from oxen_callbacks.oxen_repo import LocalRepo
+
+PATHS = ["train.jsonl", "eval.jsonl"]
+
+
+@pytest.fixture
+def reviews(tmp_path):
+    """A dataset repository at commit A: every label 0 (commit B, when a test adds it, has only 1s)."""
+    return make_repo(tmp_path / "reviews", [("A", {"train.jsonl": jsonl(0), "eval.jsonl": jsonl(0, rows=8, seed=1)})])
+
+
+class FolderSpy(TrainerCallback):
+    """Copies each checkpoint folder as the Trainer saved it (save_total_limit deletes it later)."""
+
+    def __init__(self, into: Path) -> None:
+        self.into = into
+
+    def on_save(self, args, state, control, **kwargs):  # type: ignore[no-untyped-def]
+        name = f"checkpoint-{state.global_step}"
+        shutil.copytree(Path(args.output_dir) / name, self.into / name)
+
+
+def same_tree(a: Path, b: Path) -> bool:
+    """Same file names, same bytes."""
+    files_a = sorted(p.relative_to(a) for p in a.rglob("*") if p.is_file())
+    files_b = sorted(p.relative_to(b) for p in b.rglob("*") if p.is_file())
+    return files_a == files_b and all(filecmp.cmp(a / f, b / f, shallow=False) for f in files_a)
+
+
+def writable(path: Path) -> bool:
+    return bool(path.stat().st_mode & stat.S_IWUSR)
+
+
+def test_trains_on_the_pinned_commit_while_the_branch_moves(reviews, tmp_path):
+    pin = PinnedDataset(reviews.path, revision="main", paths=PATHS)
+    splits = pin.load_dataset()
+    commit_b = commit_files(reviews, "B", {"train.jsonl": jsonl(1)})  # the branch moves before train()
+    cb = OxenTrainerCallback(dataset=pin, model_repo=tmp_path / "models", mlflow=False)
+    trainer, collator = make_trainer(tmp_path / "out", splits["train"], [cb], eval_dataset=splits["eval"],
+                                     max_steps=4, save_steps=4)
+    trainer.train()
+
+    assert set(collator.labels) == {0}  # commit A's rows; main's head B holds only label 1
+    assert oxen_child.branches(reviews.path)["main"] == commit_b
+    assert cb.lineage["dataset"] | {"commit": reviews.commits[0], "revision": "main", "paths": PATHS} \
+        == cb.lineage["dataset"]
+    assert cb.lineage["framework"]["name"] == "transformers"
+
+
+def test_every_save_is_committed_whole_despite_save_total_limit(reviews, tmp_path):
+    pin = PinnedDataset(reviews.path, revision="main", paths=PATHS)
+    cb = OxenTrainerCallback(dataset=pin, model_repo=tmp_path / "models", mlflow=False)
+    trainer, _ = make_trainer(tmp_path / "out", pin.load_dataset()["train"], [cb, FolderSpy(tmp_path / "seen")],
+                              max_steps=6, save_steps=2, save_total_limit=1)
+    trainer.train()
+
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["checkpoint-6"]  # rotation deleted 2 and 4
+    record = cb.lineage
+    assert [(c["step"], c["kept"]) for c in record["checkpoints"]] == [(2, False), (4, False), (6, True)]
+    commits = set(LocalRepo(tmp_path / "models").commit_ids())
+    for entry in record["checkpoints"]:
+        assert entry["commit"] in commits
+        ckpt = materialize_checkpoint(tmp_path / "models", commit=entry["commit"], path=entry["path"])
+        # model, optimizer, scheduler, RNG, trainer state...: all of them, byte for byte
+        assert same_tree(ckpt.path, tmp_path / "seen" / Path(entry["path"]).name)
+        assert {"model.safetensors", "optimizer.pt", "scheduler.pt", "trainer_state.json"} <= \
+            {p.name for p in ckpt.path.iterdir()}
+        assert ckpt.dataset["commit"] == reviews.commits[0]
+    assert record["model"]["path"].endswith("/checkpoint-6")
+
+
+def test_resume_from_a_materialized_commit_continues_training(reviews, tmp_path):
+    pin = PinnedDataset(reviews.path, revision="main", paths=PATHS)
+    first = OxenTrainerCallback(dataset=pin, model_repo=tmp_path / "models", mlflow=False, run_name="first")
+    trainer, _ = make_trainer(tmp_path / "out", pin.load_dataset()["train"], [first], max_steps=4, save_steps=2)
+    trainer.train()
+    uninterrupted = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+
+    ckpt = materialize_checkpoint(tmp_path / "models", run="first", step=2)
+    assert same_tree(ckpt.path, tmp_path / "out" / "checkpoint-2")
+    assert not writable(ckpt.path / "model.safetensors")  # the cached snapshot is read-only
+    copy = materialize_checkpoint(lineage=first.lineage, step=2, dest=tmp_path / "writable")
+    assert same_tree(copy.path, ckpt.path) and writable(copy.path / "model.safetensors") and writable(copy.path)
+
+    data = ckpt.pinned_dataset()
+    assert data.commit == reviews.commits[0]
+    second = OxenTrainerCallback(dataset=data, model_repo=tmp_path / "models", mlflow=False)
+    resumed, collator = make_trainer(tmp_path / "out2", data.load_dataset()["train"], [second], seed=1,
+                                     max_steps=4, save_steps=2)
+    resumed.train(resume_from_checkpoint=str(ckpt.path))
+
+    assert len(collator.labels) == 2 * 8  # steps 3 and 4 only
+    assert [e["step"] for e in resumed.state.log_history if "loss" in e] == [1, 2, 3, 4]  # history carried on
+    for name, value in resumed.model.state_dict().items():  # same weights as never stopping
+        torch.testing.assert_close(value, uninterrupted[name])
+    assert second.lineage["resumed_from"] == {"run_name": "first", "step": 2, "dataset": first.lineage["dataset"]}
+    assert [c["step"] for c in second.lineage["checkpoints"]] == [4]
+
+
+def test_resume_on_another_dataset_commit_is_refused_unless_allowed(reviews, tmp_path):
+    pin_a = PinnedDataset(reviews.path, revision="main", paths=PATHS)
+    cb = OxenTrainerCallback(dataset=pin_a, model_repo=tmp_path / "models", mlflow=False)
+    trainer, _ = make_trainer(tmp_path / "out", pin_a.load_dataset()["train"], [cb], max_steps=2, save_steps=2)
+    trainer.train()
+    ckpt = materialize_checkpoint(lineage=cb.lineage)
+    commit_files(reviews, "B", {"train.jsonl": jsonl(1)})
+
+    pin_b = PinnedDataset(reviews.path, revision="main", paths=PATHS)
+    refused = OxenTrainerCallback(dataset=pin_b, model_repo=tmp_path / "models", mlflow=False)
+    trainer, collator = make_trainer(tmp_path / "out2", pin_b.load_dataset()["train"], [refused], max_steps=4)
+    with pytest.raises(DatasetMismatchError, match=f"{reviews.commits[0]}.*\n.*allow_dataset_change=True"):
+        trainer.train(resume_from_checkpoint=str(ckpt.path))
+    assert collator.labels == []  # refused before any step
+
+    allowed = OxenTrainerCallback(dataset=pin_b, model_repo=tmp_path / "models", mlflow=False,
+                                  allow_dataset_change=True)
+    trainer, collator = make_trainer(tmp_path / "out3", pin_b.load_dataset()["train"], [allowed], max_steps=4)
+    trainer.train(resume_from_checkpoint=str(ckpt.path))
+    assert set(collator.labels) == {1}
+    assert allowed.lineage["dataset"]["commit"] == reviews.commits[1]
+    assert allowed.lineage["resumed_from"]["dataset"]["commit"] == reviews.commits[0]
+
+
+def test_train_dataset_of_another_commit_than_the_pin_is_refused(reviews, tmp_path):
+    pin_a = PinnedDataset(reviews.path, revision="main", paths=PATHS)
+    commit_files(reviews, "B", {"train.jsonl": jsonl(1)})
+    pin_b = PinnedDataset(reviews.path, revision="main", paths=PATHS)
+    cb = OxenTrainerCallback(dataset=pin_a, model_repo=tmp_path / "models", mlflow=False)
+    trainer, collator = make_trainer(tmp_path / "out", pin_b.load_dataset()["train"], [cb], max_steps=2)
+    with pytest.raises(DatasetMismatchError, match=reviews.commits[1]):
+        trainer.train()
+    assert collator.labels == []
+
+
+def test_report_to_mlflow_gives_one_run_with_metrics_and_oxen_pointers(reviews, tmp_path, monkeypatch):
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "hf-lineage")
+    pin = PinnedDataset(reviews.path, revision="main", paths=PATHS)
+    cb = OxenTrainerCallback(dataset=pin, model_repo=tmp_path / "models")
+    trainer, _ = make_trainer(tmp_path / "out", pin.load_dataset()["train"], [cb], max_steps=4, save_steps=2,
+                              report_to="mlflow")
+    trainer.train()
+
+    client = MlflowClient()
+    runs = client.search_runs([client.get_experiment_by_name("hf-lineage").experiment_id])
+    assert len(runs) == 1  # transformers' MLflowCallback run, joined, not a second one
+    run = runs[0]
+    record = cb.lineage
+    assert run.info.run_id == record["run"]["mlflow_run_id"] and run.info.status == "FINISHED"
+    assert "loss" in run.data.metrics and "learning_rate" in run.data.params  # MLflowCallback's own logging
+    assert run.data.tags["oxen.dataset.commit"] == reviews.commits[0]
+    assert run.data.tags["oxen.model.commit"] == record["model"]["commit"]
+    assert run.data.tags["oxen.model.path"] == record["model"]["path"]
+    local = mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path="oxen/lineage.json",
+                                                dst_path=str(tmp_path / "dl"))
+    assert read_lineage(local)["checkpoints"] == record["checkpoints"]
+    assert mlflow.active_run() is None
+
+
+def test_rerun_into_the_same_output_dir_keeps_earlier_published_checkpoints(reviews, tmp_path):
+    pin = PinnedDataset(reviews.path, revision="main", paths=PATHS)
+    callbacks = []
+    for seed in (0, 1):  # the same script run twice: checkpoint-2 is written twice, in place
+        cb = OxenTrainerCallback(dataset=pin, model_repo=tmp_path / "models", mlflow=False)
+        trainer, _ = make_trainer(tmp_path / "out", pin.load_dataset()["train"], [cb], seed=seed,
+                                  max_steps=2, save_steps=2)
+        trainer.train()
+        callbacks.append(cb)
+    first = callbacks[0].lineage["checkpoints"][0]
+    committed = materialize_checkpoint(tmp_path / "models", commit=first["commit"], path=first["path"]).path
+    assert same_tree(tmp_path / "models" / first["path"], committed)  # the working tree copy is intact
+    assert not filecmp.cmp(committed / "optimizer.pt", tmp_path / "out" / "checkpoint-2" / "optimizer.pt",
+                           shallow=False)
+
+
+class Crash(TrainerCallback):
+    """User code failing mid-training (after the first save)."""
+
+    def on_step_end(self, args, state, control, **kwargs):  # type: ignore[no-untyped-def]
+        if state.global_step == 3:
+            raise RuntimeError("user code failed")
+
+
+def test_a_failed_train_is_closed_as_failed_when_train_runs_again(reviews, tmp_path):
+    pin = PinnedDataset(reviews.path, revision="main", paths=PATHS)
+    cb = OxenTrainerCallback(dataset=pin, model_repo=tmp_path / "models", mlflow=False)
+    trainer, _ = make_trainer(tmp_path / "out", pin.load_dataset()["train"], [cb, Crash()], max_steps=4, save_steps=2)
+    with pytest.raises(RuntimeError, match="user code failed"):
+        trainer.train()
+    failed = cb.run
+    trainer.remove_callback(Crash)
+    trainer.train()  # as in a notebook: fix, run the cell again
+
+    committed = read_lineage(tmp_path / "models" / "runs" / failed.run_name / "lineage.json")
+    assert committed["status"] == "FAILED"
+    assert [c["step"] for c in committed["checkpoints"]] == [2]  # what the failed run saved is kept
+    assert cb.lineage["status"] == "FINISHED" and cb.lineage["run"]["name"] != failed.run_name
+    assert [c["step"] for c in cb.lineage["checkpoints"]] == [2, 4]
+
+
+def test_datasets_cache_never_returns_rows_of_another_commit(reviews, tmp_path):
+    commit_files(reviews, "B", {"train.jsonl": jsonl(1)})  # same file name, same size, other labels
+    commit_a, commit_b = reviews.commits
+    cache = tmp_path / "hf-cache"  # one shared datasets cache for every load
+
+    def labels(commit: str) -> tuple[set[int], object]:
+        split = PinnedDataset(reviews.path, revision=commit, paths=PATHS).load_dataset(cache_dir=cache)["train"]
+        return set(split["label"]), split
+
+    (seen_a, ds_a), (seen_b, ds_b), (again_a, ds_a2) = labels(commit_a), labels(commit_b), labels(commit_a)
+    assert (seen_a, seen_b, again_a) == ({0}, {1}, {0})
+    assert ds_a2.cache_files == ds_a.cache_files  # A's second load is A's cache, reused
+    assert ds_a._fingerprint != ds_b._fingerprint
+    assert dataset_commits(ds_a) == {commit_a} and dataset_commits(ds_b) == {commit_b}
+    tok_a, tok_b = tokenize(ds_a, make_tokenizer()), tokenize(ds_b, make_tokenizer())  # .map() caches too
+    assert set(tok_b["label"]) == {1} and dataset_commits(tok_a) == {commit_a}
+    assert tok_a.cache_files != tok_b.cache_files
+
+
+def test_load_dataset_files_splits_and_bad_arguments(reviews, tmp_path):
+    pin = PinnedDataset(reviews.path, revision="main", paths=PATHS)
+    assert sorted(pin.load_dataset()) == ["eval", "train"]  # one split per pinned file
+    train = pin.load_dataset({"train": "*.jsonl"}, split="train")
+    assert train.num_rows == 32 + 8
+    with pytest.raises(ConfigurationError, match="revision='v2'.*\nHINT: .*PinnedDataset"):
+        pin.load_dataset(revision="v2")
+    with pytest.raises(ConfigurationError, match="not among the pinned paths"):
+        pin.load_dataset({"train": "other.csv"})
+
+
+def test_notebook_example_runs_top_to_bottom(tmp_path, monkeypatch, capsys):
+    """In this process, as in a notebook kernel (torch and transformers are already imported)."""
+    monkeypatch.setenv("OXEN_NOTEBOOK_DIR", str(tmp_path / "notebook"))
+    monkeypatch.setattr(sys, "path", list(sys.path))  # the notebook puts examples/ on it
+    try:
+        runpy.run_path(str(Path(__file__).parents[1] / "examples" / "notebook.py"), run_name="__main__")
+    finally:
+        sys.modules.pop("hf_trainer", None)
+    assert "was trained on" in capsys.readouterr().out
