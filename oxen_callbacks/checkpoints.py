@@ -153,3 +153,45 @@ def _copy(source: Path, dest: Path) -> Path:
         dest.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(source, dest)
     return dest
+
+
+def resolve_resume(model_repo: str | os.PathLike[str], resume_from: str | os.PathLike[str] | Mapping[str, Any],
+                   *, cache_dir: str | os.PathLike[str] | None = None) -> MaterializedCheckpoint:
+    """The checkpoint a resumed fit starts from, named the way users name it.
+
+    ``resume_from``: ``"latest"`` (the newest committed checkpoint of any run), a run
+    name (its last committed checkpoint: a killed run resumes where its commits stop),
+    a checkpoint commit id, or a lineage record (mapping or path of a ``lineage.json``).
+    """
+    runs = Path(model_repo) / "runs"
+    if isinstance(resume_from, Mapping) or str(resume_from).endswith(".json"):
+        return materialize_checkpoint(model_repo, lineage=resume_from, cache_dir=cache_dir)
+    text = str(resume_from)
+    records = sorted(runs.glob("*/lineage.json"), key=lambda p: p.stat().st_mtime) if runs.is_dir() else []
+    if text == "latest":
+        with_ckpt = [p for p in records if read_lineage(p)["checkpoints"]]
+        if not with_ckpt:
+            raise ConfigurationError(f"resume_from='latest': the model repository {str(model_repo)!r} has no "
+                                     "committed checkpoint yet.", "train once without resume_from.")
+        return _last_of(model_repo, read_lineage(with_ckpt[-1]), cache_dir)
+    if (runs / text / "lineage.json").is_file():
+        return _last_of(model_repo, read_lineage(runs / text / "lineage.json"), cache_dir)
+    for file in reversed(records):
+        for entry in reversed(read_lineage(file)["checkpoints"]):
+            if entry["commit"] and entry["commit"].startswith(text) and len(text) >= 7:
+                return materialize_checkpoint(model_repo, commit=entry["commit"], path=entry["path"],
+                                              cache_dir=cache_dir)
+    raise ConfigurationError(
+        f"resume_from={text!r} names no run or checkpoint commit of the model repository {str(model_repo)!r}.",
+        "pass 'latest', a run name from its runs/ folder, a checkpoint commit id, or a lineage.json.",
+    )
+
+
+def _last_of(model_repo: str | os.PathLike[str], record: LineageRecord,
+             cache_dir: str | os.PathLike[str] | None) -> MaterializedCheckpoint:
+    committed = [c for c in record["checkpoints"] if c.get("commit")]
+    if not committed:
+        raise ConfigurationError(f"Run {record['run'].get('name')!r} has no committed checkpoint to resume from.",
+                                 "pick another run, or train without resume_from.")
+    last = committed[-1]
+    return materialize_checkpoint(model_repo, commit=last["commit"], path=last["path"], cache_dir=cache_dir)

@@ -26,6 +26,7 @@ import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import MLFlowLogger
 
+from .checkpoints import resolve_resume
 from .errors import ConfigurationError, DatasetMismatchError
 from .lineage import read_lineage
 from .pin import PinnedDataset
@@ -43,6 +44,11 @@ class OxenLightningCallback(Callback):
         model_repo: local Oxen repository for checkpoints (created when missing).
         allow_dataset_change: let a resumed fit read another dataset commit than the
             checkpoint recorded.
+        resume_from: a checkpoint committed earlier to ``model_repo``: ``"latest"``, a run
+            name, a checkpoint commit id, or a lineage record (mapping or ``lineage.json``
+            path: its final/best checkpoint). It is materialized now (once per machine)
+            into :attr:`ckpt_path`; pass that to ``trainer.fit(..., ckpt_path=cb.ckpt_path)``.
+            Without ``dataset``, the dataset pin recorded with it is restored.
         **run_options: passed to :class:`oxen_callbacks.session.LineageRun`
             (``mlflow``, ``run_name``, ``experiment_name``, ``cache_dir``, ``author``,
             ``remote``, ``branch``, ``push_timeout``, ``drain_timeout``, ``mlflow_timeout``).
@@ -59,8 +65,15 @@ class OxenLightningCallback(Callback):
         revision: str | None = None,
         paths: list[str] | None = None,
         allow_dataset_change: bool = False,
+        resume_from: str | os.PathLike[str] | dict[str, Any] | None = None,
         **run_options: Any,
     ) -> None:
+        self.ckpt_path: str | None = None
+        if resume_from is not None:
+            resumed = resolve_resume(model_repo, resume_from, cache_dir=run_options.get("cache_dir"))
+            self.ckpt_path = str(resumed.path)
+            if dataset is None and resumed.dataset:
+                dataset = resumed.pinned_dataset(cache_dir=run_options.get("cache_dir"))
         if isinstance(dataset, PinnedDataset) and (revision is not None or paths is not None):
             raise ConfigurationError(
                 "revision= and paths= apply when dataset= is a repository path, not a PinnedDataset.",

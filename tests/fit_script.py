@@ -27,7 +27,7 @@ class SlowSteps(Callback):
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--dataset", required=True)
+    parser.add_argument("--dataset")
     parser.add_argument("--revision")
     parser.add_argument("--model-repo", required=True)
     parser.add_argument("--root", required=True)
@@ -39,11 +39,18 @@ def main() -> None:
     parser.add_argument("--mlflow", action="store_true")
     parser.add_argument("--out")
     parser.add_argument("--strategy", default="auto")
+    parser.add_argument("--resume-from")
     parser.add_argument("--devices", type=int, default=1)
     args = parser.parse_args()
-    pin = PinnedDataset(args.dataset, revision=args.revision, paths=["train.csv", "val.csv"])
     root = Path(args.root)
-    cb = OxenLightningCallback(dataset=pin, model_repo=args.model_repo, mlflow=args.mlflow, run_name=args.run_name)
+    if args.resume_from:  # the dataset pin comes back with the checkpoint
+        cb = OxenLightningCallback(model_repo=args.model_repo, mlflow=args.mlflow, run_name=args.run_name,
+                                   resume_from=args.resume_from)
+        pin, args.ckpt_path = cb.dataset, cb.ckpt_path
+    else:
+        pin = PinnedDataset(args.dataset, revision=args.revision, paths=["train.csv", "val.csv"])
+        cb = OxenLightningCallback(dataset=pin, model_repo=args.model_repo, mlflow=args.mlflow,
+                                   run_name=args.run_name)
     callbacks = [ModelCheckpoint(dirpath=root / "ckpt", every_n_train_steps=args.every_n_steps, save_top_k=-1,
                                  save_last=True), cb]
     if args.step_sleep:

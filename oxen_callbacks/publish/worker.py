@@ -96,10 +96,14 @@ def in_child(fn: Callable[[], Any], close_fds: tuple[int, ...] = ()) -> Any:
 
 
 def clean_orphan_temp_files(committer: Committer) -> int:
-    """Delete scratch files of a killed ``oxen add`` (under the repo lock, so no live add owns them)."""
+    """Delete scratch files of a killed ``oxen add``.
+
+    Every add of this library runs under the repository lock held here, and Oxen
+    itself refuses a second process in a repository mid-add, so none is live.
+    """
     removed = 0
     with committer.lock:
-        for path in oxen_layout.orphan_temp_files(committer.repo.path):
+        for path in oxen_layout.orphan_temp_files(committer.repo.path, older_than_s=0):
             path.unlink(missing_ok=True)
             removed += 1
     if removed:
