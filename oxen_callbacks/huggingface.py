@@ -94,6 +94,7 @@ class OxenTrainerCallback(TrainerCallback):
         if self.run.finished:  # the same callback in a second train(): a new run
             self.run = LineageRun(**{**self._run_args, "run_name": None})
             self._published = []
+        self._check_same_commit_on_every_rank()
         recorded = state.stateful_callbacks.get(STATE_KEY)  # present when resuming from a checkpoint
         if self.dataset is not None and not self.allow_dataset_change:  # every process: all fail alike
             if recorded and recorded.get("dataset"):
@@ -109,6 +110,20 @@ class OxenTrainerCallback(TrainerCallback):
                                                    "dataset": recorded.get("dataset")}
         state.stateful_callbacks[STATE_KEY] = {"dataset": self.dataset.to_lineage() if self.dataset else None,
                                                "run_name": self.run.run_name, "model_repo": str(self.run.model_repo)}
+
+    def _check_same_commit_on_every_rank(self) -> None:
+        """Under torchrun each process resolved the revision itself: rank 0's commit is the truth."""
+        import torch.distributed as dist
+
+        if self.dataset is None or not (dist.is_available() and dist.is_initialized()):
+            return
+        chosen = [self.dataset.commit]
+        dist.broadcast_object_list(chosen, src=0)
+        if chosen[0] != self.dataset.commit:
+            raise DatasetMismatchError(
+                f"Rank {dist.get_rank()} resolved dataset commit {self.dataset.commit} but rank 0 resolved "
+                f"{chosen[0]}: the branch moved between processes.\nHINT: pin a commit id instead of a branch."
+            )
 
     def _check_train_data(self, train_dataset: Any) -> None:
         """A ``train_dataset`` from ``PinnedDataset.load_dataset`` must come from the pinned commit."""

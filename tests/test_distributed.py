@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from helpers import file_at
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning_model import CsvData, TinyModel, make_trainer
@@ -70,3 +71,58 @@ def test_ddp_subprocess_two_processes(dataset_repo, tmp_path):
     client = MlflowClient()
     runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
     assert len(runs) == 1 and runs[0].info.run_id == lineage["run"]["mlflow_run_id"]
+
+
+@pytest.mark.timeout(600)
+def test_hf_trainer_under_torchrun_two_processes(tmp_path):
+    from helpers import make_repo
+    from hf_model import jsonl
+
+    data = make_repo(tmp_path / "reviews", [("A", {"train.jsonl": jsonl(0, rows=64), "eval.jsonl": jsonl(0, rows=8)}),
+                                            ("B", {"train.jsonl": jsonl(1, rows=64)})])
+    out = tmp_path / "out"
+    out.mkdir()
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+           str(_free_port()), str(Path(__file__).parent / "hf_torchrun_script.py"), "--dataset", str(data.path),
+           "--model-repo", str(tmp_path / "models"), "--out", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=500)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert [r["commit"] for r in ranks] == [data.commits[1]] * 2
+    assert [r["labels"] for r in ranks] == [[1], [1]]  # both ranks read the pinned commit's rows
+    lineage = json.loads((out / "lineage.json").read_text())
+    saved = sorted(p.name for p in (out / "hf").iterdir() if p.name.startswith("checkpoint-"))
+    assert saved == ["checkpoint-2", "checkpoint-4"]
+    _check_one_commit_per_save(lineage, saved, tmp_path / "models", tmp_path / "read")
+    client = MlflowClient()  # transformers' MLflowCallback opened the run: one run, ours joined it
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert len(runs) == 1 and runs[0].info.run_id == lineage["run"]["mlflow_run_id"]
+    assert runs[0].data.tags["oxen.dataset.commit"] == data.commits[1]
+    assert "train_loss" in runs[0].data.metrics or "loss" in runs[0].data.metrics
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_sharded_folder_checkpoint_is_published_after_every_rank_wrote(dataset_repo, tmp_path):
+    from lightning_model import ShardedDDPStrategy
+
+    pin = PinnedDataset(dataset_repo.path, revision=dataset_repo.commits[0], paths=["train.csv", "val.csv"])
+    cb = OxenLightningCallback(dataset=pin, model_repo=tmp_path / "models", mlflow=False)
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=3, save_top_k=-1)
+    trainer = make_trainer(tmp_path, [ckpt, cb], epochs=1, devices=2,
+                           strategy=ShardedDDPStrategy(start_method="spawn"))
+    trainer.fit(TinyModel(), datamodule=CsvData(pin))
+    lineage = cb.lineage
+    assert [c["step"] for c in lineage["checkpoints"]] == [3]
+    entry = lineage["checkpoints"][0]
+    snapshot = PinnedDataset(tmp_path / "models", revision=entry["commit"], paths=[entry["path"]],
+                             cache_dir=tmp_path / "read")
+    shards = sorted(p.name for p in snapshot.file(entry["path"]).iterdir())
+    assert shards == ["shard-0.pt", "shard-1.pt"]  # the slow rank's shard made it into the commit
+    assert torch.load(snapshot.file(entry["path"] + "/shard-1.pt"))["global_step"] == 3
