@@ -13,6 +13,8 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -79,8 +81,29 @@ def _forget_if_old(queue: JobQueue) -> None:
         shutil.rmtree(queue.folder, ignore_errors=True)
 
 
+@contextmanager
+def _quick_mlflow_failures() -> Iterator[None]:
+    """While replaying, a server still down fails in seconds, not after MLflow's minutes of retries."""
+    defaults = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+                "MLFLOW_HTTP_REQUEST_TIMEOUT": "30"}
+    saved = {k: os.environ.get(k) for k in defaults}
+    for key, value in defaults.items():
+        os.environ.setdefault(key, value)  # the user's own settings win
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+
+
 def sync_mlflow(cache_dir: Path) -> list[dict[str, Any]]:
     """Replay every journaled MLflow operation of finished runs."""
+    with _quick_mlflow_failures():
+        return _replay_all(cache_dir)
+
+
+def _replay_all(cache_dir: Path) -> list[dict[str, Any]]:
     from .mlflow_sink import MlflowJournal, journals, replay
 
     reports = []

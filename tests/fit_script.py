@@ -40,6 +40,7 @@ def main() -> None:
     parser.add_argument("--out")
     parser.add_argument("--strategy", default="auto")
     parser.add_argument("--resume-from")
+    parser.add_argument("--mlflow-timeout", type=float, default=60.0)
     parser.add_argument("--devices", type=int, default=1)
     args = parser.parse_args()
     root = Path(args.root)
@@ -50,7 +51,8 @@ def main() -> None:
     else:
         pin = PinnedDataset(args.dataset, revision=args.revision, paths=["train.csv", "val.csv"])
         cb = OxenLightningCallback(dataset=pin, model_repo=args.model_repo, mlflow=args.mlflow,
-                                   run_name=args.run_name)
+                                   run_name=args.run_name, **({"mlflow_timeout": args.mlflow_timeout}
+                                                              if args.mlflow else {}))
     callbacks = [ModelCheckpoint(dirpath=root / "ckpt", every_n_train_steps=args.every_n_steps, save_top_k=-1,
                                  save_last=True), cb]
     if args.step_sleep:

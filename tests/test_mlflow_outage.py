@@ -1,0 +1,62 @@
+"""A real MLflow server stopped mid-run, then restarted: training is unaffected and sync completes the lineage."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlflow
+import pytest
+from mlflow import MlflowClient
+from mlflow_server import MlflowServer
+
+from oxen_callbacks import read_lineage, sync
+from oxen_callbacks.oxen_repo import LocalRepo
+
+SCRIPT = Path(__file__).parent / "fit_script.py"
+
+
+@pytest.mark.timeout(600)
+def test_mlflow_down_at_fit_end_then_sync(dataset_repo, tmp_path):
+    server = MlflowServer(tmp_path / "mlflow-server").start()
+    try:
+        out = tmp_path / "out.json"
+        env = {**os.environ, "MLFLOW_TRACKING_URI": server.uri, "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1"}
+        cmd = [sys.executable, str(SCRIPT), "--dataset", str(dataset_repo.path), "--revision",
+               dataset_repo.commits[0], "--model-repo", str(tmp_path / "models"), "--root", str(tmp_path / "fit"),
+               "--every-n-steps", "2", "--step-sleep", "0.3", "--mlflow", "--mlflow-timeout", "5",
+               "--out", str(out)]
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
+        deadline = time.monotonic() + 180
+        while not (tmp_path / "fit" / "ckpt").exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        os.killpg(server.proc.pid, signal.SIGKILL)  # the tracking server dies while the model trains
+        server.stop()
+        _, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, err[-3000:]  # training is unaffected
+        assert "journaled" in err and "oxen-callbacks sync" in err, err[-3000:]
+
+        lineage = json.loads(out.read_text())["lineage"]
+        assert set(c["commit"] for c in lineage["checkpoints"]) <= set(LocalRepo(tmp_path / "models").commit_ids())
+        report = sync.sync_all()
+        assert report["pending"] > 0 and report["mlflow"][0]["status"] == "failed"  # still down: kept
+
+        server.start()  # back up (same port)
+        report = sync.sync_all()
+        assert report["pending"] == 0, report
+        run = MlflowClient(server.uri).get_run(lineage["run"]["mlflow_run_id"])
+        assert run.data.tags["oxen.model.commit"] == lineage["model"]["commit"]
+        assert run.data.tags["oxen.dataset.commit"] == dataset_repo.commits[0]
+        assert run.info.status == "FINISHED"
+        mlflow.set_tracking_uri(server.uri)
+        local = mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path="oxen/lineage.json",
+                                                    dst_path=str(tmp_path / "dl"))
+        assert read_lineage(local)["model"] == lineage["model"]
+        assert sync.sync_all()["mlflow"] == []  # nothing left to do
+    finally:
+        server.stop()
