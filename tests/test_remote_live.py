@@ -8,10 +8,11 @@ them. They create two repositories named ``oxen-callbacks-test-<random>`` there.
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import uuid
 
 import pytest
-from helpers import make_repo
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning_model import CsvData, TinyModel, make_trainer
 
@@ -33,15 +34,13 @@ def real_oxen_config(monkeypatch):
 def _create_remote(name: str) -> str:
     scheme, rest = REMOTE.rstrip("/").split("://", 1)
     host, namespace = rest.split("/", 1)
-    oxen_child.run_in_child("oxen.remote_repo:create_repo", name=f"{namespace}/{name}", host=host, scheme=scheme)
+    code = "import sys, oxen; oxen.remote_repo.create_repo(sys.argv[1], host=sys.argv[2], scheme=sys.argv[3])"
+    subprocess.run([sys.executable, "-c", code, f"{namespace}/{name}", host, scheme], check=True, timeout=120)
     return f"{REMOTE.rstrip('/')}/{name}"
 
 
 def _push(local, url: str) -> None:  # type: ignore[no-untyped-def]
     code = "import sys, oxen; r = oxen.Repo(sys.argv[1]); r.set_remote('origin', sys.argv[2]); r.push('origin', 'main')"
-    import subprocess
-    import sys
-
     subprocess.run([sys.executable, "-c", code, str(local), url], check=True, timeout=300)
 
 
