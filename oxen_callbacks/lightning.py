@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from typing import Any
 
 import lightning
@@ -89,6 +90,8 @@ class OxenLightningCallback(Callback):
         self.run = LineageRun(**self._run_args)
         self._restored: dict[str, Any] | None = None
         self._originals: dict[str, Any] = {}
+        #: Time the training process spent in this callback per checkpoint save (seconds).
+        self.stall_seconds: list[float] = []
 
     @property
     def state_key(self) -> str:
@@ -123,14 +126,18 @@ class OxenLightningCallback(Callback):
 
         def save_checkpoint(filepath: Any, *args: Any, **kwargs: Any) -> None:
             path = os.fspath(filepath)
+            started = time.perf_counter()
             if trainer.is_global_zero and self.run.publisher and os.path.isfile(path) and not os.path.islink(path):
                 # The old file is frozen by hard link; a fresh inode keeps an in-place rewrite off it.
                 if self.run.publisher.has_source(path):
                     os.unlink(path)
+            ours = time.perf_counter() - started
             save(filepath, *args, **kwargs)
             if trainer.is_global_zero and self.run.publisher is not None:
+                started = time.perf_counter()
                 self.run.checkpoint_saved(path, step=trainer.global_step, epoch=trainer.current_epoch,
                                           metrics=_scalar_metrics(trainer.callback_metrics))
+                self.stall_seconds.append(ours + time.perf_counter() - started)
 
         def remove_checkpoint(filepath: Any) -> None:
             remove(filepath)

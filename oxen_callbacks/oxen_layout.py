@@ -71,20 +71,23 @@ def commit_ids(repo: str | os.PathLike[str]) -> list[str]:
     return [entry.name for entry in os.scandir(history) if entry.is_dir()]
 
 
-def make_shadow(repo: str | os.PathLike[str], dest: str | os.PathLike[str], commit_id: str) -> Path:
+def make_shadow(repo: str | os.PathLike[str], dest: str | os.PathLike[str], commit_id: str, *,
+                linked: tuple[str, ...] = ("versions",)) -> Path:
     """Make ``dest`` a working tree of ``repo`` detached at ``commit_id``, with no files.
 
     The shadow's ``.oxen`` copies the original's metadata and links its content
     store, so ``restore(path, source=commit_id)`` run in the shadow writes that
     commit's bytes while the original tree, HEAD, branches and staging area stay
-    as they are.
+    as they are. ``linked`` names the ``.oxen`` entries shared rather than copied:
+    with ``"refs"`` (the branch database) among them, branch operations run in the
+    shadow change the original's branches, and only those.
     """
     src = oxen_dir(repo)
     dst = Path(dest) / OXEN_DIR
     dst.mkdir(parents=True)
     for entry in os.scandir(src):
         target = dst / entry.name
-        if entry.name == "versions":
+        if entry.name in linked:
             os.symlink(os.path.realpath(entry.path), target)
         elif entry.name in _SHADOW_SKIP:
             continue
@@ -92,8 +95,24 @@ def make_shadow(repo: str | os.PathLike[str], dest: str | os.PathLike[str], comm
             shutil.copytree(entry.path, target, symlinks=True)
         else:
             shutil.copy2(entry.path, target)
-    (dst / "HEAD").write_text(commit_id)
+    detach_head(dest, commit_id)
     return Path(dest)
+
+
+def detach_head(worktree: str | os.PathLike[str], commit_id: str) -> None:
+    """Point ``.oxen/HEAD`` of ``worktree`` (a shadow: never the user's tree) at ``commit_id``."""
+    (oxen_dir(worktree) / "HEAD").write_text(commit_id)
+
+
+def version_path(repo: str | os.PathLike[str], content_hash: int) -> Path:
+    """Where Oxen's local content store keeps bytes of this xxh3-128 hash (unpadded hex, split 2/rest)."""
+    text = format(content_hash, "x")
+    return oxen_dir(repo) / "versions" / "files" / text[:2] / text[2:] / "data"
+
+
+def version_scratch(repo: str | os.PathLike[str], token: str) -> Path:
+    """A scratch file in the content store, named so :func:`orphan_temp_files` finds it if left behind."""
+    return oxen_dir(repo) / "versions" / "files" / f"data{_TEMP_INFIX}oxcb-{token}"
 
 
 def orphan_temp_files(repo: str | os.PathLike[str], older_than_s: float = 60.0) -> list[Path]:

@@ -22,6 +22,7 @@ from ..errors import OxenError, PublishError
 from ..lineage import fill_commit
 from ..locks import FileLock
 from ..oxen_repo import LocalRepo
+from .prestore import prestore
 from .queue import Job, JobQueue, repo_lock_path
 
 log = logging.getLogger(__name__)
@@ -122,6 +123,7 @@ class Committer:
         record["checkpoints"] = [c for c in record["checkpoints"] if c.get("job") != entry["job"]] + [entry]
         record["model"].update({"path": dest_rel, "commit": None})
         self._write_record(run, record)
+        prestore(self.repo.path, dest)
         self.repo.add(dest_rel)
         self.repo.add(lineage_path(run))
         commit = self._commit(p["message"])

@@ -227,13 +227,14 @@ class CheckpointPublisher:
         return dest
 
     def _put(self, kind: str, payload: dict[str, Any]) -> int:
-        self._raise_errors()
+        """Journal the job, wake the worker, then report earlier failures (the new job stays queued)."""
         seq = self._seq
         self._seq += 1
         self.queue.put(seq, kind, payload)
         with self._cond:
             self._submitted.add(seq)
         self._wake()
+        self._raise_errors()
         return seq
 
     def submit_checkpoint(

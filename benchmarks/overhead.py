@@ -1,0 +1,195 @@
+"""Fit wall time with oxen-callbacks vs a bare ModelCheckpoint fit, and vs the anchors (Lightning).
+
+    python benchmarks/overhead.py [--quick] [--repeats 3]
+
+Every fit runs in a fresh process (same imports, own peak RSS), variants alternate
+order across repeats, medians are reported. Two workloads, both one checkpoint per epoch:
+
+- "overlap": training between two saves takes longer than committing one checkpoint
+  (real CPU work per epoch), the normal case;
+- "saturated": trivial compute, so saving dominates (5 x 100 MB by default).
+
+Variants: ``bare`` (ModelCheckpoint only), ``ours`` (+ OxenLightningCallback, MLflow on a
+SQLite store), ``mlflow`` (MLFlowLogger(log_model="all"), SQLite + local artifacts) and
+``naive`` (synchronous oxenai add + commit after each save, in the training process).
+``fit_s`` includes waiting for every checkpoint to be committed before ``fit()`` returns.
+The last line of stdout is one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+VARIANTS = ("bare", "ours", "mlflow", "naive")
+
+
+# -- one fit, in a child process -------------------------------------------------------
+def run_one(variant: str, work: Path, size_mb: int, epochs: int, compute_s: float) -> dict:
+    import lightning as L
+    import torch
+    from lightning.pytorch.callbacks import ModelCheckpoint
+    from torch.utils.data import DataLoader, TensorDataset
+
+    class Blob(L.LightningModule):
+        """A model whose checkpoint is ``size_mb`` MB; each epoch burns ``compute_s`` of CPU."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.blob = torch.nn.Parameter(torch.randn(size_mb * 262144), requires_grad=False)
+            self.lin = torch.nn.Linear(8, 1)
+
+        def training_step(self, batch, _idx):  # type: ignore[no-untyped-def]
+            x, y = batch
+            deadline = time.perf_counter() + compute_s / 4  # 4 batches per epoch
+            a = torch.randn(256, 256)
+            while time.perf_counter() < deadline:
+                a = torch.tanh(a @ a)
+            return torch.nn.functional.mse_loss(self.lin(x), y)
+
+        def configure_optimizers(self):  # type: ignore[no-untyped-def]
+            return torch.optim.SGD(self.lin.parameters(), lr=0.01)
+
+    torch.manual_seed(0)
+    data = DataLoader(TensorDataset(torch.randn(64, 8), torch.randn(64, 1)), batch_size=16)
+    ckpt_dir = work / f"ckpt-{variant}"
+    callbacks: list = []
+    logger: object = False
+    if variant == "naive":
+        import oxen
+
+        repo = oxen.Repo(str(work / "naive-models"), mkdir=True)
+        repo.init()
+
+        class NaiveCheckpoint(ModelCheckpoint):
+            def _save_checkpoint(self, trainer, filepath):  # type: ignore[no-untyped-def]
+                super()._save_checkpoint(trainer, filepath)
+                target = Path(repo.path) / Path(filepath).name
+                os.link(filepath, target)
+                repo.add(str(target))
+                repo.commit(f"step {trainer.global_step}")
+
+        callbacks.append(NaiveCheckpoint(dirpath=ckpt_dir, every_n_epochs=1, save_top_k=-1))
+    else:
+        callbacks.append(ModelCheckpoint(dirpath=ckpt_dir, every_n_epochs=1, save_top_k=-1))
+    uri = f"sqlite:///{work / f'mlflow-{variant}.db'}"
+    if variant == "mlflow":
+        from lightning.pytorch.loggers import MLFlowLogger
+
+        logger = MLFlowLogger(experiment_name="bench", tracking_uri=uri, log_model="all",
+                              artifact_location=str(work / "mlflow-artifacts"))
+    ours = None
+    if variant == "ours":
+        from oxen_callbacks.lightning import OxenLightningCallback
+
+        ours = OxenLightningCallback(model_repo=work / "models", mlflow_tracking_uri=uri, experiment_name="bench")
+        callbacks.append(ours)
+    trainer = L.Trainer(max_epochs=epochs, callbacks=callbacks, logger=logger, enable_progress_bar=False,
+                        enable_model_summary=False, accelerator="cpu", devices=1, default_root_dir=work,
+                        num_sanity_val_steps=0, log_every_n_steps=1)
+    model = Blob()
+    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    started = time.perf_counter()
+    trainer.fit(model, data)
+    fit_s = time.perf_counter() - started
+    result = {"variant": variant, "fit_s": fit_s, "rss_before_mb": rss_before,
+              "rss_peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    if ours is not None:
+        result["stall_ms"] = [s * 1000 for s in ours.stall_seconds]
+        result["checkpoints"] = len(ours.lineage["checkpoints"])
+    return result
+
+
+# -- orchestration --------------------------------------------------------------------------
+def fit_in_child(variant: str, root: Path, size_mb: int, epochs: int, compute_s: float, i: int) -> dict:
+    work = root / f"{variant}-{size_mb}-{compute_s}-{i}"
+    work.mkdir(parents=True)
+    env = {**os.environ, "OXEN_CALLBACKS_CACHE": str(work / "cache"), "OXEN_CONFIG_DIR": str(work / "oxen-config")}
+    if variant == "naive":  # the naive baseline commits in-process: it needs an identity
+        (work / "oxen-config").mkdir()
+        (work / "oxen-config" / "user_config.toml").write_text('name = "bench"\nemail = "bench@example.com"\n')
+    cmd = [sys.executable, __file__, "--child", variant, "--work", str(work), "--size-mb", str(size_mb),
+           "--epochs", str(epochs), "--compute-s", str(compute_s)]
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=work, check=False)
+    if out.returncode != 0:
+        raise RuntimeError(f"{variant} failed:\n{out.stderr[-3000:]}")
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    subprocess.run(["rm", "-rf", str(work)], check=False)
+    return result
+
+
+def workload(root: Path, size_mb: int, epochs: int, compute_s: float, repeats: int, variants: tuple[str, ...]) -> dict:
+    runs: dict[str, list[dict]] = {v: [] for v in variants}
+    for i in range(repeats):
+        order = variants if i % 2 == 0 else tuple(reversed(variants))
+        for variant in order:
+            runs[variant].append(fit_in_child(variant, root, size_mb, epochs, compute_s, i))
+            print(f"  {variant:7s} size={size_mb}MB compute={compute_s}s/epoch: {runs[variant][-1]['fit_s']:.2f}s",
+                  file=sys.stderr)
+    med = {v: statistics.median(r["fit_s"] for r in rs) for v, rs in runs.items()}
+    summary = {"size_mb": size_mb, "epochs": epochs, "compute_s_per_epoch": compute_s,
+               "fit_s_median": {v: round(t, 3) for v, t in med.items()},
+               "ratio": {v: round(t / med["bare"], 3) for v, t in med.items()},
+               "rss_growth_mb": round(statistics.median(r["rss_peak_mb"] for r in runs["ours"])
+                                      - statistics.median(r["rss_peak_mb"] for r in runs["bare"]), 1)}
+    stalls = [s for r in runs["ours"] for s in r["stall_ms"]]
+    summary["stall_ms_p50"] = round(statistics.median(stalls), 3)
+    summary["stall_ms_max"] = round(max(stalls), 3)
+    return summary
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="smaller checkpoints, 3 repeats (< 3 minutes)")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--child")
+    parser.add_argument("--work")
+    parser.add_argument("--size-mb", type=int)
+    parser.add_argument("--epochs", type=int)
+    parser.add_argument("--compute-s", type=float)
+    args = parser.parse_args()
+    if args.child:
+        import logging
+
+        logging.disable(logging.WARNING)
+        print(json.dumps(run_one(args.child, Path(args.work), args.size_mb, args.epochs, args.compute_s)))
+        return
+    size = 20 if args.quick else 100
+    with tempfile.TemporaryDirectory(prefix="oxen-bench-") as tmp:
+        root = Path(tmp)
+        print("overlap (normal case):", file=sys.stderr)
+        overlap = workload(root, size, 5, 2.0 if not args.quick else 0.8, args.repeats, ("bare", "ours"))
+        print("saturated (save-bound):", file=sys.stderr)
+        saturated = workload(root, size, 5, 0.0, args.repeats, VARIANTS)
+        stall_sweep = {}
+        if not args.quick:
+            for mb in (1, 1000):
+                stall_sweep[f"{mb}MB"] = workload(root, mb, 3, 0.0, 1, ("bare", "ours"))["stall_ms_p50"]
+    r = saturated["ratio"]
+    result = {
+        "stall_ms_p50": overlap["stall_ms_p50"],
+        "stall_ms_p50_by_size": {f"{size}MB": saturated["stall_ms_p50"], **stall_sweep},
+        "ratio_overlap": overlap["ratio"]["ours"],
+        "ratio_saturated": r["ours"],
+        "ratio_saturated_mlflow": r["mlflow"],
+        "ratio_saturated_naive": r["naive"],
+        "overhead_vs_mlflow_anchor": round((r["ours"] - 1) / (r["mlflow"] - 1), 3) if r["mlflow"] > 1 else None,
+        "rss_growth_mb": max(overlap["rss_growth_mb"], saturated["rss_growth_mb"]),
+        "overlap": overlap,
+        "saturated": saturated,
+        "machine": {"cores": os.cpu_count(), "loadavg_1m": round(os.getloadavg()[0], 2)},
+        "quick": args.quick,
+    }
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
