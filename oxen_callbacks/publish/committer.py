@@ -39,7 +39,13 @@ def lineage_path(run: str) -> str:
 
 
 class Committer:
-    """Executes jobs in order; removals wait for the next commit of the same queue."""
+    """Executes jobs in order; removals wait for the next commit of the same queue.
+
+    Runs in a process of its own per batch (see ``worker.BatchProcess``) and holds
+    the repository lock until that process exits: oxenai keeps the repository's
+    databases open until then, so releasing the lock earlier would let another
+    process in while they are still locked.
+    """
 
     def __init__(self, repo: LocalRepo) -> None:
         self.repo = repo
@@ -53,22 +59,22 @@ class Committer:
         """
         results: list[dict[str, Any]] = []
         removals: list[Job] = []
+        self.hold_lock()
         for job in jobs:
             if job.kind == "remove":
                 removals.append(job)
                 continue
             started = time.perf_counter()
+            if not queue.is_pending(job):  # done meanwhile by a batch that outlived its worker
+                removals = []
+                continue
             try:
-                with self.lock:
-                    if not queue.is_pending(job):  # done meanwhile by a batch that outlived its worker
-                        removals = []
-                        continue
-                    if job.kind == "checkpoint":
-                        result = self._checkpoint(queue, job, removals)
-                    elif job.kind == "finalize":
-                        result = self._finalize(job, removals)
-                    else:
-                        raise PublishError(f"Unknown job kind {job.kind!r}")
+                if job.kind == "checkpoint":
+                    result = self._checkpoint(queue, job, removals)
+                elif job.kind == "finalize":
+                    result = self._finalize(job, removals)
+                else:
+                    raise PublishError(f"Unknown job kind {job.kind!r}")
             except (OxenError, PublishError, OSError) as exc:
                 log.exception("Job %s (%s) failed", job.name, job.kind)
                 results.append({"seq": job.seq, "kind": job.kind, "ok": False, "error": f"{type(exc).__name__}: {exc}"})
@@ -85,13 +91,17 @@ class Committer:
             results.append(result)
         if removals and final:
             run = removals[0].payload["run"]
-            with self.lock:
-                commit = self._commit_removals(run, removals, f"oxen-callbacks: {run}: rotate out {len(removals)} checkpoint(s)")
+            commit = self._commit_removals(run, removals, f"oxen-callbacks: {run}: rotate out {len(removals)} checkpoint(s)")
             for removal in removals:
                 done = {"seq": removal.seq, "kind": "remove", "ok": True, "dest": removal.payload["dest"], "commit": commit}
                 queue.complete(removal, done)
                 results.append(done)
         return results
+
+    def hold_lock(self) -> None:
+        """Take the repository lock for the rest of this process's life (no-op when held)."""
+        if not self.lock.held:
+            self.lock.acquire()
 
     # -- jobs ---------------------------------------------------------------------
     def _checkpoint(self, queue: JobQueue, job: Job, removals: list[Job]) -> dict[str, Any]:

@@ -59,40 +59,60 @@ def _redirect_output(log_path: str) -> IO[str]:
     return results
 
 
-def in_child(fn: Callable[[], Any], close_fds: tuple[int, ...] = ()) -> Any:
-    """Run ``fn`` in a forked child and return its JSON-able result.
+class BatchProcess:
+    """A forked process that imports oxenai ahead of time, then runs exactly one task and exits.
 
     oxenai keeps a repository's databases (and their OS locks) open until the
-    process exits; a child per batch releases them at once, so other training
-    processes, ``sync`` and the user's own ``oxen`` commands can use the repository
-    between our commits. This supervisor never calls oxenai itself, so forking is safe.
+    process exits, so each batch of commits runs in a process of its own: other
+    training processes, ``sync`` and the user's own ``oxen`` commands can use the
+    repository between our commits. The supervisor never imports oxenai (it starts
+    native threads, and forking a process with threads can deadlock the child), so
+    the child imports it right after the fork, while the supervisor waits for work.
     """
-    read_fd, write_fd = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # child: never returns into the worker's loop, whatever happens
-        try:
-            os.close(read_fd)
-            for fd in close_fds:  # e.g. the worker lock: a batch outliving a killed worker must not keep it
-                os.close(fd)
+
+    def __init__(self, tasks: dict[str, Callable[..., Any]], close_fds: tuple[int, ...] = ()) -> None:
+        req_read, self._request = os.pipe()
+        self._reply, reply_write = os.pipe()
+        self.pid = os.fork()
+        if self.pid == 0:  # child: never returns into the supervisor's loop, whatever happens
             try:
-                reply = {"ok": True, "value": fn()}
-            except BaseException as exc:  # noqa: BLE001 - everything must reach the parent
-                log.exception("Publishing batch failed")
-                reply = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
-            with os.fdopen(write_fd, "w") as out:
-                out.write(json.dumps(reply))
-        finally:
-            os._exit(0)  # also when the parent is gone (broken pipe): the work itself is on disk
-    os.close(write_fd)
-    with os.fdopen(read_fd) as inp:
-        data = inp.read()
-    _, status = os.waitpid(pid, 0)
-    if not data:
-        raise PublishError(f"The commit process died (wait status {status}); its jobs stay queued")
-    reply = json.loads(data)
-    if not reply["ok"]:
-        raise PublishError(reply["error"])
-    return reply["value"]
+                for fd in (self._request, self._reply, *close_fds):
+                    os.close(fd)  # e.g. the worker lock: a batch outliving a killed worker must not keep it
+                import oxen  # noqa: F401  - the 0.2 s import, paid before the work arrives
+
+                with os.fdopen(req_read) as inp:
+                    text = inp.read()
+                if text:
+                    request = json.loads(text)
+                    try:
+                        reply = {"ok": True, "value": tasks[request["task"]](**request["args"])}
+                    except BaseException as exc:  # noqa: BLE001 - everything must reach the parent
+                        log.exception("Publishing batch failed")
+                        reply = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
+                    with os.fdopen(reply_write, "w") as out:
+                        out.write(json.dumps(reply))
+            finally:
+                os._exit(0)  # also when the parent is gone (broken pipe): the work itself is on disk
+        os.close(req_read)
+        os.close(reply_write)
+
+    def run(self, task: str, **args: Any) -> Any:
+        with os.fdopen(self._request, "w") as out:
+            out.write(json.dumps({"task": task, "args": args}))
+        with os.fdopen(self._reply) as inp:
+            data = inp.read()
+        _, status = os.waitpid(self.pid, 0)
+        if not data:
+            raise PublishError(f"The commit process died (wait status {status}); its jobs stay queued")
+        reply = json.loads(data)
+        if not reply["ok"]:
+            raise PublishError(reply["error"])
+        return reply["value"]
+
+    def discard(self) -> None:
+        os.close(self._request)  # the child reads no request and exits
+        os.close(self._reply)
+        os.waitpid(self.pid, 0)
 
 
 def clean_orphan_temp_files(committer: Committer) -> int:
@@ -102,10 +122,10 @@ def clean_orphan_temp_files(committer: Committer) -> int:
     itself refuses a second process in a repository mid-add, so none is live.
     """
     removed = 0
-    with committer.lock:
-        for path in oxen_layout.orphan_temp_files(committer.repo.path, older_than_s=0):
-            path.unlink(missing_ok=True)
-            removed += 1
+    committer.hold_lock()
+    for path in oxen_layout.orphan_temp_files(committer.repo.path, older_than_s=0):
+        path.unlink(missing_ok=True)
+        removed += 1
     if removed:
         log.info("Removed %d orphan temp file(s) left by an interrupted oxen add", removed)
     return removed
@@ -139,14 +159,39 @@ def drain_orphans(committer: Committer, skip: JobQueue | None = None) -> int:
     return count
 
 
-def serve(queue: JobQueue, committer: Committer, results: _Results, push: PushTarget | None,
-          close_fds: tuple[int, ...] = ()) -> None:
+class Batches:
+    """One warm :class:`BatchProcess` at a time; a fresh one is forked after each use."""
+
+    def __init__(self, queue: JobQueue, committer: Committer, close_fds: tuple[int, ...]) -> None:
+        def run_jobs(seqs: list[int], final: bool) -> list[dict[str, Any]]:
+            jobs = [j for j in queue.pending() if j.seq in set(seqs)]
+            return committer.run_batch(queue, jobs, final=final)
+
+        def maintain(skip: str) -> None:
+            clean_orphan_temp_files(committer)
+            drain_orphans(committer, skip=JobQueue(skip))
+
+        self._tasks = {"run_jobs": run_jobs, "maintain": maintain}
+        self._close_fds = close_fds
+        self._warm = BatchProcess(self._tasks, close_fds)
+
+    def run(self, task: str, **args: Any) -> Any:
+        try:
+            return self._warm.run(task, **args)
+        finally:  # forked only now: a child forked earlier would hold this one's pipe ends open
+            self._warm = BatchProcess(self._tasks, self._close_fds)
+
+    def close(self) -> None:
+        self._warm.discard()
+
+
+def serve(queue: JobQueue, batches: Batches, results: _Results, push: PushTarget | None, repo: str) -> None:
     failed: set[int] = set()
     eof = push_failed = False
     while True:
         jobs = [j for j in queue.pending() if j.seq not in failed]
         try:
-            done = in_child(lambda: committer.run_batch(queue, jobs, final=eof), close_fds) if jobs else []
+            done = batches.run("run_jobs", seqs=[j.seq for j in jobs], final=eof) if jobs else []
         except PublishError as exc:  # the batch process died: report what it finished, fail the rest
             still = {j.seq for j in queue.pending()}
             finished = {r["seq"]: r for r in queue.results() if "seq" in r}
@@ -161,7 +206,7 @@ def serve(queue: JobQueue, committer: Committer, results: _Results, push: PushTa
         if done:
             continue  # more may have arrived meanwhile
         if push and push.dirty and (eof or not push_failed):
-            report = push_with_timeout(committer.repo.path, push)
+            report = push_with_timeout(repo, push)
             push_failed = not report["ok"]  # then wait for the end: each try may cost a full timeout
             results.emit(report)
         if eof:
@@ -181,7 +226,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--push-timeout", type=float, default=300.0)
     args = parser.parse_args(argv)
     os.nice(10)  # commits run beside training: the trainer keeps the CPU when both want it
-    import oxen  # noqa: F401  - imported once here, inherited by every forked batch (0.2 s each otherwise)
     queue = JobQueue(args.queue)
     results = _Results(_redirect_output(str(queue.log_path)))
     lock = FileLock(queue.worker_lock, timeout=3600)
@@ -192,8 +236,12 @@ def main(argv: list[str] | None = None) -> int:
     results.emit({"kind": "ready", "ok": True, "pid": os.getpid()})
     for result in queue.results():  # answers a killed predecessor could not send (the parent drops repeats)
         results.emit(result)
-    in_child(lambda: (clean_orphan_temp_files(committer), drain_orphans(committer, skip=queue)), (lock._fd,))
-    serve(queue, committer, results, push, (lock._fd,))
+    batches = Batches(queue, committer, (lock._fd,))
+    try:
+        batches.run("maintain", skip=str(queue.folder))
+        serve(queue, batches, results, push, args.repo)
+    finally:
+        batches.close()
     log.info("Worker done: queue %s drained", queue.folder.name)
     return 0
 
