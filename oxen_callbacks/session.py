@@ -16,6 +16,8 @@ import json
 import logging
 import os
 import re
+import shlex
+import sys
 import time
 import uuid
 from pathlib import Path
@@ -27,12 +29,13 @@ from .gitinfo import code_info
 from .lineage import LineageRecord, new_record
 from .pin import PinnedDataset
 from .publish.publisher import CheckpointPublisher
-from .redact import redact_url
+from .redact import redact_text, redact_url
 from .remote_spec import parse_remote
 from .snapshot import default_cache_dir
 
 log = logging.getLogger(__name__)
 _RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+_SECRET_ARG = re.compile(r"(?i)^--?[\w-]*(token|password|passwd|secret|api[-_]?key)(=|$)")
 
 
 def new_run_name() -> str:
@@ -56,6 +59,10 @@ class LineageRun:
             remote after commits (each push a child process killed after ``push_timeout``).
         drain_timeout: longest wait at the end for commits (``None``: until done).
         mlflow_timeout: longest wait at the end for MLflow (the rest stays journaled).
+        register_model: register the final checkpoint as a new version of this MLflow model
+            (source ``runs:/<run>/oxen``, tags naming the Oxen commits).
+        log_dataset_input: log the pinned dataset in the MLflow run's Datasets panel.
+        log_lineage_graph: log the lineage picture ``oxen/lineage.svg`` to the MLflow run.
     """
 
     def __init__(
@@ -77,6 +84,9 @@ class LineageRun:
         push_timeout: float = 300.0,
         drain_timeout: float | None = None,
         mlflow_timeout: float = 60.0,
+        register_model: str | None = None,
+        log_dataset_input: bool = True,
+        log_lineage_graph: bool = True,
     ) -> None:
         self.dataset = dataset
         self.model_repo = Path(model_repo).expanduser().resolve()
@@ -89,6 +99,8 @@ class LineageRun:
         self.author, self.remote, self.branch, self.push_timeout = author, remote, branch, push_timeout
         self.remote_url = parse_remote(remote_url).url if remote_url else None
         self.drain_timeout, self.mlflow_timeout = drain_timeout, mlflow_timeout
+        self.register_model, self.log_dataset_input, self.log_lineage_graph = (
+            register_model, log_dataset_input, log_lineage_graph)
         self._validate()
         self.publisher: CheckpointPublisher | None = None
         self.sink: Any = None
@@ -153,6 +165,13 @@ class LineageRun:
             if not mlflow_available():
                 raise ConfigurationError("mlflow=True but MLflow is not installed.",
                                          "pip install mlflow, or pass mlflow=False (lineage then lives in the model repo).")
+        if self.register_model is not None:
+            from .model_registry import check_model_name
+
+            check_model_name(self.register_model)
+            if not self.use_mlflow:
+                raise ConfigurationError(f"register_model={self.register_model!r} needs MLflow, but mlflow=False.",
+                                         "pass mlflow=True, or drop register_model.")
 
     # -- lifecycle -------------------------------------------------------------------
     def start(self) -> None:
@@ -170,7 +189,7 @@ class LineageRun:
             dataset=self.dataset.to_lineage() if self.dataset else None,
             model_repo=str(self.model_repo),
             framework=self.framework,
-            code={k: v for k, v in code_info().items() if k != "git_root"},
+            code={**{k: v for k, v in code_info().items() if k != "git_root"}, "command": _command(), "cwd": os.getcwd()},
             run=self._run_section(),
         )
         self.record.update({"status": "RUNNING", "started_at": _now(), "oxen_callbacks_version": __version__})
@@ -260,6 +279,15 @@ class LineageRun:
                 log.warning("MLflow did not take the lineage within %.0fs (%s); it is journaled in %s: "
                             "run `oxen-callbacks sync` later.", self.mlflow_timeout, self.sink.last_error,
                             self.sink.journal.folder)
+        run_id = final["run"].get("mlflow_run_id")
+        if self.sink is not None and run_id and self.sink.journal.is_empty():  # MLflow took the lineage: add extras
+            import mlflow
+
+            from .model_registry import publish_run
+
+            publish_run(tracking_uri=self.mlflow_tracking_uri or mlflow.get_tracking_uri(), run_id=run_id,
+                        record=final, register_model=self.register_model, dataset_input=self.log_dataset_input,
+                        graph=self.log_lineage_graph, timeout=self.mlflow_timeout)
         if error is not None:
             raise error
         return final
@@ -278,6 +306,19 @@ class LineageRun:
             )
             if self.record is not None:
                 self.record["push"] = {"remote": marker["remote"], "pushed": False, "error": marker.get("error")}
+
+
+def _command() -> str:
+    """How this process was started, secrets masked (``oxen-callbacks reproduce`` prints it)."""
+    args = [Path(sys.executable).name, *sys.argv]
+    masked = []
+    for i, arg in enumerate(args):
+        if _SECRET_ARG.match(arg) and "=" in arg:
+            arg = arg.split("=", 1)[0] + "=***"
+        elif i and _SECRET_ARG.match(args[i - 1]) and "=" not in args[i - 1]:
+            arg = "***"
+        masked.append(arg)
+    return redact_text(shlex.join(masked))
 
 
 def _now() -> str:

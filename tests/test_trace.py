@@ -1,0 +1,111 @@
+"""Lineage queries without MLflow (model repositories alone) and MLflow tag search among many runs."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import table
+from helpers import make_repo
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning_model import CsvData, TinyModel, make_trainer
+from mlflow import MlflowClient
+
+from oxen_callbacks import PinnedDataset
+from oxen_callbacks.lightning import OxenLightningCallback
+from oxen_callbacks.model_registry import endpoint_tag
+from oxen_callbacks.oxen_repo import LocalRepo
+from oxen_callbacks.trace import LineageFinder
+
+
+@pytest.fixture(scope="module")
+def offline(tmp_path_factory):
+    """Two fits with mlflow=False: lineage lives only in the model repository."""
+    root = tmp_path_factory.mktemp("offline")
+    env = {"OXEN_CONFIG_DIR": str(root / "oxen-config"), "OXEN_CALLBACKS_CACHE": str(root / "cache")}
+    with pytest.MonkeyPatch.context() as mp:
+        for key, value in env.items():
+            mp.setenv(key, value)
+        mp.chdir(root)
+        dataset = make_repo(root / "dataset", [("A", {"train.csv": table(label=0, seed=0),
+                                                       "val.csv": table(label=0, seed=1, rows=32)}),
+                                                ("B", {"train.csv": table(label=1, seed=0)})])
+        runs = {}
+        for name, commit in (("solo-a", dataset.commits[0]), ("solo-b", dataset.commits[1])):
+            pin = PinnedDataset(dataset.path, revision=commit, paths=["train.csv", "val.csv"])
+            cb = OxenLightningCallback(dataset=pin, model_repo=root / "models", run_name=name, mlflow=False)
+            make_trainer(root / name, [ModelCheckpoint(dirpath=root / name, every_n_train_steps=3, save_top_k=-1), cb],
+                         epochs=1).fit(TinyModel(), datamodule=CsvData(pin))
+            runs[name] = cb.lineage
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    return {"root": root, "env": {**environ, **env}, "dataset": dataset, "models": (root / "models").resolve(),
+            "runs": runs}
+
+
+def cli(offline: dict, *args: str, cwd: Path | None = None) -> dict:
+    proc = subprocess.run([sys.executable, "-m", "oxen_callbacks.cli", *args, "--json"], capture_output=True, text=True,
+                          cwd=cwd or offline["root"], env=offline["env"], timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout)
+
+
+def test_lineage_from_the_model_repository_alone(offline):
+    record = offline["runs"]["solo-a"]
+    view = cli(offline, "lineage", "--model-repo", str(offline["models"]), "solo-a")
+    assert view["source"] == "model-repo" and view["run"]["mlflow_run_id"] is None
+    assert view["dataset"]["commit"] == offline["dataset"].commits[0]
+    assert view["model"] == record["model"] and view["model"]["commit"] in LocalRepo(offline["models"]).commit_ids()
+    assert [c["commit"] for c in view["checkpoints"]] == [c["commit"] for c in record["checkpoints"]]
+
+
+def test_trace_inside_the_model_repository_without_mlflow(offline):
+    models, (commit_a, commit_b) = offline["models"], offline["dataset"].commits
+    found = cli(offline, "trace", commit_a[:8], cwd=models)
+    assert found["kind"] == "dataset-commit" and [r["run"]["name"] for r in found["runs"]] == ["solo-a"]
+    solo_b = offline["runs"]["solo-b"]
+    found = cli(offline, "trace", solo_b["model"]["path"], cwd=models)
+    assert found["kind"] == "checkpoint" and found["runs"][0]["dataset"]["commit"] == commit_b
+    earlier = solo_b["checkpoints"][0]
+    found = cli(offline, "trace", earlier["commit"], cwd=models)
+    assert found["kind"] == "model-commit" and found["runs"][0]["dataset"]["commit"] == commit_b
+    assert found["runs"][0]["matched_checkpoints"] == [earlier]
+
+
+def test_deployment_recorded_and_traced_without_mlflow(offline):
+    models, record = offline["models"], offline["runs"]["solo-a"]
+    deployed = cli(offline, "record-deploy", "reviews-prod", "--model-commit", record["model"]["commit"],
+                   "--model-repo", str(models))
+    assert not deployed["mlflow_tagged"] and deployed["record_commit"] in LocalRepo(models).commit_ids()
+    found = cli(offline, "trace", "reviews-prod", "--model-repo", str(models))
+    assert found["kind"] == "endpoint"
+    assert [(r["run"]["name"], r["dataset"]["commit"]) for r in found["runs"]] == [("solo-a", offline["dataset"].commits[0])]
+    assert found["runs"][0]["endpoints"][0]["model_commit"] == record["model"]["commit"]
+
+
+def test_tag_search_finds_exactly_the_matching_runs(tmp_path):
+    """MLflow's own query path (SQLite store): each answer comes from one tag search."""
+    uri = f"sqlite:///{tmp_path / 'many.db'}"
+    client = MlflowClient(uri)
+    experiment = client.create_experiment("many")
+    datasets = [f"{i:x}" * 32 for i in range(10, 13)]
+    made: dict[str, list[str]] = {d: [] for d in datasets}
+    endpoint = "https://api.example.com/v2/clf"
+    for i in range(60):
+        tags = {"oxen.run": f"r{i}", "oxen.dataset.commit": datasets[i % 3], "oxen.dataset.repo": "/data/x",
+                "oxen.model.repo": "/models/x", "oxen.model.commit": f"{i:032x}", "oxen.model.path": f"runs/r{i}/m.ckpt"}
+        if i == 7:
+            tags[endpoint_tag(endpoint)] = endpoint
+        made[datasets[i % 3]].append(client.create_run(experiment, tags=tags).info.run_id)
+    finder = LineageFinder(tracking_uri=uri)
+    found = finder.trace(datasets[1][:9])
+    assert found["kind"] == "dataset-commit"
+    assert sorted(r["run"]["mlflow_run_id"] for r in found["runs"]) == sorted(made[datasets[1]])
+    (run,) = finder.trace(f"{41:032x}")["runs"]
+    assert (run["run"]["name"], run["dataset"]["commit"], run["source"]) == ("r41", datasets[2], "mlflow-tags")
+    (run,) = finder.trace(endpoint)["runs"]
+    assert run["run"]["name"] == "r7" and run["endpoints"] == [
+        {"endpoint": endpoint, "model_commit": None, "model_path": None, "deployed_at": None}]
