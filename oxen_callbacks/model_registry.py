@@ -25,7 +25,6 @@ import logging
 import os
 import re
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -36,7 +35,7 @@ from .locks import FileLock
 from .mlflow_query import open_reader, tag_filter
 from .oxen_repo import LocalRepo, call_oxen, is_commit_like
 from .publish.queue import repo_lock_path
-from .redact import redact_text, redact_url
+from .redact import redact_url
 
 log = logging.getLogger(__name__)
 
@@ -115,49 +114,27 @@ def register_version(client: Any, name: str, run_id: str, record: dict[str, Any]
     return {"name": name, "version": str(version.version)}
 
 
-def publish_run(*, tracking_uri: str, run_id: str, record: dict[str, Any], register_model: str | None,
-                dataset_input: bool, graph: bool, timeout: float) -> dict[str, Any]:
-    """At fit end: dataset input, registered version, lineage picture. Never raises.
+def publish_extras(client: Any, run_id: str, record: dict[str, Any], *, register_model: str | None,
+                   dataset_input: bool, graph: bool) -> dict[str, Any]:
+    """At fit end: dataset input, registered version, lineage picture (run by the MLflow sink process)."""
+    from .lineage_graph import render
+    from .mlflow_dataset import log_dataset_input
 
-    Runs in a thread joined for at most ``timeout`` seconds, so a tracking server
-    that stops answering cannot hold the end of training.
-    """
     done: dict[str, Any] = {}
-
-    def work() -> None:
-        from mlflow import MlflowClient
-
-        from .lineage_graph import render
-        from .mlflow_dataset import log_dataset_input
-
-        client = MlflowClient(tracking_uri)
-        if dataset_input and record.get("dataset"):
-            log_dataset_input(client, run_id, record["dataset"])
-            done["dataset_input"] = True
-        if register_model and record["model"]["commit"]:
-            done["registered"] = register_version(client, register_model, run_id, record)
-        elif register_model:
-            log.warning("No checkpoint was committed: nothing to register as %r.", register_model)
-        if graph:
-            view = {**record, "registered": [done["registered"]] if "registered" in done else [], "endpoints": []}
-            with tempfile.TemporaryDirectory() as tmp:
-                path = Path(tmp) / "lineage.svg"
-                path.write_text(render(view, "svg"))
-                client.log_artifact(run_id, str(path), artifact_path=POINTER_ARTIFACT_DIR)
-            done["graph"] = f"{POINTER_ARTIFACT_DIR}/lineage.svg"
-
-    def guarded() -> None:
-        try:
-            work()
-        except Exception as exc:  # the lineage itself is logged already; these are extras
-            done["error"] = redact_text(f"{type(exc).__name__}: {exc}")
-
-    thread = threading.Thread(target=guarded, daemon=True, name="oxen-mlflow-extras")
-    thread.start()
-    thread.join(timeout)
-    if thread.is_alive() or "error" in done:
-        log.warning("MLflow run %s: dataset input / registered model / lineage picture incomplete (%s).",
-                    run_id, done.get("error", f"no answer within {timeout:.0f}s"))
+    if dataset_input and record.get("dataset"):
+        log_dataset_input(client, run_id, record["dataset"])
+        done["dataset_input"] = True
+    if register_model and record["model"]["commit"]:
+        done["registered"] = register_version(client, register_model, run_id, record)
+    elif register_model:
+        log.warning("No checkpoint was committed: nothing to register as %r.", register_model)
+    if graph:
+        view = {**record, "registered": [done["registered"]] if "registered" in done else [], "endpoints": []}
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "lineage.svg"
+            path.write_text(render(view, "svg"))
+            client.log_artifact(run_id, str(path), artifact_path=POINTER_ARTIFACT_DIR)
+        done["graph"] = f"{POINTER_ARTIFACT_DIR}/lineage.svg"
     return done
 
 

@@ -249,6 +249,8 @@ class LineageRun:
         if self.publisher is None or self.record is None:
             return None
         self.record.update(status=status, ended_at=_now())
+        if self.sink is not None:  # a run the sink creates: its id belongs in the final record
+            self.sink.wait_for_run(self.mlflow_timeout)
         error: Exception | None = None
         final: LineageRecord | None = None
         try:
@@ -274,20 +276,14 @@ class LineageRun:
             self.sink.set_tags({"oxen.model.commit": final["model"]["commit"], "oxen.model.path": final["model"]["path"],
                                 "oxen.lineage.status": status})
             self.sink.log_lineage(final)
+            if self.log_dataset_input or self.register_model or self.log_lineage_graph:
+                self.sink.publish_extras(final, register_model=self.register_model,
+                                         dataset_input=self.log_dataset_input, graph=self.log_lineage_graph)
             self.sink.end(status)
             if not self.sink.flush(self.mlflow_timeout):
                 log.warning("MLflow did not take the lineage within %.0fs (%s); it is journaled in %s: "
                             "run `oxen-callbacks sync` later.", self.mlflow_timeout, self.sink.last_error,
                             self.sink.journal.folder)
-        run_id = final["run"].get("mlflow_run_id")
-        if self.sink is not None and run_id and self.sink.journal.is_empty():  # MLflow took the lineage: add extras
-            import mlflow
-
-            from .model_registry import publish_run
-
-            publish_run(tracking_uri=self.mlflow_tracking_uri or mlflow.get_tracking_uri(), run_id=run_id,
-                        record=final, register_model=self.register_model, dataset_input=self.log_dataset_input,
-                        graph=self.log_lineage_graph, timeout=self.mlflow_timeout)
         if error is not None:
             raise error
         return final

@@ -104,7 +104,7 @@ def sync_mlflow(cache_dir: Path) -> list[dict[str, Any]]:
 
 
 def _replay_all(cache_dir: Path) -> list[dict[str, Any]]:
-    from .mlflow_sink import MlflowJournal, journals, replay
+    from .mlflow_journal import MlflowJournal, journals, replay
 
     reports = []
     for folder in journals(cache_dir):

@@ -250,7 +250,7 @@ def test_bad_input_names_the_value_and_exits_2(world, tmp_path):
 
 def test_sync_finishes_journaled_mlflow_logging(world):
     pytest.importorskip("oxen_callbacks.sync")
-    from oxen_callbacks.mlflow_sink import MlflowJournal
+    from oxen_callbacks.mlflow_journal import MlflowJournal
 
     cache = world.root / "sync-cache"
     journal = MlflowJournal.create(cache, {"tracking_uri": world.env["MLFLOW_TRACKING_URI"],

@@ -1,0 +1,222 @@
+"""The on-disk journal of a run's MLflow operations, and the process that carries them out.
+
+The training process only writes operations here (see :mod:`.mlflow_sink`); a
+separate process (``python -m oxen_callbacks.mlflow_journal --journal DIR``) applies
+them in order with retries, so neither MLflow's import (~150 MB, ~2 s) nor a slow
+or dead tracking server touches training. What it cannot do stays on disk for
+``oxen-callbacks sync``. Tracking-server credentials only ever travel in the
+environment; the journal holds the URI without them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import select
+import shutil
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+from .locks import FileLock
+from .redact import redact_text, redact_url
+
+log = logging.getLogger(__name__)
+RETRY_DELAYS_S = (0.5, 1.0, 2.0, 4.0, 8.0)
+
+
+class MlflowJournal:
+    """The not-yet-done MLflow operations of one training run, on disk."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        (folder / "ops").mkdir(parents=True, exist_ok=True)
+
+    @classmethod
+    def create(cls, cache_dir: Path, meta: dict[str, Any]) -> "MlflowJournal":
+        journal = cls(cache_dir / "mlflow-journal" / f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:8]}")
+        journal.write_meta(meta)
+        return journal
+
+    @property
+    def lock_path(self) -> Path:
+        """Held by the process still working on this journal (``sync`` leaves it alone)."""
+        return self.folder / "owner.lock"
+
+    def meta(self) -> dict[str, Any]:
+        """The run this journal logs to (kept in memory too: a finished journal's folder is deleted)."""
+        try:
+            self._meta = json.loads((self.folder / "meta.json").read_text())
+        except FileNotFoundError:
+            if not hasattr(self, "_meta"):
+                raise
+        return dict(self._meta)
+
+    def write_meta(self, meta: dict[str, Any]) -> None:
+        tmp = self.folder / f".meta.{uuid.uuid4().hex}.tmp"
+        tmp.write_text(json.dumps(meta))
+        os.replace(tmp, self.folder / "meta.json")
+        self._meta = dict(meta)
+
+    def put(self, seq: int, op: dict[str, Any]) -> Path:
+        path = self.folder / "ops" / f"{seq:06d}.json"
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(json.dumps(op))
+        os.replace(tmp, path)
+        return path
+
+    def pending(self) -> list[tuple[Path, dict[str, Any]]]:
+        ops = sorted(p for p in (self.folder / "ops").glob("*.json"))
+        return [(p, json.loads(p.read_text())) for p in ops]
+
+    def is_empty(self) -> bool:
+        return not any((self.folder / "ops").glob("*.json"))
+
+    @property
+    def status_path(self) -> Path:
+        return self.folder / "status.json"
+
+    def status(self) -> dict[str, Any]:
+        """What the sink process reports: ``{"gave_up": bool, "last_error": str | None}``."""
+        try:
+            return json.loads(self.status_path.read_text())
+        except (FileNotFoundError, ValueError):
+            return {}
+
+    def write_status(self, **status: Any) -> None:
+        tmp = self.folder / f".status.{uuid.uuid4().hex}.tmp"
+        tmp.write_text(json.dumps(status))
+        os.replace(tmp, self.status_path)
+
+
+def journals(cache_dir: Path) -> list[Path]:
+    """Every MLflow journal folder under ``cache_dir``, oldest first."""
+    root = Path(cache_dir) / "mlflow-journal"
+    return sorted(p for p in root.iterdir() if (p / "meta.json").exists()) if root.is_dir() else []
+
+
+def client_for(journal: MlflowJournal) -> Any:
+    """An MlflowClient for the journal's store; credentials come from the environment only."""
+    from mlflow import MlflowClient
+
+    uri = os.environ.get("MLFLOW_TRACKING_URI") if _same_store(journal.meta()["tracking_uri"]) else None
+    return MlflowClient(uri or journal.meta()["tracking_uri"])
+
+
+def replay(journal: MlflowJournal) -> int:
+    """Carry out the journal's pending operations in order; returns how many were done.
+
+    Raises the first MLflow error (the remaining operations stay journaled).
+    """
+    client = client_for(journal)
+    meta = journal.meta()
+    done = 0
+    for path, op in journal.pending():
+        _apply(client, journal, meta, op)
+        meta = journal.meta()
+        path.unlink()
+        done += 1
+    return done
+
+
+def _same_store(recorded: str | None) -> bool:
+    env = os.environ.get("MLFLOW_TRACKING_URI")
+    return bool(env) and redact_url(env) == recorded
+
+
+def _apply(client: Any, journal: MlflowJournal, meta: dict[str, Any], op: dict[str, Any]) -> None:
+    kind = op["op"]
+    if kind == "create_run":
+        if meta.get("run_id"):
+            return
+        experiment_id = op.get("experiment_id")
+        if experiment_id is None:
+            name = op.get("experiment_name") or "Default"
+            exp = client.get_experiment_by_name(name)
+            experiment_id = exp.experiment_id if exp else client.create_experiment(name)
+        run = client.create_run(experiment_id, run_name=op.get("run_name"), tags=op.get("tags") or {})
+        journal.write_meta({**meta, "run_id": run.info.run_id, "experiment_id": experiment_id})
+        return
+    run_id = meta.get("run_id")
+    if not run_id:
+        raise RuntimeError("MLflow run was never created")
+    if kind == "set_tags":
+        from mlflow.entities import RunTag
+
+        client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in op["tags"].items()])
+    elif kind == "log_json":
+        data = op["data"]
+        if isinstance(data.get("run"), dict) and not data["run"].get("mlflow_run_id"):
+            data = {**data, "run": {**data["run"], "mlflow_run_id": run_id}}  # created after training knew
+        with tempfile.TemporaryDirectory() as tmp:
+            local = Path(tmp) / op["name"]
+            local.write_text(json.dumps(data, indent=2) + "\n")
+            client.log_artifact(run_id, str(local), artifact_path=op["artifact_dir"])
+    elif kind == "end_run":
+        client.set_terminated(run_id, status=op["status"])
+    elif kind == "publish_extras":
+        from .model_registry import publish_extras
+
+        publish_extras(client, run_id, op["record"], register_model=op.get("register_model"),
+                       dataset_input=op.get("dataset_input", True), graph=op.get("graph", True))
+    else:
+        raise ValueError(f"Unknown journaled MLflow operation {kind!r}")
+
+
+def serve(journal: MlflowJournal) -> None:
+    """Apply operations as they arrive (a newline on stdin wakes us; EOF: finish and exit).
+
+    An operation that still fails after the retries stops the process: order
+    matters (tags of a run not yet created...), so the rest stays journaled.
+    """
+    client = None
+    eof = False
+    while True:
+        pending = journal.pending()
+        for path, op in pending:
+            for delay in (*RETRY_DELAYS_S, None):
+                try:
+                    client = client or client_for(journal)
+                    _apply(client, journal, journal.meta(), op)
+                    path.unlink(missing_ok=True)
+                    journal.write_status(gave_up=False, last_error=None)
+                    break
+                except Exception as exc:  # network, server or store errors: retry, then keep journaled
+                    error = redact_text(f"{type(exc).__name__}: {exc}")[:1000]
+                    if delay is None:
+                        log.warning("MLflow %s failed (%s); kept for `oxen-callbacks sync`", op["op"], error)
+                        journal.write_status(gave_up=True, last_error=error)
+                        return
+                    journal.write_status(gave_up=False, last_error=error)
+                    time.sleep(delay)
+        if pending:
+            continue
+        if eof:
+            return
+        ready, _, _ = select.select([sys.stdin], [], [], 1.0)
+        if ready and sys.stdin.readline() == "":
+            eof = True
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="oxen_callbacks.mlflow_journal")
+    parser.add_argument("--journal", required=True)
+    args = parser.parse_args(argv)
+    journal = MlflowJournal(Path(args.journal))
+    logging.basicConfig(filename=journal.folder / "sink.log", level=logging.INFO,
+                        format="%(asctime)s %(levelname)s %(message)s")
+    with FileLock(journal.lock_path):
+        serve(journal)
+        forget = journal.is_empty()
+    if forget:
+        shutil.rmtree(journal.folder, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
