@@ -10,7 +10,7 @@ order across repeats, medians are reported. Two workloads, both one checkpoint p
 - "saturated": trivial compute, so saving dominates (5 x 100 MB by default).
 
 Variants: ``bare`` (ModelCheckpoint only), ``ours`` (+ OxenLightningCallback, MLflow on a
-SQLite store), ``mlflow`` (MLFlowLogger(log_model="all"), SQLite + local artifacts) and
+SQLite store), ``ours_oxen_only`` (the callback with ``mlflow=False``), ``mlflow`` (MLFlowLogger(log_model="all"), SQLite + local artifacts) and
 ``naive`` (synchronous oxenai add + commit after each save, in the training process).
 ``fit_s`` includes waiting for every checkpoint to be committed before ``fit()`` returns.
 The last line of stdout is one JSON object.
@@ -29,7 +29,7 @@ import tempfile
 import time
 from pathlib import Path
 
-VARIANTS = ("bare", "ours", "mlflow", "naive")
+VARIANTS = ("bare", "ours", "ours_oxen_only", "mlflow", "naive")
 
 
 # -- one fit, in a child process -------------------------------------------------------
@@ -87,10 +87,12 @@ def run_one(variant: str, work: Path, size_mb: int, epochs: int, compute_s: floa
         logger = MLFlowLogger(experiment_name="bench", tracking_uri=uri, log_model="all",
                               artifact_location=str(work / "mlflow-artifacts"))
     ours = None
-    if variant == "ours":
+    if variant.startswith("ours"):
         from oxen_callbacks.lightning import OxenLightningCallback
 
-        ours = OxenLightningCallback(model_repo=work / "models", mlflow_tracking_uri=uri, experiment_name="bench")
+        mlflow_options = ({"mlflow": False} if variant == "ours_oxen_only"
+                          else {"mlflow_tracking_uri": uri, "experiment_name": "bench"})
+        ours = OxenLightningCallback(model_repo=work / "models", **mlflow_options)
         callbacks.append(ours)
     trainer = L.Trainer(max_epochs=epochs, callbacks=callbacks, logger=logger, enable_progress_bar=False,
                         enable_model_summary=False, accelerator="cpu", devices=1, default_root_dir=work,
@@ -166,7 +168,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="oxen-bench-") as tmp:
         root = Path(tmp)
         print("overlap (normal case):", file=sys.stderr)
-        overlap = workload(root, size, 5, 2.0 if not args.quick else 0.8, args.repeats, ("bare", "ours"))
+        overlap = workload(root, size, 5, 2.0 if not args.quick else 0.8, args.repeats,
+                           ("bare", "ours", "ours_oxen_only"))
         print("saturated (save-bound):", file=sys.stderr)
         saturated = workload(root, size, 5, 0.0, args.repeats, VARIANTS)
         stall_sweep = {}
@@ -178,7 +181,9 @@ def main() -> None:
         "stall_ms_p50": overlap["stall_ms_p50"],
         "stall_ms_p50_by_size": {f"{size}MB": saturated["stall_ms_p50"], **stall_sweep},
         "ratio_overlap": overlap["ratio"]["ours"],
+        "ratio_overlap_oxen_only": overlap["ratio"]["ours_oxen_only"],
         "ratio_saturated": r["ours"],
+        "ratio_saturated_oxen_only": r["ours_oxen_only"],
         "ratio_saturated_mlflow": r["mlflow"],
         "ratio_saturated_naive": r["naive"],
         "overhead_vs_mlflow_anchor": round((r["ours"] - 1) / (r["mlflow"] - 1), 3) if r["mlflow"] > 1 else None,

@@ -22,6 +22,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import time
 from typing import Any
 
 import transformers
@@ -82,6 +83,8 @@ class OxenTrainerCallback(TrainerCallback):
         # Validates every option now, before any training time is spent.
         self.run = LineageRun(**self._run_args)
         self._published: list[str] = []
+        #: Time the training process spent in this callback per checkpoint save (seconds).
+        self.stall_seconds: list[float] = []
 
     # -- train start ----------------------------------------------------------------
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
@@ -166,6 +169,7 @@ class OxenTrainerCallback(TrainerCallback):
                 **kwargs: Any) -> None:
         if not state.is_world_process_zero or self.run.publisher is None:
             return
+        started = time.perf_counter()
         self._note_removed()  # save_total_limit rotation ran just before this hook
         folder = _checkpoint_folder(args, state)
         if not os.path.isdir(folder):  # a hyperparameter-search trial saves under output_dir/run-<trial>/
@@ -177,6 +181,7 @@ class OxenTrainerCallback(TrainerCallback):
         epoch = max(math.ceil(state.epoch) - 1, 0) if state.epoch is not None else None
         self.run.checkpoint_saved(folder, step=state.global_step, epoch=epoch, metrics=metrics)
         self._published.append(folder)
+        self.stall_seconds.append(time.perf_counter() - started)
 
     def _note_removed(self) -> None:
         """Checkpoints the Trainer deleted (``save_total_limit``) leave the run folder; they stay in history."""

@@ -207,6 +207,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="oxen_callbacks.mlflow_journal")
     parser.add_argument("--journal", required=True)
     args = parser.parse_args(argv)
+    os.nice(10)  # bookkeeping beside training: the trainer keeps the CPU when both want it
     journal = MlflowJournal(Path(args.journal))
     logging.basicConfig(filename=journal.folder / "sink.log", level=logging.INFO,
                         format="%(asctime)s %(levelname)s %(message)s")
