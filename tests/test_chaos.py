@@ -105,3 +105,8 @@ def test_random_sigkills_lose_nothing(dataset_repo, tmp_path):
     assert resumed["dataset"]["commit"] == pinned
     assert resumed["checkpoints"][0]["step"] == last["step"] + 1  # continued, not restarted
     assert resumed["resumed_from"]["run_name"] == victim
+    if os.environ.get("OXEN_CALLBACKS_CHAOS_REPORT"):  # benchmarks/chaos.py reads this
+        Path(os.environ["OXEN_CALLBACKS_CHAOS_REPORT"]).write_text(json.dumps({
+            "runs_killed": len(kills), "worker_killed_too": sum(w for _, w in kills),
+            "runs_with_commits": len(resumable), "checkpoints_verified": total, "lost": 0,
+            "resumed_from_step": last["step"], "commits": len(history)}))
