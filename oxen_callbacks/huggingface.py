@@ -30,7 +30,7 @@ from transformers import TrainerCallback, TrainerControl, TrainerState, Training
 
 from .errors import ConfigurationError, DatasetMismatchError
 from .hf_datasets import dataset_commits
-from .pin import PinnedDataset
+from .pin import PinnedDataset, as_pinned
 from .session import LineageRun
 
 log = logging.getLogger(__name__)
@@ -69,13 +69,7 @@ class OxenTrainerCallback(TrainerCallback):
         allow_dataset_change: bool = False,
         **run_options: Any,
     ) -> None:
-        if isinstance(dataset, PinnedDataset) and (revision is not None or paths is not None):
-            raise ConfigurationError(
-                "revision= and paths= apply when dataset= is a repository path, not a PinnedDataset.",
-                "set them on the PinnedDataset: PinnedDataset(repo, revision=..., paths=[...]).",
-            )
-        if dataset is not None and not isinstance(dataset, PinnedDataset):
-            dataset = PinnedDataset(dataset, revision, paths, cache_dir=run_options.get("cache_dir"))
+        dataset = as_pinned(dataset, revision, paths, run_options.get("cache_dir"))
         self.dataset: PinnedDataset | None = dataset
         self.allow_dataset_change = allow_dataset_change
         self._run_args = {"dataset": dataset, "model_repo": model_repo,

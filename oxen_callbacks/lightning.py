@@ -28,9 +28,9 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import MLFlowLogger
 
 from .checkpoints import resolve_resume
-from .errors import ConfigurationError, DatasetMismatchError
+from .errors import DatasetMismatchError
 from .lineage import read_lineage
-from .pin import PinnedDataset
+from .pin import PinnedDataset, as_pinned
 from .session import LineageRun
 
 log = logging.getLogger(__name__)
@@ -75,13 +75,7 @@ class OxenLightningCallback(Callback):
             self.ckpt_path = str(resumed.path)
             if dataset is None and resumed.dataset:
                 dataset = resumed.pinned_dataset(cache_dir=run_options.get("cache_dir"))
-        if isinstance(dataset, PinnedDataset) and (revision is not None or paths is not None):
-            raise ConfigurationError(
-                "revision= and paths= apply when dataset= is a repository path, not a PinnedDataset.",
-                "set them on the PinnedDataset: PinnedDataset(repo, revision=..., paths=[...]).",
-            )
-        if dataset is not None and not isinstance(dataset, PinnedDataset):
-            dataset = PinnedDataset(dataset, revision, paths, cache_dir=run_options.get("cache_dir"))
+        dataset = as_pinned(dataset, revision, paths, run_options.get("cache_dir"))
         self.dataset: PinnedDataset | None = dataset
         self.allow_dataset_change = allow_dataset_change
         self._run_args = {"dataset": dataset, "model_repo": model_repo,

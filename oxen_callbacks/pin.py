@@ -206,3 +206,16 @@ class PinnedDataset:
 
 def _covered_by_other(path: str, others: list[str]) -> bool:
     return any(o != path and covers(o, path) for o in others)
+
+
+def as_pinned(dataset: "PinnedDataset | str | os.PathLike[str] | None", revision: str | None,
+              paths: list[str] | None, cache_dir: str | os.PathLike[str] | None) -> "PinnedDataset | None":
+    """What the callbacks' ``dataset=`` / ``revision=`` / ``paths=`` arguments mean."""
+    if isinstance(dataset, PinnedDataset) and (revision is not None or paths is not None):
+        raise ConfigurationError(
+            "revision= and paths= apply when dataset= is a repository path, not a PinnedDataset.",
+            "set them on the PinnedDataset: PinnedDataset(repo, revision=..., paths=[...]).",
+        )
+    if dataset is None or isinstance(dataset, PinnedDataset):
+        return dataset
+    return PinnedDataset(dataset, revision, paths, cache_dir=cache_dir)
