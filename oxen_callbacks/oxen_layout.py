@@ -5,7 +5,8 @@ without touching its working tree, to list the commits of every branch, or to
 find the temp files a killed ``add`` leaves behind. Those needs are met here
 from the ``.oxen`` folder's layout. ``tests/test_oxen_layout.py`` checks every
 assumption against the installed oxenai and fails loudly when an upgrade
-changes one; pyproject bounds the oxenai version range accordingly.
+changes one; pyproject bounds the oxenai version range accordingly. The format
+of the merkle tree (which files a commit holds) is in :mod:`oxen_callbacks.oxen_tree`.
 """
 
 from __future__ import annotations
@@ -105,9 +106,19 @@ def detach_head(worktree: str | os.PathLike[str], commit_id: str) -> None:
 
 
 def version_path(repo: str | os.PathLike[str], content_hash: int) -> Path:
-    """Where Oxen's local content store keeps bytes of this xxh3-128 hash (unpadded hex, split 2/rest)."""
+    """Where Oxen's local content store keeps bytes of this xxh3-128 hash."""
+    return versions_root(repo) / version_relpath(content_hash)
+
+
+def versions_root(repo: str | os.PathLike[str]) -> Path:
+    """Oxen's default local content store (a ``versions_path`` in config.toml moves it)."""
+    return oxen_dir(repo) / "versions" / "files"
+
+
+def version_relpath(content_hash: int) -> str:
+    """A hash's file under :func:`versions_root`: unpadded hex split 2/rest, then ``data``."""
     text = format(content_hash, "x")
-    return oxen_dir(repo) / "versions" / "files" / text[:2] / text[2:] / "data"
+    return f"{text[:2]}/{text[2:]}/data"
 
 
 def version_scratch(repo: str | os.PathLike[str], token: str) -> Path:

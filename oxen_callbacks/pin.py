@@ -106,8 +106,8 @@ class PinnedDataset:
                     return
                 scratch = self.store.scratch()
                 try:
-                    self.source.materialize(self.commit, missing, scratch)
-                    self.store.adopt(self.commit, scratch, missing, manifest)
+                    counts = self.source.materialize(self.commit, missing, scratch)
+                    self.store.adopt(self.commit, scratch, missing, manifest, counts)
                 finally:
                     remove_tree(scratch)
         except OSError as exc:  # permission denied, disk full, a file in the way...

@@ -89,8 +89,13 @@ class SnapshotStore:
         path.mkdir(parents=True)
         return path
 
-    def adopt(self, commit: str, staged_root: Path, rel_paths: list[str], manifest: Manifest) -> None:
-        """Move ``rel_paths`` from ``staged_root`` into the snapshot, make them read-only, record them."""
+    def adopt(self, commit: str, staged_root: Path, rel_paths: list[str], manifest: Manifest,
+              counts: dict[str, dict[str, int]] | None = None) -> None:
+        """Move ``rel_paths`` from ``staged_root`` into the snapshot, make them read-only, record them.
+
+        ``counts`` (files and bytes per path, from the copier, whose files are created
+        read-only) spares a stat and a chmod of every file: 100k files cost ~1 s.
+        """
         folder = self.folder(commit)
         folder.mkdir(parents=True, exist_ok=True)
         _make_dirs_writable(folder)
@@ -101,9 +106,12 @@ class SnapshotStore:
                     dest = folder / name
                     dest.parent.mkdir(parents=True, exist_ok=True)
                     _merge_move(staged_root / name, dest)
-                manifest.paths[rel] = _count(folder if rel == "." else folder / rel)
+                if counts is not None and rel in counts:
+                    manifest.paths[rel] = counts[rel]
+                else:
+                    manifest.paths[rel] = _count(folder if rel == "." else folder / rel)
         finally:
-            _make_readonly(folder)
+            _make_readonly(folder, files=counts is None)
         self.write_manifest(manifest)
 
 
@@ -118,13 +126,13 @@ def _count(path: Path) -> dict[str, int]:
     return {"files": files, "bytes": size}
 
 
-def _make_readonly(path: Path) -> None:
-    """Files 0444, folders 0555: a snapshot is never edited in place."""
+def _make_readonly(path: Path, files: bool = True) -> None:
+    """Folders 0555 and (with ``files``) files 0444: a snapshot is never edited in place."""
     if path.is_file():
         os.chmod(path, _RO_FILE)
         return
     for dirpath, dirs, names in os.walk(path, topdown=False):
-        for name in names:
+        for name in names if files else ():
             os.chmod(os.path.join(dirpath, name), _RO_FILE)
         for name in dirs:
             os.chmod(os.path.join(dirpath, name), _RO_DIR)

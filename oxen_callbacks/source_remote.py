@@ -69,6 +69,7 @@ class RemoteSource:
         return []
 
     def materialize(self, commit: str, paths: list[str], dest: Path) -> None:
+        """Download ``paths`` of ``commit`` under ``dest`` (counted by the snapshot store afterwards)."""
         for rel in tqdm(paths, desc=f"download {self.spec.repo_id}@{commit[:10]}", unit="path", disable=None):
             self._call("child_download", f"download {rel!r}", self.timeout * 10, commit=commit, rel=rel,
                        dest=str(dest))

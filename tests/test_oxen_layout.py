@@ -1,17 +1,23 @@
 """Guards of what oxen_callbacks/oxen_layout.py assumes about Oxen's private on-disk layout.
 
 If one of these fails after an oxenai upgrade, the layout changed: fix oxen_layout.py
-before widening the oxenai range in pyproject.toml.
+(or oxen_tree.py, the merkle tree reader) before widening the oxenai range in pyproject.toml.
 """
 
 from __future__ import annotations
 
 import importlib.metadata
 import os
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
 
-from helpers import make_repo
+import pytest
+from helpers import AUTHOR, make_repo
 
-from oxen_callbacks import oxen_child, oxen_layout
+from oxen_callbacks import oxen_child, oxen_layout, oxen_tree
+from oxen_callbacks.source_local import copy_from_store
 
 
 def test_installed_oxenai_is_in_the_supported_range():
@@ -57,3 +63,128 @@ def test_orphan_temp_files_are_found_by_their_infix(tmp_path):
     os.utime(orphan, (0, 0))
     assert oxen_layout.orphan_temp_files(repo.path) == [orphan]
     assert oxen_layout.orphan_temp_files(repo.path, older_than_s=10**12) == []
+
+
+# -- the merkle tree (oxen_callbacks/oxen_tree.py) --------------------------------------------
+MANY = 10_050  # more than vnode_size (10,000): the folder's entries span two vnodes
+
+
+@pytest.fixture(scope="module")
+def big_history(tmp_path_factory):
+    """Commit 1: nested folders, an empty file, MANY files in one folder; commit 2: one of them
+    modified, two files removed (one the only file of its folder), a folder added."""
+    root = tmp_path_factory.mktemp("layout")
+    repo = root / "data"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("OXEN_CONFIG_DIR", str(root / "oxen-config"))
+        mp.setenv("OXEN_CALLBACKS_CACHE", str(root / "cache"))
+        files = {f"many/f{i:05d}.txt": f"file {i}\n" for i in range(MANY)}
+        files |= {"n/e/s/t/deep.bin": bytes(range(256)) * 20, "n/top.txt": "top", "empty": "",
+                  "gone.txt": "soon gone", "x/y/only.txt": "only"}
+        write(repo, files)
+        oxen_child.init_repo(repo)
+        commits = [oxen_child.commit_paths(repo, ["many", "n", "empty", "gone.txt", "x"], "one", author=AUTHOR)]
+        write(repo, {"many/f00007.txt": "modified\n", "new/z.txt": "z"})
+        for rel in ("gone.txt", "x/y/only.txt"):
+            (repo / rel).unlink()
+        code = "import sys; from oxen_callbacks.oxen_repo import LocalRepo; r = LocalRepo(sys.argv[1]); " \
+               "[r.rm(p) for p in sys.argv[2:]]"
+        subprocess.run([sys.executable, "-c", code, str(repo), "gone.txt", "x/y/only.txt"], check=True,
+                       capture_output=True, timeout=120)
+        commits.append(oxen_child.commit_paths(repo, ["many/f00007.txt", "new"], "two", author=AUTHOR))
+    return repo.resolve(), commits
+
+
+def write(repo: Path, files: dict[str, str]) -> None:
+    for rel, text in files.items():
+        (repo / rel).parent.mkdir(parents=True, exist_ok=True)
+        (repo / rel).write_bytes(text if isinstance(text, bytes) else text.encode())
+
+
+def listed(repo: Path, commit: str, paths: list[str]) -> tuple[set[str], dict[str, bytes]]:
+    """Folders and file bytes of ``paths`` at ``commit`` as the tree reader and content store give them."""
+    dirs, files = set(), {}
+    for subtree in oxen_tree.files_at(repo, commit, paths).values():
+        dirs.update(subtree.dirs)
+        for entry in subtree.files:
+            data = oxen_layout.version_path(repo, entry.hash).read_bytes()
+            assert len(data) == entry.size, entry
+            files[entry.path] = data
+    dirs.update(str(parent) for rel in [*dirs, *files] for parent in Path(rel).parents if str(parent) != ".")
+    return dirs, files
+
+
+def written(root: Path) -> tuple[set[str], dict[str, bytes]]:
+    dirs, files = set(), {}
+    for dirpath, dirnames, names in os.walk(root):
+        base = Path(dirpath).relative_to(root)
+        dirs.update(str(base / d) for d in dirnames)
+        files.update({str(base / n): (Path(dirpath) / n).read_bytes() for n in names})
+    return dirs, files
+
+
+def test_tree_reader_lists_what_oxen_restore_writes(big_history, tmp_path):
+    repo, (first, second) = big_history
+    oxen_child.materialize(repo, second, ["."], tmp_path / "all")
+    dirs, files = listed(repo, second, ["."])
+    assert (dirs, files) == written(tmp_path / "all")
+    (tmp_path / "copied").mkdir()
+    copy_from_store(repo, second, ["."], tmp_path / "copied")  # the pin's fast path: batches on threads
+    assert written(tmp_path / "copied") == (dirs, files)
+    assert len(files) == MANY + 4 and files["many/f00007.txt"] == b"modified\n" and files["empty"] == b""
+    assert "gone.txt" not in files and "x/y" in dirs  # removed; the emptied folder stays in the commit
+    parts = ["n", "many/f00007.txt", "x", "gone.txt"]
+    oxen_child.materialize(repo, first, parts, tmp_path / "parts")
+    dirs, files = listed(repo, first, parts)
+    assert (dirs, files) == written(tmp_path / "parts")
+    assert files["many/f00007.txt"] == b"file 7\n" and files["x/y/only.txt"] == b"only"
+    with pytest.raises(oxen_tree.PathNotInCommit):
+        oxen_tree.files_at(repo, second, ["gone.txt"])
+
+
+def test_a_folder_over_vnode_size_spans_vnodes(big_history):
+    repo, (_first, second) = big_history
+    config = tomllib.loads((repo / ".oxen" / "config.toml").read_text())
+    assert config["vnode_size"] == 10_000 and config["merkle_node_backend"] == "lmdb"
+    assert "versions_path" not in config["storage"] and config["storage"]["kind"] == "local"
+
+    def vnode_sizes(tree: oxen_tree.Tree) -> list[int]:
+        root = tree._node(int(second, 16).to_bytes(16, "little"), 0)[2][0][1]
+        many = tree._entry(root, "many")[1]
+        return [len(tree._node(vnode[1], 2)[2]) for vnode in tree._node(many, 1)[2]]
+
+    sizes = oxen_tree.read(repo, vnode_sizes)
+    assert len(sizes) == 2 and sum(sizes) == MANY
+
+
+_COMMITTER = """
+import sys
+from oxen_callbacks.identity import commit_identity
+from oxen_callbacks.oxen_repo import LocalRepo
+repo = LocalRepo(sys.argv[1])
+with commit_identity(("Test Data", "data@example.com")):
+    for i in range(int(sys.argv[2])):
+        open(f"{sys.argv[1]}/late{i}.txt", "w").write(str(i))
+        repo.add(f"late{i}.txt")
+        print("commit", repo.commit(f"late {i}"), flush=True)
+"""
+
+
+def test_reading_the_tree_while_oxen_commits(tmp_path):
+    """Oxen writes the node store (under LMDB's lock) while the tree is read: neither side is disturbed."""
+    repo = make_repo(tmp_path / "r", [("one", {"d/a.txt": "a", "d/b.txt": "b"})])
+    env_dir = repo.path / ".oxen" / "tree" / "nodes_lmdb"
+    before = sorted(os.listdir(env_dir))
+    committer = subprocess.Popen([sys.executable, "-c", _COMMITTER, str(repo.path), "12"],
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    reads = 0
+    while committer.poll() is None:
+        assert [f.path for f in oxen_tree.files_at(repo.path, repo.head, ["."])["."].files] == ["d/a.txt", "d/b.txt"]
+        reads += 1
+    out, err = committer.communicate()
+    assert committer.returncode == 0, err
+    late = [line.split()[1] for line in out.splitlines() if line.startswith("commit ")]  # oxen prints too
+    assert len(late) == 12 and reads > 12
+    files = [f.path for f in oxen_tree.files_at(repo.path, late[-1], ["."])["."].files]
+    assert sorted(files) == sorted(["d/a.txt", "d/b.txt", *(f"late{i}.txt" for i in range(12))])
+    assert sorted(os.listdir(env_dir)) == before == ["data.mdb", "lock.mdb"]  # nothing left behind

@@ -1,0 +1,183 @@
+"""Pinning by copying from Oxen's content store, and the ``oxen restore`` fallback: same snapshots."""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from helpers import AUTHOR, make_repo, tree_state
+
+from oxen_callbacks import PinnedDataset, oxen_child, oxen_layout, oxen_tree
+from oxen_callbacks.errors import ConfigurationError, OxenError
+from oxen_callbacks.source_local import LocalSource, copy_from_store
+
+BIG = 64 << 20  # the size from which files are copied chunk by chunk, with progress
+WARNING = "using `oxen restore` instead"
+
+
+def history() -> list[tuple[str, dict[str, str | bytes]]]:
+    """Commit contents with nested folders, an empty file, a big file; a modified, a removed file."""
+    rng = random.Random(0)
+    big = rng.randbytes(1 << 20) * (BIG >> 20) + b"tail"
+    return [
+        ("one", {"a.txt": "a", "empty": b"", "d/e/f/deep.bin": rng.randbytes(5000), "d/top.csv": "x\n1\n",
+                 "x/y/only.txt": "only", "big.bin": big, "gone.txt": "soon gone"}),
+        ("two", {"a.txt": "a changed", "new/n.txt": "new"}),
+    ]
+
+
+def build(path: Path, *, versions_path: Path | None = None) -> tuple[Path, list[str]]:
+    """A repository with :func:`history`; the second commit also removes two files."""
+    path.mkdir(parents=True)
+    oxen_child.init_repo(path)
+    if versions_path:  # a custom content store: oxen reads it, the tree reader refuses it
+        config = path / ".oxen" / "config.toml"
+        config.write_text(config.read_text().replace('kind = "local"', f'kind = "local"\nversions_path = "{versions_path}"'))
+    first, second = history()
+    repo = make_repo(path, [first])
+    for rel in ("gone.txt", "x/y/only.txt"):
+        (path / rel).unlink()
+    remove(path, ["gone.txt", "x/y/only.txt"])
+    for rel, content in second[1].items():
+        (path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (path / rel).write_bytes(content.encode() if isinstance(content, str) else content)
+    repo.commits.append(oxen_child.commit_paths(path, list(second[1]), second[0], author=AUTHOR))
+    return repo.path, repo.commits
+
+
+def remove(repo: Path, rels: list[str]) -> None:
+    """``oxen rm`` in a child process (the removal is committed by the next commit)."""
+    code = "import sys; from oxen_callbacks.oxen_repo import LocalRepo; r = LocalRepo(sys.argv[1]); " \
+           "[r.rm(p) for p in sys.argv[2:]]"
+    subprocess.run([sys.executable, "-c", code, str(repo), *rels], check=True, capture_output=True, timeout=120)
+
+
+def contents(root: Path) -> tuple[set[str], dict[str, bytes]]:
+    """Folders and file bytes under ``root``, relative."""
+    dirs, files = set(), {}
+    for dirpath, dirnames, names in os.walk(root):
+        base = Path(dirpath).relative_to(root)
+        dirs.update(str(base / d) for d in dirnames)
+        files.update({str(base / n): (Path(dirpath) / n).read_bytes() for n in names})
+    return dirs, files
+
+
+@pytest.fixture(scope="module")
+def repos(tmp_path_factory):
+    """The same history twice: default content store (fast path) and a custom one (restore fallback)."""
+    root = tmp_path_factory.mktemp("tree")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("OXEN_CONFIG_DIR", str(root / "oxen-config"))
+        mp.setenv("OXEN_CALLBACKS_CACHE", str(root / "cache"))
+        fast = build(root / "fast")
+        slow = build(root / "slow", versions_path=root / "elsewhere")
+    return {"fast": fast, "slow": slow}
+
+
+PATH_SETS = [["."], ["d", "a.txt"], ["x"], ["big.bin", "empty", "d/e/f/deep.bin"]]
+
+
+@pytest.mark.parametrize("paths", PATH_SETS, ids=lambda p: "+".join(p))
+def test_fast_path_and_fallback_give_identical_snapshots(repos, paths, caplog):
+    fast_repo, fast_commits = repos["fast"]
+    slow_repo, slow_commits = repos["slow"]
+    with pytest.raises(oxen_tree.UnreadableTree, match="versions_path"):
+        oxen_tree.files_at(slow_repo, slow_commits[0], ["."])
+    for fast_commit, slow_commit in zip(fast_commits, slow_commits, strict=True):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="oxen_callbacks"):
+            fast = PinnedDataset(fast_repo, revision=fast_commit, paths=paths)
+            slow = PinnedDataset(slow_repo, revision=slow_commit, paths=paths)
+            assert contents(fast.path) == contents(slow.path)
+        warnings = [r.getMessage() for r in caplog.records if WARNING in r.getMessage()]
+        assert len(warnings) == 1 and f"{slow_repo}@{slow_commit}" in warnings[0], warnings
+        fast.verify()
+        slow.verify()
+
+
+def test_what_each_commit_holds(repos, tmp_path):
+    repo, (first, second) = repos["fast"]
+    dirs, files = contents(PinnedDataset(repo, revision=first, cache_dir=tmp_path / "c").path)
+    assert {"x/y", "d/e/f"} <= dirs and files["empty"] == b"" and len(files["big.bin"]) == BIG + 4
+    assert files["a.txt"] == b"a" and "gone.txt" in files
+    dirs, files = contents(PinnedDataset(repo, revision=second, cache_dir=tmp_path / "c").path)
+    assert files["a.txt"] == b"a changed" and files["new/n.txt"] == b"new"
+    assert "gone.txt" not in files and "x/y" in dirs and not any(f.startswith("x/") for f in files)
+
+
+def test_fast_path_equals_oxen_restore_of_the_same_commit(repos, tmp_path):
+    repo, commits = repos["fast"]
+    for i, commit in enumerate(commits):
+        copied, restored = tmp_path / f"copied{i}", tmp_path / f"restored{i}"
+        copied.mkdir()
+        copy_from_store(repo, commit, ["."], copied)
+        oxen_child.materialize(repo, commit, ["."], restored)
+        assert contents(copied) == contents(restored)
+
+
+def test_pin_leaves_the_users_repository_alone(repos):
+    repo, commits = repos["fast"]
+    branches = oxen_child.branches(repo)
+    state = tree_state(repo)
+    oxen_files = _oxen_files(repo)
+    PinnedDataset(repo, revision=commits[0]).pull()
+    assert tree_state(repo) == state and _oxen_files(repo) == oxen_files  # no lock or temp file either
+    assert oxen_layout.head_ref(repo) == "main" and oxen_child.branches(repo) == branches
+    # nothing of the repository is still open or mapped in this process
+    held = [os.readlink(f"/proc/self/fd/{fd}") for fd in os.listdir("/proc/self/fd") if _is_link(fd)]
+    assert not [h for h in held if str(repo) in h]
+    assert str(repo) not in Path("/proc/self/maps").read_text()
+
+
+def _oxen_files(repo: Path) -> list[tuple[str, int, int]]:
+    return sorted((str(p.relative_to(repo)), p.stat().st_size, p.stat().st_mtime_ns)
+                  for p in (repo / ".oxen").rglob("*") if p.is_file())
+
+
+def _is_link(fd: str) -> bool:
+    return os.path.islink(f"/proc/self/fd/{fd}")
+
+
+def test_snapshot_files_are_copies_not_links_into_the_content_store(repos):
+    repo, commits = repos["fast"]
+    pinned = PinnedDataset(repo, revision=commits[1], paths=["a.txt", "big.bin"])
+    for rel in ("a.txt", "big.bin"):
+        path = pinned.file(rel)
+        entry = oxen_tree.files_at(repo, commits[1], [rel])[rel].files[0]
+        stored = oxen_layout.version_path(repo, entry.hash)
+        assert path.stat().st_nlink == 1 and path.stat().st_ino != stored.stat().st_ino
+        assert not path.stat().st_mode & (stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH)
+        assert path.stat().st_size == entry.size == stored.stat().st_size
+    path = pinned.file("a.txt")
+    os.chmod(path, 0o644)
+    path.write_text("a user scribbling on the snapshot")
+    entry = oxen_tree.files_at(repo, commits[1], ["a.txt"])["a.txt"].files[0]
+    assert oxen_layout.version_path(repo, entry.hash).read_bytes() == b"a changed"
+
+
+def test_path_not_in_commit_is_a_configuration_error_without_fallback(repos, caplog):
+    repo, commits = repos["fast"]
+    with caplog.at_level(logging.WARNING, logger="oxen_callbacks"):
+        with pytest.raises(ConfigurationError, match=r"Path 'gone.txt' is not in commit"):
+            PinnedDataset(repo, revision=commits[1], paths=["gone.txt"]).pull()
+        with pytest.raises(ConfigurationError, match=r"Path 'a.txt/b' is not in commit"):
+            PinnedDataset(repo, revision=commits[1], paths=["a.txt/b"]).pull()
+    assert not [r for r in caplog.records if WARNING in r.getMessage()]
+
+
+def test_missing_stored_file_falls_back_to_restore_which_names_it(tmp_path, caplog):
+    repo = make_repo(tmp_path / "data", [("one", {"a.txt": "hello", "b.txt": "bbb"})])
+    entry = oxen_tree.files_at(repo.path, repo.head, ["a.txt"])["a.txt"].files[0]
+    oxen_layout.version_path(repo.path, entry.hash).unlink()
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    with caplog.at_level(logging.WARNING, logger="oxen_callbacks"), \
+            pytest.raises(OxenError, match="version-store data missing"):
+        LocalSource(repo.path).materialize(repo.head, ["."], dest)
+    assert len([r for r in caplog.records if WARNING in r.getMessage() and "a.txt" in r.getMessage()]) == 1
