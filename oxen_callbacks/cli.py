@@ -70,7 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model-commit", required=True, help="commit id, prefix or branch (e.g. stage/production)")
     p.add_argument("--model-repo", help="default: the repository MLflow names for the commit")
     p.add_argument("--run-id", help="MLflow run to tag (default: the run that trained the commit)")
-    command("sync", "finish journaled commits, pushes and MLflow logging", cache)
+    p = command("sync", "finish journaled commits, pushes and MLflow logging", cache)
+    p.add_argument("--push-timeout", type=float, default=300.0, help="seconds one push may take (default 300)")
     return parser
 
 
@@ -93,7 +94,9 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(result, indent=2) if args.json else show(result), flush=True)
     except BrokenPipeError:  # `| head`: the reader left; say nothing more
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-    return 1 if args.command == "trace" and not result["runs"] else 0
+    if args.command == "trace" and not result["runs"]:
+        return 1
+    return 1 if args.command == "sync" and result["pending"] else 0
 
 
 def _fail(args: argparse.Namespace, exc: Exception, code: int) -> int:
@@ -159,7 +162,7 @@ def _record_deploy(args: argparse.Namespace) -> dict[str, Any]:
 def _sync(args: argparse.Namespace) -> dict[str, Any]:
     from .sync import sync_all
 
-    return sync_all(Path(args.cache_dir) if args.cache_dir else None)
+    return sync_all(Path(args.cache_dir) if args.cache_dir else None, push_timeout=args.push_timeout)
 
 
 # -- human output -----------------------------------------------------------------------------
@@ -280,7 +283,28 @@ def _show_deploy(result: dict[str, Any]) -> str:
 
 
 def _show_sync(report: dict[str, Any]) -> str:
-    return "\n".join(f"{key}: {json.dumps(value)}" for key, value in report.items()) or "nothing to do"
+    lines = []
+    for repo in report["model_repos"]:
+        line = f"{repo['repo']}: {repo['committed']} checkpoint(s) committed"
+        if repo["push"]:
+            push = repo["push"]
+            line += f", push to {push['remote']} " + ("done" if push["ok"] else f"failed ({push.get('error', '')})")
+        lines.append(line)
+        lines += [f"  {q['pending']} job(s) still pending in queue {q['queue']} (log: {q['log']})" for q in repo["failed"]]
+        lines += [f"  {q['pending']} job(s) left to the live training process of queue {q['queue']}"
+                  for q in repo["busy"]]
+    for entry in report["mlflow"]:
+        where = f"MLflow run {entry.get('run_id') or '(new)'} at {entry.get('tracking_uri')}"
+        if entry["status"] == "done":
+            lines.append(f"{where}: {entry['done']} operation(s) logged")
+        elif entry["status"] == "busy":
+            lines.append(f"MLflow journal {entry['journal']}: left to its live training process")
+        else:
+            lines.append(f"{where}: still failing, {entry['pending']} operation(s) kept ({entry['error']})")
+    lines.append("nothing left to do" if report["pending"] == 0
+                 else f"{report['pending']} item(s) still pending: run `oxen-callbacks sync` again once the "
+                      "remote / MLflow server is reachable")
+    return "\n".join(lines)
 
 
 _COMMANDS = {

@@ -13,7 +13,7 @@ import pytest
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning_model import CsvData, TinyModel, make_trainer
 
-from oxen_callbacks import PinnedDataset, read_lineage, sync
+from oxen_callbacks import PinnedDataset, cli, read_lineage, sync
 from oxen_callbacks.errors import PublishError
 from oxen_callbacks.lightning import OxenLightningCallback
 from oxen_callbacks.oxen_repo import LocalRepo
@@ -55,7 +55,7 @@ def _all_committed(cb, tmp_path) -> None:  # type: ignore[no-untyped-def]
 
 
 @pytest.mark.parametrize("kind", ["refused", "hanging"])
-def test_unreachable_remote_loses_nothing(kind, dataset_repo, tmp_path, hanging_server, caplog):
+def test_unreachable_remote_loses_nothing(kind, dataset_repo, tmp_path, hanging_server, caplog, capsys):
     port = _closed_port() if kind == "refused" else hanging_server
     url = f"http://127.0.0.1:{port}/ox/models"
     with caplog.at_level(logging.WARNING, logger="oxen_callbacks"):
@@ -70,6 +70,12 @@ def test_unreachable_remote_loses_nothing(kind, dataset_repo, tmp_path, hanging_
     assert report["pending"] == 1
     assert report["model_repos"][0]["push"]["ok"] is False
     assert pending_push(tmp_path / "models") is not None  # still journaled for the next sync
+
+    capsys.readouterr()
+    assert cli.main(["sync", "--push-timeout", "3"]) == 1  # something is still pending
+    out = capsys.readouterr().out
+    assert f"{tmp_path / 'models'}: 0 checkpoint(s) committed, push to origin failed" in out, out
+    assert "1 item(s) still pending" in out, out
 
 
 class KillWorker(Callback):
