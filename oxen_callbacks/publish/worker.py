@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import select
+import signal
 import sys
 from collections.abc import Callable
 from typing import IO, Any
@@ -96,9 +97,16 @@ class BatchProcess:
         os.close(req_read)
         os.close(reply_write)
 
-    def run(self, task: str, **args: Any) -> Any:
-        with os.fdopen(self._request, "w") as out:
-            out.write(json.dumps({"task": task, "args": args}))
+    def send(self, task: str, **args: Any) -> None:
+        """Hand the child its one task (a dead child shows as no reply in :meth:`receive`)."""
+        try:
+            with os.fdopen(self._request, "w") as out:
+                out.write(json.dumps({"task": task, "args": args}))
+        except BrokenPipeError:
+            pass
+
+    def receive(self) -> Any:
+        """Wait for the child's reply and for its exit; raises :class:`PublishError` if it failed."""
         with os.fdopen(self._reply) as inp:
             data = inp.read()
         _, status = os.waitpid(self.pid, 0)
@@ -110,8 +118,13 @@ class BatchProcess:
         return reply["value"]
 
     def discard(self) -> None:
-        os.close(self._request)  # the child reads no request and exits
+        """Stop a child that got no task: it has only imported oxenai, so nothing is lost."""
+        os.close(self._request)
         os.close(self._reply)
+        try:
+            os.kill(self.pid, signal.SIGKILL)  # no need to wait for its import to finish
+        except ProcessLookupError:
+            pass
         os.waitpid(self.pid, 0)
 
 
@@ -160,7 +173,7 @@ def drain_orphans(committer: Committer, skip: JobQueue | None = None) -> int:
 
 
 class Batches:
-    """One warm :class:`BatchProcess` at a time; a fresh one is forked after each use."""
+    """A warm :class:`BatchProcess` always ready: the next is forked as soon as one gets its task."""
 
     def __init__(self, queue: JobQueue, committer: Committer, close_fds: tuple[int, ...]) -> None:
         def run_jobs(seqs: list[int], final: bool) -> list[dict[str, Any]]:
@@ -176,10 +189,12 @@ class Batches:
         self._warm = BatchProcess(self._tasks, close_fds)
 
     def run(self, task: str, **args: Any) -> Any:
-        try:
-            return self._warm.run(task, **args)
-        finally:  # forked only now: a child forked earlier would hold this one's pipe ends open
-            self._warm = BatchProcess(self._tasks, self._close_fds)
+        current = self._warm
+        current.send(task, **args)
+        # The next one is forked while this task runs, so its oxenai import is not on the next
+        # batch's path. Forked after send(): it must not hold the request pipe of `current` open.
+        self._warm = BatchProcess(self._tasks, (*self._close_fds, current._reply))
+        return current.receive()
 
     def close(self) -> None:
         self._warm.discard()
