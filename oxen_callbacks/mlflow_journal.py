@@ -11,6 +11,7 @@ environment; the journal holds the URI without them.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import logging
 import os
@@ -205,10 +206,24 @@ def serve(journal: MlflowJournal) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="oxen_callbacks.mlflow_journal")
-    parser.add_argument("--journal", required=True)
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--journal")
+    source.add_argument("--warm", action="store_true",
+                        help="import MLflow now, then read the journal to serve from stdin (one JSON line)")
     args = parser.parse_args(argv)
     os.nice(10)  # bookkeeping beside training: the trainer keeps the CPU when both want it
-    journal = MlflowJournal(Path(args.journal))
+    folder = args.journal
+    if args.warm:
+        importlib.import_module("mlflow.tracking")  # the slow import, paid before the work arrives
+
+        line = sys.stdin.readline()
+        if not line:  # the callback was never used
+            return 0
+        handoff = json.loads(line)
+        os.environ.update(handoff["env"])
+        os.chdir(handoff["cwd"])
+        folder = handoff["journal"]
+    journal = MlflowJournal(Path(folder))
     logging.basicConfig(filename=journal.folder / "sink.log", level=logging.INFO,
                         format="%(asctime)s %(levelname)s %(message)s")
     with FileLock(journal.lock_path):

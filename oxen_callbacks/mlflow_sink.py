@@ -16,12 +16,14 @@ Example::
 from __future__ import annotations
 
 import importlib.util
+import json
 import logging
 import os
 import subprocess
 import sys
 import threading
 import time
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -61,22 +63,19 @@ class MlflowSink:
     created the run (when this sink owns it).
     """
 
-    def __init__(self, journal: MlflowJournal, *, owns_run: bool, client_uri: str) -> None:
+    def __init__(self, journal: MlflowJournal, *, owns_run: bool, client_uri: str,
+                 warm: "WarmSinkProcess | None" = None) -> None:
         self.journal = journal
         self.owns_run = owns_run
         self._lock = threading.Lock()
         self._seq = 0
         # our own retries pace the sink; MLflow's (minutes by default) would only keep a dead server's
         # operations locked away from `sync` longer. The user's own settings win.
-        env = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_TIMEOUT": "30",
-               **os.environ, "MLFLOW_TRACKING_URI": client_uri}
-        src_root = str(Path(__file__).resolve().parents[1])
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [src_root, env.get("PYTHONPATH")]))
-        self._proc = subprocess.Popen(
-            [sys.executable, "-m", "oxen_callbacks.mlflow_journal", "--journal", str(journal.folder)],
-            stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env,
-            cwd=os.getcwd(), start_new_session=True,  # it may outlive training to finish the logging
-        )
+        settings = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_TIMEOUT": "30",
+                    **{k: v for k, v in os.environ.items() if k.startswith("MLFLOW_")},
+                    "MLFLOW_TRACKING_URI": client_uri}
+        proc = warm.hand_over(journal.folder, settings) if warm is not None else None
+        self._proc = proc or _start_sink(["--journal", str(journal.folder)], settings)
 
     @classmethod
     def attach(
@@ -87,14 +86,18 @@ class MlflowSink:
         tracking_uri: str | None = None,
         experiment_name: str | None = None,
         run_name: str | None = None,
+        warm: "WarmSinkProcess | None" = None,
     ) -> "MlflowSink":
-        """Log into ``run_id``, else the active MLflow run, else a new run this sink ends."""
+        """Log into ``run_id``, else the active MLflow run, else a new run this sink ends.
+
+        ``warm``: a :class:`WarmSinkProcess` started earlier, used instead of a new process.
+        """
         active = _active_run() if run_id is None else None
         if active is not None:
             run_id, tracking_uri = active[0], tracking_uri or active[1]
         uri = tracking_uri or _default_tracking_uri()
         journal = MlflowJournal.create(cache_dir, {"tracking_uri": redact_url(uri), "run_id": run_id})
-        sink = cls(journal, owns_run=run_id is None, client_uri=uri)
+        sink = cls(journal, owns_run=run_id is None, client_uri=uri, warm=warm)
         if run_id is None:
             experiment_id = os.environ.get("MLFLOW_EXPERIMENT_ID") if experiment_name is None else None
             sink._enqueue({"op": "create_run", "run_name": run_name, "experiment_id": experiment_id,
@@ -169,3 +172,50 @@ class MlflowSink:
             self._proc.stdin.flush()
         except (OSError, ValueError):
             pass  # it gave up or ended: the operation stays journaled for sync
+
+
+def _start_sink(args: list[str], settings: dict[str, str]) -> subprocess.Popen[bytes]:
+    env = {**os.environ, **settings}
+    src_root = str(Path(__file__).resolve().parents[1])
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [src_root, env.get("PYTHONPATH")]))
+    return subprocess.Popen(
+        [sys.executable, "-m", "oxen_callbacks.mlflow_journal", *args],
+        stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env,
+        cwd=os.getcwd(), start_new_session=True,  # it may outlive training to finish the logging
+    )
+
+
+class WarmSinkProcess:
+    """A sink process started when the callback is built, so MLflow's import (1-2 s of CPU) is
+    done before fit end needs it. It gets its journal at fit start (:meth:`hand_over`); unused,
+    it exits when this object goes away or the training process ends (its stdin closes).
+    """
+
+    def __init__(self) -> None:
+        self.proc: subprocess.Popen[bytes] | None = _start_sink(["--warm"], {})
+        self._closer = weakref.finalize(self, _close_stdin, self.proc)
+
+    def hand_over(self, journal_folder: Path, settings: dict[str, str]) -> subprocess.Popen[bytes] | None:
+        """Give the process its journal; ``None`` if it is gone (start a new one then)."""
+        proc, self.proc = self.proc, None
+        self._closer.detach()
+        if proc is None or proc.poll() is not None or proc.stdin is None:
+            return None
+        handoff = {"journal": str(journal_folder), "env": settings, "cwd": os.getcwd()}
+        try:
+            proc.stdin.write(json.dumps(handoff).encode() + b"\n")
+            proc.stdin.flush()
+        except OSError:
+            return None
+        return proc
+
+    def close(self) -> None:
+        self._closer()
+
+
+def _close_stdin(proc: subprocess.Popen[bytes]) -> None:
+    try:
+        if proc.stdin is not None:
+            proc.stdin.close()
+    except OSError:
+        pass

@@ -104,8 +104,17 @@ class LineageRun:
         self._validate()
         self.publisher: CheckpointPublisher | None = None
         self.sink: Any = None
+        self._warm_sink: Any = None
+        if self.use_mlflow and _likely_rank_zero():
+            from .mlflow_sink import WarmSinkProcess
+
+            self._warm_sink = WarmSinkProcess()  # MLflow imports there while the user builds the trainer
         self.record: LineageRecord | None = None
         self.finished = False
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Picklable for ``ddp_spawn``: the warm sink process stays with this process."""
+        return {**self.__dict__, "_warm_sink": None}
 
     def _validate(self) -> None:
         if not _RUN_NAME.match(self.run_name):
@@ -183,8 +192,9 @@ class LineageRun:
 
             self.sink = MlflowSink.attach(
                 cache_dir=self.cache_dir, run_id=self.mlflow_run_id, tracking_uri=self.mlflow_tracking_uri,
-                experiment_name=self.experiment_name, run_name=self.run_name,
+                experiment_name=self.experiment_name, run_name=self.run_name, warm=self._warm_sink,
             )
+            self._warm_sink = None
         self.record = new_record(
             dataset=self.dataset.to_lineage() if self.dataset else None,
             model_repo=str(self.model_repo),
@@ -319,3 +329,8 @@ def _command() -> str:
 
 def _now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S%z")
+
+
+def _likely_rank_zero() -> bool:
+    """Whether this process is, by the launcher's environment, the one that logs (global rank 0)."""
+    return all(os.environ.get(name, "0") == "0" for name in ("RANK", "LOCAL_RANK", "NODE_RANK"))
