@@ -3,10 +3,11 @@
     python benchmarks/publish.py [--quick] [--repeats 3]
 
 For each size: ``cp`` (the physical floor), ``bare`` (oxenai add + commit in a fresh
-process, timing only those two calls) and ``ours`` (CheckpointPublisher: from
-``submit_checkpoint`` until the worker reports the commit, worker already running),
-plus ``stall_ms`` (time ``submit_checkpoint`` held the caller). Also: the same
-checkpoint written twice, and an HF-style folder where only the weights change.
+process, timing only those two calls, into one repository that grows over the sweep as
+ours does) and ``ours`` (CheckpointPublisher: from ``submit_checkpoint`` until the worker
+reports the commit, worker already running, the lineage file committed beside the
+checkpoint), plus ``stall_ms`` (time ``submit_checkpoint`` held the caller). Also: the
+same checkpoint written twice, and an HF-style folder where only the weights change.
 Warm page cache; medians of the repeats. The last line of stdout is one JSON object.
 """
 
@@ -24,9 +25,10 @@ import time
 from pathlib import Path
 
 BARE = """
-import sys, time, oxen
-repo = oxen.Repo(sys.argv[1]); repo.init()
-t = time.perf_counter(); repo.add(sys.argv[2]); repo.commit("bare"); print(time.perf_counter() - t)
+import os, sys, time, oxen
+repo = oxen.Repo(sys.argv[1])
+if not os.path.isdir(os.path.join(sys.argv[1], ".oxen")): repo.init()
+t = time.perf_counter(); repo.add(sys.argv[2]); repo.commit(os.path.basename(sys.argv[2])); print(time.perf_counter() - t)
 """
 
 
@@ -39,15 +41,14 @@ def write_blob(path: Path, size: int, seed: int) -> None:
 
 
 def bare_commit(root: Path, src: Path) -> float:
-    repo = root / f"bare-{time.monotonic_ns()}"
-    repo.mkdir()
+    """oxenai add + commit of ``src`` into one repository that grows over the sweep, like ours."""
+    repo = root / "bare"
+    repo.mkdir(exist_ok=True)
     target = repo / src.name
     shutil.copyfile(src, target)
     out = subprocess.run([sys.executable, "-c", BARE, str(repo), str(target)], capture_output=True, text=True,
                          check=True)
-    seconds = float(out.stdout.strip().splitlines()[-1])
-    shutil.rmtree(repo)
-    return seconds
+    return float(out.stdout.strip().splitlines()[-1])
 
 
 def cp(src: Path, root: Path) -> float:
