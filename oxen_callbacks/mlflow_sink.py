@@ -209,9 +209,6 @@ class WarmSinkProcess:
             return None
         return proc
 
-    def close(self) -> None:
-        self._closer()
-
 
 def _close_stdin(proc: subprocess.Popen[bytes]) -> None:
     try:

@@ -20,6 +20,7 @@ import shlex
 import sys
 import time
 import uuid
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +29,7 @@ from .errors import ConfigurationError, PublishError
 from .gitinfo import code_info
 from .lineage import LineageRecord, new_record
 from .pin import PinnedDataset
-from .publish.publisher import CheckpointPublisher
+from .publish.publisher import CheckpointPublisher, open_model_repo
 from .redact import redact_text, redact_url
 from .remote_spec import parse_remote
 from .snapshot import default_cache_dir
@@ -105,16 +106,22 @@ class LineageRun:
         self.publisher: CheckpointPublisher | None = None
         self.sink: Any = None
         self._warm_sink: Any = None
-        if self.use_mlflow and _likely_rank_zero():
-            from .mlflow_sink import WarmSinkProcess
+        self._repo_init: Future[Any] | None = None
+        if _likely_rank_zero():  # work that overlaps the user building the model and trainer
+            if self.use_mlflow:
+                from .mlflow_sink import WarmSinkProcess
 
-            self._warm_sink = WarmSinkProcess()  # MLflow imports there while the user builds the trainer
+                self._warm_sink = WarmSinkProcess()  # imports MLflow
+            if not oxen_layout.is_repo(self.model_repo):  # `oxen init`: 0.3 s in a child process
+                pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="oxen-init")
+                self._repo_init = pool.submit(open_model_repo, self.model_repo, self.cache_dir)
+                pool.shutdown(wait=False)
         self.record: LineageRecord | None = None
         self.finished = False
 
     def __getstate__(self) -> dict[str, Any]:
-        """Picklable for ``ddp_spawn``: the warm sink process stays with this process."""
-        return {**self.__dict__, "_warm_sink": None}
+        """Picklable for ``ddp_spawn``: the warm sink process and the init thread stay here."""
+        return {**self.__dict__, "_warm_sink": None, "_repo_init": None}
 
     def _validate(self) -> None:
         if not _RUN_NAME.match(self.run_name):
@@ -185,6 +192,8 @@ class LineageRun:
     # -- lifecycle -------------------------------------------------------------------
     def start(self) -> None:
         """Pull the pinned data, start the publisher, open the MLflow run and tag it."""
+        if self._repo_init is not None:
+            self._repo_init.result()  # its error (e.g. an unwritable folder), raised here before training
         if self.dataset is not None:
             self.dataset.pull()
         if self.use_mlflow:

@@ -158,3 +158,19 @@ def test_resume_checks_the_dataset_commit(dataset_repo, tmp_path):
         TinyModel(), datamodule=CsvData(pin_a), ckpt_path=tmp_path / "ckpt" / "last.ckpt")
     assert cb_same.lineage["checkpoints"][-1]["epoch"] == 1
     assert json.dumps(cb_same.lineage)  # serializable
+
+
+def test_a_callback_never_fitted_leaves_no_process_behind(tmp_path):
+    """The MLflow sink process and the model repository's `oxen init` start with the callback
+    (they overlap building the trainer); an unused callback's sink exits once it is gone."""
+    import gc
+
+    cb = OxenLightningCallback(model_repo=tmp_path / "models", mlflow_tracking_uri=f"sqlite:///{tmp_path}/m.db")
+    sink = cb.run._warm_sink.proc
+    assert sink.poll() is None
+    cb.run._repo_init.result(timeout=60)
+    del cb
+    gc.collect()
+    assert sink.wait(timeout=60) == 0
+    assert not (tmp_path / "m.db").exists()  # nothing was logged
+    assert LocalRepo(tmp_path / "models").commit_ids() == []  # an empty repository, ready for the next fit
