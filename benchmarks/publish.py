@@ -2,12 +2,13 @@
 
     python benchmarks/publish.py [--quick] [--repeats 3]
 
-For each size: ``cp`` (the physical floor), ``bare`` (oxenai add + commit in a fresh
+For each size: ``cp`` (the physical floor); ``bare`` (oxenai add + commit in a fresh
 process, timing only those two calls, into one repository that grows over the sweep as
-ours does) and ``ours`` (CheckpointPublisher: from ``submit_checkpoint`` until the worker
-reports the commit, worker already running, the lineage file committed beside the
-checkpoint), plus ``stall_ms`` (time ``submit_checkpoint`` held the caller). Also: the
-same checkpoint written twice, and an HF-style folder where only the weights change.
+ours does); ``bare_with_lineage`` (the same plus a second add of a small lineage file in
+the same commit: the Oxen work ours does); ``ours`` (CheckpointPublisher: from
+``submit_checkpoint`` until the worker reports the commit, worker already running); and
+``stall_ms`` (time ``submit_checkpoint`` held the caller). Also: the same checkpoint
+written twice, and an HF-style folder where only the weights change.
 Warm page cache; medians of the repeats. The last line of stdout is one JSON object.
 """
 
@@ -28,7 +29,9 @@ BARE = """
 import os, sys, time, oxen
 repo = oxen.Repo(sys.argv[1])
 if not os.path.isdir(os.path.join(sys.argv[1], ".oxen")): repo.init()
-t = time.perf_counter(); repo.add(sys.argv[2]); repo.commit(os.path.basename(sys.argv[2])); print(time.perf_counter() - t)
+t = time.perf_counter()
+for path in sys.argv[2:]: repo.add(path)
+repo.commit(os.path.basename(sys.argv[2])); print(time.perf_counter() - t)
 """
 
 
@@ -40,13 +43,19 @@ def write_blob(path: Path, size: int, seed: int) -> None:
             f.write(block[:-8] + (seed * 100000 + i).to_bytes(8, "little"))
 
 
-def bare_commit(root: Path, src: Path) -> float:
-    """oxenai add + commit of ``src`` into one repository that grows over the sweep, like ours."""
-    repo = root / "bare"
+def bare_commit(root: Path, src: Path, *, with_lineage: bool = False) -> float:
+    """oxenai add + commit of ``src`` into one repository that grows over the sweep, like ours;
+    ``with_lineage``: also add a lineage file in the same commit, as ours does (a second add)."""
+    repo = root / ("bare-lineage" if with_lineage else "bare")
     repo.mkdir(exist_ok=True)
     target = repo / src.name
     shutil.copyfile(src, target)
-    out = subprocess.run([sys.executable, "-c", BARE, str(repo), str(target)], capture_output=True, text=True,
+    paths = [str(target)]
+    if with_lineage:
+        lineage = repo / "lineage.json"
+        lineage.write_text(json.dumps({"checkpoint": src.name, "padding": "x" * 2000}))
+        paths.append(str(lineage))
+    out = subprocess.run([sys.executable, "-c", BARE, str(repo), *paths], capture_output=True, text=True,
                          check=True)
     return float(out.stdout.strip().splitlines()[-1])
 
@@ -90,12 +99,13 @@ def sweep(root: Path, sizes_mb: list[int], repeats: int) -> dict:
     rows = {}
     try:
         for mb in sizes_mb:
-            samples: dict[str, list[float]] = {"cp": [], "bare": [], "ours": [], "stall": []}
+            samples: dict[str, list[float]] = {"cp": [], "bare": [], "bare_lineage": [], "ours": [], "stall": []}
             for i in range(repeats):
                 src = root / "ckpts" / f"{mb}mb-{i}.ckpt"
                 write_blob(src, mb << 20, seed=mb * 1000 + i)
                 samples["cp"].append(cp(src, root))
                 samples["bare"].append(bare_commit(root, src))
+                samples["bare_lineage"].append(bare_commit(root, src, with_lineage=True))
                 total, stall = ours.publish(src)
                 samples["ours"].append(total)
                 samples["stall"].append(stall)
@@ -103,7 +113,9 @@ def sweep(root: Path, sizes_mb: list[int], repeats: int) -> dict:
             med = {k: statistics.median(v) for k, v in samples.items()}
             rows[f"{mb}MB"] = {"cp_s": round(med["cp"], 4), "bare_add_commit_s": round(med["bare"], 4),
                                "ours_s": round(med["ours"], 4), "stall_ms": round(med["stall"] * 1000, 3),
+                               "bare_with_lineage_s": round(med["bare_lineage"], 4),
                                "ratio_vs_bare": round(med["ours"] / med["bare"], 3),
+                               "ratio_vs_bare_with_lineage": round(med["ours"] / med["bare_lineage"], 3),
                                "ratio_vs_cp": round(med["ours"] / med["cp"], 3)}
             print(f"  {mb:5d} MB: {rows[f'{mb}MB']}", file=sys.stderr)
         # the same bytes saved twice (e.g. last.ckpt beside epoch=N.ckpt): stored once
@@ -147,6 +159,7 @@ def main() -> None:
         rows = sweep(root, sizes, args.repeats)
     sized = [v for k, v in rows.items() if k.endswith("MB")]
     print(json.dumps({"publisher_ratio_vs_bare_max": max(r["ratio_vs_bare"] for r in sized),
+                      "publisher_ratio_vs_bare_with_lineage_max": max(r["ratio_vs_bare_with_lineage"] for r in sized),
                       "publisher_ratio_vs_bare_at_largest": sized[-1]["ratio_vs_bare"],
                       "stall_ms_max": max(r["stall_ms"] for r in sized), "sizes": rows,
                       "machine": {"cores": os.cpu_count(), "loadavg_1m": round(os.getloadavg()[0], 2)},
