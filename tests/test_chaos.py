@@ -93,10 +93,12 @@ def test_random_sigkills_lose_nothing(dataset_repo, tmp_path):
     assert total > 0
 
     # a rerun resumes from the last committed checkpoint of a killed run, on the same dataset commit
-    resumable = [r for r, _ in kills if (models / "runs" / r / "lineage.json").exists()
-                 and read_lineage(models / "runs" / r / "lineage.json")["checkpoints"]]
-    victim = resumable[-1]
-    last = read_lineage(models / "runs" / victim / "lineage.json")["checkpoints"][-1]
+    resumable = {r: read_lineage(models / "runs" / r / "lineage.json")["checkpoints"][-1]
+                 for r, _ in kills if (models / "runs" / r / "lineage.json").exists()
+                 and read_lineage(models / "runs" / r / "lineage.json")["checkpoints"]}
+    # the run with the least training committed: one killed after its final step has nothing left to continue
+    victim = min(resumable, key=lambda r: resumable[r]["step"])
+    last = resumable[victim]
     out = tmp_path / "resumed.json"
     proc = subprocess.run(_fit_cmd(dataset_repo.path, models, tmp_path / "resumed", "resumed", "--resume-from",
                                    victim, "--out", str(out)), capture_output=True, text=True, timeout=300)
