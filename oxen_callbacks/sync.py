@@ -7,6 +7,7 @@ operation is idempotent, and what still fails stays journaled and is reported.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
@@ -120,8 +121,10 @@ def _replay_all(cache_dir: Path) -> list[dict[str, Any]]:
         entry: dict[str, Any] = {"journal": folder.name, "tracking_uri": meta.get("tracking_uri"),
                                  "run_id": meta.get("run_id"), "pending": len(journal.pending())}
         try:
-            entry["done"] = replay(journal)
+            with contextlib.redirect_stdout(sys.stderr):  # MLflow prints run links: keep stdout for our report
+                entry["done"] = replay(journal)
             entry["status"] = "done"
+            entry["run_id"] = journal.meta().get("run_id")  # created by the replay when training could not
             shutil.rmtree(folder, ignore_errors=True)
         except Exception as exc:  # MLflow still down: keep it for the next sync
             entry["status"] = "failed"
