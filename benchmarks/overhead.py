@@ -166,6 +166,30 @@ def workload(root: Path, size_mb: int, epochs: int, compute_s: float, repeats: i
     return summary
 
 
+def headline(overlap: dict, saturated: dict, *, quick: bool) -> dict:
+    """The JSON keys both overhead benchmarks print (``overhead_hf.py`` uses this too)."""
+    r = saturated["ratio"]
+    return {
+        "stall_ms_p50": overlap["stall_ms_p50"],
+        "ratio_overlap": overlap["ratio"]["ours"],
+        "ratio_overlap_oxen_only": overlap["ratio"]["ours_oxen_only"],
+        "ratio_saturated": r["ours"],
+        "ratio_saturated_oxen_only": r["ours_oxen_only"],
+        "ratio_saturated_mlflow": r["mlflow"],
+        "ratio_saturated_naive": r["naive"],
+        "overhead_vs_mlflow_anchor": round((r["ours"] - 1) / (r["mlflow"] - 1), 3) if r["mlflow"] > 1 else None,
+        # the same, counting from building the callbacks / loggers (MLFlowLogger imports MLflow there)
+        "ratio_saturated_wall": saturated["ratio_wall"]["ours"],
+        "ratio_saturated_mlflow_wall": saturated["ratio_wall"]["mlflow"],
+        "ratio_saturated_naive_wall": saturated["ratio_wall"]["naive"],
+        "rss_growth_mb": max(overlap["rss_growth_mb"], saturated["rss_growth_mb"]),
+        "overlap": overlap,
+        "saturated": saturated,
+        "machine": {"cores": os.cpu_count(), "loadavg_1m": round(os.getloadavg()[0], 2)},
+        "quick": quick,
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="smaller checkpoints, 3 repeats (< 3 minutes)")
@@ -194,27 +218,8 @@ def main() -> None:
         if not args.quick:
             for mb in (1, 1000):
                 stall_sweep[f"{mb}MB"] = workload(root, mb, 3, 0.0, 1, ("bare", "ours"))["stall_ms_p50"]
-    r = saturated["ratio"]
-    result = {
-        "stall_ms_p50": overlap["stall_ms_p50"],
-        "stall_ms_p50_by_size": {f"{size}MB": saturated["stall_ms_p50"], **stall_sweep},
-        "ratio_overlap": overlap["ratio"]["ours"],
-        "ratio_overlap_oxen_only": overlap["ratio"]["ours_oxen_only"],
-        "ratio_saturated": r["ours"],
-        "ratio_saturated_oxen_only": r["ours_oxen_only"],
-        "ratio_saturated_mlflow": r["mlflow"],
-        "ratio_saturated_naive": r["naive"],
-        "overhead_vs_mlflow_anchor": round((r["ours"] - 1) / (r["mlflow"] - 1), 3) if r["mlflow"] > 1 else None,
-        # the same, counting from building the callbacks / loggers (MLFlowLogger imports MLflow there)
-        "ratio_saturated_wall": saturated["ratio_wall"]["ours"],
-        "ratio_saturated_mlflow_wall": saturated["ratio_wall"]["mlflow"],
-        "ratio_saturated_naive_wall": saturated["ratio_wall"]["naive"],
-        "rss_growth_mb": max(overlap["rss_growth_mb"], saturated["rss_growth_mb"]),
-        "overlap": overlap,
-        "saturated": saturated,
-        "machine": {"cores": os.cpu_count(), "loadavg_1m": round(os.getloadavg()[0], 2)},
-        "quick": args.quick,
-    }
+    result = headline(overlap, saturated, quick=args.quick)
+    result["stall_ms_p50_by_size"] = {f"{size}MB": saturated["stall_ms_p50"], **stall_sweep}
     print(json.dumps(result))
 
 

@@ -27,7 +27,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from overhead import mlflow_store_template  # benchmarks/ is on sys.path when run as a script
+from overhead import headline, mlflow_store_template  # benchmarks/ is on sys.path when run as a script
 
 VARIANTS = ("bare", "ours", "ours_oxen_only", "mlflow", "naive")
 SAVES = 5
@@ -170,25 +170,7 @@ def main() -> None:
         overlap = workload(root, size, 2.0 if not args.quick else 0.8, args.repeats, ("bare", "ours", "ours_oxen_only"))
         print("saturated (save-bound):", file=sys.stderr)
         saturated = workload(root, size, 0.0, args.repeats, VARIANTS)
-    r = saturated["ratio"]
-    print(json.dumps({
-        "stall_ms_p50": overlap["stall_ms_p50"],
-        "ratio_overlap": overlap["ratio"]["ours"],
-        "ratio_overlap_oxen_only": overlap["ratio"]["ours_oxen_only"],
-        "ratio_saturated": r["ours"],
-        "ratio_saturated_oxen_only": r["ours_oxen_only"],
-        "ratio_saturated_mlflow": r["mlflow"],
-        "ratio_saturated_naive": r["naive"],
-        "overhead_vs_mlflow_anchor": round((r["ours"] - 1) / (r["mlflow"] - 1), 3) if r["mlflow"] > 1 else None,
-        # the same, counting from building the callbacks / loggers (MLFlowLogger imports MLflow there)
-        "ratio_saturated_wall": saturated["ratio_wall"]["ours"],
-        "ratio_saturated_mlflow_wall": saturated["ratio_wall"]["mlflow"],
-        "ratio_saturated_naive_wall": saturated["ratio_wall"]["naive"],
-        "rss_growth_mb": max(overlap["rss_growth_mb"], saturated["rss_growth_mb"]),
-        "overlap": overlap, "saturated": saturated,
-        "machine": {"cores": os.cpu_count(), "loadavg_1m": round(os.getloadavg()[0], 2)}, "quick": args.quick,
-    }))
-
+    print(json.dumps(headline(overlap, saturated, quick=args.quick)))
 
 if __name__ == "__main__":
     main()
