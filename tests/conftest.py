@@ -32,9 +32,14 @@ def isolated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 @pytest.fixture
 def dataset_repo(tmp_path: Path):
+    """:func:`moved_dataset` in ``tmp_path / "dataset"``."""
+    return moved_dataset(tmp_path / "dataset")
+
+
+def moved_dataset(path: Path):  # type: ignore[no-untyped-def]
     """A dataset repository whose branch moved: commit A (labels 0), then commit B (labels 1)."""
     return make_repo(
-        tmp_path / "dataset",
+        path,
         [
             ("A", {"train.csv": table(label=0, seed=0), "val.csv": table(label=0, seed=1, rows=32)}),
             ("B", {"train.csv": table(label=1, seed=0)}),

@@ -44,6 +44,16 @@ def commit_files(repo: Repo, message: str, files: dict[str, str | bytes]) -> str
     return commit
 
 
+def folder_contents(root: Path) -> tuple[set[str], dict[str, bytes]]:
+    """Folders and file bytes under ``root``, relative."""
+    dirs, files = set(), {}
+    for dirpath, dirnames, names in os.walk(root):
+        base = Path(dirpath).relative_to(root)
+        dirs.update(str(base / d) for d in dirnames)
+        files.update({str(base / n): (Path(dirpath) / n).read_bytes() for n in names})
+    return dirs, files
+
+
 def tree_state(path: Path) -> dict[str, str]:
     """Hash of every working-tree file plus .oxen/HEAD: to prove nothing changed."""
     state = {}

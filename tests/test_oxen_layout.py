@@ -14,7 +14,7 @@ import tomllib
 from pathlib import Path
 
 import pytest
-from helpers import AUTHOR, make_repo
+from helpers import AUTHOR, folder_contents, make_repo
 
 from oxen_callbacks import oxen_child, oxen_layout, oxen_tree
 from oxen_callbacks.source_local import copy_from_store
@@ -114,29 +114,20 @@ def listed(repo: Path, commit: str, paths: list[str]) -> tuple[set[str], dict[st
     return dirs, files
 
 
-def written(root: Path) -> tuple[set[str], dict[str, bytes]]:
-    dirs, files = set(), {}
-    for dirpath, dirnames, names in os.walk(root):
-        base = Path(dirpath).relative_to(root)
-        dirs.update(str(base / d) for d in dirnames)
-        files.update({str(base / n): (Path(dirpath) / n).read_bytes() for n in names})
-    return dirs, files
-
-
 def test_tree_reader_lists_what_oxen_restore_writes(big_history, tmp_path):
     repo, (first, second) = big_history
     oxen_child.materialize(repo, second, ["."], tmp_path / "all")
     dirs, files = listed(repo, second, ["."])
-    assert (dirs, files) == written(tmp_path / "all")
+    assert (dirs, files) == folder_contents(tmp_path / "all")
     (tmp_path / "copied").mkdir()
     copy_from_store(repo, second, ["."], tmp_path / "copied")  # the pin's fast path: batches on threads
-    assert written(tmp_path / "copied") == (dirs, files)
+    assert folder_contents(tmp_path / "copied") == (dirs, files)
     assert len(files) == MANY + 4 and files["many/f00007.txt"] == b"modified\n" and files["empty"] == b""
     assert "gone.txt" not in files and "x/y" in dirs  # removed; the emptied folder stays in the commit
     parts = ["n", "many/f00007.txt", "x", "gone.txt"]
     oxen_child.materialize(repo, first, parts, tmp_path / "parts")
     dirs, files = listed(repo, first, parts)
-    assert (dirs, files) == written(tmp_path / "parts")
+    assert (dirs, files) == folder_contents(tmp_path / "parts")
     assert files["many/f00007.txt"] == b"file 7\n" and files["x/y/only.txt"] == b"only"
     with pytest.raises(oxen_tree.PathNotInCommit):
         oxen_tree.files_at(repo, second, ["gone.txt"])

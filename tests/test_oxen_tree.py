@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from helpers import AUTHOR, make_repo, tree_state
+from helpers import AUTHOR, folder_contents, make_repo, tree_state
 
 from oxen_callbacks import PinnedDataset, oxen_child, oxen_layout, oxen_tree
 from oxen_callbacks.errors import ConfigurationError, OxenError
@@ -58,16 +58,6 @@ def remove(repo: Path, rels: list[str]) -> None:
     subprocess.run([sys.executable, "-c", code, str(repo), *rels], check=True, capture_output=True, timeout=120)
 
 
-def contents(root: Path) -> tuple[set[str], dict[str, bytes]]:
-    """Folders and file bytes under ``root``, relative."""
-    dirs, files = set(), {}
-    for dirpath, dirnames, names in os.walk(root):
-        base = Path(dirpath).relative_to(root)
-        dirs.update(str(base / d) for d in dirnames)
-        files.update({str(base / n): (Path(dirpath) / n).read_bytes() for n in names})
-    return dirs, files
-
-
 @pytest.fixture(scope="module")
 def repos(tmp_path_factory):
     """The same history twice: default content store (fast path) and a custom one (restore fallback)."""
@@ -94,7 +84,7 @@ def test_fast_path_and_fallback_give_identical_snapshots(repos, paths, caplog):
         with caplog.at_level(logging.WARNING, logger="oxen_callbacks"):
             fast = PinnedDataset(fast_repo, revision=fast_commit, paths=paths)
             slow = PinnedDataset(slow_repo, revision=slow_commit, paths=paths)
-            assert contents(fast.path) == contents(slow.path)
+            assert folder_contents(fast.path) == folder_contents(slow.path)
         warnings = [r.getMessage() for r in caplog.records if WARNING in r.getMessage()]
         assert len(warnings) == 1 and f"{slow_repo}@{slow_commit}" in warnings[0], warnings
         fast.verify()
@@ -103,10 +93,10 @@ def test_fast_path_and_fallback_give_identical_snapshots(repos, paths, caplog):
 
 def test_what_each_commit_holds(repos, tmp_path):
     repo, (first, second) = repos["fast"]
-    dirs, files = contents(PinnedDataset(repo, revision=first, cache_dir=tmp_path / "c").path)
+    dirs, files = folder_contents(PinnedDataset(repo, revision=first, cache_dir=tmp_path / "c").path)
     assert {"x/y", "d/e/f"} <= dirs and files["empty"] == b"" and len(files["big.bin"]) == BIG + 4
     assert files["a.txt"] == b"a" and "gone.txt" in files
-    dirs, files = contents(PinnedDataset(repo, revision=second, cache_dir=tmp_path / "c").path)
+    dirs, files = folder_contents(PinnedDataset(repo, revision=second, cache_dir=tmp_path / "c").path)
     assert files["a.txt"] == b"a changed" and files["new/n.txt"] == b"new"
     assert "gone.txt" not in files and "x/y" in dirs and not any(f.startswith("x/") for f in files)
 
@@ -118,7 +108,7 @@ def test_fast_path_equals_oxen_restore_of_the_same_commit(repos, tmp_path):
         copied.mkdir()
         copy_from_store(repo, commit, ["."], copied)
         oxen_child.materialize(repo, commit, ["."], restored)
-        assert contents(copied) == contents(restored)
+        assert folder_contents(copied) == folder_contents(restored)
 
 
 def test_pin_leaves_the_users_repository_alone(repos):

@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import table
+from conftest import moved_dataset
 from helpers import make_repo, tree_state
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning_model import CsvData, TinyModel, make_trainer
@@ -38,9 +38,7 @@ def registered(tmp_path_factory):
         for key, value in env.items():
             mp.setenv(key, value)
         mp.chdir(root)
-        dataset = make_repo(root / "dataset", [("A", {"train.csv": table(label=0, seed=0),
-                                                       "val.csv": table(label=0, seed=1, rows=32)}),
-                                                ("B", {"train.csv": table(label=1, seed=0)})])
+        dataset = moved_dataset(root / "dataset")
         runs = []
         for i, commit in enumerate(dataset.commits):
             pin = PinnedDataset(dataset.path, revision=commit, paths=["train.csv", "val.csv"])

@@ -9,8 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import table
-from helpers import make_repo
+from conftest import moved_dataset
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning_model import CsvData, TinyModel, make_trainer
 from mlflow import MlflowClient
@@ -31,9 +30,7 @@ def offline(tmp_path_factory):
         for key, value in env.items():
             mp.setenv(key, value)
         mp.chdir(root)
-        dataset = make_repo(root / "dataset", [("A", {"train.csv": table(label=0, seed=0),
-                                                       "val.csv": table(label=0, seed=1, rows=32)}),
-                                                ("B", {"train.csv": table(label=1, seed=0)})])
+        dataset = moved_dataset(root / "dataset")
         runs = {}
         for name, commit in (("solo-a", dataset.commits[0]), ("solo-b", dataset.commits[1])):
             pin = PinnedDataset(dataset.path, revision=commit, paths=["train.csv", "val.csv"])
