@@ -3,11 +3,17 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+from oxen_callbacks import oxen_child
+from oxen_callbacks.lineage import new_record
 from oxen_callbacks.oxen_repo import LocalRepo
+from oxen_callbacks.publish.publisher import CheckpointPublisher
+from oxen_callbacks.publish.worker import Batches
 
 SCRIPT = Path(__file__).parent / "fit_script.py"
 
@@ -39,3 +45,38 @@ def test_two_fits_into_one_model_repo_both_complete(dataset_repo, tmp_path):
         assert all(c["path"].startswith(f"runs/{name}/") for c in lineage["checkpoints"])
     on_disk = {p.name for p in (repo.path / "runs").iterdir()}
     assert on_disk == {"alpha", "beta"}
+
+
+def test_a_pause_in_saving_frees_the_model_repo_for_the_users_own_oxen_commands(tmp_path):
+    """Commits hold the repository only while saves keep coming: after a pause the user's own
+    ``oxen`` command (another process, outside our locks) commits there, and publishing goes on."""
+    pub = CheckpointPublisher(model_repo=tmp_path / "models", run="r", cache_dir=tmp_path / "cache")
+    record = new_record(dataset=None, model_repo=str(pub.repo.path), framework={"name": "test", "version": "0"})
+    try:
+        for step in (1, 2):  # a burst: both served by the same commit process
+            ckpt = tmp_path / f"step{step}.ckpt"
+            ckpt.write_bytes(os.urandom(4096))
+            pub.submit_checkpoint(ckpt, record=record, step=step, epoch=0)
+        assert pub.flush(timeout=60)
+        time.sleep(Batches.IDLE_S + 1.0)
+
+        (pub.repo.path / "NOTES.md").write_text("trained on the March data\n")
+        (tmp_path / "oxen-config").mkdir(exist_ok=True)  # the user's identity, as `oxen config` writes it
+        (tmp_path / "oxen-config" / "user_config.toml").write_text('name = "Ada"\nemail = "ada@example.com"\n')
+        users_own = subprocess.run(  # plain oxenai, as the user's `oxen add` / `oxen commit` would
+            [sys.executable, "-c", "import oxen, sys; r = oxen.Repo(sys.argv[1]); r.add(sys.argv[2]); "
+             "print(r.commit('notes').id)", str(pub.repo.path), str(pub.repo.path / "NOTES.md")],
+            capture_output=True, text=True, timeout=60)
+        assert users_own.returncode == 0, users_own.stderr[-2000:]
+        users_commit = users_own.stdout.strip().splitlines()[-1]
+
+        ckpt = tmp_path / "step3.ckpt"
+        ckpt.write_bytes(os.urandom(4096))
+        pub.submit_checkpoint(ckpt, record=record, step=3, epoch=0)
+        assert pub.flush(timeout=60)
+    finally:
+        pub.close()
+    history = [c["id"] for c in oxen_child.log(pub.repo.path)]
+    ours = [r["commit"] for r in pub.results if r["kind"] == "checkpoint"]
+    assert history.index(ours[2]) < history.index(users_commit) < history.index(ours[1])
+    assert (pub.repo.path / "NOTES.md").read_text() == "trained on the March data\n"

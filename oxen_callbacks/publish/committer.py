@@ -41,10 +41,10 @@ def lineage_path(run: str) -> str:
 class Committer:
     """Executes jobs in order; removals wait for the next commit of the same queue.
 
-    Runs in a process of its own per batch (see ``worker.BatchProcess``) and holds
-    the repository lock until that process exits: oxenai keeps the repository's
-    databases open until then, so releasing the lock earlier would let another
-    process in while they are still locked.
+    Runs in a commit process that serves one burst of batches (see
+    ``worker.BatchProcess``) and holds the repository lock until that process
+    exits: oxenai keeps the repository's databases open until then, so releasing
+    the lock earlier would let another process in while they are still locked.
     """
 
     def __init__(self, repo: LocalRepo) -> None:

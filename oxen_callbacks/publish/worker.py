@@ -17,6 +17,7 @@ import os
 import select
 import signal
 import sys
+import time
 from collections.abc import Callable
 from typing import IO, Any
 
@@ -61,71 +62,90 @@ def _redirect_output(log_path: str) -> IO[str]:
 
 
 class BatchProcess:
-    """A forked process that imports oxenai ahead of time, then runs exactly one task and exits.
+    """A forked process that imports oxenai ahead of time, then runs tasks until retired.
 
     oxenai keeps a repository's databases (and their OS locks) open until the
-    process exits, so each batch of commits runs in a process of its own: other
-    training processes, ``sync`` and the user's own ``oxen`` commands can use the
-    repository between our commits. The supervisor never imports oxenai (it starts
-    native threads, and forking a process with threads can deadlock the child), so
-    the child imports it right after the fork, while the supervisor waits for work.
+    process exits, so commits run in a process that exits between bursts of
+    saves: other training processes, ``sync`` and the user's own ``oxen`` commands
+    can use the repository then. Within a burst one process serves every batch
+    (see :class:`Batches`), paying the import and the database opening once. The
+    supervisor never imports oxenai (it starts native threads, and forking a
+    process with threads can deadlock the child), so the child imports it right
+    after the fork, while the supervisor waits for work.
+
+    Protocol: one JSON request per line on a pipe, one JSON reply line back;
+    EOF on the request pipe (:meth:`retire`) ends the process.
     """
 
     def __init__(self, tasks: dict[str, Callable[..., Any]], close_fds: tuple[int, ...] = ()) -> None:
-        req_read, self._request = os.pipe()
-        self._reply, reply_write = os.pipe()
+        req_read, req_write = os.pipe()
+        reply_read, reply_write = os.pipe()
         self.pid = os.fork()
         if self.pid == 0:  # child: never returns into the supervisor's loop, whatever happens
             try:
-                for fd in (self._request, self._reply, *close_fds):
+                for fd in (req_write, reply_read, *close_fds):
                     os.close(fd)  # e.g. the worker lock: a batch outliving a killed worker must not keep it
                 import oxen  # noqa: F401  - the 0.2 s import, paid before the work arrives
 
-                with os.fdopen(req_read) as inp:
-                    text = inp.read()
-                if text:
-                    request = json.loads(text)
-                    try:
-                        reply = {"ok": True, "value": tasks[request["task"]](**request["args"])}
-                    except BaseException as exc:  # noqa: BLE001 - everything must reach the parent
-                        log.exception("Publishing batch failed")
-                        reply = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
-                    with os.fdopen(reply_write, "w") as out:
-                        out.write(json.dumps(reply))
+                with os.fdopen(req_read) as inp, os.fdopen(reply_write, "w") as out:
+                    for line in inp:
+                        request = json.loads(line)
+                        try:
+                            reply = {"ok": True, "value": tasks[request["task"]](**request["args"])}
+                        except BaseException as exc:  # noqa: BLE001 - everything must reach the parent
+                            log.exception("Publishing batch failed")
+                            reply = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
+                        out.write(json.dumps(reply) + "\n")
+                        out.flush()
             finally:
                 os._exit(0)  # also when the parent is gone (broken pipe): the work itself is on disk
         os.close(req_read)
         os.close(reply_write)
+        self._request = os.fdopen(req_write, "w")
+        self._reply = os.fdopen(reply_read)
+        self.started_serving: float | None = None  # monotonic time of its first task
 
-    def send(self, task: str, **args: Any) -> None:
-        """Hand the child its one task (a dead child shows as no reply in :meth:`receive`)."""
+    def run(self, task: str, **args: Any) -> Any:
+        """Run one task in the child; raises :class:`PublishError` if it failed or the child died."""
+        if self.started_serving is None:
+            self.started_serving = time.monotonic()
         try:
-            with os.fdopen(self._request, "w") as out:
-                out.write(json.dumps({"task": task, "args": args}))
+            self._request.write(json.dumps({"task": task, "args": args}) + "\n")
+            self._request.flush()
         except BrokenPipeError:
-            pass
-
-    def receive(self) -> Any:
-        """Wait for the child's reply and for its exit; raises :class:`PublishError` if it failed."""
-        with os.fdopen(self._reply) as inp:
-            data = inp.read()
-        _, status = os.waitpid(self.pid, 0)
-        if not data:
+            pass  # a dead child shows as no reply below
+        line = self._reply.readline()
+        if not line:
+            self._close_pipes()
+            _, status = os.waitpid(self.pid, 0)
+            self.pid = 0
             raise PublishError(f"The commit process died (wait status {status}); its jobs stay queued")
-        reply = json.loads(data)
+        reply = json.loads(line)
         if not reply["ok"]:
             raise PublishError(reply["error"])
         return reply["value"]
 
+    def retire(self) -> None:
+        """Let the child exit (releasing the repository) and wait for it."""
+        self._close_pipes()
+        if self.pid:
+            os.waitpid(self.pid, 0)
+
     def discard(self) -> None:
         """Stop a child that got no task: it has only imported oxenai, so nothing is lost."""
-        os.close(self._request)
-        os.close(self._reply)
+        self._close_pipes()
         try:
             os.kill(self.pid, signal.SIGKILL)  # no need to wait for its import to finish
         except ProcessLookupError:
             pass
         os.waitpid(self.pid, 0)
+
+    def _close_pipes(self) -> None:
+        for stream in (self._request, self._reply):
+            try:
+                stream.close()
+            except BrokenPipeError:
+                pass
 
 
 def clean_orphan_temp_files(committer: Committer) -> int:
@@ -173,7 +193,17 @@ def drain_orphans(committer: Committer, skip: JobQueue | None = None) -> int:
 
 
 class Batches:
-    """A warm :class:`BatchProcess` always ready: the next is forked as soon as one gets its task."""
+    """One commit process at a time: it serves a burst of batches, then a fresh one waits warm.
+
+    A process that has served batches lingers ``IDLE_S`` for the next one (saves
+    close together, the final lineage commit right after the last save), and is
+    retired after ``HOLD_S`` of serving so that another process waiting for the
+    repository is not starved; a new one is forked at once to import oxenai while
+    the supervisor waits for work.
+    """
+
+    IDLE_S = 2.0
+    HOLD_S = 10.0
 
     def __init__(self, queue: JobQueue, committer: Committer, close_fds: tuple[int, ...]) -> None:
         def run_jobs(seqs: list[int], final: bool) -> list[dict[str, Any]]:
@@ -186,18 +216,36 @@ class Batches:
 
         self._tasks = {"run_jobs": run_jobs, "maintain": maintain}
         self._close_fds = close_fds
-        self._warm = BatchProcess(self._tasks, close_fds)
+        self._child = BatchProcess(self._tasks, close_fds)
+
+    @property
+    def serving(self) -> bool:
+        """Whether the current process has served a batch (and so holds the repository)."""
+        return self._child.started_serving is not None
 
     def run(self, task: str, **args: Any) -> Any:
-        current = self._warm
-        current.send(task, **args)
-        # The next one is forked while this task runs, so its oxenai import is not on the next
-        # batch's path. Forked after send(): it must not hold the request pipe of `current` open.
-        self._warm = BatchProcess(self._tasks, (*self._close_fds, current._reply))
-        return current.receive()
+        try:
+            return self._child.run(task, **args)
+        except PublishError:
+            if not self._child.pid:  # it died: the next batch gets a fresh one
+                self._child = BatchProcess(self._tasks, self._close_fds)
+            raise
+        finally:
+            started = self._child.started_serving
+            if started is not None and time.monotonic() - started > self.HOLD_S:
+                self.retire()
+
+    def retire(self) -> None:
+        """Free the repository now (before a push, or after ``IDLE_S`` without work)."""
+        if self.serving:
+            self._child.retire()
+            self._child = BatchProcess(self._tasks, self._close_fds)
 
     def close(self) -> None:
-        self._warm.discard()
+        if self.serving:
+            self._child.retire()
+        else:
+            self._child.discard()
 
 
 def serve(queue: JobQueue, batches: Batches, results: _Results, push: PushTarget | None, repo: str) -> None:
@@ -221,13 +269,16 @@ def serve(queue: JobQueue, batches: Batches, results: _Results, push: PushTarget
         if done:
             continue  # more may have arrived meanwhile
         if push and push.dirty and (eof or not push_failed):
+            batches.retire()  # the push process opens the repository's databases too
             report = push_with_timeout(repo, push)
             push_failed = not report["ok"]  # then wait for the end: each try may cost a full timeout
             results.emit(report)
         if eof:
             return
-        ready, _, _ = select.select([sys.stdin], [], [], 1.0)
-        if ready and sys.stdin.readline() == "":
+        ready, _, _ = select.select([sys.stdin], [], [], Batches.IDLE_S if batches.serving else 1.0)
+        if not ready:
+            batches.retire()
+        elif sys.stdin.readline() == "":
             eof = True
 
 
