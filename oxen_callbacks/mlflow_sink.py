@@ -122,7 +122,7 @@ class MlflowSink:
         """The run id, waiting up to ``timeout`` for the sink process to create the run."""
         deadline = time.monotonic() + timeout
         while self.run_id is None and time.monotonic() < deadline and not self._stopped():
-            time.sleep(0.05)
+            time.sleep(0.01)
         return self.run_id
 
     # -- operations -------------------------------------------------------------------
@@ -155,7 +155,7 @@ class MlflowSink:
         while not self.journal.is_empty():
             if self._stopped() or (deadline is not None and time.monotonic() >= deadline):
                 return self.journal.is_empty()
-            time.sleep(0.05)
+            time.sleep(0.01)
         return True
 
     # -- internals -----------------------------------------------------------------------
