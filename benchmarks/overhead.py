@@ -13,7 +13,8 @@ Variants: ``bare`` (ModelCheckpoint only), ``ours`` (+ OxenLightningCallback, ML
 SQLite store), ``ours_oxen_only`` (the callback with ``mlflow=False``), ``mlflow`` (MLFlowLogger(log_model="all"), SQLite + local artifacts) and
 ``naive`` (synchronous oxenai add + commit after each save, in the training process).
 ``fit_s`` is the wall time of ``trainer.fit()``: for ours it includes waiting for every checkpoint
-to be committed and the lineage to be logged. MLflow variants log into an existing SQLite store.
+to be committed and the lineage to be logged. Every fit logs into an existing MLflow SQLite store
+and existing Oxen model repositories (see ``existing_stores``).
 The last line of stdout is one JSON object.
 """
 
@@ -69,8 +70,7 @@ def run_one(variant: str, work: Path, size_mb: int, epochs: int, compute_s: floa
     if variant == "naive":
         import oxen
 
-        repo = oxen.Repo(str(work / "naive-models"), mkdir=True)
-        repo.init()
+        repo = oxen.Repo(str(work / "naive-models"))
 
         class NaiveCheckpoint(ModelCheckpoint):
             def _save_checkpoint(self, trainer, filepath):  # type: ignore[no-untyped-def]
@@ -125,10 +125,23 @@ def mlflow_store_template(root: Path) -> Path:
     return db
 
 
+def existing_stores(root: Path, work: Path, mlflow_db: str) -> None:
+    """Give a fit an existing MLflow store (``work/mlflow_db``) and existing Oxen model repositories
+    (``work/models`` for ours, ``work/naive-models`` for the naive baseline), as every run after a
+    project's first has: one-time creation (``oxen init``, MLflow's tables) is not what is compared."""
+    shutil.copyfile(mlflow_store_template(root), work / mlflow_db)
+    oxen_template = root / "oxen-template"
+    if not oxen_template.exists():
+        subprocess.run([sys.executable, "-c", "import sys, oxen; oxen.Repo(sys.argv[1], mkdir=True).init()",
+                        str(oxen_template)], check=True, capture_output=True)
+    for name in ("models", "naive-models"):
+        shutil.copytree(oxen_template, work / name)
+
+
 def fit_in_child(variant: str, root: Path, size_mb: int, epochs: int, compute_s: float, i: int) -> dict:
     work = root / f"{variant}-{size_mb}-{compute_s}-{i}"
     work.mkdir(parents=True)
-    shutil.copyfile(mlflow_store_template(root), work / f"mlflow-{variant}.db")
+    existing_stores(root, work, f"mlflow-{variant}.db")
     env = {**os.environ, "OXEN_CALLBACKS_CACHE": str(work / "cache"), "OXEN_CONFIG_DIR": str(work / "oxen-config")}
     if variant == "naive":  # the naive baseline commits in-process: it needs an identity
         (work / "oxen-config").mkdir()

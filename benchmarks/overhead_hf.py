@@ -8,8 +8,8 @@ Variants: ``bare`` (no callback, report_to none), ``ours`` (OxenTrainerCallback,
 MLflow on SQLite), ``ours_oxen_only`` (``mlflow=False``), ``mlflow``
 (``report_to="mlflow"`` with ``HF_MLFLOW_LOG_ARTIFACTS=1``: checkpoints copied into MLflow
 artifacts) and ``naive`` (synchronous oxenai add + commit of each folder in ``on_save``).
-``train_s`` includes waiting for every checkpoint to be committed. MLflow variants log into
-an existing SQLite store. Each run is a fresh
+``train_s`` includes waiting for every checkpoint to be committed. Every run logs into an
+existing MLflow SQLite store and existing Oxen model repositories. Each run is a fresh
 process; orders alternate; medians. The last line of stdout is one JSON object.
 """
 
@@ -19,7 +19,6 @@ import argparse
 import json
 import os
 import resource
-import shutil
 import statistics
 import subprocess
 import sys
@@ -27,7 +26,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from overhead import headline, mlflow_store_template  # benchmarks/ is on sys.path when run as a script
+from overhead import existing_stores, headline  # benchmarks/ is on sys.path when run as a script
 
 VARIANTS = ("bare", "ours", "ours_oxen_only", "mlflow", "naive")
 SAVES = 5
@@ -81,8 +80,7 @@ def run_one(variant: str, work: Path, size_mb: int, compute_s: float) -> dict:
     elif variant == "naive":
         import oxen
 
-        repo = oxen.Repo(str(work / "naive-models"), mkdir=True)
-        repo.init()
+        repo = oxen.Repo(str(work / "naive-models"))
 
         class NaiveCommit(TrainerCallback):
             def on_save(self, args, state, control, **kwargs):  # type: ignore[no-untyped-def]
@@ -113,7 +111,7 @@ def run_one(variant: str, work: Path, size_mb: int, compute_s: float) -> dict:
 def fit_in_child(variant: str, root: Path, size_mb: int, compute_s: float, i: int) -> dict:
     work = root / f"{variant}-{size_mb}-{compute_s}-{i}"
     work.mkdir(parents=True)
-    shutil.copyfile(mlflow_store_template(root), work / "mlflow.db")  # an existing store, as after a first run
+    existing_stores(root, work, "mlflow.db")
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
     env.update(OXEN_CALLBACKS_CACHE=str(work / "cache"), OXEN_CONFIG_DIR=str(work / "oxen-config"))
     if variant == "naive":

@@ -5,8 +5,10 @@
 For each size: ``cp`` (the physical floor); ``bare`` (oxenai add + commit in a fresh
 process, timing only those two calls, into one repository that grows over the sweep as
 ours does); ``bare_with_lineage`` (the same plus a second add of a small lineage file in
-the same commit: the Oxen work ours does); ``ours`` (CheckpointPublisher: from
-``submit_checkpoint`` until the worker reports the commit, worker already running); and
+the same commit, at the same paths: the Oxen work ours does); ``ours`` (CheckpointPublisher:
+from ``submit_checkpoint`` until the worker reports the commit, worker already running, the
+save apart from others so that its commit process opens the repository afresh, as ``bare``
+does); ``ours_burst`` (a second save right after, served by the same commit process); and
 ``stall_ms`` (time ``submit_checkpoint`` held the caller). Also: the same checkpoint
 written twice, and an HF-style folder where only the weights change.
 Warm page cache; medians of the repeats. The last line of stdout is one JSON object.
@@ -24,6 +26,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from oxen_callbacks.publish.worker import Batches
 
 BARE = """
 import os, sys, time, oxen
@@ -45,14 +49,16 @@ def write_blob(path: Path, size: int, seed: int) -> None:
 
 def bare_commit(root: Path, src: Path, *, with_lineage: bool = False) -> float:
     """oxenai add + commit of ``src`` into one repository that grows over the sweep, like ours;
-    ``with_lineage``: also add a lineage file in the same commit, as ours does (a second add)."""
+    ``with_lineage``: the Oxen work ours does: the same paths (``runs/<run>/checkpoints/<name>``)
+    and a lineage file added in the same commit (a second add)."""
     repo = root / ("bare-lineage" if with_lineage else "bare")
     repo.mkdir(exist_ok=True)
-    target = repo / src.name
+    target = repo / "runs" / "bench" / "checkpoints" / src.name if with_lineage else repo / src.name
+    target.parent.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(src, target)
     paths = [str(target)]
     if with_lineage:
-        lineage = repo / "lineage.json"
+        lineage = repo / "runs" / "bench" / "lineage.json"
         lineage.write_text(json.dumps({"checkpoint": src.name, "padding": "x" * 2000}))
         paths.append(str(lineage))
     out = subprocess.run([sys.executable, "-c", BARE, str(repo), *paths], capture_output=True, text=True,
@@ -99,23 +105,30 @@ def sweep(root: Path, sizes_mb: list[int], repeats: int) -> dict:
     rows = {}
     try:
         for mb in sizes_mb:
-            samples: dict[str, list[float]] = {"cp": [], "bare": [], "bare_lineage": [], "ours": [], "stall": []}
+            samples: dict[str, list[float]] = {"cp": [], "bare": [], "bare_lineage": [], "ours": [], "ours_burst": [],
+                                               "stall": []}
             for i in range(repeats):
-                src = root / "ckpts" / f"{mb}mb-{i}.ckpt"
+                src, twin = (root / "ckpts" / f"{mb}mb-{i}{tag}.ckpt" for tag in "ab")
                 write_blob(src, mb << 20, seed=mb * 1000 + i)
+                write_blob(twin, mb << 20, seed=mb * 1000 + 500 + i)
                 samples["cp"].append(cp(src, root))
                 samples["bare"].append(bare_commit(root, src))
                 samples["bare_lineage"].append(bare_commit(root, src, with_lineage=True))
+                time.sleep(Batches.IDLE_S + 0.5)  # the previous commit process has retired
                 total, stall = ours.publish(src)
                 samples["ours"].append(total)
                 samples["stall"].append(stall)
+                samples["ours_burst"].append(ours.publish(twin)[0])
                 src.unlink()
+                twin.unlink()
             med = {k: statistics.median(v) for k, v in samples.items()}
             rows[f"{mb}MB"] = {"cp_s": round(med["cp"], 4), "bare_add_commit_s": round(med["bare"], 4),
-                               "ours_s": round(med["ours"], 4), "stall_ms": round(med["stall"] * 1000, 3),
+                               "ours_s": round(med["ours"], 4), "ours_burst_s": round(med["ours_burst"], 4),
+                               "stall_ms": round(med["stall"] * 1000, 3),
                                "bare_with_lineage_s": round(med["bare_lineage"], 4),
                                "ratio_vs_bare": round(med["ours"] / med["bare"], 3),
                                "ratio_vs_bare_with_lineage": round(med["ours"] / med["bare_lineage"], 3),
+                               "ratio_burst_vs_bare": round(med["ours_burst"] / med["bare"], 3),
                                "ratio_vs_cp": round(med["ours"] / med["cp"], 3)}
             print(f"  {mb:5d} MB: {rows[f'{mb}MB']}", file=sys.stderr)
         # the same bytes saved twice (e.g. last.ckpt beside epoch=N.ckpt): stored once
