@@ -75,6 +75,19 @@ class MlflowJournal:
         ops = sorted(p for p in (self.folder / "ops").glob("*.json"))
         return [(p, json.loads(p.read_text())) for p in ops]
 
+    def batches(self) -> list[tuple[list[Path], dict[str, Any]]]:
+        """The pending operations in order, each run of ``set_tags`` merged into one (one MLflow
+        request instead of one per fact learnt); returns ``(op files, operation)`` pairs."""
+        merged: list[tuple[list[Path], dict[str, Any]]] = []
+        for path, op in self.pending():
+            previous = merged[-1][1] if merged else {}
+            if op["op"] == previous.get("op") == "set_tags" and len({**previous["tags"], **op["tags"]}) <= 100:
+                paths = merged[-1][0]  # (MLflow takes at most 100 tags per request)
+                merged[-1] = ([*paths, path], {"op": "set_tags", "tags": {**previous["tags"], **op["tags"]}})
+            else:
+                merged.append(([path], op))
+        return merged
+
     def is_empty(self) -> bool:
         return not any((self.folder / "ops").glob("*.json"))
 
@@ -117,11 +130,12 @@ def replay(journal: MlflowJournal) -> int:
     client = client_for(journal)
     meta = journal.meta()
     done = 0
-    for path, op in journal.pending():
+    for paths, op in journal.batches():
         _apply(client, journal, meta, op)
         meta = journal.meta()
-        path.unlink()
-        done += 1
+        for path in paths:
+            path.unlink()
+        done += len(paths)
     return done
 
 
@@ -178,13 +192,14 @@ def serve(journal: MlflowJournal) -> None:
     client = None
     eof = False
     while True:
-        pending = journal.pending()
-        for path, op in pending:
+        pending = journal.batches()
+        for paths, op in pending:
             for delay in (*RETRY_DELAYS_S, None):
                 try:
                     client = client or client_for(journal)
                     _apply(client, journal, journal.meta(), op)
-                    path.unlink(missing_ok=True)
+                    for path in paths:
+                        path.unlink(missing_ok=True)
                     journal.write_status(gave_up=False, last_error=None)
                     break
                 except Exception as exc:  # network, server or store errors: retry, then keep journaled

@@ -255,7 +255,8 @@ def test_sync_finishes_journaled_mlflow_logging(world):
     cache = world.root / "sync-cache"
     journal = MlflowJournal.create(cache, {"tracking_uri": world.env["MLFLOW_TRACKING_URI"],
                                            "run_id": world.run_id("run-c")})
-    journal.put(1, {"op": "set_tags", "tags": {"oxen.test.synced": "yes"}})
+    journal.put(1, {"op": "set_tags", "tags": {"oxen.test.synced": "yes", "oxen.test.commit": "old"}})
+    journal.put(2, {"op": "set_tags", "tags": {"oxen.test.commit": "new"}})  # learnt later: it wins
     # a run training never managed to create: sync creates, tags and ends it
     offline = MlflowJournal.create(cache, {"tracking_uri": world.env["MLFLOW_TRACKING_URI"], "run_id": None})
     offline.put(1, {"op": "create_run", "run_name": "offline", "experiment_id": None, "experiment_name": "offline"})
@@ -263,7 +264,8 @@ def test_sync_finishes_journaled_mlflow_logging(world):
     offline.put(3, {"op": "end_run", "status": "FINISHED"})
     report = cli(world, "sync", "--cache-dir", str(cache))  # stdout stays one JSON object (MLflow prints links)
     client = MlflowClient(world.env["MLFLOW_TRACKING_URI"])
-    assert client.get_run(world.run_id("run-c")).data.tags["oxen.test.synced"] == "yes"
+    tags = client.get_run(world.run_id("run-c")).data.tags
+    assert tags["oxen.test.synced"] == "yes" and tags["oxen.test.commit"] == "new"
     created = {entry["run_id"] for entry in report["mlflow"]} - {world.run_id("run-c")}
     assert len(created) == 1 and report["pending"] == 0
     run = client.get_run(created.pop())
