@@ -15,7 +15,6 @@ import importlib
 import json
 import logging
 import os
-import select
 import shutil
 import sys
 import tempfile
@@ -26,9 +25,11 @@ from typing import Any
 
 from .locks import FileLock
 from .redact import redact_text, redact_url
+from .stdin_lines import StdinLines
 
 log = logging.getLogger(__name__)
 RETRY_DELAYS_S = (0.5, 1.0, 2.0, 4.0, 8.0)
+_STDIN = StdinLines()  # the training process's wake-ups, hand-offs and ends
 
 
 class MlflowJournal:
@@ -183,14 +184,17 @@ def _apply(client: Any, journal: MlflowJournal, meta: dict[str, Any], op: dict[s
         raise ValueError(f"Unknown journaled MLflow operation {kind!r}")
 
 
-def serve(journal: MlflowJournal) -> None:
-    """Apply operations as they arrive (a newline on stdin wakes us; EOF: finish and exit).
+def serve(journal: MlflowJournal) -> bool:
+    """Apply operations as they arrive, until the training run says it is over.
 
-    An operation that still fails after the retries stops the process: order
-    matters (tags of a run not yet created...), so the rest stays journaled.
+    Stdin: a newline wakes us; ``end`` ends this journal (the process may get
+    another, see :func:`main`); EOF means the training process is gone: finish
+    and exit. Returns whether stdin is still open. An operation that still fails
+    after the retries stops serving: order matters (tags of a run not yet
+    created...), so the rest stays journaled.
     """
     client = None
-    eof = False
+    over = False
     while True:
         pending = journal.batches()
         for paths, op in pending:
@@ -207,16 +211,33 @@ def serve(journal: MlflowJournal) -> None:
                     if delay is None:
                         log.warning("MLflow %s failed (%s); kept for `oxen-callbacks sync`", op["op"], error)
                         journal.write_status(gave_up=True, last_error=error)
-                        return
+                        return False  # never handed another journal: the training side saw it give up
                     journal.write_status(gave_up=False, last_error=error)
                     time.sleep(delay)
         if pending:
             continue
-        if eof:
-            return
-        ready, _, _ = select.select([sys.stdin], [], [], 1.0)
-        if ready and sys.stdin.readline() == "":
-            eof = True
+        if over:
+            return over == "end"
+        line = _STDIN.next(timeout=1.0)
+        over = "eof" if line == "" else "end" if line == "end\n" else False
+
+
+def serve_folder(folder: Path) -> bool:
+    """:func:`serve` one journal under its lock, with its own log; forget it once done."""
+    journal = MlflowJournal(folder)
+    handler = logging.FileHandler(journal.folder / "sink.log")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    logging.getLogger().addHandler(handler)
+    try:
+        with FileLock(journal.lock_path):
+            more = serve(journal)
+            forget = journal.is_empty()
+    finally:
+        logging.getLogger().removeHandler(handler)
+        handler.close()
+    if forget:
+        shutil.rmtree(journal.folder, ignore_errors=True)
+    return more
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -224,28 +245,26 @@ def main(argv: list[str] | None = None) -> int:
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--journal")
     source.add_argument("--warm", action="store_true",
-                        help="import MLflow now, then read the journal to serve from stdin (one JSON line)")
+                        help="import MLflow now, then serve the journals handed over on stdin (a JSON line each)")
     args = parser.parse_args(argv)
     os.nice(10)  # bookkeeping beside training: the trainer keeps the CPU when both want it
-    folder = args.journal
-    if args.warm:
-        importlib.import_module("mlflow.tracking")  # the slow import, paid before the work arrives
-
-        line = sys.stdin.readline()
-        if not line:  # the callback was never used
-            return 0
+    logging.getLogger().setLevel(logging.INFO)
+    if args.journal:
+        serve_folder(Path(args.journal))
+        return 0
+    importlib.import_module("mlflow.tracking")  # the slow import, paid before the work arrives
+    # One journal per training run of the process that started us (a notebook trains again and
+    # again): each hand-off brings that run's environment and folder. EOF: the callback was
+    # never used, or the training process is gone.
+    while line := _STDIN.next(timeout=None):
+        if not line.startswith("{"):
+            continue  # a wake-up or end line of a journal we gave up on
         handoff = json.loads(line)
+        os.environ.clear()
         os.environ.update(handoff["env"])
         os.chdir(handoff["cwd"])
-        folder = handoff["journal"]
-    journal = MlflowJournal(Path(folder))
-    logging.basicConfig(filename=journal.folder / "sink.log", level=logging.INFO,
-                        format="%(asctime)s %(levelname)s %(message)s")
-    with FileLock(journal.lock_path):
-        serve(journal)
-        forget = journal.is_empty()
-    if forget:
-        shutil.rmtree(journal.folder, ignore_errors=True)
+        if not serve_folder(Path(handoff["journal"])):
+            break
     return 0
 
 

@@ -14,7 +14,6 @@ import argparse
 import json
 import logging
 import os
-import select
 import signal
 import sys
 import time
@@ -25,6 +24,7 @@ from .. import oxen_layout
 from ..errors import PublishError
 from ..locks import FileLock
 from ..oxen_repo import LocalRepo
+from ..stdin_lines import StdinLines
 from .committer import Committer
 from .queue import JobQueue, all_queues
 from .remote import PushTarget, push_with_timeout
@@ -249,6 +249,8 @@ class Batches:
 
 
 def serve(queue: JobQueue, batches: Batches, results: _Results, push: PushTarget | None, repo: str) -> None:
+    """Run the queue's jobs as they come (a newline on stdin wakes us; EOF: finish and return)."""
+    wakeups = StdinLines()
     failed: set[int] = set()
     eof = push_failed = False
     while True:
@@ -275,11 +277,10 @@ def serve(queue: JobQueue, batches: Batches, results: _Results, push: PushTarget
             results.emit(report)
         if eof:
             return
-        ready, _, _ = select.select([sys.stdin], [], [], Batches.IDLE_S if batches.serving else 1.0)
-        if not ready:
+        line = wakeups.next(timeout=Batches.IDLE_S if batches.serving else 1.0)
+        if line is None:
             batches.retire()
-        elif sys.stdin.readline() == "":
-            eof = True
+        eof = line == ""
 
 
 def main(argv: list[str] | None = None) -> int:
