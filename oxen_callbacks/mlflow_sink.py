@@ -10,7 +10,7 @@ Example::
 
     sink = MlflowSink.attach(cache_dir=cache)        # the active run, or a new one
     sink.set_tags({"oxen.dataset.commit": pin.commit})
-    sink.log_lineage(record); sink.end("FINISHED"); sink.flush(timeout=30)
+    sink.log_lineage(record); sink.end("FINISHED"); sink.flush(timeout=30); sink.close()
 """
 
 from __future__ import annotations
@@ -75,6 +75,7 @@ class MlflowSink:
                     **{k: v for k, v in os.environ.items() if k.startswith("MLFLOW_")},
                     "MLFLOW_TRACKING_URI": client_uri}
         proc = warm.hand_over(journal.folder, settings) if warm is not None else None
+        self._reusable = proc is not None  # a --warm process serves one journal after another
         self._proc = proc or _start_sink(["--journal", str(journal.folder)], settings)
 
     @classmethod
@@ -140,14 +141,19 @@ class MlflowSink:
                        "dataset_input": dataset_input, "graph": graph})
 
     def end(self, status: str = "FINISHED") -> None:
-        """End the run (when this sink started it); the sink process exits once all is done."""
+        """End the run (when this sink started it): nothing more comes for this journal."""
         if self.owns_run:
             self._enqueue({"op": "end_run", "status": status})
-        try:
-            assert self._proc.stdin is not None
-            self._proc.stdin.close()
-        except OSError:
-            pass
+        self._send(b"end\n")
+
+    def close(self) -> None:
+        """Let go of the sink process (after :meth:`end`): once it has done everything it waits,
+        MLflow imported, for the next training run of this process; else it finishes and exits."""
+        if self._reusable and self.journal.is_empty() and not self._stopped():
+            _release_idle(self._proc)
+        else:
+            _close_stdin(self._proc)
+        self._reusable = False
 
     def flush(self, timeout: float | None = None) -> bool:
         """Wait for the queued operations; ``False`` if some remain (journaled) at the timeout."""
@@ -166,9 +172,12 @@ class MlflowSink:
         with self._lock:
             self._seq += 1
             self.journal.put(self._seq, op)
+        self._send(b"\n")
+
+    def _send(self, line: bytes) -> None:
         try:
             assert self._proc.stdin is not None
-            self._proc.stdin.write(b"\n")
+            self._proc.stdin.write(line)
             self._proc.stdin.flush()
         except (OSError, ValueError):
             pass  # it gave up or ended: the operation stays journaled for sync
@@ -186,13 +195,15 @@ def _start_sink(args: list[str], settings: dict[str, str]) -> subprocess.Popen[b
 
 
 class WarmSinkProcess:
-    """A sink process started when the callback is built, so MLflow's import (1-2 s of CPU) is
-    done before fit end needs it. It gets its journal at fit start (:meth:`hand_over`); unused,
-    it exits when this object goes away or the training process ends (its stdin closes).
+    """A sink process with MLflow imported before fit end needs it (1-2 s of CPU): an idle one
+    left by an earlier training run of this process (a notebook trains again and again), else
+    one started now, when the callback is built. It gets its journal at fit start
+    (:meth:`hand_over`); unused, it exits when this object goes away or the training process
+    ends (its stdin closes).
     """
 
     def __init__(self) -> None:
-        self.proc: subprocess.Popen[bytes] | None = _start_sink(["--warm"], {})
+        self.proc: subprocess.Popen[bytes] | None = _take_idle() or _start_sink(["--warm"], {})
         self._closer = weakref.finalize(self, _close_stdin, self.proc)
 
     def hand_over(self, journal_folder: Path, settings: dict[str, str]) -> subprocess.Popen[bytes] | None:
@@ -201,13 +212,37 @@ class WarmSinkProcess:
         self._closer.detach()
         if proc is None or proc.poll() is not None or proc.stdin is None:
             return None
-        handoff = {"journal": str(journal_folder), "env": settings, "cwd": os.getcwd()}
+        # the whole environment, through the pipe (never on disk): a reused process must not keep
+        # an earlier run's settings
+        handoff = {"journal": str(journal_folder), "env": {**os.environ, **settings}, "cwd": os.getcwd()}
         try:
             proc.stdin.write(json.dumps(handoff).encode() + b"\n")
             proc.stdin.flush()
         except OSError:
             return None
         return proc
+
+
+_idle: list[subprocess.Popen[bytes]] = []  # sink processes done with their run, MLflow imported
+_idle_lock = threading.Lock()
+_idle_owner = os.getpid()  # a forked child (DDP workers) must not write to its parent's pipes
+
+
+def _take_idle() -> subprocess.Popen[bytes] | None:
+    with _idle_lock:
+        while _idle and os.getpid() == _idle_owner:
+            proc = _idle.pop()
+            if proc.poll() is None:
+                return proc
+    return None
+
+
+def _release_idle(proc: subprocess.Popen[bytes]) -> None:
+    with _idle_lock:
+        if os.getpid() == _idle_owner and not _idle:
+            _idle.append(proc)
+            return
+    _close_stdin(proc)  # one idle process is enough
 
 
 def _close_stdin(proc: subprocess.Popen[bytes]) -> None:

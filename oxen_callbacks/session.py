@@ -303,6 +303,7 @@ class LineageRun:
                 log.warning("MLflow did not take the lineage within %.0fs (%s); it is journaled in %s: "
                             "run `oxen-callbacks sync` later.", self.mlflow_timeout, self.sink.last_error,
                             self.sink.journal.folder)
+            self.sink.close()
         if error is not None:
             raise error
         return final

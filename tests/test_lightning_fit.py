@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import mlflow
@@ -174,3 +175,32 @@ def test_a_callback_never_fitted_leaves_no_process_behind(tmp_path):
     assert sink.wait(timeout=60) == 0
     assert not (tmp_path / "m.db").exists()  # nothing was logged
     assert LocalRepo(tmp_path / "models").commit_ids() == []  # an empty repository, ready for the next fit
+
+
+def test_fits_in_one_process_reuse_the_sink_yet_log_where_each_run_says(dataset_repo, tmp_path):
+    """A notebook fits again and again: the second fit's MLflow logging runs in the sink process the
+    first one left idle (MLflow already imported), yet follows the second fit's own settings."""
+    pin = PinnedDataset(dataset_repo.path, revision=dataset_repo.commits[0], paths=["train.csv", "val.csv"])
+    stores = [f"sqlite:///{tmp_path / name}" for name in ("first.db", "second.db")]
+    sinks, runs = [], []
+    for i, store in enumerate(stores):
+        cb = OxenLightningCallback(dataset=pin, model_repo=tmp_path / "models", mlflow_tracking_uri=store,
+                                   experiment_name=f"notebook-{i}")
+        sinks.append(cb.run._warm_sink.proc.pid)
+        make_trainer(tmp_path, [ModelCheckpoint(dirpath=tmp_path / f"ckpt{i}"), cb], epochs=1).fit(
+            TinyModel(), datamodule=CsvData(pin))
+        runs.append(cb.lineage["run"]["mlflow_run_id"])
+    assert sinks[0] == sinks[1]
+    for i, (store, run_id) in enumerate(zip(stores, runs)):
+        client = MlflowClient(store)
+        run = client.get_run(run_id)
+        assert client.get_experiment(run.info.experiment_id).name == f"notebook-{i}"
+        assert run.info.status == "FINISHED" and run.data.tags["oxen.dataset.commit"] == dataset_repo.commits[0]
+        assert [r.info.run_id for r in client.search_runs([run.info.experiment_id])] == [run_id]
+        local = client.download_artifacts(run_id, "oxen/lineage.json", str(tmp_path))
+        assert read_lineage(local)["model"]["commit"] in LocalRepo(tmp_path / "models").commit_ids()
+    journals = tmp_path / "cache" / "mlflow-journal"
+    deadline = time.monotonic() + 30  # the sink forgets a journal just after its last operation
+    while any(journals.iterdir()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not any(journals.iterdir())
