@@ -11,7 +11,7 @@ save apart from others so that its commit process opens the repository afresh, a
 does); ``ours_burst`` (a second save right after, served by the same commit process); and
 ``stall_ms`` (time ``submit_checkpoint`` held the caller). Also: the same checkpoint
 written twice, and an HF-style folder where only the weights change.
-Warm page cache; medians of the repeats. The last line of stdout is one JSON object.
+Warm page cache; medians of the repeats (at least 9 up to 10 MB). The last line of stdout is one JSON object.
 """
 
 from __future__ import annotations
@@ -107,7 +107,7 @@ def sweep(root: Path, sizes_mb: list[int], repeats: int) -> dict:
         for mb in sizes_mb:
             samples: dict[str, list[float]] = {"cp": [], "bare": [], "bare_lineage": [], "ours": [], "ours_burst": [],
                                                "stall": []}
-            for i in range(repeats):
+            for i in range(max(repeats, 9) if mb <= 10 else repeats):  # small sizes: ms-level noise
                 src, twin = (root / "ckpts" / f"{mb}mb-{i}{tag}.ckpt" for tag in "ab")
                 write_blob(src, mb << 20, seed=mb * 1000 + i)
                 write_blob(twin, mb << 20, seed=mb * 1000 + 500 + i)
