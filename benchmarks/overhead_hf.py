@@ -26,7 +26,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from overhead import headline, prepare_fit  # benchmarks/ is on sys.path when run as a script
+from overhead import headline, prepare_fit, variants  # benchmarks/ is on sys.path when run as a script
 
 VARIANTS = ("bare", "ours", "ours_oxen_only", "mlflow", "naive")
 SAVES = 5
@@ -165,9 +165,11 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="oxen-bench-hf-") as tmp:
         root = Path(tmp)
         print("overlap (normal case):", file=sys.stderr)
-        overlap = workload(root, size, 2.0 if not args.quick else 0.8, args.repeats, ("bare", "ours", "ours_oxen_only"))
+        overlap = workload(root, size, 2.0 if not args.quick else 0.5, args.repeats,
+                           variants(("bare", "ours", "ours_oxen_only"), args.quick))
         print("saturated (save-bound):", file=sys.stderr)
-        saturated = workload(root, size, 0.0, max(args.repeats, 5), VARIANTS)  # short, noisy fits
+        repeats = args.repeats if args.quick else max(args.repeats, 5)  # full: 5 of these short, noisy fits
+        saturated = workload(root, size, 0.0, repeats, variants(VARIANTS, args.quick))
     print(json.dumps(headline(overlap, saturated, quick=args.quick)))
 
 if __name__ == "__main__":
