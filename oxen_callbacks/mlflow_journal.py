@@ -258,7 +258,7 @@ def main(argv: list[str] | None = None) -> int:
     # never used, or the training process is gone.
     while line := _STDIN.next(timeout=None):
         if not line.startswith("{"):
-            continue  # a wake-up or end line of a journal we gave up on
+            continue  # a stray wake-up: between hand-offs nothing else is sent
         handoff = json.loads(line)
         os.environ.clear()
         os.environ.update(handoff["env"])
