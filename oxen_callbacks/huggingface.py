@@ -101,7 +101,7 @@ class OxenTrainerCallback(TrainerCallback):
             if self.dataset is not None:
                 self.dataset.pull()
                 self.dataset.verify()
-            self.run.start()
+            self.run.start(continuing=bool(recorded) and recorded.get("run_name") == self.run.run_name)
             if recorded and self.run.record is not None:
                 self.run.record["resumed_from"] = {"run_name": recorded.get("run_name"), "step": state.global_step,
                                                    "dataset": recorded.get("dataset")}

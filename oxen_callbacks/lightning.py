@@ -70,9 +70,11 @@ class OxenLightningCallback(Callback):
         **run_options: Any,
     ) -> None:
         self.ckpt_path: str | None = None
+        self._resumed_run: str | None = None  # the run resume_from continues, when it names one
         if resume_from is not None:
             resumed = resolve_resume(model_repo, resume_from, cache_dir=run_options.get("cache_dir"))
             self.ckpt_path = str(resumed.path)
+            self._resumed_run = (resumed.lineage or {}).get("run", {}).get("name")
             if dataset is None and resumed.dataset:
                 dataset = resumed.pinned_dataset(cache_dir=run_options.get("cache_dir"))
         dataset = as_pinned(dataset, revision, paths, run_options.get("cache_dir"))
@@ -110,7 +112,7 @@ class OxenLightningCallback(Callback):
             if mlflow_logger is not None and self.run.use_mlflow and self.run.mlflow_run_id is None:
                 self.run.mlflow_run_id = mlflow_logger.run_id
                 self.run.mlflow_tracking_uri = mlflow_logger._tracking_uri
-            self.run.start()
+            self.run.start(continuing=self._resumed_run == self.run.run_name)
         self._install(trainer)
 
     def _install(self, trainer: pl.Trainer) -> None:

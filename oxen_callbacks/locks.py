@@ -64,6 +64,13 @@ class FileLock:
             os.close(self._fd)
             self._fd = None
 
+    def write(self, data: bytes) -> None:
+        """Replace the lock file's content (e.g. who holds it) while holding it."""
+        if self._fd is None:
+            raise RuntimeError(f"lock {self.path} is not held")
+        os.ftruncate(self._fd, 0)
+        os.pwrite(self._fd, data, 0)
+
     @property
     def held(self) -> bool:
         return self._fd is not None
