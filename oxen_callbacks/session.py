@@ -29,6 +29,7 @@ from .errors import ConfigurationError, PublishError
 from .gitinfo import code_info
 from .lineage import LineageRecord, new_record
 from .pin import PinnedDataset
+from .publish.claim import RunClaim
 from .publish.publisher import CheckpointPublisher, open_model_repo
 from .redact import redact_text, redact_url
 from .remote_spec import parse_remote
@@ -118,10 +119,11 @@ class LineageRun:
                 pool.shutdown(wait=False)
         self.record: LineageRecord | None = None
         self.finished = False
+        self._claim: RunClaim | None = None
 
     def __getstate__(self) -> dict[str, Any]:
-        """Picklable for ``ddp_spawn``: the warm sink process and the init thread stay here."""
-        return {**self.__dict__, "_warm_sink": None, "_repo_init": None}
+        """Picklable for ``ddp_spawn``: the warm sink process, the init thread and the claim stay here."""
+        return {**self.__dict__, "_warm_sink": None, "_repo_init": None, "_claim": None}
 
     def _validate(self) -> None:
         if not _RUN_NAME.match(self.run_name):
@@ -149,8 +151,8 @@ class LineageRun:
                 f"model_repo={str(self.model_repo)!r} is a non-empty folder that is not an Oxen repository.",
                 "pass a new or empty folder (it will be created with `oxen init`), or run `oxen init` there.",
             )
-        if self.remote and self.remote_url is None and oxen_layout.is_repo(self.model_repo):
-            known = oxen_layout.remotes(self.model_repo)
+        if self.remote and self.remote_url is None:  # a repository created for this run has no remotes
+            known = oxen_layout.remotes(self.model_repo) if oxen_layout.is_repo(self.model_repo) else {}
             if self.remote not in known:
                 raise ConfigurationError(
                     f"remote={self.remote!r} is not a remote of the model repository {str(self.model_repo)!r} "
@@ -190,10 +192,25 @@ class LineageRun:
                                          "pass mlflow=True, or drop register_model.")
 
     # -- lifecycle -------------------------------------------------------------------
-    def start(self) -> None:
-        """Pull the pinned data, start the publisher, open the MLflow run and tag it."""
+    def start(self, *, continuing: bool = False) -> None:
+        """Claim the run name, then pull the pinned data, start the publisher, open the MLflow run.
+
+        ``continuing``: this fit resumes the run of the same name (its lineage goes on);
+        otherwise a name an earlier run used is refused (see :class:`~.publish.claim.RunClaim`).
+        """
         if self._repo_init is not None:
             self._repo_init.result()  # its error (e.g. an unwritable folder), raised here before training
+        open_model_repo(self.model_repo, self.cache_dir)
+        self._claim = RunClaim.take(self.model_repo, self.run_name, continuing=continuing)
+        try:
+            self._open()
+        except BaseException:
+            self._claim.withdraw()  # nothing was written under the name: give it back
+            self._claim = None
+            raise
+
+    def _open(self) -> None:
+        """Pull the pinned data, start the publisher, open the MLflow run and tag it."""
         if self.dataset is not None:
             self.dataset.pull()
         if self.use_mlflow:
@@ -278,6 +295,8 @@ class LineageRun:
             error = exc
         finally:
             self.publisher.close(timeout=self.drain_timeout)
+            if self._claim is not None:
+                self._claim.release()
         if final is None:
             final = self._base_record()
             final["checkpoints"] = [
@@ -314,12 +333,8 @@ class LineageRun:
         if self.remote is None and self.remote_url is None:
             return
         marker = pending_push(self.model_repo)
-        if marker is not None:
-            log.warning(
-                "Checkpoints are committed in %s but NOT pushed to Oxen remote %r (%s): %s. "
-                "Run `oxen-callbacks sync` once the remote is reachable.",
-                self.model_repo, marker["remote"], marker.get("url") or "configured remote", marker.get("error"),
-            )
+        if marker is not None and self.publisher is not None:
+            self.publisher.warn_unpushed(marker)  # once per run, whether training or the end found it
             if self.record is not None:
                 self.record["push"] = {"remote": marker["remote"], "pushed": False, "error": marker.get("error")}
 

@@ -28,6 +28,7 @@ from .queue import Job, JobQueue, repo_lock_path
 log = logging.getLogger(__name__)
 
 LOCK_TIMEOUT_S = 3600.0
+_HALF_WRITTEN_RETRIES = 2
 
 
 def run_folder(run: str) -> str:
@@ -129,6 +130,7 @@ class Committer:
             "files": p.get("files"),
             "bytes": p.get("bytes"),
             "job": f"{queue.folder.name}/{job.name}",
+            "source": p.get("source"),  # which file of the trainer's it is (several folders may share names)
         }
         record["checkpoints"] = [c for c in record["checkpoints"] if c.get("job") != entry["job"]] + [entry]
         record["model"].update({"path": dest_rel, "commit": None})
@@ -175,14 +177,25 @@ class Committer:
 
     # -- helpers ------------------------------------------------------------------
     def _commit(self, message: str) -> str:
-        try:
-            return self.repo.commit(message)
-        except OxenError as exc:
-            if "No changes to commit" not in str(exc):
-                raise
-            head = self.repo.resolve(None)
-            log.info("Nothing new to commit (%s): already in %s", message, head)
-            return head
+        """Commit what is staged; a commit a killed process left half-written is retried.
+
+        Oxen's commit id hashes the parent, message, author and the time in whole seconds:
+        retried within the same second, a commit whose killed predecessor wrote its nodes
+        fails with "already exists or is being written". The next second gives a new id.
+        """
+        for attempt in range(_HALF_WRITTEN_RETRIES + 1):
+            try:
+                return self.repo.commit(message)
+            except OxenError as exc:
+                if "No changes to commit" in str(exc):
+                    head = self.repo.resolve(None)
+                    log.info("Nothing new to commit (%s): already in %s", message, head)
+                    return head
+                if "already exists or is being written" not in str(exc) or attempt == _HALF_WRITTEN_RETRIES:
+                    raise
+                log.warning("%s: a killed commit left it half-written; committing again in the next second", exc)
+                time.sleep(1.01 - time.time() % 1.0)
+        raise AssertionError("unreachable")
 
     def _stage_removal(self, dest_rel: str) -> None:
         if not (self.repo.path / dest_rel).exists():

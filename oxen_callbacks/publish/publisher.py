@@ -14,6 +14,7 @@ Example::
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -46,8 +47,6 @@ def open_model_repo(path: str | os.PathLike[str], cache_dir: Path) -> LocalRepo:
     target = Path(path).expanduser().resolve()
     if target.exists() and not target.is_dir():
         raise ConfigurationError(f"The model repository {str(path)!r} is a file.", "pass a folder path.")
-    import hashlib
-
     key = hashlib.sha1(str(target).encode()).hexdigest()[:16]
     try:
         with FileLock(cache_dir / "locks" / f"init-{key}.lock", timeout=120):
@@ -82,6 +81,9 @@ class CheckpointPublisher:
         on_result: called (from a background thread) with each job result.
     """
 
+    #: Publishing workers (the supervisor process) one run may lose before it stops waking them.
+    WORKER_RESTARTS = 5
+
     def __init__(
         self,
         *,
@@ -108,12 +110,17 @@ class CheckpointPublisher:
         self.stall_seconds: list[float] = []
         self._errors: list[str] = []
         self._dest_by_source: dict[str, str] = {}
+        self._first_folder: str | None = None
         self._submitted: set[int] = set()
         self._answered: set[int] = set()
         self._cond = threading.Condition()
         self._handling = threading.Lock()
         self._proc: subprocess.Popen[bytes] | None = None
         self._restarts = 0
+        #: Why publishing stopped for this run (a worker or commit processes that keep dying): the
+        #: jobs stay journaled for ``oxen-callbacks sync``; training goes on.
+        self.stalled: str | None = None
+        self.push_warned = False
         self._env = worker_environment(self._author, self.cache_dir)
         self.queue = JobQueue.create(self.repo.path, run, {"pid": os.getpid(), "remote": remote, "branch": branch,
                                                            "remote_url": remote_url, "env": self._env})
@@ -166,6 +173,9 @@ class CheckpointPublisher:
             with self._cond:
                 if result.get("seq") in self._answered:
                     return  # re-sent by a restarted worker
+            if result.get("kind") == "stalled":
+                self._stall(f"its commit processes keep dying ({result.get('error')})")
+                return
             if self.on_result:  # before the job counts as answered, so flush() covers it
                 try:
                     self.on_result(result)
@@ -176,18 +186,40 @@ class CheckpointPublisher:
                     self.results.append(result)
                 else:
                     self._errors.append(result.get("error", "unknown error"))
-                if result.get("kind") == "push" and not result.get("ok"):
-                    log.warning("Push to Oxen remote %r failed: %s (journaled; `oxen-callbacks sync` retries it)",
-                                result.get("remote"), result.get("error"))
                 if "seq" in result:
                     self._answered.add(result["seq"])
                 self._cond.notify_all()
+            if result.get("kind") == "push" and not result.get("ok"):
+                self.warn_unpushed(result)
+
+    def warn_unpushed(self, push: dict[str, Any]) -> None:
+        """Say once per run that commits are not on the remote, and how they get there."""
+        if self.push_warned:
+            return
+        self.push_warned = True
+        log.warning("Checkpoints are committed in %s but NOT pushed to Oxen remote %r (%s): %s. The push is "
+                    "journaled: run `oxen-callbacks sync` once the remote is reachable.", self.repo.path,
+                    push.get("remote"), push.get("url") or "configured remote", push.get("error"))
+
+    def _stall(self, why: str) -> None:
+        """Stop waiting for the worker: what is queued stays journaled; said once, never raised."""
+        with self._cond:
+            first = self.stalled is None
+            self.stalled = self.stalled or why
+            self._cond.notify_all()
+        if first:
+            log.error("Publishing to the model repository %s stopped: %s. Training goes on; every checkpoint "
+                      "saved is kept in %s. Run `oxen-callbacks sync` to commit them.", self.repo.path, why,
+                      self.queue.folder)
 
     def _wake(self) -> None:
+        if self.stalled:
+            return
         proc = self._proc
         if proc is None or proc.poll() is not None:
-            if self._restarts >= 3:
-                raise PublishError(f"The publishing worker keeps dying; see {self.queue.log_path}")
+            if self._restarts >= self.WORKER_RESTARTS:
+                self._stall(f"the publishing worker died {self._restarts + 1} times (see {self.queue.log_path})")
+                return
             self._restarts += 1
             log.warning("Publishing worker exited (code %s); restarting it", proc.returncode if proc else None)
             self._start_worker()
@@ -215,14 +247,25 @@ class CheckpointPublisher:
         return os.path.abspath(source) in self._dest_by_source
 
     def dest_for(self, source: str | os.PathLike[str]) -> str:
-        """The repository path a checkpoint file or folder is published to."""
+        """The repository path a checkpoint file or folder is published to.
+
+        Checkpoints of the first folder saved into keep their name under
+        ``runs/<run>/checkpoints/``; those of any other folder (a second ``ModelCheckpoint``)
+        go one level down, in a subfolder named after their folder and a hash of its path,
+        so two folders' ``last.ckpt`` never share a path.
+        """
         source = os.path.abspath(source)
         if source in self._dest_by_source:
             return self._dest_by_source[source]
-        name = os.path.basename(source.rstrip("/"))
-        dest = f"{run_folder(self.run)}/checkpoints/{name}"
-        if dest in self._dest_by_source.values():  # same name from another ModelCheckpoint folder
-            dest = f"{run_folder(self.run)}/checkpoints/{os.path.basename(os.path.dirname(source))}/{name}"
+        folder, name = os.path.split(source.rstrip("/"))
+        if self._first_folder is None:
+            self._first_folder = folder
+        base = f"{run_folder(self.run)}/checkpoints"
+        if folder == self._first_folder:
+            dest = f"{base}/{name}"
+        else:
+            digest = hashlib.sha1(folder.encode()).hexdigest()[:8]
+            dest = f"{base}/{os.path.basename(folder) or 'root'}-{digest}/{name}"
         self._dest_by_source[source] = dest
         return dest
 
@@ -296,12 +339,13 @@ class CheckpointPublisher:
     def flush(self, timeout: float | None = None) -> bool:
         """Wait until every submitted job has an answer; ``False`` on timeout (jobs stay journaled).
 
-        A worker that died meanwhile is restarted (it picks the journaled jobs up).
+        A worker that died meanwhile is restarted (it picks the journaled jobs up); once
+        publishing has stalled (see :attr:`stalled`) this returns ``False`` at once.
         """
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             with self._cond:
-                if not (self._submitted - self._answered):
+                if not (self._submitted - self._answered) or self.stalled:
                     break
                 left = None if deadline is None else deadline - time.monotonic()
                 if left is not None and left <= 0:
@@ -309,17 +353,19 @@ class CheckpointPublisher:
                 self._cond.wait(timeout=min(left, 1.0) if left is not None else 1.0)
             self._collect_from_disk()
             if self._proc is None or self._proc.poll() is not None:
-                try:
-                    self._wake()
-                except PublishError:
-                    break
+                self._wake()
         with self._cond:
             done = not (self._submitted - self._answered)
         self._raise_errors()
         return done
 
     def close(self, timeout: float | None = None) -> None:
-        """Flush, let the worker finish (pushes included) and release the queue."""
+        """Flush, let the worker finish (a last push included) and release the queue.
+
+        ``timeout`` bounds the flush; the wait for the worker's exit is bounded either way
+        (by one push attempt when a remote is set): a worker still pushing then finishes
+        in the background.
+        """
         try:
             self.flush(timeout)
         finally:
@@ -330,10 +376,16 @@ class CheckpointPublisher:
                 except OSError:
                     pass
                 try:
-                    proc.wait(timeout=timeout)
+                    proc.wait(timeout=timeout if timeout is not None else self._exit_wait_s())
                 except subprocess.TimeoutExpired:
                     log.warning("Publishing worker still busy (pid %s); it finishes in the background", proc.pid)
             self._owner.release()
+
+    def _exit_wait_s(self) -> float:
+        """How long the worker may take to exit once every job is answered: its last push."""
+        from .remote import BACKOFF_S
+
+        return self.push_timeout + sum(BACKOFF_S) + 30.0 if self.remote else 60.0
 
     def __enter__(self) -> "CheckpointPublisher":
         return self

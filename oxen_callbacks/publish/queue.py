@@ -124,6 +124,13 @@ class JobQueue:
         _write_json(self.done_dir / f"{job.name}.json", result)
         (self.jobs_dir / f"{job.name}.json").unlink(missing_ok=True)
 
+    def result(self, seq: int) -> dict[str, Any] | None:
+        """The recorded result of job ``seq``, if it is done."""
+        try:
+            return json.loads((self.done_dir / f"{seq:08d}.json").read_text())
+        except FileNotFoundError:
+            return None
+
     def results(self) -> list[dict[str, Any]]:
         out = []
         for name in sorted(os.listdir(self.done_dir)):

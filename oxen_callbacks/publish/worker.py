@@ -32,6 +32,10 @@ from .remote import PushTarget, push_with_timeout
 log = logging.getLogger("oxen_callbacks.worker")
 
 
+class CommitProcessDied(PublishError):
+    """The commit process was killed (SIGKILL, the OOM killer) or crashed; its jobs are still queued."""
+
+
 class _Results:
     """JSON-line results to the parent; silent once the parent is gone."""
 
@@ -119,7 +123,7 @@ class BatchProcess:
             self._close_pipes()
             _, status = os.waitpid(self.pid, 0)
             self.pid = 0
-            raise PublishError(f"The commit process died (wait status {status}); its jobs stay queued")
+            raise CommitProcessDied(f"The commit process died ({_describe(status)}); its jobs stay queued")
         reply = json.loads(line)
         if not reply["ok"]:
             raise PublishError(reply["error"])
@@ -146,6 +150,12 @@ class BatchProcess:
                 stream.close()
             except BrokenPipeError:
                 pass
+
+
+def _describe(wait_status: int) -> str:
+    if os.WIFSIGNALED(wait_status):
+        return f"killed by {signal.Signals(os.WTERMSIG(wait_status)).name}"
+    return f"exit code {os.waitstatus_to_exitcode(wait_status)}"
 
 
 def clean_orphan_temp_files(committer: Committer) -> int:
@@ -204,6 +214,9 @@ class Batches:
 
     IDLE_S = 2.0
     HOLD_S = 10.0
+    #: Commit processes one task may lose (killed, crashed) before the worker gives up on it:
+    #: the jobs stay queued on disk and ``oxen-callbacks sync`` (or the next worker) finishes them.
+    RESTARTS = 4
 
     def __init__(self, queue: JobQueue, committer: Committer, close_fds: tuple[int, ...]) -> None:
         def run_jobs(seqs: list[int], final: bool) -> list[dict[str, Any]]:
@@ -224,16 +237,26 @@ class Batches:
         return self._child.started_serving is not None
 
     def run(self, task: str, **args: Any) -> Any:
-        try:
-            return self._child.run(task, **args)
-        except PublishError:
-            if not self._child.pid:  # it died: the next batch gets a fresh one
+        """Run ``task`` in the commit process; a killed process is replaced and the task run again.
+
+        Every task is idempotent over the on-disk queue (a job is done once its result is
+        recorded), so a task cut short by a kill is simply repeated. Raises
+        :class:`CommitProcessDied` after :attr:`RESTARTS` lost processes in a row.
+        """
+        for attempt in range(self.RESTARTS + 1):
+            try:
+                return self._child.run(task, **args)
+            except CommitProcessDied as exc:
                 self._child = BatchProcess(self._tasks, self._close_fds)
-            raise
-        finally:
-            started = self._child.started_serving
-            if started is not None and time.monotonic() - started > self.HOLD_S:
-                self.retire()
+                if attempt == self.RESTARTS:
+                    raise
+                log.warning("%s; running %s again in a new commit process", exc, task)
+                time.sleep(min(0.1 * 2 ** attempt, 2.0))
+            finally:
+                started = self._child.started_serving
+                if started is not None and time.monotonic() - started > self.HOLD_S:
+                    self.retire()
+        raise AssertionError("unreachable")
 
     def retire(self) -> None:
         """Free the repository now (before a push, or after ``IDLE_S`` without work)."""
@@ -249,19 +272,28 @@ class Batches:
 
 
 def serve(queue: JobQueue, batches: Batches, results: _Results, push: PushTarget | None, repo: str) -> None:
-    """Run the queue's jobs as they come (a newline on stdin wakes us; EOF: finish and return)."""
+    """Run the queue's jobs as they come (a newline on stdin wakes us; EOF: finish and return).
+
+    A push that failed is not tried again by this worker: it is journaled, ``sync`` retries
+    it, and the end of training waits for at most the one push in flight. When commit
+    processes keep dying, the jobs stay queued for ``sync`` and the trainer is told once.
+    """
     wakeups = StdinLines()
     failed: set[int] = set()
-    eof = push_failed = False
+    eof = push_failed = stalled = False
     while True:
-        jobs = [j for j in queue.pending() if j.seq not in failed]
+        jobs = [] if stalled else [j for j in queue.pending() if j.seq not in failed]
         try:
             done = batches.run("run_jobs", seqs=[j.seq for j in jobs], final=eof) if jobs else []
-        except PublishError as exc:  # the batch process died: report what it finished, fail the rest
-            still = {j.seq for j in queue.pending()}
-            finished = {r["seq"]: r for r in queue.results() if "seq" in r}
-            done = [finished.get(j.seq) or {"seq": j.seq, "kind": j.kind, "ok": False, "error": str(exc)}
-                    for j in jobs if j.seq in still or j.seq in finished]
+        except CommitProcessDied as exc:
+            stalled = True
+            done = []
+            results.emit({"kind": "stalled", "ok": False, "error": str(exc), "queue": str(queue.folder)})
+        except PublishError as exc:  # the task itself failed outside a job (e.g. the lock): fail these jobs
+            done = [{"seq": j.seq, "kind": j.kind, "ok": False, "error": str(exc)} for j in jobs if queue.is_pending(j)]
+        answered = {r["seq"] for r in done}
+        # jobs a killed commit process finished before it died: their results are on disk only
+        done += [r for j in jobs if j.seq not in answered and (r := queue.result(j.seq)) is not None]
         for result in done:
             if not result["ok"]:
                 failed.add(result["seq"])
@@ -270,10 +302,10 @@ def serve(queue: JobQueue, batches: Batches, results: _Results, push: PushTarget
             results.emit(result)
         if done:
             continue  # more may have arrived meanwhile
-        if push and push.dirty and (eof or not push_failed):
+        if push and push.dirty and not push_failed and not stalled:
             batches.retire()  # the push process opens the repository's databases too
             report = push_with_timeout(repo, push)
-            push_failed = not report["ok"]  # then wait for the end: each try may cost a full timeout
+            push_failed = not report["ok"]  # journaled: `sync` retries; another try here could cost a timeout
             results.emit(report)
         if eof:
             return
@@ -305,7 +337,10 @@ def main(argv: list[str] | None = None) -> int:
         results.emit(result)
     batches = Batches(queue, committer, (lock._fd,))
     try:
-        batches.run("maintain", skip=str(queue.folder))
+        try:
+            batches.run("maintain", skip=str(queue.folder))
+        except PublishError as exc:  # housekeeping only: the queue's own jobs come first
+            log.warning("Start-up maintenance failed: %s", exc)
         serve(queue, batches, results, push, args.repo)
     finally:
         batches.close()

@@ -1,0 +1,244 @@
+"""Lineage you can trust: reused run names, killed commit processes, shared file names, mute remotes."""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from helpers import file_at
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning_model import CsvData, TinyModel, make_trainer
+
+from oxen_callbacks import PinnedDataset, read_lineage, sync
+from oxen_callbacks.errors import ConfigurationError
+from oxen_callbacks.lightning import OxenLightningCallback
+from oxen_callbacks.oxen_repo import LocalRepo
+from oxen_callbacks.publish.claim import claims_dir
+from oxen_callbacks.trace import LineageFinder
+
+SCRIPT = Path(__file__).parent / "fit_script.py"
+
+
+def _pin(dataset_repo, commit_index: int = 0) -> PinnedDataset:  # type: ignore[no-untyped-def]
+    return PinnedDataset(dataset_repo.path, revision=dataset_repo.commits[commit_index], paths=["train.csv", "val.csv"])
+
+
+def _fit(root: Path, pin: PinnedDataset, cb: OxenLightningCallback, *extra: Callback, epochs: int = 1,
+         model: TinyModel | None = None, ckpt_path: str | None = None) -> TinyModel:
+    model = model or TinyModel()
+    ckpt = ModelCheckpoint(dirpath=root / "ckpt", every_n_train_steps=2, save_top_k=-1)
+    make_trainer(root, [ckpt, cb, *extra], epochs=epochs).fit(model, datamodule=CsvData(pin), ckpt_path=ckpt_path)
+    return model
+
+
+# -- run names --------------------------------------------------------------------------------
+def test_a_reused_run_name_is_refused_before_training_and_the_first_lineage_stays_right(dataset_repo, tmp_path):
+    models = tmp_path / "models"
+    first = OxenLightningCallback(dataset=_pin(dataset_repo, 0), model_repo=models, run_name="nightly", mlflow=False)
+    _fit(tmp_path / "a", first.dataset, first)
+    before = (models / "runs" / "nightly" / "lineage.json").read_bytes()
+
+    second_pin = _pin(dataset_repo, 1)  # the script runs again, the branch has moved
+    second = OxenLightningCallback(dataset=second_pin, model_repo=models, run_name="nightly", mlflow=False)
+    model = TinyModel()
+    with pytest.raises(ConfigurationError, match=r"(?s)run_name='nightly' is already taken.*HINT: omit run_name"):
+        _fit(tmp_path / "b", second_pin, second, model=model)
+    assert not model.labels_seen  # refused before the first step
+    assert (models / "runs" / "nightly" / "lineage.json").read_bytes() == before
+    for entry in read_lineage(before.decode())["checkpoints"]:  # every checkpoint still traces to commit A
+        runs = LineageFinder(model_repos=[models]).trace(entry["commit"])["runs"]
+        assert [r["dataset"]["commit"] for r in runs] == [dataset_repo.commits[0]]
+
+    third = OxenLightningCallback(dataset=second_pin, model_repo=models, mlflow=False)  # no name: a unique one
+    _fit(tmp_path / "c", second_pin, third)
+    assert third.lineage["run"]["name"] != "nightly" and third.lineage["status"] == "FINISHED"
+
+
+def test_a_run_name_in_use_by_a_live_process_is_refused(dataset_repo, tmp_path):
+    models = tmp_path / "models"
+    live = subprocess.Popen(
+        [sys.executable, str(SCRIPT), "--dataset", str(dataset_repo.path), "--revision", dataset_repo.commits[0],
+         "--model-repo", str(models), "--root", str(tmp_path / "live"), "--run-name", "shared",
+         "--step-sleep", "0.3", "--epochs", "3"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        claim = claims_dir(models) / "shared.claim"
+        deadline = time.monotonic() + 120
+        while not (claim.exists() and claim.read_text()) and live.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert live.poll() is None, live.stderr.read()[-2000:] if live.stderr else ""
+        pin = _pin(dataset_repo, 1)
+        again = OxenLightningCallback(dataset=pin, model_repo=models, run_name="shared", mlflow=False,
+                                      resume_from=None)
+        with pytest.raises(ConfigurationError, match=rf"run_name='shared' is in use: process {live.pid} "):
+            _fit(tmp_path / "again", pin, again)
+    finally:
+        _, err = live.communicate(timeout=300)
+    assert live.returncode == 0, err[-3000:]
+    lineage = read_lineage(models / "runs" / "shared" / "lineage.json")
+    assert lineage["dataset"]["commit"] == dataset_repo.commits[0] and lineage["status"] == "FINISHED"
+    assert all(c["source"].startswith(str(tmp_path / "live")) for c in lineage["checkpoints"])
+
+
+def test_resume_from_continues_the_named_run(dataset_repo, tmp_path):
+    models = tmp_path / "models"
+    first = OxenLightningCallback(dataset=_pin(dataset_repo, 0), model_repo=models, run_name="long", mlflow=False)
+    _fit(tmp_path / "a", first.dataset, first)
+    done = first.lineage["checkpoints"]
+
+    again = OxenLightningCallback(model_repo=models, run_name="long", resume_from="long", mlflow=False)
+    _fit(tmp_path / "b", again.dataset, again, epochs=2, ckpt_path=again.ckpt_path)
+    lineage = again.lineage
+    assert lineage["run"]["name"] == "long" and lineage["dataset"]["commit"] == dataset_repo.commits[0]
+    assert lineage["checkpoints"][:len(done)] == done  # the run goes on: earlier checkpoints kept
+    assert lineage["checkpoints"][-1]["step"] > done[-1]["step"]
+
+
+# -- killed commit processes ------------------------------------------------------------------
+class SlowSteps(Callback):
+    def on_train_batch_end(self, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
+        time.sleep(0.25)
+
+
+class CommitProcessKiller(Callback):
+    """SIGKILLs the publishing worker's commit processes (its forked children) while the fit runs."""
+
+    def __init__(self, oxen_cb: OxenLightningCallback, *, every: tuple[float, float], limit: int,
+                 through_fit_end: bool = False) -> None:
+        self.oxen_cb, self.every, self.limit, self.through_fit_end = oxen_cb, every, limit, through_fit_end
+        self.killed: list[int] = []
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def on_train_start(self, trainer, pl_module) -> None:  # type: ignore[no-untyped-def]
+        self._thread = threading.Thread(target=self._kill, daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread:
+            self._thread.join()
+
+    def on_train_end(self, trainer, pl_module) -> None:  # type: ignore[no-untyped-def]
+        if not self.through_fit_end:
+            self.stop()
+
+    def _kill(self) -> None:
+        rng = random.Random(7)
+        while not self._stop.wait(rng.uniform(*self.every)) and len(self.killed) < self.limit:
+            publisher = self.oxen_cb.run.publisher
+            worker = publisher.worker_pid if publisher else None
+            for pid in _children(worker) if worker else []:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                    self.killed.append(pid)
+                except ProcessLookupError:
+                    pass
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:
+        return []
+
+
+def _assert_all_committed(models: Path, lineage: dict, ckpt_dir: Path) -> None:  # type: ignore[type-arg]
+    commits = set(LocalRepo(models).commit_ids())
+    assert sorted(Path(c["path"]).name for c in lineage["checkpoints"]) == sorted(p.name for p in ckpt_dir.iterdir())
+    assert all(c["commit"] in commits for c in lineage["checkpoints"])
+    for entry in lineage["checkpoints"]:  # the bytes in each commit are the file the trainer wrote
+        committed = file_at(models, entry["commit"], entry["path"], models.parent / "verify-cache")
+        assert committed.read_bytes() == (ckpt_dir / Path(entry["path"]).name).read_bytes()
+
+
+def test_killed_commit_processes_never_stop_training_and_lose_nothing(dataset_repo, tmp_path):
+    pin = _pin(dataset_repo)
+    cb = OxenLightningCallback(dataset=pin, model_repo=tmp_path / "models", mlflow=False)
+    killer = CommitProcessKiller(cb, every=(0.4, 1.0), limit=6)  # at most 6 kills, never 6 in a row on one batch
+    _fit(tmp_path, pin, cb, SlowSteps(), killer, epochs=3)
+    assert len(killer.killed) >= 3
+    assert cb.lineage["status"] == "FINISHED" and cb.run.publisher.stalled is None
+    _assert_all_committed(tmp_path / "models", cb.lineage, tmp_path / "ckpt")
+    log = cb.run.publisher.queue.log_path.read_text()
+    assert "again in a new commit process" in log
+
+
+def test_commit_processes_that_keep_dying_are_reported_once_and_sync_finishes(dataset_repo, tmp_path, caplog):
+    pin = _pin(dataset_repo)
+    cb = OxenLightningCallback(dataset=pin, model_repo=tmp_path / "models", mlflow=False)
+    # every commit process, as soon as it exists, until fit() has returned
+    killer = CommitProcessKiller(cb, every=(0.01, 0.02), limit=10_000, through_fit_end=True)
+    try:
+        with caplog.at_level(logging.WARNING, logger="oxen_callbacks"):
+            model = _fit(tmp_path, pin, cb, killer, epochs=2)
+    finally:
+        killer.stop()
+    assert model.labels_seen  # training went on to the end
+    stopped = [r for r in caplog.records if "stopped" in r.getMessage() and "oxen-callbacks sync" in r.getMessage()]
+    assert len(stopped) == 1, [r.getMessage() for r in caplog.records]
+    assert cb.run.publisher.stalled
+
+    report = sync.sync_all()  # the operator runs sync later: every journaled save is committed
+    assert report["pending"] == 0, report
+    lineage = read_lineage(tmp_path / "models" / "runs" / cb.run.run_name / "lineage.json")
+    _assert_all_committed(tmp_path / "models", lineage, tmp_path / "ckpt")
+
+
+# -- checkpoint paths -------------------------------------------------------------------------
+def test_the_same_file_name_from_two_checkpoint_folders_gets_two_paths(dataset_repo, tmp_path):
+    pin = _pin(dataset_repo)
+    cb = OxenLightningCallback(dataset=pin, model_repo=tmp_path / "models", mlflow=False)
+    folders = [tmp_path / name / "ckpt" for name in ("a", "b", "c")]
+    saves = [ModelCheckpoint(dirpath=folder, every_n_train_steps=every, save_top_k=0, save_last=True)
+             for folder, every in zip(folders, (2, 3, 4))]
+    make_trainer(tmp_path, [*saves, cb], epochs=2).fit(TinyModel(), datamodule=CsvData(pin))
+    entries = cb.lineage["checkpoints"]
+    by_source: dict[str, set[str]] = {}
+    for entry in entries:
+        by_source.setdefault(entry["source"], set()).add(entry["path"])
+    assert set(by_source) == {str(f / "last.ckpt") for f in folders}
+    paths = [p for ps in by_source.values() for p in ps]
+    assert len(paths) == 3 and len(set(paths)) == 3  # one path per file, never shared
+    for folder in folders:  # the last commit of each path holds that folder's final last.ckpt
+        last = [e for e in entries if e["source"] == str(folder / "last.ckpt")][-1]
+        committed = file_at(tmp_path / "models", last["commit"], last["path"], tmp_path / "verify-cache")
+        assert committed.read_bytes() == (folder / "last.ckpt").read_bytes()
+
+
+# -- remotes ----------------------------------------------------------------------------------
+def test_a_named_remote_of_a_model_repo_not_made_yet_is_refused_at_construction(tmp_path):
+    with pytest.raises(ConfigurationError, match=r"remote='origin' is not a remote .*\(it has: none\)"):
+        OxenLightningCallback(model_repo=tmp_path / "new-models", remote="origin", mlflow=False)
+
+
+@pytest.fixture
+def mute_port():
+    """A loopback server that accepts connections and never answers."""
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(64)
+    yield srv.getsockname()[1]
+    srv.close()
+
+
+def test_a_mute_remote_costs_one_push_attempt_and_one_warning(dataset_repo, tmp_path, mute_port, caplog):
+    pin = _pin(dataset_repo)
+    cb = OxenLightningCallback(dataset=pin, model_repo=tmp_path / "models", mlflow=False,
+                               remote_url=f"http://127.0.0.1:{mute_port}/ox/models", push_timeout=3)
+    with caplog.at_level(logging.WARNING, logger="oxen_callbacks"):
+        _fit(tmp_path, pin, cb, epochs=2)
+    pushes = [r for r in cb.run.publisher.results if r["kind"] == "push"]
+    assert len(pushes) == 1 and not pushes[0]["ok"]  # not a second full timeout at the end
+    warned = [r for r in caplog.records if "NOT pushed" in r.getMessage()]
+    assert len(warned) == 1 and "oxen-callbacks sync" in warned[0].getMessage()
+    assert cb.lineage["push"]["pushed"] is False
+    _assert_all_committed(tmp_path / "models", cb.lineage, tmp_path / "ckpt")
