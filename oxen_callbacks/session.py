@@ -95,6 +95,7 @@ class LineageRun:
         self.framework = {"name": framework[0], "version": framework[1]}
         self.cache_dir = Path(cache_dir or default_cache_dir()).expanduser().resolve()
         self.run_name = run_name or new_run_name()
+        self._named = run_name is not None  # an explicit name is the user's; a default one can be redrawn
         self.use_mlflow = mlflow
         self.mlflow_run_id, self.mlflow_tracking_uri = mlflow_run_id, mlflow_tracking_uri
         self.experiment_name = experiment_name
@@ -201,7 +202,13 @@ class LineageRun:
         if self._repo_init is not None:
             self._repo_init.result()  # its error (e.g. an unwritable folder), raised here before training
         open_model_repo(self.model_repo, self.cache_dir)
-        self._claim = RunClaim.take(self.model_repo, self.run_name, continuing=continuing)
+        try:
+            self._claim = RunClaim.take(self.model_repo, self.run_name, continuing=continuing)
+        except ConfigurationError:
+            if self._named:
+                raise
+            self.run_name = new_run_name()  # a default name drawn twice (24 random bits): draw again
+            self._claim = RunClaim.take(self.model_repo, self.run_name, continuing=False)
         try:
             self._open()
         except BaseException:
