@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import random
+import shutil
 import signal
 import socket
 import subprocess
@@ -242,3 +243,57 @@ def test_a_mute_remote_costs_one_push_attempt_and_one_warning(dataset_repo, tmp_
     assert len(warned) == 1 and "oxen-callbacks sync" in warned[0].getMessage()
     assert cb.lineage["push"]["pushed"] is False
     _assert_all_committed(tmp_path / "models", cb.lineage, tmp_path / "ckpt")
+
+
+_COMMIT_WHEN_TOLD = """
+import sys
+from oxen_callbacks.identity import commit_identity
+from oxen_callbacks.oxen_repo import LocalRepo
+from oxen_callbacks.publish.committer import Committer
+repo = LocalRepo(sys.argv[1])
+if sys.argv[2] == "add":
+    repo.add("b.txt")
+    sys.exit(0)
+sys.stdin.readline()
+with commit_identity(("Test", "test@example.com")):
+    print(repo.commit("second") if sys.argv[2] == "plain" else Committer(repo)._commit("second"), flush=True)
+"""
+
+
+def test_a_commit_half_written_by_a_killed_process_is_committed_again(tmp_path):
+    """What a commit killed after writing its data but before moving the branch leaves behind
+    (seen for real under kill -9, about once in 30 kills): made here deterministically by undoing
+    the branch move of a finished commit. Retried within the same second Oxen refuses the id."""
+    from helpers import make_repo
+
+    from oxen_callbacks import oxen_child
+
+    repo = make_repo(tmp_path / "models", [("first", {"a.txt": "a"})])
+    (repo.path / "b.txt").write_text("b")
+    run = [sys.executable, "-c", _COMMIT_WHEN_TOLD, str(repo.path)]
+    subprocess.run([*run, "add"], check=True, capture_output=True, timeout=60)
+    saved = tmp_path / "before-commit"
+    for name in ("refs", "staged", "HEAD"):
+        src = repo.path / ".oxen" / name
+        (shutil.copytree if src.is_dir() else shutil.copy2)(src, saved / name)
+    killed, ours = (subprocess.Popen([*run, kind], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE, text=True) for kind in ("plain", "ours"))
+    time.sleep(2.0)  # both have imported oxenai: what follows fits in one second
+    time.sleep(1.02 - time.time() % 1.0)
+    killed.stdin.write("\n")
+    killed.stdin.flush()
+    half_written = killed.communicate(timeout=60)[0].split()[-1]
+    for name in ("refs", "staged", "HEAD"):  # as if the process died before the branch moved
+        shutil.rmtree(repo.path / ".oxen" / name, ignore_errors=True)
+        (shutil.copytree if (saved / name).is_dir() else shutil.copy2)(saved / name, repo.path / ".oxen" / name)
+    ours.stdin.write("\n")
+    ours.stdin.flush()
+    out, err = ours.communicate(timeout=60)
+    assert ours.returncode == 0, err[-2000:]
+    # (on a machine so loaded that the two commits fell in different seconds, Oxen raises nothing
+    # to recover from, and the commit below is a plain one: the assertions hold all the same)
+    assert "already exists or is being written" in err or "committing again" not in err
+    commit = out.split()[-1]
+    assert commit != half_written
+    assert oxen_child.branches(repo.path) == {"main": commit}
+    assert file_at(repo.path, commit, "b.txt", tmp_path / "cache-check").read_text() == "b"

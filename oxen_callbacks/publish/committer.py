@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ..errors import OxenError, PublishError
+from ..errors import OxenError, PublishError, RepoBusyError
 from ..lineage import fill_commit
 from ..locks import FileLock
 from ..oxen_repo import LocalRepo
@@ -28,7 +28,7 @@ from .queue import Job, JobQueue, repo_lock_path
 log = logging.getLogger(__name__)
 
 LOCK_TIMEOUT_S = 3600.0
-_HALF_WRITTEN_RETRIES = 2
+_NEXT_SECOND_RETRIES = 2
 
 
 def run_folder(run: str) -> str:
@@ -177,23 +177,27 @@ class Committer:
 
     # -- helpers ------------------------------------------------------------------
     def _commit(self, message: str) -> str:
-        """Commit what is staged; a commit a killed process left half-written is retried.
+        """Commit what is staged; a commit failing over what a killed commit left is redone.
 
-        Oxen's commit id hashes the parent, message, author and the time in whole seconds:
-        retried within the same second, a commit whose killed predecessor wrote its nodes
-        fails with "already exists or is being written". The next second gives a new id.
+        Oxen's commit id hashes the parent, message, author and the time in whole seconds.
+        Retried within the same second, a commit whose killed predecessor wrote part of its
+        data fails ("A commit with id ... already exists or is being written", or its
+        history database "wal_dir contains existing log file"); the next second gives a
+        new id and a clean start.
         """
-        for attempt in range(_HALF_WRITTEN_RETRIES + 1):
+        for attempt in range(_NEXT_SECOND_RETRIES + 1):
             try:
                 return self.repo.commit(message)
+            except RepoBusyError:
+                raise  # already waited for (busy_timeout)
             except OxenError as exc:
                 if "No changes to commit" in str(exc):
                     head = self.repo.resolve(None)
                     log.info("Nothing new to commit (%s): already in %s", message, head)
                     return head
-                if "already exists or is being written" not in str(exc) or attempt == _HALF_WRITTEN_RETRIES:
+                if attempt == _NEXT_SECOND_RETRIES:
                     raise
-                log.warning("%s: a killed commit left it half-written; committing again in the next second", exc)
+                log.warning("Commit failed (%s); committing again in the next second, under a new id", exc)
                 time.sleep(1.01 - time.time() % 1.0)
         raise AssertionError("unreachable")
 
