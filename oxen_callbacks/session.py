@@ -30,13 +30,12 @@ from .gitinfo import code_info
 from .lineage import LineageRecord, new_record
 from .pin import PinnedDataset
 from .publish.publisher import CheckpointPublisher, open_model_repo
-from .redact import redact_text, redact_url
+from .redact import redact_argv, redact_url
 from .remote_spec import parse_remote
 from .snapshot import default_cache_dir
 
 log = logging.getLogger(__name__)
 _RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
-_SECRET_ARG = re.compile(r"(?i)^--?[\w-]*(token|password|passwd|secret|api[-_]?key)(=|$)")
 
 
 def new_run_name() -> str:
@@ -326,15 +325,7 @@ class LineageRun:
 
 def _command() -> str:
     """How this process was started, secrets masked (``oxen-callbacks reproduce`` prints it)."""
-    args = [Path(sys.executable).name, *sys.argv]
-    masked = []
-    for i, arg in enumerate(args):
-        if _SECRET_ARG.match(arg) and "=" in arg:
-            arg = arg.split("=", 1)[0] + "=***"
-        elif i and _SECRET_ARG.match(args[i - 1]) and "=" not in args[i - 1]:
-            arg = "***"
-        masked.append(arg)
-    return redact_text(shlex.join(masked))
+    return shlex.join(redact_argv([Path(sys.executable).name, *sys.argv]))
 
 
 def _now() -> str:
