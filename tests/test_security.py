@@ -180,3 +180,55 @@ def test_secrets_in_the_command_line_reach_no_file(dataset_repo, tmp_path):
     leaks += [f"training output: {label}" for label, secret in secrets.items()
               if secret.encode() in proc.stdout + proc.stderr]
     assert not leaks  # model repo (.oxen too), cache, journals, worker logs, MLflow DB and artifacts
+
+
+def _hostile_record(models, commit: str, *, git_commit: str, command: str, cwd: Path) -> dict:
+    return {"schema": "oxen-callbacks/lineage/v1", "dataset": None,
+            "model": {"repo": str(models.path), "commit": commit, "path": "runs/r/checkpoints/last.ckpt"},
+            "checkpoints": [], "run": {"mlflow_run_id": None, "mlflow_tracking_uri": None},
+            "code": {"git_commit": git_commit, "git_dirty": False, "command": command, "cwd": str(cwd)},
+            "framework": {"name": "lightning", "version": "2"}}
+
+
+def test_reproduce_prints_a_tampered_record_as_inert_words(tmp_path, capsys, monkeypatch):
+    """A lineage record edited by an attacker: `reproduce` quotes every word and drops a bogus commit."""
+    from helpers import make_repo
+
+    from oxen_callbacks.cli import main
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "")  # the model repository alone
+    models = make_repo(tmp_path / "models", [("ckpt", {"runs/r/checkpoints/last.ckpt": "weights"})])
+    code_dir, bin_dir = tmp_path / "code dir", tmp_path / "bin"
+    code_dir.mkdir()
+    bin_dir.mkdir()
+    for tool in ("git", "python"):  # stand-ins that log the words they were given
+        (bin_dir / tool).write_text(f'#!/bin/sh\nfor a in "$@"; do printf "%s\\n" "$a"; done > "{tmp_path}/{tool}.args"\n')
+        (bin_dir / tool).chmod(0o755)
+    command = "python train.py --name $(touch PWNED1) `touch PWNED2` ; touch PWNED3 && touch PWNED4 | sh"
+    runs = {"quoted": ("0123abcd", command), "bad-commit": ("abc; touch PWNED5", "python train.py --lr 0.1"),
+            "unparsable": ("0123abcd", 'python train.py "$(touch PWNED6)')}
+    for name, (git_commit, cmd) in runs.items():
+        (models.path / "runs" / name).mkdir(parents=True)
+        (models.path / "runs" / name / "lineage.json").write_text(json.dumps(
+            _hostile_record(models, models.head, git_commit=git_commit, command=cmd, cwd=code_dir)))
+
+    def rerun_line(name: str) -> tuple[str, str]:
+        assert main(["reproduce", "--model-repo", str(models.path), name, "--to", str(tmp_path / f"kit-{name}")]) == 0
+        out = capsys.readouterr().out
+        return next(line for line in out.splitlines() if line.startswith("rerun"))[len("rerun"):].strip(), out
+
+    line, out = rerun_line("quoted")
+    assert "untrusted input" in out
+    subprocess.run(["sh", "-c", line], env={**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}"}, check=True)
+    assert (tmp_path / "git.args").read_text().splitlines() == ["checkout", "0123abcd"]
+    assert (tmp_path / "python.args").read_text().splitlines() == shlex.split(command)[1:]  # literal words
+    assert not list(tmp_path.rglob("PWNED*"))
+
+    line, out = rerun_line("bad-commit")
+    assert "checkout" not in line and "PWNED5" not in line
+    assert "is not a git commit id" in out and "code commit  (not a commit id" in out
+    assert shlex.split(line) == ["cd", str(code_dir), "&&", "python", "train.py", "--lr", "0.1"]
+
+    line, out = rerun_line("unparsable")
+    assert "python" not in line and "not printed as runnable" in out
+    assert not list(tmp_path.rglob("PWNED*"))
