@@ -143,6 +143,10 @@ class LineageRun:
                 )
         if self.model_repo.exists() and not self.model_repo.is_dir():
             raise ConfigurationError(f"model_repo={str(self.model_repo)!r} is a file.", "pass a folder.")
+        blocking = next((p for p in self.model_repo.parents if p.exists() and not p.is_dir()), None)
+        if blocking is not None:
+            raise ConfigurationError(f"model_repo={str(self.model_repo)!r} lies below {str(blocking)!r}, which is a file.",
+                                     "pass a folder whose parents are folders (missing ones are created).")
         if self.model_repo.is_dir() and not oxen_layout.is_repo(self.model_repo) and any(self.model_repo.iterdir()):
             raise ConfigurationError(
                 f"model_repo={str(self.model_repo)!r} is a non-empty folder that is not an Oxen repository.",

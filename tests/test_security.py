@@ -120,11 +120,12 @@ def test_a_configured_token_appears_nowhere(dataset_repo, tmp_path, caplog):
     assert not leaks  # MLflow store and artifacts, model repo (commits, lineage), journals, worker logs, caches
 
 
-def test_lineage_paths_are_validated_before_anything_is_read(tmp_path):
+@pytest.mark.parametrize("path", ["../../etc/passwd", "runs\\..\\x", "a\\b", "C:/x", "c:x", "/etc/passwd", ""])
+def test_lineage_paths_are_validated_before_anything_is_read(tmp_path, path):
     record = {
         "schema": "oxen-callbacks/lineage/v1",
         "dataset": None,
-        "model": {"repo": str(tmp_path), "commit": "abc1234", "path": "../../etc/passwd"},
+        "model": {"repo": str(tmp_path), "commit": "abc1234", "path": path},
         "checkpoints": [],
         "run": {"mlflow_run_id": None, "mlflow_tracking_uri": None},
         "code": {"git_commit": None, "git_dirty": None},
