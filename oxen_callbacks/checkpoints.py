@@ -174,6 +174,12 @@ def resolve_resume(model_repo: str | os.PathLike[str], resume_from: str | os.Pat
             raise ConfigurationError(f"resume_from='latest': the model repository {str(model_repo)!r} has no "
                                      "committed checkpoint yet.", "train once without resume_from.")
         return _last_of(model_repo, read_lineage(with_ckpt[-1]), cache_dir)
+    if text in ("", ".", "..") or "/" in text or "\\" in text:
+        raise ConfigurationError(
+            f"resume_from={text!r} is not a plain run name: nothing outside the model repository's runs/ is read.",
+            "pass 'latest', a run name as it appears under runs/ (e.g. '20250101-120000-ab12cd'), "
+            "a checkpoint commit id, or the path of a lineage.json.",
+        )
     if (runs / text / "lineage.json").is_file():
         return _last_of(model_repo, read_lineage(runs / text / "lineage.json"), cache_dir)
     for file in reversed(records):

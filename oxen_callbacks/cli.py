@@ -225,6 +225,8 @@ def _show_trace(result: dict[str, Any]) -> str:
 
 
 def _show_reproduce(result: dict[str, Any]) -> str:
+    from .cli_data import is_git_commit
+
     lines = [f"Reproduction kit in {result['dir']}"]
     if result["dataset"]:
         d = result["dataset"]
@@ -234,9 +236,14 @@ def _show_reproduce(result: dict[str, Any]) -> str:
         lines.append(f"  model/    {Path(m['file']).name}  ({m['path']} @ {m['commit']})")
     lines.append("  lineage.json")
     code = result["code"]
-    lines.append(f"code commit  {code['git_commit'] or '(not recorded: not a git checkout)'}"
+    commit = code["git_commit"]
+    shown = commit if is_git_commit(commit) else "(not a commit id, see below)" if commit else None
+    lines.append(f"code commit  {shown or '(not recorded: not a git checkout)'}"
                  + (" (the run had uncommitted changes)" if code.get("git_dirty") else ""))
     lines.append(f"rerun        {result['rerun'] or '(no command recorded)'}")
+    if result["rerun"]:
+        lines.append("             (as the run recorded it: untrusted input, read it before running it)")
+    lines.extend(f"left out     {reason}" for reason in result["rerun_left_out"])
     if result.get("note"):
         lines.append(f"note         {result['note']}")
     return "\n".join(lines)

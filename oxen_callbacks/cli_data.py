@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shlex
 import shutil
 from pathlib import Path
@@ -20,6 +21,8 @@ from .errors import ConfigurationError
 from .pin import PinnedDataset
 from .relpath import covers
 
+_GIT_COMMIT = re.compile(r"^[0-9a-fA-F]{7,40}$")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 TABULAR = {".csv", ".tsv", ".parquet", ".jsonl", ".ndjson", ".arrow"}
 
 
@@ -53,24 +56,49 @@ def reproduce(view: dict[str, Any], dest: str | os.PathLike[str], *,
     (target / "lineage.json").write_text(json.dumps(record, indent=2) + "\n")
     result["code"] = {"git_commit": code.get("git_commit"), "git_dirty": code.get("git_dirty"),
                       "command": code.get("command"), "cwd": code.get("cwd")}
-    result["rerun"] = _rerun_command(view)
+    result["rerun"], result["rerun_left_out"] = _rerun_command(view)
     if dataset and dataset.get("revision") not in (None, dataset["commit"]):
         result["note"] = (f"The run asked for revision {dataset['revision']!r}, which may have moved: pin "
                           f"revision={dataset['commit']!r} to read the same data, or use {target / 'data'}.")
     return result
 
 
-def _rerun_command(view: dict[str, Any]) -> str | None:
-    """``cd <cwd> && git checkout <commit> && <command>`` as far as the run recorded them."""
+def _rerun_command(view: dict[str, Any]) -> tuple[str | None, list[str]]:
+    """``cd <cwd> && git checkout <commit> && <command>`` with every word quoted, and what was left out why.
+
+    The record is untrusted input (anyone who can write the model repository or the MLflow run
+    can change it): a commit that is not 7-40 hex digits and a command that does not parse as
+    shell words (or that hold control characters) are left out rather than printed to run.
+    """
     code = view.get("code") or {}
-    steps = []
-    if code.get("cwd"):
-        steps.append(f"cd {shlex.quote(code['cwd'])}")
-    if code.get("git_commit"):
-        steps.append(f"git checkout {code['git_commit']}")
+    steps, left_out = [], []
+    if code.get("cwd") and _CONTROL.search(str(code["cwd"])):
+        left_out.append("the recorded working folder holds control characters: no `cd` printed")
+    elif code.get("cwd"):
+        steps.append(shlex.join(["cd", str(code["cwd"])]))
+    commit = code.get("git_commit")
+    if is_git_commit(commit):
+        steps.append(shlex.join(["git", "checkout", commit]))
+    elif commit:
+        left_out.append(f"the recorded code commit {str(commit)[:80]!r} is not a git commit id (7-40 hex digits): "
+                        "no checkout printed; find the code version yourself")
     if code.get("command"):
-        steps.append(code["command"])
-    return " && ".join(steps) or None
+        try:
+            words = shlex.split(str(code["command"]))
+        except ValueError as exc:
+            words = None
+            left_out.append(f"the recorded command does not parse as shell words ({exc}): not printed as runnable")
+        if words is not None and any(_CONTROL.search(w) for w in words):
+            words = None
+            left_out.append("the recorded command holds control characters: not printed as runnable")
+        if words:
+            steps.append(shlex.join(words))
+    return " && ".join(steps) or None, left_out
+
+
+def is_git_commit(value: Any) -> bool:
+    """Whether ``value`` can only be a git commit id (7-40 hex digits), safe to print in a shell line."""
+    return isinstance(value, str) and _GIT_COMMIT.match(value) is not None
 
 
 def _copy_paths(snapshot: Path, paths: list[str], dest: Path, *, flatten: bool = False) -> int:

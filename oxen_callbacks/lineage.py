@@ -23,6 +23,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import re
 import uuid
 from collections.abc import Mapping
 from pathlib import Path
@@ -34,6 +35,7 @@ from .redact import redact_url
 SCHEMA = "oxen-callbacks/lineage/v1"
 
 LineageRecord = dict[str, Any]
+_DRIVE = re.compile(r"^[A-Za-z]:")  # a Windows drive: C:/x, C:x
 
 _SECTIONS: dict[str, dict[str, tuple[type, ...]]] = {
     "dataset": {"repo": (str,), "revision": (str,), "commit": (str,), "paths": (list,)},
@@ -110,7 +112,9 @@ def _check_fields(value: Any, fields: Mapping[str, tuple[type, ...]], where: str
 
 
 def _check_relpath(path: str, where: str) -> None:
-    if not isinstance(path, str) or path.startswith("/") or ".." in Path(path).parts:
+    """A repository path as this library writes it: non-empty, POSIX, relative, no '..' (no '\\', no 'C:')."""
+    if (not isinstance(path, str) or not path or path.startswith("/") or "\\" in path
+            or _DRIVE.match(path) or ".." in Path(path).parts):
         raise LineageValidationError(f"Lineage field {where!r} holds an unsafe path {path!r}.")
 
 

@@ -63,6 +63,10 @@ class PinnedDataset:
     ) -> None:
         if isinstance(paths, str):
             paths = [paths]
+        if paths is not None and not paths:
+            raise ConfigurationError("paths=[] names no path to pin.",
+                                     "pass paths=None to pin the whole repository, or name the paths, "
+                                     "e.g. paths=['train.csv'].")
         wanted = [safe_relpath(p, what="dataset path") for p in (paths or ["."])]
         self.paths: list[str] = [p for p in dict.fromkeys(wanted) if not _covered_by_other(p, wanted)]
         self.source: LocalSource | RemoteSource

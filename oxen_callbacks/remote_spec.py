@@ -6,7 +6,10 @@ import re
 from dataclasses import dataclass
 
 from .errors import ConfigurationError
+from .redact import redact_url
 
+_AUTH_HINT = ("for a token run `oxen config --auth HOST TOKEN` (or oxen.auth.config_auth(TOKEN, host=HOST)); "
+              "oxen reads it from its own config.")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 _HOST = re.compile(r"^(?:[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?(?:\.[A-Za-z0-9-]{1,63})*|\[[0-9a-fA-F:]+\])"
                    r"(?::(\d{1,5}))?$")
@@ -44,6 +47,10 @@ def parse_remote(repo: str, host: str | None = None, scheme: str = "https") -> R
     'ox/reviews'
     """
     text = repo.strip()
+    if "?" in text or "#" in text:  # the value is not shown: a query is where tokens hide
+        base = redact_url(text.split("?", 1)[0].split("#", 1)[0])
+        raise ConfigurationError(f"Remote repository URL {base!r} carries a query or fragment ('?...' or '#...'), "
+                                 "which Oxen would never see.", f"drop it; {_AUTH_HINT}")
     if "://" in text:
         scheme, rest = text.split("://", 1)
         if scheme not in ("http", "https"):
@@ -60,14 +67,13 @@ def parse_remote(repo: str, host: str | None = None, scheme: str = "https") -> R
     if "@" in host:
         raise ConfigurationError(
             f"Remote repository URL for host {host.rsplit('@', 1)[1]!r} carries credentials.",
-            "never put tokens in URLs: run `oxen config --auth HOST TOKEN` "
-            "(or oxen.auth.config_auth(TOKEN, host=HOST)); oxen reads it from its own config.",
+            f"never put tokens in URLs: {_AUTH_HINT}",
         )
     port = _HOST.match(host or "")
     if not port or (port.group(1) and not 0 < int(port.group(1)) < 65536):
         raise ConfigurationError(f"Remote repository {repo!r}: {host!r} is not a valid host[:port].",
                                  "e.g. 'hub.oxen.ai' or '127.0.0.1:3000'.")
-    parts = [p for p in path.split("?")[0].split("/") if p]
+    parts = [p for p in path.split("/") if p]
     if len(parts) != 2 or not all(_NAME.match(p) for p in parts):
         raise ConfigurationError(f"Remote repository {repo!r} must name exactly 'namespace/name'.",
                                  "e.g. 'https://hub.oxen.ai/ox/reviews'.")

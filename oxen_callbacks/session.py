@@ -31,13 +31,12 @@ from .lineage import LineageRecord, new_record
 from .pin import PinnedDataset
 from .publish.claim import RunClaim
 from .publish.publisher import CheckpointPublisher, open_model_repo
-from .redact import redact_text, redact_url
+from .redact import redact_argv, redact_url
 from .remote_spec import parse_remote
 from .snapshot import default_cache_dir
 
 log = logging.getLogger(__name__)
 _RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
-_SECRET_ARG = re.compile(r"(?i)^--?[\w-]*(token|password|passwd|secret|api[-_]?key)(=|$)")
 
 
 def new_run_name() -> str:
@@ -147,6 +146,10 @@ class LineageRun:
                 )
         if self.model_repo.exists() and not self.model_repo.is_dir():
             raise ConfigurationError(f"model_repo={str(self.model_repo)!r} is a file.", "pass a folder.")
+        blocking = next((p for p in self.model_repo.parents if p.exists() and not p.is_dir()), None)
+        if blocking is not None:
+            raise ConfigurationError(f"model_repo={str(self.model_repo)!r} lies below {str(blocking)!r}, which is a file.",
+                                     "pass a folder whose parents are folders (missing ones are created).")
         if self.model_repo.is_dir() and not oxen_layout.is_repo(self.model_repo) and any(self.model_repo.iterdir()):
             raise ConfigurationError(
                 f"model_repo={str(self.model_repo)!r} is a non-empty folder that is not an Oxen repository.",
@@ -348,15 +351,7 @@ class LineageRun:
 
 def _command() -> str:
     """How this process was started, secrets masked (``oxen-callbacks reproduce`` prints it)."""
-    args = [Path(sys.executable).name, *sys.argv]
-    masked = []
-    for i, arg in enumerate(args):
-        if _SECRET_ARG.match(arg) and "=" in arg:
-            arg = arg.split("=", 1)[0] + "=***"
-        elif i and _SECRET_ARG.match(args[i - 1]) and "=" not in args[i - 1]:
-            arg = "***"
-        masked.append(arg)
-    return redact_text(shlex.join(masked))
+    return shlex.join(redact_argv([Path(sys.executable).name, *sys.argv]))
 
 
 def _now() -> str:

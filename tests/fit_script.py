@@ -42,7 +42,7 @@ def main() -> None:
     parser.add_argument("--resume-from")
     parser.add_argument("--mlflow-timeout", type=float, default=60.0)
     parser.add_argument("--devices", type=int, default=1)
-    args = parser.parse_args()
+    args, _unknown = parser.parse_known_args()  # e.g. secrets the lineage record must mask
     root = Path(args.root)
     if args.resume_from:  # the dataset pin comes back with the checkpoint
         cb = OxenLightningCallback(model_repo=args.model_repo, mlflow=args.mlflow, run_name=args.run_name,

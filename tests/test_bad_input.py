@@ -82,6 +82,19 @@ def _cases(data, tmp, hanging_port):  # type: ignore[no-untyped-def]
          "push_timeout=-1 must be a positive number"),
         ("unwritable cache", lambda: PinnedDataset(data.path, a, cache_dir=tmp / "a-file" / "c").pull(),
          "is not writable"),
+        ("empty paths", lambda: PinnedDataset(data.path, a, paths=[]), "pass paths=None to pin the whole repository"),
+        ("resume outside runs/", lambda: cb(model_repo=tmp / "m7", mlflow=False, resume_from="../../x"),
+         "is not a plain run name"),
+        ("resume by backslash path", lambda: cb(model_repo=tmp / "m7", mlflow=False, resume_from="..\\x"),
+         "is not a plain run name"),
+        ("token in URL query", lambda: PinnedDataset("https://hub.oxen.ai/ox/data?token=tok_456"),
+         "carries a query or fragment"),
+        ("token in model remote URL query", lambda: cb(model_repo=tmp / "m8", mlflow=False,
+                                                        remote_url="https://hub.oxen.ai/ox/models#tok_789"),
+         "carries a query or fragment"),
+        ("token in query of a bad URL", lambda: PinnedDataset("s3://bucket?token=tok_012"), "carries a query"),
+        ("model repo below a file", lambda: cb(model_repo=tmp / "a-file" / "models", mlflow=False),
+         "which is a file"),
     ]
 
 
@@ -110,6 +123,8 @@ def test_bad_input_table(dataset_repo, tmp_path, hanging_port):
             text = str(exc)
             if expected not in text or "HINT:" not in text and "does not exist" not in text:
                 failures.append(f"{name}: message {text!r} lacks {expected!r} or a hint")
+            if "tok_" in text:
+                failures.append(f"{name}: message {text!r} shows the token")
         except Exception as exc:  # noqa: BLE001
             failures.append(f"{name}: raised {type(exc).__name__}: {exc}")
         else:

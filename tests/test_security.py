@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import shlex
 import socket
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 from lightning.pytorch.callbacks import ModelCheckpoint
@@ -14,8 +19,70 @@ from oxen_callbacks import PinnedDataset, read_lineage
 from oxen_callbacks.checkpoints import materialize_checkpoint
 from oxen_callbacks.errors import ConfigurationError, LineageValidationError
 from oxen_callbacks.lightning import OxenLightningCallback
+from oxen_callbacks.redact import redact_argv
 
 TOKEN = "oxtok_4f9c2e7d1b8a6053SECRET"
+SCRIPT = Path(__file__).parent / "fit_script.py"
+# fake credentials of real shapes, assembled here so that no scanner mistakes this file for a leak
+GITHUB = "ghp_" + "Xq7Lm2Rt9Vb4Nc8Kd1Fh6Jw3Ps5Gz0Ya2Ue"
+HF = "hf_" + "QwErTyUiOpAsDfGhJkLzXcVbNmQwErTyUi"
+OPENAI = "sk-proj-" + "T3BlbkFJ9xK2mQ7vR4nW8zL1pY6cH5dG0sA"
+AWS_ID, AWS_SECRET = "AKIA" + "Q3X7RZ2M8N4K6P1T", "wJalrXUtn8EMI/K7MDeNG+bPxRf4CYzEXAMP1E9kEY"
+JWT = "eyJhbGciOiJIUzI1NiJ9." + "eyJzdWIiOiJ1c2VyLTEyMyJ9." + "dBjftJeZ4CVPmB92K27uhbUJU1p1r_wW1gFWFOEjXk"
+RANDOM = "Zk3v9QmT2xW7bN4pL8rF1sD6"
+"""Arguments that must survive redaction untouched: what reproduces a run."""
+BENIGN = [
+    "train.py", "--lr=3e-4", "--lr", "1e-05", "--weight-decay", "0.01", "--epochs", "3", "x0,x1,x2,x3",
+    "bert-base-uncased", "distilbert-base-uncased-finetuned-sst-2-english", "meta-llama/Llama-2-7b-chat-hf",
+    "HuggingFaceTB/SmolLM2-135M-Instruct", "sentence-transformers/all-MiniLM-L6-v2", "Qwen/Qwen2.5-0.5B-Instruct",
+    "20250101-120000-ab12cd", "--run-name=exp42-lr3e4-bs32-wd01-seed1234", "ckpt_epoch_0003_step_000120",
+    "/tmp/pytest-of-user/pytest-12/test_x0/models", "runs/20250101-120000-ab12cd/checkpoints/epoch=3-step=120.ckpt",
+    "train-00000-of-00002-a1b2c3d4e5f6a7b8.parquet", "hf_model.py", "sk-learn-classification-pipeline-v2",
+    "sqlite:////tmp/mlflow.db", "https://hub.oxen.ai/ox/reviews", "cuda:0", "bf16-mixed", "trainer.max_epochs=10",
+    "--max-new-tokens", "512", "--pad-token", "<pad>", "--tokenizer", "bert-base-uncased", "--token-file",
+    "/home/a/.hf_token", "MyVeryLongCamelCaseClassName2", "ResNet50V2ImageNet1KWeights",
+    "0123456789abcdef0123456789abcde", "0123456789abcdef0123456789abcdef",  # Oxen commit ids: 31 and 32 hex
+    "da39a3ee5e6b4b0d3255bfef95601890afd80709",  # a git commit id (a 40-hex secret is masked by name only)
+]
+"""``(argv, secret, what must remain)``: by option name in every spelling, and by value shape."""
+SECRET_ARGS = [
+    (["--access-key", "plain-words-secret"], "plain-words-secret", "--access-key ***"),
+    (["--wandb_key=da39a3ee5e6b4b0d3255bfef95601890afd80709"], "da39a3ee5e6b", "--wandb_key=***"),
+    (["--pat", "hunter2hunter2"], "hunter2", "--pat ***"),
+    (["trainer.api_key=letmein42"], "letmein42", "trainer.api_key=***"),
+    (["+wandb.key=letmein43"], "letmein43", "+wandb.key=***"),
+    (["++logger.mlflow.password=letmein44"], "letmein44", "++logger.mlflow.password=***"),
+    (["MY_TOKEN=letmein45"], "letmein45", "MY_TOKEN=***"),
+    (["--hf-token", "letmein46"], "letmein46", "--hf-token ***"),
+    (["--api-key=letmein47"], "letmein47", "--api-key=***"),
+    (["--apiKey", "letmein48"], "letmein48", "--apiKey ***"),
+    (["--client-secret", "letmein49"], "letmein49", "--client-secret ***"),
+    (["--passwd", "letmein50"], "letmein50", "--passwd ***"),
+    (["--auth", "me:letmein51"], "letmein51", "--auth ***"),
+    (["--credentials", "letmein52"], "letmein52", "--credentials ***"),
+    (["--cookie", "sid=letmein53"], "letmein53", "--cookie ***"),
+    (["--url-sig", "letmein54"], "letmein54", "--url-sig ***"),
+    (["--private-key", "letmein55"], "letmein55", "--private-key ***"),
+    (["--session", "letmein56"], "letmein56", "--session ***"),
+    (["--hftoken", "letmein57"], "letmein57", "--hftoken ***"),
+    (["--openaiapikey", "letmein58"], "letmein58", "--openaiapikey ***"),
+    (["--env", "WANDB_API_KEY=letmein59"], "letmein59", "--env WANDB_API_KEY=***"),
+    (["--config", '{"lr": 0.1, "api_key": "letmein60"}'], "letmein60", '"lr": 0.1'),
+    (["--endpoint", "https://me:letmein61@hub.oxen.ai/ox/m"], "letmein61", "https://hub.oxen.ai/ox/m"),
+    (["--endpoint", "https://h.example/x?token=letmein62&n=1"], "letmein62", "&n=1"),
+    (["--header", "Authorization: Bearer letmein63"], "letmein63", "--header"),
+    ([GITHUB], GITHUB[4:], "***"),
+    (["--repo-url", f"https://x-access:{GITHUB}@github.com/a/b"], GITHUB[4:], "github.com/a/b"),
+    ([HF], HF[3:], "***"),
+    (["--model", OPENAI], OPENAI[8:], "--model ***"),
+    (["--region", "eu", AWS_ID, AWS_SECRET], "MDeNG", "--region eu *** ***"),
+    (["--note", JWT], "eyJzdWIiOiJ1c2VyLTEyMyJ9", "--note ***"),
+    (["xoxb-" + "2048-8192-Q4vXbKz9LmR2"], "Q4vXbKz9LmR2", "***"),
+    (["glpat-" + "x9Kq2LmZ7vRt4Wn8Bc1D"], "x9Kq2LmZ7vRt4Wn8Bc1D", "***"),
+    (["AIza" + "SyD4x9Kq2LmZ7vRt4Wn8Bc1Dq3Zk3v9QmT2x"], "SyD4x9Kq2LmZ", "***"),
+    (["--seed", "7", RANDOM], RANDOM, "--seed 7 ***"),
+    (["--blob", "a" * 3 + "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08"], "9f86d081884c", "***"),
+]
 
 
 def test_a_configured_token_appears_nowhere(dataset_repo, tmp_path, caplog):
@@ -53,11 +120,12 @@ def test_a_configured_token_appears_nowhere(dataset_repo, tmp_path, caplog):
     assert not leaks  # MLflow store and artifacts, model repo (commits, lineage), journals, worker logs, caches
 
 
-def test_lineage_paths_are_validated_before_anything_is_read(tmp_path):
+@pytest.mark.parametrize("path", ["../../etc/passwd", "runs\\..\\x", "a\\b", "C:/x", "c:x", "/etc/passwd", ""])
+def test_lineage_paths_are_validated_before_anything_is_read(tmp_path, path):
     record = {
         "schema": "oxen-callbacks/lineage/v1",
         "dataset": None,
-        "model": {"repo": str(tmp_path), "commit": "abc1234", "path": "../../etc/passwd"},
+        "model": {"repo": str(tmp_path), "commit": "abc1234", "path": path},
         "checkpoints": [],
         "run": {"mlflow_run_id": None, "mlflow_tracking_uri": None},
         "code": {"git_commit": None, "git_dirty": None},
@@ -67,3 +135,101 @@ def test_lineage_paths_are_validated_before_anything_is_read(tmp_path):
         read_lineage(record)
     with pytest.raises((LineageValidationError, ConfigurationError)):
         materialize_checkpoint(lineage=record)
+
+
+def test_redaction_keeps_ordinary_arguments():
+    assert redact_argv(BENIGN) == BENIGN
+
+
+@pytest.mark.parametrize(("argv", "secret", "kept"), SECRET_ARGS, ids=lambda v: str(v)[:24] if isinstance(v, list) else "")
+def test_redaction_masks_secrets_by_name_and_by_shape(argv, secret, kept):
+    recorded = " ".join(redact_argv(["train.py", "--lr=3e-4", *argv, "bert-base-uncased"]))
+    assert secret not in recorded
+    assert kept in recorded and recorded.startswith("train.py --lr=3e-4 ") and recorded.endswith(" bert-base-uncased")
+
+
+def test_secrets_in_the_command_line_reach_no_file(dataset_repo, tmp_path):
+    """A real fit started with secrets in its arguments: none of their bytes in any file it made."""
+    secrets = {"access-key": "Yx4Vr8Nq2Lz6Tb1Mw9Pc", "wandb": "c2f8d5e1a9b7c3d0e4f6a8b2c1d9e7f5a3b0c6d4",
+               "pat": GITHUB, "hydra": "letmein-hydra-1", "plus": "letmein-plus-2", "env": "letmein-env-3",
+               "bare": HF, "aws": AWS_SECRET, "url": "letmein-url-4"}
+    secret_args = ["--access-key", secrets["access-key"], f"--wandb_key={secrets['wandb']}", "--pat", secrets["pat"],
+                   f"trainer.api_key={secrets['hydra']}", f"+wandb.key={secrets['plus']}", f"MY_TOKEN={secrets['env']}",
+                   secrets["bare"], secrets["aws"], "--hub", f"https://me:{secrets['url']}@hub.oxen.ai/ox/models"]
+    benign_args = ["--lr=3e-4", "--base-model", "bert-base-uncased"]
+    cmd = [sys.executable, str(SCRIPT), "--dataset", str(dataset_repo.path), "--revision", dataset_repo.commits[0],
+           "--model-repo", str(tmp_path / "models"), "--root", str(tmp_path / "fit"), "--run-name", "secret-run",
+           "--epochs", "1", "--mlflow", *benign_args, *secret_args]
+    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, timeout=300, check=False)
+    assert proc.returncode == 0, proc.stderr.decode()[-3000:]
+
+    recorded = json.loads((tmp_path / "models" / "runs" / "secret-run" / "lineage.json").read_text())["code"]["command"]
+    command = " ".join(shlex.split(recorded))
+    for arg in ("--lr=3e-4", "--base-model bert-base-uncased", "--run-name secret-run", "--access-key ***",
+                "--wandb_key=***", "--pat ***", "trainer.api_key=***", "+wandb.key=***", "MY_TOKEN=***",
+                "https://hub.oxen.ai/ox/models"):
+        assert arg in command, command
+    assert (tmp_path / "mlflow.db").is_file() and (tmp_path / "cache").is_dir()
+    leaks = []
+    for dirpath, _dirs, names in os.walk(tmp_path):
+        for name in names:
+            path = os.path.join(dirpath, name)
+            if os.path.islink(path):
+                continue
+            data = Path(path).read_bytes()
+            leaks += [f"{path}: {label}" for label, secret in secrets.items() if secret.encode() in data]
+    leaks += [f"training output: {label}" for label, secret in secrets.items()
+              if secret.encode() in proc.stdout + proc.stderr]
+    assert not leaks  # model repo (.oxen too), cache, journals, worker logs, MLflow DB and artifacts
+
+
+def _hostile_record(models, commit: str, *, git_commit: str, command: str, cwd: Path) -> dict:
+    return {"schema": "oxen-callbacks/lineage/v1", "dataset": None,
+            "model": {"repo": str(models.path), "commit": commit, "path": "runs/r/checkpoints/last.ckpt"},
+            "checkpoints": [], "run": {"mlflow_run_id": None, "mlflow_tracking_uri": None},
+            "code": {"git_commit": git_commit, "git_dirty": False, "command": command, "cwd": str(cwd)},
+            "framework": {"name": "lightning", "version": "2"}}
+
+
+def test_reproduce_prints_a_tampered_record_as_inert_words(tmp_path, capsys, monkeypatch):
+    """A lineage record edited by an attacker: `reproduce` quotes every word and drops a bogus commit."""
+    from helpers import make_repo
+
+    from oxen_callbacks.cli import main
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "")  # the model repository alone
+    models = make_repo(tmp_path / "models", [("ckpt", {"runs/r/checkpoints/last.ckpt": "weights"})])
+    code_dir, bin_dir = tmp_path / "code dir", tmp_path / "bin"
+    code_dir.mkdir()
+    bin_dir.mkdir()
+    for tool in ("git", "python"):  # stand-ins that log the words they were given
+        (bin_dir / tool).write_text(f'#!/bin/sh\nfor a in "$@"; do printf "%s\\n" "$a"; done > "{tmp_path}/{tool}.args"\n')
+        (bin_dir / tool).chmod(0o755)
+    command = "python train.py --name $(touch PWNED1) `touch PWNED2` ; touch PWNED3 && touch PWNED4 | sh"
+    runs = {"quoted": ("0123abcd", command), "bad-commit": ("abc; touch PWNED5", "python train.py --lr 0.1"),
+            "unparsable": ("0123abcd", 'python train.py "$(touch PWNED6)')}
+    for name, (git_commit, cmd) in runs.items():
+        (models.path / "runs" / name).mkdir(parents=True)
+        (models.path / "runs" / name / "lineage.json").write_text(json.dumps(
+            _hostile_record(models, models.head, git_commit=git_commit, command=cmd, cwd=code_dir)))
+
+    def rerun_line(name: str) -> tuple[str, str]:
+        assert main(["reproduce", "--model-repo", str(models.path), name, "--to", str(tmp_path / f"kit-{name}")]) == 0
+        out = capsys.readouterr().out
+        return next(line for line in out.splitlines() if line.startswith("rerun"))[len("rerun"):].strip(), out
+
+    line, out = rerun_line("quoted")
+    assert "untrusted input" in out
+    subprocess.run(["sh", "-c", line], env={**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}"}, check=True)
+    assert (tmp_path / "git.args").read_text().splitlines() == ["checkout", "0123abcd"]
+    assert (tmp_path / "python.args").read_text().splitlines() == shlex.split(command)[1:]  # literal words
+    assert not list(tmp_path.rglob("PWNED*"))
+
+    line, out = rerun_line("bad-commit")
+    assert "checkout" not in line and "PWNED5" not in line
+    assert "is not a git commit id" in out and "code commit  (not a commit id" in out
+    assert shlex.split(line) == ["cd", str(code_dir), "&&", "python", "train.py", "--lr", "0.1"]
+
+    line, out = rerun_line("unparsable")
+    assert "python" not in line and "not printed as runnable" in out
+    assert not list(tmp_path.rglob("PWNED*"))
