@@ -84,7 +84,7 @@ def record_from_tags(run: dict[str, Any]) -> dict[str, Any]:
     dataset = None
     if t.get("oxen.dataset.commit"):
         dataset = {"repo": t.get("oxen.dataset.repo"), "revision": t.get("oxen.dataset.revision"),
-                   "commit": t["oxen.dataset.commit"], "paths": json.loads(t.get("oxen.dataset.paths") or "[]")}
+                   "commit": t["oxen.dataset.commit"], "paths": json.loads(t.get("oxen.dataset.paths") or "[\".\"]")}  # no tag: the whole commit
     return {"schema": SCHEMA, "dataset": dataset,
             "model": {"repo": t.get("oxen.model.repo"), "commit": t.get("oxen.model.commit"), "path": t.get("oxen.model.path")},
             "checkpoints": [], "run": {"name": t.get("oxen.run"), "mlflow_run_id": run["run_id"]},
