@@ -26,13 +26,18 @@ BACKOFF_S = (1.0, 2.0, 4.0)
 
 
 class RemoteSource:
-    """A remote dataset repository as a source of pinned snapshots."""
+    """A remote dataset repository as a source of pinned snapshots (a :class:`~oxen_callbacks.source.Source`)."""
 
     def __init__(self, repo: str, *, host: str | None = None, timeout: float = 60.0) -> None:
         self.spec: RemoteSpec = parse_remote(repo, host)
         self.location = self.spec.url
         self.key = self.spec.key
         self.timeout = timeout
+
+    @property
+    def local_root(self) -> None:
+        """No folder on this machine: the repository lives on its server."""
+        return None
 
     def _call(self, function: str, what: str, timeout: float, **kwargs: Any) -> Any:
         error: OxenError | None = None
