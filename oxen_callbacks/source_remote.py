@@ -88,14 +88,18 @@ def child_resolve(repo_id: str, host: str, scheme: str, revision: str | None) ->
     name = revision or remote.revision
     try:
         branch = remote.get_branch(name)
-    except Exception:  # not a branch: maybe a commit id
+    except ValueError:  # oxenai's "could not get branch": not a branch, maybe a commit id
         branch = None
     if branch is not None:
         return branch.commit_id
     try:
         return remote._repo.get_commit(name).id
-    except Exception as exc:
-        raise ConfigurationError(f"Revision {name!r} was not found in {scheme}://{host}/{repo_id} ({exc}).",
+    except ValueError:  # oxenai's "could not get commit id": say whether the repository is there at all
+        url = f"{scheme}://{host}/{repo_id}"
+        if not remote.exists():  # a network error here is raised, and retried by the caller
+            raise ConfigurationError(f"The remote repository {url} does not exist.",
+                                     "check the namespace/name in the URL (and the host), or create the repository.") from None
+        raise ConfigurationError(f"Revision {name!r} was not found in {url}.",
                                  "pass a branch name or a commit id of that repository.") from None
 
 
