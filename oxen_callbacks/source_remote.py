@@ -109,7 +109,13 @@ def child_download(repo_id: str, host: str, scheme: str, commit: str, rel: str, 
     remote = RemoteRepo(repo_id, host, commit, scheme)
     target = Path(dest) / rel
     target.parent.mkdir(parents=True, exist_ok=True)
-    if rel == ".":
-        remote.download("", str(dest), revision=commit)
-    else:
-        remote.download(rel, str(target), revision=commit)
+    try:
+        remote.download("" if rel == "." else rel, str(dest if rel == "." else target), revision=commit)
+    except ValueError as exc:  # oxenai: "Path does not exist: REL" (other errors are retried by the caller)
+        if "does not exist" not in str(exc):
+            raise
+        raise ConfigurationError(
+            f"Path {rel!r} is not in commit {commit} of {scheme}://{host}/{repo_id}.",
+            "paths are relative to the repository root (e.g. 'train.csv', 'images/'); "
+            "check the commit holds them with `oxen ls` or on the server's web page.",
+        ) from None

@@ -76,12 +76,14 @@ def test_both_callbacks_take_a_remote_dataset(server, tmp_path):
     assert lightning.dataset is not None and lightning.dataset.commit == COMMIT_B
 
 
-def test_unknown_revision_or_repository_is_named(server, tmp_path):
+def test_unknown_revision_repository_or_path_is_named(server, tmp_path):
     with pytest.raises(ConfigurationError, match=r"Revision 'release-9' was not found in http://127\.0\.0\.1:\d+/ox/"
                                                  r"reviews\.\nHINT: pass a branch name or a commit id"):
         OxenLightningCallback(dataset=server.url("ox/reviews"), revision="release-9", model_repo=tmp_path / "m")
     with pytest.raises(ConfigurationError, match=r"remote repository http://127\.0\.0\.1:\d+/ox/nope does not exist"):
         PinnedDataset(server.url("ox/nope"), revision="main")
+    with pytest.raises(ConfigurationError, match=rf"Path 'test.csv' is not in commit {COMMIT_A} of http://"):
+        PinnedDataset(server.url("ox/reviews"), revision=COMMIT_A, paths=["test.csv"]).pull()
 
 
 def test_server_that_stops_answering_fails_clearly_in_bounded_time(server):
