@@ -19,6 +19,7 @@ import mlflow
 import pytest
 from conftest import table
 from hf_model import jsonl
+from hf_model import make_trainer as make_hf_trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning_model import CsvData, TinyModel, make_trainer
 from mlflow import MlflowClient
@@ -74,6 +75,17 @@ def test_both_callbacks_take_a_remote_dataset(server, tmp_path):
                                       model_repo=tmp_path / "pl-models", mlflow=False)
     assert hf.dataset is pin
     assert lightning.dataset is not None and lightning.dataset.commit == COMMIT_B
+
+
+def test_hf_trainer_trains_on_a_remote_pin(server, tmp_path):
+    pin = PinnedDataset(server.url("ox/reviews"), revision=COMMIT_A, paths=["train.jsonl"])
+    cb = OxenTrainerCallback(dataset=pin, model_repo=tmp_path / "models", mlflow=False)
+    trainer, collator = make_hf_trainer(tmp_path / "out", pin.load_dataset(split="train"), [cb],
+                                        max_steps=2, save_steps=2)
+    trainer.train()
+    assert set(collator.labels) == {0}
+    assert cb.lineage["dataset"] | {"repo": server.url("ox/reviews"), "commit": COMMIT_A} == cb.lineage["dataset"]
+    assert [c["step"] for c in cb.lineage["checkpoints"]] == [2]
 
 
 def test_unknown_revision_repository_or_path_is_named(server, tmp_path):
