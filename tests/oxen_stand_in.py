@@ -56,7 +56,7 @@ class StandInRepo:
 class Request:
     method: str
     path: str
-    headers: dict[str, str]
+    headers: dict[str, str]  # names in lower case
 
 
 class StandInOxen:
@@ -140,7 +140,8 @@ class StandInOxen:
                 length = int(self.headers.get("Content-Length") or 0)
                 if length:
                     self.rfile.read(length)
-                stand_in.requests.append(Request(self.command, self.path, dict(self.headers)))
+                headers = {name.lower(): value for name, value in self.headers.items()}
+                stand_in.requests.append(Request(self.command, self.path, headers))
                 route = _ROUTE.match(self.path.split("?")[0])
                 if route and (route["kind"] or "repository") in stand_in.mute:
                     stand_in._release.wait()  # a server that accepted and never answers
