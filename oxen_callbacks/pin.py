@@ -22,6 +22,7 @@ from .locks import FileLock
 from .relpath import covers, safe_relpath
 from .snapshot import SnapshotStore, default_cache_dir, remove_tree
 from .remote_spec import looks_remote
+from .source import Source
 from .source_local import LocalSource
 from .source_remote import RemoteSource
 
@@ -69,7 +70,7 @@ class PinnedDataset:
                                      "e.g. paths=['train.csv'].")
         wanted = [safe_relpath(p, what="dataset path") for p in (paths or ["."])]
         self.paths: list[str] = [p for p in dict.fromkeys(wanted) if not _covered_by_other(p, wanted)]
-        self.source: LocalSource | RemoteSource
+        self.source: Source
         if host is not None or looks_remote(str(repo)):
             self.source = RemoteSource(str(repo), host=host, timeout=remote_timeout)
         else:

@@ -131,8 +131,8 @@ class LineageRun:
                 f"run_name={self.run_name!r} cannot name a folder in the model repository.",
                 "use letters, digits, '.', '_' and '-' (at most 128 characters).",
             )
-        if self.dataset is not None:
-            data_root = self.dataset.source.repo.path
+        data_root = self.dataset.source.local_root if self.dataset is not None else None
+        if data_root is not None:  # a remote dataset cannot overlap a local model repository
             if self.model_repo == data_root or data_root in self.model_repo.parents:
                 raise ConfigurationError(
                     f"model_repo={str(self.model_repo)!r} lies inside the dataset repository {str(data_root)!r}: "

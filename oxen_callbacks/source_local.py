@@ -41,13 +41,18 @@ _UNSUPPORTED = {errno.EOPNOTSUPP, errno.EXDEV, errno.EINVAL, errno.ENOTTY, errno
 
 
 class LocalSource:
-    """A local dataset repository as a source of pinned snapshots."""
+    """A local dataset repository as a source of pinned snapshots (a :class:`~oxen_callbacks.source.Source`)."""
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.repo = LocalRepo(path, role="dataset repository")
         self.location = str(self.repo.path)
         digest = hashlib.sha1(self.location.encode()).hexdigest()[:10]
         self.key = f"{self.repo.path.name}-{digest}"
+
+    @property
+    def local_root(self) -> Path:
+        """The repository's folder."""
+        return self.repo.path
 
     def resolve(self, revision: str | None) -> str:
         return self.repo.resolve(revision, branches=lambda: oxen_child.branches(self.repo.path))

@@ -26,13 +26,18 @@ BACKOFF_S = (1.0, 2.0, 4.0)
 
 
 class RemoteSource:
-    """A remote dataset repository as a source of pinned snapshots."""
+    """A remote dataset repository as a source of pinned snapshots (a :class:`~oxen_callbacks.source.Source`)."""
 
     def __init__(self, repo: str, *, host: str | None = None, timeout: float = 60.0) -> None:
         self.spec: RemoteSpec = parse_remote(repo, host)
         self.location = self.spec.url
         self.key = self.spec.key
         self.timeout = timeout
+
+    @property
+    def local_root(self) -> None:
+        """No folder on this machine: the repository lives on its server."""
+        return None
 
     def _call(self, function: str, what: str, timeout: float, **kwargs: Any) -> Any:
         error: OxenError | None = None
@@ -83,14 +88,18 @@ def child_resolve(repo_id: str, host: str, scheme: str, revision: str | None) ->
     name = revision or remote.revision
     try:
         branch = remote.get_branch(name)
-    except Exception:  # not a branch: maybe a commit id
+    except ValueError:  # oxenai's "could not get branch": not a branch, maybe a commit id
         branch = None
     if branch is not None:
         return branch.commit_id
     try:
         return remote._repo.get_commit(name).id
-    except Exception as exc:
-        raise ConfigurationError(f"Revision {name!r} was not found in {scheme}://{host}/{repo_id} ({exc}).",
+    except ValueError:  # oxenai's "could not get commit id": say whether the repository is there at all
+        url = f"{scheme}://{host}/{repo_id}"
+        if not remote.exists():  # a network error here is raised, and retried by the caller
+            raise ConfigurationError(f"The remote repository {url} does not exist.",
+                                     "check the namespace/name in the URL (and the host), or create the repository.") from None
+        raise ConfigurationError(f"Revision {name!r} was not found in {url}.",
                                  "pass a branch name or a commit id of that repository.") from None
 
 
@@ -100,7 +109,13 @@ def child_download(repo_id: str, host: str, scheme: str, commit: str, rel: str, 
     remote = RemoteRepo(repo_id, host, commit, scheme)
     target = Path(dest) / rel
     target.parent.mkdir(parents=True, exist_ok=True)
-    if rel == ".":
-        remote.download("", str(dest), revision=commit)
-    else:
-        remote.download(rel, str(target), revision=commit)
+    try:
+        remote.download("" if rel == "." else rel, str(dest if rel == "." else target), revision=commit)
+    except ValueError as exc:  # oxenai: "Path does not exist: REL" (other errors are retried by the caller)
+        if "does not exist" not in str(exc):
+            raise
+        raise ConfigurationError(
+            f"Path {rel!r} is not in commit {commit} of {scheme}://{host}/{repo_id}.",
+            "paths are relative to the repository root (e.g. 'train.csv', 'images/'); "
+            "check the commit holds them with `oxen ls` or on the server's web page.",
+        ) from None

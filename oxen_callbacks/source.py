@@ -1,0 +1,64 @@
+"""What a dataset source must offer a :class:`~oxen_callbacks.pin.PinnedDataset`.
+
+Two sources implement it: :class:`~oxen_callbacks.source_local.LocalSource` (a
+repository folder on this machine) and :class:`~oxen_callbacks.source_remote.RemoteSource`
+(an Oxen server). Callers use only these members, never a source's internals, so a
+question such as "where is the repository on disk?" has one answer for both kinds
+(``local_root``; ``None`` for a remote).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Protocol, runtime_checkable
+
+#: Files and bytes written per requested path, as :meth:`Source.materialize` may report them.
+PathCounts = dict[str, dict[str, int]]
+
+
+@runtime_checkable
+class Source(Protocol):
+    """A dataset repository that revisions resolve in and commits are read from."""
+
+    @property
+    def location(self) -> str:
+        """The repository's local path or remote URL, as recorded in lineage (never credentials)."""
+        ...
+
+    @property
+    def key(self) -> str:
+        """A folder-safe name, unique per repository, for the snapshot cache."""
+        ...
+
+    @property
+    def local_root(self) -> Path | None:
+        """The repository's folder on this machine; ``None`` for a remote repository."""
+        ...
+
+    def resolve(self, revision: str | None) -> str:
+        """The commit id ``revision`` (branch, commit id; ``None``: the default) names now.
+
+        Raises:
+            ConfigurationError: unknown revision, or the repository cannot be reached.
+        """
+        ...
+
+    def default_revision(self) -> str | None:
+        """What an omitted revision means (a branch name), ``None`` when there is no name for it."""
+        ...
+
+    def tracks_working_tree(self, revision: str | None) -> bool:
+        """True when ``revision`` names a checked-out tree whose local edits the user could mean."""
+        ...
+
+    def changed_paths(self, paths: list[str]) -> list[str]:
+        """Those of ``paths`` with uncommitted changes (always empty without a working tree)."""
+        ...
+
+    def materialize(self, commit: str, paths: list[str], dest: Path) -> PathCounts | None:
+        """Write ``paths`` of ``commit`` under the empty folder ``dest``.
+
+        Returns each path's ``{"files", "bytes"}`` when known, else ``None`` (the
+        snapshot store counts what was written).
+        """
+        ...
