@@ -36,12 +36,12 @@ class MlflowJournal:
     """The not-yet-done MLflow operations of one training run, on disk."""
 
     def __init__(self, folder: Path) -> None:
-        self.folder = folder
-        (folder / "ops").mkdir(parents=True, exist_ok=True)
+        self.folder = folder  # (not created here: a finished journal's folder must not come back)
 
     @classmethod
     def create(cls, cache_dir: Path, meta: dict[str, Any]) -> "MlflowJournal":
         journal = cls(cache_dir / "mlflow-journal" / f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:8]}")
+        (journal.folder / "ops").mkdir(parents=True, exist_ok=True)
         journal.write_meta(meta)
         return journal
 
@@ -72,9 +72,23 @@ class MlflowJournal:
         os.replace(tmp, path)
         return path
 
+    def _op_files(self) -> list[Path]:
+        """The journaled operation files in order; none once the folder is gone (a finished journal)."""
+        ops = self.folder / "ops"
+        try:
+            names = os.listdir(ops)
+        except FileNotFoundError:
+            return []
+        return [ops / name for name in sorted(names) if name.endswith(".json") and not name.startswith(".")]
+
     def pending(self) -> list[tuple[Path, dict[str, Any]]]:
-        ops = sorted(p for p in (self.folder / "ops").glob("*.json"))
-        return [(p, json.loads(p.read_text())) for p in ops]
+        found = []
+        for path in self._op_files():
+            try:
+                found.append((path, json.loads(path.read_text())))
+            except FileNotFoundError:
+                continue  # done (and deleted) meanwhile
+        return found
 
     def batches(self) -> list[tuple[list[Path], dict[str, Any]]]:
         """The pending operations in order, each run of ``set_tags`` merged into one (one MLflow
@@ -90,7 +104,8 @@ class MlflowJournal:
         return merged
 
     def is_empty(self) -> bool:
-        return not any((self.folder / "ops").glob("*.json"))
+        """Nothing left to do: no operation journaled, or the folder already forgotten by the sink process."""
+        return not self._op_files()
 
     @property
     def status_path(self) -> Path:

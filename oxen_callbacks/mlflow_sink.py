@@ -119,6 +119,20 @@ class MlflowSink:
     def last_error(self) -> str | None:
         return self.journal.status().get("last_error")
 
+    def why_pending(self) -> str:
+        """Why operations are still journaled (for the warning at fit end): the sink process's state
+        and the operations it has not done."""
+        status, code = self.journal.status(), self._proc.poll()
+        if status.get("gave_up"):
+            why = f"the sink process gave up after retries: {status.get('last_error')}"
+        elif code is not None:
+            why = f"the sink process exited with code {code}"
+        else:
+            why = "the sink process is still working" + (
+                f", last error: {status['last_error']}" if status.get("last_error") else "")
+        ops = [op.get("op", "?") for _, op in self.journal.pending()]
+        return f"{why}; not yet done: {', '.join(ops) or 'nothing'}"
+
     def wait_for_run(self, timeout: float) -> str | None:
         """The run id, waiting up to ``timeout`` for the sink process to create the run."""
         deadline = time.monotonic() + timeout

@@ -1,0 +1,107 @@
+"""MLflow bookkeeping never fails a run that worked, never leaves a run RUNNING, never creates a store by reading."""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+from mlflow import MlflowClient
+
+from oxen_callbacks.mlflow_sink import MlflowSink, WarmSinkProcess
+from oxen_callbacks.session import LineageRun
+
+
+def _wait_until_gone(folder: Path, timeout: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout
+    while folder.exists() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert not folder.exists(), "the sink process never finished its journal"
+
+
+def test_journal_folder_deleted_between_listing_and_reading(tmp_path, monkeypatch):
+    """The worst moment, made certain: the training side has seen the journal folder, then the real
+    sink process finishes and deletes it before the folder is listed. Nothing may raise."""
+    sink = MlflowSink.attach(cache_dir=tmp_path / "cache", run_name="race")
+    sink.set_tags({"oxen.test": "1"})
+    sink.log_lineage({"status": "FINISHED"})
+    run_id = sink.wait_for_run(120)  # as finish() does before its last operations
+    ops = sink.journal.folder / "ops"
+    real_scandir, real_listdir = os.scandir, os.listdir
+
+    def after_the_sink_is_done(real):  # type: ignore[no-untyped-def]
+        def listing(path="."):  # type: ignore[no-untyped-def]
+            if Path(path) == ops:
+                _wait_until_gone(sink.journal.folder)  # the real sink process deletes it meanwhile
+            return real(path)
+        return listing
+
+    sink.end("FINISHED")
+    with monkeypatch.context() as patched:
+        patched.setattr(os, "scandir", after_the_sink_is_done(real_scandir))
+        patched.setattr(os, "listdir", after_the_sink_is_done(real_listdir))
+        assert sink.flush(timeout=120)
+        sink.close()
+    assert sink.journal.is_empty() and sink.journal.pending() == [] and sink.journal.status() == {}
+    assert sink.run_id == run_id  # remembered after the folder is gone
+    run = MlflowClient().get_run(run_id)
+    assert run.data.tags["oxen.test"] == "1" and run.info.status == "FINISHED"
+    assert "not yet done: nothing" in sink.why_pending()
+
+
+def test_many_short_runs_end_without_error(tmp_path):
+    """attach -> log -> end -> flush -> close, again and again on one warm sink process (the notebook case)."""
+    client = MlflowClient()
+    for i in range(10):
+        sink = MlflowSink.attach(cache_dir=tmp_path / "cache", run_name=f"short-{i}", warm=WarmSinkProcess())
+        sink.set_tags({"oxen.i": str(i)})
+        run_id = sink.wait_for_run(120)
+        sink.end("FINISHED")
+        assert sink.flush(timeout=120)
+        sink.close()
+        assert sink.journal.is_empty()
+        assert client.get_run(run_id).data.tags["oxen.i"] == str(i)
+
+
+def test_journal_removed_mid_run_does_not_fail_finish(tmp_path, caplog):
+    """Someone empties the cache while the model trains: the checkpoints are committed, finish() returns."""
+    run = LineageRun(dataset=None, model_repo=tmp_path / "models", framework=("test", "1"),
+                     author=("T", "t@example.com"), mlflow_timeout=30)
+    run.start()
+    ckpt = tmp_path / "e0.ckpt"
+    ckpt.write_bytes(b"weights")
+    run.checkpoint_saved(ckpt, step=1, epoch=0)
+    assert run.sink.wait_for_run(120)
+    shutil.rmtree(run.sink.journal.folder)
+    with caplog.at_level(logging.WARNING):
+        record = run.finish("FINISHED")
+    assert record is not None and record["checkpoints"] and record["checkpoints"][0]["commit"]
+    assert "oxen-callbacks sync" in caplog.text
+
+
+def test_slow_mlflow_warning_says_why(tmp_path, caplog):
+    """The fit-end warning names the sink process's state and the operations not yet done."""
+    sink = MlflowSink.attach(cache_dir=tmp_path / "cache", run_name="slow")
+    assert sink.wait_for_run(120)
+    sink._proc.kill()  # the sink process dies (OOM killer): nothing more is done
+    sink._proc.wait()
+    sink.set_tags({"oxen.test": "1"})
+    sink.end("FINISHED")
+    assert not sink.flush(timeout=1)
+    why = sink.why_pending()
+    assert f"exited with code {sink._proc.returncode}" in why and "set_tags, end_run" in why
+
+    run = LineageRun(dataset=None, model_repo=tmp_path / "models", framework=("test", "1"),
+                     author=("T", "t@example.com"), mlflow_timeout=1)
+    run.start()
+    assert run.sink.wait_for_run(120)
+    run.sink._proc.kill()
+    run.sink._proc.wait()
+    with caplog.at_level(logging.WARNING):
+        run.finish("FINISHED")
+    warning = next(r.getMessage() for r in caplog.records if "did not take the lineage" in r.getMessage())
+    assert "None" not in warning and "exited with code" in warning and "end_run" in warning
+    assert str(run.sink.journal.folder) in warning
