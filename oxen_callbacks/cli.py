@@ -215,7 +215,7 @@ def _show_trace(result: dict[str, Any]) -> str:
     kind = result["kind"].replace("-", " ")
     head = f"{kind} {result['target']}: " + (f"{len(runs)} run{'s' if len(runs) != 1 else ''}" if runs else
                                              "no run found (is MLFLOW_TRACKING_URI set, or pass --model-repo?)")
-    lines = [head]
+    lines = [head] + ([f"note: {result['note']}"] if result.get("note") else [])
     for view in runs:
         lines.append("")
         lines.extend(_run_lines(view, "  "))

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
 from mlflow import MlflowClient
 
+from oxen_callbacks import cli
 from oxen_callbacks.mlflow_sink import MlflowSink, WarmSinkProcess
 from oxen_callbacks.session import LineageRun
 
@@ -105,3 +109,44 @@ def test_slow_mlflow_warning_says_why(tmp_path, caplog):
     warning = next(r.getMessage() for r in caplog.records if "did not take the lineage" in r.getMessage())
     assert "None" not in warning and "exited with code" in warning and "end_run" in warning
     assert str(run.sink.journal.folder) in warning
+
+
+def _committed_run(tmp_path: Path) -> tuple[Path, dict]:
+    """A model repository with one run (no MLflow) and one committed checkpoint."""
+    run = LineageRun(dataset=None, model_repo=tmp_path / "models", framework=("test", "1"), mlflow=False,
+                     run_name="no-mlflow", author=("T", "t@example.com"))
+    run.start()
+    ckpt = tmp_path / "e0.ckpt"
+    ckpt.write_bytes(b"weights")
+    run.checkpoint_saved(ckpt, step=1, epoch=0)
+    record = run.finish("FINISHED")
+    assert record is not None
+    return tmp_path / "models", record
+
+
+def test_queries_never_create_a_missing_sqlite_store(tmp_path, monkeypatch, capsys):
+    models, record = _committed_run(tmp_path)
+    store = tmp_path / "absent" / "mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{store}")
+    commit = record["checkpoints"][0]["commit"]
+
+    assert cli.main(["lineage", "--model-repo", str(models), "no-mlflow", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["checkpoints"][0]["commit"] == commit
+    assert cli.main(["trace", commit, "--model-repo", str(models), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["runs"][0]["run"]["name"] == "no-mlflow"
+    assert cli.main(["trace", "0123456789abcdef", "--model-repo", str(models)]) == 1
+    assert f"the MLflow store {store} does not exist" in capsys.readouterr().out
+    assert cli.main(["lineage", "0123456789abcdef0123456789abcdef", "--model-repo", str(models)]) == 2
+    assert f"the MLflow store {store} does not exist" in capsys.readouterr().err
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///relative.db")  # relative to the current folder (tmp_path)
+    assert cli.main(["trace", commit, "--model-repo", str(models), "--json"]) == 0
+    capsys.readouterr()
+    assert not store.exists() and not store.parent.exists() and not (tmp_path / "relative.db").exists()
+
+    probe = ("import sys; from oxen_callbacks import cli; "
+             f"code = cli.main(['trace', {commit!r}, '--model-repo', {str(models)!r}]); "
+             "sys.exit(code or ('mlflow' in sys.modules and 'mlflow imported'))")
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{store}"})
+    assert done.returncode == 0, done.stderr
+    assert not store.exists()
