@@ -150,3 +150,47 @@ def test_queries_never_create_a_missing_sqlite_store(tmp_path, monkeypatch, caps
                           env={**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{store}"})
     assert done.returncode == 0, done.stderr
     assert not store.exists()
+
+
+def test_refused_hf_resume_ends_transformers_run_as_failed(tmp_path, monkeypatch):
+    """report_to="mlflow": transformers starts its run before our on_train_begin refuses the resume."""
+    from helpers import commit_files, make_repo
+    from hf_model import jsonl, make_trainer
+
+    from oxen_callbacks import PinnedDataset
+    from oxen_callbacks.errors import DatasetMismatchError
+    from oxen_callbacks.huggingface import OxenTrainerCallback
+
+    import mlflow
+
+    paths = ["train.jsonl", "eval.jsonl"]
+    reviews = make_repo(tmp_path / "reviews", [("A", {"train.jsonl": jsonl(0), "eval.jsonl": jsonl(0, rows=8, seed=1)})])
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "hf-refused")
+    pin_a = PinnedDataset(reviews.path, revision="main", paths=paths)
+    first = OxenTrainerCallback(dataset=pin_a, model_repo=tmp_path / "models", mlflow=False)
+    trainer, _ = make_trainer(tmp_path / "out", pin_a.load_dataset()["train"], [first], max_steps=2, save_steps=2)
+    trainer.train()
+    commit_files(reviews, "B", {"train.jsonl": jsonl(1)})
+
+    pin_b = PinnedDataset(reviews.path, revision="main", paths=paths)
+    user_run = mlflow.start_run(run_name="the user's own")  # left alone: not ours to end
+    refused = OxenTrainerCallback(dataset=pin_b, model_repo=tmp_path / "models")
+    trainer, _ = make_trainer(tmp_path / "out2", pin_b.load_dataset()["train"], [refused], max_steps=4,
+                              report_to="mlflow")
+    with pytest.raises(DatasetMismatchError):
+        trainer.train(resume_from_checkpoint=str(tmp_path / "out" / "checkpoint-2"))
+    assert mlflow.active_run().info.run_id == user_run.info.run_id
+    mlflow.end_run()
+
+    refused = OxenTrainerCallback(dataset=pin_b, model_repo=tmp_path / "models")
+    trainer, collator = make_trainer(tmp_path / "out3", pin_b.load_dataset()["train"], [refused], max_steps=4,
+                                     report_to="mlflow")
+    with pytest.raises(DatasetMismatchError):
+        trainer.train(resume_from_checkpoint=str(tmp_path / "out" / "checkpoint-2"))
+    assert collator.labels == []
+    client = MlflowClient()
+    runs = client.search_runs([client.get_experiment_by_name("hf-refused").experiment_id])
+    statuses = {run.info.run_name: run.info.status for run in runs}
+    assert statuses.pop("the user's own") == "FINISHED"
+    assert list(statuses.values()) == ["FAILED"]  # transformers' run for the refused train()
+    assert mlflow.active_run() is None
