@@ -30,6 +30,7 @@ from .stdin_lines import StdinLines
 log = logging.getLogger(__name__)
 RETRY_DELAYS_S = (0.5, 1.0, 2.0, 4.0, 8.0)
 _STDIN = StdinLines()  # the training process's wake-ups, hand-offs and ends
+ABANDONED_SEQ = 999_999  # the last operation of a journal whose training process died
 
 
 class MlflowJournal:
@@ -106,6 +107,19 @@ class MlflowJournal:
     def is_empty(self) -> bool:
         """Nothing left to do: no operation journaled, or the folder already forgotten by the sink process."""
         return not self._op_files()
+
+    def write_sink_pid(self, pid: int) -> None:
+        (self.folder / "sink.pid").write_text(str(pid))
+
+    def sink_alive(self) -> bool:
+        """Whether the sink process given this journal still lives (it may still be importing MLflow,
+        before it takes :attr:`lock_path`)."""
+        try:
+            pid = int((self.folder / "sink.pid").read_text())
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except (OSError, ValueError):
+            return False  # no pid, gone, or no /proc: the lock alone tells
+        return b"oxen_callbacks.mlflow_journal" in cmdline
 
     @property
     def status_path(self) -> Path:
@@ -190,6 +204,10 @@ def _apply(client: Any, journal: MlflowJournal, meta: dict[str, Any], op: dict[s
             client.log_artifact(run_id, str(local), artifact_path=op["artifact_dir"])
     elif kind == "end_run":
         client.set_terminated(run_id, status=op["status"])
+    elif kind == "finish_abandoned":
+        from .mlflow_abandoned import finish_abandoned
+
+        journal.write_meta({**meta, "abandoned": finish_abandoned(client, journal, meta)})
     elif kind == "publish_extras":
         from .model_registry import publish_extras
 
@@ -199,14 +217,14 @@ def _apply(client: Any, journal: MlflowJournal, meta: dict[str, Any], op: dict[s
         raise ValueError(f"Unknown journaled MLflow operation {kind!r}")
 
 
-def serve(journal: MlflowJournal) -> bool:
+def serve(journal: MlflowJournal) -> str:
     """Apply operations as they arrive, until the training run says it is over.
 
     Stdin: a newline wakes us; ``end`` ends this journal (the process may get
     another, see :func:`main`); EOF means the training process is gone: finish
-    and exit. Returns whether stdin is still open. An operation that still fails
-    after the retries stops serving: order matters (tags of a run not yet
-    created...), so the rest stays journaled.
+    and exit. Returns why it stopped: ``"end"`` (stdin still open), ``"eof"`` or
+    ``"gave_up"``. An operation that still fails after the retries stops serving:
+    order matters (tags of a run not yet created...), so the rest stays journaled.
     """
     client = None
     over = False
@@ -226,13 +244,13 @@ def serve(journal: MlflowJournal) -> bool:
                     if delay is None:
                         log.warning("MLflow %s failed (%s); kept for `oxen-callbacks sync`", op["op"], error)
                         journal.write_status(gave_up=True, last_error=error)
-                        return False  # never handed another journal: the training side saw it give up
+                        return "gave_up"  # never handed another journal: the training side saw it give up
                     journal.write_status(gave_up=False, last_error=error)
                     time.sleep(delay)
         if pending:
             continue
         if over:
-            return over == "end"
+            return over
         line = _STDIN.next(timeout=1.0)
         over = "eof" if line == "" else "end" if line == "end\n" else False
 
@@ -245,14 +263,20 @@ def serve_folder(folder: Path) -> bool:
     logging.getLogger().addHandler(handler)
     try:
         with FileLock(journal.lock_path):
-            more = serve(journal)
+            ended = serve(journal)
+            if ended == "eof" and journal.meta().get("model_repo"):
+                # the training process died without ending its run (SIGKILL, OOM): `sync` finishes the
+                # run from the checkpoints its commit worker gets into the model repository
+                log.warning("The training process is gone without ending MLflow run %s; kept for "
+                            "`oxen-callbacks sync`", journal.meta().get("run_id"))
+                journal.put(ABANDONED_SEQ, {"op": "finish_abandoned"})
             forget = journal.is_empty()
     finally:
         logging.getLogger().removeHandler(handler)
         handler.close()
     if forget:
         shutil.rmtree(journal.folder, ignore_errors=True)
-    return more
+    return ended == "end"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -77,6 +77,7 @@ class MlflowSink:
         proc = warm.hand_over(journal.folder, settings) if warm is not None else None
         self._reusable = proc is not None  # a --warm process serves one journal after another
         self._proc = proc or _start_sink(["--journal", str(journal.folder)], settings)
+        journal.write_sink_pid(self._proc.pid)  # busy for `sync` even before it takes the journal's lock
 
     @classmethod
     def attach(
@@ -87,17 +88,23 @@ class MlflowSink:
         tracking_uri: str | None = None,
         experiment_name: str | None = None,
         run_name: str | None = None,
+        model_repo: str | None = None,
         warm: "WarmSinkProcess | None" = None,
     ) -> "MlflowSink":
         """Log into ``run_id``, else the active MLflow run, else a new run this sink ends.
 
+        ``model_repo``: where run ``run_name``'s checkpoints are committed; a training process
+        that dies without ending the run is finished from there by ``oxen-callbacks sync``.
         ``warm``: a :class:`WarmSinkProcess` started earlier, used instead of a new process.
         """
         active = _active_run() if run_id is None else None
         if active is not None:
             run_id, tracking_uri = active[0], tracking_uri or active[1]
         uri = tracking_uri or _default_tracking_uri()
-        journal = MlflowJournal.create(cache_dir, {"tracking_uri": redact_url(uri), "run_id": run_id})
+        meta = {"tracking_uri": redact_url(uri), "run_id": run_id}
+        if model_repo is not None:
+            meta.update(model_repo=model_repo, oxen_run=run_name)
+        journal = MlflowJournal.create(cache_dir, meta)
         sink = cls(journal, owns_run=run_id is None, client_uri=uri, warm=warm)
         if run_id is None:
             experiment_id = os.environ.get("MLFLOW_EXPERIMENT_ID") if experiment_name is None else None

@@ -225,7 +225,8 @@ class LineageRun:
 
             self.sink = MlflowSink.attach(
                 cache_dir=self.cache_dir, run_id=self.mlflow_run_id, tracking_uri=self.mlflow_tracking_uri,
-                experiment_name=self.experiment_name, run_name=self.run_name, warm=self._warm_sink,
+                experiment_name=self.experiment_name, run_name=self.run_name, model_repo=str(self.model_repo),
+                warm=self._warm_sink,
             )
             self._warm_sink = None
         self.record = new_record(

@@ -194,3 +194,56 @@ def test_refused_hf_resume_ends_transformers_run_as_failed(tmp_path, monkeypatch
     assert statuses.pop("the user's own") == "FINISHED"
     assert list(statuses.values()) == ["FAILED"]  # transformers' run for the refused train()
     assert mlflow.active_run() is None
+
+
+def _background_busy(cache: Path, models: Path) -> bool:
+    """A sink process still holds an MLflow journal, or a commit worker a queue of the model repository."""
+    from oxen_callbacks.locks import is_locked
+    from oxen_callbacks.mlflow_journal import MlflowJournal, journals
+    from oxen_callbacks.publish.queue import all_queues
+
+    sinks = [MlflowJournal(folder) for folder in journals(cache)]
+    return (any(is_locked(j.lock_path) or j.sink_alive() for j in sinks)
+            or any(not q.is_orphan() for q in all_queues(models)))
+
+
+@pytest.mark.timeout(600)
+def test_sigkilled_training_run_is_finished_by_sync(dataset_repo, tmp_path, capsys):
+    from oxen_callbacks.lineage import read_lineage
+    from oxen_callbacks.oxen_repo import LocalRepo
+
+    models, cache = tmp_path / "models", tmp_path / "cache"
+    script = Path(__file__).parent / "fit_script.py"
+    proc = subprocess.Popen([sys.executable, str(script), "--dataset", str(dataset_repo.path), "--revision",
+                             dataset_repo.commits[0], "--model-repo", str(models), "--root", str(tmp_path / "fit"),
+                             "--run-name", "killed", "--every-n-steps", "1", "--step-sleep", "0.2", "--epochs", "5",
+                             "--mlflow"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    lineage = models / "runs" / "killed" / "lineage.json"
+    deadline = time.monotonic() + 300
+    while proc.poll() is None and time.monotonic() < deadline:  # at least one checkpoint committed
+        if lineage.is_file() and any(c["commit"] for c in read_lineage(lineage)["checkpoints"]):
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "training ended before it could be killed"
+    proc.kill()
+    proc.wait()
+    deadline = time.monotonic() + 300
+    while _background_busy(cache, models) and time.monotonic() < deadline:
+        time.sleep(0.2)  # the worker commits what was frozen, the sink process logs what was journaled
+
+    assert cli.main(["sync"]) == 0
+    report = capsys.readouterr().out
+    assert "its training process died without ending it: lineage status KILLED" in report, report
+    record = read_lineage(lineage)
+    last = record["checkpoints"][-1]
+    assert last["commit"] in LocalRepo(models).commit_ids()
+    client = MlflowClient()
+    run = client.search_runs([e.experiment_id for e in client.search_experiments()])[0]
+    assert run.info.status == "KILLED"
+    assert run.data.tags["oxen.lineage.status"] == "KILLED"
+    assert run.data.tags["oxen.model.commit"] == last["commit"] and run.data.tags["oxen.model.path"] == last["path"]
+    logged = read_lineage(client.download_artifacts(run.info.run_id, "oxen/lineage.json", str(tmp_path / "dl")))
+    assert logged["status"] == "KILLED" and logged["model"]["commit"] == last["commit"]
+    assert [c["commit"] for c in logged["checkpoints"]] == [c["commit"] for c in record["checkpoints"]]
+    assert logged["run"]["mlflow_run_id"] == run.info.run_id
+    assert cli.main(["sync"]) == 0 and "nothing left to do" in capsys.readouterr().out
