@@ -247,3 +247,28 @@ def test_sigkilled_training_run_is_finished_by_sync(dataset_repo, tmp_path, caps
     assert [c["commit"] for c in logged["checkpoints"]] == [c["commit"] for c in record["checkpoints"]]
     assert logged["run"]["mlflow_run_id"] == run.info.run_id
     assert cli.main(["sync"]) == 0 and "nothing left to do" in capsys.readouterr().out
+
+
+def test_abandoned_run_waits_while_a_live_worker_commits_its_checkpoints(tmp_path):
+    from oxen_callbacks import sync
+    from oxen_callbacks.locks import FileLock
+    from oxen_callbacks.mlflow_journal import ABANDONED_SEQ, MlflowJournal
+    from oxen_callbacks.publish.queue import JobQueue
+
+    client = MlflowClient()
+    run_id = client.create_run(client.create_experiment("abandoned")).info.run_id
+    models = tmp_path / "models"
+    queue = JobQueue.create(models, "r1", {})
+    queue.put(1, "checkpoint", {"run": "r1"})
+    journal = MlflowJournal.create(tmp_path / "cache", {"tracking_uri": os.environ["MLFLOW_TRACKING_URI"],
+                                                        "run_id": run_id, "model_repo": str(models), "oxen_run": "r1"})
+    journal.put(ABANDONED_SEQ, {"op": "finish_abandoned"})
+    with FileLock(queue.worker_lock):  # a worker still draining the dead process's queue
+        [busy] = sync.sync_mlflow(tmp_path / "cache")
+    assert busy["status"] == "busy" and "r1" in busy["waiting_for"]
+    assert client.get_run(run_id).info.status == "RUNNING"
+
+    [done] = sync.sync_mlflow(tmp_path / "cache")  # the worker is gone: finished from what was committed
+    assert done["status"] == "done" and done["abandoned"]["checkpoints"] == 0
+    run = client.get_run(run_id)
+    assert run.info.status == "KILLED" and run.data.tags["oxen.lineage.status"] == "KILLED"
