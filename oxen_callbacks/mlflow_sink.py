@@ -69,6 +69,7 @@ class MlflowSink:
         self.owns_run = owns_run
         self._lock = threading.Lock()
         self._seq = 0
+        self._unjournaled = 0  # operations lost because the journal could not be written (warned once)
         # our own retries pace the sink; MLflow's (minutes by default) would only keep a dead server's
         # operations locked away from `sync` longer. The user's own settings win.
         settings = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_TIMEOUT": "30",
@@ -192,7 +193,14 @@ class MlflowSink:
     def _enqueue(self, op: dict[str, Any]) -> None:
         with self._lock:
             self._seq += 1
-            self.journal.put(self._seq, op)
+            try:
+                self.journal.put(self._seq, op)
+            except OSError as exc:  # its folder removed under us (a cleaned cache), a full disk: not training's fault
+                (log.debug if self._unjournaled else log.warning)(
+                    "Could not journal the MLflow %s operation in %s (%s); it is not logged.",
+                    op["op"], self.journal.folder, exc)
+                self._unjournaled += 1
+                return
         self._send(b"\n")
 
     def _send(self, line: bytes) -> None:

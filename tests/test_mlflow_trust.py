@@ -83,7 +83,7 @@ def test_journal_removed_mid_run_does_not_fail_finish(tmp_path, caplog):
     with caplog.at_level(logging.WARNING):
         record = run.finish("FINISHED")
     assert record is not None and record["checkpoints"] and record["checkpoints"][0]["commit"]
-    assert "oxen-callbacks sync" in caplog.text
+    assert caplog.text.count("Could not journal the MLflow") == 1  # said once, not per operation
 
 
 def test_slow_mlflow_warning_says_why(tmp_path, caplog):
