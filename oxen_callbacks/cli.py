@@ -215,7 +215,7 @@ def _show_trace(result: dict[str, Any]) -> str:
     kind = result["kind"].replace("-", " ")
     head = f"{kind} {result['target']}: " + (f"{len(runs)} run{'s' if len(runs) != 1 else ''}" if runs else
                                              "no run found (is MLFLOW_TRACKING_URI set, or pass --model-repo?)")
-    lines = [head]
+    lines = [head] + ([f"note: {result['note']}"] if result.get("note") else [])
     for view in runs:
         lines.append("")
         lines.extend(_run_lines(view, "  "))
@@ -304,6 +304,15 @@ def _show_sync(report: dict[str, Any]) -> str:
         where = f"MLflow run {entry.get('run_id') or '(new)'} at {entry.get('tracking_uri')}"
         if entry["status"] == "done":
             lines.append(f"{where}: {entry['done']} operation(s) logged")
+            if entry.get("abandoned"):
+                a = entry["abandoned"]
+                lines.append(f"  its training process died without ending it: lineage status {a['status']}, "
+                             f"{a['checkpoints']} committed checkpoint(s)"
+                             + (f", model {a['model_path']} @ {a['model_commit']}" if a["model_commit"] else "")
+                             + (f"; run terminated {a['terminated']}" if a["terminated"] else ""))
+        elif entry.get("waiting_for"):
+            lines.append(f"MLflow run {entry.get('run_id')}: its training process died; finished once "
+                         f"{entry['waiting_for']} are done (a worker is still committing)")
         elif entry["status"] == "busy":
             lines.append(f"MLflow journal {entry['journal']}: left to its live training process")
         else:

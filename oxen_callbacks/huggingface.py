@@ -22,6 +22,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import sys
 import time
 from typing import Any
 
@@ -76,11 +77,16 @@ class OxenTrainerCallback(TrainerCallback):
                           "framework": ("transformers", transformers.__version__), **run_options}
         # Validates every option now, before any training time is spent.
         self.run = LineageRun(**self._run_args)
+        self._run_before_train = _active_mlflow_run_id()  # the user's own run: never ended by us
         self._published: list[str] = []
         #: Time the training process spent in this callback per checkpoint save (seconds).
         self.stall_seconds: list[float] = []
 
     # -- train start ----------------------------------------------------------------
+    def on_init_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+                    **kwargs: Any) -> None:
+        self._run_before_train = _active_mlflow_run_id()
+
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                        train_dataloader: Any = None, **kwargs: Any) -> None:
         if self.run.publisher is not None and not self.run.finished:  # the previous train() raised
@@ -91,6 +97,25 @@ class OxenTrainerCallback(TrainerCallback):
         if self.run.finished:  # the same callback in a second train(): a new run
             self.run = LineageRun(**{**self._run_args, "run_name": None})
             self._published = []
+        try:
+            self._begin(args, state, train_dataloader)
+        except BaseException:
+            self._fail_run_started_for_this_train(args)
+            raise
+
+    def _fail_run_started_for_this_train(self, args: TrainingArguments) -> None:
+        """train() stops in our on_train_begin: end as FAILED the MLflow run transformers' MLflowCallback
+        started for it just before (it would stay RUNNING forever); a run the user started is left alone."""
+        run_id = _active_mlflow_run_id()
+        if run_id is None or run_id == self._run_before_train or "mlflow" not in (args.report_to or []):
+            return
+        try:
+            sys.modules["mlflow"].end_run("FAILED")
+        except Exception:
+            log.warning("Could not end MLflow run %s as FAILED", run_id, exc_info=True)
+
+    def _begin(self, args: TrainingArguments, state: TrainerState, train_dataloader: Any) -> None:
+        """Check the data this train() reads, then start the lineage run (on the logging process)."""
         self._check_same_commit_on_every_rank()
         recorded = state.stateful_callbacks.get(STATE_KEY)  # present when resuming from a checkpoint
         if self.dataset is not None and not self.allow_dataset_change:  # every process: all fail alike
@@ -194,6 +219,13 @@ class OxenTrainerCallback(TrainerCallback):
     def lineage(self) -> dict[str, Any] | None:
         """The run's lineage record (complete after train)."""
         return self.run.record
+
+
+def _active_mlflow_run_id() -> str | None:
+    """The active fluent MLflow run's id (``None`` when MLflow is not even imported)."""
+    mlflow = sys.modules.get("mlflow")
+    active = mlflow.active_run() if mlflow is not None else None
+    return active.info.run_id if active is not None else None
 
 
 def _checkpoint_folder(args: TrainingArguments, state: TrainerState) -> str:

@@ -30,18 +30,19 @@ from .stdin_lines import StdinLines
 log = logging.getLogger(__name__)
 RETRY_DELAYS_S = (0.5, 1.0, 2.0, 4.0, 8.0)
 _STDIN = StdinLines()  # the training process's wake-ups, hand-offs and ends
+ABANDONED_SEQ = 999_999  # the last operation of a journal whose training process died
 
 
 class MlflowJournal:
     """The not-yet-done MLflow operations of one training run, on disk."""
 
     def __init__(self, folder: Path) -> None:
-        self.folder = folder
-        (folder / "ops").mkdir(parents=True, exist_ok=True)
+        self.folder = folder  # (not created here: a finished journal's folder must not come back)
 
     @classmethod
     def create(cls, cache_dir: Path, meta: dict[str, Any]) -> "MlflowJournal":
         journal = cls(cache_dir / "mlflow-journal" / f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:8]}")
+        (journal.folder / "ops").mkdir(parents=True, exist_ok=True)
         journal.write_meta(meta)
         return journal
 
@@ -72,9 +73,23 @@ class MlflowJournal:
         os.replace(tmp, path)
         return path
 
+    def _op_files(self) -> list[Path]:
+        """The journaled operation files in order; none once the folder is gone (a finished journal)."""
+        ops = self.folder / "ops"
+        try:
+            names = os.listdir(ops)
+        except FileNotFoundError:
+            return []
+        return [ops / name for name in sorted(names) if name.endswith(".json") and not name.startswith(".")]
+
     def pending(self) -> list[tuple[Path, dict[str, Any]]]:
-        ops = sorted(p for p in (self.folder / "ops").glob("*.json"))
-        return [(p, json.loads(p.read_text())) for p in ops]
+        found = []
+        for path in self._op_files():
+            try:
+                found.append((path, json.loads(path.read_text())))
+            except FileNotFoundError:
+                continue  # done (and deleted) meanwhile
+        return found
 
     def batches(self) -> list[tuple[list[Path], dict[str, Any]]]:
         """The pending operations in order, each run of ``set_tags`` merged into one (one MLflow
@@ -90,7 +105,21 @@ class MlflowJournal:
         return merged
 
     def is_empty(self) -> bool:
-        return not any((self.folder / "ops").glob("*.json"))
+        """Nothing left to do: no operation journaled, or the folder already forgotten by the sink process."""
+        return not self._op_files()
+
+    def write_sink_pid(self, pid: int) -> None:
+        (self.folder / "sink.pid").write_text(str(pid))
+
+    def sink_alive(self) -> bool:
+        """Whether the sink process given this journal still lives (it may still be importing MLflow,
+        before it takes :attr:`lock_path`)."""
+        try:
+            pid = int((self.folder / "sink.pid").read_text())
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except (OSError, ValueError):
+            return False  # no pid, gone, or no /proc: the lock alone tells
+        return b"oxen_callbacks.mlflow_journal" in cmdline
 
     @property
     def status_path(self) -> Path:
@@ -175,6 +204,10 @@ def _apply(client: Any, journal: MlflowJournal, meta: dict[str, Any], op: dict[s
             client.log_artifact(run_id, str(local), artifact_path=op["artifact_dir"])
     elif kind == "end_run":
         client.set_terminated(run_id, status=op["status"])
+    elif kind == "finish_abandoned":
+        from .mlflow_abandoned import finish_abandoned
+
+        journal.write_meta({**meta, "abandoned": finish_abandoned(client, journal, meta)})
     elif kind == "publish_extras":
         from .model_registry import publish_extras
 
@@ -184,14 +217,14 @@ def _apply(client: Any, journal: MlflowJournal, meta: dict[str, Any], op: dict[s
         raise ValueError(f"Unknown journaled MLflow operation {kind!r}")
 
 
-def serve(journal: MlflowJournal) -> bool:
+def serve(journal: MlflowJournal) -> str:
     """Apply operations as they arrive, until the training run says it is over.
 
     Stdin: a newline wakes us; ``end`` ends this journal (the process may get
     another, see :func:`main`); EOF means the training process is gone: finish
-    and exit. Returns whether stdin is still open. An operation that still fails
-    after the retries stops serving: order matters (tags of a run not yet
-    created...), so the rest stays journaled.
+    and exit. Returns why it stopped: ``"end"`` (stdin still open), ``"eof"`` or
+    ``"gave_up"``. An operation that still fails after the retries stops serving:
+    order matters (tags of a run not yet created...), so the rest stays journaled.
     """
     client = None
     over = False
@@ -211,13 +244,13 @@ def serve(journal: MlflowJournal) -> bool:
                     if delay is None:
                         log.warning("MLflow %s failed (%s); kept for `oxen-callbacks sync`", op["op"], error)
                         journal.write_status(gave_up=True, last_error=error)
-                        return False  # never handed another journal: the training side saw it give up
+                        return "gave_up"  # never handed another journal: the training side saw it give up
                     journal.write_status(gave_up=False, last_error=error)
                     time.sleep(delay)
         if pending:
             continue
         if over:
-            return over == "end"
+            return over
         line = _STDIN.next(timeout=1.0)
         over = "eof" if line == "" else "end" if line == "end\n" else False
 
@@ -230,14 +263,20 @@ def serve_folder(folder: Path) -> bool:
     logging.getLogger().addHandler(handler)
     try:
         with FileLock(journal.lock_path):
-            more = serve(journal)
+            ended = serve(journal)
+            if ended == "eof" and journal.meta().get("model_repo"):
+                # the training process died without ending its run (SIGKILL, OOM): `sync` finishes the
+                # run from the checkpoints its commit worker gets into the model repository
+                log.warning("The training process is gone without ending MLflow run %s; kept for "
+                            "`oxen-callbacks sync`", journal.meta().get("run_id"))
+                journal.put(ABANDONED_SEQ, {"op": "finish_abandoned"})
             forget = journal.is_empty()
     finally:
         logging.getLogger().removeHandler(handler)
         handler.close()
     if forget:
         shutil.rmtree(journal.folder, ignore_errors=True)
-    return more
+    return ended == "end"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -69,6 +69,7 @@ class MlflowSink:
         self.owns_run = owns_run
         self._lock = threading.Lock()
         self._seq = 0
+        self._unjournaled = 0  # operations lost because the journal could not be written (warned once)
         # our own retries pace the sink; MLflow's (minutes by default) would only keep a dead server's
         # operations locked away from `sync` longer. The user's own settings win.
         settings = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_TIMEOUT": "30",
@@ -77,6 +78,7 @@ class MlflowSink:
         proc = warm.hand_over(journal.folder, settings) if warm is not None else None
         self._reusable = proc is not None  # a --warm process serves one journal after another
         self._proc = proc or _start_sink(["--journal", str(journal.folder)], settings)
+        journal.write_sink_pid(self._proc.pid)  # busy for `sync` even before it takes the journal's lock
 
     @classmethod
     def attach(
@@ -87,17 +89,23 @@ class MlflowSink:
         tracking_uri: str | None = None,
         experiment_name: str | None = None,
         run_name: str | None = None,
+        model_repo: str | None = None,
         warm: "WarmSinkProcess | None" = None,
     ) -> "MlflowSink":
         """Log into ``run_id``, else the active MLflow run, else a new run this sink ends.
 
+        ``model_repo``: where run ``run_name``'s checkpoints are committed; a training process
+        that dies without ending the run is finished from there by ``oxen-callbacks sync``.
         ``warm``: a :class:`WarmSinkProcess` started earlier, used instead of a new process.
         """
         active = _active_run() if run_id is None else None
         if active is not None:
             run_id, tracking_uri = active[0], tracking_uri or active[1]
         uri = tracking_uri or _default_tracking_uri()
-        journal = MlflowJournal.create(cache_dir, {"tracking_uri": redact_url(uri), "run_id": run_id})
+        meta = {"tracking_uri": redact_url(uri), "run_id": run_id}
+        if model_repo is not None:
+            meta.update(model_repo=model_repo, oxen_run=run_name)
+        journal = MlflowJournal.create(cache_dir, meta)
         sink = cls(journal, owns_run=run_id is None, client_uri=uri, warm=warm)
         if run_id is None:
             experiment_id = os.environ.get("MLFLOW_EXPERIMENT_ID") if experiment_name is None else None
@@ -118,6 +126,20 @@ class MlflowSink:
     @property
     def last_error(self) -> str | None:
         return self.journal.status().get("last_error")
+
+    def why_pending(self) -> str:
+        """Why operations are still journaled (for the warning at fit end): the sink process's state
+        and the operations it has not done."""
+        status, code = self.journal.status(), self._proc.poll()
+        if status.get("gave_up"):
+            why = f"the sink process gave up after retries: {status.get('last_error')}"
+        elif code is not None:
+            why = f"the sink process exited with code {code}"
+        else:
+            why = "the sink process is still working" + (
+                f", last error: {status['last_error']}" if status.get("last_error") else "")
+        ops = [op.get("op", "?") for _, op in self.journal.pending()]
+        return f"{why}; not yet done: {', '.join(ops) or 'nothing'}"
 
     def wait_for_run(self, timeout: float) -> str | None:
         """The run id, waiting up to ``timeout`` for the sink process to create the run."""
@@ -171,7 +193,14 @@ class MlflowSink:
     def _enqueue(self, op: dict[str, Any]) -> None:
         with self._lock:
             self._seq += 1
-            self.journal.put(self._seq, op)
+            try:
+                self.journal.put(self._seq, op)
+            except OSError as exc:  # its folder removed under us (a cleaned cache), a full disk: not training's fault
+                (log.debug if self._unjournaled else log.warning)(
+                    "Could not journal the MLflow %s operation in %s (%s); it is not logged.",
+                    op["op"], self.journal.folder, exc)
+                self._unjournaled += 1
+                return
         self._send(b"\n")
 
     def _send(self, line: bytes) -> None:

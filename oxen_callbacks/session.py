@@ -228,7 +228,8 @@ class LineageRun:
 
             self.sink = MlflowSink.attach(
                 cache_dir=self.cache_dir, run_id=self.mlflow_run_id, tracking_uri=self.mlflow_tracking_uri,
-                experiment_name=self.experiment_name, run_name=self.run_name, warm=self._warm_sink,
+                experiment_name=self.experiment_name, run_name=self.run_name, model_repo=str(self.model_repo),
+                warm=self._warm_sink,
             )
             self._warm_sink = None
         self.record = new_record(
@@ -321,21 +322,29 @@ class LineageRun:
         self.record = final
         self._warn_unpushed()
         if self.sink is not None:
-            self.sink.set_tags({"oxen.model.commit": final["model"]["commit"], "oxen.model.path": final["model"]["path"],
-                                "oxen.lineage.status": status})
-            self.sink.log_lineage(final)
-            if self.log_dataset_input or self.register_model or self.log_lineage_graph:
-                self.sink.publish_extras(final, register_model=self.register_model,
-                                         dataset_input=self.log_dataset_input, graph=self.log_lineage_graph)
-            self.sink.end(status)
-            if not self.sink.flush(self.mlflow_timeout):
-                log.warning("MLflow did not take the lineage within %.0fs (%s); it is journaled in %s: "
-                            "run `oxen-callbacks sync` later.", self.mlflow_timeout, self.sink.last_error,
-                            self.sink.journal.folder)
-            self.sink.close()
+            try:
+                self._log_final(final, status)
+            except Exception:  # the work is done and committed: MLflow bookkeeping never fails training
+                log.warning("Logging the lineage to MLflow failed; what is journaled in %s stays there for "
+                            "`oxen-callbacks sync`.", self.sink.journal.folder, exc_info=True)
         if error is not None:
             raise error
         return final
+
+    def _log_final(self, final: LineageRecord, status: str) -> None:
+        """Tag the run with the final model, log the pointer file and extras, end it, wait for MLflow."""
+        self.sink.set_tags({"oxen.model.commit": final["model"]["commit"], "oxen.model.path": final["model"]["path"],
+                            "oxen.lineage.status": status})
+        self.sink.log_lineage(final)
+        if self.log_dataset_input or self.register_model or self.log_lineage_graph:
+            self.sink.publish_extras(final, register_model=self.register_model,
+                                     dataset_input=self.log_dataset_input, graph=self.log_lineage_graph)
+        self.sink.end(status)
+        if not self.sink.flush(self.mlflow_timeout):
+            log.warning("MLflow did not take the lineage within %.0fs (%s); it is journaled in %s: "
+                        "run `oxen-callbacks sync` later.", self.mlflow_timeout, self.sink.why_pending(),
+                        self.sink.journal.folder)
+        self.sink.close()
 
     def _warn_unpushed(self) -> None:
         from .publish.remote import pending_push

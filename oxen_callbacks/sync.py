@@ -111,13 +111,17 @@ def _replay_all(cache_dir: Path) -> list[dict[str, Any]]:
     for folder in journals(cache_dir):
         journal = MlflowJournal(folder)
         if journal.is_empty():
-            if not is_locked(journal.lock_path):
+            if not is_locked(journal.lock_path) and not journal.sink_alive():
                 shutil.rmtree(folder, ignore_errors=True)
             continue
-        if is_locked(journal.lock_path):
+        if is_locked(journal.lock_path) or journal.sink_alive():
             reports.append({"journal": folder.name, "status": "busy"})
             continue
         meta = journal.meta()
+        if _waits_for_commits(journal, meta):
+            reports.append({"journal": folder.name, "status": "busy", "run_id": meta.get("run_id"),
+                            "waiting_for": f"the commits of run {meta['oxen_run']} in {meta['model_repo']}"})
+            continue
         entry: dict[str, Any] = {"journal": folder.name, "tracking_uri": meta.get("tracking_uri"),
                                  "run_id": meta.get("run_id"), "pending": len(journal.pending())}
         try:
@@ -125,12 +129,23 @@ def _replay_all(cache_dir: Path) -> list[dict[str, Any]]:
                 entry["done"] = replay(journal)
             entry["status"] = "done"
             entry["run_id"] = journal.meta().get("run_id")  # created by the replay when training could not
+            if journal.meta().get("abandoned"):
+                entry["abandoned"] = journal.meta()["abandoned"]
             shutil.rmtree(folder, ignore_errors=True)
         except Exception as exc:  # MLflow still down: keep it for the next sync
             entry["status"] = "failed"
             entry["error"] = redact_text(f"{type(exc).__name__}: {exc}")[:500]
         reports.append(entry)
     return reports
+
+
+def _waits_for_commits(journal: Any, meta: dict[str, Any]) -> bool:
+    """A dead training process's run is finished from its committed checkpoints: not while a
+    live worker still commits some."""
+    from .mlflow_abandoned import commits_pending
+
+    abandoned = any(op.get("op") == "finish_abandoned" for _, op in journal.pending())
+    return abandoned and commits_pending(meta["model_repo"], meta.get("oxen_run") or "")
 
 
 def sync_all(cache_dir: Path | None = None, *, model_repos: list[Path] | None = None,

@@ -29,7 +29,7 @@ from typing import Any
 from . import oxen_layout
 from .errors import ConfigurationError, LineageValidationError
 from .lineage import SCHEMA, read_lineage
-from .mlflow_query import TrackingReader, open_reader, quote, tag_filter
+from .mlflow_query import TrackingReader, missing_store, open_reader, quote, tag_filter
 from .mlflow_query import tracking_uri as default_tracking_uri
 from .mlflow_sink import LINEAGE_ARTIFACT_DIR, LINEAGE_ARTIFACT_NAME
 from .model_registry import (
@@ -102,7 +102,9 @@ class LineageFinder:
 
     def __init__(self, *, tracking_uri: str | None = None, model_repos: Sequence[str | os.PathLike[str]] = ()) -> None:
         uri = default_tracking_uri(tracking_uri)
-        self.reader: TrackingReader | None = open_reader(uri) if uri else None
+        #: The SQLite file the tracking URI names when it does not exist: never created by a query.
+        self.missing_store = missing_store(uri) if uri else None
+        self.reader: TrackingReader | None = open_reader(uri) if uri and not self.missing_store else None
         self.model_repos = [_check_repo(r) for r in model_repos]
         if not self.model_repos:
             here = oxen_layout.find_repo_root(Path.cwd())
@@ -122,7 +124,7 @@ class LineageFinder:
             where = ", ".join(str(r) for r in self.model_repos)
             raise ConfigurationError(
                 f"Run {run_id!r} is not in {('the model repository ' + where) if where else 'any model repository'}"
-                " and no MLflow tracking URI is set.",
+                f" and {self._no_mlflow()}.",
                 "set MLFLOW_TRACKING_URI (or --tracking-uri) for an MLflow run id, "
                 "or pass --model-repo PATH with the run's name (runs/<name>/ in that repository).")
         found = self.reader.get_run(run_id)
@@ -153,13 +155,22 @@ class LineageFinder:
         if location is not None:
             kind, views = "checkpoint", self._by_checkpoint(*location)
         elif self.reader is None and not self.model_repos:
-            raise ConfigurationError(f"Nowhere to look for {target!r}: no MLflow tracking URI and no model repository.",
+            raise ConfigurationError(f"Nowhere to look for {target!r}: {self._no_mlflow()} and no model repository.",
                                      "set MLFLOW_TRACKING_URI (or --tracking-uri), or pass --model-repo PATH.")
         elif is_commit_like(target):
             kind, views = self._by_commit(target.lower())
         else:
             kind, views = "endpoint", self._by_endpoint(target)
-        return {"target": target, "kind": kind, "runs": self._enrich(views)}
+        result = {"target": target, "kind": kind, "runs": self._enrich(views)}
+        if self.missing_store and not views:
+            result["note"] = f"{self._no_mlflow()}: only the model repositories were searched"
+        return result
+
+    def _no_mlflow(self) -> str:
+        """Why MLflow is not searched."""
+        if self.missing_store:
+            return f"the MLflow store {self.missing_store} does not exist"
+        return "no MLflow tracking URI is set"
 
     def _checkpoint_location(self, target: str) -> tuple[Path, str] | None:
         """``(model repository, path inside it)`` when ``target`` names a file of a run folder."""

@@ -1,0 +1,75 @@
+"""Finish the MLflow run of a training process that died without ending it (SIGKILL, OOM killer).
+
+Its sink process saw stdin close without ``end`` and journaled ``finish_abandoned``;
+``oxen-callbacks sync`` carries it out once the model repository's commits of that
+run are done (:func:`commits_pending`): the run gets the lineage of the checkpoints
+that made it into the model repository, tags naming the last one, lineage status
+``KILLED``, the ``oxen/lineage.json`` artifact, and is terminated ``KILLED`` if still
+``RUNNING``.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from .errors import LineageValidationError
+from .lineage import read_lineage
+from .locks import is_locked
+from .publish.queue import all_queues
+
+log = logging.getLogger(__name__)
+KILLED = "KILLED"
+
+
+def commits_pending(model_repo: str, run: str) -> bool:
+    """Whether a live worker still commits checkpoints of ``run`` (then its lineage is not final yet)."""
+    if not Path(model_repo).is_dir():
+        return False
+    return any(queue.meta().get("run") == run and queue.pending() and not queue.is_orphan()
+               for queue in all_queues(model_repo))
+
+
+def committed_record(model_repo: str, run: str, mlflow_run_id: str) -> dict[str, Any] | None:
+    """``runs/<run>/lineage.json`` of the model repository's working tree, cut to the committed
+    checkpoints, the model pointing at the last one; ``None`` when no checkpoint was committed."""
+    path = Path(model_repo) / "runs" / run / "lineage.json"
+    if not run or Path(run).name != run or not path.is_file():
+        return None
+    try:
+        record = dict(read_lineage(path))
+    except (OSError, ValueError, LineageValidationError) as exc:
+        log.warning("Cannot read %s: %s", path, exc)
+        return None
+    record["checkpoints"] = [c for c in record["checkpoints"] if c.get("commit")]
+    if record.get("status") in (None, "RUNNING"):  # a run that finished its lineage keeps its own status
+        record["status"] = KILLED
+        if record["checkpoints"]:
+            last = record["checkpoints"][-1]
+            record["model"] = {**record["model"], "commit": last["commit"], "path": last["path"]}
+    record["run"] = {**record["run"], "mlflow_run_id": record["run"].get("mlflow_run_id") or mlflow_run_id}
+    return record
+
+
+def finish_abandoned(client: Any, journal: Any, meta: dict[str, Any]) -> dict[str, Any]:
+    """Tag, log and terminate the abandoned run; returns what was done (for sync's report)."""
+    from .mlflow_journal import _apply
+    from .mlflow_sink import LINEAGE_ARTIFACT_DIR, LINEAGE_ARTIFACT_NAME
+
+    run_id = meta["run_id"]
+    record = committed_record(meta["model_repo"], meta.get("oxen_run") or "", run_id)
+    status = record["status"] if record else KILLED
+    tags = {"oxen.lineage.status": status}
+    if record and record["model"].get("commit"):
+        tags.update({"oxen.model.commit": record["model"]["commit"], "oxen.model.path": record["model"]["path"]})
+    _apply(client, journal, meta, {"op": "set_tags", "tags": tags})
+    if record is not None:
+        _apply(client, journal, meta, {"op": "log_json", "artifact_dir": LINEAGE_ARTIFACT_DIR,
+                                       "name": LINEAGE_ARTIFACT_NAME, "data": record})
+    terminated = client.get_run(run_id).info.status == "RUNNING"
+    if terminated:
+        client.set_terminated(run_id, status=KILLED)
+    return {"status": status, "checkpoints": len(record["checkpoints"]) if record else 0,
+            "model_commit": tags.get("oxen.model.commit"), "model_path": tags.get("oxen.model.path"),
+            "terminated": KILLED if terminated else None}

@@ -1,0 +1,274 @@
+"""MLflow bookkeeping never fails a run that worked, never leaves a run RUNNING, never creates a store by reading."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from mlflow import MlflowClient
+
+from oxen_callbacks import cli
+from oxen_callbacks.mlflow_sink import MlflowSink, WarmSinkProcess
+from oxen_callbacks.session import LineageRun
+
+
+def _wait_until_gone(folder: Path, timeout: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout
+    while folder.exists() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert not folder.exists(), "the sink process never finished its journal"
+
+
+def test_journal_folder_deleted_between_listing_and_reading(tmp_path, monkeypatch):
+    """The worst moment, made certain: the training side has seen the journal folder, then the real
+    sink process finishes and deletes it before the folder is listed. Nothing may raise."""
+    sink = MlflowSink.attach(cache_dir=tmp_path / "cache", run_name="race")
+    sink.set_tags({"oxen.test": "1"})
+    sink.log_lineage({"status": "FINISHED"})
+    run_id = sink.wait_for_run(120)  # as finish() does before its last operations
+    ops = sink.journal.folder / "ops"
+    real_scandir, real_listdir = os.scandir, os.listdir
+
+    def after_the_sink_is_done(real):  # type: ignore[no-untyped-def]
+        def listing(path="."):  # type: ignore[no-untyped-def]
+            if Path(path) == ops:
+                _wait_until_gone(sink.journal.folder)  # the real sink process deletes it meanwhile
+            return real(path)
+        return listing
+
+    sink.end("FINISHED")
+    with monkeypatch.context() as patched:
+        patched.setattr(os, "scandir", after_the_sink_is_done(real_scandir))
+        patched.setattr(os, "listdir", after_the_sink_is_done(real_listdir))
+        assert sink.flush(timeout=120)
+        sink.close()
+    assert sink.journal.is_empty() and sink.journal.pending() == [] and sink.journal.status() == {}
+    assert sink.run_id == run_id  # remembered after the folder is gone
+    run = MlflowClient().get_run(run_id)
+    assert run.data.tags["oxen.test"] == "1" and run.info.status == "FINISHED"
+    assert "not yet done: nothing" in sink.why_pending()
+
+
+def test_many_short_runs_end_without_error(tmp_path):
+    """attach -> log -> end -> flush -> close, again and again on one warm sink process (the notebook case)."""
+    client = MlflowClient()
+    for i in range(5):
+        sink = MlflowSink.attach(cache_dir=tmp_path / "cache", run_name=f"short-{i}", warm=WarmSinkProcess())
+        sink.set_tags({"oxen.i": str(i)})
+        run_id = sink.wait_for_run(120)
+        sink.end("FINISHED")
+        assert sink.flush(timeout=120)
+        sink.close()
+        assert sink.journal.is_empty()
+        assert client.get_run(run_id).data.tags["oxen.i"] == str(i)
+
+
+def test_journal_removed_mid_run_does_not_fail_finish(tmp_path, caplog):
+    """Someone empties the cache while the model trains: the checkpoints are committed, finish() returns."""
+    run = LineageRun(dataset=None, model_repo=tmp_path / "models", framework=("test", "1"),
+                     author=("T", "t@example.com"), mlflow_timeout=30)
+    run.start()
+    ckpt = tmp_path / "e0.ckpt"
+    ckpt.write_bytes(b"weights")
+    run.checkpoint_saved(ckpt, step=1, epoch=0)
+    assert run.sink.wait_for_run(120)
+    shutil.rmtree(run.sink.journal.folder)
+    with caplog.at_level(logging.WARNING):
+        record = run.finish("FINISHED")
+    assert record is not None and record["checkpoints"] and record["checkpoints"][0]["commit"]
+    assert caplog.text.count("Could not journal the MLflow") == 1  # said once, not per operation
+
+
+def test_slow_mlflow_warning_says_why(tmp_path, caplog):
+    """The fit-end warning names the sink process's state and the operations not yet done."""
+    sink = MlflowSink.attach(cache_dir=tmp_path / "cache", run_name="slow")
+    assert sink.wait_for_run(120)
+    sink._proc.kill()  # the sink process dies (OOM killer): nothing more is done
+    sink._proc.wait()
+    sink.set_tags({"oxen.test": "1"})
+    sink.end("FINISHED")
+    assert not sink.flush(timeout=1)
+    why = sink.why_pending()
+    assert f"exited with code {sink._proc.returncode}" in why and "set_tags, end_run" in why
+
+    run = LineageRun(dataset=None, model_repo=tmp_path / "models", framework=("test", "1"),
+                     author=("T", "t@example.com"), mlflow_timeout=1)
+    run.start()
+    assert run.sink.wait_for_run(120)
+    run.sink._proc.kill()
+    run.sink._proc.wait()
+    with caplog.at_level(logging.WARNING):
+        run.finish("FINISHED")
+    warning = next(r.getMessage() for r in caplog.records if "did not take the lineage" in r.getMessage())
+    assert "None" not in warning and "exited with code" in warning and "end_run" in warning
+    assert str(run.sink.journal.folder) in warning
+
+
+def _committed_run(tmp_path: Path) -> tuple[Path, dict]:
+    """A model repository with one run (no MLflow) and one committed checkpoint."""
+    run = LineageRun(dataset=None, model_repo=tmp_path / "models", framework=("test", "1"), mlflow=False,
+                     run_name="no-mlflow", author=("T", "t@example.com"))
+    run.start()
+    ckpt = tmp_path / "e0.ckpt"
+    ckpt.write_bytes(b"weights")
+    run.checkpoint_saved(ckpt, step=1, epoch=0)
+    record = run.finish("FINISHED")
+    assert record is not None
+    return tmp_path / "models", record
+
+
+def test_queries_never_create_a_missing_sqlite_store(tmp_path, monkeypatch, capsys):
+    models, record = _committed_run(tmp_path)
+    store = tmp_path / "absent" / "mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{store}")
+    commit = record["checkpoints"][0]["commit"]
+
+    assert cli.main(["lineage", "--model-repo", str(models), "no-mlflow", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["checkpoints"][0]["commit"] == commit
+    assert cli.main(["trace", commit, "--model-repo", str(models), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["runs"][0]["run"]["name"] == "no-mlflow"
+    assert cli.main(["trace", "0123456789abcdef", "--model-repo", str(models)]) == 1
+    assert f"the MLflow store {store} does not exist" in capsys.readouterr().out
+    assert cli.main(["lineage", "0123456789abcdef0123456789abcdef", "--model-repo", str(models)]) == 2
+    assert f"the MLflow store {store} does not exist" in capsys.readouterr().err
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///relative.db")  # relative to the current folder (tmp_path)
+    assert cli.main(["trace", commit, "--model-repo", str(models), "--json"]) == 0
+    capsys.readouterr()
+    assert not store.exists() and not store.parent.exists() and not (tmp_path / "relative.db").exists()
+
+    probe = ("import sys; from oxen_callbacks import cli; "
+             f"code = cli.main(['trace', {commit!r}, '--model-repo', {str(models)!r}]); "
+             "sys.exit(code or ('mlflow' in sys.modules and 'mlflow imported'))")
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{store}"})
+    assert done.returncode == 0, done.stderr
+    assert not store.exists()
+
+
+def test_refused_hf_resume_ends_transformers_run_as_failed(tmp_path, monkeypatch):
+    """report_to="mlflow": transformers starts its run before our on_train_begin refuses the resume."""
+    from helpers import commit_files, make_repo
+    from hf_model import jsonl, make_trainer
+
+    from oxen_callbacks import PinnedDataset
+    from oxen_callbacks.errors import DatasetMismatchError
+    from oxen_callbacks.huggingface import OxenTrainerCallback
+
+    import mlflow
+
+    paths = ["train.jsonl", "eval.jsonl"]
+    reviews = make_repo(tmp_path / "reviews", [("A", {"train.jsonl": jsonl(0), "eval.jsonl": jsonl(0, rows=8, seed=1)})])
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "hf-refused")
+    pin_a = PinnedDataset(reviews.path, revision="main", paths=paths)
+    first = OxenTrainerCallback(dataset=pin_a, model_repo=tmp_path / "models", mlflow=False)
+    trainer, _ = make_trainer(tmp_path / "out", pin_a.load_dataset()["train"], [first], max_steps=2, save_steps=2)
+    trainer.train()
+    commit_files(reviews, "B", {"train.jsonl": jsonl(1)})
+
+    pin_b = PinnedDataset(reviews.path, revision="main", paths=paths)
+    user_run = mlflow.start_run(run_name="the user's own")  # left alone: not ours to end
+    refused = OxenTrainerCallback(dataset=pin_b, model_repo=tmp_path / "models")
+    trainer, _ = make_trainer(tmp_path / "out2", pin_b.load_dataset()["train"], [refused], max_steps=4,
+                              report_to="mlflow")
+    with pytest.raises(DatasetMismatchError):
+        trainer.train(resume_from_checkpoint=str(tmp_path / "out" / "checkpoint-2"))
+    assert mlflow.active_run().info.run_id == user_run.info.run_id
+    mlflow.end_run()
+
+    refused = OxenTrainerCallback(dataset=pin_b, model_repo=tmp_path / "models")
+    trainer, collator = make_trainer(tmp_path / "out3", pin_b.load_dataset()["train"], [refused], max_steps=4,
+                                     report_to="mlflow")
+    with pytest.raises(DatasetMismatchError):
+        trainer.train(resume_from_checkpoint=str(tmp_path / "out" / "checkpoint-2"))
+    assert collator.labels == []
+    client = MlflowClient()
+    runs = client.search_runs([client.get_experiment_by_name("hf-refused").experiment_id])
+    statuses = {run.info.run_name: run.info.status for run in runs}
+    assert statuses.pop("the user's own") == "FINISHED"
+    assert list(statuses.values()) == ["FAILED"]  # transformers' run for the refused train()
+    assert mlflow.active_run() is None
+
+
+def _background_busy(cache: Path, models: Path) -> bool:
+    """A sink process still holds an MLflow journal, or a commit worker a queue of the model repository."""
+    from oxen_callbacks.locks import is_locked
+    from oxen_callbacks.mlflow_journal import MlflowJournal, journals
+    from oxen_callbacks.publish.queue import all_queues
+
+    sinks = [MlflowJournal(folder) for folder in journals(cache)]
+    return (any(is_locked(j.lock_path) or j.sink_alive() for j in sinks)
+            or any(not q.is_orphan() for q in all_queues(models)))
+
+
+@pytest.mark.timeout(600)
+def test_sigkilled_training_run_is_finished_by_sync(dataset_repo, tmp_path, capsys):
+    from oxen_callbacks.lineage import read_lineage
+    from oxen_callbacks.oxen_repo import LocalRepo
+
+    models, cache = tmp_path / "models", tmp_path / "cache"
+    script = Path(__file__).parent / "fit_script.py"
+    proc = subprocess.Popen([sys.executable, str(script), "--dataset", str(dataset_repo.path), "--revision",
+                             dataset_repo.commits[0], "--model-repo", str(models), "--root", str(tmp_path / "fit"),
+                             "--run-name", "killed", "--every-n-steps", "1", "--step-sleep", "0.2", "--epochs", "5",
+                             "--mlflow"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    lineage = models / "runs" / "killed" / "lineage.json"
+    deadline = time.monotonic() + 300
+    while proc.poll() is None and time.monotonic() < deadline:  # at least one checkpoint committed
+        if lineage.is_file() and any(c["commit"] for c in read_lineage(lineage)["checkpoints"]):
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "training ended before it could be killed"
+    proc.kill()
+    proc.wait()
+    deadline = time.monotonic() + 300
+    while _background_busy(cache, models) and time.monotonic() < deadline:
+        time.sleep(0.2)  # the worker commits what was frozen, the sink process logs what was journaled
+
+    assert cli.main(["sync"]) == 0
+    report = capsys.readouterr().out
+    assert "its training process died without ending it: lineage status KILLED" in report, report
+    record = read_lineage(lineage)
+    last = record["checkpoints"][-1]
+    assert last["commit"] in LocalRepo(models).commit_ids()
+    client = MlflowClient()
+    run = client.search_runs([e.experiment_id for e in client.search_experiments()])[0]
+    assert run.info.status == "KILLED"
+    assert run.data.tags["oxen.lineage.status"] == "KILLED"
+    assert run.data.tags["oxen.model.commit"] == last["commit"] and run.data.tags["oxen.model.path"] == last["path"]
+    logged = read_lineage(client.download_artifacts(run.info.run_id, "oxen/lineage.json", str(tmp_path / "dl")))
+    assert logged["status"] == "KILLED" and logged["model"]["commit"] == last["commit"]
+    assert [c["commit"] for c in logged["checkpoints"]] == [c["commit"] for c in record["checkpoints"]]
+    assert logged["run"]["mlflow_run_id"] == run.info.run_id
+    assert cli.main(["sync"]) == 0 and "nothing left to do" in capsys.readouterr().out
+
+
+def test_abandoned_run_waits_while_a_live_worker_commits_its_checkpoints(tmp_path):
+    from oxen_callbacks import sync
+    from oxen_callbacks.locks import FileLock
+    from oxen_callbacks.mlflow_journal import ABANDONED_SEQ, MlflowJournal
+    from oxen_callbacks.publish.queue import JobQueue
+
+    client = MlflowClient()
+    run_id = client.create_run(client.create_experiment("abandoned")).info.run_id
+    models = tmp_path / "models"
+    queue = JobQueue.create(models, "r1", {})
+    queue.put(1, "checkpoint", {"run": "r1"})
+    journal = MlflowJournal.create(tmp_path / "cache", {"tracking_uri": os.environ["MLFLOW_TRACKING_URI"],
+                                                        "run_id": run_id, "model_repo": str(models), "oxen_run": "r1"})
+    journal.put(ABANDONED_SEQ, {"op": "finish_abandoned"})
+    with FileLock(queue.worker_lock):  # a worker still draining the dead process's queue
+        [busy] = sync.sync_mlflow(tmp_path / "cache")
+    assert busy["status"] == "busy" and "r1" in busy["waiting_for"]
+    assert client.get_run(run_id).info.status == "RUNNING"
+
+    [done] = sync.sync_mlflow(tmp_path / "cache")  # the worker is gone: finished from what was committed
+    assert done["status"] == "done" and done["abandoned"]["checkpoints"] == 0
+    run = client.get_run(run_id)
+    assert run.info.status == "KILLED" and run.data.tags["oxen.lineage.status"] == "KILLED"
