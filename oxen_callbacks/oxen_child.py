@@ -62,7 +62,7 @@ def _call(op: str, timeout: float | None = 600.0, *, show_stderr: bool = False, 
                               stdout=subprocess.PIPE, stderr=None if show_stderr else subprocess.PIPE,
                               text=True, timeout=timeout, env=env)
     except subprocess.TimeoutExpired:
-        raise ChildTimedOut(f"no answer within {timeout:.0f}s (oxen {op} stopped)") from None
+        raise ChildTimedOut(f"no answer within {timeout:g}s (oxen {op} stopped)") from None
     if proc.returncode < 0:
         name = signal.Signals(-proc.returncode).name if -proc.returncode in _SIGNALS else str(-proc.returncode)
         raise ChildCrashed(f"oxen {op} was killed by {name}", -proc.returncode)
@@ -114,7 +114,8 @@ def log(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
 def materialize(path: str | os.PathLike[str], commit: str, paths: list[str], dest: str | os.PathLike[str]) -> None:
     """``oxen restore`` of ``paths`` at ``commit`` into ``dest`` (see :func:`source_local.restore_into`).
 
-    Raises :class:`ChildTimedOut` after :data:`MATERIALIZE_TIMEOUT_S`.
+    Raises :class:`ChildTimedOut` after :data:`MATERIALIZE_TIMEOUT_S` (oxenai has no
+    timeout of its own: a restore that hangs would hold the pin forever).
     """
     _call("materialize", timeout=MATERIALIZE_TIMEOUT_S, path=str(path), commit=commit, paths=paths, dest=str(dest))
 

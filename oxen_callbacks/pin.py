@@ -20,7 +20,7 @@ from typing import Any
 from .errors import ConfigurationError, DatasetMismatchError
 from .locks import FileLock
 from .relpath import covers, safe_relpath
-from .snapshot import SnapshotStore, default_cache_dir, remove_tree, shown
+from .snapshot import SnapshotStore, default_cache_dir, remake_hint, remove_tree, shown
 from .remote_spec import looks_remote
 from .source_local import LocalSource, path_not_in_commit
 from .source_remote import RemoteSource
@@ -186,9 +186,10 @@ class PinnedDataset:
         """
         problems = self.store.check(self.commit, deep=deep, paths=self.paths)
         if problems:
+            folder = self.store.folder(self.commit)
             raise DatasetMismatchError(
-                f"Snapshot {self.store.folder(self.commit)} of {self.source.location}@{self.commit} changed on "
-                f"disk: {shown(problems)}. Delete the folder to re-materialize it."
+                f"Snapshot {folder} of {self.source.location}@{self.commit} changed on disk: {shown(problems)}.\n"
+                f"HINT: {remake_hint(folder)}."
             )
 
     # -- lineage ------------------------------------------------------------------

@@ -99,12 +99,13 @@ class SnapshotStore:
         return self.base / f"{commit}.lock"
 
     def manifest(self, commit: str) -> Manifest:
+        """What the snapshot holds; nothing when its folder was deleted (to have it made again)."""
         path = self.base / f"{commit}.manifest.json"
         try:
             data = json.loads(path.read_text())
         except (FileNotFoundError, NotADirectoryError):
             return Manifest(commit)
-        return Manifest(commit, data.get("paths", {}))
+        return Manifest(commit, data.get("paths", {}) if self.folder(commit).is_dir() else {})
 
     def write_manifest(self, manifest: Manifest) -> None:
         _write_json(self.base / f"{manifest.commit}.manifest.json",
@@ -184,6 +185,22 @@ def cached_snapshots(cache_dir: str | os.PathLike[str]) -> Iterator[tuple[Snapsh
     for base in sorted(snapshots.iterdir()) if snapshots.is_dir() else ():
         for manifest in sorted(base.glob("*.manifest.json")):
             yield SnapshotStore(cache_dir, base.name), manifest.name.removesuffix(".manifest.json")
+
+
+def verify_cache(cache_dir: str | os.PathLike[str]) -> dict[str, object]:
+    """Deep-check every cached snapshot (:meth:`SnapshotStore.check`); ``damaged`` counts those with problems."""
+    snapshots = []
+    for store, commit in cached_snapshots(cache_dir):
+        manifest = store.manifest(commit)
+        snapshots.append({"folder": str(store.folder(commit)), "commit": commit, "files": manifest.files,
+                          "bytes": manifest.bytes, "problems": store.check(commit, deep=True)})
+    return {"cache_dir": str(Path(cache_dir).expanduser()), "snapshots": snapshots,
+            "damaged": sum(1 for s in snapshots if s["problems"])}
+
+
+def remake_hint(folder: str | os.PathLike[str]) -> str:
+    """How to have a damaged snapshot made again at the next pin."""
+    return f"delete it (`chmod -R u+w {folder} && rm -rf {folder}`): the next pin makes it again"
 
 
 def shown(problems: list[str]) -> str:

@@ -43,7 +43,7 @@ class LocalSource:
         self.key = f"{self.repo.path.name}-{digest}"
 
     def resolve(self, revision: str | None) -> str:
-        with self._crashes_as_damage("list its branches"):
+        with self._child_errors("list its branches"):
             return self.repo.resolve(revision, branches=lambda: oxen_child.branches(self.repo.path))
 
     def default_revision(self) -> str | None:
@@ -56,7 +56,7 @@ class LocalSource:
         return revision in (None, "HEAD") or (current is not None and revision == current)
 
     def changed_paths(self, paths: list[str]) -> list[str]:
-        with self._crashes_as_damage("read its status"):
+        with self._child_errors("read its status"):
             return oxen_child.changed_paths(self.repo.path, paths)
 
     def materialize(self, commit: str, paths: list[str], dest: Path) -> Materialized | None:
@@ -71,7 +71,7 @@ class LocalSource:
             ConfigurationError: a path is not in the commit, or the repository looks damaged.
             OxenError: a child was killed from outside, or ran out of time.
         """
-        with self._crashes_as_damage(f"read commit {commit}"):
+        with self._child_errors(f"read commit {commit}"):
             try:
                 return copy_from_store(self.repo.path, commit, paths, dest)
             except oxen_tree.PathNotInCommit as exc:
@@ -85,24 +85,23 @@ class LocalSource:
             empty_folder(dest)
             try:
                 oxen_child.materialize(self.repo.path, commit, paths, dest)
-            except oxen_child.ChildTimedOut:
-                raise OxenError(f"`oxen restore` of {paths} at {commit} from {self.location!r} did not finish "
-                                f"within {oxen_child.MATERIALIZE_TIMEOUT_S / 3600:g} h and was stopped.") from None
+            except (oxen_child.ChildCrashed, oxen_child.ChildTimedOut):
+                raise
             except (ConfigurationError, OxenError) as exc:
                 if isinstance(exc, ConfigurationError) and isinstance(unreadable, oxen_tree.UnsupportedLayout):
                     raise  # a tree we do not read, but Oxen does: its answer stands
-                if isinstance(exc, oxen_child.ChildCrashed):
-                    raise
                 why = " ".join(str(exc).split("\nHINT: ")[0].split()).rstrip(".")
                 raise self._damaged(f"its merkle tree cannot be read ({unreadable}) and `oxen restore` "
                                     f"failed: {why}") from None
             return None
 
     @contextmanager
-    def _crashes_as_damage(self, what: str) -> Iterator[None]:
-        """Turn a child that crashed reading the repository into a clear error naming it."""
+    def _child_errors(self, what: str) -> Iterator[None]:
+        """Clear errors naming the repository for a child that crashed reading it, was killed or hung."""
         try:
             yield
+        except oxen_child.ChildTimedOut as exc:
+            raise OxenError(f"Could not {what} in {self.location!r}: {exc}.") from None
         except oxen_child.ChildCrashed as exc:
             if exc.signal not in _CRASHES:
                 raise OxenError(f"Could not {what} in {self.location!r}: {exc} "
