@@ -122,14 +122,14 @@ def materialize(path: str | os.PathLike[str], commit: str, paths: list[str], des
 
 # -- the child side -------------------------------------------------------------------
 def _serve(request: dict[str, Any]) -> Any:
-    from .oxen_repo import LocalRepo
-
     op, args = request["op"], request["args"]
     if op == "call":
         import importlib
 
         module, _, name = args["function"].partition(":")
         return getattr(importlib.import_module(module), name)(**args["kwargs"])
+    from .oxen_repo import LocalRepo  # not for "call": a cold pin's copy child starts ~30 ms sooner
+
     if op == "init":
         LocalRepo.init(args["path"])
         return None

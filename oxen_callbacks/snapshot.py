@@ -137,9 +137,9 @@ class SnapshotStore:
         it, each file is hashed here. Hashes are recorded before the manifest.
         """
         counts = made.counts if made else None
-        self._add_hashes(commit, made.hashes if made else _hash_files(staged_root, rel_paths))
         folder = self.folder(commit)
         folder.mkdir(parents=True, exist_ok=True)
+        self._add_hashes(commit, made.hashes if made else _hash_files(staged_root, rel_paths))
         _make_dirs_writable(folder)
         try:
             for rel in rel_paths:
