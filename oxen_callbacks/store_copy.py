@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import mmap
 import os
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -30,8 +31,7 @@ _BAR_BYTES = 256 << 20  # a progress bar (on a terminal) from this size or file 
 _BAR_FILES = 10_000
 _BATCH = 256  # files per task of the copy threads (and at most _CHUNK bytes)
 _WORKERS = min(4, os.cpu_count() or 1)  # measured on 2 cores: 2 threads ~10-25% faster than 1 on 10k files
-_CHUNK = 64 << 20  # files from this size on are copied one by one, with progress
-_BLOCK = 8 << 20  # bytes per read of a large file (read, hash, write)
+_CHUNK = 64 << 20  # files from this size on are copied one by one, with progress by chunk
 _SMALL = 1 << 20  # files up to this size are read in one call
 _FICLONE = 0x40049409  # linux/fs.h: _IOW(0x94, 9, int)
 _UNSUPPORTED = {errno.EOPNOTSUPP, errno.EXDEV, errno.EINVAL, errno.ENOTTY, errno.ENOSYS}
@@ -79,7 +79,7 @@ def copy_commit(repo: Path, commit: str, paths: list[str], dest: Path) -> Materi
 def _copy_tree(repo: Path, commit: str, paths: list[str], dest: Path, made: Materialized,
                tree: oxen_tree.Tree) -> None:
     """Copy what ``tree`` walks: full batches of files on threads as the walk goes, then the
-    big files one by one (progress by block) and the last batch in this thread."""
+    big files one by one (progress by chunk) and the last batch in this thread."""
     empty_folder(dest)  # a retried read starts over
     made.counts.clear()
     made.hashes.clear()
@@ -189,7 +189,7 @@ class _Copier:
                 if entry.size <= _SMALL:
                     digest = self._copy_small(fd_in, fd_out, entry.size)
                 else:
-                    digest = _copy_large(fd_in, None if self._clone(fd_in, fd_out) else fd_out, progress)
+                    digest = _copy_large(fd_in, None if self._clone(fd_in, fd_out) else fd_out, entry.size, progress)
             finally:
                 os.close(fd_out)
         finally:
@@ -227,20 +227,37 @@ class _Copier:
             return False
 
 
-def _copy_large(fd_in: int, fd_out: int | None, progress: Callable[[int], object] | None) -> int:
-    """Read ``fd_in`` by block, hash it and write it to ``fd_out`` (``None``: already reflinked).
+def _copy_large(fd_in: int, fd_out: int | None, size: int, progress: Callable[[int], object] | None) -> int:
+    """Copy ``size`` bytes in the kernel (``copy_file_range``; ``fd_out`` ``None``: already
+    reflinked) and hash them through a read-only map of the stored file; returns the hash.
 
-    Measured on ext4 (2 cores, warm cache, 200 MB): as fast as ``copy_file_range``
-    alone, and twice as fast as ``copy_file_range`` followed by a hashing read.
+    Measured on ext4 (2 cores, warm cache, 200 MB): as fast as ``copy_file_range`` alone
+    (xxh3 hashes ~10 GB/s), where reading into a buffer to hash and write it was ~2x slower.
+    The map is safe here: this runs in a child process (a file cut short under it is SIGBUS).
     """
     hasher = xxhash.xxh3_128()
-    buffer = bytearray(_BLOCK)
-    view = memoryview(buffer)
-    while read := os.readv(fd_in, [buffer]):
-        hasher.update(view[:read])
-        left = view[:read]
-        while fd_out is not None and left:
-            left = left[os.write(fd_out, left):]
-        if progress:
-            progress(read)
+    with mmap.mmap(fd_in, size, access=mmap.ACCESS_READ) as mapped, memoryview(mapped) as view:
+        copied = 0
+        while copied < size:
+            count = min(size - copied, _CHUNK)
+            if fd_out is not None:
+                count = _copy_range(fd_in, fd_out, view[copied:copied + count])
+            hasher.update(view[copied:copied + count])
+            copied += count
+            if progress:
+                progress(count)
     return hasher.intdigest()
+
+
+def _copy_range(fd_in: int, fd_out: int, block: memoryview) -> int:
+    """Copy the next ``len(block)`` bytes of ``fd_in`` (whose content ``block`` maps) to ``fd_out``."""
+    try:
+        copied = os.copy_file_range(fd_in, fd_out, len(block))
+    except OSError as exc:
+        if exc.errno not in _UNSUPPORTED:
+            raise
+        copied = os.write(fd_out, block)
+        os.lseek(fd_in, copied, os.SEEK_CUR)
+    if copied == 0:
+        raise CorruptStore(f"a stored file ended {len(block)} bytes early")
+    return copied

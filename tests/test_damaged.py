@@ -90,15 +90,16 @@ def test_missing_head_is_named_as_damage(dataset_repo):
             PinnedDataset(dataset_repo.path, revision=revision)
 
 
-def test_corrupt_content_store_file_is_refused_at_first_pin(dataset_repo, tmp_path):
+@pytest.mark.parametrize("size", [1000, 3 << 20], ids=["small-file", "file-copied-by-chunks"])
+def test_corrupt_content_store_file_is_refused_at_first_pin(tmp_path, size):
     """Same size, other bytes: only a content hash tells; no snapshot is made of it."""
-    content = (dataset_repo.path / "train.csv").read_bytes()  # as committed in the last commit
-    stored = stored_file(dataset_repo.path, content)
+    content = os.urandom(size)
+    repo = make_repo(tmp_path / "data", [("one", {"blob.bin": content, "ok.txt": "fine"})])
+    stored = stored_file(repo.path, content)
     stored.chmod(0o644)
-    stored.write_bytes(content.replace(b",1\n", b",0\n"))
-    assert stored.stat().st_size == len(content)
-    pin = PinnedDataset(dataset_repo.path, revision=dataset_repo.head, paths=["train.csv"])
-    with pytest.raises(ConfigurationError, match=r"looks damaged: .*'train.csv'.* does not match its content hash"):
+    stored.write_bytes(content[:-1] + bytes([content[-1] ^ 1]))
+    pin = PinnedDataset(repo.path, revision=repo.head)
+    with pytest.raises(ConfigurationError, match=r"looks damaged: .*'blob.bin'.* does not match its content hash"):
         pin.pull()
     assert not pin.is_pulled and not pin.store.folder(pin.commit).exists()
 
