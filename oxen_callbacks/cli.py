@@ -8,6 +8,7 @@
     oxen-callbacks promote MODEL_REPO COMMIT --stage production
     oxen-callbacks record-deploy ENDPOINT --model-commit COMMIT
     oxen-callbacks sync
+    oxen-callbacks verify [--cache-dir D]   # deep-check cached dataset snapshots
 
 MLflow is --tracking-uri, else $MLFLOW_TRACKING_URI; without one, lineage is read
 from model repositories (--model-repo, or the one the current folder is in).
@@ -72,6 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run-id", help="MLflow run to tag (default: the run that trained the commit)")
     p = command("sync", "finish journaled commits, pushes and MLflow logging", cache)
     p.add_argument("--push-timeout", type=float, default=300.0, help="seconds one push may take (default 300)")
+    command("verify", "check the content hash of every file of every cached snapshot", cache)
     return parser
 
 
@@ -95,6 +97,8 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # `| head`: the reader left; say nothing more
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     if args.command == "trace" and not result["runs"]:
+        return 1
+    if args.command == "verify" and result["damaged"]:
         return 1
     return 1 if args.command == "sync" and result["pending"] else 0
 
@@ -163,6 +167,12 @@ def _sync(args: argparse.Namespace) -> dict[str, Any]:
     from .sync import sync_all
 
     return sync_all(Path(args.cache_dir) if args.cache_dir else None, push_timeout=args.push_timeout)
+
+
+def _verify(args: argparse.Namespace) -> dict[str, Any]:
+    from .snapshot import default_cache_dir, verify_cache
+
+    return verify_cache(args.cache_dir or default_cache_dir())
 
 
 # -- human output -----------------------------------------------------------------------------
@@ -323,10 +333,23 @@ def _show_sync(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _show_verify(report: dict[str, Any]) -> str:
+    from .snapshot import remake_hint
+
+    lines = []
+    for snap in report["snapshots"]:
+        lines.append(f"{'DAMAGED' if snap['problems'] else 'ok'} {snap['folder']} "
+                     f"({snap['files']} files, {snap['bytes'] / 1e6:.1f} MB)")
+        lines += [f"  {problem}" for problem in snap["problems"]]
+        lines += [f"  hint: {remake_hint(snap['folder'])}"] if snap["problems"] else []
+    lines.append(f"{report['damaged']} of {len(report['snapshots'])} snapshot(s) in {report['cache_dir']} damaged")
+    return "\n".join(lines)
+
+
 _COMMANDS = {
     "lineage": (_lineage, _show_lineage), "trace": (_trace, _show_trace), "reproduce": (_reproduce, _show_reproduce),
     "diff": (_diff, _show_diff), "promote": (_promote, _show_promote), "record-deploy": (_record_deploy, _show_deploy),
-    "sync": (_sync, _show_sync),
+    "sync": (_sync, _show_sync), "verify": (_verify, _show_verify),
 }
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from contextlib import nullcontext
@@ -27,23 +28,47 @@ from typing import Any
 from . import errors
 from .errors import OxenError
 
+_SIGNALS = {int(s) for s in signal.Signals}
 _ERROR_TYPES = {"ConfigurationError": errors.ConfigurationError, "RepoBusyError": errors.RepoBusyError,
                 "OxenError": OxenError}
 
 
-def _call(op: str, timeout: float | None = 600.0, **args: Any) -> Any:
+#: Wall-clock limit of one materialization of a commit (a copy from Oxen's content store or
+#: ``oxen restore``): generous, two hours (~1 TB through ``oxen restore``), so that only a hung
+#: child meets it.
+MATERIALIZE_TIMEOUT_S = 7200.0
+
+
+class ChildTimedOut(OxenError):
+    """The child gave no answer within its wall-clock limit (it was killed)."""
+
+
+class ChildCrashed(OxenError):
+    """The child was killed by a signal (``signal``: its number), e.g. SIGBUS on a damaged repository."""
+
+    def __init__(self, message: str, signal_number: int) -> None:
+        super().__init__(message)
+        self.signal = signal_number
+
+
+def _call(op: str, timeout: float | None = 600.0, *, show_stderr: bool = False, **args: Any) -> Any:
+    """Run ``op`` in a child; ``show_stderr`` passes its stderr (progress bars) to ours instead of keeping it."""
     request = json.dumps({"op": op, "args": args})
     env = dict(os.environ)
     src_root = str(Path(__file__).resolve().parents[1])
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [src_root, env.get("PYTHONPATH")]))
     try:
         proc = subprocess.run([sys.executable, "-m", "oxen_callbacks.oxen_child"], input=request,
-                              capture_output=True, text=True, timeout=timeout, env=env)
+                              stdout=subprocess.PIPE, stderr=None if show_stderr else subprocess.PIPE,
+                              text=True, timeout=timeout, env=env)
     except subprocess.TimeoutExpired:
-        raise OxenError(f"no answer within {timeout:.0f}s (oxen {op} stopped)") from None
+        raise ChildTimedOut(f"no answer within {timeout:g}s (oxen {op} stopped)") from None
+    if proc.returncode < 0:
+        name = signal.Signals(-proc.returncode).name if -proc.returncode in _SIGNALS else str(-proc.returncode)
+        raise ChildCrashed(f"oxen {op} was killed by {name}", -proc.returncode)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
     if not lines:
-        tail = "\n".join(proc.stderr.strip().splitlines()[-5:])
+        tail = "\n".join(proc.stderr.strip().splitlines()[-5:]) if proc.stderr else "(its messages are above)"
         raise OxenError(f"oxen {op} failed (exit code {proc.returncode}): {tail}")
     reply = json.loads(lines[-1])
     if reply["ok"]:
@@ -54,9 +79,9 @@ def _call(op: str, timeout: float | None = 600.0, **args: Any) -> Any:
     raise kind(reply["message"])
 
 
-def run_in_child(function: str, *, timeout: float | None = 600.0, **kwargs: Any) -> Any:
+def run_in_child(function: str, *, timeout: float | None = 600.0, show_stderr: bool = False, **kwargs: Any) -> Any:
     """Call ``function`` (``"package.module:name"``, JSON-able kwargs and result) in a child process."""
-    return _call("call", timeout=timeout, function=function, kwargs=kwargs)
+    return _call("call", timeout=timeout, show_stderr=show_stderr, function=function, kwargs=kwargs)
 
 
 def init_repo(path: str | os.PathLike[str]) -> None:
@@ -87,19 +112,24 @@ def log(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
 
 
 def materialize(path: str | os.PathLike[str], commit: str, paths: list[str], dest: str | os.PathLike[str]) -> None:
-    _call("materialize", timeout=None, path=str(path), commit=commit, paths=paths, dest=str(dest))
+    """``oxen restore`` of ``paths`` at ``commit`` into ``dest`` (see :func:`source_local.restore_into`).
+
+    Raises :class:`ChildTimedOut` after :data:`MATERIALIZE_TIMEOUT_S` (oxenai has no
+    timeout of its own: a restore that hangs would hold the pin forever).
+    """
+    _call("materialize", timeout=MATERIALIZE_TIMEOUT_S, path=str(path), commit=commit, paths=paths, dest=str(dest))
 
 
 # -- the child side -------------------------------------------------------------------
 def _serve(request: dict[str, Any]) -> Any:
-    from .oxen_repo import LocalRepo
-
     op, args = request["op"], request["args"]
     if op == "call":
         import importlib
 
         module, _, name = args["function"].partition(":")
         return getattr(importlib.import_module(module), name)(**args["kwargs"])
+    from .oxen_repo import LocalRepo  # not for "call": a cold pin's copy child starts ~30 ms sooner
+
     if op == "init":
         LocalRepo.init(args["path"])
         return None

@@ -115,8 +115,27 @@ class LocalRepo:
 
     def current_branch(self) -> str | None:
         """The checked-out branch, or ``None`` when HEAD is detached."""
-        ref = oxen_layout.head_ref(self.path)
+        ref = self._head_ref()
         return None if ref in oxen_layout.commit_ids(self.path) else ref
+
+    def _head_ref(self) -> str:
+        """What ``.oxen/HEAD`` names; a clear error where there is none (no commits yet, or damage)."""
+        try:
+            return oxen_layout.head_ref(self.path)
+        except FileNotFoundError:
+            if not self.commit_ids():
+                raise self._no_commits() from None
+            raise ConfigurationError(
+                f"The {self.role} {str(self.path)!r} is damaged: .oxen/HEAD is missing.",
+                "write the checked-out branch into it (e.g. `echo main > .oxen/HEAD`), "
+                "or clone the repository again.",
+            ) from None
+
+    def _no_commits(self) -> ConfigurationError:
+        return ConfigurationError(
+            f"The {self.role} {str(self.path)!r} has no commits yet.",
+            "add and commit the data first: `oxen add <files> && oxen commit -m '...'`.",
+        )
 
     def commit_ids(self) -> list[str]:
         return oxen_layout.commit_ids(self.path)
@@ -129,14 +148,13 @@ class LocalRepo:
         """
         list_branches = branches or self.branches
         ids = self.commit_ids()
+        if not ids:
+            raise self._no_commits()
         if revision in (None, "HEAD"):
-            ref = oxen_layout.head_ref(self.path)
+            ref = self._head_ref()
             commit = ref if ref in ids else list_branches().get(ref)
             if not commit:
-                raise ConfigurationError(
-                    f"The {self.role} {str(self.path)!r} has no commits yet.",
-                    "add and commit the data first: `oxen add <files> && oxen commit -m '...'`.",
-                )
+                raise self._no_commits()
             return commit
         if revision in ids:
             return revision

@@ -24,6 +24,11 @@ What it relies on (oxenai 0.65, ``merkle_node_backend = "lmdb"``):
 
 Anything else (another backend, a custom content store, an unknown payload
 version) raises :class:`UnreadableTree`; callers then fall back to ``oxen restore``.
+
+lmdb memory-maps the node store: a truncated or damaged ``data.mdb`` can kill the
+reading process by SIGBUS. Only a child process reads the tree (see
+:mod:`oxen_callbacks.store_copy`); ``lmdb`` is imported when a tree is read, so the
+training process, which imports this module for its exceptions, never loads it.
 """
 
 from __future__ import annotations
@@ -36,7 +41,6 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-import lmdb
 import msgpack
 
 from . import oxen_layout
@@ -55,6 +59,10 @@ T = TypeVar("T")
 
 class UnreadableTree(Exception):
     """The commit's tree or bytes cannot be read here (unknown layout, damage, missing data)."""
+
+
+class UnsupportedLayout(UnreadableTree):
+    """The repository is configured in a way this module does not read (not damage)."""
 
 
 class PathNotInCommit(LookupError):
@@ -109,6 +117,8 @@ def read(repo: str | os.PathLike[str], use: Callable[[Tree], T]) -> T:
     When a writer changed the tree under a walk, ``use`` runs again on a new snapshot
     (so it must start over cleanly). Raises :class:`UnreadableTree` as :func:`files_at`.
     """
+    import lmdb
+
     _check_config(repo)
     env_dir = oxen_layout.oxen_dir(repo) / "tree" / "nodes_lmdb"
     if not (env_dir / "data.mdb").is_file():
@@ -152,9 +162,9 @@ def _check_config(repo: str | os.PathLike[str]) -> None:
     backend = config.get("merkle_node_backend")
     storage = config.get("storage", {})
     if backend != "lmdb":
-        raise UnreadableTree(f"merkle_node_backend is {backend!r}, not 'lmdb'")
+        raise UnsupportedLayout(f"merkle_node_backend is {backend!r}, not 'lmdb'")
     if storage.get("kind", "local") != "local" or "versions_path" in storage or "settings" in storage:
-        raise UnreadableTree(f"content store is not the default local one: {storage}")
+        raise UnsupportedLayout(f"content store is not the default local one: {storage}")
 
 
 class Tree:

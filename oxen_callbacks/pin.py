@@ -20,10 +20,10 @@ from typing import Any
 from .errors import ConfigurationError, DatasetMismatchError
 from .locks import FileLock
 from .relpath import covers, safe_relpath
-from .snapshot import SnapshotStore, default_cache_dir, remove_tree
+from .snapshot import SnapshotStore, default_cache_dir, remake_hint, remove_tree, shown
 from .remote_spec import looks_remote
 from .source import Source
-from .source_local import LocalSource
+from .source_local import LocalSource, path_not_in_commit
 from .source_remote import RemoteSource
 
 log = logging.getLogger(__name__)
@@ -45,6 +45,8 @@ class PinnedDataset:
         host: host of a remote repository given as ``namespace/name``.
         remote_timeout: wall-clock limit in seconds of one call to a remote server
             (a download of one path may take ten times that).
+        verify: at the first :meth:`pull`, check every file's content hash, cached
+            snapshots included (``verify(deep=True)``); new snapshots are always checked.
 
     Raises:
         ConfigurationError: not an Oxen repository, unknown revision, bad paths, or
@@ -61,6 +63,7 @@ class PinnedDataset:
         allow_dirty: bool = False,
         host: str | None = None,
         remote_timeout: float = 60.0,
+        verify: bool = False,
     ) -> None:
         if isinstance(paths, str):
             paths = [paths]
@@ -92,6 +95,8 @@ class PinnedDataset:
             self.dirty = bool(changed)
         self.store = SnapshotStore(cache_dir or default_cache_dir(), self.source.key)
         self.pull_seconds: float | None = None
+        self.deep_verify = verify
+        self._checked = False  # paths found in the snapshot (and deep-checked if asked), once
 
     # -- materialization -------------------------------------------------------
     def pull(self) -> Path:
@@ -99,8 +104,16 @@ class PinnedDataset:
         started = time.perf_counter()
         if self.store.manifest(self.commit).missing(self.paths):
             self._materialize_missing()
+        folder = self.store.folder(self.commit)
+        if not self._checked:
+            for rel in self.paths:  # a path covered by a cached folder (or the whole commit) may not exist
+                if not os.path.lexists(folder / rel):
+                    raise path_not_in_commit(rel, self.commit, self.source.location)
+            if self.deep_verify:
+                self.verify(deep=True)
+            self._checked = True
         self.pull_seconds = time.perf_counter() - started
-        return self.store.folder(self.commit)
+        return folder
 
     def _materialize_missing(self) -> None:
         try:
@@ -111,8 +124,8 @@ class PinnedDataset:
                     return
                 scratch = self.store.scratch()
                 try:
-                    counts = self.source.materialize(self.commit, missing, scratch)
-                    self.store.adopt(self.commit, scratch, missing, manifest, counts)
+                    made = self.source.materialize(self.commit, missing, scratch)
+                    self.store.adopt(self.commit, scratch, missing, manifest, made)
                 finally:
                     remove_tree(scratch)
         except OSError as exc:  # permission denied, disk full, a file in the way...
@@ -169,19 +182,20 @@ class PinnedDataset:
 
         return load_pinned(self, data_files, **kwargs)
 
-    def verify(self) -> None:
-        """Check the snapshot still holds what its manifest recorded (file counts and sizes)."""
-        manifest = self.store.manifest(self.commit)
-        from .snapshot import _count
+    def verify(self, *, deep: bool = False) -> None:
+        """Check the snapshot still holds what its manifest recorded: file counts and sizes,
+        and with ``deep`` the content hash of every file of the pinned paths (reads every byte).
 
-        for rel, recorded in manifest.paths.items():
-            root = self.store.folder(self.commit)
-            actual = _count(root if rel == "." else root / rel)
-            if actual != recorded:
-                raise DatasetMismatchError(
-                    f"Snapshot {root} of {self.source.location}@{self.commit} changed on disk at {rel!r}: "
-                    f"{actual} != {recorded}. Delete the folder to re-materialize it."
-                )
+        Raises:
+            DatasetMismatchError: naming what changed.
+        """
+        problems = self.store.check(self.commit, deep=deep, paths=self.paths)
+        if problems:
+            folder = self.store.folder(self.commit)
+            raise DatasetMismatchError(
+                f"Snapshot {folder} of {self.source.location}@{self.commit} changed on disk: {shown(problems)}.\n"
+                f"HINT: {remake_hint(folder)}."
+            )
 
     # -- lineage ------------------------------------------------------------------
     def to_lineage(self) -> dict[str, Any]:

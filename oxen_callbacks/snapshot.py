@@ -2,7 +2,9 @@
 
 A snapshot holds the requested paths of one commit. Its manifest, written last
 and atomically, says which paths are complete, so a re-pin of a cached commit
-reads one small file whatever the data size.
+reads one small file whatever the data size. Each file's content hash (xxh3-128,
+as Oxen records it) is kept in a sidecar beside the manifest, read only by a deep
+check (:meth:`SnapshotStore.check`).
 """
 
 from __future__ import annotations
@@ -12,14 +14,32 @@ import os
 import shutil
 import stat
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import xxhash
 
 from .relpath import covers
 
 _RO_FILE = stat.S_IRUSR | stat.S_IRGRP | stat.S_IROTH
 _RO_DIR = _RO_FILE | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH
+_HASH_BLOCK = 8 << 20
+_SHOWN = 10  # problems named in a report of one snapshot
+
+
+def content_hash(value: int) -> str:
+    """How a content hash (xxh3-128, an int as in Oxen's tree) is written in the sidecar."""
+    return format(value, "032x")
+
+
+def hash_file(path: str | os.PathLike[str]) -> str:
+    """The xxh3-128 content hash of a file, as :func:`content_hash` writes it."""
+    hasher = xxhash.xxh3_128()
+    with open(path, "rb", buffering=0) as f:
+        while block := f.read(_HASH_BLOCK):
+            hasher.update(block)
+    return content_hash(hasher.intdigest())
 
 
 def default_cache_dir() -> Path:
@@ -28,6 +48,15 @@ def default_cache_dir() -> Path:
         return Path(os.environ["OXEN_CALLBACKS_CACHE"]).expanduser()
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return Path(base) / "oxen-callbacks"
+
+
+@dataclass
+class Materialized:
+    """What a source wrote into a scratch folder: per requested path its file count and bytes,
+    and per file (repository-relative) its content hash as :func:`content_hash` writes it."""
+
+    counts: dict[str, dict[str, int]]
+    hashes: dict[str, str]
 
 
 @dataclass
@@ -56,7 +85,7 @@ class SnapshotStore:
     """The snapshot folders of one repository under a cache root.
 
     Layout: ``<root>/snapshots/<repo_key>/<commit>/`` (the files),
-    ``<commit>.manifest.json`` and ``<commit>.lock`` beside it.
+    ``<commit>.manifest.json``, ``<commit>.hashes.json`` and ``<commit>.lock`` beside it.
     """
 
     def __init__(self, cache_dir: str | os.PathLike[str], repo_key: str) -> None:
@@ -70,18 +99,28 @@ class SnapshotStore:
         return self.base / f"{commit}.lock"
 
     def manifest(self, commit: str) -> Manifest:
+        """What the snapshot holds; nothing when its folder was deleted (to have it made again)."""
         path = self.base / f"{commit}.manifest.json"
         try:
             data = json.loads(path.read_text())
         except (FileNotFoundError, NotADirectoryError):
             return Manifest(commit)
-        return Manifest(commit, data.get("paths", {}))
+        return Manifest(commit, data.get("paths", {}) if self.folder(commit).is_dir() else {})
 
     def write_manifest(self, manifest: Manifest) -> None:
-        path = self.base / f"{manifest.commit}.manifest.json"
-        tmp = path.with_suffix(f".{uuid.uuid4().hex}.tmp")
-        tmp.write_text(json.dumps({"commit": manifest.commit, "paths": manifest.paths}, indent=1))
-        os.replace(tmp, path)
+        _write_json(self.base / f"{manifest.commit}.manifest.json",
+                    {"commit": manifest.commit, "paths": manifest.paths}, indent=1)
+
+    def hashes(self, commit: str) -> dict[str, str] | None:
+        """Content hash of every file of the snapshot; ``None`` when none were recorded."""
+        try:
+            return json.loads((self.base / f"{commit}.hashes.json").read_text())["files"]
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+
+    def _add_hashes(self, commit: str, hashes: dict[str, str]) -> None:
+        _write_json(self.base / f"{commit}.hashes.json",
+                    {"commit": commit, "algorithm": "xxh3-128", "files": {**(self.hashes(commit) or {}), **hashes}})
 
     def scratch(self) -> Path:
         """A new empty folder on the cache's filesystem (for atomic moves into a snapshot)."""
@@ -90,14 +129,17 @@ class SnapshotStore:
         return path
 
     def adopt(self, commit: str, staged_root: Path, rel_paths: list[str], manifest: Manifest,
-              counts: dict[str, dict[str, int]] | None = None) -> None:
+              made: Materialized | None = None) -> None:
         """Move ``rel_paths`` from ``staged_root`` into the snapshot, make them read-only, record them.
 
-        ``counts`` (files and bytes per path, from the copier, whose files are created
-        read-only) spares a stat and a chmod of every file: 100k files cost ~1 s.
+        ``made`` (counts and hashes from the copier, whose files are created read-only)
+        spares a stat, a chmod and a hash of every file: 100k files cost ~1 s. Without
+        it, each file is hashed here. Hashes are recorded before the manifest.
         """
+        counts = made.counts if made else None
         folder = self.folder(commit)
         folder.mkdir(parents=True, exist_ok=True)
+        self._add_hashes(commit, made.hashes if made else _hash_files(staged_root, rel_paths))
         _make_dirs_writable(folder)
         try:
             for rel in rel_paths:
@@ -113,6 +155,93 @@ class SnapshotStore:
         finally:
             _make_readonly(folder, files=counts is None)
         self.write_manifest(manifest)
+
+    def check(self, commit: str, *, deep: bool = False, paths: list[str] | None = None) -> list[str]:
+        """What differs between the snapshot and its records, one line per problem (none: intact).
+
+        Cheap by default: file count and bytes of each recorded path. ``deep`` also
+        compares the content hash of every file (under ``paths``, default all) with the
+        one recorded when it was made.
+        """
+        manifest = self.manifest(commit)
+        root = self.folder(commit)
+        problems: list[str] = []
+        for rel, recorded in manifest.paths.items():
+            actual = _count(root if rel == "." else root / rel)
+            if actual != recorded:
+                problems.append(f"{rel!r} holds {actual['files']} files, {actual['bytes']} bytes; "
+                                f"recorded {recorded['files']} files, {recorded['bytes']} bytes")
+        if deep and manifest.paths:
+            hashes = self.hashes(commit)
+            if hashes is None:
+                return [*problems, "no content hashes were recorded (made by an older version)"]
+            problems += _content_problems(root, paths or list(manifest.paths), hashes)
+        return problems
+
+
+def cached_snapshots(cache_dir: str | os.PathLike[str]) -> Iterator[tuple[SnapshotStore, str]]:
+    """Every snapshot under a cache root: its store and commit."""
+    snapshots = Path(cache_dir).expanduser() / "snapshots"
+    for base in sorted(snapshots.iterdir()) if snapshots.is_dir() else ():
+        for manifest in sorted(base.glob("*.manifest.json")):
+            yield SnapshotStore(cache_dir, base.name), manifest.name.removesuffix(".manifest.json")
+
+
+def verify_cache(cache_dir: str | os.PathLike[str]) -> dict[str, object]:
+    """Deep-check every cached snapshot (:meth:`SnapshotStore.check`); ``damaged`` counts those with problems."""
+    snapshots = []
+    for store, commit in cached_snapshots(cache_dir):
+        manifest = store.manifest(commit)
+        snapshots.append({"folder": str(store.folder(commit)), "commit": commit, "files": manifest.files,
+                          "bytes": manifest.bytes, "problems": store.check(commit, deep=True)})
+    return {"cache_dir": str(Path(cache_dir).expanduser()), "snapshots": snapshots,
+            "damaged": sum(1 for s in snapshots if s["problems"])}
+
+
+def remake_hint(folder: str | os.PathLike[str]) -> str:
+    """How to have a damaged snapshot made again at the next pin."""
+    return f"delete it (`chmod -R u+w {folder} && rm -rf {folder}`): the next pin makes it again"
+
+
+def shown(problems: list[str]) -> str:
+    """``problems`` in one line, the first few of them."""
+    more = f" (+{len(problems) - _SHOWN} more)" if len(problems) > _SHOWN else ""
+    return "; ".join(problems[:_SHOWN]) + more
+
+
+def _content_problems(root: Path, paths: list[str], recorded: dict[str, str]) -> list[str]:
+    """Files under ``paths`` of ``root`` whose content differs from ``recorded``, or missing or extra."""
+    on_disk = {f for rel in paths for f in _files_under(root, rel)}
+    wanted = {f for f in recorded if any(covers(rel, f) for rel in paths)}
+    problems = [f"{f!r} is missing" for f in sorted(wanted - on_disk)]
+    problems += [f"{f!r} was not in the commit" for f in sorted(on_disk - wanted)]
+    problems += [f"{f!r} changed (content hash differs)" for f in sorted(wanted & on_disk)
+                 if hash_file(root / f) != recorded[f]]
+    return problems
+
+
+def _files_under(root: Path, rel: str) -> list[str]:
+    """Files at or under ``rel`` of ``root``, relative to ``root`` (POSIX separators; no ``.oxen``)."""
+    top = root if rel == "." else root / rel
+    if not top.is_dir():
+        return [rel] if top.is_file() else []
+    found = []
+    for dirpath, dirs, names in os.walk(top):
+        base = Path(dirpath).relative_to(root).as_posix()
+        if base == ".":
+            dirs[:] = [d for d in dirs if d != ".oxen"]
+        found += [name if base == "." else f"{base}/{name}" for name in names]
+    return found
+
+
+def _hash_files(root: Path, rel_paths: list[str]) -> dict[str, str]:
+    return {f: hash_file(root / f) for rel in rel_paths for f in _files_under(root, rel)}
+
+
+def _write_json(path: Path, data: object, indent: int | None = None) -> None:
+    tmp = path.with_suffix(f".{uuid.uuid4().hex}.tmp")
+    tmp.write_text(json.dumps(data, indent=indent))
+    os.replace(tmp, path)
 
 
 def _count(path: Path) -> dict[str, int]:
@@ -151,6 +280,15 @@ def _merge_move(src: Path, dest: Path) -> None:
     elif src.is_dir() and dest.is_dir():
         for child in os.listdir(src):
             _merge_move(src / child, dest / child)
+
+
+def empty_folder(path: str | os.PathLike[str]) -> None:
+    """Delete everything inside ``path`` (a scratch folder), keeping the folder."""
+    for entry in os.scandir(path):
+        if entry.is_dir(follow_symlinks=False):
+            remove_tree(entry.path)
+        else:
+            os.unlink(entry.path)
 
 
 def remove_tree(path: str | os.PathLike[str]) -> None:

@@ -12,8 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
-#: Files and bytes written per requested path, as :meth:`Source.materialize` may report them.
-PathCounts = dict[str, dict[str, int]]
+from .snapshot import Materialized
 
 
 @runtime_checkable
@@ -55,10 +54,11 @@ class Source(Protocol):
         """Those of ``paths`` with uncommitted changes (always empty without a working tree)."""
         ...
 
-    def materialize(self, commit: str, paths: list[str], dest: Path) -> PathCounts | None:
+    def materialize(self, commit: str, paths: list[str], dest: Path) -> Materialized | None:
         """Write ``paths`` of ``commit`` under the empty folder ``dest``.
 
-        Returns each path's ``{"files", "bytes"}`` when known, else ``None`` (the
-        snapshot store counts what was written).
+        Returns each path's file count and bytes and each file's content hash when known
+        (checked against the commit), else ``None`` (the snapshot store counts and hashes
+        what was written).
         """
         ...

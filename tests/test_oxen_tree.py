@@ -14,7 +14,7 @@ import pytest
 from helpers import AUTHOR, folder_contents, make_repo, tree_state
 
 from oxen_callbacks import PinnedDataset, oxen_child, oxen_layout, oxen_tree
-from oxen_callbacks.errors import ConfigurationError, OxenError
+from oxen_callbacks.errors import ConfigurationError
 from oxen_callbacks.source_local import LocalSource, copy_from_store
 
 BIG = 64 << 20  # the size from which files are copied chunk by chunk, with progress
@@ -168,6 +168,6 @@ def test_missing_stored_file_falls_back_to_restore_which_names_it(tmp_path, capl
     dest = tmp_path / "dest"
     dest.mkdir()
     with caplog.at_level(logging.WARNING, logger="oxen_callbacks"), \
-            pytest.raises(OxenError, match="version-store data missing"):
+            pytest.raises(ConfigurationError, match="looks damaged.*version-store data missing"):
         LocalSource(repo.path).materialize(repo.head, ["."], dest)
     assert len([r for r in caplog.records if WARNING in r.getMessage() and "a.txt" in r.getMessage()]) == 1

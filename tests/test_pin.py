@@ -106,3 +106,19 @@ def test_unwritable_cache_is_a_clear_error(dataset_repo, tmp_path):
     blocker.write_text("a file where the cache folder should be")
     with pytest.raises(ConfigurationError, match=r"snapshot cache .*not-a-folder.* is not writable"):
         PinnedDataset(dataset_repo.path, cache_dir=blocker / "cache").pull()
+
+
+@pytest.mark.parametrize("cached_first", [True, False], ids=["whole-commit-cached-first", "path-asked-first"])
+def test_path_absent_from_the_commit_is_refused_cached_or_not(dataset_repo, tmp_path, cached_first):
+    """Whether or not a whole-commit snapshot of the commit is cached, the answer is the same."""
+    first = dataset_repo.commits[0]
+    whole = PinnedDataset(dataset_repo.path, revision=first)
+    if cached_first:
+        whole.pull()
+    with pytest.raises(ConfigurationError) as refused:
+        PinnedDataset(dataset_repo.path, revision=first, paths=["nope.csv", "train.csv"]).pull()
+    whole.pull()
+    with pytest.raises(ConfigurationError) as refused_again:
+        PinnedDataset(dataset_repo.path, revision=first, paths=["nope.csv"]).pull()
+    message = f"Path 'nope.csv' is not in commit {first} of the dataset repository {str(dataset_repo.path)!r}."
+    assert str(refused.value).startswith(message) and str(refused_again.value) == str(refused.value)

@@ -1,0 +1,165 @@
+"""Damaged or unusual dataset repositories: clear errors, never a dead training process or a wrong snapshot."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import xxhash
+from helpers import make_repo
+
+from oxen_callbacks import PinnedDataset, oxen_child, oxen_layout
+from oxen_callbacks.cli import main as cli_main
+from oxen_callbacks.errors import ConfigurationError, DatasetMismatchError, OxenError
+
+TESTS = Path(__file__).parent
+# A pin as a training script makes it, in its own process: a crash there must not take pytest with it.
+PIN_SCRIPT = """
+import json, sys
+from oxen_callbacks import PinnedDataset
+from oxen_callbacks.errors import ConfigurationError
+try:
+    PinnedDataset(sys.argv[1], revision=sys.argv[2]).pull()
+    outcome = {"error": None}
+except ConfigurationError as exc:
+    outcome = {"error": str(exc)}
+outcome["lmdb_loaded"] = "lmdb" in sys.modules
+print(json.dumps(outcome))
+"""
+
+
+def run_pin(repo: Path, revision: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-c", PIN_SCRIPT, str(repo), revision], capture_output=True, text=True,
+                          timeout=120)
+
+
+def truncate_tree(repo: Path, size: int) -> None:
+    """Cut Oxen's merkle node store short, as a full disk or an interrupted copy would."""
+    data = oxen_layout.oxen_dir(repo) / "tree" / "nodes_lmdb" / "data.mdb"
+    assert data.stat().st_size > 8192
+    os.truncate(data, size)
+
+
+def stored_file(repo: Path, content: bytes) -> Path:
+    """Where Oxen's content store keeps ``content`` (its xxh3-128 hash names the file)."""
+    return oxen_layout.version_path(repo, xxhash.xxh3_128_intdigest(content))
+
+
+def test_a_healthy_pin_never_loads_lmdb_in_the_training_process(dataset_repo):
+    done = run_pin(dataset_repo.path, dataset_repo.head)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout.splitlines()[-1]) == {"error": None, "lmdb_loaded": False}
+
+
+@pytest.mark.parametrize("size", [8192, 0], ids=["pages-cut-off", "emptied"])
+def test_truncated_tree_is_a_clear_error_not_a_crash(dataset_repo, size):
+    """8192 bytes keep LMDB's meta pages, whose root lies past the end: mapped in-process, SIGBUS."""
+    truncate_tree(dataset_repo.path, size)
+    done = run_pin(dataset_repo.path, dataset_repo.head)
+    assert done.returncode == 0, f"the pinning process died ({done.returncode}): {done.stderr[-2000:]}"
+    error = json.loads(done.stdout.splitlines()[-1])["error"]
+    assert f"dataset repository {str(dataset_repo.path)!r} looks damaged" in error
+    assert "HINT:" in error and "clone the repository again" in error
+
+
+def test_lightning_fit_on_a_truncated_tree_stops_with_the_error(dataset_repo, tmp_path):
+    truncate_tree(dataset_repo.path, 8192)
+    done = subprocess.run([sys.executable, str(TESTS / "fit_script.py"), "--dataset", str(dataset_repo.path),
+                           "--revision", dataset_repo.head, "--model-repo", str(tmp_path / "models"),
+                           "--root", str(tmp_path / "run"), "--epochs", "1"],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 1, f"exit {done.returncode}: {done.stderr[-2000:]}"
+    assert "ConfigurationError" in done.stderr and "looks damaged" in done.stderr
+
+
+def test_repository_without_commits_is_a_clear_error(tmp_path):
+    empty = make_repo(tmp_path / "empty", [])
+    for revision in (None, "main"):
+        with pytest.raises(ConfigurationError, match=r"has no commits yet.*\nHINT: add and commit"):
+            PinnedDataset(empty.path, revision=revision)
+
+
+def test_missing_head_is_named_as_damage(dataset_repo):
+    (dataset_repo.path / ".oxen" / "HEAD").unlink()
+    for revision in (None, "main", dataset_repo.head):
+        with pytest.raises(ConfigurationError, match=r"is damaged: \.oxen/HEAD is missing"):
+            PinnedDataset(dataset_repo.path, revision=revision)
+
+
+@pytest.mark.parametrize("size", [1000, 3 << 20], ids=["small-file", "file-copied-by-chunks"])
+def test_corrupt_content_store_file_is_refused_at_first_pin(tmp_path, size):
+    """Same size, other bytes: only a content hash tells; no snapshot is made of it."""
+    content = os.urandom(size)
+    repo = make_repo(tmp_path / "data", [("one", {"blob.bin": content, "ok.txt": "fine"})])
+    stored = stored_file(repo.path, content)
+    stored.chmod(0o644)
+    stored.write_bytes(content[:-1] + bytes([content[-1] ^ 1]))
+    pin = PinnedDataset(repo.path, revision=repo.head)
+    with pytest.raises(ConfigurationError, match=r"looks damaged: .*'blob.bin'.* does not match its content hash"):
+        pin.pull()
+    assert not pin.is_pulled and not pin.store.folder(pin.commit).exists()
+
+
+def changed_in_place(pin: PinnedDataset, rel: str) -> None:
+    """Rewrite a snapshot file with other bytes of the same size (mode and size as before)."""
+    target = pin.store.folder(pin.commit) / rel
+    before = target.read_bytes()
+    target.parent.chmod(0o755)
+    target.chmod(0o644)
+    target.write_bytes(before.replace(b",0\n", b",1\n"))
+    target.chmod(0o444)
+    target.parent.chmod(0o555)
+    assert target.stat().st_size == len(before) and target.read_bytes() != before
+
+
+def test_same_size_change_is_caught_by_a_deep_check(dataset_repo, capsys):
+    first = dataset_repo.commits[0]
+    pin = PinnedDataset(dataset_repo.path, revision=first)
+    pin.pull()
+    pin.verify(deep=True)
+    assert cli_main(["verify"]) == 0
+    changed_in_place(pin, "train.csv")
+    pin.verify()  # sizes and counts: cheap, and blind to this
+    with pytest.raises(DatasetMismatchError, match=r"'train.csv' changed \(content hash differs\)"):
+        pin.verify(deep=True)
+    with pytest.raises(DatasetMismatchError, match="train.csv"):
+        PinnedDataset(dataset_repo.path, revision=first, paths=["train.csv"], verify=True).pull()
+    PinnedDataset(dataset_repo.path, revision=first, paths=["val.csv"], verify=True).pull()  # untouched
+    capsys.readouterr()
+    assert cli_main(["verify"]) == 1
+    out = capsys.readouterr().out
+    assert f"DAMAGED {pin.store.folder(first)}" in out and "'train.csv' changed" in out and "val.csv" not in out
+
+
+def test_deleted_snapshot_is_made_again(dataset_repo):
+    pin = PinnedDataset(dataset_repo.path, revision=dataset_repo.head)
+    pin.pull()
+    changed_in_place(pin, "val.csv")
+    folder = pin.store.folder(pin.commit)
+    subprocess.run(["chmod", "-R", "u+w", str(folder)], check=True)
+    subprocess.run(["rm", "-rf", str(folder)], check=True)
+    again = PinnedDataset(dataset_repo.path, revision=dataset_repo.head, verify=True)
+    assert again.file("val.csv").read_bytes() == (dataset_repo.path / "val.csv").read_bytes()
+
+
+def test_hung_oxen_restore_is_stopped(tmp_path, monkeypatch):
+    """A content store elsewhere sends the pin to `oxen restore`; a FIFO there makes it hang for real."""
+    repo = tmp_path / "data"
+    repo.mkdir()
+    oxen_child.init_repo(repo)
+    config = repo / ".oxen" / "config.toml"
+    config.write_text(config.read_text().replace('kind = "local"',
+                                                 f'kind = "local"\nversions_path = "{tmp_path / "store"}"'))
+    made = make_repo(repo, [("one", {"a.txt": "hello"})])
+    text = format(xxhash.xxh3_128_intdigest(b"hello"), "x")
+    stored = tmp_path / "store" / text[:2] / text[2:] / "data"
+    stored.unlink()
+    os.mkfifo(stored)  # opening it for reading blocks until a writer comes: none will
+    monkeypatch.setattr(oxen_child, "MATERIALIZE_TIMEOUT_S", 5.0)
+    pin = PinnedDataset(repo, revision=made.head)
+    with pytest.raises(OxenError, match=rf"Could not read commit {made.head} in .*: no answer within 5s"):
+        pin.pull()
