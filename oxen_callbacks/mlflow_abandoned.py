@@ -16,7 +16,6 @@ from typing import Any
 
 from .errors import LineageValidationError
 from .lineage import read_lineage
-from .locks import is_locked
 from .publish.queue import all_queues
 
 log = logging.getLogger(__name__)

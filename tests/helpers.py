@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import os
+import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -42,6 +43,13 @@ def commit_files(repo: Repo, message: str, files: dict[str, str | bytes]) -> str
     commit = oxen_child.commit_paths(repo.path, list(files), message, author=AUTHOR)
     repo.commits.append(commit)
     return commit
+
+
+def free_port() -> int:
+    """A loopback port nothing listens on (connections to it are refused)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def folder_contents(root: Path) -> tuple[set[str], dict[str, bytes]]:

@@ -2,33 +2,14 @@
 
 from __future__ import annotations
 
-import socket
 
 import pytest
-from helpers import make_repo
+from helpers import free_port, make_repo
 from lightning_model import CsvData, TinyModel, make_trainer
 
 from oxen_callbacks import PinnedDataset
 from oxen_callbacks.errors import ConfigurationError
 from oxen_callbacks.lightning import OxenLightningCallback
-
-
-@pytest.fixture(scope="module")
-def hanging_port():
-    """A loopback server that accepts connections and never answers."""
-    srv = socket.socket()
-    srv.bind(("127.0.0.1", 0))
-    srv.listen(64)
-    yield srv.getsockname()[1]
-    srv.close()
-
-
-def closed_port() -> int:
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
 
 
 def _cases(data, tmp, hanging_port):  # type: ignore[no-untyped-def]
@@ -63,7 +44,7 @@ def _cases(data, tmp, hanging_port):  # type: ignore[no-untyped-def]
         ("bad URI scheme", lambda: PinnedDataset("s3://bucket/ox/data"), "scheme 's3' is not supported"),
         ("bad host", lambda: PinnedDataset("https://bad host/ox/data"), "not a valid host"),
         ("remote repo without namespace", lambda: PinnedDataset("https://hub.oxen.ai/data"), "namespace/name"),
-        ("host refuses", lambda: PinnedDataset(f"http://127.0.0.1:{closed_port()}/ox/data", remote_timeout=5),
+        ("host refuses", lambda: PinnedDataset(f"http://127.0.0.1:{free_port()}/ox/data", remote_timeout=5),
          "Could not resolve revision"),
         ("host hangs", lambda: PinnedDataset(f"http://127.0.0.1:{hanging_port}/ox/data", remote_timeout=2),
          "no answer within 2s"),

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import file_at
+from helpers import file_at, free_port
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning_model import CsvData, TinyModel, make_trainer
 from mlflow import MlflowClient
@@ -83,7 +83,7 @@ def test_hf_trainer_under_torchrun_two_processes(tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-           str(_free_port()), str(Path(__file__).parent / "hf_torchrun_script.py"), "--dataset", str(data.path),
+           str(free_port()), str(Path(__file__).parent / "hf_torchrun_script.py"), "--dataset", str(data.path),
            "--model-repo", str(tmp_path / "models"), "--out", str(out)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=500)
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -99,14 +99,6 @@ def test_hf_trainer_under_torchrun_two_processes(tmp_path):
     assert len(runs) == 1 and runs[0].info.run_id == lineage["run"]["mlflow_run_id"]
     assert runs[0].data.tags["oxen.dataset.commit"] == data.commits[1]
     assert "train_loss" in runs[0].data.metrics or "loss" in runs[0].data.metrics
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_sharded_folder_checkpoint_is_published_after_every_rank_wrote(dataset_repo, tmp_path):

@@ -7,9 +7,9 @@ import logging
 import os
 import shutil
 import signal
-import socket
 
 import pytest
+from helpers import free_port
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning_model import CsvData, TinyModel, make_trainer
 
@@ -18,24 +18,6 @@ from oxen_callbacks.errors import PublishError
 from oxen_callbacks.lightning import OxenLightningCallback
 from oxen_callbacks.oxen_repo import LocalRepo
 from oxen_callbacks.publish.remote import pending_push
-
-
-@pytest.fixture
-def hanging_server():
-    """A loopback server that accepts connections and never answers."""
-    srv = socket.socket()
-    srv.bind(("127.0.0.1", 0))
-    srv.listen(64)
-    yield srv.getsockname()[1]
-    srv.close()
-
-
-def _closed_port() -> int:
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
 
 
 def _fit(dataset_repo, tmp_path, extra=(), **options):  # type: ignore[no-untyped-def]
@@ -55,8 +37,8 @@ def _all_committed(cb, tmp_path) -> None:  # type: ignore[no-untyped-def]
 
 
 @pytest.mark.parametrize("kind", ["refused", "hanging"])
-def test_unreachable_remote_loses_nothing(kind, dataset_repo, tmp_path, hanging_server, caplog, capsys):
-    port = _closed_port() if kind == "refused" else hanging_server
+def test_unreachable_remote_loses_nothing(kind, dataset_repo, tmp_path, hanging_port, caplog, capsys):
+    port = free_port() if kind == "refused" else hanging_port
     url = f"http://127.0.0.1:{port}/ox/models"
     with caplog.at_level(logging.WARNING, logger="oxen_callbacks"):
         cb = _fit(dataset_repo, tmp_path, remote_url=url, push_timeout=3)

@@ -7,7 +7,6 @@ import os
 import random
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -221,20 +220,10 @@ def test_a_named_remote_of_a_model_repo_not_made_yet_is_refused_at_construction(
         OxenLightningCallback(model_repo=tmp_path / "new-models", remote="origin", mlflow=False)
 
 
-@pytest.fixture
-def mute_port():
-    """A loopback server that accepts connections and never answers."""
-    srv = socket.socket()
-    srv.bind(("127.0.0.1", 0))
-    srv.listen(64)
-    yield srv.getsockname()[1]
-    srv.close()
-
-
-def test_a_mute_remote_costs_one_push_attempt_and_one_warning(dataset_repo, tmp_path, mute_port, caplog):
+def test_a_mute_remote_costs_one_push_attempt_and_one_warning(dataset_repo, tmp_path, hanging_port, caplog):
     pin = _pin(dataset_repo)
     cb = OxenLightningCallback(dataset=pin, model_repo=tmp_path / "models", mlflow=False,
-                               remote_url=f"http://127.0.0.1:{mute_port}/ox/models", push_timeout=3)
+                               remote_url=f"http://127.0.0.1:{hanging_port}/ox/models", push_timeout=3)
     with caplog.at_level(logging.WARNING, logger="oxen_callbacks"):
         _fit(tmp_path, pin, cb, epochs=2)
     pushes = [r for r in cb.run.publisher.results if r["kind"] == "push"]
