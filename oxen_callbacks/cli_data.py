@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from . import oxen_child
+from .commit_id import checked_commit_id
 from .errors import ConfigurationError
 from .pin import PinnedDataset
 from .relpath import covers
@@ -43,12 +44,12 @@ def reproduce(view: dict[str, Any], dest: str | os.PathLike[str], *,
     target.mkdir(parents=True, exist_ok=True)
     result: dict[str, Any] = {"dir": str(target), "dataset": None, "model": None}
     if dataset:
-        pin = PinnedDataset(dataset["repo"], revision=dataset["commit"], paths=dataset["paths"], cache_dir=cache_dir)
+        pin = _pinned(dataset["repo"], dataset["commit"], dataset["paths"], cache_dir)
         files = _copy_paths(pin.pull(), pin.paths, target / "data")
         result["dataset"] = {"repo": dataset["repo"], "commit": dataset["commit"], "paths": pin.paths,
                              "folder": str(target / "data"), "files": files}
     if model.get("commit") and model.get("path"):
-        pin = PinnedDataset(model["repo"], revision=model["commit"], paths=[model["path"]], cache_dir=cache_dir)
+        pin = _pinned(model["repo"], model["commit"], [model["path"]], cache_dir)
         _copy_paths(pin.pull(), [model["path"]], target / "model", flatten=True)
         result["model"] = {"repo": model["repo"], "commit": model["commit"], "path": model["path"],
                            "file": str(target / "model" / Path(model["path"]).name)}
@@ -61,6 +62,17 @@ def reproduce(view: dict[str, Any], dest: str | os.PathLike[str], *,
         result["note"] = (f"The run asked for revision {dataset['revision']!r}, which may have moved: pin "
                           f"revision={dataset['commit']!r} to read the same data, or use {target / 'data'}.")
     return result
+
+
+def _pinned(repo: str, commit: str, paths: list[str], cache_dir: str | os.PathLike[str] | None) -> PinnedDataset:
+    """The recorded commit of ``repo``, exactly: a record naming a branch (or a server answering
+    another commit) would hand back data the run never read."""
+    checked_commit_id(commit, what=f"The run's record of {repo}")
+    pin = PinnedDataset(repo, revision=commit, paths=paths, cache_dir=cache_dir)
+    if pin.commit != commit:
+        raise ConfigurationError(f"{repo} resolved the recorded commit {commit} to {pin.commit}.",
+                                 "check that the record names the right repository.")
+    return pin
 
 
 def _rerun_command(view: dict[str, Any]) -> tuple[str | None, list[str]]:
@@ -124,7 +136,7 @@ def diff_runs(view_a: dict[str, Any], view_b: dict[str, Any], *, keys: list[str]
         dataset = view.get("dataset")
         if not dataset:
             raise ConfigurationError(f"Run {_run_label(view)!r} recorded no dataset: there is nothing to compare.")
-        pin = PinnedDataset(dataset["repo"], revision=dataset["commit"], paths=dataset["paths"], cache_dir=cache_dir)
+        pin = _pinned(dataset["repo"], dataset["commit"], dataset["paths"], cache_dir)
         sides.append((pin, _hashes(pin.pull(), pin.paths)))
     (pin_a, files_a), (pin_b, files_b) = sides
     modified = sorted(p for p in files_a.keys() & files_b.keys() if files_a[p] != files_b[p])

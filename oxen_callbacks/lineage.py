@@ -29,6 +29,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from .commit_id import is_commit_id
 from .errors import LineageValidationError
 from .redact import redact_url
 
@@ -87,13 +88,16 @@ def validate_lineage(record: Any) -> LineageRecord:
             continue
         _check_fields(value, fields, section)
     if record["dataset"] is not None:
+        _check_commit(record["dataset"]["commit"], "dataset.commit")
         for p in record["dataset"]["paths"]:
             _check_relpath(p, "dataset.paths")
+    _check_commit(record["model"]["commit"], "model.commit")
     if not isinstance(record.get("checkpoints"), list):
         raise LineageValidationError("Lineage record field 'checkpoints' must be a list.")
     for i, ckpt in enumerate(record["checkpoints"]):
         _check_fields(ckpt, _CHECKPOINT, f"checkpoints[{i}]")
         _check_relpath(ckpt["path"], f"checkpoints[{i}].path")
+        _check_commit(ckpt["commit"], f"checkpoints[{i}].commit")
     if record["model"]["path"] is not None:
         _check_relpath(record["model"]["path"], "model.path")
     return dict(record)
@@ -109,6 +113,12 @@ def _check_fields(value: Any, fields: Mapping[str, tuple[type, ...]], where: str
         if not isinstance(item, types) or (isinstance(item, bool) and bool not in types):
             wanted = " or ".join("null" if t is type(None) else t.__name__ for t in types)
             raise LineageValidationError(f"Lineage field '{where}.{name}' must be {wanted}, not {item!r}.")
+
+
+def _check_commit(commit: str | None, where: str) -> None:
+    """A commit id or ``null``: a branch name would read moving data, a path would name a folder."""
+    if commit is not None and not is_commit_id(commit):
+        raise LineageValidationError(f"Lineage field {where!r} holds {str(commit)[:80]!r}, not an Oxen commit id.")
 
 
 def _check_relpath(path: str, where: str) -> None:

@@ -30,10 +30,11 @@ from pathlib import Path
 from typing import Any
 
 from . import oxen_child, oxen_layout
+from .commit_id import is_commit_like
 from .errors import ConfigurationError, OxenError
 from .locks import FileLock
 from .mlflow_query import open_reader, tag_filter
-from .oxen_repo import LocalRepo, call_oxen, is_commit_like
+from .oxen_repo import LocalRepo, call_oxen
 from .publish.queue import repo_lock_path
 from .redact import redact_url
 

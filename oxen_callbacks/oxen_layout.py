@@ -16,6 +16,8 @@ import shutil
 import time
 from pathlib import Path
 
+from .commit_id import is_commit_id
+
 OXEN_DIR = ".oxen"
 #: Our own state inside a repository's ``.oxen`` folder (Oxen ignores unknown entries).
 STATE_DIR_NAME = "oxen-callbacks"
@@ -69,7 +71,7 @@ def commit_ids(repo: str | os.PathLike[str]) -> list[str]:
     history = oxen_dir(repo) / "history"
     if not history.is_dir():
         return []
-    return [entry.name for entry in os.scandir(history) if entry.is_dir()]
+    return [entry.name for entry in os.scandir(history) if entry.is_dir() and is_commit_id(entry.name)]
 
 
 def make_shadow(repo: str | os.PathLike[str], dest: str | os.PathLike[str], commit_id: str, *,

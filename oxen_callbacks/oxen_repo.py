@@ -17,13 +17,13 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from . import oxen_layout
+from .commit_id import is_commit_like
 from .errors import ConfigurationError, OxenError, RepoBusyError
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 _BUSY_MARKERS = ("LOCK", "Resource temporarily unavailable", "lock file", "WouldBlock")
-_HEX = set("0123456789abcdef")
 
 
 def call_oxen(fn: Callable[..., T], *args: object, what: str, busy_timeout: float = 0.0) -> T:
@@ -48,10 +48,6 @@ def call_oxen(fn: Callable[..., T], *args: object, what: str, busy_timeout: floa
                     continue
                 raise RepoBusyError(f"{what}: repository busy ({text.strip()})") from exc
             raise OxenError(f"{what}: {text.strip()}") from exc
-
-
-def is_commit_like(text: str) -> bool:
-    return 4 <= len(text) <= 32 and set(text.lower()) <= _HEX
 
 
 class LocalRepo:
@@ -155,12 +151,12 @@ class LocalRepo:
             commit = ref if ref in ids else list_branches().get(ref)
             if not commit:
                 raise self._no_commits()
-            return commit
+            return self._held(commit, ids, ref)
         if revision in ids:
             return revision
         heads = list_branches()
         if revision in heads:
-            return heads[revision]
+            return self._held(heads[revision], ids, revision)
         if is_commit_like(revision):
             matches = [c for c in ids if c.startswith(revision.lower())]
             if len(matches) == 1:
@@ -175,6 +171,16 @@ class LocalRepo:
             f"Revision {revision!r} was not found in the {self.role} {str(self.path)!r} (branches: {names}).",
             "pass a branch name or a commit id from `oxen log` (Oxen has no tags: use a branch such as 'release/v1').",
         )
+
+    def _held(self, commit: str, ids: list[str], branch: str) -> str:
+        """``commit`` (a branch head) if this repository holds it: a head it lacks means damage."""
+        if commit not in ids:
+            raise ConfigurationError(
+                f"Branch {branch!r} of the {self.role} {str(self.path)!r} points to {str(commit)[:80]!r}, "
+                "which is not a commit the repository holds: it looks damaged.",
+                "clone the repository again, or restore its .oxen folder from a backup.",
+            )
+        return commit
 
     def log(self) -> list[dict[str, Any]]:
         """Commits reachable from HEAD, newest first."""

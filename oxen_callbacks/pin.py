@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from .commit_id import checked_commit_id
 from .errors import ConfigurationError, DatasetMismatchError
 from .locks import FileLock
 from .relpath import covers, safe_relpath
@@ -79,7 +80,8 @@ class PinnedDataset:
         else:
             self.source = LocalSource(repo)
         self.revision = revision
-        self.commit: str = self.source.resolve(revision)
+        # the one choke point of every source: a commit id names cache folders, so it is checked here
+        self.commit: str = checked_commit_id(self.source.resolve(revision), what=f"Resolving {self.source.location}")
         self.revision_label: str = revision or self.source.default_revision() or self.commit
         self.dirty = False
         if self.source.tracks_working_tree(revision):

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import xxhash
 
+from .commit_id import checked_commit_id, is_commit_id
 from .relpath import covers
 
 _RO_FILE = stat.S_IRUSR | stat.S_IRGRP | stat.S_IROTH
@@ -93,10 +94,10 @@ class SnapshotStore:
         self.base = self.cache_dir / "snapshots" / repo_key
 
     def folder(self, commit: str) -> Path:
-        return self.base / commit
+        return self.base / checked_commit_id(commit, what="A snapshot")
 
     def lock_path(self, commit: str) -> Path:
-        return self.base / f"{commit}.lock"
+        return self.base / f"{checked_commit_id(commit, what='A snapshot')}.lock"
 
     def manifest(self, commit: str) -> Manifest:
         """What the snapshot holds; nothing when its folder was deleted (to have it made again)."""
@@ -184,7 +185,9 @@ def cached_snapshots(cache_dir: str | os.PathLike[str]) -> Iterator[tuple[Snapsh
     snapshots = Path(cache_dir).expanduser() / "snapshots"
     for base in sorted(snapshots.iterdir()) if snapshots.is_dir() else ():
         for manifest in sorted(base.glob("*.manifest.json")):
-            yield SnapshotStore(cache_dir, base.name), manifest.name.removesuffix(".manifest.json")
+            commit = manifest.name.removesuffix(".manifest.json")
+            if is_commit_id(commit):  # nothing else is ours
+                yield SnapshotStore(cache_dir, base.name), commit
 
 
 def verify_cache(cache_dir: str | os.PathLike[str]) -> dict[str, object]:

@@ -18,6 +18,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from . import oxen_child
+from .commit_id import FULL_COMMIT_ID_LEN, checked_commit_id, is_commit_id
 from .errors import ConfigurationError, OxenError
 from .remote_spec import RemoteSpec, parse_remote
 
@@ -61,8 +62,18 @@ class RemoteSource:
         )
 
     def resolve(self, revision: str | None) -> str:
-        return self._call("child_resolve", f"resolve revision {revision or 'main'!r}", self.timeout,
-                          revision=revision)
+        """The commit id the server names for ``revision``; its answer is checked, never trusted
+        (a commit id becomes a folder name of the snapshot cache)."""
+        answer = self._call("child_resolve", f"resolve revision {revision or 'main'!r}", self.timeout,
+                            revision=revision)
+        commit = checked_commit_id(answer, what=f"The server {self.location} (revision {revision or 'main'!r})")
+        if revision is not None and len(revision) >= FULL_COMMIT_ID_LEN - 1 and is_commit_id(revision) \
+                and commit != revision:
+            raise ConfigurationError(
+                f"The server {self.location} answered commit {commit} for commit id {revision}.",
+                "check that the URL names the repository the commit belongs to.",
+            )
+        return commit
 
     def default_revision(self) -> str:
         return "main"

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from . import oxen_layout
+from .commit_id import FULL_COMMIT_ID_LEN, is_commit_like
 from .errors import ConfigurationError, LineageValidationError
 from .lineage import SCHEMA, read_lineage
 from .mlflow_query import TrackingReader, missing_store, open_reader, quote, tag_filter
@@ -39,11 +40,9 @@ from .model_registry import (
     endpoint_tag,
     read_deployments,
 )
-from .oxen_repo import is_commit_like
 
 log = logging.getLogger(__name__)
 
-FULL_COMMIT_LEN = 32  # ids are unpadded hex: 31 or 32 characters; shorter input is a prefix
 
 
 # -- model repositories -----------------------------------------------------------------------
@@ -204,7 +203,7 @@ class LineageFinder:
         return [{**record, "source": "model-repo", "matched_checkpoints": matched}] if matched else []
 
     def _by_commit(self, commit: str) -> tuple[str, list[dict[str, Any]]]:
-        prefix = len(commit) < FULL_COMMIT_LEN
+        prefix = len(commit) < FULL_COMMIT_ID_LEN  # shorter input is a prefix (a 31-digit id matches itself)
         models: dict[str, dict[str, Any]] = {}
         datasets: dict[str, dict[str, Any]] = {}
         if self.reader is not None:

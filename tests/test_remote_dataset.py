@@ -156,3 +156,21 @@ def _configure_auth(token: str, host: str) -> None:
     """Oxen's own auth config for ``host`` (how users give a token), written by oxenai in a child."""
     code = "import sys, oxen.auth; oxen.auth.config_auth(sys.argv[1], host=sys.argv[2])"
     subprocess.run([sys.executable, "-c", code, token, host], check=True, timeout=60, capture_output=True)
+
+
+def test_a_server_answering_a_path_or_another_commit_is_refused(server, tmp_path):
+    """A commit id names folders of the snapshot cache: a hostile server's answer is checked, not trusted."""
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / "notes.txt").write_text("mine")
+    os.chmod(victim / "notes.txt", 0o600)
+    hostile = server.repos["ox/reviews"]
+    hostile.commit(str(victim), {"train.csv": TRAIN_A}, branch="evil")
+    with pytest.raises(ConfigurationError, match="is not an Oxen commit id"):
+        PinnedDataset(server.url("ox/reviews"), revision="evil", paths=["train.csv"]).pull()
+    assert os.listdir(victim) == ["notes.txt"] and (victim / "notes.txt").stat().st_mode & 0o777 == 0o600
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("victim")) == ["victim"]
+
+    hostile.branches[COMMIT_A] = COMMIT_B  # "the commit you asked for is that other one"
+    with pytest.raises(ConfigurationError, match=f"answered commit {COMMIT_B} for commit id {COMMIT_A}"):
+        PinnedDataset(server.url("ox/reviews"), revision=COMMIT_A, paths=["train.csv"])

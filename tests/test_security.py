@@ -233,3 +233,29 @@ def test_reproduce_prints_a_tampered_record_as_inert_words(tmp_path, capsys, mon
     line, out = rerun_line("unparsable")
     assert "python" not in line and "not printed as runnable" in out
     assert not list(tmp_path.rglob("PWNED*"))
+
+
+@pytest.mark.parametrize("where, value", [
+    (("dataset", "commit"), "main"), (("dataset", "commit"), "/home/user"), (("model", "commit"), "../../x"),
+    (("checkpoints", 0, "commit"), "HEAD"), (("checkpoints", 0, "commit"), "ABCDEF0123"),
+])
+def test_lineage_commit_fields_must_be_commit_ids(where, value, tmp_path):
+    """A branch name would reproduce moving data; a path would name a cache folder anywhere."""
+    record = {
+        "schema": "oxen-callbacks/lineage/v1",
+        "dataset": {"repo": str(tmp_path), "revision": "main", "commit": "5d0c4b1e2f3a49586776859a4b3c2d1",
+                    "paths": ["."]},
+        "model": {"repo": str(tmp_path), "commit": "e3b0c44298fc1c149afbf4c8996fb924", "path": "runs/r/m.ckpt"},
+        "checkpoints": [{"commit": "e3b0c44298fc1c149afbf4c8996fb924", "path": "runs/r/m.ckpt", "step": 1,
+                         "epoch": 0, "metrics": {}}],
+        "run": {"mlflow_run_id": None, "mlflow_tracking_uri": None},
+        "code": {"git_commit": None, "git_dirty": None},
+        "framework": {"name": "x", "version": "1"},
+    }
+    read_lineage(record)  # valid as is
+    target = record
+    for key in where[:-1]:
+        target = target[key]
+    target[where[-1]] = value
+    with pytest.raises(LineageValidationError, match="not an Oxen commit id"):
+        read_lineage(record)
