@@ -126,7 +126,8 @@ class OxenTrainerCallback(TrainerCallback):
             if self.dataset is not None:
                 self.dataset.pull()
                 self.dataset.verify()
-            self.run.start(continuing=bool(recorded) and recorded.get("run_name") == self.run.run_name)
+            self.run.start(continuing=bool(recorded) and recorded.get("run_name") == self.run.run_name
+                           and recorded.get("model_repo") == str(self.run.model_repo))
             if recorded and self.run.record is not None:
                 self.run.record["resumed_from"] = {"run_name": recorded.get("run_name"), "step": state.global_step,
                                                    "dataset": recorded.get("dataset")}

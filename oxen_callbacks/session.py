@@ -30,6 +30,7 @@ from .gitinfo import code_info
 from .lineage import LineageRecord, new_record
 from .pin import PinnedDataset
 from .publish.claim import RunClaim
+from .publish.committer import lineage_path
 from .publish.publisher import CheckpointPublisher, open_model_repo
 from .redact import redact_argv, redact_url
 from .remote_spec import parse_remote
@@ -213,9 +214,11 @@ class LineageRun:
             self.run_name = new_run_name()  # a default name drawn twice (24 random bits): draw again
             self._claim = RunClaim.take(self.model_repo, self.run_name, continuing=False)
         try:
+            if continuing:
+                self._check_continued_dataset()
             self._open()
         except BaseException:
-            self._claim.withdraw()  # nothing was written under the name: give it back
+            self._claim.release()  # nothing was queued under the name: it stays free
             self._claim = None
             raise
 
@@ -239,7 +242,9 @@ class LineageRun:
             code={**{k: v for k, v in code_info().items() if k != "git_root"}, "command": _command(), "cwd": os.getcwd()},
             run=self._run_section(),
         )
-        self.record.update({"status": "RUNNING", "started_at": _now(), "oxen_callbacks_version": __version__})
+        # fit_id: one per fit (a continued run has several), so a late job knows its own segment
+        self.record.update({"status": "RUNNING", "started_at": _now(), "fit_id": uuid.uuid4().hex,
+                            "oxen_callbacks_version": __version__})
         self.publisher = CheckpointPublisher(
             model_repo=self.model_repo, run=self.run_name, cache_dir=self.cache_dir, author=self.author,
             remote=self.remote, remote_url=self.remote_url, branch=self.branch, push_timeout=self.push_timeout,
@@ -247,6 +252,22 @@ class LineageRun:
         )
         if self.sink is not None:
             self.sink.set_tags(self._start_tags())
+
+    def _check_continued_dataset(self) -> None:
+        """A run continued under its name goes on with the dataset commit its checkpoints were trained on:
+        its lineage names one dataset for all of them (``allow_dataset_change`` starts a new run instead)."""
+        try:
+            recorded = json.loads((self.model_repo / lineage_path(self.run_name)).read_text()).get("dataset")
+        except FileNotFoundError:
+            return
+        mine = self.dataset.commit if self.dataset is not None else None
+        theirs = recorded.get("commit") if isinstance(recorded, dict) else None
+        if theirs != mine:
+            raise ConfigurationError(
+                f"Run {self.run_name!r} was trained on dataset commit {theirs}; continuing it on {mine} would name "
+                "one dataset for checkpoints trained on two.",
+                "resume without run_name (a new run that records resumed_from), or pin the run's dataset commit.",
+            )
 
     def _run_section(self) -> dict[str, Any]:
         run: dict[str, Any] = {"name": self.run_name}

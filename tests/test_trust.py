@@ -286,3 +286,100 @@ def test_a_commit_half_written_by_a_killed_process_is_committed_again(tmp_path):
     assert commit != half_written
     assert oxen_child.branches(repo.path) == {"main": commit}
     assert file_at(repo.path, commit, "b.txt", tmp_path / "cache-check").read_text() == "b"
+
+
+# -- review findings: run names and late jobs ------------------------------------------------
+class Boom(Callback):
+    def on_train_batch_start(self, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
+        raise RuntimeError("a bug in the user's training_step")
+
+
+def test_a_fit_that_failed_before_any_checkpoint_leaves_its_name_free(dataset_repo, tmp_path):
+    models, pin = tmp_path / "models", _pin(dataset_repo)
+    failed = OxenLightningCallback(dataset=pin, model_repo=models, run_name="exp1", mlflow=False)
+    with pytest.raises(RuntimeError, match="a bug"):
+        _fit(tmp_path / "a", pin, failed, Boom())
+    again = OxenLightningCallback(dataset=pin, model_repo=models, run_name="exp1", mlflow=False)
+    _fit(tmp_path / "b", pin, again)  # the user fixed the bug and runs the same script again
+    assert again.lineage["run"]["name"] == "exp1" and again.lineage["status"] == "FINISHED"
+    assert all(c["source"].startswith(str(tmp_path / "b")) for c in again.lineage["checkpoints"])
+
+
+def test_continuing_a_run_on_another_dataset_commit_is_refused(dataset_repo, tmp_path):
+    models = tmp_path / "models"
+    first = OxenLightningCallback(dataset=_pin(dataset_repo, 0), model_repo=models, run_name="long", mlflow=False)
+    _fit(tmp_path / "a", first.dataset, first)
+    pin_b = _pin(dataset_repo, 1)
+    again = OxenLightningCallback(dataset=pin_b, model_repo=models, run_name="long", resume_from="long",
+                                  allow_dataset_change=True, mlflow=False)
+    model = TinyModel()
+    with pytest.raises(ConfigurationError, match=r"Run 'long' was trained on dataset commit .* continuing it on"):
+        _fit(tmp_path / "b", pin_b, again, model=model, ckpt_path=again.ckpt_path)
+    assert not model.labels_seen
+    for entry in first.lineage["checkpoints"]:  # trace still answers the data they were trained on
+        runs = LineageFinder(model_repos=[models]).trace(entry["commit"])["runs"]
+        assert [r["dataset"]["commit"] for r in runs] == [dataset_repo.commits[0]]
+
+
+def test_a_name_still_held_by_this_process_says_so(tmp_path):
+    from oxen_callbacks.session import LineageRun
+
+    first = LineageRun(dataset=None, model_repo=tmp_path / "models", framework=("test", "0"), mlflow=False,
+                       run_name="exp")
+    first.start()  # then train() raised in a notebook cell, and a new callback is made with the same name
+    try:
+        again = LineageRun(dataset=None, model_repo=tmp_path / "models", framework=("test", "0"), mlflow=False,
+                           run_name="exp")
+        with pytest.raises(ConfigurationError, match=r"(?s)in use by this process.*HINT: fit again with that same"):
+            again.start()
+    finally:
+        first.finish("FAILED")
+
+
+def test_a_failed_checkpoint_job_is_listed_only_once_committed(tmp_path, monkeypatch):
+    """A job that fails (here: one injected transient add failure) stays queued; later jobs go on.
+    The lineage never lists it under another checkpoint's commit, and its retry by sync after the
+    run's final lineage commit adds it without moving the run's status or model."""
+    from oxen_callbacks.errors import OxenError
+    from oxen_callbacks.identity import resolve_author, worker_environment
+    from oxen_callbacks.lineage import new_record
+    from oxen_callbacks.publish.committer import Committer
+    from oxen_callbacks.publish.publisher import open_model_repo
+    from oxen_callbacks.publish.queue import JobQueue
+    from oxen_callbacks.publish.worker import drain
+
+    for key, value in worker_environment(resolve_author(("T", "t@example.com")), tmp_path / "cache").items():
+        monkeypatch.setenv(key, value)
+    models = tmp_path / "models"
+    open_model_repo(models, tmp_path / "cache")
+    base = new_record(dataset=None, model_repo=str(models), framework={"name": "x", "version": "1"},
+                      run={"name": "r"})
+    base.update(status="RUNNING", started_at="2026-12-04T05:00:00+0000", fit_id="f1")
+    queue = JobQueue.create(models, "r", {})
+    for seq in (1, 2):
+        queue.staging_for(seq).mkdir(parents=True)
+        (queue.staging_for(seq) / f"c{seq}.ckpt").write_bytes(b"x" * seq)
+        queue.put(seq, "checkpoint", {"run": "r", "dest": f"runs/r/checkpoints/c{seq}.ckpt", "staged_name": f"c{seq}.ckpt",
+                                      "step": seq, "epoch": 0, "metrics": {}, "message": f"c{seq}", "record": base})
+    queue.put(3, "finalize", {"run": "r", "record": {**base, "status": "FINISHED"}, "best": "runs/r/checkpoints/c2.ckpt"})
+    committer = Committer(LocalRepo(models))
+    real_add, failed = committer.repo.add, []
+
+    def add_failing_once(rel: str) -> None:
+        if rel.endswith("c1.ckpt") and not failed:
+            failed.append(rel)
+            raise OxenError("oxen add: repository busy")
+        real_add(rel)
+
+    monkeypatch.setattr(committer.repo, "add", add_failing_once)
+    assert not committer.run_batch(queue, queue.pending())[0]["ok"]  # c1 fails and stays queued
+    committer.run_batch(queue, [j for j in queue.pending() if j.seq != 1])  # as the worker goes on past it
+    after_fit = read_lineage(models / "runs" / "r" / "lineage.json")
+    assert [c["path"] for c in after_fit["checkpoints"]] == ["runs/r/checkpoints/c2.ckpt"]
+    drain(queue, committer)  # `oxen-callbacks sync`, later
+    after_sync = read_lineage(models / "runs" / "r" / "lineage.json")
+    assert after_sync["status"] == "FINISHED" and after_sync["model"] == after_fit["model"]
+    entries = {c["path"]: c["commit"] for c in after_sync["checkpoints"]}
+    assert set(entries) == {"runs/r/checkpoints/c1.ckpt", "runs/r/checkpoints/c2.ckpt"}
+    for path, commit in entries.items():
+        assert file_at(models, commit, path, tmp_path / "check").read_bytes() == b"x" * int(path[-6])

@@ -2,10 +2,11 @@
 
 A run's folder ``runs/<run>/`` holds its checkpoints and its lineage record: two
 runs under one name would mix their checkpoints and name one dataset for both. A
-name is taken once a run has claimed it (``.oxen/oxen-callbacks/runs/<run>.claim``,
-kept after the run ends, also when it was killed) or committed a lineage record
-there. The claim file is ``flock``-ed while its run is live, so a second process
-asking for a live run's name is refused even when it continues that run.
+name is **in use** while a live process holds its claim
+(``.oxen/oxen-callbacks/runs/<run>.claim``, ``flock``-ed for the run's life), and
+**taken** once a checkpoint of the run was committed (its lineage lists one) or
+is still queued for commit. A run that failed or was killed before any checkpoint
+reached the queue leaves its name free: its lineage record stays in history.
 
 Example::
 
@@ -27,6 +28,7 @@ from .. import oxen_layout
 from ..errors import ConfigurationError
 from ..locks import FileLock
 from .committer import lineage_path
+from .queue import all_queues
 
 
 def claims_dir(model_repo: str | os.PathLike[str]) -> Path:
@@ -36,9 +38,8 @@ def claims_dir(model_repo: str | os.PathLike[str]) -> Path:
 class RunClaim:
     """A live run's hold on its name; see the module docstring."""
 
-    def __init__(self, lock: FileLock, *, new: bool) -> None:
+    def __init__(self, lock: FileLock) -> None:
         self._lock = lock
-        self._new = new
 
     @classmethod
     def take(cls, model_repo: str | os.PathLike[str], run: str, *, continuing: bool) -> "RunClaim":
@@ -46,52 +47,65 @@ class RunClaim:
 
         Raises:
             ConfigurationError: a live process trains under that name, or (unless
-                ``continuing``) an earlier run used it.
+                ``continuing``) an earlier run has checkpoints under it.
         """
         repo = Path(model_repo)
         folder = claims_dir(repo)
         with FileLock(folder / ".claims.lock", timeout=60):  # one check-and-claim at a time
             path = folder / f"{run}.claim"
-            earlier = _owner(path) if path.exists() else None
             lock = FileLock(path)
             if not lock.acquire(blocking=False):
-                who = earlier or {}
-                raise ConfigurationError(
-                    f"run_name={run!r} is in use: process {who.get('pid', '?')} on {who.get('host', '?')} is "
-                    f"training that run into the model repository {str(repo)!r} right now. Two runs under one "
-                    "name would mix their checkpoints and lineage.",
-                    "pass another run_name, or none: each fit then gets a unique one.",
-                )
-            committed = (repo / lineage_path(run)).exists()
-            if (earlier is not None or committed) and not continuing:
+                raise _in_use(run, repo, _owner(path))
+            if not continuing and has_checkpoints(repo, run):
                 lock.release()
-                since = f" (started {earlier['started_at']})" if earlier and earlier.get("started_at") else ""
                 raise ConfigurationError(
-                    f"run_name={run!r} is already taken in the model repository {str(repo)!r}: an earlier "
-                    f"run{since} wrote runs/{run}/. A second run under that name would list the earlier run's "
-                    "checkpoints under this run's dataset commit.",
+                    f"run_name={run!r} is already taken in the model repository {str(repo)!r}: runs/{run}/ "
+                    "holds an earlier run's checkpoints. A second run under that name would list them under "
+                    "this run's dataset commit.",
                     f"omit run_name (each fit then gets a unique one), pass a new name, or continue that run: "
                     f"OxenLightningCallback(resume_from={run!r}, run_name={run!r}), or the HF Trainer's "
                     "resume_from_checkpoint= with a checkpoint of that run.",
                 )
             lock.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
                                    "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}).encode())
-        return cls(lock, new=earlier is None)
+        return cls(lock)
 
     def release(self) -> None:
-        """The run is over: the name stays taken, but no longer in use."""
+        """The run is over (or never started): the name is no longer in use."""
         self._lock.release()
 
-    def withdraw(self) -> None:
-        """The run failed to start (nothing written under its name): give a new name back."""
-        if self._new:
-            self._lock.path.unlink(missing_ok=True)
-        self._lock.release()
+
+def has_checkpoints(model_repo: Path, run: str) -> bool:
+    """Whether a checkpoint of ``run`` was committed to ``model_repo`` or is queued for commit."""
+    try:
+        if json.loads((model_repo / lineage_path(run)).read_text()).get("checkpoints"):
+            return True
+    except FileNotFoundError:
+        pass
+    except (OSError, ValueError, AttributeError):
+        return True  # an unreadable record: assume the worst, never mix two runs
+    return any(q.meta().get("run") == run and any(j.kind == "checkpoint" for j in q.pending())
+               for q in all_queues(model_repo))
+
+
+def _in_use(run: str, repo: Path, owner: dict[str, Any]) -> ConfigurationError:
+    if owner.get("pid") == os.getpid() and owner.get("host") == socket.gethostname():
+        return ConfigurationError(
+            f"run_name={run!r} is in use by this process: an earlier fit of it into {str(repo)!r} has not "
+            "finished (it raised, and its callback still holds the run).",
+            "fit again with that same callback object (it starts a new run), or pass another run_name.",
+        )
+    return ConfigurationError(
+        f"run_name={run!r} is in use: process {owner.get('pid', '?')} on {owner.get('host', '?')} is training "
+        f"that run into the model repository {str(repo)!r} right now. Two runs under one name would mix their "
+        "checkpoints and lineage.",
+        "pass another run_name, or none: each fit then gets a unique one.",
+    )
 
 
 def _owner(path: Path) -> dict[str, Any]:
     try:
-        return json.loads(path.read_text() or "{}")
+        owner = json.loads(path.read_text() or "{}")
     except (OSError, ValueError):
         return {}
-
+    return owner if isinstance(owner, dict) else {}

@@ -133,12 +133,19 @@ class Committer:
             "source": p.get("source"),  # which file of the trainer's it is (several folders may share names)
         }
         record["checkpoints"] = [c for c in record["checkpoints"] if c.get("job") != entry["job"]] + [entry]
-        record["model"].update({"path": dest_rel, "commit": None})
-        self._write_record(run, record)
-        prestore(self.repo.path, dest)
-        self.repo.add(dest_rel)
-        self.repo.add(lineage_path(run))
-        commit = self._commit(p["message"])
+        if not _finalized(record):  # a late job never moves a finished run's model
+            record["model"].update({"path": dest_rel, "commit": None})
+        before = self._read_record_text(run)
+        try:
+            self._write_record(run, record)
+            prestore(self.repo.path, dest)
+            self.repo.add(dest_rel)
+            self.repo.add(lineage_path(run))
+            commit = self._commit(p["message"])
+        except BaseException:
+            # the job stays queued: the next commit must not list this checkpoint (its commit unknown)
+            self._restore_record_text(run, before)
+            raise
         filled = fill_commit(record, commit)
         self._write_record(run, filled)  # the working tree copy always names every commit
         return {"seq": job.seq, "kind": "checkpoint", "ok": True, "commit": commit, "dest": dest_rel,
@@ -219,15 +226,37 @@ class Committer:
                 entry["kept"] = False
 
     def _load_record(self, run: str, base: dict[str, Any] | None) -> dict[str, Any]:
+        """The run's record to extend: ``base`` (the job's view of the run) with the checkpoints so far.
+
+        A job that lands after its own run segment was finalized (retried later by ``sync``)
+        extends the finalized record instead: its status, model and end stay as they are.
+        """
         path = self.repo.path / lineage_path(run)
         existing = json.loads(path.read_text()) if path.exists() else None
         if base is None:
             return existing
+        if existing and _finalized(existing) and existing.get("fit_id") == base.get("fit_id"):
+            return copy.deepcopy(existing)
         record = copy.deepcopy(base)
         record["checkpoints"] = existing["checkpoints"] if existing else []
         if existing:
             record["model"] = {**existing["model"], "repo": base["model"]["repo"]}
         return record
+
+    def _read_record_text(self, run: str) -> str | None:
+        try:
+            return (self.repo.path / lineage_path(run)).read_text()
+        except FileNotFoundError:
+            return None
+
+    def _restore_record_text(self, run: str, text: str | None) -> None:
+        path = self.repo.path / lineage_path(run)
+        if text is None:
+            path.unlink(missing_ok=True)
+        else:
+            tmp = path.with_name(f".lineage.{os.getpid()}.tmp")
+            tmp.write_text(text)
+            os.replace(tmp, path)
 
     def _write_record(self, run: str, record: dict[str, Any]) -> None:
         path = self.repo.path / lineage_path(run)
@@ -235,6 +264,11 @@ class Committer:
         tmp = path.with_name(f".lineage.{os.getpid()}.tmp")
         tmp.write_text(json.dumps(record, indent=2) + "\n")
         os.replace(tmp, path)
+
+
+def _finalized(record: dict[str, Any]) -> bool:
+    """Whether the record is a run segment's final one (its finalize job ran)."""
+    return record.get("status") not in (None, "RUNNING")
 
 
 def _remove(path: Path) -> None:
