@@ -20,6 +20,12 @@ def isolated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.setenv("OXEN_CONFIG_DIR", str(tmp_path / "oxen-config"))
     monkeypatch.setenv("OXEN_CALLBACKS_CACHE", str(tmp_path / "cache"))
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    if "mlflow" in sys.modules:  # an earlier test's mlflow.set_tracking_uri / set_experiment outlive it
+        import mlflow
+        import mlflow.tracking.fluent
+
+        mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+        mlflow.tracking.fluent._active_experiment_id = None
     for var in ("MLFLOW_EXPERIMENT_NAME", "MLFLOW_EXPERIMENT_ID", "MLFLOW_RUN_ID",
                 "OXEN_CALLBACKS_AUTHOR_NAME", "OXEN_CALLBACKS_AUTHOR_EMAIL"):
         monkeypatch.delenv(var, raising=False)
