@@ -184,10 +184,13 @@ def test_secrets_in_the_command_line_reach_no_file(dataset_repo, tmp_path):
     """A real fit started with secrets in its arguments: none of their bytes in any file it made."""
     secrets = {"access-key": "Yx4Vr8Nq2Lz6Tb1Mw9Pc", "wandb": "c2f8d5e1a9b7c3d0e4f6a8b2c1d9e7f5a3b0c6d4",
                "pat": GITHUB, "hydra": "letmein-hydra-1", "plus": "letmein-plus-2", "env": "letmein-env-3",
-               "bare": HF, "aws": AWS_SECRET, "url": "letmein-url-4"}
+               "bare": HF, "aws": AWS_SECRET, "url": "letmein-url-4", "query": "Tr0ub4dor&3e2e", "dash": "-Summer2024e2e",
+               "nested": "letmein-nested-5"}
     secret_args = ["--access-key", secrets["access-key"], f"--wandb_key={secrets['wandb']}", "--pat", secrets["pat"],
                    f"trainer.api_key={secrets['hydra']}", f"+wandb.key={secrets['plus']}", f"MY_TOKEN={secrets['env']}",
-                   secrets["bare"], secrets["aws"], "--hub", f"https://me:{secrets['url']}@hub.oxen.ai/ox/models"]
+                   secrets["bare"], secrets["aws"], "--hub", f"https://me:{secrets['url']}@hub.oxen.ai/ox/models",
+                   "--upload", f"https://h.example/up?client_secret={secrets['query']}", "--token", secrets["dash"],
+                   "--extra", f"--password {secrets['nested']} --lr 1"]
     benign_args = ["--lr=3e-4", "--base-model", "bert-base-uncased"]
     cmd = [sys.executable, str(SCRIPT), "--dataset", str(dataset_repo.path), "--revision", dataset_repo.commits[0],
            "--model-repo", str(tmp_path / "models"), "--root", str(tmp_path / "fit"), "--run-name", "secret-run",
@@ -199,7 +202,8 @@ def test_secrets_in_the_command_line_reach_no_file(dataset_repo, tmp_path):
     command = " ".join(shlex.split(recorded))
     for arg in ("--lr=3e-4", "--base-model bert-base-uncased", "--run-name secret-run", "--access-key ***",
                 "--wandb_key=***", "--pat ***", "trainer.api_key=***", "+wandb.key=***", "MY_TOKEN=***",
-                "https://hub.oxen.ai/ox/models"):
+                "https://hub.oxen.ai/ox/models", "--upload https://h.example/up?client_secret=***", "--token ***",
+                "--extra --password *** --lr 1"):
         assert arg in command, command
     assert (tmp_path / "mlflow.db").is_file() and (tmp_path / "cache").is_dir()
     leaks = []
