@@ -11,9 +11,9 @@ trade-offs, each chosen so that none of the leak shapes in ``tests/test_security
 * A secret name's value is kept when it is a boolean (``--private false``) and, unless the name
   says password/secret/token/credential, when it is a plain number (``--session 3``): a numeric
   password under a weaker name (``--pass 123456``) is the price.
-* A bare ``--key`` keeps a value that reads as a metric name: words joined by ``_``, ``/`` or ``.``
-  (``val_loss``, ``train/acc``). A passphrase written that way under ``--key`` is the price; a
-  single word (``--key loss``) is masked.
+* A bare ``--key`` keeps a value that reads as a metric name: words joined by ``_``, ``/`` or ``.``,
+  one of them a metric or split word (``val_loss``, ``train/acc``, ``eval.f1``). A passphrase of that
+  shape (``test_loss_42``) is the price; ``--key loss`` and ``--key correct_horse`` are masked.
 * Shapes are judged per path component, and 31/32/40-hex ids (Oxen and git commits, MLflow run ids,
   Hugging Face snapshots) are exempt, so a secret of exactly that shape is masked by name only. When
   one component looks random, the whole run of characters around it is masked (base64 holds ``/``).
@@ -109,6 +109,11 @@ _SETTERS = frozenset({
 _BOOLEAN = frozenset({"true", "false", "yes", "no", "none", "null", "on", "off"})
 _NUMBER = re.compile(r"^[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?$")
 _METRIC_NAME = re.compile(r"^[A-Za-z]+\d*(?:[_./][A-Za-z]+\d*|[_./]\d+)+$")
+# a word that makes ``--key``'s value a metric's name (``val_loss``, ``eval/f1``), not a passphrase
+_METRIC_WORDS = frozenset({
+    "loss", "acc", "accuracy", "f", "auc", "auroc", "bleu", "rouge", "ppl", "perplexity", "score", "reward", "map",
+    "iou", "precision", "recall", "mse", "mae", "rmse", "error", "wer", "cer", "train", "val", "valid", "eval", "test",
+})
 _LEET = str.maketrans("0435", "oaes")
 
 _OPTION = re.compile(r"^--?[A-Za-z][\w.-]*$")
@@ -175,7 +180,8 @@ def _masks(name: str, value: str) -> bool:
         return False
     if _NUMBER.match(plain) and word not in _STRONG_WORDS:
         return False
-    return not (_name_words(name) == ["key"] and _METRIC_NAME.match(value))
+    return not (_name_words(name) == ["key"] and _METRIC_NAME.match(plain) is not None
+                and bool(_METRIC_WORDS & {w.rstrip("0123456789").lower() for w in re.split(r"[_./]", plain)}))
 
 
 def _random_looking(word: str) -> bool:
@@ -256,8 +262,8 @@ def _redact_value(value: str) -> str:
 
 
 def _is_option(arg: str) -> bool:
-    """``--name`` or a short flag ``-v``; ``-Summer2024`` after ``--token`` is a value."""
-    return bool(_OPTION.match(arg)) and (arg.startswith("--") or len(arg) <= 2)
+    """``--name``, a short flag ``-v`` or ``--``; ``-Summer2024`` after ``--token`` is a value."""
+    return arg == "--" or bool(_OPTION.match(arg)) and (arg.startswith("--") or len(arg) <= 2)
 
 
 def redact_argv(argv: Sequence[str]) -> list[str]:

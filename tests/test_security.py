@@ -49,9 +49,10 @@ BENIGN = [
     f"/root/.cache/huggingface/hub/models--x/snapshots/{HEX40}/config.json",
     f"/root/.cache/oxen-callbacks/snapshots/data-1a2b3c4d5e/{HEX32}/train.csv",
     # options whose names only look secret, and values that are no secret under any name
-    "--key", "val_loss", "--monitor-key", "val_loss", "--sort-key", "date", "--cache-key", "v2", "--key-columns", "id",
+    "--key", "val_loss", "--key", "eval/f1", "--monitor-key", "val_loss", "--sort-key", "date", "--cache-key", "v2", "--key-columns", "id",
     "--private", "false", "--session", "3", "--token-limit", "1000", "--token_type_ids", "--image-token", "<image>",
     "--pass-through", "--pass_k", "5", "--prompt", "the -v flag", "--set", "trainer.max_epochs", "10", "-v",
+    "--token", "--", "x.py",  # '--' ends the options: no value of --token
 ]
 """``(argv, secret, what must remain)``: by option name in every spelling, and by value shape."""
 SECRET_ARGS = [
@@ -112,6 +113,7 @@ SECRET_ARGS = [
     (["--extra", "--password letmein78 --lr 1"], "letmein78", "--lr 1"),  # a command line in one argument
     (["--launcher-args=train.py --api-key letmein79"], "letmein79", "--launcher-args=train.py --api-key"),
     (["--key", "letmein80"], "letmein80", "--key ***"),  # a bare --key keeps metric names only
+    (["--key", "correct_horse_battery"], "horse", "--key ***"),
     (["--s3", "s3://b/Zk3v9QmT2xW7bN4pL8rF1sD6/f"], "Zk3v9QmT2xW7", "--s3 s3:***"),  # a random component: the run goes
     (["--blob", "a" * 3 + "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08"], "9f86d081884c", "***"),
 ]
