@@ -125,7 +125,10 @@ _EMBEDDED_VALUE = re.compile(r""""(?:[^"\\\n]|\\.)*"|'[^'\n]*'|[^\s,;&"'}\]]+"""
 # ``Authorization: Basic X``, ``Authorization: token X``: the scheme word stays, the rest of the line goes
 _AUTH_SCHEME = re.compile(r"(?i)(?:bearer|basic|token|digest|negotiate|ntlm|hoba|mutual|apikey|key|jwt|"
                           r"aws4-hmac-sha256|sharedkey|signature|oauth)[ \t]+(?=\S)")
-_REST_OF_LINE = re.compile(r"[^\r\n]*[^\s]")
+_REST_OF_LINE = re.compile(r"[^\r\n']*[^\s']")  # a closing ' ends it too: ``-H 'Authorization: ...' url``
+# ``password:`` or ``password: |`` at a line's end: the value is the more indented lines below (YAML)
+_BLOCK_HEAD = re.compile(r"(?:[|>][-+0-9]*)?[ \t]*(?=\r?\n)")
+_LINE = re.compile(r"\r?\n([ \t]*)([^\r\n]*)")
 _KNOWN_TOKEN = re.compile(
     r"(?<![A-Za-z0-9])(?:"
     r"(?:ghp|gho|ghu|ghs|ghr)_[A-Za-z0-9]{30,}|github_pat_[A-Za-z0-9_]{30,}|hf_[A-Za-z0-9]{30,}"
@@ -222,12 +225,28 @@ def _random_run(run: str) -> bool:
     return any(_random_looking(c) for c in components if c)
 
 
+def _yaml_block_end(text: str, key_start: int, pos: int) -> int | None:
+    """Where the value of a ``key:`` that continues on more indented lines ends, or None."""
+    if (head := _BLOCK_HEAD.match(text, pos)) is None:
+        return None
+    column, end = key_start - (text.rfind("\n", 0, key_start) + 1), None
+    for line in _LINE.finditer(text, head.end()):
+        if line.group(2) and len(line.group(1)) <= column:
+            break
+        end = line.end()
+    return end
+
+
 def _mask_embedded(text: str) -> str:
     """``text`` with the values of secret-named ``name: value`` / ``name=value`` pairs masked."""
     out, pos = [], 0
     while m := _EMBEDDED_NAME.search(text, pos):
         out.append(text[pos:m.end()])
         pos = m.end()
+        if secret_name(m.group(2)) and (block_end := _yaml_block_end(text, m.start(), pos)) is not None:
+            out.append(MASK if text[pos - 1] in " \t" else f" {MASK}")
+            pos = block_end
+            continue
         value = _EMBEDDED_VALUE.match(text, pos)
         if value is None or not _masks(m.group(2), value.group(0)):
             continue  # the value is scanned too: ``db:\n  password: x`` holds a secret name
@@ -246,7 +265,10 @@ def _redact_command_line(value: str) -> str:
         words = shlex.split(value)
     except ValueError:
         words = value.split()
-    if len(words) < 2 or not (value.startswith("-") or any(w.startswith("--") for w in words)):
+    if len(words) == 1 and words[0] != value:  # quoted whole: ``--extra='--token X'``
+        inner = _redact_value(words[0])
+        return value if inner == words[0] else shlex.quote(inner)
+    if not words or not (words[0].startswith("-") or any(w.startswith("--") for w in words)):
         return value  # ``{"lr": -1, ...}`` is no command line
     masked = redact_argv(words)
     return value if masked == words else " ".join(w if w == MASK else shlex.quote(w) for w in masked)

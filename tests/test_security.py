@@ -101,6 +101,8 @@ SECRET_ARGS = [
     (["--config", '{"password": "correct horse battery"}'], "horse", '{"password": "***"}'),
     (["--config", "db:\n  password: letmein72"], "letmein72", "password: ***"),  # nested YAML
     (["--config", "{db: {password: letmein73}}"], "letmein73", "{db: {password: ***}}"),
+    (["--config", "db:\n  password:\n    letmein82\n  user: bob"], "letmein82", "password: ***\n  user: bob"),
+    (["--config", "db:\n  password: |\n    letmein83\nlr: 1"], "letmein83", "password: ***\nlr: 1"),
     (["--header", "Authorization: Basic Ym9iOnB3"], "Ym9iOnB3", "Authorization: Basic ***"),
     (["--header", f"Authorization: token {HEX40}"], HEX40, "Authorization: token ***"),
     (["--header", f'Proxy-Authorization: Digest username="bob", response="{HEX32}"'], HEX32, "Digest ***"),
@@ -112,6 +114,8 @@ SECRET_ARGS = [
     (["--opts", "MODEL.DEVICE", "cpu", "WANDB.KEY", "letmein77"], "letmein77", "MODEL.DEVICE cpu WANDB.KEY ***"),
     (["--extra", "--password letmein78 --lr 1"], "letmein78", "--lr 1"),  # a command line in one argument
     (["--launcher-args=train.py --api-key letmein79"], "letmein79", "--launcher-args=train.py --api-key"),
+    (["--launcher-args='--token letmein84'"], "letmein84", "--launcher-args='--token ***'"),  # quoted by hand
+    (["--cmd", "curl -H 'Authorization: Basic Ym9iOnB3' https://x"], "Ym9iOnB3", "Basic ***' https://x"),
     (["--key", "letmein80"], "letmein80", "--key ***"),  # a bare --key keeps metric names only
     (["--key", "correct_horse_battery"], "horse", "--key ***"),
     (["--s3", "s3://b/Zk3v9QmT2xW7bN4pL8rF1sD6/f"], "Zk3v9QmT2xW7", "--s3 s3:***"),  # a random component: the run goes
