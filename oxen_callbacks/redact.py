@@ -7,7 +7,8 @@ trade-offs, each chosen so that none of the leak shapes in ``tests/test_security
   digits inside a word read as letters (``oauth2``, ``passw0rd``) before the words are matched.
 * ``token`` next to a counting or typing word (``--token-limit``, ``token_type_ids``) or a
   tokenizer word (``--pad-token``, ``--image-token``), ``pass`` next to ``through``/``rate``/``k``/
-  ``at``, and ``key`` as a sort, cache, monitor or column key are not secret names.
+  ``at``, ``key`` as a sort, cache, monitor, eval or column key, and names ending in where or how
+  a secret is used (``--token-file``, ``--auth-type basic``) are not secret names.
 * A secret name's value is kept when it is a boolean (``--private false``) and, unless the name
   says password/secret/token/credential, when it is a plain number (``--session 3``): a numeric
   password under a weaker name (``--pass 123456``) is the price.
@@ -97,10 +98,13 @@ _PASS_NOT_SECRET = frozenset({"through", "rate", "k", "at", "fail", "count", "nu
 _KEY_BEFORE = frozenset({
     "monitor", "sort", "cache", "group", "partition", "primary", "join", "index", "metric", "label", "text",
     "column", "dict", "lookup", "hash", "shard", "order", "foreign", "input", "output", "target", "image", "batch",
+    "eval", "val", "best",
 })
 _KEY_AFTER = frozenset({"column", "columns", "col", "cols", "field", "fields", "name", "names"})
 # The last word of a name that says where a secret lives, not what it is: ``--token-file ~/.tok``.
 _POINTER_WORDS = frozenset({"file", "path", "dir", "env", "var"})
+# The last word of a name that says how a secret is used: ``--auth-type basic``, ``--token-scheme bearer``.
+_SETTING_WORDS = frozenset({"type", "method", "mode", "scheme", "provider", "backend", "kind", "algorithm"})
 # Options that set ``name value`` pairs: ``--set wandb.api_key X``, ``--opts MODEL.KEY X``.
 _SETTERS = frozenset({
     "set", "set-string", "set_string", "override", "overrides", "o", "opt", "opts", "option", "options",
@@ -152,7 +156,7 @@ def _name_words(name: str) -> list[str]:
 def _secret_word(name: str) -> str | None:
     """The word that makes ``name`` a secret's name, or None."""
     words = _name_words(name)
-    if not words or words[-1] in _POINTER_WORDS:
+    if not words or words[-1] in _POINTER_WORDS or words[-1] in _SETTING_WORDS:
         return None
     for i, word in enumerate(words):
         neighbours = set(words[max(i - 1, 0):i] + words[i + 1:i + 2])

@@ -49,7 +49,7 @@ BENIGN = [
     f"/root/.cache/huggingface/hub/models--x/snapshots/{HEX40}/config.json",
     f"/root/.cache/oxen-callbacks/snapshots/data-1a2b3c4d5e/{HEX32}/train.csv",
     # options whose names only look secret, and values that are no secret under any name
-    "--key", "val_loss", "--key", "eval/f1", "--monitor-key", "val_loss", "--sort-key", "date", "--cache-key", "v2", "--key-columns", "id",
+    "--key", "val_loss", "--key", "eval/f1", "--eval-key", "val_acc", "--auth-type", "basic", "--monitor-key", "val_loss", "--sort-key", "date", "--cache-key", "v2", "--key-columns", "id",
     "--private", "false", "--session", "3", "--token-limit", "1000", "--token_type_ids", "--image-token", "<image>",
     "--pass-through", "--pass_k", "5", "--prompt", "the -v flag", "--set", "trainer.max_epochs", "10", "-v",
     "--token", "--", "x.py",  # '--' ends the options: no value of --token
