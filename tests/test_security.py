@@ -30,6 +30,7 @@ OPENAI = "sk-proj-" + "T3BlbkFJ9xK2mQ7vR4nW8zL1pY6cH5dG0sA"
 AWS_ID, AWS_SECRET = "AKIA" + "Q3X7RZ2M8N4K6P1T", "wJalrXUtn8EMI/K7MDeNG+bPxRf4CYzEXAMP1E9kEY"
 JWT = "eyJhbGciOiJIUzI1NiJ9." + "eyJzdWIiOiJ1c2VyLTEyMyJ9." + "dBjftJeZ4CVPmB92K27uhbUJU1p1r_wW1gFWFOEjXk"
 RANDOM = "Zk3v9QmT2xW7bN4pL8rF1sD6"
+HEX32, HEX40 = "0f1e2d3c4b5a69788796a5b4c3d2e1f0", "9c1185a5c5e9fc54612808977ee8f548b2258d31"  # run, snapshot ids
 """Arguments that must survive redaction untouched: what reproduces a run."""
 BENIGN = [
     "train.py", "--lr=3e-4", "--lr", "1e-05", "--weight-decay", "0.01", "--epochs", "3", "x0,x1,x2,x3",
@@ -43,6 +44,15 @@ BENIGN = [
     "/home/a/.hf_token", "MyVeryLongCamelCaseClassName2", "ResNet50V2ImageNet1KWeights",
     "0123456789abcdef0123456789abcde", "0123456789abcdef0123456789abcdef",  # Oxen commit ids: 31 and 32 hex
     "da39a3ee5e6b4b0d3255bfef95601890afd80709",  # a git commit id (a 40-hex secret is masked by name only)
+    # paths holding hex ids: each component is judged alone, and ids are exempt
+    f"runs:/{HEX32}/model", f"s3://b/prefix/run-{HEX32}", f"runs/{HEX32}",
+    f"/root/.cache/huggingface/hub/models--x/snapshots/{HEX40}/config.json",
+    f"/root/.cache/oxen-callbacks/snapshots/data-1a2b3c4d5e/{HEX32}/train.csv",
+    # options whose names only look secret, and values that are no secret under any name
+    "--key", "val_loss", "--key", "eval/f1", "--eval-key", "val_acc", "--auth-type", "basic", "--monitor-key", "val_loss", "--sort-key", "date", "--cache-key", "v2", "--key-columns", "id",
+    "--private", "false", "--session", "3", "--token-limit", "1000", "--token_type_ids", "--image-token", "<image>",
+    "--pass-through", "--pass_k", "5", "--prompt", "the -v flag", "--set", "trainer.max_epochs", "10", "-v",
+    "--token", "--", "x.py",  # '--' ends the options: no value of --token
 ]
 """``(argv, secret, what must remain)``: by option name in every spelling, and by value shape."""
 SECRET_ARGS = [
@@ -81,6 +91,34 @@ SECRET_ARGS = [
     (["glpat-" + "x9Kq2LmZ7vRt4Wn8Bc1D"], "x9Kq2LmZ7vRt4Wn8Bc1D", "***"),
     (["AIza" + "SyD4x9Kq2LmZ7vRt4Wn8Bc1Dq3Zk3v9QmT2x"], "SyD4x9Kq2LmZ", "***"),
     (["--seed", "7", RANDOM], RANDOM, "--seed 7 ***"),
+    # a URL's first query parameter (``https:`` is no key), its value up to the next ``&name=``
+    (["--u", "https://h/x?client_secret=Tr0ub4dor&3"], "Tr0ub4dor&3", "https://h/x?client_secret=***"),
+    (["--u", "https://h/x?private_token=correcthorsebattery"], "correcthorse", "private_token=***"),
+    (["--u", "http://mlflow:5000?auth=letmein70"], "letmein70", "http://mlflow:5000?auth=***"),
+    (["--token", "-Summer2024"], "Summer2024", "--token ***"),  # a value starting with '-'
+    (["--password", "123456"], "123456", "--password ***"),  # a number under a password's name
+    (["-password", "letmein71"], "letmein71", "-password ***"),
+    (["--config", '{"password": "correct horse battery"}'], "horse", '{"password": "***"}'),
+    (["--config", "db:\n  password: letmein72"], "letmein72", "password: ***"),  # nested YAML
+    (["--config", "{db: {password: letmein73}}"], "letmein73", "{db: {password: ***}}"),
+    (["--config", "db:\n  password:\n    letmein82\n  user: bob"], "letmein82", "password: ***\n  user: bob"),
+    (["--config", "db:\n  password: |\n    letmein83\nlr: 1"], "letmein83", "password: ***\nlr: 1"),
+    (["--header", "Authorization: Basic Ym9iOnB3"], "Ym9iOnB3", "Authorization: Basic ***"),
+    (["--header", f"Authorization: token {HEX40}"], HEX40, "Authorization: token ***"),
+    (["--header", f'Proxy-Authorization: Digest username="bob", response="{HEX32}"'], HEX32, "Digest ***"),
+    (["--header", "X-Api-Key: letmein74"], "letmein74", "X-Api-Key: ***"),
+    (["--header", '{"Authorization": "Basic Ym9iOnB3"}'], "Ym9iOnB3", '{"Authorization": "***"}'),
+    *[([name, "letmein75"], "letmein75", f"{name} ***")
+      for name in ("--secrets", "--privkey", "--pw", "--cred", "--oauth", "--jwt", "--passw0rd", "--oauth2-token")],
+    (["--set", "wandb.api_key", "letmein76"], "letmein76", "--set wandb.api_key ***"),
+    (["--opts", "MODEL.DEVICE", "cpu", "WANDB.KEY", "letmein77"], "letmein77", "MODEL.DEVICE cpu WANDB.KEY ***"),
+    (["--extra", "--password letmein78 --lr 1"], "letmein78", "--lr 1"),  # a command line in one argument
+    (["--launcher-args=train.py --api-key letmein79"], "letmein79", "--launcher-args=train.py --api-key"),
+    (["--launcher-args='--token letmein84'"], "letmein84", "--launcher-args='--token ***'"),  # quoted by hand
+    (["--cmd", "curl -H 'Authorization: Basic Ym9iOnB3' https://x"], "Ym9iOnB3", "Basic ***' https://x"),
+    (["--key", "letmein80"], "letmein80", "--key ***"),  # a bare --key keeps metric names only
+    (["--key", "correct_horse_battery"], "horse", "--key ***"),
+    (["--s3", "s3://b/Zk3v9QmT2xW7bN4pL8rF1sD6/f"], "Zk3v9QmT2xW7", "--s3 s3:***"),  # a random component: the run goes
     (["--blob", "a" * 3 + "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08"], "9f86d081884c", "***"),
 ]
 
@@ -152,10 +190,13 @@ def test_secrets_in_the_command_line_reach_no_file(dataset_repo, tmp_path):
     """A real fit started with secrets in its arguments: none of their bytes in any file it made."""
     secrets = {"access-key": "Yx4Vr8Nq2Lz6Tb1Mw9Pc", "wandb": "c2f8d5e1a9b7c3d0e4f6a8b2c1d9e7f5a3b0c6d4",
                "pat": GITHUB, "hydra": "letmein-hydra-1", "plus": "letmein-plus-2", "env": "letmein-env-3",
-               "bare": HF, "aws": AWS_SECRET, "url": "letmein-url-4"}
+               "bare": HF, "aws": AWS_SECRET, "url": "letmein-url-4", "query": "Tr0ub4dor&3e2e", "dash": "-Summer2024e2e",
+               "nested": "letmein-nested-5"}
     secret_args = ["--access-key", secrets["access-key"], f"--wandb_key={secrets['wandb']}", "--pat", secrets["pat"],
                    f"trainer.api_key={secrets['hydra']}", f"+wandb.key={secrets['plus']}", f"MY_TOKEN={secrets['env']}",
-                   secrets["bare"], secrets["aws"], "--hub", f"https://me:{secrets['url']}@hub.oxen.ai/ox/models"]
+                   secrets["bare"], secrets["aws"], "--hub", f"https://me:{secrets['url']}@hub.oxen.ai/ox/models",
+                   "--upload", f"https://h.example/up?client_secret={secrets['query']}", "--token", secrets["dash"],
+                   "--extra", f"--password {secrets['nested']} --lr 1"]
     benign_args = ["--lr=3e-4", "--base-model", "bert-base-uncased"]
     cmd = [sys.executable, str(SCRIPT), "--dataset", str(dataset_repo.path), "--revision", dataset_repo.commits[0],
            "--model-repo", str(tmp_path / "models"), "--root", str(tmp_path / "fit"), "--run-name", "secret-run",
@@ -167,7 +208,8 @@ def test_secrets_in_the_command_line_reach_no_file(dataset_repo, tmp_path):
     command = " ".join(shlex.split(recorded))
     for arg in ("--lr=3e-4", "--base-model bert-base-uncased", "--run-name secret-run", "--access-key ***",
                 "--wandb_key=***", "--pat ***", "trainer.api_key=***", "+wandb.key=***", "MY_TOKEN=***",
-                "https://hub.oxen.ai/ox/models"):
+                "https://hub.oxen.ai/ox/models", "--upload https://h.example/up?client_secret=***", "--token ***",
+                "--extra --password *** --lr 1"):
         assert arg in command, command
     assert (tmp_path / "mlflow.db").is_file() and (tmp_path / "cache").is_dir()
     leaks = []
