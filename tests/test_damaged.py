@@ -163,3 +163,71 @@ def test_hung_oxen_restore_is_stopped(tmp_path, monkeypatch):
     pin = PinnedDataset(repo, revision=made.head)
     with pytest.raises(OxenError, match=rf"Could not read commit {made.head} in .*: no answer within 5s"):
         pin.pull()
+
+
+# -- a damaged snapshot cache ---------------------------------------------------------------------
+def writable(folder: Path) -> None:
+    subprocess.run(["chmod", "-R", "u+w", str(folder)], check=True)
+
+
+@pytest.mark.parametrize("record, damage", [
+    ("manifest", b'{"commit": "x", "pa'), ("manifest", b"[1, 2]"), ("manifest", b"\xff\xfe"),
+    ("hashes", b'{"commit": "x", "fi'), ("hashes", b'{"files": [1]}'),
+], ids=["manifest-truncated", "manifest-a-list", "manifest-not-text", "hashes-truncated", "hashes-other-shape"])
+def test_unreadable_snapshot_record_is_damage_not_a_traceback(dataset_repo, capsys, record, damage):
+    pin = PinnedDataset(dataset_repo.path, revision=dataset_repo.head)
+    folder = pin.pull()
+    (pin.store.base / f"{pin.commit}.{record}.json").write_bytes(damage)
+    capsys.readouterr()
+    assert cli_main(["verify"]) == 1
+    out = capsys.readouterr().out
+    assert f"DAMAGED {folder}" in out and f"{pin.commit}.{record}.json" in out
+    if record == "manifest":  # no usable manifest: no snapshot; the next pin makes it again from nothing
+        (folder / "planted.txt").parent.chmod(0o755)
+        (folder / "planted.txt").write_text("not in the commit")
+        again = PinnedDataset(dataset_repo.path, revision=dataset_repo.head, verify=True)
+        assert again.file("train.csv").read_bytes() == (dataset_repo.path / "train.csv").read_bytes()
+        assert not (folder / "planted.txt").exists()
+    else:  # the files are as recorded: only a deep check needs the hashes, and says they are damaged
+        PinnedDataset(dataset_repo.path, revision=dataset_repo.head).pull()
+        with pytest.raises(DatasetMismatchError, match=rf"{pin.commit}\.hashes\.json"):
+            PinnedDataset(dataset_repo.path, revision=dataset_repo.head, verify=True).pull()
+    capsys.readouterr()
+    assert cli_main(["verify"]) == (0 if record == "manifest" else 1)
+
+
+def test_symbolic_links_in_a_snapshot_are_damage(dataset_repo, tmp_path, capsys):
+    pin = PinnedDataset(dataset_repo.path, revision=dataset_repo.head)
+    folder = pin.pull()
+    writable(folder)
+    (folder / "val.csv").unlink()
+    (folder / "val.csv").symlink_to(tmp_path / "gone.csv")  # dangling
+    with pytest.raises(DatasetMismatchError, match=r"'val.csv' is a symbolic link"):
+        pin.verify()
+    with pytest.raises(DatasetMismatchError, match=r"'val.csv' is a symbolic link"):
+        pin.verify(deep=True)
+    capsys.readouterr()
+    assert cli_main(["verify"]) == 1
+    assert "'val.csv' is a symbolic link" in capsys.readouterr().out
+
+
+def test_snapshot_folder_replaced_by_a_link_is_caught_cheaply(dataset_repo, tmp_path):
+    """A copy with the same counts and sizes elsewhere, linked in place of the snapshot or a sub-folder."""
+    repo = make_repo(tmp_path / "nested", [("one", {"data/a.csv": "1,0\n", "b.txt": "b"})])
+    pin = PinnedDataset(repo.path, revision=repo.head, paths=["data"])
+    folder = pin.pull()
+    other = tmp_path / "other"
+    subprocess.run(["cp", "-r", str(folder / "data"), str(other)], check=True)
+    writable(folder)
+    subprocess.run(["rm", "-rf", str(folder / "data")], check=True)
+    (folder / "data").symlink_to(other)
+    with pytest.raises(DatasetMismatchError, match=r"'data' is a symbolic link"):
+        pin.verify()
+    whole = PinnedDataset(dataset_repo.path, revision=dataset_repo.head)
+    snapshot = whole.pull()
+    moved = tmp_path / "moved"
+    writable(snapshot)
+    snapshot.rename(moved)
+    snapshot.symlink_to(moved)
+    with pytest.raises(DatasetMismatchError, match=r"'\.' is a symbolic link"):
+        whole.verify()
