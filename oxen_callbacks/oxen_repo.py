@@ -50,6 +50,15 @@ def call_oxen(fn: Callable[..., T], *args: object, what: str, busy_timeout: floa
             raise OxenError(f"{what}: {text.strip()}") from exc
 
 
+def damaged_repo(role: str, path: str | os.PathLike[str], detail: str, hint: str | None = None) -> ConfigurationError:
+    """The error for a repository whose own files (under ``.oxen``) are damaged: ``detail`` says how."""
+    return ConfigurationError(
+        f"The {role} {str(path)!r} looks damaged: {detail}.",
+        hint or "a file under its .oxen folder is missing, truncated or corrupt (a full disk, a copy cut short?): "
+        "clone the repository again (`oxen clone URL`) or restore its .oxen folder from a backup.",
+    )
+
+
 def is_commit_like(text: str) -> bool:
     return 4 <= len(text) <= 32 and set(text.lower()) <= _HEX
 
@@ -120,16 +129,30 @@ class LocalRepo:
 
     def _head_ref(self) -> str:
         """What ``.oxen/HEAD`` names; a clear error where there is none (no commits yet, or damage)."""
+        self._check_layout()
         try:
-            return oxen_layout.head_ref(self.path)
+            ref = oxen_layout.head_ref(self.path)
         except FileNotFoundError:
             if not self.commit_ids():
                 raise self._no_commits() from None
-            raise ConfigurationError(
-                f"The {self.role} {str(self.path)!r} is damaged: .oxen/HEAD is missing.",
-                "write the checked-out branch into it (e.g. `echo main > .oxen/HEAD`), "
-                "or clone the repository again.",
-            ) from None
+            fault = "is missing"
+        except UnicodeDecodeError:
+            fault = "is not text"
+        except OSError as exc:  # a folder in its place, unreadable...
+            fault = f"cannot be read ({exc.strerror or exc})"
+        else:
+            if ref:
+                return ref
+            fault = "is empty"
+        raise damaged_repo(self.role, self.path, f".oxen/HEAD {fault}",
+                           "write the checked-out branch into it (e.g. `echo main > .oxen/HEAD`), "
+                           "or clone the repository again.") from None
+
+    def _check_layout(self) -> None:
+        """Raise a clear error when Oxen's own files of the repository are damaged."""
+        fault = oxen_layout.damage(self.path)
+        if fault:
+            raise damaged_repo(self.role, self.path, fault)
 
     def _no_commits(self) -> ConfigurationError:
         return ConfigurationError(
@@ -147,6 +170,7 @@ class LocalRepo:
         ids resolve from the repository's files without oxenai.
         """
         list_branches = branches or self.branches
+        self._check_layout()
         ids = self.commit_ids()
         if not ids:
             raise self._no_commits()

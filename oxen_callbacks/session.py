@@ -28,6 +28,7 @@ from . import __version__, oxen_layout
 from .errors import ConfigurationError, PublishError
 from .gitinfo import code_info
 from .lineage import LineageRecord, new_record
+from .oxen_repo import damaged_repo
 from .pin import PinnedDataset
 from .publish.claim import RunClaim
 from .publish.publisher import CheckpointPublisher, open_model_repo
@@ -156,7 +157,10 @@ class LineageRun:
                 "pass a new or empty folder (it will be created with `oxen init`), or run `oxen init` there.",
             )
         if self.remote and self.remote_url is None:  # a repository created for this run has no remotes
-            known = oxen_layout.remotes(self.model_repo) if oxen_layout.is_repo(self.model_repo) else {}
+            try:
+                known = oxen_layout.remotes(self.model_repo) if oxen_layout.is_repo(self.model_repo) else {}
+            except oxen_layout.DamagedLayout as exc:
+                raise damaged_repo("model repository", self.model_repo, str(exc)) from None
             if self.remote not in known:
                 raise ConfigurationError(
                     f"remote={self.remote!r} is not a remote of the model repository {str(self.model_repo)!r} "

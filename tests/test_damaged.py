@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -86,7 +87,7 @@ def test_repository_without_commits_is_a_clear_error(tmp_path):
 def test_missing_head_is_named_as_damage(dataset_repo):
     (dataset_repo.path / ".oxen" / "HEAD").unlink()
     for revision in (None, "main", dataset_repo.head):
-        with pytest.raises(ConfigurationError, match=r"is damaged: \.oxen/HEAD is missing"):
+        with pytest.raises(ConfigurationError, match=r"looks damaged: \.oxen/HEAD is missing"):
             PinnedDataset(dataset_repo.path, revision=revision)
 
 
@@ -231,3 +232,55 @@ def test_snapshot_folder_replaced_by_a_link_is_caught_cheaply(dataset_repo, tmp_
     snapshot.symlink_to(moved)
     with pytest.raises(DatasetMismatchError, match=r"'\.' is a symbolic link"):
         whole.verify()
+
+
+# -- a damaged repository: a clear error naming it --------------------------------------------------
+def break_head_not_text(oxen: Path) -> None:
+    (oxen / "HEAD").write_bytes(b"\xff\xfe\x00main")
+
+
+def break_head_folder(oxen: Path) -> None:
+    (oxen / "HEAD").unlink()
+    (oxen / "HEAD").mkdir()
+
+
+def break_config(oxen: Path) -> None:
+    (oxen / "config.toml").write_bytes(b"\x89PNG\r\n\x1a\n\x00\xff")
+
+
+def break_refs(oxen: Path) -> None:
+    subprocess.run(["rm", "-rf", str(oxen / "refs")], check=True)
+
+
+def break_history(oxen: Path) -> None:
+    subprocess.run(["rm", "-rf", str(oxen / "history")], check=True)
+    (oxen / "history").write_text("")
+
+
+@pytest.mark.parametrize("damage, what", [
+    (break_head_not_text, r"\.oxen/HEAD is not text"),
+    (break_head_folder, r"\.oxen/HEAD cannot be read \(Is a directory\)"),
+    (break_config, r"\.oxen/config\.toml cannot be read \(.*utf-8"),
+    (break_refs, r"\.oxen/refs is missing"),
+    (break_history, r"\.oxen/history is not a folder"),
+], ids=["head-not-text", "head-a-folder", "config-binary", "refs-deleted", "history-a-file"])
+def test_damaged_repository_is_named_with_what_is_wrong(dataset_repo, damage, what):
+    damage(dataset_repo.path / ".oxen")
+    for revision in (None, "main", dataset_repo.head):
+        with pytest.raises(ConfigurationError) as caught:
+            PinnedDataset(dataset_repo.path, revision=revision)
+        message = str(caught.value)
+        assert f"dataset repository {str(dataset_repo.path)!r} looks damaged" in message, message
+        assert re.search(what, message, re.IGNORECASE), message
+        assert "\nHINT: " in message and "no commits" not in message
+
+
+def test_model_repository_with_a_garbled_config_is_named(tmp_path):
+    from oxen_callbacks import OxenLightningCallback
+
+    models = make_repo(tmp_path / "models", [("one", {"a.txt": "a"})])
+    (models.path / ".oxen" / "config.toml").write_text('[[remotes]\nname = "origin"\n')
+    with pytest.raises(ConfigurationError, match=rf"model repository {re.escape(repr(str(models.path)))} looks "
+                                                 r"damaged: \.oxen/config\.toml cannot be read.*\nHINT: "):
+        OxenLightningCallback(model_repo=models.path, remote="origin", mlflow=False)
+
