@@ -201,7 +201,7 @@ class LineageRun:
 
     # -- lifecycle -------------------------------------------------------------------
     def start(self, *, continuing: bool = False) -> None:
-        """Claim the run name, then pull the pinned data, start the publisher, open the MLflow run.
+        """Claim the run name, then pull (and check) the pinned data, start the publisher, open the MLflow run.
 
         ``continuing``: this fit resumes the run of the same name (its lineage goes on);
         otherwise a name an earlier run used is refused (see :class:`~.publish.claim.RunClaim`).
@@ -224,9 +224,10 @@ class LineageRun:
             raise
 
     def _open(self) -> None:
-        """Pull the pinned data, start the publisher, open the MLflow run and tag it."""
+        """Pull the pinned data and check it is as recorded, start the publisher, open the MLflow run and tag it."""
         if self.dataset is not None:
             self.dataset.pull()
+            self.dataset.verify()  # counts and sizes: a snapshot cut or grown in place stops the run before a step
         if self.use_mlflow:
             from .mlflow_sink import MlflowSink
 

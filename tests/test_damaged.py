@@ -284,3 +284,21 @@ def test_model_repository_with_a_garbled_config_is_named(tmp_path):
                                                  r"damaged: \.oxen/config\.toml cannot be read.*\nHINT: "):
         OxenLightningCallback(model_repo=models.path, remote="origin", mlflow=False)
 
+
+# -- a snapshot changed in place: caught before the first step, in every adapter --------------------
+def test_lightning_refuses_a_snapshot_cut_in_place(dataset_repo, tmp_path):
+    from lightning_model import CsvData, TinyModel, make_trainer
+
+    from oxen_callbacks import OxenLightningCallback
+
+    pin = PinnedDataset(dataset_repo.path, revision=dataset_repo.head)
+    train = pin.pull() / "train.csv"
+    rows = train.read_bytes().splitlines(keepends=True)
+    train.parent.chmod(0o755)
+    train.chmod(0o644)
+    train.write_bytes(b"".join(rows[: len(rows) // 2]))
+    model = TinyModel()
+    callback = OxenLightningCallback(dataset=pin, model_repo=tmp_path / "models", mlflow=False)
+    with pytest.raises(DatasetMismatchError, match=r"changed on disk: '\.' holds 2 files, \d+ bytes; recorded"):
+        make_trainer(tmp_path, [callback], epochs=1).fit(model, datamodule=CsvData(pin))
+    assert model.labels_seen == set()
