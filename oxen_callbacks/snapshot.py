@@ -199,12 +199,12 @@ class SnapshotStore:
         compares the content hash of every file (under ``paths``, default all) with the
         one recorded when it was made.
         """
+        root = self.folder(commit)
         try:
-            self._recorded_paths(commit)
+            recorded_paths = self._recorded_paths(commit)
         except DamagedRecord as exc:
             return [str(exc)]
-        manifest = self.manifest(commit)
-        root = self.folder(commit)
+        manifest = Manifest(commit, recorded_paths if root.is_dir() else {})
         links: list[str] = []
         problems: list[str] = []
         for rel, recorded in manifest.paths.items():
