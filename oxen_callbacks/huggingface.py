@@ -123,9 +123,6 @@ class OxenTrainerCallback(TrainerCallback):
                 self.dataset.check_same(recorded["dataset"], what="The checkpoint being resumed")
             self._check_train_data(getattr(train_dataloader, "dataset", None))
         if state.is_world_process_zero:
-            if self.dataset is not None:
-                self.dataset.pull()
-                self.dataset.verify()
             self.run.start(continuing=bool(recorded) and recorded.get("run_name") == self.run.run_name
                            and recorded.get("model_repo") == str(self.run.model_repo))
             if recorded and self.run.record is not None:

@@ -15,6 +15,7 @@ import os
 import shutil
 import time
 from pathlib import Path
+from typing import Any
 
 from .commit_id import is_commit_id
 
@@ -25,6 +26,12 @@ STATE_DIR_NAME = "oxen-callbacks"
 #: shared through a symlink; the rest is per-working-tree state.
 _SHADOW_SKIP = {"versions", "staged", "workspaces", "tmp", STATE_DIR_NAME}
 _TEMP_INFIX = ".oxentmp."
+#: Entries of ``.oxen`` that the first commit makes (``oxen init`` makes only ``config.toml``).
+_COMMITTED = ("HEAD", "history", "refs", "tree")
+
+
+class DamagedLayout(ValueError):
+    """A repository's own files are not as Oxen leaves them; the message says which and how."""
 
 
 def oxen_dir(repo: str | os.PathLike[str]) -> Path:
@@ -55,15 +62,57 @@ def head_ref(repo: str | os.PathLike[str]) -> str:
     return (oxen_dir(repo) / "HEAD").read_text().strip()
 
 
-def remotes(repo: str | os.PathLike[str]) -> dict[str, str]:
-    """Remote name -> URL, from ``.oxen/config.toml`` (``remotes = [{name, url}]``)."""
+def read_config(repo: str | os.PathLike[str]) -> dict[str, Any]:
+    """``.oxen/config.toml``, parsed.
+
+    Raises:
+        FileNotFoundError: there is none.
+        DamagedLayout: it cannot be read or is not TOML.
+    """
     import tomllib
 
     try:
-        config = tomllib.loads((oxen_dir(repo) / "config.toml").read_text())
+        return tomllib.loads((oxen_dir(repo) / "config.toml").read_bytes().decode())
+    except FileNotFoundError:
+        raise
+    except (OSError, ValueError) as exc:  # a folder in its place, not UTF-8, not TOML
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise DamagedLayout(f".oxen/config.toml cannot be read ({reason})") from None
+
+
+def damage(repo: str | os.PathLike[str]) -> str | None:
+    """What is wrong with a repository's own files (config and what a commit makes), or ``None``.
+
+    A repository without commits holds only its config: that is not damage. ``HEAD``
+    is read (and its faults named) by :func:`head_ref`.
+    """
+    try:
+        read_config(repo)
+    except (FileNotFoundError, DamagedLayout) as exc:
+        return str(exc) if isinstance(exc, DamagedLayout) else ".oxen/config.toml is missing"
+    root = oxen_dir(repo)
+    if not any(os.path.lexists(root / name) for name in _COMMITTED):
+        return None
+    for name in ("history", "refs"):
+        if not (root / name).is_dir():
+            return f".oxen/{name} is {'not a folder' if os.path.lexists(root / name) else 'missing'}"
+    return None
+
+
+def remotes(repo: str | os.PathLike[str]) -> dict[str, str]:
+    """Remote name -> URL, from ``.oxen/config.toml`` (``remotes = [{name, url}]``).
+
+    Raises:
+        DamagedLayout: the config cannot be read.
+    """
+    try:
+        config = read_config(repo)
     except FileNotFoundError:
         return {}
-    return {r["name"]: r["url"] for r in config.get("remotes", []) if "name" in r and "url" in r}
+    found = config.get("remotes", [])
+    if not isinstance(found, list):
+        raise DamagedLayout(f".oxen/config.toml holds remotes = {found!r}, not a list")
+    return {r["name"]: r["url"] for r in found if isinstance(r, dict) and "name" in r and "url" in r}
 
 
 def commit_ids(repo: str | os.PathLike[str]) -> list[str]:

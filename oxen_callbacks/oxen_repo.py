@@ -50,6 +50,15 @@ def call_oxen(fn: Callable[..., T], *args: object, what: str, busy_timeout: floa
             raise OxenError(f"{what}: {text.strip()}") from exc
 
 
+def damaged_repo(role: str, path: str | os.PathLike[str], detail: str, hint: str | None = None) -> ConfigurationError:
+    """The error for a repository whose own files (under ``.oxen``) are damaged: ``detail`` says how."""
+    return ConfigurationError(
+        f"The {role} {str(path)!r} looks damaged: {detail}.",
+        hint or "a file under its .oxen folder is missing, truncated or corrupt (a full disk, a copy cut short?): "
+        "clone the repository again (`oxen clone URL`) or restore its .oxen folder from a backup.",
+    )
+
+
 class LocalRepo:
     """A local Oxen repository, validated on construction.
 
@@ -116,16 +125,30 @@ class LocalRepo:
 
     def _head_ref(self) -> str:
         """What ``.oxen/HEAD`` names; a clear error where there is none (no commits yet, or damage)."""
+        self._check_layout()
         try:
-            return oxen_layout.head_ref(self.path)
+            ref = oxen_layout.head_ref(self.path)
         except FileNotFoundError:
             if not self.commit_ids():
                 raise self._no_commits() from None
-            raise ConfigurationError(
-                f"The {self.role} {str(self.path)!r} is damaged: .oxen/HEAD is missing.",
-                "write the checked-out branch into it (e.g. `echo main > .oxen/HEAD`), "
-                "or clone the repository again.",
-            ) from None
+            fault = "is missing"
+        except UnicodeDecodeError:
+            fault = "is not text"
+        except OSError as exc:  # a folder in its place, unreadable...
+            fault = f"cannot be read ({exc.strerror or exc})"
+        else:
+            if ref:
+                return ref
+            fault = "is empty"
+        raise damaged_repo(self.role, self.path, f".oxen/HEAD {fault}",
+                           "write the checked-out branch into it (e.g. `echo main > .oxen/HEAD`), "
+                           "or clone the repository again.") from None
+
+    def _check_layout(self) -> None:
+        """Raise a clear error when Oxen's own files of the repository are damaged."""
+        fault = oxen_layout.damage(self.path)
+        if fault:
+            raise damaged_repo(self.role, self.path, fault)
 
     def _no_commits(self) -> ConfigurationError:
         return ConfigurationError(
@@ -143,6 +166,7 @@ class LocalRepo:
         ids resolve from the repository's files without oxenai.
         """
         list_branches = branches or self.branches
+        self._check_layout()
         ids = self.commit_ids()
         if not ids:
             raise self._no_commits()
@@ -175,11 +199,8 @@ class LocalRepo:
     def _held(self, commit: str, ids: list[str], branch: str) -> str:
         """``commit`` (a branch head) if this repository holds it: a head it lacks means damage."""
         if commit not in ids:
-            raise ConfigurationError(
-                f"Branch {branch!r} of the {self.role} {str(self.path)!r} points to {str(commit)[:80]!r}, "
-                "which is not a commit the repository holds: it looks damaged.",
-                "clone the repository again, or restore its .oxen folder from a backup.",
-            )
+            raise damaged_repo(self.role, self.path,
+                               f"branch {branch!r} points to {str(commit)[:80]!r}, which is not a commit it holds")
         return commit
 
     def log(self) -> list[dict[str, Any]]:

@@ -36,7 +36,6 @@ from __future__ import annotations
 import os
 import struct
 import time
-import tomllib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -156,8 +155,8 @@ def read(repo: str | os.PathLike[str], use: Callable[[Tree], T]) -> T:
 
 def _check_config(repo: str | os.PathLike[str]) -> None:
     try:
-        config = tomllib.loads((oxen_layout.oxen_dir(repo) / "config.toml").read_text())
-    except (OSError, tomllib.TOMLDecodeError) as exc:
+        config = oxen_layout.read_config(repo)
+    except (OSError, oxen_layout.DamagedLayout) as exc:
         raise UnreadableTree(f"cannot read the repository config: {exc}") from exc
     backend = config.get("merkle_node_backend")
     storage = config.get("storage", {})

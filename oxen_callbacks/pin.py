@@ -120,6 +120,11 @@ class PinnedDataset:
     def _materialize_missing(self) -> None:
         try:
             with FileLock(self.store.lock_path(self.commit), timeout=3600):
+                damage = self.store.record_problems(self.commit)
+                if damage:  # what its folder holds is unknown: make it again from nothing
+                    log.warning("Snapshot %s is damaged (%s): making it again", self.store.folder(self.commit),
+                                shown(damage))
+                    self.store.discard(self.commit)
                 manifest = self.store.manifest(self.commit)
                 missing = manifest.missing(self.paths)
                 if not missing:

@@ -28,6 +28,7 @@ from . import __version__, oxen_layout
 from .errors import ConfigurationError, PublishError
 from .gitinfo import code_info
 from .lineage import LineageRecord, new_record
+from .oxen_repo import damaged_repo
 from .pin import PinnedDataset
 from .publish.claim import RunClaim
 from .publish.committer import lineage_path
@@ -157,7 +158,10 @@ class LineageRun:
                 "pass a new or empty folder (it will be created with `oxen init`), or run `oxen init` there.",
             )
         if self.remote and self.remote_url is None:  # a repository created for this run has no remotes
-            known = oxen_layout.remotes(self.model_repo) if oxen_layout.is_repo(self.model_repo) else {}
+            try:
+                known = oxen_layout.remotes(self.model_repo) if oxen_layout.is_repo(self.model_repo) else {}
+            except oxen_layout.DamagedLayout as exc:
+                raise damaged_repo("model repository", self.model_repo, str(exc)) from None
             if self.remote not in known:
                 raise ConfigurationError(
                     f"remote={self.remote!r} is not a remote of the model repository {str(self.model_repo)!r} "
@@ -198,7 +202,7 @@ class LineageRun:
 
     # -- lifecycle -------------------------------------------------------------------
     def start(self, *, continuing: bool = False) -> None:
-        """Claim the run name, then pull the pinned data, start the publisher, open the MLflow run.
+        """Claim the run name, then pull (and check) the pinned data, start the publisher, open the MLflow run.
 
         ``continuing``: this fit resumes the run of the same name (its lineage goes on);
         otherwise a name an earlier run used is refused (see :class:`~.publish.claim.RunClaim`).
@@ -223,9 +227,10 @@ class LineageRun:
             raise
 
     def _open(self) -> None:
-        """Pull the pinned data, start the publisher, open the MLflow run and tag it."""
+        """Pull the pinned data and check it is as recorded, start the publisher, open the MLflow run and tag it."""
         if self.dataset is not None:
             self.dataset.pull()
+            self.dataset.verify()  # counts and sizes: a snapshot cut or grown in place stops the run before a step
         if self.use_mlflow:
             from .mlflow_sink import MlflowSink
 

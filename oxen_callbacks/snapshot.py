@@ -51,6 +51,10 @@ def default_cache_dir() -> Path:
     return Path(base) / "oxen-callbacks"
 
 
+class DamagedRecord(ValueError):
+    """A snapshot's manifest or content hash record cannot be read (truncated, not JSON, another shape)."""
+
+
 @dataclass
 class Materialized:
     """What a source wrote into a scratch folder: per requested path its file count and bytes,
@@ -100,24 +104,56 @@ class SnapshotStore:
         return self.base / f"{checked_commit_id(commit, what='A snapshot')}.lock"
 
     def manifest(self, commit: str) -> Manifest:
-        """What the snapshot holds; nothing when its folder was deleted (to have it made again)."""
-        path = self.base / f"{commit}.manifest.json"
+        """What the snapshot holds; nothing when its folder was deleted or its manifest
+        cannot be read (to have it made again)."""
         try:
-            data = json.loads(path.read_text())
-        except (FileNotFoundError, NotADirectoryError):
+            paths = self._recorded_paths(commit)
+        except DamagedRecord:
             return Manifest(commit)
-        return Manifest(commit, data.get("paths", {}) if self.folder(commit).is_dir() else {})
+        return Manifest(commit, paths if self.folder(commit).is_dir() else {})
+
+    def _recorded_paths(self, commit: str) -> dict[str, dict[str, int]]:
+        """The manifest's paths (none without a manifest); :class:`DamagedRecord` if it cannot be read."""
+        data = _read_json(self.base / f"{commit}.manifest.json")
+        paths = data.get("paths") if isinstance(data, dict) else None
+        if data is not None and not (isinstance(paths, dict) and all(
+                isinstance(v, dict) and isinstance(v.get("files"), int) and isinstance(v.get("bytes"), int)
+                for v in paths.values())):
+            raise DamagedRecord(f"its manifest {commit}.manifest.json is not a manifest")
+        return paths or {}
 
     def write_manifest(self, manifest: Manifest) -> None:
         _write_json(self.base / f"{manifest.commit}.manifest.json",
                     {"commit": manifest.commit, "paths": manifest.paths}, indent=1)
 
     def hashes(self, commit: str) -> dict[str, str] | None:
-        """Content hash of every file of the snapshot; ``None`` when none were recorded."""
-        try:
-            return json.loads((self.base / f"{commit}.hashes.json").read_text())["files"]
-        except (FileNotFoundError, NotADirectoryError):
-            return None
+        """Content hash of every file of the snapshot; ``None`` when none were recorded.
+
+        Raises:
+            DamagedRecord: the record cannot be read.
+        """
+        data = _read_json(self.base / f"{commit}.hashes.json")
+        files = data.get("files") if isinstance(data, dict) else None
+        if data is not None and not (isinstance(files, dict)
+                                     and all(isinstance(v, str) for v in files.values())):
+            raise DamagedRecord(f"its content hash record {commit}.hashes.json is not one")
+        return files
+
+    def record_problems(self, commit: str) -> list[str]:
+        """Why the manifest or content hash record of a snapshot cannot be read (none: readable or absent)."""
+        problems = []
+        for read in (self._recorded_paths, self.hashes):
+            try:
+                read(commit)
+            except DamagedRecord as exc:
+                problems.append(str(exc))
+        return problems
+
+    def discard(self, commit: str) -> None:
+        """Delete a snapshot and its records (the next pin makes it again)."""
+        remove_tree(self.folder(commit))
+        for suffix in ("manifest", "hashes"):
+            (self.base / f"{commit}.{suffix}.json").unlink(missing_ok=True)
 
     def _add_hashes(self, commit: str, hashes: dict[str, str]) -> None:
         _write_json(self.base / f"{commit}.hashes.json",
@@ -152,7 +188,7 @@ class SnapshotStore:
                 if counts is not None and rel in counts:
                     manifest.paths[rel] = counts[rel]
                 else:
-                    manifest.paths[rel] = _count(folder if rel == "." else folder / rel)
+                    manifest.paths[rel] = _count(folder, rel)
         finally:
             _make_readonly(folder, files=counts is None)
         self.write_manifest(manifest)
@@ -164,16 +200,25 @@ class SnapshotStore:
         compares the content hash of every file (under ``paths``, default all) with the
         one recorded when it was made.
         """
-        manifest = self.manifest(commit)
         root = self.folder(commit)
+        try:
+            recorded_paths = self._recorded_paths(commit)
+        except DamagedRecord as exc:
+            return [str(exc)]
+        manifest = Manifest(commit, recorded_paths if root.is_dir() else {})
+        links: list[str] = []
         problems: list[str] = []
         for rel, recorded in manifest.paths.items():
-            actual = _count(root if rel == "." else root / rel)
+            actual = _count(root, rel, links)
             if actual != recorded:
                 problems.append(f"{rel!r} holds {actual['files']} files, {actual['bytes']} bytes; "
                                 f"recorded {recorded['files']} files, {recorded['bytes']} bytes")
+        problems += [f"{link!r} is a symbolic link (a snapshot holds none)" for link in sorted(set(links))]
         if deep and manifest.paths:
-            hashes = self.hashes(commit)
+            try:
+                hashes = self.hashes(commit)
+            except DamagedRecord as exc:
+                return [*problems, str(exc)]
             if hashes is None:
                 return [*problems, "no content hashes were recorded (made by an older version)"]
             problems += _content_problems(root, paths or list(manifest.paths), hashes)
@@ -218,14 +263,21 @@ def _content_problems(root: Path, paths: list[str], recorded: dict[str, str]) ->
     wanted = {f for f in recorded if any(covers(rel, f) for rel in paths)}
     problems = [f"{f!r} is missing" for f in sorted(wanted - on_disk)]
     problems += [f"{f!r} was not in the commit" for f in sorted(on_disk - wanted)]
-    problems += [f"{f!r} changed (content hash differs)" for f in sorted(wanted & on_disk)
-                 if hash_file(root / f) != recorded[f]]
+    for f in sorted(wanted & on_disk):
+        try:
+            if hash_file(root / f) != recorded[f]:
+                problems.append(f"{f!r} changed (content hash differs)")
+        except OSError as exc:
+            problems.append(f"{f!r} cannot be read ({exc.strerror or exc})")
     return problems
 
 
 def _files_under(root: Path, rel: str) -> list[str]:
-    """Files at or under ``rel`` of ``root``, relative to ``root`` (POSIX separators; no ``.oxen``)."""
+    """Files at or under ``rel`` of ``root``, relative to ``root`` (POSIX separators; no ``.oxen``;
+    no symbolic link, which :meth:`SnapshotStore.check` reports)."""
     top = root if rel == "." else root / rel
+    if _linked(root, rel) is not None:
+        return []
     if not top.is_dir():
         return [rel] if top.is_file() else []
     found = []
@@ -233,12 +285,24 @@ def _files_under(root: Path, rel: str) -> list[str]:
         base = Path(dirpath).relative_to(root).as_posix()
         if base == ".":
             dirs[:] = [d for d in dirs if d != ".oxen"]
-        found += [name if base == "." else f"{base}/{name}" for name in names]
+        found += [name if base == "." else f"{base}/{name}" for name in names
+                  if not os.path.islink(os.path.join(dirpath, name))]
     return found
 
 
 def _hash_files(root: Path, rel_paths: list[str]) -> dict[str, str]:
     return {f: hash_file(root / f) for rel in rel_paths for f in _files_under(root, rel)}
+
+
+def _read_json(path: Path) -> object:
+    """A JSON file's content; ``None`` when there is no file; :class:`DamagedRecord` when it cannot be read."""
+    try:
+        return json.loads(path.read_bytes())
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    except (OSError, ValueError) as exc:  # truncated, not UTF-8, a folder in its place...
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise DamagedRecord(f"{path.name} cannot be read ({reason})") from None
 
 
 def _write_json(path: Path, data: object, indent: int | None = None) -> None:
@@ -247,14 +311,39 @@ def _write_json(path: Path, data: object, indent: int | None = None) -> None:
     os.replace(tmp, path)
 
 
-def _count(path: Path) -> dict[str, int]:
-    if path.is_file():
-        return {"files": 1, "bytes": path.stat().st_size}
+def _linked(root: Path, rel: str) -> str | None:
+    """The first of ``root`` and the folders down to ``rel`` that is a symbolic link, relative to ``root``."""
+    parts = [] if rel == "." else Path(rel).parts
+    for depth in range(len(parts) + 1):
+        if (root.joinpath(*parts[:depth])).is_symlink():
+            return "/".join(parts[:depth]) or "."
+    return None
+
+
+def _count(root: Path, rel: str, links: list[str] | None = None) -> dict[str, int]:
+    """Files and bytes at or under ``rel`` of ``root``, never following a symbolic link:
+    each found (``root`` itself, a folder on the way, or an entry below) is added to ``links``."""
+    found_links = [] if links is None else links
+    top = root if rel == "." else root / rel
+    if (link := _linked(root, rel)) is not None:
+        found_links.append(link)
+        return {"files": 0, "bytes": 0}
+    try:
+        info = top.lstat()
+    except FileNotFoundError:
+        return {"files": 0, "bytes": 0}
+    if not stat.S_ISDIR(info.st_mode):
+        return {"files": 1, "bytes": info.st_size}
     files = size = 0
-    for dirpath, _dirs, names in os.walk(path):
-        for name in names:
-            files += 1
-            size += os.stat(os.path.join(dirpath, name)).st_size
+    for dirpath, dirs, names in os.walk(top):
+        for name in [*names, *dirs]:
+            path = os.path.join(dirpath, name)
+            entry = os.lstat(path)
+            if stat.S_ISLNK(entry.st_mode):
+                found_links.append(Path(path).relative_to(root).as_posix())
+            elif name in names:
+                files += 1
+                size += entry.st_size
     return {"files": files, "bytes": size}
 
 
@@ -295,7 +384,9 @@ def empty_folder(path: str | os.PathLike[str]) -> None:
 
 
 def remove_tree(path: str | os.PathLike[str]) -> None:
-    """Delete a folder that may hold read-only snapshots."""
-    if os.path.isdir(path):
+    """Delete a folder that may hold read-only snapshots (a symbolic link in its place: the link)."""
+    if os.path.islink(path):
+        os.unlink(path)
+    elif os.path.isdir(path):
         _make_dirs_writable(Path(path))
         shutil.rmtree(path)

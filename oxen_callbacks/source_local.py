@@ -23,7 +23,7 @@ from pathlib import Path
 
 from . import oxen_child, oxen_layout, oxen_tree
 from .errors import ConfigurationError, OxenError
-from .oxen_repo import LocalRepo, call_oxen
+from .oxen_repo import LocalRepo, call_oxen, damaged_repo
 from .snapshot import Materialized, empty_folder, remove_tree
 from .store_copy import CorruptStore
 
@@ -115,11 +115,7 @@ class LocalSource:
                                 f"({signal.Signals(exc.signal).name})") from None
 
     def _damaged(self, detail: str) -> ConfigurationError:
-        return ConfigurationError(
-            f"The {self.repo.role} {self.location!r} looks damaged: {detail}.",
-            "a file under its .oxen folder is truncated or corrupt (a full disk, a copy cut short?): "
-            "clone the repository again (`oxen clone URL`) or restore its .oxen folder from a backup.",
-        )
+        return damaged_repo(self.repo.role, self.location, detail)
 
 
 def copy_from_store(repo: Path, commit: str, paths: list[str], dest: Path) -> Materialized:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -86,7 +87,7 @@ def test_repository_without_commits_is_a_clear_error(tmp_path):
 def test_missing_head_is_named_as_damage(dataset_repo):
     (dataset_repo.path / ".oxen" / "HEAD").unlink()
     for revision in (None, "main", dataset_repo.head):
-        with pytest.raises(ConfigurationError, match=r"is damaged: \.oxen/HEAD is missing"):
+        with pytest.raises(ConfigurationError, match=r"looks damaged: \.oxen/HEAD is missing"):
             PinnedDataset(dataset_repo.path, revision=revision)
 
 
@@ -163,3 +164,141 @@ def test_hung_oxen_restore_is_stopped(tmp_path, monkeypatch):
     pin = PinnedDataset(repo, revision=made.head)
     with pytest.raises(OxenError, match=rf"Could not read commit {made.head} in .*: no answer within 5s"):
         pin.pull()
+
+
+# -- a damaged snapshot cache ---------------------------------------------------------------------
+def writable(folder: Path) -> None:
+    subprocess.run(["chmod", "-R", "u+w", str(folder)], check=True)
+
+
+@pytest.mark.parametrize("record, damage", [
+    ("manifest", b'{"commit": "x", "pa'), ("manifest", b"[1, 2]"), ("manifest", b"\xff\xfe"),
+    ("hashes", b'{"commit": "x", "fi'), ("hashes", b'{"files": [1]}'),
+], ids=["manifest-truncated", "manifest-a-list", "manifest-not-text", "hashes-truncated", "hashes-other-shape"])
+def test_unreadable_snapshot_record_is_damage_not_a_traceback(dataset_repo, capsys, record, damage):
+    pin = PinnedDataset(dataset_repo.path, revision=dataset_repo.head)
+    folder = pin.pull()
+    (pin.store.base / f"{pin.commit}.{record}.json").write_bytes(damage)
+    capsys.readouterr()
+    assert cli_main(["verify"]) == 1
+    out = capsys.readouterr().out
+    assert f"DAMAGED {folder}" in out and f"{pin.commit}.{record}.json" in out
+    if record == "manifest":  # no usable manifest: no snapshot; the next pin makes it again from nothing
+        (folder / "planted.txt").parent.chmod(0o755)
+        (folder / "planted.txt").write_text("not in the commit")
+        again = PinnedDataset(dataset_repo.path, revision=dataset_repo.head, verify=True)
+        assert again.file("train.csv").read_bytes() == (dataset_repo.path / "train.csv").read_bytes()
+        assert not (folder / "planted.txt").exists()
+    else:  # the files are as recorded: only a deep check needs the hashes, and says they are damaged
+        PinnedDataset(dataset_repo.path, revision=dataset_repo.head).pull()
+        with pytest.raises(DatasetMismatchError, match=rf"{pin.commit}\.hashes\.json"):
+            PinnedDataset(dataset_repo.path, revision=dataset_repo.head, verify=True).pull()
+    capsys.readouterr()
+    assert cli_main(["verify"]) == (0 if record == "manifest" else 1)
+
+
+def test_symbolic_links_in_a_snapshot_are_damage(dataset_repo, tmp_path, capsys):
+    pin = PinnedDataset(dataset_repo.path, revision=dataset_repo.head)
+    folder = pin.pull()
+    writable(folder)
+    (folder / "val.csv").unlink()
+    (folder / "val.csv").symlink_to(tmp_path / "gone.csv")  # dangling
+    with pytest.raises(DatasetMismatchError, match=r"'val.csv' is a symbolic link"):
+        pin.verify()
+    with pytest.raises(DatasetMismatchError, match=r"'val.csv' is a symbolic link"):
+        pin.verify(deep=True)
+    capsys.readouterr()
+    assert cli_main(["verify"]) == 1
+    assert "'val.csv' is a symbolic link" in capsys.readouterr().out
+
+
+def test_snapshot_folder_replaced_by_a_link_is_caught_cheaply(dataset_repo, tmp_path):
+    """A copy with the same counts and sizes elsewhere, linked in place of the snapshot or a sub-folder."""
+    repo = make_repo(tmp_path / "nested", [("one", {"data/a.csv": "1,0\n", "b.txt": "b"})])
+    pin = PinnedDataset(repo.path, revision=repo.head, paths=["data"])
+    folder = pin.pull()
+    other = tmp_path / "other"
+    subprocess.run(["cp", "-r", str(folder / "data"), str(other)], check=True)
+    writable(folder)
+    subprocess.run(["rm", "-rf", str(folder / "data")], check=True)
+    (folder / "data").symlink_to(other)
+    with pytest.raises(DatasetMismatchError, match=r"'data' is a symbolic link"):
+        pin.verify()
+    whole = PinnedDataset(dataset_repo.path, revision=dataset_repo.head)
+    snapshot = whole.pull()
+    moved = tmp_path / "moved"
+    writable(snapshot)
+    snapshot.rename(moved)
+    snapshot.symlink_to(moved)
+    with pytest.raises(DatasetMismatchError, match=r"'\.' is a symbolic link"):
+        whole.verify()
+
+
+# -- a damaged repository: a clear error naming it --------------------------------------------------
+def break_head_not_text(oxen: Path) -> None:
+    (oxen / "HEAD").write_bytes(b"\xff\xfe\x00main")
+
+
+def break_head_folder(oxen: Path) -> None:
+    (oxen / "HEAD").unlink()
+    (oxen / "HEAD").mkdir()
+
+
+def break_config(oxen: Path) -> None:
+    (oxen / "config.toml").write_bytes(b"\x89PNG\r\n\x1a\n\x00\xff")
+
+
+def break_refs(oxen: Path) -> None:
+    subprocess.run(["rm", "-rf", str(oxen / "refs")], check=True)
+
+
+def break_history(oxen: Path) -> None:
+    subprocess.run(["rm", "-rf", str(oxen / "history")], check=True)
+    (oxen / "history").write_text("")
+
+
+@pytest.mark.parametrize("damage, what", [
+    (break_head_not_text, r"\.oxen/HEAD is not text"),
+    (break_head_folder, r"\.oxen/HEAD cannot be read \(Is a directory\)"),
+    (break_config, r"\.oxen/config\.toml cannot be read \(.*utf-8"),
+    (break_refs, r"\.oxen/refs is missing"),
+    (break_history, r"\.oxen/history is not a folder"),
+], ids=["head-not-text", "head-a-folder", "config-binary", "refs-deleted", "history-a-file"])
+def test_damaged_repository_is_named_with_what_is_wrong(dataset_repo, damage, what):
+    damage(dataset_repo.path / ".oxen")
+    for revision in (None, "main", dataset_repo.head):
+        with pytest.raises(ConfigurationError) as caught:
+            PinnedDataset(dataset_repo.path, revision=revision)
+        message = str(caught.value)
+        assert f"dataset repository {str(dataset_repo.path)!r} looks damaged" in message, message
+        assert re.search(what, message, re.IGNORECASE), message
+        assert "\nHINT: " in message and "no commits" not in message
+
+
+def test_model_repository_with_a_garbled_config_is_named(tmp_path):
+    from oxen_callbacks import OxenLightningCallback
+
+    models = make_repo(tmp_path / "models", [("one", {"a.txt": "a"})])
+    (models.path / ".oxen" / "config.toml").write_text('[[remotes]\nname = "origin"\n')
+    with pytest.raises(ConfigurationError, match=rf"model repository {re.escape(repr(str(models.path)))} looks "
+                                                 r"damaged: \.oxen/config\.toml cannot be read.*\nHINT: "):
+        OxenLightningCallback(model_repo=models.path, remote="origin", mlflow=False)
+
+
+# -- a snapshot changed in place: caught before the first step, in every adapter --------------------
+def test_lightning_refuses_a_snapshot_cut_in_place(dataset_repo, tmp_path):
+    from lightning_model import CsvData, TinyModel, make_trainer
+
+    from oxen_callbacks import OxenLightningCallback
+
+    pin = PinnedDataset(dataset_repo.path, revision=dataset_repo.head)
+    train = pin.pull() / "train.csv"
+    rows = train.read_bytes().splitlines(keepends=True)
+    train.parent.chmod(0o755)
+    train.chmod(0o644)
+    train.write_bytes(b"".join(rows[: len(rows) // 2]))
+    model = TinyModel()
+    callback = OxenLightningCallback(dataset=pin, model_repo=tmp_path / "models", mlflow=False)
+    with pytest.raises(DatasetMismatchError, match=r"changed on disk: '\.' holds 2 files, \d+ bytes; recorded"):
+        make_trainer(tmp_path, [callback], epochs=1).fit(model, datamodule=CsvData(pin))
+    assert model.labels_seen == set()

@@ -145,6 +145,21 @@ def test_resume_on_another_dataset_commit_is_refused_unless_allowed(reviews, tmp
     assert allowed.lineage["resumed_from"]["dataset"]["commit"] == reviews.commits[0]
 
 
+
+def test_snapshot_cut_in_place_is_refused_before_a_step(reviews, tmp_path):
+    """The core's cheap check at fit start (counts and sizes) covers this adapter too."""
+    pin = PinnedDataset(reviews.path, revision="main", paths=PATHS)
+    train = pin.load_dataset()["train"]
+    cut = pin.file("train.jsonl")
+    cut.parent.chmod(0o755)
+    cut.chmod(0o644)
+    cut.write_bytes(cut.read_bytes()[: cut.stat().st_size // 2])
+    cb = OxenTrainerCallback(dataset=pin, model_repo=tmp_path / "models", mlflow=False)
+    trainer, collator = make_trainer(tmp_path / "out", train, [cb], max_steps=2)
+    with pytest.raises(DatasetMismatchError, match=r"'train.jsonl' holds 1 files, \d+ bytes; recorded"):
+        trainer.train()
+    assert collator.labels == []
+
 def test_train_dataset_of_another_commit_than_the_pin_is_refused(reviews, tmp_path):
     pin_a = PinnedDataset(reviews.path, revision="main", paths=PATHS)
     commit_files(reviews, "B", {"train.jsonl": jsonl(1)})
