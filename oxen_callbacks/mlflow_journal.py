@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from .locks import FileLock, is_locked
+from .mlflow_abandoned import KILLED, commits_outstanding
 from .redact import redact_text, redact_url
 from .stdin_lines import StdinLines
 
@@ -249,7 +250,9 @@ def _apply(client: Any, journal: MlflowJournal, meta: dict[str, Any], op: dict[s
     elif kind == "finish_abandoned":
         from .mlflow_abandoned import finish_abandoned
 
-        journal.write_meta({**meta, "abandoned": finish_abandoned(client, journal, meta)})
+        done = finish_abandoned(client, journal, meta, status=op.get("status", KILLED),
+                                terminate=op.get("terminate", True))
+        journal.write_meta({**meta, "abandoned": done})
     elif kind == "publish_extras":
         from .model_registry import publish_extras
 
@@ -264,15 +267,22 @@ def serve(journal: MlflowJournal) -> str:
 
     Stdin: a newline wakes us; ``end`` ends this journal (the process may get
     another, see :func:`main`); EOF means the training process is gone: finish
-    and exit. Returns why it stopped: ``"end"`` (stdin still open), ``"eof"`` or
-    ``"gave_up"``. An operation that still fails after the retries stops serving:
-    order matters (tags of a run not yet created...), so the rest stays journaled.
+    and exit. Returns why it stopped: ``"end"`` (stdin still open), ``"eof"``,
+    ``"gave_up"`` or ``"waiting"`` (a run finished from commits not yet done: left
+    to ``sync`` at once). An operation that still fails after the retries stops
+    serving: order matters (tags of a run not yet created...), so the rest stays journaled.
     """
     client = None
     over = False
     while True:
         pending = journal.batches()
         for paths, op in pending:
+            waiting = op["op"] == "finish_abandoned" and commits_outstanding(journal.meta())
+            if waiting:  # not an error to retry: `sync` finishes the run once it has committed them
+                log.info("MLflow run %s is finished by `oxen-callbacks sync` once %s", journal.meta().get("run_id"),
+                         waiting)
+                journal.write_status(gave_up=False, last_error=None, waiting_for=waiting)
+                return "waiting"
             for delay in (*RETRY_DELAYS_S, None):
                 try:
                     client = client or client_for(journal)

@@ -132,7 +132,9 @@ class MlflowSink:
         """Why operations are still journaled (for the warning at fit end): the sink process's state
         and the operations it has not done."""
         status, code = self.journal.status(), self._proc.poll()
-        if status.get("gave_up"):
+        if status.get("waiting_for"):
+            why = f"the run is finished by `oxen-callbacks sync` once {status['waiting_for']}"
+        elif status.get("gave_up"):
             why = f"the sink process gave up after retries: {status.get('last_error')}"
         elif code is not None:
             why = f"the sink process exited with code {code}"
@@ -162,6 +164,12 @@ class MlflowSink:
         """Dataset input, registered model version and lineage picture (see :mod:`.model_registry`)."""
         self._enqueue({"op": "publish_extras", "record": record, "register_model": register_model,
                        "dataset_input": dataset_input, "graph": graph})
+
+    def finish_from_commits(self, status: str) -> None:
+        """Let the run be tagged, logged and ended ``status`` from the model repository's lineage once
+        its commits are done (the final lineage commit did not complete): the sink process leaves
+        this to ``oxen-callbacks sync`` at once while commits are still journaled."""
+        self._enqueue({"op": "finish_abandoned", "status": status, "terminate": self.owns_run})
 
     def end(self, status: str = "FINISHED") -> None:
         """End the run (when this sink started it): nothing more comes for this journal."""
@@ -194,7 +202,8 @@ class MlflowSink:
 
     # -- internals -----------------------------------------------------------------------
     def _stopped(self) -> bool:
-        return self._proc.poll() is not None or bool(self.journal.status().get("gave_up"))
+        status = self.journal.status()
+        return self._proc.poll() is not None or bool(status.get("gave_up") or status.get("waiting_for"))
 
     def _enqueue(self, op: dict[str, Any]) -> None:
         with self._lock:

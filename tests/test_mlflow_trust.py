@@ -373,3 +373,32 @@ def test_sync_while_training_lives_leaves_its_journal(dataset_repo, tmp_path):
     logged = read_lineage(client.download_artifacts(run.info.run_id, "oxen/lineage.json", str(tmp_path / "dl")))
     assert logged["model"]["commit"] == cb.lineage["model"]["commit"]
 
+
+def test_stalled_publishing_finished_by_sync_gets_the_final_lineage(dataset_repo, tmp_path):
+    """Commit processes keep dying: finish() cannot commit the final lineage. `sync` commits it later,
+    and only then is the MLflow run tagged, logged and ended FINISHED from it, not from the partial record."""
+    from test_trust import CommitProcessKiller, _fit, _pin
+
+    from oxen_callbacks import sync
+
+    pin = _pin(dataset_repo)
+    cb = OxenLightningCallback(dataset=pin, model_repo=tmp_path / "models")
+    killer = CommitProcessKiller(cb, every=(0.01, 0.02), limit=10_000, through_fit_end=True)
+    try:
+        _fit(tmp_path, pin, cb, killer, epochs=2)
+    finally:
+        killer.stop()
+    assert cb.run.publisher.stalled
+    client = MlflowClient()
+    run_id = cb.lineage["run"]["mlflow_run_id"]
+    assert client.get_run(run_id).info.status == "RUNNING"  # finished by sync, from the commits
+
+    report = sync.sync_all()
+    assert report["pending"] == 0, report
+    repo_lineage = read_lineage(tmp_path / "models" / "runs" / cb.run.run_name / "lineage.json")
+    assert repo_lineage["status"] == "FINISHED" and repo_lineage["checkpoints"]
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED" and run.data.tags["oxen.lineage.status"] == "FINISHED"
+    assert run.data.tags["oxen.model.commit"] == repo_lineage["model"]["commit"]
+    logged = read_lineage(client.download_artifacts(run_id, "oxen/lineage.json", str(tmp_path / "dl")))
+    assert [c["commit"] for c in logged["checkpoints"]] == [c["commit"] for c in repo_lineage["checkpoints"]]
