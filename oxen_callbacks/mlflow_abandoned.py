@@ -75,6 +75,7 @@ def finish_abandoned(client: Any, journal: Any, meta: dict[str, Any], status: st
     from .mlflow_sink import LINEAGE_ARTIFACT_DIR, LINEAGE_ARTIFACT_NAME
 
     run_id = meta["run_id"]
+    trainer_died = status == KILLED  # else the training run itself left it to sync (its final commit stalled)
     record = committed_record(meta["model_repo"], meta.get("oxen_run") or "", run_id, status)
     status = record["status"] if record else status
     tags = {"oxen.lineage.status": status}
@@ -88,6 +89,6 @@ def finish_abandoned(client: Any, journal: Any, meta: dict[str, Any], status: st
     ended_as = status if status in ("FINISHED", "FAILED", KILLED) else KILLED  # MLflow's run statuses
     if terminated:
         client.set_terminated(run_id, status=ended_as)
-    return {"status": status, "checkpoints": len(record["checkpoints"]) if record else 0,
+    return {"status": status, "trainer_died": trainer_died, "checkpoints": len(record["checkpoints"]) if record else 0,
             "model_commit": tags.get("oxen.model.commit"), "model_path": tags.get("oxen.model.path"),
             "terminated": ended_as if terminated else None}

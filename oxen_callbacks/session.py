@@ -328,6 +328,7 @@ class LineageRun:
             except Exception:  # the work is done and committed: MLflow bookkeeping never fails training
                 log.warning("Logging the lineage to MLflow failed; what is journaled in %s stays there for "
                             "`oxen-callbacks sync`.", self.sink.journal.folder, exc_info=True)
+                self.sink.journal.release_trainer()  # sync's from now on, though this process lives on
         if error is not None:
             raise error
         return final

@@ -315,7 +315,13 @@ def test_whole_job_sigkilled_at_once_is_finished_by_sync(dataset_repo, tmp_path)
             break
         time.sleep(0.2)
     assert proc.poll() is None, "training ended before it could be killed"
-    for pid in _process_tree(proc.pid):
+    frozen: set[int] = set()  # stopped first: none can start a child the kill would miss
+    while new := set(_process_tree(proc.pid)) - frozen:
+        for pid in new:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGSTOP)
+        frozen |= new
+    for pid in frozen:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
     proc.wait()
@@ -362,7 +368,8 @@ def test_sync_while_training_lives_leaves_its_journal(dataset_repo, tmp_path):
     ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=2, save_top_k=-1)
     killer = _KillSinkThenSync(cb)
     make_trainer(tmp_path, [ckpt, cb, killer], epochs=2).fit(TinyModel(), datamodule=CsvData(pin))
-    assert cb.run.sink.journal.folder.exists() and not killer.sync_report["mlflow"]  # left alone, empty then
+    assert cb.run.sink.journal.folder.exists()  # left alone
+    assert all(entry["status"] == "busy" for entry in killer.sync_report["mlflow"])
 
     [entry] = sync.sync_all()["mlflow"]
     assert entry["status"] == "done" and "abandoned" not in entry
@@ -374,12 +381,10 @@ def test_sync_while_training_lives_leaves_its_journal(dataset_repo, tmp_path):
     assert logged["model"]["commit"] == cb.lineage["model"]["commit"]
 
 
-def test_stalled_publishing_finished_by_sync_gets_the_final_lineage(dataset_repo, tmp_path):
+def test_stalled_publishing_finished_by_sync_gets_the_final_lineage(dataset_repo, tmp_path, capsys):
     """Commit processes keep dying: finish() cannot commit the final lineage. `sync` commits it later,
     and only then is the MLflow run tagged, logged and ended FINISHED from it, not from the partial record."""
     from test_trust import CommitProcessKiller, _fit, _pin
-
-    from oxen_callbacks import sync
 
     pin = _pin(dataset_repo)
     cb = OxenLightningCallback(dataset=pin, model_repo=tmp_path / "models")
@@ -393,8 +398,10 @@ def test_stalled_publishing_finished_by_sync_gets_the_final_lineage(dataset_repo
     run_id = cb.lineage["run"]["mlflow_run_id"]
     assert client.get_run(run_id).info.status == "RUNNING"  # finished by sync, from the commits
 
-    report = sync.sync_all()
-    assert report["pending"] == 0, report
+    assert cli.main(["sync"]) == 0
+    report = capsys.readouterr().out
+    assert "final lineage commit had stalled; finished from the model repository: lineage status FINISHED" in report
+    assert "nothing left to do" in report, report
     repo_lineage = read_lineage(tmp_path / "models" / "runs" / cb.run.run_name / "lineage.json")
     assert repo_lineage["status"] == "FINISHED" and repo_lineage["checkpoints"]
     run = client.get_run(run_id)
