@@ -15,6 +15,7 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import logging
@@ -196,6 +197,9 @@ class MlflowSink:
         deadline = None if timeout is None else time.monotonic() + timeout
         while not self.journal.is_empty():
             if self._stopped() or (deadline is not None and time.monotonic() >= deadline):
+                if self.journal.status().get("waiting_for"):  # it exits at once; then `sync` may take over
+                    with contextlib.suppress(subprocess.TimeoutExpired):
+                        self._proc.wait(timeout=10)
                 return self.journal.is_empty()
             time.sleep(0.01)
         return True
