@@ -316,7 +316,9 @@ def _show_sync(report: dict[str, Any]) -> str:
             lines.append(f"{where}: {entry['done']} operation(s) logged")
             if entry.get("abandoned"):
                 a = entry["abandoned"]
-                lines.append(f"  its training process died without ending it: lineage status {a['status']}, "
+                how = ("its training process died without ending it" if a.get("trainer_died", True)
+                       else "its final lineage commit had stalled; finished from the model repository")
+                lines.append(f"  {how}: lineage status {a['status']}, "
                              f"{a['checkpoints']} committed checkpoint(s)"
                              + (f", model {a['model_path']} @ {a['model_commit']}" if a["model_commit"] else "")
                              + (f"; run terminated {a['terminated']}" if a["terminated"] else ""))

@@ -1,11 +1,13 @@
 """Finish the MLflow run of a training process that died without ending it (SIGKILL, OOM killer).
 
-Its sink process saw stdin close without ``end`` and journaled ``finish_abandoned``;
-``oxen-callbacks sync`` carries it out once the model repository's commits of that
-run are done (:func:`commits_pending`): the run gets the lineage of the checkpoints
-that made it into the model repository, tags naming the last one, lineage status
-``KILLED``, the ``oxen/lineage.json`` artifact, and is terminated ``KILLED`` if still
-``RUNNING``.
+``finish_abandoned`` is journaled by its sink process (stdin closed without ``end``),
+by ``oxen-callbacks sync`` (trainer and sink process both gone, the whole job killed
+at once), or by the training run itself when its final lineage commit did not
+complete (with its own status). ``sync`` carries it out once the model repository's
+commits of that run are done (:func:`commits_pending`): the run gets the lineage of
+the checkpoints that made it into the model repository, tags naming the last one,
+lineage status ``KILLED`` (or the given one), the ``oxen/lineage.json`` artifact, and
+is terminated with that status if still ``RUNNING``.
 """
 
 from __future__ import annotations
@@ -30,7 +32,19 @@ def commits_pending(model_repo: str, run: str) -> bool:
                for queue in all_queues(model_repo))
 
 
-def committed_record(model_repo: str, run: str, mlflow_run_id: str) -> dict[str, Any] | None:
+def commits_outstanding(meta: dict[str, Any]) -> str | None:
+    """What a journal's run still waits for in the model repository (any queue of the run, live
+    worker or not, with jobs left), for the sink process: ``None`` when nothing."""
+    model_repo, run = meta.get("model_repo"), meta.get("oxen_run")
+    if not model_repo or not run or not Path(model_repo).is_dir():
+        return None
+    if any(queue.meta().get("run") == run and queue.pending() for queue in all_queues(model_repo)):
+        return f"the commits of run {run} in {model_repo} are done"
+    return None
+
+
+def committed_record(model_repo: str, run: str, mlflow_run_id: str,
+                     status: str = KILLED) -> dict[str, Any] | None:
     """``runs/<run>/lineage.json`` of the model repository's working tree, cut to the committed
     checkpoints, the model pointing at the last one; ``None`` when no checkpoint was committed."""
     path = Path(model_repo) / "runs" / run / "lineage.json"
@@ -43,7 +57,7 @@ def committed_record(model_repo: str, run: str, mlflow_run_id: str) -> dict[str,
         return None
     record["checkpoints"] = [c for c in record["checkpoints"] if c.get("commit")]
     if record.get("status") in (None, "RUNNING"):  # a run that finished its lineage keeps its own status
-        record["status"] = KILLED
+        record["status"] = status
         if record["checkpoints"]:
             last = record["checkpoints"][-1]
             record["model"] = {**record["model"], "commit": last["commit"], "path": last["path"]}
@@ -51,14 +65,19 @@ def committed_record(model_repo: str, run: str, mlflow_run_id: str) -> dict[str,
     return record
 
 
-def finish_abandoned(client: Any, journal: Any, meta: dict[str, Any]) -> dict[str, Any]:
-    """Tag, log and terminate the abandoned run; returns what was done (for sync's report)."""
+def finish_abandoned(client: Any, journal: Any, meta: dict[str, Any], status: str = KILLED,
+                     terminate: bool = True) -> dict[str, Any]:
+    """Tag, log and terminate the run from what was committed; returns what was done (for sync's
+    report). ``status``: what the run ends as when its lineage was not committed final (``KILLED``
+    for a dead training process; a training run whose final commit stalled says its own);
+    ``terminate``: end the run if still ``RUNNING`` (not a run the user started and ends)."""
     from .mlflow_journal import _apply
     from .mlflow_sink import LINEAGE_ARTIFACT_DIR, LINEAGE_ARTIFACT_NAME
 
     run_id = meta["run_id"]
-    record = committed_record(meta["model_repo"], meta.get("oxen_run") or "", run_id)
-    status = record["status"] if record else KILLED
+    trainer_died = status == KILLED  # else the training run itself left it to sync (its final commit stalled)
+    record = committed_record(meta["model_repo"], meta.get("oxen_run") or "", run_id, status)
+    status = record["status"] if record else status
     tags = {"oxen.lineage.status": status}
     if record and record["model"].get("commit"):
         tags.update({"oxen.model.commit": record["model"]["commit"], "oxen.model.path": record["model"]["path"]})
@@ -66,9 +85,10 @@ def finish_abandoned(client: Any, journal: Any, meta: dict[str, Any]) -> dict[st
     if record is not None:
         _apply(client, journal, meta, {"op": "log_json", "artifact_dir": LINEAGE_ARTIFACT_DIR,
                                        "name": LINEAGE_ARTIFACT_NAME, "data": record})
-    terminated = client.get_run(run_id).info.status == "RUNNING"
+    terminated = terminate and client.get_run(run_id).info.status == "RUNNING"
+    ended_as = status if status in ("FINISHED", "FAILED", KILLED) else KILLED  # MLflow's run statuses
     if terminated:
-        client.set_terminated(run_id, status=KILLED)
-    return {"status": status, "checkpoints": len(record["checkpoints"]) if record else 0,
+        client.set_terminated(run_id, status=ended_as)
+    return {"status": status, "trainer_died": trainer_died, "checkpoints": len(record["checkpoints"]) if record else 0,
             "model_commit": tags.get("oxen.model.commit"), "model_path": tags.get("oxen.model.path"),
-            "terminated": KILLED if terminated else None}
+            "terminated": ended_as if terminated else None}

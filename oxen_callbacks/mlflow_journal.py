@@ -23,7 +23,8 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from .locks import FileLock
+from .locks import FileLock, is_locked
+from .mlflow_abandoned import KILLED, commits_outstanding
 from .redact import redact_text, redact_url
 from .stdin_lines import StdinLines
 
@@ -40,11 +41,50 @@ class MlflowJournal:
         self.folder = folder  # (not created here: a finished journal's folder must not come back)
 
     @classmethod
-    def create(cls, cache_dir: Path, meta: dict[str, Any]) -> "MlflowJournal":
+    def create(cls, cache_dir: Path, meta: dict[str, Any], *, trainer: bool = False) -> "MlflowJournal":
+        """A new journal for ``meta``'s run; ``trainer``: the calling training process holds
+        :attr:`trainer_lock_path` (from before ``sync`` can list it) until :meth:`release_trainer`."""
         journal = cls(cache_dir / "mlflow-journal" / f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:8]}")
-        (journal.folder / "ops").mkdir(parents=True, exist_ok=True)
-        journal.write_meta(meta)
+        journal.recreate(meta, trainer=trainer)
         return journal
+
+    def recreate(self, meta: dict[str, Any], *, trainer: bool = False) -> None:
+        """Make (or make again, after someone removed it) the folder, then write ``meta``: listed by
+        ``sync`` only from then on."""
+        (self.folder / "ops").mkdir(parents=True, exist_ok=True)
+        if trainer:
+            self.release_trainer()  # a lock on a removed folder's file protects nothing
+            self._trainer_lock = FileLock(self.trainer_lock_path)
+            self._trainer_lock.acquire(blocking=False)
+        self.write_meta(meta)
+
+    @property
+    def trainer_lock_path(self) -> Path:
+        """Held by the training process for its whole life: ``sync`` never touches its journal."""
+        return self.folder / "trainer.lock"
+
+    def release_trainer(self) -> None:
+        lock = getattr(self, "_trainer_lock", None)
+        if lock is not None:
+            lock.release()
+
+    def trainer_alive(self) -> bool:
+        return is_locked(self.trainer_lock_path)
+
+    def mark_ended(self) -> None:
+        """The training side ended the run (it called ``end``): nothing of it was abandoned."""
+        (self.folder / "ended").touch()
+
+    def abandoned(self) -> bool:
+        """Its training process died without ending a run it commits checkpoints for, and no sink
+        process lived to say so (the whole job killed at once): ``finish_abandoned`` is due.
+        Call only when neither the trainer nor a sink process is alive."""
+        try:
+            if (self.folder / "ended").exists() or not self.meta().get("model_repo"):
+                return False
+        except FileNotFoundError:
+            return False  # forgotten meanwhile by the sink process that finished it
+        return not any(op.get("op") == "finish_abandoned" for _, op in self.pending())
 
     @property
     def lock_path(self) -> Path:
@@ -134,7 +174,10 @@ class MlflowJournal:
 
     def write_status(self, **status: Any) -> None:
         tmp = self.folder / f".status.{uuid.uuid4().hex}.tmp"
-        tmp.write_text(json.dumps(status))
+        try:
+            tmp.write_text(json.dumps(status))
+        except FileNotFoundError:
+            return  # the folder was removed (a cleaned cache): the training side makes it again
         os.replace(tmp, self.status_path)
 
 
@@ -207,7 +250,9 @@ def _apply(client: Any, journal: MlflowJournal, meta: dict[str, Any], op: dict[s
     elif kind == "finish_abandoned":
         from .mlflow_abandoned import finish_abandoned
 
-        journal.write_meta({**meta, "abandoned": finish_abandoned(client, journal, meta)})
+        done = finish_abandoned(client, journal, meta, status=op.get("status", KILLED),
+                                terminate=op.get("terminate", True))
+        journal.write_meta({**meta, "abandoned": done})
     elif kind == "publish_extras":
         from .model_registry import publish_extras
 
@@ -222,15 +267,22 @@ def serve(journal: MlflowJournal) -> str:
 
     Stdin: a newline wakes us; ``end`` ends this journal (the process may get
     another, see :func:`main`); EOF means the training process is gone: finish
-    and exit. Returns why it stopped: ``"end"`` (stdin still open), ``"eof"`` or
-    ``"gave_up"``. An operation that still fails after the retries stops serving:
-    order matters (tags of a run not yet created...), so the rest stays journaled.
+    and exit. Returns why it stopped: ``"end"`` (stdin still open), ``"eof"``,
+    ``"gave_up"`` or ``"waiting"`` (a run finished from commits not yet done: left
+    to ``sync`` at once). An operation that still fails after the retries stops
+    serving: order matters (tags of a run not yet created...), so the rest stays journaled.
     """
     client = None
     over = False
     while True:
         pending = journal.batches()
         for paths, op in pending:
+            waiting = op["op"] == "finish_abandoned" and commits_outstanding(journal.meta())
+            if waiting:  # not an error to retry: `sync` finishes the run once it has committed them
+                log.info("MLflow run %s is finished by `oxen-callbacks sync` once %s", journal.meta().get("run_id"),
+                         waiting)
+                journal.write_status(gave_up=False, last_error=None, waiting_for=waiting)
+                return "waiting"
             for delay in (*RETRY_DELAYS_S, None):
                 try:
                     client = client or client_for(journal)

@@ -15,6 +15,7 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import logging
@@ -77,6 +78,7 @@ class MlflowSink:
                     "MLFLOW_TRACKING_URI": client_uri}
         proc = warm.hand_over(journal.folder, settings) if warm is not None else None
         self._reusable = proc is not None  # a --warm process serves one journal after another
+        self._settings = settings
         self._proc = proc or _start_sink(["--journal", str(journal.folder)], settings)
         journal.write_sink_pid(self._proc.pid)  # busy for `sync` even before it takes the journal's lock
 
@@ -105,7 +107,7 @@ class MlflowSink:
         meta = {"tracking_uri": redact_url(uri), "run_id": run_id}
         if model_repo is not None:
             meta.update(model_repo=model_repo, oxen_run=run_name)
-        journal = MlflowJournal.create(cache_dir, meta)
+        journal = MlflowJournal.create(cache_dir, meta, trainer=True)
         sink = cls(journal, owns_run=run_id is None, client_uri=uri, warm=warm)
         if run_id is None:
             experiment_id = os.environ.get("MLFLOW_EXPERIMENT_ID") if experiment_name is None else None
@@ -131,7 +133,9 @@ class MlflowSink:
         """Why operations are still journaled (for the warning at fit end): the sink process's state
         and the operations it has not done."""
         status, code = self.journal.status(), self._proc.poll()
-        if status.get("gave_up"):
+        if status.get("waiting_for"):
+            why = f"the run is finished by `oxen-callbacks sync` once {status['waiting_for']}"
+        elif status.get("gave_up"):
             why = f"the sink process gave up after retries: {status.get('last_error')}"
         elif code is not None:
             why = f"the sink process exited with code {code}"
@@ -162,10 +166,20 @@ class MlflowSink:
         self._enqueue({"op": "publish_extras", "record": record, "register_model": register_model,
                        "dataset_input": dataset_input, "graph": graph})
 
+    def finish_from_commits(self, status: str) -> None:
+        """Let the run be tagged, logged and ended ``status`` from the model repository's lineage once
+        its commits are done (the final lineage commit did not complete): the sink process leaves
+        this to ``oxen-callbacks sync`` at once while commits are still journaled."""
+        self._enqueue({"op": "finish_abandoned", "status": status, "terminate": self.owns_run})
+
     def end(self, status: str = "FINISHED") -> None:
         """End the run (when this sink started it): nothing more comes for this journal."""
         if self.owns_run:
             self._enqueue({"op": "end_run", "status": status})
+        try:
+            self.journal.mark_ended()
+        except OSError:
+            pass  # no folder to mark: nothing of this run is left for `sync` either
         self._send(b"end\n")
 
     def close(self) -> None:
@@ -176,32 +190,49 @@ class MlflowSink:
         else:
             _close_stdin(self._proc)
         self._reusable = False
+        self.journal.release_trainer()  # what is left is `sync`'s from now on
 
     def flush(self, timeout: float | None = None) -> bool:
         """Wait for the queued operations; ``False`` if some remain (journaled) at the timeout."""
         deadline = None if timeout is None else time.monotonic() + timeout
         while not self.journal.is_empty():
             if self._stopped() or (deadline is not None and time.monotonic() >= deadline):
+                if self.journal.status().get("waiting_for"):  # it exits at once; then `sync` may take over
+                    with contextlib.suppress(subprocess.TimeoutExpired):
+                        self._proc.wait(timeout=10)
                 return self.journal.is_empty()
             time.sleep(0.01)
         return True
 
     # -- internals -----------------------------------------------------------------------
     def _stopped(self) -> bool:
-        return self._proc.poll() is not None or bool(self.journal.status().get("gave_up"))
+        status = self.journal.status()
+        return self._proc.poll() is not None or bool(status.get("gave_up") or status.get("waiting_for"))
 
     def _enqueue(self, op: dict[str, Any]) -> None:
         with self._lock:
             self._seq += 1
             try:
+                if not (self.journal.folder / "meta.json").exists():
+                    self._recreate_journal()
                 self.journal.put(self._seq, op)
-            except OSError as exc:  # its folder removed under us (a cleaned cache), a full disk: not training's fault
+            except OSError as exc:  # a full disk, an unwritable cache: not training's fault
                 (log.debug if self._unjournaled else log.warning)(
                     "Could not journal the MLflow %s operation in %s (%s); it is not logged.",
                     op["op"], self.journal.folder, exc)
                 self._unjournaled += 1
                 return
         self._send(b"\n")
+
+    def _recreate_journal(self) -> None:
+        """Its folder was removed under us (a cleaned cache): make it again, with a new sink process
+        if ours is gone, so the operations from now on are logged rather than dropped."""
+        log.warning("The MLflow journal %s was removed during training; starting it again.", self.journal.folder)
+        self.journal.recreate(self.journal.meta(), trainer=True)
+        if self._proc.poll() is not None:
+            self._proc = _start_sink(["--journal", str(self.journal.folder)], self._settings)
+            self._reusable = False
+        self.journal.write_sink_pid(self._proc.pid)
 
     def _send(self, line: bytes) -> None:
         try:

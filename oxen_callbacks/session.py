@@ -334,6 +334,7 @@ class LineageRun:
             self.publisher.close(timeout=self.drain_timeout)
             if self._claim is not None:
                 self._claim.release()
+        committed = final is not None
         if final is None:
             final = self._base_record()
             final["checkpoints"] = [
@@ -349,20 +350,29 @@ class LineageRun:
         self._warn_unpushed()
         if self.sink is not None:
             try:
-                self._log_final(final, status)
+                self._log_final(final, status, committed=committed)
             except Exception:  # the work is done and committed: MLflow bookkeeping never fails training
                 log.warning("Logging the lineage to MLflow failed; what is journaled in %s stays there for "
                             "`oxen-callbacks sync`.", self.sink.journal.folder, exc_info=True)
+                self.sink.journal.release_trainer()  # sync's from now on, though this process lives on
         if error is not None:
             raise error
         return final
 
-    def _log_final(self, final: LineageRecord, status: str) -> None:
-        """Tag the run with the final model, log the pointer file and extras, end it, wait for MLflow."""
-        self.sink.set_tags({"oxen.model.commit": final["model"]["commit"], "oxen.model.path": final["model"]["path"],
-                            "oxen.lineage.status": status})
-        self.sink.log_lineage(final)
-        if self.log_dataset_input or self.register_model or self.log_lineage_graph:
+    def _log_final(self, final: LineageRecord, status: str, *, committed: bool = True) -> None:
+        """Tag the run with the final model, log the pointer file and extras, end it, wait for MLflow.
+
+        ``committed=False``: the final lineage commit did not complete (its commits stay journaled):
+        ``oxen-callbacks sync`` tags, logs and ends the run from what it then commits, not this
+        partial record.
+        """
+        if not committed:
+            self.sink.finish_from_commits(status)
+        else:
+            self.sink.set_tags({"oxen.model.commit": final["model"]["commit"],
+                                "oxen.model.path": final["model"]["path"], "oxen.lineage.status": status})
+            self.sink.log_lineage(final)
+        if committed and (self.log_dataset_input or self.register_model or self.log_lineage_graph):
             self.sink.publish_extras(final, register_model=self.register_model,
                                      dataset_input=self.log_dataset_input, graph=self.log_lineage_graph)
         self.sink.end(status)

@@ -105,17 +105,20 @@ def sync_mlflow(cache_dir: Path) -> list[dict[str, Any]]:
 
 
 def _replay_all(cache_dir: Path) -> list[dict[str, Any]]:
-    from .mlflow_journal import MlflowJournal, journals, replay
+    from .mlflow_journal import ABANDONED_SEQ, MlflowJournal, journals, replay
 
     reports = []
     for folder in journals(cache_dir):
         journal = MlflowJournal(folder)
-        if journal.is_empty():
-            if not is_locked(journal.lock_path) and not journal.sink_alive():
-                shutil.rmtree(folder, ignore_errors=True)
+        if journal.trainer_alive() or is_locked(journal.lock_path) or journal.sink_alive():
+            if not journal.is_empty():  # its training process or sink process still logs it
+                reports.append({"journal": folder.name, "status": "busy"})
             continue
-        if is_locked(journal.lock_path) or journal.sink_alive():
-            reports.append({"journal": folder.name, "status": "busy"})
+        if journal.abandoned():  # the whole job was killed at once: no sink process lived to say so
+            with contextlib.suppress(OSError):  # (a folder removed meanwhile is simply gone)
+                journal.put(ABANDONED_SEQ, {"op": "finish_abandoned"})
+        if journal.is_empty():
+            shutil.rmtree(folder, ignore_errors=True)
             continue
         meta = journal.meta()
         if _waits_for_commits(journal, meta):

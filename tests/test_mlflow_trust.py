@@ -2,19 +2,24 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning_model import CsvData, TinyModel, make_trainer
 from mlflow import MlflowClient
 
-from oxen_callbacks import cli
+from oxen_callbacks import PinnedDataset, cli, read_lineage
+from oxen_callbacks.lightning import OxenLightningCallback
 from oxen_callbacks.mlflow_sink import MlflowSink, WarmSinkProcess
 from oxen_callbacks.session import LineageRun
 
@@ -70,8 +75,9 @@ def test_many_short_runs_end_without_error(tmp_path):
         assert client.get_run(run_id).data.tags["oxen.i"] == str(i)
 
 
-def test_journal_removed_mid_run_does_not_fail_finish(tmp_path, caplog):
-    """Someone empties the cache while the model trains: the checkpoints are committed, finish() returns."""
+def test_journal_removed_mid_run_is_made_again(tmp_path, caplog):
+    """Someone empties the cache while the model trains: the checkpoints are committed, finish() returns,
+    and the training side journals again, so the run still gets its final lineage."""
     run = LineageRun(dataset=None, model_repo=tmp_path / "models", framework=("test", "1"),
                      author=("T", "t@example.com"), mlflow_timeout=30)
     run.start()
@@ -83,7 +89,12 @@ def test_journal_removed_mid_run_does_not_fail_finish(tmp_path, caplog):
     with caplog.at_level(logging.WARNING):
         record = run.finish("FINISHED")
     assert record is not None and record["checkpoints"] and record["checkpoints"][0]["commit"]
-    assert caplog.text.count("Could not journal the MLflow") == 1  # said once, not per operation
+    assert "Could not journal the MLflow" not in caplog.text
+    client = MlflowClient()
+    run_id = record["run"]["mlflow_run_id"]
+    assert client.get_run(run_id).info.status == "FINISHED"
+    logged = json.loads(Path(client.download_artifacts(run_id, "oxen/lineage.json", str(tmp_path / "dl"))).read_text())
+    assert logged["model"]["commit"] == record["model"]["commit"]
 
 
 def test_slow_mlflow_warning_says_why(tmp_path, caplog):
@@ -272,3 +283,129 @@ def test_abandoned_run_waits_while_a_live_worker_commits_its_checkpoints(tmp_pat
     assert done["status"] == "done" and done["abandoned"]["checkpoints"] == 0
     run = client.get_run(run_id)
     assert run.info.status == "KILLED" and run.data.tags["oxen.lineage.status"] == "KILLED"
+
+
+def _process_tree(pid: int) -> list[int]:
+    try:
+        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    except OSError:
+        children = []
+    return [pid] + [p for child in children for p in _process_tree(int(child))]
+
+
+@pytest.mark.timeout(600)
+def test_whole_job_sigkilled_at_once_is_finished_by_sync(dataset_repo, tmp_path):
+    """A cgroup OOM kill or scancel: the trainer, its sink process, its worker and commit child die
+    together. No sink process lives to journal finish_abandoned: `sync` must see it is abandoned."""
+    from oxen_callbacks import sync
+
+    models = tmp_path / "models"
+    script = Path(__file__).parent / "fit_script.py"
+    proc = subprocess.Popen([sys.executable, str(script), "--dataset", str(dataset_repo.path), "--revision",
+                             dataset_repo.commits[0], "--model-repo", str(models), "--root", str(tmp_path / "fit"),
+                             "--run-name", "victim", "--mlflow", "--step-sleep", "0.3", "--epochs", "60",
+                             "--every-n-steps", "6"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    lineage = models / "runs" / "victim" / "lineage.json"
+    client = MlflowClient()
+    deadline = time.monotonic() + 300
+    while proc.poll() is None and time.monotonic() < deadline:  # a checkpoint committed, the run tagged with it
+        runs = client.search_runs(["0"])
+        if (lineage.is_file() and any(c["commit"] for c in read_lineage(lineage)["checkpoints"])
+                and runs and "oxen.model.commit" in runs[0].data.tags):
+            break
+        time.sleep(0.2)
+    assert proc.poll() is None, "training ended before it could be killed"
+    frozen: set[int] = set()  # stopped first: none can start a child the kill would miss
+    while new := set(_process_tree(proc.pid)) - frozen:
+        for pid in new:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGSTOP)
+        frozen |= new
+    for pid in frozen:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    proc.wait()
+
+    report = sync.sync_all()
+    [entry] = report["mlflow"]
+    assert entry["status"] == "done" and entry["abandoned"]["status"] == "KILLED", report
+    assert report["pending"] == 0
+    record = read_lineage(lineage)  # as `sync` committed the orphan queue
+    committed = [c for c in record["checkpoints"] if c["commit"]]
+    run = client.search_runs(["0"])[0]
+    assert run.info.status == "KILLED" and run.data.tags["oxen.lineage.status"] == "KILLED"
+    assert run.data.tags["oxen.model.commit"] == committed[-1]["commit"]
+    logged = read_lineage(client.download_artifacts(run.info.run_id, "oxen/lineage.json", str(tmp_path / "dl")))
+    assert [c["commit"] for c in logged["checkpoints"]] == [c["commit"] for c in committed]
+
+
+class _KillSinkThenSync(Callback):
+    """Mid-fit, once the sink process has applied everything so far: kill it, then run `sync` (a cron job)."""
+
+    def __init__(self, oxen_cb: OxenLightningCallback) -> None:
+        self.oxen_cb, self.sync_report = oxen_cb, None
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:  # type: ignore[no-untyped-def]
+        from oxen_callbacks import sync
+
+        if self.sync_report is not None:
+            return
+        sink = self.oxen_cb.run.sink
+        deadline = time.monotonic() + 120
+        while (sink.run_id is None or not sink.journal.is_empty()) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        os.kill(sink._proc.pid, signal.SIGKILL)
+        sink._proc.wait()
+        self.sync_report = sync.sync_all()
+
+
+def test_sync_while_training_lives_leaves_its_journal(dataset_repo, tmp_path):
+    """`sync` during training never takes the live run's journal: what training logs after it is kept."""
+    from oxen_callbacks import sync
+
+    pin = PinnedDataset(dataset_repo.path, revision=dataset_repo.commits[0], paths=["train.csv", "val.csv"])
+    cb = OxenLightningCallback(dataset=pin, model_repo=tmp_path / "models", run_name="live")
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=2, save_top_k=-1)
+    killer = _KillSinkThenSync(cb)
+    make_trainer(tmp_path, [ckpt, cb, killer], epochs=2).fit(TinyModel(), datamodule=CsvData(pin))
+    assert cb.run.sink.journal.folder.exists()  # left alone
+    assert all(entry["status"] == "busy" for entry in killer.sync_report["mlflow"])
+
+    [entry] = sync.sync_all()["mlflow"]
+    assert entry["status"] == "done" and "abandoned" not in entry
+    client = MlflowClient()
+    run = client.get_run(cb.lineage["run"]["mlflow_run_id"])
+    assert run.info.status == "FINISHED" and run.data.tags["oxen.lineage.status"] == "FINISHED"
+    assert run.data.tags["oxen.model.commit"] == cb.lineage["model"]["commit"]
+    logged = read_lineage(client.download_artifacts(run.info.run_id, "oxen/lineage.json", str(tmp_path / "dl")))
+    assert logged["model"]["commit"] == cb.lineage["model"]["commit"]
+
+
+def test_stalled_publishing_finished_by_sync_gets_the_final_lineage(dataset_repo, tmp_path, capsys):
+    """Commit processes keep dying: finish() cannot commit the final lineage. `sync` commits it later,
+    and only then is the MLflow run tagged, logged and ended FINISHED from it, not from the partial record."""
+    from test_trust import CommitProcessKiller, _fit, _pin
+
+    pin = _pin(dataset_repo)
+    cb = OxenLightningCallback(dataset=pin, model_repo=tmp_path / "models")
+    killer = CommitProcessKiller(cb, every=(0.01, 0.02), limit=10_000, through_fit_end=True)
+    try:
+        _fit(tmp_path, pin, cb, killer, epochs=2)
+    finally:
+        killer.stop()
+    assert cb.run.publisher.stalled
+    client = MlflowClient()
+    run_id = cb.lineage["run"]["mlflow_run_id"]
+    assert client.get_run(run_id).info.status == "RUNNING"  # finished by sync, from the commits
+
+    assert cli.main(["sync"]) == 0
+    report = capsys.readouterr().out
+    assert "final lineage commit had stalled; finished from the model repository: lineage status FINISHED" in report
+    assert "nothing left to do" in report, report
+    repo_lineage = read_lineage(tmp_path / "models" / "runs" / cb.run.run_name / "lineage.json")
+    assert repo_lineage["status"] == "FINISHED" and repo_lineage["checkpoints"]
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED" and run.data.tags["oxen.lineage.status"] == "FINISHED"
+    assert run.data.tags["oxen.model.commit"] == repo_lineage["model"]["commit"]
+    logged = read_lineage(client.download_artifacts(run_id, "oxen/lineage.json", str(tmp_path / "dl")))
+    assert [c["commit"] for c in logged["checkpoints"]] == [c["commit"] for c in repo_lineage["checkpoints"]]
