@@ -383,3 +383,27 @@ def test_a_failed_checkpoint_job_is_listed_only_once_committed(tmp_path, monkeyp
     assert set(entries) == {"runs/r/checkpoints/c1.ckpt", "runs/r/checkpoints/c2.ckpt"}
     for path, commit in entries.items():
         assert file_at(models, commit, path, tmp_path / "check").read_bytes() == b"x" * int(path[-6])
+
+
+class KillWorkerAfterFailedPush(Callback):
+    """Once the first push has failed, SIGKILL the publishing worker (it is restarted)."""
+
+    def __init__(self, oxen_cb: OxenLightningCallback) -> None:
+        self.oxen_cb, self.killed = oxen_cb, None
+
+    def on_train_batch_end(self, trainer, *args) -> None:  # type: ignore[no-untyped-def]
+        publisher = self.oxen_cb.run.publisher
+        if self.killed is None and any(r["kind"] == "push" for r in publisher.results):
+            self.killed = publisher.worker_pid
+            os.kill(self.killed, signal.SIGKILL)
+
+
+def test_a_restarted_worker_does_not_push_to_a_mute_remote_again(dataset_repo, tmp_path, hanging_port):
+    pin = _pin(dataset_repo)
+    cb = OxenLightningCallback(dataset=pin, model_repo=tmp_path / "models", mlflow=False,
+                               remote_url=f"http://127.0.0.1:{hanging_port}/ox/models", push_timeout=2)
+    killer = KillWorkerAfterFailedPush(cb)
+    _fit(tmp_path, pin, cb, SlowSteps(), killer, epochs=3)
+    assert killer.killed and cb.run.publisher.worker_pid != killer.killed
+    assert [r["ok"] for r in cb.run.publisher.results if r["kind"] == "push"] == [False]
+    _assert_all_committed(tmp_path / "models", cb.lineage, tmp_path / "ckpt")

@@ -280,7 +280,8 @@ def serve(queue: JobQueue, batches: Batches, results: _Results, push: PushTarget
     """
     wakeups = StdinLines()
     failed: set[int] = set()
-    eof = push_failed = stalled = False
+    eof = stalled = False
+    push_failed = bool(queue.meta().get("push_failed"))  # a restarted worker does not try again either
     while True:
         jobs = [] if stalled else [j for j in queue.pending() if j.seq not in failed]
         try:
@@ -306,6 +307,8 @@ def serve(queue: JobQueue, batches: Batches, results: _Results, push: PushTarget
             batches.retire()  # the push process opens the repository's databases too
             report = push_with_timeout(repo, push)
             push_failed = not report["ok"]  # journaled: `sync` retries; another try here could cost a timeout
+            if push_failed:
+                queue.update_meta(push_failed=True)
             results.emit(report)
         if eof:
             return
