@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+import uuid
 from typing import Any
 
 import lightning
@@ -31,6 +32,8 @@ from .checkpoints import resolve_resume
 from .errors import DatasetMismatchError
 from .lineage import read_lineage
 from .pin import PinnedDataset, as_pinned
+from .publish.claim import record_fit, recorded_fit
+from .publish.committer import lineage_path
 from .session import LineageRun
 
 log = logging.getLogger(__name__)
@@ -88,6 +91,7 @@ class OxenLightningCallback(Callback):
         self._originals: dict[str, Any] = {}
         #: Time the training process spent in this callback per checkpoint save (seconds).
         self.stall_seconds: list[float] = []
+        self._fitter = uuid.uuid4().hex  # this object, also in the copies ddp_spawn makes of it
 
     @property
     def state_key(self) -> str:
@@ -113,6 +117,7 @@ class OxenLightningCallback(Callback):
                 self.run.mlflow_run_id = mlflow_logger.run_id
                 self.run.mlflow_tracking_uri = mlflow_logger._tracking_uri
             self.run.start(continuing=self._resumed_run == self.run.run_name)
+            record_fit(self.run.model_repo, self._fitter, self.run.run_name)  # for the main process (ddp_spawn)
         self._install(trainer)
 
     def _install(self, trainer: pl.Trainer) -> None:
@@ -185,11 +190,13 @@ class OxenLightningCallback(Callback):
         """The run's lineage record (complete after fit).
 
         Under ``ddp_spawn`` the fit ran in copies of this callback; the record is
-        then read from the model repository, where rank 0 committed it.
+        then read from the model repository, where rank 0 committed it under the run
+        name it noted for this callback object (a second fit draws a new name there).
         """
         if self.run.record is not None and self.run.finished:
             return self.run.record
-        committed = self.run.model_repo / "runs" / self.run.run_name / "lineage.json"
+        run = recorded_fit(self.run.model_repo, self._fitter) or self.run.run_name
+        committed = self.run.model_repo / lineage_path(run)
         if committed.exists():
             return read_lineage(committed)
         return self.run.record

@@ -118,3 +118,18 @@ def test_sharded_folder_checkpoint_is_published_after_every_rank_wrote(dataset_r
     shards = sorted(p.name for p in snapshot.file(entry["path"]).iterdir())
     assert shards == ["shard-0.pt", "shard-1.pt"]  # the slow rank's shard made it into the commit
     assert torch.load(snapshot.file(entry["path"] + "/shard-1.pt"))["global_step"] == 3
+
+
+def test_ddp_spawn_second_fit_of_one_callback_reports_its_own_run(dataset_repo, tmp_path):
+    pin = PinnedDataset(dataset_repo.path, revision=dataset_repo.commits[0], paths=["train.csv", "val.csv"])
+    cb = OxenLightningCallback(dataset=pin, model_repo=tmp_path / "models", mlflow=False)
+    names = []
+    for fit in ("a", "b"):  # each fit runs in a spawned copy of cb; the second draws a new run name there
+        ckpt = ModelCheckpoint(dirpath=tmp_path / fit / "ckpt", every_n_train_steps=2, save_top_k=-1)
+        make_trainer(tmp_path / fit, [ckpt, cb], epochs=1, strategy="ddp_spawn", devices=1).fit(
+            TinyModel(), datamodule=CsvData(pin))
+        lineage = cb.lineage
+        assert lineage["checkpoints"] and all(c["source"].startswith(str(tmp_path / fit))
+                                              for c in lineage["checkpoints"])
+        names.append(lineage["run"]["name"])
+    assert len(set(names)) == 2

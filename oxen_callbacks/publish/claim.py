@@ -75,6 +75,23 @@ class RunClaim:
         self._lock.release()
 
 
+def record_fit(model_repo: str | os.PathLike[str], fitter: str, run: str) -> None:
+    """Note that the fit of the callback object ``fitter`` (an id it carries into spawned copies) runs ``run``."""
+    path = oxen_layout.state_dir(model_repo) / "fits" / fitter
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{fitter}.{os.getpid()}.tmp")
+    tmp.write_text(run)
+    os.replace(tmp, path)
+
+
+def recorded_fit(model_repo: str | os.PathLike[str], fitter: str) -> str | None:
+    """The run of the latest fit of ``fitter`` (see :func:`record_fit`), if any."""
+    try:
+        return (oxen_layout.state_dir(model_repo) / "fits" / fitter).read_text() or None
+    except OSError:
+        return None
+
+
 def has_checkpoints(model_repo: Path, run: str) -> bool:
     """Whether a checkpoint of ``run`` was committed to ``model_repo`` or is queued for commit."""
     try:
