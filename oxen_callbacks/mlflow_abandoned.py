@@ -18,7 +18,8 @@ from typing import Any
 
 from .errors import LineageValidationError
 from .lineage import read_lineage
-from .publish.queue import all_queues
+from .publish.committer import lineage_path
+from .publish.queue import run_backlog
 
 log = logging.getLogger(__name__)
 KILLED = "KILLED"
@@ -26,19 +27,16 @@ KILLED = "KILLED"
 
 def commits_pending(model_repo: str, run: str) -> bool:
     """Whether a live worker still commits checkpoints of ``run`` (then its lineage is not final yet)."""
-    if not Path(model_repo).is_dir():
-        return False
-    return any(queue.meta().get("run") == run and queue.pending() and not queue.is_orphan()
-               for queue in all_queues(model_repo))
+    return any(not queue.is_orphan() for queue, _jobs in run_backlog(model_repo, run))
 
 
 def commits_outstanding(meta: dict[str, Any]) -> str | None:
     """What a journal's run still waits for in the model repository (any queue of the run, live
     worker or not, with jobs left), for the sink process: ``None`` when nothing."""
     model_repo, run = meta.get("model_repo"), meta.get("oxen_run")
-    if not model_repo or not run or not Path(model_repo).is_dir():
+    if not model_repo or not run:
         return None
-    if any(queue.meta().get("run") == run and queue.pending() for queue in all_queues(model_repo)):
+    if run_backlog(model_repo, run):
         return f"the commits of run {run} in {model_repo} are done"
     return None
 
@@ -47,7 +45,7 @@ def committed_record(model_repo: str, run: str, mlflow_run_id: str,
                      status: str = KILLED) -> dict[str, Any] | None:
     """``runs/<run>/lineage.json`` of the model repository's working tree, cut to the committed
     checkpoints, the model pointing at the last one; ``None`` when no checkpoint was committed."""
-    path = Path(model_repo) / "runs" / run / "lineage.json"
+    path = Path(model_repo) / lineage_path(run)
     if not run or Path(run).name != run or not path.is_file():
         return None
     try:

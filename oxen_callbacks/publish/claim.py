@@ -28,7 +28,7 @@ from .. import oxen_layout
 from ..errors import ConfigurationError
 from ..locks import FileLock
 from .committer import lineage_path
-from .queue import all_queues
+from .queue import run_backlog
 
 
 def claims_dir(model_repo: str | os.PathLike[str]) -> Path:
@@ -101,8 +101,7 @@ def has_checkpoints(model_repo: Path, run: str) -> bool:
         pass
     except (OSError, ValueError, AttributeError):
         return True  # an unreadable record: assume the worst, never mix two runs
-    return any(q.meta().get("run") == run and any(j.kind == "checkpoint" for j in q.pending())
-               for q in all_queues(model_repo))
+    return any(job.kind == "checkpoint" for _queue, jobs in run_backlog(model_repo, run) for job in jobs)
 
 
 def _in_use(run: str, repo: Path, owner: dict[str, Any]) -> ConfigurationError:

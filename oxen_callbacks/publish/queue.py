@@ -143,6 +143,15 @@ class JobQueue:
         return not is_locked(self.owner_lock) and not is_locked(self.worker_lock)
 
 
+def run_backlog(model_repo: str | os.PathLike[str], run: str) -> list[tuple[JobQueue, list[Job]]]:
+    """The queues of run ``run`` (any training process of it) that still hold jobs, with those jobs."""
+    found = []
+    for queue in all_queues(model_repo):
+        if queue.meta().get("run") == run and (jobs := queue.pending()):
+            found.append((queue, jobs))
+    return found
+
+
 def all_queues(model_repo: str | os.PathLike[str]) -> Iterator[JobQueue]:
     root = queues_root(model_repo)
     if root.is_dir():
