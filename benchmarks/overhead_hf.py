@@ -39,8 +39,15 @@ def run_one(variant: str, work: Path, size_mb: int, compute_s: float) -> dict:
     from tokenizers import Tokenizer
     from tokenizers.models import WordLevel
     from tokenizers.pre_tokenizers import Whitespace
-    from transformers import (BertConfig, BertForSequenceClassification, DataCollatorWithPadding,
-                              PreTrainedTokenizerFast, Trainer, TrainerCallback, TrainingArguments)
+    from transformers import (
+        BertConfig,
+        BertForSequenceClassification,
+        DataCollatorWithPadding,
+        PreTrainedTokenizerFast,
+        Trainer,
+        TrainerCallback,
+        TrainingArguments,
+    )
 
     words = ["good", "bad", "film", "plot", "very", "the"]
     vocab = {w: i for i, w in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", *words])}

@@ -54,7 +54,7 @@ def timed(step: Callable[[], object]) -> float:
 
 def make_case(root: Path, name: str, files: dict[str, int]) -> tuple[Path, str]:
     """A dataset repository whose one commit holds ``files`` (relative path -> size) under ``data/``."""
-    from oxen_callbacks import oxen_child
+    from oxen_callbacks._oxen import child as oxen_child
 
     repo = root / f"repo-{name}"
     (repo / "data").mkdir(parents=True)
@@ -79,8 +79,8 @@ def pull(repo: Path, revision: str, cache: Path) -> None:
 
 
 def measure(root: Path, name: str, files: dict[str, int], repeats: int) -> dict:
-    from oxen_callbacks import oxen_child
-    from oxen_callbacks.source_local import copy_from_store
+    from oxen_callbacks._data.local import copy_from_store
+    from oxen_callbacks._oxen import child as oxen_child
 
     started = time.perf_counter()
     repo, commit = make_case(root, name, files)

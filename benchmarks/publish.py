@@ -27,7 +27,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from oxen_callbacks.publish.worker import Batches
+from oxen_callbacks._publish.worker import Batches
 
 BARE = """
 import os, sys, time, oxen
@@ -79,8 +79,8 @@ class Ours:
     """One publisher on one model repository, as a training run has."""
 
     def __init__(self, root: Path) -> None:
+        from oxen_callbacks._publish.publisher import CheckpointPublisher
         from oxen_callbacks.lineage import new_record
-        from oxen_callbacks.publish.publisher import CheckpointPublisher
 
         self.record = new_record(dataset=None, model_repo=str(root / "models"), framework={"name": "bench",
                                                                                             "version": "0"})

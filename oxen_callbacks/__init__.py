@@ -13,21 +13,19 @@ __version__ = "0.1.0"
 
 _EXPORTS = {
     "PinnedDataset": "oxen_callbacks.pin",
-    "CheckpointPublisher": "oxen_callbacks.publish.publisher",
+    "CheckpointPublisher": "oxen_callbacks._publish.publisher",
     "LineageRecord": "oxen_callbacks.lineage",
     "read_lineage": "oxen_callbacks.lineage",
     "validate_lineage": "oxen_callbacks.lineage",
-    "LineageRun": "oxen_callbacks.session",
+    "LineageRun": "oxen_callbacks.run",
     "OxenLightningCallback": "oxen_callbacks.lightning",
     "OxenTrainerCallback": "oxen_callbacks.huggingface",
 }
 
-__all__ = ["__version__", "oxen_child", *_EXPORTS]
+__all__ = ["__version__", *_EXPORTS]
 
 
 def __getattr__(name: str) -> Any:
-    if name == "oxen_child":
-        return importlib.import_module("oxen_callbacks.oxen_child")
     module = _EXPORTS.get(name)
     if module is None:
         raise AttributeError(f"module 'oxen_callbacks' has no attribute {name!r}")

@@ -21,11 +21,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ._publish.committer import lineage_path
+from ._util.relpath import safe_relpath
 from .errors import ConfigurationError
 from .lineage import LineageRecord, read_lineage
 from .pin import PinnedDataset
-from .publish.committer import lineage_path
-from .relpath import safe_relpath
 
 _RUN_PATH = re.compile(r"^runs/(?P<run>[^/]+)/checkpoints/.+")
 

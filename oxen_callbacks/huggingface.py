@@ -29,10 +29,10 @@ from typing import Any
 import transformers
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
+from ._data.hf_datasets import dataset_commits
 from .errors import ConfigurationError, DatasetMismatchError
-from .hf_datasets import dataset_commits
 from .pin import PinnedDataset, as_pinned
-from .session import LineageRun
+from .run import LineageRun
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +51,7 @@ class OxenTrainerCallback(TrainerCallback):
         model_repo: local Oxen repository for checkpoints (created when missing).
         allow_dataset_change: let the run read another dataset commit than the pin:
             a resumed checkpoint's, or a ``train_dataset`` loaded from another commit.
-        **run_options: passed to :class:`oxen_callbacks.session.LineageRun`
+        **run_options: passed to :class:`oxen_callbacks.run.LineageRun`
             (``mlflow``, ``run_name``, ``experiment_name``, ``cache_dir``, ``author``,
             ``remote``, ``branch``, ``push_timeout``, ``drain_timeout``, ``mlflow_timeout``).
 

@@ -28,13 +28,13 @@ import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import MLFlowLogger
 
+from ._publish.claim import record_fit, recorded_fit
+from ._publish.committer import lineage_path
 from .checkpoints import resolve_resume
 from .errors import DatasetMismatchError
 from .lineage import read_lineage
 from .pin import PinnedDataset, as_pinned
-from .publish.claim import record_fit, recorded_fit
-from .publish.committer import lineage_path
-from .session import LineageRun
+from .run import LineageRun
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +53,7 @@ class OxenLightningCallback(Callback):
             path: its final/best checkpoint). It is materialized now (once per machine)
             into :attr:`ckpt_path`; pass that to ``trainer.fit(..., ckpt_path=cb.ckpt_path)``.
             Without ``dataset``, the dataset pin recorded with it is restored.
-        **run_options: passed to :class:`oxen_callbacks.session.LineageRun`
+        **run_options: passed to :class:`oxen_callbacks.run.LineageRun`
             (``mlflow``, ``run_name``, ``experiment_name``, ``cache_dir``, ``author``,
             ``remote``, ``branch``, ``push_timeout``, ``drain_timeout``, ``mlflow_timeout``).
 

@@ -29,9 +29,9 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from .commit_id import is_commit_id
+from ._oxen.commit_id import is_commit_id
+from ._util.redact import redact_url
 from .errors import LineageValidationError
-from .redact import redact_url
 
 SCHEMA = "oxen-callbacks/lineage/v1"
 

@@ -15,19 +15,67 @@ import logging
 import os
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
-from .commit_id import checked_commit_id
+from ._data.local import LocalSource, path_not_in_commit
+from ._data.remote import RemoteSource
+from ._data.snapshot import Materialized, SnapshotStore, default_cache_dir, remake_hint, remove_tree, shown
+from ._oxen.commit_id import checked_commit_id
+from ._oxen.remote_spec import looks_remote
+from ._util.locks import FileLock
+from ._util.relpath import covers, safe_relpath
 from .errors import ConfigurationError, DatasetMismatchError
-from .locks import FileLock
-from .relpath import covers, safe_relpath
-from .snapshot import SnapshotStore, default_cache_dir, remake_hint, remove_tree, shown
-from .remote_spec import looks_remote
-from .source import Source
-from .source_local import LocalSource, path_not_in_commit
-from .source_remote import RemoteSource
 
 log = logging.getLogger(__name__)
+
+
+@runtime_checkable
+class Source(Protocol):
+    """A dataset repository that revisions resolve in and commits are read from."""
+
+    @property
+    def location(self) -> str:
+        """The repository's local path or remote URL, as recorded in lineage (never credentials)."""
+        ...
+
+    @property
+    def key(self) -> str:
+        """A folder-safe name, unique per repository, for the snapshot cache."""
+        ...
+
+    @property
+    def local_root(self) -> Path | None:
+        """The repository's folder on this machine; ``None`` for a remote repository."""
+        ...
+
+    def resolve(self, revision: str | None) -> str:
+        """The commit id ``revision`` (branch, commit id; ``None``: the default) names now.
+
+        Raises:
+            ConfigurationError: unknown revision, or the repository cannot be reached.
+        """
+        ...
+
+    def default_revision(self) -> str | None:
+        """What an omitted revision means (a branch name), ``None`` when there is no name for it."""
+        ...
+
+    def tracks_working_tree(self, revision: str | None) -> bool:
+        """True when ``revision`` names a checked-out tree whose local edits the user could mean."""
+        ...
+
+    def changed_paths(self, paths: list[str]) -> list[str]:
+        """Those of ``paths`` with uncommitted changes (always empty without a working tree)."""
+        ...
+
+    def materialize(self, commit: str, paths: list[str], dest: Path) -> Materialized | None:
+        """Write ``paths`` of ``commit`` under the empty folder ``dest``.
+
+        Returns each path's file count and bytes and each file's content hash when known
+        (checked against the commit), else ``None`` (the snapshot store counts and hashes
+        what was written).
+        """
+        ...
 
 
 class PinnedDataset:
@@ -180,12 +228,12 @@ class PinnedDataset:
     def load_dataset(self, data_files: Any = None, **kwargs: Any) -> Any:
         """The pinned CSV / JSON Lines / Parquet files as a ``datasets.DatasetDict`` (``Dataset`` with ``split=``).
 
-        Cached per commit; see :func:`oxen_callbacks.hf_datasets.load_pinned`::
+        Cached per commit; see :func:`oxen_callbacks._data.hf_datasets.load_pinned`::
 
             splits = PinnedDataset("data/reviews", paths=["train.jsonl", "eval.jsonl"]).load_dataset()
             splits["train"], splits["eval"]
         """
-        from .hf_datasets import load_pinned
+        from ._data.hf_datasets import load_pinned
 
         return load_pinned(self, data_files, **kwargs)
 

@@ -9,7 +9,7 @@ import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from oxen_callbacks import oxen_child
+from oxen_callbacks._oxen import child as oxen_child
 
 AUTHOR = ("Test Data", "data@example.com")
 

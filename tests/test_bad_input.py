@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-
 import pytest
 from helpers import free_port, make_repo
 from lightning_model import CsvData, TinyModel, make_trainer

@@ -14,8 +14,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from oxen_callbacks import PinnedDataset, oxen_child, oxen_layout, read_lineage, sync
-from oxen_callbacks.oxen_repo import LocalRepo
+from oxen_callbacks import PinnedDataset, read_lineage
+from oxen_callbacks._ops import sync
+from oxen_callbacks._oxen import child as oxen_child
+from oxen_callbacks._oxen import layout as oxen_layout
+from oxen_callbacks._oxen.repo import LocalRepo
 
 SCRIPT = Path(__file__).parent / "fit_script.py"
 RUNS = int(os.environ.get("OXEN_CALLBACKS_CHAOS_RUNS", "10"))
@@ -28,7 +31,7 @@ def _workers_of(repo: Path) -> list[int]:
             cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
         except OSError:
             continue
-        if "oxen_callbacks.publish.worker" in cmd and str(repo) in cmd:
+        if "oxen_callbacks._publish.worker" in cmd and str(repo) in cmd:
             found.append(int(pid))
     return found
 

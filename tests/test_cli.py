@@ -25,8 +25,8 @@ from mlflow import MlflowClient
 from mlflow_server import mlflow_server  # noqa: F401  (module-scoped fixture)
 
 from oxen_callbacks import PinnedDataset
+from oxen_callbacks._oxen.repo import LocalRepo
 from oxen_callbacks.lightning import OxenLightningCallback
-from oxen_callbacks.oxen_repo import LocalRepo
 
 FLIPPED, APPENDED = 3, 2
 
@@ -249,8 +249,8 @@ def test_bad_input_names_the_value_and_exits_2(world, tmp_path):
 
 
 def test_sync_finishes_journaled_mlflow_logging(world):
-    pytest.importorskip("oxen_callbacks.sync")
-    from oxen_callbacks.mlflow_journal import MlflowJournal
+    pytest.importorskip("oxen_callbacks._ops.sync")
+    from oxen_callbacks._mlflow.journal import MlflowJournal
 
     cache = world.root / "sync-cache"
     journal = MlflowJournal.create(cache, {"tracking_uri": world.env["MLFLOW_TRACKING_URI"],

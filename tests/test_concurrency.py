@@ -9,11 +9,11 @@ import sys
 import time
 from pathlib import Path
 
-from oxen_callbacks import oxen_child
+from oxen_callbacks._oxen import child as oxen_child
+from oxen_callbacks._oxen.repo import LocalRepo
+from oxen_callbacks._publish.publisher import CheckpointPublisher
+from oxen_callbacks._publish.worker import Batches
 from oxen_callbacks.lineage import new_record
-from oxen_callbacks.oxen_repo import LocalRepo
-from oxen_callbacks.publish.publisher import CheckpointPublisher
-from oxen_callbacks.publish.worker import Batches
 
 SCRIPT = Path(__file__).parent / "fit_script.py"
 

@@ -15,8 +15,8 @@ from lightning_model import CsvData, TinyModel, make_trainer
 from mlflow import MlflowClient
 
 from oxen_callbacks import PinnedDataset
+from oxen_callbacks._oxen.repo import LocalRepo
 from oxen_callbacks.lightning import OxenLightningCallback
-from oxen_callbacks.oxen_repo import LocalRepo
 
 SCRIPT = Path(__file__).parent / "fit_script.py"
 

@@ -13,11 +13,13 @@ from helpers import free_port
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning_model import CsvData, TinyModel, make_trainer
 
-from oxen_callbacks import PinnedDataset, cli, read_lineage, sync
+from oxen_callbacks import PinnedDataset, read_lineage
+from oxen_callbacks._ops import sync
+from oxen_callbacks._oxen.repo import LocalRepo
+from oxen_callbacks._publish.push import pending_push
+from oxen_callbacks.cli import main as cli
 from oxen_callbacks.errors import PublishError
 from oxen_callbacks.lightning import OxenLightningCallback
-from oxen_callbacks.oxen_repo import LocalRepo
-from oxen_callbacks.publish.remote import pending_push
 
 
 def _fit(dataset_repo, tmp_path, extra=(), **options):  # type: ignore[no-untyped-def]
@@ -115,7 +117,7 @@ def test_broken_model_repo_is_a_clear_error_and_sync_recovers(dataset_repo, tmp_
 
 def test_disk_full_while_freezing_is_a_clear_error(dataset_repo, tmp_path, monkeypatch):
     """ENOSPC cannot be produced for real here (no root, no small filesystem): inject it."""
-    from oxen_callbacks.publish import freeze
+    from oxen_callbacks._publish import freeze
 
     def no_space(*_a, **_k):  # type: ignore[no-untyped-def]
         raise OSError(errno.ENOSPC, "No space left on device")

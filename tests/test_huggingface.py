@@ -17,12 +17,13 @@ from hf_model import jsonl, make_tokenizer, make_trainer, tokenize
 from mlflow import MlflowClient
 from transformers import TrainerCallback
 
-from oxen_callbacks import PinnedDataset, oxen_child, read_lineage
+from oxen_callbacks import PinnedDataset, read_lineage
+from oxen_callbacks._data.hf_datasets import dataset_commits
+from oxen_callbacks._oxen import child as oxen_child
+from oxen_callbacks._oxen.repo import LocalRepo
 from oxen_callbacks.checkpoints import materialize_checkpoint
 from oxen_callbacks.errors import ConfigurationError, DatasetMismatchError
-from oxen_callbacks.hf_datasets import dataset_commits
 from oxen_callbacks.huggingface import OxenTrainerCallback
-from oxen_callbacks.oxen_repo import LocalRepo
 
 PATHS = ["train.jsonl", "eval.jsonl"]
 

@@ -14,9 +14,10 @@ from lightning.pytorch.loggers import MLFlowLogger
 from lightning_model import CsvData, TinyModel, make_trainer
 from mlflow import MlflowClient
 
-from oxen_callbacks import PinnedDataset, oxen_child, read_lineage
+from oxen_callbacks import PinnedDataset, read_lineage
+from oxen_callbacks._oxen import child as oxen_child
+from oxen_callbacks._oxen.repo import LocalRepo
 from oxen_callbacks.lightning import OxenLightningCallback
-from oxen_callbacks.oxen_repo import LocalRepo
 
 
 def _artifact_lineage(run_id: str, tmp_path: Path) -> dict:

@@ -14,8 +14,9 @@ import pytest
 from mlflow import MlflowClient
 from mlflow_server import MlflowServer
 
-from oxen_callbacks import read_lineage, sync
-from oxen_callbacks.oxen_repo import LocalRepo
+from oxen_callbacks import read_lineage
+from oxen_callbacks._ops import sync
+from oxen_callbacks._oxen.repo import LocalRepo
 
 SCRIPT = Path(__file__).parent / "fit_script.py"
 

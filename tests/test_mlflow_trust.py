@@ -18,10 +18,11 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning_model import CsvData, TinyModel, make_trainer
 from mlflow import MlflowClient
 
-from oxen_callbacks import PinnedDataset, cli, read_lineage
+from oxen_callbacks import PinnedDataset, read_lineage
+from oxen_callbacks._mlflow.sink import MlflowSink, WarmSinkProcess
+from oxen_callbacks.cli import main as cli
 from oxen_callbacks.lightning import OxenLightningCallback
-from oxen_callbacks.mlflow_sink import MlflowSink, WarmSinkProcess
-from oxen_callbacks.session import LineageRun
+from oxen_callbacks.run import LineageRun
 
 
 def _wait_until_gone(folder: Path, timeout: float = 120.0) -> None:
@@ -165,14 +166,13 @@ def test_queries_never_create_a_missing_sqlite_store(tmp_path, monkeypatch, caps
 
 def test_refused_hf_resume_ends_transformers_run_as_failed(tmp_path, monkeypatch):
     """report_to="mlflow": transformers starts its run before our on_train_begin refuses the resume."""
+    import mlflow
     from helpers import commit_files, make_repo
     from hf_model import jsonl, make_trainer
 
     from oxen_callbacks import PinnedDataset
     from oxen_callbacks.errors import DatasetMismatchError
     from oxen_callbacks.huggingface import OxenTrainerCallback
-
-    import mlflow
 
     paths = ["train.jsonl", "eval.jsonl"]
     reviews = make_repo(tmp_path / "reviews", [("A", {"train.jsonl": jsonl(0), "eval.jsonl": jsonl(0, rows=8, seed=1)})])
@@ -209,9 +209,9 @@ def test_refused_hf_resume_ends_transformers_run_as_failed(tmp_path, monkeypatch
 
 def _background_busy(cache: Path, models: Path) -> bool:
     """A sink process still holds an MLflow journal, or a commit worker a queue of the model repository."""
-    from oxen_callbacks.locks import is_locked
-    from oxen_callbacks.mlflow_journal import MlflowJournal, journals
-    from oxen_callbacks.publish.queue import all_queues
+    from oxen_callbacks._mlflow.journal import MlflowJournal, journals
+    from oxen_callbacks._publish.queue import all_queues
+    from oxen_callbacks._util.locks import is_locked
 
     sinks = [MlflowJournal(folder) for folder in journals(cache)]
     return (any(is_locked(j.lock_path) or j.sink_alive() for j in sinks)
@@ -220,8 +220,8 @@ def _background_busy(cache: Path, models: Path) -> bool:
 
 @pytest.mark.timeout(600)
 def test_sigkilled_training_run_is_finished_by_sync(dataset_repo, tmp_path, capsys):
+    from oxen_callbacks._oxen.repo import LocalRepo
     from oxen_callbacks.lineage import read_lineage
-    from oxen_callbacks.oxen_repo import LocalRepo
 
     models, cache = tmp_path / "models", tmp_path / "cache"
     script = Path(__file__).parent / "fit_script.py"
@@ -261,10 +261,10 @@ def test_sigkilled_training_run_is_finished_by_sync(dataset_repo, tmp_path, caps
 
 
 def test_abandoned_run_waits_while_a_live_worker_commits_its_checkpoints(tmp_path):
-    from oxen_callbacks import sync
-    from oxen_callbacks.locks import FileLock
-    from oxen_callbacks.mlflow_journal import ABANDONED_SEQ, MlflowJournal
-    from oxen_callbacks.publish.queue import JobQueue
+    from oxen_callbacks._mlflow.journal import ABANDONED_SEQ, MlflowJournal
+    from oxen_callbacks._ops import sync
+    from oxen_callbacks._publish.queue import JobQueue
+    from oxen_callbacks._util.locks import FileLock
 
     client = MlflowClient()
     run_id = client.create_run(client.create_experiment("abandoned")).info.run_id
@@ -297,7 +297,7 @@ def _process_tree(pid: int) -> list[int]:
 def test_whole_job_sigkilled_at_once_is_finished_by_sync(dataset_repo, tmp_path):
     """A cgroup OOM kill or scancel: the trainer, its sink process, its worker and commit child die
     together. No sink process lives to journal finish_abandoned: `sync` must see it is abandoned."""
-    from oxen_callbacks import sync
+    from oxen_callbacks._ops import sync
 
     models = tmp_path / "models"
     script = Path(__file__).parent / "fit_script.py"
@@ -346,7 +346,7 @@ class _KillSinkThenSync(Callback):
         self.oxen_cb, self.sync_report = oxen_cb, None
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:  # type: ignore[no-untyped-def]
-        from oxen_callbacks import sync
+        from oxen_callbacks._ops import sync
 
         if self.sync_report is not None:
             return
@@ -361,7 +361,7 @@ class _KillSinkThenSync(Callback):
 
 def test_sync_while_training_lives_leaves_its_journal(dataset_repo, tmp_path):
     """`sync` during training never takes the live run's journal: what training logs after it is kept."""
-    from oxen_callbacks import sync
+    from oxen_callbacks._ops import sync
 
     pin = PinnedDataset(dataset_repo.path, revision=dataset_repo.commits[0], paths=["train.csv", "val.csv"])
     cb = OxenLightningCallback(dataset=pin, model_repo=tmp_path / "models", run_name="live")

@@ -1,4 +1,4 @@
-"""Guards of what oxen_callbacks/oxen_layout.py assumes about Oxen's private on-disk layout.
+"""Guards of what oxen_callbacks/_oxen/layout.py assumes about Oxen's private on-disk layout.
 
 If one of these fails after an oxenai upgrade, the layout changed: fix oxen_layout.py
 (or oxen_tree.py, the merkle tree reader) before widening the oxenai range in pyproject.toml.
@@ -16,8 +16,10 @@ from pathlib import Path
 import pytest
 from helpers import AUTHOR, folder_contents, make_repo
 
-from oxen_callbacks import oxen_child, oxen_layout, oxen_tree
-from oxen_callbacks.source_local import copy_from_store
+from oxen_callbacks._data.local import copy_from_store
+from oxen_callbacks._oxen import child as oxen_child
+from oxen_callbacks._oxen import layout as oxen_layout
+from oxen_callbacks._oxen import tree as oxen_tree
 
 
 def test_installed_oxenai_is_in_the_supported_range():
@@ -65,7 +67,7 @@ def test_orphan_temp_files_are_found_by_their_infix(tmp_path):
     assert oxen_layout.orphan_temp_files(repo.path, older_than_s=10**12) == []
 
 
-# -- the merkle tree (oxen_callbacks/oxen_tree.py) --------------------------------------------
+# -- the merkle tree (oxen_callbacks/_oxen/tree.py) --------------------------------------------
 MANY = 10_050  # more than vnode_size (10,000): the folder's entries span two vnodes
 
 
@@ -87,7 +89,7 @@ def big_history(tmp_path_factory):
         write(repo, {"many/f00007.txt": "modified\n", "new/z.txt": "z"})
         for rel in ("gone.txt", "x/y/only.txt"):
             (repo / rel).unlink()
-        code = "import sys; from oxen_callbacks.oxen_repo import LocalRepo; r = LocalRepo(sys.argv[1]); " \
+        code = "import sys; from oxen_callbacks._oxen.repo import LocalRepo; r = LocalRepo(sys.argv[1]); " \
                "[r.rm(p) for p in sys.argv[2:]]"
         subprocess.run([sys.executable, "-c", code, str(repo), "gone.txt", "x/y/only.txt"], check=True,
                        capture_output=True, timeout=120)
@@ -150,8 +152,8 @@ def test_a_folder_over_vnode_size_spans_vnodes(big_history):
 
 _COMMITTER = """
 import sys
-from oxen_callbacks.identity import commit_identity
-from oxen_callbacks.oxen_repo import LocalRepo
+from oxen_callbacks._oxen.identity import commit_identity
+from oxen_callbacks._oxen.repo import LocalRepo
 repo = LocalRepo(sys.argv[1])
 with commit_identity(("Test Data", "data@example.com")):
     for i in range(int(sys.argv[2])):

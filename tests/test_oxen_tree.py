@@ -13,9 +13,12 @@ from pathlib import Path
 import pytest
 from helpers import AUTHOR, folder_contents, make_repo, tree_state
 
-from oxen_callbacks import PinnedDataset, oxen_child, oxen_layout, oxen_tree
+from oxen_callbacks import PinnedDataset
+from oxen_callbacks._data.local import LocalSource, copy_from_store
+from oxen_callbacks._oxen import child as oxen_child
+from oxen_callbacks._oxen import layout as oxen_layout
+from oxen_callbacks._oxen import tree as oxen_tree
 from oxen_callbacks.errors import ConfigurationError
-from oxen_callbacks.source_local import LocalSource, copy_from_store
 
 BIG = 64 << 20  # the size from which files are copied chunk by chunk, with progress
 WARNING = "using `oxen restore` instead"
@@ -53,7 +56,7 @@ def build(path: Path, *, versions_path: Path | None = None) -> tuple[Path, list[
 
 def remove(repo: Path, rels: list[str]) -> None:
     """``oxen rm`` in a child process (the removal is committed by the next commit)."""
-    code = "import sys; from oxen_callbacks.oxen_repo import LocalRepo; r = LocalRepo(sys.argv[1]); " \
+    code = "import sys; from oxen_callbacks._oxen.repo import LocalRepo; r = LocalRepo(sys.argv[1]); " \
            "[r.rm(p) for p in sys.argv[2:]]"
     subprocess.run([sys.executable, "-c", code, str(repo), *rels], check=True, capture_output=True, timeout=120)
 

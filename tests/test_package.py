@@ -8,7 +8,7 @@ import sys
 
 
 def test_import_pulls_no_framework():
-    code = ("import sys, oxen_callbacks, oxen_callbacks.pin, oxen_callbacks.lineage, oxen_callbacks.session; "
+    code = ("import sys, oxen_callbacks, oxen_callbacks.pin, oxen_callbacks.lineage, oxen_callbacks.run; "
             "import json; print(json.dumps(sorted(m for m in ('torch', 'lightning', 'transformers', 'mlflow', 'oxen') "
             "if m in sys.modules)))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout

@@ -9,7 +9,8 @@ import sys
 import pytest
 from helpers import commit_files, tree_state
 
-from oxen_callbacks import PinnedDataset, oxen_child
+from oxen_callbacks import PinnedDataset
+from oxen_callbacks._oxen import child as oxen_child
 from oxen_callbacks.errors import ConfigurationError
 
 

@@ -6,8 +6,9 @@ import os
 
 from helpers import commit_files, make_repo
 
-from oxen_callbacks import PinnedDataset, oxen_layout
-from oxen_callbacks.publish.prestore import content_hash, prestore
+from oxen_callbacks import PinnedDataset
+from oxen_callbacks._oxen import layout as oxen_layout
+from oxen_callbacks._oxen.prestore import content_hash, prestore
 
 
 def test_version_path_is_where_oxen_stores_bytes(tmp_path):

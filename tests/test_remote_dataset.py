@@ -29,7 +29,7 @@ from oxen_callbacks import PinnedDataset, read_lineage
 from oxen_callbacks.errors import ConfigurationError
 from oxen_callbacks.huggingface import OxenTrainerCallback
 from oxen_callbacks.lightning import OxenLightningCallback
-from oxen_callbacks.source import Source
+from oxen_callbacks.pin import Source
 
 # Commit ids as Oxen writes them: hex u128 without zero padding (31 and 32 characters occur).
 COMMIT_A = "5d0c4b1e2f3a49586776859a4b3c2d1"

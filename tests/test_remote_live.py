@@ -16,9 +16,10 @@ import pytest
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning_model import CsvData, TinyModel, make_trainer
 
-from oxen_callbacks import PinnedDataset, oxen_child
+from oxen_callbacks import PinnedDataset
+from oxen_callbacks._oxen import child as oxen_child
+from oxen_callbacks._publish.push import pending_push
 from oxen_callbacks.lightning import OxenLightningCallback
-from oxen_callbacks.publish.remote import pending_push
 
 REMOTE = os.environ.get("OXEN_CALLBACKS_TEST_REMOTE")
 pytestmark = pytest.mark.skipif(not REMOTE, reason="set OXEN_CALLBACKS_TEST_REMOTE=http(s)://HOST/NAMESPACE "

@@ -16,10 +16,10 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning_model import CsvData, TinyModel, make_trainer
 
 from oxen_callbacks import PinnedDataset, read_lineage
+from oxen_callbacks._util.redact import redact_argv
 from oxen_callbacks.checkpoints import materialize_checkpoint
 from oxen_callbacks.errors import ConfigurationError, LineageValidationError
 from oxen_callbacks.lightning import OxenLightningCallback
-from oxen_callbacks.redact import redact_argv
 
 TOKEN = "oxtok_4f9c2e7d1b8a6053SECRET"
 SCRIPT = Path(__file__).parent / "fit_script.py"
@@ -237,7 +237,7 @@ def test_reproduce_prints_a_tampered_record_as_inert_words(tmp_path, capsys, mon
     """A lineage record edited by an attacker: `reproduce` quotes every word and drops a bogus commit."""
     from helpers import make_repo
 
-    from oxen_callbacks.cli import main
+    from oxen_callbacks.cli.main import main
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "")  # the model repository alone
     models = make_repo(tmp_path / "models", [("ckpt", {"runs/r/checkpoints/last.ckpt": "weights"})])

@@ -18,12 +18,13 @@ from helpers import file_at
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning_model import CsvData, TinyModel, make_trainer
 
-from oxen_callbacks import PinnedDataset, read_lineage, sync
+from oxen_callbacks import PinnedDataset, read_lineage
+from oxen_callbacks._ops import sync
+from oxen_callbacks._ops.trace import LineageFinder
+from oxen_callbacks._oxen.repo import LocalRepo
+from oxen_callbacks._publish.claim import claims_dir
 from oxen_callbacks.errors import ConfigurationError
 from oxen_callbacks.lightning import OxenLightningCallback
-from oxen_callbacks.oxen_repo import LocalRepo
-from oxen_callbacks.publish.claim import claims_dir
-from oxen_callbacks.trace import LineageFinder
 
 SCRIPT = Path(__file__).parent / "fit_script.py"
 
@@ -236,9 +237,9 @@ def test_a_mute_remote_costs_one_push_attempt_and_one_warning(dataset_repo, tmp_
 
 _COMMIT_WHEN_TOLD = """
 import sys
-from oxen_callbacks.identity import commit_identity
-from oxen_callbacks.oxen_repo import LocalRepo
-from oxen_callbacks.publish.committer import Committer
+from oxen_callbacks._oxen.identity import commit_identity
+from oxen_callbacks._oxen.repo import LocalRepo
+from oxen_callbacks._publish.committer import Committer
 repo = LocalRepo(sys.argv[1])
 if sys.argv[2] == "add":
     repo.add("b.txt")
@@ -255,7 +256,7 @@ def test_a_commit_half_written_by_a_killed_process_is_committed_again(tmp_path):
     the branch move of a finished commit. Retried within the same second Oxen refuses the id."""
     from helpers import make_repo
 
-    from oxen_callbacks import oxen_child
+    from oxen_callbacks._oxen import child as oxen_child
 
     repo = make_repo(tmp_path / "models", [("first", {"a.txt": "a"})])
     (repo.path / "b.txt").write_text("b")
@@ -322,7 +323,7 @@ def test_continuing_a_run_on_another_dataset_commit_is_refused(dataset_repo, tmp
 
 
 def test_a_name_still_held_by_this_process_says_so(tmp_path):
-    from oxen_callbacks.session import LineageRun
+    from oxen_callbacks.run import LineageRun
 
     first = LineageRun(dataset=None, model_repo=tmp_path / "models", framework=("test", "0"), mlflow=False,
                        run_name="exp")
@@ -340,13 +341,13 @@ def test_a_failed_checkpoint_job_is_listed_only_once_committed(tmp_path, monkeyp
     """A job that fails (here: one injected transient add failure) stays queued; later jobs go on.
     The lineage never lists it under another checkpoint's commit, and its retry by sync after the
     run's final lineage commit adds it without moving the run's status or model."""
+    from oxen_callbacks._oxen.identity import resolve_author, worker_environment
+    from oxen_callbacks._publish.committer import Committer
+    from oxen_callbacks._publish.publisher import open_model_repo
+    from oxen_callbacks._publish.queue import JobQueue
+    from oxen_callbacks._publish.worker import drain
     from oxen_callbacks.errors import OxenError
-    from oxen_callbacks.identity import resolve_author, worker_environment
     from oxen_callbacks.lineage import new_record
-    from oxen_callbacks.publish.committer import Committer
-    from oxen_callbacks.publish.publisher import open_model_repo
-    from oxen_callbacks.publish.queue import JobQueue
-    from oxen_callbacks.publish.worker import drain
 
     for key, value in worker_environment(resolve_author(("T", "t@example.com")), tmp_path / "cache").items():
         monkeypatch.setenv(key, value)

@@ -1,0 +1,392 @@
+"""Read-only snapshot folders of one commit, in a cache keyed by repository and commit.
+
+A snapshot holds the requested paths of one commit. Its manifest, written last
+and atomically, says which paths are complete, so a re-pin of a cached commit
+reads one small file whatever the data size. Each file's content hash (xxh3-128,
+as Oxen records it) is kept in a sidecar beside the manifest, read only by a deep
+check (:meth:`SnapshotStore.check`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import stat
+import uuid
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import xxhash
+
+from .._oxen.commit_id import checked_commit_id, is_commit_id
+from .._util.relpath import covers
+
+_RO_FILE = stat.S_IRUSR | stat.S_IRGRP | stat.S_IROTH
+_RO_DIR = _RO_FILE | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH
+_HASH_BLOCK = 8 << 20
+_SHOWN = 10  # problems named in a report of one snapshot
+
+
+def content_hash(value: int) -> str:
+    """How a content hash (xxh3-128, an int as in Oxen's tree) is written in the sidecar."""
+    return format(value, "032x")
+
+
+def hash_file(path: str | os.PathLike[str]) -> str:
+    """The xxh3-128 content hash of a file, as :func:`content_hash` writes it."""
+    hasher = xxhash.xxh3_128()
+    with open(path, "rb", buffering=0) as f:
+        while block := f.read(_HASH_BLOCK):
+            hasher.update(block)
+    return content_hash(hasher.intdigest())
+
+
+def default_cache_dir() -> Path:
+    """``$OXEN_CALLBACKS_CACHE``, else ``$XDG_CACHE_HOME/oxen-callbacks``, else ``~/.cache/oxen-callbacks``."""
+    if os.environ.get("OXEN_CALLBACKS_CACHE"):
+        return Path(os.environ["OXEN_CALLBACKS_CACHE"]).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "oxen-callbacks"
+
+
+class DamagedRecord(ValueError):
+    """A snapshot's manifest or content hash record cannot be read (truncated, not JSON, another shape)."""
+
+
+@dataclass
+class Materialized:
+    """What a source wrote into a scratch folder: per requested path its file count and bytes,
+    and per file (repository-relative) its content hash as :func:`content_hash` writes it."""
+
+    counts: dict[str, dict[str, int]]
+    hashes: dict[str, str]
+
+
+@dataclass
+class Manifest:
+    """What a snapshot folder holds: complete paths, with their file count and size."""
+
+    commit: str
+    paths: dict[str, dict[str, int]] = field(default_factory=dict)
+
+    def covers(self, path: str) -> bool:
+        return any(covers(done, path) for done in self.paths)
+
+    def missing(self, paths: Iterable[str]) -> list[str]:
+        return [p for p in paths if not self.covers(p)]
+
+    @property
+    def files(self) -> int:
+        return sum(v["files"] for v in self.paths.values())
+
+    @property
+    def bytes(self) -> int:
+        return sum(v["bytes"] for v in self.paths.values())
+
+
+class SnapshotStore:
+    """The snapshot folders of one repository under a cache root.
+
+    Layout: ``<root>/snapshots/<repo_key>/<commit>/`` (the files),
+    ``<commit>.manifest.json``, ``<commit>.hashes.json`` and ``<commit>.lock`` beside it.
+    """
+
+    def __init__(self, cache_dir: str | os.PathLike[str], repo_key: str) -> None:
+        self.cache_dir = Path(cache_dir).expanduser().resolve()
+        self.base = self.cache_dir / "snapshots" / repo_key
+
+    def folder(self, commit: str) -> Path:
+        return self.base / checked_commit_id(commit, what="A snapshot")
+
+    def lock_path(self, commit: str) -> Path:
+        return self.base / f"{checked_commit_id(commit, what='A snapshot')}.lock"
+
+    def manifest(self, commit: str) -> Manifest:
+        """What the snapshot holds; nothing when its folder was deleted or its manifest
+        cannot be read (to have it made again)."""
+        try:
+            paths = self._recorded_paths(commit)
+        except DamagedRecord:
+            return Manifest(commit)
+        return Manifest(commit, paths if self.folder(commit).is_dir() else {})
+
+    def _recorded_paths(self, commit: str) -> dict[str, dict[str, int]]:
+        """The manifest's paths (none without a manifest); :class:`DamagedRecord` if it cannot be read."""
+        data = _read_json(self.base / f"{commit}.manifest.json")
+        paths = data.get("paths") if isinstance(data, dict) else None
+        if data is not None and not (isinstance(paths, dict) and all(
+                isinstance(v, dict) and isinstance(v.get("files"), int) and isinstance(v.get("bytes"), int)
+                for v in paths.values())):
+            raise DamagedRecord(f"its manifest {commit}.manifest.json is not a manifest")
+        return paths or {}
+
+    def write_manifest(self, manifest: Manifest) -> None:
+        _write_json(self.base / f"{manifest.commit}.manifest.json",
+                    {"commit": manifest.commit, "paths": manifest.paths}, indent=1)
+
+    def hashes(self, commit: str) -> dict[str, str] | None:
+        """Content hash of every file of the snapshot; ``None`` when none were recorded.
+
+        Raises:
+            DamagedRecord: the record cannot be read.
+        """
+        data = _read_json(self.base / f"{commit}.hashes.json")
+        files = data.get("files") if isinstance(data, dict) else None
+        if data is not None and not (isinstance(files, dict)
+                                     and all(isinstance(v, str) for v in files.values())):
+            raise DamagedRecord(f"its content hash record {commit}.hashes.json is not one")
+        return files
+
+    def record_problems(self, commit: str) -> list[str]:
+        """Why the manifest or content hash record of a snapshot cannot be read (none: readable or absent)."""
+        problems = []
+        for read in (self._recorded_paths, self.hashes):
+            try:
+                read(commit)
+            except DamagedRecord as exc:
+                problems.append(str(exc))
+        return problems
+
+    def discard(self, commit: str) -> None:
+        """Delete a snapshot and its records (the next pin makes it again)."""
+        remove_tree(self.folder(commit))
+        for suffix in ("manifest", "hashes"):
+            (self.base / f"{commit}.{suffix}.json").unlink(missing_ok=True)
+
+    def _add_hashes(self, commit: str, hashes: dict[str, str]) -> None:
+        _write_json(self.base / f"{commit}.hashes.json",
+                    {"commit": commit, "algorithm": "xxh3-128", "files": {**(self.hashes(commit) or {}), **hashes}})
+
+    def scratch(self) -> Path:
+        """A new empty folder on the cache's filesystem (for atomic moves into a snapshot)."""
+        path = self.cache_dir / "tmp" / uuid.uuid4().hex
+        path.mkdir(parents=True)
+        return path
+
+    def adopt(self, commit: str, staged_root: Path, rel_paths: list[str], manifest: Manifest,
+              made: Materialized | None = None) -> None:
+        """Move ``rel_paths`` from ``staged_root`` into the snapshot, make them read-only, record them.
+
+        ``made`` (counts and hashes from the copier, whose files are created read-only)
+        spares a stat, a chmod and a hash of every file: 100k files cost ~1 s. Without
+        it, each file is hashed here. Hashes are recorded before the manifest.
+        """
+        counts = made.counts if made else None
+        folder = self.folder(commit)
+        folder.mkdir(parents=True, exist_ok=True)
+        self._add_hashes(commit, made.hashes if made else _hash_files(staged_root, rel_paths))
+        _make_dirs_writable(folder)
+        try:
+            for rel in rel_paths:
+                names = [e for e in os.listdir(staged_root) if e != ".oxen"] if rel == "." else [rel]
+                for name in names:
+                    dest = folder / name
+                    dest.parent.mkdir(parents=True, exist_ok=True)
+                    _merge_move(staged_root / name, dest)
+                if counts is not None and rel in counts:
+                    manifest.paths[rel] = counts[rel]
+                else:
+                    manifest.paths[rel] = _count(folder, rel)
+        finally:
+            _make_readonly(folder, files=counts is None)
+        self.write_manifest(manifest)
+
+    def check(self, commit: str, *, deep: bool = False, paths: list[str] | None = None) -> list[str]:
+        """What differs between the snapshot and its records, one line per problem (none: intact).
+
+        Cheap by default: file count and bytes of each recorded path. ``deep`` also
+        compares the content hash of every file (under ``paths``, default all) with the
+        one recorded when it was made.
+        """
+        root = self.folder(commit)
+        try:
+            recorded_paths = self._recorded_paths(commit)
+        except DamagedRecord as exc:
+            return [str(exc)]
+        manifest = Manifest(commit, recorded_paths if root.is_dir() else {})
+        links: list[str] = []
+        problems: list[str] = []
+        for rel, recorded in manifest.paths.items():
+            actual = _count(root, rel, links)
+            if actual != recorded:
+                problems.append(f"{rel!r} holds {actual['files']} files, {actual['bytes']} bytes; "
+                                f"recorded {recorded['files']} files, {recorded['bytes']} bytes")
+        problems += [f"{link!r} is a symbolic link (a snapshot holds none)" for link in sorted(set(links))]
+        if deep and manifest.paths:
+            try:
+                hashes = self.hashes(commit)
+            except DamagedRecord as exc:
+                return [*problems, str(exc)]
+            if hashes is None:
+                return [*problems, "no content hashes were recorded (made by an older version)"]
+            problems += _content_problems(root, paths or list(manifest.paths), hashes)
+        return problems
+
+
+def cached_snapshots(cache_dir: str | os.PathLike[str]) -> Iterator[tuple[SnapshotStore, str]]:
+    """Every snapshot under a cache root: its store and commit."""
+    snapshots = Path(cache_dir).expanduser() / "snapshots"
+    for base in sorted(snapshots.iterdir()) if snapshots.is_dir() else ():
+        for manifest in sorted(base.glob("*.manifest.json")):
+            commit = manifest.name.removesuffix(".manifest.json")
+            if is_commit_id(commit):  # nothing else is ours
+                yield SnapshotStore(cache_dir, base.name), commit
+
+
+def verify_cache(cache_dir: str | os.PathLike[str]) -> dict[str, object]:
+    """Deep-check every cached snapshot (:meth:`SnapshotStore.check`); ``damaged`` counts those with problems."""
+    snapshots = []
+    for store, commit in cached_snapshots(cache_dir):
+        manifest = store.manifest(commit)
+        snapshots.append({"folder": str(store.folder(commit)), "commit": commit, "files": manifest.files,
+                          "bytes": manifest.bytes, "problems": store.check(commit, deep=True)})
+    return {"cache_dir": str(Path(cache_dir).expanduser()), "snapshots": snapshots,
+            "damaged": sum(1 for s in snapshots if s["problems"])}
+
+
+def remake_hint(folder: str | os.PathLike[str]) -> str:
+    """How to have a damaged snapshot made again at the next pin."""
+    return f"delete it (`chmod -R u+w {folder} && rm -rf {folder}`): the next pin makes it again"
+
+
+def shown(problems: list[str]) -> str:
+    """``problems`` in one line, the first few of them."""
+    more = f" (+{len(problems) - _SHOWN} more)" if len(problems) > _SHOWN else ""
+    return "; ".join(problems[:_SHOWN]) + more
+
+
+def _content_problems(root: Path, paths: list[str], recorded: dict[str, str]) -> list[str]:
+    """Files under ``paths`` of ``root`` whose content differs from ``recorded``, or missing or extra."""
+    on_disk = {f for rel in paths for f in _files_under(root, rel)}
+    wanted = {f for f in recorded if any(covers(rel, f) for rel in paths)}
+    problems = [f"{f!r} is missing" for f in sorted(wanted - on_disk)]
+    problems += [f"{f!r} was not in the commit" for f in sorted(on_disk - wanted)]
+    for f in sorted(wanted & on_disk):
+        try:
+            if hash_file(root / f) != recorded[f]:
+                problems.append(f"{f!r} changed (content hash differs)")
+        except OSError as exc:
+            problems.append(f"{f!r} cannot be read ({exc.strerror or exc})")
+    return problems
+
+
+def _files_under(root: Path, rel: str) -> list[str]:
+    """Files at or under ``rel`` of ``root``, relative to ``root`` (POSIX separators; no ``.oxen``;
+    no symbolic link, which :meth:`SnapshotStore.check` reports)."""
+    top = root if rel == "." else root / rel
+    if _linked(root, rel) is not None:
+        return []
+    if not top.is_dir():
+        return [rel] if top.is_file() else []
+    found = []
+    for dirpath, dirs, names in os.walk(top):
+        base = Path(dirpath).relative_to(root).as_posix()
+        if base == ".":
+            dirs[:] = [d for d in dirs if d != ".oxen"]
+        found += [name if base == "." else f"{base}/{name}" for name in names
+                  if not os.path.islink(os.path.join(dirpath, name))]
+    return found
+
+
+def _hash_files(root: Path, rel_paths: list[str]) -> dict[str, str]:
+    return {f: hash_file(root / f) for rel in rel_paths for f in _files_under(root, rel)}
+
+
+def _read_json(path: Path) -> object:
+    """A JSON file's content; ``None`` when there is no file; :class:`DamagedRecord` when it cannot be read."""
+    try:
+        return json.loads(path.read_bytes())
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    except (OSError, ValueError) as exc:  # truncated, not UTF-8, a folder in its place...
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise DamagedRecord(f"{path.name} cannot be read ({reason})") from None
+
+
+def _write_json(path: Path, data: object, indent: int | None = None) -> None:
+    tmp = path.with_suffix(f".{uuid.uuid4().hex}.tmp")
+    tmp.write_text(json.dumps(data, indent=indent))
+    os.replace(tmp, path)
+
+
+def _linked(root: Path, rel: str) -> str | None:
+    """The first of ``root`` and the folders down to ``rel`` that is a symbolic link, relative to ``root``."""
+    parts = [] if rel == "." else Path(rel).parts
+    for depth in range(len(parts) + 1):
+        if (root.joinpath(*parts[:depth])).is_symlink():
+            return "/".join(parts[:depth]) or "."
+    return None
+
+
+def _count(root: Path, rel: str, links: list[str] | None = None) -> dict[str, int]:
+    """Files and bytes at or under ``rel`` of ``root``, never following a symbolic link:
+    each found (``root`` itself, a folder on the way, or an entry below) is added to ``links``."""
+    found_links = [] if links is None else links
+    top = root if rel == "." else root / rel
+    if (link := _linked(root, rel)) is not None:
+        found_links.append(link)
+        return {"files": 0, "bytes": 0}
+    try:
+        info = top.lstat()
+    except FileNotFoundError:
+        return {"files": 0, "bytes": 0}
+    if not stat.S_ISDIR(info.st_mode):
+        return {"files": 1, "bytes": info.st_size}
+    files = size = 0
+    for dirpath, dirs, names in os.walk(top):
+        for name in [*names, *dirs]:
+            path = os.path.join(dirpath, name)
+            entry = os.lstat(path)
+            if stat.S_ISLNK(entry.st_mode):
+                found_links.append(Path(path).relative_to(root).as_posix())
+            elif name in names:
+                files += 1
+                size += entry.st_size
+    return {"files": files, "bytes": size}
+
+
+def _make_readonly(path: Path, files: bool = True) -> None:
+    """Folders 0555 and (with ``files``) files 0444: a snapshot is never edited in place."""
+    if path.is_file():
+        os.chmod(path, _RO_FILE)
+        return
+    for dirpath, dirs, names in os.walk(path, topdown=False):
+        for name in names if files else ():
+            os.chmod(os.path.join(dirpath, name), _RO_FILE)
+        for name in dirs:
+            os.chmod(os.path.join(dirpath, name), _RO_DIR)
+    os.chmod(path, _RO_DIR)
+
+
+def _make_dirs_writable(path: Path) -> None:
+    for dirpath, _dirs, _names in os.walk(path):
+        os.chmod(dirpath, 0o755)
+
+
+def _merge_move(src: Path, dest: Path) -> None:
+    """Move ``src`` to ``dest``; where ``dest`` exists (same commit, same bytes), keep it."""
+    if not dest.exists():
+        os.replace(src, dest)
+    elif src.is_dir() and dest.is_dir():
+        for child in os.listdir(src):
+            _merge_move(src / child, dest / child)
+
+
+def empty_folder(path: str | os.PathLike[str]) -> None:
+    """Delete everything inside ``path`` (a scratch folder), keeping the folder."""
+    for entry in os.scandir(path):
+        if entry.is_dir(follow_symlinks=False):
+            remove_tree(entry.path)
+        else:
+            os.unlink(entry.path)
+
+
+def remove_tree(path: str | os.PathLike[str]) -> None:
+    """Delete a folder that may hold read-only snapshots (a symbolic link in its place: the link)."""
+    if os.path.islink(path):
+        os.unlink(path)
+    elif os.path.isdir(path):
+        _make_dirs_writable(Path(path))
+        shutil.rmtree(path)

@@ -1,0 +1,313 @@
+"""Registered model versions, stage promotion and deployment pointers, all named by Oxen commits.
+
+* **Register** (``LineageRun(register_model="name")``): an MLflow model version whose
+  source is the run's pointer folder ``runs:/<run>/oxen`` (``oxen/lineage.json``),
+  tagged with the dataset and model commits.
+* **Promote** (``oxen-callbacks promote``): Oxen has no tags, so a stage is a branch,
+  ``stage/<stage>``, moved to the promoted commit without touching the model
+  repository's working tree or HEAD; the MLflow alias ``<stage>`` follows when a
+  registered version names that commit.
+* **Deploy** (``oxen-callbacks record-deploy``): ``deployments/<endpoint-slug>.json``
+  committed to the model repository says which commit serves an endpoint; the run
+  that trained it gets the tag ``oxen.endpoint.<endpoint-slug>``.
+
+Example::
+
+    promote("models/reviews", "3fa2...", "production", tracking_uri="http://mlflow:5000")
+    record_deploy("https://api.example.com/reviews", "stage/production", model_repo="models/reviews")
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from .._oxen import child as oxen_child
+from .._oxen import layout as oxen_layout
+from .._oxen.commit_id import is_commit_like
+from .._oxen.repo import LocalRepo, call_oxen
+from .._publish.queue import repo_lock_path
+from .._util.locks import FileLock
+from .._util.redact import redact_url
+from ..errors import ConfigurationError, OxenError
+from .query import open_reader, tag_filter
+
+log = logging.getLogger(__name__)
+
+STAGE_PREFIX = "stage/"
+DEPLOY_DIR = "deployments"
+DEPLOY_SCHEMA = "oxen-callbacks/deployment/v1"
+ENDPOINT_TAG_PREFIX = "oxen.endpoint."
+POINTER_ARTIFACT_DIR = "oxen"
+_STAGE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
+_LOCK_TIMEOUT_S = 600.0
+
+
+# -- names ---------------------------------------------------------------------------
+def endpoint_slug(endpoint: str) -> str:
+    """A file- and tag-safe name for ``endpoint``, readable and unique.
+
+    >>> endpoint_slug("https://api.example.com/v1/reviews")
+    'api-example-com-v1-reviews-5d3aa1af'
+    """
+    clean = clean_endpoint(endpoint)
+    text = re.sub(r"^[a-z][a-z0-9+.-]*://", "", clean.lower())
+    readable = re.sub(r"[^a-z0-9]+", "-", text).strip("-")[:60].strip("-") or "endpoint"
+    return f"{readable}-{hashlib.sha1(clean.encode()).hexdigest()[:8]}"
+
+
+def clean_endpoint(endpoint: str) -> str:
+    """``endpoint`` as recorded: trimmed, without credentials."""
+    return redact_url(endpoint.strip()) or ""
+
+
+def endpoint_tag(endpoint: str) -> str:
+    return ENDPOINT_TAG_PREFIX + endpoint_slug(endpoint)
+
+
+def check_stage(stage: str) -> str:
+    if not isinstance(stage, str) or not _STAGE.match(stage) or stage == "latest" or re.fullmatch(r"v\d+", stage):
+        raise ConfigurationError(
+            f"--stage {stage!r} cannot name both an Oxen branch 'stage/<stage>' and an MLflow alias.",
+            "use lowercase letters, digits, '-' and '_' (not 'latest' or 'v<N>'), e.g. --stage production.",
+        )
+    return stage
+
+
+def check_model_name(name: Any) -> str:
+    if not isinstance(name, str) or not name.strip() or "/" in name or ":" in name:
+        raise ConfigurationError(f"register_model={name!r} is not a registered model name.",
+                                 "pass a name such as 'reviews-classifier' (no '/' or ':').")
+    return name
+
+
+# -- registering ---------------------------------------------------------------------------
+def version_tags(record: dict[str, Any]) -> dict[str, str]:
+    """Tags of a model version registered from ``record``: the Oxen commits behind it."""
+    model, dataset, code = record["model"], record.get("dataset"), record.get("code") or {}
+    tags = {"oxen.model.repo": model["repo"], "oxen.model.commit": model["commit"], "oxen.model.path": model["path"],
+            "oxen.run": record["run"].get("name"), "oxen.code.git_commit": code.get("git_commit")}
+    if dataset:
+        tags.update({"oxen.dataset.repo": redact_url(dataset["repo"]), "oxen.dataset.commit": dataset["commit"],
+                     "oxen.dataset.paths": json.dumps(dataset["paths"])})
+    return {k: str(v) for k, v in tags.items() if v is not None}
+
+
+def register_version(client: Any, name: str, run_id: str, record: dict[str, Any]) -> dict[str, Any]:
+    """Register the run's model commit as a new version of ``name``; returns ``{name, version}``."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.create_registered_model(name, description="Weights live in Oxen: see the version tags oxen.model.*.")
+    except MlflowException as exc:
+        if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+    model = record["model"]
+    version = client.create_model_version(
+        name, source=f"runs:/{run_id}/{POINTER_ARTIFACT_DIR}", run_id=run_id, tags=version_tags(record),
+        description=f"{model['path']} at Oxen commit {model['commit']} of {model['repo']}")
+    return {"name": name, "version": str(version.version)}
+
+
+def publish_extras(client: Any, run_id: str, record: dict[str, Any], *, register_model: str | None,
+                   dataset_input: bool, graph: bool) -> dict[str, Any]:
+    """At fit end: dataset input, registered version, lineage picture (run by the MLflow sink process)."""
+    from .._ops.picture import render
+    from .dataset import log_dataset_input
+
+    done: dict[str, Any] = {}
+    if dataset_input and record.get("dataset"):
+        log_dataset_input(client, run_id, record["dataset"])
+        done["dataset_input"] = True
+    if register_model and record["model"]["commit"]:
+        done["registered"] = register_version(client, register_model, run_id, record)
+    elif register_model:
+        log.warning("No checkpoint was committed: nothing to register as %r.", register_model)
+    if graph:
+        view = {**record, "registered": [done["registered"]] if "registered" in done else [], "endpoints": []}
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "lineage.svg"
+            path.write_text(render(view, "svg"))
+            client.log_artifact(run_id, str(path), artifact_path=POINTER_ARTIFACT_DIR)
+        done["graph"] = f"{POINTER_ARTIFACT_DIR}/lineage.svg"
+    return done
+
+
+# -- promoting -----------------------------------------------------------------------------
+def _model_repo(path: str | os.PathLike[str]) -> LocalRepo:
+    return LocalRepo(path, role="model repository")
+
+
+def _resolve(repo: LocalRepo, revision: str) -> str:
+    return repo.resolve(revision, branches=lambda: oxen_child.branches(repo.path))
+
+
+def promote(model_repo: str | os.PathLike[str], revision: str, stage: str, *,
+            tracking_uri: str | None = None) -> dict[str, Any]:
+    """Move branch ``stage/<stage>`` of ``model_repo`` to ``revision``; set the MLflow alias ``<stage>``."""
+    check_stage(stage)
+    repo = _model_repo(model_repo)
+    commit = _resolve(repo, revision)
+    branch = STAGE_PREFIX + stage
+    if repo.current_branch() == branch:
+        raise ConfigurationError(f"{branch!r} is checked out in {str(repo.path)!r}: moving it would leave its "
+                                 "working tree behind.", "check out another branch there first (`oxen checkout main`).")
+    with FileLock(repo_lock_path(repo.path), timeout=_LOCK_TIMEOUT_S):
+        previous = oxen_child.run_in_child("oxen_callbacks._mlflow.registry:move_branch", repo_path=str(repo.path),
+                                           name=branch, commit=commit)
+    result: dict[str, Any] = {"model_repo": str(repo.path), "branch": branch, "commit": commit, "previous": previous,
+                              "aliases": []}
+    if tracking_uri:
+        result["aliases"] = _set_aliases(tracking_uri, commit, stage)
+    return result
+
+
+def _set_aliases(tracking_uri: str, commit: str, alias: str) -> list[dict[str, str]]:
+    """Alias ``alias`` -> the newest version of each registered model naming ``commit``."""
+    from mlflow import MlflowClient
+
+    newest: dict[str, str] = {}
+    for version in open_reader(tracking_uri).search_versions(tag_filter("oxen.model.commit", commit)):
+        if int(version["version"]) > int(newest.get(version["name"], "0")):
+            newest[version["name"]] = version["version"]
+    client = MlflowClient(tracking_uri)
+    for name, version in sorted(newest.items()):
+        client.set_registered_model_alias(name, alias, version)
+    return [{"name": name, "version": version, "alias": alias} for name, version in sorted(newest.items())]
+
+
+def move_branch(repo_path: str | os.PathLike[str], name: str, commit: str) -> str | None:
+    """Point branch ``name`` at ``commit``; returns its previous commit. Run it in a child process
+    (:func:`oxen_callbacks._oxen.child.run_in_child`): oxenai keeps the branch database locked.
+
+    oxenai cannot move a branch, only create one at HEAD (``checkout(name, create=True)``)
+    or delete one that HEAD contains. Both run in a shadow working tree whose ``.oxen``
+    links the real branch database (``refs``) and has its own, detached HEAD: set to
+    the old commit for the delete, to ``commit`` for the create. The user's working
+    tree, HEAD and staging area are never opened.
+    """
+    import oxen
+
+    with tempfile.TemporaryDirectory(prefix="oxen-callbacks-branch-") as tmp:
+        shadow = oxen_layout.make_shadow(repo_path, Path(tmp) / "shadow", commit, linked=("versions", "refs"))
+        repo = oxen.Repo(str(shadow))
+
+        def heads() -> dict[str, str]:
+            return {b.name: b.commit_id for b in call_oxen(repo.branches, what=f"list branches of {repo_path}")}
+
+        previous = heads().get(name)
+        if previous == commit:
+            return previous
+        if previous is not None:
+            oxen_layout.detach_head(shadow, previous)
+            call_oxen(repo.branch, name, True, what=f"delete branch {name!r}")
+            oxen_layout.detach_head(shadow, commit)
+        call_oxen(repo.checkout, name, True, what=f"create branch {name!r} at {commit}")
+        if heads().get(name) != commit:
+            raise OxenError(f"Branch {name!r} of {repo_path} did not move to {commit}.")
+    return previous
+
+
+# -- deployments ------------------------------------------------------------------------------
+def read_deployments(model_repo: str | os.PathLike[str]) -> list[dict[str, Any]]:
+    """The deployment records of a model repository (its working tree holds the current ones)."""
+    folder = Path(model_repo) / DEPLOY_DIR
+    records = []
+    for path in sorted(folder.glob("*.json")) if folder.is_dir() else []:
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, ValueError) as exc:
+            log.warning("Skipping unreadable deployment record %s: %s", path, exc)
+            continue
+        if data.get("schema") == DEPLOY_SCHEMA:
+            records.append(data)
+    return records
+
+
+def record_deploy(endpoint: str, model_commit: str, *, model_repo: str | os.PathLike[str] | None = None,
+                  run_id: str | None = None, tracking_uri: str | None = None) -> dict[str, Any]:
+    """Record that ``endpoint`` serves ``model_commit`` (a commit id, prefix or branch such as ``stage/production``)."""
+    from .._ops.trace import find_checkpoint_run
+
+    if not clean_endpoint(endpoint):
+        raise ConfigurationError("ENDPOINT is empty.", "pass the endpoint's URL or name, e.g. https://api.example.com/v1/clf.")
+    reader = open_reader(tracking_uri) if tracking_uri else None
+    if model_repo is None:
+        model_repo = _repo_from_mlflow(reader, model_commit)
+    repo = _model_repo(model_repo)
+    commit = _resolve(repo, model_commit)
+    found = find_checkpoint_run(repo.path, commit)
+    if found is None:
+        raise ConfigurationError(
+            f"Commit {commit} of {str(repo.path)!r} holds no checkpoint of a recorded training run.",
+            "pass a model commit from `oxen-callbacks lineage RUN` (e.g. its model.commit) or a stage branch.")
+    record, checkpoint = found
+    run_id = run_id or record["run"].get("mlflow_run_id")
+    slug = endpoint_slug(endpoint)
+    rel = f"{DEPLOY_DIR}/{slug}.json"
+    target = repo.path / rel
+    previous = json.loads(target.read_text()) if target.is_file() else None
+    deployment = {"schema": DEPLOY_SCHEMA, "endpoint": clean_endpoint(endpoint), "slug": slug,
+                  "model": {"repo": str(repo.path), "commit": commit, "path": checkpoint["path"]},
+                  "run": {"name": record["run"].get("name"), "mlflow_run_id": run_id},
+                  "dataset": {k: record["dataset"][k] for k in ("repo", "commit", "paths")} if record.get("dataset") else None,
+                  "deployed_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    record_commit = None
+    if not previous or previous["model"]["commit"] != commit:
+        with FileLock(repo_lock_path(repo.path), timeout=_LOCK_TIMEOUT_S):
+            _write_json(target, deployment)
+            try:
+                record_commit = oxen_child.commit_paths(repo.path, [rel], f"oxen-callbacks: {slug} serves {commit}")
+            except BaseException:  # leave the working tree as committed: the record is not true yet
+                if previous is None:
+                    target.unlink()
+                else:
+                    _write_json(target, previous)
+                raise
+    else:
+        deployment = previous
+    result = {**deployment, "record_commit": record_commit,
+              "previous_commit": previous["model"]["commit"] if previous else None, "mlflow_tagged": False}
+    if tracking_uri and run_id:
+        _tag_endpoint(tracking_uri, reader, clean_endpoint(endpoint), run_id)
+        result["mlflow_tagged"] = True
+    return result
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def _repo_from_mlflow(reader: Any, model_commit: str) -> str:
+    runs = []
+    if reader is not None and is_commit_like(model_commit):
+        runs = reader.search_runs(tag_filter("oxen.model.commit", model_commit, prefix=len(model_commit) < 31))
+    repos = sorted({r["tags"]["oxen.model.repo"] for r in runs if r["tags"].get("oxen.model.repo")})
+    if len(repos) != 1:
+        raise ConfigurationError(
+            f"Cannot tell which model repository holds {model_commit!r} "
+            f"({'no MLflow run names it' if not repos else 'several do: ' + ', '.join(repos)}).",
+            "pass --model-repo PATH.")
+    return repos[0]
+
+
+def _tag_endpoint(tracking_uri: str, reader: Any, endpoint: str, run_id: str) -> None:
+    """Tag ``run_id`` as serving ``endpoint``; untag runs that served it before."""
+    from mlflow import MlflowClient
+
+    key = endpoint_tag(endpoint)
+    client = MlflowClient(tracking_uri)
+    for old in reader.search_runs(tag_filter(key, endpoint)):
+        if old["run_id"] != run_id:
+            client.delete_tag(old["run_id"], key)
+    client.set_tag(run_id, key, endpoint)

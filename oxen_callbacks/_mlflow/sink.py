@@ -1,0 +1,313 @@
+"""Log lineage into MLflow: tags as soon as each fact is known, the pointer file at the end.
+
+The training process never imports MLflow for this (unless the user already
+did, to find their active run): each operation is written to an on-disk journal
+and a separate sink process applies it (see :mod:`.mlflow_journal`). A slow or
+dead tracking server therefore costs training nothing; what is not done stays
+journaled for ``oxen-callbacks sync``.
+
+Example::
+
+    sink = MlflowSink.attach(cache_dir=cache)        # the active run, or a new one
+    sink.set_tags({"oxen.dataset.commit": pin.commit})
+    sink.log_lineage(record); sink.end("FINISHED"); sink.flush(timeout=30); sink.close()
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import json
+import logging
+import os
+import subprocess
+import sys
+import threading
+import time
+import weakref
+from pathlib import Path
+from typing import Any
+
+from .._util.redact import redact_url
+from .journal import MlflowJournal
+
+log = logging.getLogger(__name__)
+
+LINEAGE_ARTIFACT_DIR = "oxen"
+LINEAGE_ARTIFACT_NAME = "lineage.json"
+
+
+def mlflow_available() -> bool:
+    return importlib.util.find_spec("mlflow") is not None
+
+
+def _active_run() -> tuple[str, str] | None:
+    """``(run_id, tracking_uri)`` of the user's active fluent run, without importing MLflow."""
+    mlflow = sys.modules.get("mlflow")
+    if mlflow is None or mlflow.active_run() is None:
+        return None
+    return mlflow.active_run().info.run_id, mlflow.get_tracking_uri()
+
+
+def _default_tracking_uri() -> str:
+    """MLflow's own choice: ``mlflow.set_tracking_uri`` if imported, else ``$MLFLOW_TRACKING_URI``, else SQLite."""
+    mlflow = sys.modules.get("mlflow")
+    if mlflow is not None:
+        return mlflow.get_tracking_uri()
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path('mlflow.db').resolve()}"
+
+
+class MlflowSink:
+    """One MLflow run's lineage logging; see the module docstring.
+
+    Build with :meth:`attach`. ``run_id`` is ``None`` until the sink process has
+    created the run (when this sink owns it).
+    """
+
+    def __init__(self, journal: MlflowJournal, *, owns_run: bool, client_uri: str,
+                 warm: "WarmSinkProcess | None" = None) -> None:
+        self.journal = journal
+        self.owns_run = owns_run
+        self._lock = threading.Lock()
+        self._seq = 0
+        self._unjournaled = 0  # operations lost because the journal could not be written (warned once)
+        # our own retries pace the sink; MLflow's (minutes by default) would only keep a dead server's
+        # operations locked away from `sync` longer. The user's own settings win.
+        settings = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_TIMEOUT": "30",
+                    **{k: v for k, v in os.environ.items() if k.startswith("MLFLOW_")},
+                    "MLFLOW_TRACKING_URI": client_uri}
+        proc = warm.hand_over(journal.folder, settings) if warm is not None else None
+        self._reusable = proc is not None  # a --warm process serves one journal after another
+        self._settings = settings
+        self._proc = proc or _start_sink(["--journal", str(journal.folder)], settings)
+        journal.write_sink_pid(self._proc.pid)  # busy for `sync` even before it takes the journal's lock
+
+    @classmethod
+    def attach(
+        cls,
+        *,
+        cache_dir: Path,
+        run_id: str | None = None,
+        tracking_uri: str | None = None,
+        experiment_name: str | None = None,
+        run_name: str | None = None,
+        model_repo: str | None = None,
+        warm: "WarmSinkProcess | None" = None,
+    ) -> "MlflowSink":
+        """Log into ``run_id``, else the active MLflow run, else a new run this sink ends.
+
+        ``model_repo``: where run ``run_name``'s checkpoints are committed; a training process
+        that dies without ending the run is finished from there by ``oxen-callbacks sync``.
+        ``warm``: a :class:`WarmSinkProcess` started earlier, used instead of a new process.
+        """
+        active = _active_run() if run_id is None else None
+        if active is not None:
+            run_id, tracking_uri = active[0], tracking_uri or active[1]
+        uri = tracking_uri or _default_tracking_uri()
+        meta = {"tracking_uri": redact_url(uri), "run_id": run_id}
+        if model_repo is not None:
+            meta.update(model_repo=model_repo, oxen_run=run_name)
+        journal = MlflowJournal.create(cache_dir, meta, trainer=True)
+        sink = cls(journal, owns_run=run_id is None, client_uri=uri, warm=warm)
+        if run_id is None:
+            experiment_id = os.environ.get("MLFLOW_EXPERIMENT_ID") if experiment_name is None else None
+            sink._enqueue({"op": "create_run", "run_name": run_name, "experiment_id": experiment_id,
+                           "experiment_name": experiment_name or os.environ.get("MLFLOW_EXPERIMENT_NAME")})
+        return sink
+
+    # -- state ----------------------------------------------------------------------
+    @property
+    def run_id(self) -> str | None:
+        return self.journal.meta().get("run_id")
+
+    @property
+    def tracking_uri(self) -> str:
+        """The tracking URI without credentials."""
+        return self.journal.meta()["tracking_uri"]
+
+    @property
+    def last_error(self) -> str | None:
+        return self.journal.status().get("last_error")
+
+    def why_pending(self) -> str:
+        """Why operations are still journaled (for the warning at fit end): the sink process's state
+        and the operations it has not done."""
+        status, code = self.journal.status(), self._proc.poll()
+        if status.get("waiting_for"):
+            why = f"the run is finished by `oxen-callbacks sync` once {status['waiting_for']}"
+        elif status.get("gave_up"):
+            why = f"the sink process gave up after retries: {status.get('last_error')}"
+        elif code is not None:
+            why = f"the sink process exited with code {code}"
+        else:
+            why = "the sink process is still working" + (
+                f", last error: {status['last_error']}" if status.get("last_error") else "")
+        ops = [op.get("op", "?") for _, op in self.journal.pending()]
+        return f"{why}; not yet done: {', '.join(ops) or 'nothing'}"
+
+    def wait_for_run(self, timeout: float) -> str | None:
+        """The run id, waiting up to ``timeout`` for the sink process to create the run."""
+        deadline = time.monotonic() + timeout
+        while self.run_id is None and time.monotonic() < deadline and not self._stopped():
+            time.sleep(0.01)
+        return self.run_id
+
+    # -- operations -------------------------------------------------------------------
+    def set_tags(self, tags: dict[str, Any]) -> None:
+        self._enqueue({"op": "set_tags", "tags": {k: v for k, v in tags.items() if v is not None}})
+
+    def log_lineage(self, record: dict[str, Any]) -> None:
+        self._enqueue({"op": "log_json", "artifact_dir": LINEAGE_ARTIFACT_DIR, "name": LINEAGE_ARTIFACT_NAME,
+                       "data": record})
+
+    def publish_extras(self, record: dict[str, Any], *, register_model: str | None, dataset_input: bool,
+                       graph: bool) -> None:
+        """Dataset input, registered model version and lineage picture (see :mod:`.model_registry`)."""
+        self._enqueue({"op": "publish_extras", "record": record, "register_model": register_model,
+                       "dataset_input": dataset_input, "graph": graph})
+
+    def finish_from_commits(self, status: str) -> None:
+        """Let the run be tagged, logged and ended ``status`` from the model repository's lineage once
+        its commits are done (the final lineage commit did not complete): the sink process leaves
+        this to ``oxen-callbacks sync`` at once while commits are still journaled."""
+        self._enqueue({"op": "finish_abandoned", "status": status, "terminate": self.owns_run})
+
+    def end(self, status: str = "FINISHED") -> None:
+        """End the run (when this sink started it): nothing more comes for this journal."""
+        if self.owns_run:
+            self._enqueue({"op": "end_run", "status": status})
+        try:
+            self.journal.mark_ended()
+        except OSError:
+            pass  # no folder to mark: nothing of this run is left for `sync` either
+        self._send(b"end\n")
+
+    def close(self) -> None:
+        """Let go of the sink process (after :meth:`end`): once it has done everything it waits,
+        MLflow imported, for the next training run of this process; else it finishes and exits."""
+        if self._reusable and self.journal.is_empty() and not self._stopped():
+            _release_idle(self._proc)
+        else:
+            _close_stdin(self._proc)
+        self._reusable = False
+        self.journal.release_trainer()  # what is left is `sync`'s from now on
+
+    def flush(self, timeout: float | None = None) -> bool:
+        """Wait for the queued operations; ``False`` if some remain (journaled) at the timeout."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not self.journal.is_empty():
+            if self._stopped() or (deadline is not None and time.monotonic() >= deadline):
+                if self.journal.status().get("waiting_for"):  # it exits at once; then `sync` may take over
+                    with contextlib.suppress(subprocess.TimeoutExpired):
+                        self._proc.wait(timeout=10)
+                return self.journal.is_empty()
+            time.sleep(0.01)
+        return True
+
+    # -- internals -----------------------------------------------------------------------
+    def _stopped(self) -> bool:
+        status = self.journal.status()
+        return self._proc.poll() is not None or bool(status.get("gave_up") or status.get("waiting_for"))
+
+    def _enqueue(self, op: dict[str, Any]) -> None:
+        with self._lock:
+            self._seq += 1
+            try:
+                if not (self.journal.folder / "meta.json").exists():
+                    self._recreate_journal()
+                self.journal.put(self._seq, op)
+            except OSError as exc:  # a full disk, an unwritable cache: not training's fault
+                (log.debug if self._unjournaled else log.warning)(
+                    "Could not journal the MLflow %s operation in %s (%s); it is not logged.",
+                    op["op"], self.journal.folder, exc)
+                self._unjournaled += 1
+                return
+        self._send(b"\n")
+
+    def _recreate_journal(self) -> None:
+        """Its folder was removed under us (a cleaned cache): make it again, with a new sink process
+        if ours is gone, so the operations from now on are logged rather than dropped."""
+        log.warning("The MLflow journal %s was removed during training; starting it again.", self.journal.folder)
+        self.journal.recreate(self.journal.meta(), trainer=True)
+        if self._proc.poll() is not None:
+            self._proc = _start_sink(["--journal", str(self.journal.folder)], self._settings)
+            self._reusable = False
+        self.journal.write_sink_pid(self._proc.pid)
+
+    def _send(self, line: bytes) -> None:
+        try:
+            assert self._proc.stdin is not None
+            self._proc.stdin.write(line)
+            self._proc.stdin.flush()
+        except (OSError, ValueError):
+            pass  # it gave up or ended: the operation stays journaled for sync
+
+
+def _start_sink(args: list[str], settings: dict[str, str]) -> subprocess.Popen[bytes]:
+    env = {**os.environ, **settings}
+    src_root = str(Path(__file__).resolve().parents[1])
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [src_root, env.get("PYTHONPATH")]))
+    return subprocess.Popen(
+        [sys.executable, "-m", "oxen_callbacks._mlflow.journal", *args],
+        stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env,
+        cwd=os.getcwd(), start_new_session=True,  # it may outlive training to finish the logging
+    )
+
+
+class WarmSinkProcess:
+    """A sink process with MLflow imported before fit end needs it (1-2 s of CPU): an idle one
+    left by an earlier training run of this process (a notebook trains again and again), else
+    one started now, when the callback is built. It gets its journal at fit start
+    (:meth:`hand_over`); unused, it exits when this object goes away or the training process
+    ends (its stdin closes).
+    """
+
+    def __init__(self) -> None:
+        self.proc: subprocess.Popen[bytes] | None = _take_idle() or _start_sink(["--warm"], {})
+        self._closer = weakref.finalize(self, _close_stdin, self.proc)
+
+    def hand_over(self, journal_folder: Path, settings: dict[str, str]) -> subprocess.Popen[bytes] | None:
+        """Give the process its journal; ``None`` if it is gone (start a new one then)."""
+        proc, self.proc = self.proc, None
+        self._closer.detach()
+        if proc is None or proc.poll() is not None or proc.stdin is None:
+            return None
+        # the whole environment, through the pipe (never on disk): a reused process must not keep
+        # an earlier run's settings
+        handoff = {"journal": str(journal_folder), "env": {**os.environ, **settings}, "cwd": os.getcwd()}
+        try:
+            proc.stdin.write(json.dumps(handoff).encode() + b"\n")
+            proc.stdin.flush()
+        except OSError:
+            return None
+        return proc
+
+
+_idle: list[subprocess.Popen[bytes]] = []  # sink processes done with their run, MLflow imported
+_idle_lock = threading.Lock()
+_idle_owner = os.getpid()  # a forked child (DDP workers) must not write to its parent's pipes
+
+
+def _take_idle() -> subprocess.Popen[bytes] | None:
+    with _idle_lock:
+        while _idle and os.getpid() == _idle_owner:
+            proc = _idle.pop()
+            if proc.poll() is None:
+                return proc
+    return None
+
+
+def _release_idle(proc: subprocess.Popen[bytes]) -> None:
+    with _idle_lock:
+        if os.getpid() == _idle_owner and not _idle:
+            _idle.append(proc)
+            return
+    _close_stdin(proc)  # one idle process is enough
+
+
+def _close_stdin(proc: subprocess.Popen[bytes]) -> None:
+    try:
+        if proc.stdin is not None:
+            proc.stdin.close()
+    except OSError:
+        pass

@@ -1,0 +1,168 @@
+"""Finish what training runs journaled but could not do: commits, pushes, MLflow logging.
+
+``oxen-callbacks sync`` calls :func:`sync_all`. It is safe to run at any time, as
+often as you like: queues of live training processes are left to them, every
+operation is idempotent, and what still fails stays journaled and is reported.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from .._data.snapshot import default_cache_dir
+from .._oxen import layout as oxen_layout
+from .._publish.known_repos import registered_model_repos
+from .._publish.push import PushTarget, pending_push, push_with_timeout
+from .._publish.queue import JobQueue, all_queues
+from .._util.locks import is_locked
+from .._util.redact import redact_text
+
+log = logging.getLogger(__name__)
+#: Finished queues of dead processes are kept this long (their worker.log helps debugging).
+KEEP_FINISHED_QUEUES_S = 24 * 3600
+
+
+def sync_model_repo(repo: Path, *, push_timeout: float = 300.0) -> dict[str, Any]:
+    """Drain the orphan queues of ``repo`` and retry its pending push."""
+    report: dict[str, Any] = {"repo": str(repo), "committed": 0, "failed": [], "busy": [], "push": None}
+    for queue in all_queues(repo):
+        pending = queue.pending()
+        if not pending:
+            _forget_if_old(queue)
+            continue
+        if is_locked(queue.owner_lock) or is_locked(queue.worker_lock):
+            report["busy"].append({"queue": queue.folder.name, "pending": len(pending)})
+            continue
+        report["committed"] += len(pending)
+        _drain(queue, repo, push_timeout)
+        left = queue.pending()
+        report["committed"] -= len(left)
+        if left:
+            report["failed"].append({"queue": queue.folder.name, "pending": len(left), "log": str(queue.log_path)})
+    marker = pending_push(repo)
+    if marker is not None:
+        result = push_with_timeout(repo, PushTarget(marker["remote"], marker.get("branch"), push_timeout,
+                                                    url=marker.get("url")))
+        report["push"] = result
+    return report
+
+
+def _drain(queue: JobQueue, repo: Path, push_timeout: float) -> None:
+    """Run a worker on ``queue`` with stdin closed: it drains everything, then exits."""
+    meta = queue.meta()
+    cmd = [sys.executable, "-m", "oxen_callbacks._publish.worker", "--queue", str(queue.folder), "--repo", str(repo),
+           "--push-timeout", str(push_timeout)]
+    if meta.get("remote"):
+        cmd += ["--remote", meta["remote"]] + (["--branch", meta["branch"]] if meta.get("branch") else [])
+        if meta.get("remote_url"):
+            cmd += ["--remote-url", meta["remote_url"]]
+    env = {**os.environ, **meta.get("env", {})}
+    subprocess.run(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env,
+                   check=False)
+
+
+def _forget_if_old(queue: JobQueue) -> None:
+    if is_locked(queue.owner_lock) or is_locked(queue.worker_lock):
+        return
+    try:
+        age = time.time() - (queue.folder / "meta.json").stat().st_mtime
+    except FileNotFoundError:
+        return
+    if age > KEEP_FINISHED_QUEUES_S:
+        shutil.rmtree(queue.folder, ignore_errors=True)
+
+
+@contextmanager
+def _quick_mlflow_failures() -> Iterator[None]:
+    """While replaying, a server still down fails in seconds, not after MLflow's minutes of retries."""
+    defaults = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+                "MLFLOW_HTTP_REQUEST_TIMEOUT": "30"}
+    saved = {k: os.environ.get(k) for k in defaults}
+    for key, value in defaults.items():
+        os.environ.setdefault(key, value)  # the user's own settings win
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+
+
+def sync_mlflow(cache_dir: Path) -> list[dict[str, Any]]:
+    """Replay every journaled MLflow operation of finished runs."""
+    with _quick_mlflow_failures():
+        return _replay_all(cache_dir)
+
+
+def _replay_all(cache_dir: Path) -> list[dict[str, Any]]:
+    from .._mlflow.journal import ABANDONED_SEQ, MlflowJournal, journals, replay
+
+    reports = []
+    for folder in journals(cache_dir):
+        journal = MlflowJournal(folder)
+        if journal.trainer_alive() or is_locked(journal.lock_path) or journal.sink_alive():
+            if not journal.is_empty():  # its training process or sink process still logs it
+                reports.append({"journal": folder.name, "status": "busy"})
+            continue
+        if journal.abandoned():  # the whole job was killed at once: no sink process lived to say so
+            with contextlib.suppress(OSError):  # (a folder removed meanwhile is simply gone)
+                journal.put(ABANDONED_SEQ, {"op": "finish_abandoned"})
+        if journal.is_empty():
+            shutil.rmtree(folder, ignore_errors=True)
+            continue
+        meta = journal.meta()
+        if _waits_for_commits(journal, meta):
+            reports.append({"journal": folder.name, "status": "busy", "run_id": meta.get("run_id"),
+                            "waiting_for": f"the commits of run {meta['oxen_run']} in {meta['model_repo']}"})
+            continue
+        entry: dict[str, Any] = {"journal": folder.name, "tracking_uri": meta.get("tracking_uri"),
+                                 "run_id": meta.get("run_id"), "pending": len(journal.pending())}
+        try:
+            with contextlib.redirect_stdout(sys.stderr):  # MLflow prints run links: keep stdout for our report
+                entry["done"] = replay(journal)
+            entry["status"] = "done"
+            entry["run_id"] = journal.meta().get("run_id")  # created by the replay when training could not
+            if journal.meta().get("abandoned"):
+                entry["abandoned"] = journal.meta()["abandoned"]
+            shutil.rmtree(folder, ignore_errors=True)
+        except Exception as exc:  # MLflow still down: keep it for the next sync
+            entry["status"] = "failed"
+            entry["error"] = redact_text(f"{type(exc).__name__}: {exc}")[:500]
+        reports.append(entry)
+    return reports
+
+
+def _waits_for_commits(journal: Any, meta: dict[str, Any]) -> bool:
+    """A dead training process's run is finished from its committed checkpoints: not while a
+    live worker still commits some."""
+    from .._mlflow.abandoned import commits_pending
+
+    abandoned = any(op.get("op") == "finish_abandoned" for _, op in journal.pending())
+    return abandoned and commits_pending(meta["model_repo"], meta.get("oxen_run") or "")
+
+
+def sync_all(cache_dir: Path | None = None, *, model_repos: list[Path] | None = None,
+             push_timeout: float = 300.0, mlflow: bool = True) -> dict[str, Any]:
+    """Finish every journaled commit, push and MLflow operation known to this machine.
+
+    Returns a JSON-able report: ``{"model_repos": [...], "mlflow": [...], "pending": N}``
+    where ``pending`` counts what is still not done.
+    """
+    cache = Path(cache_dir or default_cache_dir()).expanduser().resolve()
+    repos = [Path(r).resolve() for r in (model_repos or registered_model_repos(cache))]
+    repo_reports = [sync_model_repo(r, push_timeout=push_timeout) for r in repos if oxen_layout.is_repo(r)]
+    mlflow_reports = sync_mlflow(cache) if mlflow else []
+    pending = sum(sum(f["pending"] for f in r["failed"]) + sum(b["pending"] for b in r["busy"])
+                  + (1 if r["push"] and not r["push"]["ok"] else 0) for r in repo_reports)
+    pending += sum(1 for m in mlflow_reports if m["status"] != "done")
+    return {"model_repos": repo_reports, "mlflow": mlflow_reports, "pending": pending}

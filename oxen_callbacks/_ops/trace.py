@@ -1,0 +1,285 @@
+"""Lineage queries: which data and code trained a model, and what was trained on some data.
+
+Two sources, used together when both are there:
+
+* MLflow, searched by tag (``oxen.model.commit``, ``oxen.dataset.commit``, ``oxen.run``,
+  ``oxen.endpoint.<slug>``): one indexed query per question, however many runs the
+  store holds;
+* model repositories: ``runs/<run>/lineage.json`` (the working-tree copy is always
+  complete) and ``deployments/*.json``, which answer without MLflow.
+
+Every answer is a list of *run views*: a lineage record (schema
+``oxen-callbacks/lineage/v1``) plus ``registered`` (model versions), ``endpoints``
+and ``source`` (where the record came from)::
+
+    finder = LineageFinder(tracking_uri="http://127.0.0.1:5000", model_repos=["models/reviews"])
+    finder.run("0f3c...")["dataset"]["commit"]
+    finder.trace("runs/run-a/checkpoints/last.ckpt")["runs"][0]["dataset"]["commit"]
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from .._mlflow.query import TrackingReader, missing_store, open_reader, quote, tag_filter
+from .._mlflow.query import tracking_uri as default_tracking_uri
+from .._mlflow.registry import ENDPOINT_TAG_PREFIX, clean_endpoint, endpoint_slug, endpoint_tag, read_deployments
+from .._mlflow.sink import LINEAGE_ARTIFACT_DIR, LINEAGE_ARTIFACT_NAME
+from .._oxen import layout as oxen_layout
+from .._oxen.commit_id import FULL_COMMIT_ID_LEN, is_commit_like
+from ..errors import ConfigurationError, LineageValidationError
+from ..lineage import SCHEMA, read_lineage
+
+log = logging.getLogger(__name__)
+
+
+
+# -- model repositories -----------------------------------------------------------------------
+def repo_records(model_repo: str | os.PathLike[str]) -> list[dict[str, Any]]:
+    """The lineage records of every run in a model repository's working tree."""
+    found = (_read(path) for path in sorted(Path(model_repo).glob("runs/*/lineage.json")))
+    return [record for record in found if record is not None]
+
+
+def repo_record(model_repo: str | os.PathLike[str], run_name: str) -> dict[str, Any] | None:
+    """The lineage record of run ``run_name`` in a model repository, if it is there and readable."""
+    if not run_name or run_name in (".", "..") or Path(run_name).name != run_name:
+        return None  # not a folder name: nothing outside runs/ is read
+    path = Path(model_repo) / "runs" / run_name / "lineage.json"
+    return _read(path) if path.is_file() else None
+
+
+def _read(path: Path) -> dict[str, Any] | None:
+    try:
+        return read_lineage(path)
+    except (OSError, ValueError, LineageValidationError) as exc:
+        log.warning("Skipping unreadable lineage record %s: %s", path, exc)
+        return None
+
+
+def find_checkpoint_run(model_repo: str | os.PathLike[str], commit: str) -> tuple[dict[str, Any], dict[str, Any]] | None:
+    """The run and checkpoint entry committed as ``commit`` (the last such entry), if any."""
+    for record in repo_records(model_repo):
+        hits = [c for c in record["checkpoints"] if c["commit"] == commit]
+        if hits:
+            return record, hits[-1]
+    return None
+
+
+def record_from_tags(run: dict[str, Any]) -> dict[str, Any]:
+    """A lineage record rebuilt from a run's ``oxen.*`` tags (no checkpoint list)."""
+    t = run["tags"]
+    dataset = None
+    if t.get("oxen.dataset.commit"):
+        dataset = {"repo": t.get("oxen.dataset.repo"), "revision": t.get("oxen.dataset.revision"),
+                   "commit": t["oxen.dataset.commit"], "paths": json.loads(t.get("oxen.dataset.paths") or "[\".\"]")}  # no tag: the whole commit
+    return {"schema": SCHEMA, "dataset": dataset,
+            "model": {"repo": t.get("oxen.model.repo"), "commit": t.get("oxen.model.commit"), "path": t.get("oxen.model.path")},
+            "checkpoints": [], "run": {"name": t.get("oxen.run"), "mlflow_run_id": run["run_id"]},
+            "code": {"git_commit": t.get("oxen.code.git_commit"), "git_dirty": None},
+            "status": t.get("oxen.lineage.status") or run.get("status")}
+
+
+class LineageFinder:
+    """Answers lineage questions from MLflow and/or model repositories.
+
+    Args:
+        tracking_uri: MLflow to search (default ``$MLFLOW_TRACKING_URI``; none: model repositories only).
+        model_repos: model repositories to read; default the one the current folder lies in.
+    """
+
+    def __init__(self, *, tracking_uri: str | None = None, model_repos: Sequence[str | os.PathLike[str]] = ()) -> None:
+        uri = default_tracking_uri(tracking_uri)
+        #: The SQLite file the tracking URI names when it does not exist: never created by a query.
+        self.missing_store = missing_store(uri) if uri else None
+        self.reader: TrackingReader | None = open_reader(uri) if uri and not self.missing_store else None
+        self.model_repos = [_check_repo(r) for r in model_repos]
+        if not self.model_repos:
+            here = oxen_layout.find_repo_root(Path.cwd())
+            if here is not None and (here / "runs").is_dir():
+                self.model_repos = [here]
+        self._aliases: dict[str, dict[str, str]] = {}
+
+    # -- one run ---------------------------------------------------------------------------
+    def run(self, run_id: str) -> dict[str, Any]:
+        """The lineage of ``run_id`` (an MLflow run id, or a run name in a model repository)."""
+        for repo in self.model_repos:
+            record = repo_record(repo, run_id) or next(
+                (r for r in repo_records(repo) if r["run"].get("mlflow_run_id") == run_id), None)
+            if record is not None:
+                return self._enrich([{**record, "source": "model-repo"}])[0]
+        if self.reader is None:
+            where = ", ".join(str(r) for r in self.model_repos)
+            raise ConfigurationError(
+                f"Run {run_id!r} is not in {('the model repository ' + where) if where else 'any model repository'}"
+                f" and {self._no_mlflow()}.",
+                "set MLFLOW_TRACKING_URI (or --tracking-uri) for an MLflow run id, "
+                "or pass --model-repo PATH with the run's name (runs/<name>/ in that repository).")
+        found = self.reader.get_run(run_id)
+        if found is None:
+            raise ConfigurationError(f"MLflow at {self.reader.uri} has no run {run_id!r}.",
+                                     "copy the run id from the MLflow UI or from the training output.")
+        view = self._view(found, artifact=True)
+        return self._enrich([view])[0]
+
+    def _view(self, run: dict[str, Any], *, artifact: bool = False) -> dict[str, Any]:
+        """A run view for an MLflow run: the model repository's copy, else the artifact, else tags."""
+        tags = run["tags"]
+        repo, name = tags.get("oxen.model.repo"), tags.get("oxen.run")
+        record = repo_record(repo, name) if repo and name and oxen_layout.is_repo(repo) else None
+        if record is not None and record["run"].get("mlflow_run_id") == run["run_id"]:
+            return {**record, "source": "model-repo", "_tags": tags}
+        if artifact and self.reader is not None:
+            data = self.reader.artifact_json(run["run_id"], f"{LINEAGE_ARTIFACT_DIR}/{LINEAGE_ARTIFACT_NAME}")
+            if data is not None:
+                return {**read_lineage(data), "source": "mlflow-artifact", "_tags": tags}
+        return {**record_from_tags(run), "source": "mlflow-tags", "_tags": tags}
+
+    # -- trace -------------------------------------------------------------------------------
+    def trace(self, target: str) -> dict[str, Any]:
+        """Runs on the other side of ``target``: a checkpoint path, a model or dataset commit, or an endpoint."""
+        target = target.strip()
+        location = None if "://" in target else self._checkpoint_location(target)
+        if location is not None:
+            kind, views = "checkpoint", self._by_checkpoint(*location)
+        elif self.reader is None and not self.model_repos:
+            raise ConfigurationError(f"Nowhere to look for {target!r}: {self._no_mlflow()} and no model repository.",
+                                     "set MLFLOW_TRACKING_URI (or --tracking-uri), or pass --model-repo PATH.")
+        elif is_commit_like(target):
+            kind, views = self._by_commit(target.lower())
+        else:
+            kind, views = "endpoint", self._by_endpoint(target)
+        result = {"target": target, "kind": kind, "runs": self._enrich(views)}
+        if self.missing_store and not views:
+            result["note"] = f"{self._no_mlflow()}: only the model repositories were searched"
+        return result
+
+    def _no_mlflow(self) -> str:
+        """Why MLflow is not searched."""
+        if self.missing_store:
+            return f"the MLflow store {self.missing_store} does not exist"
+        return "no MLflow tracking URI is set"
+
+    def _checkpoint_location(self, target: str) -> tuple[Path, str] | None:
+        """``(model repository, path inside it)`` when ``target`` names a file of a run folder."""
+        given = Path(target).expanduser()
+        if "/" not in target and not given.exists():
+            return None
+        absolute = given if given.is_absolute() else Path.cwd() / given
+        anchor = next((p for p in (absolute, *absolute.parents) if p.exists()), Path("/"))
+        real = anchor.resolve() / absolute.relative_to(anchor)
+        root = oxen_layout.find_repo_root(anchor)
+        if root is not None:
+            rel = real.relative_to(root)
+            if len(rel.parts) >= 3 and rel.parts[0] == "runs":
+                return root, rel.as_posix()
+        if not given.is_absolute() and len(given.parts) >= 3 and given.parts[0] == "runs":
+            for repo in self.model_repos:
+                if (repo / "runs" / given.parts[1]).is_dir():
+                    return repo, given.as_posix()
+            if self.reader is not None:
+                for run in self.reader.search_runs(tag_filter("oxen.run", given.parts[1])):
+                    repo_path = run["tags"].get("oxen.model.repo")
+                    if repo_path and oxen_layout.is_repo(repo_path):
+                        return Path(repo_path), given.as_posix()
+        return None
+
+    def _by_checkpoint(self, repo: Path, rel: str) -> list[dict[str, Any]]:
+        record = repo_record(repo, rel.split("/")[1])
+        if record is None:
+            return []
+        matched = [c for c in record["checkpoints"] if c["path"] == rel]
+        return [{**record, "source": "model-repo", "matched_checkpoints": matched}] if matched else []
+
+    def _by_commit(self, commit: str) -> tuple[str, list[dict[str, Any]]]:
+        prefix = len(commit) < FULL_COMMIT_ID_LEN  # shorter input is a prefix (a 31-digit id matches itself)
+        models: dict[str, dict[str, Any]] = {}
+        datasets: dict[str, dict[str, Any]] = {}
+        if self.reader is not None:
+            for run in self.reader.search_runs(tag_filter("oxen.model.commit", commit, prefix=prefix)):
+                models[run["run_id"]] = self._view(run)
+            if prefix or not models:  # a full id names one commit: a model's is no dataset's
+                for run in self.reader.search_runs(tag_filter("oxen.dataset.commit", commit, prefix=prefix)):
+                    datasets[run["run_id"]] = self._view(run)
+        for repo in self.model_repos:
+            for record in repo_records(repo):
+                key = record["run"].get("mlflow_run_id") or f"{repo}:{record['run'].get('name')}"
+                if any((c["commit"] or "").startswith(commit) for c in record["checkpoints"]):
+                    models.setdefault(key, {**record, "source": "model-repo"})
+                if record["dataset"] and record["dataset"]["commit"].startswith(commit):
+                    datasets.setdefault(key, {**record, "source": "model-repo"})
+        for view in models.values():
+            model = view["model"]
+            view["matched_checkpoints"] = [c for c in view["checkpoints"] if (c["commit"] or "").startswith(commit)] or (
+                [{"commit": model["commit"], "path": model["path"]}] if (model["commit"] or "").startswith(commit) else [])
+        if models and not datasets:
+            return "model-commit", list(models.values())
+        if datasets and not models:
+            return "dataset-commit", list(datasets.values())
+        return "commit", [*models.values(), *datasets.values()]
+
+    def _by_endpoint(self, endpoint: str) -> list[dict[str, Any]]:
+        views: dict[str, dict[str, Any]] = {}
+        if self.reader is not None:
+            for run in self.reader.search_runs(tag_filter(endpoint_tag(endpoint), clean_endpoint(endpoint))):
+                views[run["run_id"]] = self._view(run)
+        slug = endpoint_slug(endpoint)
+        for repo in self.model_repos:
+            for deployment in read_deployments(repo):
+                if deployment["slug"] != slug:
+                    continue
+                record = repo_record(repo, deployment["run"]["name"] or "")
+                if record is not None:
+                    key = record["run"].get("mlflow_run_id") or f"{repo}:{record['run']['name']}"
+                    views.setdefault(key, {**record, "source": "model-repo"})
+        return list(views.values())
+
+    # -- registered versions and endpoints -----------------------------------------------------
+    def _enrich(self, views: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        versions: dict[str, list[dict[str, Any]]] = {}
+        run_ids = [v["run"]["mlflow_run_id"] for v in views if v["run"].get("mlflow_run_id")]
+        if self.reader is not None and run_ids:
+            for i in range(0, len(run_ids), 100):
+                chunk = ", ".join(quote(r) for r in run_ids[i:i + 100])
+                for version in self.reader.search_versions(f"run_id IN ({chunk})"):
+                    version["aliases"] = sorted(a for a, v in self._aliases_of(version["name"]).items()
+                                                if v == version["version"])
+                    versions.setdefault(version["run_id"], []).append(version)
+        deployments = {str(r): read_deployments(r) for r in {v["model"]["repo"] for v in views}
+                       if r and oxen_layout.is_repo(r)}
+        for view in views:
+            view["registered"] = sorted(versions.get(view["run"].get("mlflow_run_id"), []),
+                                        key=lambda v: (v["name"], int(v["version"])))
+            view["endpoints"] = _endpoints(view, deployments.get(str(view["model"]["repo"]), []), view.pop("_tags", {}))
+        return views
+
+    def _aliases_of(self, name: str) -> dict[str, str]:
+        if name not in self._aliases:
+            assert self.reader is not None
+            self._aliases[name] = self.reader.aliases(name)
+        return self._aliases[name]
+
+
+def _endpoints(view: dict[str, Any], deployments: list[dict[str, Any]], tags: dict[str, str]) -> list[dict[str, Any]]:
+    """What the run's models serve: the model repository's deployment records, else the run's MLflow tags."""
+    found = {d["slug"]: {"endpoint": d["endpoint"], "model_commit": d["model"]["commit"], "model_path": d["model"]["path"],
+                         "deployed_at": d.get("deployed_at")}
+             for d in deployments if d["run"].get("name") == view["run"].get("name")}
+    for key, value in tags.items():
+        if key.startswith(ENDPOINT_TAG_PREFIX):
+            found.setdefault(key[len(ENDPOINT_TAG_PREFIX):], {"endpoint": value, "model_commit": None,
+                                                              "model_path": None, "deployed_at": None})
+    return sorted(found.values(), key=lambda e: e["endpoint"])
+
+
+def _check_repo(path: str | os.PathLike[str]) -> Path:
+    root = Path(path).expanduser().resolve()
+    if not oxen_layout.is_repo(root):
+        raise ConfigurationError(f"--model-repo {str(path)!r} is not an Oxen repository (no .oxen folder).",
+                                 "pass the folder the training run committed checkpoints to (model_repo=...).")
+    return root

@@ -1,0 +1,179 @@
+"""oxenai calls on a repository, each in a short-lived child process.
+
+oxenai (0.65) keeps a repository's refs and staging databases open, with their
+OS locks, for the rest of the process once it has touched them: a training
+process that read a dataset's branches would lock the user's own ``oxen``
+commands out of that repository until training ends, and two processes could
+not share a model repository. Running every call in a child that exits releases
+the locks at once (and keeps oxenai's GIL-holding work and panics out of the
+training process). A call costs about 0.3 s of process start-up.
+
+Example::
+
+    from oxen_callbacks import oxen_child
+    commit = oxen_child.commit_paths("data/reviews", ["train.csv"], "Add March reviews")
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+from .. import errors
+from ..errors import OxenError
+
+_SIGNALS = {int(s) for s in signal.Signals}
+_ERROR_TYPES = {"ConfigurationError": errors.ConfigurationError, "RepoBusyError": errors.RepoBusyError,
+                "OxenError": OxenError}
+
+
+#: Wall-clock limit of one materialization of a commit (a copy from Oxen's content store or
+#: ``oxen restore``): generous, two hours (~1 TB through ``oxen restore``), so that only a hung
+#: child meets it.
+MATERIALIZE_TIMEOUT_S = 7200.0
+
+
+class ChildTimedOut(OxenError):
+    """The child gave no answer within its wall-clock limit (it was killed)."""
+
+
+class ChildCrashed(OxenError):
+    """The child was killed by a signal (``signal``: its number), e.g. SIGBUS on a damaged repository."""
+
+    def __init__(self, message: str, signal_number: int) -> None:
+        super().__init__(message)
+        self.signal = signal_number
+
+
+def _call(op: str, timeout: float | None = 600.0, *, show_stderr: bool = False, **args: Any) -> Any:
+    """Run ``op`` in a child; ``show_stderr`` passes its stderr (progress bars) to ours instead of keeping it."""
+    request = json.dumps({"op": op, "args": args})
+    env = dict(os.environ)
+    src_root = str(Path(__file__).resolve().parents[1])
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [src_root, env.get("PYTHONPATH")]))
+    try:
+        proc = subprocess.run([sys.executable, "-m", "oxen_callbacks._oxen.child"], input=request,
+                              stdout=subprocess.PIPE, stderr=None if show_stderr else subprocess.PIPE,
+                              text=True, timeout=timeout, env=env)
+    except subprocess.TimeoutExpired:
+        raise ChildTimedOut(f"no answer within {timeout:g}s (oxen {op} stopped)") from None
+    if proc.returncode < 0:
+        name = signal.Signals(-proc.returncode).name if -proc.returncode in _SIGNALS else str(-proc.returncode)
+        raise ChildCrashed(f"oxen {op} was killed by {name}", -proc.returncode)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    if not lines:
+        tail = "\n".join(proc.stderr.strip().splitlines()[-5:]) if proc.stderr else "(its messages are above)"
+        raise OxenError(f"oxen {op} failed (exit code {proc.returncode}): {tail}")
+    reply = json.loads(lines[-1])
+    if reply["ok"]:
+        return reply["result"]
+    kind = _ERROR_TYPES.get(reply["type"], OxenError)
+    if kind is errors.ConfigurationError:
+        raise kind(reply["message"], reply.get("hint"))
+    raise kind(reply["message"])
+
+
+def run_in_child(function: str, *, timeout: float | None = 600.0, show_stderr: bool = False, **kwargs: Any) -> Any:
+    """Call ``function`` (``"package.module:name"``, JSON-able kwargs and result) in a child process."""
+    return _call("call", timeout=timeout, show_stderr=show_stderr, function=function, kwargs=kwargs)
+
+
+def init_repo(path: str | os.PathLike[str]) -> None:
+    _call("init", path=str(path))
+
+
+def branches(path: str | os.PathLike[str]) -> dict[str, str]:
+    return _call("branches", path=str(path))
+
+
+def changed_paths(path: str | os.PathLike[str], paths: list[str]) -> list[str]:
+    return _call("changed_paths", path=str(path), paths=paths)
+
+
+def commit_paths(path: str | os.PathLike[str], paths: list[str], message: str,
+                 author: tuple[str, str] | None = None) -> str:
+    """``oxen add`` each of ``paths`` then commit; returns the commit id (identity: see :mod:`.identity`)."""
+    from .identity import resolve_author
+
+    who = resolve_author(author)
+    return _call("commit", path=str(path), paths=paths, message=message,
+                 author=None if who.source == "oxen-config" else [who.name, who.email])
+
+
+def log(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
+    """Commits reachable from HEAD, newest first: ``{id, message, author, timestamp, parent_ids}``."""
+    return _call("log", path=str(path))
+
+
+def materialize(path: str | os.PathLike[str], commit: str, paths: list[str], dest: str | os.PathLike[str]) -> None:
+    """``oxen restore`` of ``paths`` at ``commit`` into ``dest`` (see :func:`source_local.restore_into`).
+
+    Raises :class:`ChildTimedOut` after :data:`MATERIALIZE_TIMEOUT_S` (oxenai has no
+    timeout of its own: a restore that hangs would hold the pin forever).
+    """
+    _call("materialize", timeout=MATERIALIZE_TIMEOUT_S, path=str(path), commit=commit, paths=paths, dest=str(dest))
+
+
+# -- the child side -------------------------------------------------------------------
+def _serve(request: dict[str, Any]) -> Any:
+    op, args = request["op"], request["args"]
+    if op == "call":
+        import importlib
+
+        module, _, name = args["function"].partition(":")
+        return getattr(importlib.import_module(module), name)(**args["kwargs"])
+    from .repo import LocalRepo  # not for "call": a cold pin's copy child starts ~30 ms sooner
+
+    if op == "init":
+        LocalRepo.init(args["path"])
+        return None
+    if op == "commit":
+        from .identity import commit_identity
+
+        repo = LocalRepo(args["path"])
+        author = tuple(args["author"]) if args["author"] else None
+        with commit_identity(author) if author else nullcontext():
+            for rel in args["paths"]:
+                repo.add(rel)
+            return repo.commit(args["message"])
+    repo = LocalRepo(args["path"])
+    if op == "branches":
+        return repo.branches()
+    if op == "changed_paths":
+        return repo.changed_paths(args["paths"])
+    if op == "log":
+        return repo.log()
+    if op == "materialize":
+        from .._data.local import restore_into
+
+        restore_into(repo, args["commit"], args["paths"], Path(args["dest"]))
+        return None
+    raise ValueError(f"unknown op {op!r}")
+
+
+def main() -> int:
+    reply_stream = os.fdopen(os.dup(1), "w")
+    os.dup2(2, 1)  # oxenai prints progress to stdout: keep it off the reply channel
+    request = json.loads(sys.stdin.read())
+    try:
+        reply = {"ok": True, "result": _serve(request)}
+    except errors.ConfigurationError as exc:
+        reply = {"ok": False, "type": "ConfigurationError", "message": str(exc).split("\nHINT: ")[0],
+                 "hint": exc.hint}
+    except errors.OxenCallbacksError as exc:
+        reply = {"ok": False, "type": type(exc).__name__, "message": str(exc)}
+    except Exception as exc:
+        reply = {"ok": False, "type": "OxenError", "message": f"{type(exc).__name__}: {exc}"}
+    reply_stream.write(json.dumps(reply) + "\n")
+    reply_stream.flush()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

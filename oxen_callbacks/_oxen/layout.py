@@ -1,0 +1,196 @@
+"""What this library knows of Oxen's private on-disk layout, in one place.
+
+oxenai (0.65) offers no public way to read an old commit of a local repository
+without touching its working tree, to list the commits of every branch, or to
+find the temp files a killed ``add`` leaves behind. Those needs are met here
+from the ``.oxen`` folder's layout. ``tests/test_oxen_layout.py`` checks every
+assumption against the installed oxenai and fails loudly when an upgrade
+changes one; pyproject bounds the oxenai version range accordingly. The format
+of the merkle tree (which files a commit holds) is in :mod:`oxen_callbacks._oxen.tree`.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+from .commit_id import is_commit_id
+
+OXEN_DIR = ".oxen"
+#: Our own state inside a repository's ``.oxen`` folder (Oxen ignores unknown entries).
+STATE_DIR_NAME = "oxen-callbacks"
+#: Entries of ``.oxen`` a read-only shadow must not copy: the content store is
+#: shared through a symlink; the rest is per-working-tree state.
+_SHADOW_SKIP = {"versions", "staged", "workspaces", "tmp", STATE_DIR_NAME}
+_TEMP_INFIX = ".oxentmp."
+#: Entries of ``.oxen`` that the first commit makes (``oxen init`` makes only ``config.toml``).
+_COMMITTED = ("HEAD", "history", "refs", "tree")
+
+
+class DamagedLayout(ValueError):
+    """A repository's own files are not as Oxen leaves them; the message says which and how."""
+
+
+def oxen_dir(repo: str | os.PathLike[str]) -> Path:
+    return Path(repo) / OXEN_DIR
+
+
+def is_repo(path: str | os.PathLike[str]) -> bool:
+    """True when ``path`` is the root of a local Oxen repository."""
+    return (oxen_dir(path) / "config.toml").is_file()
+
+
+def find_repo_root(path: str | os.PathLike[str]) -> Path | None:
+    """The Oxen repository containing ``path`` (itself or an ancestor), if any."""
+    p = Path(path).resolve()
+    for candidate in (p, *p.parents):
+        if is_repo(candidate):
+            return candidate
+    return None
+
+
+def state_dir(repo: str | os.PathLike[str]) -> Path:
+    """Where this library keeps queues and locks of a repository."""
+    return oxen_dir(repo) / STATE_DIR_NAME
+
+
+def head_ref(repo: str | os.PathLike[str]) -> str:
+    """What ``.oxen/HEAD`` holds: a branch name, or a commit id when detached."""
+    return (oxen_dir(repo) / "HEAD").read_text().strip()
+
+
+def read_config(repo: str | os.PathLike[str]) -> dict[str, Any]:
+    """``.oxen/config.toml``, parsed.
+
+    Raises:
+        FileNotFoundError: there is none.
+        DamagedLayout: it cannot be read or is not TOML.
+    """
+    import tomllib
+
+    try:
+        return tomllib.loads((oxen_dir(repo) / "config.toml").read_bytes().decode())
+    except FileNotFoundError:
+        raise
+    except (OSError, ValueError) as exc:  # a folder in its place, not UTF-8, not TOML
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise DamagedLayout(f".oxen/config.toml cannot be read ({reason})") from None
+
+
+def damage(repo: str | os.PathLike[str]) -> str | None:
+    """What is wrong with a repository's own files (config and what a commit makes), or ``None``.
+
+    A repository without commits holds only its config: that is not damage. ``HEAD``
+    is read (and its faults named) by :func:`head_ref`.
+    """
+    try:
+        read_config(repo)
+    except (FileNotFoundError, DamagedLayout) as exc:
+        return str(exc) if isinstance(exc, DamagedLayout) else ".oxen/config.toml is missing"
+    root = oxen_dir(repo)
+    if not any(os.path.lexists(root / name) for name in _COMMITTED):
+        return None
+    for name in ("history", "refs"):
+        if not (root / name).is_dir():
+            return f".oxen/{name} is {'not a folder' if os.path.lexists(root / name) else 'missing'}"
+    return None
+
+
+def remotes(repo: str | os.PathLike[str]) -> dict[str, str]:
+    """Remote name -> URL, from ``.oxen/config.toml`` (``remotes = [{name, url}]``).
+
+    Raises:
+        DamagedLayout: the config cannot be read.
+    """
+    try:
+        config = read_config(repo)
+    except FileNotFoundError:
+        return {}
+    found = config.get("remotes", [])
+    if not isinstance(found, list):
+        raise DamagedLayout(f".oxen/config.toml holds remotes = {found!r}, not a list")
+    return {r["name"]: r["url"] for r in found if isinstance(r, dict) and "name" in r and "url" in r}
+
+
+def commit_ids(repo: str | os.PathLike[str]) -> list[str]:
+    """Ids of every commit the repository holds, on any branch (``.oxen/history/<id>``)."""
+    history = oxen_dir(repo) / "history"
+    if not history.is_dir():
+        return []
+    return [entry.name for entry in os.scandir(history) if entry.is_dir() and is_commit_id(entry.name)]
+
+
+def make_shadow(repo: str | os.PathLike[str], dest: str | os.PathLike[str], commit_id: str, *,
+                linked: tuple[str, ...] = ("versions",)) -> Path:
+    """Make ``dest`` a working tree of ``repo`` detached at ``commit_id``, with no files.
+
+    The shadow's ``.oxen`` copies the original's metadata and links its content
+    store, so ``restore(path, source=commit_id)`` run in the shadow writes that
+    commit's bytes while the original tree, HEAD, branches and staging area stay
+    as they are. ``linked`` names the ``.oxen`` entries shared rather than copied:
+    with ``"refs"`` (the branch database) among them, branch operations run in the
+    shadow change the original's branches, and only those.
+    """
+    src = oxen_dir(repo)
+    dst = Path(dest) / OXEN_DIR
+    dst.mkdir(parents=True)
+    for entry in os.scandir(src):
+        target = dst / entry.name
+        if entry.name in linked:
+            os.symlink(os.path.realpath(entry.path), target)
+        elif entry.name in _SHADOW_SKIP:
+            continue
+        elif entry.is_dir(follow_symlinks=False):
+            shutil.copytree(entry.path, target, symlinks=True)
+        else:
+            shutil.copy2(entry.path, target)
+    detach_head(dest, commit_id)
+    return Path(dest)
+
+
+def detach_head(worktree: str | os.PathLike[str], commit_id: str) -> None:
+    """Point ``.oxen/HEAD`` of ``worktree`` (a shadow: never the user's tree) at ``commit_id``."""
+    (oxen_dir(worktree) / "HEAD").write_text(commit_id)
+
+
+def version_path(repo: str | os.PathLike[str], content_hash: int) -> Path:
+    """Where Oxen's local content store keeps bytes of this xxh3-128 hash."""
+    return versions_root(repo) / version_relpath(content_hash)
+
+
+def versions_root(repo: str | os.PathLike[str]) -> Path:
+    """Oxen's default local content store (a ``versions_path`` in config.toml moves it)."""
+    return oxen_dir(repo) / "versions" / "files"
+
+
+def version_relpath(content_hash: int) -> str:
+    """A hash's file under :func:`versions_root`: unpadded hex split 2/rest, then ``data``."""
+    text = format(content_hash, "x")
+    return f"{text[:2]}/{text[2:]}/data"
+
+
+def version_scratch(repo: str | os.PathLike[str], token: str) -> Path:
+    """A scratch file in the content store, named so :func:`orphan_temp_files` finds it if left behind."""
+    return oxen_dir(repo) / "versions" / "files" / f"data{_TEMP_INFIX}oxcb-{token}"
+
+
+def orphan_temp_files(repo: str | os.PathLike[str], older_than_s: float = 60.0) -> list[Path]:
+    """Scratch files (``*.oxentmp.*``) a killed ``oxen add`` left in the content store."""
+    root = oxen_dir(repo) / "versions"
+    if not root.is_dir():
+        return []
+    cutoff = time.time() - older_than_s
+    found: list[Path] = []
+    for dirpath, _dirnames, filenames in os.walk(root):
+        for name in filenames:
+            if _TEMP_INFIX in name:
+                path = Path(dirpath) / name
+                try:
+                    if path.stat().st_mtime < cutoff:
+                        found.append(path)
+                except FileNotFoundError:
+                    continue
+    return found

@@ -1,0 +1,49 @@
+"""Put a checkpoint's bytes into Oxen's content store before ``oxen add`` does.
+
+``oxen add`` of a 100 MB file takes ~0.4 s on this kind of machine, where hashing
+it (xxh3-128) and copying it take ~0.1 s together; when the version is already
+stored, add only hashes (~0.08 s). So the worker hashes each file and, if its
+version is missing, copies it in with the kernel's copy (``copy_file_range``),
+then lets ``oxen add`` find it. Bytes that are already stored (a checkpoint
+written twice, files of a checkpoint folder that did not change) are not copied
+at all. The store keeps its own copy: it never shares an inode with the
+trainer's files. Layout knowledge: :func:`oxen_layout.version_path`.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import uuid
+from pathlib import Path
+
+import xxhash
+
+from . import layout as oxen_layout
+
+_CHUNK = 8 << 20
+
+
+def content_hash(path: Path) -> int:
+    digest = xxhash.xxh3_128()
+    with open(path, "rb", buffering=0) as f:
+        while chunk := f.read(_CHUNK):
+            digest.update(chunk)
+    return digest.intdigest()
+
+
+def prestore(repo: Path, target: Path) -> int:
+    """Store every file of ``target`` (file or folder) in ``repo``'s content store; returns bytes copied."""
+    files = [target] if target.is_file() else [Path(d) / n for d, _, ns in os.walk(target) for n in ns]
+    copied = 0
+    for file in files:
+        version = oxen_layout.version_path(repo, content_hash(file))
+        if version.exists():
+            continue
+        scratch = oxen_layout.version_scratch(repo, uuid.uuid4().hex)
+        scratch.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(file, scratch)
+        version.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(scratch, version)
+        copied += version.stat().st_size
+    return copied

@@ -1,0 +1,255 @@
+"""A clean, typed interface over a local oxenai repository.
+
+oxenai's quirks are absorbed here so the rest of the library never sees them:
+``Repo(path)`` does not validate; failures can be ``pyo3_runtime.PanicException``
+(a ``BaseException``); a second process touching the repository fails at once on
+Oxen's database lock instead of waiting; adding a path outside the repository
+silently corrupts the staging area; commit ids are unpadded hex (31 or 32 chars).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any, TypeVar
+
+from ..errors import ConfigurationError, OxenError, RepoBusyError
+from . import layout as oxen_layout
+from .commit_id import is_commit_like
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+_BUSY_MARKERS = ("LOCK", "Resource temporarily unavailable", "lock file", "WouldBlock")
+
+
+def call_oxen(fn: Callable[..., T], *args: object, what: str, busy_timeout: float = 0.0) -> T:
+    """Run one oxenai call, turning its panics and errors into :class:`OxenError`.
+
+    Oxen's "database is locked by another process" errors are retried with
+    backoff for up to ``busy_timeout`` seconds, then raised as :class:`RepoBusyError`.
+    """
+    deadline = time.monotonic() + busy_timeout
+    delay = 0.02
+    while True:
+        try:
+            return fn(*args)
+        except (KeyboardInterrupt, SystemExit, GeneratorExit):
+            raise
+        except BaseException as exc:  # PanicException derives from BaseException
+            text = str(exc)
+            if any(marker in text for marker in _BUSY_MARKERS):
+                if time.monotonic() < deadline:
+                    time.sleep(delay)
+                    delay = min(delay * 2, 0.5)
+                    continue
+                raise RepoBusyError(f"{what}: repository busy ({text.strip()})") from exc
+            raise OxenError(f"{what}: {text.strip()}") from exc
+
+
+def damaged_repo(role: str, path: str | os.PathLike[str], detail: str, hint: str | None = None) -> ConfigurationError:
+    """The error for a repository whose own files (under ``.oxen``) are damaged: ``detail`` says how."""
+    return ConfigurationError(
+        f"The {role} {str(path)!r} looks damaged: {detail}.",
+        hint or "a file under its .oxen folder is missing, truncated or corrupt (a full disk, a copy cut short?): "
+        "clone the repository again (`oxen clone URL`) or restore its .oxen folder from a backup.",
+    )
+
+
+class LocalRepo:
+    """A local Oxen repository, validated on construction.
+
+    Example::
+
+        repo = LocalRepo("data/reviews")
+        commit = repo.resolve("main")
+    """
+
+    def __init__(self, path: str | os.PathLike[str], *, role: str = "repository") -> None:
+        self.role = role
+        self.path = Path(path).expanduser().resolve()
+        if not self.path.exists():
+            raise ConfigurationError(
+                f"The {role} {str(path)!r} does not exist.",
+                "pass the path of a folder made with `oxen init` (or `oxen.Repo(path).init()`).",
+            )
+        if not oxen_layout.is_repo(self.path):
+            root = oxen_layout.find_repo_root(self.path)
+            hint = (
+                f"pass the repository root {str(root)!r} and name sub-folders in `paths`."
+                if root
+                else "run `oxen init` there first, or pass the folder that holds `.oxen`."
+            )
+            raise ConfigurationError(f"The {role} {str(path)!r} is not an Oxen repository (no .oxen folder).", hint)
+        self._handle: Any = None
+
+    @property
+    def _repo(self) -> Any:
+        """The oxenai handle, made on first use (it does not pickle: see ``__getstate__``)."""
+        if self._handle is None:
+            import oxen
+
+            self._handle = oxen.Repo(str(self.path))
+        return self._handle
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_handle": None}
+
+    @classmethod
+    def init(cls, path: str | os.PathLike[str], *, role: str = "repository") -> "LocalRepo":
+        """Create (``oxen init``) a repository at ``path``, or open the existing one."""
+        target = Path(path).expanduser().resolve()
+        if not oxen_layout.is_repo(target):
+            import oxen
+
+            target.mkdir(parents=True, exist_ok=True)
+            call_oxen(oxen.Repo(str(target)).init, what=f"oxen init {target}")
+        return cls(target, role=role)
+
+    def __repr__(self) -> str:
+        return f"LocalRepo({str(self.path)!r})"
+
+    # -- reading -------------------------------------------------------------
+    def branches(self) -> dict[str, str]:
+        """Branch name -> head commit id."""
+        found = call_oxen(self._repo.branches, what=f"list branches of {self.path}", busy_timeout=30)
+        return {b.name: b.commit_id for b in found}
+
+    def current_branch(self) -> str | None:
+        """The checked-out branch, or ``None`` when HEAD is detached."""
+        ref = self._head_ref()
+        return None if ref in oxen_layout.commit_ids(self.path) else ref
+
+    def _head_ref(self) -> str:
+        """What ``.oxen/HEAD`` names; a clear error where there is none (no commits yet, or damage)."""
+        self._check_layout()
+        try:
+            ref = oxen_layout.head_ref(self.path)
+        except FileNotFoundError:
+            if not self.commit_ids():
+                raise self._no_commits() from None
+            fault = "is missing"
+        except UnicodeDecodeError:
+            fault = "is not text"
+        except OSError as exc:  # a folder in its place, unreadable...
+            fault = f"cannot be read ({exc.strerror or exc})"
+        else:
+            if ref:
+                return ref
+            fault = "is empty"
+        raise damaged_repo(self.role, self.path, f".oxen/HEAD {fault}",
+                           "write the checked-out branch into it (e.g. `echo main > .oxen/HEAD`), "
+                           "or clone the repository again.") from None
+
+    def _check_layout(self) -> None:
+        """Raise a clear error when Oxen's own files of the repository are damaged."""
+        fault = oxen_layout.damage(self.path)
+        if fault:
+            raise damaged_repo(self.role, self.path, fault)
+
+    def _no_commits(self) -> ConfigurationError:
+        return ConfigurationError(
+            f"The {self.role} {str(self.path)!r} has no commits yet.",
+            "add and commit the data first: `oxen add <files> && oxen commit -m '...'`.",
+        )
+
+    def commit_ids(self) -> list[str]:
+        return oxen_layout.commit_ids(self.path)
+
+    def resolve(self, revision: str | None, branches: Callable[[], dict[str, str]] | None = None) -> str:
+        """Resolve a branch name, a commit id (or unique prefix) or ``HEAD`` to a commit id.
+
+        ``branches`` lists branch heads (default: this process asks oxenai); commit
+        ids resolve from the repository's files without oxenai.
+        """
+        list_branches = branches or self.branches
+        self._check_layout()
+        ids = self.commit_ids()
+        if not ids:
+            raise self._no_commits()
+        if revision in (None, "HEAD"):
+            ref = self._head_ref()
+            commit = ref if ref in ids else list_branches().get(ref)
+            if not commit:
+                raise self._no_commits()
+            return self._held(commit, ids, ref)
+        if revision in ids:
+            return revision
+        heads = list_branches()
+        if revision in heads:
+            return self._held(heads[revision], ids, revision)
+        if is_commit_like(revision):
+            matches = [c for c in ids if c.startswith(revision.lower())]
+            if len(matches) == 1:
+                return matches[0]
+            if len(matches) > 1:
+                raise ConfigurationError(
+                    f"Revision {revision!r} is ambiguous in {str(self.path)!r}: it starts {len(matches)} commits.",
+                    "give more characters of the commit id.",
+                )
+        names = ", ".join(sorted(heads)) or "none"
+        raise ConfigurationError(
+            f"Revision {revision!r} was not found in the {self.role} {str(self.path)!r} (branches: {names}).",
+            "pass a branch name or a commit id from `oxen log` (Oxen has no tags: use a branch such as 'release/v1').",
+        )
+
+    def _held(self, commit: str, ids: list[str], branch: str) -> str:
+        """``commit`` (a branch head) if this repository holds it: a head it lacks means damage."""
+        if commit not in ids:
+            raise damaged_repo(self.role, self.path,
+                               f"branch {branch!r} points to {str(commit)[:80]!r}, which is not a commit it holds")
+        return commit
+
+    def log(self) -> list[dict[str, Any]]:
+        """Commits reachable from HEAD, newest first."""
+        commits = call_oxen(self._repo.log, what=f"oxen log {self.path}", busy_timeout=30)
+        return [{"id": c.id, "message": c.message, "author": c.author, "email": c.email,
+                 "timestamp": str(c.timestamp), "parent_ids": list(c.parent_ids)} for c in commits]
+
+    def changed_paths(self, paths: Iterable[str]) -> list[str]:
+        """Uncommitted changes (staged, unstaged or untracked) in ``paths`` of the working tree."""
+        status = call_oxen(self._repo.status, what=f"oxen status {self.path}", busy_timeout=30)
+        changed: set[str] = set()
+        for name in (
+            "added_files",
+            "modified_files",
+            "removed_files",
+            "unstaged_modified_files",
+            "unstaged_removed_files",
+        ):
+            changed.update(getattr(status, name)())
+        wanted = [p.strip("/") for p in paths]
+        clean = call_oxen(self._repo.clean, None, False, what=f"list untracked files of {self.path}")
+        changed.update(str(Path(f).relative_to(self.path)) if os.path.isabs(f) else str(f) for f in clean.files)
+        return sorted(c for c in changed if _under_any(c, wanted))
+
+    # -- writing (callers hold the repository's FileLock) ----------------------
+    def add(self, rel_path: str) -> None:
+        target = self._inside(rel_path)
+        call_oxen(self._repo.add, str(target), what=f"oxen add {rel_path}", busy_timeout=60)
+
+    def rm(self, rel_path: str) -> None:
+        self._inside(rel_path)
+        call_oxen(self._repo.rm, rel_path, True, False, True, what=f"oxen rm {rel_path}", busy_timeout=60)
+
+    def commit(self, message: str) -> str:
+        """Commit what is staged; returns the new commit id."""
+        commit = call_oxen(self._repo.commit, message, what="oxen commit", busy_timeout=60)
+        return commit.id
+
+    def _inside(self, rel_path: str) -> Path:
+        target = (self.path / rel_path).resolve()
+        if target != self.path and self.path not in target.parents:
+            raise ConfigurationError(f"Path {rel_path!r} lies outside the {self.role} {str(self.path)!r}.")
+        return target
+
+
+def _under_any(path: str, prefixes: list[str]) -> bool:
+    path = path.strip("/")
+    for prefix in prefixes:
+        if prefix in ("", ".") or path == prefix or path.startswith(prefix + "/"):
+            return True
+    return False

@@ -1,0 +1,127 @@
+"""One run per run name in a model repository, claimed before training starts.
+
+A run's folder ``runs/<run>/`` holds its checkpoints and its lineage record: two
+runs under one name would mix their checkpoints and name one dataset for both. A
+name is **in use** while a live process holds its claim
+(``.oxen/oxen-callbacks/runs/<run>.claim``, ``flock``-ed for the run's life), and
+**taken** once a checkpoint of the run was committed (its lineage lists one) or
+is still queued for commit. A run that failed or was killed before any checkpoint
+reached the queue leaves its name free: its lineage record stays in history.
+
+Example::
+
+    claim = RunClaim.take(repo_path, "nightly", continuing=False)   # ConfigurationError if taken
+    ...                                                              # train, publish
+    claim.release()
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import time
+from pathlib import Path
+from typing import Any
+
+from .._oxen import layout as oxen_layout
+from .._util.locks import FileLock
+from ..errors import ConfigurationError
+from .committer import lineage_path
+from .queue import run_backlog
+
+
+def claims_dir(model_repo: str | os.PathLike[str]) -> Path:
+    return oxen_layout.state_dir(model_repo) / "runs"
+
+
+class RunClaim:
+    """A live run's hold on its name; see the module docstring."""
+
+    def __init__(self, lock: FileLock) -> None:
+        self._lock = lock
+
+    @classmethod
+    def take(cls, model_repo: str | os.PathLike[str], run: str, *, continuing: bool) -> "RunClaim":
+        """Claim ``run`` in ``model_repo``; ``continuing``: the user resumes that very run.
+
+        Raises:
+            ConfigurationError: a live process trains under that name, or (unless
+                ``continuing``) an earlier run has checkpoints under it.
+        """
+        repo = Path(model_repo)
+        folder = claims_dir(repo)
+        with FileLock(folder / ".claims.lock", timeout=60):  # one check-and-claim at a time
+            path = folder / f"{run}.claim"
+            lock = FileLock(path)
+            if not lock.acquire(blocking=False):
+                raise _in_use(run, repo, _owner(path))
+            if not continuing and has_checkpoints(repo, run):
+                lock.release()
+                raise ConfigurationError(
+                    f"run_name={run!r} is already taken in the model repository {str(repo)!r}: runs/{run}/ "
+                    "holds an earlier run's checkpoints. A second run under that name would list them under "
+                    "this run's dataset commit.",
+                    f"omit run_name (each fit then gets a unique one), pass a new name, or continue that run: "
+                    f"OxenLightningCallback(resume_from={run!r}, run_name={run!r}), or the HF Trainer's "
+                    "resume_from_checkpoint= with a checkpoint of that run.",
+                )
+            lock.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                                   "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}).encode())
+        return cls(lock)
+
+    def release(self) -> None:
+        """The run is over (or never started): the name is no longer in use."""
+        self._lock.release()
+
+
+def record_fit(model_repo: str | os.PathLike[str], fitter: str, run: str) -> None:
+    """Note that the fit of the callback object ``fitter`` (an id it carries into spawned copies) runs ``run``."""
+    path = oxen_layout.state_dir(model_repo) / "fits" / fitter
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{fitter}.{os.getpid()}.tmp")
+    tmp.write_text(run)
+    os.replace(tmp, path)
+
+
+def recorded_fit(model_repo: str | os.PathLike[str], fitter: str) -> str | None:
+    """The run of the latest fit of ``fitter`` (see :func:`record_fit`), if any."""
+    try:
+        return (oxen_layout.state_dir(model_repo) / "fits" / fitter).read_text() or None
+    except OSError:
+        return None
+
+
+def has_checkpoints(model_repo: Path, run: str) -> bool:
+    """Whether a checkpoint of ``run`` was committed to ``model_repo`` or is queued for commit."""
+    try:
+        if json.loads((model_repo / lineage_path(run)).read_text()).get("checkpoints"):
+            return True
+    except FileNotFoundError:
+        pass
+    except (OSError, ValueError, AttributeError):
+        return True  # an unreadable record: assume the worst, never mix two runs
+    return any(job.kind == "checkpoint" for _queue, jobs in run_backlog(model_repo, run) for job in jobs)
+
+
+def _in_use(run: str, repo: Path, owner: dict[str, Any]) -> ConfigurationError:
+    if owner.get("pid") == os.getpid() and owner.get("host") == socket.gethostname():
+        return ConfigurationError(
+            f"run_name={run!r} is in use by this process: an earlier fit of it into {str(repo)!r} has not "
+            "finished (it raised, and its callback still holds the run).",
+            "fit again with that same callback object (it starts a new run), or pass another run_name.",
+        )
+    return ConfigurationError(
+        f"run_name={run!r} is in use: process {owner.get('pid', '?')} on {owner.get('host', '?')} is training "
+        f"that run into the model repository {str(repo)!r} right now. Two runs under one name would mix their "
+        "checkpoints and lineage.",
+        "pass another run_name, or none: each fit then gets a unique one.",
+    )
+
+
+def _owner(path: Path) -> dict[str, Any]:
+    try:
+        owner = json.loads(path.read_text() or "{}")
+    except (OSError, ValueError):
+        return {}
+    return owner if isinstance(owner, dict) else {}

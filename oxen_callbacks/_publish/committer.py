@@ -1,0 +1,278 @@
+"""Carry out publishing jobs against a local model repository (runs inside the worker process).
+
+Per checkpoint job, under the repository's file lock: move the frozen bytes to
+``runs/<run>/checkpoints/<name>``, update ``runs/<run>/lineage.json``, stage the
+top-k removals that came before it, commit. The lineage file committed with a
+checkpoint names every earlier commit; its own entry's ``commit`` is ``null``
+(see :func:`oxen_callbacks.lineage.read_lineage`).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+from .._oxen.prestore import prestore
+from .._oxen.repo import LocalRepo
+from .._util.locks import FileLock
+from ..errors import OxenError, PublishError, RepoBusyError
+from ..lineage import fill_commit
+from .queue import Job, JobQueue, repo_lock_path
+
+log = logging.getLogger(__name__)
+
+LOCK_TIMEOUT_S = 3600.0
+_NEXT_SECOND_RETRIES = 2
+
+
+def run_folder(run: str) -> str:
+    return f"runs/{run}"
+
+
+def lineage_path(run: str) -> str:
+    return f"{run_folder(run)}/lineage.json"
+
+
+class Committer:
+    """Executes jobs in order; removals wait for the next commit of the same queue.
+
+    Runs in a commit process that serves one burst of batches (see
+    ``worker.BatchProcess``) and holds the repository lock until that process
+    exits: oxenai keeps the repository's databases open until then, so releasing
+    the lock earlier would let another process in while they are still locked.
+    """
+
+    def __init__(self, repo: LocalRepo) -> None:
+        self.repo = repo
+        self.lock = FileLock(repo_lock_path(repo.path), timeout=LOCK_TIMEOUT_S)
+
+    def run_batch(self, queue: JobQueue, jobs: list[Job], *, final: bool = False) -> list[dict[str, Any]]:
+        """Run ``jobs`` (pending, in order); returns one result per completed job.
+
+        Removal jobs complete with the next checkpoint or finalize commit; with
+        ``final`` trailing removals get a commit of their own.
+        """
+        results: list[dict[str, Any]] = []
+        removals: list[Job] = []
+        self.hold_lock()
+        for job in jobs:
+            if job.kind == "remove":
+                removals.append(job)
+                continue
+            started = time.perf_counter()
+            if not queue.is_pending(job):  # done meanwhile by a batch that outlived its worker
+                removals = []
+                continue
+            try:
+                if job.kind == "checkpoint":
+                    result = self._checkpoint(queue, job, removals)
+                elif job.kind == "finalize":
+                    result = self._finalize(job, removals)
+                else:
+                    raise PublishError(f"Unknown job kind {job.kind!r}")
+            except (OxenError, PublishError, OSError) as exc:
+                log.exception("Job %s (%s) failed", job.name, job.kind)
+                results.append({"seq": job.seq, "kind": job.kind, "ok": False, "error": f"{type(exc).__name__}: {exc}"})
+                return results  # keep order: later jobs wait for this one (retried by the next worker or sync)
+            result["seconds"] = round(time.perf_counter() - started, 4)
+            for removal in removals:
+                removed = {"seq": removal.seq, "kind": "remove", "ok": True, "dest": removal.payload["dest"],
+                           "commit": result["commit"]}
+                queue.complete(removal, removed)
+                results.append(removed)
+            removals = []
+            queue.complete(job, result)
+            shutil.rmtree(queue.staging_for(job.seq), ignore_errors=True)
+            results.append(result)
+        if removals and final:
+            run = removals[0].payload["run"]
+            commit = self._commit_removals(run, removals, f"oxen-callbacks: {run}: rotate out {len(removals)} checkpoint(s)")
+            for removal in removals:
+                done = {"seq": removal.seq, "kind": "remove", "ok": True, "dest": removal.payload["dest"], "commit": commit}
+                queue.complete(removal, done)
+                results.append(done)
+        return results
+
+    def hold_lock(self) -> None:
+        """Take the repository lock for the rest of this process's life (no-op when held)."""
+        if not self.lock.held:
+            self.lock.acquire()
+
+    # -- jobs ---------------------------------------------------------------------
+    def _checkpoint(self, queue: JobQueue, job: Job, removals: list[Job]) -> dict[str, Any]:
+        p = job.payload
+        run, dest_rel = p["run"], p["dest"]
+        staged = queue.staging_for(job.seq) / p["staged_name"]
+        dest = self.repo.path / dest_rel
+        record = self._load_record(run, p["record"])
+        for removal in removals:  # they came before this save, which may reuse a name
+            self._stage_removal(removal.payload["dest"])
+        self._mark_removed(record, removals)
+        if staged.exists() or staged.is_symlink():
+            _remove(dest)
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(staged, dest)
+        elif not dest.exists():
+            raise PublishError(f"The frozen bytes of checkpoint {dest_rel!r} are missing from {staged}.")
+        entry = {
+            "commit": None,
+            "path": dest_rel,
+            "step": p.get("step"),
+            "epoch": p.get("epoch"),
+            "metrics": p.get("metrics") or {},
+            "kept": True,
+            "files": p.get("files"),
+            "bytes": p.get("bytes"),
+            "job": f"{queue.folder.name}/{job.name}",
+            "source": p.get("source"),  # which file of the trainer's it is (several folders may share names)
+        }
+        record["checkpoints"] = [c for c in record["checkpoints"] if c.get("job") != entry["job"]] + [entry]
+        if not _finalized(record):  # a late job never moves a finished run's model
+            record["model"].update({"path": dest_rel, "commit": None})
+        before = self._read_record_text(run)
+        try:
+            self._write_record(run, record)
+            prestore(self.repo.path, dest)
+            self.repo.add(dest_rel)
+            self.repo.add(lineage_path(run))
+            commit = self._commit(p["message"])
+        except BaseException:
+            # the job stays queued: the next commit must not list this checkpoint (its commit unknown)
+            self._restore_record_text(run, before)
+            raise
+        filled = fill_commit(record, commit)
+        self._write_record(run, filled)  # the working tree copy always names every commit
+        return {"seq": job.seq, "kind": "checkpoint", "ok": True, "commit": commit, "dest": dest_rel,
+                "step": entry["step"], "epoch": entry["epoch"], "metrics": entry["metrics"],
+                "source": p.get("source")}
+
+    def _finalize(self, job: Job, removals: list[Job]) -> dict[str, Any]:
+        p = job.payload
+        run = p["run"]
+        record = self._load_record(run, p["record"])
+        for removal in removals:
+            self._stage_removal(removal.payload["dest"])
+        self._mark_removed(record, removals)
+        kept = [c for c in record["checkpoints"] if c.get("kept", True)]
+        chosen = next((c for c in kept if c["path"] == p.get("best")), None) or (kept or record["checkpoints"] or [None])[-1]
+        record["model"].update({"path": chosen["path"], "commit": chosen["commit"]} if chosen else {"path": None, "commit": None})
+        self._write_record(run, record)
+        self.repo.add(lineage_path(run))
+        commit = self._commit(f"oxen-callbacks: {run}: lineage ({record.get('status', 'finished')})")
+        record = fill_commit(record, commit)
+        self._write_record(run, record)
+        return {"seq": job.seq, "kind": "finalize", "ok": True, "commit": commit, "record": record}
+
+    def _commit_removals(self, run: str, removals: list[Job], message: str) -> str:
+        record = self._load_record(run, None)
+        for removal in removals:
+            self._stage_removal(removal.payload["dest"])
+        if record is not None:
+            self._mark_removed(record, removals)
+            self._write_record(run, record)
+            self.repo.add(lineage_path(run))
+        commit = self._commit(message)
+        if record is not None:
+            self._write_record(run, fill_commit(record, commit))
+        return commit
+
+    # -- helpers ------------------------------------------------------------------
+    def _commit(self, message: str) -> str:
+        """Commit what is staged; a commit failing over what a killed commit left is redone.
+
+        Oxen's commit id hashes the parent, message, author and the time in whole seconds.
+        Retried within the same second, a commit whose killed predecessor wrote part of its
+        data fails ("A commit with id ... already exists or is being written", or its
+        history database "wal_dir contains existing log file"); the next second gives a
+        new id and a clean start.
+        """
+        for attempt in range(_NEXT_SECOND_RETRIES + 1):
+            try:
+                return self.repo.commit(message)
+            except RepoBusyError:
+                raise  # already waited for (busy_timeout)
+            except OxenError as exc:
+                if "No changes to commit" in str(exc):
+                    head = self.repo.resolve(None)
+                    log.info("Nothing new to commit (%s): already in %s", message, head)
+                    return head
+                if attempt == _NEXT_SECOND_RETRIES:
+                    raise
+                log.warning("Commit failed (%s); committing again in the next second, under a new id", exc)
+                time.sleep(1.01 - time.time() % 1.0)
+        raise AssertionError("unreachable")
+
+    def _stage_removal(self, dest_rel: str) -> None:
+        if not (self.repo.path / dest_rel).exists():
+            return
+        try:
+            self.repo.rm(dest_rel)
+        except OxenError as exc:  # never committed (its job failed): just drop the file
+            log.warning("Could not stage removal of %s: %s", dest_rel, exc)
+            _remove(self.repo.path / dest_rel)
+
+    @staticmethod
+    def _mark_removed(record: dict[str, Any], removals: list[Job]) -> None:
+        """Top-k rotation: the file left the run folder (it stays in history)."""
+        gone = {r.payload["dest"] for r in removals}
+        for entry in record["checkpoints"]:
+            if entry["path"] in gone:
+                entry["kept"] = False
+
+    def _load_record(self, run: str, base: dict[str, Any] | None) -> dict[str, Any]:
+        """The run's record to extend: ``base`` (the job's view of the run) with the checkpoints so far.
+
+        A job that lands after its own run segment was finalized (retried later by ``sync``)
+        extends the finalized record instead: its status, model and end stay as they are.
+        """
+        path = self.repo.path / lineage_path(run)
+        existing = json.loads(path.read_text()) if path.exists() else None
+        if base is None:
+            return existing
+        if existing and _finalized(existing) and existing.get("fit_id") == base.get("fit_id"):
+            return copy.deepcopy(existing)
+        record = copy.deepcopy(base)
+        record["checkpoints"] = existing["checkpoints"] if existing else []
+        if existing:
+            record["model"] = {**existing["model"], "repo": base["model"]["repo"]}
+        return record
+
+    def _read_record_text(self, run: str) -> str | None:
+        try:
+            return (self.repo.path / lineage_path(run)).read_text()
+        except FileNotFoundError:
+            return None
+
+    def _restore_record_text(self, run: str, text: str | None) -> None:
+        path = self.repo.path / lineage_path(run)
+        if text is None:
+            path.unlink(missing_ok=True)
+        else:
+            tmp = path.with_name(f".lineage.{os.getpid()}.tmp")
+            tmp.write_text(text)
+            os.replace(tmp, path)
+
+    def _write_record(self, run: str, record: dict[str, Any]) -> None:
+        path = self.repo.path / lineage_path(run)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".lineage.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(record, indent=2) + "\n")
+        os.replace(tmp, path)
+
+
+def _finalized(record: dict[str, Any]) -> bool:
+    """Whether the record is a run segment's final one (its finalize job ran)."""
+    return record.get("status") not in (None, "RUNNING")
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    elif path.exists() or path.is_symlink():
+        path.unlink()

@@ -1,0 +1,394 @@
+"""Publish checkpoints to an Oxen model repository from a training process, without stalling it.
+
+Modelled on huggingface_hub's ``CommitScheduler`` and Lightning's
+``AsyncCheckpointIO``: keyword-only construction, a background worker (a
+*process* here: oxenai holds the GIL), worker errors kept and re-raised at the
+next submit and at close, ``flush()``, and use as a context manager.
+
+Example::
+
+    with CheckpointPublisher(model_repo="models/classifier", run="run-42") as pub:
+        pub.submit_checkpoint("ckpts/epoch=0.ckpt", step=100, epoch=0, record=record)
+    pub.results[-1]["commit"]     # the commit holding it
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from .._data.snapshot import default_cache_dir
+from .._oxen import child as oxen_child
+from .._oxen.identity import resolve_author, worker_environment
+from .._oxen.remote_spec import parse_remote
+from .._oxen.repo import LocalRepo
+from .._util.locks import FileLock
+from .._util.redact import redact_text
+from ..errors import ConfigurationError, PublishError
+from .committer import run_folder
+from .freeze import freeze
+from .known_repos import register_model_repo
+from .queue import JobQueue
+
+log = logging.getLogger(__name__)
+
+
+def open_model_repo(path: str | os.PathLike[str], cache_dir: Path) -> LocalRepo:
+    """Open the model repository, creating it (``oxen init``) when missing or empty."""
+    target = Path(path).expanduser().resolve()
+    if target.exists() and not target.is_dir():
+        raise ConfigurationError(f"The model repository {str(path)!r} is a file.", "pass a folder path.")
+    key = hashlib.sha1(str(target).encode()).hexdigest()[:16]
+    try:
+        with FileLock(cache_dir / "locks" / f"init-{key}.lock", timeout=120):
+            if target.is_dir() and any(target.iterdir()) and not (target / ".oxen").exists():
+                raise ConfigurationError(
+                    f"The model repository {str(path)!r} is a non-empty folder that is not an Oxen repository.",
+                    "pass a new or empty folder (it will be created with `oxen init`), or run `oxen init` there.",
+                )
+            if not (target / ".oxen").exists():
+                oxen_child.init_repo(target)
+            return LocalRepo(target, role="model repository")
+    except PermissionError as exc:
+        raise ConfigurationError(
+            f"Cannot create the model repository {str(path)!r}: {exc.strerror}.", "pass a writable folder."
+        ) from None
+
+
+class CheckpointPublisher:
+    """Queue checkpoints for commit by a worker process; see the module docstring.
+
+    Args:
+        model_repo: local model repository (created when missing).
+        run: name of the run folder, ``runs/<run>/`` in the repository.
+        cache_dir: state root (identity config, registry); default ``~/.cache/oxen-callbacks``.
+        author: ``(name, email)`` for commits (see :mod:`oxen_callbacks._oxen.identity`).
+        remote: name of an Oxen remote of the model repository to push to after commits
+            (``"origin"`` when only ``remote_url`` is given).
+        remote_url: URL of that remote (``https://host/namespace/name``), added to the
+            repository when missing; never with credentials (Oxen's auth config holds tokens).
+        branch: branch to push (default: the checked-out one).
+        push_timeout: wall-clock limit of one push, in seconds.
+        on_result: called (from a background thread) with each job result.
+    """
+
+    #: Publishing workers (the supervisor process) one run may lose before it stops waking them.
+    WORKER_RESTARTS = 5
+
+    def __init__(
+        self,
+        *,
+        model_repo: str | os.PathLike[str],
+        run: str,
+        cache_dir: str | os.PathLike[str] | None = None,
+        author: tuple[str, str] | None = None,
+        remote: str | None = None,
+        remote_url: str | None = None,
+        branch: str | None = None,
+        push_timeout: float = 300.0,
+        on_result: Callable[[dict[str, Any]], None] | None = None,
+    ) -> None:
+        self.cache_dir = Path(cache_dir or default_cache_dir()).expanduser().resolve()
+        self.repo = open_model_repo(model_repo, self.cache_dir)
+        self.run = run
+        if remote_url is not None:
+            remote_url = parse_remote(remote_url).url
+            remote = remote or "origin"
+        self.remote, self.remote_url, self.branch, self.push_timeout = remote, remote_url, branch, push_timeout
+        self.on_result = on_result
+        self._author = resolve_author(author)
+        self.results: list[dict[str, Any]] = []
+        self.stall_seconds: list[float] = []
+        self._errors: list[str] = []
+        self._dest_by_source: dict[str, str] = {}
+        self._first_folder: str | None = None
+        self._submitted: set[int] = set()
+        self._answered: set[int] = set()
+        self._cond = threading.Condition()
+        self._handling = threading.Lock()
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._restarts = 0
+        #: Why publishing stopped for this run (a worker or commit processes that keep dying): the
+        #: jobs stay journaled for ``oxen-callbacks sync``; training goes on.
+        self.stalled: str | None = None
+        self.push_warned = False
+        self._env = worker_environment(self._author, self.cache_dir)
+        self.queue = JobQueue.create(self.repo.path, run, {"pid": os.getpid(), "remote": remote, "branch": branch,
+                                                           "remote_url": remote_url, "env": self._env})
+        self._owner = FileLock(self.queue.owner_lock)
+        self._owner.acquire()
+        register_model_repo(self.cache_dir, self.repo.path)
+        self._seq = self.queue.next_seq()
+        self._start_worker()
+
+    # -- worker process -----------------------------------------------------------
+    def _start_worker(self) -> None:
+        cmd = [sys.executable, "-m", "oxen_callbacks._publish.worker", "--queue", str(self.queue.folder),
+               "--repo", str(self.repo.path), "--push-timeout", str(self.push_timeout)]
+        if self.remote:
+            cmd += ["--remote", self.remote] + (["--branch", self.branch] if self.branch else [])
+            cmd += ["--remote-url", self.remote_url] if self.remote_url else []
+        env = {**os.environ, **self._env}
+        src_root = str(Path(__file__).resolve().parents[2])
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [src_root, env.get("PYTHONPATH")]))
+        self._proc = subprocess.Popen(
+            cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+            env=env, start_new_session=True,  # a Ctrl-C in the notebook must not kill a commit halfway
+        )
+        reader = threading.Thread(target=self._read_results, args=(self._proc,), daemon=True, name="oxen-publisher")
+        reader.start()
+
+    def _read_results(self, proc: subprocess.Popen[bytes]) -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            try:
+                result = json.loads(line)
+            except ValueError:
+                continue
+            if result.get("kind") != "ready":
+                self._handle(result)
+        with self._cond:
+            self._cond.notify_all()
+
+    def _collect_from_disk(self) -> None:
+        """Answers the journal holds but no worker sent (a batch that outlived its killed worker)."""
+        with self._cond:
+            missing = self._submitted - self._answered
+        if missing:
+            for result in self.queue.results():
+                if result.get("seq") in missing:
+                    self._handle(result)
+
+    def _handle(self, result: dict[str, Any]) -> None:
+        with self._handling:  # one at a time: the reader thread and flush() may both deliver a result
+            with self._cond:
+                if result.get("seq") in self._answered:
+                    return  # re-sent by a restarted worker
+            if result.get("kind") == "stalled":
+                self._stall(f"its commit processes keep dying ({result.get('error')})")
+                return
+            if self.on_result:  # before the job counts as answered, so flush() covers it
+                try:
+                    self.on_result(result)
+                except Exception:  # a sink failure must not kill the reader
+                    log.exception("on_result callback failed")
+            with self._cond:
+                if result.get("ok") or result.get("kind") == "push":
+                    self.results.append(result)
+                else:
+                    self._errors.append(result.get("error", "unknown error"))
+                if "seq" in result:
+                    self._answered.add(result["seq"])
+                self._cond.notify_all()
+            if result.get("kind") == "push" and not result.get("ok"):
+                self.warn_unpushed(result)
+
+    def warn_unpushed(self, push: dict[str, Any]) -> None:
+        """Say once per run that commits are not on the remote, and how they get there."""
+        if self.push_warned:
+            return
+        self.push_warned = True
+        log.warning("Checkpoints are committed in %s but NOT pushed to Oxen remote %r (%s): %s. The push is "
+                    "journaled: run `oxen-callbacks sync` once the remote is reachable.", self.repo.path,
+                    push.get("remote"), push.get("url") or "configured remote", push.get("error"))
+
+    def _stall(self, why: str) -> None:
+        """Stop waiting for the worker: what is queued stays journaled; said once, never raised."""
+        with self._cond:
+            first = self.stalled is None
+            self.stalled = self.stalled or why
+            self._cond.notify_all()
+        if first:
+            log.error("Publishing to the model repository %s stopped: %s. Training goes on; every checkpoint "
+                      "saved is kept in %s. Run `oxen-callbacks sync` to commit them.", self.repo.path, why,
+                      self.queue.folder)
+
+    def _wake(self) -> None:
+        if self.stalled:
+            return
+        proc = self._proc
+        if proc is None or proc.poll() is not None:
+            if self._restarts >= self.WORKER_RESTARTS:
+                self._stall(f"the publishing worker died {self._restarts + 1} times (see {self.queue.log_path})")
+                return
+            self._restarts += 1
+            log.warning("Publishing worker exited (code %s); restarting it", proc.returncode if proc else None)
+            self._start_worker()
+            proc = self._proc
+        assert proc is not None and proc.stdin is not None
+        try:
+            proc.stdin.write(b"\n")
+            proc.stdin.flush()
+        except (BrokenPipeError, OSError):
+            pass  # it died meanwhile: the next wake restarts it; the job is on disk
+
+    def _raise_errors(self) -> None:
+        with self._cond:
+            errors, self._errors = self._errors, []
+        if errors:
+            raise PublishError(
+                f"Committing to the model repository {self.repo.path} failed: {errors[0]}"
+                + (f" (+{len(errors) - 1} more)" if len(errors) > 1 else "")
+                + f"\nThe jobs stay journaled in {self.queue.folder}; fix the cause, then run `oxen-callbacks sync`."
+            )
+
+    # -- submitting -----------------------------------------------------------------
+    def has_source(self, source: str | os.PathLike[str]) -> bool:
+        """True when a checkpoint at ``source`` was already submitted."""
+        return os.path.abspath(source) in self._dest_by_source
+
+    def dest_for(self, source: str | os.PathLike[str]) -> str:
+        """The repository path a checkpoint file or folder is published to.
+
+        Checkpoints of the first folder saved into keep their name under
+        ``runs/<run>/checkpoints/``; those of any other folder (a second ``ModelCheckpoint``)
+        go one level down, in a subfolder named after their folder and a hash of its path,
+        so two folders' ``last.ckpt`` never share a path.
+        """
+        source = os.path.abspath(source)
+        if source in self._dest_by_source:
+            return self._dest_by_source[source]
+        folder, name = os.path.split(source.rstrip("/"))
+        if self._first_folder is None:
+            self._first_folder = folder
+        base = f"{run_folder(self.run)}/checkpoints"
+        if folder == self._first_folder:
+            dest = f"{base}/{name}"
+        else:
+            digest = hashlib.sha1(folder.encode()).hexdigest()[:8]
+            dest = f"{base}/{os.path.basename(folder) or 'root'}-{digest}/{name}"
+        self._dest_by_source[source] = dest
+        return dest
+
+    def _put(self, kind: str, payload: dict[str, Any]) -> int:
+        """Journal the job, wake the worker, then report earlier failures (the new job stays queued)."""
+        seq = self._seq
+        self._seq += 1
+        self.queue.put(seq, kind, payload)
+        with self._cond:
+            self._submitted.add(seq)
+        self._wake()
+        self._raise_errors()
+        return seq
+
+    def submit_checkpoint(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        record: dict[str, Any],
+        step: int | None = None,
+        epoch: int | None = None,
+        metrics: dict[str, float] | None = None,
+    ) -> int:
+        """Freeze the finished checkpoint at ``path`` (file or folder) and queue its commit."""
+        started = time.perf_counter()
+        if not os.path.exists(path):
+            raise PublishError(f"Checkpoint {path} does not exist (was it written?)")
+        seq = self._seq
+        dest = self.dest_for(path)
+        name = os.path.basename(dest)
+        try:
+            files, size = freeze(path, self.queue.staging_for(seq) / name)
+        except OSError as exc:
+            raise PublishError(f"Could not freeze checkpoint {path} into {self.queue.folder}: {exc}") from exc
+        message = f"oxen-callbacks: {self.run} step {step} epoch {epoch}: {name}"
+        payload = {"run": self.run, "dest": dest, "staged_name": name, "source": os.path.abspath(path),
+                   "step": step, "epoch": epoch, "metrics": metrics or {}, "files": files, "bytes": size,
+                   "message": redact_text(message), "record": record}
+        self._put("checkpoint", payload)
+        self.stall_seconds.append(time.perf_counter() - started)
+        return seq
+
+    def submit_removal(self, path: str | os.PathLike[str]) -> int | None:
+        """Record that the trainer deleted a published checkpoint (top-k rotation)."""
+        dest = self._dest_by_source.get(os.path.abspath(path))
+        if dest is None:
+            return None
+        return self._put("remove", {"run": self.run, "dest": dest})
+
+    def finalize(self, record: dict[str, Any], *, best: str | os.PathLike[str] | None = None,
+                 timeout: float | None = None) -> dict[str, Any] | None:
+        """Commit the run's complete lineage record; returns it (commit ids filled) once committed."""
+        best_dest = self._dest_by_source.get(os.path.abspath(best)) if best else None
+        seq = self._put("finalize", {"run": self.run, "record": record, "best": best_dest})
+        self.flush(timeout)
+        with self._cond:
+            found = [r for r in self.results if r.get("seq") == seq]
+        return found[0]["record"] if found else None
+
+    @property
+    def worker_pid(self) -> int | None:
+        """Process id of the current worker (it is restarted if it dies)."""
+        return self._proc.pid if self._proc is not None else None
+
+    # -- waiting ------------------------------------------------------------------------
+    @property
+    def pending(self) -> int:
+        with self._cond:
+            return len(self._submitted - self._answered)
+
+    def flush(self, timeout: float | None = None) -> bool:
+        """Wait until every submitted job has an answer; ``False`` on timeout (jobs stay journaled).
+
+        A worker that died meanwhile is restarted (it picks the journaled jobs up); once
+        publishing has stalled (see :attr:`stalled`) this returns ``False`` at once.
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            with self._cond:
+                if not (self._submitted - self._answered) or self.stalled:
+                    break
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    break
+                self._cond.wait(timeout=min(left, 1.0) if left is not None else 1.0)
+            self._collect_from_disk()
+            if self._proc is None or self._proc.poll() is not None:
+                self._wake()
+        with self._cond:
+            done = not (self._submitted - self._answered)
+        self._raise_errors()
+        return done
+
+    def close(self, timeout: float | None = None) -> None:
+        """Flush, let the worker finish (a last push included) and release the queue.
+
+        ``timeout`` bounds the flush; the wait for the worker's exit is bounded either way
+        (by one push attempt when a remote is set): a worker still pushing then finishes
+        in the background.
+        """
+        try:
+            self.flush(timeout)
+        finally:
+            proc = self._proc
+            if proc is not None and proc.stdin is not None:
+                try:
+                    proc.stdin.close()
+                except OSError:
+                    pass
+                try:
+                    proc.wait(timeout=timeout if timeout is not None else self._exit_wait_s())
+                except subprocess.TimeoutExpired:
+                    log.warning("Publishing worker still busy (pid %s); it finishes in the background", proc.pid)
+            self._owner.release()
+
+    def _exit_wait_s(self) -> float:
+        """How long the worker may take to exit once every job is answered: its last push."""
+        from .push import BACKOFF_S
+
+        return self.push_timeout + sum(BACKOFF_S) + 30.0 if self.remote else 60.0
+
+    def __enter__(self) -> "CheckpointPublisher":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,355 @@
+"""The publishing worker process: ``python -m oxen_callbacks._publish.worker --queue DIR --repo DIR``.
+
+oxenai holds the GIL for a whole add (seconds for a large checkpoint) and can
+hang on a dead remote, so commits run here, in a process of their own, never in
+the training process. The worker drains its queue, wakes on a newline on stdin,
+and finishes the remaining jobs when stdin closes (the trainer finished or died).
+Results go back as JSON lines on the original stdout; oxenai's own prints and the
+log go to the queue's ``worker.log``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import sys
+import time
+from collections.abc import Callable
+from typing import IO, Any
+
+from .._oxen import layout as oxen_layout
+from .._oxen.repo import LocalRepo
+from .._util.locks import FileLock
+from .._util.stdin_lines import StdinLines
+from ..errors import PublishError
+from .committer import Committer
+from .push import PushTarget, push_with_timeout
+from .queue import JobQueue, all_queues
+
+log = logging.getLogger("oxen_callbacks.worker")
+
+
+class CommitProcessDied(PublishError):
+    """The commit process was killed (SIGKILL, the OOM killer) or crashed; its jobs are still queued."""
+
+
+class _Results:
+    """JSON-line results to the parent; silent once the parent is gone."""
+
+    def __init__(self, stream: IO[str] | None) -> None:
+        self.stream = stream
+
+    def emit(self, result: dict[str, Any]) -> None:
+        if self.stream is None:
+            return
+        try:
+            self.stream.write(json.dumps(result) + "\n")
+            self.stream.flush()
+        except (BrokenPipeError, OSError):
+            self.stream = None
+
+
+def _redirect_output(log_path: str) -> IO[str]:
+    """Keep the original stdout for results; send fds 1 and 2 (Rust prints) to the log."""
+    results = os.fdopen(os.dup(1), "w", buffering=1)
+    fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    os.close(fd)
+    logging.basicConfig(
+        stream=sys.stderr, level=logging.INFO, format="%(asctime)s %(process)d %(levelname)s %(message)s"
+    )
+    return results
+
+
+class BatchProcess:
+    """A forked process that imports oxenai ahead of time, then runs tasks until retired.
+
+    oxenai keeps a repository's databases (and their OS locks) open until the
+    process exits, so commits run in a process that exits between bursts of
+    saves: other training processes, ``sync`` and the user's own ``oxen`` commands
+    can use the repository then. Within a burst one process serves every batch
+    (see :class:`Batches`), paying the import and the database opening once. The
+    supervisor never imports oxenai (it starts native threads, and forking a
+    process with threads can deadlock the child), so the child imports it right
+    after the fork, while the supervisor waits for work.
+
+    Protocol: one JSON request per line on a pipe, one JSON reply line back;
+    EOF on the request pipe (:meth:`retire`) ends the process.
+    """
+
+    def __init__(self, tasks: dict[str, Callable[..., Any]], close_fds: tuple[int, ...] = ()) -> None:
+        req_read, req_write = os.pipe()
+        reply_read, reply_write = os.pipe()
+        self.pid = os.fork()
+        if self.pid == 0:  # child: never returns into the supervisor's loop, whatever happens
+            try:
+                for fd in (req_write, reply_read, *close_fds):
+                    os.close(fd)  # e.g. the worker lock: a batch outliving a killed worker must not keep it
+                import oxen  # noqa: F401  - the 0.2 s import, paid before the work arrives
+
+                with os.fdopen(req_read) as inp, os.fdopen(reply_write, "w") as out:
+                    for line in inp:
+                        request = json.loads(line)
+                        try:
+                            reply = {"ok": True, "value": tasks[request["task"]](**request["args"])}
+                        except BaseException as exc:  # noqa: BLE001 - everything must reach the parent
+                            log.exception("Publishing batch failed")
+                            reply = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
+                        out.write(json.dumps(reply) + "\n")
+                        out.flush()
+            finally:
+                os._exit(0)  # also when the parent is gone (broken pipe): the work itself is on disk
+        os.close(req_read)
+        os.close(reply_write)
+        self._request = os.fdopen(req_write, "w")
+        self._reply = os.fdopen(reply_read)
+        self.started_serving: float | None = None  # monotonic time of its first task
+
+    def run(self, task: str, **args: Any) -> Any:
+        """Run one task in the child; raises :class:`PublishError` if it failed or the child died."""
+        if self.started_serving is None:
+            self.started_serving = time.monotonic()
+        try:
+            self._request.write(json.dumps({"task": task, "args": args}) + "\n")
+            self._request.flush()
+        except BrokenPipeError:
+            pass  # a dead child shows as no reply below
+        line = self._reply.readline()
+        if not line:
+            self._close_pipes()
+            _, status = os.waitpid(self.pid, 0)
+            self.pid = 0
+            raise CommitProcessDied(f"The commit process died ({_describe(status)}); its jobs stay queued")
+        reply = json.loads(line)
+        if not reply["ok"]:
+            raise PublishError(reply["error"])
+        return reply["value"]
+
+    def retire(self) -> None:
+        """Let the child exit (releasing the repository) and wait for it."""
+        self._close_pipes()
+        if self.pid:
+            os.waitpid(self.pid, 0)
+
+    def discard(self) -> None:
+        """Stop a child that got no task: it has only imported oxenai, so nothing is lost."""
+        self._close_pipes()
+        try:
+            os.kill(self.pid, signal.SIGKILL)  # no need to wait for its import to finish
+        except ProcessLookupError:
+            pass
+        os.waitpid(self.pid, 0)
+
+    def _close_pipes(self) -> None:
+        for stream in (self._request, self._reply):
+            try:
+                stream.close()
+            except BrokenPipeError:
+                pass
+
+
+def _describe(wait_status: int) -> str:
+    if os.WIFSIGNALED(wait_status):
+        return f"killed by {signal.Signals(os.WTERMSIG(wait_status)).name}"
+    return f"exit code {os.waitstatus_to_exitcode(wait_status)}"
+
+
+def clean_orphan_temp_files(committer: Committer) -> int:
+    """Delete scratch files of a killed ``oxen add``.
+
+    Every add of this library runs under the repository lock held here, and Oxen
+    itself refuses a second process in a repository mid-add, so none is live.
+    """
+    removed = 0
+    committer.hold_lock()
+    for path in oxen_layout.orphan_temp_files(committer.repo.path, older_than_s=0):
+        path.unlink(missing_ok=True)
+        removed += 1
+    if removed:
+        log.info("Removed %d orphan temp file(s) left by an interrupted oxen add", removed)
+    return removed
+
+
+def drain(queue: JobQueue, committer: Committer, results: _Results | None = None, *, final: bool = True) -> list[dict[str, Any]]:
+    """Run every pending job of ``queue`` (used for orphans and by ``oxen-callbacks sync``)."""
+    done = committer.run_batch(queue, queue.pending(), final=final)
+    for result in done:
+        if results:
+            results.emit(result)
+    return done
+
+
+def drain_orphans(committer: Committer, skip: JobQueue | None = None) -> int:
+    """Finish the queues of training processes that died (kill -9, crash) before their jobs ran."""
+    count = 0
+    for other in all_queues(committer.repo.path):
+        if skip is not None and other.folder == skip.folder:
+            continue
+        if not other.pending() or not other.is_orphan():
+            continue
+        lock = FileLock(other.worker_lock)
+        if not lock.acquire(blocking=False):
+            continue
+        try:
+            log.info("Adopting orphan queue %s", other.folder.name)
+            count += len(drain(other, committer))
+        finally:
+            lock.release()
+    return count
+
+
+class Batches:
+    """One commit process at a time: it serves a burst of batches, then a fresh one waits warm.
+
+    A process that has served batches lingers ``IDLE_S`` for the next one (saves
+    close together, the final lineage commit right after the last save), and is
+    retired after ``HOLD_S`` of serving so that another process waiting for the
+    repository is not starved; a new one is forked at once to import oxenai while
+    the supervisor waits for work.
+    """
+
+    IDLE_S = 2.0
+    HOLD_S = 10.0
+    #: Commit processes one task may lose (killed, crashed) before the worker gives up on it:
+    #: the jobs stay queued on disk and ``oxen-callbacks sync`` (or the next worker) finishes them.
+    RESTARTS = 4
+
+    def __init__(self, queue: JobQueue, committer: Committer, close_fds: tuple[int, ...]) -> None:
+        def run_jobs(seqs: list[int], final: bool) -> list[dict[str, Any]]:
+            jobs = [j for j in queue.pending() if j.seq in set(seqs)]
+            return committer.run_batch(queue, jobs, final=final)
+
+        def maintain(skip: str) -> None:
+            clean_orphan_temp_files(committer)
+            drain_orphans(committer, skip=JobQueue(skip))
+
+        self._tasks = {"run_jobs": run_jobs, "maintain": maintain}
+        self._close_fds = close_fds
+        self._child = BatchProcess(self._tasks, close_fds)
+
+    @property
+    def serving(self) -> bool:
+        """Whether the current process has served a batch (and so holds the repository)."""
+        return self._child.started_serving is not None
+
+    def run(self, task: str, **args: Any) -> Any:
+        """Run ``task`` in the commit process; a killed process is replaced and the task run again.
+
+        Every task is idempotent over the on-disk queue (a job is done once its result is
+        recorded), so a task cut short by a kill is simply repeated. Raises
+        :class:`CommitProcessDied` after :attr:`RESTARTS` lost processes in a row.
+        """
+        for attempt in range(self.RESTARTS + 1):
+            try:
+                return self._child.run(task, **args)
+            except CommitProcessDied as exc:
+                self._child = BatchProcess(self._tasks, self._close_fds)
+                if attempt == self.RESTARTS:
+                    raise
+                log.warning("%s; running %s again in a new commit process", exc, task)
+                time.sleep(min(0.1 * 2 ** attempt, 2.0))
+            finally:
+                started = self._child.started_serving
+                if started is not None and time.monotonic() - started > self.HOLD_S:
+                    self.retire()
+        raise AssertionError("unreachable")
+
+    def retire(self) -> None:
+        """Free the repository now (before a push, or after ``IDLE_S`` without work)."""
+        if self.serving:
+            self._child.retire()
+            self._child = BatchProcess(self._tasks, self._close_fds)
+
+    def close(self) -> None:
+        if self.serving:
+            self._child.retire()
+        else:
+            self._child.discard()
+
+
+def serve(queue: JobQueue, batches: Batches, results: _Results, push: PushTarget | None, repo: str) -> None:
+    """Run the queue's jobs as they come (a newline on stdin wakes us; EOF: finish and return).
+
+    A push that failed is not tried again by this worker: it is journaled, ``sync`` retries
+    it, and the end of training waits for at most the one push in flight. When commit
+    processes keep dying, the jobs stay queued for ``sync`` and the trainer is told once.
+    """
+    wakeups = StdinLines()
+    failed: set[int] = set()
+    eof = stalled = False
+    push_failed = bool(queue.meta().get("push_failed"))  # a restarted worker does not try again either
+    while True:
+        jobs = [] if stalled else [j for j in queue.pending() if j.seq not in failed]
+        try:
+            done = batches.run("run_jobs", seqs=[j.seq for j in jobs], final=eof) if jobs else []
+        except CommitProcessDied as exc:
+            stalled = True
+            done = []
+            results.emit({"kind": "stalled", "ok": False, "error": str(exc), "queue": str(queue.folder)})
+        except PublishError as exc:  # the task itself failed outside a job (e.g. the lock): fail these jobs
+            done = [{"seq": j.seq, "kind": j.kind, "ok": False, "error": str(exc)} for j in jobs if queue.is_pending(j)]
+        answered = {r["seq"] for r in done}
+        # jobs a killed commit process finished before it died: their results are on disk only
+        done += [r for j in jobs if j.seq not in answered and (r := queue.result(j.seq)) is not None]
+        for result in done:
+            if not result["ok"]:
+                failed.add(result["seq"])
+            elif push and result["kind"] in ("checkpoint", "finalize", "remove"):
+                push.dirty = True
+            results.emit(result)
+        if done:
+            continue  # more may have arrived meanwhile
+        if push and push.dirty and not push_failed and not stalled:
+            batches.retire()  # the push process opens the repository's databases too
+            report = push_with_timeout(repo, push)
+            push_failed = not report["ok"]  # journaled: `sync` retries; another try here could cost a timeout
+            if push_failed:
+                queue.update_meta(push_failed=True)
+            results.emit(report)
+        if eof:
+            return
+        line = wakeups.next(timeout=Batches.IDLE_S if batches.serving else 1.0)
+        if line is None:
+            batches.retire()
+        eof = line == ""
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="oxen_callbacks._publish.worker")
+    parser.add_argument("--queue", required=True)
+    parser.add_argument("--repo", required=True)
+    parser.add_argument("--remote")
+    parser.add_argument("--branch")
+    parser.add_argument("--remote-url")
+    parser.add_argument("--push-timeout", type=float, default=300.0)
+    args = parser.parse_args(argv)
+    os.nice(10)  # commits run beside training: the trainer keeps the CPU when both want it
+    queue = JobQueue(args.queue)
+    results = _Results(_redirect_output(str(queue.log_path)))
+    lock = FileLock(queue.worker_lock, timeout=3600)
+    lock.acquire()  # a batch of a killed predecessor may still be finishing
+    assert lock._fd is not None
+    committer = Committer(LocalRepo(args.repo, role="model repository"))
+    push = PushTarget(args.remote, args.branch, args.push_timeout, url=args.remote_url) if args.remote else None
+    results.emit({"kind": "ready", "ok": True, "pid": os.getpid()})
+    for result in queue.results():  # answers a killed predecessor could not send (the parent drops repeats)
+        results.emit(result)
+    batches = Batches(queue, committer, (lock._fd,))
+    try:
+        try:
+            batches.run("maintain", skip=str(queue.folder))
+        except PublishError as exc:  # housekeeping only: the queue's own jobs come first
+            log.warning("Start-up maintenance failed: %s", exc)
+        serve(queue, batches, results, push, args.repo)
+    finally:
+        batches.close()
+    log.info("Worker done: queue %s drained", queue.folder.name)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

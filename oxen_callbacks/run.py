@@ -1,0 +1,409 @@
+"""The framework-free core a training run talks to: pin, publish, record, log.
+
+The Lightning and Hugging Face adapters only translate their hooks into these
+calls, on the process that does I/O (global rank 0)::
+
+    run = LineageRun(dataset=pin, model_repo="models/clf", framework=("lightning", "2.6"))
+    run.start()                                  # pull the pin, start the worker, open MLflow
+    run.checkpoint_saved("ckpts/e0.ckpt", step=100, epoch=0, metrics={"val_loss": 0.4})
+    run.checkpoint_removed("ckpts/e0.ckpt")      # top-k rotation
+    record = run.finish("FINISHED", best="ckpts/e3.ckpt")
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shlex
+import sys
+import time
+import uuid
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+from . import __version__
+from ._data.snapshot import default_cache_dir
+from ._oxen import layout as oxen_layout
+from ._oxen.remote_spec import parse_remote
+from ._oxen.repo import damaged_repo
+from ._publish.claim import RunClaim
+from ._publish.committer import lineage_path
+from ._publish.publisher import CheckpointPublisher, open_model_repo
+from ._util.gitinfo import code_info
+from ._util.redact import redact_argv, redact_url
+from .errors import ConfigurationError, PublishError
+from .lineage import LineageRecord, new_record
+from .pin import PinnedDataset
+
+log = logging.getLogger(__name__)
+_RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+
+def new_run_name() -> str:
+    return f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
+
+
+class LineageRun:
+    """One training run's lineage; see the module docstring.
+
+    Args:
+        dataset: the pinned dataset the run reads (``None``: checkpoints only).
+        model_repo: local Oxen repository the checkpoints are committed to (created if missing).
+        framework: ``(name, version)`` recorded in the lineage.
+        mlflow: log tags and the pointer file to MLflow (``False``: lineage in the model repo only).
+        mlflow_run_id / mlflow_tracking_uri / experiment_name: which run to log into;
+            default the active run, else a new one in ``$MLFLOW_EXPERIMENT_NAME`` or ``Default``.
+        run_name: the run's folder in the model repository, ``runs/<run_name>/``.
+        cache_dir: snapshots and journals; default ``~/.cache/oxen-callbacks``.
+        author: ``(name, email)`` of the checkpoint commits.
+        remote / remote_url / branch / push_timeout: push the model repository to an Oxen
+            remote after commits (each push a child process killed after ``push_timeout``).
+        drain_timeout: longest wait at the end for commits (``None``: until done).
+        mlflow_timeout: longest wait at the end for MLflow (the rest stays journaled).
+        register_model: register the final checkpoint as a new version of this MLflow model
+            (source ``runs:/<run>/oxen``, tags naming the Oxen commits).
+        log_dataset_input: log the pinned dataset in the MLflow run's Datasets panel.
+        log_lineage_graph: log the lineage picture ``oxen/lineage.svg`` to the MLflow run.
+    """
+
+    def __init__(
+        self,
+        *,
+        dataset: PinnedDataset | None,
+        model_repo: str | os.PathLike[str],
+        framework: tuple[str, str],
+        mlflow: bool = True,
+        mlflow_run_id: str | None = None,
+        mlflow_tracking_uri: str | None = None,
+        experiment_name: str | None = None,
+        run_name: str | None = None,
+        cache_dir: str | os.PathLike[str] | None = None,
+        author: tuple[str, str] | None = None,
+        remote: str | None = None,
+        remote_url: str | None = None,
+        branch: str | None = None,
+        push_timeout: float = 300.0,
+        drain_timeout: float | None = None,
+        mlflow_timeout: float = 60.0,
+        register_model: str | None = None,
+        log_dataset_input: bool = True,
+        log_lineage_graph: bool = True,
+    ) -> None:
+        self.dataset = dataset
+        self.model_repo = Path(model_repo).expanduser().resolve()
+        self.framework = {"name": framework[0], "version": framework[1]}
+        self.cache_dir = Path(cache_dir or default_cache_dir()).expanduser().resolve()
+        self.run_name = run_name or new_run_name()
+        self._named = run_name is not None  # an explicit name is the user's; a default one can be redrawn
+        self.use_mlflow = mlflow
+        self.mlflow_run_id, self.mlflow_tracking_uri = mlflow_run_id, mlflow_tracking_uri
+        self.experiment_name = experiment_name
+        self.author, self.remote, self.branch, self.push_timeout = author, remote, branch, push_timeout
+        self.remote_url = parse_remote(remote_url).url if remote_url else None
+        self.drain_timeout, self.mlflow_timeout = drain_timeout, mlflow_timeout
+        self.register_model, self.log_dataset_input, self.log_lineage_graph = (
+            register_model, log_dataset_input, log_lineage_graph)
+        self._validate()
+        self.publisher: CheckpointPublisher | None = None
+        self.sink: Any = None
+        self._warm_sink: Any = None
+        self._repo_init: Future[Any] | None = None
+        if _likely_rank_zero():  # work that overlaps the user building the model and trainer
+            if self.use_mlflow:
+                from ._mlflow.sink import WarmSinkProcess
+
+                self._warm_sink = WarmSinkProcess()  # imports MLflow
+            if not oxen_layout.is_repo(self.model_repo):  # `oxen init`: 0.3 s in a child process
+                pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="oxen-init")
+                self._repo_init = pool.submit(open_model_repo, self.model_repo, self.cache_dir)
+                pool.shutdown(wait=False)
+        self.record: LineageRecord | None = None
+        self.finished = False
+        self._claim: RunClaim | None = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Picklable for ``ddp_spawn``: the warm sink process, the init thread and the claim stay here."""
+        return {**self.__dict__, "_warm_sink": None, "_repo_init": None, "_claim": None}
+
+    def _validate(self) -> None:
+        if not _RUN_NAME.match(self.run_name):
+            raise ConfigurationError(
+                f"run_name={self.run_name!r} cannot name a folder in the model repository.",
+                "use letters, digits, '.', '_' and '-' (at most 128 characters).",
+            )
+        data_root = self.dataset.source.local_root if self.dataset is not None else None
+        if data_root is not None:  # a remote dataset cannot overlap a local model repository
+            if self.model_repo == data_root or data_root in self.model_repo.parents:
+                raise ConfigurationError(
+                    f"model_repo={str(self.model_repo)!r} lies inside the dataset repository {str(data_root)!r}: "
+                    "checkpoint commits would mix with the dataset's history.",
+                    "put the model repository in a folder of its own, e.g. beside the dataset repository.",
+                )
+            if self.model_repo in data_root.parents:
+                raise ConfigurationError(
+                    f"The dataset repository {str(data_root)!r} lies inside model_repo={str(self.model_repo)!r}.",
+                    "put the model repository in a folder of its own.",
+                )
+        if self.model_repo.exists() and not self.model_repo.is_dir():
+            raise ConfigurationError(f"model_repo={str(self.model_repo)!r} is a file.", "pass a folder.")
+        blocking = next((p for p in self.model_repo.parents if p.exists() and not p.is_dir()), None)
+        if blocking is not None:
+            raise ConfigurationError(f"model_repo={str(self.model_repo)!r} lies below {str(blocking)!r}, which is a file.",
+                                     "pass a folder whose parents are folders (missing ones are created).")
+        if self.model_repo.is_dir() and not oxen_layout.is_repo(self.model_repo) and any(self.model_repo.iterdir()):
+            raise ConfigurationError(
+                f"model_repo={str(self.model_repo)!r} is a non-empty folder that is not an Oxen repository.",
+                "pass a new or empty folder (it will be created with `oxen init`), or run `oxen init` there.",
+            )
+        if self.remote and self.remote_url is None:  # a repository created for this run has no remotes
+            try:
+                known = oxen_layout.remotes(self.model_repo) if oxen_layout.is_repo(self.model_repo) else {}
+            except oxen_layout.DamagedLayout as exc:
+                raise damaged_repo("model repository", self.model_repo, str(exc)) from None
+            if self.remote not in known:
+                raise ConfigurationError(
+                    f"remote={self.remote!r} is not a remote of the model repository {str(self.model_repo)!r} "
+                    f"(it has: {', '.join(known) or 'none'}).",
+                    "pass remote_url='https://HOST/namespace/name' too, or add it: "
+                    "`oxen config --set-remote NAME URL`.",
+                )
+        for name, value in (("push_timeout", self.push_timeout), ("drain_timeout", self.drain_timeout),
+                            ("mlflow_timeout", self.mlflow_timeout)):
+            if value is not None and not value > 0:
+                raise ConfigurationError(f"{name}={value!r} must be a positive number of seconds.",
+                                         f"e.g. {name}=300, or {name}=None where waiting without limit is allowed.")
+        if not self.use_mlflow:
+            given = [n for n, v in (("mlflow_run_id", self.mlflow_run_id), ("mlflow_tracking_uri",
+                     self.mlflow_tracking_uri), ("experiment_name", self.experiment_name)) if v]
+            if given:
+                raise ConfigurationError(f"mlflow=False conflicts with {', '.join(given)}.",
+                                         "drop those options, or keep MLflow on (mlflow=True).")
+        uri = self.mlflow_tracking_uri
+        if uri and "://" not in uri and uri != "databricks":
+            raise ConfigurationError(
+                f"mlflow_tracking_uri={uri!r} is not a tracking URI.",
+                "use e.g. 'sqlite:///path/mlflow.db' or 'http://127.0.0.1:5000'.",
+            )
+        if self.use_mlflow:
+            from ._mlflow.sink import mlflow_available
+
+            if not mlflow_available():
+                raise ConfigurationError("mlflow=True but MLflow is not installed.",
+                                         "pip install mlflow, or pass mlflow=False (lineage then lives in the model repo).")
+        if self.register_model is not None:
+            from ._mlflow.registry import check_model_name
+
+            check_model_name(self.register_model)
+            if not self.use_mlflow:
+                raise ConfigurationError(f"register_model={self.register_model!r} needs MLflow, but mlflow=False.",
+                                         "pass mlflow=True, or drop register_model.")
+
+    # -- lifecycle -------------------------------------------------------------------
+    def start(self, *, continuing: bool = False) -> None:
+        """Claim the run name, then pull (and check) the pinned data, start the publisher, open the MLflow run.
+
+        ``continuing``: this fit resumes the run of the same name (its lineage goes on);
+        otherwise a name an earlier run used is refused (see :class:`~.publish.claim.RunClaim`).
+        """
+        if self._repo_init is not None:
+            self._repo_init.result()  # its error (e.g. an unwritable folder), raised here before training
+        open_model_repo(self.model_repo, self.cache_dir)
+        try:
+            self._claim = RunClaim.take(self.model_repo, self.run_name, continuing=continuing)
+        except ConfigurationError:
+            if self._named:
+                raise
+            self.run_name = new_run_name()  # a default name drawn twice (24 random bits): draw again
+            self._claim = RunClaim.take(self.model_repo, self.run_name, continuing=False)
+        try:
+            if continuing:
+                self._check_continued_dataset()
+            self._open()
+        except BaseException:
+            self._claim.release()  # nothing was queued under the name: it stays free
+            self._claim = None
+            raise
+
+    def _open(self) -> None:
+        """Pull the pinned data and check it is as recorded, start the publisher, open the MLflow run and tag it."""
+        if self.dataset is not None:
+            self.dataset.pull()
+            self.dataset.verify()  # counts and sizes: a snapshot cut or grown in place stops the run before a step
+        if self.use_mlflow:
+            from ._mlflow.sink import MlflowSink
+
+            self.sink = MlflowSink.attach(
+                cache_dir=self.cache_dir, run_id=self.mlflow_run_id, tracking_uri=self.mlflow_tracking_uri,
+                experiment_name=self.experiment_name, run_name=self.run_name, model_repo=str(self.model_repo),
+                warm=self._warm_sink,
+            )
+            self._warm_sink = None
+        self.record = new_record(
+            dataset=self.dataset.to_lineage() if self.dataset else None,
+            model_repo=str(self.model_repo),
+            framework=self.framework,
+            code={**{k: v for k, v in code_info().items() if k != "git_root"}, "command": _command(), "cwd": os.getcwd()},
+            run=self._run_section(),
+        )
+        # fit_id: one per fit (a continued run has several), so a late job knows its own segment
+        self.record.update({"status": "RUNNING", "started_at": _now(), "fit_id": uuid.uuid4().hex,
+                            "oxen_callbacks_version": __version__})
+        self.publisher = CheckpointPublisher(
+            model_repo=self.model_repo, run=self.run_name, cache_dir=self.cache_dir, author=self.author,
+            remote=self.remote, remote_url=self.remote_url, branch=self.branch, push_timeout=self.push_timeout,
+            on_result=self._on_result,
+        )
+        if self.sink is not None:
+            self.sink.set_tags(self._start_tags())
+
+    def _check_continued_dataset(self) -> None:
+        """A run continued under its name goes on with the dataset commit its checkpoints were trained on:
+        its lineage names one dataset for all of them (``allow_dataset_change`` starts a new run instead)."""
+        try:
+            recorded = json.loads((self.model_repo / lineage_path(self.run_name)).read_text()).get("dataset")
+        except FileNotFoundError:
+            return
+        mine = self.dataset.commit if self.dataset is not None else None
+        theirs = recorded.get("commit") if isinstance(recorded, dict) else None
+        if theirs != mine:
+            raise ConfigurationError(
+                f"Run {self.run_name!r} was trained on dataset commit {theirs}; continuing it on {mine} would name "
+                "one dataset for checkpoints trained on two.",
+                "resume without run_name (a new run that records resumed_from), or pin the run's dataset commit.",
+            )
+
+    def _run_section(self) -> dict[str, Any]:
+        run: dict[str, Any] = {"name": self.run_name}
+        if self.sink is not None:
+            run.update(mlflow_run_id=self.sink.run_id, mlflow_tracking_uri=redact_url(self.sink.tracking_uri))
+        return run
+
+    def _start_tags(self) -> dict[str, Any]:
+        assert self.record is not None
+        tags = {"oxen.run": self.run_name, "oxen.model.repo": self.record["model"]["repo"],
+                "oxen.code.git_commit": self.record["code"]["git_commit"]}
+        if self.record["dataset"]:
+            d = self.record["dataset"]
+            tags.update({"oxen.dataset.repo": redact_url(d["repo"]), "oxen.dataset.commit": d["commit"],
+                         "oxen.dataset.revision": d["revision"], "oxen.dataset.paths": json.dumps(d["paths"])})
+        return tags
+
+    def _on_result(self, result: dict[str, Any]) -> None:
+        if self.sink is not None and result.get("ok") and result.get("kind") == "checkpoint":
+            self.sink.set_tags({"oxen.model.commit": result["commit"], "oxen.model.path": result["dest"]})
+
+    def checkpoint_saved(self, path: str | os.PathLike[str], *, step: int | None = None,
+                         epoch: int | None = None, metrics: dict[str, float] | None = None) -> int:
+        """Queue the finished checkpoint at ``path`` (file or folder) for commit; returns at once."""
+        if self.publisher is None or self.record is None:
+            raise PublishError("LineageRun.checkpoint_saved() called before start()")
+        return self.publisher.submit_checkpoint(path, record=self._base_record(), step=step, epoch=epoch,
+                                                metrics=metrics)
+
+    def checkpoint_removed(self, path: str | os.PathLike[str]) -> None:
+        if self.publisher is not None:
+            self.publisher.submit_removal(path)
+
+    def _base_record(self) -> LineageRecord:
+        assert self.record is not None
+        return {**self.record, "run": {**self.record["run"], **self._run_section()}}
+
+    def finish(self, status: str = "FINISHED", *, best: str | os.PathLike[str] | None = None) -> LineageRecord | None:
+        """Wait for every commit, commit the final lineage, log it to MLflow; returns the record.
+
+        Safe to call twice (the second call returns the first result). Publishing
+        errors are raised after the lineage of what was published is logged.
+        """
+        if self.finished:
+            return self.record
+        self.finished = True
+        if self.publisher is None or self.record is None:
+            return None
+        self.record.update(status=status, ended_at=_now())
+        if self.sink is not None:  # a run the sink creates: its id belongs in the final record
+            self.sink.wait_for_run(self.mlflow_timeout)
+        error: Exception | None = None
+        final: LineageRecord | None = None
+        try:
+            final = self.publisher.finalize(self._base_record(), best=best, timeout=self.drain_timeout)
+        except PublishError as exc:
+            error = exc
+        finally:
+            self.publisher.close(timeout=self.drain_timeout)
+            if self._claim is not None:
+                self._claim.release()
+        committed = final is not None
+        if final is None:
+            final = self._base_record()
+            final["checkpoints"] = [
+                {"commit": r["commit"], "path": r["dest"], "step": r.get("step"), "epoch": r.get("epoch"),
+                 "metrics": r.get("metrics") or {}}
+                for r in self.publisher.results if r.get("kind") == "checkpoint"
+            ]
+            if final["checkpoints"]:
+                last = final["checkpoints"][-1]
+                final["model"] = {**final["model"], "commit": last["commit"], "path": last["path"]}
+            log.warning("The final lineage commit did not complete; the pointer lists what was published.")
+        self.record = final
+        self._warn_unpushed()
+        if self.sink is not None:
+            try:
+                self._log_final(final, status, committed=committed)
+            except Exception:  # the work is done and committed: MLflow bookkeeping never fails training
+                log.warning("Logging the lineage to MLflow failed; what is journaled in %s stays there for "
+                            "`oxen-callbacks sync`.", self.sink.journal.folder, exc_info=True)
+                self.sink.journal.release_trainer()  # sync's from now on, though this process lives on
+        if error is not None:
+            raise error
+        return final
+
+    def _log_final(self, final: LineageRecord, status: str, *, committed: bool = True) -> None:
+        """Tag the run with the final model, log the pointer file and extras, end it, wait for MLflow.
+
+        ``committed=False``: the final lineage commit did not complete (its commits stay journaled):
+        ``oxen-callbacks sync`` tags, logs and ends the run from what it then commits, not this
+        partial record.
+        """
+        if not committed:
+            self.sink.finish_from_commits(status)
+        else:
+            self.sink.set_tags({"oxen.model.commit": final["model"]["commit"],
+                                "oxen.model.path": final["model"]["path"], "oxen.lineage.status": status})
+            self.sink.log_lineage(final)
+        if committed and (self.log_dataset_input or self.register_model or self.log_lineage_graph):
+            self.sink.publish_extras(final, register_model=self.register_model,
+                                     dataset_input=self.log_dataset_input, graph=self.log_lineage_graph)
+        self.sink.end(status)
+        if not self.sink.flush(self.mlflow_timeout):
+            log.warning("MLflow did not take the lineage within %.0fs (%s); it is journaled in %s: "
+                        "run `oxen-callbacks sync` later.", self.mlflow_timeout, self.sink.why_pending(),
+                        self.sink.journal.folder)
+        self.sink.close()
+
+    def _warn_unpushed(self) -> None:
+        from ._publish.push import pending_push
+
+        if self.remote is None and self.remote_url is None:
+            return
+        marker = pending_push(self.model_repo)
+        if marker is not None and self.publisher is not None:
+            self.publisher.warn_unpushed(marker)  # once per run, whether training or the end found it
+            if self.record is not None:
+                self.record["push"] = {"remote": marker["remote"], "pushed": False, "error": marker.get("error")}
+
+
+def _command() -> str:
+    """How this process was started, secrets masked (``oxen-callbacks reproduce`` prints it)."""
+    return shlex.join(redact_argv([Path(sys.executable).name, *sys.argv]))
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S%z")
+
+
+def _likely_rank_zero() -> bool:
+    """Whether this process is, by the launcher's environment, the one that logs (global rank 0)."""
+    return all(os.environ.get(name, "0") == "0" for name in ("RANK", "LOCAL_RANK", "NODE_RANK"))
