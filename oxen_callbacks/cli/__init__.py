@@ -1,5 +1,1 @@
-"""The ``oxen-callbacks`` command line: one module per command group, ``main`` the entry point."""
-
-from .main import main
-
-__all__ = ["main"]
+"""The ``oxen-callbacks`` command line: ``main.py`` parses and dispatches, one module per command group."""
