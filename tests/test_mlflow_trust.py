@@ -155,7 +155,7 @@ def test_queries_never_create_a_missing_sqlite_store(tmp_path, monkeypatch, caps
     capsys.readouterr()
     assert not store.exists() and not store.parent.exists() and not (tmp_path / "relative.db").exists()
 
-    probe = ("import sys; from oxen_callbacks import cli; "
+    probe = ("import sys; from oxen_callbacks.cli import main as cli; "
              f"code = cli.main(['trace', {commit!r}, '--model-repo', {str(models)!r}]); "
              "sys.exit(code or ('mlflow' in sys.modules and 'mlflow imported'))")
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120,
