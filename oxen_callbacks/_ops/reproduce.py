@@ -1,0 +1,199 @@
+"""Reading data for `reproduce` (a run's exact inputs and weights) and `diff` (two runs' data).
+
+Both read commits through :class:`~oxen_callbacks.PinnedDataset` snapshots, so the
+repositories' working trees, HEADs and branches are never touched; row-level
+diffs run ``oxen.diff`` on the snapshot files in a child process.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shlex
+import shutil
+from pathlib import Path
+from typing import Any
+
+from .._oxen import child as oxen_child
+from .._oxen.commit_id import checked_commit_id
+from .._util.relpath import covers
+from ..errors import ConfigurationError
+from ..pin import PinnedDataset
+
+_GIT_COMMIT = re.compile(r"^[0-9a-fA-F]{7,40}$")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+TABULAR = {".csv", ".tsv", ".parquet", ".jsonl", ".ndjson", ".arrow"}
+
+
+# -- reproduce ----------------------------------------------------------------------------------
+def reproduce(view: dict[str, Any], dest: str | os.PathLike[str], *,
+              cache_dir: str | os.PathLike[str] | None = None) -> dict[str, Any]:
+    """Copy the run's dataset snapshot to ``dest/data`` and its final checkpoint to ``dest/model``.
+
+    Also writes ``dest/lineage.json``; returns what was written and how to rerun.
+    """
+    target = Path(dest).expanduser().resolve()
+    if target.exists() and (not target.is_dir() or any(target.iterdir())):
+        raise ConfigurationError(f"--to {str(dest)!r} exists and is not an empty folder.",
+                                 "pass a new or empty folder, e.g. --to repro-<run>.")
+    dataset, model, code = view.get("dataset"), view["model"], view.get("code") or {}
+    if not model.get("commit") and not dataset:
+        raise ConfigurationError("This run recorded neither a dataset nor a committed checkpoint: nothing to reproduce.")
+    target.mkdir(parents=True, exist_ok=True)
+    result: dict[str, Any] = {"dir": str(target), "dataset": None, "model": None}
+    if dataset:
+        pin = _pinned(dataset["repo"], dataset["commit"], dataset["paths"], cache_dir)
+        files = _copy_paths(pin.pull(), pin.paths, target / "data")
+        result["dataset"] = {"repo": dataset["repo"], "commit": dataset["commit"], "paths": pin.paths,
+                             "folder": str(target / "data"), "files": files}
+    if model.get("commit") and model.get("path"):
+        pin = _pinned(model["repo"], model["commit"], [model["path"]], cache_dir)
+        _copy_paths(pin.pull(), [model["path"]], target / "model", flatten=True)
+        result["model"] = {"repo": model["repo"], "commit": model["commit"], "path": model["path"],
+                           "file": str(target / "model" / Path(model["path"]).name)}
+    record = {k: v for k, v in view.items() if k not in ("source", "matched_checkpoints")}
+    (target / "lineage.json").write_text(json.dumps(record, indent=2) + "\n")
+    result["code"] = {"git_commit": code.get("git_commit"), "git_dirty": code.get("git_dirty"),
+                      "command": code.get("command"), "cwd": code.get("cwd")}
+    result["rerun"], result["rerun_left_out"] = _rerun_command(view)
+    if dataset and dataset.get("revision") not in (None, dataset["commit"]):
+        result["note"] = (f"The run asked for revision {dataset['revision']!r}, which may have moved: pin "
+                          f"revision={dataset['commit']!r} to read the same data, or use {target / 'data'}.")
+    return result
+
+
+def _pinned(repo: str, commit: str, paths: list[str], cache_dir: str | os.PathLike[str] | None) -> PinnedDataset:
+    """The recorded commit of ``repo``, exactly: a record naming a branch (or a server answering
+    another commit) would hand back data the run never read."""
+    checked_commit_id(commit, what=f"The run's record of {repo}")
+    pin = PinnedDataset(repo, revision=commit, paths=paths, cache_dir=cache_dir)
+    if pin.commit != commit:
+        raise ConfigurationError(f"{repo} resolved the recorded commit {commit} to {pin.commit}.",
+                                 "check that the record names the right repository.")
+    return pin
+
+
+def _rerun_command(view: dict[str, Any]) -> tuple[str | None, list[str]]:
+    """``cd <cwd> && git checkout <commit> && <command>`` with every word quoted, and what was left out why.
+
+    The record is untrusted input (anyone who can write the model repository or the MLflow run
+    can change it): a commit that is not 7-40 hex digits and a command that does not parse as
+    shell words (or that hold control characters) are left out rather than printed to run.
+    """
+    code = view.get("code") or {}
+    steps, left_out = [], []
+    if code.get("cwd") and _CONTROL.search(str(code["cwd"])):
+        left_out.append("the recorded working folder holds control characters: no `cd` printed")
+    elif code.get("cwd"):
+        steps.append(shlex.join(["cd", str(code["cwd"])]))
+    commit = code.get("git_commit")
+    if is_git_commit(commit):
+        steps.append(shlex.join(["git", "checkout", commit]))
+    elif commit:
+        left_out.append(f"the recorded code commit {str(commit)[:80]!r} is not a git commit id (7-40 hex digits): "
+                        "no checkout printed; find the code version yourself")
+    if code.get("command"):
+        try:
+            words = shlex.split(str(code["command"]))
+        except ValueError as exc:
+            words = None
+            left_out.append(f"the recorded command does not parse as shell words ({exc}): not printed as runnable")
+        if words is not None and any(_CONTROL.search(w) for w in words):
+            words = None
+            left_out.append("the recorded command holds control characters: not printed as runnable")
+        if words:
+            steps.append(shlex.join(words))
+    return " && ".join(steps) or None, left_out
+
+
+def is_git_commit(value: Any) -> bool:
+    """Whether ``value`` can only be a git commit id (7-40 hex digits), safe to print in a shell line."""
+    return isinstance(value, str) and _GIT_COMMIT.match(value) is not None
+
+
+def _copy_paths(snapshot: Path, paths: list[str], dest: Path, *, flatten: bool = False) -> int:
+    """Copy ``paths`` of a snapshot as plain writable files; returns the number of files."""
+    count = 0
+    for rel in paths:
+        source = snapshot if rel == "." else snapshot / rel
+        out = dest / (source.name if flatten else ("" if rel == "." else rel))
+        for file in [source] if source.is_file() else sorted(p for p in source.rglob("*") if p.is_file()):
+            target = out if file == source else out / file.relative_to(source)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(file, target)
+            count += 1
+    return count
+
+
+# -- diff ---------------------------------------------------------------------------------------
+def diff_runs(view_a: dict[str, Any], view_b: dict[str, Any], *, keys: list[str] | None = None, limit: int = 20,
+              cache_dir: str | os.PathLike[str] | None = None) -> dict[str, Any]:
+    """Files added/removed/modified between two runs' datasets, and changed rows of tabular files."""
+    sides = []
+    for view in (view_a, view_b):
+        dataset = view.get("dataset")
+        if not dataset:
+            raise ConfigurationError(f"Run {_run_label(view)!r} recorded no dataset: there is nothing to compare.")
+        pin = _pinned(dataset["repo"], dataset["commit"], dataset["paths"], cache_dir)
+        sides.append((pin, _hashes(pin.pull(), pin.paths)))
+    (pin_a, files_a), (pin_b, files_b) = sides
+    modified = sorted(p for p in files_a.keys() & files_b.keys() if files_a[p] != files_b[p])
+    result: dict[str, Any] = {
+        "a": {"run": _run_label(view_a), "repo": pin_a.source.location, "commit": pin_a.commit, "paths": pin_a.paths},
+        "b": {"run": _run_label(view_b), "repo": pin_b.source.location, "commit": pin_b.commit, "paths": pin_b.paths},
+        "same_commit": pin_a.commit == pin_b.commit,
+        "files": {"added": sorted(files_b.keys() - files_a.keys()), "removed": sorted(files_a.keys() - files_b.keys()),
+                  "modified": modified},
+        "rows": {},
+    }
+    tables = [p for p in modified if Path(p).suffix.lower() in TABULAR]
+    if tables:
+        pairs = [(str(pin_a.path / p), str(pin_b.path / p)) for p in tables]
+        found = oxen_child.run_in_child("oxen_callbacks._ops.reproduce:table_diffs", pairs=pairs, keys=keys or [], limit=limit)
+        result["rows"] = dict(zip(tables, found, strict=True))
+    return result
+
+
+def _run_label(view: dict[str, Any]) -> str:
+    return view["run"].get("mlflow_run_id") or view["run"].get("name") or "?"
+
+
+def _hashes(snapshot: Path, paths: list[str]) -> dict[str, str]:
+    """``{relative path: sha256}`` of every file under the pinned ``paths`` of a snapshot."""
+    found: dict[str, str] = {}
+    for file in sorted(p for p in snapshot.rglob("*") if p.is_file()):
+        rel = file.relative_to(snapshot).as_posix()
+        if any(covers(p, rel) for p in paths):
+            digest = hashlib.sha256()
+            with open(file, "rb") as f:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    digest.update(block)
+            found[rel] = digest.hexdigest()
+    return found
+
+
+def table_diffs(pairs: list[list[str]], keys: list[str], limit: int) -> list[dict[str, Any]]:
+    """Row-level ``oxen.diff`` of each ``[left_file, right_file]`` (run it in an oxen child process).
+
+    Without ``keys`` a changed row shows as one ``removed`` and one ``added`` row; with
+    key columns it shows as ``modified`` with ``<col>.left`` / ``<col>.right`` values.
+    """
+    return [_table_diff(left, right, keys, limit) for left, right in pairs]
+
+
+def _table_diff(left: str, right: str, keys: list[str], limit: int) -> dict[str, Any]:
+    import oxen
+
+    diff = oxen.diff(left, to=right, keys=keys)
+    if diff.format != "tabular":
+        return {"format": diff.format, "counts": {}, "columns": [], "rows": []}
+    frame = diff.get().data
+    status = next(c for c in frame.columns if c.replace(".", "_").strip("_").endswith("diff_status"))
+    counts = {str(s): int(n) for s, n in frame.get_column(status).value_counts().iter_rows()}
+    rows = json.loads(json.dumps(frame.head(limit).to_dicts(), default=str))
+    for row in rows:
+        row["status"] = row.pop(status)
+    return {"format": "tabular", "counts": dict(sorted(counts.items())), "total": frame.height,
+            "columns": [c for c in frame.columns if c != status], "rows": rows}

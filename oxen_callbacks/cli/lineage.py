@@ -1,0 +1,101 @@
+"""``oxen-callbacks lineage`` and ``trace``: one run's lineage, and the runs on the other side of a target."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from .command import Command, Result, commit_or_none
+
+
+def finder(args: argparse.Namespace) -> Any:
+    """The lineage finder over MLflow (``--tracking-uri``) and model repositories (``--model-repo``)."""
+    from .._ops.trace import LineageFinder
+
+    return LineageFinder(tracking_uri=args.tracking_uri, model_repos=args.model_repos)
+
+
+def _lineage_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("run_id", metavar="RUN_ID", help="MLflow run id, or the run's name with --model-repo")
+    parser.add_argument("--graph", metavar="OUT", help="also draw the lineage picture to OUT (.svg, .png or .html)")
+
+
+def _lineage(args: argparse.Namespace) -> Result:
+    view = finder(args).run(args.run_id)
+    if args.graph:
+        from .._ops.picture import write_graph
+
+        view["graph"] = str(write_graph(view, args.graph).resolve())
+    return view
+
+
+def _trace_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("target", metavar="TARGET",
+                        help="a model commit, a checkpoint path, an endpoint or a dataset commit")
+
+
+def _trace(args: argparse.Namespace) -> Result:
+    return finder(args).trace(args.target)
+
+
+def run_lines(view: Result, indent: str = "") -> list[str]:
+    """One run's dataset, model, code, registered versions and endpoints, a line each."""
+    run, dataset, model, code = view["run"], view.get("dataset"), view["model"], view.get("code") or {}
+    lines = [f"{indent}run          {run.get('name') or '?'}  (MLflow {run.get('mlflow_run_id') or 'none'})  "
+             f"{view.get('status') or ''}".rstrip()]
+    if dataset:
+        asked = f"  asked for {dataset['revision']!r}" if dataset.get("revision") not in (None, dataset["commit"]) else ""
+        lines.append(f"{indent}dataset      {dataset['repo']} @ {dataset['commit']}{asked}")
+        lines.append(f"{indent}             paths: {', '.join(dataset['paths'])}")
+    else:
+        lines.append(f"{indent}dataset      (none recorded)")
+    lines.append(f"{indent}model        {model['repo']} @ {commit_or_none(model['commit'])}")
+    if model.get("path"):
+        lines.append(f"{indent}             {model['path']}")
+    dirty = {True: " (uncommitted changes)", False: ""}.get(code.get("git_dirty"), "")
+    lines.append(f"{indent}code         git {code.get('git_commit') or '(not a git checkout)'}{dirty}")
+    for version in view.get("registered") or []:
+        aliases = "".join(f" @{a}" for a in version.get("aliases") or [])
+        lines.append(f"{indent}registered   {version['name']} v{version['version']}{aliases}")
+    for endpoint in view.get("endpoints") or []:
+        serves = f" serves {endpoint['model_commit']}" if endpoint.get("model_commit") else ""
+        lines.append(f"{indent}endpoint     {endpoint['endpoint']}{serves}")
+    return lines
+
+
+def _show_lineage(view: Result) -> str:
+    lines = run_lines(view)
+    checkpoints = view["checkpoints"]
+    lines.append(f"checkpoints  {len(checkpoints)} committed" + (":" if checkpoints else
+                 (" (read from MLflow tags: the model repository is not on this machine)"
+                  if view.get("source") == "mlflow-tags" else "")))
+    for c in checkpoints:
+        where = " ".join(f"{k} {c[k]}" for k in ("epoch", "step") if c.get(k) is not None)
+        metrics = " ".join(f"{k}={v:.4g}" for k, v in sorted((c.get("metrics") or {}).items()))
+        gone = "" if c.get("kept", True) else "  (rotated out)"
+        lines.append(f"  {commit_or_none(c['commit'])}  {where:<16} {c['path']}{gone}  {metrics}".rstrip())
+    if view.get("graph"):
+        lines.append(f"graph        {view['graph']}")
+    return "\n".join(lines)
+
+
+def _show_trace(result: Result) -> str:
+    runs = result["runs"]
+    kind = result["kind"].replace("-", " ")
+    head = f"{kind} {result['target']}: " + (f"{len(runs)} run{'s' if len(runs) != 1 else ''}" if runs else
+                                             "no run found (is MLFLOW_TRACKING_URI set, or pass --model-repo?)")
+    lines = [head] + ([f"note: {result['note']}"] if result.get("note") else [])
+    for view in runs:
+        lines.append("")
+        lines.extend(run_lines(view, "  "))
+        for c in view.get("matched_checkpoints") or []:
+            lines.append(f"  checkpoint   {c['path']} @ {commit_or_none(c['commit'])}")
+    return "\n".join(lines)
+
+
+COMMANDS = [
+    Command("lineage", "dataset, model, checkpoints and code of one run", _lineage, _show_lineage,
+            _lineage_arguments, shared=("mlflow", "repos")),
+    Command("trace", "runs, data and models on the other side of TARGET", _trace, _show_trace,
+            _trace_arguments, shared=("mlflow", "repos"), failed=lambda result: not result["runs"]),
+]
