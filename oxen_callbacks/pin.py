@@ -17,11 +17,15 @@ import time
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
-from ._data.local import LocalSource, path_not_in_commit
+from ._data.local import LocalSource
 from ._data.remote import RemoteSource
-from ._data.snapshot import Materialized, SnapshotStore, default_cache_dir, remake_hint, remove_tree, shown
+from ._data.snapshot import SnapshotStore, remake_hint, shown
 from ._oxen.commit_id import checked_commit_id
 from ._oxen.remote_spec import looks_remote
+from ._oxen.store_copy import Materialized
+from ._oxen.tree import path_not_in_commit
+from ._util.cache import default_cache_dir
+from ._util.fs import remove_tree
 from ._util.locks import FileLock
 from ._util.relpath import covers, safe_relpath
 from .errors import ConfigurationError, DatasetMismatchError
