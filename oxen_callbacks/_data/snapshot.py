@@ -19,6 +19,7 @@ from pathlib import Path
 
 import xxhash
 
+from .._oxen import layout as oxen_layout
 from .._oxen.commit_id import checked_commit_id, is_commit_id
 from .._oxen.store_copy import Materialized, content_hash
 from .._util.cache import default_cache_dir  # noqa: F401 - re-exported: callers import it from here
@@ -160,7 +161,7 @@ class SnapshotStore:
         make_dirs_writable(folder)
         try:
             for rel in rel_paths:
-                names = [e for e in os.listdir(staged_root) if e != ".oxen"] if rel == "." else [rel]
+                names = [e for e in os.listdir(staged_root) if e != oxen_layout.OXEN_DIR] if rel == "." else [rel]
                 for name in names:
                     dest = folder / name
                     dest.parent.mkdir(parents=True, exist_ok=True)
@@ -253,7 +254,7 @@ def _content_problems(root: Path, paths: list[str], recorded: dict[str, str]) ->
 
 
 def _files_under(root: Path, rel: str) -> list[str]:
-    """Files at or under ``rel`` of ``root``, relative to ``root`` (POSIX separators; no ``.oxen``;
+    """Files at or under ``rel`` of ``root``, relative to ``root`` (POSIX separators; no Oxen folder;
     no symbolic link, which :meth:`SnapshotStore.check` reports)."""
     top = root if rel == "." else root / rel
     if _linked(root, rel) is not None:
@@ -264,7 +265,7 @@ def _files_under(root: Path, rel: str) -> list[str]:
     for dirpath, dirs, names in os.walk(top):
         base = Path(dirpath).relative_to(root).as_posix()
         if base == ".":
-            dirs[:] = [d for d in dirs if d != ".oxen"]
+            dirs[:] = [d for d in dirs if d != oxen_layout.OXEN_DIR]
         found += [name if base == "." else f"{base}/{name}" for name in names
                   if not os.path.islink(os.path.join(dirpath, name))]
     return found
