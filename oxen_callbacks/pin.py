@@ -17,11 +17,15 @@ import time
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
-from ._data.local import LocalSource, path_not_in_commit
+from ._data.local import LocalSource
 from ._data.remote import RemoteSource
-from ._data.snapshot import Materialized, SnapshotStore, default_cache_dir, remake_hint, remove_tree, shown
+from ._data.snapshot import SnapshotStore, remake_hint, shown
 from ._oxen.commit_id import checked_commit_id
 from ._oxen.remote_spec import looks_remote
+from ._oxen.store_copy import Materialized
+from ._oxen.tree import path_not_in_commit
+from ._util.cache import default_cache_dir
+from ._util.fs import remove_tree
 from ._util.locks import FileLock
 from ._util.relpath import covers, safe_relpath
 from .errors import ConfigurationError, DatasetMismatchError
@@ -225,17 +229,20 @@ class PinnedDataset:
                 found.extend(p for p in target.rglob("*") if p.is_file())
         return sorted(set(found))
 
-    def load_dataset(self, data_files: Any = None, **kwargs: Any) -> Any:
+    def load_dataset(self, data_files: Any = None, *, cache_dir: str | os.PathLike[str] | None = None,
+                     **kwargs: Any) -> Any:
         """The pinned CSV / JSON Lines / Parquet files as a ``datasets.DatasetDict`` (``Dataset`` with ``split=``).
 
-        Cached per commit; see :func:`oxen_callbacks._data.hf_datasets.load_pinned`::
+        Cached per commit, in ``cache_dir`` (default ``<snapshot cache>/datasets/<repo>``); see
+        :func:`oxen_callbacks._data.hf_datasets.load_pinned`::
 
             splits = PinnedDataset("data/reviews", paths=["train.jsonl", "eval.jsonl"]).load_dataset()
             splits["train"], splits["eval"]
         """
         from ._data.hf_datasets import load_pinned
 
-        return load_pinned(self, data_files, **kwargs)
+        folder = cache_dir if cache_dir is not None else self.store.cache_dir / "datasets" / self.source.key
+        return load_pinned(self, data_files, cache_dir=folder, location=self.source.location, **kwargs)
 
     def verify(self, *, deep: bool = False) -> None:
         """Check the snapshot still holds what its manifest recorded: file counts and sizes,

@@ -22,13 +22,10 @@ import os
 import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from .._util.relpath import covers, safe_relpath
 from ..errors import ConfigurationError
-
-if TYPE_CHECKING:
-    from ..pin import PinnedDataset
 
 log = logging.getLogger(__name__)
 
@@ -43,8 +40,35 @@ _RESERVED = {"path": "the builder is chosen from the file extensions",
 DataFiles = str | Sequence[str] | Mapping[str, str | Sequence[str]]
 
 
-def load_pinned(pin: PinnedDataset, data_files: DataFiles | None = None, *,
-                cache_dir: str | os.PathLike[str] | None = None, **kwargs: Any) -> Any:
+class PinnedFiles(Protocol):
+    """What :func:`load_pinned` reads of a pinned dataset (a :class:`~oxen_callbacks.PinnedDataset`)."""
+
+    @property
+    def commit(self) -> str:
+        """The pinned commit id."""
+        ...
+
+    @property
+    def paths(self) -> list[str]:
+        """The pinned repository-relative paths."""
+        ...
+
+    @property
+    def path(self) -> Path:
+        """The snapshot folder (the repository root as of the commit), materialized."""
+        ...
+
+    def file(self, rel_path: str) -> Path:
+        """Absolute path of ``rel_path`` in the snapshot; raises unless it lies in the pinned paths."""
+        ...
+
+    def files(self) -> list[Path]:
+        """Every file of the pinned paths, sorted."""
+        ...
+
+
+def load_pinned(pin: PinnedFiles, data_files: DataFiles | None = None, *, cache_dir: str | os.PathLike[str],
+                location: str, **kwargs: Any) -> Any:
     """The pinned commit's CSV / JSON Lines / Parquet files through ``datasets.load_dataset``.
 
     Args:
@@ -53,7 +77,9 @@ def load_pinned(pin: PinnedDataset, data_files: DataFiles | None = None, *,
             (a string or list: one ``train`` split; a dict: split name -> files).
             Default: one split per pinned file, named after its stem
             (``train.jsonl`` -> ``train``).
-        cache_dir: the Arrow cache; default ``<oxen-callbacks cache>/datasets/<repo>``.
+        cache_dir: the Arrow cache (:class:`~oxen_callbacks.PinnedDataset` passes
+            ``<oxen-callbacks cache>/datasets/<repo>`` unless given one).
+        location: the dataset repository's path or URL, for the log.
         **kwargs: passed to ``datasets.load_dataset`` (``split``, ``features``,
             ``streaming``, ``num_proc``, CSV options such as ``sep``...).
 
@@ -68,8 +94,8 @@ def load_pinned(pin: PinnedDataset, data_files: DataFiles | None = None, *,
                                      f"leave it out: {why}.")
     files = _default_splits(pin) if data_files is None else _resolve(pin, data_files)
     builder = _builder(files)
-    folder = Path(cache_dir) if cache_dir is not None else pin.store.cache_dir / "datasets" / pin.source.key
-    log.debug("Loading %s@%s with the %r builder into %s", pin.source.location, pin.commit, builder, folder)
+    folder = Path(cache_dir)
+    log.debug("Loading %s@%s with the %r builder into %s", location, pin.commit, builder, folder)
     return datasets.load_dataset(builder, name=f"{_CONFIG_PREFIX}{pin.commit}", data_files=files,
                                  cache_dir=str(folder), **kwargs)
 
@@ -89,7 +115,7 @@ def dataset_commits(dataset: Any) -> set[str]:
     return found
 
 
-def _default_splits(pin: PinnedDataset) -> dict[str, list[str]]:
+def _default_splits(pin: PinnedFiles) -> dict[str, list[str]]:
     splits: dict[str, list[str]] = {}
     for path in pin.files():
         if path.suffix.lower() in BUILDERS:
@@ -102,7 +128,7 @@ def _default_splits(pin: PinnedDataset) -> dict[str, list[str]]:
     return splits
 
 
-def _resolve(pin: PinnedDataset, data_files: DataFiles) -> Any:
+def _resolve(pin: PinnedFiles, data_files: DataFiles) -> Any:
     if isinstance(data_files, str):
         return _expand(pin, data_files)
     if isinstance(data_files, Mapping):
@@ -110,7 +136,7 @@ def _resolve(pin: PinnedDataset, data_files: DataFiles) -> Any:
     return [path for entry in data_files for path in _expand(pin, entry)]
 
 
-def _expand(pin: PinnedDataset, pattern: str) -> list[str]:
+def _expand(pin: PinnedFiles, pattern: str) -> list[str]:
     """Absolute snapshot paths of a repository-relative file or glob, which must lie in the pinned paths."""
     rel = safe_relpath(pattern, what="data file")
     if not glob.has_magic(rel):

@@ -22,12 +22,12 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from .._oxen import child as oxen_child
-from .._oxen import layout as oxen_layout
 from .._oxen import tree as oxen_tree
-from .._oxen.repo import LocalRepo, call_oxen, damaged_repo
-from .._oxen.store_copy import CorruptStore
+from .._oxen.repo import LocalRepo, damaged_repo
+from .._oxen.store_copy import CorruptStore, Materialized
+from .._oxen.tree import path_not_in_commit
+from .._util.fs import empty_folder
 from ..errors import ConfigurationError, OxenError
-from .snapshot import Materialized, empty_folder, remove_tree
 
 log = logging.getLogger(__name__)
 
@@ -143,38 +143,3 @@ def copy_from_store(repo: Path, commit: str, paths: list[str], dest: Path) -> Ma
         kind = oxen_tree.UnsupportedLayout if outcome["layout"] else oxen_tree.UnreadableTree
         raise kind(outcome["unreadable"])
     return Materialized(outcome["counts"], outcome["hashes"])
-
-
-def restore_into(repo: LocalRepo, commit: str, paths: list[str], dest: Path) -> None:
-    """Write ``paths`` of ``commit`` under ``dest`` through a shadow working tree.
-
-    Oxen restores the commit's bytes into the shadow (see
-    :func:`oxen_layout.make_shadow`); the user's tree, HEAD and branches are never
-    touched. Runs in the child process of :func:`oxen_child.materialize`.
-    """
-    import oxen
-    from tqdm.auto import tqdm
-
-    oxen_layout.make_shadow(repo.path, dest, commit)
-    shadow = oxen.Repo(str(dest))
-    try:
-        for rel in tqdm(paths, desc=f"pin {repo.path.name}@{commit[:10]}", unit="path", disable=None):
-            try:
-                call_oxen(shadow.restore, rel, False, commit, what=f"read {rel!r} at {commit}")
-            except OxenError as exc:
-                if "not found" not in str(exc).lower():
-                    raise
-                raise path_not_in_commit(rel, commit, str(repo.path)) from None
-            if not (dest / rel).exists():
-                raise path_not_in_commit(rel, commit, str(repo.path))
-    finally:
-        remove_tree(dest / oxen_layout.OXEN_DIR)
-
-
-def path_not_in_commit(rel: str, commit: str, location: str) -> ConfigurationError:
-    """The error for a requested path that the commit does not hold."""
-    return ConfigurationError(
-        f"Path {rel!r} is not in commit {commit} of the dataset repository {location!r}.",
-        "paths are relative to the repository root (e.g. 'train.csv', 'images/'); "
-        "check the commit holds them with `oxen ls` or `oxen log`.",
-    )

@@ -45,7 +45,7 @@ class RemoteSource:
         for pause in (0.0, *BACKOFF_S):
             time.sleep(pause)
             try:
-                return oxen_child.run_in_child(f"oxen_callbacks._data.remote:{function}", timeout=timeout,
+                return oxen_child.run_in_child(f"oxen_callbacks._oxen.remote:{function}", timeout=timeout,
                                                repo_id=self.spec.repo_id, host=self.spec.host,
                                                scheme=self.spec.scheme, **kwargs)
             except ConfigurationError:
@@ -64,7 +64,7 @@ class RemoteSource:
     def resolve(self, revision: str | None) -> str:
         """The commit id the server names for ``revision``; its answer is checked, never trusted
         (a commit id becomes a folder name of the snapshot cache)."""
-        answer = self._call("child_resolve", f"resolve revision {revision or 'main'!r}", self.timeout,
+        answer = self._call("resolve_revision", f"resolve revision {revision or 'main'!r}", self.timeout,
                             revision=revision)
         commit = checked_commit_id(answer, what=f"The server {self.location} (revision {revision or 'main'!r})")
         if revision is not None and len(revision) >= FULL_COMMIT_ID_LEN - 1 and is_commit_id(revision) \
@@ -87,46 +87,5 @@ class RemoteSource:
     def materialize(self, commit: str, paths: list[str], dest: Path) -> None:
         """Download ``paths`` of ``commit`` under ``dest`` (counted by the snapshot store afterwards)."""
         for rel in tqdm(paths, desc=f"download {self.spec.repo_id}@{commit[:10]}", unit="path", disable=None):
-            self._call("child_download", f"download {rel!r}", self.timeout * 10, commit=commit, rel=rel,
+            self._call("download", f"download {rel!r}", self.timeout * 10, commit=commit, rel=rel,
                        dest=str(dest))
-
-
-# -- child side (run by oxen_child in a separate process) -----------------------------
-def child_resolve(repo_id: str, host: str, scheme: str, revision: str | None) -> str:
-    from oxen import RemoteRepo
-
-    remote = RemoteRepo(repo_id, host, revision or "main", scheme)
-    name = revision or remote.revision
-    try:
-        branch = remote.get_branch(name)
-    except ValueError:  # oxenai's "could not get branch": not a branch, maybe a commit id
-        branch = None
-    if branch is not None:
-        return branch.commit_id
-    try:
-        return remote._repo.get_commit(name).id
-    except ValueError:  # oxenai's "could not get commit id": say whether the repository is there at all
-        url = f"{scheme}://{host}/{repo_id}"
-        if not remote.exists():  # a network error here is raised, and retried by the caller
-            raise ConfigurationError(f"The remote repository {url} does not exist.",
-                                     "check the namespace/name in the URL (and the host), or create the repository.") from None
-        raise ConfigurationError(f"Revision {name!r} was not found in {url}.",
-                                 "pass a branch name or a commit id of that repository.") from None
-
-
-def child_download(repo_id: str, host: str, scheme: str, commit: str, rel: str, dest: str) -> None:
-    from oxen import RemoteRepo
-
-    remote = RemoteRepo(repo_id, host, commit, scheme)
-    target = Path(dest) / rel
-    target.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        remote.download("" if rel == "." else rel, str(dest if rel == "." else target), revision=commit)
-    except ValueError as exc:  # oxenai: "Path does not exist: REL" (other errors are retried by the caller)
-        if "does not exist" not in str(exc):
-            raise
-        raise ConfigurationError(
-            f"Path {rel!r} is not in commit {commit} of {scheme}://{host}/{repo_id}.",
-            "paths are relative to the repository root (e.g. 'train.csv', 'images/'); "
-            "check the commit holds them with `oxen ls` or on the server's web page.",
-        ) from None

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import stat
 import uuid
 from collections.abc import Iterable, Iterator
@@ -20,18 +19,17 @@ from pathlib import Path
 
 import xxhash
 
+from .._oxen import layout as oxen_layout
 from .._oxen.commit_id import checked_commit_id, is_commit_id
+from .._oxen.store_copy import Materialized, content_hash
+from .._util.cache import default_cache_dir  # noqa: F401 - re-exported: callers import it from here
+from .._util.fs import make_dirs_writable, remove_tree
 from .._util.relpath import covers
 
 _RO_FILE = stat.S_IRUSR | stat.S_IRGRP | stat.S_IROTH
 _RO_DIR = _RO_FILE | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH
 _HASH_BLOCK = 8 << 20
 _SHOWN = 10  # problems named in a report of one snapshot
-
-
-def content_hash(value: int) -> str:
-    """How a content hash (xxh3-128, an int as in Oxen's tree) is written in the sidecar."""
-    return format(value, "032x")
 
 
 def hash_file(path: str | os.PathLike[str]) -> str:
@@ -43,25 +41,8 @@ def hash_file(path: str | os.PathLike[str]) -> str:
     return content_hash(hasher.intdigest())
 
 
-def default_cache_dir() -> Path:
-    """``$OXEN_CALLBACKS_CACHE``, else ``$XDG_CACHE_HOME/oxen-callbacks``, else ``~/.cache/oxen-callbacks``."""
-    if os.environ.get("OXEN_CALLBACKS_CACHE"):
-        return Path(os.environ["OXEN_CALLBACKS_CACHE"]).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "oxen-callbacks"
-
-
 class DamagedRecord(ValueError):
     """A snapshot's manifest or content hash record cannot be read (truncated, not JSON, another shape)."""
-
-
-@dataclass
-class Materialized:
-    """What a source wrote into a scratch folder: per requested path its file count and bytes,
-    and per file (repository-relative) its content hash as :func:`content_hash` writes it."""
-
-    counts: dict[str, dict[str, int]]
-    hashes: dict[str, str]
 
 
 @dataclass
@@ -177,10 +158,10 @@ class SnapshotStore:
         folder = self.folder(commit)
         folder.mkdir(parents=True, exist_ok=True)
         self._add_hashes(commit, made.hashes if made else _hash_files(staged_root, rel_paths))
-        _make_dirs_writable(folder)
+        make_dirs_writable(folder)
         try:
             for rel in rel_paths:
-                names = [e for e in os.listdir(staged_root) if e != ".oxen"] if rel == "." else [rel]
+                names = [e for e in os.listdir(staged_root) if e != oxen_layout.OXEN_DIR] if rel == "." else [rel]
                 for name in names:
                     dest = folder / name
                     dest.parent.mkdir(parents=True, exist_ok=True)
@@ -273,7 +254,7 @@ def _content_problems(root: Path, paths: list[str], recorded: dict[str, str]) ->
 
 
 def _files_under(root: Path, rel: str) -> list[str]:
-    """Files at or under ``rel`` of ``root``, relative to ``root`` (POSIX separators; no ``.oxen``;
+    """Files at or under ``rel`` of ``root``, relative to ``root`` (POSIX separators; no Oxen folder;
     no symbolic link, which :meth:`SnapshotStore.check` reports)."""
     top = root if rel == "." else root / rel
     if _linked(root, rel) is not None:
@@ -284,7 +265,7 @@ def _files_under(root: Path, rel: str) -> list[str]:
     for dirpath, dirs, names in os.walk(top):
         base = Path(dirpath).relative_to(root).as_posix()
         if base == ".":
-            dirs[:] = [d for d in dirs if d != ".oxen"]
+            dirs[:] = [d for d in dirs if d != oxen_layout.OXEN_DIR]
         found += [name if base == "." else f"{base}/{name}" for name in names
                   if not os.path.islink(os.path.join(dirpath, name))]
     return found
@@ -360,11 +341,6 @@ def _make_readonly(path: Path, files: bool = True) -> None:
     os.chmod(path, _RO_DIR)
 
 
-def _make_dirs_writable(path: Path) -> None:
-    for dirpath, _dirs, _names in os.walk(path):
-        os.chmod(dirpath, 0o755)
-
-
 def _merge_move(src: Path, dest: Path) -> None:
     """Move ``src`` to ``dest``; where ``dest`` exists (same commit, same bytes), keep it."""
     if not dest.exists():
@@ -373,20 +349,3 @@ def _merge_move(src: Path, dest: Path) -> None:
         for child in os.listdir(src):
             _merge_move(src / child, dest / child)
 
-
-def empty_folder(path: str | os.PathLike[str]) -> None:
-    """Delete everything inside ``path`` (a scratch folder), keeping the folder."""
-    for entry in os.scandir(path):
-        if entry.is_dir(follow_symlinks=False):
-            remove_tree(entry.path)
-        else:
-            os.unlink(entry.path)
-
-
-def remove_tree(path: str | os.PathLike[str]) -> None:
-    """Delete a folder that may hold read-only snapshots (a symbolic link in its place: the link)."""
-    if os.path.islink(path):
-        os.unlink(path)
-    elif os.path.isdir(path):
-        _make_dirs_writable(Path(path))
-        shutil.rmtree(path)

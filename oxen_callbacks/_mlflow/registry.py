@@ -30,13 +30,12 @@ from pathlib import Path
 from typing import Any
 
 from .._oxen import child as oxen_child
-from .._oxen import layout as oxen_layout
 from .._oxen.commit_id import is_commit_like
-from .._oxen.repo import LocalRepo, call_oxen
+from .._oxen.repo import LocalRepo
 from .._publish.queue import repo_lock_path
 from .._util.locks import FileLock
 from .._util.redact import redact_url
-from ..errors import ConfigurationError, OxenError
+from ..errors import ConfigurationError
 from .query import open_reader, tag_filter
 
 log = logging.getLogger(__name__)
@@ -160,7 +159,7 @@ def promote(model_repo: str | os.PathLike[str], revision: str, stage: str, *,
         raise ConfigurationError(f"{branch!r} is checked out in {str(repo.path)!r}: moving it would leave its "
                                  "working tree behind.", "check out another branch there first (`oxen checkout main`).")
     with FileLock(repo_lock_path(repo.path), timeout=_LOCK_TIMEOUT_S):
-        previous = oxen_child.run_in_child("oxen_callbacks._mlflow.registry:move_branch", repo_path=str(repo.path),
+        previous = oxen_child.run_in_child("oxen_callbacks._oxen.shadow:move_branch", repo_path=str(repo.path),
                                            name=branch, commit=commit)
     result: dict[str, Any] = {"model_repo": str(repo.path), "branch": branch, "commit": commit, "previous": previous,
                               "aliases": []}
@@ -181,38 +180,6 @@ def _set_aliases(tracking_uri: str, commit: str, alias: str) -> list[dict[str, s
     for name, version in sorted(newest.items()):
         client.set_registered_model_alias(name, alias, version)
     return [{"name": name, "version": version, "alias": alias} for name, version in sorted(newest.items())]
-
-
-def move_branch(repo_path: str | os.PathLike[str], name: str, commit: str) -> str | None:
-    """Point branch ``name`` at ``commit``; returns its previous commit. Run it in a child process
-    (:func:`oxen_callbacks._oxen.child.run_in_child`): oxenai keeps the branch database locked.
-
-    oxenai cannot move a branch, only create one at HEAD (``checkout(name, create=True)``)
-    or delete one that HEAD contains. Both run in a shadow working tree whose ``.oxen``
-    links the real branch database (``refs``) and has its own, detached HEAD: set to
-    the old commit for the delete, to ``commit`` for the create. The user's working
-    tree, HEAD and staging area are never opened.
-    """
-    import oxen
-
-    with tempfile.TemporaryDirectory(prefix="oxen-callbacks-branch-") as tmp:
-        shadow = oxen_layout.make_shadow(repo_path, Path(tmp) / "shadow", commit, linked=("versions", "refs"))
-        repo = oxen.Repo(str(shadow))
-
-        def heads() -> dict[str, str]:
-            return {b.name: b.commit_id for b in call_oxen(repo.branches, what=f"list branches of {repo_path}")}
-
-        previous = heads().get(name)
-        if previous == commit:
-            return previous
-        if previous is not None:
-            oxen_layout.detach_head(shadow, previous)
-            call_oxen(repo.branch, name, True, what=f"delete branch {name!r}")
-            oxen_layout.detach_head(shadow, commit)
-        call_oxen(repo.checkout, name, True, what=f"create branch {name!r} at {commit}")
-        if heads().get(name) != commit:
-            raise OxenError(f"Branch {name!r} of {repo_path} did not move to {commit}.")
-    return previous
 
 
 # -- deployments ------------------------------------------------------------------------------

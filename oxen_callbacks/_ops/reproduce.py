@@ -151,7 +151,7 @@ def diff_runs(view_a: dict[str, Any], view_b: dict[str, Any], *, keys: list[str]
     tables = [p for p in modified if Path(p).suffix.lower() in TABULAR]
     if tables:
         pairs = [(str(pin_a.path / p), str(pin_b.path / p)) for p in tables]
-        found = oxen_child.run_in_child("oxen_callbacks._ops.reproduce:table_diffs", pairs=pairs, keys=keys or [], limit=limit)
+        found = oxen_child.run_in_child("oxen_callbacks._oxen.diff:table_diffs", pairs=pairs, keys=keys or [], limit=limit)
         result["rows"] = dict(zip(tables, found, strict=True))
     return result
 
@@ -172,28 +172,3 @@ def _hashes(snapshot: Path, paths: list[str]) -> dict[str, str]:
                     digest.update(block)
             found[rel] = digest.hexdigest()
     return found
-
-
-def table_diffs(pairs: list[list[str]], keys: list[str], limit: int) -> list[dict[str, Any]]:
-    """Row-level ``oxen.diff`` of each ``[left_file, right_file]`` (run it in an oxen child process).
-
-    Without ``keys`` a changed row shows as one ``removed`` and one ``added`` row; with
-    key columns it shows as ``modified`` with ``<col>.left`` / ``<col>.right`` values.
-    """
-    return [_table_diff(left, right, keys, limit) for left, right in pairs]
-
-
-def _table_diff(left: str, right: str, keys: list[str], limit: int) -> dict[str, Any]:
-    import oxen
-
-    diff = oxen.diff(left, to=right, keys=keys)
-    if diff.format != "tabular":
-        return {"format": diff.format, "counts": {}, "columns": [], "rows": []}
-    frame = diff.get().data
-    status = next(c for c in frame.columns if c.replace(".", "_").strip("_").endswith("diff_status"))
-    counts = {str(s): int(n) for s, n in frame.get_column(status).value_counts().iter_rows()}
-    rows = json.loads(json.dumps(frame.head(limit).to_dicts(), default=str))
-    for row in rows:
-        row["status"] = row.pop(status)
-    return {"format": "tabular", "counts": dict(sorted(counts.items())), "total": frame.height,
-            "columns": [c for c in frame.columns if c != status], "rows": rows}

@@ -10,7 +10,7 @@ training process). A call costs about 0.3 s of process start-up.
 
 Example::
 
-    from oxen_callbacks import oxen_child
+    from oxen_callbacks._oxen import child as oxen_child
     commit = oxen_child.commit_paths("data/reviews", ["train.csv"], "Add March reviews")
 """
 
@@ -112,7 +112,7 @@ def log(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
 
 
 def materialize(path: str | os.PathLike[str], commit: str, paths: list[str], dest: str | os.PathLike[str]) -> None:
-    """``oxen restore`` of ``paths`` at ``commit`` into ``dest`` (see :func:`source_local.restore_into`).
+    """``oxen restore`` of ``paths`` at ``commit`` into ``dest`` (see :func:`.shadow.restore_into`).
 
     Raises :class:`ChildTimedOut` after :data:`MATERIALIZE_TIMEOUT_S` (oxenai has no
     timeout of its own: a restore that hangs would hold the pin forever).
@@ -128,7 +128,8 @@ def _serve(request: dict[str, Any]) -> Any:
 
         module, _, name = args["function"].partition(":")
         return getattr(importlib.import_module(module), name)(**args["kwargs"])
-    from .repo import LocalRepo  # not for "call": a cold pin's copy child starts ~30 ms sooner
+    # not for "call": a cold pin's copy child starts ~30 ms sooner
+    from .repo import LocalRepo
 
     if op == "init":
         LocalRepo.init(args["path"])
@@ -150,9 +151,9 @@ def _serve(request: dict[str, Any]) -> Any:
     if op == "log":
         return repo.log()
     if op == "materialize":
-        from .._data.local import restore_into
+        from .shadow import restore_into
 
-        restore_into(repo, args["commit"], args["paths"], Path(args["dest"]))
+        restore_into(repo.path, args["commit"], args["paths"], Path(args["dest"]))
         return None
     raise ValueError(f"unknown op {op!r}")
 

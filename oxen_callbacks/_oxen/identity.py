@@ -26,6 +26,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from .._util.cache import default_cache_dir
+
 
 @dataclass(frozen=True)
 class Author:
@@ -103,8 +105,6 @@ def commit_identity(author: tuple[str, str] | None = None, state_root: Path | No
         with commit_identity():
             repo.add("train.csv"); repo.commit("first version")
     """
-    from .._data.snapshot import default_cache_dir
-
     resolved = resolve_author(author)
     overrides = worker_environment(resolved, state_root or default_cache_dir())
     saved = os.environ.get("OXEN_CONFIG_DIR")

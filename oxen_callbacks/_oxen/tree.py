@@ -42,6 +42,7 @@ from typing import Any, TypeVar
 
 import msgpack
 
+from ..errors import ConfigurationError
 from . import layout as oxen_layout
 
 _COMMIT, _DIR, _VNODE, _FILE = 0, 1, 2, 3
@@ -70,6 +71,15 @@ class PathNotInCommit(LookupError):
     def __init__(self, path: str) -> None:
         super().__init__(path)
         self.path = path
+
+
+def path_not_in_commit(rel: str, commit: str, location: str) -> ConfigurationError:
+    """The error for a requested path that the commit does not hold (``location``: the dataset repository)."""
+    return ConfigurationError(
+        f"Path {rel!r} is not in commit {commit} of the dataset repository {location!r}.",
+        "paths are relative to the repository root (e.g. 'train.csv', 'images/'); "
+        "check the commit holds them with `oxen ls` or `oxen log`.",
+    )
 
 
 @dataclass(frozen=True, slots=True)

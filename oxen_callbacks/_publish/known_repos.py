@@ -7,6 +7,8 @@ import json
 import os
 from pathlib import Path
 
+from .._oxen import layout as oxen_layout
+
 
 def register_model_repo(cache_dir: Path, repo: Path) -> None:
     folder = cache_dir / "model-repos"
@@ -25,6 +27,6 @@ def registered_model_repos(cache_dir: Path) -> list[Path]:
     repos = []
     for entry in sorted(folder.glob("*.json")):
         path = Path(json.loads(entry.read_text())["path"])
-        if (path / ".oxen").is_dir():
+        if oxen_layout.oxen_dir(path).is_dir():
             repos.append(path)
     return repos

@@ -28,6 +28,7 @@ from typing import Any
 
 from .._data.snapshot import default_cache_dir
 from .._oxen import child as oxen_child
+from .._oxen import layout as oxen_layout
 from .._oxen.identity import resolve_author, worker_environment
 from .._oxen.remote_spec import parse_remote
 from .._oxen.repo import LocalRepo
@@ -50,12 +51,12 @@ def open_model_repo(path: str | os.PathLike[str], cache_dir: Path) -> LocalRepo:
     key = hashlib.sha1(str(target).encode()).hexdigest()[:16]
     try:
         with FileLock(cache_dir / "locks" / f"init-{key}.lock", timeout=120):
-            if target.is_dir() and any(target.iterdir()) and not (target / ".oxen").exists():
+            if target.is_dir() and any(target.iterdir()) and not oxen_layout.oxen_dir(target).exists():
                 raise ConfigurationError(
                     f"The model repository {str(path)!r} is a non-empty folder that is not an Oxen repository.",
                     "pass a new or empty folder (it will be created with `oxen init`), or run `oxen init` there.",
                 )
-            if not (target / ".oxen").exists():
+            if not oxen_layout.oxen_dir(target).exists():
                 oxen_child.init_repo(target)
             return LocalRepo(target, role="model repository")
     except PermissionError as exc:
