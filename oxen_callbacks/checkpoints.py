@@ -21,10 +21,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ._publish.committer import lineage_path
 from ._util.relpath import safe_relpath
 from .errors import ConfigurationError
 from .lineage import LineageRecord, read_lineage
+from .model_repo import lineage_files, lineage_path
 from .pin import PinnedDataset
 
 _RUN_PATH = re.compile(r"^runs/(?P<run>[^/]+)/checkpoints/.+")
@@ -163,11 +163,10 @@ def resolve_resume(model_repo: str | os.PathLike[str], resume_from: str | os.Pat
     name (its last committed checkpoint: a killed run resumes where its commits stop),
     a checkpoint commit id, or a lineage record (mapping or path of a ``lineage.json``).
     """
-    runs = Path(model_repo) / "runs"
     if isinstance(resume_from, Mapping) or str(resume_from).endswith(".json"):
         return materialize_checkpoint(model_repo, lineage=resume_from, cache_dir=cache_dir)
     text = str(resume_from)
-    records = sorted(runs.glob("*/lineage.json"), key=lambda p: p.stat().st_mtime) if runs.is_dir() else []
+    records = sorted(lineage_files(model_repo), key=lambda p: p.stat().st_mtime)
     if text == "latest":
         with_ckpt = [p for p in records if read_lineage(p)["checkpoints"]]
         if not with_ckpt:
@@ -180,8 +179,8 @@ def resolve_resume(model_repo: str | os.PathLike[str], resume_from: str | os.Pat
             "pass 'latest', a run name as it appears under runs/ (e.g. '20250101-120000-ab12cd'), "
             "a checkpoint commit id, or the path of a lineage.json.",
         )
-    if (runs / text / "lineage.json").is_file():
-        return _last_of(model_repo, read_lineage(runs / text / "lineage.json"), cache_dir)
+    if (Path(model_repo) / lineage_path(text)).is_file():
+        return _last_of(model_repo, read_lineage(Path(model_repo) / lineage_path(text)), cache_dir)
     for file in reversed(records):
         for entry in reversed(read_lineage(file)["checkpoints"]):
             if entry["commit"] and entry["commit"].startswith(text) and len(text) >= 7:

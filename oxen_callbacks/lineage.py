@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import os
 import re
 import uuid
@@ -32,6 +33,9 @@ from typing import Any
 from ._oxen.commit_id import is_commit_id
 from ._util.redact import redact_url
 from .errors import LineageValidationError
+from .model_repo import is_run_name, lineage_files, lineage_path
+
+log = logging.getLogger(__name__)
 
 SCHEMA = "oxen-callbacks/lineage/v1"
 
@@ -164,3 +168,36 @@ def write_lineage(record: Mapping[str, Any], path: str | os.PathLike[str]) -> Pa
     tmp.write_text(json.dumps(record, indent=2, sort_keys=False) + "\n")
     os.replace(tmp, target)
     return target
+
+
+# -- the records of a model repository ------------------------------------------------------------
+def repo_records(model_repo: str | os.PathLike[str]) -> list[LineageRecord]:
+    """The lineage records of every run in a model repository's working tree (unreadable ones skipped)."""
+    found = (_read_or_skip(path) for path in lineage_files(model_repo))
+    return [record for record in found if record is not None]
+
+
+def repo_record(model_repo: str | os.PathLike[str], run_name: str) -> LineageRecord | None:
+    """The lineage record of run ``run_name`` in a model repository, if it is there and readable."""
+    if not is_run_name(run_name):
+        return None  # not a folder name: nothing outside the runs' folder is read
+    path = Path(model_repo) / lineage_path(run_name)
+    return _read_or_skip(path) if path.is_file() else None
+
+
+def _read_or_skip(path: Path) -> LineageRecord | None:
+    try:
+        return read_lineage(path)
+    except (OSError, ValueError, LineageValidationError) as exc:
+        log.warning("Skipping unreadable lineage record %s: %s", path, exc)
+        return None
+
+
+def find_checkpoint_run(model_repo: str | os.PathLike[str],
+                        commit: str) -> tuple[LineageRecord, dict[str, Any]] | None:
+    """The run and checkpoint entry committed as ``commit`` (the last such entry), if any."""
+    for record in repo_records(model_repo):
+        hits = [c for c in record["checkpoints"] if c["commit"] == commit]
+        if hits:
+            return record, hits[-1]
+    return None

@@ -22,6 +22,7 @@ import xxhash
 
 from .._oxen.commit_id import checked_commit_id, is_commit_id
 from .._util.relpath import covers
+from ..names import ENV_CACHE, ENV_XDG_CACHE_HOME
 
 _RO_FILE = stat.S_IRUSR | stat.S_IRGRP | stat.S_IROTH
 _RO_DIR = _RO_FILE | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH
@@ -45,9 +46,9 @@ def hash_file(path: str | os.PathLike[str]) -> str:
 
 def default_cache_dir() -> Path:
     """``$OXEN_CALLBACKS_CACHE``, else ``$XDG_CACHE_HOME/oxen-callbacks``, else ``~/.cache/oxen-callbacks``."""
-    if os.environ.get("OXEN_CALLBACKS_CACHE"):
-        return Path(os.environ["OXEN_CALLBACKS_CACHE"]).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    if os.environ.get(ENV_CACHE):
+        return Path(os.environ[ENV_CACHE]).expanduser()
+    base = os.environ.get(ENV_XDG_CACHE_HOME) or os.path.join(os.path.expanduser("~"), ".cache")
     return Path(base) / "oxen-callbacks"
 
 

@@ -121,7 +121,7 @@ def _finder(args: argparse.Namespace) -> Any:
 def _lineage(args: argparse.Namespace) -> dict[str, Any]:
     view = _finder(args).run(args.run_id)
     if args.graph:
-        from .._ops.picture import write_graph
+        from .._mlflow.picture import write_graph
 
         view["graph"] = str(write_graph(view, args.graph).resolve())
     return view
