@@ -23,7 +23,7 @@ from typing import Any
 
 from ._util.relpath import safe_relpath
 from .errors import ConfigurationError
-from .lineage import LineageRecord, read_lineage
+from .lineage import LineageJSON, read_lineage
 from .model_repo import lineage_files, lineage_path
 from .pin import PinnedDataset
 
@@ -44,7 +44,7 @@ class MaterializedCheckpoint:
     path: Path
     commit: str
     repo_path: str
-    lineage: LineageRecord | None
+    lineage: LineageJSON | None
 
     @property
     def dataset(self) -> dict[str, Any] | None:
@@ -111,7 +111,7 @@ def materialize_checkpoint(
 
 
 def _record(model_repo: str | os.PathLike[str] | None, run: str | None,
-            lineage: str | os.PathLike[str] | Mapping[str, Any] | None) -> LineageRecord | None:
+            lineage: str | os.PathLike[str] | Mapping[str, Any] | None) -> LineageJSON | None:
     if run is not None and lineage is not None:
         raise ConfigurationError("Pass run= or lineage=, not both.")
     if run is None:
@@ -125,7 +125,7 @@ def _record(model_repo: str | os.PathLike[str] | None, run: str | None,
     return read_lineage(file)
 
 
-def _pick(record: LineageRecord, step: int | None) -> tuple[str, str]:
+def _pick(record: LineageJSON, step: int | None) -> tuple[str, str]:
     if step is None:
         chosen = record["model"]
     else:
@@ -192,7 +192,7 @@ def resolve_resume(model_repo: str | os.PathLike[str], resume_from: str | os.Pat
     )
 
 
-def _last_of(model_repo: str | os.PathLike[str], record: LineageRecord,
+def _last_of(model_repo: str | os.PathLike[str], record: LineageJSON,
              cache_dir: str | os.PathLike[str] | None) -> MaterializedCheckpoint:
     committed = [c for c in record["checkpoints"] if c.get("commit")]
     if not committed:

@@ -34,7 +34,7 @@ from ._publish.publisher import CheckpointPublisher, open_model_repo
 from ._util.gitinfo import code_info
 from ._util.redact import redact_argv, redact_url
 from .errors import ConfigurationError, PublishError
-from .lineage import LineageRecord, new_record
+from .lineage import LineageJSON, new_record
 from .model_repo import lineage_path
 from .names import (
     ENV_RANKS,
@@ -133,7 +133,7 @@ class LineageRun:
                 pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="oxen-init")
                 self._repo_init = pool.submit(open_model_repo, self.model_repo, self.cache_dir)
                 pool.shutdown(wait=False)
-        self.record: LineageRecord | None = None
+        self.record: LineageJSON | None = None
         self.finished = False
         self._claim: RunClaim | None = None
 
@@ -320,11 +320,11 @@ class LineageRun:
         if self.publisher is not None:
             self.publisher.submit_removal(path)
 
-    def _base_record(self) -> LineageRecord:
+    def _base_record(self) -> LineageJSON:
         assert self.record is not None
         return {**self.record, "run": {**self.record["run"], **self._run_section()}}
 
-    def finish(self, status: str = "FINISHED", *, best: str | os.PathLike[str] | None = None) -> LineageRecord | None:
+    def finish(self, status: str = "FINISHED", *, best: str | os.PathLike[str] | None = None) -> LineageJSON | None:
         """Wait for every commit, commit the final lineage, log it to MLflow; returns the record.
 
         Safe to call twice (the second call returns the first result). Publishing
@@ -339,7 +339,7 @@ class LineageRun:
         if self.sink is not None:  # a run the sink creates: its id belongs in the final record
             self.sink.wait_for_run(self.mlflow_timeout)
         error: Exception | None = None
-        final: LineageRecord | None = None
+        final: LineageJSON | None = None
         try:
             final = self.publisher.finalize(self._base_record(), best=best, timeout=self.drain_timeout)
         except PublishError as exc:
@@ -373,7 +373,7 @@ class LineageRun:
             raise error
         return final
 
-    def _log_final(self, final: LineageRecord, status: str, *, committed: bool = True) -> None:
+    def _log_final(self, final: LineageJSON, status: str, *, committed: bool = True) -> None:
         """Tag the run with the final model, log the pointer file and extras, end it, wait for MLflow.
 
         ``committed=False``: the final lineage commit did not complete (its commits stay journaled):

@@ -20,7 +20,7 @@ from mlflow import MlflowClient
 
 from oxen_callbacks import PinnedDataset, read_lineage
 from oxen_callbacks._mlflow.sink import MlflowSink, WarmSinkProcess
-from oxen_callbacks.cli import main as cli
+from oxen_callbacks import cli
 from oxen_callbacks.lightning import OxenLightningCallback
 from oxen_callbacks.run import LineageRun
 

@@ -18,7 +18,7 @@ from typing import Any
 
 from .._publish.queue import run_backlog
 from ..errors import LineageValidationError
-from ..lineage import read_lineage
+from ..lineage import LineageRecord
 from ..model_repo import lineage_path
 
 log = logging.getLogger(__name__)
@@ -49,15 +49,14 @@ def committed_record(model_repo: str, run: str, mlflow_run_id: str,
     if not run or Path(run).name != run or not path.is_file():
         return None
     try:
-        record = dict(read_lineage(path))
+        record = LineageRecord.read(path)
     except (OSError, ValueError, LineageValidationError) as exc:
         log.warning("Cannot read %s: %s", path, exc)
         return None
-    record["checkpoints"] = [c for c in record["checkpoints"] if c.get("commit")]
-    if record.get("status") in (None, "RUNNING"):  # a run that finished its lineage keeps its own status
-        record["status"] = status
-        if record["checkpoints"]:
-            last = record["checkpoints"][-1]
-            record["model"] = {**record["model"], "commit": last["commit"], "path": last["path"]}
-    record["run"] = {**record["run"], "mlflow_run_id": record["run"].get("mlflow_run_id") or mlflow_run_id}
-    return record
+    record.checkpoints = [c for c in record.checkpoints if c.commit]
+    if record.status in (None, "RUNNING"):  # a run that finished its lineage keeps its own status
+        record.status = status
+        if record.checkpoints:
+            record.model.commit, record.model.path = record.checkpoints[-1].commit, record.checkpoints[-1].path
+    record.run.mlflow_run_id = record.run.mlflow_run_id or mlflow_run_id
+    return record.to_json()
