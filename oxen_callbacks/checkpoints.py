@@ -14,7 +14,6 @@ Example::
 from __future__ import annotations
 
 import os
-import re
 import shutil
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -24,10 +23,8 @@ from typing import Any
 from ._util.relpath import safe_relpath
 from .errors import ConfigurationError
 from .lineage import LineageJSON, read_lineage
-from .model_repo import lineage_files, lineage_path
+from .model_repo import lineage_files, lineage_path, run_of_checkpoint
 from .pin import PinnedDataset
-
-_RUN_PATH = re.compile(r"^runs/(?P<run>[^/]+)/checkpoints/.+")
 
 
 @dataclass(frozen=True)
@@ -101,11 +98,11 @@ def materialize_checkpoint(
             "pass model_repo with commit= and path=, or with run=, or pass lineage=.",
         )
     path = safe_relpath(path, what="checkpoint path")
-    match = _RUN_PATH.match(path)
-    wanted = [path, lineage_path(match["run"])] if match else [path]
+    run = run_of_checkpoint(path)
+    wanted = [path, lineage_path(run)] if run else [path]
     snapshot = PinnedDataset(model_repo, revision=commit, paths=wanted, cache_dir=cache_dir)
     source = snapshot.file(path)
-    committed = read_lineage(snapshot.file(wanted[1]), at_commit=snapshot.commit) if match else None
+    committed = read_lineage(snapshot.file(wanted[1]), at_commit=snapshot.commit) if run else None
     return MaterializedCheckpoint(path=_copy(source, Path(dest)) if dest is not None else source,
                                   commit=snapshot.commit, repo_path=path, lineage=committed)
 

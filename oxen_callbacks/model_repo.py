@@ -29,7 +29,7 @@ LINEAGE_FILE = "lineage.json"  # the lineage record's name in a run folder
 CHECKPOINTS_DIR = "checkpoints"  # the checkpoints' folder in a run folder
 DEPLOY_DIR = "deployments"  # deployment records, one JSON file per endpoint
 RUN_CLAIM_SUFFIX = ".claim"  # a run's claim file in claims_dir(): <run>.claim
-_FITS_DIR = "fits"
+FITS_DIR = "fits"  # in the state folder: the run of each callback object's latest fit
 
 
 def run_folder(run: str) -> str:
@@ -73,6 +73,14 @@ def run_of_path(rel: str | os.PathLike[str]) -> str | None:
     return parts[1] if len(parts) >= 3 and parts[0] == RUNS_DIR else None
 
 
+def run_of_checkpoint(rel: str) -> str | None:
+    """The run ``rel`` (a POSIX path inside the repository) is a checkpoint of: ``runs/<run>/checkpoints/...``."""
+    parts = rel.split("/", 3)
+    if len(parts) == 4 and parts[0] == RUNS_DIR and parts[1] and parts[2] == CHECKPOINTS_DIR and parts[3]:
+        return parts[1]
+    return None
+
+
 def claims_dir(model_repo: str | os.PathLike[str]) -> Path:
     """Where the claims of live runs are held (not committed)."""
     return oxen_layout.state_dir(model_repo) / RUNS_DIR
@@ -85,4 +93,4 @@ def claim_path(model_repo: str | os.PathLike[str], run: str) -> Path:
 
 def fit_record_path(model_repo: str | os.PathLike[str], fitter: str) -> Path:
     """Where the run of callback object ``fitter``'s latest fit is noted (not committed)."""
-    return oxen_layout.state_dir(model_repo) / _FITS_DIR / fitter
+    return oxen_layout.state_dir(model_repo) / FITS_DIR / fitter

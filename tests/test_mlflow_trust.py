@@ -18,9 +18,8 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning_model import CsvData, TinyModel, make_trainer
 from mlflow import MlflowClient
 
-from oxen_callbacks import PinnedDataset, read_lineage
+from oxen_callbacks import PinnedDataset, cli, read_lineage
 from oxen_callbacks._mlflow.sink import MlflowSink, WarmSinkProcess
-from oxen_callbacks import cli
 from oxen_callbacks.lightning import OxenLightningCallback
 from oxen_callbacks.run import LineageRun
 

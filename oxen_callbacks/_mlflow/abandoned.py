@@ -1,13 +1,14 @@
-"""What the MLflow run of a training process that died without ending it (SIGKILL, OOM killer) is finished from.
+"""The run a training process left unended when it died (SIGKILL, OOM killer): what it is finished from.
 
-``finish_abandoned`` (carried out by :func:`.apply.finish_abandoned`) is journaled by its sink process (stdin closed without ``end``),
+``finish_abandoned`` (an operation carried out by :func:`.apply.finish_abandoned`) is
+journaled by its sink process (stdin closed without ``end``),
 by ``oxen-callbacks sync`` (trainer and sink process both gone, the whole job killed
 at once), or by the training run itself when its final lineage commit did not
 complete (with its own status). ``sync`` carries it out once the model repository's
 commits of that run are done (:func:`commits_pending`): the run gets the lineage of
-the checkpoints that made it into the model repository, tags naming the last one,
-lineage status ``KILLED`` (or the given one), the ``oxen/lineage.json`` artifact, and
-is terminated with that status if still ``RUNNING``.
+the checkpoints that made it into the model repository (:func:`committed_record`), tags
+naming the last one, lineage status ``KILLED`` (or the given one), the ``oxen/lineage.json``
+artifact, and is terminated with that status if still ``RUNNING``.
 """
 
 from __future__ import annotations
