@@ -20,7 +20,6 @@ and ``source`` (where the record came from)::
 from __future__ import annotations
 
 import json
-import logging
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -48,9 +47,6 @@ from ..names import (
     TAG_MODEL_REPO,
     TAG_RUN,
 )
-
-log = logging.getLogger(__name__)
-
 
 
 def record_from_tags(run: dict[str, Any]) -> dict[str, Any]:
