@@ -14,20 +14,17 @@ Example::
 from __future__ import annotations
 
 import os
-import re
 import shutil
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ._publish.committer import lineage_path
 from ._util.relpath import safe_relpath
 from .errors import ConfigurationError
-from .lineage import LineageRecord, read_lineage
+from .lineage import LineageJSON, read_lineage
+from .model_repo import lineage_files, lineage_path, run_of_checkpoint
 from .pin import PinnedDataset
-
-_RUN_PATH = re.compile(r"^runs/(?P<run>[^/]+)/checkpoints/.+")
 
 
 @dataclass(frozen=True)
@@ -44,7 +41,7 @@ class MaterializedCheckpoint:
     path: Path
     commit: str
     repo_path: str
-    lineage: LineageRecord | None
+    lineage: LineageJSON | None
 
     @property
     def dataset(self) -> dict[str, Any] | None:
@@ -101,17 +98,17 @@ def materialize_checkpoint(
             "pass model_repo with commit= and path=, or with run=, or pass lineage=.",
         )
     path = safe_relpath(path, what="checkpoint path")
-    match = _RUN_PATH.match(path)
-    wanted = [path, lineage_path(match["run"])] if match else [path]
+    run = run_of_checkpoint(path)
+    wanted = [path, lineage_path(run)] if run else [path]
     snapshot = PinnedDataset(model_repo, revision=commit, paths=wanted, cache_dir=cache_dir)
     source = snapshot.file(path)
-    committed = read_lineage(snapshot.file(wanted[1]), at_commit=snapshot.commit) if match else None
+    committed = read_lineage(snapshot.file(wanted[1]), at_commit=snapshot.commit) if run else None
     return MaterializedCheckpoint(path=_copy(source, Path(dest)) if dest is not None else source,
                                   commit=snapshot.commit, repo_path=path, lineage=committed)
 
 
 def _record(model_repo: str | os.PathLike[str] | None, run: str | None,
-            lineage: str | os.PathLike[str] | Mapping[str, Any] | None) -> LineageRecord | None:
+            lineage: str | os.PathLike[str] | Mapping[str, Any] | None) -> LineageJSON | None:
     if run is not None and lineage is not None:
         raise ConfigurationError("Pass run= or lineage=, not both.")
     if run is None:
@@ -125,7 +122,7 @@ def _record(model_repo: str | os.PathLike[str] | None, run: str | None,
     return read_lineage(file)
 
 
-def _pick(record: LineageRecord, step: int | None) -> tuple[str, str]:
+def _pick(record: LineageJSON, step: int | None) -> tuple[str, str]:
     if step is None:
         chosen = record["model"]
     else:
@@ -163,11 +160,10 @@ def resolve_resume(model_repo: str | os.PathLike[str], resume_from: str | os.Pat
     name (its last committed checkpoint: a killed run resumes where its commits stop),
     a checkpoint commit id, or a lineage record (mapping or path of a ``lineage.json``).
     """
-    runs = Path(model_repo) / "runs"
     if isinstance(resume_from, Mapping) or str(resume_from).endswith(".json"):
         return materialize_checkpoint(model_repo, lineage=resume_from, cache_dir=cache_dir)
     text = str(resume_from)
-    records = sorted(runs.glob("*/lineage.json"), key=lambda p: p.stat().st_mtime) if runs.is_dir() else []
+    records = sorted(lineage_files(model_repo), key=lambda p: p.stat().st_mtime)
     if text == "latest":
         with_ckpt = [p for p in records if read_lineage(p)["checkpoints"]]
         if not with_ckpt:
@@ -180,8 +176,8 @@ def resolve_resume(model_repo: str | os.PathLike[str], resume_from: str | os.Pat
             "pass 'latest', a run name as it appears under runs/ (e.g. '20250101-120000-ab12cd'), "
             "a checkpoint commit id, or the path of a lineage.json.",
         )
-    if (runs / text / "lineage.json").is_file():
-        return _last_of(model_repo, read_lineage(runs / text / "lineage.json"), cache_dir)
+    if (Path(model_repo) / lineage_path(text)).is_file():
+        return _last_of(model_repo, read_lineage(Path(model_repo) / lineage_path(text)), cache_dir)
     for file in reversed(records):
         for entry in reversed(read_lineage(file)["checkpoints"]):
             if entry["commit"] and entry["commit"].startswith(text) and len(text) >= 7:
@@ -193,7 +189,7 @@ def resolve_resume(model_repo: str | os.PathLike[str], resume_from: str | os.Pat
     )
 
 
-def _last_of(model_repo: str | os.PathLike[str], record: LineageRecord,
+def _last_of(model_repo: str | os.PathLike[str], record: LineageJSON,
              cache_dir: str | os.PathLike[str] | None) -> MaterializedCheckpoint:
     committed = [c for c in record["checkpoints"] if c.get("commit")]
     if not committed:

@@ -29,10 +29,10 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import MLFlowLogger
 
 from ._publish.claim import record_fit, recorded_fit
-from ._publish.committer import lineage_path
 from .checkpoints import resolve_resume
 from .errors import DatasetMismatchError
 from .lineage import read_lineage
+from .model_repo import lineage_path
 from .pin import PinnedDataset, as_pinned
 from .run import LineageRun
 

@@ -1,7 +1,8 @@
-"""The lineage pointer record, schema ``oxen-callbacks/lineage/v1``: build, validate, read, write.
+"""The lineage pointer record, schema ``oxen-callbacks/lineage/v1``: typed, validated, read, written.
 
 One record per training run. It is committed next to the run's checkpoints in the
-model repository and logged to MLflow as ``oxen/lineage.json``::
+model repository (``runs/<run>/lineage.json``, see :mod:`.model_repo`) and logged to
+MLflow as ``oxen/lineage.json``::
 
     {
       "schema": "oxen-callbacks/lineage/v1",
@@ -13,80 +14,210 @@ model repository and logged to MLflow as ``oxen/lineage.json``::
       "framework": {"name": "lightning", "version": "2.6.6"}
     }
 
-In the copy committed with a checkpoint, that commit's own id is not yet known:
-its ``commit`` fields are ``null`` and :func:`read_lineage` fills them in with
-``at_commit``.
+Any section may hold more keys than these (``status``, ``run.name``, ``dataset.dirty``...).
+
+Two forms of one record: the JSON object (a ``dict``: what :func:`read_lineage`
+returns, what the callbacks' ``lineage`` attribute holds, what travels between
+processes) and :class:`LineageRecord`, the typed dataclasses of the schema
+(``LineageRecord.from_json(data)`` / ``.to_json()``; extra keys kept in ``extra``)::
+
+    record = read_lineage("models/reviews/runs/nightly/lineage.json")
+    record["dataset"]["commit"]
+    typed = LineageRecord.from_json(record)
+    typed.dataset.commit, [c.path for c in typed.checkpoints]
+
+Both go through one validator. In the copy committed with a checkpoint, that commit's
+own id is not yet known: its ``commit`` fields are ``null`` and :func:`read_lineage`
+fills them in with ``at_commit``.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
+import logging
 import os
 import re
 import uuid
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from ._oxen.commit_id import is_commit_id
 from ._util.redact import redact_url
 from .errors import LineageValidationError
+from .model_repo import is_run_name, lineage_files, lineage_path
+
+log = logging.getLogger(__name__)
 
 SCHEMA = "oxen-callbacks/lineage/v1"
 
-LineageRecord = dict[str, Any]
+LineageJSON = dict[str, Any]  # a lineage record as its JSON object
 _DRIVE = re.compile(r"^[A-Za-z]:")  # a Windows drive: C:/x, C:x
-
-_SECTIONS: dict[str, dict[str, tuple[type, ...]]] = {
-    "dataset": {"repo": (str,), "revision": (str,), "commit": (str,), "paths": (list,)},
-    "model": {"repo": (str,), "commit": (str, type(None)), "path": (str, type(None))},
-    "run": {"mlflow_run_id": (str, type(None)), "mlflow_tracking_uri": (str, type(None))},
-    "code": {"git_commit": (str, type(None)), "git_dirty": (bool, type(None))},
-    "framework": {"name": (str,), "version": (str,)},
-}
-_CHECKPOINT = {
-    "commit": (str, type(None)),
-    "path": (str,),
-    "step": (int, type(None)),
-    "epoch": (int, type(None)),
-    "metrics": (dict,),
-}
+_NULL = type(None)
+_S = TypeVar("_S", bound="_Section")
 
 
-def new_record(
-    *,
-    dataset: Mapping[str, Any] | None,
-    model_repo: str,
-    framework: Mapping[str, str],
-    code: Mapping[str, Any] | None = None,
-    run: Mapping[str, Any] | None = None,
-) -> LineageRecord:
-    """A record with no checkpoints yet."""
-    return {
-        "schema": SCHEMA,
-        "dataset": dict(dataset) if dataset is not None else None,
-        "model": {"repo": redact_url(model_repo), "commit": None, "path": None},
-        "checkpoints": [],
-        "run": {"mlflow_run_id": None, "mlflow_tracking_uri": None, **(run or {})},
-        "code": {"git_commit": None, "git_dirty": None, **(code or {})},
-        "framework": dict(framework),
-    }
+def _json(*types: type) -> Any:
+    """A schema field: the JSON types its value may have (``type(None)`` for null)."""
+    return field(metadata={"json": types})
 
 
-def validate_lineage(record: Any) -> LineageRecord:
+class _Section:
+    """A JSON object of the record: its schema fields (with their JSON types), then ``extra`` keys."""
+
+    extra: dict[str, Any]
+
+    @classmethod
+    def schema_fields(cls) -> dict[str, tuple[type, ...]]:
+        """``{key: allowed JSON types}`` of the schema's required keys, in order."""
+        return {f.name: f.metadata["json"] for f in dataclasses.fields(cls) if "json" in f.metadata}  # type: ignore[arg-type]
+
+    @classmethod
+    def _from(cls: type[_S], data: Mapping[str, Any]) -> _S:
+        """From a JSON object the validator has checked."""
+        known = cls.schema_fields()
+        return cls(**{k: copy.deepcopy(data[k]) for k in known},  # type: ignore[call-arg]
+                   extra={k: copy.deepcopy(v) for k, v in data.items() if k not in known})
+
+    def to_json(self) -> dict[str, Any]:
+        """The JSON object: schema keys in schema order, then the extra keys as they came."""
+        data = {k: copy.deepcopy(getattr(self, k)) for k in self.schema_fields()}
+        return {**data, **copy.deepcopy(self.extra)}
+
+
+@dataclass
+class DatasetPointer(_Section):
+    """``dataset``: the exact data a run read."""
+
+    repo: str = _json(str)  # local path or remote URL, no credentials
+    revision: str = _json(str)  # what the user asked for: branch, tag or commit
+    commit: str = _json(str)  # the commit it resolved to
+    paths: list[str] = _json(list)  # the paths used from that commit
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class ModelPointer(_Section):
+    """``model``: the final (or best) checkpoint in the model repository."""
+
+    repo: str = _json(str)
+    commit: str | None = _json(str, _NULL)  # null until the commit holding it is known
+    path: str | None = _json(str, _NULL)  # its path inside the model repository
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class CheckpointPointer(_Section):
+    """One entry of ``checkpoints``: a published save."""
+
+    commit: str | None = _json(str, _NULL)
+    path: str = _json(str)
+    step: int | None = _json(int, _NULL)
+    epoch: int | None = _json(int, _NULL)
+    metrics: dict[str, Any] = _json(dict)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class RunPointer(_Section):
+    """``run``: the MLflow run that logged it (``extra["name"]``: the run's folder name)."""
+
+    mlflow_run_id: str | None = _json(str, _NULL)
+    mlflow_tracking_uri: str | None = _json(str, _NULL)  # without credentials
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class CodePointer(_Section):
+    """``code``: the training code's git commit (null outside a git checkout)."""
+
+    git_commit: str | None = _json(str, _NULL)
+    git_dirty: bool | None = _json(bool, _NULL)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class FrameworkInfo(_Section):
+    """``framework``: what trained it (``lightning``, ``transformers``...) and its version."""
+
+    name: str = _json(str)
+    version: str = _json(str)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+# the record's sections in schema order (``checkpoints`` sits between model and run)
+_SECTIONS: dict[str, type[_Section]] = {"dataset": DatasetPointer, "model": ModelPointer, "run": RunPointer,
+                                        "code": CodePointer, "framework": FrameworkInfo}
+_ORDER = ("dataset", "model", "checkpoints", "run", "code", "framework")
+
+
+@dataclass
+class LineageRecord:
+    """A lineage record, typed: see the module docstring. ``extra``: its keys beyond the schema's."""
+
+    dataset: DatasetPointer | None
+    model: ModelPointer
+    checkpoints: list[CheckpointPointer]
+    run: RunPointer
+    code: CodePointer
+    framework: FrameworkInfo
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_json(cls, data: Any) -> LineageRecord:
+        """Validate ``data`` (:func:`validate_lineage`'s checks) and type it."""
+        _validate(data)
+        sections = {name: (kind._from(data[name]) if data[name] is not None else None)
+                    for name, kind in _SECTIONS.items()}
+        return cls(checkpoints=[CheckpointPointer._from(c) for c in data["checkpoints"]], **sections,  # type: ignore[arg-type]
+                   extra={k: copy.deepcopy(v) for k, v in data.items() if k not in (*_ORDER, "schema")})
+
+    @classmethod
+    def read(cls, source: str | os.PathLike[str] | Mapping[str, Any], *, at_commit: str | None = None) -> LineageRecord:
+        """:func:`read_lineage`, typed."""
+        return cls.from_json(_load(source, at_commit))
+
+    def to_json(self) -> LineageJSON:
+        """The JSON object, keys in the order this library writes them."""
+        data: LineageJSON = {"schema": SCHEMA}
+        for name in _ORDER:
+            value = getattr(self, name)
+            data[name] = ([c.to_json() for c in value] if name == "checkpoints"
+                          else value.to_json() if value is not None else None)
+        return {**data, **copy.deepcopy(self.extra)}
+
+    @property
+    def status(self) -> str | None:
+        """How the run ended (``RUNNING`` while it trains; absent in records of older versions)."""
+        return self.extra.get("status")
+
+    @status.setter
+    def status(self, value: str | None) -> None:
+        self.extra["status"] = value
+
+
+# -- the one validator ------------------------------------------------------------------------
+def validate_lineage(record: Any) -> LineageJSON:
     """Check ``record`` against the v1 schema; returns it, or raises :class:`LineageValidationError`."""
+    _validate(record)
+    return dict(record)
+
+
+def _validate(record: Any) -> None:
     if not isinstance(record, Mapping):
         raise LineageValidationError(f"A lineage record must be a JSON object, not {type(record).__name__}.")
     if record.get("schema") != SCHEMA:
         raise LineageValidationError(f"Unknown lineage schema {record.get('schema')!r}; expected {SCHEMA!r}.")
-    for section, fields in _SECTIONS.items():
+    for section, kind in _SECTIONS.items():
         if section not in record:
             raise LineageValidationError(f"Lineage record lacks the {section!r} section.")
         value = record[section]
         if value is None and section == "dataset":
             continue
-        _check_fields(value, fields, section)
+        _check_fields(value, kind.schema_fields(), section)
     if record["dataset"] is not None:
         _check_commit(record["dataset"]["commit"], "dataset.commit")
         for p in record["dataset"]["paths"]:
@@ -95,12 +226,11 @@ def validate_lineage(record: Any) -> LineageRecord:
     if not isinstance(record.get("checkpoints"), list):
         raise LineageValidationError("Lineage record field 'checkpoints' must be a list.")
     for i, ckpt in enumerate(record["checkpoints"]):
-        _check_fields(ckpt, _CHECKPOINT, f"checkpoints[{i}]")
+        _check_fields(ckpt, CheckpointPointer.schema_fields(), f"checkpoints[{i}]")
         _check_relpath(ckpt["path"], f"checkpoints[{i}].path")
         _check_commit(ckpt["commit"], f"checkpoints[{i}].commit")
     if record["model"]["path"] is not None:
         _check_relpath(record["model"]["path"], "model.path")
-    return dict(record)
 
 
 def _check_fields(value: Any, fields: Mapping[str, tuple[type, ...]], where: str) -> None:
@@ -111,7 +241,7 @@ def _check_fields(value: Any, fields: Mapping[str, tuple[type, ...]], where: str
             raise LineageValidationError(f"Lineage field '{where}.{name}' is missing.")
         item = value[name]
         if not isinstance(item, types) or (isinstance(item, bool) and bool not in types):
-            wanted = " or ".join("null" if t is type(None) else t.__name__ for t in types)
+            wanted = " or ".join("null" if t is _NULL else t.__name__ for t in types)
             raise LineageValidationError(f"Lineage field '{where}.{name}' must be {wanted}, not {item!r}.")
 
 
@@ -128,7 +258,28 @@ def _check_relpath(path: str, where: str) -> None:
         raise LineageValidationError(f"Lineage field {where!r} holds an unsafe path {path!r}.")
 
 
-def fill_commit(record: Mapping[str, Any], commit: str) -> LineageRecord:
+# -- building, reading, writing ------------------------------------------------------------------
+def new_record(
+    *,
+    dataset: Mapping[str, Any] | None,
+    model_repo: str,
+    framework: Mapping[str, str],
+    code: Mapping[str, Any] | None = None,
+    run: Mapping[str, Any] | None = None,
+) -> LineageJSON:
+    """A record with no checkpoints yet."""
+    return {
+        "schema": SCHEMA,
+        "dataset": dict(dataset) if dataset is not None else None,
+        "model": {"repo": redact_url(model_repo), "commit": None, "path": None},
+        "checkpoints": [],
+        "run": {"mlflow_run_id": None, "mlflow_tracking_uri": None, **(run or {})},
+        "code": {"git_commit": None, "git_dirty": None, **(code or {})},
+        "framework": dict(framework),
+    }
+
+
+def fill_commit(record: Mapping[str, Any], commit: str) -> LineageJSON:
     """A copy of ``record`` with its pending (``null``) checkpoint commits set to ``commit``."""
     filled = copy.deepcopy(dict(record))
     for ckpt in filled.get("checkpoints", []):
@@ -140,11 +291,16 @@ def fill_commit(record: Mapping[str, Any], commit: str) -> LineageRecord:
     return filled
 
 
-def read_lineage(source: str | os.PathLike[str] | Mapping[str, Any], *, at_commit: str | None = None) -> LineageRecord:
+def read_lineage(source: str | os.PathLike[str] | Mapping[str, Any], *, at_commit: str | None = None) -> LineageJSON:
     """Read and validate a record from a file path, JSON text or mapping.
 
     ``at_commit``: the commit the file was read from, filling its pending ids.
     """
+    return validate_lineage(_load(source, at_commit))
+
+
+def _load(source: str | os.PathLike[str] | Mapping[str, Any], at_commit: str | None) -> Any:
+    """The JSON of ``source`` (not yet validated), its pending commits filled with ``at_commit``."""
     if isinstance(source, Mapping):
         data: Any = source
     else:
@@ -152,15 +308,49 @@ def read_lineage(source: str | os.PathLike[str] | Mapping[str, Any], *, at_commi
         data = json.loads(text) if text.lstrip().startswith("{") else json.loads(Path(source).read_text())
     if at_commit:
         data = fill_commit(data, at_commit)
-    return validate_lineage(data)
+    return data
 
 
-def write_lineage(record: Mapping[str, Any], path: str | os.PathLike[str]) -> Path:
+def write_lineage(record: Mapping[str, Any] | LineageRecord, path: str | os.PathLike[str]) -> Path:
     """Validate and write ``record`` atomically (temp file + rename)."""
-    validate_lineage(record)
+    data = record.to_json() if isinstance(record, LineageRecord) else record
+    validate_lineage(data)
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex}.tmp")
-    tmp.write_text(json.dumps(record, indent=2, sort_keys=False) + "\n")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
     os.replace(tmp, target)
     return target
+
+
+# -- the records of a model repository ------------------------------------------------------------
+def repo_records(model_repo: str | os.PathLike[str]) -> list[LineageJSON]:
+    """The lineage records of every run in a model repository's working tree (unreadable ones skipped)."""
+    found = (_read_or_skip(path) for path in lineage_files(model_repo))
+    return [record for record in found if record is not None]
+
+
+def repo_record(model_repo: str | os.PathLike[str], run_name: str) -> LineageJSON | None:
+    """The lineage record of run ``run_name`` in a model repository, if it is there and readable."""
+    if not is_run_name(run_name):
+        return None  # not a folder name: nothing outside the runs' folder is read
+    path = Path(model_repo) / lineage_path(run_name)
+    return _read_or_skip(path) if path.is_file() else None
+
+
+def _read_or_skip(path: Path) -> LineageJSON | None:
+    try:
+        return read_lineage(path)
+    except (OSError, ValueError, LineageValidationError) as exc:
+        log.warning("Skipping unreadable lineage record %s: %s", path, exc)
+        return None
+
+
+def find_checkpoint_run(model_repo: str | os.PathLike[str],
+                        commit: str) -> tuple[LineageJSON, dict[str, Any]] | None:
+    """The run and checkpoint entry committed as ``commit`` (the last such entry), if any."""
+    for record in repo_records(model_repo):
+        hits = [c for c in record["checkpoints"] if c["commit"] == commit]
+        if hits:
+            return record, hits[-1]
+    return None

@@ -30,12 +30,25 @@ from ._oxen import layout as oxen_layout
 from ._oxen.remote_spec import parse_remote
 from ._oxen.repo import damaged_repo
 from ._publish.claim import RunClaim
-from ._publish.committer import lineage_path
 from ._publish.publisher import CheckpointPublisher, open_model_repo
 from ._util.gitinfo import code_info
 from ._util.redact import redact_argv, redact_url
 from .errors import ConfigurationError, PublishError
-from .lineage import LineageRecord, new_record
+from .lineage import LineageJSON, new_record
+from .model_repo import lineage_path
+from .names import (
+    ENV_RANKS,
+    TAG_CODE_GIT_COMMIT,
+    TAG_DATASET_COMMIT,
+    TAG_DATASET_PATHS,
+    TAG_DATASET_REPO,
+    TAG_DATASET_REVISION,
+    TAG_LINEAGE_STATUS,
+    TAG_MODEL_COMMIT,
+    TAG_MODEL_PATH,
+    TAG_MODEL_REPO,
+    TAG_RUN,
+)
 from .pin import PinnedDataset
 
 log = logging.getLogger(__name__)
@@ -120,7 +133,7 @@ class LineageRun:
                 pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="oxen-init")
                 self._repo_init = pool.submit(open_model_repo, self.model_repo, self.cache_dir)
                 pool.shutdown(wait=False)
-        self.record: LineageRecord | None = None
+        self.record: LineageJSON | None = None
         self.finished = False
         self._claim: RunClaim | None = None
 
@@ -283,17 +296,17 @@ class LineageRun:
 
     def _start_tags(self) -> dict[str, Any]:
         assert self.record is not None
-        tags = {"oxen.run": self.run_name, "oxen.model.repo": self.record["model"]["repo"],
-                "oxen.code.git_commit": self.record["code"]["git_commit"]}
+        tags = {TAG_RUN: self.run_name, TAG_MODEL_REPO: self.record["model"]["repo"],
+                TAG_CODE_GIT_COMMIT: self.record["code"]["git_commit"]}
         if self.record["dataset"]:
             d = self.record["dataset"]
-            tags.update({"oxen.dataset.repo": redact_url(d["repo"]), "oxen.dataset.commit": d["commit"],
-                         "oxen.dataset.revision": d["revision"], "oxen.dataset.paths": json.dumps(d["paths"])})
+            tags.update({TAG_DATASET_REPO: redact_url(d["repo"]), TAG_DATASET_COMMIT: d["commit"],
+                         TAG_DATASET_REVISION: d["revision"], TAG_DATASET_PATHS: json.dumps(d["paths"])})
         return tags
 
     def _on_result(self, result: dict[str, Any]) -> None:
         if self.sink is not None and result.get("ok") and result.get("kind") == "checkpoint":
-            self.sink.set_tags({"oxen.model.commit": result["commit"], "oxen.model.path": result["dest"]})
+            self.sink.set_tags({TAG_MODEL_COMMIT: result["commit"], TAG_MODEL_PATH: result["dest"]})
 
     def checkpoint_saved(self, path: str | os.PathLike[str], *, step: int | None = None,
                          epoch: int | None = None, metrics: dict[str, float] | None = None) -> int:
@@ -307,11 +320,11 @@ class LineageRun:
         if self.publisher is not None:
             self.publisher.submit_removal(path)
 
-    def _base_record(self) -> LineageRecord:
+    def _base_record(self) -> LineageJSON:
         assert self.record is not None
         return {**self.record, "run": {**self.record["run"], **self._run_section()}}
 
-    def finish(self, status: str = "FINISHED", *, best: str | os.PathLike[str] | None = None) -> LineageRecord | None:
+    def finish(self, status: str = "FINISHED", *, best: str | os.PathLike[str] | None = None) -> LineageJSON | None:
         """Wait for every commit, commit the final lineage, log it to MLflow; returns the record.
 
         Safe to call twice (the second call returns the first result). Publishing
@@ -326,7 +339,7 @@ class LineageRun:
         if self.sink is not None:  # a run the sink creates: its id belongs in the final record
             self.sink.wait_for_run(self.mlflow_timeout)
         error: Exception | None = None
-        final: LineageRecord | None = None
+        final: LineageJSON | None = None
         try:
             final = self.publisher.finalize(self._base_record(), best=best, timeout=self.drain_timeout)
         except PublishError as exc:
@@ -360,7 +373,7 @@ class LineageRun:
             raise error
         return final
 
-    def _log_final(self, final: LineageRecord, status: str, *, committed: bool = True) -> None:
+    def _log_final(self, final: LineageJSON, status: str, *, committed: bool = True) -> None:
         """Tag the run with the final model, log the pointer file and extras, end it, wait for MLflow.
 
         ``committed=False``: the final lineage commit did not complete (its commits stay journaled):
@@ -370,8 +383,8 @@ class LineageRun:
         if not committed:
             self.sink.finish_from_commits(status)
         else:
-            self.sink.set_tags({"oxen.model.commit": final["model"]["commit"],
-                                "oxen.model.path": final["model"]["path"], "oxen.lineage.status": status})
+            self.sink.set_tags({TAG_MODEL_COMMIT: final["model"]["commit"],
+                                TAG_MODEL_PATH: final["model"]["path"], TAG_LINEAGE_STATUS: status})
             self.sink.log_lineage(final)
         if committed and (self.log_dataset_input or self.register_model or self.log_lineage_graph):
             self.sink.publish_extras(final, register_model=self.register_model,
@@ -406,4 +419,4 @@ def _now() -> str:
 
 def _likely_rank_zero() -> bool:
     """Whether this process is, by the launcher's environment, the one that logs (global rank 0)."""
-    return all(os.environ.get(name, "0") == "0" for name in ("RANK", "LOCAL_RANK", "NODE_RANK"))
+    return all(os.environ.get(name, "0") == "0" for name in ENV_RANKS)

@@ -10,7 +10,7 @@ import pytest
 
 from oxen_callbacks import read_lineage, validate_lineage
 from oxen_callbacks.errors import LineageValidationError
-from oxen_callbacks.lineage import SCHEMA, fill_commit, new_record, write_lineage
+from oxen_callbacks.lineage import SCHEMA, LineageRecord, fill_commit, new_record, write_lineage
 
 
 def _record() -> dict:
@@ -71,3 +71,20 @@ def test_dataset_may_be_absent():
     record = _record()
     record["dataset"] = None
     assert validate_lineage(record)["dataset"] is None
+
+
+def test_typed_record_round_trips_byte_for_byte():
+    record = _record()
+    record["checkpoints"][0]["source"] = "a.ckpt"  # keys beyond the schema are kept, in place
+    record.update(status="RUNNING", fit_id="f1")
+    typed = LineageRecord.from_json(record)
+    assert typed.dataset.commit == "abc123" and typed.checkpoints[0].path == "runs/r/checkpoints/a.ckpt"
+    assert typed.status == "RUNNING" and typed.checkpoints[0].extra == {"source": "a.ckpt"}
+    assert json.dumps(typed.to_json(), indent=2) == json.dumps(record, indent=2)
+
+
+def test_typed_record_uses_the_same_validator():
+    record = _record()
+    record["checkpoints"][0].update(step="3")
+    with pytest.raises(LineageValidationError, match=re.escape("'checkpoints[0].step' must be int")):
+        LineageRecord.from_json(record)

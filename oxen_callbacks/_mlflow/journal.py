@@ -1,37 +1,27 @@
-"""The on-disk journal of a run's MLflow operations, and the process that carries them out.
+"""The on-disk journal of a run's MLflow operations.
 
-The training process only writes operations here (see :mod:`.mlflow_sink`); a
-separate process (``python -m oxen_callbacks._mlflow.journal --journal DIR``) applies
-them in order with retries, so neither MLflow's import (~150 MB, ~2 s) nor a slow
-or dead tracking server touches training. What it cannot do stays on disk for
+The training process only writes operations here (see :mod:`.sink`); a separate
+sink process (:mod:`.sink_process`) carries them out in order with retries
+(:mod:`.apply`), so neither MLflow's import (~150 MB, ~2 s) nor a slow or dead
+tracking server touches training. What it cannot do stays on disk for
 ``oxen-callbacks sync``. Tracking-server credentials only ever travel in the
 environment; the journal holds the URI without them.
 """
 
 from __future__ import annotations
 
-import argparse
-import importlib
 import json
-import logging
 import os
-import shutil
-import sys
-import tempfile
 import time
 import uuid
 from pathlib import Path
 from typing import Any
 
 from .._util.locks import FileLock, is_locked
-from .._util.redact import redact_text, redact_url
-from .._util.stdin_lines import StdinLines
-from .abandoned import KILLED, commits_outstanding
 
-log = logging.getLogger(__name__)
-RETRY_DELAYS_S = (0.5, 1.0, 2.0, 4.0, 8.0)
-_STDIN = StdinLines()  # the training process's wake-ups, hand-offs and ends
 ABANDONED_SEQ = 999_999  # the last operation of a journal whose training process died
+#: What ``python -m`` runs as the sink process: how :meth:`MlflowJournal.sink_alive` knows it.
+SINK_PROCESS_MODULE = "oxen_callbacks._mlflow.sink_process"
 
 
 class MlflowJournal:
@@ -159,7 +149,7 @@ class MlflowJournal:
             cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
         except (OSError, ValueError):
             return False  # no pid, gone, or no /proc: the lock alone tells
-        return b"oxen_callbacks._mlflow.journal" in cmdline
+        return SINK_PROCESS_MODULE.encode() in cmdline
 
     @property
     def status_path(self) -> Path:
@@ -185,179 +175,3 @@ def journals(cache_dir: Path) -> list[Path]:
     """Every MLflow journal folder under ``cache_dir``, oldest first."""
     root = Path(cache_dir) / "mlflow-journal"
     return sorted(p for p in root.iterdir() if (p / "meta.json").exists()) if root.is_dir() else []
-
-
-def client_for(journal: MlflowJournal) -> Any:
-    """An MlflowClient for the journal's store; credentials come from the environment only."""
-    from mlflow import MlflowClient
-
-    uri = os.environ.get("MLFLOW_TRACKING_URI") if _same_store(journal.meta()["tracking_uri"]) else None
-    return MlflowClient(uri or journal.meta()["tracking_uri"])
-
-
-def replay(journal: MlflowJournal) -> int:
-    """Carry out the journal's pending operations in order; returns how many were done.
-
-    Raises the first MLflow error (the remaining operations stay journaled).
-    """
-    client = client_for(journal)
-    meta = journal.meta()
-    done = 0
-    for paths, op in journal.batches():
-        _apply(client, journal, meta, op)
-        meta = journal.meta()
-        for path in paths:
-            path.unlink()
-        done += len(paths)
-    return done
-
-
-def _same_store(recorded: str | None) -> bool:
-    env = os.environ.get("MLFLOW_TRACKING_URI")
-    return bool(env) and redact_url(env) == recorded
-
-
-def _apply(client: Any, journal: MlflowJournal, meta: dict[str, Any], op: dict[str, Any]) -> None:
-    kind = op["op"]
-    if kind == "create_run":
-        if meta.get("run_id"):
-            return
-        experiment_id = op.get("experiment_id")
-        if experiment_id is None:
-            name = op.get("experiment_name") or "Default"
-            exp = client.get_experiment_by_name(name)
-            experiment_id = exp.experiment_id if exp else client.create_experiment(name)
-        run = client.create_run(experiment_id, run_name=op.get("run_name"), tags=op.get("tags") or {})
-        journal.write_meta({**meta, "run_id": run.info.run_id, "experiment_id": experiment_id})
-        return
-    run_id = meta.get("run_id")
-    if not run_id:
-        raise RuntimeError("MLflow run was never created")
-    if kind == "set_tags":
-        from mlflow.entities import RunTag
-
-        client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in op["tags"].items()])
-    elif kind == "log_json":
-        data = op["data"]
-        if isinstance(data.get("run"), dict) and not data["run"].get("mlflow_run_id"):
-            data = {**data, "run": {**data["run"], "mlflow_run_id": run_id}}  # created after training knew
-        with tempfile.TemporaryDirectory() as tmp:
-            local = Path(tmp) / op["name"]
-            local.write_text(json.dumps(data, indent=2) + "\n")
-            client.log_artifact(run_id, str(local), artifact_path=op["artifact_dir"])
-    elif kind == "end_run":
-        client.set_terminated(run_id, status=op["status"])
-    elif kind == "finish_abandoned":
-        from .abandoned import finish_abandoned
-
-        done = finish_abandoned(client, journal, meta, status=op.get("status", KILLED),
-                                terminate=op.get("terminate", True))
-        journal.write_meta({**meta, "abandoned": done})
-    elif kind == "publish_extras":
-        from .registry import publish_extras
-
-        publish_extras(client, run_id, op["record"], register_model=op.get("register_model"),
-                       dataset_input=op.get("dataset_input", True), graph=op.get("graph", True))
-    else:
-        raise ValueError(f"Unknown journaled MLflow operation {kind!r}")
-
-
-def serve(journal: MlflowJournal) -> str:
-    """Apply operations as they arrive, until the training run says it is over.
-
-    Stdin: a newline wakes us; ``end`` ends this journal (the process may get
-    another, see :func:`main`); EOF means the training process is gone: finish
-    and exit. Returns why it stopped: ``"end"`` (stdin still open), ``"eof"``,
-    ``"gave_up"`` or ``"waiting"`` (a run finished from commits not yet done: left
-    to ``sync`` at once). An operation that still fails after the retries stops
-    serving: order matters (tags of a run not yet created...), so the rest stays journaled.
-    """
-    client = None
-    over = False
-    while True:
-        pending = journal.batches()
-        for paths, op in pending:
-            waiting = op["op"] == "finish_abandoned" and commits_outstanding(journal.meta())
-            if waiting:  # not an error to retry: `sync` finishes the run once it has committed them
-                log.info("MLflow run %s is finished by `oxen-callbacks sync` once %s", journal.meta().get("run_id"),
-                         waiting)
-                journal.write_status(gave_up=False, last_error=None, waiting_for=waiting)
-                return "waiting"
-            for delay in (*RETRY_DELAYS_S, None):
-                try:
-                    client = client or client_for(journal)
-                    _apply(client, journal, journal.meta(), op)
-                    for path in paths:
-                        path.unlink(missing_ok=True)
-                    journal.write_status(gave_up=False, last_error=None)
-                    break
-                except Exception as exc:  # network, server or store errors: retry, then keep journaled
-                    error = redact_text(f"{type(exc).__name__}: {exc}")[:1000]
-                    if delay is None:
-                        log.warning("MLflow %s failed (%s); kept for `oxen-callbacks sync`", op["op"], error)
-                        journal.write_status(gave_up=True, last_error=error)
-                        return "gave_up"  # never handed another journal: the training side saw it give up
-                    journal.write_status(gave_up=False, last_error=error)
-                    time.sleep(delay)
-        if pending:
-            continue
-        if over:
-            return over
-        line = _STDIN.next(timeout=1.0)
-        over = "eof" if line == "" else "end" if line == "end\n" else False
-
-
-def serve_folder(folder: Path) -> bool:
-    """:func:`serve` one journal under its lock, with its own log; forget it once done."""
-    journal = MlflowJournal(folder)
-    handler = logging.FileHandler(journal.folder / "sink.log")
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-    logging.getLogger().addHandler(handler)
-    try:
-        with FileLock(journal.lock_path):
-            ended = serve(journal)
-            if ended == "eof" and journal.meta().get("model_repo"):
-                # the training process died without ending its run (SIGKILL, OOM): `sync` finishes the
-                # run from the checkpoints its commit worker gets into the model repository
-                log.warning("The training process is gone without ending MLflow run %s; kept for "
-                            "`oxen-callbacks sync`", journal.meta().get("run_id"))
-                journal.put(ABANDONED_SEQ, {"op": "finish_abandoned"})
-            forget = journal.is_empty()
-    finally:
-        logging.getLogger().removeHandler(handler)
-        handler.close()
-    if forget:
-        shutil.rmtree(journal.folder, ignore_errors=True)
-    return ended == "end"
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="oxen_callbacks._mlflow.journal")
-    source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--journal")
-    source.add_argument("--warm", action="store_true",
-                        help="import MLflow now, then serve the journals handed over on stdin (a JSON line each)")
-    args = parser.parse_args(argv)
-    os.nice(10)  # bookkeeping beside training: the trainer keeps the CPU when both want it
-    logging.getLogger().setLevel(logging.INFO)
-    if args.journal:
-        serve_folder(Path(args.journal))
-        return 0
-    importlib.import_module("mlflow.tracking")  # the slow import, paid before the work arrives
-    # One journal per training run of the process that started us (a notebook trains again and
-    # again): each hand-off brings that run's environment and folder. EOF: the callback was
-    # never used, or the training process is gone.
-    while line := _STDIN.next(timeout=None):
-        if not line.startswith("{"):
-            continue  # a stray wake-up: between hand-offs nothing else is sent
-        handoff = json.loads(line)
-        os.environ.clear()
-        os.environ.update(handoff["env"])
-        os.chdir(handoff["cwd"])
-        if not serve_folder(Path(handoff["journal"])):
-            break
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

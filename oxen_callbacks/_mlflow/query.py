@@ -28,9 +28,17 @@ from typing import Any
 
 from .._util.redact import redact_url
 from ..errors import OxenCallbacksError
+from ..names import (
+    ENV_MLFLOW_CLIENT_ONLY,
+    ENV_MLFLOW_TRACKING_INSECURE_TLS,
+    ENV_MLFLOW_TRACKING_PASSWORD,
+    ENV_MLFLOW_TRACKING_SERVER_CERT_PATH,
+    ENV_MLFLOW_TRACKING_TOKEN,
+    ENV_MLFLOW_TRACKING_URI,
+    ENV_MLFLOW_TRACKING_USERNAME,
+)
 
 PAGE = 1000
-_CLIENT_ONLY_ENV = ("MLFLOW_TRACKING_CLIENT_CERT_PATH", "MLFLOW_TRACKING_AUTH")
 
 
 class TrackingError(OxenCallbacksError):
@@ -85,16 +93,16 @@ class RestReader(TrackingReader):
         self.base = self.uri.rstrip("/")
         self.timeout = timeout
         self.headers = {"Content-Type": "application/json"}
-        user = os.environ.get("MLFLOW_TRACKING_USERNAME") or urllib.parse.unquote(parsed.username or "")
-        password = os.environ.get("MLFLOW_TRACKING_PASSWORD") or urllib.parse.unquote(parsed.password or "")
-        if os.environ.get("MLFLOW_TRACKING_TOKEN"):
-            self.headers["Authorization"] = f"Bearer {os.environ['MLFLOW_TRACKING_TOKEN']}"
+        user = os.environ.get(ENV_MLFLOW_TRACKING_USERNAME) or urllib.parse.unquote(parsed.username or "")
+        password = os.environ.get(ENV_MLFLOW_TRACKING_PASSWORD) or urllib.parse.unquote(parsed.password or "")
+        if os.environ.get(ENV_MLFLOW_TRACKING_TOKEN):
+            self.headers["Authorization"] = f"Bearer {os.environ[ENV_MLFLOW_TRACKING_TOKEN]}"
         elif user:
             self.headers["Authorization"] = "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
         self.context: ssl.SSLContext | None = None
         if parsed.scheme == "https":
-            self.context = ssl.create_default_context(cafile=os.environ.get("MLFLOW_TRACKING_SERVER_CERT_PATH"))
-            if os.environ.get("MLFLOW_TRACKING_INSECURE_TLS", "").lower() == "true":
+            self.context = ssl.create_default_context(cafile=os.environ.get(ENV_MLFLOW_TRACKING_SERVER_CERT_PATH))
+            if os.environ.get(ENV_MLFLOW_TRACKING_INSECURE_TLS, "").lower() == "true":
                 self.context.check_hostname = False
                 self.context.verify_mode = ssl.CERT_NONE
 
@@ -231,7 +239,7 @@ def _client_run(run: Any) -> dict[str, Any]:
 
 def tracking_uri(explicit: str | None = None) -> str | None:
     """The tracking URI to query: ``explicit``, else ``$MLFLOW_TRACKING_URI``, else none."""
-    return explicit or os.environ.get("MLFLOW_TRACKING_URI") or None
+    return explicit or os.environ.get(ENV_MLFLOW_TRACKING_URI) or None
 
 
 def missing_store(uri: str) -> str | None:
@@ -248,6 +256,6 @@ def missing_store(uri: str) -> str | None:
 
 def open_reader(uri: str) -> TrackingReader:
     """A reader for ``uri``: REST for ``http(s)`` servers, ``MlflowClient`` otherwise."""
-    if uri.split("://", 1)[0] in ("http", "https") and not any(os.environ.get(v) for v in _CLIENT_ONLY_ENV):
+    if uri.split("://", 1)[0] in ("http", "https") and not any(os.environ.get(v) for v in ENV_MLFLOW_CLIENT_ONLY):
         return RestReader(uri)
     return ClientReader(uri)

@@ -36,15 +36,28 @@ from .._publish.queue import repo_lock_path
 from .._util.locks import FileLock
 from .._util.redact import redact_url
 from ..errors import ConfigurationError
+from ..lineage import find_checkpoint_run
+from ..model_repo import DEPLOY_DIR, deployment_path
+from ..names import (
+    LINEAGE_GRAPH_ARTIFACT,
+    LINEAGE_GRAPH_ARTIFACT_NAME,
+    POINTER_ARTIFACT_DIR,
+    TAG_CODE_GIT_COMMIT,
+    TAG_DATASET_COMMIT,
+    TAG_DATASET_PATHS,
+    TAG_DATASET_REPO,
+    TAG_ENDPOINT_PREFIX,
+    TAG_MODEL_COMMIT,
+    TAG_MODEL_PATH,
+    TAG_MODEL_REPO,
+    TAG_RUN,
+)
 from .query import open_reader, tag_filter
 
 log = logging.getLogger(__name__)
 
 STAGE_PREFIX = "stage/"
-DEPLOY_DIR = "deployments"
 DEPLOY_SCHEMA = "oxen-callbacks/deployment/v1"
-ENDPOINT_TAG_PREFIX = "oxen.endpoint."
-POINTER_ARTIFACT_DIR = "oxen"
 _STAGE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
 _LOCK_TIMEOUT_S = 600.0
 
@@ -68,7 +81,7 @@ def clean_endpoint(endpoint: str) -> str:
 
 
 def endpoint_tag(endpoint: str) -> str:
-    return ENDPOINT_TAG_PREFIX + endpoint_slug(endpoint)
+    return TAG_ENDPOINT_PREFIX + endpoint_slug(endpoint)
 
 
 def check_stage(stage: str) -> str:
@@ -91,11 +104,11 @@ def check_model_name(name: Any) -> str:
 def version_tags(record: dict[str, Any]) -> dict[str, str]:
     """Tags of a model version registered from ``record``: the Oxen commits behind it."""
     model, dataset, code = record["model"], record.get("dataset"), record.get("code") or {}
-    tags = {"oxen.model.repo": model["repo"], "oxen.model.commit": model["commit"], "oxen.model.path": model["path"],
-            "oxen.run": record["run"].get("name"), "oxen.code.git_commit": code.get("git_commit")}
+    tags = {TAG_MODEL_REPO: model["repo"], TAG_MODEL_COMMIT: model["commit"], TAG_MODEL_PATH: model["path"],
+            TAG_RUN: record["run"].get("name"), TAG_CODE_GIT_COMMIT: code.get("git_commit")}
     if dataset:
-        tags.update({"oxen.dataset.repo": redact_url(dataset["repo"]), "oxen.dataset.commit": dataset["commit"],
-                     "oxen.dataset.paths": json.dumps(dataset["paths"])})
+        tags.update({TAG_DATASET_REPO: redact_url(dataset["repo"]), TAG_DATASET_COMMIT: dataset["commit"],
+                     TAG_DATASET_PATHS: json.dumps(dataset["paths"])})
     return {k: str(v) for k, v in tags.items() if v is not None}
 
 
@@ -118,8 +131,8 @@ def register_version(client: Any, name: str, run_id: str, record: dict[str, Any]
 def publish_extras(client: Any, run_id: str, record: dict[str, Any], *, register_model: str | None,
                    dataset_input: bool, graph: bool) -> dict[str, Any]:
     """At fit end: dataset input, registered version, lineage picture (run by the MLflow sink process)."""
-    from .._ops.picture import render
     from .dataset import log_dataset_input
+    from .picture import render
 
     done: dict[str, Any] = {}
     if dataset_input and record.get("dataset"):
@@ -132,10 +145,10 @@ def publish_extras(client: Any, run_id: str, record: dict[str, Any], *, register
     if graph:
         view = {**record, "registered": [done["registered"]] if "registered" in done else [], "endpoints": []}
         with tempfile.TemporaryDirectory() as tmp:
-            path = Path(tmp) / "lineage.svg"
+            path = Path(tmp) / LINEAGE_GRAPH_ARTIFACT_NAME
             path.write_text(render(view, "svg"))
             client.log_artifact(run_id, str(path), artifact_path=POINTER_ARTIFACT_DIR)
-        done["graph"] = f"{POINTER_ARTIFACT_DIR}/lineage.svg"
+        done["graph"] = LINEAGE_GRAPH_ARTIFACT
     return done
 
 
@@ -173,7 +186,7 @@ def _set_aliases(tracking_uri: str, commit: str, alias: str) -> list[dict[str, s
     from mlflow import MlflowClient
 
     newest: dict[str, str] = {}
-    for version in open_reader(tracking_uri).search_versions(tag_filter("oxen.model.commit", commit)):
+    for version in open_reader(tracking_uri).search_versions(tag_filter(TAG_MODEL_COMMIT, commit)):
         if int(version["version"]) > int(newest.get(version["name"], "0")):
             newest[version["name"]] = version["version"]
     client = MlflowClient(tracking_uri)
@@ -201,8 +214,6 @@ def read_deployments(model_repo: str | os.PathLike[str]) -> list[dict[str, Any]]
 def record_deploy(endpoint: str, model_commit: str, *, model_repo: str | os.PathLike[str] | None = None,
                   run_id: str | None = None, tracking_uri: str | None = None) -> dict[str, Any]:
     """Record that ``endpoint`` serves ``model_commit`` (a commit id, prefix or branch such as ``stage/production``)."""
-    from .._ops.trace import find_checkpoint_run
-
     if not clean_endpoint(endpoint):
         raise ConfigurationError("ENDPOINT is empty.", "pass the endpoint's URL or name, e.g. https://api.example.com/v1/clf.")
     reader = open_reader(tracking_uri) if tracking_uri else None
@@ -218,7 +229,7 @@ def record_deploy(endpoint: str, model_commit: str, *, model_repo: str | os.Path
     record, checkpoint = found
     run_id = run_id or record["run"].get("mlflow_run_id")
     slug = endpoint_slug(endpoint)
-    rel = f"{DEPLOY_DIR}/{slug}.json"
+    rel = deployment_path(slug)
     target = repo.path / rel
     previous = json.loads(target.read_text()) if target.is_file() else None
     deployment = {"schema": DEPLOY_SCHEMA, "endpoint": clean_endpoint(endpoint), "slug": slug,
@@ -258,8 +269,8 @@ def _write_json(path: Path, data: dict[str, Any]) -> None:
 def _repo_from_mlflow(reader: Any, model_commit: str) -> str:
     runs = []
     if reader is not None and is_commit_like(model_commit):
-        runs = reader.search_runs(tag_filter("oxen.model.commit", model_commit, prefix=len(model_commit) < 31))
-    repos = sorted({r["tags"]["oxen.model.repo"] for r in runs if r["tags"].get("oxen.model.repo")})
+        runs = reader.search_runs(tag_filter(TAG_MODEL_COMMIT, model_commit, prefix=len(model_commit) < 31))
+    repos = sorted({r["tags"][TAG_MODEL_REPO] for r in runs if r["tags"].get(TAG_MODEL_REPO)})
     if len(repos) != 1:
         raise ConfigurationError(
             f"Cannot tell which model repository holds {model_commit!r} "

@@ -2,14 +2,14 @@
 
 The training process never imports MLflow for this (unless the user already
 did, to find their active run): each operation is written to an on-disk journal
-and a separate sink process applies it (see :mod:`.mlflow_journal`). A slow or
+and a separate sink process applies it (see :mod:`.journal`, :mod:`.sink_process`). A slow or
 dead tracking server therefore costs training nothing; what is not done stays
 journaled for ``oxen-callbacks sync``.
 
 Example::
 
     sink = MlflowSink.attach(cache_dir=cache)        # the active run, or a new one
-    sink.set_tags({"oxen.dataset.commit": pin.commit})
+    sink.set_tags({TAG_DATASET_COMMIT: pin.commit})          # tag names: oxen_callbacks.names
     sink.log_lineage(record); sink.end("FINISHED"); sink.flush(timeout=30); sink.close()
 """
 
@@ -29,12 +29,20 @@ from pathlib import Path
 from typing import Any
 
 from .._util.redact import redact_url
-from .journal import MlflowJournal
+from ..names import (
+    ENV_MLFLOW_EXPERIMENT_ID,
+    ENV_MLFLOW_EXPERIMENT_NAME,
+    ENV_MLFLOW_HTTP_REQUEST_MAX_RETRIES,
+    ENV_MLFLOW_HTTP_REQUEST_TIMEOUT,
+    ENV_MLFLOW_PREFIX,
+    ENV_MLFLOW_TRACKING_URI,
+    LINEAGE_ARTIFACT_NAME,
+    POINTER_ARTIFACT_DIR,
+)
+from .journal import SINK_PROCESS_MODULE, MlflowJournal
 
 log = logging.getLogger(__name__)
 
-LINEAGE_ARTIFACT_DIR = "oxen"
-LINEAGE_ARTIFACT_NAME = "lineage.json"
 
 
 def mlflow_available() -> bool:
@@ -54,7 +62,7 @@ def _default_tracking_uri() -> str:
     mlflow = sys.modules.get("mlflow")
     if mlflow is not None:
         return mlflow.get_tracking_uri()
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path('mlflow.db').resolve()}"
+    return os.environ.get(ENV_MLFLOW_TRACKING_URI) or f"sqlite:///{Path('mlflow.db').resolve()}"
 
 
 class MlflowSink:
@@ -73,9 +81,9 @@ class MlflowSink:
         self._unjournaled = 0  # operations lost because the journal could not be written (warned once)
         # our own retries pace the sink; MLflow's (minutes by default) would only keep a dead server's
         # operations locked away from `sync` longer. The user's own settings win.
-        settings = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_TIMEOUT": "30",
-                    **{k: v for k, v in os.environ.items() if k.startswith("MLFLOW_")},
-                    "MLFLOW_TRACKING_URI": client_uri}
+        settings = {ENV_MLFLOW_HTTP_REQUEST_MAX_RETRIES: "2", ENV_MLFLOW_HTTP_REQUEST_TIMEOUT: "30",
+                    **{k: v for k, v in os.environ.items() if k.startswith(ENV_MLFLOW_PREFIX)},
+                    ENV_MLFLOW_TRACKING_URI: client_uri}
         proc = warm.hand_over(journal.folder, settings) if warm is not None else None
         self._reusable = proc is not None  # a --warm process serves one journal after another
         self._settings = settings
@@ -110,9 +118,9 @@ class MlflowSink:
         journal = MlflowJournal.create(cache_dir, meta, trainer=True)
         sink = cls(journal, owns_run=run_id is None, client_uri=uri, warm=warm)
         if run_id is None:
-            experiment_id = os.environ.get("MLFLOW_EXPERIMENT_ID") if experiment_name is None else None
+            experiment_id = os.environ.get(ENV_MLFLOW_EXPERIMENT_ID) if experiment_name is None else None
             sink._enqueue({"op": "create_run", "run_name": run_name, "experiment_id": experiment_id,
-                           "experiment_name": experiment_name or os.environ.get("MLFLOW_EXPERIMENT_NAME")})
+                           "experiment_name": experiment_name or os.environ.get(ENV_MLFLOW_EXPERIMENT_NAME)})
         return sink
 
     # -- state ----------------------------------------------------------------------
@@ -157,12 +165,12 @@ class MlflowSink:
         self._enqueue({"op": "set_tags", "tags": {k: v for k, v in tags.items() if v is not None}})
 
     def log_lineage(self, record: dict[str, Any]) -> None:
-        self._enqueue({"op": "log_json", "artifact_dir": LINEAGE_ARTIFACT_DIR, "name": LINEAGE_ARTIFACT_NAME,
+        self._enqueue({"op": "log_json", "artifact_dir": POINTER_ARTIFACT_DIR, "name": LINEAGE_ARTIFACT_NAME,
                        "data": record})
 
     def publish_extras(self, record: dict[str, Any], *, register_model: str | None, dataset_input: bool,
                        graph: bool) -> None:
-        """Dataset input, registered model version and lineage picture (see :mod:`.model_registry`)."""
+        """Dataset input, registered model version and lineage picture (see :mod:`.registry`)."""
         self._enqueue({"op": "publish_extras", "record": record, "register_model": register_model,
                        "dataset_input": dataset_input, "graph": graph})
 
@@ -248,7 +256,7 @@ def _start_sink(args: list[str], settings: dict[str, str]) -> subprocess.Popen[b
     src_root = str(Path(__file__).resolve().parents[1])
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [src_root, env.get("PYTHONPATH")]))
     return subprocess.Popen(
-        [sys.executable, "-m", "oxen_callbacks._mlflow.journal", *args],
+        [sys.executable, "-m", SINK_PROCESS_MODULE, *args],
         stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env,
         cwd=os.getcwd(), start_new_session=True,  # it may outlive training to finish the logging
     )

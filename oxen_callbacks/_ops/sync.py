@@ -26,6 +26,11 @@ from .._publish.push import PushTarget, pending_push, push_with_timeout
 from .._publish.queue import JobQueue, all_queues
 from .._util.locks import is_locked
 from .._util.redact import redact_text
+from ..names import (
+    ENV_MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR,
+    ENV_MLFLOW_HTTP_REQUEST_MAX_RETRIES,
+    ENV_MLFLOW_HTTP_REQUEST_TIMEOUT,
+)
 
 log = logging.getLogger(__name__)
 #: Finished queues of dead processes are kept this long (their worker.log helps debugging).
@@ -85,8 +90,8 @@ def _forget_if_old(queue: JobQueue) -> None:
 @contextmanager
 def _quick_mlflow_failures() -> Iterator[None]:
     """While replaying, a server still down fails in seconds, not after MLflow's minutes of retries."""
-    defaults = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
-                "MLFLOW_HTTP_REQUEST_TIMEOUT": "30"}
+    defaults = {ENV_MLFLOW_HTTP_REQUEST_MAX_RETRIES: "2", ENV_MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR: "1",
+                ENV_MLFLOW_HTTP_REQUEST_TIMEOUT: "30"}
     saved = {k: os.environ.get(k) for k in defaults}
     for key, value in defaults.items():
         os.environ.setdefault(key, value)  # the user's own settings win
@@ -105,7 +110,8 @@ def sync_mlflow(cache_dir: Path) -> list[dict[str, Any]]:
 
 
 def _replay_all(cache_dir: Path) -> list[dict[str, Any]]:
-    from .._mlflow.journal import ABANDONED_SEQ, MlflowJournal, journals, replay
+    from .._mlflow.apply import replay
+    from .._mlflow.journal import ABANDONED_SEQ, MlflowJournal, journals
 
     reports = []
     for folder in journals(cache_dir):

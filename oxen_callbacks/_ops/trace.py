@@ -20,7 +20,6 @@ and ``source`` (where the record came from)::
 from __future__ import annotations
 
 import json
-import logging
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -28,61 +27,40 @@ from typing import Any
 
 from .._mlflow.query import TrackingReader, missing_store, open_reader, quote, tag_filter
 from .._mlflow.query import tracking_uri as default_tracking_uri
-from .._mlflow.registry import ENDPOINT_TAG_PREFIX, clean_endpoint, endpoint_slug, endpoint_tag, read_deployments
-from .._mlflow.sink import LINEAGE_ARTIFACT_DIR, LINEAGE_ARTIFACT_NAME
+from .._mlflow.registry import clean_endpoint, endpoint_slug, endpoint_tag, read_deployments
 from .._oxen import layout as oxen_layout
 from .._oxen.commit_id import FULL_COMMIT_ID_LEN, is_commit_like
-from ..errors import ConfigurationError, LineageValidationError
-from ..lineage import SCHEMA, read_lineage
-
-log = logging.getLogger(__name__)
-
-
-
-# -- model repositories -----------------------------------------------------------------------
-def repo_records(model_repo: str | os.PathLike[str]) -> list[dict[str, Any]]:
-    """The lineage records of every run in a model repository's working tree."""
-    found = (_read(path) for path in sorted(Path(model_repo).glob("runs/*/lineage.json")))
-    return [record for record in found if record is not None]
-
-
-def repo_record(model_repo: str | os.PathLike[str], run_name: str) -> dict[str, Any] | None:
-    """The lineage record of run ``run_name`` in a model repository, if it is there and readable."""
-    if not run_name or run_name in (".", "..") or Path(run_name).name != run_name:
-        return None  # not a folder name: nothing outside runs/ is read
-    path = Path(model_repo) / "runs" / run_name / "lineage.json"
-    return _read(path) if path.is_file() else None
-
-
-def _read(path: Path) -> dict[str, Any] | None:
-    try:
-        return read_lineage(path)
-    except (OSError, ValueError, LineageValidationError) as exc:
-        log.warning("Skipping unreadable lineage record %s: %s", path, exc)
-        return None
-
-
-def find_checkpoint_run(model_repo: str | os.PathLike[str], commit: str) -> tuple[dict[str, Any], dict[str, Any]] | None:
-    """The run and checkpoint entry committed as ``commit`` (the last such entry), if any."""
-    for record in repo_records(model_repo):
-        hits = [c for c in record["checkpoints"] if c["commit"] == commit]
-        if hits:
-            return record, hits[-1]
-    return None
+from ..errors import ConfigurationError
+from ..lineage import SCHEMA, read_lineage, repo_record, repo_records
+from ..model_repo import run_of_path, runs_dir
+from ..names import (
+    LINEAGE_ARTIFACT,
+    TAG_CODE_GIT_COMMIT,
+    TAG_DATASET_COMMIT,
+    TAG_DATASET_PATHS,
+    TAG_DATASET_REPO,
+    TAG_DATASET_REVISION,
+    TAG_ENDPOINT_PREFIX,
+    TAG_LINEAGE_STATUS,
+    TAG_MODEL_COMMIT,
+    TAG_MODEL_PATH,
+    TAG_MODEL_REPO,
+    TAG_RUN,
+)
 
 
 def record_from_tags(run: dict[str, Any]) -> dict[str, Any]:
     """A lineage record rebuilt from a run's ``oxen.*`` tags (no checkpoint list)."""
     t = run["tags"]
     dataset = None
-    if t.get("oxen.dataset.commit"):
-        dataset = {"repo": t.get("oxen.dataset.repo"), "revision": t.get("oxen.dataset.revision"),
-                   "commit": t["oxen.dataset.commit"], "paths": json.loads(t.get("oxen.dataset.paths") or "[\".\"]")}  # no tag: the whole commit
+    if t.get(TAG_DATASET_COMMIT):
+        dataset = {"repo": t.get(TAG_DATASET_REPO), "revision": t.get(TAG_DATASET_REVISION),
+                   "commit": t[TAG_DATASET_COMMIT], "paths": json.loads(t.get(TAG_DATASET_PATHS) or "[\".\"]")}  # no tag: the whole commit
     return {"schema": SCHEMA, "dataset": dataset,
-            "model": {"repo": t.get("oxen.model.repo"), "commit": t.get("oxen.model.commit"), "path": t.get("oxen.model.path")},
-            "checkpoints": [], "run": {"name": t.get("oxen.run"), "mlflow_run_id": run["run_id"]},
-            "code": {"git_commit": t.get("oxen.code.git_commit"), "git_dirty": None},
-            "status": t.get("oxen.lineage.status") or run.get("status")}
+            "model": {"repo": t.get(TAG_MODEL_REPO), "commit": t.get(TAG_MODEL_COMMIT), "path": t.get(TAG_MODEL_PATH)},
+            "checkpoints": [], "run": {"name": t.get(TAG_RUN), "mlflow_run_id": run["run_id"]},
+            "code": {"git_commit": t.get(TAG_CODE_GIT_COMMIT), "git_dirty": None},
+            "status": t.get(TAG_LINEAGE_STATUS) or run.get("status")}
 
 
 class LineageFinder:
@@ -101,7 +79,7 @@ class LineageFinder:
         self.model_repos = [_check_repo(r) for r in model_repos]
         if not self.model_repos:
             here = oxen_layout.find_repo_root(Path.cwd())
-            if here is not None and (here / "runs").is_dir():
+            if here is not None and runs_dir(here).is_dir():
                 self.model_repos = [here]
         self._aliases: dict[str, dict[str, str]] = {}
 
@@ -130,12 +108,12 @@ class LineageFinder:
     def _view(self, run: dict[str, Any], *, artifact: bool = False) -> dict[str, Any]:
         """A run view for an MLflow run: the model repository's copy, else the artifact, else tags."""
         tags = run["tags"]
-        repo, name = tags.get("oxen.model.repo"), tags.get("oxen.run")
+        repo, name = tags.get(TAG_MODEL_REPO), tags.get(TAG_RUN)
         record = repo_record(repo, name) if repo and name and oxen_layout.is_repo(repo) else None
         if record is not None and record["run"].get("mlflow_run_id") == run["run_id"]:
             return {**record, "source": "model-repo", "_tags": tags}
         if artifact and self.reader is not None:
-            data = self.reader.artifact_json(run["run_id"], f"{LINEAGE_ARTIFACT_DIR}/{LINEAGE_ARTIFACT_NAME}")
+            data = self.reader.artifact_json(run["run_id"], LINEAGE_ARTIFACT)
             if data is not None:
                 return {**read_lineage(data), "source": "mlflow-artifact", "_tags": tags}
         return {**record_from_tags(run), "source": "mlflow-tags", "_tags": tags}
@@ -176,21 +154,22 @@ class LineageFinder:
         root = oxen_layout.find_repo_root(anchor)
         if root is not None:
             rel = real.relative_to(root)
-            if len(rel.parts) >= 3 and rel.parts[0] == "runs":
+            if run_of_path(rel) is not None:
                 return root, rel.as_posix()
-        if not given.is_absolute() and len(given.parts) >= 3 and given.parts[0] == "runs":
+        run_name = None if given.is_absolute() else run_of_path(given)
+        if run_name is not None:
             for repo in self.model_repos:
-                if (repo / "runs" / given.parts[1]).is_dir():
+                if (runs_dir(repo) / run_name).is_dir():
                     return repo, given.as_posix()
             if self.reader is not None:
-                for run in self.reader.search_runs(tag_filter("oxen.run", given.parts[1])):
-                    repo_path = run["tags"].get("oxen.model.repo")
+                for run in self.reader.search_runs(tag_filter(TAG_RUN, run_name)):
+                    repo_path = run["tags"].get(TAG_MODEL_REPO)
                     if repo_path and oxen_layout.is_repo(repo_path):
                         return Path(repo_path), given.as_posix()
         return None
 
     def _by_checkpoint(self, repo: Path, rel: str) -> list[dict[str, Any]]:
-        record = repo_record(repo, rel.split("/")[1])
+        record = repo_record(repo, run_of_path(rel) or "")
         if record is None:
             return []
         matched = [c for c in record["checkpoints"] if c["path"] == rel]
@@ -201,10 +180,10 @@ class LineageFinder:
         models: dict[str, dict[str, Any]] = {}
         datasets: dict[str, dict[str, Any]] = {}
         if self.reader is not None:
-            for run in self.reader.search_runs(tag_filter("oxen.model.commit", commit, prefix=prefix)):
+            for run in self.reader.search_runs(tag_filter(TAG_MODEL_COMMIT, commit, prefix=prefix)):
                 models[run["run_id"]] = self._view(run)
             if prefix or not models:  # a full id names one commit: a model's is no dataset's
-                for run in self.reader.search_runs(tag_filter("oxen.dataset.commit", commit, prefix=prefix)):
+                for run in self.reader.search_runs(tag_filter(TAG_DATASET_COMMIT, commit, prefix=prefix)):
                     datasets[run["run_id"]] = self._view(run)
         for repo in self.model_repos:
             for record in repo_records(repo):
@@ -271,8 +250,8 @@ def _endpoints(view: dict[str, Any], deployments: list[dict[str, Any]], tags: di
                          "deployed_at": d.get("deployed_at")}
              for d in deployments if d["run"].get("name") == view["run"].get("name")}
     for key, value in tags.items():
-        if key.startswith(ENDPOINT_TAG_PREFIX):
-            found.setdefault(key[len(ENDPOINT_TAG_PREFIX):], {"endpoint": value, "model_commit": None,
+        if key.startswith(TAG_ENDPOINT_PREFIX):
+            found.setdefault(key[len(TAG_ENDPOINT_PREFIX):], {"endpoint": value, "model_commit": None,
                                                               "model_path": None, "deployed_at": None})
     return sorted(found.values(), key=lambda e: e["endpoint"])
 

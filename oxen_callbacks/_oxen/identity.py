@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .._util.cache import default_cache_dir
+from ..names import ENV_AUTHOR_EMAIL, ENV_AUTHOR_NAME, ENV_OXEN_CONFIG_DIR
 
 
 @dataclass(frozen=True)
@@ -37,7 +38,7 @@ class Author:
 
 
 def oxen_config_dir() -> Path:
-    return Path(os.environ.get("OXEN_CONFIG_DIR") or Path.home() / ".config" / "oxen")
+    return Path(os.environ.get(ENV_OXEN_CONFIG_DIR) or Path.home() / ".config" / "oxen")
 
 
 def _git_config(key: str) -> str | None:
@@ -51,7 +52,7 @@ def _git_config(key: str) -> str | None:
 def resolve_author(explicit: tuple[str, str] | None = None) -> Author:
     if explicit:
         return Author(explicit[0], explicit[1], "argument")
-    env_name, env_email = os.environ.get("OXEN_CALLBACKS_AUTHOR_NAME"), os.environ.get("OXEN_CALLBACKS_AUTHOR_EMAIL")
+    env_name, env_email = os.environ.get(ENV_AUTHOR_NAME), os.environ.get(ENV_AUTHOR_EMAIL)
     if env_name and env_email:
         return Author(env_name, env_email, "environment")
     if (oxen_config_dir() / "user_config.toml").is_file():
@@ -89,7 +90,7 @@ def worker_environment(author: Author, state_root: Path) -> dict[str, str]:
             os.symlink(auth.resolve(), link)
         except FileExistsError:
             pass
-    return {"OXEN_CONFIG_DIR": str(folder)}
+    return {ENV_OXEN_CONFIG_DIR: str(folder)}
 
 
 def _toml_str(text: str) -> str:
@@ -107,12 +108,12 @@ def commit_identity(author: tuple[str, str] | None = None, state_root: Path | No
     """
     resolved = resolve_author(author)
     overrides = worker_environment(resolved, state_root or default_cache_dir())
-    saved = os.environ.get("OXEN_CONFIG_DIR")
+    saved = os.environ.get(ENV_OXEN_CONFIG_DIR)
     os.environ.update(overrides)
     try:
         yield resolved
     finally:
         if saved is None:
-            os.environ.pop("OXEN_CONFIG_DIR", None)
+            os.environ.pop(ENV_OXEN_CONFIG_DIR, None)
         else:
-            os.environ["OXEN_CONFIG_DIR"] = saved
+            os.environ[ENV_OXEN_CONFIG_DIR] = saved

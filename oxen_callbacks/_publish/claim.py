@@ -24,15 +24,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .._oxen import layout as oxen_layout
 from .._util.locks import FileLock
 from ..errors import ConfigurationError
-from .committer import lineage_path
+from ..model_repo import claim_path, claims_dir, fit_record_path, lineage_path
 from .queue import run_backlog
-
-
-def claims_dir(model_repo: str | os.PathLike[str]) -> Path:
-    return oxen_layout.state_dir(model_repo) / "runs"
 
 
 class RunClaim:
@@ -52,7 +47,7 @@ class RunClaim:
         repo = Path(model_repo)
         folder = claims_dir(repo)
         with FileLock(folder / ".claims.lock", timeout=60):  # one check-and-claim at a time
-            path = folder / f"{run}.claim"
+            path = claim_path(repo, run)
             lock = FileLock(path)
             if not lock.acquire(blocking=False):
                 raise _in_use(run, repo, _owner(path))
@@ -77,7 +72,7 @@ class RunClaim:
 
 def record_fit(model_repo: str | os.PathLike[str], fitter: str, run: str) -> None:
     """Note that the fit of the callback object ``fitter`` (an id it carries into spawned copies) runs ``run``."""
-    path = oxen_layout.state_dir(model_repo) / "fits" / fitter
+    path = fit_record_path(model_repo, fitter)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{fitter}.{os.getpid()}.tmp")
     tmp.write_text(run)
@@ -87,7 +82,7 @@ def record_fit(model_repo: str | os.PathLike[str], fitter: str, run: str) -> Non
 def recorded_fit(model_repo: str | os.PathLike[str], fitter: str) -> str | None:
     """The run of the latest fit of ``fitter`` (see :func:`record_fit`), if any."""
     try:
-        return (oxen_layout.state_dir(model_repo) / "fits" / fitter).read_text() or None
+        return fit_record_path(model_repo, fitter).read_text() or None
     except OSError:
         return None
 

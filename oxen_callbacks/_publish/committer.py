@@ -23,20 +23,13 @@ from .._oxen.repo import LocalRepo
 from .._util.locks import FileLock
 from ..errors import OxenError, PublishError, RepoBusyError
 from ..lineage import fill_commit
+from ..model_repo import lineage_path
 from .queue import Job, JobQueue, repo_lock_path
 
 log = logging.getLogger(__name__)
 
 LOCK_TIMEOUT_S = 3600.0
 _NEXT_SECOND_RETRIES = 2
-
-
-def run_folder(run: str) -> str:
-    return f"runs/{run}"
-
-
-def lineage_path(run: str) -> str:
-    return f"{run_folder(run)}/lineage.json"
 
 
 class Committer:

@@ -35,7 +35,7 @@ from .._oxen.repo import LocalRepo
 from .._util.locks import FileLock
 from .._util.redact import redact_text
 from ..errors import ConfigurationError, PublishError
-from .committer import run_folder
+from ..model_repo import checkpoints_folder
 from .freeze import freeze
 from .known_repos import register_model_repo
 from .queue import JobQueue
@@ -261,7 +261,7 @@ class CheckpointPublisher:
         folder, name = os.path.split(source.rstrip("/"))
         if self._first_folder is None:
             self._first_folder = folder
-        base = f"{run_folder(self.run)}/checkpoints"
+        base = checkpoints_folder(self.run)
         if folder == self._first_folder:
             dest = f"{base}/{name}"
         else:

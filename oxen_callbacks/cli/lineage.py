@@ -23,7 +23,7 @@ def _lineage_arguments(parser: argparse.ArgumentParser) -> None:
 def _lineage(args: argparse.Namespace) -> Result:
     view = finder(args).run(args.run_id)
     if args.graph:
-        from .._ops.picture import write_graph
+        from .._mlflow.picture import write_graph
 
         view["graph"] = str(write_graph(view, args.graph).resolve())
     return view

@@ -1,9 +1,11 @@
 """A picture of one run's lineage: dataset commit → run → checkpoints → registered versions → endpoints.
 
 No graphviz: the layout is five columns, drawn as hand-written SVG (also embedded
-in a standalone HTML page with the facts beside it) or as PNG through matplotlib::
+in a standalone HTML page with the facts beside it) or as PNG through matplotlib. It sits
+with the MLflow code because the sink process logs it (``oxen/lineage.svg``); the CLI
+draws it too (``oxen-callbacks lineage --graph``)::
 
-    from oxen_callbacks._ops.picture import write_graph
+    from oxen_callbacks._mlflow.picture import write_graph
     write_graph(view, "lineage.svg")     # view: a lineage record + "registered" + "endpoints"
 """
 
@@ -16,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigurationError
+from ..names import TAG_MODEL_COMMIT
 
 FORMATS = ("svg", "html", "png")
 MAX_CHECKPOINTS = 10
@@ -96,7 +99,7 @@ def layout(view: dict[str, Any]) -> Layout:
     version_of: dict[str, str] = {}  # commit -> its first registered version's node
     for i, version in enumerate(view.get("registered") or []):
         aliases = ", ".join(version.get("aliases") or [])
-        commit = (version.get("tags") or {}).get("oxen.model.commit") or model.get("commit")
+        commit = (version.get("tags") or {}).get(TAG_MODEL_COMMIT) or model.get("commit")
         columns["version"].append(Node(f"v{i}", "version", [
             f"{version['name']} v{version['version']}", f"@{aliases}" if aliases else "registered",
             f"commit {_short(commit)}"]))

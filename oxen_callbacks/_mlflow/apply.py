@@ -1,0 +1,125 @@
+"""Carry out journaled MLflow operations: by the sink process as they come, by ``sync`` later.
+
+Each operation is a JSON object (``{"op": "set_tags", "tags": {...}}``...) written by
+:class:`.sink.MlflowSink`; :func:`apply_op` does one against an ``MlflowClient``,
+:func:`replay` does every pending one of a journal in order.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from .._util.redact import redact_url
+from ..names import (
+    ENV_MLFLOW_TRACKING_URI,
+    LINEAGE_ARTIFACT_NAME,
+    POINTER_ARTIFACT_DIR,
+    TAG_LINEAGE_STATUS,
+    TAG_MODEL_COMMIT,
+    TAG_MODEL_PATH,
+)
+from .abandoned import KILLED, committed_record
+from .journal import MlflowJournal
+
+
+def client_for(journal: MlflowJournal) -> Any:
+    """An MlflowClient for the journal's store; credentials come from the environment only."""
+    from mlflow import MlflowClient
+
+    uri = os.environ.get(ENV_MLFLOW_TRACKING_URI) if _same_store(journal.meta()["tracking_uri"]) else None
+    return MlflowClient(uri or journal.meta()["tracking_uri"])
+
+
+def replay(journal: MlflowJournal) -> int:
+    """Carry out the journal's pending operations in order; returns how many were done.
+
+    Raises the first MLflow error (the remaining operations stay journaled).
+    """
+    client = client_for(journal)
+    meta = journal.meta()
+    done = 0
+    for paths, op in journal.batches():
+        apply_op(client, journal, meta, op)
+        meta = journal.meta()
+        for path in paths:
+            path.unlink()
+        done += len(paths)
+    return done
+
+
+def _same_store(recorded: str | None) -> bool:
+    env = os.environ.get(ENV_MLFLOW_TRACKING_URI)
+    return bool(env) and redact_url(env) == recorded
+
+
+def apply_op(client: Any, journal: MlflowJournal, meta: dict[str, Any], op: dict[str, Any]) -> None:
+    kind = op["op"]
+    if kind == "create_run":
+        if meta.get("run_id"):
+            return
+        experiment_id = op.get("experiment_id")
+        if experiment_id is None:
+            name = op.get("experiment_name") or "Default"
+            exp = client.get_experiment_by_name(name)
+            experiment_id = exp.experiment_id if exp else client.create_experiment(name)
+        run = client.create_run(experiment_id, run_name=op.get("run_name"), tags=op.get("tags") or {})
+        journal.write_meta({**meta, "run_id": run.info.run_id, "experiment_id": experiment_id})
+        return
+    run_id = meta.get("run_id")
+    if not run_id:
+        raise RuntimeError("MLflow run was never created")
+    if kind == "set_tags":
+        from mlflow.entities import RunTag
+
+        client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in op["tags"].items()])
+    elif kind == "log_json":
+        data = op["data"]
+        if isinstance(data.get("run"), dict) and not data["run"].get("mlflow_run_id"):
+            data = {**data, "run": {**data["run"], "mlflow_run_id": run_id}}  # created after training knew
+        with tempfile.TemporaryDirectory() as tmp:
+            local = Path(tmp) / op["name"]
+            local.write_text(json.dumps(data, indent=2) + "\n")
+            client.log_artifact(run_id, str(local), artifact_path=op["artifact_dir"])
+    elif kind == "end_run":
+        client.set_terminated(run_id, status=op["status"])
+    elif kind == "finish_abandoned":
+        done = finish_abandoned(client, journal, meta, status=op.get("status", KILLED),
+                                terminate=op.get("terminate", True))
+        journal.write_meta({**meta, "abandoned": done})
+    elif kind == "publish_extras":
+        from .registry import publish_extras
+
+        publish_extras(client, run_id, op["record"], register_model=op.get("register_model"),
+                       dataset_input=op.get("dataset_input", True), graph=op.get("graph", True))
+    else:
+        raise ValueError(f"Unknown journaled MLflow operation {kind!r}")
+
+
+def finish_abandoned(client: Any, journal: Any, meta: dict[str, Any], status: str = KILLED,
+                     terminate: bool = True) -> dict[str, Any]:
+    """Tag, log and terminate the run from what was committed; returns what was done (for sync's
+    report). ``status``: what the run ends as when its lineage was not committed final (``KILLED``
+    for a dead training process; a training run whose final commit stalled says its own);
+    ``terminate``: end the run if still ``RUNNING`` (not a run the user started and ends)."""
+    run_id = meta["run_id"]
+    trainer_died = status == KILLED  # else the training run itself left it to sync (its final commit stalled)
+    record = committed_record(meta["model_repo"], meta.get("oxen_run") or "", run_id, status)
+    status = record["status"] if record else status
+    tags = {TAG_LINEAGE_STATUS: status}
+    if record and record["model"].get("commit"):
+        tags.update({TAG_MODEL_COMMIT: record["model"]["commit"], TAG_MODEL_PATH: record["model"]["path"]})
+    apply_op(client, journal, meta, {"op": "set_tags", "tags": tags})
+    if record is not None:
+        apply_op(client, journal, meta, {"op": "log_json", "artifact_dir": POINTER_ARTIFACT_DIR,
+                                         "name": LINEAGE_ARTIFACT_NAME, "data": record})
+    terminated = terminate and client.get_run(run_id).info.status == "RUNNING"
+    ended_as = status if status in ("FINISHED", "FAILED", KILLED) else KILLED  # MLflow's run statuses
+    if terminated:
+        client.set_terminated(run_id, status=ended_as)
+    return {"status": status, "trainer_died": trainer_died, "checkpoints": len(record["checkpoints"]) if record else 0,
+            "model_commit": tags.get(TAG_MODEL_COMMIT), "model_path": tags.get(TAG_MODEL_PATH),
+            "terminated": ended_as if terminated else None}

@@ -1,0 +1,131 @@
+"""The MLflow sink process: applies a training run's journaled operations as they arrive.
+
+Started by :class:`.sink.MlflowSink` (``python -m oxen_callbacks._mlflow.sink_process
+--journal DIR``), or ahead of time by :class:`.sink.WarmSinkProcess` (``--warm``: MLflow
+imported before the work arrives, journals handed over on stdin). What it cannot do
+stays journaled for ``oxen-callbacks sync``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import logging
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+from .._util.locks import FileLock
+from .._util.redact import redact_text
+from .._util.stdin_lines import StdinLines
+from .abandoned import commits_outstanding
+from .apply import apply_op, client_for
+from .journal import ABANDONED_SEQ, SINK_PROCESS_MODULE, MlflowJournal
+
+log = logging.getLogger(__name__)
+RETRY_DELAYS_S = (0.5, 1.0, 2.0, 4.0, 8.0)
+_STDIN = StdinLines()  # the training process's wake-ups, hand-offs and ends
+
+
+def serve(journal: MlflowJournal) -> str:
+    """Apply operations as they arrive, until the training run says it is over.
+
+    Stdin: a newline wakes us; ``end`` ends this journal (the process may get
+    another, see :func:`main`); EOF means the training process is gone: finish
+    and exit. Returns why it stopped: ``"end"`` (stdin still open), ``"eof"``,
+    ``"gave_up"`` or ``"waiting"`` (a run finished from commits not yet done: left
+    to ``sync`` at once). An operation that still fails after the retries stops
+    serving: order matters (tags of a run not yet created...), so the rest stays journaled.
+    """
+    client = None
+    over = False
+    while True:
+        pending = journal.batches()
+        for paths, op in pending:
+            waiting = op["op"] == "finish_abandoned" and commits_outstanding(journal.meta())
+            if waiting:  # not an error to retry: `sync` finishes the run once it has committed them
+                log.info("MLflow run %s is finished by `oxen-callbacks sync` once %s", journal.meta().get("run_id"),
+                         waiting)
+                journal.write_status(gave_up=False, last_error=None, waiting_for=waiting)
+                return "waiting"
+            for delay in (*RETRY_DELAYS_S, None):
+                try:
+                    client = client or client_for(journal)
+                    apply_op(client, journal, journal.meta(), op)
+                    for path in paths:
+                        path.unlink(missing_ok=True)
+                    journal.write_status(gave_up=False, last_error=None)
+                    break
+                except Exception as exc:  # network, server or store errors: retry, then keep journaled
+                    error = redact_text(f"{type(exc).__name__}: {exc}")[:1000]
+                    if delay is None:
+                        log.warning("MLflow %s failed (%s); kept for `oxen-callbacks sync`", op["op"], error)
+                        journal.write_status(gave_up=True, last_error=error)
+                        return "gave_up"  # never handed another journal: the training side saw it give up
+                    journal.write_status(gave_up=False, last_error=error)
+                    time.sleep(delay)
+        if pending:
+            continue
+        if over:
+            return over
+        line = _STDIN.next(timeout=1.0)
+        over = "eof" if line == "" else "end" if line == "end\n" else False
+
+
+def serve_folder(folder: Path) -> bool:
+    """:func:`serve` one journal under its lock, with its own log; forget it once done."""
+    journal = MlflowJournal(folder)
+    handler = logging.FileHandler(journal.folder / "sink.log")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    logging.getLogger().addHandler(handler)
+    try:
+        with FileLock(journal.lock_path):
+            ended = serve(journal)
+            if ended == "eof" and journal.meta().get("model_repo"):
+                # the training process died without ending its run (SIGKILL, OOM): `sync` finishes the
+                # run from the checkpoints its commit worker gets into the model repository
+                log.warning("The training process is gone without ending MLflow run %s; kept for "
+                            "`oxen-callbacks sync`", journal.meta().get("run_id"))
+                journal.put(ABANDONED_SEQ, {"op": "finish_abandoned"})
+            forget = journal.is_empty()
+    finally:
+        logging.getLogger().removeHandler(handler)
+        handler.close()
+    if forget:
+        shutil.rmtree(journal.folder, ignore_errors=True)
+    return ended == "end"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog=SINK_PROCESS_MODULE)
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--journal")
+    source.add_argument("--warm", action="store_true",
+                        help="import MLflow now, then serve the journals handed over on stdin (a JSON line each)")
+    args = parser.parse_args(argv)
+    os.nice(10)  # bookkeeping beside training: the trainer keeps the CPU when both want it
+    logging.getLogger().setLevel(logging.INFO)
+    if args.journal:
+        serve_folder(Path(args.journal))
+        return 0
+    importlib.import_module("mlflow.tracking")  # the slow import, paid before the work arrives
+    # One journal per training run of the process that started us (a notebook trains again and
+    # again): each hand-off brings that run's environment and folder. EOF: the callback was
+    # never used, or the training process is gone.
+    while line := _STDIN.next(timeout=None):
+        if not line.startswith("{"):
+            continue  # a stray wake-up: between hand-offs nothing else is sent
+        handoff = json.loads(line)
+        os.environ.clear()
+        os.environ.update(handoff["env"])
+        os.chdir(handoff["cwd"])
+        if not serve_folder(Path(handoff["journal"])):
+            break
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
