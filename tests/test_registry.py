@@ -24,6 +24,7 @@ from oxen_callbacks import PinnedDataset
 from oxen_callbacks._mlflow.registry import promote
 from oxen_callbacks._oxen import child as oxen_child
 from oxen_callbacks._oxen import layout as oxen_layout
+from oxen_callbacks._oxen import shadow as oxen_shadow
 from oxen_callbacks._oxen.repo import LocalRepo
 from oxen_callbacks.errors import ConfigurationError
 from oxen_callbacks.lightning import OxenLightningCallback
@@ -125,7 +126,7 @@ def test_shadow_with_linked_refs_changes_only_branches(tmp_path):
     shadow = oxen_layout.make_shadow(repo.path, tmp_path / "shadow", repo.commits[0], linked=("versions", "refs"))
     assert os.path.realpath(shadow / ".oxen" / "refs") == str(repo.path / ".oxen" / "refs")
     assert (shadow / ".oxen" / "HEAD").read_text() == repo.commits[0]
-    previous = oxen_child.run_in_child("oxen_callbacks._oxen.shadow:move_branch", repo_path=str(repo.path),
+    previous = oxen_child.run_in_child(oxen_shadow.move_branch, repo_path=str(repo.path),
                                        name="stage/x", commit=repo.commits[0])
     assert previous is None
     assert oxen_child.branches(repo.path) == {"main": repo.commits[1], "stage/x": repo.commits[0]}

@@ -22,6 +22,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from .._oxen import child as oxen_child
+from .._oxen import store_copy
 from .._oxen import tree as oxen_tree
 from .._oxen.repo import LocalRepo, damaged_repo
 from .._oxen.store_copy import CorruptStore, Materialized
@@ -133,7 +134,7 @@ def copy_from_store(repo: Path, commit: str, paths: list[str], dest: Path) -> Ma
         oxen_child.ChildCrashed: the child was killed by a signal (SIGBUS: a damaged tree).
         oxen_child.ChildTimedOut: after :data:`oxen_child.MATERIALIZE_TIMEOUT_S`.
     """
-    outcome = oxen_child.run_in_child("oxen_callbacks._oxen.store_copy:child_copy", timeout=oxen_child.MATERIALIZE_TIMEOUT_S,
+    outcome = oxen_child.run_in_child(store_copy.child_copy, timeout=oxen_child.MATERIALIZE_TIMEOUT_S,
                                       show_stderr=True, repo=str(repo), commit=commit, paths=paths, dest=str(dest))
     if "missing" in outcome:
         raise oxen_tree.PathNotInCommit(outcome["missing"])

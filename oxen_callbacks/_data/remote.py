@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from tqdm.auto import tqdm
 
 from .._oxen import child as oxen_child
+from .._oxen import remote as oxen_remote
 from .._oxen.commit_id import FULL_COMMIT_ID_LEN, checked_commit_id, is_commit_id
 from .._oxen.remote_spec import RemoteSpec, parse_remote
 from ..errors import ConfigurationError, OxenError
@@ -40,12 +42,12 @@ class RemoteSource:
         """No folder on this machine: the repository lives on its server."""
         return None
 
-    def _call(self, function: str, what: str, timeout: float, **kwargs: Any) -> Any:
+    def _call(self, function: Callable[..., Any], what: str, timeout: float, **kwargs: Any) -> Any:
         error: OxenError | None = None
         for pause in (0.0, *BACKOFF_S):
             time.sleep(pause)
             try:
-                return oxen_child.run_in_child(f"oxen_callbacks._oxen.remote:{function}", timeout=timeout,
+                return oxen_child.run_in_child(function, timeout=timeout,
                                                repo_id=self.spec.repo_id, host=self.spec.host,
                                                scheme=self.spec.scheme, **kwargs)
             except ConfigurationError:
@@ -64,7 +66,7 @@ class RemoteSource:
     def resolve(self, revision: str | None) -> str:
         """The commit id the server names for ``revision``; its answer is checked, never trusted
         (a commit id becomes a folder name of the snapshot cache)."""
-        answer = self._call("resolve_revision", f"resolve revision {revision or 'main'!r}", self.timeout,
+        answer = self._call(oxen_remote.resolve_revision, f"resolve revision {revision or 'main'!r}", self.timeout,
                             revision=revision)
         commit = checked_commit_id(answer, what=f"The server {self.location} (revision {revision or 'main'!r})")
         if revision is not None and len(revision) >= FULL_COMMIT_ID_LEN - 1 and is_commit_id(revision) \
@@ -87,5 +89,5 @@ class RemoteSource:
     def materialize(self, commit: str, paths: list[str], dest: Path) -> None:
         """Download ``paths`` of ``commit`` under ``dest`` (counted by the snapshot store afterwards)."""
         for rel in tqdm(paths, desc=f"download {self.spec.repo_id}@{commit[:10]}", unit="path", disable=None):
-            self._call("download", f"download {rel!r}", self.timeout * 10, commit=commit, rel=rel,
+            self._call(oxen_remote.download, f"download {rel!r}", self.timeout * 10, commit=commit, rel=rel,
                        dest=str(dest))

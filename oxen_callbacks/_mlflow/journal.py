@@ -18,10 +18,9 @@ from pathlib import Path
 from typing import Any
 
 from .._util.locks import FileLock, is_locked
+from .._util.processes import ENTRY_POINTS
 
 ABANDONED_SEQ = 999_999  # the last operation of a journal whose training process died
-#: What ``python -m`` runs as the sink process: how :meth:`MlflowJournal.sink_alive` knows it.
-SINK_PROCESS_MODULE = "oxen_callbacks._mlflow.sink_process"
 
 
 class MlflowJournal:
@@ -149,7 +148,7 @@ class MlflowJournal:
             cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
         except (OSError, ValueError):
             return False  # no pid, gone, or no /proc: the lock alone tells
-        return SINK_PROCESS_MODULE.encode() in cmdline
+        return ENTRY_POINTS["mlflow-sink"].encode() in cmdline
 
     @property
     def status_path(self) -> Path:

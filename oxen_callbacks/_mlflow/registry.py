@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from .._oxen import child as oxen_child
+from .._oxen import shadow
 from .._oxen.commit_id import is_commit_like
 from .._oxen.repo import LocalRepo
 from .._publish.queue import repo_lock_path
@@ -172,7 +173,7 @@ def promote(model_repo: str | os.PathLike[str], revision: str, stage: str, *,
         raise ConfigurationError(f"{branch!r} is checked out in {str(repo.path)!r}: moving it would leave its "
                                  "working tree behind.", "check out another branch there first (`oxen checkout main`).")
     with FileLock(repo_lock_path(repo.path), timeout=_LOCK_TIMEOUT_S):
-        previous = oxen_child.run_in_child("oxen_callbacks._oxen.shadow:move_branch", repo_path=str(repo.path),
+        previous = oxen_child.run_in_child(shadow.move_branch, repo_path=str(repo.path),
                                            name=branch, commit=commit)
     result: dict[str, Any] = {"model_repo": str(repo.path), "branch": branch, "commit": commit, "previous": previous,
                               "aliases": []}

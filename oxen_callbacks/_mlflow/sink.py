@@ -28,6 +28,7 @@ import weakref
 from pathlib import Path
 from typing import Any
 
+from .._util.processes import child_environment, python_command
 from .._util.redact import redact_url
 from ..names import (
     ENV_MLFLOW_EXPERIMENT_ID,
@@ -39,7 +40,7 @@ from ..names import (
     LINEAGE_ARTIFACT_NAME,
     POINTER_ARTIFACT_DIR,
 )
-from .journal import SINK_PROCESS_MODULE, MlflowJournal
+from .journal import MlflowJournal
 
 log = logging.getLogger(__name__)
 
@@ -252,12 +253,9 @@ class MlflowSink:
 
 
 def _start_sink(args: list[str], settings: dict[str, str]) -> subprocess.Popen[bytes]:
-    env = {**os.environ, **settings}
-    src_root = str(Path(__file__).resolve().parents[1])
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [src_root, env.get("PYTHONPATH")]))
     return subprocess.Popen(
-        [sys.executable, "-m", SINK_PROCESS_MODULE, *args],
-        stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env,
+        python_command("mlflow-sink", *args),
+        stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=child_environment(settings),
         cwd=os.getcwd(), start_new_session=True,  # it may outlive training to finish the logging
     )
 

@@ -19,11 +19,12 @@ import time
 from pathlib import Path
 
 from .._util.locks import FileLock
+from .._util.processes import ENTRY_POINTS
 from .._util.redact import redact_text
 from .._util.stdin_lines import StdinLines
 from .abandoned import commits_outstanding
 from .apply import apply_op, client_for
-from .journal import ABANDONED_SEQ, SINK_PROCESS_MODULE, MlflowJournal
+from .journal import ABANDONED_SEQ, MlflowJournal
 
 log = logging.getLogger(__name__)
 RETRY_DELAYS_S = (0.5, 1.0, 2.0, 4.0, 8.0)
@@ -100,7 +101,7 @@ def serve_folder(folder: Path) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog=SINK_PROCESS_MODULE)
+    parser = argparse.ArgumentParser(prog=ENTRY_POINTS["mlflow-sink"])
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--journal")
     source.add_argument("--warm", action="store_true",

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from .._oxen import child as oxen_child
+from .._oxen import diff as oxen_diff
 from .._oxen.commit_id import checked_commit_id
 from .._util.relpath import covers
 from ..errors import ConfigurationError
@@ -151,7 +152,7 @@ def diff_runs(view_a: dict[str, Any], view_b: dict[str, Any], *, keys: list[str]
     tables = [p for p in modified if Path(p).suffix.lower() in TABULAR]
     if tables:
         pairs = [(str(pin_a.path / p), str(pin_b.path / p)) for p in tables]
-        found = oxen_child.run_in_child("oxen_callbacks._oxen.diff:table_diffs", pairs=pairs, keys=keys or [], limit=limit)
+        found = oxen_child.run_in_child(oxen_diff.table_diffs, pairs=pairs, keys=keys or [], limit=limit)
         result["rows"] = dict(zip(tables, found, strict=True))
     return result
 

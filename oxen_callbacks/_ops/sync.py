@@ -24,6 +24,7 @@ from .._oxen import layout as oxen_layout
 from .._publish.known_repos import registered_model_repos
 from .._publish.push import PushTarget, pending_push, push_with_timeout
 from .._publish.queue import JobQueue, all_queues
+from .._publish.worker import worker_command
 from .._util.locks import is_locked
 from .._util.redact import redact_text
 from ..names import (
@@ -65,12 +66,8 @@ def sync_model_repo(repo: Path, *, push_timeout: float = 300.0) -> dict[str, Any
 def _drain(queue: JobQueue, repo: Path, push_timeout: float) -> None:
     """Run a worker on ``queue`` with stdin closed: it drains everything, then exits."""
     meta = queue.meta()
-    cmd = [sys.executable, "-m", "oxen_callbacks._publish.worker", "--queue", str(queue.folder), "--repo", str(repo),
-           "--push-timeout", str(push_timeout)]
-    if meta.get("remote"):
-        cmd += ["--remote", meta["remote"]] + (["--branch", meta["branch"]] if meta.get("branch") else [])
-        if meta.get("remote_url"):
-            cmd += ["--remote-url", meta["remote_url"]]
+    cmd = worker_command(queue.folder, repo, push_timeout=push_timeout, remote=meta.get("remote"),
+                         branch=meta.get("branch"), remote_url=meta.get("remote_url"))
     env = {**os.environ, **meta.get("env", {})}
     subprocess.run(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env,
                    check=False)

@@ -21,11 +21,13 @@ import os
 import signal
 import subprocess
 import sys
+from collections.abc import Callable
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
 from .. import errors
+from .._util.processes import child_environment, function_reference, python_command
 from ..errors import OxenError
 
 _SIGNALS = {int(s) for s in signal.Signals}
@@ -51,16 +53,15 @@ class ChildCrashed(OxenError):
         self.signal = signal_number
 
 
-def _call(op: str, timeout: float | None = 600.0, *, show_stderr: bool = False, **args: Any) -> Any:
-    """Run ``op`` in a child; ``show_stderr`` passes its stderr (progress bars) to ours instead of keeping it."""
+def _call(op: str, timeout: float | None = 600.0, *, show_stderr: bool = False, new_session: bool = False,
+          **args: Any) -> Any:
+    """Run ``op`` in a child; ``show_stderr`` passes its stderr (progress bars) to ours instead of keeping it,
+    ``new_session`` keeps a Ctrl-C meant for the trainer away from it."""
     request = json.dumps({"op": op, "args": args})
-    env = dict(os.environ)
-    src_root = str(Path(__file__).resolve().parents[1])
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [src_root, env.get("PYTHONPATH")]))
     try:
-        proc = subprocess.run([sys.executable, "-m", "oxen_callbacks._oxen.child"], input=request,
+        proc = subprocess.run(python_command("oxen-call"), input=request,
                               stdout=subprocess.PIPE, stderr=None if show_stderr else subprocess.PIPE,
-                              text=True, timeout=timeout, env=env)
+                              text=True, timeout=timeout, env=child_environment(), start_new_session=new_session)
     except subprocess.TimeoutExpired:
         raise ChildTimedOut(f"no answer within {timeout:g}s (oxen {op} stopped)") from None
     if proc.returncode < 0:
@@ -79,9 +80,11 @@ def _call(op: str, timeout: float | None = 600.0, *, show_stderr: bool = False, 
     raise kind(reply["message"])
 
 
-def run_in_child(function: str, *, timeout: float | None = 600.0, show_stderr: bool = False, **kwargs: Any) -> Any:
-    """Call ``function`` (``"package.module:name"``, JSON-able kwargs and result) in a child process."""
-    return _call("call", timeout=timeout, show_stderr=show_stderr, function=function, kwargs=kwargs)
+def run_in_child(function: Callable[..., Any], *, timeout: float | None = 600.0, show_stderr: bool = False,
+                 new_session: bool = False, **kwargs: Any) -> Any:
+    """Call the module-level ``function`` (JSON-able kwargs and result) in a child process."""
+    return _call("call", timeout=timeout, show_stderr=show_stderr, new_session=new_session,
+                 function=function_reference(function), kwargs=kwargs)
 
 
 def init_repo(path: str | os.PathLike[str]) -> None:

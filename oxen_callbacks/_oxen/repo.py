@@ -55,6 +55,22 @@ def preload() -> None:
     import oxen  # noqa: F401
 
 
+def push(path: str, remote: str, branch: str, url: str | None) -> None:
+    """Push ``branch`` of the repository at ``path`` to ``remote`` (added as ``url`` first when given).
+
+    Blocks until oxenai is done, and a dead server can make that forever: call it through
+    :func:`oxen_callbacks._oxen.child.run_in_child` with a timeout.
+    """
+    repo = open_oxenai(path)
+    if url:
+        try:
+            repo.set_remote(remote, url)
+        except Exception as exc:
+            if "already" not in str(exc).lower():
+                raise
+    repo.push(remote, branch)
+
+
 def open_oxenai(path: str | os.PathLike[str]) -> Any:
     """oxenai's handle on the repository at ``path`` (``oxen.Repo``: it validates nothing)."""
     import oxen

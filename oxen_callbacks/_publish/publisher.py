@@ -19,7 +19,6 @@ import json
 import logging
 import os
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable
@@ -33,12 +32,14 @@ from .._oxen.identity import resolve_author, worker_environment
 from .._oxen.remote_spec import parse_remote
 from .._oxen.repo import LocalRepo
 from .._util.locks import FileLock
+from .._util.processes import child_environment
 from .._util.redact import redact_text
 from ..errors import ConfigurationError, PublishError
 from ..model_repo import checkpoints_folder
 from .freeze import freeze
 from .known_repos import register_model_repo
 from .queue import JobQueue
+from .worker import worker_command
 
 log = logging.getLogger(__name__)
 
@@ -133,17 +134,11 @@ class CheckpointPublisher:
 
     # -- worker process -----------------------------------------------------------
     def _start_worker(self) -> None:
-        cmd = [sys.executable, "-m", "oxen_callbacks._publish.worker", "--queue", str(self.queue.folder),
-               "--repo", str(self.repo.path), "--push-timeout", str(self.push_timeout)]
-        if self.remote:
-            cmd += ["--remote", self.remote] + (["--branch", self.branch] if self.branch else [])
-            cmd += ["--remote-url", self.remote_url] if self.remote_url else []
-        env = {**os.environ, **self._env}
-        src_root = str(Path(__file__).resolve().parents[2])
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [src_root, env.get("PYTHONPATH")]))
+        cmd = worker_command(self.queue.folder, self.repo.path, push_timeout=self.push_timeout, remote=self.remote,
+                             branch=self.branch, remote_url=self.remote_url)
         self._proc = subprocess.Popen(
             cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-            env=env, start_new_session=True,  # a Ctrl-C in the notebook must not kill a commit halfway
+            env=child_environment(self._env), start_new_session=True,  # a Ctrl-C in the notebook must not kill a commit halfway
         )
         reader = threading.Thread(target=self._read_results, args=(self._proc,), daemon=True, name="oxen-publisher")
         reader.start()

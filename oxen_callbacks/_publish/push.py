@@ -11,31 +11,20 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .._oxen import child as oxen_child
 from .._oxen import layout as oxen_layout
+from .._oxen import repo as oxen_repo
 from .._util.redact import redact_text, redact_url
+from ..errors import OxenError
 
 #: Pauses between attempts of one push (the first try, then these).
 BACKOFF_S = (1.0, 3.0)
 
-_PUSH = """
-import sys, oxen
-path, name, branch, url = sys.argv[1:5]
-repo = oxen.Repo(path)
-if url:
-    try:
-        repo.set_remote(name, url)
-    except Exception as exc:
-        if "already" not in str(exc).lower():
-            raise
-repo.push(name, branch)
-"""
 
 
 @dataclass
@@ -62,16 +51,13 @@ def pending_push(repo: str | os.PathLike[str]) -> dict[str, Any] | None:
 def _attempt(repo: str | os.PathLike[str], target: PushTarget, branch: str) -> str | None:
     """One push in a child process; the error text, or ``None`` on success."""
     try:
-        proc = subprocess.run(
-            [sys.executable, "-c", _PUSH, str(repo), target.remote, branch, target.url or ""],
-            capture_output=True, text=True, timeout=target.timeout, start_new_session=True,
-        )
-    except subprocess.TimeoutExpired:
+        oxen_child.run_in_child(oxen_repo.push, timeout=target.timeout, new_session=True, path=str(repo),
+                                remote=target.remote, branch=branch, url=target.url)
+    except oxen_child.ChildTimedOut:
         return f"no answer from the remote within {target.timeout:.0f}s"
-    if proc.returncode == 0:
-        return None
-    lines = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
-    return lines[-1] if lines else f"exit code {proc.returncode}"
+    except OxenError as exc:
+        return str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+    return None
 
 
 def push_with_timeout(repo: str | os.PathLike[str], target: PushTarget) -> dict[str, Any]:
