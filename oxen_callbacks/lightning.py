@@ -17,7 +17,6 @@ through the strategy's ``CheckpointIO`` plugin point (see :mod:`oxen_callbacks._
 
 from __future__ import annotations
 
-import logging
 import os
 import uuid
 from typing import Any
@@ -31,8 +30,6 @@ from ._lightning_io import CheckpointWatch
 from .checkpoints import resolve_resume
 from .pin import PinnedDataset, as_pinned
 from .run import LineageRun
-
-log = logging.getLogger(__name__)
 
 
 class OxenLightningCallback(Callback):
