@@ -19,10 +19,8 @@ reads the same dataset commit.
 
 from __future__ import annotations
 
-import logging
 import math
 import os
-import sys
 import time
 from typing import Any
 
@@ -30,11 +28,10 @@ import transformers
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
 from ._data.hf_datasets import dataset_commits
+from ._mlflow.fluent import active_run_id, end_active_run
 from .errors import ConfigurationError, DatasetMismatchError
 from .pin import PinnedDataset, as_pinned
 from .run import LineageRun
-
-log = logging.getLogger(__name__)
 
 # A plain entry of TrainerState.stateful_callbacks, not an ExportableState: with
 # restore_callback_states_from_checkpoint=True transformers rebuilds ExportableState
@@ -77,26 +74,20 @@ class OxenTrainerCallback(TrainerCallback):
                           "framework": ("transformers", transformers.__version__), **run_options}
         # Validates every option now, before any training time is spent.
         self.run = LineageRun(**self._run_args)
-        self._run_before_train = _active_mlflow_run_id()  # the user's own run: never ended by us
-        self._published: list[str] = []
+        self._run_before_train = active_run_id()  # the user's own run: never ended by us
         #: Time the training process spent in this callback per checkpoint save (seconds).
         self.stall_seconds: list[float] = []
 
     # -- train start ----------------------------------------------------------------
     def on_init_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                     **kwargs: Any) -> None:
-        self._run_before_train = _active_mlflow_run_id()
+        self._run_before_train = active_run_id()
 
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                        train_dataloader: Any = None, **kwargs: Any) -> None:
-        if self.run.publisher is not None and not self.run.finished:  # the previous train() raised
-            try:
-                self.run.finish("FAILED")
-            except Exception:
-                log.exception("Recording the lineage of the interrupted train() failed too")
+        self.run.finish_after_error("FAILED", what="interrupted train()")  # when the previous train() raised
         if self.run.finished:  # the same callback in a second train(): a new run
             self.run = LineageRun(**{**self._run_args, "run_name": None})
-            self._published = []
         try:
             self._begin(args, state, train_dataloader)
         except BaseException:
@@ -106,13 +97,8 @@ class OxenTrainerCallback(TrainerCallback):
     def _fail_run_started_for_this_train(self, args: TrainingArguments) -> None:
         """train() stops in our on_train_begin: end as FAILED the MLflow run transformers' MLflowCallback
         started for it just before (it would stay RUNNING forever); a run the user started is left alone."""
-        run_id = _active_mlflow_run_id()
-        if run_id is None or run_id == self._run_before_train or "mlflow" not in (args.report_to or []):
-            return
-        try:
-            sys.modules["mlflow"].end_run("FAILED")
-        except Exception:
-            log.warning("Could not end MLflow run %s as FAILED", run_id, exc_info=True)
+        if "mlflow" in (args.report_to or []):
+            end_active_run("FAILED", unless=self._run_before_train)
 
     def _begin(self, args: TrainingArguments, state: TrainerState, train_dataloader: Any) -> None:
         """Check the data this train() reads, then start the lineage run (on the logging process)."""
@@ -123,13 +109,11 @@ class OxenTrainerCallback(TrainerCallback):
                 self.dataset.check_same(recorded["dataset"], what="The checkpoint being resumed")
             self._check_train_data(getattr(train_dataloader, "dataset", None))
         if state.is_world_process_zero:
-            self.run.start(continuing=bool(recorded) and recorded.get("run_name") == self.run.run_name
-                           and recorded.get("model_repo") == str(self.run.model_repo))
-            if recorded and self.run.record is not None:
-                self.run.record["resumed_from"] = {"run_name": recorded.get("run_name"), "step": state.global_step,
-                                                   "dataset": recorded.get("dataset")}
-        state.stateful_callbacks[STATE_KEY] = {"dataset": self.dataset.to_lineage() if self.dataset else None,
-                                               "run_name": self.run.run_name, "model_repo": str(self.run.model_repo)}
+            self.run.start(continuing=self.run.continues(recorded))
+            if recorded:
+                self.run.note_resumed(run_name=recorded.get("run_name"), step=state.global_step,
+                                      dataset=recorded.get("dataset"))
+        state.stateful_callbacks[STATE_KEY] = self.run.resume_state()
 
     def _check_same_commit_on_every_rank(self) -> None:
         """Under torchrun each process resolved the revision itself: rank 0's commit is the truth."""
@@ -139,11 +123,7 @@ class OxenTrainerCallback(TrainerCallback):
             return
         chosen = [self.dataset.commit]
         dist.broadcast_object_list(chosen, src=0)
-        if chosen[0] != self.dataset.commit:
-            raise DatasetMismatchError(
-                f"Rank {dist.get_rank()} resolved dataset commit {self.dataset.commit} but rank 0 resolved "
-                f"{chosen[0]}: the branch moved between processes.\nHINT: pin a commit id instead of a branch."
-            )
+        self.run.check_commit_of_rank_zero(chosen[0], rank=dist.get_rank())
 
     def _check_train_data(self, train_dataset: Any) -> None:
         """A ``train_dataset`` from ``PinnedDataset.load_dataset`` must come from the pinned commit."""
@@ -161,33 +141,18 @@ class OxenTrainerCallback(TrainerCallback):
     # -- saves ---------------------------------------------------------------------------
     def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                     **kwargs: Any) -> None:
-        if control.should_save:
-            self._before_save(args, state)
+        """Just before the Trainer saves ``checkpoint-N``, which it rewrites in place when it exists."""
+        if control.should_save and state.is_world_process_zero:
+            self.run.before_overwrite(_checkpoint_folder(args, state))
 
-    def on_epoch_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
-                     **kwargs: Any) -> None:
-        if control.should_save:
-            self._before_save(args, state)
-
-    def _before_save(self, args: TrainingArguments, state: TrainerState) -> None:
-        """The Trainer rewrites an existing ``checkpoint-N`` in place (same inodes): a folder
-        published earlier (by this run, or an earlier run into the same output_dir) shares
-        those inodes with its frozen copy, so unlink its files first to keep that copy intact."""
-        folder = _checkpoint_folder(args, state)
-        if not state.is_world_process_zero or not os.path.isdir(folder):
-            return
-        for dirpath, _dirs, names in os.walk(folder):
-            for name in names:
-                file = os.path.join(dirpath, name)
-                if os.stat(file, follow_symlinks=False).st_nlink > 1:
-                    os.unlink(file)
+    on_epoch_end = on_step_end
 
     def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                 **kwargs: Any) -> None:
         if not state.is_world_process_zero or self.run.publisher is None:
             return
         started = time.perf_counter()
-        self._note_removed()  # save_total_limit rotation ran just before this hook
+        self.run.note_deleted_checkpoints()  # save_total_limit rotation ran just before this hook
         folder = _checkpoint_folder(args, state)
         if not os.path.isdir(folder):  # a hyperparameter-search trial saves under output_dir/run-<trial>/
             raise ConfigurationError(f"OxenTrainerCallback found no saved checkpoint at {folder}.",
@@ -197,33 +162,19 @@ class OxenTrainerCallback(TrainerCallback):
         # Lightning's convention: the index of the epoch in progress (HF's state.epoch 1.0 = end of epoch 0).
         epoch = max(math.ceil(state.epoch) - 1, 0) if state.epoch is not None else None
         self.run.checkpoint_saved(folder, step=state.global_step, epoch=epoch, metrics=metrics)
-        self._published.append(folder)
         self.stall_seconds.append(time.perf_counter() - started)
-
-    def _note_removed(self) -> None:
-        """Checkpoints the Trainer deleted (``save_total_limit``) leave the run folder; they stay in history."""
-        for folder in [f for f in self._published if not os.path.exists(f)]:
-            self._published.remove(folder)
-            self.run.checkpoint_removed(folder)
 
     # -- train end -------------------------------------------------------------------------
     def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                      **kwargs: Any) -> None:
         if state.is_world_process_zero and self.run.publisher is not None and not self.run.finished:
-            self._note_removed()
+            self.run.note_deleted_checkpoints()
             self.run.finish("FINISHED", best=state.best_model_checkpoint)
 
     @property
     def lineage(self) -> dict[str, Any] | None:
         """The run's lineage record (complete after train)."""
         return self.run.record
-
-
-def _active_mlflow_run_id() -> str | None:
-    """The active fluent MLflow run's id (``None`` when MLflow is not even imported)."""
-    mlflow = sys.modules.get("mlflow")
-    active = mlflow.active_run() if mlflow is not None else None
-    return active.info.run_id if active is not None else None
 
 
 def _checkpoint_folder(args: TrainingArguments, state: TrainerState) -> str:

@@ -10,16 +10,14 @@ Example::
     trainer = L.Trainer(callbacks=[ModelCheckpoint(monitor="val_loss"), oxen_cb])
     trainer.fit(model, datamodule=ReviewsData(data.file("train.csv")))
 
-Every file any ``ModelCheckpoint`` (or ``trainer.save_checkpoint``) writes is
-committed to the model repository once the write is complete (after the save's
-barrier, so sharded folders are whole); top-k deletions are recorded.
+Every checkpoint any ``ModelCheckpoint`` (or ``trainer.save_checkpoint``) writes is committed
+to the model repository once written; top-k deletions are recorded. The callback sees them
+through the strategy's ``CheckpointIO`` plugin point (see :mod:`oxen_callbacks._lightning_io`).
 """
 
 from __future__ import annotations
 
-import logging
 import os
-import time
 import uuid
 from typing import Any
 
@@ -28,15 +26,10 @@ import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import MLFlowLogger
 
-from ._publish.claim import record_fit, recorded_fit
+from ._lightning_io import CheckpointWatch
 from .checkpoints import resolve_resume
-from .errors import DatasetMismatchError
-from .lineage import read_lineage
-from .model_repo import lineage_path
 from .pin import PinnedDataset, as_pinned
 from .run import LineageRun
-
-log = logging.getLogger(__name__)
 
 
 class OxenLightningCallback(Callback):
@@ -87,11 +80,10 @@ class OxenLightningCallback(Callback):
                           "framework": ("lightning", lightning.__version__), **run_options}
         # Validates every option now, before any training time is spent.
         self.run = LineageRun(**self._run_args)
-        self._restored: dict[str, Any] | None = None
-        self._originals: dict[str, Any] = {}
         #: Time the training process spent in this callback per checkpoint save (seconds).
         self.stall_seconds: list[float] = []
         self._fitter = uuid.uuid4().hex  # this object, also in the copies ddp_spawn makes of it
+        self._watch: CheckpointWatch | None = None  # from setup to teardown of a fit
 
     @property
     def state_key(self) -> str:
@@ -105,85 +97,56 @@ class OxenLightningCallback(Callback):
             self.run = LineageRun(**{**self._run_args, "run_name": None})
         if self.dataset is not None:
             self.dataset.pull()  # every process; one per node materializes, the others wait on its lock
-            chosen = trainer.strategy.broadcast(self.dataset.commit, src=0)
-            if chosen != self.dataset.commit:
-                raise DatasetMismatchError(
-                    f"Rank {trainer.global_rank} resolved dataset commit {self.dataset.commit} but rank 0 "
-                    f"resolved {chosen}: the branch moved between processes. Pin a commit id instead of a branch."
-                )
+            self.run.check_commit_of_rank_zero(trainer.strategy.broadcast(self.dataset.commit, src=0),
+                                               rank=trainer.global_rank)
         if trainer.is_global_zero:
             mlflow_logger = next((lg for lg in trainer.loggers if isinstance(lg, MLFlowLogger)), None)
             if mlflow_logger is not None and self.run.use_mlflow and self.run.mlflow_run_id is None:
                 self.run.mlflow_run_id = mlflow_logger.run_id
-                self.run.mlflow_tracking_uri = mlflow_logger._tracking_uri
-            self.run.start(continuing=self._resumed_run == self.run.run_name)
-            record_fit(self.run.model_repo, self._fitter, self.run.run_name)  # for the main process (ddp_spawn)
-        self._install(trainer)
+                self.run.mlflow_tracking_uri = mlflow_logger.experiment.tracking_uri
+            # The fit key lets the main process of ddp_spawn find the run this copy trains.
+            self.run.start(continuing=self._resumed_run == self.run.run_name, fit_key=self._fitter)
+        self._watch = CheckpointWatch(trainer, self.run, self.stall_seconds)
+        self._watch.install()
 
-    def _install(self, trainer: pl.Trainer) -> None:
-        """See each finished save (after its barrier) and each top-k deletion."""
-        save, remove = trainer.save_checkpoint, trainer.strategy.remove_checkpoint
-        self._originals = {"save": save, "remove": remove}
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage == "fit" and self._watch is not None:
+            self._watch.uninstall()
+            self._watch = None
 
-        def save_checkpoint(filepath: Any, *args: Any, **kwargs: Any) -> None:
-            path = os.fspath(filepath)
-            started = time.perf_counter()
-            if trainer.is_global_zero and self.run.publisher and os.path.isfile(path) and not os.path.islink(path):
-                # The old file is frozen by hard link; a fresh inode keeps an in-place rewrite off it.
-                if self.run.publisher.has_source(path):
-                    os.unlink(path)
-            ours = time.perf_counter() - started
-            save(filepath, *args, **kwargs)
-            if trainer.is_global_zero and self.run.publisher is not None:
-                started = time.perf_counter()
-                self.run.checkpoint_saved(path, step=trainer.global_step, epoch=trainer.current_epoch,
-                                          metrics=_scalar_metrics(trainer.callback_metrics))
-                self.stall_seconds.append(ours + time.perf_counter() - started)
+    # -- saves: the CheckpointIO sees most; a save that bypassed it is published at the next hook ------
+    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
+        if self._watch is not None:
+            self._watch.save_begins()
 
-        def remove_checkpoint(filepath: Any) -> None:
-            remove(filepath)
-            if trainer.is_global_zero:
-                self.run.checkpoint_removed(os.fspath(filepath))
+    def _publish_unseen_save(self, trainer: pl.Trainer, *_: Any) -> None:
+        if self._watch is not None:
+            self._watch.publish_unseen_save()
 
-        trainer.save_checkpoint = save_checkpoint  # type: ignore[method-assign]
-        trainer.strategy.remove_checkpoint = remove_checkpoint  # type: ignore[method-assign]
-
-    def _uninstall(self, trainer: pl.Trainer) -> None:
-        if self._originals:
-            del trainer.save_checkpoint
-            del trainer.strategy.remove_checkpoint
-            self._originals = {}
+    on_train_batch_start = on_train_epoch_start = on_train_epoch_end = _publish_unseen_save
+    on_validation_start = on_train_end = _publish_unseen_save
 
     # -- resume ------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        return {"dataset": self.dataset.to_lineage() if self.dataset else None, "run_name": self.run.run_name,
-                "model_repo": str(self.run.model_repo)}
+        return self.run.resume_state()
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """On resume: the checkpoint's dataset commit must be the one pinned now."""
-        self._restored = state_dict
         recorded = state_dict.get("dataset")
         if recorded and self.dataset is not None and not self.allow_dataset_change:
             self.dataset.check_same(recorded, what="The checkpoint being resumed")
-        if self.run.record is not None:
-            self.run.record["resumed_from"] = {"run_name": state_dict.get("run_name"), "dataset": recorded}
+        self.run.note_resumed(run_name=state_dict.get("run_name"), dataset=recorded)
 
     # -- fit end -------------------------------------------------------------------------
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.is_global_zero:
+            self._publish_unseen_save(trainer)  # a save at on_train_end
             self.run.finish("FINISHED", best=_best_path(trainer))
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
-        if trainer.is_global_zero and self.run.publisher is not None and not self.run.finished:
+        if trainer.is_global_zero:
             status = "KILLED" if isinstance(exception, KeyboardInterrupt) else "FAILED"
-            try:
-                self.run.finish(status, best=_best_path(trainer))
-            except Exception:
-                log.exception("Recording the lineage of the failed fit failed too")
-
-    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if stage == "fit":
-            self._uninstall(trainer)
+            self.run.finish_after_error(status, best=_best_path(trainer), what="failed fit")
 
     @property
     def lineage(self) -> dict[str, Any] | None:
@@ -193,13 +156,7 @@ class OxenLightningCallback(Callback):
         then read from the model repository, where rank 0 committed it under the run
         name it noted for this callback object (a second fit draws a new name there).
         """
-        if self.run.record is not None and self.run.finished:
-            return self.run.record
-        run = recorded_fit(self.run.model_repo, self._fitter) or self.run.run_name
-        committed = self.run.model_repo / lineage_path(run)
-        if committed.exists():
-            return read_lineage(committed)
-        return self.run.record
+        return self.run.lineage(self._fitter)
 
 
 def _best_path(trainer: pl.Trainer) -> str | None:
@@ -207,13 +164,3 @@ def _best_path(trainer: pl.Trainer) -> str | None:
         if isinstance(cb, ModelCheckpoint) and cb.monitor and cb.best_model_path:
             return cb.best_model_path
     return None
-
-
-def _scalar_metrics(metrics: dict[str, Any]) -> dict[str, float]:
-    out: dict[str, float] = {}
-    for name, value in metrics.items():
-        try:
-            out[name] = float(value.item() if hasattr(value, "item") else value)
-        except (TypeError, ValueError, RuntimeError):
-            continue
-    return out

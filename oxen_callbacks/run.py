@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 import shlex
 import sys
 import time
@@ -28,13 +27,13 @@ from . import __version__
 from ._data.snapshot import default_cache_dir
 from ._oxen import layout as oxen_layout
 from ._oxen.remote_spec import parse_remote
-from ._oxen.repo import damaged_repo
-from ._publish.claim import RunClaim
+from ._publish.claim import RunClaim, record_fit, recorded_fit
 from ._publish.publisher import CheckpointPublisher, open_model_repo
+from ._run_checks import RunOptionChecks
 from ._util.gitinfo import code_info
 from ._util.redact import redact_argv, redact_url
 from .errors import ConfigurationError, PublishError
-from .lineage import LineageJSON, new_record
+from .lineage import LineageJSON, new_record, read_lineage
 from .model_repo import lineage_path
 from .names import (
     ENV_RANKS,
@@ -52,14 +51,13 @@ from .names import (
 from .pin import PinnedDataset
 
 log = logging.getLogger(__name__)
-_RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 
 def new_run_name() -> str:
     return f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
 
 
-class LineageRun:
+class LineageRun(RunOptionChecks):
     """One training run's lineage; see the module docstring.
 
     Args:
@@ -122,84 +120,32 @@ class LineageRun:
         self._validate()
         self.publisher: CheckpointPublisher | None = None
         self.sink: Any = None
-        self._warm_sink: Any = None
-        self._repo_init: Future[Any] | None = None
-        if _likely_rank_zero():  # work that overlaps the user building the model and trainer
-            if self.use_mlflow:
-                from ._mlflow.sink import WarmSinkProcess
-
-                self._warm_sink = WarmSinkProcess()  # imports MLflow
-            if not oxen_layout.is_repo(self.model_repo):  # `oxen init`: 0.3 s in a child process
-                pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="oxen-init")
-                self._repo_init = pool.submit(open_model_repo, self.model_repo, self.cache_dir)
-                pool.shutdown(wait=False)
         self.record: LineageJSON | None = None
         self.finished = False
         self._claim: RunClaim | None = None
+        self._published: list[str] = []  # checkpoint paths queued for commit, in order
+        self._warm_sink: Any = None
+        self._repo_init: Future[Any] | None = None
+        if _likely_rank_zero():
+            self._start_early_work()
+
+    def _start_early_work(self) -> None:
+        """Work that overlaps the user building the model and trainer: import MLflow, ``oxen init``."""
+        if self.use_mlflow:
+            from ._mlflow.sink import WarmSinkProcess
+
+            self._warm_sink = WarmSinkProcess()  # imports MLflow
+        if not oxen_layout.is_repo(self.model_repo):  # `oxen init`: 0.3 s in a child process
+            pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="oxen-init")
+            self._repo_init = pool.submit(open_model_repo, self.model_repo, self.cache_dir)
+            pool.shutdown(wait=False)
 
     def __getstate__(self) -> dict[str, Any]:
         """Picklable for ``ddp_spawn``: the warm sink process, the init thread and the claim stay here."""
         return {**self.__dict__, "_warm_sink": None, "_repo_init": None, "_claim": None}
 
     def _validate(self) -> None:
-        if not _RUN_NAME.match(self.run_name):
-            raise ConfigurationError(
-                f"run_name={self.run_name!r} cannot name a folder in the model repository.",
-                "use letters, digits, '.', '_' and '-' (at most 128 characters).",
-            )
-        data_root = self.dataset.source.local_root if self.dataset is not None else None
-        if data_root is not None:  # a remote dataset cannot overlap a local model repository
-            if self.model_repo == data_root or data_root in self.model_repo.parents:
-                raise ConfigurationError(
-                    f"model_repo={str(self.model_repo)!r} lies inside the dataset repository {str(data_root)!r}: "
-                    "checkpoint commits would mix with the dataset's history.",
-                    "put the model repository in a folder of its own, e.g. beside the dataset repository.",
-                )
-            if self.model_repo in data_root.parents:
-                raise ConfigurationError(
-                    f"The dataset repository {str(data_root)!r} lies inside model_repo={str(self.model_repo)!r}.",
-                    "put the model repository in a folder of its own.",
-                )
-        if self.model_repo.exists() and not self.model_repo.is_dir():
-            raise ConfigurationError(f"model_repo={str(self.model_repo)!r} is a file.", "pass a folder.")
-        blocking = next((p for p in self.model_repo.parents if p.exists() and not p.is_dir()), None)
-        if blocking is not None:
-            raise ConfigurationError(f"model_repo={str(self.model_repo)!r} lies below {str(blocking)!r}, which is a file.",
-                                     "pass a folder whose parents are folders (missing ones are created).")
-        if self.model_repo.is_dir() and not oxen_layout.is_repo(self.model_repo) and any(self.model_repo.iterdir()):
-            raise ConfigurationError(
-                f"model_repo={str(self.model_repo)!r} is a non-empty folder that is not an Oxen repository.",
-                "pass a new or empty folder (it will be created with `oxen init`), or run `oxen init` there.",
-            )
-        if self.remote and self.remote_url is None:  # a repository created for this run has no remotes
-            try:
-                known = oxen_layout.remotes(self.model_repo) if oxen_layout.is_repo(self.model_repo) else {}
-            except oxen_layout.DamagedLayout as exc:
-                raise damaged_repo("model repository", self.model_repo, str(exc)) from None
-            if self.remote not in known:
-                raise ConfigurationError(
-                    f"remote={self.remote!r} is not a remote of the model repository {str(self.model_repo)!r} "
-                    f"(it has: {', '.join(known) or 'none'}).",
-                    "pass remote_url='https://HOST/namespace/name' too, or add it: "
-                    "`oxen config --set-remote NAME URL`.",
-                )
-        for name, value in (("push_timeout", self.push_timeout), ("drain_timeout", self.drain_timeout),
-                            ("mlflow_timeout", self.mlflow_timeout)):
-            if value is not None and not value > 0:
-                raise ConfigurationError(f"{name}={value!r} must be a positive number of seconds.",
-                                         f"e.g. {name}=300, or {name}=None where waiting without limit is allowed.")
-        if not self.use_mlflow:
-            given = [n for n, v in (("mlflow_run_id", self.mlflow_run_id), ("mlflow_tracking_uri",
-                     self.mlflow_tracking_uri), ("experiment_name", self.experiment_name)) if v]
-            if given:
-                raise ConfigurationError(f"mlflow=False conflicts with {', '.join(given)}.",
-                                         "drop those options, or keep MLflow on (mlflow=True).")
-        uri = self.mlflow_tracking_uri
-        if uri and "://" not in uri and uri != "databricks":
-            raise ConfigurationError(
-                f"mlflow_tracking_uri={uri!r} is not a tracking URI.",
-                "use e.g. 'sqlite:///path/mlflow.db' or 'http://127.0.0.1:5000'.",
-            )
+        super()._validate()
         if self.use_mlflow:
             from ._mlflow.sink import mlflow_available
 
@@ -215,11 +161,13 @@ class LineageRun:
                                          "pass mlflow=True, or drop register_model.")
 
     # -- lifecycle -------------------------------------------------------------------
-    def start(self, *, continuing: bool = False) -> None:
+    def start(self, *, continuing: bool = False, fit_key: str | None = None) -> None:
         """Claim the run name, then pull (and check) the pinned data, start the publisher, open the MLflow run.
 
         ``continuing``: this fit resumes the run of the same name (its lineage goes on);
         otherwise a name an earlier run used is refused (see :class:`~.publish.claim.RunClaim`).
+        ``fit_key``: an id the caller keeps across processes (``ddp_spawn`` copies); the run name
+        is noted under it in the model repository for :meth:`lineage`.
         """
         if self._repo_init is not None:
             self._repo_init.result()  # its error (e.g. an unwritable folder), raised here before training
@@ -239,6 +187,8 @@ class LineageRun:
             self._claim.release()  # nothing was queued under the name: it stays free
             self._claim = None
             raise
+        if fit_key is not None:
+            record_fit(self.model_repo, fit_key, self.run_name)
 
     def _open(self) -> None:
         """Pull the pinned data and check it is as recorded, start the publisher, open the MLflow run and tag it."""
@@ -313,12 +263,39 @@ class LineageRun:
         """Queue the finished checkpoint at ``path`` (file or folder) for commit; returns at once."""
         if self.publisher is None or self.record is None:
             raise PublishError("LineageRun.checkpoint_saved() called before start()")
-        return self.publisher.submit_checkpoint(path, record=self._base_record(), step=step, epoch=epoch,
-                                                metrics=metrics)
+        seq = self.publisher.submit_checkpoint(path, record=self._base_record(), step=step, epoch=epoch,
+                                               metrics=metrics)
+        self._published.append(os.fspath(path))
+        return seq
 
     def checkpoint_removed(self, path: str | os.PathLike[str]) -> None:
         if self.publisher is not None:
             self.publisher.submit_removal(path)
+
+    def note_deleted_checkpoints(self) -> None:
+        """Record as removed every published checkpoint no longer on disk (for trainers that delete
+        checkpoints without telling, e.g. ``save_total_limit``); they stay in history."""
+        for path in [p for p in self._published if not os.path.exists(p)]:
+            self._published.remove(path)
+            self.checkpoint_removed(path)
+
+    def before_overwrite(self, path: str | os.PathLike[str]) -> None:
+        """Call before a checkpoint is written at ``path``, which may hold one published earlier.
+
+        A published checkpoint is frozen by hard link: unlink its files so the new write gets
+        fresh inodes instead of rewriting the frozen copy in place. A file is unlinked when this
+        run published it; in a folder, every file with another link (an earlier run's freeze too).
+        """
+        path = os.fspath(path)
+        if os.path.isfile(path) and not os.path.islink(path):
+            if self.publisher is not None and self.publisher.has_source(path):
+                os.unlink(path)
+            return
+        for dirpath, _dirs, names in os.walk(path):
+            for name in names:
+                file = os.path.join(dirpath, name)
+                if os.stat(file, follow_symlinks=False).st_nlink > 1:
+                    os.unlink(file)
 
     def _base_record(self) -> LineageJSON:
         assert self.record is not None
@@ -338,40 +315,60 @@ class LineageRun:
         self.record.update(status=status, ended_at=_now())
         if self.sink is not None:  # a run the sink creates: its id belongs in the final record
             self.sink.wait_for_run(self.mlflow_timeout)
-        error: Exception | None = None
-        final: LineageJSON | None = None
+        final, error = self._commit_final(best)
+        committed = final is not None
+        self.record = final if final is not None else self._published_so_far()
+        self._warn_unpushed()
+        if self.sink is not None:
+            self._log_final_or_leave_to_sync(self.record, status, committed=committed)
+        if error is not None:
+            raise error
+        return self.record
+
+    def _commit_final(self, best: str | os.PathLike[str] | None) -> tuple[LineageJSON | None, Exception | None]:
+        """Drain the publisher and commit the final lineage; ``(None, error)`` when that did not complete."""
+        assert self.publisher is not None
         try:
-            final = self.publisher.finalize(self._base_record(), best=best, timeout=self.drain_timeout)
+            return self.publisher.finalize(self._base_record(), best=best, timeout=self.drain_timeout), None
         except PublishError as exc:
-            error = exc
+            return None, exc
         finally:
             self.publisher.close(timeout=self.drain_timeout)
             if self._claim is not None:
                 self._claim.release()
-        committed = final is not None
-        if final is None:
-            final = self._base_record()
-            final["checkpoints"] = [
-                {"commit": r["commit"], "path": r["dest"], "step": r.get("step"), "epoch": r.get("epoch"),
-                 "metrics": r.get("metrics") or {}}
-                for r in self.publisher.results if r.get("kind") == "checkpoint"
-            ]
-            if final["checkpoints"]:
-                last = final["checkpoints"][-1]
-                final["model"] = {**final["model"], "commit": last["commit"], "path": last["path"]}
-            log.warning("The final lineage commit did not complete; the pointer lists what was published.")
-        self.record = final
-        self._warn_unpushed()
-        if self.sink is not None:
-            try:
-                self._log_final(final, status, committed=committed)
-            except Exception:  # the work is done and committed: MLflow bookkeeping never fails training
-                log.warning("Logging the lineage to MLflow failed; what is journaled in %s stays there for "
-                            "`oxen-callbacks sync`.", self.sink.journal.folder, exc_info=True)
-                self.sink.journal.release_trainer()  # sync's from now on, though this process lives on
-        if error is not None:
-            raise error
+
+    def _published_so_far(self) -> LineageJSON:
+        """The record the MLflow pointer gets when the final lineage commit did not complete."""
+        assert self.publisher is not None
+        final = self._base_record()
+        final["checkpoints"] = [
+            {"commit": r["commit"], "path": r["dest"], "step": r.get("step"), "epoch": r.get("epoch"),
+             "metrics": r.get("metrics") or {}}
+            for r in self.publisher.results if r.get("kind") == "checkpoint"
+        ]
+        if final["checkpoints"]:
+            last = final["checkpoints"][-1]
+            final["model"] = {**final["model"], "commit": last["commit"], "path": last["path"]}
+        log.warning("The final lineage commit did not complete; the pointer lists what was published.")
         return final
+
+    def _log_final_or_leave_to_sync(self, final: LineageJSON, status: str, *, committed: bool) -> None:
+        try:
+            self._log_final(final, status, committed=committed)
+        except Exception:  # the work is done and committed: MLflow bookkeeping never fails training
+            log.warning("Logging the lineage to MLflow failed; what is journaled in %s stays there for "
+                        "`oxen-callbacks sync`.", self.sink.journal.folder, exc_info=True)
+            self.sink.journal.release_trainer()  # sync's from now on, though this process lives on
+
+    def finish_after_error(self, status: str, *, best: str | os.PathLike[str] | None = None,
+                           what: str = "fit") -> None:
+        """End a started run that training left with an error as ``status``; a failure here is only logged."""
+        if self.publisher is None or self.finished:
+            return
+        try:
+            self.finish(status, best=best)
+        except Exception:
+            log.exception("Recording the lineage of the %s failed too", what)
 
     def _log_final(self, final: LineageJSON, status: str, *, committed: bool = True) -> None:
         """Tag the run with the final model, log the pointer file and extras, end it, wait for MLflow.
@@ -395,6 +392,35 @@ class LineageRun:
                         "run `oxen-callbacks sync` later.", self.mlflow_timeout, self.sink.why_pending(),
                         self.sink.journal.folder)
         self.sink.close()
+
+    # -- resume and results ---------------------------------------------------------------
+    def resume_state(self) -> dict[str, Any]:
+        """What a checkpoint carries for a later resume: the dataset pin, the run and its repository."""
+        return {"dataset": self.dataset.to_lineage() if self.dataset else None, "run_name": self.run_name,
+                "model_repo": str(self.model_repo)}
+
+    def continues(self, state: dict[str, Any] | None) -> bool:
+        """Whether the :meth:`resume_state` of a checkpoint being resumed is this run's."""
+        return bool(state) and state.get("run_name") == self.run_name and state.get("model_repo") == str(self.model_repo)
+
+    def note_resumed(self, **resumed_from: Any) -> None:
+        """Record in the lineage what this run resumed from (the run name, dataset, step of the checkpoint)."""
+        if self.record is not None:
+            self.record["resumed_from"] = resumed_from
+
+    def lineage(self, fit_key: str | None = None) -> LineageJSON | None:
+        """The run's lineage record: this object's once finished, else the committed one.
+
+        With ``fit_key`` (see :meth:`start`), the run noted under it is read: in a process that
+        holds only a copy of the run object that trained elsewhere (``ddp_spawn``).
+        """
+        if self.record is not None and self.finished:
+            return self.record
+        run = (recorded_fit(self.model_repo, fit_key) if fit_key else None) or self.run_name
+        committed = self.model_repo / lineage_path(run)
+        if committed.exists():
+            return read_lineage(committed)
+        return self.record
 
     def _warn_unpushed(self) -> None:
         from ._publish.push import pending_push

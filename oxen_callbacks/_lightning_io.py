@@ -1,0 +1,159 @@
+"""How the Lightning adapter sees each checkpoint a fit writes or deletes, through public extension points.
+
+:class:`CheckpointWatch` wraps the strategy's ``CheckpointIO`` for the fit (Lightning's plugin
+point, as ``AsyncCheckpointIO`` does): every checkpoint written through it, by any
+``ModelCheckpoint`` or ``trainer.save_checkpoint``, is published once written (on global rank 0,
+where the strategy calls it), and every deletion is recorded. A strategy that writes sharded
+folders from every rank itself (FSDP/DeepSpeed style) bypasses its ``CheckpointIO``: such a save
+is published at the first callback hook after it (after the save's barrier, so every rank has
+written), as the ``ModelCheckpoint`` paths whose files changed since the save began.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import lightning.pytorch as pl
+from lightning.fabric.plugins import CheckpointIO
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+log = logging.getLogger(__name__)
+
+
+class PublishingCheckpointIO(CheckpointIO):
+    """The strategy's own ``CheckpointIO``, wrapped: each save and removal is delegated, then reported.
+
+    ``on_save(path, write)`` calls ``write()`` (the delegated save) itself, so it can act before and after.
+    """
+
+    def __init__(self, wrapped: CheckpointIO, *, on_save: Callable[[str, Callable[[], None]], None],
+                 on_remove: Callable[[str], None]) -> None:
+        self.wrapped, self._on_save, self._on_remove = wrapped, on_save, on_remove
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any = None) -> None:
+        self._on_save(os.fspath(path), functools.partial(self.wrapped.save_checkpoint, checkpoint, path,
+                                                         storage_options=storage_options))
+
+    def remove_checkpoint(self, path: Any) -> None:
+        self.wrapped.remove_checkpoint(path)
+        self._on_remove(os.fspath(path))
+
+    def load_checkpoint(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        return self.wrapped.load_checkpoint(*args, **kwargs)
+
+    def teardown(self) -> None:
+        self.wrapped.teardown()
+
+
+class Run(Protocol):
+    """What the watch calls on :class:`~oxen_callbacks.run.LineageRun`."""
+
+    publisher: Any
+
+    def before_overwrite(self, path: str) -> None: ...
+    def checkpoint_saved(self, path: str, *, step: int, epoch: int, metrics: dict[str, float]) -> int: ...
+    def checkpoint_removed(self, path: str) -> None: ...
+
+
+@dataclass
+class _SaveBegun:
+    """A save the ``CheckpointIO`` has not seen yet: the trainer's position then, and what the
+    ``ModelCheckpoint`` paths held before it."""
+
+    step: int
+    epoch: int
+    metrics: dict[str, float]
+    before: dict[str, tuple[Any, ...]]
+
+
+class CheckpointWatch:
+    """Tells ``run`` of each checkpoint ``trainer`` writes or deletes, from :meth:`install` to :meth:`uninstall`.
+
+    ``stall_seconds`` gets the time the training process spent here per published save.
+    """
+
+    def __init__(self, trainer: pl.Trainer, run: Run, stall_seconds: list[float]) -> None:
+        self.trainer, self.run, self.stall_seconds = trainer, run, stall_seconds
+        io = trainer.strategy.checkpoint_io
+        wrapped = io.wrapped if isinstance(io, PublishingCheckpointIO) else io  # left by a fit that raised
+        self.io = PublishingCheckpointIO(wrapped, on_save=self._save, on_remove=self._removed)
+        self._begun: _SaveBegun | None = None
+
+    def install(self) -> None:
+        self.trainer.strategy.checkpoint_io = self.io
+
+    def uninstall(self) -> None:
+        if self.trainer.strategy.checkpoint_io is self.io:
+            self.trainer.strategy.checkpoint_io = self.io.wrapped
+
+    def _save(self, path: str, write: Callable[[], None]) -> None:
+        publishing = self.trainer.is_global_zero and self.run.publisher is not None
+        started = time.perf_counter()
+        if publishing:
+            self.run.before_overwrite(path)  # a fresh inode keeps the rewrite off a frozen copy
+        ours = time.perf_counter() - started
+        write()
+        self._begun = None  # this save went through the CheckpointIO
+        if publishing:
+            trainer = self.trainer
+            self._publish(path, trainer.global_step, trainer.current_epoch, _scalar_metrics(trainer.callback_metrics),
+                          ours)
+
+    def _removed(self, path: str) -> None:
+        if self.trainer.is_global_zero:
+            self.run.checkpoint_removed(path)
+
+    def _publish(self, path: str, step: int, epoch: int, metrics: dict[str, float], ours: float = 0.0) -> None:
+        started = time.perf_counter()
+        self.run.checkpoint_saved(path, step=step, epoch=epoch, metrics=metrics)
+        self.stall_seconds.append(ours + time.perf_counter() - started)
+
+    def save_begins(self) -> None:
+        """From ``Callback.on_save_checkpoint`` (before the write)."""
+        trainer = self.trainer
+        if trainer.is_global_zero and self.run.publisher is not None:
+            self._begun = _SaveBegun(trainer.global_step, trainer.current_epoch,
+                                     _scalar_metrics(trainer.callback_metrics), _model_checkpoint_files(trainer))
+
+    def publish_unseen_save(self) -> None:
+        """From the first hook after a save: if it bypassed the ``CheckpointIO``, publish what it wrote."""
+        begun, self._begun = self._begun, None
+        if begun is None:
+            return
+        written = [p for p, files in _model_checkpoint_files(self.trainer).items() if files != begun.before.get(p)]
+        if not written:
+            log.warning("A checkpoint was written without the strategy's CheckpointIO and outside every "
+                        "ModelCheckpoint path: it is not committed to the model repository.")
+        for path in written:
+            self._publish(path, begun.step, begun.epoch, begun.metrics)
+
+
+def _model_checkpoint_files(trainer: pl.Trainer) -> dict[str, tuple[Any, ...]]:
+    """Each existing path a ``ModelCheckpoint`` names, with (name, inode, size, mtime) of each file in it."""
+    paths = {p for cb in trainer.checkpoint_callbacks if isinstance(cb, ModelCheckpoint)
+             for p in (cb.best_model_path, cb.last_model_path, *cb.best_k_models) if p}
+    found = {}
+    for path in paths:
+        files = [os.path.join(d, n) for d, _, names in os.walk(path) for n in names] if os.path.isdir(path) else [path]
+        try:
+            found[path] = tuple(sorted((f, s.st_ino, s.st_size, s.st_mtime_ns) for f in files for s in [os.stat(f)]))
+        except FileNotFoundError:
+            continue
+    return found
+
+
+def _scalar_metrics(metrics: dict[str, Any]) -> dict[str, float]:
+    """Lightning's logged metrics (tensors or numbers) as floats; others are left out."""
+    out: dict[str, float] = {}
+    for name, value in metrics.items():
+        try:
+            out[name] = float(value.item() if hasattr(value, "item") else value)
+        except (TypeError, ValueError, RuntimeError):
+            continue
+    return out

@@ -1,0 +1,128 @@
+"""The checks :class:`~oxen_callbacks.run.LineageRun` runs on its options at construction.
+
+Every option is checked before any training time is spent; each error is a
+:class:`~oxen_callbacks.errors.ConfigurationError` naming the bad value, with a hint.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+from ._oxen import layout as oxen_layout
+from ._oxen.repo import damaged_repo
+from .errors import ConfigurationError, DatasetMismatchError
+
+_RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+
+class RunOptionChecks:
+    """``_validate()`` and its parts, over the option attributes ``LineageRun.__init__`` sets
+    (``LineageRun`` adds the checks that import MLflow modules)."""
+
+    dataset: Any  # PinnedDataset | None
+    model_repo: Path
+    run_name: str
+    use_mlflow: bool
+    mlflow_run_id: str | None
+    mlflow_tracking_uri: str | None
+    experiment_name: str | None
+    remote: str | None
+    remote_url: str | None
+    push_timeout: float
+    drain_timeout: float | None
+    mlflow_timeout: float
+    register_model: str | None
+
+    def _validate(self) -> None:
+        self._validate_run_name()
+        self._validate_apart_from_dataset()
+        self._validate_model_repo_folder()
+        self._validate_remote()
+        self._validate_timeouts()
+        self._validate_mlflow_options()
+
+    def _validate_run_name(self) -> None:
+        if not _RUN_NAME.match(self.run_name):
+            raise ConfigurationError(
+                f"run_name={self.run_name!r} cannot name a folder in the model repository.",
+                "use letters, digits, '.', '_' and '-' (at most 128 characters).",
+            )
+
+    def _validate_apart_from_dataset(self) -> None:
+        """The model repository and a local dataset repository must not nest (a remote one cannot)."""
+        data_root = self.dataset.source.local_root if self.dataset is not None else None
+        if data_root is None:
+            return
+        if self.model_repo == data_root or data_root in self.model_repo.parents:
+            raise ConfigurationError(
+                f"model_repo={str(self.model_repo)!r} lies inside the dataset repository {str(data_root)!r}: "
+                "checkpoint commits would mix with the dataset's history.",
+                "put the model repository in a folder of its own, e.g. beside the dataset repository.",
+            )
+        if self.model_repo in data_root.parents:
+            raise ConfigurationError(
+                f"The dataset repository {str(data_root)!r} lies inside model_repo={str(self.model_repo)!r}.",
+                "put the model repository in a folder of its own.",
+            )
+
+    def _validate_model_repo_folder(self) -> None:
+        """``model_repo`` is an Oxen repository, an empty folder, or a path whose existing parents are folders."""
+        if self.model_repo.exists() and not self.model_repo.is_dir():
+            raise ConfigurationError(f"model_repo={str(self.model_repo)!r} is a file.", "pass a folder.")
+        blocking = next((p for p in self.model_repo.parents if p.exists() and not p.is_dir()), None)
+        if blocking is not None:
+            raise ConfigurationError(f"model_repo={str(self.model_repo)!r} lies below {str(blocking)!r}, which is a file.",
+                                     "pass a folder whose parents are folders (missing ones are created).")
+        if self.model_repo.is_dir() and not oxen_layout.is_repo(self.model_repo) and any(self.model_repo.iterdir()):
+            raise ConfigurationError(
+                f"model_repo={str(self.model_repo)!r} is a non-empty folder that is not an Oxen repository.",
+                "pass a new or empty folder (it will be created with `oxen init`), or run `oxen init` there.",
+            )
+
+    def _validate_remote(self) -> None:
+        """A remote given by name only must be one the model repository knows (a new repository knows none)."""
+        if not self.remote or self.remote_url is not None:
+            return
+        try:
+            known = oxen_layout.remotes(self.model_repo) if oxen_layout.is_repo(self.model_repo) else {}
+        except oxen_layout.DamagedLayout as exc:
+            raise damaged_repo("model repository", self.model_repo, str(exc)) from None
+        if self.remote not in known:
+            raise ConfigurationError(
+                f"remote={self.remote!r} is not a remote of the model repository {str(self.model_repo)!r} "
+                f"(it has: {', '.join(known) or 'none'}).",
+                "pass remote_url='https://HOST/namespace/name' too, or add it: "
+                "`oxen config --set-remote NAME URL`.",
+            )
+
+    def _validate_timeouts(self) -> None:
+        for name, value in (("push_timeout", self.push_timeout), ("drain_timeout", self.drain_timeout),
+                            ("mlflow_timeout", self.mlflow_timeout)):
+            if value is not None and not value > 0:
+                raise ConfigurationError(f"{name}={value!r} must be a positive number of seconds.",
+                                         f"e.g. {name}=300, or {name}=None where waiting without limit is allowed.")
+
+    def _validate_mlflow_options(self) -> None:
+        """The MLflow options agree with ``mlflow=`` and the tracking URI is one."""
+        if not self.use_mlflow:
+            given = [n for n, v in (("mlflow_run_id", self.mlflow_run_id), ("mlflow_tracking_uri",
+                     self.mlflow_tracking_uri), ("experiment_name", self.experiment_name)) if v]
+            if given:
+                raise ConfigurationError(f"mlflow=False conflicts with {', '.join(given)}.",
+                                         "drop those options, or keep MLflow on (mlflow=True).")
+        uri = self.mlflow_tracking_uri
+        if uri and "://" not in uri and uri != "databricks":
+            raise ConfigurationError(
+                f"mlflow_tracking_uri={uri!r} is not a tracking URI.",
+                "use e.g. 'sqlite:///path/mlflow.db' or 'http://127.0.0.1:5000'.",
+            )
+
+    def check_commit_of_rank_zero(self, chosen: str | None, *, rank: int) -> None:
+        """Each process resolved the dataset revision itself: the commit rank 0 ``chosen`` must be this one's."""
+        if self.dataset is not None and chosen != self.dataset.commit:
+            raise DatasetMismatchError(
+                f"Rank {rank} resolved dataset commit {self.dataset.commit} but rank 0 resolved {chosen}: "
+                "the branch moved between processes.\nHINT: pin a commit id instead of a branch."
+            )
