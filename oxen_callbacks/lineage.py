@@ -39,13 +39,13 @@ import json
 import logging
 import os
 import re
-import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
 from ._oxen.commit_id import is_commit_id
+from ._util.fs import write_json_atomically
 from ._util.redact import redact_url
 from .errors import LineageValidationError
 from .model_repo import is_run_name, lineage_files, lineage_path
@@ -316,10 +316,7 @@ def write_lineage(record: Mapping[str, Any] | LineageRecord, path: str | os.Path
     data = record.to_json() if isinstance(record, LineageRecord) else record
     validate_lineage(data)
     target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
-    os.replace(tmp, target)
+    write_json_atomically(target, data, indent=2, make_parents=True)
     return target
 
 

@@ -17,6 +17,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from .._util.fs import write_json_atomically
 from .._util.locks import FileLock, is_locked
 from .._util.processes import ENTRY_POINTS
 
@@ -90,16 +91,12 @@ class MlflowJournal:
         return dict(self._meta)
 
     def write_meta(self, meta: dict[str, Any]) -> None:
-        tmp = self.folder / f".meta.{uuid.uuid4().hex}.tmp"
-        tmp.write_text(json.dumps(meta))
-        os.replace(tmp, self.folder / "meta.json")
+        write_json_atomically(self.folder / "meta.json", meta)
         self._meta = dict(meta)
 
     def put(self, seq: int, op: dict[str, Any]) -> Path:
         path = self.folder / "ops" / f"{seq:06d}.json"
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(json.dumps(op))
-        os.replace(tmp, path)
+        write_json_atomically(path, op)
         return path
 
     def _op_files(self) -> list[Path]:
@@ -162,12 +159,10 @@ class MlflowJournal:
             return {}
 
     def write_status(self, **status: Any) -> None:
-        tmp = self.folder / f".status.{uuid.uuid4().hex}.tmp"
         try:
-            tmp.write_text(json.dumps(status))
+            write_json_atomically(self.status_path, status)
         except FileNotFoundError:
             return  # the folder was removed (a cleaned cache): the training side makes it again
-        os.replace(tmp, self.status_path)
 
 
 def journals(cache_dir: Path) -> list[Path]:

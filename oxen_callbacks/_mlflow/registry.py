@@ -34,6 +34,7 @@ from .._oxen import shadow
 from .._oxen.commit_id import is_commit_like
 from .._oxen.repo import LocalRepo
 from .._publish.queue import repo_lock_path
+from .._util.fs import write_json_atomically
 from .._util.locks import FileLock
 from .._util.redact import redact_url
 from ..errors import ConfigurationError
@@ -241,14 +242,14 @@ def record_deploy(endpoint: str, model_commit: str, *, model_repo: str | os.Path
     record_commit = None
     if not previous or previous["model"]["commit"] != commit:
         with FileLock(repo_lock_path(repo.path), timeout=_LOCK_TIMEOUT_S):
-            _write_json(target, deployment)
+            write_json_atomically(target, deployment, indent=2, make_parents=True)
             try:
                 record_commit = oxen_child.commit_paths(repo.path, [rel], f"oxen-callbacks: {slug} serves {commit}")
             except BaseException:  # leave the working tree as committed: the record is not true yet
                 if previous is None:
                     target.unlink()
                 else:
-                    _write_json(target, previous)
+                    write_json_atomically(target, previous, indent=2, make_parents=True)
                 raise
     else:
         deployment = previous
@@ -260,11 +261,6 @@ def record_deploy(endpoint: str, model_commit: str, *, model_repo: str | os.Path
     return result
 
 
-def _write_json(path: Path, data: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)
 
 
 def _repo_from_mlflow(reader: Any, model_commit: str) -> str:

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .._util.cache import default_cache_dir
+from .._util.fs import write_atomically
 from ..names import ENV_AUTHOR_EMAIL, ENV_AUTHOR_NAME, ENV_OXEN_CONFIG_DIR
 
 
@@ -80,9 +81,7 @@ def worker_environment(author: Author, state_root: Path) -> dict[str, str]:
     folder.mkdir(parents=True, exist_ok=True)
     user_config = folder / "user_config.toml"
     if not user_config.exists():
-        tmp = folder / f".user_config.{os.getpid()}.tmp"
-        tmp.write_text(f"name = {_toml_str(author.name)}\nemail = {_toml_str(author.email)}\n")
-        os.replace(tmp, user_config)
+        write_atomically(user_config, f"name = {_toml_str(author.name)}\nemail = {_toml_str(author.email)}\n")
     auth = oxen_config_dir() / "auth_config.toml"
     link = folder / "auth_config.toml"
     if auth.is_file() and not link.exists():

@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from .._util.fs import write_atomically
 from .._util.locks import FileLock
 from ..errors import ConfigurationError
 from ..model_repo import claim_path, claims_dir, fit_record_path, lineage_path
@@ -73,10 +74,7 @@ class RunClaim:
 def record_fit(model_repo: str | os.PathLike[str], fitter: str, run: str) -> None:
     """Note that the fit of the callback object ``fitter`` (an id it carries into spawned copies) runs ``run``."""
     path = fit_record_path(model_repo, fitter)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{fitter}.{os.getpid()}.tmp")
-    tmp.write_text(run)
-    os.replace(tmp, path)
+    write_atomically(path, run, make_parents=True)
 
 
 def recorded_fit(model_repo: str | os.PathLike[str], fitter: str) -> str | None:

@@ -20,6 +20,7 @@ from typing import Any
 
 from .._oxen.prestore import prestore
 from .._oxen.repo import LocalRepo
+from .._util.fs import write_atomically, write_json_atomically
 from .._util.locks import FileLock
 from ..errors import OxenError, PublishError, RepoBusyError
 from ..lineage import fill_commit
@@ -247,16 +248,11 @@ class Committer:
         if text is None:
             path.unlink(missing_ok=True)
         else:
-            tmp = path.with_name(f".lineage.{os.getpid()}.tmp")
-            tmp.write_text(text)
-            os.replace(tmp, path)
+            write_atomically(path, text)
 
     def _write_record(self, run: str, record: dict[str, Any]) -> None:
         path = self.repo.path / lineage_path(run)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".lineage.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(record, indent=2) + "\n")
-        os.replace(tmp, path)
+        write_json_atomically(path, record, indent=2, make_parents=True)
 
 
 def _finalized(record: dict[str, Any]) -> bool:

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 
 from .._oxen import layout as oxen_layout
+from .._util.fs import write_json_atomically
 
 
 def register_model_repo(cache_dir: Path, repo: Path) -> None:
@@ -15,9 +15,7 @@ def register_model_repo(cache_dir: Path, repo: Path) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     entry = folder / f"{hashlib.sha1(str(repo).encode()).hexdigest()[:16]}.json"
     if not entry.exists():
-        tmp = entry.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps({"path": str(repo)}))
-        os.replace(tmp, entry)
+        write_json_atomically(entry, {"path": str(repo)})
 
 
 def registered_model_repos(cache_dir: Path) -> list[Path]:

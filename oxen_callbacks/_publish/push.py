@@ -19,6 +19,7 @@ from typing import Any
 from .._oxen import child as oxen_child
 from .._oxen import layout as oxen_layout
 from .._oxen import repo as oxen_repo
+from .._util.fs import write_json_atomically
 from .._util.redact import redact_text, redact_url
 from ..errors import OxenError
 
@@ -82,8 +83,6 @@ def push_with_timeout(repo: str | os.PathLike[str], target: PushTarget) -> dict[
         marker.unlink(missing_ok=True)
         return report
     report["error"] = redact_text(error)
-    marker.parent.mkdir(parents=True, exist_ok=True)
-    tmp = marker.with_suffix(".tmp")
-    tmp.write_text(json.dumps({**report, "at": time.time(), "url": target.url and redact_url(target.url)}))
-    os.replace(tmp, marker)
+    write_json_atomically(marker, {**report, "at": time.time(), "url": target.url and redact_url(target.url)},
+                          make_parents=True)
     return report

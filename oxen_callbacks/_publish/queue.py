@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from .._oxen import layout as oxen_layout
+from .._util.fs import write_json_atomically
 from .._util.locks import is_locked
 
 
@@ -47,10 +48,6 @@ def repo_lock_path(model_repo: str | os.PathLike[str]) -> Path:
     return oxen_layout.state_dir(model_repo) / "repo.lock"
 
 
-def _write_json(path: Path, data: Any) -> None:
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    tmp.write_text(json.dumps(data))
-    os.replace(tmp, path)
 
 
 class JobQueue:
@@ -67,7 +64,7 @@ class JobQueue:
         queue = cls(queues_root(model_repo) / f"{run}-{uuid.uuid4().hex[:8]}")
         for d in (queue.jobs_dir, queue.done_dir, queue.staging_dir):
             d.mkdir(parents=True, exist_ok=True)
-        _write_json(queue.folder / "meta.json", {"run": run, **meta})
+        write_json_atomically(queue.folder / "meta.json", {"run": run, **meta})
         return queue
 
     @property
@@ -89,7 +86,7 @@ class JobQueue:
             return {}
 
     def update_meta(self, **values: Any) -> None:
-        _write_json(self.folder / "meta.json", {**self.meta(), **values})
+        write_json_atomically(self.folder / "meta.json", {**self.meta(), **values})
 
     def next_seq(self) -> int:
         names = [*os.listdir(self.jobs_dir), *os.listdir(self.done_dir)]
@@ -101,7 +98,7 @@ class JobQueue:
 
     def put(self, seq: int, kind: str, payload: dict[str, Any]) -> Job:
         job = Job(seq, kind, payload)
-        _write_json(self.jobs_dir / f"{job.name}.json", {"seq": seq, "kind": kind, "payload": payload})
+        write_json_atomically(self.jobs_dir / f"{job.name}.json", {"seq": seq, "kind": kind, "payload": payload})
         return job
 
     def pending(self) -> list[Job]:
@@ -121,7 +118,7 @@ class JobQueue:
 
     def complete(self, job: Job, result: dict[str, Any]) -> None:
         """Record ``result``, then forget the job and its staged bytes (in that order)."""
-        _write_json(self.done_dir / f"{job.name}.json", result)
+        write_json_atomically(self.done_dir / f"{job.name}.json", result)
         (self.jobs_dir / f"{job.name}.json").unlink(missing_ok=True)
 
     def result(self, seq: int) -> dict[str, Any] | None:

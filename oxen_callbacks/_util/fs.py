@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
+import uuid
 from pathlib import Path
+from typing import Any
 
 # -- folders that may hold read-only files -------------------------------------------------
 # Snapshots are read-only (folders 0555, files 0444) so that nobody edits a pinned commit
@@ -32,3 +35,27 @@ def make_dirs_writable(path: str | os.PathLike[str]) -> None:
     """Folders of ``path`` (itself included) 0755, so their entries can be moved or deleted."""
     for dirpath, _dirs, _names in os.walk(path):
         os.chmod(dirpath, 0o755)
+
+
+# -- files a crash must never leave half-written ----------------------------------------------
+
+def write_atomically(path: str | os.PathLike[str], text: str, *, make_parents: bool = False) -> None:
+    """Write ``text`` to ``path`` through a temporary file and a rename: a reader, or the next process
+    after a crash, sees the old file or the whole new one, never part of it."""
+    target = Path(path)
+    if make_parents:
+        target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex[:12]}.tmp")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, target)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_json_atomically(path: str | os.PathLike[str], data: Any, *, indent: int | None = None,
+                          make_parents: bool = False) -> None:
+    """:func:`write_atomically` of ``data`` as JSON (a final newline when indented, as people read it)."""
+    text = json.dumps(data, indent=indent) + ("\n" if indent is not None else "")
+    write_atomically(path, text, make_parents=make_parents)
