@@ -17,16 +17,14 @@ import time
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
-from ._data.local import LocalSource
-from ._data.remote import RemoteSource
 from ._data.snapshot import SnapshotStore, remake_hint, shown
 from ._oxen.commit_id import checked_commit_id
 from ._oxen.remote_spec import looks_remote
-from ._oxen.store_copy import Materialized
 from ._oxen.tree import path_not_in_commit
 from ._util.cache import default_cache_dir
 from ._util.fs import remove_tree
 from ._util.locks import FileLock
+from ._util.materialized import Materialized
 from ._util.relpath import covers, safe_relpath
 from .errors import ConfigurationError, DatasetMismatchError
 
@@ -126,11 +124,7 @@ class PinnedDataset:
                                      "e.g. paths=['train.csv'].")
         wanted = [safe_relpath(p, what="dataset path") for p in (paths or ["."])]
         self.paths: list[str] = [p for p in dict.fromkeys(wanted) if not _covered_by_other(p, wanted)]
-        self.source: Source
-        if host is not None or looks_remote(str(repo)):
-            self.source = RemoteSource(str(repo), host=host, timeout=remote_timeout)
-        else:
-            self.source = LocalSource(repo)
+        self.source: Source = _source_for(repo, host=host, timeout=remote_timeout)
         self.revision = revision
         # the one choke point of every source: a commit id names cache folders, so it is checked here
         self.commit: str = checked_commit_id(self.source.resolve(revision), what=f"Resolving {self.source.location}")
@@ -300,3 +294,15 @@ def as_pinned(dataset: "PinnedDataset | str | os.PathLike[str] | None", revision
     if dataset is None or isinstance(dataset, PinnedDataset):
         return dataset
     return PinnedDataset(dataset, revision, paths, cache_dir=cache_dir)
+
+
+def _source_for(repo: str | os.PathLike[str], *, host: str | None, timeout: float) -> Source:
+    """The source ``repo`` names: a remote server's repository, or a folder on this machine.
+    Each kind is imported only when a pin uses it."""
+    if host is not None or looks_remote(str(repo)):
+        from ._data.remote import RemoteSource
+
+        return RemoteSource(str(repo), host=host, timeout=timeout)
+    from ._data.local import LocalSource
+
+    return LocalSource(repo)

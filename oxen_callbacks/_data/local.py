@@ -25,9 +25,10 @@ from .._oxen import child as oxen_child
 from .._oxen import store_copy
 from .._oxen import tree as oxen_tree
 from .._oxen.repo import LocalRepo, damaged_repo
-from .._oxen.store_copy import CorruptStore, Materialized
+from .._oxen.store_copy import CorruptStore
 from .._oxen.tree import path_not_in_commit
 from .._util.fs import empty_folder
+from .._util.materialized import Materialized
 from ..errors import ConfigurationError, OxenError
 
 log = logging.getLogger(__name__)

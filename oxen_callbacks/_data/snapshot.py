@@ -21,9 +21,9 @@ import xxhash
 
 from .._oxen import layout as oxen_layout
 from .._oxen.commit_id import checked_commit_id, is_commit_id
-from .._oxen.store_copy import Materialized, content_hash
 from .._util.cache import default_cache_dir  # noqa: F401 - re-exported: callers import it from here
-from .._util.fs import make_dirs_writable, remove_tree
+from .._util.fs import make_dirs_writable, remove_tree, write_json_atomically
+from .._util.materialized import Materialized, content_hash
 from .._util.relpath import covers
 
 _RO_FILE = stat.S_IRUSR | stat.S_IRGRP | stat.S_IROTH
@@ -104,7 +104,7 @@ class SnapshotStore:
         return paths or {}
 
     def write_manifest(self, manifest: Manifest) -> None:
-        _write_json(self.base / f"{manifest.commit}.manifest.json",
+        write_json_atomically(self.base / f"{manifest.commit}.manifest.json",
                     {"commit": manifest.commit, "paths": manifest.paths}, indent=1)
 
     def hashes(self, commit: str) -> dict[str, str] | None:
@@ -137,7 +137,7 @@ class SnapshotStore:
             (self.base / f"{commit}.{suffix}.json").unlink(missing_ok=True)
 
     def _add_hashes(self, commit: str, hashes: dict[str, str]) -> None:
-        _write_json(self.base / f"{commit}.hashes.json",
+        write_json_atomically(self.base / f"{commit}.hashes.json",
                     {"commit": commit, "algorithm": "xxh3-128", "files": {**(self.hashes(commit) or {}), **hashes}})
 
     def scratch(self) -> Path:
@@ -286,10 +286,6 @@ def _read_json(path: Path) -> object:
         raise DamagedRecord(f"{path.name} cannot be read ({reason})") from None
 
 
-def _write_json(path: Path, data: object, indent: int | None = None) -> None:
-    tmp = path.with_suffix(f".{uuid.uuid4().hex}.tmp")
-    tmp.write_text(json.dumps(data, indent=indent))
-    os.replace(tmp, path)
 
 
 def _linked(root: Path, rel: str) -> str | None:

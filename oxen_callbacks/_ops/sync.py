@@ -22,9 +22,9 @@ from typing import Any
 from .._data.snapshot import default_cache_dir
 from .._oxen import layout as oxen_layout
 from .._publish.known_repos import registered_model_repos
+from .._publish.publisher import worker_command
 from .._publish.push import PushTarget, pending_push, push_with_timeout
 from .._publish.queue import JobQueue, all_queues
-from .._publish.worker import worker_command
 from .._util.locks import is_locked
 from .._util.redact import redact_text
 from ..names import (

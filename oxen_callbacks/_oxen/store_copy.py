@@ -18,7 +18,6 @@ import mmap
 import os
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any, Self
@@ -26,6 +25,7 @@ from typing import Any, Self
 import xxhash
 
 from .._util.fs import empty_folder
+from .._util.materialized import Materialized, content_hash
 from . import layout as oxen_layout
 from . import tree as oxen_tree
 
@@ -37,20 +37,6 @@ _CHUNK = 64 << 20  # files from this size on are copied one by one, with progres
 _SMALL = 1 << 20  # files up to this size are read in one call
 _FICLONE = 0x40049409  # linux/fs.h: _IOW(0x94, 9, int)
 _UNSUPPORTED = {errno.EOPNOTSUPP, errno.EXDEV, errno.EINVAL, errno.ENOTTY, errno.ENOSYS}
-
-
-def content_hash(value: int) -> str:
-    """How a content hash (xxh3-128, an int as in Oxen's tree) is written in a snapshot's sidecar."""
-    return format(value, "032x")
-
-
-@dataclass
-class Materialized:
-    """What a source wrote into a scratch folder: per requested path its file count and bytes,
-    and per file (repository-relative) its content hash as :func:`content_hash` writes it."""
-
-    counts: dict[str, dict[str, int]]
-    hashes: dict[str, str]
 
 
 class CorruptStore(Exception):

@@ -32,14 +32,13 @@ from .._oxen.identity import resolve_author, worker_environment
 from .._oxen.remote_spec import parse_remote
 from .._oxen.repo import LocalRepo
 from .._util.locks import FileLock
-from .._util.processes import child_environment
+from .._util.processes import child_environment, python_command
 from .._util.redact import redact_text
 from ..errors import ConfigurationError, PublishError
 from ..model_repo import checkpoints_folder
 from .freeze import freeze
 from .known_repos import register_model_repo
 from .queue import JobQueue
-from .worker import worker_command
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +63,17 @@ def open_model_repo(path: str | os.PathLike[str], cache_dir: Path) -> LocalRepo:
         raise ConfigurationError(
             f"Cannot create the model repository {str(path)!r}: {exc.strerror}.", "pass a writable folder."
         ) from None
+
+
+def worker_command(queue_folder: str | os.PathLike[str], repo: str | os.PathLike[str], *, push_timeout: float,
+                   remote: str | None = None, branch: str | None = None, remote_url: str | None = None) -> list[str]:
+    """The command line of a publishing worker for ``queue_folder`` (what ``worker.main`` parses)."""
+    cmd = python_command("publish-worker", "--queue", str(queue_folder), "--repo", str(repo),
+                         "--push-timeout", str(push_timeout))
+    if remote:
+        cmd += ["--remote", remote] + (["--branch", branch] if branch else [])
+        cmd += ["--remote-url", remote_url] if remote_url else []
+    return cmd
 
 
 class CheckpointPublisher:

@@ -23,7 +23,7 @@ from typing import IO, Any
 from .._oxen import layout as oxen_layout
 from .._oxen.repo import LocalRepo, preload
 from .._util.locks import FileLock
-from .._util.processes import ENTRY_POINTS, python_command
+from .._util.processes import ENTRY_POINTS
 from .._util.stdin_lines import StdinLines
 from ..errors import PublishError
 from .committer import Committer
@@ -317,17 +317,6 @@ def serve(queue: JobQueue, batches: Batches, results: _Results, push: PushTarget
         if line is None:
             batches.retire()
         eof = line == ""
-
-
-def worker_command(queue_folder: str | os.PathLike[str], repo: str | os.PathLike[str], *, push_timeout: float,
-                   remote: str | None = None, branch: str | None = None, remote_url: str | None = None) -> list[str]:
-    """The command line of a worker for ``queue_folder`` (what :func:`main` parses)."""
-    cmd = python_command("publish-worker", "--queue", str(queue_folder), "--repo", str(repo),
-                         "--push-timeout", str(push_timeout))
-    if remote:
-        cmd += ["--remote", remote] + (["--branch", branch] if branch else [])
-        cmd += ["--remote-url", remote_url] if remote_url else []
-    return cmd
 
 
 def main(argv: list[str] | None = None) -> int:
