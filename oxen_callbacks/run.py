@@ -28,6 +28,7 @@ from ._data.snapshot import default_cache_dir
 from ._oxen import layout as oxen_layout
 from ._oxen.remote_spec import parse_remote
 from ._publish.claim import RunClaim, record_fit, recorded_fit
+from ._publish.freeze import unfreeze_for_rewrite
 from ._publish.publisher import CheckpointPublisher, open_model_repo
 from ._run_checks import RunOptionChecks
 from ._util.gitinfo import code_info
@@ -37,16 +38,6 @@ from .lineage import LineageJSON, new_record, read_lineage
 from .model_repo import lineage_path
 from .names import (
     ENV_RANKS,
-    TAG_CODE_GIT_COMMIT,
-    TAG_DATASET_COMMIT,
-    TAG_DATASET_PATHS,
-    TAG_DATASET_REPO,
-    TAG_DATASET_REVISION,
-    TAG_LINEAGE_STATUS,
-    TAG_MODEL_COMMIT,
-    TAG_MODEL_PATH,
-    TAG_MODEL_REPO,
-    TAG_RUN,
 )
 from .pin import PinnedDataset
 
@@ -220,7 +211,7 @@ class LineageRun(RunOptionChecks):
             on_result=self._on_result,
         )
         if self.sink is not None:
-            self.sink.set_tags(self._start_tags())
+            self.sink.tag_start(self.run_name, self.record)
 
     def _check_continued_dataset(self) -> None:
         """A run continued under its name goes on with the dataset commit its checkpoints were trained on:
@@ -244,19 +235,9 @@ class LineageRun(RunOptionChecks):
             run.update(mlflow_run_id=self.sink.run_id, mlflow_tracking_uri=redact_url(self.sink.tracking_uri))
         return run
 
-    def _start_tags(self) -> dict[str, Any]:
-        assert self.record is not None
-        tags = {TAG_RUN: self.run_name, TAG_MODEL_REPO: self.record["model"]["repo"],
-                TAG_CODE_GIT_COMMIT: self.record["code"]["git_commit"]}
-        if self.record["dataset"]:
-            d = self.record["dataset"]
-            tags.update({TAG_DATASET_REPO: redact_url(d["repo"]), TAG_DATASET_COMMIT: d["commit"],
-                         TAG_DATASET_REVISION: d["revision"], TAG_DATASET_PATHS: json.dumps(d["paths"])})
-        return tags
-
     def _on_result(self, result: dict[str, Any]) -> None:
         if self.sink is not None and result.get("ok") and result.get("kind") == "checkpoint":
-            self.sink.set_tags({TAG_MODEL_COMMIT: result["commit"], TAG_MODEL_PATH: result["dest"]})
+            self.sink.tag_model(result["commit"], result["dest"])
 
     def checkpoint_saved(self, path: str | os.PathLike[str], *, step: int | None = None,
                          epoch: int | None = None, metrics: dict[str, float] | None = None) -> int:
@@ -287,15 +268,7 @@ class LineageRun(RunOptionChecks):
         run published it; in a folder, every file with another link (an earlier run's freeze too).
         """
         path = os.fspath(path)
-        if os.path.isfile(path) and not os.path.islink(path):
-            if self.publisher is not None and self.publisher.has_source(path):
-                os.unlink(path)
-            return
-        for dirpath, _dirs, names in os.walk(path):
-            for name in names:
-                file = os.path.join(dirpath, name)
-                if os.stat(file, follow_symlinks=False).st_nlink > 1:
-                    os.unlink(file)
+        unfreeze_for_rewrite(path, published=self.publisher is not None and self.publisher.has_source(path))
 
     def _base_record(self) -> LineageJSON:
         assert self.record is not None
@@ -354,7 +327,9 @@ class LineageRun(RunOptionChecks):
 
     def _log_final_or_leave_to_sync(self, final: LineageJSON, status: str, *, committed: bool) -> None:
         try:
-            self._log_final(final, status, committed=committed)
+            self.sink.log_final(final, status, committed=committed, register_model=self.register_model,
+                                dataset_input=self.log_dataset_input, graph=self.log_lineage_graph,
+                                timeout=self.mlflow_timeout)
         except Exception:  # the work is done and committed: MLflow bookkeeping never fails training
             log.warning("Logging the lineage to MLflow failed; what is journaled in %s stays there for "
                         "`oxen-callbacks sync`.", self.sink.journal.folder, exc_info=True)
@@ -369,29 +344,6 @@ class LineageRun(RunOptionChecks):
             self.finish(status, best=best)
         except Exception:
             log.exception("Recording the lineage of the %s failed too", what)
-
-    def _log_final(self, final: LineageJSON, status: str, *, committed: bool = True) -> None:
-        """Tag the run with the final model, log the pointer file and extras, end it, wait for MLflow.
-
-        ``committed=False``: the final lineage commit did not complete (its commits stay journaled):
-        ``oxen-callbacks sync`` tags, logs and ends the run from what it then commits, not this
-        partial record.
-        """
-        if not committed:
-            self.sink.finish_from_commits(status)
-        else:
-            self.sink.set_tags({TAG_MODEL_COMMIT: final["model"]["commit"],
-                                TAG_MODEL_PATH: final["model"]["path"], TAG_LINEAGE_STATUS: status})
-            self.sink.log_lineage(final)
-        if committed and (self.log_dataset_input or self.register_model or self.log_lineage_graph):
-            self.sink.publish_extras(final, register_model=self.register_model,
-                                     dataset_input=self.log_dataset_input, graph=self.log_lineage_graph)
-        self.sink.end(status)
-        if not self.sink.flush(self.mlflow_timeout):
-            log.warning("MLflow did not take the lineage within %.0fs (%s); it is journaled in %s: "
-                        "run `oxen-callbacks sync` later.", self.mlflow_timeout, self.sink.why_pending(),
-                        self.sink.journal.folder)
-        self.sink.close()
 
     # -- resume and results ---------------------------------------------------------------
     def resume_state(self) -> dict[str, Any]:

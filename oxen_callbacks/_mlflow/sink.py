@@ -39,6 +39,16 @@ from ..names import (
     ENV_MLFLOW_TRACKING_URI,
     LINEAGE_ARTIFACT_NAME,
     POINTER_ARTIFACT_DIR,
+    TAG_CODE_GIT_COMMIT,
+    TAG_DATASET_COMMIT,
+    TAG_DATASET_PATHS,
+    TAG_DATASET_REPO,
+    TAG_DATASET_REVISION,
+    TAG_LINEAGE_STATUS,
+    TAG_MODEL_COMMIT,
+    TAG_MODEL_PATH,
+    TAG_MODEL_REPO,
+    TAG_RUN,
 )
 from .journal import MlflowJournal
 
@@ -164,6 +174,41 @@ class MlflowSink:
     # -- operations -------------------------------------------------------------------
     def set_tags(self, tags: dict[str, Any]) -> None:
         self._enqueue({"op": "set_tags", "tags": {k: v for k, v in tags.items() if v is not None}})
+
+    def tag_start(self, run_name: str, record: dict[str, Any]) -> None:
+        """What is known at fit start: the run, the model repository, the code and the dataset pin."""
+        tags = {TAG_RUN: run_name, TAG_MODEL_REPO: record["model"]["repo"],
+                TAG_CODE_GIT_COMMIT: record["code"]["git_commit"]}
+        if record["dataset"]:
+            d = record["dataset"]
+            tags.update({TAG_DATASET_REPO: redact_url(d["repo"]), TAG_DATASET_COMMIT: d["commit"],
+                         TAG_DATASET_REVISION: d["revision"], TAG_DATASET_PATHS: json.dumps(d["paths"])})
+        self.set_tags(tags)
+
+    def tag_model(self, commit: str | None, path: str | None, **more: Any) -> None:
+        """The model commit and path: the latest checkpoint's as each is committed, the final one's at the end."""
+        self.set_tags({TAG_MODEL_COMMIT: commit, TAG_MODEL_PATH: path, **more})
+
+    def log_final(self, final: dict[str, Any], status: str, *, committed: bool, register_model: str | None,
+                  dataset_input: bool, graph: bool, timeout: float) -> None:
+        """Tag the run with the final model, log the pointer file and extras, end it, wait for MLflow.
+
+        ``committed=False``: the final lineage commit did not complete (its commits stay journaled):
+        ``oxen-callbacks sync`` tags, logs and ends the run from what it then commits, not this
+        partial record.
+        """
+        if not committed:
+            self.finish_from_commits(status)
+        else:
+            self.tag_model(final["model"]["commit"], final["model"]["path"], **{TAG_LINEAGE_STATUS: status})
+            self.log_lineage(final)
+        if committed and (dataset_input or register_model or graph):
+            self.publish_extras(final, register_model=register_model, dataset_input=dataset_input, graph=graph)
+        self.end(status)
+        if not self.flush(timeout):
+            log.warning("MLflow did not take the lineage within %.0fs (%s); it is journaled in %s: "
+                        "run `oxen-callbacks sync` later.", timeout, self.why_pending(), self.journal.folder)
+        self.close()
 
     def log_lineage(self, record: dict[str, Any]) -> None:
         self._enqueue({"op": "log_json", "artifact_dir": POINTER_ARTIFACT_DIR, "name": LINEAGE_ARTIFACT_NAME,

@@ -54,3 +54,18 @@ def _freeze_file(src: Path, dest: Path) -> int:
             _warned_copy = True
         shutil.copyfile(real, dest)
     return dest.stat().st_size
+
+
+def unfreeze_for_rewrite(path: str, *, published: bool) -> None:
+    """Unlink what a checkpoint about to be rewritten at ``path`` shares with a frozen copy, so the
+    write gets fresh inodes instead of changing the frozen bytes in place: the file when
+    ``published`` by this run, and in a folder every file with another link."""
+    if os.path.isfile(path) and not os.path.islink(path):
+        if published:
+            os.unlink(path)
+        return
+    for dirpath, _dirs, names in os.walk(path):
+        for name in names:
+            file = os.path.join(dirpath, name)
+            if os.stat(file, follow_symlinks=False).st_nlink > 1:
+                os.unlink(file)
