@@ -64,27 +64,38 @@ def _short(commit: str | None, n: int = 12) -> str:
 
 def layout(view: dict[str, Any]) -> Layout:
     """Place the nodes of ``view`` in columns (see the module docstring)."""
-    run, model = view["run"], view["model"]
-    run_label = run.get("name") or run.get("mlflow_run_id") or "run"
-    out = Layout(title=f"Lineage of run {run_label}")
+    run = view["run"]
+    out = Layout(title=f"Lineage of run {run.get('name') or run.get('mlflow_run_id') or 'run'}")
     columns: dict[str, list[Node]] = {k: [] for k in _COLUMNS}
-    dataset = view.get("dataset")
+    _add_dataset_and_run(view, columns, out)
+    by_commit = _add_checkpoints(view, columns, out)
+    _add_versions_and_endpoints(view, by_commit, columns, out)
+    _place(columns, out)
+    return out
+
+
+def _add_dataset_and_run(view: dict[str, Any], columns: dict[str, list[Node]], out: Layout) -> None:
+    run, dataset = view["run"], view.get("dataset")
     if dataset:
         paths = ", ".join(dataset["paths"])
         columns["dataset"].append(Node("dataset", "dataset", [
             f"dataset {Path(str(dataset['repo'])).name}", f"commit {_short(dataset['commit'])}",
             paths]))
+        out.edges.append(("dataset", "run"))
     code = (view.get("code") or {}).get("git_commit")
     mlflow_id = run.get("mlflow_run_id")
     columns["run"].append(Node("run", "run", [
-        f"run {run_label}", f"mlflow {_short(mlflow_id, 10)}" if mlflow_id else "no MLflow run",
+        f"run {run.get('name') or mlflow_id or 'run'}", f"mlflow {_short(mlflow_id, 10)}" if mlflow_id else "no MLflow run",
         f"code {_short(code, 10)}" if code else "code: not in git"]))
-    if dataset:
-        out.edges.append(("dataset", "run"))
+
+
+def _add_checkpoints(view: dict[str, Any], columns: dict[str, list[Node]], out: Layout) -> dict[str, str]:
+    """The checkpoint column; returns commit -> the node drawn for it (the model's, when it is one)."""
+    model = view["model"]
     shown = _pick_checkpoints(view["checkpoints"], model)
     if not shown and model.get("commit"):
         shown = [{"commit": model["commit"], "path": model["path"] or ""}]
-    by_commit: dict[str, str] = {}  # commit -> the node drawn for it (the model's, when it is one)
+    by_commit: dict[str, str] = {}
     for i, ckpt in enumerate(shown):
         is_model = ckpt["path"] == model.get("path") and ckpt["commit"] == model.get("commit")
         where = " ".join(f"{k} {ckpt[k]}" for k in ("epoch", "step") if ckpt.get(k) is not None)
@@ -96,6 +107,12 @@ def layout(view: dict[str, Any]) -> Layout:
     hidden = len(view["checkpoints"]) - len(shown)
     if hidden > 0:
         columns["checkpoint"].append(Node("more", "more", [f"+{hidden} more checkpoints", "", ""]))
+    return by_commit
+
+
+def _add_versions_and_endpoints(view: dict[str, Any], by_commit: dict[str, str], columns: dict[str, list[Node]],
+                                out: Layout) -> None:
+    model = view["model"]
     version_of: dict[str, str] = {}  # commit -> its first registered version's node
     for i, version in enumerate(view.get("registered") or []):
         aliases = ", ".join(version.get("aliases") or [])
@@ -111,6 +128,10 @@ def layout(view: dict[str, Any]) -> Layout:
             name, f"serves {_short(commit)}" if commit else "serves this run",
             endpoint.get("deployed_at") or ""]))
         out.edges.append((version_of.get(commit) or by_commit.get(commit, "run"), f"e{i}"))
+
+
+def _place(columns: dict[str, list[Node]], out: Layout) -> None:
+    """Size the picture and give each node its place: used columns left to right, each centred."""
     tallest = max(len(c) for c in columns.values())
     used = [k for k in _COLUMNS if columns[k]]
     out.width = 2 * _MARGIN + len(used) * _W + (len(used) - 1) * _GAP_X
@@ -121,7 +142,6 @@ def layout(view: dict[str, Any]) -> Layout:
         for row, node in enumerate(nodes):
             node.x, node.y = _MARGIN + col * (_W + _GAP_X), top + row * (_H + _GAP_Y)
             out.nodes.append(node)
-    return out
 
 
 def _pick_checkpoints(checkpoints: list[dict[str, Any]], model: dict[str, Any]) -> list[dict[str, Any]]:
