@@ -29,8 +29,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from mlflow_server import MlflowServer  # noqa: E402
 
-from oxen_callbacks._mlflow.registry import endpoint_tag  # noqa: E402
 from oxen_callbacks._ops.trace import LineageFinder  # noqa: E402
+from oxen_callbacks.model_repo import endpoint_tag  # noqa: E402
 
 
 def commit_id(text: str) -> str:

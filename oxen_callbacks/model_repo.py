@@ -19,15 +19,24 @@ Example::
 
 from __future__ import annotations
 
+import hashlib
+import json
+import logging
 import os
+import re
 from pathlib import Path
+from typing import Any
 
 from ._oxen import layout as oxen_layout
+from ._util.redact import redact_url
+from .names import TAG_ENDPOINT_PREFIX
 
 RUNS_DIR = "runs"  # every run's folder is in here
 LINEAGE_FILE = "lineage.json"  # the lineage record's name in a run folder
 CHECKPOINTS_DIR = "checkpoints"  # the checkpoints' folder in a run folder
+log = logging.getLogger(__name__)
 DEPLOY_DIR = "deployments"  # deployment records, one JSON file per endpoint
+DEPLOY_SCHEMA = "oxen-callbacks/deployment/v1"  # the schema of one deployment record
 RUN_CLAIM_SUFFIX = ".claim"  # a run's claim file in claims_dir(): <run>.claim
 FITS_DIR = "fits"  # in the state folder: the run of each callback object's latest fit
 
@@ -94,3 +103,40 @@ def claim_path(model_repo: str | os.PathLike[str], run: str) -> Path:
 def fit_record_path(model_repo: str | os.PathLike[str], fitter: str) -> Path:
     """Where the run of callback object ``fitter``'s latest fit is noted (not committed)."""
     return oxen_layout.state_dir(model_repo) / FITS_DIR / fitter
+
+
+# -- deployments: which model commit serves an endpoint -----------------------------------
+def endpoint_slug(endpoint: str) -> str:
+    """A file- and tag-safe name for ``endpoint``, readable and unique.
+
+    >>> endpoint_slug("https://api.example.com/v1/reviews")
+    'api-example-com-v1-reviews-5d3aa1af'
+    """
+    clean = clean_endpoint(endpoint)
+    text = re.sub(r"^[a-z][a-z0-9+.-]*://", "", clean.lower())
+    readable = re.sub(r"[^a-z0-9]+", "-", text).strip("-")[:60].strip("-") or "endpoint"
+    return f"{readable}-{hashlib.sha1(clean.encode()).hexdigest()[:8]}"
+
+
+def clean_endpoint(endpoint: str) -> str:
+    """``endpoint`` as recorded: trimmed, without credentials."""
+    return redact_url(endpoint.strip()) or ""
+
+
+def endpoint_tag(endpoint: str) -> str:
+    return TAG_ENDPOINT_PREFIX + endpoint_slug(endpoint)
+
+
+def read_deployments(model_repo: str | os.PathLike[str]) -> list[dict[str, Any]]:
+    """The deployment records of a model repository (its working tree holds the current ones)."""
+    folder = Path(model_repo) / DEPLOY_DIR
+    records = []
+    for path in sorted(folder.glob("*.json")) if folder.is_dir() else []:
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, ValueError) as exc:
+            log.warning("Skipping unreadable deployment record %s: %s", path, exc)
+            continue
+        if data.get("schema") == DEPLOY_SCHEMA:
+            records.append(data)
+    return records

@@ -15,10 +15,10 @@ from lightning_model import CsvData, TinyModel, make_trainer
 from mlflow import MlflowClient
 
 from oxen_callbacks import PinnedDataset
-from oxen_callbacks._mlflow.registry import endpoint_tag
 from oxen_callbacks._ops.trace import LineageFinder
 from oxen_callbacks._oxen.repo import LocalRepo
 from oxen_callbacks.lightning import OxenLightningCallback
+from oxen_callbacks.model_repo import endpoint_tag
 
 
 @pytest.fixture(scope="module")

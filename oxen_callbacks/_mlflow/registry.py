@@ -19,7 +19,6 @@ Example::
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -39,7 +38,7 @@ from .._util.locks import FileLock
 from .._util.redact import redact_url
 from ..errors import ConfigurationError
 from ..lineage import find_checkpoint_run
-from ..model_repo import DEPLOY_DIR, deployment_path
+from ..model_repo import DEPLOY_SCHEMA, clean_endpoint, deployment_path, endpoint_slug, endpoint_tag
 from ..names import (
     LINEAGE_GRAPH_ARTIFACT,
     LINEAGE_GRAPH_ARTIFACT_NAME,
@@ -48,7 +47,6 @@ from ..names import (
     TAG_DATASET_COMMIT,
     TAG_DATASET_PATHS,
     TAG_DATASET_REPO,
-    TAG_ENDPOINT_PREFIX,
     TAG_MODEL_COMMIT,
     TAG_MODEL_PATH,
     TAG_MODEL_REPO,
@@ -59,31 +57,8 @@ from .query import open_reader, tag_filter
 log = logging.getLogger(__name__)
 
 STAGE_PREFIX = "stage/"
-DEPLOY_SCHEMA = "oxen-callbacks/deployment/v1"
 _STAGE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
 _LOCK_TIMEOUT_S = 600.0
-
-
-# -- names ---------------------------------------------------------------------------
-def endpoint_slug(endpoint: str) -> str:
-    """A file- and tag-safe name for ``endpoint``, readable and unique.
-
-    >>> endpoint_slug("https://api.example.com/v1/reviews")
-    'api-example-com-v1-reviews-5d3aa1af'
-    """
-    clean = clean_endpoint(endpoint)
-    text = re.sub(r"^[a-z][a-z0-9+.-]*://", "", clean.lower())
-    readable = re.sub(r"[^a-z0-9]+", "-", text).strip("-")[:60].strip("-") or "endpoint"
-    return f"{readable}-{hashlib.sha1(clean.encode()).hexdigest()[:8]}"
-
-
-def clean_endpoint(endpoint: str) -> str:
-    """``endpoint`` as recorded: trimmed, without credentials."""
-    return redact_url(endpoint.strip()) or ""
-
-
-def endpoint_tag(endpoint: str) -> str:
-    return TAG_ENDPOINT_PREFIX + endpoint_slug(endpoint)
 
 
 def check_stage(stage: str) -> str:
@@ -198,21 +173,6 @@ def _set_aliases(tracking_uri: str, commit: str, alias: str) -> list[dict[str, s
 
 
 # -- deployments ------------------------------------------------------------------------------
-def read_deployments(model_repo: str | os.PathLike[str]) -> list[dict[str, Any]]:
-    """The deployment records of a model repository (its working tree holds the current ones)."""
-    folder = Path(model_repo) / DEPLOY_DIR
-    records = []
-    for path in sorted(folder.glob("*.json")) if folder.is_dir() else []:
-        try:
-            data = json.loads(path.read_text())
-        except (OSError, ValueError) as exc:
-            log.warning("Skipping unreadable deployment record %s: %s", path, exc)
-            continue
-        if data.get("schema") == DEPLOY_SCHEMA:
-            records.append(data)
-    return records
-
-
 def record_deploy(endpoint: str, model_commit: str, *, model_repo: str | os.PathLike[str] | None = None,
                   run_id: str | None = None, tracking_uri: str | None = None) -> dict[str, Any]:
     """Record that ``endpoint`` serves ``model_commit`` (a commit id, prefix or branch such as ``stage/production``)."""

@@ -27,12 +27,11 @@ from typing import Any
 
 from .._mlflow.query import TrackingReader, missing_store, open_reader, quote, tag_filter
 from .._mlflow.query import tracking_uri as default_tracking_uri
-from .._mlflow.registry import clean_endpoint, endpoint_slug, endpoint_tag, read_deployments
 from .._oxen import layout as oxen_layout
 from .._oxen.commit_id import FULL_COMMIT_ID_LEN, is_commit_like
 from ..errors import ConfigurationError
 from ..lineage import SCHEMA, read_lineage, repo_record, repo_records
-from ..model_repo import run_of_path, runs_dir
+from ..model_repo import clean_endpoint, endpoint_slug, endpoint_tag, read_deployments, run_of_path, runs_dir
 from ..names import (
     LINEAGE_ARTIFACT,
     TAG_CODE_GIT_COMMIT,
