@@ -86,7 +86,11 @@ class CheckpointWatch:
         self._begun: _SaveBegun | None = None
 
     def install(self) -> None:
-        self.trainer.strategy.checkpoint_io = self.io
+        try:
+            self.trainer.strategy.checkpoint_io = self.io
+        except TypeError:  # a strategy that takes only its own kind of CheckpointIO (XLA)
+            log.info("%s takes no wrapped CheckpointIO: its saves are published at the hook after each save.",
+                     type(self.trainer.strategy).__name__)
 
     def uninstall(self) -> None:
         if self.trainer.strategy.checkpoint_io is self.io:
@@ -109,20 +113,24 @@ class CheckpointWatch:
         if self.trainer.is_global_zero:
             self.run.checkpoint_removed(path)
 
-    def _publish(self, path: str, step: int, epoch: int, metrics: dict[str, float], ours: float = 0.0) -> None:
+    def _publish(self, path: str, step: int, epoch: int, metrics: dict[str, float], ours: float = 0.0, *,
+                 copy: bool = False) -> None:
         started = time.perf_counter()
-        self.run.checkpoint_saved(path, step=step, epoch=epoch, metrics=metrics)
+        self.run.checkpoint_saved(path, step=step, epoch=epoch, metrics=metrics, copy=copy)
         self.stall_seconds.append(ours + time.perf_counter() - started)
 
     def save_begins(self) -> None:
         """From ``Callback.on_save_checkpoint`` (before the write)."""
+        self.publish_unseen_save()  # a save earlier in the same hook (top-k, then last) is complete
         trainer = self.trainer
         if trainer.is_global_zero and self.run.publisher is not None:
             self._begun = _SaveBegun(trainer.global_step, trainer.current_epoch,
                                      _scalar_metrics(trainer.callback_metrics), _model_checkpoint_files(trainer))
 
     def publish_unseen_save(self) -> None:
-        """From the first hook after a save: if it bypassed the ``CheckpointIO``, publish what it wrote."""
+        """From the first hook after a save (or the next save): if it bypassed the ``CheckpointIO``, publish
+        what it wrote. As a copy: such a strategy rewrites a file such as ``last.ckpt`` in place, with no
+        chance to give the rewrite a fresh inode first."""
         begun, self._begun = self._begun, None
         if begun is None:
             return
@@ -131,13 +139,13 @@ class CheckpointWatch:
             log.warning("A checkpoint was written without the strategy's CheckpointIO and outside every "
                         "ModelCheckpoint path: it is not committed to the model repository.")
         for path in written:
-            self._publish(path, begun.step, begun.epoch, begun.metrics)
+            self._publish(path, begun.step, begun.epoch, begun.metrics, copy=True)
 
 
 def _model_checkpoint_files(trainer: pl.Trainer) -> dict[str, tuple[Any, ...]]:
     """Each existing path a ``ModelCheckpoint`` names, with (name, inode, size, mtime) of each file in it."""
     paths = {p for cb in trainer.checkpoint_callbacks if isinstance(cb, ModelCheckpoint)
-             for p in (cb.best_model_path, cb.last_model_path, *cb.best_k_models) if p}
+             for p in (cb.best_model_path, cb.last_model_path, *cb.best_k_models) if p and not os.path.islink(p)}
     found = {}
     for path in paths:
         files = [os.path.join(d, n) for d, _, names in os.walk(path) for n in names] if os.path.isdir(path) else [path]

@@ -144,6 +144,10 @@ class OxenLightningCallback(Callback):
             self.run.finish("FINISHED", best=_best_path(trainer))
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        if self._watch is not None:  # Lightning calls no teardown after an exception
+            self._watch.publish_unseen_save()
+            self._watch.uninstall()
+            self._watch = None
         if trainer.is_global_zero:
             status = "KILLED" if isinstance(exception, KeyboardInterrupt) else "FAILED"
             self.run.finish_after_error(status, best=_best_path(trainer), what="failed fit")

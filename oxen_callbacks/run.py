@@ -240,12 +240,14 @@ class LineageRun(RunOptionChecks):
             self.sink.tag_model(result["commit"], result["dest"])
 
     def checkpoint_saved(self, path: str | os.PathLike[str], *, step: int | None = None,
-                         epoch: int | None = None, metrics: dict[str, float] | None = None) -> int:
-        """Queue the finished checkpoint at ``path`` (file or folder) for commit; returns at once."""
+                         epoch: int | None = None, metrics: dict[str, float] | None = None,
+                         copy: bool = False) -> int:
+        """Queue the finished checkpoint at ``path`` (file or folder) for commit; returns at once.
+        ``copy``: the trainer may rewrite ``path`` in place without calling :meth:`before_overwrite`."""
         if self.publisher is None or self.record is None:
             raise PublishError("LineageRun.checkpoint_saved() called before start()")
         seq = self.publisher.submit_checkpoint(path, record=self._base_record(), step=step, epoch=epoch,
-                                               metrics=metrics)
+                                               metrics=metrics, copy=copy)
         self._published.append(os.fspath(path))
         return seq
 

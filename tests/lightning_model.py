@@ -7,7 +7,8 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from lightning.pytorch.strategies import DDPStrategy
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
 from torch.utils.data import DataLoader, TensorDataset
 
 
@@ -79,3 +80,31 @@ class ShardedDDPStrategy(DDPStrategy):
             time.sleep(1.0)
         torch.save({"rank": self.global_rank, "global_step": checkpoint["global_step"]},
                    folder / f"shard-{self.global_rank}.pt")
+
+
+class SelfWritingStrategy(SingleDeviceStrategy):
+    """Writes checkpoints itself, past its CheckpointIO, as FSDP's sharded or DeepSpeed's saves do;
+    ``saved`` lists (path, global_step) of each write."""
+
+    def __init__(self) -> None:
+        super().__init__(torch.device("cpu"))
+        self.saved: list[tuple[str, int]] = []
+
+    def save_checkpoint(self, checkpoint, filepath, storage_options=None):  # type: ignore[no-untyped-def]
+        Path(filepath).parent.mkdir(parents=True, exist_ok=True)
+        torch.save(checkpoint, filepath)  # in place: an existing last.ckpt keeps its inode
+        self.saved.append((str(filepath), checkpoint["global_step"]))
+
+
+class OwnIOOnlyStrategy(SingleDeviceStrategy):
+    """Takes no CheckpointIO but its own kind, as Lightning's XLA strategies do (a TypeError otherwise)."""
+
+    @property
+    def checkpoint_io(self):  # type: ignore[no-untyped-def]
+        return SingleDeviceStrategy.checkpoint_io.fget(self)
+
+    @checkpoint_io.setter
+    def checkpoint_io(self, io) -> None:  # type: ignore[no-untyped-def]
+        if io is not None and type(io) is not TorchCheckpointIO:
+            raise TypeError(f"{type(self).__name__}.checkpoint_io must be a TorchCheckpointIO, found {io}")
+        SingleDeviceStrategy.checkpoint_io.fset(self, io)

@@ -7,11 +7,12 @@ import time
 from pathlib import Path
 
 import mlflow
+import pytest
 import torch
 from helpers import file_at, tree_state
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import MLFlowLogger
-from lightning_model import CsvData, TinyModel, make_trainer
+from lightning_model import CsvData, OwnIOOnlyStrategy, SelfWritingStrategy, TinyModel, make_trainer
 from mlflow import MlflowClient
 
 from oxen_callbacks import PinnedDataset, read_lineage
@@ -205,3 +206,60 @@ def test_fits_in_one_process_reuse_the_sink_yet_log_where_each_run_says(dataset_
     while any(journals.iterdir()) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert not any(journals.iterdir())
+
+
+def _committed_steps(record: dict, model_repo: Path, cache: Path) -> list[tuple[str, int, int]]:
+    """(file name, step recorded, global_step inside the committed bytes) of each published save."""
+    out = []
+    for entry in record["checkpoints"]:
+        blob = file_at(model_repo, entry["commit"], entry["path"], cache)
+        out.append((Path(entry["path"]).name, entry["step"], torch.load(blob, weights_only=False)["global_step"]))
+    return out
+
+
+def test_a_strategy_that_writes_checkpoints_itself_loses_no_save(dataset_repo, tmp_path):
+    """Top-k and last saved in one hook, plus a second ModelCheckpoint, all past the CheckpointIO:
+    every save is committed with its own bytes, and last.ckpt, rewritten in place, shares no inode
+    with a frozen copy."""
+    pin = PinnedDataset(dataset_repo.path, revision=dataset_repo.commits[0], paths=["train.csv", "val.csv"])
+    topk = ModelCheckpoint(dirpath=tmp_path / "ckpt", monitor="val_loss", save_top_k=1, save_last=True)
+    steps = ModelCheckpoint(dirpath=tmp_path / "ckpt-steps", every_n_train_steps=4, save_top_k=-1)
+    cb = OxenLightningCallback(dataset=pin, model_repo=tmp_path / "models", mlflow=False)
+    strategy = SelfWritingStrategy()
+    make_trainer(tmp_path, [topk, steps, cb], epochs=3, strategy=strategy).fit(TinyModel(), datamodule=CsvData(pin))
+
+    record = cb.lineage
+    committed = _committed_steps(record, tmp_path / "models", tmp_path / "read-cache")
+    assert sorted((Path(p).name, s) for p, s in strategy.saved) == sorted((n, s) for n, s, _ in committed)
+    assert all(recorded == inside for _, recorded, inside in committed)  # the bytes of that save
+    assert record["model"]["path"].endswith(Path(topk.best_model_path).name)
+    assert (tmp_path / "ckpt" / "last.ckpt").stat().st_nlink == 1
+
+
+def test_a_strategy_that_refuses_a_wrapped_checkpoint_io_still_publishes(dataset_repo, tmp_path):
+    cb = OxenLightningCallback(model_repo=tmp_path / "models", mlflow=False,
+                               dataset=PinnedDataset(dataset_repo.path, paths=["train.csv", "val.csv"]))
+    topk = ModelCheckpoint(dirpath=tmp_path / "ckpt", monitor="val_loss", save_top_k=-1)
+    make_trainer(tmp_path, [topk, cb], epochs=2, strategy=OwnIOOnlyStrategy(torch.device("cpu"))).fit(
+        TinyModel(), datamodule=CsvData(cb.dataset))
+
+    committed = _committed_steps(cb.lineage, tmp_path / "models", tmp_path / "read-cache")
+    assert sorted(n for n, _, _ in committed) == sorted(p.name for p in (tmp_path / "ckpt").iterdir())
+    assert all(recorded == inside for _, recorded, inside in committed)
+
+
+def test_a_fit_that_raises_gives_the_strategy_its_own_checkpoint_io_back(dataset_repo, tmp_path):
+    class Failing(TinyModel):
+        def training_step(self, batch, idx):  # type: ignore[no-untyped-def]
+            if self.global_step == 3:
+                raise RuntimeError("boom")
+            return super().training_step(batch, idx)
+
+    pin = PinnedDataset(dataset_repo.path, paths=["train.csv", "val.csv"])
+    cb = OxenLightningCallback(dataset=pin, model_repo=tmp_path / "models", mlflow=False)
+    trainer = make_trainer(tmp_path, [cb], epochs=2)
+    original = trainer.strategy.checkpoint_io
+    with pytest.raises(RuntimeError, match="boom"):
+        trainer.fit(Failing(), datamodule=CsvData(pin))
+    assert trainer.strategy.checkpoint_io is original
+    assert cb.lineage["status"] == "FAILED"

@@ -17,11 +17,13 @@ log = logging.getLogger(__name__)
 _warned_copy = False
 
 
-def freeze(src: str | os.PathLike[str], dest: str | os.PathLike[str]) -> tuple[int, int]:
+def freeze(src: str | os.PathLike[str], dest: str | os.PathLike[str], *, copy: bool = False) -> tuple[int, int]:
     """Freeze file or folder ``src`` at ``dest``; returns ``(files, bytes)``.
 
     Symlinks inside a checkpoint folder (or a symlinked checkpoint, such as
     Lightning's ``save_last="link"``) are followed: what is frozen is content.
+    ``copy``: copy the bytes instead of linking them, for a writer that may rewrite
+    ``src`` in place without a chance to :func:`unfreeze_for_rewrite` it first.
     """
     src_path, dest_path = Path(os.path.realpath(src)), Path(dest)
     if src_path.is_dir():
@@ -30,16 +32,19 @@ def freeze(src: str | os.PathLike[str], dest: str | os.PathLike[str]) -> tuple[i
             rel = Path(dirpath).relative_to(src_path)
             (dest_path / rel).mkdir(parents=True, exist_ok=True)
             for name in names:
-                size += _freeze_file(Path(dirpath) / name, dest_path / rel / name)
+                size += _freeze_file(Path(dirpath) / name, dest_path / rel / name, copy)
                 files += 1
         return files, size
     dest_path.parent.mkdir(parents=True, exist_ok=True)
-    return 1, _freeze_file(src_path, dest_path)
+    return 1, _freeze_file(src_path, dest_path, copy)
 
 
-def _freeze_file(src: Path, dest: Path) -> int:
+def _freeze_file(src: Path, dest: Path, copy: bool) -> int:
     global _warned_copy
     real = Path(os.path.realpath(src))
+    if copy:
+        shutil.copyfile(real, dest)
+        return dest.stat().st_size
     try:
         os.link(real, dest)
     except OSError as exc:

@@ -294,8 +294,10 @@ class CheckpointPublisher:
         step: int | None = None,
         epoch: int | None = None,
         metrics: dict[str, float] | None = None,
+        copy: bool = False,
     ) -> int:
-        """Freeze the finished checkpoint at ``path`` (file or folder) and queue its commit."""
+        """Freeze the finished checkpoint at ``path`` (file or folder) and queue its commit
+        (``copy``: freeze a copy, see :func:`~oxen_callbacks._publish.freeze.freeze`)."""
         started = time.perf_counter()
         if not os.path.exists(path):
             raise PublishError(f"Checkpoint {path} does not exist (was it written?)")
@@ -303,7 +305,7 @@ class CheckpointPublisher:
         dest = self.dest_for(path)
         name = os.path.basename(dest)
         try:
-            files, size = freeze(path, self.queue.staging_for(seq) / name)
+            files, size = freeze(path, self.queue.staging_for(seq) / name, copy=copy)
         except OSError as exc:
             raise PublishError(f"Could not freeze checkpoint {path} into {self.queue.folder}: {exc}") from exc
         message = f"oxen-callbacks: {self.run} step {step} epoch {epoch}: {name}"
