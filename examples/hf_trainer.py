@@ -22,8 +22,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from oxen_callbacks import PinnedDataset
-from oxen_callbacks._oxen import child as oxen_child
+from oxen_callbacks import PinnedDataset, oxen_child
 
 POSITIVE = ["good", "great", "lovely", "superb", "fun", "moving", "clever", "warm"]
 NEGATIVE = ["bad", "dull", "awful", "boring", "weak", "messy", "cold", "silly"]

@@ -27,8 +27,7 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.utils.data import DataLoader, TensorDataset
 
-from oxen_callbacks import PinnedDataset
-from oxen_callbacks._oxen import child as oxen_child
+from oxen_callbacks import PinnedDataset, oxen_child
 from oxen_callbacks.lightning import OxenLightningCallback
 
 FEATURES = 8

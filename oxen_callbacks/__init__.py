@@ -22,10 +22,16 @@ _EXPORTS = {
     "OxenTrainerCallback": "oxen_callbacks.huggingface",
 }
 
-__all__ = ["__version__", *_EXPORTS]
+#: oxenai calls in short-lived child processes (init a repository, commit files, read its log):
+#: public because a script that set up a dataset with oxenai directly would hold its locks.
+_MODULES = {"oxen_child": "oxen_callbacks._oxen.child"}
+
+__all__ = ["__version__", *_MODULES, *_EXPORTS]
 
 
 def __getattr__(name: str) -> Any:
+    if name in _MODULES:
+        return importlib.import_module(_MODULES[name])
     module = _EXPORTS.get(name)
     if module is None:
         raise AttributeError(f"module 'oxen_callbacks' has no attribute {name!r}")

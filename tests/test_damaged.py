@@ -16,7 +16,7 @@ from helpers import make_repo
 from oxen_callbacks import PinnedDataset
 from oxen_callbacks._oxen import child as oxen_child
 from oxen_callbacks._oxen import layout as oxen_layout
-from oxen_callbacks.cli.main import main as cli_main
+from oxen_callbacks.cli import main as cli_main
 from oxen_callbacks.errors import ConfigurationError, DatasetMismatchError, OxenError
 
 TESTS = Path(__file__).parent

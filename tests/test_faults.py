@@ -13,11 +13,10 @@ from helpers import free_port
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning_model import CsvData, TinyModel, make_trainer
 
-from oxen_callbacks import PinnedDataset, read_lineage
+from oxen_callbacks import PinnedDataset, cli, read_lineage
 from oxen_callbacks._ops import sync
 from oxen_callbacks._oxen.repo import LocalRepo
 from oxen_callbacks._publish.push import pending_push
-from oxen_callbacks.cli import main as cli
 from oxen_callbacks.errors import PublishError
 from oxen_callbacks.lightning import OxenLightningCallback
 

@@ -18,9 +18,8 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning_model import CsvData, TinyModel, make_trainer
 from mlflow import MlflowClient
 
-from oxen_callbacks import PinnedDataset, read_lineage
+from oxen_callbacks import PinnedDataset, cli, read_lineage
 from oxen_callbacks._mlflow.sink import MlflowSink, WarmSinkProcess
-from oxen_callbacks.cli import main as cli
 from oxen_callbacks.lightning import OxenLightningCallback
 from oxen_callbacks.run import LineageRun
 
@@ -155,7 +154,7 @@ def test_queries_never_create_a_missing_sqlite_store(tmp_path, monkeypatch, caps
     capsys.readouterr()
     assert not store.exists() and not store.parent.exists() and not (tmp_path / "relative.db").exists()
 
-    probe = ("import sys; from oxen_callbacks.cli import main as cli; "
+    probe = ("import sys; from oxen_callbacks import cli; "
              f"code = cli.main(['trace', {commit!r}, '--model-repo', {str(models)!r}]); "
              "sys.exit(code or ('mlflow' in sys.modules and 'mlflow imported'))")
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120,

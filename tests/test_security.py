@@ -237,7 +237,7 @@ def test_reproduce_prints_a_tampered_record_as_inert_words(tmp_path, capsys, mon
     """A lineage record edited by an attacker: `reproduce` quotes every word and drops a bogus commit."""
     from helpers import make_repo
 
-    from oxen_callbacks.cli.main import main
+    from oxen_callbacks.cli import main
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "")  # the model repository alone
     models = make_repo(tmp_path / "models", [("ckpt", {"runs/r/checkpoints/last.ckpt": "weights"})])

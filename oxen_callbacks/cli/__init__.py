@@ -1,1 +1,5 @@
-"""The ``oxen-callbacks`` command line: ``main.py`` parses and dispatches, one module per command group."""
+"""The ``oxen-callbacks`` command line: ``app.py`` parses and dispatches, one module per command group."""
+
+from .app import main
+
+__all__ = ["main"]
