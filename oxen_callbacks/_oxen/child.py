@@ -16,14 +16,13 @@ Example::
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import signal
 import subprocess
 import sys
 from collections.abc import Callable
-from contextlib import nullcontext
-from pathlib import Path
 from typing import Any
 
 from .. import errors
@@ -53,24 +52,29 @@ class ChildCrashed(OxenError):
         self.signal = signal_number
 
 
-def _call(op: str, timeout: float | None = 600.0, *, show_stderr: bool = False, new_session: bool = False,
-          **args: Any) -> Any:
-    """Run ``op`` in a child; ``show_stderr`` passes its stderr (progress bars) to ours instead of keeping it,
-    ``new_session`` keeps a Ctrl-C meant for the trainer away from it."""
-    request = json.dumps({"op": op, "args": args})
+def run_in_child(function: Callable[..., Any], *, timeout: float | None = 600.0, show_stderr: bool = False,
+                 new_session: bool = False, what: str | None = None, **kwargs: Any) -> Any:
+    """Call the module-level ``function`` (JSON-able kwargs and result) in a child process.
+
+    ``what`` names the call in errors (default: the function's name); ``show_stderr`` passes the
+    child's stderr (progress bars) to ours instead of keeping it; ``new_session`` keeps a Ctrl-C
+    meant for the trainer away from it.
+    """
+    what = what or function.__name__
+    request = json.dumps({"function": function_reference(function), "kwargs": kwargs})
     try:
         proc = subprocess.run(python_command("oxen-call"), input=request,
                               stdout=subprocess.PIPE, stderr=None if show_stderr else subprocess.PIPE,
                               text=True, timeout=timeout, env=child_environment(), start_new_session=new_session)
     except subprocess.TimeoutExpired:
-        raise ChildTimedOut(f"no answer within {timeout:g}s (oxen {op} stopped)") from None
+        raise ChildTimedOut(f"no answer within {timeout:g}s (oxen {what} stopped)") from None
     if proc.returncode < 0:
         name = signal.Signals(-proc.returncode).name if -proc.returncode in _SIGNALS else str(-proc.returncode)
-        raise ChildCrashed(f"oxen {op} was killed by {name}", -proc.returncode)
+        raise ChildCrashed(f"oxen {what} was killed by {name}", -proc.returncode)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
     if not lines:
         tail = "\n".join(proc.stderr.strip().splitlines()[-5:]) if proc.stderr else "(its messages are above)"
-        raise OxenError(f"oxen {op} failed (exit code {proc.returncode}): {tail}")
+        raise OxenError(f"oxen {what} failed (exit code {proc.returncode}): {tail}")
     reply = json.loads(lines[-1])
     if reply["ok"]:
         return reply["result"]
@@ -80,38 +84,41 @@ def _call(op: str, timeout: float | None = 600.0, *, show_stderr: bool = False, 
     raise kind(reply["message"])
 
 
-def run_in_child(function: Callable[..., Any], *, timeout: float | None = 600.0, show_stderr: bool = False,
-                 new_session: bool = False, **kwargs: Any) -> Any:
-    """Call the module-level ``function`` (JSON-able kwargs and result) in a child process."""
-    return _call("call", timeout=timeout, show_stderr=show_stderr, new_session=new_session,
-                 function=function_reference(function), kwargs=kwargs)
-
-
+# The calls below import their oxenai side only when made: the training process never loads it.
 def init_repo(path: str | os.PathLike[str]) -> None:
-    _call("init", path=str(path))
+    from .repo import init_at
+
+    run_in_child(init_at, what="init", path=str(path))
 
 
 def branches(path: str | os.PathLike[str]) -> dict[str, str]:
-    return _call("branches", path=str(path))
+    from .repo import branches_at
+
+    return run_in_child(branches_at, what="branches", path=str(path))
 
 
 def changed_paths(path: str | os.PathLike[str], paths: list[str]) -> list[str]:
-    return _call("changed_paths", path=str(path), paths=paths)
+    from .repo import changed_paths_at
+
+    return run_in_child(changed_paths_at, what="changed_paths", path=str(path), paths=paths)
 
 
 def commit_paths(path: str | os.PathLike[str], paths: list[str], message: str,
                  author: tuple[str, str] | None = None) -> str:
     """``oxen add`` each of ``paths`` then commit; returns the commit id (identity: see :mod:`.identity`)."""
     from .identity import resolve_author
+    from .repo import commit_at
 
     who = resolve_author(author)
-    return _call("commit", path=str(path), paths=paths, message=message,
-                 author=None if who.source == "oxen-config" else [who.name, who.email])
+    return run_in_child(commit_at, what="commit", path=str(path), paths=paths, message=message,
+                        author=None if who.source == "oxen-config" else [who.name, who.email])
 
 
 def log(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
     """Commits reachable from HEAD, newest first: ``{id, message, author, timestamp, parent_ids}``."""
-    return _call("log", path=str(path))
+    from .repo import log_at
+
+    return run_in_child(log_at, what="log", path=str(path))
 
 
 def materialize(path: str | os.PathLike[str], commit: str, paths: list[str], dest: str | os.PathLike[str]) -> None:
@@ -120,45 +127,16 @@ def materialize(path: str | os.PathLike[str], commit: str, paths: list[str], des
     Raises :class:`ChildTimedOut` after :data:`MATERIALIZE_TIMEOUT_S` (oxenai has no
     timeout of its own: a restore that hangs would hold the pin forever).
     """
-    _call("materialize", timeout=MATERIALIZE_TIMEOUT_S, path=str(path), commit=commit, paths=paths, dest=str(dest))
+    from .shadow import restore_into
+
+    run_in_child(restore_into, what="materialize", timeout=MATERIALIZE_TIMEOUT_S, repo_path=str(path),
+                 commit=commit, paths=paths, dest=str(dest))
 
 
 # -- the child side -------------------------------------------------------------------
 def _serve(request: dict[str, Any]) -> Any:
-    op, args = request["op"], request["args"]
-    if op == "call":
-        import importlib
-
-        module, _, name = args["function"].partition(":")
-        return getattr(importlib.import_module(module), name)(**args["kwargs"])
-    # not for "call": a cold pin's copy child starts ~30 ms sooner
-    from .repo import LocalRepo
-
-    if op == "init":
-        LocalRepo.init(args["path"])
-        return None
-    if op == "commit":
-        from .identity import commit_identity
-
-        repo = LocalRepo(args["path"])
-        author = tuple(args["author"]) if args["author"] else None
-        with commit_identity(author) if author else nullcontext():
-            for rel in args["paths"]:
-                repo.add(rel)
-            return repo.commit(args["message"])
-    repo = LocalRepo(args["path"])
-    if op == "branches":
-        return repo.branches()
-    if op == "changed_paths":
-        return repo.changed_paths(args["paths"])
-    if op == "log":
-        return repo.log()
-    if op == "materialize":
-        from .shadow import restore_into
-
-        restore_into(repo.path, args["commit"], args["paths"], Path(args["dest"]))
-        return None
-    raise ValueError(f"unknown op {op!r}")
+    module, _, name = request["function"].partition(":")
+    return getattr(importlib.import_module(module), name)(**request["kwargs"])
 
 
 def main() -> int:

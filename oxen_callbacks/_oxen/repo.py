@@ -13,6 +13,7 @@ import logging
 import os
 import time
 from collections.abc import Callable, Iterable
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -277,3 +278,31 @@ def _under_any(path: str, prefixes: list[str]) -> bool:
         if prefix in ("", ".") or path == prefix or path.startswith(prefix + "/"):
             return True
     return False
+
+
+# -- what the short-lived child processes of :mod:`.child` run ---------------------------------
+def init_at(path: str) -> None:
+    LocalRepo.init(path)
+
+
+def branches_at(path: str) -> dict[str, str]:
+    return LocalRepo(path).branches()
+
+
+def changed_paths_at(path: str, paths: list[str]) -> list[str]:
+    return LocalRepo(path).changed_paths(paths)
+
+
+def log_at(path: str) -> list[dict[str, Any]]:
+    return LocalRepo(path).log()
+
+
+def commit_at(path: str, paths: list[str], message: str, author: list[str] | None) -> str:
+    """Add ``paths`` and commit them, as ``author`` (name, email) when given, else the Oxen config's identity."""
+    from .identity import commit_identity
+
+    repo = LocalRepo(path)
+    with commit_identity((author[0], author[1])) if author else nullcontext():
+        for rel in paths:
+            repo.add(rel)
+        return repo.commit(message)

@@ -20,7 +20,7 @@ from .repo import call_oxen, open_oxenai
 from .tree import path_not_in_commit
 
 
-def restore_into(repo_path: Path, commit: str, paths: list[str], dest: Path) -> None:
+def restore_into(repo_path: str | os.PathLike[str], commit: str, paths: list[str], dest: str | os.PathLike[str]) -> None:
     """Write ``paths`` of ``commit`` under ``dest`` through a shadow working tree made in ``dest``.
 
     Oxen restores the commit's bytes into the shadow; the user's tree, HEAD and
@@ -33,6 +33,7 @@ def restore_into(repo_path: Path, commit: str, paths: list[str], dest: Path) -> 
     """
     from tqdm.auto import tqdm
 
+    repo_path, dest = Path(repo_path), Path(dest)
     oxen_layout.make_shadow(repo_path, dest, commit)
     shadow = open_oxenai(dest)
     try:
