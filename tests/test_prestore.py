@@ -8,14 +8,15 @@ from helpers import commit_files, make_repo
 
 from oxen_callbacks import PinnedDataset
 from oxen_callbacks._oxen import layout as oxen_layout
-from oxen_callbacks._oxen.prestore import content_hash, prestore
+from oxen_callbacks._oxen.prestore import prestore
+from oxen_callbacks._util.materialized import file_digest
 
 
 def test_version_path_is_where_oxen_stores_bytes(tmp_path):
     """If an oxenai upgrade changes hashing or the store's layout, this fails: fix oxen_layout.version_path."""
     repo = make_repo(tmp_path / "r", [("one", {"a.bin": os.urandom(4096), "b/c.txt": "hello"})])
     for rel in ("a.bin", "b/c.txt"):
-        version = oxen_layout.version_path(repo.path, content_hash(repo.path / rel))
+        version = oxen_layout.version_path(repo.path, file_digest(repo.path / rel))
         assert version.is_file() and version.read_bytes() == (repo.path / rel).read_bytes()
 
 
@@ -29,7 +30,7 @@ def test_prestored_bytes_are_committed_and_restored_identically(tmp_path):
     copied = prestore(repo.path, folder)
     assert copied == (1 << 20) + 2  # the two identical files are stored once
     assert prestore(repo.path, folder) == 0  # already there: nothing copied again
-    store = oxen_layout.version_path(repo.path, content_hash(folder / "model.bin"))
+    store = oxen_layout.version_path(repo.path, file_digest(folder / "model.bin"))
     assert os.stat(store).st_ino != os.stat(folder / "model.bin").st_ino  # the store keeps its own copy
     commit = commit_files(repo, "ckpt", {f"ckpt/{n}": d for n, d in payload.items()})
     snap = PinnedDataset(repo.path, revision=commit, paths=["ckpt"], cache_dir=tmp_path / "c")

@@ -17,28 +17,21 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import xxhash
-
 from .._oxen import layout as oxen_layout
 from .._oxen.commit_id import checked_commit_id, is_commit_id
 from .._util.cache import default_cache_dir  # noqa: F401 - re-exported: callers import it from here
 from .._util.fs import make_dirs_writable, remove_tree, write_json_atomically
-from .._util.materialized import Materialized, content_hash
+from .._util.materialized import Materialized, content_hash, file_digest
 from .._util.relpath import covers
 
 _RO_FILE = stat.S_IRUSR | stat.S_IRGRP | stat.S_IROTH
 _RO_DIR = _RO_FILE | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH
-_HASH_BLOCK = 8 << 20
 _SHOWN = 10  # problems named in a report of one snapshot
 
 
 def hash_file(path: str | os.PathLike[str]) -> str:
     """The xxh3-128 content hash of a file, as :func:`content_hash` writes it."""
-    hasher = xxhash.xxh3_128()
-    with open(path, "rb", buffering=0) as f:
-        while block := f.read(_HASH_BLOCK):
-            hasher.update(block)
-    return content_hash(hasher.intdigest())
+    return content_hash(file_digest(path))
 
 
 class DamagedRecord(ValueError):

@@ -17,19 +17,8 @@ import shutil
 import uuid
 from pathlib import Path
 
-import xxhash
-
+from .._util.materialized import file_digest
 from . import layout as oxen_layout
-
-_CHUNK = 8 << 20
-
-
-def content_hash(path: Path) -> int:
-    digest = xxhash.xxh3_128()
-    with open(path, "rb", buffering=0) as f:
-        while chunk := f.read(_CHUNK):
-            digest.update(chunk)
-    return digest.intdigest()
 
 
 def prestore(repo: Path, target: Path) -> int:
@@ -37,7 +26,7 @@ def prestore(repo: Path, target: Path) -> int:
     files = [target] if target.is_file() else [Path(d) / n for d, _, ns in os.walk(target) for n in ns]
     copied = 0
     for file in files:
-        version = oxen_layout.version_path(repo, content_hash(file))
+        version = oxen_layout.version_path(repo, file_digest(file))
         if version.exists():
             continue
         scratch = oxen_layout.version_scratch(repo, uuid.uuid4().hex)
