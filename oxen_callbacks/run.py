@@ -24,13 +24,13 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
-from ._data.snapshot import default_cache_dir
 from ._oxen import layout as oxen_layout
 from ._oxen.remote_spec import parse_remote
 from ._publish.claim import RunClaim, record_fit, recorded_fit
 from ._publish.freeze import unfreeze_for_rewrite
 from ._publish.publisher import CheckpointPublisher, open_model_repo
 from ._run_checks import RunOptionChecks
+from ._util.cache import default_cache_dir
 from ._util.gitinfo import code_info
 from ._util.redact import redact_argv, redact_url
 from .errors import ConfigurationError, PublishError

@@ -19,7 +19,6 @@ from pathlib import Path
 
 from .._oxen import layout as oxen_layout
 from .._oxen.commit_id import checked_commit_id, is_commit_id
-from .._util.cache import default_cache_dir  # noqa: F401 - re-exported: callers import it from here
 from .._util.fs import make_dirs_writable, remove_tree, write_json_atomically
 from .._util.materialized import Materialized, content_hash, file_digest
 from .._util.relpath import covers

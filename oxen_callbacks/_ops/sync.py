@@ -19,12 +19,12 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from .._data.snapshot import default_cache_dir
 from .._oxen import layout as oxen_layout
 from .._publish.known_repos import registered_model_repos
 from .._publish.publisher import worker_command
 from .._publish.push import PushTarget, pending_push, push_with_timeout
 from .._publish.queue import JobQueue, all_queues
+from .._util.cache import default_cache_dir
 from .._util.locks import is_locked
 from .._util.redact import redact_text
 from ..names import (

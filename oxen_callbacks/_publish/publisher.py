@@ -25,12 +25,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from .._data.snapshot import default_cache_dir
 from .._oxen import child as oxen_child
 from .._oxen import layout as oxen_layout
 from .._oxen.identity import resolve_author, worker_environment
 from .._oxen.remote_spec import parse_remote
 from .._oxen.repo import LocalRepo
+from .._util.cache import default_cache_dir
 from .._util.locks import FileLock
 from .._util.processes import child_environment, python_command
 from .._util.redact import redact_text
