@@ -278,8 +278,6 @@ def _read_json(path: Path) -> object:
         raise DamagedRecord(f"{path.name} cannot be read ({reason})") from None
 
 
-
-
 def _linked(root: Path, rel: str) -> str | None:
     """The first of ``root`` and the folders down to ``rel`` that is a symbolic link, relative to ``root``."""
     parts = [] if rel == "." else Path(rel).parts

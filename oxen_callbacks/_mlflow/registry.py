@@ -221,8 +221,6 @@ def record_deploy(endpoint: str, model_commit: str, *, model_repo: str | os.Path
     return result
 
 
-
-
 def _repo_from_mlflow(reader: Any, model_commit: str) -> str:
     runs = []
     if reader is not None and is_commit_like(model_commit):

@@ -55,7 +55,6 @@ from .journal import MlflowJournal
 log = logging.getLogger(__name__)
 
 
-
 def mlflow_available() -> bool:
     return importlib.util.find_spec("mlflow") is not None
 

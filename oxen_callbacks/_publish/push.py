@@ -27,7 +27,6 @@ from ..errors import OxenError
 BACKOFF_S = (1.0, 3.0)
 
 
-
 @dataclass
 class PushTarget:
     remote: str

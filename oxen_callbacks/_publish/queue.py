@@ -48,8 +48,6 @@ def repo_lock_path(model_repo: str | os.PathLike[str]) -> Path:
     return oxen_layout.state_dir(model_repo) / "repo.lock"
 
 
-
-
 class JobQueue:
     """The jobs of one training process for one model repository."""
 
