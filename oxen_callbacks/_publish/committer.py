@@ -75,11 +75,7 @@ class Committer:
                 results.append({"seq": job.seq, "kind": job.kind, "ok": False, "error": f"{type(exc).__name__}: {exc}"})
                 return results  # keep order: later jobs wait for this one (retried by the next worker or sync)
             result["seconds"] = round(time.perf_counter() - started, 4)
-            for removal in removals:
-                removed = {"seq": removal.seq, "kind": "remove", "ok": True, "dest": removal.payload["dest"],
-                           "commit": result["commit"]}
-                queue.complete(removal, removed)
-                results.append(removed)
+            results += _complete_removals(queue, removals, result["commit"])
             removals = []
             queue.complete(job, result)
             shutil.rmtree(queue.staging_for(job.seq), ignore_errors=True)
@@ -87,10 +83,7 @@ class Committer:
         if removals and final:
             run = removals[0].payload["run"]
             commit = self._commit_removals(run, removals, f"oxen-callbacks: {run}: rotate out {len(removals)} checkpoint(s)")
-            for removal in removals:
-                done = {"seq": removal.seq, "kind": "remove", "ok": True, "dest": removal.payload["dest"], "commit": commit}
-                queue.complete(removal, done)
-                results.append(done)
+            results += _complete_removals(queue, removals, commit)
         return results
 
     def hold_lock(self) -> None:
@@ -253,6 +246,16 @@ class Committer:
     def _write_record(self, run: str, record: dict[str, Any]) -> None:
         path = self.repo.path / lineage_path(run)
         write_json_atomically(path, record, indent=2, make_parents=True)
+
+
+def _complete_removals(queue: JobQueue, removals: list[Job], commit: str) -> list[dict[str, Any]]:
+    """Mark removal jobs done by ``commit`` (the commit that staged them); their results."""
+    results = []
+    for removal in removals:
+        done = {"seq": removal.seq, "kind": "remove", "ok": True, "dest": removal.payload["dest"], "commit": commit}
+        queue.complete(removal, done)
+        results.append(done)
+    return results
 
 
 def _finalized(record: dict[str, Any]) -> bool:
