@@ -333,13 +333,12 @@ def main(argv: list[str] | None = None) -> int:
     results = _Results(_redirect_output(str(queue.log_path)))
     lock = FileLock(queue.worker_lock, timeout=3600)
     lock.acquire()  # a batch of a killed predecessor may still be finishing
-    assert lock._fd is not None
     committer = Committer(LocalRepo(args.repo, role="model repository"))
     push = PushTarget(args.remote, args.branch, args.push_timeout, url=args.remote_url) if args.remote else None
     results.emit({"kind": "ready", "ok": True, "pid": os.getpid()})
     for result in queue.results():  # answers a killed predecessor could not send (the parent drops repeats)
         results.emit(result)
-    batches = Batches(queue, committer, (lock._fd,))
+    batches = Batches(queue, committer, (lock.fileno(),))
     try:
         try:
             batches.run("maintain", skip=str(queue.folder))

@@ -75,6 +75,12 @@ class FileLock:
     def held(self) -> bool:
         return self._fd is not None
 
+    def fileno(self) -> int:
+        """The descriptor that holds the lock (a forked child must close it, or it holds the lock too)."""
+        if self._fd is None:
+            raise RuntimeError(f"lock {self.path} is not held")
+        return self._fd
+
     def __enter__(self) -> "FileLock":
         self.acquire()
         return self
