@@ -50,6 +50,7 @@ from ..names import (
     TAG_MODEL_REPO,
     TAG_RUN,
 )
+from .fluent import active_run
 from .journal import MlflowJournal
 
 log = logging.getLogger(__name__)
@@ -57,14 +58,6 @@ log = logging.getLogger(__name__)
 
 def mlflow_available() -> bool:
     return importlib.util.find_spec("mlflow") is not None
-
-
-def _active_run() -> tuple[str, str] | None:
-    """``(run_id, tracking_uri)`` of the user's active fluent run, without importing MLflow."""
-    mlflow = sys.modules.get("mlflow")
-    if mlflow is None or mlflow.active_run() is None:
-        return None
-    return mlflow.active_run().info.run_id, mlflow.get_tracking_uri()
 
 
 def _default_tracking_uri() -> str:
@@ -118,7 +111,7 @@ class MlflowSink:
         that dies without ending the run is finished from there by ``oxen-callbacks sync``.
         ``warm``: a :class:`WarmSinkProcess` started earlier, used instead of a new process.
         """
-        active = _active_run() if run_id is None else None
+        active = active_run() if run_id is None else None
         if active is not None:
             run_id, tracking_uri = active[0], tracking_uri or active[1]
         uri = tracking_uri or _default_tracking_uri()
@@ -184,9 +177,10 @@ class MlflowSink:
                          TAG_DATASET_REVISION: d["revision"], TAG_DATASET_PATHS: json.dumps(d["paths"])})
         self.set_tags(tags)
 
-    def tag_model(self, commit: str | None, path: str | None, **more: Any) -> None:
-        """The model commit and path: the latest checkpoint's as each is committed, the final one's at the end."""
-        self.set_tags({TAG_MODEL_COMMIT: commit, TAG_MODEL_PATH: path, **more})
+    def tag_model(self, commit: str | None, path: str | None, *, lineage_status: str | None = None) -> None:
+        """The model commit and path: the latest checkpoint's as each is committed, the final one's (with
+        the lineage's status) at the end."""
+        self.set_tags({TAG_MODEL_COMMIT: commit, TAG_MODEL_PATH: path, TAG_LINEAGE_STATUS: lineage_status})
 
     def log_final(self, final: dict[str, Any], status: str, *, committed: bool, register_model: str | None,
                   dataset_input: bool, graph: bool, timeout: float) -> None:
@@ -199,7 +193,7 @@ class MlflowSink:
         if not committed:
             self.finish_from_commits(status)
         else:
-            self.tag_model(final["model"]["commit"], final["model"]["path"], **{TAG_LINEAGE_STATUS: status})
+            self.tag_model(final["model"]["commit"], final["model"]["path"], lineage_status=status)
             self.log_lineage(final)
         if committed and (dataset_input or register_model or graph):
             self.publish_extras(final, register_model=register_model, dataset_input=dataset_input, graph=graph)
