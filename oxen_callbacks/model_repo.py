@@ -31,10 +31,11 @@ from ._oxen import layout as oxen_layout
 from ._util.redact import redact_url
 from .names import TAG_ENDPOINT_PREFIX
 
+log = logging.getLogger(__name__)
+
 RUNS_DIR = "runs"  # every run's folder is in here
 LINEAGE_FILE = "lineage.json"  # the lineage record's name in a run folder
 CHECKPOINTS_DIR = "checkpoints"  # the checkpoints' folder in a run folder
-log = logging.getLogger(__name__)
 DEPLOY_DIR = "deployments"  # deployment records, one JSON file per endpoint
 DEPLOY_SCHEMA = "oxen-callbacks/deployment/v1"  # the schema of one deployment record
 RUN_CLAIM_SUFFIX = ".claim"  # a run's claim file in claims_dir(): <run>.claim
