@@ -6,7 +6,8 @@ point, as ``AsyncCheckpointIO`` does): every checkpoint written through it, by a
 where the strategy calls it), and every deletion is recorded. A strategy that writes sharded
 folders from every rank itself (FSDP/DeepSpeed style) bypasses its ``CheckpointIO``: such a save
 is published at the first callback hook after it (after the save's barrier, so every rank has
-written), as the ``ModelCheckpoint`` paths whose files changed since the save began.
+written), as the ``ModelCheckpoint`` paths whose files changed since the save began. Once the
+``CheckpointIO`` has seen a save, the strategy writes through it, and saves are no longer looked for on disk.
 """
 
 from __future__ import annotations
@@ -57,7 +58,8 @@ class Run(Protocol):
     publisher: Any
 
     def before_overwrite(self, path: str) -> None: ...
-    def checkpoint_saved(self, path: str, *, step: int, epoch: int, metrics: dict[str, float]) -> int: ...
+    def checkpoint_saved(self, path: str, *, step: int, epoch: int, metrics: dict[str, float],
+                         copy: bool = False) -> int: ...
     def checkpoint_removed(self, path: str) -> None: ...
 
 
@@ -84,6 +86,7 @@ class CheckpointWatch:
         wrapped = io.wrapped if isinstance(io, PublishingCheckpointIO) else io  # left by a fit that raised
         self.io = PublishingCheckpointIO(wrapped, on_save=self._save, on_remove=self._removed)
         self._begun: _SaveBegun | None = None
+        self._io_sees_saves = False  # once it has: the strategy writes through it, no need to look on disk
 
     def install(self) -> None:
         try:
@@ -104,6 +107,7 @@ class CheckpointWatch:
         ours = time.perf_counter() - started
         write()
         self._begun = None  # this save went through the CheckpointIO
+        self._io_sees_saves = True
         if publishing:
             trainer = self.trainer
             self._publish(path, trainer.global_step, trainer.current_epoch, _scalar_metrics(trainer.callback_metrics),
@@ -123,7 +127,7 @@ class CheckpointWatch:
         """From ``Callback.on_save_checkpoint`` (before the write)."""
         self.publish_unseen_save()  # a save earlier in the same hook (top-k, then last) is complete
         trainer = self.trainer
-        if trainer.is_global_zero and self.run.publisher is not None:
+        if trainer.is_global_zero and self.run.publisher is not None and not self._io_sees_saves:
             self._begun = _SaveBegun(trainer.global_step, trainer.current_epoch,
                                      _scalar_metrics(trainer.callback_metrics), _model_checkpoint_files(trainer))
 
