@@ -162,7 +162,8 @@ class LineageRun(RunOptionChecks):
         """
         if self._repo_init is not None:
             self._repo_init.result()  # its error (e.g. an unwritable folder), raised here before training
-        open_model_repo(self.model_repo, self.cache_dir)
+        else:
+            open_model_repo(self.model_repo, self.cache_dir)
         try:
             self._claim = RunClaim.take(self.model_repo, self.run_name, continuing=continuing)
         except ConfigurationError:
