@@ -169,12 +169,12 @@ class OxenTrainerCallback(TrainerCallback):
                      **kwargs: Any) -> None:
         if state.is_world_process_zero and self.run.publisher is not None and not self.run.finished:
             self.run.note_deleted_checkpoints()
-            self.run.finish("FINISHED", best=state.best_model_checkpoint)
+            self.run.finish_soon("FINISHED", best=state.best_model_checkpoint)
 
     @property
     def lineage(self) -> dict[str, Any] | None:
-        """The run's lineage record (complete after train)."""
-        return self.run.record
+        """The run's lineage record, complete once train() returned (waits for its final commit)."""
+        return self.run.lineage()
 
 
 def _checkpoint_folder(args: TrainingArguments, state: TrainerState) -> str:

@@ -141,7 +141,7 @@ class OxenLightningCallback(Callback):
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.is_global_zero:
             self._publish_unseen_save(trainer)  # a save at on_train_end
-            self.run.finish("FINISHED", best=_best_path(trainer))
+            self.run.finish_soon("FINISHED", best=_best_path(trainer))
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         if self._watch is not None:  # Lightning calls no teardown after an exception
@@ -154,7 +154,8 @@ class OxenLightningCallback(Callback):
 
     @property
     def lineage(self) -> dict[str, Any] | None:
-        """The run's lineage record (complete after fit).
+        """The run's lineage record, complete once fit() returned (reading it waits for the final
+        lineage commit and the MLflow logging that fit() did not wait for, see :meth:`.LineageRun.finish_soon`).
 
         Under ``ddp_spawn`` the fit ran in copies of this callback; the record is
         then read from the model repository, where rank 0 committed it under the run

@@ -12,11 +12,14 @@ calls, on the process that does I/O (global rank 0)::
 
 from __future__ import annotations
 
+import atexit
 import json
 import logging
+import multiprocessing
 import os
 import shlex
 import sys
+import threading
 import time
 import uuid
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -117,15 +120,19 @@ class LineageRun(RunOptionChecks):
         self._published: list[str] = []  # checkpoint paths queued for commit, in order
         self._warm_sink: Any = None
         self._repo_init: Future[Any] | None = None
+        self._finisher: threading.Thread | None = None  # finish_soon's work
+        self._finish_error: Exception | None = None
         if _likely_rank_zero():
             self._start_early_work()
 
     def _start_early_work(self) -> None:
         """Work that overlaps the user building the model and trainer: import MLflow, ``oxen init``."""
         if self.use_mlflow:
+            from ._mlflow.fluent import active_run
             from ._mlflow.sink import WarmSinkProcess
 
-            self._warm_sink = WarmSinkProcess()  # imports MLflow
+            if self.mlflow_run_id is None and active_run() is None:  # else this process logs it (MlflowSink.attach)
+                self._warm_sink = WarmSinkProcess()  # imports MLflow
         if not oxen_layout.is_repo(self.model_repo):  # `oxen init`: 0.3 s in a child process
             pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="oxen-init")
             self._repo_init = pool.submit(open_model_repo, self.model_repo, self.cache_dir)
@@ -133,7 +140,7 @@ class LineageRun(RunOptionChecks):
 
     def __getstate__(self) -> dict[str, Any]:
         """Picklable for ``ddp_spawn``: the warm sink process, the init thread and the claim stay here."""
-        return {**self.__dict__, "_warm_sink": None, "_repo_init": None, "_claim": None}
+        return {**self.__dict__, "_warm_sink": None, "_repo_init": None, "_claim": None, "_finisher": None}
 
     def _validate(self) -> None:
         super()._validate()
@@ -280,15 +287,60 @@ class LineageRun(RunOptionChecks):
     def finish(self, status: str = "FINISHED", *, best: str | os.PathLike[str] | None = None) -> LineageJSON | None:
         """Wait for every commit, commit the final lineage, log it to MLflow; returns the record.
 
-        Safe to call twice (the second call returns the first result). Publishing
-        errors are raised after the lineage of what was published is logged.
+        Safe to call twice (the second call returns the first result, once :meth:`finish_soon`'s
+        work is done). Publishing errors are raised after the lineage of what was published is logged.
         """
         if self.finished:
-            return self.record
+            return self.wait()
         self.finished = True
+        return self._finish(status, best)
+
+    def finish_soon(self, status: str = "FINISHED", *, best: str | os.PathLike[str] | None = None) -> None:
+        """:meth:`finish` without holding the caller: what ``fit()`` returns after.
+
+        Every checkpoint is already committed or frozen and journaled (the commit worker goes on
+        alone); the final lineage commit and the MLflow logging finish in a thread while the process
+        lives, and at interpreter exit the process waits for them (bounded, saying so; a killed
+        process leaves them to ``oxen-callbacks sync``). :meth:`lineage` and :meth:`wait` wait for
+        them. Publishing errors known by now are raised here, as :meth:`finish` does.
+        """
+        if self.finished:
+            return
+        if self.publisher is None or self.publisher.failed or multiprocessing.parent_process() is not None:
+            self.finish(status, best=best)  # (a process the launcher spawned exits right after: finish here)
+            return
+        self.finished = True
+        self.record_status(status)
+        self._finisher = threading.Thread(target=self._finish_quietly, args=(status, best), daemon=True,
+                                          name="oxen-lineage-finish")
+        _waits_at_exit(self)
+        self._finisher.start()
+
+    def record_status(self, status: str) -> None:
+        """The run's end, in the record at once (what :attr:`lineage` says while the rest finishes)."""
+        if self.record is not None and self.record.get("status") == "RUNNING":
+            self.record.update(status=status, ended_at=_now())
+
+    def _finish_quietly(self, status: str, best: str | os.PathLike[str] | None) -> None:
+        try:
+            self._finish(status, best)
+        except Exception as exc:  # training is over and returned: say it, keep it for wait()
+            self._finish_error = exc
+            log.warning("%s", exc)
+
+    def wait(self, timeout: float | None = None) -> LineageJSON | None:
+        """Wait for :meth:`finish_soon`'s work (up to ``timeout`` s); returns the record, raises its error."""
+        finisher = self._finisher
+        if finisher is not None and finisher is not threading.current_thread():
+            finisher.join(timeout)
+        if self._finish_error is not None:
+            raise self._finish_error
+        return self.record
+
+    def _finish(self, status: str, best: str | os.PathLike[str] | None) -> LineageJSON | None:
         if self.publisher is None or self.record is None:
             return None
-        self.record.update(status=status, ended_at=_now())
+        self.record_status(status)
         if self.sink is not None:  # a run the sink creates: its id belongs in the final record
             self.sink.wait_for_run(self.mlflow_timeout)
         final, error = self._commit_final(best)
@@ -370,6 +422,9 @@ class LineageRun(RunOptionChecks):
         holds only a copy of the run object that trained elsewhere (``ddp_spawn``).
         """
         if self.record is not None and self.finished:
+            finisher = self._finisher
+            if finisher is not None and finisher is not threading.current_thread():
+                finisher.join()
             return self.record
         run = (recorded_fit(self.model_repo, fit_key) if fit_key else None) or self.run_name
         committed = self.model_repo / lineage_path(run)
@@ -401,3 +456,34 @@ def _now() -> str:
 def _likely_rank_zero() -> bool:
     """Whether this process is, by the launcher's environment, the one that logs (global rank 0)."""
     return all(os.environ.get(name, "0") == "0" for name in ENV_RANKS)
+
+
+_finishing: list[LineageRun] = []  # runs whose finish_soon work may still be going on
+_finishing_lock = threading.Lock()
+
+
+def _waits_at_exit(run: LineageRun) -> None:
+    with _finishing_lock:
+        if not _finishing:
+            atexit.register(_wait_for_finishing_runs)
+        _finishing[:] = [r for r in _finishing if r._finisher is not None and r._finisher.is_alive()] + [run]
+
+
+def _wait_for_finishing_runs() -> None:
+    """At interpreter exit: let the runs that ``fit()`` returned from finish their lineage, saying so
+    when it takes more than a moment. Each wait is bounded by the run's own timeouts; Ctrl-C leaves
+    the rest, journaled, to ``oxen-callbacks sync``."""
+    with _finishing_lock:
+        runs, _finishing[:] = list(_finishing), []
+        atexit.unregister(_wait_for_finishing_runs)
+    for run in runs:
+        finisher = run._finisher
+        if finisher is None:
+            continue
+        finisher.join(1.0)
+        if not finisher.is_alive():
+            continue
+        log.warning("oxen-callbacks: finishing the lineage of run %s before exit (commits: %d pending, then "
+                    "MLflow, up to %.0f s); Ctrl-C leaves the rest to `oxen-callbacks sync`.",
+                    run.run_name, run.publisher.pending if run.publisher else 0, run.mlflow_timeout)
+        finisher.join()

@@ -104,6 +104,7 @@ def test_lineage_without_mlflow_lives_in_model_repo(dataset_repo, tmp_path):
     cb = OxenLightningCallback(dataset=pin, model_repo=tmp_path / "models", mlflow=False, run_name="solo-run")
     make_trainer(tmp_path, [ModelCheckpoint(dirpath=tmp_path / "ckpt"), cb], epochs=2).fit(
         TinyModel(), datamodule=CsvData(pin))
+    assert cb.lineage["status"] == "FINISHED"  # reading it waits for the final lineage commit
     assert not (tmp_path / "mlflow.db").exists()
     record = read_lineage(tmp_path / "models" / "runs" / "solo-run" / "lineage.json")
     assert record["run"]["mlflow_run_id"] is None

@@ -368,6 +368,7 @@ def test_sync_while_training_lives_leaves_its_journal(dataset_repo, tmp_path):
     ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=2, save_top_k=-1)
     killer = _KillSinkThenSync(cb)
     make_trainer(tmp_path, [ckpt, cb, killer], epochs=2).fit(TinyModel(), datamodule=CsvData(pin))
+    cb.run.wait()  # the final lineage commit and MLflow logging fit() did not wait for
     assert cb.run.sink.journal.folder.exists()  # left alone
     assert all(entry["status"] == "busy" for entry in killer.sync_report["mlflow"])
 
@@ -391,6 +392,7 @@ def test_stalled_publishing_finished_by_sync_gets_the_final_lineage(dataset_repo
     killer = CommitProcessKiller(cb, every=(0.01, 0.02), limit=10_000, through_fit_end=True)
     try:
         _fit(tmp_path, pin, cb, killer, epochs=2)
+        cb.run.wait()  # the final lineage commit fit() did not wait for, tried while commits still die
     finally:
         killer.stop()
     assert cb.run.publisher.stalled

@@ -26,11 +26,13 @@ from .abandoned import KILLED, committed_record
 from .journal import MlflowJournal
 
 
-def client_for(journal: MlflowJournal) -> Any:
-    """An MlflowClient for the journal's store; credentials come from the environment only."""
+def client_for(journal: MlflowJournal, uri: str | None = None) -> Any:
+    """An MlflowClient for the journal's store; credentials come from ``uri`` (the training process's
+    own, when it serves its journal itself) or the environment only."""
     from mlflow import MlflowClient
 
-    uri = os.environ.get(ENV_MLFLOW_TRACKING_URI) if _same_store(journal.meta()["tracking_uri"]) else None
+    if uri is None and _same_store(journal.meta()["tracking_uri"]):
+        uri = os.environ.get(ENV_MLFLOW_TRACKING_URI)
     return MlflowClient(uri or journal.meta()["tracking_uri"])
 
 

@@ -20,6 +20,7 @@ import importlib.util
 import json
 import logging
 import os
+import queue
 import subprocess
 import sys
 import threading
@@ -60,6 +61,11 @@ def mlflow_available() -> bool:
     return importlib.util.find_spec("mlflow") is not None
 
 
+def mlflow_imported() -> bool:
+    """Whether this process has MLflow's client loaded (the user's logger or code imported it)."""
+    return "mlflow.tracking" in sys.modules
+
+
 def _default_tracking_uri() -> str:
     """MLflow's own choice: ``mlflow.set_tracking_uri`` if imported, else ``$MLFLOW_TRACKING_URI``, else SQLite."""
     mlflow = sys.modules.get("mlflow")
@@ -76,7 +82,7 @@ class MlflowSink:
     """
 
     def __init__(self, journal: MlflowJournal, *, owns_run: bool, client_uri: str,
-                 warm: "WarmSinkProcess | None" = None) -> None:
+                 warm: "WarmSinkProcess | None" = None, in_process: bool = False) -> None:
         self.journal = journal
         self.owns_run = owns_run
         self._lock = threading.Lock()
@@ -87,11 +93,16 @@ class MlflowSink:
         settings = {ENV_MLFLOW_HTTP_REQUEST_MAX_RETRIES: "2", ENV_MLFLOW_HTTP_REQUEST_TIMEOUT: "30",
                     **{k: v for k, v in os.environ.items() if k.startswith(ENV_MLFLOW_PREFIX)},
                     ENV_MLFLOW_TRACKING_URI: client_uri}
-        proc = warm.hand_over(journal.folder, settings) if warm is not None else None
-        self._reusable = proc is not None  # a --warm process serves one journal after another
         self._settings = settings
-        self._proc = proc or _start_sink(["--journal", str(journal.folder)], settings)
-        journal.write_sink_pid(self._proc.pid)  # busy for `sync` even before it takes the journal's lock
+        self._reusable = False  # a --warm process serves one journal after another
+        self._proc: Any
+        if in_process:
+            self._proc = SinkThread(journal.folder, client_uri)
+        else:
+            proc = warm.hand_over(journal.folder, settings) if warm is not None else None
+            self._reusable = proc is not None
+            self._proc = proc or _start_sink(["--journal", str(journal.folder)], settings)
+            journal.write_sink_pid(self._proc.pid)  # busy for `sync` even before it takes the journal's lock
 
     @classmethod
     def attach(
@@ -119,7 +130,14 @@ class MlflowSink:
         if model_repo is not None:
             meta.update(model_repo=model_repo, oxen_run=run_name)
         journal = MlflowJournal.create(cache_dir, meta, trainer=True)
-        sink = cls(journal, owns_run=run_id is None, client_uri=uri, warm=warm)
+        # A run this process already logs to (MLFlowLogger's, HF's MLflowCallback's, the active one):
+        # MLflow is loaded and the store open here, so a thread applies our few operations for free; a
+        # process of our own would import MLflow and open the store again beside training (~2-5 s CPU).
+        in_process = run_id is not None and mlflow_imported()
+        if in_process and warm is not None:
+            warm.discard()
+        sink = cls(journal, owns_run=run_id is None, client_uri=uri, warm=None if in_process else warm,
+                   in_process=in_process)
         if run_id is None:
             experiment_id = os.environ.get(ENV_MLFLOW_EXPERIMENT_ID) if experiment_name is None else None
             sink._enqueue({"op": "create_run", "run_name": run_name, "experiment_id": experiment_id,
@@ -298,6 +316,67 @@ def _start_sink(args: list[str], settings: dict[str, str]) -> subprocess.Popen[b
     )
 
 
+class SinkThread:
+    """The sink served by a thread of the training process (a run MLflow already logs to here); it
+    looks like a sink process to :class:`MlflowSink`: ``stdin`` takes its messages, ``poll()``
+    tells whether it stopped. When the training process dies, ``sync`` finishes what is left
+    (:meth:`.journal.MlflowJournal.abandoned`)."""
+
+    def __init__(self, folder: Path, client_uri: str) -> None:
+        self.stdin = _QueueLines()
+        self.pid = os.getpid()
+        self._thread = threading.Thread(target=self._serve, args=(folder, client_uri), daemon=True,
+                                        name="oxen-mlflow-sink")
+        self._thread.start()
+
+    def _serve(self, folder: Path, client_uri: str) -> None:
+        from .sink_process import serve_folder
+
+        try:
+            serve_folder(folder, self.stdin, client_uri, log_file=False)
+        except Exception:  # the journal stays for `sync`; training never hears of it
+            log.warning("Logging to MLflow stopped; what is left is journaled in %s for `oxen-callbacks sync`.",
+                        folder, exc_info=True)
+
+    def poll(self) -> int | None:
+        return None if self._thread.is_alive() else 0
+
+    def wait(self, timeout: float | None = None) -> int:
+        self._thread.join(timeout)
+        if self._thread.is_alive():
+            raise subprocess.TimeoutExpired("oxen-mlflow-sink", timeout or 0)
+        return 0
+
+
+class _QueueLines:
+    """A pipe between threads with a sink process's stdin's two ends: ``write``/``flush``/``close``
+    for the training side, ``next(timeout)`` (see :class:`.._util.stdin_lines.StdinLines`) for the sink."""
+
+    def __init__(self) -> None:
+        self._lines: queue.Queue[str] = queue.Queue()
+        self._closed = False
+
+    def write(self, data: bytes) -> None:
+        if self._closed:
+            raise ValueError("closed")
+        for line in data.decode().splitlines(keepends=True):
+            self._lines.put(line)
+
+    def flush(self) -> None:
+        pass
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self._lines.put("")  # EOF
+
+    def next(self, timeout: float | None) -> str | None:
+        try:
+            return self._lines.get(timeout=timeout)
+        except queue.Empty:
+            return None
+
+
 class WarmSinkProcess:
     """A sink process with MLflow imported before fit end needs it (1-2 s of CPU): an idle one
     left by an earlier training run of this process (a notebook trains again and again), else
@@ -307,8 +386,23 @@ class WarmSinkProcess:
     """
 
     def __init__(self) -> None:
-        self.proc: subprocess.Popen[bytes] | None = _take_idle() or _start_sink(["--warm"], {})
+        idle = _take_idle()
+        self._was_idle = idle is not None
+        self.proc: subprocess.Popen[bytes] | None = idle or _start_sink(["--warm"], {})
         self._closer = weakref.finalize(self, _close_stdin, self.proc)
+
+    def discard(self) -> None:
+        """Not needed after all (the run is logged from this process): an idle process goes back to
+        wait for the next run, one still importing MLflow is stopped now rather than after its import."""
+        proc, self.proc = self.proc, None
+        self._closer.detach()
+        if proc is None or proc.poll() is not None:
+            return
+        if self._was_idle:
+            _release_idle(proc)
+        else:
+            proc.kill()
+            proc.wait()
 
     def hand_over(self, journal_folder: Path, settings: dict[str, str]) -> subprocess.Popen[bytes] | None:
         """Give the process its journal; ``None`` if it is gone (start a new one then)."""

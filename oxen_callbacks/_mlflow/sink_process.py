@@ -17,6 +17,7 @@ import shutil
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from .._util.locks import FileLock
 from .._util.processes import ENTRY_POINTS
@@ -31,10 +32,13 @@ RETRY_DELAYS_S = (0.5, 1.0, 2.0, 4.0, 8.0)
 _STDIN = StdinLines()  # the training process's wake-ups, hand-offs and ends
 
 
-def serve(journal: MlflowJournal) -> str:
+def serve(journal: MlflowJournal, lines: Any = _STDIN, client_uri: str | None = None) -> str:
     """Apply operations as they arrive, until the training run says it is over.
 
-    Stdin: a newline wakes us; ``end`` ends this journal (the process may get
+    ``lines``: the training run's messages (this process's stdin, or a queue when served by a
+    thread of the training process, see :class:`.sink.SinkThread`); ``client_uri``: the store's
+    URI with its credentials (default: the environment's, see :func:`.apply.client_for`).
+    A newline wakes us; ``end`` ends this journal (the process may get
     another, see :func:`main`); EOF means the training process is gone: finish
     and exit. Returns why it stopped: ``"end"`` (stdin still open), ``"eof"``,
     ``"gave_up"`` or ``"waiting"`` (a run finished from commits not yet done: left
@@ -54,7 +58,7 @@ def serve(journal: MlflowJournal) -> str:
                 return "waiting"
             for delay in (*RETRY_DELAYS_S, None):
                 try:
-                    client = client or client_for(journal)
+                    client = client or client_for(journal, client_uri)
                     apply_op(client, journal, journal.meta(), op)
                     for path in paths:
                         path.unlink(missing_ok=True)
@@ -72,19 +76,20 @@ def serve(journal: MlflowJournal) -> str:
             continue
         if over:
             return over
-        line = _STDIN.next(timeout=1.0)
+        line = lines.next(timeout=1.0)
         over = "eof" if line == "" else "end" if line == "end\n" else False
 
 
-def serve_folder(folder: Path) -> bool:
-    """:func:`serve` one journal under its lock, with its own log; forget it once done."""
+def serve_folder(folder: Path, lines: Any = _STDIN, client_uri: str | None = None, *, log_file: bool = True) -> bool:
+    """:func:`serve` one journal under its lock (with its own log in a sink process); forget it once done."""
     journal = MlflowJournal(folder)
-    handler = logging.FileHandler(journal.folder / "sink.log")
+    handler = logging.FileHandler(journal.folder / "sink.log") if log_file else logging.NullHandler()
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-    logging.getLogger().addHandler(handler)
+    if log_file:
+        logging.getLogger().addHandler(handler)
     try:
         with FileLock(journal.lock_path):
-            ended = serve(journal)
+            ended = serve(journal, lines, client_uri)
             if ended == "eof" and journal.meta().get("model_repo"):
                 # the training process died without ending its run (SIGKILL, OOM): `sync` finishes the
                 # run from the checkpoints its commit worker gets into the model repository

@@ -237,6 +237,12 @@ class CheckpointPublisher:
         except (BrokenPipeError, OSError):
             pass  # it died meanwhile: the next wake restarts it; the job is on disk
 
+    @property
+    def failed(self) -> bool:
+        """Whether a job failed and the next :meth:`flush` raises its error."""
+        with self._cond:
+            return bool(self._errors)
+
     def _raise_errors(self) -> None:
         with self._cond:
             errors, self._errors = self._errors, []
