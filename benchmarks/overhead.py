@@ -210,6 +210,7 @@ def headline(overlap: dict, saturated: dict, *, quick: bool) -> dict:
         "ratio_saturated_wall": saturated["ratio_wall"]["ours"],
         "ratio_saturated_mlflow_wall": saturated["ratio_wall"]["mlflow"],
         "ratio_saturated_naive_wall": saturated["ratio_wall"]["naive"],
+        "ratio_saturated_naive_mlflow_wall": saturated["ratio_wall"].get("naive_mlflow"),
         "overhead_vs_mlflow_anchor_wall": round((saturated["ratio_wall"]["ours"] - 1)
                                                 / (saturated["ratio_wall"]["mlflow"] - 1), 3),
         "rss_growth_mb": max(overlap["rss_growth_mb"], saturated["rss_growth_mb"]),

@@ -44,8 +44,9 @@ no commit, or when the MLflow store does not hold the sample's run, FINISHED, wi
 
 Every variant imports ``examples/quickstart.py``, which imports ``oxen_callbacks.lightning``
 (~0.06 s on a 2-core machine): the variants without the callback pay that import too.
-``--quick``: 3 repeats, ``existing`` only (a smoke test, ~5 minutes). A full run is
-``8 variants x (5 x 2 + 1)`` processes of ~6-12 s each (~15 minutes on 2 cores).
+``--quick``: 3 repeats, ``existing`` only (a smoke test: 32 processes, ~5 minutes on a quiet
+2-core machine, 12 under a load of 6). A full run is ``8 variants x (5 x 2 + 1)`` = 88 processes
+of ~6-12 s each (~15 minutes on a quiet 2-core machine).
 The last line of stdout is one JSON object; progress goes to stderr.
 """
 
@@ -287,6 +288,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="oxen-bench-script-") as tmp:
         root = Path(tmp)
         dataset = prepare_dataset(root)
+        reap_orphans()  # anything creating the dataset left running is not the first sample's
         results = {name: condition(root, name, dataset, repeats, args.epochs) for name in conditions}
     print(json.dumps({
         "conditions": results,
