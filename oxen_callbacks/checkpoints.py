@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ._util import background
 from ._util.relpath import safe_relpath
 from .errors import ConfigurationError
 from .lineage import LineageJSON, read_lineage
@@ -86,6 +87,8 @@ def materialize_checkpoint(
             Lightning only read the checkpoint they resume from).
         cache_dir: snapshot cache root; default ``~/.cache/oxen-callbacks``.
     """
+    if model_repo is not None:
+        background.wait_for(model_repo)  # a fit of this process may still be committing its final lineage
     record = _record(model_repo, run, lineage)
     if record is not None:
         if commit or path:
@@ -160,6 +163,7 @@ def resolve_resume(model_repo: str | os.PathLike[str], resume_from: str | os.Pat
     name (its last committed checkpoint: a killed run resumes where its commits stop),
     a checkpoint commit id, or a lineage record (mapping or path of a ``lineage.json``).
     """
+    background.wait_for(model_repo)  # a fit of this process may still be committing its final lineage
     if isinstance(resume_from, Mapping) or str(resume_from).endswith(".json"):
         return materialize_checkpoint(model_repo, lineage=resume_from, cache_dir=cache_dir)
     text = str(resume_from)

@@ -12,7 +12,6 @@ calls, on the process that does I/O (global rank 0)::
 
 from __future__ import annotations
 
-import atexit
 import json
 import logging
 import multiprocessing
@@ -33,6 +32,7 @@ from ._publish.claim import RunClaim, record_fit, recorded_fit
 from ._publish.freeze import unfreeze_for_rewrite
 from ._publish.publisher import CheckpointPublisher, open_model_repo
 from ._run_checks import RunOptionChecks
+from ._util import background
 from ._util.cache import default_cache_dir
 from ._util.gitinfo import code_info
 from ._util.redact import redact_argv, redact_url
@@ -132,7 +132,7 @@ class LineageRun(RunOptionChecks):
             from ._mlflow.sink import WarmSinkProcess
 
             if self.mlflow_run_id is None and active_run() is None:  # else this process logs it (MlflowSink.attach)
-                self._warm_sink = WarmSinkProcess()  # imports MLflow
+                self._warm_sink = WarmSinkProcess(self.mlflow_tracking_uri)  # imports MLflow
         if not oxen_layout.is_repo(self.model_repo):  # `oxen init`: 0.3 s in a child process
             pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="oxen-init")
             self._repo_init = pool.submit(open_model_repo, self.model_repo, self.cache_dir)
@@ -167,6 +167,7 @@ class LineageRun(RunOptionChecks):
         ``fit_key``: an id the caller keeps across processes (``ddp_spawn`` copies); the run name
         is noted under it in the model repository for :meth:`lineage`.
         """
+        background.wait_for(self.model_repo)  # an earlier fit of this process still finishing its lineage
         if self._repo_init is not None:
             self._repo_init.result()  # its error (e.g. an unwritable folder), raised here before training
         else:
@@ -313,8 +314,13 @@ class LineageRun(RunOptionChecks):
         self.record_status(status)
         self._finisher = threading.Thread(target=self._finish_quietly, args=(status, best), daemon=True,
                                           name="oxen-lineage-finish")
-        _waits_at_exit(self)
+        background.track(self.model_repo, self._finisher, describe=self._describe_finishing)
         self._finisher.start()
+
+    def _describe_finishing(self) -> str:
+        pending = self.publisher.pending if self.publisher is not None else 0
+        return (f"the lineage of run {self.run_name} ({pending} commit(s) pending, then MLflow"
+                + (f", up to {self.mlflow_timeout:.0f} s)" if self.sink is not None else ")"))
 
     def record_status(self, status: str) -> None:
         """The run's end, in the record at once (what :attr:`lineage` says while the rest finishes)."""
@@ -457,33 +463,3 @@ def _likely_rank_zero() -> bool:
     """Whether this process is, by the launcher's environment, the one that logs (global rank 0)."""
     return all(os.environ.get(name, "0") == "0" for name in ENV_RANKS)
 
-
-_finishing: list[LineageRun] = []  # runs whose finish_soon work may still be going on
-_finishing_lock = threading.Lock()
-
-
-def _waits_at_exit(run: LineageRun) -> None:
-    with _finishing_lock:
-        if not _finishing:
-            atexit.register(_wait_for_finishing_runs)
-        _finishing[:] = [r for r in _finishing if r._finisher is not None and r._finisher.is_alive()] + [run]
-
-
-def _wait_for_finishing_runs() -> None:
-    """At interpreter exit: let the runs that ``fit()`` returned from finish their lineage, saying so
-    when it takes more than a moment. Each wait is bounded by the run's own timeouts; Ctrl-C leaves
-    the rest, journaled, to ``oxen-callbacks sync``."""
-    with _finishing_lock:
-        runs, _finishing[:] = list(_finishing), []
-        atexit.unregister(_wait_for_finishing_runs)
-    for run in runs:
-        finisher = run._finisher
-        if finisher is None:
-            continue
-        finisher.join(1.0)
-        if not finisher.is_alive():
-            continue
-        log.warning("oxen-callbacks: finishing the lineage of run %s before exit (commits: %d pending, then "
-                    "MLflow, up to %.0f s); Ctrl-C leaves the rest to `oxen-callbacks sync`.",
-                    run.run_name, run.publisher.pending if run.publisher else 0, run.mlflow_timeout)
-        finisher.join()

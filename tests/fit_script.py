@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -11,6 +13,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint  # noqa: E402
+from lightning.pytorch.loggers import MLFlowLogger  # noqa: E402
 from lightning_model import CsvData, TinyModel, make_trainer  # noqa: E402
 
 from oxen_callbacks import PinnedDataset  # noqa: E402
@@ -42,6 +45,9 @@ def main() -> None:
     parser.add_argument("--resume-from")
     parser.add_argument("--mlflow-timeout", type=float, default=60.0)
     parser.add_argument("--devices", type=int, default=1)
+    parser.add_argument("--logger", action="store_true", help="an MLFlowLogger whose run the callback joins")
+    parser.add_argument("--after-fit", choices=("exit", "kill"), default="exit",
+                        help="kill: SIGKILL this process the moment fit() returns")
     args, _unknown = parser.parse_known_args()  # e.g. secrets the lineage record must mask
     root = Path(args.root)
     if args.resume_from:  # the dataset pin comes back with the checkpoint
@@ -57,9 +63,13 @@ def main() -> None:
                                  save_last=True), cb]
     if args.step_sleep:
         callbacks.append(SlowSteps(args.step_sleep))
-    trainer = make_trainer(root, callbacks, epochs=args.epochs, strategy=args.strategy, devices=args.devices)
+    logger = MLFlowLogger(experiment_name="fit-script", log_model=False) if args.logger else False
+    trainer = make_trainer(root, callbacks, epochs=args.epochs, strategy=args.strategy, devices=args.devices,
+                           logger=logger)
     model = TinyModel()
     trainer.fit(model, datamodule=CsvData(pin), ckpt_path=args.ckpt_path)
+    if args.after_fit == "kill":
+        os.kill(os.getpid(), signal.SIGKILL)
     rows = Path(args.out).with_suffix(f".rank{trainer.global_rank}.json") if args.out else None
     if rows:
         rows.write_text(json.dumps({"labels": sorted(model.labels_seen), "commit": pin.commit,

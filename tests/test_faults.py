@@ -30,9 +30,9 @@ def _fit(dataset_repo, tmp_path, extra=(), **options):  # type: ignore[no-untype
 
 
 def _all_committed(cb, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    entries = cb.lineage["checkpoints"]  # (waits for the final lineage commit fit() did not wait for)
     commits = set(LocalRepo(tmp_path / "models").commit_ids())
     saved = sorted(p.name for p in (tmp_path / "ckpt").iterdir())
-    entries = cb.lineage["checkpoints"]
     assert sorted(os.path.basename(c["path"]) for c in entries) == saved
     assert all(c["commit"] in commits for c in entries)
 
@@ -43,7 +43,7 @@ def test_unreachable_remote_loses_nothing(kind, dataset_repo, tmp_path, hanging_
     url = f"http://127.0.0.1:{port}/ox/models"
     with caplog.at_level(logging.WARNING, logger="oxen_callbacks"):
         cb = _fit(dataset_repo, tmp_path, remote_url=url, push_timeout=3)
-    _all_committed(cb, tmp_path)
+        _all_committed(cb, tmp_path)
     assert cb.lineage["push"]["pushed"] is False
     assert any("NOT pushed" in r.getMessage() and "oxen-callbacks sync" in r.getMessage() for r in caplog.records)
     marker = pending_push(tmp_path / "models")

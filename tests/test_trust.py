@@ -46,6 +46,7 @@ def test_a_reused_run_name_is_refused_before_training_and_the_first_lineage_stay
     models = tmp_path / "models"
     first = OxenLightningCallback(dataset=_pin(dataset_repo, 0), model_repo=models, run_name="nightly", mlflow=False)
     _fit(tmp_path / "a", first.dataset, first)
+    assert first.lineage["status"] == "FINISHED"  # (waits for the final lineage commit fit() did not wait for)
     before = (models / "runs" / "nightly" / "lineage.json").read_bytes()
 
     second_pin = _pin(dataset_repo, 1)  # the script runs again, the branch has moved
@@ -181,6 +182,7 @@ def test_commit_processes_that_keep_dying_are_reported_once_and_sync_finishes(da
     try:
         with caplog.at_level(logging.WARNING, logger="oxen_callbacks"):
             model = _fit(tmp_path, pin, cb, killer, epochs=2)
+            cb.lineage  # the final lineage commit fit() did not wait for, while commits still die
     finally:
         killer.stop()
     assert model.labels_seen  # training went on to the end
@@ -227,6 +229,7 @@ def test_a_mute_remote_costs_one_push_attempt_and_one_warning(dataset_repo, tmp_
                                remote_url=f"http://127.0.0.1:{hanging_port}/ox/models", push_timeout=3)
     with caplog.at_level(logging.WARNING, logger="oxen_callbacks"):
         _fit(tmp_path, pin, cb, epochs=2)
+        cb.lineage  # the final lineage commit (and its push) that fit() did not wait for
     pushes = [r for r in cb.run.publisher.results if r["kind"] == "push"]
     assert len(pushes) == 1 and not pushes[0]["ok"]  # not a second full timeout at the end
     warned = [r for r in caplog.records if "NOT pushed" in r.getMessage()]

@@ -385,10 +385,12 @@ class WarmSinkProcess:
     ends (its stdin closes).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, tracking_uri: str | None = None) -> None:
         idle = _take_idle()
         self._was_idle = idle is not None
-        self.proc: subprocess.Popen[bytes] | None = idle or _start_sink(["--warm"], {})
+        # the store the run most likely logs to, opened ahead too when it exists (see sink_process)
+        store = {ENV_MLFLOW_TRACKING_URI: tracking_uri or _default_tracking_uri()}
+        self.proc: subprocess.Popen[bytes] | None = idle or _start_sink(["--warm"], store)
         self._closer = weakref.finalize(self, _close_stdin, self.proc)
 
     def discard(self) -> None:

@@ -21,8 +21,9 @@ from typing import Any
 
 from .._util.locks import FileLock
 from .._util.processes import ENTRY_POINTS
-from .._util.redact import redact_text
+from .._util.redact import redact_text, redact_url
 from .._util.stdin_lines import StdinLines
+from ..names import ENV_MLFLOW_TRACKING_URI
 from .abandoned import commits_outstanding
 from .apply import apply_op, client_for
 from .journal import ABANDONED_SEQ, MlflowJournal
@@ -105,6 +106,20 @@ def serve_folder(folder: Path, lines: Any = _STDIN, client_uri: str | None = Non
     return ended == "end"
 
 
+def _open_existing_store(uri: str | None) -> None:
+    """Open the SQLite store the run will most likely log to (~1 s of CPU: its engine, its schema
+    check), kept by MLflow for the hand-off; never one that does not exist yet (an unused callback
+    leaves nothing behind). A server's store needs no opening."""
+    if not uri or not uri.startswith("sqlite:///") or not Path(uri[len("sqlite:///"):]).is_file():
+        return
+    try:
+        from mlflow import MlflowClient
+
+        MlflowClient(uri).search_experiments(max_results=1)
+    except Exception:  # the hand-off's own settings decide; a failure then is reported there
+        log.debug("Could not open %s early", redact_url(uri), exc_info=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog=ENTRY_POINTS["mlflow-sink"])
     source = parser.add_mutually_exclusive_group(required=True)
@@ -118,6 +133,7 @@ def main(argv: list[str] | None = None) -> int:
         serve_folder(Path(args.journal))
         return 0
     importlib.import_module("mlflow.tracking")  # the slow import, paid before the work arrives
+    _open_existing_store(os.environ.get(ENV_MLFLOW_TRACKING_URI))
     # One journal per training run of the process that started us (a notebook trains again and
     # again): each hand-off brings that run's environment and folder. EOF: the callback was
     # never used, or the training process is gone.

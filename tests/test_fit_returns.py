@@ -1,0 +1,153 @@
+"""What holds when fit() returns: every checkpoint committed or frozen and journaled; the final
+lineage commit and MLflow logging finish afterwards (``.lineage``, interpreter exit, or ``sync``
+for a killed process), and a run the trainer already logs to gets no second MLflow process."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from helpers import file_at
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.loggers import MLFlowLogger
+from lightning_model import CsvData, TinyModel, make_trainer
+from mlflow import MlflowClient
+
+from oxen_callbacks import PinnedDataset, read_lineage
+from oxen_callbacks._ops import sync
+from oxen_callbacks._oxen.repo import LocalRepo
+from oxen_callbacks._util.processes import ENTRY_POINTS
+from oxen_callbacks.lightning import OxenLightningCallback
+
+SCRIPT = Path(__file__).parent / "fit_script.py"
+
+
+def _script(dataset_repo, tmp_path: Path, *extra: str) -> subprocess.CompletedProcess[str]:  # type: ignore[no-untyped-def]
+    cmd = [sys.executable, str(SCRIPT), "--dataset", str(dataset_repo.path), "--revision", dataset_repo.commits[0],
+           "--model-repo", str(tmp_path / "models"), "--root", str(tmp_path / "fit"), "--epochs", "2",
+           "--mlflow", *extra]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=600, stdin=subprocess.DEVNULL)
+
+
+def _only_run(client: MlflowClient):  # type: ignore[no-untyped-def]
+    [run] = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    return run
+
+
+def _assert_every_saved_checkpoint_committed(tmp_path: Path, record: dict) -> None:
+    """Each file the trainer saved is, byte for byte, in the commit the lineage names for it."""
+    saved = {p.name: p.read_bytes() for p in (tmp_path / "fit" / "ckpt").iterdir()}
+    named = {}
+    for entry in record["checkpoints"]:
+        named[Path(entry["path"]).name] = file_at(tmp_path / "models", entry["commit"], entry["path"],
+                                                  tmp_path / "read-cache").read_bytes()
+    assert saved and set(saved) <= set(named)
+    assert all(named[name] == data for name, data in saved.items())
+
+
+@pytest.mark.timeout(600)
+def test_a_script_that_ends_right_after_fit_leaves_complete_lineage(dataset_repo, tmp_path):
+    """Nothing reads .lineage: the interpreter's exit waits for the final commit and for MLflow."""
+    done = _script(dataset_repo, tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "Traceback" not in done.stderr
+    run = _only_run(MlflowClient())
+    record = read_lineage(tmp_path / "models" / "runs" / run.data.tags["oxen.run"] / "lineage.json")
+    assert record["status"] == "FINISHED" and record["run"]["mlflow_run_id"] == run.info.run_id
+    _assert_every_saved_checkpoint_committed(tmp_path, record)
+    assert run.info.status == "FINISHED"
+    assert run.data.tags["oxen.model.commit"] == record["model"]["commit"]
+    logged = read_lineage(MlflowClient().download_artifacts(run.info.run_id, "oxen/lineage.json", str(tmp_path / "dl")))
+    assert logged["checkpoints"] == record["checkpoints"]
+    assert sync.sync_all()["pending"] == 0  # nothing was left over
+
+
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("mlflow_run", ["own", "logger"])
+def test_killed_the_moment_fit_returns_sync_finishes_everything(dataset_repo, tmp_path, mlflow_run):
+    """SIGKILL right after fit(): no checkpoint is lost, and `sync` ends the MLflow run from the commits
+    (for a run joined from MLFlowLogger too, whose operations a thread of the killed process served)."""
+    done = _script(dataset_repo, tmp_path, "--after-fit", "kill", *(["--logger"] if mlflow_run == "logger" else []))
+    assert done.returncode == -9, done.stderr[-3000:]
+    deadline = time.monotonic() + 180
+    while (report := sync.sync_all())["pending"] and time.monotonic() < deadline:
+        time.sleep(1)  # the commit worker outlives its trainer and may still be committing
+    assert report["pending"] == 0, report
+    client = MlflowClient()
+    run = _only_run(client)
+    repo_lineage = read_lineage(tmp_path / "models" / "runs" / run.data.tags["oxen.run"] / "lineage.json")
+    _assert_every_saved_checkpoint_committed(tmp_path, repo_lineage)
+    run = client.get_run(run.info.run_id)
+    assert run.info.status != "RUNNING"
+    assert run.data.tags["oxen.model.commit"] in LocalRepo(tmp_path / "models").commit_ids()
+    logged = read_lineage(client.download_artifacts(run.info.run_id, "oxen/lineage.json", str(tmp_path / "dl")))
+    assert [c["commit"] for c in logged["checkpoints"]] == [c["commit"] for c in repo_lineage["checkpoints"]]
+
+
+class _CountSinkProcesses(Callback):
+    """Notes, at every epoch end, the MLflow sink processes this training process has running."""
+
+    def __init__(self) -> None:
+        self.seen: list[int] = []
+
+    def on_train_epoch_end(self, *_args) -> None:  # type: ignore[no-untyped-def]
+        mine = 0
+        for pid in filter(str.isdigit, os.listdir("/proc")):
+            try:
+                stat = Path(f"/proc/{pid}/stat").read_text()
+                cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+            except OSError:
+                continue
+            ppid = int(stat.rsplit(")", 1)[1].split()[1])
+            mine += ppid == os.getpid() and ENTRY_POINTS["mlflow-sink"].encode() in cmdline
+        self.seen.append(mine)
+
+
+@pytest.mark.timeout(300)
+def test_joining_a_logger_run_imports_mlflow_nowhere_else(dataset_repo, tmp_path):
+    """With an MLFlowLogger the trainer already holds MLflow: no second process imports it again,
+    and the logger's run still gets the lineage."""
+    pin = PinnedDataset(dataset_repo.path, revision=dataset_repo.commits[0], paths=["train.csv", "val.csv"])
+    logger = MLFlowLogger(experiment_name="shared", log_model=False, tracking_uri=os.environ["MLFLOW_TRACKING_URI"])
+    cb = OxenLightningCallback(dataset=pin, model_repo=tmp_path / "models")
+    counter = _CountSinkProcesses()
+    make_trainer(tmp_path, [ModelCheckpoint(dirpath=tmp_path / "ckpt"), cb, counter], epochs=2,
+                 logger=logger).fit(TinyModel(), datamodule=CsvData(pin))
+    record = cb.lineage
+    assert counter.seen == [0, 0]
+    run = MlflowClient().get_run(logger.run_id)
+    assert record["run"]["mlflow_run_id"] == logger.run_id
+    assert run.data.tags["oxen.model.commit"] == record["model"]["commit"]
+    assert run.data.tags["oxen.dataset.commit"] == dataset_repo.commits[0]
+    logged = read_lineage(MlflowClient().download_artifacts(logger.run_id, "oxen/lineage.json", str(tmp_path / "dl")))
+    assert logged["model"]["commit"] == record["model"]["commit"]
+    assert record["model"]["commit"] in LocalRepo(tmp_path / "models").commit_ids()
+
+
+@pytest.mark.timeout(300)
+def test_fit_does_not_wait_for_a_tracking_server_that_never_answers(dataset_repo, tmp_path, monkeypatch):
+    """A tracking server that accepts and never answers: fit() returns all the same (were it waiting,
+    mlflow_timeout=600 would outlast this test's timeout) with every checkpoint committed; the
+    MLflow side stays journaled for `sync`."""
+    mute = socket.create_server(("127.0.0.1", 0))
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "2")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    pin = PinnedDataset(dataset_repo.path, revision=dataset_repo.commits[0], paths=["train.csv", "val.csv"])
+    cb = OxenLightningCallback(dataset=pin, model_repo=tmp_path / "models", mlflow_timeout=600,
+                               mlflow_tracking_uri=f"http://127.0.0.1:{mute.getsockname()[1]}")
+    try:
+        make_trainer(tmp_path, [ModelCheckpoint(dirpath=tmp_path / "fit" / "ckpt", every_n_train_steps=2,
+                                                save_top_k=-1), cb], epochs=2).fit(TinyModel(), datamodule=CsvData(pin))
+        assert cb.run.sink.run_id is None  # MLflow never answered, yet fit() returned
+    finally:
+        mute.close()  # refused from now on: the sink gives up after its retries
+    record = cb.lineage
+    assert record["status"] == "FINISHED" and record["run"]["mlflow_run_id"] is None
+    _assert_every_saved_checkpoint_committed(tmp_path, record)
+    assert record == read_lineage(tmp_path / "models" / "runs" / cb.run.run_name / "lineage.json")
+    assert sync.sync_all()["pending"] > 0  # the MLflow operations, kept for when the server is back
