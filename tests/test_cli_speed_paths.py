@@ -8,6 +8,7 @@ no timing is asserted (``benchmarks/trace_speed.py`` measures those).
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import json
 import os
@@ -152,3 +153,20 @@ def test_a_sqlite_store_answers_as_the_server_does(world):
     (view, other) = sorted(cli(world, "trace", DATASET["run-a"], uri=world.sqlite_uri).data["runs"],
                            key=lambda v: v["run"]["name"])
     assert (view["run"]["name"], other["run"]["name"]) == ("run-a", "tags-only")
+
+
+def test_only_a_process_of_its_own_freezes_the_garbage_collector(tmp_path, monkeypatch):
+    """``main()`` from the command line freezes the collector (the process ends next: no ~1 s teardown
+    of MLflow's objects); ``main(argv)`` called inside a program leaves it as it was."""
+    from oxen_callbacks.cli import main
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.chdir(tmp_path)  # no model repository, no MLflow: the command fails with exit code 2
+    frozen = gc.get_freeze_count()
+    assert main(["trace", "abcd1234"]) == 2 and gc.get_freeze_count() == frozen
+    code = ("import gc, sys; from oxen_callbacks.cli import main; sys.argv = ['oxen-callbacks', 'trace', 'abcd1234']; "
+            "code = main(); print(code, gc.get_freeze_count() > 0)")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, env=env,
+                          timeout=120, check=False)
+    assert proc.stdout.split() == ["2", "True"], proc.stderr
