@@ -18,6 +18,7 @@ Every command takes --json. Exit codes: 0 done, 1 failed or nothing found, 2 bad
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import logging
 import os
@@ -60,6 +61,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command; exit code 0 done, 1 failed or nothing found, 2 bad input.
+
+    ``argv`` ``None`` means this process's own command line: the process ends right after, so
+    the garbage collector is told to leave every object alone at exit (``gc.freeze``). Tearing
+    down the millions of objects MLflow's import leaves took about 1 s of a 3.5 s
+    ``oxen-callbacks trace`` on a SQLite store; the operating system frees them at once.
+    """
+    code = _main(argv)
+    if argv is None:
+        gc.freeze()
+    return code
+
+
+def _main(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     command = COMMANDS[args.command]
