@@ -28,7 +28,6 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.utils.data import DataLoader, TensorDataset
 
 from oxen_callbacks import PinnedDataset, oxen_child
-from oxen_callbacks.lightning import OxenLightningCallback
 
 FEATURES = 8
 
@@ -112,6 +111,8 @@ def main() -> None:
                                                    save_top_k=2, save_last=True)]
     oxen_cb = None
     if not args.no_oxen:
+        from oxen_callbacks.lightning import OxenLightningCallback  # (not imported by a --no-oxen timing run)
+
         oxen_cb = OxenLightningCallback(dataset=data, model_repo=work / "models",
                                         mlflow_tracking_uri=tracking_uri, experiment_name="oxen-quickstart")
         callbacks.append(oxen_cb)

@@ -89,23 +89,28 @@ def test_killed_the_moment_fit_returns_sync_finishes_everything(dataset_repo, tm
     assert [c["commit"] for c in logged["checkpoints"]] == [c["commit"] for c in repo_lineage["checkpoints"]]
 
 
-class _CountSinkProcesses(Callback):
+def _sink_processes() -> set[int]:
+    """This process's MLflow sink processes (an idle one an earlier fit of the process left included)."""
+    mine = set()
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            continue
+        if int(stat.rsplit(")", 1)[1].split()[1]) == os.getpid() and ENTRY_POINTS["mlflow-sink"].encode() in cmdline:
+            mine.add(int(pid))
+    return mine
+
+
+class _NoteSinkProcesses(Callback):
     """Notes, at every epoch end, the MLflow sink processes this training process has running."""
 
     def __init__(self) -> None:
-        self.seen: list[int] = []
+        self.seen: list[set[int]] = []
 
     def on_train_epoch_end(self, *_args) -> None:  # type: ignore[no-untyped-def]
-        mine = 0
-        for pid in filter(str.isdigit, os.listdir("/proc")):
-            try:
-                stat = Path(f"/proc/{pid}/stat").read_text()
-                cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-            except OSError:
-                continue
-            ppid = int(stat.rsplit(")", 1)[1].split()[1])
-            mine += ppid == os.getpid() and ENTRY_POINTS["mlflow-sink"].encode() in cmdline
-        self.seen.append(mine)
+        self.seen.append(_sink_processes())
 
 
 @pytest.mark.timeout(300)
@@ -114,12 +119,13 @@ def test_joining_a_logger_run_imports_mlflow_nowhere_else(dataset_repo, tmp_path
     and the logger's run still gets the lineage."""
     pin = PinnedDataset(dataset_repo.path, revision=dataset_repo.commits[0], paths=["train.csv", "val.csv"])
     logger = MLFlowLogger(experiment_name="shared", log_model=False, tracking_uri=os.environ["MLFLOW_TRACKING_URI"])
+    before = _sink_processes()
     cb = OxenLightningCallback(dataset=pin, model_repo=tmp_path / "models")
-    counter = _CountSinkProcesses()
-    make_trainer(tmp_path, [ModelCheckpoint(dirpath=tmp_path / "ckpt"), cb, counter], epochs=2,
+    notes = _NoteSinkProcesses()
+    make_trainer(tmp_path, [ModelCheckpoint(dirpath=tmp_path / "ckpt"), cb, notes], epochs=2,
                  logger=logger).fit(TinyModel(), datamodule=CsvData(pin))
     record = cb.lineage
-    assert counter.seen == [0, 0]
+    assert [seen - before for seen in notes.seen] == [set(), set()]  # none started for this fit
     run = MlflowClient().get_run(logger.run_id)
     assert record["run"]["mlflow_run_id"] == logger.run_id
     assert run.data.tags["oxen.model.commit"] == record["model"]["commit"]
