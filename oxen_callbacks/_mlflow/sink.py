@@ -29,7 +29,7 @@ import weakref
 from pathlib import Path
 from typing import Any
 
-from .._util.processes import child_environment, python_command
+from .._util.processes import OWN_PROCESS_GROUP, child_environment, python_command
 from .._util.redact import redact_url
 from ..names import (
     ENV_MLFLOW_EXPERIMENT_ID,
@@ -312,7 +312,7 @@ def _start_sink(args: list[str], settings: dict[str, str]) -> subprocess.Popen[b
     return subprocess.Popen(
         python_command("mlflow-sink", *args),
         stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=child_environment(settings),
-        cwd=os.getcwd(), start_new_session=True,  # it may outlive training to finish the logging
+        cwd=os.getcwd(), **OWN_PROCESS_GROUP,  # it may outlive training to finish the logging
     )
 
 

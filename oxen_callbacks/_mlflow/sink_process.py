@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from .._util.locks import FileLock
-from .._util.processes import ENTRY_POINTS
+from .._util.processes import ENTRY_POINTS, yield_cpu_to_training
 from .._util.redact import redact_text, redact_url
 from .._util.stdin_lines import StdinLines
 from ..names import ENV_MLFLOW_TRACKING_URI
@@ -127,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     source.add_argument("--warm", action="store_true",
                         help="import MLflow now, then serve the journals handed over on stdin (a JSON line each)")
     args = parser.parse_args(argv)
-    os.nice(10)  # bookkeeping beside training: the trainer keeps the CPU when both want it
+    yield_cpu_to_training(idle=True)  # bookkeeping beside training: it may wait for an idle core
     logging.getLogger().setLevel(logging.INFO)
     if args.journal:
         serve_folder(Path(args.journal))

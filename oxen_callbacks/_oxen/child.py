@@ -26,7 +26,7 @@ from collections.abc import Callable
 from typing import Any
 
 from .. import errors
-from .._util.processes import child_environment, function_reference, python_command
+from .._util.processes import OWN_PROCESS_GROUP, child_environment, function_reference, python_command
 from ..errors import OxenError
 
 _SIGNALS = {int(s) for s in signal.Signals}
@@ -53,19 +53,20 @@ class ChildCrashed(OxenError):
 
 
 def run_in_child(function: Callable[..., Any], *, timeout: float | None = 600.0, show_stderr: bool = False,
-                 new_session: bool = False, what: str | None = None, **kwargs: Any) -> Any:
+                 own_group: bool = False, what: str | None = None, **kwargs: Any) -> Any:
     """Call the module-level ``function`` (JSON-able kwargs and result) in a child process.
 
     ``what`` names the call in errors (default: the function's name); ``show_stderr`` passes the
-    child's stderr (progress bars) to ours instead of keeping it; ``new_session`` keeps a Ctrl-C
-    meant for the trainer away from it.
+    child's stderr (progress bars) to ours instead of keeping it; ``own_group`` keeps a Ctrl-C
+    meant for the trainer away from it (its own process group).
     """
     what = what or function.__name__
     request = json.dumps({"function": function_reference(function), "kwargs": kwargs})
     try:
         proc = subprocess.run(python_command("oxen-call"), input=request,
                               stdout=subprocess.PIPE, stderr=None if show_stderr else subprocess.PIPE,
-                              text=True, timeout=timeout, env=child_environment(), start_new_session=new_session)
+                              text=True, timeout=timeout, env=child_environment(),
+                              **(OWN_PROCESS_GROUP if own_group else {}))
     except subprocess.TimeoutExpired:
         raise ChildTimedOut(f"no answer within {timeout:g}s (oxen {what} stopped)") from None
     if proc.returncode < 0:

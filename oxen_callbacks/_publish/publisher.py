@@ -32,7 +32,7 @@ from .._oxen.remote_spec import parse_remote
 from .._oxen.repo import LocalRepo
 from .._util.cache import default_cache_dir
 from .._util.locks import FileLock
-from .._util.processes import child_environment, python_command
+from .._util.processes import OWN_PROCESS_GROUP, child_environment, python_command
 from .._util.redact import redact_text
 from ..errors import ConfigurationError, PublishError
 from ..model_repo import checkpoints_folder
@@ -148,7 +148,7 @@ class CheckpointPublisher:
                              branch=self.branch, remote_url=self.remote_url)
         self._proc = subprocess.Popen(
             cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-            env=child_environment(self._env), start_new_session=True,  # a Ctrl-C in the notebook must not kill a commit halfway
+            env=child_environment(self._env), **OWN_PROCESS_GROUP,  # a Ctrl-C in the notebook must not kill a commit halfway
         )
         reader = threading.Thread(target=self._read_results, args=(self._proc,), daemon=True, name="oxen-publisher")
         reader.start()

@@ -51,7 +51,7 @@ def pending_push(repo: str | os.PathLike[str]) -> dict[str, Any] | None:
 def _attempt(repo: str | os.PathLike[str], target: PushTarget, branch: str) -> str | None:
     """One push in a child process; the error text, or ``None`` on success."""
     try:
-        oxen_child.run_in_child(oxen_repo.push, timeout=target.timeout, new_session=True, path=str(repo),
+        oxen_child.run_in_child(oxen_repo.push, timeout=target.timeout, own_group=True, path=str(repo),
                                 remote=target.remote, branch=branch, url=target.url)
     except oxen_child.ChildTimedOut:
         return f"no answer from the remote within {target.timeout:.0f}s"

@@ -23,7 +23,7 @@ from typing import IO, Any
 from .._oxen import layout as oxen_layout
 from .._oxen.repo import LocalRepo, preload
 from .._util.locks import FileLock
-from .._util.processes import ENTRY_POINTS
+from .._util.processes import ENTRY_POINTS, yield_cpu_to_training
 from .._util.stdin_lines import StdinLines
 from ..errors import PublishError
 from .committer import Committer
@@ -328,7 +328,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--remote-url")
     parser.add_argument("--push-timeout", type=float, default=300.0)
     args = parser.parse_args(argv)
-    os.nice(10)  # commits run beside training: the trainer keeps the CPU when both want it
+    yield_cpu_to_training(idle=False)  # commits run beside training; they must progress under a busy CPU too
     queue = JobQueue(args.queue)
     results = _Results(_redirect_output(str(queue.log_path)))
     lock = FileLock(queue.worker_lock, timeout=3600)
