@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import logging
-import multiprocessing
 import os
 import shlex
 import sys
@@ -32,6 +31,7 @@ from ._publish.claim import RunClaim, record_fit, recorded_fit
 from ._publish.freeze import unfreeze_for_rewrite
 from ._publish.publisher import CheckpointPublisher, open_model_repo
 from ._run_checks import RunOptionChecks
+from ._run_end import RunEnding, now
 from ._util import background
 from ._util.cache import default_cache_dir
 from ._util.gitinfo import code_info
@@ -51,7 +51,7 @@ def new_run_name() -> str:
     return f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
 
 
-class LineageRun(RunOptionChecks):
+class LineageRun(RunOptionChecks, RunEnding):
     """One training run's lineage; see the module docstring.
 
     Args:
@@ -120,8 +120,7 @@ class LineageRun(RunOptionChecks):
         self._published: list[str] = []  # checkpoint paths queued for commit, in order
         self._warm_sink: Any = None
         self._repo_init: Future[Any] | None = None
-        self._finisher: threading.Thread | None = None  # finish_soon's work
-        self._finish_error: Exception | None = None
+        self._init_ending()
         if _likely_rank_zero():
             self._start_early_work()
 
@@ -140,7 +139,12 @@ class LineageRun(RunOptionChecks):
 
     def __getstate__(self) -> dict[str, Any]:
         """Picklable for ``ddp_spawn``: the warm sink process, the init thread and the claim stay here."""
-        return {**self.__dict__, "_warm_sink": None, "_repo_init": None, "_claim": None, "_finisher": None}
+        return {**self.__dict__, "_warm_sink": None, "_repo_init": None, "_claim": None, "_finisher": None,
+                "_committed": None}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._committed = threading.Event()
 
     def _validate(self) -> None:
         super()._validate()
@@ -212,7 +216,7 @@ class LineageRun(RunOptionChecks):
             run=self._run_section(),
         )
         # fit_id: one per fit (a continued run has several), so a late job knows its own segment
-        self.record.update({"status": "RUNNING", "started_at": _now(), "fit_id": uuid.uuid4().hex,
+        self.record.update({"status": "RUNNING", "started_at": now(), "fit_id": uuid.uuid4().hex,
                             "oxen_callbacks_version": __version__})
         self.publisher = CheckpointPublisher(
             model_repo=self.model_repo, run=self.run_name, cache_dir=self.cache_dir, author=self.author,
@@ -255,6 +259,9 @@ class LineageRun(RunOptionChecks):
         ``copy``: the trainer may rewrite ``path`` in place without calling :meth:`before_overwrite`."""
         if self.publisher is None or self.record is None:
             raise PublishError("LineageRun.checkpoint_saved() called before start()")
+        if self.finished:  # e.g. another callback saving after ours ended the run: not in its lineage
+            log.warning("Checkpoint %s was saved after run %s ended; it is not committed.", path, self.run_name)
+            return -1
         seq = self.publisher.submit_checkpoint(path, record=self._base_record(), step=step, epoch=epoch,
                                                metrics=metrics, copy=copy)
         self._published.append(os.fspath(path))
@@ -285,127 +292,6 @@ class LineageRun(RunOptionChecks):
         assert self.record is not None
         return {**self.record, "run": {**self.record["run"], **self._run_section()}}
 
-    def finish(self, status: str = "FINISHED", *, best: str | os.PathLike[str] | None = None) -> LineageJSON | None:
-        """Wait for every commit, commit the final lineage, log it to MLflow; returns the record.
-
-        Safe to call twice (the second call returns the first result, once :meth:`finish_soon`'s
-        work is done). Publishing errors are raised after the lineage of what was published is logged.
-        """
-        if self.finished:
-            return self.wait()
-        self.finished = True
-        return self._finish(status, best)
-
-    def finish_soon(self, status: str = "FINISHED", *, best: str | os.PathLike[str] | None = None) -> None:
-        """:meth:`finish` without holding the caller: what ``fit()`` returns after.
-
-        Every checkpoint is already committed or frozen and journaled (the commit worker goes on
-        alone); the final lineage commit and the MLflow logging finish in a thread while the process
-        lives, and at interpreter exit the process waits for them (bounded, saying so; a killed
-        process leaves them to ``oxen-callbacks sync``). :meth:`lineage` and :meth:`wait` wait for
-        them. Publishing errors known by now are raised here, as :meth:`finish` does.
-        """
-        if self.finished:
-            return
-        if self.publisher is None or self.publisher.failed or multiprocessing.parent_process() is not None:
-            self.finish(status, best=best)  # (a process the launcher spawned exits right after: finish here)
-            return
-        self.finished = True
-        self.record_status(status)
-        self._finisher = threading.Thread(target=self._finish_quietly, args=(status, best), daemon=True,
-                                          name="oxen-lineage-finish")
-        background.track(self.model_repo, self._finisher, describe=self._describe_finishing)
-        self._finisher.start()
-
-    def _describe_finishing(self) -> str:
-        pending = self.publisher.pending if self.publisher is not None else 0
-        return (f"the lineage of run {self.run_name} ({pending} commit(s) pending, then MLflow"
-                + (f", up to {self.mlflow_timeout:.0f} s)" if self.sink is not None else ")"))
-
-    def record_status(self, status: str) -> None:
-        """The run's end, in the record at once (what :attr:`lineage` says while the rest finishes)."""
-        if self.record is not None and self.record.get("status") == "RUNNING":
-            self.record.update(status=status, ended_at=_now())
-
-    def _finish_quietly(self, status: str, best: str | os.PathLike[str] | None) -> None:
-        try:
-            self._finish(status, best)
-        except Exception as exc:  # training is over and returned: say it, keep it for wait()
-            self._finish_error = exc
-            log.warning("%s", exc)
-
-    def wait(self, timeout: float | None = None) -> LineageJSON | None:
-        """Wait for :meth:`finish_soon`'s work (up to ``timeout`` s); returns the record, raises its error."""
-        finisher = self._finisher
-        if finisher is not None and finisher is not threading.current_thread():
-            finisher.join(timeout)
-        if self._finish_error is not None:
-            raise self._finish_error
-        return self.record
-
-    def _finish(self, status: str, best: str | os.PathLike[str] | None) -> LineageJSON | None:
-        if self.publisher is None or self.record is None:
-            return None
-        self.record_status(status)
-        if self.sink is not None:  # a run the sink creates: its id belongs in the final record
-            self.sink.wait_for_run(self.mlflow_timeout)
-        final, error = self._commit_final(best)
-        committed = final is not None
-        self.record = final if final is not None else self._published_so_far()
-        self._warn_unpushed()
-        if self.sink is not None:
-            self._log_final_or_leave_to_sync(self.record, status, committed=committed)
-        if error is not None:
-            raise error
-        return self.record
-
-    def _commit_final(self, best: str | os.PathLike[str] | None) -> tuple[LineageJSON | None, Exception | None]:
-        """Drain the publisher and commit the final lineage; ``(None, error)`` when that did not complete."""
-        assert self.publisher is not None
-        try:
-            return self.publisher.finalize(self._base_record(), best=best, timeout=self.drain_timeout), None
-        except PublishError as exc:
-            return None, exc
-        finally:
-            self.publisher.close(timeout=self.drain_timeout)
-            if self._claim is not None:
-                self._claim.release()
-
-    def _published_so_far(self) -> LineageJSON:
-        """The record the MLflow pointer gets when the final lineage commit did not complete."""
-        assert self.publisher is not None
-        final = self._base_record()
-        final["checkpoints"] = [
-            {"commit": r["commit"], "path": r["dest"], "step": r.get("step"), "epoch": r.get("epoch"),
-             "metrics": r.get("metrics") or {}}
-            for r in self.publisher.results if r.get("kind") == "checkpoint"
-        ]
-        if final["checkpoints"]:
-            last = final["checkpoints"][-1]
-            final["model"] = {**final["model"], "commit": last["commit"], "path": last["path"]}
-        log.warning("The final lineage commit did not complete; the pointer lists what was published.")
-        return final
-
-    def _log_final_or_leave_to_sync(self, final: LineageJSON, status: str, *, committed: bool) -> None:
-        try:
-            self.sink.log_final(final, status, committed=committed, register_model=self.register_model,
-                                dataset_input=self.log_dataset_input, graph=self.log_lineage_graph,
-                                timeout=self.mlflow_timeout)
-        except Exception:  # the work is done and committed: MLflow bookkeeping never fails training
-            log.warning("Logging the lineage to MLflow failed; what is journaled in %s stays there for "
-                        "`oxen-callbacks sync`.", self.sink.journal.folder, exc_info=True)
-            self.sink.journal.release_trainer()  # sync's from now on, though this process lives on
-
-    def finish_after_error(self, status: str, *, best: str | os.PathLike[str] | None = None,
-                           what: str = "fit") -> None:
-        """End a started run that training left with an error as ``status``; a failure here is only logged."""
-        if self.publisher is None or self.finished:
-            return
-        try:
-            self.finish(status, best=best)
-        except Exception:
-            log.exception("Recording the lineage of the %s failed too", what)
-
     # -- resume and results ---------------------------------------------------------------
     def resume_state(self) -> dict[str, Any]:
         """What a checkpoint carries for a later resume: the dataset pin, the run and its repository."""
@@ -428,9 +314,7 @@ class LineageRun(RunOptionChecks):
         holds only a copy of the run object that trained elsewhere (``ddp_spawn``).
         """
         if self.record is not None and self.finished:
-            finisher = self._finisher
-            if finisher is not None and finisher is not threading.current_thread():
-                finisher.join()
+            self.wait_until_logged()
             return self.record
         run = (recorded_fit(self.model_repo, fit_key) if fit_key else None) or self.run_name
         committed = self.model_repo / lineage_path(run)
@@ -438,25 +322,10 @@ class LineageRun(RunOptionChecks):
             return read_lineage(committed)
         return self.record
 
-    def _warn_unpushed(self) -> None:
-        from ._publish.push import pending_push
-
-        if self.remote is None and self.remote_url is None:
-            return
-        marker = pending_push(self.model_repo)
-        if marker is not None and self.publisher is not None:
-            self.publisher.warn_unpushed(marker)  # once per run, whether training or the end found it
-            if self.record is not None:
-                self.record["push"] = {"remote": marker["remote"], "pushed": False, "error": marker.get("error")}
-
 
 def _command() -> str:
     """How this process was started, secrets masked (``oxen-callbacks reproduce`` prints it)."""
     return shlex.join(redact_argv([Path(sys.executable).name, *sys.argv]))
-
-
-def _now() -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%S%z")
 
 
 def _likely_rank_zero() -> bool:

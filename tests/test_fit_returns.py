@@ -22,6 +22,7 @@ from oxen_callbacks import PinnedDataset, read_lineage
 from oxen_callbacks._ops import sync
 from oxen_callbacks._oxen.repo import LocalRepo
 from oxen_callbacks._util.processes import ENTRY_POINTS
+from oxen_callbacks.checkpoints import materialize_checkpoint
 from oxen_callbacks.lightning import OxenLightningCallback
 
 SCRIPT = Path(__file__).parent / "fit_script.py"
@@ -150,6 +151,10 @@ def test_fit_does_not_wait_for_a_tracking_server_that_never_answers(dataset_repo
         make_trainer(tmp_path, [ModelCheckpoint(dirpath=tmp_path / "fit" / "ckpt", every_n_train_steps=2,
                                                 save_top_k=-1), cb], epochs=2).fit(TinyModel(), datamodule=CsvData(pin))
         assert cb.run.sink.run_id is None  # MLflow never answered, yet fit() returned
+        # resuming right away reads the final lineage, and does not wait for MLflow either
+        last = materialize_checkpoint(tmp_path / "models", run=cb.run.run_name)
+        assert read_lineage(tmp_path / "models" / "runs" / cb.run.run_name / "lineage.json")["status"] == "FINISHED"
+        assert last.path.read_bytes() == (tmp_path / "fit" / "ckpt" / Path(last.repo_path).name).read_bytes()
     finally:
         mute.close()  # refused from now on: the sink gives up after its retries
     record = cb.lineage
@@ -157,3 +162,19 @@ def test_fit_does_not_wait_for_a_tracking_server_that_never_answers(dataset_repo
     _assert_every_saved_checkpoint_committed(tmp_path, record)
     assert record == read_lineage(tmp_path / "models" / "runs" / cb.run.run_name / "lineage.json")
     assert sync.sync_all()["pending"] > 0  # the MLflow operations, kept for when the server is back
+
+
+@pytest.mark.timeout(600)
+def test_killed_the_moment_fit_returns_the_run_still_ends_finished(dataset_repo, tmp_path):
+    """fit() returned, so training completed: a kill before the MLflow run even exists (its own run,
+    the sink still starting) must not turn that into KILLED: the final lineage is journaled by then."""
+    done = _script(dataset_repo, tmp_path, "--after-fit", "kill")
+    assert done.returncode == -9, done.stderr[-3000:]
+    deadline = time.monotonic() + 180
+    while (report := sync.sync_all())["pending"] and time.monotonic() < deadline:
+        time.sleep(1)
+    assert report["pending"] == 0, report
+    run = _only_run(MlflowClient())
+    repo_lineage = read_lineage(tmp_path / "models" / "runs" / run.data.tags["oxen.run"] / "lineage.json")
+    assert repo_lineage["status"] == "FINISHED"
+    assert run.data.tags["oxen.lineage.status"] == "FINISHED" and run.info.status == "FINISHED"

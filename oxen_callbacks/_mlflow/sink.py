@@ -410,6 +410,12 @@ class WarmSinkProcess:
         """Give the process its journal; ``None`` if it is gone (start a new one then)."""
         proc, self.proc = self.proc, None
         self._closer.detach()
+        idle = None if self._was_idle else _take_idle()
+        if idle is not None:  # left idle since we started (a sweep's previous fit ended meanwhile)
+            if proc is not None:
+                proc.kill()
+                proc.wait()
+            proc = idle
         if proc is None or proc.poll() is not None or proc.stdin is None:
             return None
         # the whole environment, through the pipe (never on disk): a reused process must not keep

@@ -223,7 +223,9 @@ class Committer:
         if base is None:
             return existing
         if existing and _finalized(existing) and existing.get("fit_id") == base.get("fit_id"):
-            return copy.deepcopy(existing)
+            record = copy.deepcopy(existing)  # what the job learnt since (the MLflow run id) is added
+            record["run"] = {**record["run"], **{k: v for k, v in base["run"].items() if v is not None}}
+            return record
         record = copy.deepcopy(base)
         record["checkpoints"] = existing["checkpoints"] if existing else []
         if existing:

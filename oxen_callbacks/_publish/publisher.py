@@ -329,11 +329,15 @@ class CheckpointPublisher:
             return None
         return self._put("remove", {"run": self.run, "dest": dest})
 
-    def finalize(self, record: dict[str, Any], *, best: str | os.PathLike[str] | None = None,
-                 timeout: float | None = None) -> dict[str, Any] | None:
-        """Commit the run's complete lineage record; returns it (commit ids filled) once committed."""
+    def submit_finalize(self, record: dict[str, Any], *, best: str | os.PathLike[str] | None = None) -> int:
+        """Journal the commit of the run's complete lineage record (``best``: the checkpoint it names
+        as the model); returns its job's sequence number for :meth:`final_record`."""
         best_dest = self._dest_by_source.get(os.path.abspath(best)) if best else None
-        seq = self._put("finalize", {"run": self.run, "record": record, "best": best_dest})
+        return self._put("finalize", {"run": self.run, "record": record, "best": best_dest})
+
+    def final_record(self, seq: int, *, timeout: float | None = None) -> dict[str, Any] | None:
+        """The record :meth:`submit_finalize` committed (commit ids filled), once every job before it is
+        done; ``None`` if it was not committed within ``timeout``."""
         self.flush(timeout)
         with self._cond:
             found = [r for r in self.results if r.get("seq") == seq]

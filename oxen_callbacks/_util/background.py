@@ -6,8 +6,8 @@ a fit must see its final lineage), and the interpreter waits for all of it at ex
 
 Example::
 
-    background.track(repo_path, thread, describe=lambda: "run r1 (2 commits pending)")
-    background.wait_for(repo_path)        # before reading runs/ of repo_path
+    background.track(repo_path, thread, committed=event, describe=lambda: "run r1 (2 commits pending)")
+    background.wait_for(repo_path)        # before reading runs/ of repo_path: waits for `event`
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from typing import Callable
 
 log = logging.getLogger(__name__)
 
-_work: list[tuple[str, threading.Thread, Callable[[], str]]] = []
+_work: list[tuple[str, threading.Thread, threading.Event, Callable[[], str]]] = []
 _lock = threading.Lock()
 
 
@@ -29,23 +29,25 @@ def _key(repo: str | os.PathLike[str]) -> str:
     return str(Path(repo).expanduser().resolve())
 
 
-def track(repo: str | os.PathLike[str], thread: threading.Thread, *, describe: Callable[[], str]) -> None:
-    """Note ``thread`` (started or about to be) as work for ``repo``; ``describe()`` says what it
-    waits for, in the message at exit."""
+def track(repo: str | os.PathLike[str], thread: threading.Thread, *, committed: threading.Event,
+          describe: Callable[[], str]) -> None:
+    """Note ``thread`` (started or about to be) as work for ``repo``: readers of the repository wait
+    for ``committed`` (set once what they read is final), the interpreter's exit for the thread;
+    ``describe()`` says what it waits for, in the message at exit."""
     with _lock:
         if not _work:
             atexit.register(_wait_at_exit)
-        _work[:] = [w for w in _work if w[1].is_alive()] + [(_key(repo), thread, describe)]
+        _work[:] = [w for w in _work if w[1].is_alive()] + [(_key(repo), thread, committed, describe)]
 
 
-def wait_for(repo: str | os.PathLike[str] | None = None, timeout: float | None = None) -> None:
-    """Wait for the work tracked for ``repo`` (every repository's when ``None``)."""
-    key = _key(repo) if repo is not None else None
+def wait_for(repo: str | os.PathLike[str], timeout: float | None = None) -> None:
+    """Wait until what this process still commits to ``repo`` in the background is committed."""
+    key = _key(repo)
     with _lock:
-        threads = [t for k, t, _ in _work if key is None or k == key]
-    for thread in threads:
+        events = [(t, e) for k, t, e, _ in _work if k == key]
+    for thread, committed in events:
         if thread is not threading.current_thread() and thread.ident is not None:
-            thread.join(timeout)
+            committed.wait(timeout)
 
 
 def _wait_at_exit() -> None:
@@ -54,11 +56,14 @@ def _wait_at_exit() -> None:
     ``oxen-callbacks sync``."""
     with _lock:
         work, _work[:] = list(_work), []
-    for _, thread, describe in work:
-        if thread.ident is None:
-            continue
-        thread.join(1.0)
-        if thread.is_alive():
-            log.warning("oxen-callbacks: finishing %s before exit; Ctrl-C leaves the rest to `oxen-callbacks sync`.",
-                        describe())
-            thread.join()
+    try:
+        for _, thread, _, describe in work:
+            if thread.ident is None:
+                continue
+            thread.join(1.0)
+            if thread.is_alive():
+                log.warning("oxen-callbacks: finishing %s before exit; Ctrl-C leaves the rest to "
+                            "`oxen-callbacks sync`.", describe())
+                thread.join()
+    except KeyboardInterrupt:
+        log.warning("oxen-callbacks: not waiting; what is left is journaled: run `oxen-callbacks sync`.")

@@ -1,0 +1,225 @@
+"""How a :class:`~oxen_callbacks.run.LineageRun` ends: the final lineage commit and MLflow logging.
+
+``finish`` does it all and returns the record; ``finish_soon`` (what the adapters call at fit
+end) makes the end durable and leaves the waiting to a thread, so ``fit()`` returns at once::
+
+    run.finish_soon("FINISHED", best=path)   # final lineage job journaled when it can be
+    run.lineage()                            # waits for the final commit, then MLflow (bounded)
+    run.wait()                               # the same, and raises a publishing error
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import os
+import threading
+import time
+from typing import Any
+
+from ._publish.publisher import CheckpointPublisher
+from ._util import background
+from .errors import PublishError
+from .lineage import LineageJSON
+
+log = logging.getLogger(__name__)
+
+
+def now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S%z")
+
+
+class RunEnding:
+    """The end of a LineageRun (a mixin: :class:`~oxen_callbacks.run.LineageRun` holds the state)."""
+
+    publisher: CheckpointPublisher | None
+    sink: Any
+    record: LineageJSON | None
+    finished: bool
+    model_repo: Any
+    run_name: str
+    remote: str | None
+    remote_url: str | None
+    drain_timeout: float | None
+    mlflow_timeout: float
+    register_model: str | None
+    log_dataset_input: bool
+    log_lineage_graph: bool
+    _claim: Any
+
+    def _init_ending(self) -> None:
+        self._finisher: threading.Thread | None = None  # finish_soon's work
+        self._committed = threading.Event()  # the final lineage commit is done (or could not be)
+        self._final_seq: int | None = None  # the final lineage job, once journaled
+        self._finish_error: Exception | None = None
+
+    def _base_record(self) -> LineageJSON:  # (LineageRun's)
+        raise NotImplementedError
+
+    # -- ending -----------------------------------------------------------------------
+    def finish(self, status: str = "FINISHED", *, best: str | os.PathLike[str] | None = None) -> LineageJSON | None:
+        """Wait for every commit, commit the final lineage, log it to MLflow; returns the record.
+
+        Safe to call twice (the second call returns the first result, once :meth:`finish_soon`'s
+        work is done). Publishing errors are raised after the lineage of what was published is logged.
+        """
+        if self.finished:
+            return self.wait()
+        self.finished = True
+        try:
+            return self._finish(status, best, deadline=time.monotonic() + self.mlflow_timeout)
+        finally:
+            self._committed.set()
+
+    def finish_soon(self, status: str = "FINISHED", *, best: str | os.PathLike[str] | None = None) -> None:
+        """:meth:`finish` without holding the caller: what ``fit()`` returns after.
+
+        Every checkpoint is already committed or frozen and journaled (the commit worker goes on
+        alone), and so is the final lineage job, here. A run the sink is still creating gets its
+        MLflow id into the committed record by a second, amending commit; the final commits and
+        the MLflow logging finish in a thread while the process lives, and at interpreter exit the process waits for them
+        (bounded, saying so; a killed process leaves them to ``oxen-callbacks sync``). Publishing
+        errors known by now are raised here, as :meth:`finish` does.
+        """
+        if self.finished:
+            return
+        if self.publisher is None or self.publisher.failed or multiprocessing.parent_process() is not None:
+            self.finish(status, best=best)  # (a process the launcher spawned exits right after: finish here)
+            return
+        self.finished = True
+        self.record_status(status)
+        deadline = time.monotonic() + self.mlflow_timeout
+        self._final_seq = self._submit_final(best)  # durable now: a kill from here on ends the run as it is
+        self._finisher = threading.Thread(target=self._finish_quietly, args=(status, best, deadline), daemon=True,
+                                          name="oxen-lineage-finish")
+        background.track(self.model_repo, self._finisher, committed=self._committed, describe=self._describe_end)
+        self._finisher.start()
+
+    def finish_after_error(self, status: str, *, best: str | os.PathLike[str] | None = None,
+                           what: str = "fit") -> None:
+        """End a started run that training left with an error as ``status``; a failure here is only logged."""
+        if self.publisher is None or self.finished:
+            return
+        try:
+            self.finish(status, best=best)
+        except Exception:
+            log.exception("Recording the lineage of the %s failed too", what)
+
+    def record_status(self, status: str) -> None:
+        """The run's end, in the record at once (what :meth:`lineage` says while the rest finishes)."""
+        if self.record is not None and self.record.get("status") == "RUNNING":
+            self.record.update(status=status, ended_at=now())
+
+    def wait(self, timeout: float | None = None) -> LineageJSON | None:
+        """:meth:`wait_until_logged`, then raise a publishing error that came after ``fit()`` returned."""
+        self.wait_until_logged(timeout)
+        if self._finish_error is not None:
+            raise self._finish_error
+        return self.record
+
+    def wait_until_logged(self, timeout: float | None = None) -> None:
+        """Wait for :meth:`finish_soon`'s work: the final lineage commit, then MLflow's (each bounded:
+        ``drain_timeout``, then ``mlflow_timeout`` for MLflow in all; what is left stays journaled)."""
+        finisher = self._finisher
+        if finisher is not None and finisher is not threading.current_thread():
+            finisher.join(timeout)
+
+    # -- the work -------------------------------------------------------------------------
+    def _finish_quietly(self, status: str, best: str | os.PathLike[str] | None, deadline: float) -> None:
+        try:
+            self._finish(status, best, deadline=deadline)
+        except Exception as exc:  # training is over and returned: say it, keep it for wait()
+            self._finish_error = exc
+            log.warning("%s", exc)
+        finally:
+            self._committed.set()
+
+    def _describe_end(self) -> str:
+        pending = self.publisher.pending if self.publisher is not None else 0
+        return (f"the lineage of run {self.run_name} ({pending} commit(s) pending"
+                + (f", then MLflow for up to {self.mlflow_timeout:.0f} s)" if self.sink is not None else ")"))
+
+    def _submit_final(self, best: str | os.PathLike[str] | None) -> int:
+        assert self.publisher is not None
+        return self.publisher.submit_finalize(self._base_record(), best=best)
+
+    def _finish(self, status: str, best: str | os.PathLike[str] | None, *, deadline: float) -> LineageJSON | None:
+        if self.publisher is None or self.record is None:
+            return None
+        self.record_status(status)
+        if self._final_seq is None:  # finish(): the MLflow run id first, then one final commit
+            self._wait_for_mlflow_run(deadline)
+            self._final_seq = self._submit_final(best)
+        final, error = self._commit_final(best, deadline)
+        committed = final is not None
+        self.record = final if committed else self._published_so_far()
+        self._warn_unpushed()
+        self._committed.set()
+        if self.sink is not None:
+            self._log_final_or_leave_to_sync(self.record, status, committed=committed,
+                                             timeout=max(0.5, deadline - time.monotonic()))
+        if error is not None:
+            raise error
+        return self.record
+
+    def _wait_for_mlflow_run(self, deadline: float) -> None:
+        if self.sink is not None and self.sink.run_id is None:  # a run the sink creates
+            self.sink.wait_for_run(max(0.0, deadline - time.monotonic()))
+
+    def _commit_final(self, best: str | os.PathLike[str] | None,
+                      deadline: float) -> tuple[LineageJSON | None, Exception | None]:
+        """Drain the publisher until the final lineage is committed, then, when the MLflow run was
+        created meanwhile, commit its id into it too; ``(None, error)`` when the final commit failed."""
+        assert self.publisher is not None and self._final_seq is not None
+        try:
+            final = self.publisher.final_record(self._final_seq, timeout=self.drain_timeout)
+            if final is not None:
+                self._committed.set()  # readers of the repository need not wait for MLflow
+            if final is not None and self.sink is not None and not final["run"].get("mlflow_run_id"):
+                self._wait_for_mlflow_run(deadline)
+                if self.sink.run_id is not None:
+                    amended = self.publisher.final_record(self._submit_final(best), timeout=self.drain_timeout)
+                    final = amended or final
+            return final, None
+        except PublishError as exc:
+            return None, exc
+        finally:
+            self.publisher.close(timeout=self.drain_timeout)
+            if self._claim is not None:
+                self._claim.release()
+
+    def _published_so_far(self) -> LineageJSON:
+        """The record the MLflow pointer gets when the final lineage commit did not complete."""
+        assert self.publisher is not None
+        final = self._base_record()
+        final["checkpoints"] = [
+            {"commit": r["commit"], "path": r["dest"], "step": r.get("step"), "epoch": r.get("epoch"),
+             "metrics": r.get("metrics") or {}}
+            for r in self.publisher.results if r.get("kind") == "checkpoint"
+        ]
+        if final["checkpoints"]:
+            last = final["checkpoints"][-1]
+            final["model"] = {**final["model"], "commit": last["commit"], "path": last["path"]}
+        log.warning("The final lineage commit did not complete; the pointer lists what was published.")
+        return final
+
+    def _log_final_or_leave_to_sync(self, final: LineageJSON, status: str, *, committed: bool,
+                                    timeout: float) -> None:
+        try:
+            self.sink.log_final(final, status, committed=committed, register_model=self.register_model,
+                                dataset_input=self.log_dataset_input, graph=self.log_lineage_graph, timeout=timeout)
+        except Exception:  # the work is done and committed: MLflow bookkeeping never fails training
+            log.warning("Logging the lineage to MLflow failed; what is journaled in %s stays there for "
+                        "`oxen-callbacks sync`.", self.sink.journal.folder, exc_info=True)
+            self.sink.journal.release_trainer()  # sync's from now on, though this process lives on
+
+    def _warn_unpushed(self) -> None:
+        from ._publish.push import pending_push
+
+        if self.remote is None and self.remote_url is None:
+            return
+        marker = pending_push(self.model_repo)
+        if marker is not None and self.publisher is not None:
+            self.publisher.warn_unpushed(marker)  # once per run, whether training or the end found it
+            if self.record is not None:
+                self.record["push"] = {"remote": marker["remote"], "pushed": False, "error": marker.get("error")}
