@@ -152,6 +152,7 @@ class RunEnding:
             self._final_seq = self._submit_final(best)
         final, error = self._commit_final(best, deadline)
         committed = final is not None
+        self._wait_for_mlflow_run(deadline)  # (the record this process holds names the run in any case)
         self.record = final if committed else self._published_so_far()
         self._warn_unpushed()
         self._committed.set()

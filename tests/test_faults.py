@@ -104,6 +104,7 @@ def test_broken_model_repo_is_a_clear_error_and_sync_recovers(dataset_repo, tmp_
     ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=2, save_top_k=-1)
     with pytest.raises(PublishError, match=r"(?s)Committing to the model repository .*models.*oxen-callbacks sync"):
         make_trainer(tmp_path, [ckpt, cb, BreakStore(store, cb)], epochs=2).fit(TinyModel(), datamodule=CsvData(pin))
+        cb.run.wait()  # (raised by fit() when known by then, else by wait())
     store.unlink()
     shutil.move(str(store) + ".moved", store)  # the operator fixes the disk
     report = sync.sync_all()
