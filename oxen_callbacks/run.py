@@ -127,10 +127,11 @@ class LineageRun(RunOptionChecks, RunEnding):
     def _start_early_work(self) -> None:
         """Work that overlaps the user building the model and trainer: import MLflow, ``oxen init``."""
         if self.use_mlflow:
-            from ._mlflow.fluent import active_run
-            from ._mlflow.sink import WarmSinkProcess
+            from ._mlflow.sink import WarmSinkProcess, mlflow_imported
 
-            if self.mlflow_run_id is None and active_run() is None:  # else this process logs it (MlflowSink.attach)
+            # MLflow already loaded here: most likely a logger's or the active run, which a thread of
+            # this process logs (MlflowSink.attach); a run of our own then starts its sink at fit start
+            if not mlflow_imported():
                 self._warm_sink = WarmSinkProcess(self.mlflow_tracking_uri)  # imports MLflow
         if not oxen_layout.is_repo(self.model_repo):  # `oxen init`: 0.3 s in a child process
             pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="oxen-init")

@@ -164,7 +164,15 @@ def test_resume_checks_the_dataset_commit(dataset_repo, tmp_path):
     assert json.dumps(cb_same.lineage)  # serializable
 
 
-def test_a_callback_never_fitted_leaves_no_process_behind(tmp_path):
+@pytest.fixture
+def script_without_mlflow(monkeypatch):  # type: ignore[no-untyped-def]
+    """As in a script that has not imported MLflow itself (this test process has)."""
+    from oxen_callbacks._mlflow import sink
+
+    monkeypatch.setattr(sink, "mlflow_imported", lambda: False)
+
+
+def test_a_callback_never_fitted_leaves_no_process_behind(tmp_path, script_without_mlflow):
     """The MLflow sink process and the model repository's `oxen init` start with the callback
     (they overlap building the trainer); an unused callback's sink exits once it is gone."""
     import gc
@@ -180,7 +188,7 @@ def test_a_callback_never_fitted_leaves_no_process_behind(tmp_path):
     assert LocalRepo(tmp_path / "models").commit_ids() == []  # an empty repository, ready for the next fit
 
 
-def test_fits_in_one_process_reuse_the_sink_yet_log_where_each_run_says(dataset_repo, tmp_path):
+def test_fits_in_one_process_reuse_the_sink_yet_log_where_each_run_says(dataset_repo, tmp_path, script_without_mlflow):
     """A notebook fits again and again: the second fit's MLflow logging runs in the sink process the
     first one left idle (MLflow already imported), yet follows the second fit's own settings."""
     pin = PinnedDataset(dataset_repo.path, revision=dataset_repo.commits[0], paths=["train.csv", "val.csv"])
