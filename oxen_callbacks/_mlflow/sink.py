@@ -20,7 +20,6 @@ import importlib.util
 import json
 import logging
 import os
-import queue
 import subprocess
 import sys
 import threading
@@ -53,6 +52,7 @@ from ..names import (
 )
 from .fluent import active_run
 from .journal import MlflowJournal
+from .sink_thread import SinkThread
 
 log = logging.getLogger(__name__)
 
@@ -314,67 +314,6 @@ def _start_sink(args: list[str], settings: dict[str, str]) -> subprocess.Popen[b
         stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=child_environment(settings),
         cwd=os.getcwd(), **OWN_PROCESS_GROUP,  # it may outlive training to finish the logging
     )
-
-
-class SinkThread:
-    """The sink served by a thread of the training process (a run MLflow already logs to here); it
-    looks like a sink process to :class:`MlflowSink`: ``stdin`` takes its messages, ``poll()``
-    tells whether it stopped. When the training process dies, ``sync`` finishes what is left
-    (:meth:`.journal.MlflowJournal.abandoned`)."""
-
-    def __init__(self, folder: Path, client_uri: str) -> None:
-        self.stdin = _QueueLines()
-        self.pid = os.getpid()
-        self._thread = threading.Thread(target=self._serve, args=(folder, client_uri), daemon=True,
-                                        name="oxen-mlflow-sink")
-        self._thread.start()
-
-    def _serve(self, folder: Path, client_uri: str) -> None:
-        from .sink_process import serve_folder
-
-        try:
-            serve_folder(folder, self.stdin, client_uri, log_file=False)
-        except Exception:  # the journal stays for `sync`; training never hears of it
-            log.warning("Logging to MLflow stopped; what is left is journaled in %s for `oxen-callbacks sync`.",
-                        folder, exc_info=True)
-
-    def poll(self) -> int | None:
-        return None if self._thread.is_alive() else 0
-
-    def wait(self, timeout: float | None = None) -> int:
-        self._thread.join(timeout)
-        if self._thread.is_alive():
-            raise subprocess.TimeoutExpired("oxen-mlflow-sink", timeout or 0)
-        return 0
-
-
-class _QueueLines:
-    """A pipe between threads with a sink process's stdin's two ends: ``write``/``flush``/``close``
-    for the training side, ``next(timeout)`` (see :class:`.._util.stdin_lines.StdinLines`) for the sink."""
-
-    def __init__(self) -> None:
-        self._lines: queue.Queue[str] = queue.Queue()
-        self._closed = False
-
-    def write(self, data: bytes) -> None:
-        if self._closed:
-            raise ValueError("closed")
-        for line in data.decode().splitlines(keepends=True):
-            self._lines.put(line)
-
-    def flush(self) -> None:
-        pass
-
-    def close(self) -> None:
-        if not self._closed:
-            self._closed = True
-            self._lines.put("")  # EOF
-
-    def next(self, timeout: float | None) -> str | None:
-        try:
-            return self._lines.get(timeout=timeout)
-        except queue.Empty:
-            return None
 
 
 class WarmSinkProcess:
