@@ -45,6 +45,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from ._oxen.commit_id import is_commit_id
+from ._util import background
 from ._util.fs import write_json_atomically
 from ._util.redact import redact_url
 from .errors import LineageValidationError
@@ -323,6 +324,7 @@ def write_lineage(record: Mapping[str, Any] | LineageRecord, path: str | os.Path
 # -- the records of a model repository ------------------------------------------------------------
 def repo_records(model_repo: str | os.PathLike[str]) -> list[LineageJSON]:
     """The lineage records of every run in a model repository's working tree (unreadable ones skipped)."""
+    background.wait_for(model_repo)  # a fit of this process may still be committing its final lineage
     found = (_read_or_skip(path) for path in lineage_files(model_repo))
     return [record for record in found if record is not None]
 
@@ -331,6 +333,7 @@ def repo_record(model_repo: str | os.PathLike[str], run_name: str) -> LineageJSO
     """The lineage record of run ``run_name`` in a model repository, if it is there and readable."""
     if not is_run_name(run_name):
         return None  # not a folder name: nothing outside the runs' folder is read
+    background.wait_for(model_repo)
     path = Path(model_repo) / lineage_path(run_name)
     return _read_or_skip(path) if path.is_file() else None
 

@@ -33,6 +33,7 @@ from .._oxen import shadow
 from .._oxen.commit_id import is_commit_like
 from .._oxen.repo import LocalRepo
 from .._publish.queue import repo_lock_path
+from .._util import background
 from .._util.fs import write_json_atomically
 from .._util.locks import FileLock
 from .._util.redact import redact_url
@@ -142,6 +143,7 @@ def promote(model_repo: str | os.PathLike[str], revision: str, stage: str, *,
             tracking_uri: str | None = None) -> dict[str, Any]:
     """Move branch ``stage/<stage>`` of ``model_repo`` to ``revision``; set the MLflow alias ``<stage>``."""
     check_stage(stage)
+    background.wait_for(model_repo)  # a fit of this process may still be committing to `revision`
     repo = _model_repo(model_repo)
     commit = _resolve(repo, revision)
     branch = STAGE_PREFIX + stage
