@@ -155,7 +155,6 @@ class RunEnding:
         self._wait_for_mlflow_run(deadline)  # (the record this process holds names the run in any case)
         self.record = final if committed else self._published_so_far()
         self._warn_unpushed()
-        self._committed.set()
         if self.sink is not None:
             self._log_final_or_leave_to_sync(self.record, status, committed=committed,
                                              timeout=max(0.5, deadline - time.monotonic()))
@@ -188,6 +187,7 @@ class RunEnding:
             self.publisher.close(timeout=self.drain_timeout)
             if self._claim is not None:
                 self._claim.release()
+            self._committed.set()  # committed or not: nothing more comes to the repository for this run
 
     def _published_so_far(self) -> LineageJSON:
         """The record the MLflow pointer gets when the final lineage commit did not complete."""

@@ -332,28 +332,30 @@ class WarmSinkProcess:
         self.proc: subprocess.Popen[bytes] | None = idle or _start_sink(["--warm"], store)
         self._closer = weakref.finalize(self, _close_stdin, self.proc)
 
+    def _take(self) -> subprocess.Popen[bytes] | None:
+        """The process, now the caller's to use or stop (this object no longer closes it)."""
+        proc, self.proc = self.proc, None
+        self._closer.detach()
+        return proc
+
     def discard(self) -> None:
         """Not needed after all (the run is logged from this process): an idle process goes back to
         wait for the next run, one still importing MLflow is stopped now rather than after its import."""
-        proc, self.proc = self.proc, None
-        self._closer.detach()
+        proc = self._take()
         if proc is None or proc.poll() is not None:
             return
         if self._was_idle:
             _release_idle(proc)
         else:
-            proc.kill()
-            proc.wait()
+            _stop(proc)
 
     def hand_over(self, journal_folder: Path, settings: dict[str, str]) -> subprocess.Popen[bytes] | None:
         """Give the process its journal; ``None`` if it is gone (start a new one then)."""
-        proc, self.proc = self.proc, None
-        self._closer.detach()
+        proc = self._take()
         idle = None if self._was_idle else _take_idle()
         if idle is not None:  # left idle since we started (a sweep's previous fit ended meanwhile)
             if proc is not None:
-                proc.kill()
-                proc.wait()
+                _stop(proc)
             proc = idle
         if proc is None or proc.poll() is not None or proc.stdin is None:
             return None
@@ -388,6 +390,12 @@ def _release_idle(proc: subprocess.Popen[bytes]) -> None:
             _idle.append(proc)
             return
     _close_stdin(proc)  # one idle process is enough
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    """Stop a sink process that has no journal yet (it may still be importing MLflow)."""
+    proc.kill()
+    proc.wait()
 
 
 def _close_stdin(proc: subprocess.Popen[bytes]) -> None:

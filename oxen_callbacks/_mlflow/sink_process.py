@@ -99,8 +99,9 @@ def serve_folder(folder: Path, lines: Any = _STDIN, client_uri: str | None = Non
                 journal.put(ABANDONED_SEQ, {"op": "finish_abandoned"})
             forget = journal.is_empty()
     finally:
-        logging.getLogger().removeHandler(handler)
-        handler.close()
+        if handler is not None:
+            logging.getLogger().removeHandler(handler)
+            handler.close()
     if forget:
         shutil.rmtree(journal.folder, ignore_errors=True)
     return ended == "end"
