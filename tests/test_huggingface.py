@@ -179,12 +179,12 @@ def test_report_to_mlflow_gives_one_run_with_metrics_and_oxen_pointers(reviews, 
     trainer, _ = make_trainer(tmp_path / "out", pin.load_dataset()["train"], [cb], max_steps=4, save_steps=2,
                               report_to="mlflow")
     trainer.train()
+    record = cb.lineage  # (waits for the lineage logging train() did not wait for)
 
     client = MlflowClient()
     runs = client.search_runs([client.get_experiment_by_name("hf-lineage").experiment_id])
     assert len(runs) == 1  # transformers' MLflowCallback run, joined, not a second one
     run = runs[0]
-    record = cb.lineage
     assert run.info.run_id == record["run"]["mlflow_run_id"] and run.info.status == "FINISHED"
     assert "loss" in run.data.metrics and "learning_rate" in run.data.params  # MLflowCallback's own logging
     assert run.data.tags["oxen.dataset.commit"] == reviews.commits[0]
