@@ -20,12 +20,10 @@ import sys
 import threading
 import time
 import uuid
-from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 from . import __version__
-from ._oxen import layout as oxen_layout
 from ._oxen.remote_spec import parse_remote
 from ._publish.claim import RunClaim, record_fit, recorded_fit
 from ._publish.freeze import unfreeze_for_rewrite
@@ -119,13 +117,12 @@ class LineageRun(RunOptionChecks, RunEnding):
         self._claim: RunClaim | None = None
         self._published: list[str] = []  # checkpoint paths queued for commit, in order
         self._warm_sink: Any = None
-        self._repo_init: Future[Any] | None = None
         self._init_ending()
         if _likely_rank_zero():
             self._start_early_work()
 
     def _start_early_work(self) -> None:
-        """Work that overlaps the user building the model and trainer: import MLflow, ``oxen init``."""
+        """Work that overlaps the user building the model and trainer: import MLflow."""
         if self.use_mlflow:
             from ._mlflow.sink import WarmSinkProcess, mlflow_imported
 
@@ -133,14 +130,10 @@ class LineageRun(RunOptionChecks, RunEnding):
             # this process logs (MlflowSink.attach); a run of our own then starts its sink at fit start
             if not mlflow_imported():
                 self._warm_sink = WarmSinkProcess(self.mlflow_tracking_uri)  # imports MLflow
-        if not oxen_layout.is_repo(self.model_repo):  # `oxen init`: 0.3 s in a child process
-            pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="oxen-init")
-            self._repo_init = pool.submit(open_model_repo, self.model_repo, self.cache_dir)
-            pool.shutdown(wait=False)
 
     def __getstate__(self) -> dict[str, Any]:
-        """Picklable for ``ddp_spawn``: the warm sink process, the init thread and the claim stay here."""
-        return {**self.__dict__, "_warm_sink": None, "_repo_init": None, "_claim": None, "_finisher": None,
+        """Picklable for ``ddp_spawn``: the warm sink process and the claim stay here."""
+        return {**self.__dict__, "_warm_sink": None, "_claim": None, "_finisher": None,
                 "_committed": None}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -173,10 +166,7 @@ class LineageRun(RunOptionChecks, RunEnding):
         is noted under it in the model repository for :meth:`lineage`.
         """
         background.wait_for(self.model_repo)  # an earlier fit of this process still finishing its lineage
-        if self._repo_init is not None:
-            self._repo_init.result()  # its error (e.g. an unwritable folder), raised here before training
-        else:
-            open_model_repo(self.model_repo, self.cache_dir)
+        open_model_repo(self.model_repo, self.cache_dir)  # `oxen init` when new: a file written, ~1 ms
         try:
             self._claim = RunClaim.take(self.model_repo, self.run_name, continuing=continuing)
         except ConfigurationError:

@@ -39,6 +39,38 @@ def test_repo_markers_head_and_history(tmp_path):
     assert (repo.path / ".oxen" / "versions").is_dir()
 
 
+def test_our_init_writes_what_oxen_init_writes_and_oxen_commits_into_it(tmp_path, monkeypatch):
+    """The model repository is initialized by writing ``.oxen/config.toml`` (no oxenai process):
+    the same bytes as oxenai's own init, and oxenai adds, commits and reads the repository."""
+    monkeypatch.setenv("OXEN_CONFIG_DIR", str(tmp_path / "oxen-config"))
+    theirs, ours = tmp_path / "theirs", tmp_path / "ours"
+    oxen_child.init_repo(theirs)
+    assert sorted(p.name for p in (theirs / ".oxen").iterdir()) == ["config.toml"]
+    oxen_layout.init(ours)
+    assert (ours / ".oxen" / "config.toml").read_bytes() == (theirs / ".oxen" / "config.toml").read_bytes()
+    assert sorted(p.name for p in (ours / ".oxen").iterdir()) == ["config.toml"]
+    (ours / "w.bin").write_bytes(b"weights")
+    commit = oxen_child.commit_paths(ours, ["w.bin"], "first", author=AUTHOR)
+    assert oxen_child.branches(ours) == {"main": commit}
+    assert [c["id"] for c in oxen_child.log(ours)] == [commit]
+    oxen_layout.init(ours)  # an existing repository is left as it is
+    assert oxen_layout.damage(ours) is None and oxen_layout.head_ref(ours) == "main"
+
+
+def test_init_finishes_an_interrupted_init_but_never_writes_over_damage(tmp_path):
+    cut_short = tmp_path / "cut"
+    (cut_short / ".oxen").mkdir(parents=True)
+    (cut_short / ".oxen" / "config.toml.oxcb-init-1").write_text("remo")  # killed mid-write
+    oxen_layout.init(cut_short)
+    assert (cut_short / ".oxen" / "config.toml").read_text() == oxen_layout.INIT_CONFIG
+    assert sorted(p.name for p in (cut_short / ".oxen").iterdir()) == ["config.toml"]
+    damaged = make_repo(tmp_path / "d", [("one", {"a.txt": "1"})]).path
+    (damaged / ".oxen" / "config.toml").unlink()
+    oxen_layout.init(damaged)
+    assert not (damaged / ".oxen" / "config.toml").exists()
+    assert oxen_layout.damage(damaged) == ".oxen/config.toml is missing"
+
+
 def test_shadow_restores_an_old_commit_without_touching_the_original(tmp_path):
     repo = make_repo(tmp_path / "r", [("one", {"d/a.txt": "old"}), ("two", {"d/a.txt": "new"})])
     head_before = (repo.path / ".oxen" / "HEAD").read_text()

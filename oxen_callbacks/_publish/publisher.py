@@ -25,7 +25,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from .._oxen import child as oxen_child
 from .._oxen import layout as oxen_layout
 from .._oxen.identity import resolve_author, worker_environment
 from .._oxen.remote_spec import parse_remote
@@ -56,8 +55,7 @@ def open_model_repo(path: str | os.PathLike[str], cache_dir: Path) -> LocalRepo:
                     f"The model repository {str(path)!r} is a non-empty folder that is not an Oxen repository.",
                     "pass a new or empty folder (it will be created with `oxen init`), or run `oxen init` there.",
                 )
-            if not oxen_layout.oxen_dir(target).exists():
-                oxen_child.init_repo(target)
+            oxen_layout.init(target)
             return LocalRepo(target, role="model repository")
     except PermissionError as exc:
         raise ConfigurationError(
