@@ -33,13 +33,14 @@ RETRY_DELAYS_S = (0.5, 1.0, 2.0, 4.0, 8.0)
 _STDIN = StdinLines()  # the training process's wake-ups, hand-offs and ends
 
 
-def serve(journal: MlflowJournal, lines: Any = _STDIN, client_uri: str | None = None) -> str:
+def serve(journal: MlflowJournal, lines: Any = _STDIN, client_uri: str | None = None, *, linger_s: float = 0.0) -> str:
     """Apply operations as they arrive, until the training run says it is over.
 
     ``lines``: the training run's messages (this process's stdin, or a queue when served by a
     thread of the training process, see :class:`.sink.SinkThread`); ``client_uri``: the store's
-    URI with its credentials (default: the environment's, see :func:`.apply.client_for`).
-    A newline wakes us; ``end`` ends this journal (the process may get
+    URI with its credentials (default: the environment's, see :func:`.apply.client_for`);
+    ``linger_s``: after a wake-up, wait that long for more operations (unless the run ends), so that
+    their tags go in one request. A newline wakes us; ``end`` ends this journal (the process may get
     another, see :func:`main`); EOF means the training process is gone: finish
     and exit. Returns why it stopped: ``"end"`` (stdin still open), ``"eof"``,
     ``"gave_up"`` or ``"waiting"`` (a run finished from commits not yet done: left
@@ -79,9 +80,14 @@ def serve(journal: MlflowJournal, lines: Any = _STDIN, client_uri: str | None = 
             return over
         line = lines.next(timeout=1.0)
         over = "eof" if line == "" else "end" if line == "end\n" else False
+        lingering_until = time.monotonic() + linger_s if line and not over else 0.0
+        while not over and (left := lingering_until - time.monotonic()) > 0:
+            line = lines.next(timeout=left)
+            over = "eof" if line == "" else "end" if line == "end\n" else False
 
 
-def serve_folder(folder: Path, lines: Any = _STDIN, client_uri: str | None = None, *, log_file: bool = True) -> bool:
+def serve_folder(folder: Path, lines: Any = _STDIN, client_uri: str | None = None, *, log_file: bool = True,
+                 linger_s: float = 0.0) -> bool:
     """:func:`serve` one journal under its lock (with its own log in a sink process); forget it once done."""
     journal = MlflowJournal(folder)
     handler = logging.FileHandler(journal.folder / "sink.log") if log_file else logging.NullHandler()
@@ -90,7 +96,7 @@ def serve_folder(folder: Path, lines: Any = _STDIN, client_uri: str | None = Non
         logging.getLogger().addHandler(handler)
     try:
         with FileLock(journal.lock_path):
-            ended = serve(journal, lines, client_uri)
+            ended = serve(journal, lines, client_uri, linger_s=linger_s)
             if ended == "eof" and journal.meta().get("model_repo"):
                 # the training process died without ending its run (SIGKILL, OOM): `sync` finishes the
                 # run from the checkpoints its commit worker gets into the model repository

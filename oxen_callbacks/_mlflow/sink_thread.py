@@ -14,6 +14,10 @@ from pathlib import Path
 from .._util.redact import redact_text
 
 log = logging.getLogger(__name__)
+#: How long the thread gathers operations after a wake-up before applying them: MLflow's calls
+#: hold the training process's GIL, so the tags learnt during a burst of saves go in one request.
+#: The end of the run is applied at once.
+LINGER_S = 1.0
 
 
 class SinkThread:
@@ -33,7 +37,7 @@ class SinkThread:
         from .sink_process import serve_folder
 
         try:
-            serve_folder(folder, self.stdin, client_uri, log_file=False)
+            serve_folder(folder, self.stdin, client_uri, log_file=False, linger_s=LINGER_S)
         except Exception as exc:  # the journal stays for `sync`; training never hears of it
             log.warning("Logging to MLflow stopped (%s); what is left is journaled in %s for `oxen-callbacks sync`.",
                         redact_text(f"{type(exc).__name__}: {exc}")[:500], folder)
