@@ -301,3 +301,36 @@ def test_lineage_commit_fields_must_be_commit_ids(where, value, tmp_path):
     target[where[-1]] = value
     with pytest.raises(LineageValidationError, match="not an Oxen commit id"):
         read_lineage(record)
+
+
+def test_a_password_in_the_loggers_tracking_uri_appears_nowhere(dataset_repo, tmp_path, caplog):
+    """Sharing an ``MLFlowLogger``'s run whose URI holds a password: the callback's MLflow writes (a
+    thread of the training process, with that URI) reach the server, and the password no file."""
+    from lightning.pytorch.loggers import MLFlowLogger
+    from mlflow import MlflowClient
+    from mlflow_server import MlflowServer
+
+    password = "pw-" + RANDOM
+    with MlflowServer(tmp_path / "server") as server:
+        uri = server.uri.replace("http://", f"http://alice:{password}@")
+        pin = PinnedDataset(dataset_repo.path, revision=dataset_repo.commits[0], paths=["train.csv", "val.csv"])
+        logger = MLFlowLogger(experiment_name="creds", tracking_uri=uri)
+        cb = OxenLightningCallback(dataset=pin, model_repo=tmp_path / "models")
+        with caplog.at_level(logging.DEBUG):
+            make_trainer(tmp_path, [ModelCheckpoint(dirpath=tmp_path / "ckpt"), cb], epochs=1, logger=logger).fit(
+                TinyModel(), datamodule=CsvData(pin))
+            lineage = cb.lineage  # waits for the thread's MLflow writes
+        run = MlflowClient(server.uri).get_run(logger.run_id)
+        assert lineage["run"]["mlflow_run_id"] == logger.run_id
+        assert run.data.tags["oxen.model.commit"] == lineage["model"]["commit"]  # written through that URI
+        assert password not in caplog.text
+        leaks = []
+        for dirpath, _dirs, names in os.walk(tmp_path):
+            for name in names:
+                path = os.path.join(dirpath, name)
+                try:
+                    if password.encode() in open(path, "rb").read():
+                        leaks.append(path)
+                except OSError:
+                    continue
+        assert not leaks  # journals, lineage records, commits, MLflow's store and artifacts, logs
