@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import json
 import os
+import pty
 import shutil
 import subprocess
 import sys
 import tempfile
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -133,6 +136,50 @@ def test_every_setup_command_works_without_the_oxen_binary(tmp_path, server):
     assert holders(tmp_path, ENV_TOKEN) == [] and os.listdir(tmp_path / "tmp") == []
 
 
+def at_a_terminal(env: dict[str, str], args: list[str], answers: list[str]) -> tuple[int, str]:
+    """Run a command whose stdin is a terminal, typing each answer once its prompt (``...: ``) shows."""
+    terminal, keyboard = pty.openpty()
+    proc = subprocess.Popen([sys.executable, "-m", "oxen_callbacks.cli", *args], stdin=keyboard,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
+                            start_new_session=True)  # no /dev/tty of ours: the prompts use the pty
+    os.close(keyboard)
+    try:
+        for answer in answers:
+            seen = b""
+            while not seen.endswith(b": ") and (char := proc.stderr.read(1)):
+                seen += char
+            os.write(terminal, answer.encode() + b"\n")
+        out, _ = proc.communicate(timeout=120)
+    finally:
+        os.close(terminal)
+    return proc.returncode, out.decode()
+
+
+def test_on_a_terminal_the_token_and_the_identity_are_asked_for(tmp_path):
+    env = fresh_world(tmp_path)
+    for key, value in (("user.name", "Git Person"), ("user.email", "git@example.com")):
+        subprocess.run(["git", "config", "--global", key, value], env=env, check=True)
+    code, out = at_a_terminal(env, ["auth", "--json"], [TOKEN])
+    assert code == 0 and json.loads(out)["hosts"] == ["hub.oxen.ai"] and TOKEN not in out
+    code, out = at_a_terminal(env, ["identity", "--json"], ["Ada Lovelace", ""])  # Enter: git's email
+    assert code == 0 and json.loads(out)["source"] == "prompt"  # the prompts went to stderr
+    config = tmp_path / "home" / ".config" / "oxen"
+    assert f'auth_token = "{TOKEN}"' in (config / "auth_config.toml").read_text()
+    assert (config / "user_config.toml").read_text() == 'name = "Ada Lovelace"\nemail = "git@example.com"\n'
+
+
+def command_lines_holding(secret: str, stop: threading.Event, found: list[str]) -> None:
+    """Until ``stop``: the command line of every process on the machine that holds ``secret``."""
+    while not stop.is_set():
+        for pid in os.listdir("/proc"):
+            try:
+                if pid.isdigit() and secret.encode() in Path(f"/proc/{pid}/cmdline").read_bytes():
+                    found.append(pid)
+            except OSError:
+                continue
+        time.sleep(0.02)
+
+
 def test_a_fit_pulls_and_pushes_with_the_token_from_the_environment_and_writes_it_nowhere(
         tmp_path, server, monkeypatch, caplog):
     for key, value in fresh_world(tmp_path).items():
@@ -141,12 +188,20 @@ def test_a_fit_pulls_and_pushes_with_the_token_from_the_environment_and_writes_i
     monkeypatch.setattr(tempfile, "tempdir", None)  # TMPDIR is read again
     monkeypatch.setenv("OXEN_API_KEY", ENV_TOKEN)
 
-    pin = PinnedDataset(server.url("ox/reviews"), revision=COMMIT, paths=["train.csv", "val.csv"])
-    cb = OxenLightningCallback(dataset=pin, model_repo=tmp_path / "models", remote_url=server.url("ox/models"),
-                               push_timeout=30, experiment_name="env-token")
-    make_trainer(tmp_path, [ModelCheckpoint(dirpath=tmp_path / "ckpt"), cb], epochs=1).fit(
-        TinyModel(), datamodule=CsvData(pin))
-    lineage = cb.lineage  # waits for the final commit and the push
+    stop, in_argv = threading.Event(), []
+    watcher = threading.Thread(target=command_lines_holding, args=(ENV_TOKEN, stop, in_argv), daemon=True)
+    watcher.start()
+    try:
+        pin = PinnedDataset(server.url("ox/reviews"), revision=COMMIT, paths=["train.csv", "val.csv"])
+        cb = OxenLightningCallback(dataset=pin, model_repo=tmp_path / "models", remote_url=server.url("ox/models"),
+                                   push_timeout=30, experiment_name="env-token")
+        make_trainer(tmp_path, [ModelCheckpoint(dirpath=tmp_path / "ckpt"), cb], epochs=1).fit(
+            TinyModel(), datamodule=CsvData(pin))
+        lineage = cb.lineage  # waits for the final commit and the push
+    finally:
+        stop.set()
+        watcher.join()
+    assert in_argv == []  # no process ever had the token on its command line
 
     assert lineage["dataset"]["commit"] == COMMIT and lineage["checkpoints"]  # training went on
     paths = [r.path for r in server.requests]
