@@ -23,16 +23,10 @@ import signal
 import subprocess
 import sys
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 from .. import errors
-from .._util.processes import (
-    OWN_PROCESS_GROUP,
-    child_environment,
-    function_reference,
-    python_command,
-)
+from .._util.processes import OWN_PROCESS_GROUP, child_environment, function_reference, python_command
 from ..errors import OxenError
 
 _SIGNALS = {int(s) for s in signal.Signals}
@@ -146,35 +140,36 @@ def materialize(path: str | os.PathLike[str], commit: str, paths: list[str], des
                  commit=commit, paths=paths, dest=str(dest))
 
 
-def save_token(token: str, host: str) -> Path:
+def save_token(token: str, host: str) -> str:
     """Write ``host``'s token into the user's ``auth_config.toml``, readable by the user alone; its path."""
     from .auth import save_token_at
     from .identity import AUTH_CONFIG
 
     path = _config_file(AUTH_CONFIG)
     try:
-        run_in_child(save_token_at, what="auth", timeout=60, token=token, host=host, path=str(path))
+        run_in_child(save_token_at, what="auth", timeout=60, token=token, host=host, path=path)
     finally:
-        if path.exists():
+        if os.path.exists(path):
             os.chmod(path, 0o600)
     return path
 
 
-def save_identity(name: str, email: str) -> Path:
+def save_identity(name: str, email: str) -> str:
     """Write the user's ``user_config.toml`` (the author of their commits); its path."""
     from .identity import USER_CONFIG, save_identity_at
 
     path = _config_file(USER_CONFIG)
-    run_in_child(save_identity_at, what="identity", timeout=60, name=name, email=email, path=str(path))
+    run_in_child(save_identity_at, what="identity", timeout=60, name=name, email=email, path=path)
     return path
 
 
-def _config_file(name: str) -> Path:
+def _config_file(name: str) -> str:
+    """``name`` in Oxen's config folder, which is made (readable by the user alone) if missing."""
     from .identity import oxen_config_dir
 
     folder = oxen_config_dir()
     folder.mkdir(mode=0o700, parents=True, exist_ok=True)
-    return folder / name
+    return str(folder / name)
 
 
 def add_remote(path: str | os.PathLike[str], name: str, url: str, host: str, timeout: float = 60.0) -> None:

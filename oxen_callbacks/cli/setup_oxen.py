@@ -52,7 +52,7 @@ def _auth(args: argparse.Namespace) -> Result:
             "`printenv OXEN_API_KEY | oxen-callbacks auth`.")
     host = check_host(args.host)
     token = check_token(_read_token(host))
-    path = oxen_child.save_token(token, host)
+    path = Path(oxen_child.save_token(token, host))
     return {"host": host, "auth_config": str(path), "mode": f"{path.stat().st_mode & 0o777:04o}",
             "hosts": configured_hosts(path)}
 
@@ -101,7 +101,7 @@ def _identity(args: argparse.Namespace) -> Result:
                                  "pass both: `oxen-callbacks identity --name 'Ada Lovelace' --email ada@example.com`.")
     name, email = check_identity(name, email)
     path = oxen_child.save_identity(name, email)
-    return {"name": name, "email": email, "source": source, "written": True, "user_config": str(path)}
+    return {"name": name, "email": email, "source": source, "written": True, "user_config": path}
 
 
 def _show_identity(result: Result) -> str:
