@@ -94,7 +94,7 @@ class RunOptionChecks:
                 f"remote={self.remote!r} is not a remote of the model repository {str(self.model_repo)!r} "
                 f"(it has: {', '.join(known) or 'none'}).",
                 "pass remote_url='https://HOST/namespace/name' too, or add it: "
-                "`oxen config --set-remote NAME URL`.",
+                f"`oxen-callbacks remote add {self.remote} URL --repo {str(self.model_repo)!r}`.",
             )
 
     def _validate_timeouts(self) -> None:

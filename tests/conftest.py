@@ -27,7 +27,7 @@ def isolated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
         mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
         mlflow.tracking.fluent._active_experiment_id = None
     for var in ("MLFLOW_EXPERIMENT_NAME", "MLFLOW_EXPERIMENT_ID", "MLFLOW_RUN_ID",
-                "OXEN_CALLBACKS_AUTHOR_NAME", "OXEN_CALLBACKS_AUTHOR_EMAIL"):
+                "OXEN_CALLBACKS_AUTHOR_NAME", "OXEN_CALLBACKS_AUTHOR_EMAIL", "OXEN_API_KEY"):
         monkeypatch.delenv(var, raising=False)
     yield tmp_path
     if "mlflow" in sys.modules:

@@ -13,7 +13,9 @@ shapes from ``crates/liboxen/src/api/client`` and ``view/`` in Oxen's sources):
 * ``GET  /api/repos/NS/NAME/meta/REV/PATH``       a file's metadata (hash: xxh3-128, size)
 * ``GET  /api/repos/NS/NAME/file/REV/PATH``       a file's bytes
 
-Unknown repositories, revisions and paths answer 404, as the server does. The
+Unknown repositories, revisions and paths answer 404, as the server does. Every
+request is recorded with its headers (``authorizations``: the ``Authorization`` each
+carried, to check which token a client sent). The
 server runs in a thread of the test process: fine because the library makes every
 oxenai call in a child process (oxenai holds the GIL for a whole call).
 """
@@ -77,6 +79,11 @@ class StandInOxen:
 
     def url(self, repo_id: str) -> str:
         return f"http://{self.host}/{repo_id}"
+
+    @property
+    def authorizations(self) -> list[str | None]:
+        """The ``Authorization`` header of each request so far (``None``: it carried none), in order."""
+        return [r.headers.get("authorization") for r in list(self.requests)]
 
     def start(self) -> StandInOxen:
         self._thread.start()

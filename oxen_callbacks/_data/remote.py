@@ -4,8 +4,9 @@ The revision resolves to a commit id once; every file is then downloaded *by
 that commit id*, so a branch moving on the server mid-download changes nothing.
 Every network call runs in a child process with a wall-clock limit (a server
 that accepts and never answers must not freeze training) and is retried with
-backoff on connection errors. Authentication comes from Oxen's own config
-(``oxen config --auth HOST TOKEN``); tokens are never taken in URLs.
+backoff on connection errors. Authentication comes from ``$OXEN_API_KEY`` (see
+:mod:`oxen_callbacks._oxen.auth`), else Oxen's own config (``oxen-callbacks auth --host HOST``);
+tokens are never taken in URLs.
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ class RemoteSource:
         for pause in (0.0, *BACKOFF_S):
             time.sleep(pause)
             try:
-                return oxen_child.run_in_child(function, timeout=timeout,
+                return oxen_child.run_in_child(function, timeout=timeout, remote_host=self.spec.host,
                                                repo_id=self.spec.repo_id, host=self.spec.host,
                                                scheme=self.spec.scheme, **kwargs)
             except ConfigurationError:
@@ -59,8 +60,8 @@ class RemoteSource:
                 log.warning("%s failed (%s); retrying", what, exc)
         raise ConfigurationError(
             f"Could not {what} at {self.location}: {error}",
-            "check the host and that the server is up; for a private repository run "
-            "`oxen config --auth HOST TOKEN`.",
+            "check the host and that the server is up; for a private repository give a token: "
+            f"`oxen-callbacks auth --host {self.spec.host}` (reads it from stdin) or $OXEN_API_KEY.",
         )
 
     def resolve(self, revision: str | None) -> str:

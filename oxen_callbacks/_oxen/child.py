@@ -53,20 +53,26 @@ class ChildCrashed(OxenError):
 
 
 def run_in_child(function: Callable[..., Any], *, timeout: float | None = 600.0, show_stderr: bool = False,
-                 own_group: bool = False, what: str | None = None, **kwargs: Any) -> Any:
+                 own_group: bool = False, what: str | None = None, remote_host: str | None = None,
+                 **kwargs: Any) -> Any:
     """Call the module-level ``function`` (JSON-able kwargs and result) in a child process.
 
     ``what`` names the call in errors (default: the function's name); ``show_stderr`` passes the
     child's stderr (progress bars) to ours instead of keeping it; ``own_group`` keeps a Ctrl-C
-    meant for the trainer away from it (its own process group).
+    meant for the trainer away from it (its own process group); ``remote_host``: the server the
+    call talks to, whose token from the environment it gets (:func:`.auth.private_config`).
+    Arguments travel on the child's stdin, never in its argv.
     """
+    from .auth import private_config
+
     what = what or function.__name__
     request = json.dumps({"function": function_reference(function), "kwargs": kwargs})
     try:
-        proc = subprocess.run(python_command("oxen-call"), input=request,
-                              stdout=subprocess.PIPE, stderr=None if show_stderr else subprocess.PIPE,
-                              text=True, timeout=timeout, env=child_environment(),
-                              **(OWN_PROCESS_GROUP if own_group else {}))
+        with private_config(remote_host) as overrides:
+            proc = subprocess.run(python_command("oxen-call"), input=request,
+                                  stdout=subprocess.PIPE, stderr=None if show_stderr else subprocess.PIPE,
+                                  text=True, timeout=timeout, env=child_environment(overrides),
+                                  **(OWN_PROCESS_GROUP if own_group else {}))
     except subprocess.TimeoutExpired:
         raise ChildTimedOut(f"no answer within {timeout:g}s (oxen {what} stopped)") from None
     if proc.returncode < 0:
@@ -132,6 +138,46 @@ def materialize(path: str | os.PathLike[str], commit: str, paths: list[str], des
 
     run_in_child(restore_into, what="materialize", timeout=MATERIALIZE_TIMEOUT_S, repo_path=str(path),
                  commit=commit, paths=paths, dest=str(dest))
+
+
+def save_token(token: str, host: str) -> str:
+    """Write ``host``'s token into the user's ``auth_config.toml``, readable by the user alone; its path."""
+    from .auth import save_token_at
+    from .identity import AUTH_CONFIG
+
+    path = _config_file(AUTH_CONFIG)
+    try:
+        run_in_child(save_token_at, what="auth", timeout=60, token=token, host=host, path=path)
+    finally:
+        if os.path.exists(path):
+            os.chmod(path, 0o600)
+    return path
+
+
+def save_identity(name: str, email: str) -> str:
+    """Write the user's ``user_config.toml`` (the author of their commits); its path."""
+    from .identity import USER_CONFIG, save_identity_at
+
+    path = _config_file(USER_CONFIG)
+    run_in_child(save_identity_at, what="identity", timeout=60, name=name, email=email, path=path)
+    return path
+
+
+def _config_file(name: str) -> str:
+    """``name`` in Oxen's config folder, which is made (readable by the user alone) if missing."""
+    from .identity import oxen_config_dir
+
+    folder = oxen_config_dir()
+    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+    return str(folder / name)
+
+
+def add_remote(path: str | os.PathLike[str], name: str, url: str, host: str, timeout: float = 60.0) -> None:
+    """``oxen`` remote ``name`` -> ``url`` in the repository at ``path`` (the server is asked first)."""
+    from .remote import set_remote_at
+
+    run_in_child(set_remote_at, what="remote add", timeout=timeout, remote_host=host, path=str(path), name=name,
+                 url=url)
 
 
 # -- the child side -------------------------------------------------------------------

@@ -5,7 +5,7 @@ Oxen refuses to commit without ``user_config.toml`` in its config folder
 
 1. the ``author=("Name", "email")`` argument;
 2. ``$OXEN_CALLBACKS_AUTHOR_NAME`` / ``$OXEN_CALLBACKS_AUTHOR_EMAIL``;
-3. the user's own Oxen config (``oxen config --name ... --email ...``);
+3. the user's own Oxen config (``oxen-callbacks identity --name ... --email ...``);
 4. git's ``user.name`` / ``user.email``;
 5. ``<login>`` / ``<login>@<hostname>``, so a fresh machine works.
 
@@ -28,7 +28,12 @@ from pathlib import Path
 
 from .._util.cache import default_cache_dir
 from .._util.fs import write_atomically
+from ..errors import ConfigurationError
 from ..names import ENV_AUTHOR_EMAIL, ENV_AUTHOR_NAME, ENV_OXEN_CONFIG_DIR
+
+#: The files of Oxen's config folder: the commit identity, and the bearer tokens by host.
+USER_CONFIG = "user_config.toml"
+AUTH_CONFIG = "auth_config.toml"
 
 
 @dataclass(frozen=True)
@@ -50,17 +55,52 @@ def _git_config(key: str) -> str | None:
     return out.stdout.strip() or None
 
 
+def git_identity() -> tuple[str, str] | None:
+    """git's ``user.name`` and ``user.email``, when both are set."""
+    name, email = _git_config("user.name"), _git_config("user.email")
+    return (name, email) if name and email else None
+
+
+def current_identity() -> tuple[str, str] | None:
+    """The name and email of the user's Oxen config, if it holds both."""
+    import tomllib
+
+    try:
+        config = tomllib.loads((oxen_config_dir() / USER_CONFIG).read_text())
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
+        return None
+    name, email = config.get("name"), config.get("email")
+    return (name, email) if isinstance(name, str) and isinstance(email, str) and name and email else None
+
+
+def check_identity(name: str, email: str) -> tuple[str, str]:
+    """``(name, email)`` stripped, or a clear error naming the flag to fix."""
+    name, email = name.strip(), email.strip()
+    if not name or not name.isprintable():
+        raise ConfigurationError(f"--name {name!r} must be a non-empty line of text.", "e.g. --name 'Ada Lovelace'.")
+    if "@" not in email or not email.isprintable() or any(c.isspace() for c in email):
+        raise ConfigurationError(f"--email {email!r} is not an email address.", "e.g. --email ada@example.com.")
+    return name, email
+
+
+def save_identity_at(name: str, email: str, path: str) -> None:
+    """Write ``user_config.toml`` at ``path`` with oxenai (run in a child: it prints to stdout)."""
+    import oxen
+
+    oxen.user.config_user(name, email, path)
+
+
 def resolve_author(explicit: tuple[str, str] | None = None) -> Author:
     if explicit:
         return Author(explicit[0], explicit[1], "argument")
     env_name, env_email = os.environ.get(ENV_AUTHOR_NAME), os.environ.get(ENV_AUTHOR_EMAIL)
     if env_name and env_email:
         return Author(env_name, env_email, "environment")
-    if (oxen_config_dir() / "user_config.toml").is_file():
+    if (oxen_config_dir() / USER_CONFIG).is_file():
         return Author("", "", "oxen-config")
-    git_name, git_email = _git_config("user.name"), _git_config("user.email")
-    if git_name and git_email:
-        return Author(git_name, git_email, "git")
+    git = git_identity()
+    if git:
+        return Author(git[0], git[1], "git")
     login = _login()
     return Author(login, f"{login}@{socket.gethostname() or 'localhost'}", "system")
 
@@ -79,11 +119,11 @@ def worker_environment(author: Author, state_root: Path) -> dict[str, str]:
     digest = hashlib.sha1(f"{author.name}\0{author.email}".encode()).hexdigest()[:12]
     folder = state_root / "oxen-identity" / digest
     folder.mkdir(parents=True, exist_ok=True)
-    user_config = folder / "user_config.toml"
+    user_config = folder / USER_CONFIG
     if not user_config.exists():
         write_atomically(user_config, f"name = {_toml_str(author.name)}\nemail = {_toml_str(author.email)}\n")
-    auth = oxen_config_dir() / "auth_config.toml"
-    link = folder / "auth_config.toml"
+    auth = oxen_config_dir() / AUTH_CONFIG
+    link = folder / AUTH_CONFIG
     if auth.is_file() and not link.exists():
         try:
             os.symlink(auth.resolve(), link)

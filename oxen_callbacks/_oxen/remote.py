@@ -62,5 +62,24 @@ def download(repo_id: str, host: str, scheme: str, commit: str, rel: str, dest: 
         raise ConfigurationError(
             f"Path {rel!r} is not in commit {commit} of {scheme}://{host}/{repo_id}.",
             "paths are relative to the repository root (e.g. 'train.csv', 'images/'); "
-            "check the commit holds them with `oxen ls` or on the server's web page.",
+            "check the commit holds them on the server's web page.",
         ) from None
+
+
+def set_remote_at(path: str, name: str, url: str) -> None:
+    """oxenai's ``set_remote``: records ``name`` -> ``url`` in the repository at ``path``, after asking
+    the server the repository exists (so: in a child, with a wall-clock limit).
+
+    Raises:
+        ConfigurationError: the server has no such repository.
+        ValueError: oxenai's network errors.
+    """
+    from .repo import open_oxenai
+
+    try:
+        open_oxenai(path).set_remote(name, url)
+    except ValueError as exc:  # oxenai: "Remote repository not found: URL"
+        if "not found" not in str(exc).lower():
+            raise
+        raise ConfigurationError(f"The server has no repository {url}.",
+                                 "create it on the server first (on the hub: its web page), then add it.") from None

@@ -8,8 +8,9 @@ from dataclasses import dataclass
 from .._util.redact import redact_url
 from ..errors import ConfigurationError
 
-_AUTH_HINT = ("for a token run `oxen config --auth HOST TOKEN` (or oxen.auth.config_auth(TOKEN, host=HOST)); "
-              "oxen reads it from its own config.")
+#: oxenai's default host (``oxen.auth.config_auth``, ``RemoteRepo``): the Oxen hub.
+HUB_HOST = "hub.oxen.ai"
+_AUTH_HINT = "give the token with `oxen-callbacks auth --host HOST` (it reads it from stdin) or $OXEN_API_KEY."
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 _HOST = re.compile(r"^(?:[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?(?:\.[A-Za-z0-9-]{1,63})*|\[[0-9a-fA-F:]+\])"
                    r"(?::(\d{1,5}))?$")
@@ -34,6 +35,21 @@ class RemoteSpec:
     def key(self) -> str:
         """A folder-safe cache key."""
         return re.sub(r"[^A-Za-z0-9._-]", "_", f"{self.host}-{self.namespace}-{self.name}")
+
+
+def check_host(host: str) -> str:
+    """``host`` if it is a ``host[:port]`` (what Oxen keys tokens by), else a clear error.
+
+    >>> check_host("127.0.0.1:3000")
+    '127.0.0.1:3000'
+    """
+    match = _HOST.match(host)
+    if not match or (match.group(1) and not 0 < int(match.group(1)) < 65536):
+        if "://" in host:  # a URL: name its host (never what may sit before an '@')
+            bare = host.split("://", 1)[1].split("/", 1)[0].rsplit("@", 1)[-1]
+            raise ConfigurationError(f"{redact_url(host)!r} is a URL, not a host[:port].", f"pass {bare!r}.")
+        raise ConfigurationError(f"{host!r} is not a host[:port].", f"e.g. {HUB_HOST!r} or '127.0.0.1:3000'.")
+    return host
 
 
 def looks_remote(repo: str) -> bool:
@@ -69,10 +85,11 @@ def parse_remote(repo: str, host: str | None = None, scheme: str = "https") -> R
             f"Remote repository URL for host {host.rsplit('@', 1)[1]!r} carries credentials.",
             f"never put tokens in URLs: {_AUTH_HINT}",
         )
-    port = _HOST.match(host or "")
-    if not port or (port.group(1) and not 0 < int(port.group(1)) < 65536):
+    try:
+        check_host(host or "")
+    except ConfigurationError:
         raise ConfigurationError(f"Remote repository {repo!r}: {host!r} is not a valid host[:port].",
-                                 "e.g. 'hub.oxen.ai' or '127.0.0.1:3000'.")
+                                 f"e.g. {HUB_HOST!r} or '127.0.0.1:3000'.") from None
     parts = [p for p in path.split("/") if p]
     if len(parts) != 2 or not all(_NAME.match(p) for p in parts):
         raise ConfigurationError(f"Remote repository {repo!r} must name exactly 'namespace/name'.",

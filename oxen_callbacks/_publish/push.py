@@ -4,7 +4,9 @@ A server that accepts a connection and never answers makes oxenai's push hang
 forever while holding the GIL, so every push runs in a child process that is
 killed at the deadline. A push that still fails is journaled
 (``.oxen/oxen-callbacks/push-pending.json``) for ``oxen-callbacks sync``; the
-commits are safe in the local repository either way.
+commits are safe in the local repository either way. A token for the remote's host in the
+environment (``OXEN_API_KEY``) reaches the push child through a private Oxen config folder
+(:func:`oxen_callbacks._oxen.auth.private_config`), never through the user's home or argv.
 """
 
 from __future__ import annotations
@@ -19,9 +21,10 @@ from typing import Any
 from .._oxen import child as oxen_child
 from .._oxen import layout as oxen_layout
 from .._oxen import repo as oxen_repo
+from .._oxen.remote_spec import parse_remote
 from .._util.fs import write_json_atomically
 from .._util.redact import redact_text, redact_url
-from ..errors import OxenError
+from ..errors import ConfigurationError, OxenError
 
 #: Pauses between attempts of one push (the first try, then these).
 BACKOFF_S = (1.0, 3.0)
@@ -48,11 +51,21 @@ def pending_push(repo: str | os.PathLike[str]) -> dict[str, Any] | None:
         return None
 
 
+def _remote_host(repo: str | os.PathLike[str], target: PushTarget) -> str | None:
+    """The host the push goes to (its token may come from the environment); ``None`` if unknown."""
+    try:
+        url = target.url or oxen_layout.remotes(repo).get(target.remote)
+        return parse_remote(url).host if url else None
+    except (ConfigurationError, oxen_layout.DamagedLayout):
+        return None  # oxenai says what is wrong with it
+
+
 def _attempt(repo: str | os.PathLike[str], target: PushTarget, branch: str) -> str | None:
     """One push in a child process; the error text, or ``None`` on success."""
     try:
         oxen_child.run_in_child(oxen_repo.push, timeout=target.timeout, own_group=True, path=str(repo),
-                                remote=target.remote, branch=branch, url=target.url)
+                                remote=target.remote, branch=branch, url=target.url,
+                                remote_host=_remote_host(repo, target))
     except oxen_child.ChildTimedOut:
         return f"no answer from the remote within {target.timeout:.0f}s"
     except OxenError as exc:

@@ -9,6 +9,9 @@
     oxen-callbacks record-deploy ENDPOINT --model-commit COMMIT
     oxen-callbacks sync
     oxen-callbacks verify [--cache-dir D]   # deep-check cached dataset snapshots
+    oxen-callbacks auth [--host HOST]       # a token for an Oxen server, from stdin or a prompt
+    oxen-callbacks identity [--name N --email E]
+    oxen-callbacks remote add NAME URL [--repo PATH] | remote list [--repo PATH]
 
 MLflow is --tracking-uri, else $MLFLOW_TRACKING_URI; without one, lineage is read
 from model repositories (--model-repo, or the one the current folder is in).
@@ -25,11 +28,12 @@ import os
 import sys
 
 from ..errors import ConfigurationError, OxenCallbacksError
-from . import data, lineage, registry, sync
+from . import data, lineage, registry, setup_oxen, sync
 from .command import Command
 
 log = logging.getLogger(__name__)
-COMMANDS: dict[str, Command] = {c.name: c for group in (lineage, data, registry, sync) for c in group.COMMANDS}
+COMMANDS: dict[str, Command] = {c.name: c for group in (lineage, data, registry, sync, setup_oxen)
+                               for c in group.COMMANDS}
 
 
 def _shared_options() -> dict[str, argparse.ArgumentParser]:

@@ -1,0 +1,106 @@
+"""Bearer tokens for Oxen servers: the user's ``auth_config.toml``, or the environment.
+
+oxenai reads tokens only from ``auth_config.toml`` in its config folder
+(``$OXEN_CONFIG_DIR``, else ``~/.config/oxen``) and has no variable for one. Clusters and CI
+hold tokens in the environment instead: ``OXEN_API_KEY_<HOST>`` for one host (the host
+upper-cased, each character other than a letter or digit as ``_``: ``OXEN_API_KEY_HUB_OXEN_AI``,
+``OXEN_API_KEY_127_0_0_1_3000``), else ``OXEN_API_KEY`` for every host. A child process that
+talks to a remote then runs with a private config folder (:func:`private_config`): mode 0700
+in the temporary folder, holding that token for the remote's host and a copy of the user's
+identity, removed when the child is done. The token is never written into the user's home
+and never passed in argv.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from ..errors import ConfigurationError
+from ..names import ENV_OXEN_API_KEY, ENV_OXEN_API_KEY_HOST_PREFIX, ENV_OXEN_CONFIG_DIR
+from .identity import AUTH_CONFIG, USER_CONFIG, oxen_config_dir
+
+log = logging.getLogger(__name__)
+
+
+def host_variable(host: str) -> str:
+    """The environment variable holding ``host``'s own token.
+
+    >>> host_variable("127.0.0.1:3000")
+    'OXEN_API_KEY_127_0_0_1_3000'
+    """
+    return ENV_OXEN_API_KEY_HOST_PREFIX + re.sub(r"[^A-Z0-9]", "_", host.upper())
+
+
+def token_from_environment(host: str) -> str | None:
+    """``host``'s token from ``OXEN_API_KEY_<HOST>``, else ``OXEN_API_KEY``; ``None`` without one."""
+    for name in (host_variable(host), ENV_OXEN_API_KEY):
+        token = (os.environ.get(name) or "").strip()
+        if token:
+            return token
+    return None
+
+
+def check_token(token: str) -> str:
+    """The token stripped, or a clear error (never showing it)."""
+    token = token.strip()
+    if not token:
+        raise ConfigurationError("No token was given.", "paste it at the prompt, or pipe it in: "
+                                 "`printenv OXEN_API_KEY | oxen-callbacks auth`.")
+    if not token.isprintable() or any(c.isspace() for c in token):
+        raise ConfigurationError("The token holds spaces or control characters (more than one line pasted?).",
+                                 "give the token alone, on one line.")
+    return token
+
+
+@contextmanager
+def private_config(host: str | None) -> Iterator[dict[str, str]]:
+    """Environment overrides for a child that talks to ``host``: a private config folder when the
+    environment holds a token for it (removed on leaving the block), else none (the user's own
+    config applies)."""
+    token = token_from_environment(host) if host else None
+    if token is None:
+        yield {}
+        return
+    folder = Path(tempfile.mkdtemp(prefix="oxen-callbacks-auth-"))  # mode 0700
+    try:
+        auth = os.open(folder / AUTH_CONFIG, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(auth, "w") as out:  # JSON string escapes are TOML's
+            out.write(f"[[host_configs]]\nhost = {json.dumps(host)}\nauth_token = {json.dumps(token)}\n")
+        user = oxen_config_dir() / USER_CONFIG
+        if user.is_file():
+            shutil.copyfile(user, folder / USER_CONFIG)
+        yield {ENV_OXEN_CONFIG_DIR: str(folder)}
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def configured_hosts(path: Path) -> list[str]:
+    """The hosts ``auth_config.toml`` at ``path`` holds a token for (never the tokens)."""
+    import tomllib
+
+    try:
+        config = tomllib.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
+        return []
+    entries = config.get("host_configs")
+    return sorted({e["host"] for e in entries if isinstance(e, dict) and isinstance(e.get("host"), str)}
+                  if isinstance(entries, list) else set())
+
+
+def save_token_at(token: str, host: str, path: str) -> None:
+    """oxenai writes ``host``'s token into ``auth_config.toml`` at ``path`` (run in a child: it prints).
+
+    oxenai's Python ``oxen.auth.config_auth`` would also, for the hub, fetch the account's name
+    and overwrite the user's commit identity over the network; its binding writes the token only.
+    """
+    from oxen.auth import auth as oxen_auth_binding
+
+    oxen_auth_binding.config_auth(host, token, path)
