@@ -78,7 +78,7 @@ class RunOptionChecks:
         if self.model_repo.is_dir() and not oxen_layout.is_repo(self.model_repo) and any(self.model_repo.iterdir()):
             raise ConfigurationError(
                 f"model_repo={str(self.model_repo)!r} is a non-empty folder that is not an Oxen repository.",
-                "pass a new or empty folder (it will be created with `oxen init`), or run `oxen init` there.",
+                "pass a new or empty folder (it becomes an Oxen repository), or make it one first (in Python: `oxen.init(path)`).",
             )
 
     def _validate_remote(self) -> None:

@@ -149,7 +149,7 @@ def promote(model_repo: str | os.PathLike[str], revision: str, stage: str, *,
     branch = STAGE_PREFIX + stage
     if repo.current_branch() == branch:
         raise ConfigurationError(f"{branch!r} is checked out in {str(repo.path)!r}: moving it would leave its "
-                                 "working tree behind.", "check out another branch there first (`oxen checkout main`).")
+                                 "working tree behind.", "check out another branch there first (in Python: `oxen.Repo(path).checkout('main')`).")
     with FileLock(repo_lock_path(repo.path), timeout=_LOCK_TIMEOUT_S):
         previous = oxen_child.run_in_child(shadow.move_branch, repo_path=str(repo.path),
                                            name=branch, commit=commit)

@@ -84,7 +84,7 @@ def damaged_repo(role: str, path: str | os.PathLike[str], detail: str, hint: str
     return ConfigurationError(
         f"The {role} {str(path)!r} looks damaged: {detail}.",
         hint or "a file under its .oxen folder is missing, truncated or corrupt (a full disk, a copy cut short?): "
-        "clone the repository again (`oxen clone URL`) or restore its .oxen folder from a backup.",
+        "clone the repository again (in Python: `oxen.clone('namespace/name', path)`) or restore its .oxen folder from a backup.",
     )
 
 
@@ -103,14 +103,14 @@ class LocalRepo:
         if not self.path.exists():
             raise ConfigurationError(
                 f"The {role} {str(path)!r} does not exist.",
-                "pass the path of a folder made with `oxen init` (or `oxen.Repo(path).init()`).",
+                "pass the path of an Oxen repository (make one in Python: `oxen.init(path)`).",
             )
         if not oxen_layout.is_repo(self.path):
             root = oxen_layout.find_repo_root(self.path)
             hint = (
                 f"pass the repository root {str(root)!r} and name sub-folders in `paths`."
                 if root
-                else "run `oxen init` there first, or pass the folder that holds `.oxen`."
+                else "make it one first (in Python: `oxen.init(path)`), or pass the folder that holds `.oxen`."
             )
             raise ConfigurationError(f"The {role} {str(path)!r} is not an Oxen repository (no .oxen folder).", hint)
         self._handle: Any = None
@@ -178,7 +178,7 @@ class LocalRepo:
     def _no_commits(self) -> ConfigurationError:
         return ConfigurationError(
             f"The {self.role} {str(self.path)!r} has no commits yet.",
-            "add and commit the data first: `oxen add <files> && oxen commit -m '...'`.",
+            "add and commit the data first, in Python: `repo = oxen.Repo(path); repo.add('train.csv'); repo.commit('first version')`.",
         )
 
     def commit_ids(self) -> list[str]:
@@ -218,7 +218,7 @@ class LocalRepo:
         names = ", ".join(sorted(heads)) or "none"
         raise ConfigurationError(
             f"Revision {revision!r} was not found in the {self.role} {str(self.path)!r} (branches: {names}).",
-            "pass a branch name or a commit id from `oxen log` (Oxen has no tags: use a branch such as 'release/v1').",
+            "pass a branch name or a commit id from `oxen.Repo(path).log()` (Oxen has no tags: use a branch such as 'release/v1').",
         )
 
     def _held(self, commit: str, ids: list[str], branch: str) -> str:

@@ -78,7 +78,7 @@ def path_not_in_commit(rel: str, commit: str, location: str) -> ConfigurationErr
     return ConfigurationError(
         f"Path {rel!r} is not in commit {commit} of the dataset repository {location!r}.",
         "paths are relative to the repository root (e.g. 'train.csv', 'images/'); "
-        "check the commit holds them with `oxen ls` or `oxen log`.",
+        "check them against the files that commit added (in Python, `oxen.Repo(path).log()` lists the commits).",
     )
 
 

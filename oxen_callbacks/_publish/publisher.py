@@ -53,7 +53,7 @@ def open_model_repo(path: str | os.PathLike[str], cache_dir: Path) -> LocalRepo:
             if target.is_dir() and any(target.iterdir()) and not oxen_layout.oxen_dir(target).exists():
                 raise ConfigurationError(
                     f"The model repository {str(path)!r} is a non-empty folder that is not an Oxen repository.",
-                    "pass a new or empty folder (it will be created with `oxen init`), or run `oxen init` there.",
+                    "pass a new or empty folder (it becomes an Oxen repository), or make it one first (in Python: `oxen.init(path)`).",
                 )
             oxen_layout.init(target)
             return LocalRepo(target, role="model repository")
