@@ -92,7 +92,8 @@ class RunEnding:
         self._final_seq = self._submit_final(best)  # durable now: a kill from here on ends the run as it is
         self._finisher = threading.Thread(target=self._finish_quietly, args=(status, best, deadline), daemon=True,
                                           name="oxen-lineage-finish")
-        background.track(self.model_repo, self._finisher, committed=self._committed, describe=self._describe_end)
+        background.track(self.model_repo, self._finisher, committed=self._committed, describe=self._describe_end,
+                         run=self.run_name)
         self._finisher.start()
 
     def finish_after_error(self, status: str, *, best: str | os.PathLike[str] | None = None,

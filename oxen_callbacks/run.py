@@ -165,7 +165,8 @@ class LineageRun(RunOptionChecks, RunEnding):
         ``fit_key``: an id the caller keeps across processes (``ddp_spawn`` copies); the run name
         is noted under it in the model repository for :meth:`lineage`.
         """
-        background.wait_for(self.model_repo)  # an earlier fit of this process still finishing its lineage
+        # an earlier fit of this process still finishing its lineage (all of it when it is this run's)
+        background.wait_for(self.model_repo, run=self.run_name)
         open_model_repo(self.model_repo, self.cache_dir)  # `oxen init` when new: a file written, ~1 ms
         try:
             self._claim = RunClaim.take(self.model_repo, self.run_name, continuing=continuing)

@@ -8,6 +8,7 @@ Example::
 
     background.track(repo_path, thread, committed=event, describe=lambda: "run r1 (2 commits pending)")
     background.wait_for(repo_path)        # before reading runs/ of repo_path: waits for `event`
+    background.wait_for(repo_path, run="r1")  # before a new fit of run r1: waits for all its work
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from typing import Callable
 
 log = logging.getLogger(__name__)
 
-_work: list[tuple[str, threading.Thread, threading.Event, Callable[[], str]]] = []
+_work: list[tuple[str, threading.Thread, threading.Event, Callable[[], str], str | None]] = []
 _lock = threading.Lock()
 
 
@@ -30,23 +31,29 @@ def _key(repo: str | os.PathLike[str]) -> str:
 
 
 def track(repo: str | os.PathLike[str], thread: threading.Thread, *, committed: threading.Event,
-          describe: Callable[[], str]) -> None:
-    """Note ``thread`` (started or about to be) as work for ``repo``: readers of the repository wait
-    for ``committed`` (set once what they read is final), the interpreter's exit for the thread;
-    ``describe()`` says what it waits for, in the message at exit."""
+          describe: Callable[[], str], run: str | None = None) -> None:
+    """Note ``thread`` (started or about to be) as work for ``repo``'s run ``run``: readers of the
+    repository wait for ``committed`` (set once what they read is final), the interpreter's exit and a
+    new fit of the same run for the thread; ``describe()`` says what it waits for, in the message at exit."""
     with _lock:
         if not _work:
             atexit.register(_wait_at_exit)
-        _work[:] = [w for w in _work if w[1].is_alive()] + [(_key(repo), thread, committed, describe)]
+        _work[:] = [w for w in _work if w[1].is_alive()] + [(_key(repo), thread, committed, describe, run)]
 
 
-def wait_for(repo: str | os.PathLike[str], timeout: float | None = None) -> None:
-    """Wait until what this process still commits to ``repo`` in the background is committed."""
+def wait_for(repo: str | os.PathLike[str], timeout: float | None = None, *, run: str | None = None) -> None:
+    """Wait until what this process still commits to ``repo`` in the background is committed; for
+    the work of ``run`` itself (a new fit continues it), until all of it is done (its claim released,
+    its MLflow run logged)."""
     key = _key(repo)
     with _lock:
-        events = [(t, e) for k, t, e, _ in _work if k == key]
-    for thread, committed in events:
-        if thread is not threading.current_thread() and thread.ident is not None:
+        work = [(t, e, r) for k, t, e, _, r in _work if k == key]
+    for thread, committed, its_run in work:
+        if thread is threading.current_thread() or thread.ident is None:
+            continue
+        if run is not None and its_run == run:
+            thread.join(timeout)
+        else:
             committed.wait(timeout)
 
 
@@ -57,7 +64,7 @@ def _wait_at_exit() -> None:
     with _lock:
         work, _work[:] = list(_work), []
     try:
-        for _, thread, _, describe in work:
+        for _, thread, _, describe, _ in work:
             if thread.ident is None:
                 continue
             thread.join(1.0)
