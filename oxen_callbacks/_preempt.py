@@ -34,7 +34,7 @@ from typing import Any, Callable, Protocol
 
 from ._publish.claim import note_preempted, preempted_run, slurm_job
 from ._util import background
-from .lineage import PREEMPTED
+from .lineage import PREEMPTED, repo_record
 from .pin import PinnedDataset, as_pinned
 
 log = logging.getLogger(__name__)
@@ -107,8 +107,10 @@ class Preemption:
         except Exception:  # a publishing error: what was published is journaled; never hide the pre-emption
             log.exception("Ending pre-empted run %s", run.run_name)
         background.wait_for(run.model_repo, timeout=self._left(started))
+        committed = time.monotonic() - started
         run.wait_until_logged(self._left(started))
-        log.info("Pre-empted run %s ended in %.2f s.", run.run_name, time.monotonic() - started)
+        log.info("Pre-empted run %s: lineage committed after %.2f s, ended after %.2f s.", run.run_name,
+                 committed, time.monotonic() - started)
 
     def _left(self, started: float) -> float:
         return max(0.0, self.timeout - (time.monotonic() - started))
@@ -136,13 +138,15 @@ class RequeuedRun:
         if found is None:
             return None
         run, facts = found
+        committed = repo_record(model_repo, run) or {}  # the PREEMPTED lineage: names the MLflow run once created
         if run_options.get("run_name") not in (None, run):
             log.info("SLURM job %s was pre-empted in run %s; run_name=%r starts another run.",
                      job, run, run_options["run_name"])
             return None
         log.info("Requeued SLURM job %s: run %s goes on.", job, run)
-        dataset = facts.get("dataset")
-        return cls(job, run, facts.get("mlflow_run_id"), dataset if isinstance(dataset, dict) else None)
+        dataset = facts.get("dataset") or committed.get("dataset")
+        mlflow_run = facts.get("mlflow_run_id") or (committed.get("run") or {}).get("mlflow_run_id")
+        return cls(job, run, mlflow_run, dataset if isinstance(dataset, dict) else None)
 
     def options(self, run_options: dict[str, Any]) -> dict[str, Any]:
         """``run_options`` continuing this run: its name and (unless one is given) its MLflow run."""
@@ -160,8 +164,10 @@ class RequeuedRun:
             as_pinned(dataset, revision, paths, cache_dir)  # its own argument checks
             dataset.check_same(recorded, what=f"Run {self.run_name!r}, pre-empted in SLURM job {self.job},")
             return dataset
-        return PinnedDataset(dataset if dataset is not None else recorded["repo"], revision=recorded["commit"],
-                             paths=paths if paths is not None else recorded["paths"], cache_dir=cache_dir)
+        pin = PinnedDataset(dataset if dataset is not None else recorded["repo"], revision=recorded["commit"],
+                            paths=paths if paths is not None else recorded["paths"], cache_dir=cache_dir)
+        pin.revision_label = recorded.get("revision") or pin.revision_label  # what the job asked for: "main"...
+        return pin
 
     def after_start(self, run: Run) -> None:
         """The MLflow run the pre-empted job left KILLED is this job's to end now."""
