@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -68,10 +69,6 @@ def hf_train(args: argparse.Namespace, out: dict) -> None:
     out["trainer"] = trainer
     trainer.train(resume_from_checkpoint=True if any(output.glob("checkpoint-*")) else None)
     out["labels"] = sorted(set(collator.labels))
-    if cb._preemption.noticed:  # the job script's part: requeue the job
-        import subprocess
-
-        subprocess.run(["scontrol", "requeue", os.environ["SLURM_JOB_ID"]], check=False)
 
 
 def report(args: argparse.Namespace, out: dict) -> None:
@@ -123,6 +120,9 @@ def main() -> None:
         raise
     out["preempted"] = bool(out.get("signalled_at"))
     report(args, out)
+    if out["preempted"] and args.framework == "hf":  # the job script's part: requeue (SLURM then SIGTERMs it)
+        subprocess.run(["scontrol", "requeue", os.environ["SLURM_JOB_ID"]], check=False)
+        time.sleep(5)
 
 
 if __name__ == "__main__":
