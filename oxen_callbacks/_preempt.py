@@ -28,9 +28,10 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from types import FrameType
-from typing import Any, Callable, Protocol
+from typing import Any, Protocol
 
 from ._publish.claim import note_preempted, preempted_run, slurm_job
 from ._util import background

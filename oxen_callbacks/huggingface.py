@@ -224,6 +224,11 @@ class OxenTrainerCallback(TrainerCallback):
                 self.run.finish_soon("FINISHED", best=state.best_model_checkpoint)
 
     @property
+    def preempted(self) -> bool:
+        """Whether ``preempt_signal`` stopped the last ``train()`` (the job script then requeues the job)."""
+        return self._preemption.noticed
+
+    @property
     def lineage(self) -> dict[str, Any] | None:
         """The run's lineage record, complete once train() returned (waits for its final commit)."""
         return self.run.lineage()

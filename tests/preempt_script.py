@@ -120,7 +120,7 @@ def main() -> None:
         raise
     out["preempted"] = bool(out.get("signalled_at"))
     report(args, out)
-    if out["preempted"] and args.framework == "hf":  # the job script's part: requeue (SLURM then SIGTERMs it)
+    if args.framework == "hf" and out["callback"].preempted:  # the job script's part: requeue (SLURM then SIGTERMs it)
         subprocess.run(["scontrol", "requeue", os.environ["SLURM_JOB_ID"]], check=False)
         time.sleep(5)
 

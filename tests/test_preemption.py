@@ -44,7 +44,8 @@ def job(tmp_path: Path, framework: str, dataset: Path, restart: int, *extra: str
     cmd = [sys.executable, str(SCRIPT), framework, "--dataset", str(dataset), "--model-repo",
            str(tmp_path / "models"), "--root", str(tmp_path / "root"), "--out", str(out),
            "--preempt-timeout", "120", *extra]
-    proc = subprocess.run(cmd, env=slurm_env(tmp_path, restart), capture_output=True, text=True, timeout=400)
+    proc = subprocess.run(cmd, check=False, env=slurm_env(tmp_path, restart), capture_output=True, text=True,
+                          timeout=400)
     (tmp_path / f"job{restart}.log").write_text(proc.stderr)
     assert proc.returncode in (0, -signal.SIGTERM), proc.stderr[-4000:]  # SIGTERM: requeued by the script
     return json.loads(out.read_text())
@@ -118,3 +119,63 @@ def test_hf_preempt_signal_saves_commits_and_the_requeued_job_goes_on(tmp_path):
     assert lineage["status"] == "FINISHED"
     run = only_mlflow_run(committed["run"]["mlflow_run_id"])
     assert run.info.status == "FINISHED"
+
+
+# -- the requeued job's choices, without a fit -------------------------------------------------------
+def preempted_job(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, dataset: dict) -> str:
+    """A run of SLURM job JOB in tmp_path/models that noted its pre-emption, its process gone."""
+    from oxen_callbacks._publish.claim import RunClaim, note_preempted
+
+    monkeypatch.setenv("SLURM_JOB_ID", JOB)
+    make_repo(tmp_path / "models", [])
+    claim = RunClaim.take(tmp_path / "models", "nightly-1", continuing=False)
+    note_preempted(tmp_path / "models", "nightly-1", {"mlflow_run_id": None, "dataset": dataset})
+    claim.release()
+    return "nightly-1"
+
+
+def test_requeued_job_pins_the_commit_its_run_read_or_refuses_another(dataset_repo, tmp_path, monkeypatch):
+    from oxen_callbacks import PinnedDataset
+    from oxen_callbacks.errors import DatasetMismatchError
+    from oxen_callbacks.lightning import OxenLightningCallback
+
+    first = PinnedDataset(dataset_repo.path, revision=dataset_repo.commits[0], paths=["train.csv"])
+    run = preempted_job(tmp_path, monkeypatch, first.to_lineage())
+    models = tmp_path / "models"
+
+    cb = OxenLightningCallback(dataset=dataset_repo.path, revision="main", model_repo=models, mlflow=False)
+    assert cb.run.run_name == run and cb.dataset.commit == dataset_repo.commits[0]  # not main's head
+    with pytest.raises(DatasetMismatchError, match=dataset_repo.commits[0]):
+        OxenLightningCallback(dataset=PinnedDataset(dataset_repo.path, revision="main", paths=["train.csv"]),
+                              model_repo=models, mlflow=False)
+    other = OxenLightningCallback(dataset=dataset_repo.path, revision="main", model_repo=models, mlflow=False,
+                                  run_name="another")  # the user names another run: a new one
+    assert other.dataset.commit == dataset_repo.commits[1]
+    monkeypatch.setenv("SLURM_JOB_ID", "999")  # another job: nothing to go on with
+    fresh = OxenLightningCallback(dataset=dataset_repo.path, revision="main", model_repo=models, mlflow=False)
+    assert fresh.run.run_name != run and fresh.dataset.commit == dataset_repo.commits[1]
+
+
+def test_only_the_requeued_job_takes_over_a_preempted_run_name(tmp_path, monkeypatch):
+    from oxen_callbacks._publish.claim import RunClaim
+    from oxen_callbacks.errors import ConfigurationError
+
+    run = preempted_job(tmp_path, monkeypatch, {})
+    models = tmp_path / "models"
+    lineage = models / "runs" / run / "lineage.json"
+    lineage.parent.mkdir(parents=True)
+    lineage.write_text(json.dumps({"checkpoints": [{"step": 3}]}))  # the run has checkpoints
+    monkeypatch.setenv("SLURM_JOB_ID", "999")
+    with pytest.raises(ConfigurationError, match="already taken"):
+        RunClaim.take(models, run, continuing=False)
+    monkeypatch.setenv("SLURM_JOB_ID", JOB)
+    RunClaim.take(models, run, continuing=False).release()  # the same job, requeued: its owner
+
+
+@pytest.mark.parametrize("timeout", [0, -1, float("nan"), "30"])
+def test_bad_preempt_timeout_is_refused_before_training(tmp_path, timeout):
+    from oxen_callbacks.errors import ConfigurationError
+    from oxen_callbacks.lightning import OxenLightningCallback
+
+    with pytest.raises(ConfigurationError, match="preempt_timeout"):
+        OxenLightningCallback(model_repo=tmp_path / "models", mlflow=False, preempt_timeout=timeout)
