@@ -190,6 +190,8 @@ class SignalWatch:
 
     def install(self, *, only_over_a_handler: bool = False) -> bool:
         """Install (main thread only); ``only_over_a_handler``: only when something already answers the signal."""
+        if self._installed:  # a train() that raised left it installed: never chain it to itself
+            return True
         if threading.current_thread() is not threading.main_thread():
             log.warning("%s can only be watched from the main thread: pre-emption is not noticed.", self.signum.name)
             return False
