@@ -15,6 +15,11 @@ Every ``checkpoint-N`` folder the Trainer saves is committed to the model
 repository (frozen at ``on_save``, before ``save_total_limit`` can delete it). The
 pin rides in each checkpoint's ``trainer_state.json``, so a resumed run checks it
 reads the same dataset commit.
+
+With ``preempt_signal=signal.SIGUSR1`` (SLURM: ``sbatch --signal=USR1@90``), that signal makes
+the Trainer save a checkpoint and stop; it is committed within ``preempt_timeout`` and the run
+ends ``PREEMPTED``. Requeueing is the job script's (``scontrol requeue $SLURM_JOB_ID``); the
+requeued job (same ``SLURM_JOB_ID``) goes on with the same run (see :mod:`oxen_callbacks._preempt`).
 """
 
 from __future__ import annotations
@@ -25,10 +30,22 @@ import time
 from typing import Any
 
 import transformers
-from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+from transformers import (
+    TrainerCallback,
+    TrainerControl,
+    TrainerState,
+    TrainingArguments,
+)
 
 from ._data.hf_datasets import dataset_commits
 from ._mlflow.fluent import active_run_id, end_active_run
+from ._preempt import (
+    DEFAULT_PREEMPT_TIMEOUT,
+    Preemption,
+    RequeuedRun,
+    SignalWatch,
+    check_timeout,
+)
 from .errors import ConfigurationError, DatasetMismatchError
 from .pin import PinnedDataset, as_pinned
 from .run import LineageRun
@@ -48,6 +65,10 @@ class OxenTrainerCallback(TrainerCallback):
         model_repo: local Oxen repository for checkpoints (created when missing).
         allow_dataset_change: let the run read another dataset commit than the pin:
             a resumed checkpoint's, or a ``train_dataset`` loaded from another commit.
+        preempt_signal: a signal that means "pre-empted" (e.g. ``signal.SIGUSR1``): on it the
+            Trainer saves a checkpoint at the end of the step and stops; the run ends ``PREEMPTED``.
+        preempt_timeout: then, the longest wait in seconds for that checkpoint's commit (and
+            push) and the lineage; the rest stays journaled for ``oxen-callbacks sync``.
         **run_options: passed to :class:`oxen_callbacks.run.LineageRun`
             (``mlflow``, ``run_name``, ``experiment_name``, ``cache_dir``, ``author``,
             ``remote``, ``branch``, ``push_timeout``, ``drain_timeout``, ``mlflow_timeout``).
@@ -65,15 +86,27 @@ class OxenTrainerCallback(TrainerCallback):
         revision: str | None = None,
         paths: list[str] | None = None,
         allow_dataset_change: bool = False,
+        preempt_signal: int | None = None,
+        preempt_timeout: float = DEFAULT_PREEMPT_TIMEOUT,
         **run_options: Any,
     ) -> None:
-        dataset = as_pinned(dataset, revision, paths, run_options.get("cache_dir"))
+        self.preempt_timeout = check_timeout(preempt_timeout)
+        self._signal_watch = SignalWatch(preempt_signal, self._preempt_signalled) if preempt_signal else None
+        # a requeued SLURM job: the run it was pre-empted in goes on, on the same dataset commit
+        self._requeued = RequeuedRun.find(model_repo, run_options)
+        if self._requeued is not None:
+            dataset = self._requeued.pin(dataset, revision, paths, run_options.get("cache_dir"),
+                                         allow_dataset_change=allow_dataset_change)
+        else:
+            dataset = as_pinned(dataset, revision, paths, run_options.get("cache_dir"))
         self.dataset: PinnedDataset | None = dataset
         self.allow_dataset_change = allow_dataset_change
         self._run_args = {"dataset": dataset, "model_repo": model_repo,
                           "framework": ("transformers", transformers.__version__), **run_options}
         # Validates every option now, before any training time is spent.
-        self.run = LineageRun(**self._run_args)
+        self.run = LineageRun(**(self._requeued.options(self._run_args) if self._requeued else self._run_args))
+        self._preemption = Preemption(self.run, timeout=self.preempt_timeout)
+        self._stop_for_preemption = False  # the signal came: save and stop at the end of this step
         self._run_before_train = active_run_id()  # the user's own run: never ended by us
         #: Time the training process spent in this callback per checkpoint save (seconds).
         self.stall_seconds: list[float] = []
@@ -88,6 +121,9 @@ class OxenTrainerCallback(TrainerCallback):
         self.run.finish_after_error("FAILED", what="interrupted train()")  # when the previous train() raised
         if self.run.finished:  # the same callback in a second train(): a new run
             self.run = LineageRun(**{**self._run_args, "run_name": None})
+            self._requeued = None
+        self._preemption = Preemption(self.run, timeout=self.preempt_timeout)
+        self._stop_for_preemption = False
         try:
             self._begin(args, state, train_dataloader)
         except BaseException:
@@ -110,10 +146,19 @@ class OxenTrainerCallback(TrainerCallback):
             self._check_train_data(getattr(train_dataloader, "dataset", None))
         if state.is_world_process_zero:
             self.run.start(continuing=self.run.continues(recorded))
+            if self._requeued is not None:
+                self._requeued.after_start(self.run)
             if recorded:
                 self.run.note_resumed(run_name=recorded.get("run_name"), step=state.global_step,
                                       dataset=recorded.get("dataset"))
         state.stateful_callbacks[STATE_KEY] = self.run.resume_state()
+        if self._signal_watch is not None:
+            self._signal_watch.install()
+
+    def _preempt_signalled(self) -> None:
+        """In the signal handler: note it; the step's end then saves and stops."""
+        self._preemption.notice()
+        self._stop_for_preemption = True
 
     def _check_same_commit_on_every_rank(self) -> None:
         """Under torchrun each process resolved the revision itself: rank 0's commit is the truth."""
@@ -142,6 +187,8 @@ class OxenTrainerCallback(TrainerCallback):
     def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                     **kwargs: Any) -> None:
         """Just before the Trainer saves ``checkpoint-N``, which it rewrites in place when it exists."""
+        if self._stop_for_preemption:
+            control.should_save = control.should_training_stop = True
         if control.should_save and state.is_world_process_zero:
             self.run.before_overwrite(_checkpoint_folder(args, state))
 
@@ -167,9 +214,19 @@ class OxenTrainerCallback(TrainerCallback):
     # -- train end -------------------------------------------------------------------------
     def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                      **kwargs: Any) -> None:
+        if self._signal_watch is not None:
+            self._signal_watch.uninstall()
         if state.is_world_process_zero and self.run.publisher is not None and not self.run.finished:
             self.run.note_deleted_checkpoints()
-            self.run.finish_soon("FINISHED", best=state.best_model_checkpoint)
+            if self._preemption.noticed:
+                self._preemption.end(best=state.best_model_checkpoint)
+            else:
+                self.run.finish_soon("FINISHED", best=state.best_model_checkpoint)
+
+    @property
+    def preempted(self) -> bool:
+        """Whether ``preempt_signal`` stopped the last ``train()`` (the job script then requeues the job)."""
+        return self._preemption.noticed
 
     @property
     def lineage(self) -> dict[str, Any] | None:

@@ -13,11 +13,16 @@ Example::
 Every checkpoint any ``ModelCheckpoint`` (or ``trainer.save_checkpoint``) writes is committed
 to the model repository once written; top-k deletions are recorded. The callback sees them
 through the strategy's ``CheckpointIO`` plugin point (see :mod:`oxen_callbacks._lightning_io`).
+
+Under SLURM with ``SLURMEnvironment(auto_requeue=True)`` (Lightning's default there), the
+checkpoint Lightning saves on the requeue signal is committed before the job exits, the run ends
+``PREEMPTED``, and the requeued job goes on with the same run (see :mod:`oxen_callbacks._preempt`).
 """
 
 from __future__ import annotations
 
 import os
+import signal
 import uuid
 from typing import Any
 
@@ -25,8 +30,16 @@ import lightning
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import MLFlowLogger
+from lightning.pytorch.plugins.environments import SLURMEnvironment
 
 from ._lightning_io import CheckpointWatch
+from ._preempt import (
+    DEFAULT_PREEMPT_TIMEOUT,
+    Preemption,
+    RequeuedRun,
+    SignalWatch,
+    check_timeout,
+)
 from .checkpoints import resolve_resume
 from .pin import PinnedDataset, as_pinned
 from .run import LineageRun
@@ -46,6 +59,10 @@ class OxenLightningCallback(Callback):
             path: its final/best checkpoint). It is materialized now (once per machine)
             into :attr:`ckpt_path`; pass that to ``trainer.fit(..., ckpt_path=cb.ckpt_path)``.
             Without ``dataset``, the dataset pin recorded with it is restored.
+        preempt_timeout: on SLURM pre-emption (Lightning's requeue signal), the longest wait in
+            seconds for the requeue checkpoint's commit (and push) and the lineage before the
+            process exits; the rest stays journaled for ``oxen-callbacks sync``. Keep it below
+            SLURM's ``KillWait``.
         **run_options: passed to :class:`oxen_callbacks.run.LineageRun`
             (``mlflow``, ``run_name``, ``experiment_name``, ``cache_dir``, ``author``,
             ``remote``, ``branch``, ``push_timeout``, ``drain_timeout``, ``mlflow_timeout``).
@@ -63,27 +80,39 @@ class OxenLightningCallback(Callback):
         paths: list[str] | None = None,
         allow_dataset_change: bool = False,
         resume_from: str | os.PathLike[str] | dict[str, Any] | None = None,
+        preempt_timeout: float = DEFAULT_PREEMPT_TIMEOUT,
         **run_options: Any,
     ) -> None:
         self.ckpt_path: str | None = None
         self._resumed_run: str | None = None  # the run resume_from continues, when it names one
+        self.preempt_timeout = check_timeout(preempt_timeout)
+        # a requeued SLURM job: the run it was pre-empted in goes on (Lightning resumes its hpc checkpoint)
+        self._requeued = RequeuedRun.find(model_repo, run_options) if resume_from is None else None
+        if self._requeued is not None:
+            self._resumed_run = self._requeued.run_name
         if resume_from is not None:
             resumed = resolve_resume(model_repo, resume_from, cache_dir=run_options.get("cache_dir"))
             self.ckpt_path = str(resumed.path)
             self._resumed_run = (resumed.lineage or {}).get("run", {}).get("name")
             if dataset is None and resumed.dataset:
                 dataset = resumed.pinned_dataset(cache_dir=run_options.get("cache_dir"))
-        dataset = as_pinned(dataset, revision, paths, run_options.get("cache_dir"))
+        if self._requeued is not None:
+            dataset = self._requeued.pin(dataset, revision, paths, run_options.get("cache_dir"),
+                                         allow_dataset_change=allow_dataset_change)
+        else:
+            dataset = as_pinned(dataset, revision, paths, run_options.get("cache_dir"))
         self.dataset: PinnedDataset | None = dataset
         self.allow_dataset_change = allow_dataset_change
         self._run_args = {"dataset": dataset, "model_repo": model_repo,
                           "framework": ("lightning", lightning.__version__), **run_options}
         # Validates every option now, before any training time is spent.
-        self.run = LineageRun(**self._run_args)
+        self.run = LineageRun(**(self._requeued.options(self._run_args) if self._requeued else self._run_args))
         #: Time the training process spent in this callback per checkpoint save (seconds).
         self.stall_seconds: list[float] = []
         self._fitter = uuid.uuid4().hex  # this object, also in the copies ddp_spawn makes of it
         self._watch: CheckpointWatch | None = None  # from setup to teardown of a fit
+        self._preemption: Preemption | None = None  # from setup to the end of a fit
+        self._signal_watch: SignalWatch | None = None
 
     @property
     def state_key(self) -> str:
@@ -95,6 +124,7 @@ class OxenLightningCallback(Callback):
             return
         if self.run.finished:  # the same callback in a second fit: a new run
             self.run = LineageRun(**{**self._run_args, "run_name": None})
+            self._requeued = None
         if self.dataset is not None:
             self.dataset.pull()  # every process; one per node materializes, the others wait on its lock
             self.run.check_commit_of_rank_zero(trainer.strategy.broadcast(self.dataset.commit, src=0),
@@ -106,13 +136,29 @@ class OxenLightningCallback(Callback):
                 self.run.mlflow_tracking_uri = mlflow_logger.experiment.tracking_uri
             # The fit key lets the main process of ddp_spawn find the run this copy trains.
             self.run.start(continuing=self._resumed_run == self.run.run_name, fit_key=self._fitter)
+            if self._requeued is not None:
+                self._requeued.after_start(self.run)
         self._watch = CheckpointWatch(trainer, self.run, self.stall_seconds)
         self._watch.install()
+        self._preemption = Preemption(self.run, timeout=self.preempt_timeout)
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Lightning has set its signal handlers: note the requeue signal before its handler saves."""
+        env = getattr(trainer.strategy, "cluster_environment", None)
+        if self._preemption is None or not (isinstance(env, SLURMEnvironment) or SLURMEnvironment.detect()):
+            return
+        requeue_signal = getattr(env, "requeue_signal", None) or signal.SIGUSR1
+        self._signal_watch = SignalWatch(requeue_signal, self._preemption.notice)
+        if not self._signal_watch.install(only_over_a_handler=True):  # auto_requeue=False: no requeue
+            self._signal_watch = None
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage == "fit" and self._watch is not None:
             self._watch.uninstall()
             self._watch = None
+        if stage == "fit" and self._signal_watch is not None:
+            self._signal_watch.uninstall()
+            self._signal_watch = None
 
     # -- saves: the CheckpointIO sees most; a save that bypassed it is published at the next hook ------
     def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
@@ -148,7 +194,12 @@ class OxenLightningCallback(Callback):
             self._watch.publish_unseen_save()
             self._watch.uninstall()
             self._watch = None
-        if trainer.is_global_zero:
+        if self._signal_watch is not None:
+            self._signal_watch.uninstall()
+            self._signal_watch = None
+        if trainer.is_global_zero and self._preemption is not None and self._preemption.noticed:
+            self._preemption.end(best=_best_path(trainer))  # SLURM's SIGTERM after the requeue
+        elif trainer.is_global_zero:
             status = "KILLED" if isinstance(exception, KeyboardInterrupt) else "FAILED"
             self.run.finish_after_error(status, best=_best_path(trainer), what="failed fit")
 

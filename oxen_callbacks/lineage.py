@@ -56,6 +56,18 @@ log = logging.getLogger(__name__)
 SCHEMA = "oxen-callbacks/lineage/v1"
 
 LineageJSON = dict[str, Any]  # a lineage record as its JSON object
+
+# How a run ends (the record's ``status``). MLflow's runs know FINISHED, FAILED and KILLED only:
+# a PREEMPTED run (a SLURM job requeued after its checkpoint was saved) ends there as KILLED,
+# its ``oxen.lineage.status`` tag saying PREEMPTED; the requeued job ends the same MLflow run.
+PREEMPTED = "PREEMPTED"
+_MLFLOW_RUN_STATUSES = ("FINISHED", "FAILED", "KILLED")
+
+
+def mlflow_run_status(status: str) -> str:
+    """The MLflow run status a lineage ``status`` ends its run as (PREEMPTED and others: KILLED)."""
+    return status if status in _MLFLOW_RUN_STATUSES else "KILLED"
+
 _DRIVE = re.compile(r"^[A-Za-z]:")  # a Windows drive: C:/x, C:x
 _NULL = type(None)
 _S = TypeVar("_S", bound="_Section")

@@ -18,7 +18,7 @@ TAG_MODEL_REPO = "oxen.model.repo"  # model repository the checkpoints are commi
 TAG_MODEL_COMMIT = "oxen.model.commit"  # commit holding the latest/final checkpoint
 TAG_MODEL_PATH = "oxen.model.path"  # that checkpoint's path inside the model repository
 TAG_CODE_GIT_COMMIT = "oxen.code.git_commit"  # git commit of the training code (absent outside git)
-TAG_LINEAGE_STATUS = "oxen.lineage.status"  # how the run's lineage ended: FINISHED, FAILED, KILLED...
+TAG_LINEAGE_STATUS = "oxen.lineage.status"  # how the run's lineage ended: FINISHED, FAILED, KILLED, PREEMPTED
 TAG_ENDPOINT_PREFIX = "oxen.endpoint."  # + endpoint slug: the run's model serves that endpoint
 
 # -- MLflow artifacts --------------------------------------------------------------------------
@@ -38,6 +38,9 @@ ENV_OXEN_API_KEY_HOST_PREFIX = "OXEN_API_KEY_"  # + host, upper-cased, non-alpha
 # -- environment variables of other tools, read here ---------------------------------------------
 ENV_OXEN_CONFIG_DIR = "OXEN_CONFIG_DIR"  # Oxen's config folder (user_config.toml, auth_config.toml)
 ENV_XDG_CACHE_HOME = "XDG_CACHE_HOME"  # the user's cache root, when ENV_CACHE is not set
+ENV_SLURM_JOB_ID = "SLURM_JOB_ID"  # the SLURM job: a requeued job keeps it (the same run goes on)
+ENV_SLURM_ARRAY_JOB_ID = "SLURM_ARRAY_JOB_ID"  # a job array's id (with ENV_SLURM_ARRAY_TASK_ID: the job)
+ENV_SLURM_ARRAY_TASK_ID = "SLURM_ARRAY_TASK_ID"  # the task of a job array
 ENV_RANKS = ("RANK", "LOCAL_RANK", "NODE_RANK")  # a distributed launcher's ranks: non-zero means not rank 0
 ENV_MLFLOW_PREFIX = "MLFLOW_"  # every MLflow setting: handed on to the sink process
 ENV_MLFLOW_TRACKING_URI = "MLFLOW_TRACKING_URI"  # MLflow's tracking store

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from .._util.redact import redact_url
+from ..lineage import mlflow_run_status
 from ..names import (
     ENV_MLFLOW_TRACKING_URI,
     LINEAGE_ARTIFACT_NAME,
@@ -87,7 +88,7 @@ def apply_op(client: Any, journal: MlflowJournal, meta: dict[str, Any], op: dict
             local.write_text(json.dumps(data, indent=2) + "\n")
             client.log_artifact(run_id, str(local), artifact_path=op["artifact_dir"])
     elif kind == "end_run":
-        client.set_terminated(run_id, status=op["status"])
+        client.set_terminated(run_id, status=mlflow_run_status(op["status"]))
     elif kind == "finish_abandoned":
         done = finish_abandoned(client, journal, meta, status=op.get("status", KILLED),
                                 terminate=op.get("terminate", True))
@@ -119,7 +120,7 @@ def finish_abandoned(client: Any, journal: Any, meta: dict[str, Any], status: st
         apply_op(client, journal, meta, {"op": "log_json", "artifact_dir": POINTER_ARTIFACT_DIR,
                                          "name": LINEAGE_ARTIFACT_NAME, "data": record})
     terminated = terminate and client.get_run(run_id).info.status == "RUNNING"
-    ended_as = status if status in ("FINISHED", "FAILED", KILLED) else KILLED  # MLflow's run statuses
+    ended_as = mlflow_run_status(status)
     if terminated:
         client.set_terminated(run_id, status=ended_as)
     return {"status": status, "trainer_died": trainer_died, "checkpoints": len(record["checkpoints"]) if record else 0,

@@ -8,6 +8,10 @@ name is **in use** while a live process holds its claim
 is still queued for commit. A run that failed or was killed before any checkpoint
 reached the queue leaves its name free: its lineage record stays in history.
 
+Under SLURM the claim names the job (``SLURM_JOB_ID``). A run whose job was pre-empted notes
+so in its claim (:func:`note_preempted`); the requeued job (same job id, a new process) finds
+that run (:func:`preempted_run`) and is accepted as its owner: it goes on with the same run.
+
 Example::
 
     claim = RunClaim.take(repo_path, "nightly", continuing=False)   # ConfigurationError if taken
@@ -27,7 +31,14 @@ from typing import Any
 from .._util.fs import write_atomically
 from .._util.locks import FileLock
 from ..errors import ConfigurationError
-from ..model_repo import claim_path, claims_dir, fit_record_path, lineage_path
+from ..model_repo import (
+    RUN_CLAIM_SUFFIX,
+    claim_path,
+    claims_dir,
+    fit_record_path,
+    lineage_path,
+)
+from ..names import ENV_SLURM_ARRAY_JOB_ID, ENV_SLURM_ARRAY_TASK_ID, ENV_SLURM_JOB_ID
 from .queue import run_backlog
 
 
@@ -52,7 +63,7 @@ class RunClaim:
             lock = FileLock(path)
             if not lock.acquire(blocking=False):
                 raise _in_use(run, repo, _owner(path))
-            if not continuing and has_checkpoints(repo, run):
+            if not continuing and has_checkpoints(repo, run) and not _requeued_owner(_owner(path)):
                 lock.release()
                 raise ConfigurationError(
                     f"run_name={run!r} is already taken in the model repository {str(repo)!r}: runs/{run}/ "
@@ -62,13 +73,53 @@ class RunClaim:
                     f"OxenLightningCallback(resume_from={run!r}, run_name={run!r}), or the HF Trainer's "
                     "resume_from_checkpoint= with a checkpoint of that run.",
                 )
-            lock.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+            lock.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "slurm_job": slurm_job(),
                                    "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}).encode())
         return cls(lock)
 
     def release(self) -> None:
         """The run is over (or never started): the name is no longer in use."""
         self._lock.release()
+
+
+def slurm_job() -> str | None:
+    """The SLURM job this process belongs to (``<array job>_<task>`` in a job array), if any."""
+    array_job, task = os.environ.get(ENV_SLURM_ARRAY_JOB_ID), os.environ.get(ENV_SLURM_ARRAY_TASK_ID)
+    if array_job and task:
+        return f"{array_job}_{task}"
+    return os.environ.get(ENV_SLURM_JOB_ID) or None
+
+
+def note_preempted(model_repo: str | os.PathLike[str], run: str, facts: dict[str, Any]) -> None:
+    """Note in the claim this process holds on ``run`` that its job was pre-empted, with ``facts`` the
+    requeued job goes on with (the MLflow run, the dataset pin). Rewritten in place: the lock stays held."""
+    path = claim_path(Path(model_repo), run)
+    owner = _owner(path)
+    with open(path, "r+b") as file:
+        file.truncate(0)
+        file.write(json.dumps({**owner, "preempted": facts}).encode())
+
+
+def preempted_run(model_repo: str | os.PathLike[str], job: str | None) -> tuple[str, dict[str, Any]] | None:
+    """The run SLURM job ``job`` trained when it was pre-empted, and the facts noted then; ``None``
+    when the job has no such run in ``model_repo`` (off SLURM, a first start, a run that ended)."""
+    if not job:
+        return None
+    found = []
+    for path in claims_dir(Path(model_repo)).glob(f"*{RUN_CLAIM_SUFFIX}"):
+        owner = _owner(path)
+        if owner.get("slurm_job") == job and isinstance(owner.get("preempted"), dict):
+            found.append((owner.get("started_at") or "", path.name[: -len(RUN_CLAIM_SUFFIX)], owner["preempted"]))
+    if not found:
+        return None
+    _, run, facts = max(found)  # the job's latest run
+    return run, facts
+
+
+def _requeued_owner(owner: dict[str, Any]) -> bool:
+    """Whether the run's last owner was this SLURM job, pre-empted: this process is its requeued start."""
+    job = slurm_job()
+    return job is not None and owner.get("slurm_job") == job and bool(owner.get("preempted"))
 
 
 def record_fit(model_repo: str | os.PathLike[str], fitter: str, run: str) -> None:

@@ -1,0 +1,181 @@
+"""SLURM pre-emption, for real: a fit in its own process with SLURM's environment, the pre-emption
+signal sent mid-fit, a stand-in ``scontrol`` that records the requeue and, as SLURM does, then
+sends SIGTERM; then the requeued job (same ``SLURM_JOB_ID``, a new process)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import table
+from helpers import commit_files, file_at, make_repo
+from mlflow import MlflowClient
+
+SCRIPT = Path(__file__).parent / "preempt_script.py"
+JOB = "4242"
+
+
+def slurm_env(tmp_path: Path, restart: int) -> dict[str, str]:
+    """A SLURM batch job's environment, with a stand-in ``scontrol`` first on PATH."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    scontrol = bin_dir / "scontrol"
+    # records the call, then does what `scontrol requeue` does to the running job: SIGTERM it
+    scontrol.write_text(f'#!/bin/sh\necho "$@" >> {tmp_path / "scontrol.log"}\nkill -TERM $PPID\n')
+    scontrol.chmod(scontrol.stat().st_mode | stat.S_IXUSR)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    env.update(PATH=f"{bin_dir}{os.pathsep}{env['PATH']}", SLURM_JOB_ID=JOB, SLURM_JOB_NAME="train",
+               SLURM_NTASKS="1", SLURM_NTASKS_PER_NODE="1", SLURM_PROCID="0", SLURM_LOCALID="0",
+               SLURM_NODEID="0", SLURM_NODELIST="localhost", SLURM_RESTART_COUNT=str(restart),
+               PYTHONPATH=os.pathsep.join([str(Path(__file__).parents[1]), env.get("PYTHONPATH", "")]))
+    return env
+
+
+def job(tmp_path: Path, framework: str, dataset: Path, restart: int, *extra: str) -> dict:
+    """One start of the SLURM job (``restart``: SLURM_RESTART_COUNT); MLflow may take its time
+    (a first SQLite store migrates for ~10 s here): the deadline under test is the commit's."""
+    out = tmp_path / f"out{restart}.json"
+    cmd = [sys.executable, str(SCRIPT), framework, "--dataset", str(dataset), "--model-repo",
+           str(tmp_path / "models"), "--root", str(tmp_path / "root"), "--out", str(out),
+           "--preempt-timeout", "120", *extra]
+    proc = subprocess.run(cmd, check=False, env=slurm_env(tmp_path, restart), capture_output=True, text=True,
+                          timeout=400)
+    (tmp_path / f"job{restart}.log").write_text(proc.stderr)
+    assert proc.returncode in (0, -signal.SIGTERM), proc.stderr[-4000:]  # SIGTERM: requeued by the script
+    return json.loads(out.read_text())
+
+
+def only_mlflow_run(run_id: str):  # type: ignore[no-untyped-def]
+    client = MlflowClient()
+    runs = client.search_runs([client.get_experiment_by_name("slurm").experiment_id])
+    assert [r.info.run_id for r in runs] == [run_id]  # one MLflow run for both jobs
+    return runs[0]
+
+
+@pytest.mark.timeout(600)
+def test_lightning_preempted_job_commits_its_checkpoint_and_the_requeued_job_goes_on(dataset_repo, tmp_path):
+    first = job(tmp_path, "lightning", dataset_repo.path, 0, "--signal-at-step", "3")
+
+    # Lightning asked SLURM to requeue this very job
+    assert (tmp_path / "scontrol.log").read_text().split() == ["requeue", JOB]
+    # before the process exited, the checkpoint saved on the signal was committed and the run PREEMPTED
+    committed = first["committed"]
+    assert committed["status"] == "PREEMPTED"
+    hpc = tmp_path / "root" / "hpc_ckpt_1.ckpt"
+    entry = next(c for c in committed["checkpoints"] if c["path"].endswith("hpc_ckpt_1.ckpt"))
+    assert entry["step"] == 3
+    assert file_at(tmp_path / "models", entry["commit"], entry["path"], tmp_path / "read").read_bytes() == hpc.read_bytes()
+    assert max(first["steps"]) < 3 * 6  # it stopped mid-fit
+    mlflow_id = committed["run"]["mlflow_run_id"]
+    run = only_mlflow_run(mlflow_id)
+    assert run.info.status == "KILLED" and run.data.tags["oxen.lineage.status"] == "PREEMPTED"
+
+    # the dataset's branch moves while the job waits in the queue
+    commit_files(dataset_repo, "C", {"train.csv": table(label=2, seed=0)})
+    second = job(tmp_path, "lightning", dataset_repo.path, 1)
+
+    assert second["ckpt_path"] == str(hpc)  # Lightning resumed the requeue checkpoint...
+    assert min(second["steps"]) == 4 and second["global_step"] == 3 * 6  # ...and went on from its step
+    lineage = second["lineage"]
+    assert lineage["run"]["name"] == first["run"] == second["run"]  # the same lineage run
+    assert lineage["run"]["mlflow_run_id"] == mlflow_id  # the same MLflow run
+    assert lineage["dataset"]["commit"] == committed["dataset"]["commit"] == dataset_repo.commits[1]
+    assert lineage["dataset"]["revision"] == "main"  # what the job asked for, pinned where it first resolved
+    assert second["labels"] == [1]  # it read the pinned commit, not the moved branch
+    assert lineage["status"] == "FINISHED"
+    steps = [c["step"] for c in lineage["checkpoints"]]
+    assert 3 in steps and max(steps) == 18 and len(steps) == len(set(steps))  # both jobs' saves, once each
+    run = only_mlflow_run(mlflow_id)
+    assert run.info.status == "FINISHED" and run.data.tags["oxen.lineage.status"] == "FINISHED"
+
+
+@pytest.mark.timeout(600)
+def test_hf_preempt_signal_saves_commits_and_the_requeued_job_goes_on(tmp_path):
+    from hf_model import jsonl
+
+    data = make_repo(tmp_path / "reviews", [("A", {"train.jsonl": jsonl(label=0, rows=64)})])
+    first = job(tmp_path, "hf", data.path, 0, "--signal-at-step", "3", "--max-steps", "8")
+
+    committed = first["committed"]
+    assert committed["status"] == "PREEMPTED"
+    assert first["global_step"] == 3  # saved and stopped at the end of the signalled step
+    entry = next(c for c in committed["checkpoints"] if c["step"] == 3)
+    saved = tmp_path / "root" / "out" / "checkpoint-3" / "model.safetensors"
+    assert file_at(tmp_path / "models", entry["commit"], f"{entry['path']}/model.safetensors",
+                   tmp_path / "read").read_bytes() == saved.read_bytes()
+    assert (tmp_path / "scontrol.log").read_text().split() == ["requeue", JOB]  # the job script's requeue
+
+    second = job(tmp_path, "hf", data.path, 1, "--max-steps", "8")
+    lineage = second["lineage"]
+    assert min(second["steps"]) == 4 and second["global_step"] == 8  # resumed from checkpoint-3
+    assert lineage["run"]["name"] == first["run"]
+    assert lineage["run"]["mlflow_run_id"] == committed["run"]["mlflow_run_id"]
+    assert lineage["status"] == "FINISHED"
+    run = only_mlflow_run(committed["run"]["mlflow_run_id"])
+    assert run.info.status == "FINISHED"
+
+
+# -- the requeued job's choices, without a fit -------------------------------------------------------
+def preempted_job(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, dataset: dict) -> str:
+    """A run of SLURM job JOB in tmp_path/models that noted its pre-emption, its process gone."""
+    from oxen_callbacks._publish.claim import RunClaim, note_preempted
+
+    monkeypatch.setenv("SLURM_JOB_ID", JOB)
+    make_repo(tmp_path / "models", [])
+    claim = RunClaim.take(tmp_path / "models", "nightly-1", continuing=False)
+    note_preempted(tmp_path / "models", "nightly-1", {"mlflow_run_id": None, "dataset": dataset})
+    claim.release()
+    return "nightly-1"
+
+
+def test_requeued_job_pins_the_commit_its_run_read_or_refuses_another(dataset_repo, tmp_path, monkeypatch):
+    from oxen_callbacks import PinnedDataset
+    from oxen_callbacks.errors import DatasetMismatchError
+    from oxen_callbacks.lightning import OxenLightningCallback
+
+    first = PinnedDataset(dataset_repo.path, revision=dataset_repo.commits[0], paths=["train.csv"])
+    run = preempted_job(tmp_path, monkeypatch, first.to_lineage())
+    models = tmp_path / "models"
+
+    cb = OxenLightningCallback(dataset=dataset_repo.path, revision="main", model_repo=models, mlflow=False)
+    assert cb.run.run_name == run and cb.dataset.commit == dataset_repo.commits[0]  # not main's head
+    with pytest.raises(DatasetMismatchError, match=dataset_repo.commits[0]):
+        OxenLightningCallback(dataset=PinnedDataset(dataset_repo.path, revision="main", paths=["train.csv"]),
+                              model_repo=models, mlflow=False)
+    other = OxenLightningCallback(dataset=dataset_repo.path, revision="main", model_repo=models, mlflow=False,
+                                  run_name="another")  # the user names another run: a new one
+    assert other.dataset.commit == dataset_repo.commits[1]
+    monkeypatch.setenv("SLURM_JOB_ID", "999")  # another job: nothing to go on with
+    fresh = OxenLightningCallback(dataset=dataset_repo.path, revision="main", model_repo=models, mlflow=False)
+    assert fresh.run.run_name != run and fresh.dataset.commit == dataset_repo.commits[1]
+
+
+def test_only_the_requeued_job_takes_over_a_preempted_run_name(tmp_path, monkeypatch):
+    from oxen_callbacks._publish.claim import RunClaim
+    from oxen_callbacks.errors import ConfigurationError
+
+    run = preempted_job(tmp_path, monkeypatch, {})
+    models = tmp_path / "models"
+    lineage = models / "runs" / run / "lineage.json"
+    lineage.parent.mkdir(parents=True)
+    lineage.write_text(json.dumps({"checkpoints": [{"step": 3}]}))  # the run has checkpoints
+    monkeypatch.setenv("SLURM_JOB_ID", "999")
+    with pytest.raises(ConfigurationError, match="already taken"):
+        RunClaim.take(models, run, continuing=False)
+    monkeypatch.setenv("SLURM_JOB_ID", JOB)
+    RunClaim.take(models, run, continuing=False).release()  # the same job, requeued: its owner
+
+
+@pytest.mark.parametrize("timeout", [0, -1, float("nan"), "30"])
+def test_bad_preempt_timeout_is_refused_before_training(tmp_path, timeout):
+    from oxen_callbacks.errors import ConfigurationError
+    from oxen_callbacks.lightning import OxenLightningCallback
+
+    with pytest.raises(ConfigurationError, match="preempt_timeout"):
+        OxenLightningCallback(model_repo=tmp_path / "models", mlflow=False, preempt_timeout=timeout)
