@@ -16,6 +16,7 @@ MAX_FLOORS = 8
 # Lower layers never import higher ones (a module may import its own layer and any below).
 LAYERS = ["errors", "names", "_util", "_oxen", "model_repo", "lineage", "_data", "pin", "checkpoints",
           "_publish", "_mlflow", "_ops", "_run_checks", "_run_end", "run", "_lightning_io", "lightning", "huggingface", "cli"]
+LAYERS.append("ray")  # the Ray Train adapter (oxen_callbacks/ray.py), beside the other adapters
 
 
 def _dotted(path: Path) -> str:
