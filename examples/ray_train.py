@@ -47,17 +47,12 @@ class Classifier(L.LightningModule):
         return torch.optim.Adam(self.parameters(), lr=0.01)
 
 
-def load_rows(path: str) -> TensorDataset:
-    with open(path) as f:
-        rows = list(csv.reader(f))[1:]
-    return TensorDataset(torch.tensor([[float(v) for v in r[:-1]] for r in rows]),
-                         torch.tensor([int(r[-1]) for r in rows]))
-
-
 def train_func(config: dict[str, Any]) -> None:
-    """Runs in each worker. The pinned commit is already on this node."""
-    data = pinned_dataset()
-    loader = DataLoader(load_rows(str(data.file("train.csv"))), batch_size=16, shuffle=True)
+    """Runs in each worker: the pinned commit is already on this node."""
+    with open(pinned_dataset().file("train.csv")) as f:  # x0,x1,x2,x3,label rows
+        rows = list(csv.reader(f))[1:]
+    data = TensorDataset(torch.tensor([[float(v) for v in r[:-1]] for r in rows]), torch.tensor([int(r[-1]) for r in rows]))
+    loader = DataLoader(data, batch_size=16, shuffle=True)
     trainer = prepare_trainer(L.Trainer(
         max_epochs=config["epochs"], accelerator="cpu", devices="auto", strategy=RayDDPStrategy(),
         plugins=[RayLightningEnvironment()], callbacks=[RayTrainReportCallback(), *config.get("callbacks", [])],

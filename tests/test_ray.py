@@ -149,7 +149,7 @@ def test_readme_example_commits_each_checkpoint_once_and_resumes_after_a_killed_
     assert run.data.tags["oxen.model.commit"] == checkpoints[-1]["commit"]
     ray_section = lineage["run"]["ray"]
     assert ray_section["storage_path"] == str(storage)
-    assert Path(ray_section["experiment_path"]) == Path(result.path)
+    assert Path(ray_section["experiment_path"]) == Path(result.path) and ray_section["name"] == Path(result.path).name
 
 
 def hf_train_func(config: dict[str, Any]) -> None:
@@ -251,3 +251,38 @@ def test_ray_hooks_this_adapter_relies_on_are_still_there() -> None:
     from ray.train.v2._internal.execution.training_report import _TrainingReport
 
     assert "checkpoint" in inspect.signature(_TrainingReport).parameters
+
+
+def test_readme_ray_example_is_the_tested_example() -> None:
+    readme = (HERE.parent / "README.md").read_text()
+    section = readme[readme.index("## Ray Train"):]
+    start = section.index("```python\n") + len("```python\n")
+    block = section[start:section.index("\n```", start)]
+    assert "OxenRayCallback" in block and block in (EXAMPLES / "ray_train.py").read_text()
+
+
+def test_bad_options_fail_on_the_driver_before_ray_starts_anything(tmp_path: Path, dataset_repo: Any) -> None:
+    from oxen_callbacks.errors import ConfigurationError
+    from oxen_callbacks.ray import OxenRayCallback
+
+    (tmp_path / "file").write_text("")
+    with pytest.raises(ConfigurationError, match="is a file"):
+        OxenRayCallback(dataset=str(dataset_repo.path), model_repo=tmp_path / "file")
+    with pytest.raises(ConfigurationError, match="Revision|revision"):
+        OxenRayCallback(dataset=str(dataset_repo.path), revision="no-such-branch", model_repo=tmp_path / "models")
+
+
+def test_worker_on_a_node_without_the_dataset_folder_and_no_remote_is_told_how_to_fix_it(
+        tmp_path: Path, dataset_repo: Any) -> None:
+    """What a worker on another node (no shared filesystem) meets when the dataset has no Oxen remote."""
+    import pickle
+
+    from oxen_callbacks.errors import ConfigurationError
+    from oxen_callbacks.ray import OxenRayCallback
+
+    oxen = OxenRayCallback(dataset=str(dataset_repo.path), paths=["train.csv"], model_repo=tmp_path / "models",
+                           cache_dir=tmp_path / "driver-cache")
+    on_other_node = pickle.loads(pickle.dumps(oxen))  # what Ray hands each worker
+    dataset_repo.path.rename(tmp_path / "elsewhere")  # the folder is not on this "node"
+    with pytest.raises(ConfigurationError, match="oxen push"):
+        on_other_node.after_init_train_context()
