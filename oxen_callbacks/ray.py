@@ -33,12 +33,13 @@ this module supports the Ray versions in ``RAY_VERSIONS`` (checked at import) an
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
-import shutil
 import tempfile
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -75,14 +76,11 @@ _driver_pin: PinnedDataset | None = None  # the latest callback's pin, for Ray's
 
 
 class _RunOnController(LineageRun):
-    """A LineageRun built (and validated) on the driver but started on Ray's controller: the work that
-    overlaps model building (MLflow import, ``oxen init``) is done there, not in the driver."""
-
-    _on_driver = True  # (an instance attribute on the controller)
+    """A LineageRun built (options checked) on the driver and started on Ray's controller, where its MLflow
+    sink process imports MLflow while Ray starts the workers: it starts no process in the driver."""
 
     def _start_early_work(self) -> None:
-        if not self._on_driver:
-            super()._start_early_work()
+        pass
 
 
 class OxenRayCallback(ControllerCallback, WorkerGroupCallback, ReportCallback, WorkerCallback):
@@ -137,8 +135,6 @@ class OxenRayCallback(ControllerCallback, WorkerGroupCallback, ReportCallback, W
     def after_controller_start(self, train_run_context: Any) -> None:
         """Start the job's lineage run: claim its name, pull the pin, start the publisher, open MLflow."""
         run = self._controller_run()
-        run._on_driver = False
-        run._start_early_work()
         run.start()
         config = train_run_context.run_config
         assert run.record is not None
@@ -267,22 +263,14 @@ def _report_position(metrics: dict[str, Any]) -> tuple[int | None, int | None, d
             epoch if isinstance(epoch, int) else None, numbers)
 
 
-class _local_folder:
-    """The checkpoint as a folder on this node: Ray's own when its storage is local (or mounted), else
-    a download removed after the freeze."""
+@contextlib.contextmanager
+def _local_folder(checkpoint: Any) -> Iterator[str]:
+    """The checkpoint as a folder on this node: Ray's own when its storage is local (or mounted), else a
+    download, removed once frozen."""
+    import pyarrow.fs
 
-    def __init__(self, checkpoint: Any) -> None:
-        self.checkpoint, self.tmp = checkpoint, None
-
-    def __enter__(self) -> str:
-        import pyarrow.fs
-
-        if isinstance(self.checkpoint.filesystem, pyarrow.fs.LocalFileSystem):
-            return str(self.checkpoint.path)
-        self.tmp = tempfile.mkdtemp(prefix="oxen-ray-")
-        target = os.path.join(self.tmp, os.path.basename(self.checkpoint.path.rstrip("/")))
-        return self.checkpoint.to_directory(target)
-
-    def __exit__(self, *exc: object) -> None:
-        if self.tmp is not None:
-            shutil.rmtree(self.tmp, ignore_errors=True)
+    if isinstance(checkpoint.filesystem, pyarrow.fs.LocalFileSystem):
+        yield str(checkpoint.path)
+        return
+    with tempfile.TemporaryDirectory(prefix="oxen-ray-") as tmp:
+        yield checkpoint.to_directory(os.path.join(tmp, os.path.basename(checkpoint.path.rstrip("/"))))

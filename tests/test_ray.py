@@ -40,7 +40,7 @@ def ray_cluster(tmp_path_factory: pytest.TempPathFactory):
         env.setenv("OXEN_CONFIG_DIR", str(root / "oxen-config"))
         env.setenv("OXEN_CALLBACKS_CACHE", str(root / "cache"))
         env.setenv("HF_HOME", str(root / "hf"))
-        env.setenv("RAY_TRAIN_ENABLE_STATE_TRACKING", "0")
+        env.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")  # Ray's controller polls workers faster than 2 s
         ray.init(num_cpus=2, object_store_memory=200 * 1024**2, include_dashboard=False,
                  _temp_dir=str(root / "t"), log_to_driver=True)
         try:
