@@ -52,6 +52,7 @@ from ray.train.v2._internal.execution.callback import (
 )
 
 from ._util.cache import default_cache_dir
+from ._util.redact import redact_url
 from .errors import ConfigurationError
 from .lineage import LineageJSON, repo_record
 from .names import (
@@ -138,8 +139,8 @@ class OxenRayCallback(ControllerCallback, WorkerGroupCallback, ReportCallback, W
         run.start()
         config = train_run_context.run_config
         assert run.record is not None
-        run.record["run"]["ray"] = {"name": config.name, "storage_path": str(config.storage_path),
-                                    "experiment_path": config.storage_context.experiment_fs_path,
+        run.record["run"]["ray"] = {"name": config.name, "storage_path": redact_url(str(config.storage_path)),
+                                    "experiment_path": redact_url(config.storage_context.experiment_fs_path),
                                     "run_id": train_run_context.run_id}
 
     def before_init_train_context(self, workers: list[Any]) -> dict[str, list[Any]]:
