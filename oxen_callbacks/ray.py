@@ -38,6 +38,7 @@ import logging
 import math
 import os
 import tempfile
+import uuid
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -54,7 +55,7 @@ from ray.train.v2._internal.execution.callback import (
 from ._util.cache import default_cache_dir
 from ._util.redact import redact_url
 from .errors import ConfigurationError
-from .lineage import LineageJSON, repo_record
+from .lineage import LineageJSON
 from .names import (
     ENV_MLFLOW_EXPERIMENT_ID,
     ENV_MLFLOW_EXPERIMENT_NAME,
@@ -62,7 +63,7 @@ from .names import (
     ENV_MLFLOW_TRACKING_URI,
 )
 from .pin import PinnedDataset, as_pinned
-from .run import LineageRun, new_run_name
+from .run import LineageRun
 
 log = logging.getLogger(__name__)
 
@@ -111,14 +112,14 @@ class OxenRayCallback(ControllerCallback, WorkerGroupCallback, ReportCallback, W
         global _driver_pin
         cache_dir = Path(run_options.pop("cache_dir", None) or default_cache_dir()).expanduser().resolve()
         self.dataset = as_pinned(dataset, revision, paths, cache_dir)  # resolved here, once per job
-        self.run_name: str = run_options.pop("run_name", None) or new_run_name()
+        self._fit_key = uuid.uuid4().hex  # the controller notes each fit's run under it, for `lineage`
         if run_options.get("mlflow", True):  # what this driver means, for the controller's process
             run_options.setdefault("mlflow_tracking_uri", _tracking_uri())
             run_options.setdefault("experiment_name", os.environ.get(ENV_MLFLOW_EXPERIMENT_NAME))
         self.model_repo = Path(model_repo).expanduser().resolve()
         self._run: _RunOnController | None = _RunOnController(
             dataset=self.dataset, model_repo=self.model_repo, framework=("ray", ray.__version__),
-            run_name=self.run_name, cache_dir=cache_dir, **run_options)
+            cache_dir=cache_dir, **run_options)
         self.mlflow_tracking_uri: str | None = run_options.get("mlflow_tracking_uri")
         self.mlflow_run_id: str | None = None  # the job's run: known on the controller before workers start
         self.mlflow_experiment_id: str | None = None
@@ -136,7 +137,7 @@ class OxenRayCallback(ControllerCallback, WorkerGroupCallback, ReportCallback, W
     def after_controller_start(self, train_run_context: Any) -> None:
         """Start the job's lineage run: claim its name, pull the pin, start the publisher, open MLflow."""
         run = self._controller_run()
-        run.start()
+        run.start(fit_key=self._fit_key)  # (a default run name already taken, by an earlier fit: drawn again)
         config = train_run_context.run_config
         assert run.record is not None
         run.record["run"]["ray"] = {"name": config.name, "storage_path": redact_url(str(config.storage_path)),
@@ -173,7 +174,7 @@ class OxenRayCallback(ControllerCallback, WorkerGroupCallback, ReportCallback, W
         try:
             run.finish(status)
         except Exception:
-            log.exception("Recording the lineage of Ray run %s failed", self.run_name)
+            log.exception("Recording the lineage of run %s failed", run.run_name)
 
     def before_controller_abort(self) -> None:
         self._controller_run().finish_after_error("KILLED", what="aborted Ray run")
@@ -200,11 +201,12 @@ class OxenRayCallback(ControllerCallback, WorkerGroupCallback, ReportCallback, W
     # -- driver ----------------------------------------------------------------------------
     @property
     def lineage(self) -> LineageJSON | None:
-        """The job's lineage record from the model repository (complete once ``fit()`` returned)."""
-        record = repo_record(self.model_repo, self.run_name)
+        """The lineage record of the latest ``fit()`` with this callback, from the model repository."""
+        assert self._run is not None
+        record = self._run.lineage(self._fit_key)
         if record is None:
-            log.warning("No lineage record for run %s in %s: did Ray run the job with ScalingConfig(num_workers=0)? "
-                        "Its local mode ignores RunConfig(callbacks=...).", self.run_name, self.model_repo)
+            log.warning("No lineage record in %s for this callback's job: did Ray run it with ScalingConfig("
+                        "num_workers=0)? Its local mode ignores RunConfig(callbacks=...).", self.model_repo)
         return record
 
 
