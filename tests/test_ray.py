@@ -11,6 +11,7 @@ import json
 import os
 import signal
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -150,6 +151,7 @@ def test_readme_example_commits_each_checkpoint_once_and_resumes_after_a_killed_
     ray_section = lineage["run"]["ray"]
     assert ray_section["storage_path"] == str(storage)
     assert Path(ray_section["experiment_path"]) == Path(result.path) and ray_section["name"] == Path(result.path).name
+    assert isinstance(ray_section["run_id"], str) and ray_section["run_id"]
 
 
 def hf_train_func(config: dict[str, Any]) -> None:
@@ -182,7 +184,9 @@ def hf_train_func(config: dict[str, Any]) -> None:
     prepare_trainer(trainer).train()
 
 
-def test_hf_trainer_job_whose_worker_dies_without_retries_ends_failed_listing_its_checkpoints(tmp_path: Path) -> None:
+def test_hf_trainer_job_on_non_local_storage_whose_worker_dies_without_retries_ends_failed_listing_its_checkpoints(
+        tmp_path: Path) -> None:
+    import pyarrow.fs
     from hf_model import jsonl
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -191,10 +195,13 @@ def test_hf_trainer_job_whose_worker_dies_without_retries_ends_failed_listing_it
 
     data = make_repo(tmp_path / "reviews", [("reviews", {"train.jsonl": jsonl(0) + jsonl(1, seed=1)})])
     oxen = OxenRayCallback(dataset=str(data.path), paths=["train.jsonl"], model_repo=tmp_path / "models")
+    # storage through a pyarrow filesystem that is not the local one (as cloud storage is): downloaded to commit
+    storage = pyarrow.fs.SubTreeFileSystem(str(tmp_path / "bucket"), pyarrow.fs.LocalFileSystem())
+    (tmp_path / "bucket").mkdir()
     trainer = TorchTrainer(hf_train_func, train_loop_config={"kill_at_step": 5, "models": str(tmp_path / "models")},
                            scaling_config=ScalingConfig(num_workers=2, use_gpu=False),
-                           run_config=RunConfig(storage_path=str(tmp_path / "ray_results"), callbacks=[oxen],
-                                                failure_config=FailureConfig(max_failures=0)))
+                           run_config=RunConfig(storage_path="ray_results", storage_filesystem=storage,
+                                                callbacks=[oxen], failure_config=FailureConfig(max_failures=0)))
     with pytest.raises(ray.train.TrainingFailedError):
         trainer.fit()
 
@@ -208,6 +215,7 @@ def test_hf_trainer_job_whose_worker_dies_without_retries_ends_failed_listing_it
         assert json.loads(state.read_text())["global_step"] == ckpt["step"]
     (run,) = mlflow_runs(os.environ["MLFLOW_TRACKING_URI"])
     assert run.info.status == "FAILED" and run.info.run_id == lineage["run"]["mlflow_run_id"]
+    assert not list(Path(tempfile.gettempdir()).glob("oxen-ray-*"))  # the downloads are gone
 
 
 def test_local_mode_warns_that_callbacks_are_ignored(tmp_path: Path, dataset_repo: Any) -> None:
