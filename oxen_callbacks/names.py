@@ -46,6 +46,7 @@ ENV_MLFLOW_PREFIX = "MLFLOW_"  # every MLflow setting: handed on to the sink pro
 ENV_MLFLOW_TRACKING_URI = "MLFLOW_TRACKING_URI"  # MLflow's tracking store
 ENV_MLFLOW_EXPERIMENT_ID = "MLFLOW_EXPERIMENT_ID"  # experiment of a new run (when no name is given)
 ENV_MLFLOW_EXPERIMENT_NAME = "MLFLOW_EXPERIMENT_NAME"  # experiment of a new run, by name
+ENV_MLFLOW_RUN_ID = "MLFLOW_RUN_ID"  # the run MLflow's start_run joins (set in Ray Train workers)
 ENV_MLFLOW_TRACKING_USERNAME = "MLFLOW_TRACKING_USERNAME"  # basic auth user for REST queries
 ENV_MLFLOW_TRACKING_PASSWORD = "MLFLOW_TRACKING_PASSWORD"  # basic auth password for REST queries
 ENV_MLFLOW_TRACKING_TOKEN = "MLFLOW_TRACKING_TOKEN"  # bearer token for REST queries
