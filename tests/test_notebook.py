@@ -98,9 +98,8 @@ noisy = OxenLightningCallback(dataset=pinned, model_repo=work / "models", remote
 L.Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
           default_root_dir=work / "noisy", callbacks=[noisy]).fit(
     Classifier(), DataLoader(load(pinned.file("train.csv")), batch_size=32))""",
-    "import time\ntime.sleep(4)",
-    "noisy.lineage['status']",
-    "time.sleep(2)",
+    "noisy.lineage['status']",  # waits while the pushes fail and the final commit is made
+    "import time\ntime.sleep(2)",
     # a long pull draws its bar here: in this kernel, and in a child process whose stderr the cell shows
     """from oxen_callbacks._oxen import shadow
 from oxen_callbacks._util.progress import show_progress
