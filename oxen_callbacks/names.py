@@ -34,6 +34,7 @@ ENV_AUTHOR_NAME = "OXEN_CALLBACKS_AUTHOR_NAME"  # author name of checkpoint comm
 ENV_AUTHOR_EMAIL = "OXEN_CALLBACKS_AUTHOR_EMAIL"  # author email of checkpoint commits (with ENV_AUTHOR_NAME)
 ENV_OXEN_API_KEY = "OXEN_API_KEY"  # bearer token for every Oxen host without a per-host one (oxenai reads none)
 ENV_OXEN_API_KEY_HOST_PREFIX = "OXEN_API_KEY_"  # + host, upper-cased, non-alphanumerics as '_': one host's token
+ENV_CHILD_PROGRESS = "OXEN_CALLBACKS_CHILD_PROGRESS"  # set for a child process: "1" draw progress bars, "0" not
 
 # -- environment variables of other tools, read here ---------------------------------------------
 ENV_OXEN_CONFIG_DIR = "OXEN_CONFIG_DIR"  # Oxen's config folder (user_config.toml, auth_config.toml)

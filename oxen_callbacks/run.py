@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
+from ._lineage_html import LineageView
 from ._oxen.remote_spec import parse_remote
 from ._publish.claim import RunClaim, record_fit, recorded_fit
 from ._publish.freeze import unfreeze_for_rewrite
@@ -307,12 +308,12 @@ class LineageRun(RunOptionChecks, RunEnding):
         """
         if self.record is not None and self.finished:
             self.wait_until_logged()
-            return self.record
+            return LineageView.of(self.record)
         run = (recorded_fit(self.model_repo, fit_key) if fit_key else None) or self.run_name
         committed = self.model_repo / lineage_path(run)
         if committed.exists():
-            return read_lineage(committed)
-        return self.record
+            return LineageView.of(read_lineage(committed))
+        return LineageView.of(self.record)
 
 
 def _command() -> str:

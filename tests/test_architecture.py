@@ -15,8 +15,8 @@ NAME = PACKAGE.name
 MAX_FLOORS = 8
 # Lower layers never import higher ones (a module may import its own layer and any below).
 LAYERS = ["errors", "names", "_util", "_oxen", "model_repo", "lineage", "_data", "pin", "checkpoints",
-          "_publish", "_mlflow", "_ops", "_run_checks", "_run_end", "run", "_preempt", "_lightning_io", "lightning",
-          "huggingface", "ray", "cli"]
+          "_publish", "_mlflow", "_ops", "_lineage_html", "_run_checks", "_run_end", "run", "_preempt",
+          "_lightning_io", "lightning", "huggingface", "ray", "cli"]
 
 
 def _dotted(path: Path) -> str:

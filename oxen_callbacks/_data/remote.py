@@ -23,6 +23,7 @@ from .._oxen import child as oxen_child
 from .._oxen import remote as oxen_remote
 from .._oxen.commit_id import FULL_COMMIT_ID_LEN, checked_commit_id, is_commit_id
 from .._oxen.remote_spec import RemoteSpec, parse_remote
+from .._util.progress import show_progress
 from ..errors import ConfigurationError, OxenError
 
 log = logging.getLogger(__name__)
@@ -89,6 +90,6 @@ class RemoteSource:
 
     def materialize(self, commit: str, paths: list[str], dest: Path) -> None:
         """Download ``paths`` of ``commit`` under ``dest`` (counted by the snapshot store afterwards)."""
-        for rel in tqdm(paths, desc=f"download {self.spec.repo_id}@{commit[:10]}", unit="path", disable=None):
+        for rel in tqdm(paths, desc=f"download {self.spec.repo_id}@{commit[:10]}", unit="path", disable=not show_progress()):
             self._call(oxen_remote.download, f"download {rel!r}", self.timeout * 10, commit=commit, rel=rel,
                        dest=str(dest))

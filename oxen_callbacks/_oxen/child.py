@@ -27,6 +27,7 @@ from typing import Any
 
 from .. import errors
 from .._util.processes import OWN_PROCESS_GROUP, child_environment, function_reference, python_command
+from .._util.progress import child_progress_env
 from ..errors import OxenError
 
 _SIGNALS = {int(s) for s in signal.Signals}
@@ -71,7 +72,8 @@ def run_in_child(function: Callable[..., Any], *, timeout: float | None = 600.0,
         with private_config(remote_host) as overrides:
             proc = subprocess.run(python_command("oxen-call"), input=request,
                                   stdout=subprocess.PIPE, stderr=None if show_stderr else subprocess.PIPE,
-                                  text=True, timeout=timeout, env=child_environment(overrides),
+                                  text=True, timeout=timeout,
+                                  env=child_environment({**overrides, **child_progress_env(show_stderr)}),
                                   **(OWN_PROCESS_GROUP if own_group else {}))
     except subprocess.TimeoutExpired:
         raise ChildTimedOut(f"no answer within {timeout:g}s (oxen {what} stopped)") from None

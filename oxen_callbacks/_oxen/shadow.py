@@ -14,6 +14,7 @@ import tempfile
 from pathlib import Path
 
 from .._util.fs import remove_tree
+from .._util.progress import show_progress
 from ..errors import OxenError
 from . import layout as oxen_layout
 from .repo import call_oxen, open_oxenai
@@ -37,7 +38,7 @@ def restore_into(repo_path: str | os.PathLike[str], commit: str, paths: list[str
     oxen_layout.make_shadow(repo_path, dest, commit)
     shadow = open_oxenai(dest)
     try:
-        for rel in tqdm(paths, desc=f"pin {repo_path.name}@{commit[:10]}", unit="path", disable=None):
+        for rel in tqdm(paths, desc=f"pin {repo_path.name}@{commit[:10]}", unit="path", disable=not show_progress()):
             try:
                 call_oxen(shadow.restore, rel, False, commit, what=f"read {rel!r} at {commit}")
             except OxenError as exc:

@@ -26,6 +26,7 @@ import xxhash
 
 from .._util.fs import empty_folder
 from .._util.materialized import Materialized, content_hash
+from .._util.progress import show_progress
 from . import layout as oxen_layout
 from . import tree as oxen_tree
 
@@ -132,7 +133,7 @@ def _progress(total: int, files: int, desc: str) -> Callable[[int], object]:
         return lambda _n: None
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=total, unit="B", unit_scale=True, desc=desc, disable=None)
+    bar = tqdm(total=total, unit="B", unit_scale=True, desc=desc, disable=not show_progress())
 
     def update(n: int) -> None:
         bar.update(n)
