@@ -38,9 +38,7 @@ from ._util.redact import redact_argv, redact_url
 from .errors import ConfigurationError, PublishError
 from .lineage import LineageJSON, new_record, read_lineage
 from .model_repo import lineage_path
-from .names import (
-    ENV_RANKS,
-)
+from .names import ENV_JUPYTER_NOTEBOOK, ENV_RANKS
 from .pin import PinnedDataset
 
 log = logging.getLogger(__name__)
@@ -205,7 +203,7 @@ class LineageRun(RunOptionChecks, RunEnding):
             dataset=self.dataset.to_lineage() if self.dataset else None,
             model_repo=str(self.model_repo),
             framework=self.framework,
-            code={**{k: v for k, v in code_info().items() if k != "git_root"}, "command": _command(), "cwd": os.getcwd()},
+            code={**{k: v for k, v in code_info().items() if k != "git_root"}, **_how_started(), "cwd": os.getcwd()},
             run=self._run_section(),
         )
         # fit_id: one per fit (a continued run has several), so a late job knows its own segment
@@ -316,9 +314,13 @@ class LineageRun(RunOptionChecks, RunEnding):
         return LineageView.of(self.record)
 
 
-def _command() -> str:
-    """How this process was started, secrets masked (``oxen-callbacks reproduce`` prints it)."""
-    return shlex.join(redact_argv([Path(sys.executable).name, *sys.argv]))
+def _how_started() -> dict[str, str | None]:
+    """How this process was started, secrets masked (``oxen-callbacks reproduce`` prints it): its
+    command line, or in a Jupyter kernel (whose command line reruns nothing) the notebook's path
+    when the Jupyter server tells it (``JPY_SESSION_NAME``)."""
+    if sys.argv and Path(sys.argv[0]).name in ("ipykernel_launcher.py", "ipykernel_launcher"):
+        return {"command": None, "notebook": os.environ.get(ENV_JUPYTER_NOTEBOOK) or "(a Jupyter notebook)"}
+    return {"command": shlex.join(redact_argv([Path(sys.executable).name, *sys.argv]))}
 
 
 def _likely_rank_zero() -> bool:

@@ -196,3 +196,21 @@ def test_no_progress_bars_where_nobody_watches(monkeypatch: pytest.MonkeyPatch) 
     assert child_progress_env(True) == child_progress_env(False) == {ENV_CHILD_PROGRESS: "0"}
     monkeypatch.setenv(ENV_CHILD_PROGRESS, "1")  # a child whose parent is a notebook or a terminal
     assert show_progress() and child_progress_env(False) == {ENV_CHILD_PROGRESS: "0"}
+
+
+def test_a_run_trained_in_a_kernel_records_its_notebook_not_the_kernels_command(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A kernel's command line (``python -m ipykernel_launcher -f /tmp/kernel-x.json``) reruns nothing:
+    the record names the notebook instead, and `reproduce` says to run its cells again."""
+    from oxen_callbacks import run
+    from oxen_callbacks._ops.reproduce import _rerun_command
+
+    monkeypatch.setattr(sys, "argv", ["/venv/lib/python3.11/site-packages/ipykernel_launcher.py", "-f",
+                                      "/tmp/tmpab12cd.json"])
+    monkeypatch.setenv("JPY_SESSION_NAME", "/home/ana/work/train.ipynb")
+    started = run._how_started()
+    assert started == {"command": None, "notebook": "/home/ana/work/train.ipynb"}
+    rerun, left_out = _rerun_command({"code": {"git_commit": None, "cwd": "/home/ana/work", **started}})
+    assert rerun == "cd /home/ana/work"
+    assert any("Jupyter notebook ('/home/ana/work/train.ipynb')" in why and "cells again" in why for why in left_out)
+    monkeypatch.setattr(sys, "argv", ["train.py", "--lr", "3e-4"])
+    assert run._how_started()["command"].endswith("train.py --lr 3e-4")

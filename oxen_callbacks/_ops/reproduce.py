@@ -57,7 +57,8 @@ def reproduce(view: dict[str, Any], dest: str | os.PathLike[str], *,
     record = {k: v for k, v in view.items() if k not in ("source", "matched_checkpoints")}
     (target / "lineage.json").write_text(json.dumps(record, indent=2) + "\n")
     result["code"] = {"git_commit": code.get("git_commit"), "git_dirty": code.get("git_dirty"),
-                      "command": code.get("command"), "cwd": code.get("cwd")}
+                      "command": code.get("command"), "cwd": code.get("cwd"),
+                      **({"notebook": code["notebook"]} if code.get("notebook") else {})}
     result["rerun"], result["rerun_left_out"] = _rerun_command(view)
     if dataset and dataset.get("revision") not in (None, dataset["commit"]):
         result["note"] = (f"The run asked for revision {dataset['revision']!r}, which may have moved: pin "
@@ -95,6 +96,9 @@ def _rerun_command(view: dict[str, Any]) -> tuple[str | None, list[str]]:
     elif commit:
         left_out.append(f"the recorded code commit {str(commit)[:80]!r} is not a git commit id (7-40 hex digits): "
                         "no checkout printed; find the code version yourself")
+    if code.get("notebook") and not code.get("command"):
+        left_out.append(f"the run was trained in a Jupyter notebook ({str(code['notebook'])[:200]!r}): "
+                        "no command to print; run that notebook's cells again")
     if code.get("command"):
         try:
             words = shlex.split(str(code["command"]))
