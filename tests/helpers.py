@@ -88,3 +88,36 @@ def file_at(repo_path: Path, commit: str, rel: str, cache: Path) -> Path:
     from oxen_callbacks import PinnedDataset
 
     return PinnedDataset(repo_path, revision=commit, paths=[rel], cache_dir=cache).file(rel)
+
+
+def wait_until_released(*folders: Path, timeout: float = 60.0) -> list[str]:
+    """Wait until no process holds a file under ``folders`` open; returns the holders left at the timeout.
+
+    A SIGKILLed multithreaded process shows as a zombie (empty cmdline, empty ``/proc/<pid>/fd``)
+    while its other threads still exit holding its files and locks: look at every thread's fds."""
+    import time
+
+    prefixes = tuple(str(Path(f).resolve()) for f in folders)
+    deadline = time.monotonic() + timeout
+    while True:
+        holders = []
+        for pid in filter(str.isdigit, os.listdir("/proc")):
+            try:
+                tids = os.listdir(f"/proc/{pid}/task")
+            except OSError:
+                continue
+            for tid in tids:
+                try:
+                    fds = os.listdir(f"/proc/{pid}/task/{tid}/fd")
+                except OSError:
+                    continue
+                for fd in fds:
+                    try:
+                        target = os.readlink(f"/proc/{pid}/task/{tid}/fd/{fd}")
+                    except OSError:
+                        continue
+                    if target.startswith(prefixes):
+                        holders.append(f"{pid}/{tid}: {target}")
+        if not holders or time.monotonic() > deadline:
+            return holders
+        time.sleep(0.1)

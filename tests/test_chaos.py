@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import wait_until_released
 
 from oxen_callbacks import PinnedDataset, read_lineage
 from oxen_callbacks._ops import sync
@@ -66,6 +67,7 @@ def test_random_sigkills_lose_nothing(dataset_repo, tmp_path):
     deadline = time.monotonic() + 300
     while _workers_of(models) and time.monotonic() < deadline:  # surviving workers finish their queues
         time.sleep(0.5)
+    assert not wait_until_released(models)  # the killed ones let go of their locks a moment after they died
     report = sync.sync_all()  # and sync finishes what the dead ones left
     assert report["pending"] == 0, report
 

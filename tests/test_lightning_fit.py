@@ -118,9 +118,10 @@ def test_joins_lightning_mlflow_logger_run(dataset_repo, tmp_path):
     cb = OxenLightningCallback(dataset=pin, model_repo=tmp_path / "models")
     make_trainer(tmp_path, [ModelCheckpoint(dirpath=tmp_path / "ckpt"), cb], epochs=1, logger=logger).fit(
         TinyModel(), datamodule=CsvData(pin))
+    lineage = cb.lineage  # waits for the MLflow writes fit() returned before
     client = MlflowClient(f"sqlite:///{tmp_path / 'logger.db'}")
     runs = client.search_runs([client.get_experiment_by_name("with-logger").experiment_id])
-    assert len(runs) == 1 and runs[0].info.run_id == logger.run_id == cb.lineage["run"]["mlflow_run_id"]
+    assert len(runs) == 1 and runs[0].info.run_id == logger.run_id == lineage["run"]["mlflow_run_id"]
     assert runs[0].data.tags["oxen.dataset.commit"] == dataset_repo.commits[0]
     assert "train_loss" in runs[0].data.metrics  # the logger's own metrics, same run
 

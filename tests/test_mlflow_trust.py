@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
+from helpers import wait_until_released
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning_model import CsvData, TinyModel, make_trainer
 from mlflow import MlflowClient
@@ -293,20 +294,6 @@ def _process_tree(pid: int) -> list[int]:
     return [pid] + [p for child in children for p in _process_tree(int(child))]
 
 
-def _wait_released(pids: set[int], timeout: float = 30.0) -> None:
-    """Until every killed process has let go of its files: a killed multithreaded process shows as a
-    zombie while its other threads still exit, holding its locks (as a real job's would a moment)."""
-    deadline = time.monotonic() + timeout
-    for pid in pids:
-        while time.monotonic() < deadline:
-            try:
-                if not os.listdir(f"/proc/{pid}/fd"):
-                    break
-            except OSError:  # gone, or a zombie without files
-                break
-            time.sleep(0.05)
-
-
 @pytest.mark.timeout(600)
 def test_whole_job_sigkilled_at_once_is_finished_by_sync(dataset_repo, tmp_path):
     """A cgroup OOM kill or scancel: the trainer, its sink process, its worker and commit child die
@@ -339,7 +326,8 @@ def test_whole_job_sigkilled_at_once_is_finished_by_sync(dataset_repo, tmp_path)
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
     proc.wait()
-    _wait_released(frozen)
+    # a killed process lets go of its locks a moment later
+    assert not wait_until_released(models, Path(os.environ["OXEN_CALLBACKS_CACHE"]))
 
     report = sync.sync_all()
     [entry] = report["mlflow"]
