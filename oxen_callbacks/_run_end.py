@@ -157,7 +157,8 @@ class RunEnding:
         self.record = final if committed else self._published_so_far()
         self._warn_unpushed()
         if self.sink is not None:
-            self._log_final_or_leave_to_sync(self.record, status, committed=committed,
+            best_path = self.publisher.dest_for(best) if best and self.publisher.has_source(best) else None
+            self._log_final_or_leave_to_sync(self.record, status, committed=committed, best_path=best_path,
                                              timeout=max(0.5, deadline - time.monotonic()))
         if error is not None:
             raise error
@@ -206,10 +207,11 @@ class RunEnding:
         return final
 
     def _log_final_or_leave_to_sync(self, final: LineageJSON, status: str, *, committed: bool,
-                                    timeout: float) -> None:
+                                    timeout: float, best_path: str | None = None) -> None:
         try:
             self.sink.log_final(final, status, committed=committed, register_model=self.register_model,
-                                dataset_input=self.log_dataset_input, graph=self.log_lineage_graph, timeout=timeout)
+                                dataset_input=self.log_dataset_input, graph=self.log_lineage_graph, timeout=timeout,
+                                best_path=best_path)
         except Exception:  # the work is done and committed: MLflow bookkeeping never fails training
             log.warning("Logging the lineage to MLflow failed; what is journaled in %s stays there for "
                         "`oxen-callbacks sync`.", self.sink.journal.folder, exc_info=True)

@@ -21,6 +21,11 @@ TAG_CODE_GIT_COMMIT = "oxen.code.git_commit"  # git commit of the training code 
 TAG_LINEAGE_STATUS = "oxen.lineage.status"  # how the run's lineage ended: FINISHED, FAILED, KILLED, PREEMPTED
 TAG_ENDPOINT_PREFIX = "oxen.endpoint."  # + endpoint slug: the run's model serves that endpoint
 
+# -- MLflow logged-model tags: one logged model per committed checkpoint (MLflow 3) ----------------
+# besides TAG_RUN and TAG_MODEL_REPO / TAG_MODEL_COMMIT / TAG_MODEL_PATH, naming that checkpoint
+TAG_MODEL_BEST = "oxen.model.best"  # "true" on the run's best checkpoint (the monitored metric's), when known
+TAG_MODEL_FINAL = "oxen.model.final"  # "true" on the run's last checkpoint
+
 # -- MLflow artifacts --------------------------------------------------------------------------
 POINTER_ARTIFACT_DIR = "oxen"  # the run's artifact folder of Oxen pointers (a registered version's source)
 LINEAGE_ARTIFACT_NAME = "lineage.json"  # the lineage record, in POINTER_ARTIFACT_DIR

@@ -61,7 +61,9 @@ def test_registered_versions_are_tagged_with_the_oxen_commits(registered, tmp_pa
     for i, record in enumerate(registered["runs"]):
         version = client.get_model_version("reg-clf", str(i + 1))
         run_id = record["run"]["mlflow_run_id"]
-        assert version.run_id == run_id and version.source == f"runs:/{run_id}/oxen"
+        assert version.run_id == run_id and version.source.startswith("models:/")  # the checkpoint's logged model
+        logged = client.get_logged_model(version.source.removeprefix("models:/"))
+        assert logged.source_run_id == run_id and logged.tags["oxen.model.commit"] == record["model"]["commit"]
         assert version.tags["oxen.model.commit"] == record["model"]["commit"] and record["model"]["commit"] in model_commits
         assert version.tags["oxen.model.path"] == record["model"]["path"]
         assert version.tags["oxen.model.repo"] == str(registered["models"])

@@ -92,12 +92,22 @@ def apply_op(client: Any, journal: MlflowJournal, meta: dict[str, Any], op: dict
     elif kind == "finish_abandoned":
         done = finish_abandoned(client, journal, meta, status=op.get("status", KILLED),
                                 terminate=op.get("terminate", True))
-        journal.write_meta({**meta, "abandoned": done})
+        journal.write_meta({**journal.meta(), "abandoned": done})  # (as the logged models left it)
+    elif kind == "log_model":
+        from .logged_models import log_checkpoint_model
+
+        log_checkpoint_model(client, journal, meta, op)
+    elif kind == "mark_models":
+        from .logged_models import complete_and_mark
+
+        complete_and_mark(client, journal, meta, op["record"], best_path=op.get("best_path"))
     elif kind == "publish_extras":
+        from .logged_models import model_id_for
         from .registry import publish_extras
 
+        model_id = model_id_for(client, meta, op["record"]) if op.get("register_model") else None
         publish_extras(client, run_id, op["record"], register_model=op.get("register_model"),
-                       dataset_input=op.get("dataset_input", True), graph=op.get("graph", True))
+                       dataset_input=op.get("dataset_input", True), graph=op.get("graph", True), model_id=model_id)
     else:
         raise ValueError(f"Unknown journaled MLflow operation {kind!r}")
 
@@ -119,6 +129,10 @@ def finish_abandoned(client: Any, journal: Any, meta: dict[str, Any], status: st
     if record is not None:
         apply_op(client, journal, meta, {"op": "log_json", "artifact_dir": POINTER_ARTIFACT_DIR,
                                          "name": LINEAGE_ARTIFACT_NAME, "data": record})
+        from .logged_models import complete_and_mark
+
+        # the checkpoints committed after the trainer died get their logged models too
+        complete_and_mark(client, journal, journal.meta(), record, best_unless_last=True)
     terminated = terminate and client.get_run(run_id).info.status == "RUNNING"
     ended_as = mlflow_run_status(status)
     if terminated:

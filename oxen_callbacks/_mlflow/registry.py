@@ -1,8 +1,9 @@
 """Registered model versions, stage promotion and deployment pointers, all named by Oxen commits.
 
-* **Register** (``LineageRun(register_model="name")``): an MLflow model version whose
-  source is the run's pointer folder ``runs:/<run>/oxen`` (``oxen/lineage.json``),
-  tagged with the dataset and model commits.
+* **Register** (``LineageRun(register_model="name")``): an MLflow model version made from
+  the final checkpoint's logged model (source ``models:/<model_id>``, see :mod:`.logged_models`;
+  on an MLflow before 3, the run's pointer folder ``runs:/<run>/oxen``), tagged with the
+  dataset and model commits.
 * **Promote** (``oxen-callbacks promote``): Oxen has no tags, so a stage is a branch,
   ``stage/<stage>``, moved to the promoted commit without touching the model
   repository's working tree or HEAD; the MLflow alias ``<stage>`` follows when a
@@ -39,7 +40,13 @@ from .._util.locks import FileLock
 from .._util.redact import redact_url
 from ..errors import ConfigurationError
 from ..lineage import find_checkpoint_run
-from ..model_repo import DEPLOY_SCHEMA, clean_endpoint, deployment_path, endpoint_slug, endpoint_tag
+from ..model_repo import (
+    DEPLOY_SCHEMA,
+    clean_endpoint,
+    deployment_path,
+    endpoint_slug,
+    endpoint_tag,
+)
 from ..names import (
     LINEAGE_GRAPH_ARTIFACT,
     LINEAGE_GRAPH_ARTIFACT_NAME,
@@ -90,8 +97,10 @@ def version_tags(record: dict[str, Any]) -> dict[str, str]:
     return {k: str(v) for k, v in tags.items() if v is not None}
 
 
-def register_version(client: Any, name: str, run_id: str, record: dict[str, Any]) -> dict[str, Any]:
-    """Register the run's model commit as a new version of ``name``; returns ``{name, version}``."""
+def register_version(client: Any, name: str, run_id: str, record: dict[str, Any],
+                     model_id: str | None = None) -> dict[str, Any]:
+    """Register the run's model commit as a new version of ``name``, from its logged model ``model_id``
+    when there is one; returns ``{name, version}``."""
     from mlflow.exceptions import MlflowException
 
     try:
@@ -100,15 +109,43 @@ def register_version(client: Any, name: str, run_id: str, record: dict[str, Any]
         if exc.error_code != "RESOURCE_ALREADY_EXISTS":
             raise
     model = record["model"]
+    source, linked = f"runs:/{run_id}/{POINTER_ARTIFACT_DIR}", {}
+    if model_id is not None:
+        source, linked = _logged_model_source(client, model_id), {"model_id": model_id}
     version = client.create_model_version(
-        name, source=f"runs:/{run_id}/{POINTER_ARTIFACT_DIR}", run_id=run_id, tags=version_tags(record),
+        name, source=source, run_id=run_id, tags=version_tags(record), **linked,
         description=f"{model['path']} at Oxen commit {model['commit']} of {model['repo']}")
+    if model_id is not None:
+        _list_version_on_model(client, model_id, name, str(version.version))
     return {"name": name, "version": str(version.version)}
 
 
+def _logged_model_source(client: Any, model_id: str) -> str:
+    """``models:/<model_id>``, as ``mlflow.register_model`` names it. A database store resolves that
+    through MLflow's global tracking URI: for a client of another store (a thread of a training process
+    whose logger names its own), the model's artifact location instead."""
+    import mlflow
+
+    uri = client.tracking_uri
+    if uri.startswith(("http://", "https://", "databricks")) or uri == mlflow.get_tracking_uri():
+        return f"models:/{model_id}"
+    return client.get_logged_model(model_id).artifact_location
+
+
+def _list_version_on_model(client: Any, model_id: str, name: str, version: str) -> None:
+    """The logged model's own list of its registered versions (what ``mlflow.register_model`` keeps)."""
+    from mlflow.utils.mlflow_tags import MLFLOW_MODEL_VERSIONS
+
+    listed = json.loads(client.get_logged_model(model_id).tags.get(MLFLOW_MODEL_VERSIONS) or "[]")
+    entry = {"name": name, "version": version}
+    if entry not in listed:
+        client.set_logged_model_tags(model_id, {MLFLOW_MODEL_VERSIONS: json.dumps([*listed, entry])})
+
+
 def publish_extras(client: Any, run_id: str, record: dict[str, Any], *, register_model: str | None,
-                   dataset_input: bool, graph: bool) -> dict[str, Any]:
-    """At fit end: dataset input, registered version, lineage picture (run by the MLflow sink process)."""
+                   dataset_input: bool, graph: bool, model_id: str | None = None) -> dict[str, Any]:
+    """At fit end: dataset input, registered version (from logged model ``model_id`` when there is
+    one), lineage picture (run by the MLflow sink process)."""
     from .dataset import log_dataset_input
     from .picture import render
 
@@ -117,7 +154,7 @@ def publish_extras(client: Any, run_id: str, record: dict[str, Any], *, register
         log_dataset_input(client, run_id, record["dataset"])
         done["dataset_input"] = True
     if register_model and record["model"]["commit"]:
-        done["registered"] = register_version(client, register_model, run_id, record)
+        done["registered"] = register_version(client, register_model, run_id, record, model_id)
     elif register_model:
         log.warning("No checkpoint was committed: nothing to register as %r.", register_model)
     if graph:

@@ -52,6 +52,7 @@ from ..names import (
 )
 from .fluent import active_run
 from .journal import MlflowJournal
+from .logged_models import checkpoint_op, mark_op
 from .sink_thread import SinkThread
 
 log = logging.getLogger(__name__)
@@ -200,8 +201,12 @@ class MlflowSink:
         the lineage's status) at the end."""
         self.set_tags({TAG_MODEL_COMMIT: commit, TAG_MODEL_PATH: path, TAG_LINEAGE_STATUS: lineage_status})
 
+    def log_checkpoint_model(self, result: dict[str, Any], record: dict[str, Any], *, dataset_input: bool) -> None:
+        """An MLflow logged model for a committed checkpoint (see :mod:`.logged_models`)."""
+        self._enqueue(checkpoint_op(result, record, dataset_input=dataset_input))
+
     def log_final(self, final: dict[str, Any], status: str, *, committed: bool, register_model: str | None,
-                  dataset_input: bool, graph: bool, timeout: float) -> None:
+                  dataset_input: bool, graph: bool, timeout: float, best_path: str | None = None) -> None:
         """Tag the run with the final model, log the pointer file and extras, end it, wait for MLflow.
 
         ``committed=False``: the final lineage commit did not complete (its commits stay journaled):
@@ -213,6 +218,7 @@ class MlflowSink:
         else:
             self.tag_model(final["model"]["commit"], final["model"]["path"], lineage_status=status)
             self.log_lineage(final)
+            self._enqueue(mark_op(final, best_path=best_path))
         if committed and (dataset_input or register_model or graph):
             self.publish_extras(final, register_model=register_model, dataset_input=dataset_input, graph=graph)
         self.end(status)

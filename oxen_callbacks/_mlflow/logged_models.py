@@ -1,0 +1,278 @@
+"""MLflow 3 logged models: one per committed checkpoint, pointing at the Oxen commit that holds it.
+
+Each checkpoint the commit worker reports becomes an *external* logged model of the run (no
+bytes copied into MLflow): named after the checkpoint file, an output of the run at its step,
+with the checkpoint's metrics (on the pinned dataset, when the run logs it as an input), the
+run's parameters, and the tags ``oxen.run`` / ``oxen.model.repo`` / ``oxen.model.commit`` /
+``oxen.model.path`` (names: :mod:`oxen_callbacks.names`). At the end the last checkpoint's
+model is tagged ``oxen.model.final``, the best one's (when the trainer monitors a metric)
+``oxen.model.best``; a registered version is made from that logged model (:mod:`.registry`).
+
+Two journaled operations (:class:`.sink.MlflowSink` writes them, :mod:`.apply` carries them
+out)::
+
+    {"op": "log_model", "commit": ..., "path": ..., "step": 6, "metrics": {...}, ...}   # per checkpoint
+    {"op": "mark_models", "record": {...final lineage...}, "best_path": "runs/r/checkpoints/..."}
+
+Per checkpoint: one create, one output link, one batch of metrics, one finalize; no search.
+Replays never duplicate a model: the journal's meta notes a checkpoint before its model is
+created and its id after; a model noted but not known is looked for by its tags first. On an
+MLflow without logged models (before 3) both operations are skipped, said once.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+from pathlib import Path
+from typing import Any
+
+from ..names import (
+    TAG_MODEL_BEST,
+    TAG_MODEL_COMMIT,
+    TAG_MODEL_FINAL,
+    TAG_MODEL_PATH,
+    TAG_MODEL_REPO,
+    TAG_RUN,
+)
+from .journal import MlflowJournal
+from .query import tag_filter
+
+log = logging.getLogger(__name__)
+
+MODEL_TYPE = "oxen-checkpoint"
+MARK = "true"
+_META_KEY = "logged_models"  # journal meta: {"<commit>:<path>": model id, or None while being created}
+_META_DATASET = "logged_models_dataset"  # journal meta: the dataset section the models' metrics name
+_METRIC_NAME = re.compile(r"^[/\w.\- :]{1,250}$")  # what MLflow accepts as a metric name
+_BAD_MODEL_NAME = re.compile(r"[/:.%\"']")  # what MLflow refuses in a logged model's name
+_said_unsupported = False
+_run_params: dict[str, dict[str, str]] = {}  # run id -> its parameters, read once per process
+
+
+# -- what the training process journals -------------------------------------------------------
+def checkpoint_op(result: dict[str, Any], record: dict[str, Any], *, dataset_input: bool) -> dict[str, Any]:
+    """The ``log_model`` operation for a committed checkpoint (a commit worker's ``result``)."""
+    return {"op": "log_model", "commit": result["commit"], "path": result["dest"], "step": result.get("step"),
+            "epoch": result.get("epoch"), "metrics": result.get("metrics") or {},
+            "model_repo": record["model"]["repo"], "run": record["run"].get("name"),
+            "dataset": record.get("dataset") if dataset_input else None, "time_ms": int(time.time() * 1000)}
+
+
+def mark_op(record: dict[str, Any], *, best_path: str | None) -> dict[str, Any]:
+    """The ``mark_models`` operation at the end: every checkpoint of ``record`` has its model, the
+    final and best ones marked (``best_path``: the best checkpoint's path, when the trainer knew it)."""
+    return {"op": "mark_models", "record": record, "best_path": best_path}
+
+
+# -- carrying them out ------------------------------------------------------------------------------
+def supported(client: Any) -> bool:
+    """Whether this MLflow has logged models (MLflow 3)."""
+    return callable(getattr(client, "create_logged_model", None)) and callable(
+        getattr(client, "search_logged_models", None))
+
+
+def _skipped(client: Any) -> bool:
+    global _said_unsupported
+    if supported(client):
+        return False
+    if not _said_unsupported:
+        _said_unsupported = True
+        import mlflow
+
+        log.info("MLflow %s has no logged models (MLflow 3 has): checkpoints are not logged as models.",
+                 getattr(mlflow, "__version__", "?"))
+    return True
+
+
+def log_checkpoint_model(client: Any, journal: MlflowJournal, meta: dict[str, Any], op: dict[str, Any]) -> None:
+    """Carry out a ``log_model`` operation (see the module docstring)."""
+    if _skipped(client):
+        return
+    run_id = meta["run_id"]
+    if op.get("dataset") and not meta.get(_META_DATASET):
+        from .dataset import log_dataset_input
+
+        # the input the models' metrics name (logging it again at the end changes nothing)
+        log_dataset_input(client, run_id, op["dataset"])
+        meta = {**meta, _META_DATASET: op["dataset"]}
+        journal.write_meta(meta)
+    _ensure(client, journal, meta, op, existing=None)
+
+
+def complete_and_mark(client: Any, journal: MlflowJournal, meta: dict[str, Any], record: dict[str, Any], *,
+                      best_path: str | None = None, best_unless_last: bool = False) -> dict[str, Any]:
+    """Give every committed checkpoint of ``record`` its logged model (those whose report never came:
+    a killed trainer), then tag the final one and the best one; returns ``{"final": id, "best": id}``.
+
+    The best is ``record["model"]`` when its path is ``best_path``, or (``best_unless_last``, for a run
+    finished from its commits, whose trainer's knowledge is gone) when it is not the last checkpoint.
+    """
+    entries = [c for c in record.get("checkpoints") or [] if c.get("commit")]
+    if _skipped(client) or not entries:
+        return {}
+    repo, run = record["model"]["repo"], record["run"].get("name")
+    experiment_id, meta = _experiment(client, journal, meta)
+    existing = _models_of(client, experiment_id, repo, run)
+    for entry in entries:
+        key = _key(entry["commit"], entry["path"])
+        if key not in existing:
+            op = {"commit": entry["commit"], "path": entry["path"], "step": entry.get("step"),
+                  "epoch": entry.get("epoch"), "metrics": entry.get("metrics") or {}, "model_repo": repo, "run": run,
+                  "dataset": meta.get(_META_DATASET), "time_ms": int(time.time() * 1000)}
+            meta = _ensure(client, journal, meta, op, existing=existing)
+            if made := (meta.get(_META_KEY) or {}).get(key):
+                existing[key] = _Found(made, {})
+    final, model = entries[-1], record["model"]
+    best = None
+    if model.get("commit") and (model.get("path") == best_path or (
+            best_unless_last and (model["commit"], model["path"]) != (final["commit"], final["path"]))):
+        best = _key(model["commit"], model["path"])
+    wanted = {TAG_MODEL_FINAL: _key(final["commit"], final["path"]), TAG_MODEL_BEST: best}
+    for tag, key in wanted.items():
+        for other, found in existing.items():
+            if found.tags.get(tag) == MARK and other != key:
+                client.delete_logged_model_tag(found.model_id, tag)  # an earlier fit's, of a continued run
+        if key in existing and existing[key].tags.get(tag) != MARK:
+            client.set_logged_model_tags(existing[key].model_id, {tag: MARK})
+    return {name: existing[key].model_id for name, key in (("final", wanted[TAG_MODEL_FINAL]), ("best", best))
+            if key in existing}
+
+
+def model_id_for(client: Any, meta: dict[str, Any], record: dict[str, Any]) -> str | None:
+    """The logged model of ``record``'s model (its best or final checkpoint), if there is one."""
+    model = record["model"]
+    if not model.get("commit") or not supported(client):
+        return None
+    known = (meta.get(_META_KEY) or {}).get(_key(model["commit"], model["path"]))
+    if known:
+        return known
+    found = _find(client, _experiment_id(client, meta), model["repo"], model["commit"], model["path"])
+    return found.model_id if found else None
+
+
+# -- internals ------------------------------------------------------------------------------------
+class _Found:
+    def __init__(self, model_id: str, tags: dict[str, str]) -> None:
+        self.model_id, self.tags = model_id, tags
+
+
+def _key(commit: str, path: str) -> str:
+    return f"{commit}:{path}"
+
+
+def _ensure(client: Any, journal: MlflowJournal, meta: dict[str, Any], op: dict[str, Any],
+            existing: dict[str, _Found] | None) -> dict[str, Any]:
+    """The checkpoint's logged model, created unless the journal (or a search, after an attempt that
+    may have created it) knows it; returns the journal's meta, updated with its id."""
+    key = _key(op["commit"], op["path"])
+    known = meta.get(_META_KEY) or {}
+    if known.get(key):
+        return meta  # done by an earlier attempt whose operation file outlived it
+    experiment_id, meta = _experiment(client, journal, meta)
+    model_id = None
+    if key in known:  # an attempt died or failed after noting it: its model may exist
+        found = (existing.get(key) if existing is not None
+                 else _find(client, experiment_id, op["model_repo"], op["commit"], op["path"]))
+        model_id = found.model_id if found else None
+    else:
+        meta = {**meta, _META_KEY: {**known, key: None}}
+        journal.write_meta(meta)
+    from mlflow.exceptions import MlflowException
+
+    try:
+        model_id = _create(client, meta["run_id"], experiment_id, op, model_id)
+    except MlflowException as exc:
+        if exc.error_code != "INVALID_PARAMETER_VALUE":
+            raise  # the server or the network: retried, then journaled for `sync`
+        log.warning("MLflow refused a logged model for checkpoint %s (%s); it is not logged as a model.",
+                    op["path"], exc)
+        return meta
+    meta = {**meta, _META_KEY: {**(meta.get(_META_KEY) or {}), key: model_id}}
+    journal.write_meta(meta)
+    return meta
+
+
+def _create(client: Any, run_id: str, experiment_id: str, op: dict[str, Any], model_id: str | None) -> str:
+    """Create the model (unless ``model_id``: found after an attempt that died), link it to the run at
+    its step, log its metrics, mark it ready (each step safe to repeat); returns its id."""
+    from mlflow.entities import LoggedModelOutput, LoggedModelStatus, Metric
+    from mlflow.utils.mlflow_tags import MLFLOW_MODEL_IS_EXTERNAL
+
+    step = op.get("step") or 0
+    linked = False
+    if model_id is not None:  # found after an attempt that died: the run may list it already (no duplicates)
+        outputs = client.get_run(run_id).outputs
+        linked = any(o.model_id == model_id for o in (outputs.model_outputs if outputs else []))
+    else:
+        tags = {TAG_RUN: op.get("run"), TAG_MODEL_REPO: op["model_repo"], TAG_MODEL_COMMIT: op["commit"],
+                TAG_MODEL_PATH: op["path"], MLFLOW_MODEL_IS_EXTERNAL: "true"}
+        model = client.create_logged_model(
+            experiment_id, name=_model_name(op["path"]), source_run_id=run_id, model_type=MODEL_TYPE,
+            tags={k: str(v) for k, v in tags.items() if v is not None}, params=_params(client, run_id) or None)
+        model_id = model.model_id
+    if not linked:
+        client.log_outputs(run_id, [LoggedModelOutput(model_id, step=step)])
+    dataset = {}
+    if op.get("dataset"):
+        from .dataset import OxenDataset
+
+        named = OxenDataset.of(op["dataset"])
+        dataset = {"dataset_name": named.name, "dataset_digest": named.digest}
+    metrics = [Metric(name, float(value), op["time_ms"], step, model_id=model_id, **dataset)
+               for name, value in (op.get("metrics") or {}).items()
+               if _METRIC_NAME.match(name) and isinstance(value, (int, float)) and not isinstance(value, bool)]
+    if metrics:  # one request (the same timestamp again on a replay: MLflow keeps one copy)
+        client.log_batch(run_id, metrics=metrics)
+    client.finalize_logged_model(model_id, LoggedModelStatus.READY)
+    return model_id
+
+
+def _model_name(path: str) -> str:
+    """The checkpoint's file or folder name, without its extension, as MLflow allows a model name."""
+    name = Path(path).name
+    stem = Path(name).stem if Path(path).suffix else name
+    return _BAD_MODEL_NAME.sub("-", stem) or "checkpoint"
+
+
+def _params(client: Any, run_id: str) -> dict[str, str]:
+    """The run's parameters (MLflow's own ``log_model`` copies them too), read once per process."""
+    if run_id not in _run_params:
+        _run_params[run_id] = dict(client.get_run(run_id).data.params)
+    return _run_params[run_id]
+
+
+def _experiment_id(client: Any, meta: dict[str, Any]) -> str:
+    return meta.get("experiment_id") or client.get_run(meta["run_id"]).info.experiment_id
+
+
+def _experiment(client: Any, journal: MlflowJournal, meta: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """The run's experiment, noted in the journal's meta (a run the sink joined was not created by it)."""
+    if meta.get("experiment_id"):
+        return meta["experiment_id"], meta
+    meta = {**meta, "experiment_id": _experiment_id(client, meta)}
+    journal.write_meta(meta)
+    return meta["experiment_id"], meta
+
+
+def _find(client: Any, experiment_id: str, repo: str, commit: str, path: str) -> _Found | None:
+    found = client.search_logged_models([experiment_id], filter_string=" AND ".join(
+        (tag_filter(TAG_MODEL_REPO, repo), tag_filter(TAG_MODEL_COMMIT, commit), tag_filter(TAG_MODEL_PATH, path))),
+        max_results=1)
+    return _Found(found[0].model_id, dict(found[0].tags)) if found else None
+
+
+def _models_of(client: Any, experiment_id: str, repo: str, run: str | None) -> dict[str, _Found]:
+    """The logged models of Oxen run ``run`` in ``experiment_id``, by checkpoint (every page)."""
+    query = " AND ".join((tag_filter(TAG_MODEL_REPO, repo), tag_filter(TAG_RUN, run or "")))
+    found: dict[str, _Found] = {}
+    token = None
+    while True:
+        page = client.search_logged_models([experiment_id], filter_string=query, page_token=token)
+        for model in page:
+            tags = dict(model.tags)
+            found.setdefault(_key(tags[TAG_MODEL_COMMIT], tags[TAG_MODEL_PATH]), _Found(model.model_id, tags))
+        token = page.token
+        if not token:
+            return found

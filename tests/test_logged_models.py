@@ -1,0 +1,207 @@
+"""MLflow 3 logged models: one per committed checkpoint, naming the Oxen commit that holds its bytes.
+
+One real Lightning fit (its own MLflow run, a monitored metric, top-k rotation, a registered
+model) in a real MLflow SQLite store serves most tests; a killed fit and an MLflow without
+logged models get their own.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlflow
+import pytest
+import torch
+from conftest import moved_dataset
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning_model import CsvData, TinyModel, make_trainer
+from mlflow import MlflowClient
+
+from oxen_callbacks import PinnedDataset, read_lineage
+from oxen_callbacks._mlflow import logged_models
+from oxen_callbacks._mlflow.journal import MlflowJournal
+from oxen_callbacks._mlflow.registry import promote
+from oxen_callbacks._ops import sync
+from oxen_callbacks.checkpoints import materialize_checkpoint
+from oxen_callbacks.lightning import OxenLightningCallback
+from oxen_callbacks.run import LineageRun
+
+SCRIPT = Path(__file__).parent / "fit_script.py"
+EPOCHS = 3
+
+
+def _models(uri: str, run_id: str) -> list:  # type: ignore[type-arg]
+    client = MlflowClient(uri)
+    experiment = client.get_run(run_id).info.experiment_id
+    return [m for m in client.search_logged_models([experiment]) if m.source_run_id == run_id]
+
+
+def _by_checkpoint(models: list) -> dict[tuple[str, str], object]:  # type: ignore[type-arg]
+    keyed = {(m.tags["oxen.model.commit"], m.tags["oxen.model.path"]): m for m in models}
+    assert len(keyed) == len(models), "two logged models for one checkpoint"
+    return keyed
+
+
+class _CountModelsAtTrainEnd(Callback):
+    """At train end (before fit() returns and the end of the run is logged), waits until every
+    saved checkpoint has its logged model: they come one per checkpoint while training."""
+
+    def __init__(self, uri: str) -> None:
+        self.uri, self.saves, self.seen, self.committed = uri, 0, -1, 0
+
+    def on_save_checkpoint(self, *_args) -> None:  # type: ignore[no-untyped-def]
+        self.saves += 1
+
+    def on_train_end(self, trainer, _module) -> None:  # type: ignore[no-untyped-def]
+        run = next(c for c in trainer.callbacks if isinstance(c, OxenLightningCallback)).run
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            self.committed = len([r for r in run.publisher.results if r.get("kind") == "checkpoint"])
+            self.seen = len(_models(self.uri, run.sink.run_id)) if run.sink.run_id else 0
+            if self.seen == self.committed == self.saves:
+                return
+            time.sleep(0.2)
+
+
+@pytest.fixture(scope="module")
+def fitted(tmp_path_factory):
+    root = tmp_path_factory.mktemp("logged-models")
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    env = {"OXEN_CONFIG_DIR": str(root / "oxen-config"), "OXEN_CALLBACKS_CACHE": str(root / "cache"),
+           "MLFLOW_TRACKING_URI": uri}
+    with pytest.MonkeyPatch.context() as mp:
+        for key, value in env.items():
+            mp.setenv(key, value)
+        mp.chdir(root)
+        dataset = moved_dataset(root / "dataset")
+        pin = PinnedDataset(dataset.path, revision=dataset.commits[0], paths=["train.csv", "val.csv"])
+        cb = OxenLightningCallback(dataset=pin, model_repo=root / "models", run_name="lm", register_model="lm-clf",
+                                   experiment_name="logged-models", mlflow_tracking_uri=uri)
+        # the best (the first monitored ModelCheckpoint's) is in its own folder: never the final save
+        best = ModelCheckpoint(dirpath=root / "best", monitor="val_loss", mode="max", save_top_k=1)
+        latest = ModelCheckpoint(dirpath=root / "ckpt", monitor="step", mode="max", save_top_k=2)  # rotates epoch 0's
+        counter = _CountModelsAtTrainEnd(uri)
+        make_trainer(root / "fit", [best, latest, cb, counter], epochs=EPOCHS).fit(TinyModel(), datamodule=CsvData(pin))
+        record = cb.lineage
+    return {"root": root, "uri": uri, "record": record, "run_id": record["run"]["mlflow_run_id"],
+            "models": _models(uri, record["run"]["mlflow_run_id"]), "counted": (counter.saves, counter.committed, counter.seen),
+            "best": best.best_model_path}
+
+
+def test_one_logged_model_per_committed_checkpoint_names_its_bytes(fitted, tmp_path):
+    record, run_id = fitted["record"], fitted["run_id"]
+    assert len(record["checkpoints"]) > EPOCHS and any(not c["kept"] for c in record["checkpoints"])  # one rotated
+    assert fitted["counted"] == (len(record["checkpoints"]),) * 3  # each logged as committed, before the run's end
+    models = _by_checkpoint(fitted["models"])
+    assert set(models) == {(c["commit"], c["path"]) for c in record["checkpoints"]}
+    run = MlflowClient(fitted["uri"]).get_run(run_id)
+    steps = {o.model_id: o.step for o in run.outputs.model_outputs}
+    [dataset_input] = run.inputs.dataset_inputs
+    for entry in record["checkpoints"]:
+        model = models[(entry["commit"], entry["path"])]
+        assert model.status == "READY" and model.source_run_id == run_id
+        assert model.tags["oxen.model.repo"] == record["model"]["repo"] and model.tags["oxen.run"] == "lm"
+        assert steps[model.model_id] == entry["step"]
+        assert {m.key: m.value for m in model.metrics} == pytest.approx(entry["metrics"]) and entry["metrics"]
+        assert {m.step for m in model.metrics} == {entry["step"]}
+        # its dataset is the run's dataset input: the pinned commit
+        assert {(m.dataset_name, m.dataset_digest) for m in model.metrics} == {
+            (dataset_input.dataset.name, dataset_input.dataset.digest)}
+        assert json.loads(dataset_input.dataset.source)["commit"] == record["dataset"]["commit"]
+        # the commit its tags name holds that checkpoint's bytes: the save at that step
+        ckpt = materialize_checkpoint(record["model"]["repo"], commit=model.tags["oxen.model.commit"],
+                                      path=model.tags["oxen.model.path"], cache_dir=tmp_path / "read")
+        assert torch.load(ckpt.path, weights_only=False)["global_step"] == entry["step"]
+        if entry["kept"]:
+            assert ckpt.path.read_bytes() == Path(entry["source"]).read_bytes()
+    assert not any((fitted["root"] / "mlflow").glob("**/*.ckpt"))  # no bytes copied into MLflow
+
+
+def test_best_and_final_checkpoints_are_marked(fitted):
+    record, models = fitted["record"], fitted["models"]
+    [best] = [m for m in models if m.tags.get("oxen.model.best") == "true"]
+    [final] = [m for m in models if m.tags.get("oxen.model.final") == "true"]
+    last = record["checkpoints"][-1]
+    assert (final.tags["oxen.model.commit"], final.tags["oxen.model.path"]) == (last["commit"], last["path"])
+    assert (best.tags["oxen.model.commit"], best.tags["oxen.model.path"]) == (record["model"]["commit"],
+                                                                              record["model"]["path"])
+    assert Path(best.tags["oxen.model.path"]).name == Path(fitted["best"]).name  # the monitored metric's pick
+    assert best.model_id != final.model_id
+
+
+def test_registered_and_promoted_version_leads_to_the_logged_model_and_its_commit(fitted):
+    client, record = MlflowClient(fitted["uri"]), fitted["record"]
+    [best] = [m for m in fitted["models"] if m.tags.get("oxen.model.best") == "true"]
+    out = promote(record["model"]["repo"], record["model"]["commit"], "production", tracking_uri=fitted["uri"])
+    assert out["aliases"] == [{"name": "lm-clf", "version": "1", "alias": "production"}]
+    version = client.get_model_version_by_alias("lm-clf", "production")
+    assert version.source == f"models:/{best.model_id}" and version.run_id == fitted["run_id"]
+    logged = client.get_logged_model(version.source.removeprefix("models:/"))
+    assert logged.tags["oxen.model.commit"] == out["commit"] == version.tags["oxen.model.commit"]
+    assert json.loads(logged.tags["mlflow.modelVersions"]) == [{"name": "lm-clf", "version": "1"}]
+
+
+def test_replaying_a_checkpoint_whose_model_may_exist_creates_no_second_one(fitted, monkeypatch):
+    """A sink killed between creating a model and noting its id: `sync` finds it by its tags."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", fitted["uri"])
+    record, entry = fitted["record"], fitted["record"]["checkpoints"][0]
+    journal = MlflowJournal.create(fitted["root"] / "cache", {
+        "tracking_uri": fitted["uri"], "run_id": fitted["run_id"],
+        "logged_models": {f"{entry['commit']}:{entry['path']}": None}})  # noted, id never written
+    journal.put(1, logged_models.checkpoint_op({**entry, "dest": entry["path"]}, record, dataset_input=True))
+    journal.mark_ended()
+    assert sync.sync_all(fitted["root"] / "cache", model_repos=[])["pending"] == 0
+    assert len(_by_checkpoint(_models(fitted["uri"], fitted["run_id"]))) == len(record["checkpoints"])
+
+
+@pytest.mark.timeout(600)
+def test_killed_the_moment_fit_returns_sync_leaves_one_model_per_checkpoint(dataset_repo, tmp_path):
+    """SIGKILL right after fit() of a run joined from MLFlowLogger (a thread of the killed process
+    served its journal), then `sync`: every committed checkpoint has exactly one logged model."""
+    cmd = [sys.executable, str(SCRIPT), "--dataset", str(dataset_repo.path), "--revision", dataset_repo.commits[0],
+           "--model-repo", str(tmp_path / "models"), "--root", str(tmp_path / "fit"), "--epochs", "2", "--mlflow",
+           "--logger", "--after-fit", "kill"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, stdin=subprocess.DEVNULL, check=False)
+    assert done.returncode == -9, done.stderr[-3000:]
+    deadline = time.monotonic() + 180
+    while (report := sync.sync_all())["pending"] and time.monotonic() < deadline:
+        time.sleep(1)  # the commit worker outlives its trainer and may still be committing
+    assert report["pending"] == 0, report
+    assert sync.sync_all()["pending"] == 0  # and again: nothing is replayed twice
+    uri = mlflow.get_tracking_uri()
+    [run] = MlflowClient(uri).search_runs([e.experiment_id for e in MlflowClient(uri).search_experiments()])
+    record = read_lineage(tmp_path / "models" / "runs" / run.data.tags["oxen.run"] / "lineage.json")
+    models = _by_checkpoint(_models(uri, run.info.run_id))
+    assert set(models) == {(c["commit"], c["path"]) for c in record["checkpoints"]}
+    last = record["checkpoints"][-1]
+    assert [k for k, m in models.items() if m.tags.get("oxen.model.final") == "true"] == [(last["commit"], last["path"])]
+
+
+def test_an_mlflow_without_logged_models_is_skipped_cleanly(tmp_path, monkeypatch, caplog):
+    """MLflow before 3 has no logged models (simulated: the API taken away): the run gets its tags,
+    pointer and registered version (source: the pointer folder) as before, and one line says why
+    there are no logged models."""
+    monkeypatch.delattr(MlflowClient, "create_logged_model")
+    monkeypatch.setattr(logged_models, "_said_unsupported", False)
+    ckpt = tmp_path / "ckpt" / "step=1.ckpt"
+    ckpt.parent.mkdir()
+    ckpt.write_bytes(b"weights")
+    with caplog.at_level(logging.DEBUG, logger="oxen_callbacks"), mlflow.start_run() as active:
+        run = LineageRun(dataset=None, model_repo=tmp_path / "models", framework=("test", "1"), register_model="old")
+        run.start()
+        run.checkpoint_saved(ckpt, step=1, metrics={"loss": 0.5})
+        record = run.finish()
+    said = [r for r in caplog.records if "no logged models" in r.getMessage()]
+    assert len(said) == 1 and said[0].levelno <= logging.INFO
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING], caplog.text
+    client = MlflowClient()
+    tags = client.get_run(active.info.run_id).data.tags
+    assert tags["oxen.model.commit"] == record["model"]["commit"]
+    assert client.get_model_version("old", "1").source == f"runs:/{active.info.run_id}/oxen"
+    assert mlflow.search_logged_models(experiment_ids=[active.info.experiment_id], output_format="list") == []
+    assert sync.sync_all()["pending"] == 0
