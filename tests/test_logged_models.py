@@ -105,6 +105,7 @@ def test_one_logged_model_per_committed_checkpoint_names_its_bytes(fitted, tmp_p
     for entry in record["checkpoints"]:
         model = models[(entry["commit"], entry["path"])]
         assert model.status == "READY" and model.source_run_id == run_id
+        assert model.name == Path(entry["path"]).stem  # e.g. epoch=0-step=6
         assert model.tags["oxen.model.repo"] == record["model"]["repo"] and model.tags["oxen.run"] == "lm"
         assert steps[model.model_id] == entry["step"]
         assert {m.key: m.value for m in model.metrics} == pytest.approx(entry["metrics"]) and entry["metrics"]
@@ -126,6 +127,11 @@ def test_best_and_final_checkpoints_are_marked(fitted):
     record, models = fitted["record"], fitted["models"]
     [best] = [m for m in models if m.tags.get("oxen.model.best") == "true"]
     [final] = [m for m in models if m.tags.get("oxen.model.final") == "true"]
+    run = MlflowClient(fitted["uri"]).get_run(fitted["run_id"])
+    mlflow.set_tracking_uri(fitted["uri"])  # the README's query, as written there
+    found = mlflow.search_logged_models(experiment_ids=[run.info.experiment_id], output_format="list",
+                                        filter_string=f"source_run_id = '{run.info.run_id}' AND tags.`oxen.model.best` = 'true'")
+    assert [m.model_id for m in found] == [best.model_id]
     last = record["checkpoints"][-1]
     assert (final.tags["oxen.model.commit"], final.tags["oxen.model.path"]) == (last["commit"], last["path"])
     assert (best.tags["oxen.model.commit"], best.tags["oxen.model.path"]) == (record["model"]["commit"],
@@ -178,6 +184,7 @@ def test_killed_the_moment_fit_returns_sync_leaves_one_model_per_checkpoint(data
     record = read_lineage(tmp_path / "models" / "runs" / run.data.tags["oxen.run"] / "lineage.json")
     models = _by_checkpoint(_models(uri, run.info.run_id))
     assert set(models) == {(c["commit"], c["path"]) for c in record["checkpoints"]}
+    assert run.data.params and all(m.params == run.data.params for m in models.values())  # the logger's hparams
     last = record["checkpoints"][-1]
     assert [k for k, m in models.items() if m.tags.get("oxen.model.final") == "true"] == [(last["commit"], last["path"])]
 

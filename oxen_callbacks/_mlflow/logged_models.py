@@ -48,7 +48,7 @@ _META_DATASET = "logged_models_dataset"  # journal meta: the dataset section the
 _METRIC_NAME = re.compile(r"^[/\w.\- :]{1,250}$")  # what MLflow accepts as a metric name
 _BAD_MODEL_NAME = re.compile(r"[/:.%\"']")  # what MLflow refuses in a logged model's name
 _said_unsupported = False
-_run_params: dict[str, dict[str, str]] = {}  # run id -> its parameters, read once per process
+_runs: dict[str, tuple[str, dict[str, str]]] = {}  # run id -> (experiment id, parameters), read once per process
 
 
 # -- what the training process journals -------------------------------------------------------
@@ -236,15 +236,21 @@ def _model_name(path: str) -> str:
     return _BAD_MODEL_NAME.sub("-", stem) or "checkpoint"
 
 
+def _run_facts(client: Any, run_id: str) -> tuple[str, dict[str, str]]:
+    """The run's experiment and parameters (MLflow's own ``log_model`` copies them too), read once
+    per process and run."""
+    if run_id not in _runs:
+        run = client.get_run(run_id)
+        _runs[run_id] = (run.info.experiment_id, dict(run.data.params))
+    return _runs[run_id]
+
+
 def _params(client: Any, run_id: str) -> dict[str, str]:
-    """The run's parameters (MLflow's own ``log_model`` copies them too), read once per process."""
-    if run_id not in _run_params:
-        _run_params[run_id] = dict(client.get_run(run_id).data.params)
-    return _run_params[run_id]
+    return _run_facts(client, run_id)[1]
 
 
 def _experiment_id(client: Any, meta: dict[str, Any]) -> str:
-    return meta.get("experiment_id") or client.get_run(meta["run_id"]).info.experiment_id
+    return meta.get("experiment_id") or _run_facts(client, meta["run_id"])[0]
 
 
 def _experiment(client: Any, journal: MlflowJournal, meta: dict[str, Any]) -> tuple[str, dict[str, Any]]:
