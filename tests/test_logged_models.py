@@ -21,6 +21,8 @@ from conftest import moved_dataset
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning_model import CsvData, TinyModel, make_trainer
 from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import ENDPOINT_NOT_FOUND
 
 from oxen_callbacks import PinnedDataset, read_lineage
 from oxen_callbacks._mlflow import logged_models
@@ -189,16 +191,28 @@ def test_killed_the_moment_fit_returns_sync_leaves_one_model_per_checkpoint(data
     assert [k for k, m in models.items() if m.tags.get("oxen.model.final") == "true"] == [(last["commit"], last["path"])]
 
 
-def test_an_mlflow_without_logged_models_is_skipped_cleanly(tmp_path, monkeypatch, caplog):
-    """MLflow before 3 has no logged models (simulated: the API taken away): the run gets its tags,
-    pointer and registered version (source: the pointer folder) as before, and one line says why
-    there are no logged models."""
-    monkeypatch.delattr(MlflowClient, "create_logged_model")
+def _endpoint_not_found(*_args, **_kwargs):  # type: ignore[no-untyped-def]
+    raise MlflowException("API request to endpoint /api/2.0/mlflow/logged-models failed with error code 404 != 200",
+                          error_code=ENDPOINT_NOT_FOUND)
+
+
+@pytest.mark.parametrize("older", ["client", "server"])
+def test_an_mlflow_without_logged_models_is_skipped_cleanly(older, tmp_path, monkeypatch, caplog):
+    """MLflow before 3 has no logged models, in the client (simulated: the API taken away) or in the
+    tracking server (simulated: its 404): the run gets its tags, pointer and registered version
+    (source: the pointer folder) as before, and one line says why there are no logged models."""
     monkeypatch.setattr(logged_models, "_said_unsupported", False)
+    monkeypatch.setattr(logged_models, "_servers_without", set())
     ckpt = tmp_path / "ckpt" / "step=1.ckpt"
     ckpt.parent.mkdir()
     ckpt.write_bytes(b"weights")
-    with caplog.at_level(logging.DEBUG, logger="oxen_callbacks"), mlflow.start_run() as active:
+    with pytest.MonkeyPatch.context() as api, caplog.at_level(logging.DEBUG, logger="oxen_callbacks"), \
+            mlflow.start_run() as active:
+        if older == "client":
+            api.delattr(MlflowClient, "create_logged_model")
+        else:
+            api.setattr(MlflowClient, "create_logged_model", _endpoint_not_found)
+            api.setattr(MlflowClient, "search_logged_models", _endpoint_not_found)
         run = LineageRun(dataset=None, model_repo=tmp_path / "models", framework=("test", "1"), register_model="old")
         run.start()
         run.checkpoint_saved(ckpt, step=1, metrics={"loss": 0.5})

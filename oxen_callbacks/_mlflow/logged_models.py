@@ -22,12 +22,15 @@ MLflow without logged models (before 3) both operations are skipped, said once.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from .._util.redact import redact_url
 from ..names import (
     TAG_MODEL_BEST,
     TAG_MODEL_COMMIT,
@@ -48,6 +51,7 @@ _META_DATASET = "logged_models_dataset"  # journal meta: the dataset section the
 _METRIC_NAME = re.compile(r"^[/\w.\- :]{1,250}$")  # what MLflow accepts as a metric name
 _BAD_MODEL_NAME = re.compile(r"[/:.%\"']")  # what MLflow refuses in a logged model's name
 _said_unsupported = False
+_servers_without: set[str] = set()  # tracking URIs whose server has no logged models (before MLflow 3)
 _runs: dict[str, tuple[str, dict[str, str]]] = {}  # run id -> (experiment id, parameters), read once per process
 
 
@@ -74,31 +78,50 @@ def supported(client: Any) -> bool:
 
 
 def _skipped(client: Any) -> bool:
-    global _said_unsupported
-    if supported(client):
-        return False
-    if not _said_unsupported:
-        _said_unsupported = True
+    """Whether logged models are not to be tried: a client before MLflow 3, or a server that refused them."""
+    if not supported(client):
         import mlflow
 
-        log.info("MLflow %s has no logged models (MLflow 3 has): checkpoints are not logged as models.",
-                 getattr(mlflow, "__version__", "?"))
-    return True
+        _say_unsupported(f"MLflow {getattr(mlflow, '__version__', '?')} has no logged models (MLflow 3 has)")
+        return True
+    return client.tracking_uri in _servers_without
+
+
+@contextlib.contextmanager
+def _unless_the_server_lacks_them(client: Any) -> Iterator[None]:
+    """A tracking server before MLflow 3 answers a logged-model request with 404: skip them from then on."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        yield
+    except MlflowException as exc:
+        if exc.error_code != "ENDPOINT_NOT_FOUND":
+            raise
+        _servers_without.add(client.tracking_uri)
+        _say_unsupported(f"the tracking server at {redact_url(client.tracking_uri)} has no logged models "
+                         "(MLflow 3 has)")
+
+
+def _say_unsupported(why: str) -> None:
+    global _said_unsupported
+    if not _said_unsupported:
+        _said_unsupported = True
+        log.info("%s: checkpoints are not logged as models.", why)
 
 
 def log_checkpoint_model(client: Any, journal: MlflowJournal, meta: dict[str, Any], op: dict[str, Any]) -> None:
     """Carry out a ``log_model`` operation (see the module docstring)."""
     if _skipped(client):
         return
-    run_id = meta["run_id"]
-    if op.get("dataset") and not meta.get(_META_DATASET):
-        from .dataset import log_dataset_input
+    with _unless_the_server_lacks_them(client):
+        if op.get("dataset") and not meta.get(_META_DATASET):
+            from .dataset import log_dataset_input
 
-        # the input the models' metrics name (logging it again at the end changes nothing)
-        log_dataset_input(client, run_id, op["dataset"])
-        meta = {**meta, _META_DATASET: op["dataset"]}
-        journal.write_meta(meta)
-    _ensure(client, journal, meta, op, existing=None)
+            # the input the models' metrics name (logging it again at the end changes nothing)
+            log_dataset_input(client, meta["run_id"], op["dataset"])
+            meta = {**meta, _META_DATASET: op["dataset"]}
+            journal.write_meta(meta)
+        _ensure(client, journal, meta, op, existing=None)
 
 
 def complete_and_mark(client: Any, journal: MlflowJournal, meta: dict[str, Any], record: dict[str, Any], *,
@@ -110,8 +133,15 @@ def complete_and_mark(client: Any, journal: MlflowJournal, meta: dict[str, Any],
     finished from its commits, whose trainer's knowledge is gone) when it is not the last checkpoint.
     """
     entries = [c for c in record.get("checkpoints") or [] if c.get("commit")]
-    if _skipped(client) or not entries:
-        return {}
+    marked: dict[str, Any] = {}
+    if entries and not _skipped(client):
+        with _unless_the_server_lacks_them(client):
+            marked = _complete_and_mark(client, journal, meta, record, entries, best_path, best_unless_last)
+    return marked
+
+
+def _complete_and_mark(client: Any, journal: MlflowJournal, meta: dict[str, Any], record: dict[str, Any],
+                       entries: list[dict[str, Any]], best_path: str | None, best_unless_last: bool) -> dict[str, Any]:
     repo, run = record["model"]["repo"], record["run"].get("name")
     experiment_id, meta = _experiment(client, journal, meta)
     existing = _models_of(client, experiment_id, repo, run)
@@ -143,13 +173,14 @@ def complete_and_mark(client: Any, journal: MlflowJournal, meta: dict[str, Any],
 def model_id_for(client: Any, meta: dict[str, Any], record: dict[str, Any]) -> str | None:
     """The logged model of ``record``'s model (its best or final checkpoint), if there is one."""
     model = record["model"]
-    if not model.get("commit") or not supported(client):
+    if not model.get("commit") or _skipped(client):
         return None
     known = (meta.get(_META_KEY) or {}).get(_key(model["commit"], model["path"]))
-    if known:
-        return known
-    found = _find(client, _experiment_id(client, meta), model["repo"], model["commit"], model["path"])
-    return found.model_id if found else None
+    found = None
+    if not known:
+        with _unless_the_server_lacks_them(client):
+            found = _find(client, _experiment_id(client, meta), model["repo"], model["commit"], model["path"])
+    return known or (found.model_id if found else None)
 
 
 # -- internals ------------------------------------------------------------------------------------
