@@ -79,8 +79,8 @@ def test_killed_worker_is_restarted_and_nothing_is_lost(dataset_repo, tmp_path):
     killer = KillWorker(cb)
     ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=2, save_top_k=-1)
     make_trainer(tmp_path, [ckpt, cb, killer], epochs=2).fit(TinyModel(), datamodule=CsvData(pin))
+    _all_committed(cb, tmp_path)  # (reads cb.lineage: waits for the final commit, which needs a live worker)
     assert killer.killed and cb.run.publisher.worker_pid != killer.killed
-    _all_committed(cb, tmp_path)
 
 
 class BreakStore(Callback):
