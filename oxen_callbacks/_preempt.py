@@ -40,7 +40,7 @@ from .pin import PinnedDataset, as_pinned
 
 log = logging.getLogger(__name__)
 
-DEFAULT_PREEMPT_TIMEOUT = 30.0  # s; SLURM's KillWait is 30 s by default: set it below yours
+DEFAULT_PREEMPT_TIMEOUT = 20.0  # s; below SLURM's default KillWait (30 s) between SIGTERM and SIGKILL: keep it below yours
 
 
 class Run(Protocol):
@@ -140,6 +140,10 @@ class RequeuedRun:
             return None
         run, facts = found
         committed = repo_record(model_repo, run) or {}  # the PREEMPTED lineage: names the MLflow run once created
+        if committed.get("status") not in (None, "RUNNING", PREEMPTED):  # it ended since: nothing to go on with
+            log.info("SLURM job %s: run %s ended %s after its pre-emption note; a new run starts.", job, run,
+                     committed.get("status"))
+            return None
         if run_options.get("run_name") not in (None, run):
             log.info("SLURM job %s was pre-empted in run %s; run_name=%r starts another run.",
                      job, run, run_options["run_name"])

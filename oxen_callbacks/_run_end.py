@@ -20,7 +20,7 @@ from typing import Any
 from ._publish.publisher import CheckpointPublisher
 from ._util import background
 from .errors import PublishError
-from .lineage import LineageJSON
+from .lineage import PREEMPTED, LineageJSON
 
 log = logging.getLogger(__name__)
 
@@ -188,7 +188,7 @@ class RunEnding:
         finally:
             self.publisher.close(timeout=self.drain_timeout)
             if self._claim is not None:
-                self._claim.release()
+                self._claim.release(preempted=(self.record or {}).get("status") == PREEMPTED)
             self._committed.set()  # committed or not: nothing more comes to the repository for this run
 
     def _published_so_far(self) -> LineageJSON:

@@ -178,3 +178,25 @@ def test_killed_the_moment_fit_returns_the_run_still_ends_finished(dataset_repo,
     repo_lineage = read_lineage(tmp_path / "models" / "runs" / run.data.tags["oxen.run"] / "lineage.json")
     assert repo_lineage["status"] == "FINISHED"
     assert run.data.tags["oxen.lineage.status"] == "FINISHED" and run.info.status == "FINISHED"
+
+
+def test_waiting_for_background_work_is_bounded_by_one_timeout_in_all(tmp_path):
+    """Several fits still finishing in one repository (a notebook's sweep): a reader's ``timeout`` bounds
+    its whole wait (a pre-empted job has only KillWait), not each fit's in turn."""
+    import threading
+    import time
+
+    from oxen_callbacks._util import background
+
+    release = threading.Event()
+    threads = [threading.Thread(target=release.wait, daemon=True) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+        background.track(tmp_path, thread, committed=threading.Event(), describe=lambda: "a fit", run="r")
+    try:
+        started = time.monotonic()
+        background.wait_for(tmp_path, timeout=1.0)
+        background.wait_for(tmp_path, timeout=1.0, run="r")
+        assert time.monotonic() - started < 2.9  # one second each, not three
+    finally:
+        release.set()

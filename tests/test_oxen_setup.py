@@ -212,3 +212,24 @@ def test_a_fit_pulls_and_pushes_with_the_token_from_the_environment_and_writes_i
     assert not (tmp_path / "home" / ".config").exists() and os.listdir(tmp_path / "tmp") == []
     assert ENV_TOKEN not in caplog.text
     assert holders(tmp_path, ENV_TOKEN) == []  # home, model repo, journals, MLflow store, caches, logs
+
+
+def test_a_killed_process_private_token_folder_is_removed_by_the_next(tmp_path, monkeypatch):
+    """A process SIGKILLed while a child used its private config folder leaves the token on disk;
+    the next private config removes such folders of dead processes (and only those)."""
+    from oxen_callbacks._oxen.auth import private_config
+
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    monkeypatch.setattr(tempfile, "tempdir", None)  # re-read TMPDIR
+    victim = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    stale, alive = tmp_path / f"oxen-callbacks-auth-{victim.pid}-x1", tmp_path / f"oxen-callbacks-auth-{os.getpid()}-x2"
+    for folder in (stale, alive):
+        folder.mkdir(mode=0o700)
+        (folder / "auth_config.toml").write_text('auth_token = "tok-left-behind"\n')
+    victim.kill()
+    victim.wait()
+    monkeypatch.setenv("OXEN_API_KEY", "tok-now")
+    with private_config("hub.oxen.ai") as overrides:
+        assert Path(overrides["OXEN_CONFIG_DIR"]).parent == tmp_path
+    assert not stale.exists() and alive.exists()  # a live process's folder stays
+    assert not Path(overrides["OXEN_CONFIG_DIR"]).exists()

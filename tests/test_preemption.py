@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 from conftest import table
-from helpers import commit_files, file_at, make_repo
+from helpers import Repo, commit_files, file_at, make_repo
 from mlflow import MlflowClient
 
 SCRIPT = Path(__file__).parent / "preempt_script.py"
@@ -130,7 +130,7 @@ def preempted_job(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, dataset: dict
     make_repo(tmp_path / "models", [])
     claim = RunClaim.take(tmp_path / "models", "nightly-1", continuing=False)
     note_preempted(tmp_path / "models", "nightly-1", {"mlflow_run_id": None, "dataset": dataset})
-    claim.release()
+    claim.release(preempted=True)  # (the process ending PREEMPTED, or killed: its note stays)
     return "nightly-1"
 
 
@@ -170,6 +170,34 @@ def test_only_the_requeued_job_takes_over_a_preempted_run_name(tmp_path, monkeyp
         RunClaim.take(models, run, continuing=False)
     monkeypatch.setenv("SLURM_JOB_ID", JOB)
     RunClaim.take(models, run, continuing=False).release()  # the same job, requeued: its owner
+
+
+def test_a_preemption_note_dies_with_a_run_that_ended_otherwise(dataset_repo, tmp_path, monkeypatch):
+    """The signal came, yet the run ended FINISHED (or FAILED): a later start of the same SLURM job
+    (an array task, a reused id) starts a new run on the data it asks for, never takes that one over."""
+    from oxen_callbacks import PinnedDataset
+    from oxen_callbacks._publish.claim import RunClaim, note_preempted, preempted_run
+    from oxen_callbacks.lightning import OxenLightningCallback
+
+    first = PinnedDataset(dataset_repo.path, revision=dataset_repo.commits[0], paths=["train.csv"])
+    models = tmp_path / "models"
+    monkeypatch.setenv("SLURM_JOB_ID", JOB)
+    make_repo(models, [])
+    claim = RunClaim.take(models, "ended-1", continuing=False)
+    note_preempted(models, "ended-1", {"mlflow_run_id": None, "dataset": first.to_lineage()})
+    assert preempted_run(models, JOB) is not None
+    claim.release()  # the run ended FINISHED after all
+    assert preempted_run(models, JOB) is None
+    run = preempted_job(tmp_path / "b", monkeypatch, first.to_lineage())  # a note left by a killed process...
+    from oxen_callbacks.lineage import new_record
+
+    record = {**new_record(dataset=first.to_lineage(), model_repo=str(tmp_path / "b" / "models"),
+                           framework={"name": "lightning", "version": "2"}, run={"name": run}),
+              "status": "FINISHED"}  # ...whose run ended since
+    commit_files(Repo(tmp_path / "b" / "models"), "end", {f"runs/{run}/lineage.json": json.dumps(record)})
+    cb = OxenLightningCallback(dataset=dataset_repo.path, revision="main", model_repo=tmp_path / "b" / "models",
+                               mlflow=False)
+    assert cb.run.run_name != run and cb.dataset.commit == dataset_repo.commits[1]
 
 
 @pytest.mark.parametrize("timeout", [0, -1, float("nan"), "30"])

@@ -309,7 +309,8 @@ def _models_of(client: Any, experiment_id: str, repo: str, run: str | None) -> d
         page = client.search_logged_models([experiment_id], filter_string=query, page_token=token)
         for model in page:
             tags = dict(model.tags)
-            found.setdefault(_key(tags[TAG_MODEL_COMMIT], tags[TAG_MODEL_PATH]), _Found(model.model_id, tags))
+            if tags.get(TAG_MODEL_COMMIT) and tags.get(TAG_MODEL_PATH):  # (anyone may tag a model: skip odd ones)
+                found.setdefault(_key(tags[TAG_MODEL_COMMIT], tags[TAG_MODEL_PATH]), _Found(model.model_id, tags))
         token = page.token
         if not token:
             return found

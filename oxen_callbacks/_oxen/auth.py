@@ -69,7 +69,8 @@ def private_config(host: str | None) -> Iterator[dict[str, str]]:
     if token is None:
         yield {}
         return
-    folder = Path(tempfile.mkdtemp(prefix="oxen-callbacks-auth-"))  # mode 0700
+    _remove_stale_private_configs()
+    folder = Path(tempfile.mkdtemp(prefix=f"{_PRIVATE_PREFIX}{os.getpid()}-"))  # mode 0700
     try:
         auth = os.open(folder / AUTH_CONFIG, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(auth, "w") as out:  # JSON string escapes are TOML's
@@ -80,6 +81,23 @@ def private_config(host: str | None) -> Iterator[dict[str, str]]:
         yield {ENV_OXEN_CONFIG_DIR: str(folder)}
     finally:
         shutil.rmtree(folder, ignore_errors=True)
+
+
+_PRIVATE_PREFIX = "oxen-callbacks-auth-"
+
+
+def _remove_stale_private_configs() -> None:
+    """Private config folders (with a token) of processes killed before removing theirs (SIGKILL)."""
+    for folder in Path(tempfile.gettempdir()).glob(f"{_PRIVATE_PREFIX}*-*"):
+        pid = folder.name[len(_PRIVATE_PREFIX):].split("-", 1)[0]
+        try:
+            if not pid.isdigit() or folder.stat().st_uid != os.getuid():
+                continue
+            os.kill(int(pid), 0)  # its process lives: still in use
+        except ProcessLookupError:
+            shutil.rmtree(folder, ignore_errors=True)
+        except OSError:
+            continue
 
 
 def configured_hosts(path: Path) -> list[str]:

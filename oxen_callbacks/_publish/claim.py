@@ -77,8 +77,13 @@ class RunClaim:
                                    "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}).encode())
         return cls(lock)
 
-    def release(self) -> None:
-        """The run is over (or never started): the name is no longer in use."""
+    def release(self, *, preempted: bool = False) -> None:
+        """The run is over (or never started): the name is no longer in use. Unless it ended
+        ``preempted``, a pre-emption noted earlier is forgotten: no later start may take it over."""
+        if not preempted and self._lock.held:
+            owner = _owner(self._lock.path)
+            if owner.pop("preempted", None) is not None:
+                self._lock.write(json.dumps(owner).encode())
         self._lock.release()
 
 
@@ -95,9 +100,10 @@ def note_preempted(model_repo: str | os.PathLike[str], run: str, facts: dict[str
     requeued job goes on with (the MLflow run, the dataset pin). Rewritten in place: the lock stays held."""
     path = claim_path(Path(model_repo), run)
     owner = _owner(path)
-    with open(path, "r+b") as file:
-        file.truncate(0)
-        file.write(json.dumps({**owner, "preempted": facts}).encode())
+    data = json.dumps({**owner, "preempted": facts}).encode()
+    with open(path, "r+b") as file:  # the new content first, then cut: never an empty claim to read
+        file.write(data)
+        file.truncate(len(data))
 
 
 def preempted_run(model_repo: str | os.PathLike[str], job: str | None) -> tuple[str, dict[str, Any]] | None:

@@ -17,6 +17,7 @@ import atexit
 import logging
 import os
 import threading
+import time
 from pathlib import Path
 from typing import Callable
 
@@ -48,13 +49,15 @@ def wait_for(repo: str | os.PathLike[str], timeout: float | None = None, *, run:
     key = _key(repo)
     with _lock:
         work = [(t, e, r) for k, t, e, _, r in _work if k == key]
+    deadline = None if timeout is None else time.monotonic() + timeout  # one limit for all of it
     for thread, committed, its_run in work:
         if thread is threading.current_thread() or thread.ident is None:
             continue
+        left = None if deadline is None else max(0.0, deadline - time.monotonic())
         if run is not None and its_run == run:
-            thread.join(timeout)
+            thread.join(left)
         else:
-            committed.wait(timeout)
+            committed.wait(left)
 
 
 def _wait_at_exit() -> None:

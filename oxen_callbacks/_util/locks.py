@@ -68,8 +68,8 @@ class FileLock:
         """Replace the lock file's content (e.g. who holds it) while holding it."""
         if self._fd is None:
             raise RuntimeError(f"lock {self.path} is not held")
-        os.ftruncate(self._fd, 0)
-        os.pwrite(self._fd, data, 0)
+        os.pwrite(self._fd, data, 0)  # the new content first, then cut: a reader never sees it empty
+        os.ftruncate(self._fd, len(data))
 
     @property
     def held(self) -> bool:
