@@ -28,7 +28,10 @@ def isolated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
         mlflow.tracking.fluent._active_experiment_id = None
     for var in ("MLFLOW_EXPERIMENT_NAME", "MLFLOW_EXPERIMENT_ID", "MLFLOW_RUN_ID",
                 "OXEN_CALLBACKS_AUTHOR_NAME", "OXEN_CALLBACKS_AUTHOR_EMAIL", "OXEN_API_KEY"):
-        monkeypatch.delenv(var, raising=False)
+        # set, then deleted: an absent variable is recorded too, so what a test sets (mlflow.set_experiment
+        # exports MLFLOW_EXPERIMENT_ID) is undone after it, not left to the next test or to a Ray cluster
+        monkeypatch.setenv(var, "")
+        monkeypatch.delenv(var)
     yield tmp_path
     if "mlflow" in sys.modules:
         import mlflow

@@ -42,6 +42,8 @@ def ray_cluster(tmp_path_factory: pytest.TempPathFactory):
         env.setenv("OXEN_CALLBACKS_CACHE", str(root / "cache"))
         env.setenv("HF_HOME", str(root / "hf"))
         env.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")  # Ray's controller polls workers faster than 2 s
+        for name in [n for n in os.environ if n.startswith("MLFLOW_")]:  # Ray's processes inherit this env:
+            env.delenv(name)  # an experiment id an earlier test's mlflow.set_experiment exported is not theirs
         ray.init(num_cpus=2, object_store_memory=200 * 1024**2, include_dashboard=False,
                  _temp_dir=str(root / "t"), log_to_driver=True)
         try:
