@@ -13,25 +13,31 @@ sys.path.insert(0, str(Path(__file__).parent))
 from helpers import make_repo  # noqa: E402
 
 
+def isolate(mp: pytest.MonkeyPatch, root: Path, tracking_uri: str) -> None:
+    """Oxen identity (none) and snapshot cache under ``root``, MLflow at ``tracking_uri``, no inherited
+    run, experiment, author or token; for ``isolated`` and for module-scoped fixtures."""
+    mp.setenv("OXEN_CONFIG_DIR", str(root / "oxen-config"))
+    mp.setenv("OXEN_CALLBACKS_CACHE", str(root / "cache"))
+    mp.setenv("MLFLOW_TRACKING_URI", tracking_uri)
+    for var in ("MLFLOW_EXPERIMENT_NAME", "MLFLOW_EXPERIMENT_ID", "MLFLOW_RUN_ID",
+                "OXEN_CALLBACKS_AUTHOR_NAME", "OXEN_CALLBACKS_AUTHOR_EMAIL", "OXEN_API_KEY"):
+        # set, then deleted: an absent variable is recorded too, so what a test sets (mlflow.set_experiment
+        # exports MLFLOW_EXPERIMENT_ID) is undone after it, not left to the next test or to a Ray cluster
+        mp.setenv(var, "")
+        mp.delenv(var)
+
+
 @pytest.fixture(autouse=True)
 def isolated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """cwd, Oxen identity (none), snapshot cache and MLflow store all under ``tmp_path``."""
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("OXEN_CONFIG_DIR", str(tmp_path / "oxen-config"))
-    monkeypatch.setenv("OXEN_CALLBACKS_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    isolate(monkeypatch, tmp_path, f"sqlite:///{tmp_path / 'mlflow.db'}")
     if "mlflow" in sys.modules:  # an earlier test's mlflow.set_tracking_uri / set_experiment outlive it
         import mlflow
         import mlflow.tracking.fluent
 
         mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
         mlflow.tracking.fluent._active_experiment_id = None
-    for var in ("MLFLOW_EXPERIMENT_NAME", "MLFLOW_EXPERIMENT_ID", "MLFLOW_RUN_ID",
-                "OXEN_CALLBACKS_AUTHOR_NAME", "OXEN_CALLBACKS_AUTHOR_EMAIL", "OXEN_API_KEY"):
-        # set, then deleted: an absent variable is recorded too, so what a test sets (mlflow.set_experiment
-        # exports MLFLOW_EXPERIMENT_ID) is undone after it, not left to the next test or to a Ray cluster
-        monkeypatch.setenv(var, "")
-        monkeypatch.delenv(var)
     yield tmp_path
     if "mlflow" in sys.modules:
         import mlflow

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import mlflow
 import pytest
-from conftest import table
+from conftest import isolate, table
 from helpers import commit_files, file_at, make_repo
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning_model import CsvData, TinyModel, make_trainer
@@ -66,13 +66,9 @@ def git_checkout(path: Path) -> str:
 @pytest.fixture(scope="module")
 def world(tmp_path_factory, mlflow_server) -> World:  # noqa: F811
     root = tmp_path_factory.mktemp("cli-world")
-    env = {"OXEN_CONFIG_DIR": str(root / "oxen-config"), "OXEN_CALLBACKS_CACHE": str(root / "cache"),
-           "MLFLOW_TRACKING_URI": mlflow_server.uri}
     with pytest.MonkeyPatch.context() as mp:
-        for key, value in env.items():
-            mp.setenv(key, value)
-        for key in ("MLFLOW_EXPERIMENT_NAME", "MLFLOW_EXPERIMENT_ID", "MLFLOW_RUN_ID"):
-            mp.delenv(key, raising=False)
+        isolate(mp, root, mlflow_server.uri)
+        env = dict(os.environ)  # what the CLI processes of the tests run with
         code_commit = git_checkout(root / "code")
         mp.chdir(root / "code")
         dataset = make_repo(root / "dataset", [("A", {"train.csv": table(label=0, seed=0),
@@ -88,7 +84,7 @@ def world(tmp_path_factory, mlflow_server) -> World:  # noqa: F811
             ckpt = ModelCheckpoint(dirpath=root / name, monitor="val_loss", save_top_k=1, save_last=True)
             make_trainer(root / name, [ckpt, cb], epochs=2).fit(TinyModel(), datamodule=CsvData(pin))
             runs[name] = cb.lineage
-    return World(root, {**os.environ, **env}, dataset, (root / "models").resolve(), root / "code", code_commit, runs)
+    return World(root, env, dataset, (root / "models").resolve(), root / "code", code_commit, runs)
 
 
 def cli(world: World, *args: str, cwd: Path | None = None, expect: int = 0, **env: str) -> dict:

@@ -17,7 +17,7 @@ from pathlib import Path
 import mlflow
 import pytest
 import torch
-from conftest import moved_dataset
+from conftest import isolate, moved_dataset
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning_model import CsvData, TinyModel, make_trainer
 from mlflow import MlflowClient
@@ -74,11 +74,8 @@ class _CountModelsAtTrainEnd(Callback):
 def fitted(tmp_path_factory):
     root = tmp_path_factory.mktemp("logged-models")
     uri = f"sqlite:///{root / 'mlflow.db'}"
-    env = {"OXEN_CONFIG_DIR": str(root / "oxen-config"), "OXEN_CALLBACKS_CACHE": str(root / "cache"),
-           "MLFLOW_TRACKING_URI": uri}
     with pytest.MonkeyPatch.context() as mp:
-        for key, value in env.items():
-            mp.setenv(key, value)
+        isolate(mp, root, uri)
         mp.chdir(root)
         dataset = moved_dataset(root / "dataset")
         pin = PinnedDataset(dataset.path, revision=dataset.commits[0], paths=["train.csv", "val.csv"])

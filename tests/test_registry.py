@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import moved_dataset
+from conftest import isolate, moved_dataset
 from helpers import make_repo, tree_state
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning_model import CsvData, TinyModel, make_trainer
@@ -35,11 +35,9 @@ from oxen_callbacks.run import LineageRun
 def registered(tmp_path_factory):
     root = tmp_path_factory.mktemp("registry")
     uri = f"sqlite:///{root / 'mlflow.db'}"
-    env = {"OXEN_CONFIG_DIR": str(root / "oxen-config"), "OXEN_CALLBACKS_CACHE": str(root / "cache"),
-           "MLFLOW_TRACKING_URI": uri}
     with pytest.MonkeyPatch.context() as mp:
-        for key, value in env.items():
-            mp.setenv(key, value)
+        isolate(mp, root, uri)
+        env = dict(os.environ)  # what the CLI processes of the tests run with
         mp.chdir(root)
         dataset = moved_dataset(root / "dataset")
         runs = []
@@ -51,7 +49,7 @@ def registered(tmp_path_factory):
             make_trainer(root / f"fit{i}", [ModelCheckpoint(dirpath=root / f"fit{i}"), cb], epochs=1).fit(
                 TinyModel(), datamodule=CsvData(pin))
             runs.append(cb.lineage)
-    return {"root": root, "uri": uri, "env": {**os.environ, **env}, "dataset": dataset,
+    return {"root": root, "uri": uri, "env": env, "dataset": dataset,
             "models": (root / "models").resolve(), "runs": runs}
 
 
