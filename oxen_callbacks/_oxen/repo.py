@@ -19,6 +19,7 @@ from typing import Any, TypeVar
 
 from ..errors import ConfigurationError, OxenError, RepoBusyError
 from . import layout as oxen_layout
+from . import native
 from .commit_id import is_commit_like
 
 log = logging.getLogger(__name__)
@@ -52,8 +53,8 @@ def call_oxen(fn: Callable[..., T], *args: object, what: str, busy_timeout: floa
 
 
 def preload() -> None:
-    """Import oxenai now (~0.2 s), e.g. in a worker process before its work arrives."""
-    import oxen  # noqa: F401
+    """Load oxenai's compiled core now, e.g. in a worker process before its work arrives."""
+    native.core()
 
 
 def push(path: str, remote: str, branch: str, url: str | None) -> None:
@@ -69,14 +70,12 @@ def push(path: str, remote: str, branch: str, url: str | None) -> None:
         except Exception as exc:
             if "already" not in str(exc).lower():
                 raise
-    repo.push(remote, branch)
+    repo.push(remote, branch, False)
 
 
 def open_oxenai(path: str | os.PathLike[str]) -> Any:
-    """oxenai's handle on the repository at ``path`` (``oxen.Repo``: it validates nothing)."""
-    import oxen
-
-    return oxen.Repo(str(path))
+    """oxenai's handle (its compiled ``PyRepo``) on the repository at ``path``; it validates nothing."""
+    return native.open_repo(os.path.abspath(path))
 
 
 def damaged_repo(role: str, path: str | os.PathLike[str], detail: str, hint: str | None = None) -> ConfigurationError:
@@ -140,7 +139,7 @@ class LocalRepo:
     # -- reading -------------------------------------------------------------
     def branches(self) -> dict[str, str]:
         """Branch name -> head commit id."""
-        found = call_oxen(self._repo.branches, what=f"list branches of {self.path}", busy_timeout=30)
+        found = call_oxen(self._repo.list_branches, what=f"list branches of {self.path}", busy_timeout=30)
         return {b.name: b.commit_id for b in found}
 
     def current_branch(self) -> str | None:

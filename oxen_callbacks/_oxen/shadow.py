@@ -66,7 +66,7 @@ def move_branch(repo_path: str | os.PathLike[str], name: str, commit: str) -> st
         repo = open_oxenai(shadow)
 
         def heads() -> dict[str, str]:
-            return {b.name: b.commit_id for b in call_oxen(repo.branches, what=f"list branches of {repo_path}")}
+            return {b.name: b.commit_id for b in call_oxen(repo.list_branches, what=f"list branches of {repo_path}")}
 
         previous = heads().get(name)
         if previous == commit:
