@@ -1,4 +1,4 @@
-"""Lightning DDP with 2 CPU processes (gloo): one pull per node, one commit per save, one MLflow run."""
+"""Lightning DDP with 2 CPU processes (gloo): one pull per node, each save committed once, one MLflow run."""
 
 from __future__ import annotations
 
@@ -21,10 +21,11 @@ from oxen_callbacks.lightning import OxenLightningCallback
 SCRIPT = Path(__file__).parent / "fit_script.py"
 
 
-def _check_one_commit_per_save(lineage: dict, saved: list[str], model_repo: Path, cache: Path) -> None:
-    commits = [c["commit"] for c in lineage["checkpoints"]]
-    assert len(commits) == len(set(commits))  # every save its own commit, none twice
-    assert set(commits) <= set(LocalRepo(model_repo).commit_ids())
+def _check_each_save_committed_once(lineage: dict, saved: list[str], model_repo: Path, cache: Path) -> None:
+    """Only rank 0 publishes: a save listed twice (by two ranks) would repeat its path and step."""
+    entries = lineage["checkpoints"]
+    assert len({(c["path"], c["step"]) for c in entries}) == len(entries)
+    assert {c["commit"] for c in entries} <= set(LocalRepo(model_repo).commit_ids())
     kept = {Path(c["path"]).name for c in lineage["checkpoints"] if c["kept"]}
     assert kept == set(saved)
     last = lineage["checkpoints"][-1]
@@ -43,7 +44,7 @@ def test_ddp_spawn_two_processes(dataset_repo, tmp_path):
     saved = sorted(p.name for p in (tmp_path / "ckpt").iterdir())
     # 96 rows / 2 ranks / batch 16 = 3 steps per epoch, 6 steps, a save every 2 steps
     assert len(saved) == 3
-    _check_one_commit_per_save(lineage, saved, tmp_path / "models", tmp_path / "read")
+    _check_each_save_committed_once(lineage, saved, tmp_path / "models", tmp_path / "read")
     client = MlflowClient()
     runs = client.search_runs([client.get_experiment_by_name("ddp-spawn").experiment_id])
     assert len(runs) == 1 and runs[0].info.run_id == lineage["run"]["mlflow_run_id"]
@@ -67,7 +68,7 @@ def test_ddp_subprocess_two_processes(dataset_repo, tmp_path):
     assert {r["commit"] for r in ranks} == {dataset_repo.commits[1]}
     assert ranks[0]["snapshot"] == ranks[1]["snapshot"]
     assert all(r["labels"] == [1] for r in ranks)  # both ranks read the pinned commit (B's labels)
-    _check_one_commit_per_save(lineage, result["saved"], tmp_path / "models", tmp_path / "read")
+    _check_each_save_committed_once(lineage, result["saved"], tmp_path / "models", tmp_path / "read")
     client = MlflowClient()
     runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
     assert len(runs) == 1 and runs[0].info.run_id == lineage["run"]["mlflow_run_id"]
@@ -93,7 +94,7 @@ def test_hf_trainer_under_torchrun_two_processes(tmp_path):
     lineage = json.loads((out / "lineage.json").read_text())
     saved = sorted(p.name for p in (out / "hf").iterdir() if p.name.startswith("checkpoint-"))
     assert saved == ["checkpoint-2", "checkpoint-4"]
-    _check_one_commit_per_save(lineage, saved, tmp_path / "models", tmp_path / "read")
+    _check_each_save_committed_once(lineage, saved, tmp_path / "models", tmp_path / "read")
     client = MlflowClient()  # transformers' MLflowCallback opened the run: one run, ours joined it
     runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
     assert len(runs) == 1 and runs[0].info.run_id == lineage["run"]["mlflow_run_id"]

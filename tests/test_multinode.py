@@ -1,6 +1,6 @@
 """Two nodes x two processes (torchrun --nnodes 2 on loopback, gloo), as on a cluster whose nodes
 share a filesystem: each node has its own cache folder, the Oxen repositories are shared. One
-dataset commit read by all four ranks, one commit per save, one MLflow run."""
+dataset commit read by all four ranks, each save committed once, one MLflow run."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from helpers import free_port, make_repo
 from mlflow import MlflowClient
-from test_distributed import _check_one_commit_per_save
+from test_distributed import _check_each_save_committed_once
 
 SCRIPT = Path(__file__).parent / "hf_torchrun_script.py"
 
@@ -50,7 +50,7 @@ def test_two_nodes_two_processes_each(tmp_path):
     lineage = json.loads((out / "lineage.json").read_text())
     saved = sorted(p.name for p in (out / "hf").iterdir() if p.name.startswith("checkpoint-"))
     assert saved == ["checkpoint-2", "checkpoint-4"]
-    _check_one_commit_per_save(lineage, saved, tmp_path / "models", tmp_path / "read")
+    _check_each_save_committed_once(lineage, saved, tmp_path / "models", tmp_path / "read")
     client = MlflowClient()
     runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
     assert len(runs) == 1 and runs[0].info.run_id == lineage["run"]["mlflow_run_id"]  # one MLflow run

@@ -49,41 +49,72 @@ class Committer:
     def run_batch(self, queue: JobQueue, jobs: list[Job], *, final: bool = False) -> list[dict[str, Any]]:
         """Run ``jobs`` (pending, in order); returns one result per completed job.
 
-        Removal jobs complete with the next checkpoint or finalize commit; with
-        ``final`` trailing removals get a commit of their own.
+        Jobs waiting together share one commit where that loses nothing (:func:`commit_groups`):
+        a burst of saves or a backlog after ``fit()`` costs one ``oxen commit``, not one per
+        file. Removal jobs complete with the next checkpoint or finalize commit; with ``final``
+        trailing removals get a commit of their own.
         """
         results: list[dict[str, Any]] = []
-        removals: list[Job] = []
         self.hold_lock()
-        for job in jobs:
-            if job.kind == "remove":
-                removals.append(job)
-                continue
-            started = time.perf_counter()
-            if not queue.is_pending(job):  # done meanwhile by a batch that outlived its worker
-                removals = []
+        live = [job for job in jobs if queue.is_pending(job)]  # others were done by a batch that outlived its worker
+        for group in commit_groups(live):
+            writes = [job for job in group if job.kind != "remove"]
+            if not writes:  # removals with no commit after them (yet)
+                if final:
+                    run = group[0].payload["run"]
+                    commit = self._commit_removals(run, group, f"oxen-callbacks: {run}: rotate out {len(group)} checkpoint(s)")
+                    results += _complete_removals(queue, group, commit)
                 continue
             try:
-                if job.kind == "checkpoint":
-                    result = self._checkpoint(queue, job, removals)
+                results += self._commit_group(queue, group)
+            except (OxenError, PublishError, OSError) as exc:
+                log.exception("Job %s (%s) failed", writes[0].name, writes[0].kind)
+                results.append({"seq": writes[0].seq, "kind": writes[0].kind, "ok": False,
+                                "error": f"{type(exc).__name__}: {exc}"})
+                return results  # keep order: later jobs wait for this one (retried by the next worker or sync)
+        return results
+
+    def _commit_group(self, queue: JobQueue, group: list[Job]) -> list[dict[str, Any]]:
+        """Stage every job of ``group`` and make one commit; the jobs' results, in order."""
+        started = time.perf_counter()
+        run = group[0].payload["run"]
+        before = self._read_record_text(run)
+        staged: list[tuple[Job, dict[str, Any], list[Job]]] = []  # (job, its result so far, removals it completes)
+        messages: list[str] = []
+        removals: list[Job] = []
+        try:
+            for job in group:
+                if job.kind == "remove":
+                    removals.append(job)
+                elif job.kind == "checkpoint":
+                    staged.append((job, self._stage_checkpoint(queue, job, removals), removals))
+                    messages.append(job.payload["message"])
+                    removals = []
                 elif job.kind == "finalize":
-                    result = self._finalize(job, removals)
+                    status = self._stage_finalize(job, removals)
+                    staged.append((job, {"seq": job.seq, "kind": "finalize", "ok": True}, removals))
+                    messages.append(f"oxen-callbacks: {run}: lineage ({status})")
+                    removals = []
                 else:
                     raise PublishError(f"Unknown job kind {job.kind!r}")
-            except (OxenError, PublishError, OSError) as exc:
-                log.exception("Job %s (%s) failed", job.name, job.kind)
-                results.append({"seq": job.seq, "kind": job.kind, "ok": False, "error": f"{type(exc).__name__}: {exc}"})
-                return results  # keep order: later jobs wait for this one (retried by the next worker or sync)
-            result["seconds"] = round(time.perf_counter() - started, 4)
-            results += _complete_removals(queue, removals, result["commit"])
-            removals = []
+            self.repo.add(lineage_path(run))
+            commit = self._commit(_group_message(run, messages))
+        except BaseException:
+            # the jobs stay queued: the next commit must not list these checkpoints (their commit unknown)
+            self._restore_record_text(run, before)
+            raise
+        record = fill_commit(self._load_record(run, None), commit)
+        self._write_record(run, record)  # the working tree copy always names every commit
+        seconds = round(time.perf_counter() - started, 4)
+        results: list[dict[str, Any]] = []
+        for job, result, completed in staged:
+            results += _complete_removals(queue, completed, commit)
+            result.update(commit=commit, seconds=seconds)
+            if job.kind == "finalize":
+                result["record"] = record
             queue.complete(job, result)
             shutil.rmtree(queue.staging_for(job.seq), ignore_errors=True)
             results.append(result)
-        if removals and final:
-            run = removals[0].payload["run"]
-            commit = self._commit_removals(run, removals, f"oxen-callbacks: {run}: rotate out {len(removals)} checkpoint(s)")
-            results += _complete_removals(queue, removals, commit)
         return results
 
     def hold_lock(self) -> None:
@@ -92,7 +123,8 @@ class Committer:
             self.lock.acquire()
 
     # -- jobs ---------------------------------------------------------------------
-    def _checkpoint(self, queue: JobQueue, job: Job, removals: list[Job]) -> dict[str, Any]:
+    def _stage_checkpoint(self, queue: JobQueue, job: Job, removals: list[Job]) -> dict[str, Any]:
+        """Move the frozen bytes into place, list them in the run's record and ``oxen add`` them."""
         p = job.payload
         run, dest_rel = p["run"], p["dest"]
         staged = queue.staging_for(job.seq) / p["staged_name"]
@@ -122,24 +154,14 @@ class Committer:
         record["checkpoints"] = [c for c in record["checkpoints"] if c.get("job") != entry["job"]] + [entry]
         if not _finalized(record):  # a late job never moves a finished run's model
             record["model"].update({"path": dest_rel, "commit": None})
-        before = self._read_record_text(run)
-        try:
-            self._write_record(run, record)
-            prestore(self.repo.path, dest)
-            self.repo.add(dest_rel)
-            self.repo.add(lineage_path(run))
-            commit = self._commit(p["message"])
-        except BaseException:
-            # the job stays queued: the next commit must not list this checkpoint (its commit unknown)
-            self._restore_record_text(run, before)
-            raise
-        filled = fill_commit(record, commit)
-        self._write_record(run, filled)  # the working tree copy always names every commit
-        return {"seq": job.seq, "kind": "checkpoint", "ok": True, "commit": commit, "dest": dest_rel,
-                "step": entry["step"], "epoch": entry["epoch"], "metrics": entry["metrics"],
-                "source": p.get("source")}
+        self._write_record(run, record)
+        prestore(self.repo.path, dest)
+        self.repo.add(dest_rel)
+        return {"seq": job.seq, "kind": "checkpoint", "ok": True, "dest": dest_rel, "step": entry["step"],
+                "epoch": entry["epoch"], "metrics": entry["metrics"], "source": p.get("source")}
 
-    def _finalize(self, job: Job, removals: list[Job]) -> dict[str, Any]:
+    def _stage_finalize(self, job: Job, removals: list[Job]) -> str:
+        """Write the run's final record (status, end, the model it names); returns its status."""
         p = job.payload
         run = p["run"]
         record = self._load_record(run, p["record"])
@@ -150,11 +172,7 @@ class Committer:
         chosen = next((c for c in kept if c["path"] == p.get("best")), None) or (kept or record["checkpoints"] or [None])[-1]
         record["model"].update({"path": chosen["path"], "commit": chosen["commit"]} if chosen else {"path": None, "commit": None})
         self._write_record(run, record)
-        self.repo.add(lineage_path(run))
-        commit = self._commit(f"oxen-callbacks: {run}: lineage ({record.get('status', 'finished')})")
-        record = fill_commit(record, commit)
-        self._write_record(run, record)
-        return {"seq": job.seq, "kind": "finalize", "ok": True, "commit": commit, "record": record}
+        return str(record.get("status", "finished"))
 
     def _commit_removals(self, run: str, removals: list[Job], message: str) -> str:
         record = self._load_record(run, None)
@@ -248,6 +266,56 @@ class Committer:
     def _write_record(self, run: str, record: dict[str, Any]) -> None:
         path = self.repo.path / lineage_path(run)
         write_json_atomically(path, record, indent=2, make_parents=True)
+
+
+def commit_groups(jobs: list[Job]) -> list[list[Job]]:
+    """Split ``jobs`` (in order) into groups that one commit each can hold without losing a version.
+
+    A group belongs to one run, writes each path at most once (``last.ckpt`` saved again starts
+    a new group, so every save's bytes reach history), never removes a path it wrote, and ends
+    at a finalize job. Removals go with the next write (a group of removals alone comes last).
+    """
+    groups: list[list[Job]] = []
+    current: list[Job] = []
+    written: set[str] = set()
+
+    def close() -> list[Job]:
+        """End the current group; returns its trailing removals, which go with the next write."""
+        nonlocal current, written
+        body = list(current)
+        while body and body[-1].kind == "remove":
+            body.pop()
+        tail = current[len(body):]
+        if body:
+            groups.append(body)
+        current, written = [], set()
+        return tail
+
+    for job in jobs:
+        run, dest = job.payload.get("run"), job.payload.get("dest")
+        if current and (run != current[0].payload.get("run") or dest in written):
+            tail = close()
+            if tail and tail[0].payload.get("run") != run:
+                groups.append(tail)
+            else:
+                current = tail
+        current.append(job)
+        if job.kind == "checkpoint":
+            written.add(dest)
+        elif job.kind == "finalize":
+            close()
+    tail = close()
+    if tail:
+        groups.append(tail)
+    return groups
+
+
+def _group_message(run: str, messages: list[str]) -> str:
+    """A job's own message; for several, the run once and what each job adds."""
+    if len(messages) == 1:
+        return messages[0]
+    prefix = f"oxen-callbacks: {run}"
+    return f"{prefix}: " + "; ".join(m.removeprefix(prefix).lstrip(": ") for m in messages)
 
 
 def _complete_removals(queue: JobQueue, removals: list[Job], commit: str) -> list[dict[str, Any]]:

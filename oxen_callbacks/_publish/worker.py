@@ -272,6 +272,23 @@ class Batches:
             self._child.discard()
 
 
+#: How long a wake-up waits for the saves right behind it: Lightning writes ``epoch=N…ckpt`` and
+#: ``last.ckpt`` a few milliseconds apart, and one commit can take both.
+BURST_S = 0.05
+
+
+def _rest_of_burst(wakeups: StdinLines) -> str:
+    """Read the wake-ups of the next :data:`BURST_S`; ``""`` when stdin closed meanwhile."""
+    deadline = time.monotonic() + BURST_S
+    while (left := deadline - time.monotonic()) > 0:
+        line = wakeups.next(timeout=left)
+        if line == "":
+            return ""
+        if line is None:
+            break
+    return "\n"
+
+
 def serve(queue: JobQueue, batches: Batches, results: _Results, push: PushTarget | None, repo: str) -> None:
     """Run the queue's jobs as they come (a newline on stdin wakes us; EOF: finish and return).
 
@@ -316,6 +333,8 @@ def serve(queue: JobQueue, batches: Batches, results: _Results, push: PushTarget
         line = wakeups.next(timeout=Batches.IDLE_S if batches.serving else 1.0)
         if line is None:
             batches.retire()
+        elif line and any(j.kind == "checkpoint" for j in queue.pending()[-1:]):  # not the run's end: no wait
+            line = _rest_of_burst(wakeups)
         eof = line == ""
 
 

@@ -1,0 +1,141 @@
+"""Saves that wait together share one commit, and no saved version is lost by it.
+
+A backlog (a burst of saves, the saves still queued when ``fit()`` returns) is committed in as
+few commits as loses nothing: a file saved again (``last.ckpt``) or rotated out while waiting
+starts a new commit, so every save's own bytes are in the commit its lineage entry names.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from helpers import file_at
+
+from oxen_callbacks import read_lineage
+from oxen_callbacks._oxen.repo import LocalRepo
+from oxen_callbacks.errors import ConfigurationError
+
+RUN = "r"
+
+
+@pytest.fixture
+def model_queue(tmp_path, monkeypatch):  # type: ignore[no-untyped-def]
+    """A new model repository, an empty job queue for run ``r`` and a committer (as the worker has them)."""
+    from oxen_callbacks._oxen.identity import resolve_author, worker_environment
+    from oxen_callbacks._publish.committer import Committer
+    from oxen_callbacks._publish.publisher import open_model_repo
+    from oxen_callbacks._publish.queue import JobQueue
+
+    for key, value in worker_environment(resolve_author(("T", "t@example.com")), tmp_path / "cache").items():
+        monkeypatch.setenv(key, value)
+    models = tmp_path / "models"
+    open_model_repo(models, tmp_path / "cache")
+    return models, JobQueue.create(models, RUN, {}), Committer(LocalRepo(models))
+
+
+def _base() -> dict:
+    from oxen_callbacks.lineage import new_record
+
+    base = new_record(dataset=None, model_repo="models", framework={"name": "x", "version": "1"}, run={"name": RUN})
+    base.update(status="RUNNING", started_at="2026-12-04T05:00:00+0000", fit_id="f1")
+    return base
+
+
+class Saves:
+    """Puts jobs the way the trainer's publisher does; remembers each save's bytes."""
+
+    def __init__(self, queue) -> None:  # type: ignore[no-untyped-def]
+        self.queue, self.seq, self.saved = queue, 0, {}
+
+    def save(self, name: str, data: bytes, step: int) -> None:
+        self.seq += 1
+        (self.queue.staging_for(self.seq)).mkdir(parents=True)
+        (self.queue.staging_for(self.seq) / name).write_bytes(data)
+        self.queue.put(self.seq, "checkpoint", {
+            "run": RUN, "dest": f"runs/{RUN}/checkpoints/{name}", "staged_name": name, "step": step, "epoch": 0,
+            "metrics": {}, "message": f"oxen-callbacks: {RUN} step {step} epoch 0: {name}", "record": _base()})
+        self.saved[f"{self.queue.folder.name}/{self.seq:08d}"] = data
+
+    def remove(self, name: str) -> None:
+        self.seq += 1
+        self.queue.put(self.seq, "remove", {"run": RUN, "dest": f"runs/{RUN}/checkpoints/{name}"})
+
+    def finalize(self, best: str) -> None:
+        self.seq += 1
+        self.queue.put(self.seq, "finalize", {"run": RUN, "record": {**_base(), "status": "FINISHED"},
+                                              "best": f"runs/{RUN}/checkpoints/{best}"})
+
+
+def test_a_backlog_shares_commits_and_every_save_keeps_its_own_bytes(model_queue, tmp_path: Path) -> None:
+    models, queue, committer = model_queue
+    saves = Saves(queue)
+    saves.save("e0.ckpt", b"epoch 0", 1)
+    saves.save("last.ckpt", b"last at 1", 1)
+    saves.save("e1.ckpt", b"epoch 1", 2)
+    saves.save("last.ckpt", b"last at 2", 2)  # saved again while its first version still waits
+    saves.remove("e0.ckpt")                   # top-k rotation
+    saves.save("e2.ckpt", b"epoch 2", 3)
+    saves.finalize(best="e1.ckpt")
+    before = set(LocalRepo(models).commit_ids())
+
+    results = committer.run_batch(queue, queue.pending(), final=True)
+
+    assert all(r["ok"] for r in results) and not queue.pending()
+    made = set(LocalRepo(models).commit_ids()) - before
+    assert len(made) == 2  # 6 saves, a removal and the run's end: one commit per version of last.ckpt
+    head = LocalRepo(models).resolve(None)
+    lineage = read_lineage(models / "runs" / RUN / "lineage.json")
+    assert lineage == read_lineage(file_at(models, head, f"runs/{RUN}/lineage.json", tmp_path / "l").read_text(),
+                                   at_commit=head)  # the committed record, its own commit filled in
+    assert lineage["status"] == "FINISHED"
+    assert [c["path"].rsplit("/", 1)[1] for c in lineage["checkpoints"]] == [
+        "e0.ckpt", "last.ckpt", "e1.ckpt", "last.ckpt", "e2.ckpt"]
+    for i, entry in enumerate(lineage["checkpoints"]):
+        assert entry["commit"] in made
+        committed = file_at(models, entry["commit"], entry["path"], tmp_path / f"read{i}").read_bytes()
+        assert committed == saves.saved[entry["job"]]  # this save's bytes, not a later version's
+    e0, last1, e1, last2, _e2 = lineage["checkpoints"]
+    assert last1["commit"] != last2["commit"]
+    assert lineage["model"] == {**lineage["model"], "path": e1["path"], "commit": e1["commit"]}
+    assert e0["kept"] is False
+    with pytest.raises(ConfigurationError, match="not in commit"):
+        file_at(models, head, e0["path"], tmp_path / "gone")  # rotated out at the end, kept in history
+    messages = {c["id"]: c["message"] for c in LocalRepo(models).log()}
+    assert "e2.ckpt" in messages[head] and "lineage (FINISHED)" in messages[head]
+
+
+def test_a_save_rotated_out_while_waiting_still_reaches_history(model_queue, tmp_path: Path) -> None:
+    """Saved and removed before its commit: committing both at once would lose its bytes."""
+    models, queue, committer = model_queue
+    saves = Saves(queue)
+    saves.save("e0.ckpt", b"epoch 0", 1)
+    saves.remove("e0.ckpt")
+    saves.save("e1.ckpt", b"epoch 1", 2)
+
+    committer.run_batch(queue, queue.pending(), final=True)
+
+    lineage = read_lineage(models / "runs" / RUN / "lineage.json")
+    e0, e1 = lineage["checkpoints"]
+    assert file_at(models, e0["commit"], e0["path"], tmp_path / "a").read_bytes() == b"epoch 0"
+    assert e0["commit"] != e1["commit"] and e0["kept"] is False
+    with pytest.raises(ConfigurationError, match="not in commit"):
+        file_at(models, e1["commit"], e0["path"], tmp_path / "b")
+
+
+def test_removals_at_the_end_wait_for_a_commit_or_the_last_batch(model_queue, tmp_path: Path) -> None:
+    models, queue, committer = model_queue
+    saves = Saves(queue)
+    saves.save("e0.ckpt", b"epoch 0", 1)
+    saves.save("e1.ckpt", b"epoch 1", 2)
+    saves.remove("e0.ckpt")
+
+    committer.run_batch(queue, queue.pending())  # training goes on: the removal waits for the next commit
+    assert [j.kind for j in queue.pending()] == ["remove"]
+    committer.run_batch(queue, queue.pending(), final=True)  # the worker's last batch commits it alone
+
+    assert not queue.pending()
+    head = LocalRepo(models).resolve(None)
+    with pytest.raises(ConfigurationError, match="not in commit"):
+        file_at(models, head, f"runs/{RUN}/checkpoints/e0.ckpt", tmp_path / "gone")
+    assert file_at(models, head, f"runs/{RUN}/checkpoints/e1.ckpt", tmp_path / "kept").read_bytes() == b"epoch 1"
