@@ -174,10 +174,11 @@ def test_trace_from_a_model_commit_finds_its_data(world):
     assert [r["run"]["name"] for r in found["runs"]] == ["run-c"]
     assert found["runs"][0]["dataset"]["commit"] == world.dataset.commits[0]
     assert found["runs"][0]["code"]["git_commit"] == world.code_commit
-    # an earlier checkpoint's commit (no MLflow tag names it) is found in the model repository
-    first = world.runs["run-a"]["checkpoints"][0]["commit"]
-    assert first != world.runs["run-a"]["model"]["commit"]
-    earlier = cli(world, "trace", first, "--model-repo", str(world.models))
+    # another checkpoint's commit (no MLflow tag names it) is found in the model repository; there is
+    # one: last.ckpt, saved at each epoch, is in two commits
+    model_commit = world.runs["run-a"]["model"]["commit"]
+    other = next(c["commit"] for c in world.runs["run-a"]["checkpoints"] if c["commit"] != model_commit)
+    earlier = cli(world, "trace", other, "--model-repo", str(world.models))
     assert [r["run"]["name"] for r in earlier["runs"]] == ["run-a"]
     assert earlier["runs"][0]["dataset"]["commit"] == world.dataset.commits[0]
 
