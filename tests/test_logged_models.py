@@ -223,3 +223,19 @@ def test_an_mlflow_without_logged_models_is_skipped_cleanly(older, tmp_path, mon
     assert client.get_model_version("old", "1").source == f"runs:/{active.info.run_id}/oxen"
     assert mlflow.search_logged_models(experiment_ids=[active.info.experiment_id], output_format="list") == []
     assert sync.sync_all()["pending"] == 0
+
+
+def test_a_stretch_of_tags_and_models_is_one_request_each_and_keeps_its_meaning(tmp_path):
+    """What each committed checkpoint journals (its tags, its model) is merged across checkpoints: the
+    later tag wins as it did one by one, and an operation of another kind keeps its place."""
+    journal = MlflowJournal.create(tmp_path / "cache", {"tracking_uri": "sqlite:///x.db", "run_id": "r1"})
+    model = {"op": "log_model", "commit": "c", "step": 1}
+    ops = [{"op": "set_tags", "tags": {"a": "1"}}, {**model, "path": "x"}, {"op": "set_tags", "tags": {"a": "2", "b": "1"}},
+           {**model, "path": "y"}, {"op": "end_run", "status": "FINISHED"}, {"op": "set_tags", "tags": {"c": "1"}}]
+    files = [journal.put(seq, op) for seq, op in enumerate(ops, start=1)]
+    assert journal.batches() == [
+        ([files[0], files[2]], {"op": "set_tags", "tags": {"a": "2", "b": "1"}}),
+        ([files[1], files[3]], {"op": "log_models", "ops": [ops[1], ops[3]]}),
+        ([files[4]], ops[4]),
+        ([files[5]], ops[5]),
+    ]

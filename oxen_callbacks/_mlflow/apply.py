@@ -93,10 +93,10 @@ def apply_op(client: Any, journal: MlflowJournal, meta: dict[str, Any], op: dict
         done = finish_abandoned(client, journal, meta, status=op.get("status", KILLED),
                                 terminate=op.get("terminate", True))
         journal.write_meta({**journal.meta(), "abandoned": done})  # (as the logged models left it)
-    elif kind == "log_model":
-        from .logged_models import log_checkpoint_model
+    elif kind in ("log_model", "log_models"):  # (one, or several merged by MlflowJournal.batches)
+        from .logged_models import log_checkpoint_models
 
-        log_checkpoint_model(client, journal, meta, op)
+        log_checkpoint_models(client, journal, meta, op["ops"] if kind == "log_models" else [op])
     elif kind == "mark_models":
         from .logged_models import complete_and_mark
 

@@ -118,15 +118,32 @@ class MlflowJournal:
         return found
 
     def batches(self) -> list[tuple[list[Path], dict[str, Any]]]:
-        """The pending operations in order, each run of ``set_tags`` merged into one (one MLflow
-        request instead of one per fact learnt); returns ``(op files, operation)`` pairs."""
+        """The pending operations in order, as few MLflow requests as the order allows; returns
+        ``(op files, operation)`` pairs.
+
+        In a stretch of ``set_tags`` and ``log_model`` operations (what each committed checkpoint
+        journals) the tags are merged into one ``set_tags`` (MLflow takes at most 100 tags per
+        request) and the models into one ``log_models``: neither depends on the other, and a later
+        tag wins as it would have. Any other operation keeps its place.
+        """
         merged: list[tuple[list[Path], dict[str, Any]]] = []
-        for path, op in self.pending():
-            previous = merged[-1][1] if merged else {}
-            if op["op"] == previous.get("op") == "set_tags" and len({**previous["tags"], **op["tags"]}) <= 100:
-                paths = merged[-1][0]  # (MLflow takes at most 100 tags per request)
-                merged[-1] = ([*paths, path], {"op": "set_tags", "tags": {**previous["tags"], **op["tags"]}})
-            else:
+        tags: list[tuple[list[Path], dict[str, Any]]] = []
+        models: tuple[list[Path], dict[str, Any]] | None = None
+        for path, op in [*self.pending(), (None, None)]:
+            if op is not None and op["op"] == "set_tags":
+                last = tags[-1][1]["tags"] if tags else None
+                if last is not None and len({**last, **op["tags"]}) <= 100:
+                    tags[-1] = ([*tags[-1][0], path], {"op": "set_tags", "tags": {**last, **op["tags"]}})
+                else:
+                    tags.append(([path], op))
+                continue
+            if op is not None and op["op"] == "log_model":
+                models = ([path], {"op": "log_models", "ops": [op]}) if models is None else (
+                    [*models[0], path], {"op": "log_models", "ops": [*models[1]["ops"], op]})
+                continue
+            merged += tags + ([models] if models else [])  # the stretch ends here
+            tags, models = [], None
+            if op is not None:
                 merged.append(([path], op))
         return merged
 

@@ -14,7 +14,8 @@ out)::
     {"op": "log_model", "commit": ..., "path": ..., "step": 6, "metrics": {...}, ...}   # per checkpoint
     {"op": "mark_models", "record": {...final lineage...}, "best_path": "runs/r/checkpoints/..."}
 
-Per checkpoint: one create, one output link, one batch of metrics, one finalize; no search.
+Per checkpoint: one create and one finalize; the output links and the metrics of the checkpoints
+reported together go in one request each; no search.
 Replays never duplicate a model: the journal's meta notes a checkpoint before its model is
 created and its id after; a model noted but not known is looked for by its tags first. On an
 MLflow without logged models (before 3) both operations are skipped, said once.
@@ -109,19 +110,20 @@ def _say_unsupported(why: str) -> None:
         log.info("%s: checkpoints are not logged as models.", why)
 
 
-def log_checkpoint_model(client: Any, journal: MlflowJournal, meta: dict[str, Any], op: dict[str, Any]) -> None:
-    """Carry out a ``log_model`` operation (see the module docstring)."""
+def log_checkpoint_models(client: Any, journal: MlflowJournal, meta: dict[str, Any], ops: list[dict[str, Any]]) -> None:
+    """Carry out ``log_model`` operations (see the module docstring), several in a few requests."""
     if _skipped(client):
         return
     with _unless_the_server_lacks_them(client):
-        if op.get("dataset") and not meta.get(_META_DATASET):
+        dataset = next((op["dataset"] for op in ops if op.get("dataset")), None)
+        if dataset and not meta.get(_META_DATASET):
             from .dataset import log_dataset_input
 
             # the input the models' metrics name (logging it again at the end changes nothing)
-            log_dataset_input(client, meta["run_id"], op["dataset"])
-            meta = {**meta, _META_DATASET: op["dataset"]}
+            log_dataset_input(client, meta["run_id"], dataset)
+            meta = {**meta, _META_DATASET: dataset}
             journal.write_meta(meta)
-        _ensure(client, journal, meta, op, existing=None)
+        _ensure(client, journal, meta, ops, existing=None)
 
 
 def complete_and_mark(client: Any, journal: MlflowJournal, meta: dict[str, Any], record: dict[str, Any], *,
@@ -145,14 +147,13 @@ def _complete_and_mark(client: Any, journal: MlflowJournal, meta: dict[str, Any]
     repo, run = record["model"]["repo"], record["run"].get("name")
     experiment_id, meta = _experiment(client, journal, meta)
     existing = _models_of(client, experiment_id, repo, run)
-    for entry in entries:
-        key = _key(entry["commit"], entry["path"])
-        if key not in existing:
-            op = {"commit": entry["commit"], "path": entry["path"], "step": entry.get("step"),
-                  "epoch": entry.get("epoch"), "metrics": entry.get("metrics") or {}, "model_repo": repo, "run": run,
-                  "dataset": meta.get(_META_DATASET), "time_ms": int(time.time() * 1000)}
-            meta = _ensure(client, journal, meta, op, existing=existing)
-            if made := (meta.get(_META_KEY) or {}).get(key):
+    missing = [{"commit": e["commit"], "path": e["path"], "step": e.get("step"), "epoch": e.get("epoch"),
+                "metrics": e.get("metrics") or {}, "model_repo": repo, "run": run, "dataset": meta.get(_META_DATASET),
+                "time_ms": int(time.time() * 1000)} for e in entries if _key(e["commit"], e["path"]) not in existing]
+    if missing:
+        meta = _ensure(client, journal, meta, missing, existing=existing)
+        for op in missing:
+            if made := (meta.get(_META_KEY) or {}).get(key := _key(op["commit"], op["path"])):
                 existing[key] = _Found(made, {})
     final, model = entries[-1], record["model"]
     best = None
@@ -193,71 +194,92 @@ def _key(commit: str, path: str) -> str:
     return f"{commit}:{path}"
 
 
-def _ensure(client: Any, journal: MlflowJournal, meta: dict[str, Any], op: dict[str, Any],
+def _ensure(client: Any, journal: MlflowJournal, meta: dict[str, Any], ops: list[dict[str, Any]],
             existing: dict[str, _Found] | None) -> dict[str, Any]:
-    """The checkpoint's logged model, created unless the journal (or a search, after an attempt that
-    may have created it) knows it; returns the journal's meta, updated with its id."""
-    key = _key(op["commit"], op["path"])
-    known = meta.get(_META_KEY) or {}
-    if known.get(key):
-        return meta  # done by an earlier attempt whose operation file outlived it
-    experiment_id, meta = _experiment(client, journal, meta)
-    model_id = None
-    if key in known:  # an attempt died or failed after noting it: its model may exist
-        found = (existing.get(key) if existing is not None
-                 else _find(client, experiment_id, op["model_repo"], op["commit"], op["path"]))
-        model_id = found.model_id if found else None
-    else:
-        meta = {**meta, _META_KEY: {**known, key: None}}
-        journal.write_meta(meta)
-    from mlflow.exceptions import MlflowException
+    """Each checkpoint's logged model, created unless the journal (or a search, after an attempt that
+    may have created it) knows it; returns the journal's meta, updated with their ids.
 
-    try:
-        model_id = _create(client, meta["run_id"], experiment_id, op, model_id)
-    except MlflowException as exc:
-        if exc.error_code != "INVALID_PARAMETER_VALUE":
-            raise  # the server or the network: retried, then journaled for `sync`
-        log.warning("MLflow refused a logged model for checkpoint %s (%s); it is not logged as a model.",
-                    op["path"], exc)
+    The journal notes every checkpoint before its model is created and its id after (one write
+    each for the whole batch), so a replay after a kill never makes a second model.
+    """
+    known = dict(meta.get(_META_KEY) or {})
+    todo = [op for op in {_key(op["commit"], op["path"]): op for op in ops}.values()
+            if not known.get(_key(op["commit"], op["path"]))]  # (else done by an earlier attempt)
+    if not todo:
         return meta
-    meta = {**meta, _META_KEY: {**(meta.get(_META_KEY) or {}), key: model_id}}
+    experiment_id, meta = _experiment(client, journal, meta)
+    found: dict[str, str | None] = {}
+    for op in todo:
+        key = _key(op["commit"], op["path"])
+        if key in known:  # an attempt died or failed after noting it: its model may exist
+            hit = (existing.get(key) if existing is not None
+                   else _find(client, experiment_id, op["model_repo"], op["commit"], op["path"]))
+            found[key] = hit.model_id if hit else None
+    if any(_key(op["commit"], op["path"]) not in known for op in todo):
+        meta = {**meta, _META_KEY: {**known, **{_key(op["commit"], op["path"]): None for op in todo
+                                                if _key(op["commit"], op["path"]) not in known}}}
+        journal.write_meta(meta)
+    made = _create(client, meta["run_id"], experiment_id, todo, found)
+    meta = {**meta, _META_KEY: {**(meta.get(_META_KEY) or {}), **made}}
     journal.write_meta(meta)
     return meta
 
 
-def _create(client: Any, run_id: str, experiment_id: str, op: dict[str, Any], model_id: str | None) -> str:
-    """Create the model (unless ``model_id``: found after an attempt that died), link it to the run at
-    its step, log its metrics, mark it ready (each step safe to repeat); returns its id."""
+def _create(client: Any, run_id: str, experiment_id: str, ops: list[dict[str, Any]],
+            found: dict[str, str | None]) -> dict[str, str]:
+    """Create each op's model (unless ``found`` has it: made by an attempt that died), link them to the
+    run at their steps, log their metrics, mark them ready (each step safe to repeat; one request
+    for all links and one per 1,000 metrics); returns their ids by checkpoint."""
     from mlflow.entities import LoggedModelOutput, LoggedModelStatus, Metric
+    from mlflow.exceptions import MlflowException
     from mlflow.utils.mlflow_tags import MLFLOW_MODEL_IS_EXTERNAL
 
-    step = op.get("step") or 0
-    linked = False
-    if model_id is not None:  # found after an attempt that died: the run may list it already (no duplicates)
+    linked: set[str] = set()
+    if any(found.values()):  # the run may list models found after an attempt that died (no duplicates)
         outputs = client.get_run(run_id).outputs
-        linked = any(o.model_id == model_id for o in (outputs.model_outputs if outputs else []))
-    else:
+        linked = {o.model_id for o in (outputs.model_outputs if outputs else [])}
+    made: dict[str, str] = {}
+    for op in ops:
+        key = _key(op["commit"], op["path"])
+        if found.get(key):
+            made[key] = found[key]  # type: ignore[assignment]
+            continue
         tags = {TAG_RUN: op.get("run"), TAG_MODEL_REPO: op["model_repo"], TAG_MODEL_COMMIT: op["commit"],
                 TAG_MODEL_PATH: op["path"], MLFLOW_MODEL_IS_EXTERNAL: "true"}
-        model = client.create_logged_model(
-            experiment_id, name=_model_name(op["path"]), source_run_id=run_id, model_type=MODEL_TYPE,
-            tags={k: str(v) for k, v in tags.items() if v is not None}, params=_params(client, run_id) or None)
-        model_id = model.model_id
-    if not linked:
-        client.log_outputs(run_id, [LoggedModelOutput(model_id, step=step)])
+        try:
+            made[key] = client.create_logged_model(
+                experiment_id, name=_model_name(op["path"]), source_run_id=run_id, model_type=MODEL_TYPE,
+                tags={k: str(v) for k, v in tags.items() if v is not None}, params=_params(client, run_id) or None,
+            ).model_id
+        except MlflowException as exc:
+            if exc.error_code != "INVALID_PARAMETER_VALUE":
+                raise  # the server or the network: retried, then journaled for `sync`
+            log.warning("MLflow refused a logged model for checkpoint %s (%s); it is not logged as a model.",
+                        op["path"], exc)
+    by_key = {_key(op["commit"], op["path"]): op for op in ops}
+    outputs = [LoggedModelOutput(model_id, step=by_key[key].get("step") or 0)
+               for key, model_id in made.items() if model_id not in linked]
+    if outputs:
+        client.log_outputs(run_id, outputs)
+    metrics = [metric for key, model_id in made.items() for metric in _metrics(by_key[key], model_id, Metric)]
+    for start in range(0, len(metrics), 1000):  # (the same timestamps again on a replay: MLflow keeps one copy)
+        client.log_batch(run_id, metrics=metrics[start:start + 1000])
+    for model_id in made.values():
+        client.finalize_logged_model(model_id, LoggedModelStatus.READY)
+    return made
+
+
+def _metrics(op: dict[str, Any], model_id: str, metric: Any) -> list[Any]:
+    """The checkpoint's metrics as MLflow ``Metric`` entities of ``model_id`` (on the dataset, if logged)."""
     dataset = {}
     if op.get("dataset"):
         from .dataset import OxenDataset
 
         named = OxenDataset.of(op["dataset"])
         dataset = {"dataset_name": named.name, "dataset_digest": named.digest}
-    metrics = [Metric(name, float(value), op["time_ms"], step, model_id=model_id, **dataset)
-               for name, value in (op.get("metrics") or {}).items()
-               if _METRIC_NAME.match(name) and isinstance(value, (int, float)) and not isinstance(value, bool)]
-    if metrics:  # one request (the same timestamp again on a replay: MLflow keeps one copy)
-        client.log_batch(run_id, metrics=metrics)
-    client.finalize_logged_model(model_id, LoggedModelStatus.READY)
-    return model_id
+    return [metric(name, float(value), op["time_ms"], op.get("step") or 0, model_id=model_id, **dataset)
+            for name, value in (op.get("metrics") or {}).items()
+            if _METRIC_NAME.match(name) and isinstance(value, (int, float)) and not isinstance(value, bool)]
 
 
 def _model_name(path: str) -> str:
