@@ -139,3 +139,67 @@ def test_removals_at_the_end_wait_for_a_commit_or_the_last_batch(model_queue, tm
     with pytest.raises(ConfigurationError, match="not in commit"):
         file_at(models, head, f"runs/{RUN}/checkpoints/e0.ckpt", tmp_path / "gone")
     assert file_at(models, head, f"runs/{RUN}/checkpoints/e1.ckpt", tmp_path / "kept").read_bytes() == b"epoch 1"
+
+
+def test_a_commit_shared_by_several_saves_still_names_one_checkpoint(model_queue, tmp_path: Path) -> None:
+    """Deploying or resuming from a commit id picks the run's model when that commit holds it, the
+    one training state when all its saves are of one step, and refuses to guess otherwise."""
+    from oxen_callbacks.checkpoints import resolve_resume
+    from oxen_callbacks.lineage import find_checkpoint_run
+
+    models, queue, committer = model_queue
+    saves = Saves(queue)
+    saves.save("e0.ckpt", b"epoch 0", 1)
+    saves.save("e1.ckpt", b"epoch 1", 2)
+    saves.save("last.ckpt", b"last at 2", 2)
+    saves.finalize(best="e0.ckpt")  # the best is the first of the commit's saves
+    committer.run_batch(queue, queue.pending(), final=True)
+    lineage = read_lineage(models / "runs" / RUN / "lineage.json")
+    shared = lineage["model"]["commit"]
+    assert {c["commit"] for c in lineage["checkpoints"]} == {shared}
+
+    _record, entry = find_checkpoint_run(models, shared)
+    assert entry["path"] == lineage["model"]["path"] == f"runs/{RUN}/checkpoints/e0.ckpt"
+    resumed = resolve_resume(models, shared, cache_dir=tmp_path / "resume")
+    assert Path(resumed.path).read_bytes() == b"epoch 0"
+
+    other = {**lineage, "model": {**lineage["model"], "commit": "0" * 32}}  # a commit that is not the model's
+    with pytest.raises(ConfigurationError, match="different steps") as refused:
+        from oxen_callbacks.lineage import checkpoint_in_commit
+
+        checkpoint_in_commit(other, shared)
+    assert "e0.ckpt (step 1)" in str(refused.value) and "materialize_checkpoint" in str(refused.value)
+    same_step = {**other, "checkpoints": [c for c in lineage["checkpoints"] if c["step"] == 2]}
+    assert checkpoint_in_commit(same_step, shared)["path"].endswith("last.ckpt")  # one training state
+
+
+def test_a_failing_save_in_a_shared_commit_loses_no_earlier_version(model_queue, tmp_path: Path, monkeypatch) -> None:
+    """A save that cannot be staged (disk full, a busy repository) while sharing a commit: the saves
+    before it are committed one by one, the failure names it, and the next save of the same path
+    cannot replace a version that never reached history."""
+    from oxen_callbacks.errors import OxenError
+
+    models, queue, committer = model_queue
+    saves = Saves(queue)
+    saves.save("last.ckpt", b"last at 1", 1)
+    saves.save("e1.ckpt", b"epoch 1", 2)
+    real_add, disk_full = committer.repo.add, [True]
+
+    def add_failing_while_full(rel: str) -> None:
+        if rel.endswith("e1.ckpt") and disk_full[0]:
+            raise OxenError("oxen add: No space left on device")
+        real_add(rel)
+
+    monkeypatch.setattr(committer.repo, "add", add_failing_while_full)
+    results = committer.run_batch(queue, queue.pending())
+    assert [(r["seq"], r["ok"]) for r in results] == [(1, True), (2, False)]  # the failure is e1's own
+    assert "No space left" in results[1]["error"]
+    saves.save("last.ckpt", b"last at 3", 3)  # as the worker goes on past the failed job
+    committer.run_batch(queue, [j for j in queue.pending() if j.seq != 2])
+    disk_full[0] = False
+    committer.run_batch(queue, queue.pending(), final=True)  # `oxen-callbacks sync`, later
+
+    lineage = read_lineage(models / "runs" / RUN / "lineage.json")
+    assert len(lineage["checkpoints"]) == 3
+    for i, entry in enumerate(lineage["checkpoints"]):
+        assert file_at(models, entry["commit"], entry["path"], tmp_path / f"r{i}").read_bytes() == saves.saved[entry["job"]]

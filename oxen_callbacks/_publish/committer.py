@@ -58,21 +58,40 @@ class Committer:
         self.hold_lock()
         live = [job for job in jobs if queue.is_pending(job)]  # others were done by a batch that outlived its worker
         for group in commit_groups(live):
-            writes = [job for job in group if job.kind != "remove"]
-            if not writes:  # removals with no commit after them (yet)
+            if not any(job.kind != "remove" for job in group):  # removals with no commit after them (yet)
                 if final:
                     run = group[0].payload["run"]
                     commit = self._commit_removals(run, group, f"oxen-callbacks: {run}: rotate out {len(group)} checkpoint(s)")
                     results += _complete_removals(queue, group, commit)
                 continue
-            try:
-                results += self._commit_group(queue, group)
-            except (OxenError, PublishError, OSError) as exc:
-                log.exception("Job %s (%s) failed", writes[0].name, writes[0].kind)
-                results.append({"seq": writes[0].seq, "kind": writes[0].kind, "ok": False,
-                                "error": f"{type(exc).__name__}: {exc}"})
+            failure = self._commit_each(queue, group, results)
+            if failure is not None:
+                job, exc = failure
+                log.error("Job %s (%s) failed: %s", job.name, job.kind, exc, exc_info=exc)
+                results.append({"seq": job.seq, "kind": job.kind, "ok": False, "error": f"{type(exc).__name__}: {exc}"})
                 return results  # keep order: later jobs wait for this one (retried by the next worker or sync)
         return results
+
+    def _commit_each(self, queue: JobQueue, group: list[Job],
+                     results: list[dict[str, Any]]) -> tuple[Job, Exception] | None:
+        """Commit ``group`` (appending to ``results``); the failed job and its error, if one failed.
+
+        When one job of a group cannot be staged, the jobs before it are committed without it
+        (their bytes are already in place, and a later save of the same path must not replace
+        them first) and the failure names that job; a failed commit names the group's first job.
+        """
+        try:
+            results += self._commit_group(queue, group)
+            return None
+        except _GroupFailed as exc:
+            failed = exc
+        before = group[:failed.index or 0]
+        if any(job.kind != "remove" for job in before):
+            try:
+                results += self._commit_group(queue, before)
+            except _GroupFailed as again:
+                return again.job_of(before), again.error
+        return failed.job_of(group), failed.error
 
     def _commit_group(self, queue: JobQueue, group: list[Job]) -> list[dict[str, Any]]:
         """Stage every job of ``group`` and make one commit; the jobs' results, in order."""
@@ -82,8 +101,9 @@ class Committer:
         staged: list[tuple[Job, dict[str, Any], list[Job]]] = []  # (job, its result so far, removals it completes)
         messages: list[str] = []
         removals: list[Job] = []
+        index: int | None = None  # the job being staged, for an error
         try:
-            for job in group:
+            for index, job in enumerate(group):
                 if job.kind == "remove":
                     removals.append(job)
                 elif job.kind == "checkpoint":
@@ -97,11 +117,14 @@ class Committer:
                     removals = []
                 else:
                     raise PublishError(f"Unknown job kind {job.kind!r}")
+            index = None
             self.repo.add(lineage_path(run))
             commit = self._commit(_group_message(run, messages))
-        except BaseException:
+        except BaseException as exc:
             # the jobs stay queued: the next commit must not list these checkpoints (their commit unknown)
             self._restore_record_text(run, before)
+            if isinstance(exc, (OxenError, PublishError, OSError)):
+                raise _GroupFailed(index, exc) from exc
             raise
         record = fill_commit(self._load_record(run, None), commit)
         self._write_record(run, record)  # the working tree copy always names every commit
@@ -308,6 +331,18 @@ def commit_groups(jobs: list[Job]) -> list[list[Job]]:
     if tail:
         groups.append(tail)
     return groups
+
+
+class _GroupFailed(Exception):
+    """A group's commit failed: staging job ``index`` (``None``: the commit itself) raised ``error``."""
+
+    def __init__(self, index: int | None, error: Exception) -> None:
+        super().__init__(str(error))
+        self.index, self.error = index, error
+
+    def job_of(self, group: list[Job]) -> Job:
+        """The job the failure is reported under: the one being staged, else the group's first write."""
+        return group[self.index] if self.index is not None else next(job for job in group if job.kind != "remove")
 
 
 def _group_message(run: str, messages: list[str]) -> str:
