@@ -23,7 +23,7 @@ from typing import Any
 from ._util import background
 from ._util.relpath import safe_relpath
 from .errors import ConfigurationError
-from .lineage import LineageJSON, read_lineage
+from .lineage import LineageJSON, checkpoint_in_commit, read_lineage
 from .model_repo import lineage_files, lineage_path, run_of_checkpoint
 from .pin import PinnedDataset
 
@@ -183,10 +183,12 @@ def resolve_resume(model_repo: str | os.PathLike[str], resume_from: str | os.Pat
     if (Path(model_repo) / lineage_path(text)).is_file():
         return _last_of(model_repo, read_lineage(Path(model_repo) / lineage_path(text)), cache_dir)
     for file in reversed(records):
-        for entry in reversed(read_lineage(file)["checkpoints"]):
-            if entry["commit"] and entry["commit"].startswith(text) and len(text) >= 7:
-                return materialize_checkpoint(model_repo, commit=entry["commit"], path=entry["path"],
-                                              cache_dir=cache_dir)
+        record = read_lineage(file)
+        commit = next((c["commit"] for c in reversed(record["checkpoints"])
+                       if c["commit"] and c["commit"].startswith(text) and len(text) >= 7), None)
+        if commit is not None:
+            entry = checkpoint_in_commit(record, commit)  # (several saves may share the commit)
+            return materialize_checkpoint(model_repo, commit=commit, path=entry["path"], cache_dir=cache_dir)
     raise ConfigurationError(
         f"resume_from={text!r} names no run or checkpoint commit of the model repository {str(model_repo)!r}.",
         "pass 'latest', a run name from its runs/ folder, a checkpoint commit id, or a lineage.json.",

@@ -48,7 +48,7 @@ from ._oxen.commit_id import is_commit_id
 from ._util import background
 from ._util.fs import write_json_atomically
 from ._util.redact import redact_url
-from .errors import LineageValidationError
+from .errors import ConfigurationError, LineageValidationError
 from .model_repo import is_run_name, lineage_files, lineage_path
 
 log = logging.getLogger(__name__)
@@ -360,9 +360,31 @@ def _read_or_skip(path: Path) -> LineageJSON | None:
 
 def find_checkpoint_run(model_repo: str | os.PathLike[str],
                         commit: str) -> tuple[LineageJSON, dict[str, Any]] | None:
-    """The run and checkpoint entry committed as ``commit`` (the last such entry), if any."""
+    """The run and checkpoint entry committed as ``commit`` (see :func:`checkpoint_in_commit`), if any."""
     for record in repo_records(model_repo):
-        hits = [c for c in record["checkpoints"] if c["commit"] == commit]
-        if hits:
-            return record, hits[-1]
+        entry = checkpoint_in_commit(record, commit)
+        if entry is not None:
+            return record, entry
     return None
+
+
+def checkpoint_in_commit(record: Mapping[str, Any], commit: str) -> dict[str, Any] | None:
+    """The checkpoint of ``record`` that ``commit`` names, ``None`` when it holds none.
+
+    Saves that waited together share a commit: the run's model when it is one of them, else
+    their one training state (an epoch's checkpoint and ``last.ckpt`` of the same step).
+    Raises ConfigurationError when the commit holds several steps and none is the model.
+    """
+    hits = [c for c in record["checkpoints"] if c["commit"] == commit]
+    model = record.get("model") or {}
+    chosen = next((c for c in hits if model.get("commit") == commit and c["path"] == model.get("path")), None)
+    if chosen is not None:
+        return chosen
+    if len({c.get("step") for c in hits}) > 1:
+        listed = ", ".join(f"{c['path']} (step {c.get('step')})" for c in hits)
+        raise ConfigurationError(
+            f"Commit {commit} holds {len(hits)} checkpoints of run {record['run'].get('name')!r} from different "
+            f"steps: {listed}.",
+            "name one: read it with `materialize_checkpoint(model_repo, commit=..., path=...)`, or pass the run's "
+            "model commit (`oxen-callbacks lineage RUN`).")
+    return hits[-1] if hits else None
