@@ -203,21 +203,18 @@ def _ensure(client: Any, journal: MlflowJournal, meta: dict[str, Any], ops: list
     each for the whole batch), so a replay after a kill never makes a second model.
     """
     known = dict(meta.get(_META_KEY) or {})
-    todo = [op for op in {_key(op["commit"], op["path"]): op for op in ops}.values()
-            if not known.get(_key(op["commit"], op["path"]))]  # (else done by an earlier attempt)
+    todo = {key: op for op in ops if not known.get(key := _key(op["commit"], op["path"]))}  # (else done earlier)
     if not todo:
         return meta
     experiment_id, meta = _experiment(client, journal, meta)
     found: dict[str, str | None] = {}
-    for op in todo:
-        key = _key(op["commit"], op["path"])
+    for key, op in todo.items():
         if key in known:  # an attempt died or failed after noting it: its model may exist
             hit = (existing.get(key) if existing is not None
                    else _find(client, experiment_id, op["model_repo"], op["commit"], op["path"]))
             found[key] = hit.model_id if hit else None
-    if any(_key(op["commit"], op["path"]) not in known for op in todo):
-        meta = {**meta, _META_KEY: {**known, **{_key(op["commit"], op["path"]): None for op in todo
-                                                if _key(op["commit"], op["path"]) not in known}}}
+    if new := {key: None for key in todo if key not in known}:
+        meta = {**meta, _META_KEY: {**known, **new}}
         journal.write_meta(meta)
     made = _create(client, meta["run_id"], experiment_id, todo, found)
     meta = {**meta, _META_KEY: {**(meta.get(_META_KEY) or {}), **made}}
@@ -225,9 +222,9 @@ def _ensure(client: Any, journal: MlflowJournal, meta: dict[str, Any], ops: list
     return meta
 
 
-def _create(client: Any, run_id: str, experiment_id: str, ops: list[dict[str, Any]],
+def _create(client: Any, run_id: str, experiment_id: str, ops: dict[str, dict[str, Any]],
             found: dict[str, str | None]) -> dict[str, str]:
-    """Create each op's model (unless ``found`` has it: made by an attempt that died), link them to the
+    """Create the model of each op (by checkpoint key) (unless ``found`` has it: made by an attempt that died), link them to the
     run at their steps, log their metrics, mark them ready (each step safe to repeat; one request
     for all links and one per 1,000 metrics); returns their ids by checkpoint."""
     from mlflow.entities import LoggedModelOutput, LoggedModelStatus, Metric
@@ -239,8 +236,7 @@ def _create(client: Any, run_id: str, experiment_id: str, ops: list[dict[str, An
         outputs = client.get_run(run_id).outputs
         linked = {o.model_id for o in (outputs.model_outputs if outputs else [])}
     made: dict[str, str] = {}
-    for op in ops:
-        key = _key(op["commit"], op["path"])
+    for key, op in ops.items():
         if found.get(key):
             made[key] = found[key]  # type: ignore[assignment]
             continue
@@ -256,12 +252,11 @@ def _create(client: Any, run_id: str, experiment_id: str, ops: list[dict[str, An
                 raise  # the server or the network: retried, then journaled for `sync`
             log.warning("MLflow refused a logged model for checkpoint %s (%s); it is not logged as a model.",
                         op["path"], exc)
-    by_key = {_key(op["commit"], op["path"]): op for op in ops}
-    outputs = [LoggedModelOutput(model_id, step=by_key[key].get("step") or 0)
+    outputs = [LoggedModelOutput(model_id, step=ops[key].get("step") or 0)
                for key, model_id in made.items() if model_id not in linked]
     if outputs:
         client.log_outputs(run_id, outputs)
-    metrics = [metric for key, model_id in made.items() for metric in _metrics(by_key[key], model_id, Metric)]
+    metrics = [metric for key, model_id in made.items() for metric in _metrics(ops[key], model_id, Metric)]
     for start in range(0, len(metrics), 1000):  # (the same timestamps again on a replay: MLflow keeps one copy)
         client.log_batch(run_id, metrics=metrics[start:start + 1000])
     for model_id in made.values():
