@@ -29,6 +29,7 @@ from ._oxen.remote_spec import parse_remote
 from ._publish.claim import RunClaim, record_fit, recorded_fit
 from ._publish.freeze import unfreeze_for_rewrite
 from ._publish.publisher import CheckpointPublisher, open_model_repo
+from ._publish.warm_worker import WarmWorker
 from ._run_checks import RunOptionChecks
 from ._run_end import RunEnding, now
 from ._util import background
@@ -116,12 +117,14 @@ class LineageRun(RunOptionChecks, RunEnding):
         self._claim: RunClaim | None = None
         self._published: list[str] = []  # checkpoint paths queued for commit, in order
         self._warm_sink: Any = None
+        self._warm_worker: WarmWorker | None = None
         self._init_ending()
         if _likely_rank_zero():
             self._start_early_work()
 
     def _start_early_work(self) -> None:
-        """Work that overlaps the user building the model and trainer: import MLflow."""
+        """Work that overlaps the user building the model and trainer: start the publishing worker, import MLflow."""
+        self._warm_worker = WarmWorker()
         if self.use_mlflow:
             from ._mlflow.sink import WarmSinkProcess, mlflow_imported
 
@@ -131,8 +134,8 @@ class LineageRun(RunOptionChecks, RunEnding):
                 self._warm_sink = WarmSinkProcess(self.mlflow_tracking_uri)  # imports MLflow
 
     def __getstate__(self) -> dict[str, Any]:
-        """Picklable for ``ddp_spawn``: the warm sink process and the claim stay here."""
-        return {**self.__dict__, "_warm_sink": None, "_claim": None, "_finisher": None,
+        """Picklable for ``ddp_spawn``: the warm processes and the claim stay here."""
+        return {**self.__dict__, "_warm_sink": None, "_warm_worker": None, "_claim": None, "_finisher": None,
                 "_committed": None}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -212,8 +215,9 @@ class LineageRun(RunOptionChecks, RunEnding):
         self.publisher = CheckpointPublisher(
             model_repo=self.model_repo, run=self.run_name, cache_dir=self.cache_dir, author=self.author,
             remote=self.remote, remote_url=self.remote_url, branch=self.branch, push_timeout=self.push_timeout,
-            on_result=self._on_result,
+            on_result=self._on_result, warm=self._warm_worker,
         )
+        self._warm_worker = None
         if self.sink is not None:
             self.sink.tag_start(self.run_name, self.record)
 

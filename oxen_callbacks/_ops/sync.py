@@ -21,11 +21,12 @@ from typing import Any
 
 from .._oxen import layout as oxen_layout
 from .._publish.known_repos import registered_model_repos
-from .._publish.publisher import worker_command
+from .._publish.publisher import worker_arguments
 from .._publish.push import PushTarget, pending_push, push_with_timeout
 from .._publish.queue import JobQueue, all_queues
 from .._util.cache import default_cache_dir
 from .._util.locks import is_locked
+from .._util.processes import python_command
 from .._util.redact import redact_text
 from ..names import (
     ENV_MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR,
@@ -66,8 +67,9 @@ def sync_model_repo(repo: Path, *, push_timeout: float = 300.0) -> dict[str, Any
 def _drain(queue: JobQueue, repo: Path, push_timeout: float) -> None:
     """Run a worker on ``queue`` with stdin closed: it drains everything, then exits."""
     meta = queue.meta()
-    cmd = worker_command(queue.folder, repo, push_timeout=push_timeout, remote=meta.get("remote"),
-                         branch=meta.get("branch"), remote_url=meta.get("remote_url"))
+    cmd = python_command("publish-worker", *worker_arguments(
+        queue.folder, repo, push_timeout=push_timeout, remote=meta.get("remote"), branch=meta.get("branch"),
+        remote_url=meta.get("remote_url")))
     env = {**os.environ, **meta.get("env", {})}
     subprocess.run(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env,
                    check=False)

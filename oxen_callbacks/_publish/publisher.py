@@ -38,6 +38,7 @@ from ..model_repo import checkpoints_folder
 from .freeze import freeze
 from .known_repos import register_model_repo
 from .queue import JobQueue
+from .warm_worker import WarmWorker
 
 log = logging.getLogger(__name__)
 
@@ -63,15 +64,14 @@ def open_model_repo(path: str | os.PathLike[str], cache_dir: Path) -> LocalRepo:
         ) from None
 
 
-def worker_command(queue_folder: str | os.PathLike[str], repo: str | os.PathLike[str], *, push_timeout: float,
-                   remote: str | None = None, branch: str | None = None, remote_url: str | None = None) -> list[str]:
-    """The command line of a publishing worker for ``queue_folder`` (what ``worker.main`` parses)."""
-    cmd = python_command("publish-worker", "--queue", str(queue_folder), "--repo", str(repo),
-                         "--push-timeout", str(push_timeout))
+def worker_arguments(queue_folder: str | os.PathLike[str], repo: str | os.PathLike[str], *, push_timeout: float,
+                     remote: str | None = None, branch: str | None = None, remote_url: str | None = None) -> list[str]:
+    """The arguments of a publishing worker for ``queue_folder`` (what ``worker.main`` parses)."""
+    args = ["--queue", str(queue_folder), "--repo", str(repo), "--push-timeout", str(push_timeout)]
     if remote:
-        cmd += ["--remote", remote] + (["--branch", branch] if branch else [])
-        cmd += ["--remote-url", remote_url] if remote_url else []
-    return cmd
+        args += ["--remote", remote] + (["--branch", branch] if branch else [])
+        args += ["--remote-url", remote_url] if remote_url else []
+    return args
 
 
 class CheckpointPublisher:
@@ -89,6 +89,7 @@ class CheckpointPublisher:
         branch: branch to push (default: the checked-out one).
         push_timeout: wall-clock limit of one push, in seconds.
         on_result: called (from a background thread) with each job result.
+        warm: a worker started ahead of time, used instead of starting one.
     """
 
     #: Publishing workers (the supervisor process) one run may lose before it stops waking them.
@@ -106,6 +107,7 @@ class CheckpointPublisher:
         branch: str | None = None,
         push_timeout: float = 300.0,
         on_result: Callable[[dict[str, Any]], None] | None = None,
+        warm: WarmWorker | None = None,
     ) -> None:
         self.cache_dir = Path(cache_dir or default_cache_dir()).expanduser().resolve()
         self.repo = open_model_repo(model_repo, self.cache_dir)
@@ -126,6 +128,7 @@ class CheckpointPublisher:
         self._cond = threading.Condition()
         self._handling = threading.Lock()
         self._proc: subprocess.Popen[bytes] | None = None
+        self._warm = warm
         self._restarts = 0
         #: Why publishing stopped for this run (a worker or commit processes that keep dying): the
         #: jobs stay journaled for ``oxen-callbacks sync``; training goes on.
@@ -142,11 +145,14 @@ class CheckpointPublisher:
 
     # -- worker process -----------------------------------------------------------
     def _start_worker(self) -> None:
-        cmd = worker_command(self.queue.folder, self.repo.path, push_timeout=self.push_timeout, remote=self.remote,
-                             branch=self.branch, remote_url=self.remote_url)
-        self._proc = subprocess.Popen(
-            cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-            env=child_environment(self._env), **OWN_PROCESS_GROUP,  # a Ctrl-C in the notebook must not kill a commit halfway
+        args = worker_arguments(self.queue.folder, self.repo.path, push_timeout=self.push_timeout, remote=self.remote,
+                                branch=self.branch, remote_url=self.remote_url)
+        env = child_environment(self._env)
+        warm, self._warm = self._warm, None
+        self._proc = (warm.hand_over(args, env) if warm is not None else None) or subprocess.Popen(
+            python_command("publish-worker", *args), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL, env=env,
+            **OWN_PROCESS_GROUP,  # a Ctrl-C in the notebook must not kill a commit halfway
         )
         reader = threading.Thread(target=self._read_results, args=(self._proc,), daemon=True, name="oxen-publisher")
         reader.start()

@@ -10,7 +10,11 @@ log go to the queue's ``worker.log``.
 
 from __future__ import annotations
 
-if __name__ == "__main__":  # the worker process: yield the CPU to training before the imports below (~0.1 s)
+import sys
+
+if __name__ == "__main__" and "--warm" not in sys.argv:
+    # a worker started at fit start yields the CPU to training before the imports below (~0.1 s);
+    # a warm one imports them at once, while the user builds the trainer, and yields at its hand-off
     from .._util.processes import yield_cpu_to_training
 
     yield_cpu_to_training(idle=False)
@@ -20,7 +24,6 @@ import json
 import logging
 import os
 import signal
-import sys
 import time
 from collections.abc import Callable
 from typing import IO, Any
@@ -282,26 +285,32 @@ class Batches:
 BURST_S = 0.05
 
 
-def _rest_of_burst(wakeups: StdinLines) -> str:
-    """Read the wake-ups of the next :data:`BURST_S`; ``""`` when stdin closed meanwhile."""
+def _rest_of_burst(wakeups: StdinLines, queue: JobQueue) -> str:
+    """Read the wake-ups of the next :data:`BURST_S`, or until the run's end is queued (nothing
+    follows it to wait for); ``""`` when stdin closed meanwhile."""
     deadline = time.monotonic() + BURST_S
     while (left := deadline - time.monotonic()) > 0:
         line = wakeups.next(timeout=left)
         if line == "":
             return ""
-        if line is None:
+        if line is None or not _saves_last(queue):
             break
     return "\n"
 
 
-def serve(queue: JobQueue, batches: Batches, results: _Results, push: PushTarget | None, repo: str) -> None:
+def _saves_last(queue: JobQueue) -> bool:
+    """Whether the newest job waiting is a checkpoint (a save, not the run's end)."""
+    return any(j.kind == "checkpoint" for j in queue.pending()[-1:])
+
+
+def serve(queue: JobQueue, batches: Batches, results: _Results, push: PushTarget | None, repo: str,
+          wakeups: StdinLines) -> None:
     """Run the queue's jobs as they come (a newline on stdin wakes us; EOF: finish and return).
 
     A push that failed is not tried again by this worker: it is journaled, ``sync`` retries
     it, and the end of training waits for at most the one push in flight. When commit
     processes keep dying, the jobs stay queued for ``sync`` and the trainer is told once.
     """
-    wakeups = StdinLines()
     failed: set[int] = set()
     eof = stalled = False
     push_failed = bool(queue.meta().get("push_failed"))  # a restarted worker does not try again either
@@ -338,21 +347,44 @@ def serve(queue: JobQueue, batches: Batches, results: _Results, push: PushTarget
         line = wakeups.next(timeout=Batches.IDLE_S if batches.serving else 1.0)
         if line is None:
             batches.retire()
-        elif line and any(j.kind == "checkpoint" for j in queue.pending()[-1:]):  # not the run's end: no wait
-            line = _rest_of_burst(wakeups)
+        elif line and _saves_last(queue):  # not the run's end: no wait
+            line = _rest_of_burst(wakeups, queue)
         eof = line == ""
+
+
+def _await_handoff(stdin: StdinLines) -> list[str] | None:
+    """A warm worker's run (see :mod:`.warm_worker`): take on its environment and working folder,
+    return its arguments; ``None`` at EOF."""
+    while line := stdin.next(timeout=None):
+        if line.startswith("{"):
+            handoff = json.loads(line)
+            os.environ.clear()
+            os.environ.update(handoff["env"])
+            os.chdir(handoff["cwd"])
+            return list(handoff["args"])
+    return None
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog=ENTRY_POINTS["publish-worker"])
-    parser.add_argument("--queue", required=True)
-    parser.add_argument("--repo", required=True)
+    parser.add_argument("--warm", action="store_true",
+                        help="wait for the arguments and environment of a run on stdin (one JSON line), then serve it")
+    parser.add_argument("--queue")
+    parser.add_argument("--repo")
     parser.add_argument("--remote")
     parser.add_argument("--branch")
     parser.add_argument("--remote-url")
     parser.add_argument("--push-timeout", type=float, default=300.0)
     args = parser.parse_args(argv)
+    wakeups = StdinLines()
+    if args.warm:
+        handoff = _await_handoff(wakeups)
+        if handoff is None:
+            return 0  # the callback was never used, or the training process is gone
+        args = parser.parse_args(handoff)
     yield_cpu_to_training(idle=False)  # commits run beside training; they must progress under a busy CPU too
+    if not args.queue or not args.repo:
+        parser.error("--queue and --repo are required")
     queue = JobQueue(args.queue)
     results = _Results(_redirect_output(str(queue.log_path)))
     lock = FileLock(queue.worker_lock, timeout=3600)
@@ -368,7 +400,7 @@ def main(argv: list[str] | None = None) -> int:
             batches.run("maintain", skip=str(queue.folder))
         except PublishError as exc:  # housekeeping only: the queue's own jobs come first
             log.warning("Start-up maintenance failed: %s", exc)
-        serve(queue, batches, results, push, args.repo)
+        serve(queue, batches, results, push, args.repo, wakeups)
     finally:
         batches.close()
     log.info("Worker done: queue %s drained", queue.folder.name)
@@ -376,4 +408,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_code = main()
+    logging.shutdown()
+    # every result is on disk and sent: skip the interpreter's teardown, which the trainer waits for at fit end
+    os._exit(exit_code)

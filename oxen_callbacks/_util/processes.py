@@ -24,7 +24,7 @@ ENTRY_POINTS: Mapping[str, str] = {
 _PACKAGE_ROOT = str(Path(__file__).resolve().parents[2])
 
 
-def yield_cpu_to_training(*, idle: bool) -> None:
+def yield_cpu_to_training(*, idle: bool, pid: int = 0) -> None:
     """Let training keep the CPU when this background process wants it too: the lowest ``nice``,
     which still guarantees progress; ``idle`` (Linux ``SCHED_IDLE``, for bookkeeping that may wait,
     like MLflow logging): run only on a core nothing else wants.
@@ -34,11 +34,13 @@ def yield_cpu_to_training(*, idle: bool) -> None:
     0.3 s fit five times over, 72 ms at a time. Background processes are therefore started in a
     process group of their own (:data:`OWN_PROCESS_GROUP`: a Ctrl-C or a notebook's interrupt
     meant for the trainer spares them), never a session of their own.
+
+    ``pid``: another process of ours (its main thread) instead of this one.
     """
     try:
-        os.nice(19 - os.nice(0))
+        os.setpriority(os.PRIO_PROCESS, pid, 19)
         if idle and hasattr(os, "SCHED_IDLE"):
-            os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+            os.sched_setscheduler(pid, os.SCHED_IDLE, os.sched_param(0))
     except OSError:
         pass  # not allowed here: keep the priority we have
 
