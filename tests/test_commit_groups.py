@@ -203,3 +203,27 @@ def test_a_failing_save_in_a_shared_commit_loses_no_earlier_version(model_queue,
     assert len(lineage["checkpoints"]) == 3
     for i, entry in enumerate(lineage["checkpoints"]):
         assert file_at(models, entry["commit"], entry["path"], tmp_path / f"r{i}").read_bytes() == saves.saved[entry["job"]]
+
+
+@pytest.mark.parametrize("newest, waits", [("remove", True), ("finalize", False)])
+def test_a_burst_waits_past_a_rotation_for_last_ckpt_but_not_past_the_end(model_queue, monkeypatch, newest, waits):
+    """Lightning saves ``epoch=N``, removes the rotated file, then saves ``last.ckpt``: the removal's
+    wake-up must not end the burst (one commit per epoch, not two); the run's end does."""
+    import os
+    import time
+
+    from oxen_callbacks._publish import worker
+    from oxen_callbacks._util.stdin_lines import StdinLines
+
+    _, queue, _ = model_queue
+    monkeypatch.setattr(worker, "BURST_S", 3.0)
+    queue.put(1, "checkpoint", {})
+    queue.put(2, newest, {})
+    read_end, write_end = os.pipe()
+    os.write(write_end, b"\n")  # the wake-up of job 2
+    started = time.monotonic()
+    assert worker._rest_of_burst(StdinLines(read_end), queue) == "\n"
+    waited = time.monotonic() - started
+    os.close(read_end)
+    os.close(write_end)
+    assert waited >= 3.0 if waits else waited < 1.5

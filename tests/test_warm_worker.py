@@ -83,3 +83,31 @@ def test_a_callback_never_used_leaves_no_process_behind(dataset_repo, tmp_path):
     while _running(warm_pid) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not _running(warm_pid)
+
+
+@pytest.mark.timeout(300)
+def test_a_stopped_worker_that_cannot_take_a_large_environment_does_not_hold_fit(dataset_repo, tmp_path, monkeypatch):
+    """An environment larger than a pipe's buffer (module systems on clusters), and a warm worker that
+    does not read it (stopped, stuck importing): fit start gives up on it within HANDOFF_TIMEOUT_S and
+    commits with a new worker."""
+    from oxen_callbacks._publish import warm_worker
+
+    cb = _callback(dataset_repo, tmp_path)
+    warm_pid = cb.run._warm_worker.proc.pid
+    os.kill(warm_pid, signal.SIGSTOP)
+    for part in range(8):  # 240 KB in all; one variable may not exceed 128 KiB
+        monkeypatch.setenv(f"BIG_MODULE_TABLE_{part:03d}", "x" * 30_000)
+    started = time.monotonic()
+    _fit(tmp_path, cb)
+    assert time.monotonic() - started < warm_worker.HANDOFF_TIMEOUT_S + 120
+    assert cb.run.publisher.worker_pid not in (None, warm_pid)
+    _assert_all_committed(tmp_path, cb.lineage)
+    deadline = time.monotonic() + 30
+    while _running(warm_pid) and time.monotonic() < deadline:  # killed, not left stopped
+        time.sleep(0.1)
+    assert not _running(warm_pid)
+
+
+def test_no_worker_is_started_ahead_on_a_process_that_is_not_rank_zero(dataset_repo, tmp_path, monkeypatch):
+    monkeypatch.setenv("SLURM_PROCID", "1")
+    assert _callback(dataset_repo, tmp_path).run._warm_worker is None

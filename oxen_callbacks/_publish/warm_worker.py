@@ -3,57 +3,95 @@
 Its start-up (a Python process and this library's imports, ~0.1 s of CPU) then overlaps the
 user building the model and the trainer, where the training process leaves a core free,
 instead of running, at the lowest priority, against the first steps of ``fit()`` and being
-waited for when ``fit()`` ends. It runs at normal priority until then: nothing trains yet. At fit start the publisher hands it the command line and
-environment a cold worker would get (:meth:`WarmWorker.hand_over`); unused, it exits when this
-object goes away or the training process ends (its stdin closes).
+waited for when ``fit()`` ends. It runs at normal priority until then: nothing trains yet.
+At fit start the publisher hands it the command line and environment a cold worker would get
+(:meth:`WarmWorker.hand_over`); unused, it exits when this object goes away or the training
+process ends (its stdin closes).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import select
 import subprocess
+import threading
+import time
 import weakref
 from collections.abc import Mapping
 
 from .._util.processes import OWN_PROCESS_GROUP, child_environment, python_command, yield_cpu_to_training
 
+#: How long fit start waits for the worker to take its hand-over (an environment larger than a
+#: pipe's buffer needs it to read): a stopped or stuck one is replaced by a new worker.
+HANDOFF_TIMEOUT_S = 5.0
+
 
 class WarmWorker:
     def __init__(self) -> None:
+        _reap_closed()
         self.proc: subprocess.Popen[bytes] | None = subprocess.Popen(
             python_command("publish-worker", "--warm"),
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=child_environment(),
             **OWN_PROCESS_GROUP,  # as a cold worker: a Ctrl-C meant for the trainer must not kill a commit halfway
         )
-        self._closer = weakref.finalize(self, _close_stdin, self.proc)
+        self._closer = weakref.finalize(self, _close, self.proc)
 
     def hand_over(self, args: list[str], env: Mapping[str, str]) -> subprocess.Popen[bytes] | None:
         """Give the worker its arguments (what ``worker.main`` parses) and environment; ``None`` if it
-        is gone (killed since it was started: start a cold one then). Used once."""
+        is gone or does not take them in time (start a cold one then). Used once."""
         proc, self.proc = self.proc, None
         self._closer.detach()
-        if proc is None or proc.stdin is None:
-            return None
-        if proc.poll() is not None:
-            _close_stdin(proc)
+        if proc is None or proc.stdin is None or proc.poll() is not None:
+            if proc is not None:
+                _close(proc)
             return None
         # through the pipe, never on disk: the environment may hold the user's tokens
-        handoff = {"args": args, "env": dict(env), "cwd": os.getcwd()}
-        try:
-            proc.stdin.write(json.dumps(handoff).encode() + b"\n")
-            proc.stdin.flush()
-        except OSError:
-            _close_stdin(proc)
+        handoff = json.dumps({"args": args, "env": dict(env), "cwd": os.getcwd()}).encode() + b"\n"
+        if not _write_within(proc.stdin.fileno(), handoff, HANDOFF_TIMEOUT_S):
+            proc.kill()
+            _close(proc)
             return None
         yield_cpu_to_training(idle=False, pid=proc.pid)  # now, even if its imports are not done yet
         return proc
 
 
-def _close_stdin(proc: subprocess.Popen[bytes]) -> None:
+def _write_within(fd: int, data: bytes, timeout: float) -> bool:
+    """Write all of ``data`` to the pipe ``fd`` unless its reader takes longer than ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    view = memoryview(data)
+    os.set_blocking(fd, False)
+    try:
+        while view:
+            if not select.select([], [fd], [], max(0.0, deadline - time.monotonic()))[1]:
+                return False
+            try:
+                view = view[os.write(fd, view):]
+            except BlockingIOError:
+                continue
+    except OSError:  # the worker died meanwhile
+        return False
+    finally:
+        os.set_blocking(fd, True)
+    return True
+
+
+_closed: list[subprocess.Popen[bytes]] = []  # told to exit, not reaped yet
+_closed_lock = threading.Lock()
+
+
+def _close(proc: subprocess.Popen[bytes]) -> None:
+    """Close our ends of its pipes (it exits at EOF); it is reaped when the next one starts."""
     for stream in (proc.stdin, proc.stdout):
         try:
             if stream is not None:
                 stream.close()
         except OSError:
             pass
+    with _closed_lock:
+        _closed.append(proc)
+
+
+def _reap_closed() -> None:
+    with _closed_lock:
+        _closed[:] = [proc for proc in _closed if proc.poll() is None]

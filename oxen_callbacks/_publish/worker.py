@@ -287,13 +287,14 @@ BURST_S = 0.05
 
 def _rest_of_burst(wakeups: StdinLines, queue: JobQueue) -> str:
     """Read the wake-ups of the next :data:`BURST_S`, or until the run's end is queued (nothing
-    follows it to wait for); ``""`` when stdin closed meanwhile."""
+    follows it to wait for: a removal, top-k rotation, comes between a save and ``last.ckpt``);
+    ``""`` when stdin closed meanwhile."""
     deadline = time.monotonic() + BURST_S
     while (left := deadline - time.monotonic()) > 0:
         line = wakeups.next(timeout=left)
         if line == "":
             return ""
-        if line is None or not _saves_last(queue):
+        if line is None or any(j.kind == "finalize" for j in queue.pending()[-1:]):
             break
     return "\n"
 
