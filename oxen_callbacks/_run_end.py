@@ -142,7 +142,10 @@ class RunEnding:
 
     def _submit_final(self, best: str | os.PathLike[str] | None) -> int:
         assert self.publisher is not None
-        return self.publisher.submit_finalize(self._base_record(), best=best)
+        seq = self.publisher.submit_finalize(self._base_record(), best=best)
+        if self.sink is not None:
+            self.sink.training_over()
+        return seq
 
     def _finish(self, status: str, best: str | os.PathLike[str] | None, *, deadline: float) -> LineageJSON | None:
         if self.publisher is None or self.record is None:

@@ -200,3 +200,45 @@ def test_waiting_for_background_work_is_bounded_by_one_timeout_in_all(tmp_path):
         assert time.monotonic() - started < 2.9  # one second each, not three
     finally:
         release.set()
+
+
+def test_once_training_is_over_the_sink_thread_applies_operations_as_they_come(tmp_path):
+    """While training runs, a sink thread of the training process gathers operations for a while
+    (their MLflow calls hold the trainer's GIL); once the trainer says training is over (at fit end,
+    with the final lineage), the run's remaining logging does not wait out that gathering."""
+    import threading
+
+    from oxen_callbacks._mlflow.journal import END_LINE, TRAINING_OVER_LINE, MlflowJournal
+    from oxen_callbacks._mlflow.sink_process import serve
+    from oxen_callbacks._mlflow.sink_thread import _QueueLines
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    run_id = client.create_run(client.create_experiment("e")).info.run_id
+    journal = MlflowJournal.create(tmp_path / "cache", {"tracking_uri": uri, "run_id": run_id})
+    lines = _QueueLines()
+    ended: list[str] = []
+    thread = threading.Thread(target=lambda: ended.append(serve(journal, lines, uri, linger_s=600)), daemon=True)
+    thread.start()
+    time.sleep(1.0)  # its first look at the empty journal is done: it waits for a wake-up
+
+    def tags() -> dict[str, str]:
+        return client.get_run(run_id).data.tags
+
+    journal.put(1, {"op": "set_tags", "tags": {"oxen.model.commit": "c1"}})
+    lines.write(b"\n")
+    time.sleep(1.0)
+    assert "oxen.model.commit" not in tags()  # gathered while training may still run
+    lines.write(TRAINING_OVER_LINE.encode())
+    deadline = time.monotonic() + 60
+    while "oxen.model.commit" not in tags() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert tags()["oxen.model.commit"] == "c1"  # long before the 600 s of gathering
+    journal.put(2, {"op": "set_tags", "tags": {"oxen.lineage.status": "FINISHED"}})
+    lines.write(b"\n")  # after training: applied at once, no gathering
+    while "oxen.lineage.status" not in tags() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert tags()["oxen.lineage.status"] == "FINISHED"
+    lines.write(END_LINE.encode())
+    thread.join(60)
+    assert ended == ["end"] and journal.is_empty()

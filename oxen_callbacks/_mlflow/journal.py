@@ -22,6 +22,9 @@ from .._util.locks import FileLock, is_locked
 from .._util.processes import ENTRY_POINTS
 
 ABANDONED_SEQ = 999_999  # the last operation of a journal whose training process died
+#: What the training run tells its sink besides a bare newline (new operations): the run ended;
+#: its training is over (nothing needs the CPU any more: apply operations as they come).
+END_LINE, TRAINING_OVER_LINE = "end\n", "trained\n"
 
 
 class MlflowJournal:

@@ -51,7 +51,7 @@ from ..names import (
     TAG_RUN,
 )
 from .fluent import active_run
-from .journal import MlflowJournal
+from .journal import END_LINE, TRAINING_OVER_LINE, MlflowJournal
 from .logged_models import checkpoint_op, mark_op
 from .sink_thread import SinkThread
 
@@ -243,6 +243,10 @@ class MlflowSink:
         this to ``oxen-callbacks sync`` at once while commits are still journaled."""
         self._enqueue({"op": "finish_abandoned", "status": status, "terminate": self.owns_run})
 
+    def training_over(self) -> None:
+        """Nothing trains any more: operations are applied as they come, not gathered for the GIL's sake."""
+        self._send(TRAINING_OVER_LINE.encode())
+
     def end(self, status: str = "FINISHED") -> None:
         """End the run (when this sink started it): nothing more comes for this journal."""
         if self.owns_run:
@@ -251,7 +255,7 @@ class MlflowSink:
             self.journal.mark_ended()
         except OSError:
             pass  # no folder to mark: nothing of this run is left for `sync` either
-        self._send(b"end\n")
+        self._send(END_LINE.encode())
 
     def close(self) -> None:
         """Let go of the sink process (after :meth:`end`): once it has done everything it waits,

@@ -26,7 +26,7 @@ from .._util.stdin_lines import StdinLines
 from ..names import ENV_MLFLOW_TRACKING_URI
 from .abandoned import commits_outstanding
 from .apply import apply_op, client_for
-from .journal import ABANDONED_SEQ, MlflowJournal
+from .journal import ABANDONED_SEQ, END_LINE, TRAINING_OVER_LINE, MlflowJournal
 
 log = logging.getLogger(__name__)
 RETRY_DELAYS_S = (0.5, 1.0, 2.0, 4.0, 8.0)
@@ -39,8 +39,8 @@ def serve(journal: MlflowJournal, lines: Any = _STDIN, client_uri: str | None = 
     ``lines``: the training run's messages (this process's stdin, or a queue when served by a
     thread of the training process, see :class:`.sink.SinkThread`); ``client_uri``: the store's
     URI with its credentials (default: the environment's, see :func:`.apply.client_for`);
-    ``linger_s``: after a wake-up, wait that long for more operations (unless the run ends), so that
-    their tags go in one request. A newline wakes us; ``end`` ends this journal (the process may get
+    ``linger_s``: after a wake-up, wait that long for more operations (unless the run ends, or its
+    training is over: ``trained``), so that their tags go in one request. A newline wakes us; ``end`` ends this journal (the process may get
     another, see :func:`main`); EOF means the training process is gone: finish
     and exit. Returns why it stopped: ``"end"`` (stdin still open), ``"eof"``,
     ``"gave_up"`` or ``"waiting"`` (a run finished from commits not yet done: left
@@ -79,11 +79,23 @@ def serve(journal: MlflowJournal, lines: Any = _STDIN, client_uri: str | None = 
         if over:
             return over
         line = lines.next(timeout=1.0)
-        over = "eof" if line == "" else "end" if line == "end\n" else False
+        over, linger_s = _heard(line, linger_s)
         lingering_until = time.monotonic() + linger_s if line and not over else 0.0
         while not over and (left := lingering_until - time.monotonic()) > 0:
             line = lines.next(timeout=left)
-            over = "eof" if line == "" else "end" if line == "end\n" else False
+            over, linger_s = _heard(line, linger_s)
+            lingering_until = lingering_until if linger_s else 0.0
+
+
+def _heard(line: str | None, linger_s: float) -> tuple[Any, float]:
+    """What a message of the training run means for :func:`serve`: ``(over, linger_s)``."""
+    if line == "":
+        return "eof", linger_s
+    if line == END_LINE:
+        return "end", linger_s
+    if line == TRAINING_OVER_LINE:
+        return False, 0.0  # nothing trains any more: lingering would only delay the run's logging
+    return False, linger_s
 
 
 def serve_folder(folder: Path, lines: Any = _STDIN, client_uri: str | None = None, *, log_file: bool = True,
