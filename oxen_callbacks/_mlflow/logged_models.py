@@ -224,9 +224,9 @@ def _ensure(client: Any, journal: MlflowJournal, meta: dict[str, Any], ops: list
 
 def _create(client: Any, run_id: str, experiment_id: str, ops: dict[str, dict[str, Any]],
             found: dict[str, str | None]) -> dict[str, str]:
-    """Create the model of each op (by checkpoint key) (unless ``found`` has it: made by an attempt that died), link them to the
-    run at their steps, log their metrics, mark them ready (each step safe to repeat; one request
-    for all links and one per 1,000 metrics); returns their ids by checkpoint."""
+    """Create the model of each op, by checkpoint key (unless ``found`` has it: made by an attempt
+    that died), link them to the run at their steps, log their metrics, mark them ready (each step
+    safe to repeat; one request for all links and one per 1,000 metrics); returns their ids by checkpoint."""
     from mlflow.entities import LoggedModelOutput, LoggedModelStatus, Metric
     from mlflow.exceptions import MlflowException
     from mlflow.utils.mlflow_tags import MLFLOW_MODEL_IS_EXTERNAL

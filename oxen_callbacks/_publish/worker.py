@@ -294,14 +294,15 @@ def _rest_of_burst(wakeups: StdinLines, queue: JobQueue) -> str:
         line = wakeups.next(timeout=left)
         if line == "":
             return ""
-        if line is None or any(j.kind == "finalize" for j in queue.pending()[-1:]):
+        if line is None or _newest_kind(queue) == "finalize":
             break
     return "\n"
 
 
-def _saves_last(queue: JobQueue) -> bool:
-    """Whether the newest job waiting is a checkpoint (a save, not the run's end)."""
-    return any(j.kind == "checkpoint" for j in queue.pending()[-1:])
+def _newest_kind(queue: JobQueue) -> str | None:
+    """The kind of the newest job waiting (``checkpoint``, ``remove``, ``finalize``), if any."""
+    pending = queue.pending()
+    return pending[-1].kind if pending else None
 
 
 def serve(queue: JobQueue, batches: Batches, results: _Results, push: PushTarget | None, repo: str,
@@ -348,7 +349,7 @@ def serve(queue: JobQueue, batches: Batches, results: _Results, push: PushTarget
         line = wakeups.next(timeout=Batches.IDLE_S if batches.serving else 1.0)
         if line is None:
             batches.retire()
-        elif line and _saves_last(queue):  # not the run's end: no wait
+        elif line and _newest_kind(queue) == "checkpoint":  # not the run's end: no wait
             line = _rest_of_burst(wakeups, queue)
         eof = line == ""
 
