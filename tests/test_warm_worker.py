@@ -111,3 +111,23 @@ def test_a_stopped_worker_that_cannot_take_a_large_environment_does_not_hold_fit
 def test_no_worker_is_started_ahead_on_a_process_that_is_not_rank_zero(dataset_repo, tmp_path, monkeypatch):
     monkeypatch.setenv("SLURM_PROCID", "1")
     assert _callback(dataset_repo, tmp_path).run._warm_worker is None
+
+
+@pytest.mark.timeout(300)
+def test_a_secret_in_the_environment_handed_over_reaches_no_file(dataset_repo, tmp_path, monkeypatch):
+    """The hand-over carries the whole environment (set after the callback was built, too): through the
+    pipe only, never into the queue, the worker's log, the repository or the MLflow store."""
+    secret = "hf_" + "Q7vX2mK9pL4tR8wZ3nB6cD1fG5hJ0sYa"
+    cb = _callback(dataset_repo, tmp_path)
+    monkeypatch.setenv("HF_TOKEN", secret)
+    _fit(tmp_path, cb)
+    _assert_all_committed(tmp_path, cb.lineage)
+    leaks = []
+    for folder, _dirs, names in os.walk(tmp_path):
+        for name in names:
+            try:
+                if secret.encode() in (Path(folder) / name).read_bytes():
+                    leaks.append(os.path.join(folder, name))
+            except OSError:
+                continue
+    assert not leaks
