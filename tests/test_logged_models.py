@@ -164,6 +164,44 @@ def test_replaying_a_checkpoint_whose_model_may_exist_creates_no_second_one(fitt
     assert len(_by_checkpoint(_models(fitted["uri"], fitted["run_id"]))) == len(record["checkpoints"])
 
 
+def test_a_continued_run_moves_its_final_mark_off_the_earlier_fit(dataset_repo, tmp_path):
+    """A fit marks the models it made without searching MLflow; a fit that continues a run (whose
+    record lists the earlier fit's checkpoints) must still find the earlier fit's final model and
+    take the mark off it: one final model per run."""
+    uri = mlflow.get_tracking_uri()
+    pin = PinnedDataset(dataset_repo.path, revision=dataset_repo.commits[0], paths=["train.csv", "val.csv"])
+    first = OxenLightningCallback(dataset=pin, model_repo=tmp_path / "models", run_name="cont", experiment_name="cont")
+    make_trainer(tmp_path / "a", [ModelCheckpoint(dirpath=tmp_path / "a" / "ckpt"), first],
+                 epochs=1).fit(TinyModel(), datamodule=CsvData(pin))
+    earlier = first.lineage["checkpoints"][-1]
+    again = OxenLightningCallback(model_repo=tmp_path / "models", run_name="cont", resume_from="cont",
+                                  experiment_name="cont")
+    make_trainer(tmp_path / "b", [ModelCheckpoint(dirpath=tmp_path / "b" / "ckpt"), again],
+                 epochs=2).fit(TinyModel(), datamodule=CsvData(again.dataset), ckpt_path=again.ckpt_path)
+    last = again.lineage["checkpoints"][-1]
+    assert (last["commit"], last["path"]) != (earlier["commit"], earlier["path"])
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name("cont").experiment_id
+    models = client.search_logged_models([experiment], filter_string="tags.`oxen.run` = 'cont'")
+    finals = [(m.tags["oxen.model.commit"], m.tags["oxen.model.path"]) for m in models
+              if m.tags.get("oxen.model.final") == "true"]
+    assert finals == [(last["commit"], last["path"])]
+    assert {(earlier["commit"], earlier["path"])} < {(m.tags["oxen.model.commit"], m.tags["oxen.model.path"])
+                                                     for m in models}  # the earlier fit's model is still there
+
+
+def test_a_fit_without_checkpoints_still_logs_its_dataset_input(dataset_repo, tmp_path):
+    """The dataset input goes in with the first logged models, and the end does not log it again;
+    a fit that saved no checkpoint must still get it, at the end."""
+    pin = PinnedDataset(dataset_repo.path, revision=dataset_repo.commits[0], paths=["train.csv", "val.csv"])
+    cb = OxenLightningCallback(dataset=pin, model_repo=tmp_path / "models", experiment_name="no-ckpt")
+    make_trainer(tmp_path / "fit", [cb], epochs=1, enable_checkpointing=False).fit(TinyModel(), datamodule=CsvData(pin))
+    record = cb.lineage
+    assert record["checkpoints"] == []
+    [dataset_input] = MlflowClient(mlflow.get_tracking_uri()).get_run(record["run"]["mlflow_run_id"]).inputs.dataset_inputs
+    assert json.loads(dataset_input.dataset.source)["commit"] == dataset_repo.commits[0]
+
+
 @pytest.mark.timeout(600)
 def test_killed_the_moment_fit_returns_sync_leaves_one_model_per_checkpoint(dataset_repo, tmp_path):
     """SIGKILL right after fit() of a run joined from MLFlowLogger (a thread of the killed process

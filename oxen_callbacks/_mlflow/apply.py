@@ -102,12 +102,14 @@ def apply_op(client: Any, journal: MlflowJournal, meta: dict[str, Any], op: dict
 
         complete_and_mark(client, journal, meta, op["record"], best_path=op.get("best_path"))
     elif kind == "publish_extras":
-        from .logged_models import model_id_for
+        from .logged_models import dataset_logged, model_id_for
         from .registry import publish_extras
 
-        model_id = model_id_for(client, meta, op["record"]) if op.get("register_model") else None
-        publish_extras(client, run_id, op["record"], register_model=op.get("register_model"),
-                       dataset_input=op.get("dataset_input", True), graph=op.get("graph", True), model_id=model_id)
+        record = op["record"]
+        model_id = model_id_for(client, meta, record) if op.get("register_model") else None
+        publish_extras(client, run_id, record, register_model=op.get("register_model"),
+                       dataset_input=op.get("dataset_input", True) and not dataset_logged(meta, record.get("dataset")),
+                       graph=op.get("graph", True), model_id=model_id)
     else:
         raise ValueError(f"Unknown journaled MLflow operation {kind!r}")
 

@@ -119,7 +119,7 @@ def log_checkpoint_models(client: Any, journal: MlflowJournal, meta: dict[str, A
         if dataset and not meta.get(_META_DATASET):
             from .dataset import log_dataset_input
 
-            # the input the models' metrics name (logging it again at the end changes nothing)
+            # the input the models' metrics name (the end does not log it again: dataset_logged)
             log_dataset_input(client, meta["run_id"], dataset)
             meta = {**meta, _META_DATASET: dataset}
             journal.write_meta(meta)
@@ -146,7 +146,15 @@ def _complete_and_mark(client: Any, journal: MlflowJournal, meta: dict[str, Any]
                        entries: list[dict[str, Any]], best_path: str | None, best_unless_last: bool) -> dict[str, Any]:
     repo, run = record["model"]["repo"], record["run"].get("name")
     experiment_id, meta = _experiment(client, journal, meta)
-    existing = _models_of(client, experiment_id, repo, run)
+    known = meta.get(_META_KEY) or {}
+    keys = [_key(e["commit"], e["path"]) for e in entries]
+    if all(known.get(key) for key in keys):
+        # This journal (one fit's) made the model of every checkpoint the run has: a continued run's
+        # record lists its earlier fits' checkpoints too, so no model an earlier fit made can carry a
+        # mark to take off, and no search is needed.
+        existing = {key: _Found(known[key], {}) for key in keys}
+    else:
+        existing = _models_of(client, experiment_id, repo, run)
     missing = [{"commit": e["commit"], "path": e["path"], "step": e.get("step"), "epoch": e.get("epoch"),
                 "metrics": e.get("metrics") or {}, "model_repo": repo, "run": run, "dataset": meta.get(_META_DATASET),
                 "time_ms": int(time.time() * 1000)} for e in entries if _key(e["commit"], e["path"]) not in existing]
@@ -169,6 +177,11 @@ def _complete_and_mark(client: Any, journal: MlflowJournal, meta: dict[str, Any]
             client.set_logged_model_tags(existing[key].model_id, {tag: MARK})
     return {name: existing[key].model_id for name, key in (("final", wanted[TAG_MODEL_FINAL]), ("best", best))
             if key in existing}
+
+
+def dataset_logged(meta: dict[str, Any], section: dict[str, Any] | None) -> bool:
+    """Whether the run's input ``section`` (a record's dataset) was logged with the first models."""
+    return bool(section) and meta.get(_META_DATASET) == section
 
 
 def model_id_for(client: Any, meta: dict[str, Any], record: dict[str, Any]) -> str | None:
