@@ -12,6 +12,7 @@ from typing import Any
 
 from ._oxen import layout as oxen_layout
 from ._oxen.repo import damaged_repo
+from ._util.processes import check_can_start_processes
 from .errors import ConfigurationError, DatasetMismatchError
 
 _RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
@@ -36,6 +37,7 @@ class RunOptionChecks:
     register_model: str | None
 
     def _validate(self) -> None:
+        check_can_start_processes()  # (the commit worker starts right after these checks)
         self._validate_run_name()
         self._validate_apart_from_dataset()
         self._validate_model_repo_folder()

@@ -35,6 +35,7 @@ from ._run_end import RunEnding, now
 from ._util import background
 from ._util.cache import default_cache_dir
 from ._util.gitinfo import code_info
+from ._util.processes import check_can_start_processes
 from ._util.redact import redact_argv, redact_url
 from .errors import ConfigurationError, PublishError
 from .lineage import LineageJSON, new_record, read_lineage
@@ -167,6 +168,7 @@ class LineageRun(RunOptionChecks, RunEnding):
         ``fit_key``: an id the caller keeps across processes (``ddp_spawn`` copies); the run name
         is noted under it in the model repository for :meth:`lineage`.
         """
+        check_can_start_processes()  # the environment may have grown since the callback was built
         # an earlier fit of this process still finishing its lineage (all of it when it is this run's)
         background.wait_for(self.model_repo, run=self.run_name)
         open_model_repo(self.model_repo, self.cache_dir)  # `oxen init` when new: a file written, ~1 ms

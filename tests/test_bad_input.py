@@ -119,3 +119,37 @@ def test_missing_path_stops_fit_before_the_first_step(dataset_repo, tmp_path):
         make_trainer(tmp_path, [OxenLightningCallback(dataset=pin, model_repo=tmp_path / "models", mlflow=False)],
                      epochs=1).fit(model, datamodule=CsvData(pin))
     assert not model.labels_seen
+
+
+def test_an_environment_no_process_can_start_with_is_named_before_training(dataset_repo, tmp_path, monkeypatch):
+    """One environment variable over Linux's 128 KiB limit makes every new process fail with E2BIG
+    ("Argument list too long"): our helpers (dataset copy, commit worker, MLflow sink) could never
+    start. The error says so and names the variable, never its value, whether the variable was
+    there when the callback was built or set before fit()."""
+    secret = "s3cr3t-" * 20_000  # 140 KB
+    commit = dataset_repo.commits[0]
+
+    def refused(call) -> str:  # type: ignore[no-untyped-def]
+        with pytest.raises(ConfigurationError) as caught:
+            call()
+        text = str(caught.value)
+        assert "HUGE_SECRET" in text and "Argument list too long" in text and "HINT:" in text
+        assert "s3cr3t" not in text
+        return text
+
+    monkeypatch.setenv("HUGE_SECRET", secret)
+    refused(lambda: PinnedDataset(dataset_repo.path, commit, cache_dir=tmp_path / "cache").pull())  # a child copies
+    refused(lambda: OxenLightningCallback(model_repo=tmp_path / "models", mlflow=False))  # the worker starts here
+
+    # set after the callback was built: its warm worker gets the environment through a pipe, but no
+    # worker, push or sync could be started again after a fault, so the fit is refused before a step
+    monkeypatch.delenv("HUGE_SECRET")
+    pin = PinnedDataset(dataset_repo.path, commit, paths=["train.csv", "val.csv"], cache_dir=tmp_path / "cache")
+    data = CsvData(pin)
+    pin.pull()
+    cb = OxenLightningCallback(model_repo=tmp_path / "models", mlflow=False)
+    model = TinyModel()
+    monkeypatch.setenv("HUGE_SECRET", secret)
+    refused(lambda: make_trainer(tmp_path / "fit", [cb], epochs=1).fit(model, datamodule=data))
+    assert not model.labels_seen  # not one training step
+    assert not (tmp_path / "models" / "runs").exists()

@@ -16,6 +16,7 @@ Example::
 
 from __future__ import annotations
 
+import errno
 import importlib
 import json
 import os
@@ -26,7 +27,13 @@ from collections.abc import Callable
 from typing import Any
 
 from .. import errors
-from .._util.processes import OWN_PROCESS_GROUP, child_environment, function_reference, python_command
+from .._util.processes import (
+    OWN_PROCESS_GROUP,
+    check_can_start_processes,
+    child_environment,
+    function_reference,
+    python_command,
+)
 from .._util.progress import child_progress_env
 from ..errors import OxenError
 
@@ -68,15 +75,19 @@ def run_in_child(function: Callable[..., Any], *, timeout: float | None = 600.0,
 
     what = what or function.__name__
     request = json.dumps({"function": function_reference(function), "kwargs": kwargs})
+    env: dict[str, str] | None = None
     try:
         with private_config(remote_host) as overrides:
+            env = child_environment({**overrides, **child_progress_env(show_stderr)})
             proc = subprocess.run(python_command("oxen-call"), input=request,
                                   stdout=subprocess.PIPE, stderr=None if show_stderr else subprocess.PIPE,
-                                  text=True, timeout=timeout,
-                                  env=child_environment({**overrides, **child_progress_env(show_stderr)}),
-                                  **(OWN_PROCESS_GROUP if own_group else {}))
+                                  text=True, timeout=timeout, env=env, **(OWN_PROCESS_GROUP if own_group else {}))
     except subprocess.TimeoutExpired:
         raise ChildTimedOut(f"no answer within {timeout:g}s (oxen {what} stopped)") from None
+    except OSError as exc:  # the child never started (its environment, out of memory or processes)
+        if exc.errno == errno.E2BIG and env is not None:
+            check_can_start_processes(env)  # names the variables at fault
+        raise OxenError(f"oxen {what} could not start a helper process: {exc.strerror or exc}") from None
     if proc.returncode < 0:
         name = signal.Signals(-proc.returncode).name if -proc.returncode in _SIGNALS else str(-proc.returncode)
         raise ChildCrashed(f"oxen {what} was killed by {name}", -proc.returncode)

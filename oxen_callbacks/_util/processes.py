@@ -23,6 +23,10 @@ ENTRY_POINTS: Mapping[str, str] = {
 
 _PACKAGE_ROOT = str(Path(__file__).resolve().parents[2])
 
+#: Linux starts no program given one environment string (``NAME=value``) longer than 32 pages
+#: (``MAX_ARG_STRLEN``): ``execve`` fails with E2BIG, "Argument list too long".
+MAX_ENV_STRING_BYTES = 32 * 4096
+
 
 def yield_cpu_to_training(*, idle: bool, pid: int = 0) -> None:
     """Let training keep the CPU when this background process wants it too: the lowest ``nice``,
@@ -60,6 +64,44 @@ def child_environment(extra: Mapping[str, str] | None = None) -> dict[str, str]:
     env = {**os.environ, **(extra or {})}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [_PACKAGE_ROOT, env.get("PYTHONPATH")]))
     return env
+
+
+def check_can_start_processes(env: Mapping[str, str] | None = None) -> None:
+    """Refuse, before any work, an environment (default: ours) no helper process can be started
+    with; the error names the variables, never their values (they may be secrets).
+
+    Raises:
+        ConfigurationError: a variable is too long for Linux, or the whole environment too large.
+    """
+    from ..errors import ConfigurationError
+
+    env = os.environ if env is None else env
+    sizes = {name: len(os.fsencode(name)) + len(os.fsencode(value)) + 2 for name, value in env.items()}
+    too_long = sorted(name for name, size in sizes.items() if size > MAX_ENV_STRING_BYTES)
+    why = None
+    if too_long and sys.platform.startswith("linux"):
+        why = (f"environment variable(s) {', '.join(too_long)} hold more than {MAX_ENV_STRING_BYTES // 1024} KiB "
+               "each, more than Linux passes to a new process")
+    elif (total := sum(sizes.values()) + 8 * len(sizes)) > _arg_max():
+        largest = sorted(sizes, key=sizes.__getitem__, reverse=True)[:3]
+        why = (f"the environment holds {total / 2**20:.1f} MiB, more than a new process can be given "
+               f"(the largest variables: {', '.join(largest)})")
+    if why:
+        raise ConfigurationError(
+            f"No helper process can start: {why} (\"Argument list too long\"). The commit worker, "
+            "dataset copies and the MLflow sink all run as helper processes.",
+            "unset them or make them smaller (pass large data through a file), then build the callback "
+            "or pin the dataset.",
+        )
+
+
+def _arg_max() -> int:
+    """What a new process's environment and command line may hold together, less room for the latter."""
+    try:
+        limit = os.sysconf("SC_ARG_MAX")
+    except (ValueError, OSError):
+        limit = -1
+    return limit - 64 * 1024 if limit > 128 * 1024 else 2**62  # (-1: the system names no limit)
 
 
 def function_reference(function: Callable[..., Any]) -> str:
