@@ -189,6 +189,20 @@ def test_a_continued_run_moves_its_final_mark_off_the_earlier_fit(dataset_repo, 
     assert {(earlier["commit"], earlier["path"])} < {(m.tags["oxen.model.commit"], m.tags["oxen.model.path"])
                                                      for m in models}  # the earlier fit's model is still there
 
+    # the first fit's end, replayed by `sync` only now (its MLflow was down then): the marks stay the later fit's
+    ids = {f"{m.tags['oxen.model.commit']}:{m.tags['oxen.model.path']}": m.model_id for m in models}
+    record = first.lineage
+    journal = MlflowJournal.create(tmp_path / "cache", {
+        "tracking_uri": uri, "run_id": record["run"]["mlflow_run_id"], "model_repo": str(tmp_path / "models"),
+        "oxen_run": "cont", "logged_models": {f"{c['commit']}:{c['path']}": ids[f"{c['commit']}:{c['path']}"]
+                                              for c in record["checkpoints"]}})
+    journal.put(1, logged_models.mark_op(record, best_path=None))
+    journal.mark_ended()
+    assert sync.sync_all(tmp_path / "cache", model_repos=[])["pending"] == 0
+    models = client.search_logged_models([experiment], filter_string="tags.`oxen.run` = 'cont'")
+    assert [(m.tags["oxen.model.commit"], m.tags["oxen.model.path"]) for m in models
+            if m.tags.get("oxen.model.final") == "true"] == [(last["commit"], last["path"])]
+
 
 def test_a_fit_without_checkpoints_still_logs_its_dataset_input(dataset_repo, tmp_path):
     """The dataset input goes in with the first logged models, and the end does not log it again;

@@ -24,6 +24,7 @@ MLflow without logged models (before 3) both operations are skipped, said once.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import re
 import time
@@ -32,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from .._util.redact import redact_url
+from ..model_repo import lineage_path
 from ..names import (
     TAG_MODEL_BEST,
     TAG_MODEL_COMMIT,
@@ -148,10 +150,11 @@ def _complete_and_mark(client: Any, journal: MlflowJournal, meta: dict[str, Any]
     experiment_id, meta = _experiment(client, journal, meta)
     known = meta.get(_META_KEY) or {}
     keys = [_key(e["commit"], e["path"]) for e in entries]
-    if all(known.get(key) for key in keys):
-        # This journal (one fit's) made the model of every checkpoint the run has: a continued run's
-        # record lists its earlier fits' checkpoints too, so no model an earlier fit made can carry a
-        # mark to take off, and no search is needed.
+    later = _continued_since(meta, entries)
+    if later is None and all(known.get(key) for key in keys):
+        # This journal (one fit's) made the model of every checkpoint the run has, and no later fit
+        # continued it: a continued run's record lists its earlier fits' checkpoints too, so no
+        # model an earlier fit made can carry a mark to take off, and no search is needed.
         existing = {key: _Found(known[key], {}) for key in keys}
     else:
         existing = _models_of(client, experiment_id, repo, run)
@@ -163,6 +166,10 @@ def _complete_and_mark(client: Any, journal: MlflowJournal, meta: dict[str, Any]
         for op in missing:
             if made := (meta.get(_META_KEY) or {}).get(key := _key(op["commit"], op["path"])):
                 existing[key] = _Found(made, {})
+    if later:  # a late replay (`sync`) of a fit the run went on from: the later fit's end marks its models
+        log.info("Run %s went on after checkpoint %s (%s): its final and best models stay marked as they are.",
+                 run, entries[-1]["path"], later)
+        return {}
     final, model = entries[-1], record["model"]
     best = None
     if model.get("commit") and (model.get("path") == best_path or (
@@ -182,6 +189,22 @@ def _complete_and_mark(client: Any, journal: MlflowJournal, meta: dict[str, Any]
 def dataset_logged(meta: dict[str, Any], section: dict[str, Any] | None) -> bool:
     """Whether the run's input ``section`` (a record's dataset) was logged with the first models."""
     return bool(section) and meta.get(_META_DATASET) == section
+
+
+def _continued_since(meta: dict[str, Any], entries: list[dict[str, Any]]) -> str | None:
+    """What the model repository's record of the run (its working tree, when this machine has it)
+    committed after ``entries``' last checkpoint, if anything: a later fit continued the run."""
+    model_repo, run = meta.get("model_repo"), meta.get("oxen_run")
+    if not model_repo or not run or Path(run).name != run:
+        return None
+    try:
+        checkpoints = json.loads((Path(model_repo) / lineage_path(run)).read_text()).get("checkpoints") or []
+        committed = [(c["commit"], c["path"]) for c in checkpoints if c.get("commit")]
+    except (OSError, ValueError, AttributeError, KeyError, TypeError):
+        return None  # not here, or unreadable: the record at hand is all there is
+    last = (entries[-1]["commit"], entries[-1]["path"])
+    after = len(committed) - 1 - committed.index(last) if last in committed else 0
+    return f"{after} later checkpoint(s) in {model_repo}" if after else None
 
 
 def model_id_for(client: Any, meta: dict[str, Any], record: dict[str, Any]) -> str | None:
