@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import errno
+import os
+import subprocess
+import sys
+
 import pytest
 from helpers import free_port, make_repo
 from lightning_model import CsvData, TinyModel, make_trainer
 
 from oxen_callbacks import PinnedDataset
+from oxen_callbacks._util.processes import MAX_ENV_STRING_BYTES, check_can_start_processes
 from oxen_callbacks.errors import ConfigurationError
 from oxen_callbacks.lightning import OxenLightningCallback
 
@@ -121,12 +127,34 @@ def test_missing_path_stops_fit_before_the_first_step(dataset_repo, tmp_path):
     assert not model.labels_seen
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux's limit on one environment string")
+def test_the_environment_limit_is_the_kernels_to_the_byte():
+    """A variable exactly at the limit starts a real process and passes the check; one byte more
+    fails both (E2BIG), so the check refuses exactly what Linux refuses."""
+    name = "AT_THE_LIMIT"
+    for extra, starts in ((0, True), (1, False)):
+        env = {"PATH": os.environ.get("PATH", ""), name: "x" * (MAX_ENV_STRING_BYTES - len(name) - 2 + extra)}
+        try:
+            subprocess.run([sys.executable, "-c", "pass"], env=env, check=True)
+            started = True
+        except OSError as exc:
+            assert exc.errno == errno.E2BIG
+            started = False
+        assert started is starts
+        if starts:
+            check_can_start_processes(env)
+        else:
+            with pytest.raises(ConfigurationError, match=name):
+                check_can_start_processes(env)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux's limit on one environment string")
 def test_an_environment_no_process_can_start_with_is_named_before_training(dataset_repo, tmp_path, monkeypatch):
-    """One environment variable over Linux's 128 KiB limit makes every new process fail with E2BIG
-    ("Argument list too long"): our helpers (dataset copy, commit worker, MLflow sink) could never
-    start. The error says so and names the variable, never its value, whether the variable was
-    there when the callback was built or set before fit()."""
-    secret = "s3cr3t-" * 20_000  # 140 KB
+    """One environment variable over Linux's limit (128 KiB with 4 KiB pages) makes every new
+    process fail with E2BIG ("Argument list too long"): our helpers (dataset copy, commit worker,
+    MLflow sink) could never start. The error says so and names the variable, never its value,
+    whether the variable was there when the callback was built or set before fit()."""
+    secret = "s3cr3t-" * (MAX_ENV_STRING_BYTES // 7 + 10)
     commit = dataset_repo.commits[0]
 
     def refused(call) -> str:  # type: ignore[no-untyped-def]

@@ -17,6 +17,7 @@ from oxen_callbacks import PinnedDataset, cli, read_lineage
 from oxen_callbacks._ops import sync
 from oxen_callbacks._oxen.repo import LocalRepo
 from oxen_callbacks._publish.push import pending_push
+from oxen_callbacks._util.processes import MAX_ENV_STRING_BYTES
 from oxen_callbacks.errors import PublishError
 from oxen_callbacks.lightning import OxenLightningCallback
 
@@ -126,3 +127,38 @@ def test_disk_full_while_freezing_is_a_clear_error(dataset_repo, tmp_path, monke
     monkeypatch.setattr(freeze.shutil, "copyfile", no_space)
     with pytest.raises(PublishError, match="No space left on device"):
         _fit(dataset_repo, tmp_path)
+
+
+class KillWorkerAndGrowEnvironment(KillWorker):
+    """Also put a variable over Linux's limit in the environment: no new worker can start."""
+
+    def on_train_batch_end(self, trainer, *args) -> None:  # type: ignore[no-untyped-def]
+        if trainer.global_step == 5 and self.killed is None:
+            os.environ["HUGE_TABLE"] = "x" * (MAX_ENV_STRING_BYTES + 10)
+            super().on_train_batch_end(trainer, *args)
+            self.oxen_cb.run.publisher._proc.wait(timeout=60)  # dead for the next save to see
+
+
+def test_a_worker_that_cannot_be_restarted_never_stops_training(dataset_repo, tmp_path, monkeypatch, caplog):
+    """The worker killed mid-fit and no process able to start any more (a variable over the kernel's
+    limit, set during training): training goes on to its end, says publishing stopped, and `sync`
+    commits every saved checkpoint once the environment is sane again."""
+    monkeypatch.delenv("HUGE_TABLE", raising=False)
+    pin = PinnedDataset(dataset_repo.path, revision=dataset_repo.commits[0], paths=["train.csv", "val.csv"])
+    cb = OxenLightningCallback(dataset=pin, model_repo=tmp_path / "models", mlflow=False)
+    killer = KillWorkerAndGrowEnvironment(cb)
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=2, save_top_k=-1)
+    trainer = make_trainer(tmp_path, [ckpt, cb, killer], epochs=2)
+    try:
+        trainer.fit(TinyModel(), datamodule=CsvData(pin))
+    finally:
+        os.environ.pop("HUGE_TABLE", None)
+    assert killer.killed and trainer.current_epoch == 2  # the whole fit ran
+    said = " ".join(r.getMessage() for r in caplog.records)
+    assert "could not start" in said and "Run `oxen-callbacks sync`" in said
+    saved = sorted(p.name for p in (tmp_path / "ckpt").iterdir())
+    assert cb.lineage["status"] == "FINISHED"  # (the end of the run is journaled too)
+    report = sync.sync_all(model_repos=[tmp_path / "models"])
+    assert report["pending"] == 0, report
+    record = read_lineage(tmp_path / "models" / "runs" / cb.run.run_name / "lineage.json")
+    assert sorted(os.path.basename(c["path"]) for c in record["checkpoints"] if c["commit"]) == saved

@@ -232,7 +232,11 @@ class CheckpointPublisher:
                 return
             self._restarts += 1
             log.warning("Publishing worker exited (code %s); restarting it", proc.returncode if proc else None)
-            self._start_worker()
+            try:
+                self._start_worker()
+            except (OSError, ConfigurationError) as exc:  # no process can start now: never stop training for it
+                self._stall(f"a new publishing worker could not start ({exc})")
+                return
             proc = self._proc
         assert proc is not None and proc.stdin is not None
         try:

@@ -68,7 +68,7 @@ def _attempt(repo: str | os.PathLike[str], target: PushTarget, branch: str) -> s
                                 remote_host=_remote_host(repo, target))
     except oxen_child.ChildTimedOut:
         return f"no answer from the remote within {target.timeout:.0f}s"
-    except OxenError as exc:
+    except (OxenError, ConfigurationError) as exc:  # (e.g. no child could start: a push never stops the worker)
         return str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
     return None
 

@@ -25,7 +25,7 @@ _PACKAGE_ROOT = str(Path(__file__).resolve().parents[2])
 
 #: Linux starts no program given one environment string (``NAME=value``) longer than 32 pages
 #: (``MAX_ARG_STRLEN``): ``execve`` fails with E2BIG, "Argument list too long".
-MAX_ENV_STRING_BYTES = 32 * 4096
+MAX_ENV_STRING_BYTES = 32 * (os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096)
 
 
 def yield_cpu_to_training(*, idle: bool, pid: int = 0) -> None:
@@ -62,20 +62,23 @@ def child_environment(extra: Mapping[str, str] | None = None) -> dict[str, str]:
     """This process's environment plus ``extra``, with this package importable in the child
     (it may run from a source checkout that is not installed)."""
     env = {**os.environ, **(extra or {})}
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [_PACKAGE_ROOT, env.get("PYTHONPATH")]))
+    given = env.get("PYTHONPATH")
+    paths = [p for p in given.split(os.pathsep) if p != _PACKAGE_ROOT] if given else []
+    env["PYTHONPATH"] = os.pathsep.join([_PACKAGE_ROOT, *paths])  # (once, however deep the helper)
     return env
 
 
 def check_can_start_processes(env: Mapping[str, str] | None = None) -> None:
-    """Refuse, before any work, an environment (default: ours) no helper process can be started
-    with; the error names the variables, never their values (they may be secrets).
+    """Refuse, before any work, an environment (default: what our helpers get,
+    :func:`child_environment`) no helper process can be started with; the error names the
+    variables, never their values (they may be secrets).
 
     Raises:
         ConfigurationError: a variable is too long for Linux, or the whole environment too large.
     """
     from ..errors import ConfigurationError
 
-    env = os.environ if env is None else env
+    env = child_environment() if env is None else env
     sizes = {name: len(os.fsencode(name)) + len(os.fsencode(value)) + 2 for name, value in env.items()}
     too_long = sorted(name for name, size in sizes.items() if size > MAX_ENV_STRING_BYTES)
     why = None
