@@ -28,7 +28,7 @@ import weakref
 from pathlib import Path
 from typing import Any
 
-from .._util.processes import OWN_PROCESS_GROUP, child_environment, python_command
+from .._util.processes import child_environment, start_helper
 from .._util.redact import redact_url
 from ..names import (
     ENV_MLFLOW_EXPERIMENT_ID,
@@ -319,11 +319,9 @@ class MlflowSink:
 
 
 def _start_sink(args: list[str], settings: dict[str, str]) -> subprocess.Popen[bytes]:
-    return subprocess.Popen(
-        python_command("mlflow-sink", *args),
-        stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=child_environment(settings),
-        cwd=os.getcwd(), **OWN_PROCESS_GROUP,  # it may outlive training to finish the logging
-    )
+    # (in a process group of its own: it may outlive training to finish the logging)
+    return start_helper("mlflow-sink", *args, env=child_environment(settings), stdout=subprocess.DEVNULL,
+                        cwd=os.getcwd())
 
 
 class WarmSinkProcess:

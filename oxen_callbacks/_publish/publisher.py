@@ -31,7 +31,7 @@ from .._oxen.remote_spec import parse_remote
 from .._oxen.repo import LocalRepo
 from .._util.cache import default_cache_dir
 from .._util.locks import FileLock
-from .._util.processes import OWN_PROCESS_GROUP, child_environment, python_command
+from .._util.processes import child_environment, start_helper
 from .._util.redact import redact_text
 from ..errors import ConfigurationError, PublishError
 from ..model_repo import checkpoints_folder
@@ -149,11 +149,9 @@ class CheckpointPublisher:
                                 branch=self.branch, remote_url=self.remote_url)
         env = child_environment(self._env)
         warm, self._warm = self._warm, None
-        self._proc = (warm.hand_over(args, env) if warm is not None else None) or subprocess.Popen(
-            python_command("publish-worker", *args), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-            stderr=subprocess.DEVNULL, env=env,
-            **OWN_PROCESS_GROUP,  # a Ctrl-C in the notebook must not kill a commit halfway
-        )
+        # (a process group of its own: a Ctrl-C in the notebook must not kill a commit halfway)
+        self._proc = (warm.hand_over(args, env) if warm is not None else None) or start_helper(
+            "publish-worker", *args, env=env)
         reader = threading.Thread(target=self._read_results, args=(self._proc,), daemon=True, name="oxen-publisher")
         reader.start()
 

@@ -20,7 +20,7 @@ import time
 import weakref
 from collections.abc import Mapping
 
-from .._util.processes import OWN_PROCESS_GROUP, child_environment, python_command, yield_cpu_to_training
+from .._util.processes import child_environment, start_helper, yield_cpu_to_training
 
 #: How long fit start waits for the worker to take its hand-over (an environment larger than a
 #: pipe's buffer needs it to read): a stopped or stuck one is replaced by a new worker.
@@ -30,11 +30,8 @@ HANDOFF_TIMEOUT_S = 5.0
 class WarmWorker:
     def __init__(self) -> None:
         _reap_closed()
-        self.proc: subprocess.Popen[bytes] | None = subprocess.Popen(
-            python_command("publish-worker", "--warm"),
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=child_environment(),
-            **OWN_PROCESS_GROUP,  # as a cold worker: a Ctrl-C meant for the trainer must not kill a commit halfway
-        )
+        # (as a cold worker, in a process group of its own: a Ctrl-C meant for the trainer must not kill a commit)
+        self.proc: subprocess.Popen[bytes] | None = start_helper("publish-worker", "--warm", env=child_environment())
         self._closer = weakref.finalize(self, _close, self.proc)
 
     def hand_over(self, args: list[str], env: Mapping[str, str]) -> subprocess.Popen[bytes] | None:

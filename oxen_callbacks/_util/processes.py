@@ -9,10 +9,13 @@ module in :data:`ENTRY_POINTS` has the ``main`` it is started by.
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
+
+from .fork_guard import keep_from_forks
 
 #: name -> the module ``python -m`` runs; its ``main()`` is the process.
 ENTRY_POINTS: Mapping[str, str] = {
@@ -51,6 +54,17 @@ def yield_cpu_to_training(*, idle: bool, pid: int = 0) -> None:
 
 #: ``subprocess.Popen`` keywords for a background process: its own process group, the trainer's session.
 OWN_PROCESS_GROUP: Mapping[str, Any] = {"process_group": 0}
+
+
+def start_helper(entry: str, *args: str, env: Mapping[str, str], stdout: int = subprocess.PIPE,
+                 cwd: str | None = None) -> subprocess.Popen[bytes]:
+    """Start one of :data:`ENTRY_POINTS` as a background helper: in a process group of its own
+    (:data:`OWN_PROCESS_GROUP`), its stdin a pipe of ours (EOF: training is done, or gone), whose
+    ends processes that training forks do not keep (:mod:`.fork_guard`)."""
+    proc = subprocess.Popen(python_command(entry, *args), stdin=subprocess.PIPE, stdout=stdout,
+                            stderr=subprocess.DEVNULL, env=dict(env), cwd=cwd, **OWN_PROCESS_GROUP)
+    keep_from_forks(proc.stdin, proc.stdout)
+    return proc
 
 
 def python_command(entry: str, *args: str) -> list[str]:

@@ -1,0 +1,75 @@
+"""Processes the training process forks without exec (a ``multiprocessing`` fork ``Pool``, data-loading
+workers) do not keep our helpers' pipes: the end of a fit does not wait for them, and the files
+they hold of their own stay theirs."""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import os
+import time
+
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning_model import CsvData, TinyModel, make_trainer
+
+from oxen_callbacks import PinnedDataset
+from oxen_callbacks._util.fork_guard import keep_from_forks
+from oxen_callbacks.lightning import OxenLightningCallback
+
+
+def test_a_fork_pool_alive_across_the_fit_does_not_hold_its_end(dataset_repo, tmp_path, caplog):
+    """The pool is forked after the callback started its commit worker, and lives on after fit():
+    the worker still sees its stdin close at the end of the fit and exits (it waited its 60 s limit,
+    then was left running, when the pool kept the pipe open)."""
+    pin = PinnedDataset(dataset_repo.path, revision=dataset_repo.commits[0], paths=["train.csv", "val.csv"])
+    cb = OxenLightningCallback(dataset=pin, model_repo=tmp_path / "models", mlflow=False)
+    caplog.set_level(logging.WARNING, logger="oxen_callbacks")
+    with multiprocessing.get_context("fork").Pool(1) as pool:
+        assert pool.apply(os.getpid) != os.getpid()
+        make_trainer(tmp_path, [ModelCheckpoint(dirpath=tmp_path / "ckpt", save_top_k=-1), cb], epochs=2
+                     ).fit(TinyModel(), datamodule=CsvData(pin))
+        worker = cb.run.publisher._proc
+        started = time.monotonic()
+        record = cb.lineage
+        waited = time.monotonic() - started
+        assert record["status"] == "FINISHED" and len(record["checkpoints"]) == 2
+        assert worker.poll() is not None, f"the commit worker is still running after {waited:.0f} s"
+        assert "still busy" not in caplog.text
+        assert pool.apply(sum, ([1, 2],)) == 3  # the pool's process works on
+
+
+def test_a_forked_child_drops_our_pipe_but_keeps_a_reused_number(tmp_path):
+    """A guarded pipe end no longer keeps the pipe open in a forked child (the reader gets EOF while
+    the child lives); a guarded number closed and then reused for the user's file is left alone."""
+    read_end, write_end = os.pipe()
+    ours = os.fdopen(write_end, "wb")
+    keep_from_forks(ours)
+    gone_read, gone_write = os.pipe()
+    gone = os.fdopen(gone_write, "wb")
+    keep_from_forks(gone)
+    number = gone.fileno()
+    gone.close()
+    os.close(gone_read)
+    mine = tmp_path / "mine.txt"
+    mine.write_text("the user's bytes")
+    opened = os.open(mine, os.O_RDONLY)
+    os.dup2(opened, number)  # the user's file now has the number a guarded pipe end had
+    os.close(opened)
+    done_read, done_write = os.pipe()
+    child = multiprocessing.get_context("fork").Process(target=_hold_and_read, args=(number, done_write))
+    child.start()
+    os.close(done_write)
+    ours.close()
+    os.close(number)
+    try:
+        assert os.read(done_read, 100) == b"the user's bytes"
+        assert os.read(read_end, 1) == b""
+        assert child.is_alive()  # EOF came while the child lives, not when it exited
+    finally:
+        child.terminate()
+        child.join(30)
+
+
+def _hold_and_read(number: int, done: int) -> None:
+    os.write(done, os.pread(number, 100, 0))
+    time.sleep(60)  # alive while the parent waits for EOF (terminated then)
