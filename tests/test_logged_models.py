@@ -204,6 +204,30 @@ def test_a_continued_run_moves_its_final_mark_off_the_earlier_fit(dataset_repo, 
             if m.tags.get("oxen.model.final") == "true"] == [(last["commit"], last["path"])]
 
 
+def test_a_replayed_end_whose_final_model_was_deleted_finishes(dataset_repo, tmp_path):
+    """The journal knows each checkpoint's model id; someone deleted the final one in MLflow before
+    a fit's end was replayed: `sync` finishes that end (the other marks set) instead of retrying it forever."""
+    uri = mlflow.get_tracking_uri()
+    pin = PinnedDataset(dataset_repo.path, revision=dataset_repo.commits[0], paths=["train.csv", "val.csv"])
+    cb = OxenLightningCallback(dataset=pin, model_repo=tmp_path / "models", run_name="gone", experiment_name="gone")
+    make_trainer(tmp_path / "fit", [ModelCheckpoint(dirpath=tmp_path / "ckpt", save_top_k=-1), cb],
+                 epochs=2).fit(TinyModel(), datamodule=CsvData(pin))
+    record = cb.lineage
+    client = MlflowClient(uri)
+    models = _by_checkpoint(_models(uri, record["run"]["mlflow_run_id"]))
+    last, first = record["checkpoints"][-1], record["checkpoints"][0]
+    client.delete_logged_model(models[(last["commit"], last["path"])].model_id)
+    journal = MlflowJournal.create(tmp_path / "cache", {
+        "tracking_uri": uri, "run_id": record["run"]["mlflow_run_id"], "model_repo": str(tmp_path / "models"),
+        "oxen_run": "gone", "logged_models": {f"{c}:{p}": m.model_id for (c, p), m in models.items()}})
+    journal.put(1, logged_models.mark_op({**record, "model": {**record["model"], "commit": first["commit"],
+                                                             "path": first["path"]}}, best_path=first["path"]))
+    journal.mark_ended()
+    assert sync.sync_all(tmp_path / "cache", model_repos=[])["pending"] == 0
+    [best] = [m for m in _models(uri, record["run"]["mlflow_run_id"]) if m.tags.get("oxen.model.best") == "true"]
+    assert (best.tags["oxen.model.commit"], best.tags["oxen.model.path"]) == (first["commit"], first["path"])
+
+
 def test_a_fit_without_checkpoints_still_logs_its_dataset_input(dataset_repo, tmp_path):
     """The dataset input goes in with the first logged models, and the end does not log it again;
     a fit that saved no checkpoint must still get it, at the end."""

@@ -180,10 +180,29 @@ def _complete_and_mark(client: Any, journal: MlflowJournal, meta: dict[str, Any]
         for other, found in existing.items():
             if found.tags.get(tag) == MARK and other != key:
                 client.delete_logged_model_tag(found.model_id, tag)  # an earlier fit's, of a continued run
-        if key in existing and existing[key].tags.get(tag) != MARK:
-            client.set_logged_model_tags(existing[key].model_id, {tag: MARK})
+        if key in existing and existing[key].tags.get(tag) != MARK and not _marked(client, existing[key].model_id, tag):
+            del existing[key]
     return {name: existing[key].model_id for name, key in (("final", wanted[TAG_MODEL_FINAL]), ("best", best))
             if key in existing}
+
+
+def _marked(client: Any, model_id: str, tag: str) -> bool:
+    """Set ``tag`` on logged model ``model_id``; ``False`` when it is gone (someone deleted it since
+    the journal noted it): nothing to mark, and a replay must not fail on it forever."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.set_logged_model_tags(model_id, {tag: MARK})
+    except MlflowException:
+        try:  # (the client says INVALID_PARAMETER_VALUE for a model it cannot find: ask the store)
+            client.get_logged_model(model_id)
+        except MlflowException as missing:
+            if missing.error_code != "RESOURCE_DOES_NOT_EXIST":
+                raise
+            log.warning("Logged model %s is no longer in MLflow (deleted?): it is not marked %s.", model_id, tag)
+            return False
+        raise
+    return True
 
 
 def dataset_logged(meta: dict[str, Any], section: dict[str, Any] | None) -> bool:
