@@ -24,7 +24,6 @@ MLflow without logged models (before 3) both operations are skipped, said once.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import re
 import time
@@ -33,7 +32,6 @@ from pathlib import Path
 from typing import Any
 
 from .._util.redact import redact_url
-from ..model_repo import lineage_path
 from ..names import (
     TAG_MODEL_BEST,
     TAG_MODEL_COMMIT,
@@ -42,6 +40,7 @@ from ..names import (
     TAG_MODEL_REPO,
     TAG_RUN,
 )
+from .abandoned import committed_record
 from .journal import MlflowJournal
 from .query import tag_filter
 
@@ -214,13 +213,10 @@ def _continued_since(meta: dict[str, Any], entries: list[dict[str, Any]]) -> str
     """What the model repository's record of the run (its working tree, when this machine has it)
     committed after ``entries``' last checkpoint, if anything: a later fit continued the run."""
     model_repo, run = meta.get("model_repo"), meta.get("oxen_run")
-    if not model_repo or not run or Path(run).name != run:
-        return None
-    try:
-        checkpoints = json.loads((Path(model_repo) / lineage_path(run)).read_text()).get("checkpoints") or []
-        committed = [(c["commit"], c["path"]) for c in checkpoints if c.get("commit")]
-    except (OSError, ValueError, AttributeError, KeyError, TypeError):
+    record = committed_record(model_repo, run, meta.get("run_id") or "") if model_repo and run else None
+    if record is None:
         return None  # not here, or unreadable: the record at hand is all there is
+    committed = [(c["commit"], c["path"]) for c in record["checkpoints"]]
     last = (entries[-1]["commit"], entries[-1]["path"])
     after = len(committed) - 1 - committed.index(last) if last in committed else 0
     return f"{after} later checkpoint(s) in {model_repo}" if after else None

@@ -232,7 +232,7 @@ class CheckpointPublisher:
             log.warning("Publishing worker exited (code %s); restarting it", proc.returncode if proc else None)
             try:
                 self._start_worker()
-            except (OSError, ConfigurationError) as exc:  # no process can start now: never stop training for it
+            except OSError as exc:  # no process can start now (E2BIG, no memory): never stop training for it
                 self._stall(f"a new publishing worker could not start ({exc})")
                 return
             proc = self._proc
