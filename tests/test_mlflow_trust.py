@@ -414,3 +414,29 @@ def test_stalled_publishing_finished_by_sync_gets_the_final_lineage(dataset_repo
     assert run.data.tags["oxen.model.commit"] == repo_lineage["model"]["commit"]
     logged = read_lineage(client.download_artifacts(run_id, "oxen/lineage.json", str(tmp_path / "dl")))
     assert [c["commit"] for c in logged["checkpoints"]] == [c["commit"] for c in repo_lineage["checkpoints"]]
+
+
+def test_the_end_waits_for_a_thread_sink_without_polling_its_journal(tmp_path, hanging_port, monkeypatch):
+    """A run this process already logs to is logged by a thread of the training process: the end's
+    wait for it sleeps until it applies an operation (or the timeout), instead of listing the journal
+    every 10 ms against the GIL that thread needs. A server that never answers: the wait still ends
+    at its timeout, with the operation journaled for `sync`."""
+    sink = MlflowSink.attach(cache_dir=tmp_path / "cache", run_id="f" * 32,
+                             tracking_uri=f"http://127.0.0.1:{hanging_port}")
+    assert type(sink._proc).__name__ == "SinkThread"
+    sink.set_tags({"oxen.test": "1"})
+    ops = sink.journal.folder / "ops"
+    listings = []
+    real_listdir = os.listdir
+
+    def counting(path="."):  # type: ignore[no-untyped-def]
+        if Path(path) == ops:
+            listings.append(time.monotonic())
+        return real_listdir(path)
+
+    monkeypatch.setattr(os, "listdir", counting)
+    started = time.monotonic()
+    assert not sink.flush(timeout=2.5)
+    assert 2.5 <= time.monotonic() - started < 10
+    assert len(listings) <= 8  # once a second at most; polling every 10 ms made ~250
+    assert [op["op"] for _path, op in sink.journal.pending()] == ["set_tags"]

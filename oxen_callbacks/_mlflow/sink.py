@@ -270,14 +270,21 @@ class MlflowSink:
     def flush(self, timeout: float | None = None) -> bool:
         """Wait for the queued operations; ``False`` if some remain (journaled) at the timeout."""
         deadline = None if timeout is None else time.monotonic() + timeout
-        while not self.journal.is_empty():
+        thread = self._proc if isinstance(self._proc, SinkThread) else None
+        while True:
+            seen = thread.steps if thread is not None else 0
+            if self.journal.is_empty():
+                return True
             if self._stopped() or (deadline is not None and time.monotonic() >= deadline):
                 if self.journal.status().get("waiting_for"):  # it exits at once; then `sync` may take over
                     with contextlib.suppress(subprocess.TimeoutExpired):
                         self._proc.wait(timeout=10)
                 return self.journal.is_empty()
-            time.sleep(0.01)
-        return True
+            left = 1.0 if deadline is None else max(0.0, min(1.0, deadline - time.monotonic()))
+            if thread is not None:
+                thread.wait_for_step(seen, left)  # (a thread of ours: no polling against its GIL)
+            else:
+                time.sleep(min(0.01, left))
 
     # -- internals -----------------------------------------------------------------------
     def _stopped(self) -> bool:

@@ -16,6 +16,7 @@ import os
 import shutil
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -33,14 +34,16 @@ RETRY_DELAYS_S = (0.5, 1.0, 2.0, 4.0, 8.0)
 _STDIN = StdinLines()  # the training process's wake-ups, hand-offs and ends
 
 
-def serve(journal: MlflowJournal, lines: Any = _STDIN, client_uri: str | None = None, *, linger_s: float = 0.0) -> str:
+def serve(journal: MlflowJournal, lines: Any = _STDIN, client_uri: str | None = None, *, linger_s: float = 0.0,
+          on_progress: Callable[[], None] | None = None) -> str:
     """Apply operations as they arrive, until the training run says it is over.
 
     ``lines``: the training run's messages (this process's stdin, or a queue when served by a
     thread of the training process, see :class:`.sink.SinkThread`); ``client_uri``: the store's
     URI with its credentials (default: the environment's, see :func:`.apply.client_for`);
     ``linger_s``: after a wake-up, wait that long for more operations (unless the run ends, or its
-    training is over: ``trained``), so that their tags go in one request. A newline wakes us; ``end`` ends this journal (the process may get
+    training is over: ``trained``), so that their tags go in one request; ``on_progress``: called
+    after each operation applied. A newline wakes us; ``end`` ends this journal (the process may get
     another, see :func:`main`); EOF means the training process is gone: finish
     and exit. Returns why it stopped: ``"end"`` (stdin still open), ``"eof"``,
     ``"gave_up"`` or ``"waiting"`` (a run finished from commits not yet done: left
@@ -65,6 +68,8 @@ def serve(journal: MlflowJournal, lines: Any = _STDIN, client_uri: str | None = 
                     for path in paths:
                         path.unlink(missing_ok=True)
                     journal.write_status(gave_up=False, last_error=None)
+                    if on_progress is not None:
+                        on_progress()
                     break
                 except Exception as exc:  # network, server or store errors: retry, then keep journaled
                     error = redact_text(f"{type(exc).__name__}: {exc}")[:1000]
@@ -99,7 +104,7 @@ def _heard(line: str | None, linger_s: float) -> tuple[Any, float]:
 
 
 def serve_folder(folder: Path, lines: Any = _STDIN, client_uri: str | None = None, *, log_file: bool = True,
-                 linger_s: float = 0.0) -> bool:
+                 linger_s: float = 0.0, on_progress: Callable[[], None] | None = None) -> bool:
     """:func:`serve` one journal under its lock (with its own log in a sink process); forget it once done."""
     journal = MlflowJournal(folder)
     handler = logging.FileHandler(journal.folder / "sink.log") if log_file else logging.NullHandler()
@@ -108,7 +113,7 @@ def serve_folder(folder: Path, lines: Any = _STDIN, client_uri: str | None = Non
         logging.getLogger().addHandler(handler)
     try:
         with FileLock(journal.lock_path):
-            ended = serve(journal, lines, client_uri, linger_s=linger_s)
+            ended = serve(journal, lines, client_uri, linger_s=linger_s, on_progress=on_progress)
             if ended == "eof" and journal.meta().get("model_repo"):
                 # the training process died without ending its run (SIGKILL, OOM): `sync` finishes the
                 # run from the checkpoints its commit worker gets into the model repository

@@ -29,6 +29,8 @@ class SinkThread:
     def __init__(self, folder: Path, client_uri: str) -> None:
         self.stdin = _QueueLines()
         self.pid = os.getpid()
+        self._progress = threading.Condition()
+        self._steps = 0  # operations applied (or the thread ended): what a waiter watches
         self._thread = threading.Thread(target=self._serve, args=(folder, client_uri), daemon=True,
                                         name="oxen-mlflow-sink")
         self._thread.start()
@@ -37,10 +39,28 @@ class SinkThread:
         from .sink_process import serve_folder
 
         try:
-            serve_folder(folder, self.stdin, client_uri, log_file=False, linger_s=LINGER_S)
+            serve_folder(folder, self.stdin, client_uri, log_file=False, linger_s=LINGER_S, on_progress=self._stepped)
         except Exception as exc:  # the journal stays for `sync`; training never hears of it
             log.warning("Logging to MLflow stopped (%s); what is left is journaled in %s for `oxen-callbacks sync`.",
                         redact_text(f"{type(exc).__name__}: {exc}")[:500], folder)
+        finally:
+            self._stepped()
+
+    def _stepped(self) -> None:
+        with self._progress:
+            self._steps += 1
+            self._progress.notify_all()
+
+    @property
+    def steps(self) -> int:
+        """How many times it made progress (applied operations, or ended) so far."""
+        return self._steps
+
+    def wait_for_step(self, seen: int, timeout: float) -> None:
+        """Wait until it makes progress after ``seen`` (:attr:`steps`), at most ``timeout`` s: the
+        training process's waiter sleeps instead of polling the journal (its GIL is the sink's)."""
+        with self._progress:
+            self._progress.wait_for(lambda: self._steps != seen, timeout)
 
     def poll(self) -> int | None:
         return None if self._thread.is_alive() else 0
