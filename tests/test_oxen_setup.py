@@ -233,3 +233,21 @@ def test_a_killed_process_private_token_folder_is_removed_by_the_next(tmp_path, 
         assert Path(overrides["OXEN_CONFIG_DIR"]).parent == tmp_path
     assert not stale.exists() and alive.exists()  # a live process's folder stays
     assert not Path(overrides["OXEN_CONFIG_DIR"]).exists()
+
+
+def test_an_unwritable_temporary_folder_is_named_not_reported_as_a_process_that_could_not_start(tmp_path, monkeypatch):
+    """A call to a remote with a token in the environment writes a private config under TMPDIR
+    first: when that folder cannot take it, the error names the folder and the fix, and never the token."""
+    from oxen_callbacks._oxen import child as oxen_child
+    from oxen_callbacks._oxen.repo import branches_at
+    from oxen_callbacks.errors import ConfigurationError
+
+    token = "tok-" + "9fQ2xLr7Wm4"
+    monkeypatch.setenv("OXEN_API_KEY", token)
+    monkeypatch.setenv("TMPDIR", str(tmp_path / "gone"))
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "gone"))  # (a missing TMPDIR Python would skip)
+    with pytest.raises(ConfigurationError) as caught:
+        oxen_child.run_in_child(branches_at, remote_host="hub.oxen.ai", path=str(tmp_path))
+    message = str(caught.value)
+    assert "private Oxen config for hub.oxen.ai" in message and str(tmp_path / "gone") in message
+    assert "TMPDIR" in message and "helper process" not in message and token not in message

@@ -70,17 +70,32 @@ def private_config(host: str | None) -> Iterator[dict[str, str]]:
         yield {}
         return
     _remove_stale_private_configs()
-    folder = Path(tempfile.mkdtemp(prefix=f"{_PRIVATE_PREFIX}{os.getpid()}-"))  # mode 0700
     try:
-        auth = os.open(folder / AUTH_CONFIG, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(auth, "w") as out:  # JSON string escapes are TOML's
-            out.write(f"[[host_configs]]\nhost = {json.dumps(host)}\nauth_token = {json.dumps(token)}\n")
-        user = oxen_config_dir() / USER_CONFIG
-        if user.is_file():
-            shutil.copyfile(user, folder / USER_CONFIG)
+        folder = Path(tempfile.mkdtemp(prefix=f"{_PRIVATE_PREFIX}{os.getpid()}-"))  # mode 0700
+    except OSError as exc:
+        raise _unwritable(host, exc) from None
+    try:
+        try:
+            auth = os.open(folder / AUTH_CONFIG, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(auth, "w") as out:  # JSON string escapes are TOML's
+                out.write(f"[[host_configs]]\nhost = {json.dumps(host)}\nauth_token = {json.dumps(token)}\n")
+            user = oxen_config_dir() / USER_CONFIG
+            if user.is_file():
+                shutil.copyfile(user, folder / USER_CONFIG)
+        except OSError as exc:
+            raise _unwritable(host, exc) from None
         yield {ENV_OXEN_CONFIG_DIR: str(folder)}
     finally:
         shutil.rmtree(folder, ignore_errors=True)
+
+
+def _unwritable(host: str, exc: OSError) -> ConfigurationError:
+    """The temporary folder cannot take the private config (full, read-only, missing): say so,
+    not "could not start a process" (never the token)."""
+    return ConfigurationError(
+        f"Could not write the private Oxen config for {host} under {tempfile.gettempdir()!r} "
+        f"({exc.strerror or type(exc).__name__}).",
+        "free space there, or point TMPDIR at a writable folder.")
 
 
 _PRIVATE_PREFIX = "oxen-callbacks-auth-"
