@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import os
 import signal
 import sys
@@ -48,6 +49,8 @@ def main() -> None:
     parser.add_argument("--logger", action="store_true", help="an MLFlowLogger whose run the callback joins")
     parser.add_argument("--after-fit", choices=("exit", "kill"), default="exit",
                         help="kill: SIGKILL this process the moment fit() returns")
+    parser.add_argument("--forked-child", help="fork a child that sleeps 600 s once the callback is built; "
+                        "write its pid and the commit worker's (after fit) to this JSON file")
     args, _unknown = parser.parse_known_args()  # e.g. secrets the lineage record must mask
     root = Path(args.root)
     if args.resume_from:  # the dataset pin comes back with the checkpoint
@@ -59,6 +62,10 @@ def main() -> None:
         cb = OxenLightningCallback(dataset=pin, model_repo=args.model_repo, mlflow=args.mlflow,
                                    run_name=args.run_name, **({"mlflow_timeout": args.mlflow_timeout}
                                                               if args.mlflow else {}))
+    forked = None
+    if args.forked_child:  # as a DataLoader worker or a user's fork Pool would: forked, never exec'd
+        forked = multiprocessing.get_context("fork").Process(target=time.sleep, args=(600,), daemon=False)
+        forked.start()
     callbacks = [ModelCheckpoint(dirpath=root / "ckpt", every_n_train_steps=args.every_n_steps, save_top_k=-1,
                                  save_last=True), cb]
     if args.step_sleep:
@@ -68,6 +75,8 @@ def main() -> None:
                            logger=logger)
     model = TinyModel()
     trainer.fit(model, datamodule=CsvData(pin), ckpt_path=args.ckpt_path)
+    if forked is not None:
+        Path(args.forked_child).write_text(json.dumps({"forked": forked.pid, "worker": cb.run.publisher.worker_pid}))
     if args.after_fit == "kill":
         os.kill(os.getpid(), signal.SIGKILL)
     rows = Path(args.out).with_suffix(f".rank{trainer.global_rank}.json") if args.out else None

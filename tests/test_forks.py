@@ -4,15 +4,22 @@ they hold of their own stay theirs."""
 
 from __future__ import annotations
 
+import json
 import logging
 import multiprocessing
 import os
+import signal
+import subprocess
+import sys
 import time
+from pathlib import Path
 
+import pytest
+from helpers import file_at
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning_model import CsvData, TinyModel, make_trainer
 
-from oxen_callbacks import PinnedDataset
+from oxen_callbacks import PinnedDataset, read_lineage
 from oxen_callbacks._util.fork_guard import keep_from_forks
 from oxen_callbacks.lightning import OxenLightningCallback
 
@@ -73,3 +80,42 @@ def test_a_forked_child_drops_our_pipe_but_keeps_a_reused_number(tmp_path):
 def _hold_and_read(number: int, done: int) -> None:
     os.write(done, os.pread(number, 100, 0))
     time.sleep(60)  # alive while the parent waits for EOF (terminated then)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.timeout(600)
+def test_a_trainer_killed_while_its_forked_child_lives_still_gets_its_lineage_committed(dataset_repo, tmp_path):
+    """SIGKILL right after fit() while a child the trainer forked (never exec'd) lives on: the commit
+    worker sees its stdin close all the same (the child does not hold it), commits the final lineage
+    and exits, long before the child does; nothing is left for `sync`."""
+    pids_file = tmp_path / "pids.json"
+    log = tmp_path / "fit.log"
+    with log.open("w") as out:  # (a file: the forked child keeps the script's stdout and stderr)
+        done = subprocess.run([sys.executable, str(Path(__file__).parent / "fit_script.py"), "--dataset",
+                               str(dataset_repo.path), "--revision", dataset_repo.commits[0], "--model-repo",
+                               str(tmp_path / "models"), "--root", str(tmp_path / "fit"), "--epochs", "2",
+                               "--after-fit", "kill", "--forked-child", str(pids_file)],
+                              stdout=out, stderr=subprocess.STDOUT, timeout=600, stdin=subprocess.DEVNULL)
+    assert done.returncode == -9, log.read_text()[-3000:]
+    pids = json.loads(pids_file.read_text())
+    try:
+        deadline = time.monotonic() + 90
+        while _alive(pids["worker"]) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not _alive(pids["worker"]), "the commit worker still waits for its stdin to close"
+        assert _alive(pids["forked"])  # it still holds what it inherited, our pipe ends pointed away
+    finally:
+        os.kill(pids["forked"], signal.SIGKILL)
+    [run] = (tmp_path / "models" / "runs").iterdir()
+    record = read_lineage(run / "lineage.json")
+    assert record["status"] == "FINISHED"
+    saved = {p.name: p.read_bytes() for p in (tmp_path / "fit" / "ckpt").iterdir()}
+    committed = {Path(c["path"]).name: file_at(tmp_path / "models", c["commit"], c["path"], tmp_path / "read").read_bytes()
+                 for c in record["checkpoints"] if c.get("kept", True)}
+    assert saved and {name: committed.get(name) for name in saved} == saved
