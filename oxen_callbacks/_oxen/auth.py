@@ -71,22 +71,30 @@ def private_config(host: str | None) -> Iterator[dict[str, str]]:
         return
     _remove_stale_private_configs()
     try:
-        folder = Path(tempfile.mkdtemp(prefix=f"{_PRIVATE_PREFIX}{os.getpid()}-"))  # mode 0700
+        folder = _write_private_config(host, token)
     except OSError as exc:
         raise _unwritable(host, exc) from None
     try:
-        try:
-            auth = os.open(folder / AUTH_CONFIG, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            with os.fdopen(auth, "w") as out:  # JSON string escapes are TOML's
-                out.write(f"[[host_configs]]\nhost = {json.dumps(host)}\nauth_token = {json.dumps(token)}\n")
-            user = oxen_config_dir() / USER_CONFIG
-            if user.is_file():
-                shutil.copyfile(user, folder / USER_CONFIG)
-        except OSError as exc:
-            raise _unwritable(host, exc) from None
         yield {ENV_OXEN_CONFIG_DIR: str(folder)}
     finally:
         shutil.rmtree(folder, ignore_errors=True)
+
+
+def _write_private_config(host: str, token: str) -> Path:
+    """A new folder (mode 0700) holding ``host``'s token and the user's identity; nothing is left
+    behind when writing it fails."""
+    folder = Path(tempfile.mkdtemp(prefix=f"{_PRIVATE_PREFIX}{os.getpid()}-"))
+    try:
+        auth = os.open(folder / AUTH_CONFIG, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(auth, "w") as out:  # JSON string escapes are TOML's
+            out.write(f"[[host_configs]]\nhost = {json.dumps(host)}\nauth_token = {json.dumps(token)}\n")
+        user = oxen_config_dir() / USER_CONFIG
+        if user.is_file():
+            shutil.copyfile(user, folder / USER_CONFIG)
+    except BaseException:
+        shutil.rmtree(folder, ignore_errors=True)
+        raise
+    return folder
 
 
 def _unwritable(host: str, exc: OSError) -> ConfigurationError:
