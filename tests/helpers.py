@@ -90,6 +90,24 @@ def file_at(repo_path: Path, commit: str, rel: str, cache: Path) -> Path:
     return PinnedDataset(repo_path, revision=commit, paths=[rel], cache_dir=cache).file(rel)
 
 
+def process_running(pid: int) -> bool:
+    """Whether process ``pid`` exists and is not a zombie."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return False
+    return state != "Z"
+
+
+def assert_every_saved_checkpoint_committed(models: Path, record: dict, ckpt_dir: Path, cache: Path) -> None:
+    """Each file the trainer saved in ``ckpt_dir`` is, byte for byte, in the commit ``record`` names for it."""
+    saved = {p.name: p.read_bytes() for p in ckpt_dir.iterdir()}
+    named = {Path(entry["path"]).name: file_at(models, entry["commit"], entry["path"], cache).read_bytes()
+             for entry in record["checkpoints"]}
+    assert saved and set(saved) <= set(named)
+    assert all(named[name] == data for name, data in saved.items())
+
+
 def wait_until_released(*folders: Path, timeout: float = 60.0) -> list[str]:
     """Wait until no process holds a file under ``folders`` open; returns the holders left at the timeout.
 

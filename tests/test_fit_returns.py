@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import file_at
+from helpers import assert_every_saved_checkpoint_committed
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import MLFlowLogger
 from lightning_model import CsvData, TinyModel, make_trainer
@@ -41,14 +41,7 @@ def _only_run(client: MlflowClient):  # type: ignore[no-untyped-def]
 
 
 def _assert_every_saved_checkpoint_committed(tmp_path: Path, record: dict) -> None:
-    """Each file the trainer saved is, byte for byte, in the commit the lineage names for it."""
-    saved = {p.name: p.read_bytes() for p in (tmp_path / "fit" / "ckpt").iterdir()}
-    named = {}
-    for entry in record["checkpoints"]:
-        named[Path(entry["path"]).name] = file_at(tmp_path / "models", entry["commit"], entry["path"],
-                                                  tmp_path / "read-cache").read_bytes()
-    assert saved and set(saved) <= set(named)
-    assert all(named[name] == data for name, data in saved.items())
+    assert_every_saved_checkpoint_committed(tmp_path / "models", record, tmp_path / "fit" / "ckpt", tmp_path / "read-cache")
 
 
 @pytest.mark.timeout(600)

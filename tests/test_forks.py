@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import file_at
+from helpers import assert_every_saved_checkpoint_committed, process_running
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning_model import CsvData, TinyModel, make_trainer
 
@@ -82,13 +82,6 @@ def _hold_and_read(number: int, done: int) -> None:
     time.sleep(60)  # alive while the parent waits for EOF (terminated then)
 
 
-def _alive(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
-
-
 @pytest.mark.timeout(600)
 def test_a_trainer_killed_while_its_forked_child_lives_still_gets_its_lineage_committed(dataset_repo, tmp_path):
     """SIGKILL right after fit() while a child the trainer forked (never exec'd) lives on: the commit
@@ -106,16 +99,13 @@ def test_a_trainer_killed_while_its_forked_child_lives_still_gets_its_lineage_co
     pids = json.loads(pids_file.read_text())
     try:
         deadline = time.monotonic() + 90
-        while _alive(pids["worker"]) and time.monotonic() < deadline:
+        while process_running(pids["worker"]) and time.monotonic() < deadline:
             time.sleep(0.2)
-        assert not _alive(pids["worker"]), "the commit worker still waits for its stdin to close"
-        assert _alive(pids["forked"])  # it still holds what it inherited, our pipe ends pointed away
+        assert not process_running(pids["worker"]), "the commit worker still waits for its stdin to close"
+        assert process_running(pids["forked"])  # it still holds what it inherited, our pipe ends pointed away
     finally:
         os.kill(pids["forked"], signal.SIGKILL)
     [run] = (tmp_path / "models" / "runs").iterdir()
     record = read_lineage(run / "lineage.json")
     assert record["status"] == "FINISHED"
-    saved = {p.name: p.read_bytes() for p in (tmp_path / "fit" / "ckpt").iterdir()}
-    committed = {Path(c["path"]).name: file_at(tmp_path / "models", c["commit"], c["path"], tmp_path / "read").read_bytes()
-                 for c in record["checkpoints"] if c.get("kept", True)}
-    assert saved and {name: committed.get(name) for name in saved} == saved
+    assert_every_saved_checkpoint_committed(tmp_path / "models", record, tmp_path / "fit" / "ckpt", tmp_path / "read")

@@ -21,6 +21,7 @@ from mlflow import MlflowClient
 
 from oxen_callbacks import PinnedDataset, cli, read_lineage
 from oxen_callbacks._mlflow.sink import MlflowSink, WarmSinkProcess
+from oxen_callbacks._mlflow.sink_thread import SinkThread
 from oxen_callbacks.lightning import OxenLightningCallback
 from oxen_callbacks.run import LineageRun
 
@@ -423,7 +424,7 @@ def test_the_end_waits_for_a_thread_sink_without_polling_its_journal(tmp_path, h
     at its timeout, with the operation journaled for `sync`."""
     sink = MlflowSink.attach(cache_dir=tmp_path / "cache", run_id="f" * 32,
                              tracking_uri=f"http://127.0.0.1:{hanging_port}")
-    assert type(sink._proc).__name__ == "SinkThread"
+    assert isinstance(sink._proc, SinkThread)
     sink.set_tags({"oxen.test": "1"})
     ops = sink.journal.folder / "ops"
     listings = []

@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import file_at
+from helpers import file_at, process_running
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning_model import CsvData, TinyModel, make_trainer
 
@@ -37,14 +37,6 @@ def _assert_all_committed(tmp_path: Path, record: dict) -> None:
                  for c in record["checkpoints"]}
     assert record["status"] == "FINISHED" and len(saved) == 2
     assert {name: committed.get(name) for name in saved} == saved
-
-
-def _running(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except FileNotFoundError:
-        return False
-    return state != "Z"
 
 
 @pytest.mark.timeout(300)
@@ -80,9 +72,9 @@ def test_a_callback_never_used_leaves_no_process_behind(dataset_repo, tmp_path):
     del cb
     gc.collect()
     deadline = time.monotonic() + 60
-    while _running(warm_pid) and time.monotonic() < deadline:
+    while process_running(warm_pid) and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert not _running(warm_pid)
+    assert not process_running(warm_pid)
 
 
 @pytest.mark.timeout(300)
@@ -103,9 +95,9 @@ def test_a_stopped_worker_that_cannot_take_a_large_environment_does_not_hold_fit
     assert cb.run.publisher.worker_pid not in (None, warm_pid)
     _assert_all_committed(tmp_path, cb.lineage)
     deadline = time.monotonic() + 30
-    while _running(warm_pid) and time.monotonic() < deadline:  # killed, not left stopped
+    while process_running(warm_pid) and time.monotonic() < deadline:  # killed, not left stopped
         time.sleep(0.1)
-    assert not _running(warm_pid)
+    assert not process_running(warm_pid)
 
 
 def test_no_worker_is_started_ahead_on_a_process_that_is_not_rank_zero(dataset_repo, tmp_path, monkeypatch):
