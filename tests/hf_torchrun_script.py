@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import os
 import sys
@@ -33,6 +34,12 @@ def main() -> None:
     (out / f"rank{rank}.json").write_text(json.dumps({"labels": sorted(set(collator.labels)), "commit": pin.commit}))
     if rank == 0:
         (out / "lineage.json").write_text(json.dumps(cb.lineage))
+    # Leave without interpreter finalization, after the exit handlers (ours wait for the lineage there):
+    # tearing down gloo's process group there can abort the rank ("terminate called without an active
+    # exception") or hang it (its worker thread waits for the GIL the tearing-down thread holds), a
+    # PyTorch bug (pytorch/pytorch#190489) that fails the launcher although everything was committed.
+    atexit._run_exitfuncs()
+    os._exit(0)
 
 
 if __name__ == "__main__":

@@ -4,8 +4,10 @@ dataset commit read by all four ranks, each save committed once, one MLflow run.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -33,12 +35,14 @@ def test_two_nodes_two_processes_each(tmp_path):
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "2",
                "--node-rank", str(node), "--master-addr", "127.0.0.1", "--master-port", str(port),
                str(SCRIPT), "--dataset", str(data.path), "--model-repo", str(tmp_path / "models"), "--out", str(out)]
-        nodes.append(subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True))
+        nodes.append(subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                                      start_new_session=True))
     try:
         errors = [node.communicate(timeout=500)[1] for node in nodes]
     finally:
-        for node in nodes:
-            node.kill()
+        for node in nodes:  # the launcher and its ranks: a rank of a failed run must not outlive the test
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(node.pid, signal.SIGKILL)
     assert [node.returncode for node in nodes] == [0, 0], errors[0][-3000:] + errors[1][-3000:]
 
     ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in range(4)]
