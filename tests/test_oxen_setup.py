@@ -217,13 +217,17 @@ def test_a_fit_pulls_and_pushes_with_the_token_from_the_environment_and_writes_i
 def test_a_killed_process_private_token_folder_is_removed_by_the_next(tmp_path, monkeypatch):
     """A process SIGKILLed while a child used its private config folder leaves the token on disk;
     the next private config removes such folders of dead processes (and only those)."""
-    from oxen_callbacks._oxen.auth import private_config
+    from oxen_callbacks._oxen.auth import _scope, private_config
 
     monkeypatch.setenv("TMPDIR", str(tmp_path))
     monkeypatch.setattr(tempfile, "tempdir", None)  # re-read TMPDIR
     victim = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
-    stale, alive = tmp_path / f"oxen-callbacks-auth-{victim.pid}-x1", tmp_path / f"oxen-callbacks-auth-{os.getpid()}-x2"
-    for folder in (stale, alive):
+    here = f"oxen-callbacks-auth-{{}}-{_scope()}-x"
+    stale, alive = tmp_path / here.format(victim.pid), tmp_path / here.format(os.getpid())
+    # the same dead pid in another PID namespace or on another node sharing this TMPDIR: that
+    # process may well live (and be pushing with this token), so its folder is not ours to judge
+    elsewhere = tmp_path / f"oxen-callbacks-auth-{victim.pid}-{'0' * 12}-x"
+    for folder in (stale, alive, elsewhere):
         folder.mkdir(mode=0o700)
         (folder / "auth_config.toml").write_text('auth_token = "tok-left-behind"\n')
     victim.kill()
@@ -231,8 +235,31 @@ def test_a_killed_process_private_token_folder_is_removed_by_the_next(tmp_path, 
     monkeypatch.setenv("OXEN_API_KEY", "tok-now")
     with private_config("hub.oxen.ai") as overrides:
         assert Path(overrides["OXEN_CONFIG_DIR"]).parent == tmp_path
-    assert not stale.exists() and alive.exists()  # a live process's folder stays
+    assert not stale.exists() and alive.exists() and elsewhere.exists()  # a live process's folder stays
     assert not Path(overrides["OXEN_CONFIG_DIR"]).exists()
+
+
+def test_an_unreadable_identity_is_named_not_blamed_on_the_temporary_folder(tmp_path, monkeypatch):
+    """The private config copies the user's ``user_config.toml``: when it cannot be read, the error
+    names that file and its fix (not TMPDIR), shows no token and leaves no folder behind."""
+    from oxen_callbacks._oxen.auth import private_config
+    from oxen_callbacks.errors import ConfigurationError
+
+    token = "tok-" + "Zp8rK2vQ5n"
+    config = tmp_path / "config"
+    config.mkdir()
+    (config / "user_config.toml").symlink_to("/proc/self/mem")  # a file even root cannot read (EIO at offset 0)
+    (tmp_path / "tmp").mkdir()
+    monkeypatch.setenv("OXEN_CONFIG_DIR", str(config))
+    monkeypatch.setenv("OXEN_API_KEY", token)
+    monkeypatch.setenv("TMPDIR", str(tmp_path / "tmp"))
+    monkeypatch.setattr(tempfile, "tempdir", None)
+    with pytest.raises(ConfigurationError) as caught, private_config("hub.oxen.ai"):
+        pass
+    message = str(caught.value)
+    assert str(config / "user_config.toml") in message and "OXEN_CONFIG_DIR" in message
+    assert "TMPDIR" not in message and token not in message
+    assert os.listdir(tmp_path / "tmp") == []
 
 
 def test_an_unwritable_temporary_folder_is_named_not_reported_as_a_process_that_could_not_start(tmp_path, monkeypatch):

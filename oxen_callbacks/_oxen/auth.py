@@ -13,11 +13,13 @@ and never passed in argv.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
 import re
 import shutil
+import socket
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -83,18 +85,29 @@ def private_config(host: str | None) -> Iterator[dict[str, str]]:
 def _write_private_config(host: str, token: str) -> Path:
     """A new folder (mode 0700) holding ``host``'s token and the user's identity; nothing is left
     behind when writing it fails."""
-    folder = Path(tempfile.mkdtemp(prefix=f"{_PRIVATE_PREFIX}{os.getpid()}-"))
+    identity = _user_identity()  # (before anything is written: its own error, not the temporary folder's)
+    folder = Path(tempfile.mkdtemp(prefix=f"{_PRIVATE_PREFIX}{os.getpid()}-{_scope()}-"))
     try:
         auth = os.open(folder / AUTH_CONFIG, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(auth, "w") as out:  # JSON string escapes are TOML's
             out.write(f"[[host_configs]]\nhost = {json.dumps(host)}\nauth_token = {json.dumps(token)}\n")
-        user = oxen_config_dir() / USER_CONFIG
-        if user.is_file():
-            shutil.copyfile(user, folder / USER_CONFIG)
+        if identity is not None:
+            (folder / USER_CONFIG).write_bytes(identity)
     except BaseException:
         shutil.rmtree(folder, ignore_errors=True)
         raise
     return folder
+
+
+def _user_identity() -> bytes | None:
+    """The user's ``user_config.toml`` (name and email for commits), if there is one."""
+    user = oxen_config_dir() / USER_CONFIG
+    try:
+        return user.read_bytes() if user.is_file() else None
+    except OSError as exc:
+        raise ConfigurationError(f"Could not read your Oxen identity {str(user)!r} ({exc.strerror or type(exc).__name__}).",
+                                 f"make it readable by this user (chmod u+r {user}), or set {ENV_OXEN_CONFIG_DIR} "
+                                 "to a folder whose user_config.toml is.") from None
 
 
 def _unwritable(host: str, exc: OSError) -> ConfigurationError:
@@ -109,9 +122,21 @@ def _unwritable(host: str, exc: OSError) -> ConfigurationError:
 _PRIVATE_PREFIX = "oxen-callbacks-auth-"
 
 
+def _scope() -> str:
+    """This machine and PID namespace, in a private folder's name: a process id means something
+    only there (containers sharing ``/tmp``, nodes sharing a TMPDIR on NFS)."""
+    try:
+        namespace = os.stat("/proc/self/ns/pid").st_ino
+    except OSError:
+        namespace = 0
+    return hashlib.sha256(f"{socket.gethostname()}:{namespace}".encode()).hexdigest()[:12]
+
+
 def _remove_stale_private_configs() -> None:
-    """Private config folders (with a token) of processes killed before removing theirs (SIGKILL)."""
-    for folder in Path(tempfile.gettempdir()).glob(f"{_PRIVATE_PREFIX}*-*"):
+    """Private config folders (with a token) of processes killed before removing theirs (SIGKILL):
+    those of this machine and PID namespace only, where ``kill(pid, 0)`` can tell."""
+    scope = _scope()
+    for folder in Path(tempfile.gettempdir()).glob(f"{_PRIVATE_PREFIX}*-{scope}-*"):
         pid = folder.name[len(_PRIVATE_PREFIX):].split("-", 1)[0]
         try:
             if not pid.isdigit() or folder.stat().st_uid != os.getuid():
