@@ -90,6 +90,22 @@ def file_at(repo_path: Path, commit: str, rel: str, cache: Path) -> Path:
     return PinnedDataset(repo_path, revision=commit, paths=[rel], cache_dir=cache).file(rel)
 
 
+def children(pid: int) -> list[int]:
+    """The processes ``pid`` started (any of its threads), now running."""
+    found: list[int] = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            found += [int(child) for child in (task / "children").read_text().split()]
+        except OSError:
+            pass
+    return found
+
+
+def process_tree(pid: int) -> list[int]:
+    """``pid`` and every process it or its descendants started, now running (parents first)."""
+    return [pid] + [p for child in children(pid) for p in process_tree(child)]
+
+
 def process_running(pid: int) -> bool:
     """Whether process ``pid`` exists and is not a zombie."""
     try:

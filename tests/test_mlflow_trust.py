@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import wait_until_released
+from helpers import process_tree, wait_until_released
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning_model import CsvData, TinyModel, make_trainer
 from mlflow import MlflowClient
@@ -287,14 +287,6 @@ def test_abandoned_run_waits_while_a_live_worker_commits_its_checkpoints(tmp_pat
     assert run.info.status == "KILLED" and run.data.tags["oxen.lineage.status"] == "KILLED"
 
 
-def _process_tree(pid: int) -> list[int]:
-    try:
-        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
-    except OSError:
-        children = []
-    return [pid] + [p for child in children for p in _process_tree(int(child))]
-
-
 @pytest.mark.timeout(600)
 def test_whole_job_sigkilled_at_once_is_finished_by_sync(dataset_repo, tmp_path):
     """A cgroup OOM kill or scancel: the trainer, its sink process, its worker and commit child die
@@ -318,7 +310,7 @@ def test_whole_job_sigkilled_at_once_is_finished_by_sync(dataset_repo, tmp_path)
         time.sleep(0.2)
     assert proc.poll() is None, "training ended before it could be killed"
     frozen: set[int] = set()  # stopped first: none can start a child the kill would miss
-    while new := set(_process_tree(proc.pid)) - frozen:
+    while new := set(process_tree(proc.pid)) - frozen:
         for pid in new:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGSTOP)

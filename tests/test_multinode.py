@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from helpers import free_port, make_repo
+from helpers import free_port, make_repo, process_tree
 from mlflow import MlflowClient
 from test_distributed import _check_each_save_committed_once
 
@@ -35,14 +35,15 @@ def test_two_nodes_two_processes_each(tmp_path):
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "2",
                "--node-rank", str(node), "--master-addr", "127.0.0.1", "--master-port", str(port),
                str(SCRIPT), "--dataset", str(data.path), "--model-repo", str(tmp_path / "models"), "--out", str(out)]
-        nodes.append(subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                                      start_new_session=True))
+        nodes.append(subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True))
     try:
         errors = [node.communicate(timeout=500)[1] for node in nodes]
-    finally:
-        for node in nodes:  # the launcher and its ranks: a rank of a failed run must not outlive the test
+    finally:  # the launchers and their ranks (each in a session of its own): none may outlive a failed run
+        for pid in [p for node in nodes for p in process_tree(node.pid)]:
             with contextlib.suppress(ProcessLookupError):
-                os.killpg(node.pid, signal.SIGKILL)
+                os.kill(pid, signal.SIGKILL)
+        for node in nodes:
+            node.wait()
     assert [node.returncode for node in nodes] == [0, 0], errors[0][-3000:] + errors[1][-3000:]
 
     ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in range(4)]

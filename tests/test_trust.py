@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import file_at
+from helpers import children, file_at
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning_model import CsvData, TinyModel, make_trainer
 
@@ -138,19 +138,12 @@ class CommitProcessKiller(Callback):
         while not self._stop.wait(rng.uniform(*self.every)) and len(self.killed) < self.limit:
             publisher = self.oxen_cb.run.publisher
             worker = publisher.worker_pid if publisher else None
-            for pid in _children(worker) if worker else []:
+            for pid in children(worker) if worker else []:
                 try:
                     os.kill(pid, signal.SIGKILL)
                     self.killed.append(pid)
                 except ProcessLookupError:
                     pass
-
-
-def _children(pid: int) -> list[int]:
-    try:
-        return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
-    except OSError:
-        return []
 
 
 def _assert_all_committed(models: Path, lineage: dict, ckpt_dir: Path) -> None:  # type: ignore[type-arg]
