@@ -39,7 +39,8 @@ def test_two_nodes_two_processes_each(tmp_path):
     try:
         errors = [node.communicate(timeout=500)[1] for node in nodes]
     finally:  # the launchers and their ranks (each in a session of its own): none may outlive a failed run
-        for pid in [p for node in nodes for p in process_tree(node.pid)]:
+        # (a launcher already reaped is skipped: its pid may belong to another process by now)
+        for pid in [p for node in nodes if node.poll() is None for p in process_tree(node.pid)]:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
         for node in nodes:
