@@ -107,7 +107,7 @@ def _user_identity() -> bytes | None:
     except OSError as exc:
         raise ConfigurationError(f"Could not read your Oxen identity {str(user)!r} ({exc.strerror or type(exc).__name__}).",
                                  f"make it readable by this user (chmod u+r {user}), or set {ENV_OXEN_CONFIG_DIR} "
-                                 "to a folder whose user_config.toml is.") from None
+                                 "to a folder with a readable user_config.toml.") from None
 
 
 def _unwritable(host: str, exc: OSError) -> ConfigurationError:
