@@ -98,6 +98,9 @@ def test_hf_trainer_under_torchrun_two_processes(tmp_path):
     client = MlflowClient()  # transformers' MLflowCallback opened the run: one run, ours joined it
     runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
     assert len(runs) == 1 and runs[0].info.run_id == lineage["run"]["mlflow_run_id"]
+    # ended, and naming the final model, when the script leaves (rank 0 waited for it in cb.lineage)
+    assert runs[0].info.status == "FINISHED"
+    assert runs[0].data.tags["oxen.model.commit"] == lineage["model"]["commit"]
     assert runs[0].data.tags["oxen.dataset.commit"] == data.commits[1]
     assert "train_loss" in runs[0].data.metrics or "loss" in runs[0].data.metrics
 

@@ -61,3 +61,6 @@ def test_two_nodes_two_processes_each(tmp_path):
     runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
     assert len(runs) == 1 and runs[0].info.run_id == lineage["run"]["mlflow_run_id"]  # one MLflow run
     assert runs[0].data.tags["oxen.dataset.commit"] == data.commits[1]
+    # ended, and naming the final model, when the script leaves (rank 0 waited for it in cb.lineage)
+    assert runs[0].info.status == "FINISHED"
+    assert runs[0].data.tags["oxen.model.commit"] == lineage["model"]["commit"]
