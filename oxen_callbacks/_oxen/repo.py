@@ -168,6 +168,30 @@ class LocalRepo:
                            "write the checked-out branch into it (e.g. `echo main > .oxen/HEAD`), "
                            "or clone the repository again.") from None
 
+    def commit_branch(self, branches: Callable[[], dict[str, str]] | None = None) -> str | None:
+        """The branch a new commit extends (``None`` in a repository without commits yet).
+
+        A commit made where ``.oxen/HEAD`` is missing, empty, detached or names a branch the
+        repository lacks starts a second, parentless history: Oxen then rewrites tree nodes
+        earlier commits share, and those commits return other files. Such a HEAD is refused.
+        ``branches`` lists branch heads (oxenai; a worker has it loaded): without it only what
+        HEAD's own file shows is checked.
+
+        Raises:
+            ConfigurationError: HEAD does not name a branch the repository has.
+        """
+        ids = self.commit_ids()
+        if not ids:
+            return None  # (staged files make part of the layout before the first commit)
+        ref = self._head_ref()
+        if ref in ids:
+            raise damaged_repo(self.role, self.path, f".oxen/HEAD is detached at commit {ref}: a commit "
+                               "there would start a history of its own",
+                               "write the branch to commit on into it (e.g. `echo main > .oxen/HEAD`).")
+        if branches is not None:
+            self._held(self._branch_head(ref, branches()), ids, ref)
+        return ref
+
     def _check_layout(self) -> None:
         """Raise a clear error when Oxen's own files of the repository are damaged."""
         fault = oxen_layout.damage(self.path)
@@ -196,10 +220,9 @@ class LocalRepo:
             raise self._no_commits()
         if revision in (None, "HEAD"):
             ref = self._head_ref()
-            commit = ref if ref in ids else list_branches().get(ref)
-            if not commit:
-                raise self._no_commits()
-            return self._held(commit, ids, ref)
+            if ref in ids:
+                return ref
+            return self._held(self._branch_head(ref, list_branches()), ids, ref)
         if revision in ids:
             return revision
         heads = list_branches()
@@ -219,6 +242,15 @@ class LocalRepo:
             f"Revision {revision!r} was not found in the {self.role} {str(self.path)!r} (branches: {names}).",
             "pass a branch name or a commit id from `oxen.Repo(path).log()` (Oxen has no tags: use a branch such as 'release/v1').",
         )
+
+    def _branch_head(self, ref: str, heads: dict[str, str]) -> str:
+        """The head of the branch HEAD names; damage when the repository lacks that branch."""
+        if ref not in heads:
+            names = ", ".join(sorted(heads)[:10]) or "none"
+            raise damaged_repo(self.role, self.path, f".oxen/HEAD names branch {ref[:80]!r}, which it does not "
+                               f"have (branches: {names})", "write the checked-out branch into it "
+                               "(e.g. `echo main > .oxen/HEAD`), or pass a revision.")
+        return heads[ref]
 
     def _held(self, commit: str, ids: list[str], branch: str) -> str:
         """``commit`` (a branch head) if this repository holds it: a head it lacks means damage."""

@@ -22,7 +22,7 @@ from .._oxen.prestore import prestore
 from .._oxen.repo import LocalRepo
 from .._util.fs import write_atomically, write_json_atomically
 from .._util.locks import FileLock
-from ..errors import OxenError, PublishError, RepoBusyError
+from ..errors import ConfigurationError, OxenError, PublishError, RepoBusyError
 from ..lineage import fill_commit
 from ..model_repo import lineage_path
 from .queue import Job, JobQueue, repo_lock_path
@@ -220,6 +220,10 @@ class Committer:
         history database "wal_dir contains existing log file"); the next second gives a
         new id and a clean start.
         """
+        try:
+            self.repo.commit_branch(self.repo.branches)  # never a parentless commit beside the history
+        except ConfigurationError as exc:
+            raise PublishError(str(exc)) from None
         for attempt in range(_NEXT_SECOND_RETRIES + 1):
             try:
                 return self.repo.commit(message)

@@ -57,7 +57,9 @@ def open_model_repo(path: str | os.PathLike[str], cache_dir: Path) -> LocalRepo:
                     "pass a new or empty folder (it becomes an Oxen repository), or make it one first (in Python: `oxen.init(path)`).",
                 )
             oxen_layout.init(target)
-            return LocalRepo(target, role="model repository")
+            repo = LocalRepo(target, role="model repository")
+            repo.commit_branch()  # HEAD's own faults, before any step (the worker checks the branch exists)
+            return repo
     except PermissionError as exc:
         raise ConfigurationError(
             f"Cannot create the model repository {str(path)!r}: {exc.strerror}.", "pass a writable folder."

@@ -1,0 +1,122 @@
+"""A damaged model repository never gets a second history: earlier runs' commits keep their bytes.
+
+Oxen commits where ``.oxen/HEAD`` is missing, empty, detached or names a branch the repository
+lacks, as a parentless commit that rewrites tree nodes earlier commits share: those commits then
+return another run's files while every run says FINISHED. We refuse such a HEAD: at fit start
+when its own file shows it, in the commit worker (which lists branches) otherwise.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import xxhash
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning_model import CsvData, TinyModel, make_trainer
+
+from oxen_callbacks import PinnedDataset, read_lineage
+from oxen_callbacks._ops import sync
+from oxen_callbacks._oxen import tree
+from oxen_callbacks._oxen.repo import LocalRepo
+from oxen_callbacks.errors import ConfigurationError, PublishError
+from oxen_callbacks.lightning import OxenLightningCallback
+
+
+def _fit(dataset_repo, tmp_path: Path, name: str, extra=()):  # type: ignore[no-untyped-def]
+    pin = PinnedDataset(dataset_repo.path, revision=dataset_repo.commits[0], paths=["train.csv", "val.csv"])
+    cb = OxenLightningCallback(dataset=pin, model_repo=tmp_path / "models", mlflow=False, run_name=name)
+    ckpt = ModelCheckpoint(dirpath=tmp_path / name, every_n_train_steps=2, save_top_k=-1)
+    make_trainer(tmp_path / f"root-{name}", [ckpt, cb, *extra], epochs=2).fit(TinyModel(), datamodule=CsvData(pin))
+    return cb
+
+
+def _committed_bytes_match(models: Path, ckpt_dir: Path, record: dict) -> None:  # type: ignore[type-arg]
+    """Every checkpoint the record lists holds, in its commit, the bytes the trainer saved."""
+    assert record["checkpoints"]
+    for entry in record["checkpoints"]:
+        found = tree.files_at(models, entry["commit"], [entry["path"]])[entry["path"]].files
+        saved = (ckpt_dir / os.path.basename(entry["path"])).read_bytes()
+        assert [f.hash for f in found] == [xxhash.xxh3_128_intdigest(saved)], entry
+
+
+@pytest.fixture
+def first_run(dataset_repo, tmp_path):  # type: ignore[no-untyped-def]
+    cb = _fit(dataset_repo, tmp_path, "first")
+    record = cb.lineage
+    _committed_bytes_match(tmp_path / "models", tmp_path / "first", record)
+    return record
+
+
+HEAD_FAULTS = {
+    "missing": (lambda head, commit: head.unlink(), r"\.oxen/HEAD is missing"),
+    "empty": (lambda head, commit: head.write_text(""), r"\.oxen/HEAD is empty"),
+    "detached": (lambda head, commit: head.write_text(commit), r"\.oxen/HEAD is detached at commit"),
+}
+
+
+@pytest.mark.parametrize("fault", sorted(HEAD_FAULTS))
+def test_a_model_repo_head_that_shows_damage_stops_the_fit_before_a_step(fault, first_run, dataset_repo, tmp_path):
+    models = tmp_path / "models"
+    damage, message = HEAD_FAULTS[fault]
+    commits = set(LocalRepo(models).commit_ids())
+    damage(models / ".oxen" / "HEAD", first_run["model"]["commit"])
+    with pytest.raises(ConfigurationError, match=rf"(?s)model repository .*looks damaged: {message}.*HINT: write"):
+        _fit(dataset_repo, tmp_path, "second")
+    assert not (tmp_path / "second").exists()  # no step ran
+    assert set(LocalRepo(models).commit_ids()) == commits
+    _committed_bytes_match(models, tmp_path / "first", first_run)
+
+
+def test_a_head_naming_a_missing_branch_is_refused_by_the_worker_and_sync_finishes(first_run, dataset_repo, tmp_path):
+    """A typo in HEAD ("mian") shows only in the branch list: the worker commits nothing; once
+    HEAD is fixed, sync commits every journaled save on the real branch."""
+    models = tmp_path / "models"
+    commits = set(LocalRepo(models).commit_ids())
+    (models / ".oxen" / "HEAD").write_text("mian")
+    with pytest.raises(PublishError, match=r"(?s)looks damaged: \.oxen/HEAD names branch 'mian', which it does not "
+                                           r"have \(branches: main\).*oxen-callbacks sync"):
+        cb = _fit(dataset_repo, tmp_path, "second")
+        cb.run.wait()
+    assert set(LocalRepo(models).commit_ids()) == commits  # nothing committed beside the history
+    _committed_bytes_match(models, tmp_path / "first", first_run)
+
+    (models / ".oxen" / "HEAD").write_text("main")  # the operator fixes it
+    sync.sync_all()
+    second = read_lineage(models / "runs" / "second" / "lineage.json")
+    assert {os.path.basename(c["path"]) for c in second["checkpoints"]} >= {"epoch=0-step=2.ckpt"}
+    _committed_bytes_match(models, tmp_path / "second", second)
+    _committed_bytes_match(models, tmp_path / "first", first_run)
+    assert LocalRepo(models).branches() == {"main": LocalRepo(models).resolve("main")}
+
+
+class DeleteHead(Callback):
+    """Delete the model repository's HEAD mid-training, once the first checkpoints are committed."""
+
+    def __init__(self, models: Path, oxen_cb: OxenLightningCallback) -> None:
+        self.models, self.oxen_cb, self.done = models, oxen_cb, False
+
+    def on_train_batch_end(self, trainer, *args) -> None:  # type: ignore[no-untyped-def]
+        if trainer.global_step == 3 and not self.done:
+            self.oxen_cb.run.publisher.flush(60)
+            (self.models / ".oxen" / "HEAD").unlink()
+            self.done = True
+
+
+def test_head_deleted_during_training_never_rewrites_history(first_run, dataset_repo, tmp_path):
+    models = tmp_path / "models"
+    pin = PinnedDataset(dataset_repo.path, revision=dataset_repo.commits[0], paths=["train.csv", "val.csv"])
+    cb = OxenLightningCallback(dataset=pin, model_repo=models, mlflow=False, run_name="second")
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "second", every_n_train_steps=2, save_top_k=-1)
+    with pytest.raises(PublishError, match=r"\.oxen/HEAD is missing"):
+        make_trainer(tmp_path / "root", [ckpt, cb, DeleteHead(models, cb)], epochs=2).fit(
+            TinyModel(), datamodule=CsvData(pin))
+        cb.run.wait()
+    _committed_bytes_match(models, tmp_path / "first", first_run)
+    (models / ".oxen" / "HEAD").write_text("main")
+    sync.sync_all()
+    second = read_lineage(models / "runs" / "second" / "lineage.json")
+    assert {os.path.basename(c["path"]) for c in second["checkpoints"]} == {p.name for p in (tmp_path / "second").iterdir()}
+    _committed_bytes_match(models, tmp_path / "second", second)
+    _committed_bytes_match(models, tmp_path / "first", first_run)
