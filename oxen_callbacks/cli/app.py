@@ -27,6 +27,8 @@ import logging
 import os
 import sys
 
+from .._util.redact import redact_text
+from .._util.terminal import printable, printable_value
 from ..errors import ConfigurationError, OxenCallbacksError
 from . import data, lineage, registry, setup_oxen, sync
 from .command import Command
@@ -80,7 +82,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def _main(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    handler = logging.StreamHandler()
+    handler.setFormatter(_PrintableFormatter("%(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=logging.WARNING, handlers=[handler])
     command = COMMANDS[args.command]
     try:
         result = command.run(args)
@@ -94,15 +98,24 @@ def _main(argv: list[str] | None) -> int:
             raise
         return _fail(args, exc, 1)
     try:
-        print(json.dumps(result, indent=2) if args.json else command.show(result), flush=True)
+        print(json.dumps(result, indent=2) if args.json else command.show(printable_value(result)), flush=True)
     except BrokenPipeError:  # `| head`: the reader left; say nothing more
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     return 1 if command.failed(result) else 0
 
 
+class _PrintableFormatter(logging.Formatter):
+    """Warnings quote records and tags too: their control characters are escaped like the output's."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return printable(super().format(record))
+
+
 def _fail(args: argparse.Namespace, exc: Exception, code: int) -> int:
-    message, _, hint = str(exc).partition("\nHINT: ")
+    """Report ``exc`` (credentials masked: MLflow's own errors quote the tracking URI) and return ``code``."""
+    message, _, hint = redact_text(str(exc)).partition("\nHINT: ")
     if args.json:
         print(json.dumps({"error": message, "hint": hint or None}))
-    print(f"oxen-callbacks {args.command}: error: {message}" + (f"\nhint: {hint}" if hint else ""), file=sys.stderr)
+    print(printable(f"oxen-callbacks {args.command}: error: {message}" + (f"\nhint: {hint}" if hint else "")),
+          file=sys.stderr)
     return code
