@@ -129,15 +129,30 @@ def endpoint_tag(endpoint: str) -> str:
 
 
 def read_deployments(model_repo: str | os.PathLike[str]) -> list[dict[str, Any]]:
-    """The deployment records of a model repository (its working tree holds the current ones)."""
+    """The deployment records of a model repository (its working tree holds the current ones);
+    unreadable or malformed ones are skipped with a warning."""
     folder = Path(model_repo) / DEPLOY_DIR
-    records = []
-    for path in sorted(folder.glob("*.json")) if folder.is_dir() else []:
-        try:
-            data = json.loads(path.read_text())
-        except (OSError, ValueError) as exc:
-            log.warning("Skipping unreadable deployment record %s: %s", path, exc)
-            continue
-        if data.get("schema") == DEPLOY_SCHEMA:
-            records.append(data)
-    return records
+    found = (read_deployment(path) for path in sorted(folder.glob("*.json")) if folder.is_dir())
+    return [record for record in found if record is not None]
+
+
+def read_deployment(path: str | os.PathLike[str]) -> dict[str, Any] | None:
+    """One deployment record, or ``None`` (with a warning) when it is missing, unreadable or not of
+    :data:`DEPLOY_SCHEMA`'s shape: anyone who can write the repository can write one."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as exc:
+        log.warning("Skipping unreadable deployment record %s: %s", path, exc)
+        return None
+    if not isinstance(data, dict) or data.get("schema") != DEPLOY_SCHEMA:
+        return None
+    model, run = data.get("model"), data.get("run")
+    fields_ok = (isinstance(data.get("endpoint"), str) and isinstance(data.get("slug"), str)
+                 and isinstance(model, dict) and all(isinstance(model.get(k), (str, type(None))) for k in ("commit", "path"))
+                 and isinstance(run, dict) and isinstance(run.get("name"), (str, type(None))))
+    if not fields_ok:
+        log.warning("Skipping malformed deployment record %s (not the shape %s writes)", path, DEPLOY_SCHEMA)
+        return None
+    return data

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .._util.redact import redact_url
-from ..errors import OxenCallbacksError
+from ..errors import ConfigurationError, OxenCallbacksError
 from ..names import (
     ENV_MLFLOW_CLIENT_ONLY,
     ENV_MLFLOW_TRACKING_INSECURE_TLS,
@@ -46,15 +46,35 @@ class TrackingError(OxenCallbacksError):
 
 
 def quote(value: str) -> str:
-    """``value`` as a string literal of MLflow's search syntax."""
-    return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+    """``value`` as a string literal of MLflow's search syntax.
+
+    MLflow strips the quotes around a value and undoes no escape (a backslash is itself), so a
+    value holding ``'`` is written between double quotes. One holding both kinds cannot be
+    written exactly: see :func:`tag_filter`.
+    """
+    if "'" not in value:
+        return f"'{value}'"
+    if '"' not in value:
+        return f'"{value}"'
+    raise ValueError(f"{value!r} holds both kinds of quotes: MLflow's search syntax cannot spell it")
 
 
 def tag_filter(key: str, value: str, *, prefix: bool = False) -> str:
-    """``tags.`key` = 'value'`` (``LIKE 'value%'`` with ``prefix``)."""
-    if prefix:
-        return f"tags.`{key}` LIKE {quote(value + '%')}"
+    """``tags.`key` = 'value'`` (``LIKE 'value%'`` with ``prefix``).
+
+    A value holding both ``'`` and ``"`` is searched with ``LIKE``, each ``"`` matching any one
+    character: callers comparing a value someone else wrote check the tags of what it finds
+    (:func:`tag_is`).
+    """
+    if prefix or ("'" in value and '"' in value):
+        pattern = value.replace('"', "_") + ("%" if prefix else "")
+        return f"tags.`{key}` LIKE {quote(pattern)}"
     return f"tags.`{key}` = {quote(value)}"
+
+
+def tag_is(run: dict[str, Any], key: str, value: str) -> bool:
+    """Whether a run found by :func:`tag_filter` has the tag ``key`` exactly ``value``."""
+    return run["tags"].get(key) == value
 
 
 class TrackingReader:
@@ -246,6 +266,39 @@ def _client_run(run: Any) -> dict[str, Any]:
 def tracking_uri(explicit: str | None = None) -> str | None:
     """The tracking URI to query: ``explicit``, else ``$MLFLOW_TRACKING_URI``, else none."""
     return explicit or os.environ.get(ENV_MLFLOW_TRACKING_URI) or None
+
+
+#: Schemes MLflow 3 opens a tracking store for without a plugin (``+driver`` suffixes allowed).
+_STORE_SCHEMES = frozenset({"http", "https", "databricks", "sqlite", "postgresql", "mysql", "mssql"})
+_FILE_STORE_SWITCH = "MLFLOW_ALLOW_FILE_STORE"
+
+
+def check_tracking_uri(uri: str, *, given_as: str) -> None:
+    """Raise :class:`ConfigurationError` when MLflow has no store for ``uri`` (``given_as`` names
+    where it came from). Schemes only, and no ``mlflow`` import: plugins are read from their
+    entry points (group ``mlflow.tracking_store``)."""
+    scheme = uri.split("://", 1)[0].split("+", 1)[0].lower() if "://" in uri else ("databricks" if uri == "databricks"
+                                                                                   else "")
+    try:
+        urllib.parse.urlsplit(uri).port  # noqa: B018 (parses the host and port: ``http://[::1`` fails here)
+    except ValueError as exc:
+        raise ConfigurationError(f"{given_as}={redact_url(uri) or uri!r} is not a valid URI ({exc}).",
+                                 "use e.g. 'sqlite:///path/mlflow.db' or 'http://127.0.0.1:5000'.") from None
+    if scheme in _STORE_SCHEMES:
+        return
+    if scheme in ("", "file"):
+        if os.environ.get(_FILE_STORE_SWITCH, "").lower() in ("1", "true") and scheme == "file":
+            return
+        why = ("MLflow 3 opens a file store only with MLFLOW_ALLOW_FILE_STORE=true" if scheme == "file"
+               else "it is not a URI (a folder path means MLflow's file store)")
+    else:
+        from importlib.metadata import entry_points
+
+        if scheme in {e.name for e in entry_points(group="mlflow.tracking_store")}:
+            return
+        why = f"MLflow has no tracking store for the scheme {scheme!r}"
+    raise ConfigurationError(f"{given_as}={redact_url(uri) or uri!r} cannot be used: {why}.",
+                             "use e.g. 'sqlite:///path/mlflow.db' or 'http://127.0.0.1:5000'.")
 
 
 def missing_store(uri: str) -> str | None:

@@ -46,6 +46,7 @@ from ..model_repo import (
     deployment_path,
     endpoint_slug,
     endpoint_tag,
+    read_deployment,
 )
 from ..names import (
     LINEAGE_GRAPH_ARTIFACT,
@@ -60,7 +61,7 @@ from ..names import (
     TAG_MODEL_REPO,
     TAG_RUN,
 )
-from .query import open_reader, tag_filter
+from .query import open_reader, tag_filter, tag_is
 
 log = logging.getLogger(__name__)
 
@@ -232,7 +233,7 @@ def record_deploy(endpoint: str, model_commit: str, *, model_repo: str | os.Path
     slug = endpoint_slug(endpoint)
     rel = deployment_path(slug)
     target = repo.path / rel
-    previous = json.loads(target.read_text()) if target.is_file() else None
+    previous = read_deployment(target)
     deployment = {"schema": DEPLOY_SCHEMA, "endpoint": clean_endpoint(endpoint), "slug": slug,
                   "model": {"repo": str(repo.path), "commit": commit, "path": checkpoint["path"]},
                   "run": {"name": record["run"].get("name"), "mlflow_run_id": run_id},
@@ -280,6 +281,6 @@ def _tag_endpoint(tracking_uri: str, reader: Any, endpoint: str, run_id: str) ->
     key = endpoint_tag(endpoint)
     client = MlflowClient(tracking_uri)
     for old in reader.search_runs(tag_filter(key, endpoint)):
-        if old["run_id"] != run_id:
+        if old["run_id"] != run_id and tag_is(old, key, endpoint):
             client.delete_tag(old["run_id"], key)
     client.set_tag(run_id, key, endpoint)

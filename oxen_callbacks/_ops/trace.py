@@ -20,12 +20,14 @@ and ``source`` (where the record came from)::
 from __future__ import annotations
 
 import json
+import logging
 import os
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .._mlflow.query import TrackingReader, missing_store, open_reader, quote, tag_filter
+from .._mlflow.query import TrackingReader, check_tracking_uri, missing_store, open_reader, quote, tag_filter, tag_is
 from .._mlflow.query import tracking_uri as default_tracking_uri
 from .._oxen import layout as oxen_layout
 from .._oxen.commit_id import FULL_COMMIT_ID_LEN, is_commit_like
@@ -33,6 +35,7 @@ from ..errors import ConfigurationError
 from ..lineage import SCHEMA, read_lineage, repo_record, repo_records
 from ..model_repo import clean_endpoint, endpoint_slug, endpoint_tag, read_deployments, run_of_path, runs_dir
 from ..names import (
+    ENV_MLFLOW_TRACKING_URI,
     LINEAGE_ARTIFACT,
     TAG_CODE_GIT_COMMIT,
     TAG_DATASET_COMMIT,
@@ -47,6 +50,9 @@ from ..names import (
     TAG_RUN,
 )
 
+log = logging.getLogger(__name__)
+_RUN_ID = re.compile(r"[0-9A-Za-z_-]{1,64}")
+
 
 def record_from_tags(run: dict[str, Any]) -> dict[str, Any]:
     """A lineage record rebuilt from a run's ``oxen.*`` tags (no checkpoint list)."""
@@ -54,12 +60,26 @@ def record_from_tags(run: dict[str, Any]) -> dict[str, Any]:
     dataset = None
     if t.get(TAG_DATASET_COMMIT):
         dataset = {"repo": t.get(TAG_DATASET_REPO), "revision": t.get(TAG_DATASET_REVISION),
-                   "commit": t[TAG_DATASET_COMMIT], "paths": json.loads(t.get(TAG_DATASET_PATHS) or "[\".\"]")}  # no tag: the whole commit
+                   "commit": t[TAG_DATASET_COMMIT], "paths": _paths_of_tag(t.get(TAG_DATASET_PATHS))}
     return {"schema": SCHEMA, "dataset": dataset,
             "model": {"repo": t.get(TAG_MODEL_REPO), "commit": t.get(TAG_MODEL_COMMIT), "path": t.get(TAG_MODEL_PATH)},
             "checkpoints": [], "run": {"name": t.get(TAG_RUN), "mlflow_run_id": run["run_id"]},
             "code": {"git_commit": t.get(TAG_CODE_GIT_COMMIT), "git_dirty": None},
             "status": t.get(TAG_LINEAGE_STATUS) or run.get("status")}
+
+
+def _paths_of_tag(value: str | None) -> list[str]:
+    """The dataset paths an ``oxen.dataset.paths`` tag lists (a JSON list; no tag: the whole commit).
+    Anyone who can write the run's tags can write this one: a value of another shape is shown as it is."""
+    if not value:
+        return ["."]
+    try:
+        parsed = json.loads(value)
+    except ValueError:
+        return [value]
+    if isinstance(parsed, list) and parsed and all(isinstance(p, str) for p in parsed):
+        return parsed
+    return [value]
 
 
 class LineageFinder:
@@ -72,6 +92,8 @@ class LineageFinder:
 
     def __init__(self, *, tracking_uri: str | None = None, model_repos: Sequence[str | os.PathLike[str]] = ()) -> None:
         uri = default_tracking_uri(tracking_uri)
+        if uri:
+            check_tracking_uri(uri, given_as="--tracking-uri" if tracking_uri else ENV_MLFLOW_TRACKING_URI)
         #: The SQLite file the tracking URI names when it does not exist: never created by a query.
         self.missing_store = missing_store(uri) if uri else None
         self.reader: TrackingReader | None = open_reader(uri) if uri and not self.missing_store else None
@@ -112,9 +134,13 @@ class LineageFinder:
         if record is not None and record["run"].get("mlflow_run_id") == run["run_id"]:
             return {**record, "source": "model-repo", "_tags": tags}
         if artifact and self.reader is not None:
-            data = self.reader.artifact_json(run["run_id"], LINEAGE_ARTIFACT)
-            if data is not None:
-                return {**read_lineage(data), "source": "mlflow-artifact", "_tags": tags}
+            try:
+                data = self.reader.artifact_json(run["run_id"], LINEAGE_ARTIFACT)
+                if data is not None:
+                    return {**read_lineage(data), "source": "mlflow-artifact", "_tags": tags}
+            except ValueError as exc:  # not JSON, or not a lineage record (LineageValidationError)
+                log.warning("Run %s: its %s artifact is not a lineage record (%s); using its tags",
+                            run["run_id"], LINEAGE_ARTIFACT, exc)
         return {**record_from_tags(run), "source": "mlflow-tags", "_tags": tags}
 
     # -- trace -------------------------------------------------------------------------------
@@ -204,8 +230,10 @@ class LineageFinder:
     def _by_endpoint(self, endpoint: str) -> list[dict[str, Any]]:
         views: dict[str, dict[str, Any]] = {}
         if self.reader is not None:
-            for run in self.reader.search_runs(tag_filter(endpoint_tag(endpoint), clean_endpoint(endpoint))):
-                views[run["run_id"]] = self._view(run)
+            key, recorded = endpoint_tag(endpoint), clean_endpoint(endpoint)
+            for run in self.reader.search_runs(tag_filter(key, recorded)):
+                if tag_is(run, key, recorded):
+                    views[run["run_id"]] = self._view(run)
         slug = endpoint_slug(endpoint)
         for repo in self.model_repos:
             for deployment in read_deployments(repo):
@@ -220,7 +248,8 @@ class LineageFinder:
     # -- registered versions and endpoints -----------------------------------------------------
     def _enrich(self, views: list[dict[str, Any]]) -> list[dict[str, Any]]:
         versions: dict[str, list[dict[str, Any]]] = {}
-        run_ids = [v["run"]["mlflow_run_id"] for v in views if v["run"].get("mlflow_run_id")]
+        # (ids as MLflow makes them: a record's may be anything its writer put there)
+        run_ids = [i for i in (v["run"].get("mlflow_run_id") for v in views) if isinstance(i, str) and _RUN_ID.fullmatch(i)]
         if self.reader is not None and run_ids:
             for i in range(0, len(run_ids), 100):
                 chunk = ", ".join(quote(r) for r in run_ids[i:i + 100])

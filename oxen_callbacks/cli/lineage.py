@@ -71,12 +71,17 @@ def _show_lineage(view: Result) -> str:
                   if view.get("source") == "mlflow-tags" else "")))
     for c in checkpoints:
         where = " ".join(f"{k} {c[k]}" for k in ("epoch", "step") if c.get(k) is not None)
-        metrics = " ".join(f"{k}={v:.4g}" for k, v in sorted((c.get("metrics") or {}).items()))
+        metrics = " ".join(f"{k}={_number(v)}" for k, v in sorted((c.get("metrics") or {}).items()))
         gone = "" if c.get("kept", True) else "  (rotated out)"
         lines.append(f"  {commit_or_none(c['commit'])}  {where:<16} {c['path']}{gone}  {metrics}".rstrip())
     if view.get("graph"):
         lines.append(f"graph        {view['graph']}")
     return "\n".join(lines)
+
+
+def _number(value: Any) -> str:
+    """A metric as 4 significant digits; a record may hold something else, shown as it is."""
+    return f"{value:.4g}" if isinstance(value, (int, float)) and not isinstance(value, bool) else str(value)
 
 
 def _show_trace(result: Result) -> str:

@@ -1,0 +1,175 @@
+"""Records, tags and deployment files written by someone else, fed back to the CLI.
+
+Anyone who can write a model repository or an MLflow store can write what `lineage`, `trace`
+and `reproduce` print. A malformed one must not crash a query about other runs, a control
+character must not rewrite the terminal, and a quote must not hide a run from a search.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+from helpers import make_repo
+from mlflow import MlflowClient
+
+from oxen_callbacks.cli import main
+from oxen_callbacks.model_repo import endpoint_tag
+
+MODEL_COMMIT = "e3b0c44298fc1c149afbf4c8996fb924"
+DATA_COMMIT = "5d0c4b1e2f3a49586776859a4b3c2d1f"
+ESC = "\x1b]0;owned\x07\x1b[2J\r\u202e"
+UNSAFE = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
+
+
+def _record(repo: str, *, name: str, **changes: object) -> dict:  # type: ignore[type-arg]
+    record = {
+        "schema": "oxen-callbacks/lineage/v1",
+        "dataset": {"repo": "/data/reviews", "revision": "main", "commit": DATA_COMMIT, "paths": ["train.csv"]},
+        "model": {"repo": repo, "commit": MODEL_COMMIT, "path": f"runs/{name}/checkpoints/last.ckpt"},
+        "checkpoints": [{"commit": MODEL_COMMIT, "path": f"runs/{name}/checkpoints/last.ckpt", "step": 4, "epoch": 1,
+                         "metrics": {"val_loss": 0.25}}],
+        "run": {"name": name, "mlflow_run_id": None, "mlflow_tracking_uri": None},
+        "code": {"git_commit": None, "git_dirty": None},
+        "framework": {"name": "lightning", "version": "2"},
+        "status": "FINISHED",
+    }
+    for path, value in changes.items():
+        *keys, last = path.split("__")
+        target = record
+        for key in keys:
+            target = target[int(key)] if key.isdigit() else target[key]  # type: ignore[index]
+        target[last] = value  # type: ignore[index]
+    return record
+
+
+@pytest.fixture
+def models(tmp_path, monkeypatch):  # type: ignore[no-untyped-def]
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "")  # the model repository alone
+    repo = make_repo(tmp_path / "models", [("ckpt", {"runs/r/checkpoints/last.ckpt": "weights"})])
+    return repo.path
+
+
+def _write_run(models, name: str, record: dict) -> None:  # type: ignore[no-untyped-def,type-arg]
+    (models / "runs" / name).mkdir(parents=True, exist_ok=True)
+    (models / "runs" / name / "lineage.json").write_text(json.dumps(record))
+
+
+def test_control_characters_in_a_record_are_shown_escaped(models, capsys):
+    """An escape sequence in a record would clear the screen or retitle the terminal; a newline in a
+    value would print a fake line (here: another dataset commit)."""
+    _write_run(models, "r", _record(str(models), name="r", dataset__repo=f"/data{ESC}",
+                                    dataset__revision=f"main\ndataset      /data/clean @ {'0' * 32}",
+                                    code__git_commit=f"abc{ESC}", checkpoints__0__metrics={f"loss{ESC}": 0.5}))
+    deployments = models / "deployments"
+    deployments.mkdir()
+    (deployments / "x.json").write_text(json.dumps({
+        "schema": "oxen-callbacks/deployment/v1", "endpoint": f"https://svc{ESC}/v1", "slug": "x",
+        "model": {"repo": str(models), "commit": MODEL_COMMIT, "path": "runs/r/checkpoints/last.ckpt"},
+        "run": {"name": "r", "mlflow_run_id": None}, "dataset": None, "deployed_at": None}))
+    for argv in (["lineage", "--model-repo", str(models), "r"], ["trace", "--model-repo", str(models), MODEL_COMMIT],
+                 ["trace", "--model-repo", str(models), "runs/r/checkpoints/last.ckpt"]):
+        assert main(argv) == 0
+        out, err = capsys.readouterr()
+        assert not UNSAFE.search(out + err), (argv, out)
+        assert "\\x1b]0;owned\\x07\\x1b[2J\\r\\u202e" in out  # shown, escaped
+        assert not any(line.lstrip().startswith("dataset      /data/clean") for line in out.splitlines())
+        assert "serves" in out or argv[0] == "lineage"
+    assert main(["lineage", "--model-repo", str(models), "r", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["dataset"]["repo"] == f"/data{ESC}"  # JSON keeps the value exact
+
+
+@pytest.mark.parametrize("deployment", [[1], "x", {"schema": "oxen-callbacks/deployment/v1", "slug": "x"},
+                                        {"schema": "oxen-callbacks/deployment/v1", "endpoint": "e", "slug": "x",
+                                         "model": "m", "run": {"name": "r"}}], ids=["list", "string", "no-fields",
+                                                                                    "model-not-an-object"])
+def test_a_malformed_deployment_record_is_skipped_with_a_warning(models, capsys, deployment):
+    _write_run(models, "r", _record(str(models), name="r"))
+    (models / "deployments").mkdir()
+    (models / "deployments" / "x.json").write_text(json.dumps(deployment))
+    (models / "deployments" / "y.json").write_text("{not json")
+    assert main(["lineage", "--model-repo", str(models), "r"]) == 0
+    out, err = capsys.readouterr()
+    assert f"{MODEL_COMMIT}" in out and "endpoint" not in out
+    assert main(["trace", "--model-repo", str(models), "https://svc/v1"]) == 1  # nothing found, no traceback
+    assert "no run found" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("metric", ["nan-ish", None, [1, 2], True])
+def test_a_metric_that_is_not_a_number_is_shown_as_it_is(models, capsys, metric):
+    _write_run(models, "r", _record(str(models), name="r", checkpoints__0__metrics={"val_loss": metric, "acc": 0.91234}))
+    assert main(["lineage", "--model-repo", str(models), "r"]) == 0
+    out = capsys.readouterr().out
+    assert f"val_loss={metric}" in out and "acc=0.9123" in out
+
+
+# -- MLflow ----------------------------------------------------------------------------------------
+@pytest.fixture
+def store(tmp_path):  # type: ignore[no-untyped-def]
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    experiment = client.create_experiment("hostile", artifact_location=str(tmp_path / "artifacts"))
+    return uri, client, experiment
+
+
+def _tags(name: str, commit: str, **more: str) -> dict[str, str]:
+    return {"oxen.run": name, "oxen.model.repo": "/nowhere/models", "oxen.model.commit": commit,
+            "oxen.model.path": f"runs/{name}/checkpoints/last.ckpt", "oxen.dataset.repo": "/data/x",
+            "oxen.dataset.commit": DATA_COMMIT, **more}
+
+
+def test_a_malformed_mlflow_run_never_crashes_a_query(store, capsys):
+    """Tags of the wrong shape and a lineage artifact that is not JSON: the run is shown from what can be
+    read, and the other runs of the answer are all there."""
+    uri, client, experiment = store
+    shapes = {"list-of-numbers": "[1]", "json-string": '"train.csv"', "not-json": "train.csv,val.csv", "empty-list": "[]"}
+    ids = {}
+    for i, (name, paths) in enumerate(shapes.items()):
+        run = client.create_run(experiment, tags=_tags(name, f"{i:032x}", **{"oxen.dataset.paths": paths}))
+        ids[name] = run.info.run_id
+    client.log_text(ids["not-json"], "{this is not json", "oxen/lineage.json")
+    client.log_text(ids["empty-list"], json.dumps({"schema": "something/else"}), "oxen/lineage.json")
+    for name, paths in shapes.items():
+        assert main(["lineage", ids[name], "--tracking-uri", uri]) == 0, name
+        out, err = capsys.readouterr()
+        assert f"paths: {paths}" in out, out
+    assert main(["trace", DATA_COMMIT, "--tracking-uri", uri, "--json"]) == 0
+    found = json.loads(capsys.readouterr().out)
+    assert sorted(r["run"]["mlflow_run_id"] for r in found["runs"]) == sorted(ids.values())
+
+
+@pytest.mark.parametrize("endpoint", ["https://svc.example.com/o'brien/v1", "https://svc.example.com/a\\b",
+                                      "https://svc.example.com/q\"uote'd"], ids=["apostrophe", "backslash", "both"])
+def test_an_endpoint_with_quotes_is_found_and_only_it(store, capsys, endpoint):
+    uri, client, experiment = store
+    key = endpoint_tag(endpoint)
+    serving = client.create_run(experiment, tags=_tags("serving", "a" * 32, **{key: endpoint})).info.run_id
+    # under the same tag key, a value one character off (where a `LIKE` search would match it too)
+    decoy = endpoint.replace('"', "y") if '"' in endpoint else endpoint.replace("'", "x").replace("\\", "z")
+    client.create_run(experiment, tags=_tags("decoy", "b" * 32, **{key: decoy}))
+    assert main(["trace", endpoint, "--tracking-uri", uri, "--json"]) == 0
+    found = json.loads(capsys.readouterr().out)
+    assert [r["run"]["mlflow_run_id"] for r in found["runs"]] == [serving]
+
+
+def test_an_mlflow_error_never_prints_the_password(capsys, monkeypatch):
+    """With a client certificate (or an auth plugin) the CLI reads through MLflow's own client, whose
+    errors quote the tracking URI, password included."""
+    monkeypatch.setenv("MLFLOW_TRACKING_CLIENT_CERT_PATH", "/nonexistent/client.pem")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
+    for extra in ([], ["--json"]):
+        code = main(["trace", MODEL_COMMIT, "--tracking-uri", "https://alice:S3cretPW@127.0.0.1:1", *extra])
+        out, err = capsys.readouterr()
+        assert code == 1 and "error" in (out + err)
+        assert "S3cretPW" not in out + err
+
+
+@pytest.mark.parametrize("uri, error", [("bogus://u:S3cretPW@x", "MLflow has no tracking store for the scheme 'bogus'"),
+                                        ("http://u:S3cretPW@[::1", "is not a valid URI"),
+                                        ("./mlruns", "it is not a URI")])
+def test_an_unusable_tracking_uri_is_a_clear_error(capsys, uri, error):
+    assert main(["trace", MODEL_COMMIT, "--tracking-uri", uri]) == 2
+    out, err = capsys.readouterr()
+    assert "--tracking-uri=" in err and error in err and "Traceback" not in err and "S3cretPW" not in err
