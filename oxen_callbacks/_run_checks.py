@@ -6,6 +6,7 @@ Every option is checked before any training time is spent; each error is a
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,7 @@ from ._oxen import layout as oxen_layout
 from ._oxen.repo import damaged_repo
 from ._util.processes import check_can_start_processes
 from .errors import ConfigurationError, DatasetMismatchError
+from .names import ENV_MLFLOW_TRACKING_URI
 
 _RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
@@ -114,12 +116,13 @@ class RunOptionChecks:
             if given:
                 raise ConfigurationError(f"mlflow=False conflicts with {', '.join(given)}.",
                                          "drop those options, or keep MLflow on (mlflow=True).")
-        uri = self.mlflow_tracking_uri
-        if uri and "://" not in uri and uri != "databricks":
-            raise ConfigurationError(
-                f"mlflow_tracking_uri={uri!r} is not a tracking URI.",
-                "use e.g. 'sqlite:///path/mlflow.db' or 'http://127.0.0.1:5000'.",
-            )
+        if self.use_mlflow:
+            from ._mlflow.query import check_tracking_uri
+
+            if self.mlflow_tracking_uri:
+                check_tracking_uri(self.mlflow_tracking_uri, given_as="mlflow_tracking_uri")
+            elif os.environ.get(ENV_MLFLOW_TRACKING_URI):
+                check_tracking_uri(os.environ[ENV_MLFLOW_TRACKING_URI], given_as=ENV_MLFLOW_TRACKING_URI)
 
     def check_commit_of_rank_zero(self, chosen: str | None, *, rank: int) -> None:
         """Each process resolved the dataset revision itself: the commit rank 0 ``chosen`` must be this one's."""

@@ -59,7 +59,11 @@ def _cases(data, tmp, hanging_port):  # type: ignore[no-untyped-def]
         ("mlflow off but run id", lambda: cb(model_repo=tmp / "m2", mlflow=False, mlflow_run_id="abc"),
          "mlflow=False conflicts with mlflow_run_id"),
         ("tracking URI is a path", lambda: cb(model_repo=tmp / "m3", mlflow_tracking_uri="./mlruns"),
-         "is not a tracking URI"),
+         "it is not a URI"),
+        ("tracking URI of no store", lambda: cb(model_repo=tmp / "m3", mlflow_tracking_uri="bogus://me:tok_9@x/y"),
+         "mlflow_tracking_uri='bogus://x/y' cannot be used: MLflow has no tracking store for the scheme 'bogus'"),
+        ("tracking URI of a file store", lambda: cb(model_repo=tmp / "m3", mlflow_tracking_uri=f"file://{tmp}/mlruns"),
+         "MLflow 3 opens a file store only with MLFLOW_ALLOW_FILE_STORE=true"),
         ("pin plus revision", lambda: cb(model_repo=tmp / "m4", dataset=PinnedDataset(data.path, a), revision="main"),
          "apply when dataset= is a repository path"),
         ("bad run name", lambda: cb(model_repo=tmp / "m5", mlflow=False, run_name="../../etc"),
@@ -116,6 +120,15 @@ def test_bad_input_table(dataset_repo, tmp_path, hanging_port):
         else:
             failures.append(f"{name}: no error")
     assert not failures, "\n".join(failures)
+
+
+def test_an_unusable_tracking_uri_in_the_environment_is_named_before_training(tmp_path, monkeypatch):
+    """Before, ``MLFLOW_TRACKING_URI=bogus://x`` was found out only after training, by the MLflow side."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "bogus://x")
+    with pytest.raises(ConfigurationError, match=r"MLFLOW_TRACKING_URI='bogus://x' cannot be used.*\nHINT: use e\.g\."):
+        OxenLightningCallback(model_repo=tmp_path / "models")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    OxenLightningCallback(model_repo=tmp_path / "models")
 
 
 def test_missing_path_stops_fit_before_the_first_step(dataset_repo, tmp_path):

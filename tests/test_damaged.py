@@ -42,7 +42,7 @@ def run_pin(repo: Path, revision: str) -> subprocess.CompletedProcess[str]:
 
 def truncate_tree(repo: Path, size: int) -> None:
     """Cut Oxen's merkle node store short, as a full disk or an interrupted copy would."""
-    data = oxen_layout.oxen_dir(repo) / "tree" / "nodes_lmdb" / "data.mdb"
+    data = oxen_layout.oxen_dir(repo) / oxen_layout.NODE_STORE
     assert data.stat().st_size > 8192
     os.truncate(data, size)
 
@@ -254,6 +254,10 @@ def break_refs(oxen: Path) -> None:
     subprocess.run(["rm", "-rf", str(oxen / "refs")], check=True)
 
 
+def delete_node_store(oxen: Path) -> None:
+    (oxen / oxen_layout.NODE_STORE).unlink()
+
+
 def break_history(oxen: Path) -> None:
     subprocess.run(["rm", "-rf", str(oxen / "history")], check=True)
     (oxen / "history").write_text("")
@@ -265,7 +269,8 @@ def break_history(oxen: Path) -> None:
     (break_config, r"\.oxen/config\.toml cannot be read \(.*utf-8"),
     (break_refs, r"\.oxen/refs is missing"),
     (break_history, r"\.oxen/history is not a folder"),
-], ids=["head-not-text", "head-a-folder", "config-binary", "refs-deleted", "history-a-file"])
+    (delete_node_store, r"\.oxen/tree/nodes_lmdb/data\.mdb is missing"),  # once named "uncommitted changes"
+], ids=["head-not-text", "head-a-folder", "config-binary", "refs-deleted", "history-a-file", "node-store-deleted"])
 def test_damaged_repository_is_named_with_what_is_wrong(dataset_repo, damage, what):
     damage(dataset_repo.path / ".oxen")
     for revision in (None, "main", dataset_repo.head):

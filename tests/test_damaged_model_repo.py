@@ -9,6 +9,8 @@ when its own file shows it, in the commit worker (which lists branches) otherwis
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -120,3 +122,38 @@ def test_head_deleted_during_training_never_rewrites_history(first_run, dataset_
     assert {os.path.basename(c["path"]) for c in second["checkpoints"]} == {p.name for p in (tmp_path / "second").iterdir()}
     _committed_bytes_match(models, tmp_path / "second", second)
     _committed_bytes_match(models, tmp_path / "first", first_run)
+
+
+@pytest.fixture
+def immutable():  # type: ignore[no-untyped-def]
+    """``chattr +i`` a folder: nobody, root included, can write in it (the tests may run as root,
+    for whom permission bits change nothing); undone after the test."""
+    made: list[Path] = []
+
+    def make(path: Path) -> None:
+        subprocess.run(["chattr", "+i", str(path)], check=True, capture_output=True)
+        made.append(path)
+        with pytest.raises(PermissionError):
+            (path / "probe").write_bytes(b"")
+
+    yield make
+    for path in made:
+        subprocess.run(["chattr", "-i", str(path)], check=True)
+
+
+@pytest.mark.parametrize("place", ["content-store-immutable", "content-store-a-file", "repository-immutable"])
+def test_an_unwritable_model_repository_stops_the_fit_before_a_step(place, first_run, dataset_repo, tmp_path,
+                                                                    immutable):
+    """Before, a read-only content store passed the start and every commit after it failed (the fit
+    died at its second save), and a read-only repository gave a raw PermissionError."""
+    models = tmp_path / "models"
+    store = models / ".oxen" / "versions" / "files"
+    if place == "content-store-a-file":
+        shutil.move(store, tmp_path / "store.moved")
+        store.write_text("not a folder")
+    else:
+        immutable(store if place == "content-store-immutable" else models)
+    with pytest.raises(ConfigurationError, match=rf"(?s)model repository '{models}' cannot be written: .*"
+                                                 r"HINT: make it writable"):
+        _fit(dataset_repo, tmp_path, "second")
+    assert not (tmp_path / "second").exists()  # no step ran

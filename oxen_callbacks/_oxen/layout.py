@@ -28,6 +28,8 @@ _SHADOW_SKIP = {"versions", "staged", "workspaces", "tmp", STATE_DIR_NAME}
 _TEMP_INFIX = ".oxentmp."
 #: Entries of ``.oxen`` that the first commit makes (``oxen init`` makes only ``config.toml``).
 _COMMITTED = ("HEAD", "history", "refs", "tree")
+#: The merkle node store of the ``lmdb`` backend (which files each commit holds), under ``.oxen``.
+NODE_STORE = "tree/nodes_lmdb/data.mdb"
 #: The whole of what ``oxen init`` writes (oxenai 0.65): ``.oxen/config.toml`` with these bytes.
 #: Writing it ourselves takes a millisecond where oxenai's init costs a process and its 0.2 s
 #: import; ``tests/test_oxen_layout.py`` compares it with oxenai's own init byte for byte.
@@ -117,7 +119,7 @@ def damage(repo: str | os.PathLike[str]) -> str | None:
     is read (and its faults named) by :func:`head_ref`.
     """
     try:
-        read_config(repo)
+        config = read_config(repo)
     except (FileNotFoundError, DamagedLayout) as exc:
         return str(exc) if isinstance(exc, DamagedLayout) else ".oxen/config.toml is missing"
     root = oxen_dir(repo)
@@ -126,6 +128,9 @@ def damage(repo: str | os.PathLike[str]) -> str | None:
     for name in ("history", "refs"):
         if not (root / name).is_dir():
             return f".oxen/{name} is {'not a folder' if os.path.lexists(root / name) else 'missing'}"
+    nodes = root / NODE_STORE
+    if config.get("merkle_node_backend") == "lmdb" and commit_ids(repo) and not nodes.is_file():
+        return f".oxen/{NODE_STORE} is {'not a file' if os.path.lexists(nodes) else 'missing'} (the tree of every commit)"
     return None
 
 

@@ -129,7 +129,7 @@ def read(repo: str | os.PathLike[str], use: Callable[[Tree], T]) -> T:
     import lmdb
 
     _check_config(repo)
-    env_dir = oxen_layout.oxen_dir(repo) / "tree" / "nodes_lmdb"
+    env_dir = (oxen_layout.oxen_dir(repo) / oxen_layout.NODE_STORE).parent
     if not (env_dir / "data.mdb").is_file():
         raise UnreadableTree(f"no merkle node store at {env_dir}")
     try:

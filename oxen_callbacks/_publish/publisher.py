@@ -59,11 +59,30 @@ def open_model_repo(path: str | os.PathLike[str], cache_dir: Path) -> LocalRepo:
             oxen_layout.init(target)
             repo = LocalRepo(target, role="model repository")
             repo.commit_branch()  # HEAD's own faults, before any step (the worker checks the branch exists)
-            return repo
     except PermissionError as exc:
         raise ConfigurationError(
             f"Cannot create the model repository {str(path)!r}: {exc.strerror}.", "pass a writable folder."
         ) from None
+    _check_writable(repo)
+    return repo
+
+
+def _check_writable(repo: LocalRepo) -> None:
+    """Write a file where the worker writes (the working tree, ``.oxen``, its content store), so a
+    read-only place stops the fit before a step rather than every commit after it."""
+    root = oxen_layout.oxen_dir(repo.path)
+    places = [repo.path, root, *(p for p in (root / "versions", oxen_layout.versions_root(repo.path)) if p.exists())]
+    for place in places:
+        probe = place / f".oxcb-probe-{os.getpid()}"
+        try:
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError as exc:
+            raise ConfigurationError(
+                f"The model repository {str(repo.path)!r} cannot be written: {place} "
+                f"({exc.strerror or exc}).",
+                "make it writable for this user (every commit writes there), or pass another model_repo.",
+            ) from None
 
 
 def worker_arguments(queue_folder: str | os.PathLike[str], repo: str | os.PathLike[str], *, push_timeout: float,
