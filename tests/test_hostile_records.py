@@ -173,3 +173,25 @@ def test_an_unusable_tracking_uri_is_a_clear_error(capsys, uri, error):
     assert main(["trace", MODEL_COMMIT, "--tracking-uri", uri]) == 2
     out, err = capsys.readouterr()
     assert "--tracking-uri=" in err and error in err and "Traceback" not in err and "S3cretPW" not in err
+
+
+def test_reproduce_refusing_a_hostile_model_path_leaves_no_half_copy(store, dataset_repo, tmp_path, capsys):
+    """Tags name a real dataset commit and a model path outside the repository: refused before the data
+    is copied (before, the data was copied, then the model path refused, and the folder left behind)."""
+    uri, client, experiment = store
+    tags = _tags("r", MODEL_COMMIT, **{"oxen.dataset.repo": str(dataset_repo.path),
+                                       "oxen.dataset.commit": dataset_repo.commits[0],
+                                       "oxen.dataset.paths": '["train.csv"]', "oxen.model.path": "../../etc/passwd"})
+    run_id = client.create_run(experiment, tags=tags).info.run_id
+    kit = tmp_path / "kit"
+    assert main(["reproduce", run_id, "--to", str(kit), "--tracking-uri", uri]) == 2
+    assert "would leave the repository" in capsys.readouterr().err and not kit.exists()
+    kit.mkdir()  # an empty folder the user made stays, empty
+    assert main(["reproduce", run_id, "--to", str(kit), "--tracking-uri", uri]) == 2
+    assert kit.is_dir() and not any(kit.iterdir())
+
+
+@pytest.mark.parametrize("target", ["runs/" + "x" * 5000 + "/last.ckpt", "y" * 5000], ids=["path", "word"])
+def test_a_target_no_file_system_can_hold_is_simply_not_found(models, capsys, target):
+    assert main(["trace", "--model-repo", str(models), target]) == 1
+    assert "no run found" in capsys.readouterr().out

@@ -42,18 +42,18 @@ def reproduce(view: dict[str, Any], dest: str | os.PathLike[str], *,
     dataset, model, code = view.get("dataset"), view["model"], view.get("code") or {}
     if not model.get("commit") and not dataset:
         raise ConfigurationError("This run recorded neither a dataset nor a committed checkpoint: nothing to reproduce.")
+    # every check (paths, commits) before anything is written; a failure after leaves no half copy
+    data_pin = _pinned(dataset["repo"], dataset["commit"], dataset["paths"], cache_dir) if dataset else None
+    has_model = bool(model.get("commit") and model.get("path"))
+    model_pin = _pinned(model["repo"], model["commit"], [model["path"]], cache_dir) if has_model else None
+    made = not target.exists()
     target.mkdir(parents=True, exist_ok=True)
-    result: dict[str, Any] = {"dir": str(target), "dataset": None, "model": None}
-    if dataset:
-        pin = _pinned(dataset["repo"], dataset["commit"], dataset["paths"], cache_dir)
-        files = _copy_paths(pin.pull(), pin.paths, target / "data")
-        result["dataset"] = {"repo": dataset["repo"], "commit": dataset["commit"], "paths": pin.paths,
-                             "folder": str(target / "data"), "files": files}
-    if model.get("commit") and model.get("path"):
-        pin = _pinned(model["repo"], model["commit"], [model["path"]], cache_dir)
-        _copy_paths(pin.pull(), [model["path"]], target / "model", flatten=True)
-        result["model"] = {"repo": model["repo"], "commit": model["commit"], "path": model["path"],
-                           "file": str(target / "model" / Path(model["path"]).name)}
+    try:
+        result = _copy_run(target, dataset, model, data_pin, model_pin)
+    except BaseException:
+        for written in [target] if made else list(target.iterdir()):
+            _remove(written)
+        raise
     record = {k: v for k, v in view.items() if k not in ("source", "matched_checkpoints")}
     (target / "lineage.json").write_text(json.dumps(record, indent=2) + "\n")
     result["code"] = {"git_commit": code.get("git_commit"), "git_dirty": code.get("git_dirty"),
@@ -64,6 +64,28 @@ def reproduce(view: dict[str, Any], dest: str | os.PathLike[str], *,
         result["note"] = (f"The run asked for revision {dataset['revision']!r}, which may have moved: pin "
                           f"revision={dataset['commit']!r} to read the same data, or use {target / 'data'}.")
     return result
+
+
+def _copy_run(target: Path, dataset: dict[str, Any] | None, model: dict[str, Any], data_pin: PinnedDataset | None,
+              model_pin: PinnedDataset | None) -> dict[str, Any]:
+    """Copy the pinned data to ``target/data`` and the checkpoint to ``target/model``; what was written."""
+    result: dict[str, Any] = {"dir": str(target), "dataset": None, "model": None}
+    if dataset and data_pin:
+        files = _copy_paths(data_pin.pull(), data_pin.paths, target / "data")
+        result["dataset"] = {"repo": dataset["repo"], "commit": dataset["commit"], "paths": data_pin.paths,
+                             "folder": str(target / "data"), "files": files}
+    if model_pin:
+        _copy_paths(model_pin.pull(), [model["path"]], target / "model", flatten=True)
+        result["model"] = {"repo": model["repo"], "commit": model["commit"], "path": model["path"],
+                           "file": str(target / "model" / Path(model["path"]).name)}
+    return result
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink()
 
 
 def _pinned(repo: str, commit: str, paths: list[str], cache_dir: str | os.PathLike[str] | None) -> PinnedDataset:

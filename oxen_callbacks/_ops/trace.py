@@ -170,6 +170,13 @@ class LineageFinder:
 
     def _checkpoint_location(self, target: str) -> tuple[Path, str] | None:
         """``(model repository, path inside it)`` when ``target`` names a file of a run folder."""
+        try:
+            return self._location_of(target)
+        except OSError as exc:  # not a path this system can hold (too long, a NUL byte): not a checkpoint
+            log.debug("%r is not a checkpoint path: %s", target[:200], exc)
+            return None
+
+    def _location_of(self, target: str) -> tuple[Path, str] | None:
         given = Path(target).expanduser()
         if "/" not in target and not given.exists():
             return None

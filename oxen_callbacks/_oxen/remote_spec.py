@@ -48,6 +48,9 @@ def check_host(host: str) -> str:
         if "://" in host:  # a URL: name its host (never what may sit before an '@')
             bare = host.split("://", 1)[1].split("/", 1)[0].rsplit("@", 1)[-1]
             raise ConfigurationError(f"{redact_url(host)!r} is a URL, not a host[:port].", f"pass {bare!r}.")
+        if "@" in host:  # user:secret@host: never echo what sits before the '@'
+            raise ConfigurationError(f"'***@{host.rsplit('@', 1)[-1]}' is not a host[:port]: it carries credentials.",
+                                     f"pass {host.rsplit('@', 1)[-1]!r}; the token comes from stdin or the prompt.")
         raise ConfigurationError(f"{host!r} is not a host[:port].", f"e.g. {HUB_HOST!r} or '127.0.0.1:3000'.")
     return host
 
