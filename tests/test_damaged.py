@@ -69,6 +69,15 @@ def test_truncated_tree_is_a_clear_error_not_a_crash(dataset_repo, size):
     assert "HINT:" in error and "clone the repository again" in error
 
 
+def test_a_node_store_that_is_not_lmdb_is_named_as_damage(dataset_repo):
+    """4096 bytes hold no LMDB meta page (MDB_INVALID): `oxen status` of a branch pin failed with an
+    OxenError and no hint; every revision now says the repository looks damaged."""
+    truncate_tree(dataset_repo.path, 4096)
+    for revision in (None, "main", dataset_repo.head):
+        with pytest.raises(ConfigurationError, match=r"(?s)dataset repository .* looks damaged: .*\nHINT: "):
+            PinnedDataset(dataset_repo.path, revision=revision).pull()
+
+
 def test_lightning_fit_on_a_truncated_tree_stops_with_the_error(dataset_repo, tmp_path):
     truncate_tree(dataset_repo.path, 8192)
     done = subprocess.run([sys.executable, str(TESTS / "fit_script.py"), "--dataset", str(dataset_repo.path),
@@ -258,6 +267,10 @@ def delete_node_store(oxen: Path) -> None:
     (oxen / oxen_layout.NODE_STORE).unlink()
 
 
+def config_without_remotes(oxen: Path) -> None:
+    (oxen / "config.toml").write_text('min_version = "0.36.0"\n')
+
+
 def break_history(oxen: Path) -> None:
     subprocess.run(["rm", "-rf", str(oxen / "history")], check=True)
     (oxen / "history").write_text("")
@@ -270,7 +283,9 @@ def break_history(oxen: Path) -> None:
     (break_refs, r"\.oxen/refs is missing"),
     (break_history, r"\.oxen/history is not a folder"),
     (delete_node_store, r"\.oxen/tree/nodes_lmdb/data\.mdb is missing"),  # once named "uncommitted changes"
-], ids=["head-not-text", "head-a-folder", "config-binary", "refs-deleted", "history-a-file", "node-store-deleted"])
+    (config_without_remotes, r"\.oxen/config\.toml lacks its `remotes` entry"),  # once an OxenError, no hint
+], ids=["head-not-text", "head-a-folder", "config-binary", "refs-deleted", "history-a-file", "node-store-deleted",
+        "config-without-remotes"])
 def test_damaged_repository_is_named_with_what_is_wrong(dataset_repo, damage, what):
     damage(dataset_repo.path / ".oxen")
     for revision in (None, "main", dataset_repo.head):

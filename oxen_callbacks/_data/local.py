@@ -35,6 +35,8 @@ log = logging.getLogger(__name__)
 
 #: Signals of a child that crashed on what it read (not killed from outside).
 _CRASHES = {signal.SIGBUS, signal.SIGSEGV, signal.SIGABRT, signal.SIGILL}
+#: What oxenai's errors say when the repository's own databases or config are damaged.
+_DAMAGE_MARKERS = ("MDB_INVALID", "MDB_CORRUPTED", "MDB_PAGE_NOTFOUND", "Corruption:", "TOML parse error")
 
 
 class LocalSource:
@@ -117,6 +119,10 @@ class LocalSource:
                                 "(stopped from outside, e.g. out of memory).") from None
             raise self._damaged(f"a process that tried to {what} crashed "
                                 f"({signal.Signals(exc.signal).name})") from None
+        except OxenError as exc:
+            if not any(marker in str(exc) for marker in _DAMAGE_MARKERS):
+                raise
+            raise self._damaged(f"Oxen could not {what}: {' '.join(str(exc).split())[:300]}") from None
 
     def _damaged(self, detail: str) -> ConfigurationError:
         return damaged_repo(self.repo.role, self.location, detail)

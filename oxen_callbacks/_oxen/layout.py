@@ -122,6 +122,8 @@ def damage(repo: str | os.PathLike[str]) -> str | None:
         config = read_config(repo)
     except (FileNotFoundError, DamagedLayout) as exc:
         return str(exc) if isinstance(exc, DamagedLayout) else ".oxen/config.toml is missing"
+    if "remotes" not in config:  # the one entry oxenai cannot do without
+        return ".oxen/config.toml lacks its `remotes` entry"
     root = oxen_dir(repo)
     if not any(os.path.lexists(root / name) for name in _COMMITTED):
         return None
