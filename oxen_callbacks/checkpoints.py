@@ -103,11 +103,17 @@ def materialize_checkpoint(
     path = safe_relpath(path, what="checkpoint path")
     run = run_of_checkpoint(path)
     wanted = [path, lineage_path(run)] if run else [path]
-    snapshot = PinnedDataset(model_repo, revision=commit, paths=wanted, cache_dir=cache_dir)
+    snapshot = CheckpointSnapshot(model_repo, revision=commit, paths=wanted, cache_dir=cache_dir)
     source = snapshot.file(path)
     committed = read_lineage(snapshot.file(wanted[1]), at_commit=snapshot.commit) if run else None
     return MaterializedCheckpoint(path=_copy(source, Path(dest)) if dest is not None else source,
                                   commit=snapshot.commit, repo_path=path, lineage=committed)
+
+
+class CheckpointSnapshot(PinnedDataset):
+    """A pin of checkpoint files: its errors name the model repository."""
+
+    ROLE = "model repository"
 
 
 def _record(model_repo: str | os.PathLike[str] | None, run: str | None,

@@ -104,6 +104,9 @@ class PinnedDataset:
             uncommitted changes in the pinned paths without ``allow_dirty``.
     """
 
+    #: What the repository is to the user, in errors (a checkpoint snapshot reads a model repository).
+    ROLE = "dataset repository"
+
     def __init__(
         self,
         repo: str | os.PathLike[str],
@@ -124,7 +127,7 @@ class PinnedDataset:
                                      "e.g. paths=['train.csv'].")
         wanted = [safe_relpath(p, what="dataset path") for p in (paths or ["."])]
         self.paths: list[str] = [p for p in dict.fromkeys(wanted) if not _covered_by_other(p, wanted)]
-        self.source: Source = _source_for(repo, host=host, timeout=remote_timeout)
+        self.source: Source = _source_for(repo, host=host, timeout=remote_timeout, role=self.ROLE)
         self.revision = revision
         # the one choke point of every source: a commit id names cache folders, so it is checked here
         self.commit: str = checked_commit_id(self.source.resolve(revision), what=f"Resolving {self.source.location}")
@@ -156,7 +159,7 @@ class PinnedDataset:
         if not self._checked:
             for rel in self.paths:  # a path covered by a cached folder (or the whole commit) may not exist
                 if not os.path.lexists(folder / rel):
-                    raise path_not_in_commit(rel, self.commit, self.source.location)
+                    raise path_not_in_commit(rel, self.commit, self.source.location, role=self.ROLE)
             if self.deep_verify:
                 self.verify(deep=True)
             self._checked = True
@@ -296,7 +299,7 @@ def as_pinned(dataset: "PinnedDataset | str | os.PathLike[str] | None", revision
     return PinnedDataset(dataset, revision, paths, cache_dir=cache_dir)
 
 
-def _source_for(repo: str | os.PathLike[str], *, host: str | None, timeout: float) -> Source:
+def _source_for(repo: str | os.PathLike[str], *, host: str | None, timeout: float, role: str) -> Source:
     """The source ``repo`` names: a remote server's repository, or a folder on this machine.
     Each kind is imported only when a pin uses it."""
     if host is not None or looks_remote(str(repo)):
@@ -305,4 +308,4 @@ def _source_for(repo: str | os.PathLike[str], *, host: str | None, timeout: floa
         return RemoteSource(str(repo), host=host, timeout=timeout)
     from ._data.local import LocalSource
 
-    return LocalSource(repo)
+    return LocalSource(repo, role=role)

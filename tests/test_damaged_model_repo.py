@@ -157,3 +157,13 @@ def test_an_unwritable_model_repository_stops_the_fit_before_a_step(place, first
                                                  r"HINT: make it writable"):
         _fit(dataset_repo, tmp_path, "second")
     assert not (tmp_path / "second").exists()  # no step ran
+
+
+def test_a_checkpoint_missing_from_its_commit_is_named_in_the_model_repository(first_run, tmp_path):
+    from oxen_callbacks.checkpoints import materialize_checkpoint
+
+    models = tmp_path / "models"
+    with pytest.raises(ConfigurationError, match=rf"'runs/first/checkpoints/nope\.ckpt' is not in commit "
+                                                 rf"{first_run['model']['commit']} of the model repository '{models}'"):
+        materialize_checkpoint(models, commit=first_run["model"]["commit"], path="runs/first/checkpoints/nope.ckpt",
+                               cache_dir=tmp_path / "cache")

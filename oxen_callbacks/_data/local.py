@@ -42,8 +42,8 @@ _DAMAGE_MARKERS = ("MDB_INVALID", "MDB_CORRUPTED", "MDB_PAGE_NOTFOUND", "Corrupt
 class LocalSource:
     """A local dataset repository as a source of pinned snapshots (a :class:`~oxen_callbacks.pin.Source`)."""
 
-    def __init__(self, path: str | os.PathLike[str]) -> None:
-        self.repo = LocalRepo(path, role="dataset repository")
+    def __init__(self, path: str | os.PathLike[str], *, role: str = "dataset repository") -> None:
+        self.repo = LocalRepo(path, role=role)
         self.location = str(self.repo.path)
         digest = hashlib.sha1(self.location.encode()).hexdigest()[:10]
         self.key = f"{self.repo.path.name}-{digest}"
@@ -86,7 +86,7 @@ class LocalSource:
             try:
                 return copy_from_store(self.repo.path, commit, paths, dest)
             except oxen_tree.PathNotInCommit as exc:
-                raise path_not_in_commit(exc.path, commit, self.location) from None
+                raise path_not_in_commit(exc.path, commit, self.location, role=self.repo.role) from None
             except CorruptStore as exc:
                 raise self._damaged(str(exc)) from None
             except oxen_tree.UnreadableTree as exc:

@@ -20,6 +20,7 @@ from .._oxen import child as oxen_child
 from .._oxen import diff as oxen_diff
 from .._oxen.commit_id import checked_commit_id
 from .._util.relpath import covers
+from ..checkpoints import CheckpointSnapshot
 from ..errors import ConfigurationError
 from ..pin import PinnedDataset
 
@@ -45,7 +46,8 @@ def reproduce(view: dict[str, Any], dest: str | os.PathLike[str], *,
     # every check (paths, commits) before anything is written; a failure after leaves no half copy
     data_pin = _pinned(dataset["repo"], dataset["commit"], dataset["paths"], cache_dir) if dataset else None
     has_model = bool(model.get("commit") and model.get("path"))
-    model_pin = _pinned(model["repo"], model["commit"], [model["path"]], cache_dir) if has_model else None
+    model_pin = (_pinned(model["repo"], model["commit"], [model["path"]], cache_dir, kind=CheckpointSnapshot)
+                 if has_model else None)
     made = not target.exists()
     target.mkdir(parents=True, exist_ok=True)
     try:
@@ -88,11 +90,12 @@ def _remove(path: Path) -> None:
         path.unlink()
 
 
-def _pinned(repo: str, commit: str, paths: list[str], cache_dir: str | os.PathLike[str] | None) -> PinnedDataset:
+def _pinned(repo: str, commit: str, paths: list[str], cache_dir: str | os.PathLike[str] | None, *,
+            kind: type[PinnedDataset] = PinnedDataset) -> PinnedDataset:
     """The recorded commit of ``repo``, exactly: a record naming a branch (or a server answering
     another commit) would hand back data the run never read."""
     checked_commit_id(commit, what=f"The run's record of {repo}")
-    pin = PinnedDataset(repo, revision=commit, paths=paths, cache_dir=cache_dir)
+    pin = kind(repo, revision=commit, paths=paths, cache_dir=cache_dir)
     if pin.commit != commit:
         raise ConfigurationError(f"{repo} resolved the recorded commit {commit} to {pin.commit}.",
                                  "check that the record names the right repository.")

@@ -73,10 +73,10 @@ class PathNotInCommit(LookupError):
         self.path = path
 
 
-def path_not_in_commit(rel: str, commit: str, location: str) -> ConfigurationError:
-    """The error for a requested path that the commit does not hold (``location``: the dataset repository)."""
+def path_not_in_commit(rel: str, commit: str, location: str, *, role: str = "dataset repository") -> ConfigurationError:
+    """The error for a requested path that the commit does not hold (``location``: the repository)."""
     return ConfigurationError(
-        f"Path {rel!r} is not in commit {commit} of the dataset repository {location!r}.",
+        f"Path {rel!r} is not in commit {commit} of the {role} {location!r}.",
         "paths are relative to the repository root (e.g. 'train.csv', 'images/'); "
         "check them against the files that commit added (in Python, `oxen.Repo(path).log()` lists the commits).",
     )
