@@ -134,6 +134,7 @@ def test_a_malformed_mlflow_run_never_crashes_a_query(store, capsys):
         assert main(["lineage", ids[name], "--tracking-uri", uri]) == 0, name
         out, err = capsys.readouterr()
         assert f"paths: {paths}" in out, out
+        assert "(read from MLflow tags: the model repository is not on this machine)" in out
     assert main(["trace", DATA_COMMIT, "--tracking-uri", uri, "--json"]) == 0
     found = json.loads(capsys.readouterr().out)
     assert sorted(r["run"]["mlflow_run_id"] for r in found["runs"]) == sorted(ids.values())
@@ -195,3 +196,13 @@ def test_reproduce_refusing_a_hostile_model_path_leaves_no_half_copy(store, data
 def test_a_target_no_file_system_can_hold_is_simply_not_found(models, capsys, target):
     assert main(["trace", "--model-repo", str(models), target]) == 1
     assert "no run found" in capsys.readouterr().out
+
+
+def test_a_tags_only_run_says_why_its_checkpoints_are_not_listed(store, models, capsys):
+    """Before, it always said the model repository was not on this machine, also when it was."""
+    uri, client, experiment = store
+    run_id = client.create_run(experiment, tags=_tags("elsewhere", MODEL_COMMIT,
+                                                      **{"oxen.model.repo": str(models)})).info.run_id
+    assert main(["lineage", run_id, "--tracking-uri", uri]) == 0
+    assert "(read from MLflow tags: the model repository on this machine holds no record of this run)" in \
+        capsys.readouterr().out

@@ -141,7 +141,9 @@ class LineageFinder:
             except ValueError as exc:  # not JSON, or not a lineage record (LineageValidationError)
                 log.warning("Run %s: its %s artifact is not a lineage record (%s); using its tags",
                             run["run_id"], LINEAGE_ARTIFACT, exc)
-        return {**record_from_tags(run), "source": "mlflow-tags", "_tags": tags}
+        why = ("the model repository is not on this machine" if not (repo and oxen_layout.is_repo(repo)) else
+               "the model repository on this machine holds no record of this run")
+        return {**record_from_tags(run), "source": "mlflow-tags", "source_note": why, "_tags": tags}
 
     # -- trace -------------------------------------------------------------------------------
     def trace(self, target: str) -> dict[str, Any]:

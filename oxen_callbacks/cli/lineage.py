@@ -67,8 +67,7 @@ def _show_lineage(view: Result) -> str:
     lines = run_lines(view)
     checkpoints = view["checkpoints"]
     lines.append(f"checkpoints  {len(checkpoints)} committed" + (":" if checkpoints else
-                 (" (read from MLflow tags: the model repository is not on this machine)"
-                  if view.get("source") == "mlflow-tags" else "")))
+                 (f" (read from MLflow tags: {view.get('source_note')})" if view.get("source") == "mlflow-tags" else "")))
     for c in checkpoints:
         where = " ".join(f"{k} {c[k]}" for k in ("epoch", "step") if c.get(k) is not None)
         metrics = " ".join(f"{k}={_number(v)}" for k, v in sorted((c.get("metrics") or {}).items()))
