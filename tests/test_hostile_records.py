@@ -206,3 +206,14 @@ def test_a_tags_only_run_says_why_its_checkpoints_are_not_listed(store, models, 
     assert main(["lineage", run_id, "--tracking-uri", uri]) == 0
     assert "(read from MLflow tags: the model repository on this machine holds no record of this run)" in \
         capsys.readouterr().out
+
+
+def test_a_tracking_store_that_cannot_be_opened_is_one_line(tmp_path, capsys):
+    """A file that is not a database, or a database whose driver is not installed (or that refuses)."""
+    not_a_db = tmp_path / "notes.db"
+    not_a_db.write_text("these are my notes, not a database\n")
+    for uri, says in ((f"sqlite:///{not_a_db}", "file is not a database"),
+                      ("postgresql://u:S3cretPW@127.0.0.1:1/db", "")):
+        assert main(["trace", MODEL_COMMIT, "--tracking-uri", uri]) == 1
+        out, err = capsys.readouterr()
+        assert "error:" in err and says in err and "Traceback" not in err and "S3cretPW" not in out + err

@@ -93,8 +93,7 @@ def _main(argv: list[str] | None) -> int:
     except OxenCallbacksError as exc:
         return _fail(args, exc, 1)
     except Exception as exc:
-        mlflow_errors = sys.modules.get("mlflow.exceptions")
-        if mlflow_errors is None or not isinstance(exc, mlflow_errors.MlflowException):
+        if not _is_store_error(exc):
             raise
         return _fail(args, exc, 1)
     try:
@@ -102,6 +101,18 @@ def _main(argv: list[str] | None) -> int:
     except BrokenPipeError:  # `| head`: the reader left; say nothing more
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     return 1 if command.failed(result) else 0
+
+
+def _is_store_error(exc: Exception) -> bool:
+    """An error of MLflow or its database layer (a store that cannot be opened or read, a database
+    driver not installed): reported in one line, not as a traceback."""
+    if isinstance(exc, ModuleNotFoundError):
+        return not (exc.name or "").startswith("oxen_callbacks")
+    for module, name in (("mlflow.exceptions", "MlflowException"), ("sqlalchemy.exc", "SQLAlchemyError")):
+        errors = sys.modules.get(module)
+        if errors is not None and isinstance(exc, getattr(errors, name)):
+            return True
+    return False
 
 
 class _PrintableFormatter(logging.Formatter):
