@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 import time
 from pathlib import Path
 
@@ -272,3 +274,27 @@ def test_a_fit_that_raises_gives_the_strategy_its_own_checkpoint_io_back(dataset
         trainer.fit(Failing(), datamodule=CsvData(pin))
     assert trainer.strategy.checkpoint_io is original
     assert cb.lineage["status"] == "FAILED"
+
+
+@pytest.mark.timeout(400)
+def test_a_stopped_sink_that_cannot_take_a_large_environment_does_not_hold_fit(dataset_repo, tmp_path, monkeypatch,
+                                                                              script_without_mlflow):
+    """The warm sink takes its hand-off (the whole environment) only once MLflow is imported: an
+    environment larger than a pipe's buffer and a sink that never reads (stopped) held fit start for
+    good. It is now given up within SINK_HANDOFF_TIMEOUT_S, killed, and a new sink logs the run."""
+    from oxen_callbacks._mlflow.sink import SINK_HANDOFF_TIMEOUT_S
+
+    store = f"sqlite:///{tmp_path / 'm.db'}"
+    pin = PinnedDataset(dataset_repo.path, revision=dataset_repo.commits[0], paths=["train.csv", "val.csv"])
+    cb = OxenLightningCallback(dataset=pin, model_repo=tmp_path / "models", mlflow_tracking_uri=store)
+    stopped = cb.run._warm_sink.proc
+    os.kill(stopped.pid, signal.SIGSTOP)
+    for part in range(8):  # 240 KB in all; one variable may not exceed 128 KiB
+        monkeypatch.setenv(f"BIG_MODULE_TABLE_{part:03d}", "x" * 30_000)
+    started = time.monotonic()
+    make_trainer(tmp_path, [ModelCheckpoint(dirpath=tmp_path / "ckpt"), cb], epochs=1).fit(
+        TinyModel(), datamodule=CsvData(pin))
+    assert time.monotonic() - started < SINK_HANDOFF_TIMEOUT_S + 120
+    assert stopped.wait(timeout=30) == -signal.SIGKILL  # killed, not left stopped
+    run = MlflowClient(store).get_run(cb.lineage["run"]["mlflow_run_id"])
+    assert run.info.status == "FINISHED" and run.data.tags["oxen.model.commit"] == cb.lineage["model"]["commit"]

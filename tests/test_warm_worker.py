@@ -82,7 +82,7 @@ def test_a_stopped_worker_that_cannot_take_a_large_environment_does_not_hold_fit
     """An environment larger than a pipe's buffer (module systems on clusters), and a warm worker that
     does not read it (stopped, stuck importing): fit start gives up on it within HANDOFF_TIMEOUT_S and
     commits with a new worker."""
-    from oxen_callbacks._publish import warm_worker
+    from oxen_callbacks._util.handoff import HANDOFF_TIMEOUT_S
 
     cb = _callback(dataset_repo, tmp_path)
     warm_pid = cb.run._warm_worker.proc.pid
@@ -91,7 +91,7 @@ def test_a_stopped_worker_that_cannot_take_a_large_environment_does_not_hold_fit
         monkeypatch.setenv(f"BIG_MODULE_TABLE_{part:03d}", "x" * 30_000)
     started = time.monotonic()
     _fit(tmp_path, cb)
-    assert time.monotonic() - started < warm_worker.HANDOFF_TIMEOUT_S + 120
+    assert time.monotonic() - started < HANDOFF_TIMEOUT_S + 120
     assert cb.run.publisher.worker_pid not in (None, warm_pid)
     _assert_all_committed(tmp_path, cb.lineage)
     deadline = time.monotonic() + 30

@@ -28,6 +28,7 @@ import weakref
 from pathlib import Path
 from typing import Any
 
+from .._util.handoff import send_handoff
 from .._util.processes import child_environment, start_helper
 from .._util.redact import redact_url
 from ..names import (
@@ -331,6 +332,11 @@ def _start_sink(args: list[str], settings: dict[str, str]) -> subprocess.Popen[b
                         cwd=os.getcwd())
 
 
+#: How long fit start waits for a warm sink to take its hand-off: an environment larger than a pipe's
+#: buffer waits for it to finish importing MLflow and opening the store (a stopped one is replaced).
+SINK_HANDOFF_TIMEOUT_S = 30.0
+
+
 class WarmSinkProcess:
     """A sink process with MLflow imported before fit end needs it (1-2 s of CPU): an idle one
     left by an earlier training run of this process (a notebook trains again and again), else
@@ -372,15 +378,14 @@ class WarmSinkProcess:
             if proc is not None:
                 _stop(proc)
             proc = idle
-        if proc is None or proc.poll() is not None or proc.stdin is None:
+        if proc is None:
             return None
         # the whole environment, through the pipe (never on disk): a reused process must not keep
         # an earlier run's settings
         handoff = {"journal": str(journal_folder), "env": {**os.environ, **settings}, "cwd": os.getcwd()}
-        try:
-            proc.stdin.write(json.dumps(handoff).encode() + b"\n")
-            proc.stdin.flush()
-        except OSError:
+        # (it reads only once MLflow is imported and the store opened: seconds on a loaded machine)
+        if not send_handoff(proc, handoff, timeout=SINK_HANDOFF_TIMEOUT_S):  # gone, or stopped or stuck (killed now)
+            proc.wait()
             return None
         return proc
 

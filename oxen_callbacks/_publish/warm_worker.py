@@ -11,20 +11,14 @@ process ends (its stdin closes).
 
 from __future__ import annotations
 
-import json
 import os
-import select
 import subprocess
 import threading
-import time
 import weakref
 from collections.abc import Mapping
 
+from .._util.handoff import send_handoff
 from .._util.processes import child_environment, start_helper, yield_cpu_to_training
-
-#: How long fit start waits for the worker to take its hand-over (an environment larger than a
-#: pipe's buffer needs it to read): a stopped or stuck one is replaced by a new worker.
-HANDOFF_TIMEOUT_S = 5.0
 
 
 class WarmWorker:
@@ -39,38 +33,14 @@ class WarmWorker:
         is gone or does not take them in time (start a cold one then). Used once."""
         proc, self.proc = self.proc, None
         self._closer.detach()
-        if proc is None or proc.stdin is None or proc.poll() is not None:
-            if proc is not None:
-                _close(proc)
+        if proc is None:
             return None
         # through the pipe, never on disk: the environment may hold the user's tokens
-        handoff = json.dumps({"args": args, "env": dict(env), "cwd": os.getcwd()}).encode() + b"\n"
-        if not _write_within(proc.stdin.fileno(), handoff, HANDOFF_TIMEOUT_S):
-            proc.kill()
+        if not send_handoff(proc, {"args": args, "env": dict(env), "cwd": os.getcwd()}):
             _close(proc)
             return None
         yield_cpu_to_training(idle=False, pid=proc.pid)  # now, even if its imports are not done yet
         return proc
-
-
-def _write_within(fd: int, data: bytes, timeout: float) -> bool:
-    """Write all of ``data`` to the pipe ``fd`` unless its reader takes longer than ``timeout`` s."""
-    deadline = time.monotonic() + timeout
-    view = memoryview(data)
-    os.set_blocking(fd, False)
-    try:
-        while view:
-            if not select.select([], [fd], [], max(0.0, deadline - time.monotonic()))[1]:
-                return False
-            try:
-                view = view[os.write(fd, view):]
-            except BlockingIOError:
-                continue
-    except OSError:  # the worker died meanwhile
-        return False
-    finally:
-        os.set_blocking(fd, True)
-    return True
 
 
 _closed: list[subprocess.Popen[bytes]] = []  # told to exit, not reaped yet

@@ -1,0 +1,50 @@
+"""Hand a helper process started ahead of time (a warm one) its work, through its stdin.
+
+The hand-off carries the whole environment (it may hold the user's tokens: never on disk), which
+can be larger than a pipe's buffer: the write then waits for the helper to read. A helper that is
+stopped or stuck must not hold fit start, so the write has a deadline; past it the helper is
+killed and the caller starts a new one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import select
+import subprocess
+import time
+from typing import Any
+
+#: How long fit start waits for a warm helper to take its hand-off.
+HANDOFF_TIMEOUT_S = 5.0
+
+
+def send_handoff(proc: subprocess.Popen[bytes], message: dict[str, Any], timeout: float = HANDOFF_TIMEOUT_S) -> bool:
+    """Write ``message`` as one JSON line to ``proc``'s stdin; ``False`` (``proc`` killed when it
+    lives) if it is gone or does not read it within ``timeout`` seconds."""
+    if proc.stdin is None or proc.poll() is not None:
+        return False
+    if _write_within(proc.stdin.fileno(), json.dumps(message).encode() + b"\n", timeout):
+        return True
+    proc.kill()
+    return False
+
+
+def _write_within(fd: int, data: bytes, timeout: float) -> bool:
+    """Write all of ``data`` to the pipe ``fd`` unless its reader takes longer than ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    view = memoryview(data)
+    os.set_blocking(fd, False)
+    try:
+        while view:
+            if not select.select([], [fd], [], max(0.0, deadline - time.monotonic()))[1]:
+                return False
+            try:
+                view = view[os.write(fd, view):]
+            except BlockingIOError:
+                continue
+    except OSError:  # the helper died meanwhile
+        return False
+    finally:
+        os.set_blocking(fd, True)
+    return True
