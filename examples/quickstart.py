@@ -19,6 +19,7 @@ import csv
 import logging
 import os
 import random
+import shlex
 import time
 from pathlib import Path
 
@@ -138,8 +139,8 @@ def main() -> None:
     print(f"  checkpoints      {len(lineage['checkpoints'])} committed")
     print(f"  code             git {lineage['code']['git_commit']} (dirty: {lineage['code']['git_dirty']})")
     print("\nInspect it:")
-    print(f"  MLFLOW_TRACKING_URI={tracking_uri} oxen-callbacks lineage {lineage['run']['mlflow_run_id']}")
-    print(f"  oxen-callbacks lineage --model-repo {lineage['model']['repo']} {lineage['run']['name']}")
+    print(f"  MLFLOW_TRACKING_URI={shlex.quote(tracking_uri)} oxen-callbacks lineage {lineage['run']['mlflow_run_id']}")
+    print(f"  oxen-callbacks lineage --model-repo {shlex.quote(lineage['model']['repo'])} {lineage['run']['name']}")
 
 
 if __name__ == "__main__":
