@@ -268,37 +268,41 @@ def tracking_uri(explicit: str | None = None) -> str | None:
     return explicit or os.environ.get(ENV_MLFLOW_TRACKING_URI) or None
 
 
-#: Schemes MLflow 3 opens a tracking store for without a plugin (``+driver`` suffixes allowed).
-_STORE_SCHEMES = frozenset({"http", "https", "databricks", "sqlite", "postgresql", "mysql", "mssql"})
+#: Schemes MLflow 3 opens a tracking store for without a plugin (``+driver`` suffixes allowed);
+#: ``arn`` is SageMaker's, which MLflow resolves itself.
+_STORE_SCHEMES = frozenset({"http", "https", "databricks", "sqlite", "postgresql", "mysql", "mssql", "arn"})
 _FILE_STORE_SWITCH = "MLFLOW_ALLOW_FILE_STORE"
 
 
 def check_tracking_uri(uri: str, *, given_as: str) -> None:
-    """Raise :class:`ConfigurationError` when MLflow has no store for ``uri`` (``given_as`` names
-    where it came from). Schemes only, and no ``mlflow`` import: plugins are read from their
-    entry points (group ``mlflow.tracking_store``)."""
-    scheme = uri.split("://", 1)[0].split("+", 1)[0].lower() if "://" in uri else ("databricks" if uri == "databricks"
-                                                                                   else "")
+    """Raise :class:`ConfigurationError` when MLflow 3 has no store for ``uri`` (``given_as`` names
+    where it came from). The scheme is read as MLflow reads it (one letter: a Windows path); no
+    ``mlflow`` import: plugins are read from their entry points (group ``mlflow.tracking_store``)."""
     try:
-        urllib.parse.urlsplit(uri).port  # noqa: B018 (parses the host and port: ``http://[::1`` fails here)
-    except ValueError as exc:
-        raise ConfigurationError(f"{given_as}={redact_url(uri) or uri!r} is not a valid URI ({exc}).",
-                                 "use e.g. 'sqlite:///path/mlflow.db' or 'http://127.0.0.1:5000'.") from None
+        scheme = urllib.parse.urlparse(uri).scheme.lower()
+        scheme = uri if uri in ("databricks", "databricks-uc") else "" if len(scheme) <= 1 else scheme.split("+", 1)[0]
+        if scheme in ("http", "https"):
+            urllib.parse.urlsplit(uri).port  # noqa: B018 (a bad port fails here)
+    except ValueError as exc:  # ``http://[::1``
+        raise _unusable(uri, given_as, f"it is not a valid URI ({exc})") from None
     if scheme in _STORE_SCHEMES:
         return
     if scheme in ("", "file"):
-        if os.environ.get(_FILE_STORE_SWITCH, "").lower() in ("1", "true") and scheme == "file":
+        if os.environ.get(_FILE_STORE_SWITCH, "").lower() in ("1", "true"):
             return
-        why = ("MLflow 3 opens a file store only with MLFLOW_ALLOW_FILE_STORE=true" if scheme == "file"
-               else "it is not a URI (a folder path means MLflow's file store)")
-    else:
-        from importlib.metadata import entry_points
+        raise _unusable(uri, given_as, "MLflow 3 opens a file store (a folder path or file:) only with "
+                                       f"{_FILE_STORE_SWITCH}=true")
+    if scheme in ("databricks-uc", "uc"):
+        raise _unusable(uri, given_as, "MLflow refuses Unity Catalog as a tracking store (it is a registry)")
+    from importlib.metadata import entry_points
 
-        if scheme in {e.name for e in entry_points(group="mlflow.tracking_store")}:
-            return
-        why = f"MLflow has no tracking store for the scheme {scheme!r}"
-    raise ConfigurationError(f"{given_as}={redact_url(uri) or uri!r} cannot be used: {why}.",
-                             "use e.g. 'sqlite:///path/mlflow.db' or 'http://127.0.0.1:5000'.")
+    if scheme not in {e.name for e in entry_points(group="mlflow.tracking_store")}:
+        raise _unusable(uri, given_as, f"MLflow has no tracking store for the scheme {scheme!r}")
+
+
+def _unusable(uri: str, given_as: str, why: str) -> ConfigurationError:
+    return ConfigurationError(f"{given_as}={redact_url(uri) or uri!r} cannot be used: {why}.",
+                              "use e.g. 'sqlite:///path/mlflow.db' or 'http://127.0.0.1:5000'.")
 
 
 def missing_store(uri: str) -> str | None:
