@@ -14,7 +14,9 @@ import pytest
 from helpers import make_repo
 from mlflow import MlflowClient
 
+from oxen_callbacks._mlflow.query import check_tracking_uri
 from oxen_callbacks.cli import main
+from oxen_callbacks.errors import ConfigurationError
 from oxen_callbacks.model_repo import endpoint_tag
 
 MODEL_COMMIT = "e3b0c44298fc1c149afbf4c8996fb924"
@@ -169,7 +171,7 @@ def test_an_mlflow_error_never_prints_the_password(capsys, monkeypatch):
 
 @pytest.mark.parametrize("uri, error", [("bogus://u:S3cretPW@x", "MLflow has no tracking store for the scheme 'bogus'"),
                                         ("http://u:S3cretPW@[::1", "is not a valid URI"),
-                                        ("./mlruns", "it is not a URI")])
+                                        ("./mlruns", "opens a file store")])
 def test_an_unusable_tracking_uri_is_a_clear_error(capsys, uri, error):
     assert main(["trace", MODEL_COMMIT, "--tracking-uri", uri]) == 2
     out, err = capsys.readouterr()
@@ -217,3 +219,54 @@ def test_a_tracking_store_that_cannot_be_opened_is_one_line(tmp_path, capsys):
         assert main(["trace", MODEL_COMMIT, "--tracking-uri", uri]) == 1
         out, err = capsys.readouterr()
         assert "error:" in err and says in err and "Traceback" not in err and "S3cretPW" not in out + err
+
+
+@pytest.mark.parametrize("uri", ["databricks", "databricks://scope:prefix", "postgresql+psycopg2://u:pa/ss@db/x",
+                                 "HTTP://127.0.0.1:5000", "mssql://db/x",
+                                 "arn:aws:sagemaker:us-east-1:123456789012:mlflow-tracking-server/x"])
+def test_every_tracking_uri_mlflow_opens_is_accepted(uri):
+    """A check that refused a store MLflow opens would stop good fits: forms MLflow documents pass."""
+    check_tracking_uri(uri, given_as="mlflow_tracking_uri")
+
+
+@pytest.mark.parametrize("uri", ["/tmp/mlruns", "file:/tmp/mlruns", "C:\\mlruns"])
+def test_a_file_store_passes_when_mlflow_is_told_to_open_one(uri, monkeypatch):
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    check_tracking_uri(uri, given_as="mlflow_tracking_uri")
+    monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE")
+    with pytest.raises(ConfigurationError, match="MLFLOW_ALLOW_FILE_STORE=true"):
+        check_tracking_uri(uri, given_as="mlflow_tracking_uri")
+
+
+def test_a_model_repo_tag_no_file_system_can_hold_is_not_a_crash(store, capsys):
+    uri, client, experiment = store
+    run_id = client.create_run(experiment, tags=_tags("long", MODEL_COMMIT,
+                                                      **{"oxen.model.repo": "/tmp/" + "y" * 300})).info.run_id
+    assert main(["lineage", run_id, "--tracking-uri", uri]) == 0
+    assert main(["trace", MODEL_COMMIT, "--tracking-uri", uri]) == 0
+    assert "the model repository is not on this machine" in capsys.readouterr().out
+
+
+def test_a_lone_surrogate_in_a_record_is_shown_escaped(models, capsys):
+    text = json.dumps(_record(str(models), name="r")).replace('"/data/reviews"', '"/data/\\ud800x"')
+    (models / "runs" / "r" / "lineage.json").write_text(text, errors="surrogatepass")
+    assert main(["lineage", "--model-repo", str(models), "r"]) == 0
+    out = capsys.readouterr().out
+    assert "/data/\\ud800x" in out
+    out.encode("utf-8")  # printable on any UTF-8 terminal
+
+
+@pytest.mark.parametrize("repo", ["/home/o'brien/models", '/srv/q"uote\'d/models', "/srv/back\\slash\\"])
+def test_logged_models_of_a_repository_with_quotes_are_found(store, repo):
+    """MLflow's logged-model search strips single quotes and nothing else: such a repository's models
+    were never found, so a resumed run could not clear its earlier final/best marks."""
+    from oxen_callbacks._mlflow.logged_models import _find, _models_of
+
+    uri, client, experiment = store
+    tags = {"oxen.model.repo": repo, "oxen.run": "r'1", "oxen.model.commit": MODEL_COMMIT,
+            "oxen.model.path": "runs/r'1/checkpoints/last.ckpt"}
+    made = client.create_logged_model(experiment, name="m", tags=tags).model_id
+    client.create_logged_model(experiment, name="decoy", tags={**tags, "oxen.model.repo": repo + "x"})
+    assert list(_models_of(client, experiment, repo, "r'1")) == [f"{MODEL_COMMIT}:runs/r'1/checkpoints/last.ckpt"]
+    assert _models_of(client, experiment, repo, "r'1")[f"{MODEL_COMMIT}:runs/r'1/checkpoints/last.ckpt"].model_id == made
+    assert _find(client, experiment, repo, MODEL_COMMIT, "runs/r'1/checkpoints/last.ckpt").model_id == made

@@ -42,7 +42,6 @@ from ..names import (
 )
 from .abandoned import committed_record
 from .journal import MlflowJournal
-from .query import tag_filter
 
 log = logging.getLogger(__name__)
 
@@ -362,23 +361,36 @@ def _experiment(client: Any, journal: MlflowJournal, meta: dict[str, Any]) -> tu
 
 
 def _find(client: Any, experiment_id: str, repo: str, commit: str, path: str) -> _Found | None:
-    found = client.search_logged_models([experiment_id], filter_string=" AND ".join(
-        (tag_filter(TAG_MODEL_REPO, repo), tag_filter(TAG_MODEL_COMMIT, commit), tag_filter(TAG_MODEL_PATH, path))),
-        max_results=1)
-    return _Found(found[0].model_id, dict(found[0].tags)) if found else None
+    found = _search(client, experiment_id, {TAG_MODEL_COMMIT: commit, TAG_MODEL_REPO: repo, TAG_MODEL_PATH: path})
+    return found[0] if found else None
 
 
 def _models_of(client: Any, experiment_id: str, repo: str, run: str | None) -> dict[str, _Found]:
     """The logged models of Oxen run ``run`` in ``experiment_id``, by checkpoint (every page)."""
-    query = " AND ".join((tag_filter(TAG_MODEL_REPO, repo), tag_filter(TAG_RUN, run or "")))
     found: dict[str, _Found] = {}
+    for model in _search(client, experiment_id, {TAG_MODEL_REPO: repo, TAG_RUN: run or ""}):
+        tags = model.tags
+        if tags.get(TAG_MODEL_COMMIT) and tags.get(TAG_MODEL_PATH):  # (anyone may tag a model: skip odd ones)
+            found.setdefault(_key(tags[TAG_MODEL_COMMIT], tags[TAG_MODEL_PATH]), model)
+    return found
+
+
+def _search(client: Any, experiment_id: str, wanted: dict[str, str]) -> list[_Found]:
+    """The logged models whose tags hold exactly ``wanted`` (every page).
+
+    MLflow's logged-model search strips single quotes from a value and nothing else (no escapes,
+    no double quotes): values holding a quote or a backslash cannot be written in its filter, so
+    they are compared here, as every value is.
+    """
+    plain = " AND ".join(f"tags.`{k}` = '{v}'" for k, v in wanted.items() if "'" not in v and "\\" not in v)
+    found: list[_Found] = []
     token = None
     while True:
-        page = client.search_logged_models([experiment_id], filter_string=query, page_token=token)
+        page = client.search_logged_models([experiment_id], filter_string=plain or None, page_token=token)
         for model in page:
             tags = dict(model.tags)
-            if tags.get(TAG_MODEL_COMMIT) and tags.get(TAG_MODEL_PATH):  # (anyone may tag a model: skip odd ones)
-                found.setdefault(_key(tags[TAG_MODEL_COMMIT], tags[TAG_MODEL_PATH]), _Found(model.model_id, tags))
+            if all(tags.get(k) == v for k, v in wanted.items()):
+                found.append(_Found(model.model_id, tags))
         token = page.token
         if not token:
             return found

@@ -53,8 +53,12 @@ def oxen_dir(repo: str | os.PathLike[str]) -> Path:
 
 
 def is_repo(path: str | os.PathLike[str]) -> bool:
-    """True when ``path`` is the root of a local Oxen repository."""
-    return (oxen_dir(path) / "config.toml").is_file()
+    """True when ``path`` is the root of a local Oxen repository (a path no file system can hold,
+    e.g. one from a record someone else wrote, is none)."""
+    try:
+        return (oxen_dir(path) / "config.toml").is_file()
+    except (OSError, ValueError):  # too long, a NUL byte
+        return False
 
 
 def init(path: str | os.PathLike[str]) -> None:
@@ -131,7 +135,7 @@ def damage(repo: str | os.PathLike[str]) -> str | None:
         if not (root / name).is_dir():
             return f".oxen/{name} is {'not a folder' if os.path.lexists(root / name) else 'missing'}"
     nodes = root / NODE_STORE
-    if config.get("merkle_node_backend") == "lmdb" and commit_ids(repo) and not nodes.is_file():
+    if config.get("merkle_node_backend") == "lmdb" and not nodes.is_file() and commit_ids(repo):
         return f".oxen/{NODE_STORE} is {'not a file' if os.path.lexists(nodes) else 'missing'} (the tree of every commit)"
     return None
 

@@ -183,8 +183,7 @@ class LocalRepo:
         ids = self.commit_ids()
         if not ids:
             return None  # (staged files make part of the layout before the first commit)
-        self._check_layout()
-        ref = self._head_ref()
+        ref = self._head_ref()  # (checks the layout first)
         if ref in ids:
             raise damaged_repo(self.role, self.path, f".oxen/HEAD is detached at commit {ref}: a commit "
                                "there would start a history of its own",

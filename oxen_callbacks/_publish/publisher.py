@@ -19,6 +19,7 @@ import json
 import logging
 import os
 import subprocess
+import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -73,10 +74,10 @@ def _check_writable(repo: LocalRepo) -> None:
     root = oxen_layout.oxen_dir(repo.path)
     places = [repo.path, root, *(p for p in (root / "versions", oxen_layout.versions_root(repo.path)) if p.exists())]
     for place in places:
-        probe = place / f".oxcb-probe-{os.getpid()}"
         try:
-            probe.write_bytes(b"")
-            probe.unlink()
+            handle, probe = tempfile.mkstemp(dir=place, prefix=".oxcb-probe-")  # (unique: fits may start together)
+            os.close(handle)
+            os.unlink(probe)
         except OSError as exc:
             raise ConfigurationError(
                 f"The model repository {str(repo.path)!r} cannot be written: {place} "

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import os
-import select
+import selectors
 import subprocess
 import time
 from typing import Any
@@ -31,18 +31,21 @@ def send_handoff(proc: subprocess.Popen[bytes], message: dict[str, Any], timeout
 
 
 def _write_within(fd: int, data: bytes, timeout: float) -> bool:
-    """Write all of ``data`` to the pipe ``fd`` unless its reader takes longer than ``timeout`` s."""
+    """Write all of ``data`` to the pipe ``fd`` unless its reader takes longer than ``timeout`` s.
+    (``selectors``, not ``select.select``: a trainer may hold more than 1024 open files.)"""
     deadline = time.monotonic() + timeout
     view = memoryview(data)
     os.set_blocking(fd, False)
     try:
-        while view:
-            if not select.select([], [fd], [], max(0.0, deadline - time.monotonic()))[1]:
-                return False
-            try:
-                view = view[os.write(fd, view):]
-            except BlockingIOError:
-                continue
+        with selectors.DefaultSelector() as selector:
+            selector.register(fd, selectors.EVENT_WRITE)
+            while view:
+                if not selector.select(max(0.0, deadline - time.monotonic())):
+                    return False
+                try:
+                    view = view[os.write(fd, view):]
+                except BlockingIOError:
+                    continue
     except OSError:  # the helper died meanwhile
         return False
     finally:

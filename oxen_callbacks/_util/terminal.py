@@ -12,8 +12,8 @@ import re
 from typing import Any
 
 # C0 controls but tab and newline, DEL, C1 controls, bidirectional marks, overrides and isolates,
-# line and paragraph separators
-_CONTROL = "\x00-\x08\x0b-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028-\u202e\u2066-\u2069"
+# line and paragraph separators, lone surrogates (JSON can hold them; no terminal encoding can)
+_CONTROL = "\x00-\x08\x0b-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028-\u202e\u2066-\u2069\ud800-\udfff"
 _UNSAFE_IN_TEXT = re.compile(f"[{_CONTROL}]")
 _UNSAFE_IN_VALUE = re.compile(f"[\t\n{_CONTROL}]")
 
