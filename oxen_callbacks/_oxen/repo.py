@@ -253,8 +253,10 @@ class LocalRepo:
         return heads[ref]
 
     def _held(self, commit: str, ids: list[str], branch: str) -> str:
-        """``commit`` (a branch head) if this repository holds it: a head it lacks means damage."""
-        if commit not in ids:
+        """``commit`` (a branch head) if this repository holds it: a head it lacks means damage.
+        ``ids`` were read before the branches were listed: a commit made in between (a pipeline
+        committing while a fit starts) is looked for again before damage is declared."""
+        if commit not in ids and commit not in self.commit_ids():
             raise damaged_repo(self.role, self.path,
                                f"branch {branch!r} points to {str(commit)[:80]!r}, which is not a commit it holds")
         return commit
