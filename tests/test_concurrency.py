@@ -80,3 +80,48 @@ def test_a_pause_in_saving_frees_the_model_repo_for_the_users_own_oxen_commands(
     ours = [r["commit"] for r in pub.results if r["kind"] == "checkpoint"]
     assert history.index(ours[2]) < history.index(users_commit) < history.index(ours[1])
     assert (pub.repo.path / "NOTES.md").read_text() == "trained on the March data\n"
+
+
+def test_a_branch_moving_while_a_pin_resolves_it_is_not_damage(dataset_repo):
+    """A pipeline commits while a fit starts: the commit ids were read before the branches were
+    listed, so the new head looked like one the repository lacks ("looks damaged, clone again")."""
+    path = dataset_repo.path
+    moved: list[str] = []
+
+    def branches_during_a_commit() -> dict[str, str]:
+        (path / "other.csv").write_text("x\nnew\n")
+        moved.append(oxen_child.commit_paths(path, ["other.csv"], "pipeline", author=("P", "p@example.com")))
+        return oxen_child.branches(path)
+
+    assert LocalRepo(path).resolve("main", branches=branches_during_a_commit) == moved[0]
+
+
+def test_two_syncs_at_once_replay_a_journal_once(tmp_path, monkeypatch):
+    """Each `sync` used to check the journal's lock without taking it: two at once both replayed an
+    abandoned run, and the second made a second MLflow run left RUNNING for good."""
+    import threading
+
+    from oxen_callbacks._mlflow.journal import MlflowJournal
+    from oxen_callbacks._ops import sync
+
+    journal = MlflowJournal.create(tmp_path / "cache", {"tracking_uri": f"sqlite:///{tmp_path / 'm.db'}"})
+    journal.put(1, {"op": "set_tags", "tags": {"a": "b"}})
+    replaying, release, replays = threading.Event(), threading.Event(), []
+
+    def slow_replay(j):  # type: ignore[no-untyped-def]
+        replays.append(j.folder)
+        replaying.set()
+        release.wait(30)
+        return 1
+
+    monkeypatch.setattr("oxen_callbacks._mlflow.apply.replay", slow_replay)
+    first: list = []
+    thread = threading.Thread(target=lambda: first.extend(sync._replay_all(tmp_path / "cache")))
+    thread.start()
+    assert replaying.wait(30)
+    second = sync._replay_all(tmp_path / "cache")  # while the first one replays
+    release.set()
+    thread.join(30)
+    assert second == [{"journal": journal.folder.name, "status": "busy"}]
+    assert [e["status"] for e in first] == ["done"] and len(replays) == 1
+    assert sync._replay_all(tmp_path / "cache") == [] and not journal.folder.exists()

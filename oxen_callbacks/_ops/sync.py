@@ -25,7 +25,7 @@ from .._publish.publisher import worker_arguments
 from .._publish.push import PushTarget, pending_push, push_with_timeout
 from .._publish.queue import JobQueue, all_queues
 from .._util.cache import default_cache_dir
-from .._util.locks import is_locked
+from .._util.locks import FileLock, is_locked
 from .._util.processes import python_command
 from .._util.redact import redact_text
 from ..names import (
@@ -109,42 +109,59 @@ def sync_mlflow(cache_dir: Path) -> list[dict[str, Any]]:
 
 
 def _replay_all(cache_dir: Path) -> list[dict[str, Any]]:
-    from .._mlflow.apply import replay
-    from .._mlflow.journal import ABANDONED_SEQ, MlflowJournal, journals
+    from .._mlflow.journal import MlflowJournal, journals
 
     reports = []
     for folder in journals(cache_dir):
         journal = MlflowJournal(folder)
-        if journal.trainer_alive() or is_locked(journal.lock_path) or journal.sink_alive():
-            if not journal.is_empty():  # its training process or sink process still logs it
+        owner = FileLock(journal.lock_path)
+        # held through the replay: a second `sync` at the same time must not replay it too (it
+        # created a second MLflow run for an abandoned one, left RUNNING for good)
+        if journal.trainer_alive() or journal.sink_alive() or not owner.acquire(blocking=False):
+            if not journal.is_empty():  # its training process, sink process or another sync logs it
                 reports.append({"journal": folder.name, "status": "busy"})
             continue
-        if journal.abandoned():  # the whole job was killed at once: no sink process lived to say so
-            with contextlib.suppress(OSError):  # (a folder removed meanwhile is simply gone)
-                journal.put(ABANDONED_SEQ, {"op": "finish_abandoned"})
-        if journal.is_empty():
-            shutil.rmtree(folder, ignore_errors=True)
-            continue
-        meta = journal.meta()
-        if _waits_for_commits(journal, meta):
-            reports.append({"journal": folder.name, "status": "busy", "run_id": meta.get("run_id"),
-                            "waiting_for": f"the commits of run {meta['oxen_run']} in {meta['model_repo']}"})
-            continue
-        entry: dict[str, Any] = {"journal": folder.name, "tracking_uri": meta.get("tracking_uri"),
-                                 "run_id": meta.get("run_id"), "pending": len(journal.pending())}
         try:
-            with contextlib.redirect_stdout(sys.stderr):  # MLflow prints run links: keep stdout for our report
-                entry["done"] = replay(journal)
-            entry["status"] = "done"
-            entry["run_id"] = journal.meta().get("run_id")  # created by the replay when training could not
-            if journal.meta().get("abandoned"):
-                entry["abandoned"] = journal.meta()["abandoned"]
-            shutil.rmtree(folder, ignore_errors=True)
-        except Exception as exc:  # MLflow still down: keep it for the next sync
-            entry["status"] = "failed"
-            entry["error"] = redact_text(f"{type(exc).__name__}: {exc}")[:500]
-        reports.append(entry)
+            if (folder / "meta.json").exists():  # (another sync may have finished it just before)
+                entry = _replay_one(folder, journal)
+                if entry is not None:
+                    reports.append(entry)
+            else:
+                shutil.rmtree(folder, ignore_errors=True)  # (taking the lock made the folder again)
+        finally:
+            owner.release()
     return reports
+
+
+def _replay_one(folder: Path, journal: Any) -> dict[str, Any] | None:
+    """Replay one journal whose lock the caller holds; its report (``None``: nothing was left in it)."""
+    from .._mlflow.apply import replay
+    from .._mlflow.journal import ABANDONED_SEQ
+
+    if journal.abandoned():  # the whole job was killed at once: no sink process lived to say so
+        with contextlib.suppress(OSError):  # (a folder removed meanwhile is simply gone)
+            journal.put(ABANDONED_SEQ, {"op": "finish_abandoned"})
+    if journal.is_empty():
+        shutil.rmtree(folder, ignore_errors=True)
+        return None
+    meta = journal.meta()
+    if _waits_for_commits(journal, meta):
+        return {"journal": folder.name, "status": "busy", "run_id": meta.get("run_id"),
+                "waiting_for": f"the commits of run {meta['oxen_run']} in {meta['model_repo']}"}
+    entry: dict[str, Any] = {"journal": folder.name, "tracking_uri": meta.get("tracking_uri"),
+                             "run_id": meta.get("run_id"), "pending": len(journal.pending())}
+    try:
+        with contextlib.redirect_stdout(sys.stderr):  # MLflow prints run links: keep stdout for our report
+            entry["done"] = replay(journal)
+        entry["status"] = "done"
+        entry["run_id"] = journal.meta().get("run_id")  # created by the replay when training could not
+        if journal.meta().get("abandoned"):
+            entry["abandoned"] = journal.meta()["abandoned"]
+        shutil.rmtree(folder, ignore_errors=True)
+    except Exception as exc:  # MLflow still down: keep it for the next sync
+        entry["status"] = "failed"
+        entry["error"] = redact_text(f"{type(exc).__name__}: {exc}")[:500]
+    return entry
 
 
 def _waits_for_commits(journal: Any, meta: dict[str, Any]) -> bool:
