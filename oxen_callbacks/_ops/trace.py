@@ -130,7 +130,8 @@ class LineageFinder:
         """A run view for an MLflow run: the model repository's copy, else the artifact, else tags."""
         tags = run["tags"]
         repo, name = tags.get(TAG_MODEL_REPO), tags.get(TAG_RUN)
-        record = repo_record(repo, name) if repo and name and oxen_layout.is_repo(repo) else None
+        here = bool(repo) and oxen_layout.is_repo(repo)
+        record = repo_record(repo, name) if here and name else None
         if record is not None and record["run"].get("mlflow_run_id") == run["run_id"]:
             return {**record, "source": "model-repo", "_tags": tags}
         if artifact and self.reader is not None:
@@ -141,8 +142,8 @@ class LineageFinder:
             except ValueError as exc:  # not JSON, or not a lineage record (LineageValidationError)
                 log.warning("Run %s: its %s artifact is not a lineage record (%s); using its tags",
                             run["run_id"], LINEAGE_ARTIFACT, exc)
-        why = ("the model repository is not on this machine" if not (repo and oxen_layout.is_repo(repo)) else
-               "the model repository on this machine holds no record of this run")
+        why = ("the model repository on this machine holds no record of this run" if here else
+               "the model repository is not on this machine")
         return {**record_from_tags(run), "source": "mlflow-tags", "source_note": why, "_tags": tags}
 
     # -- trace -------------------------------------------------------------------------------
