@@ -168,14 +168,15 @@ class LocalRepo:
                            "write the checked-out branch into it (e.g. `echo main > .oxen/HEAD`), "
                            "or clone the repository again.") from None
 
-    def commit_branch(self, branches: Callable[[], dict[str, str]] | None = None) -> str | None:
+    def commit_branch(self, branches: Callable[[], dict[str, str]], *, check_name: bool = True) -> str | None:
         """The branch a new commit extends (``None`` in a repository without commits yet).
 
         A commit made where ``.oxen/HEAD`` is missing, empty, detached or names a branch the
         repository lacks starts a second, parentless history: Oxen then rewrites tree nodes
         earlier commits share, and those commits return other files. Such a HEAD is refused.
-        ``branches`` lists branch heads (oxenai; a worker has it loaded): without it only what
-        HEAD's own file shows is checked.
+        ``branches`` lists branch heads: called for a missing or empty HEAD (no branch at all: a first
+        commit killed before it named its branch, which the next commit completes) and, with
+        ``check_name``, to check HEAD's branch exists (a worker has oxenai loaded; fit start has not).
 
         Raises:
             ConfigurationError: HEAD does not name a branch the repository has.
@@ -183,12 +184,15 @@ class LocalRepo:
         ids = self.commit_ids()
         if not ids:
             return None  # (staged files make part of the layout before the first commit)
-        ref = self._head_ref()  # (checks the layout first)
+        self._check_layout()
+        if not _head_named(self.path) and not branches():
+            return None  # a first commit killed before it named its branch: the next commit completes it
+        ref = self._head_ref()
         if ref in ids:
             raise damaged_repo(self.role, self.path, f".oxen/HEAD is detached at commit {ref}: a commit "
                                "there would start a history of its own",
                                "write the branch to commit on into it (e.g. `echo main > .oxen/HEAD`).")
-        if branches is not None:
+        if check_name:
             self._held(self._branch_head(ref, branches()), ids, ref)
         return ref
 
@@ -303,6 +307,16 @@ class LocalRepo:
         if target != self.path and self.path not in target.parents:
             raise ConfigurationError(f"Path {rel_path!r} lies outside the {self.role} {str(self.path)!r}.")
         return target
+
+
+def _head_named(path: Path) -> bool:
+    """Whether ``.oxen/HEAD`` names something (a missing or empty one does not)."""
+    try:
+        return bool(oxen_layout.head_ref(path))
+    except FileNotFoundError:
+        return False
+    except (OSError, UnicodeDecodeError):
+        return True  # unreadable: :meth:`LocalRepo._head_ref` names the fault
 
 
 def _under_any(path: str, prefixes: list[str]) -> bool:

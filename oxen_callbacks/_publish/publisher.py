@@ -26,6 +26,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from .._oxen import child as oxen_child
 from .._oxen import layout as oxen_layout
 from .._oxen.identity import resolve_author, worker_environment
 from .._oxen.remote_spec import parse_remote
@@ -59,7 +60,9 @@ def open_model_repo(path: str | os.PathLike[str], cache_dir: Path) -> LocalRepo:
                 )
             oxen_layout.init(target)
             repo = LocalRepo(target, role="model repository")
-            repo.commit_branch()  # HEAD's own faults, before any step (the worker checks the branch exists)
+            # HEAD's own faults, before any step (the worker checks the branch exists); branches are
+            # listed (a child process) only for a missing or empty HEAD: a first commit cut short
+            repo.commit_branch(lambda: oxen_child.branches(target), check_name=False)
     except PermissionError as exc:
         raise ConfigurationError(
             f"Cannot create the model repository {str(path)!r}: {exc.strerror}.", "pass a writable folder."
