@@ -81,7 +81,7 @@ def test_every_checkpoint_committed_loads_and_mlflow_names_commits(dataset_repo,
     assert rotated and all(c["commit"] in repo_commits for c in rotated)
     # the pointer names the best checkpoint (monitor val_loss)
     assert record["model"]["path"].endswith(Path(topk.best_model_path).name)
-    best_entry = next(c for c in record["checkpoints"] if c["path"] == record["model"]["path"] and c["kept"])
+    best_entry = [c for c in record["checkpoints"] if c["path"] == record["model"]["path"] and c["kept"]][-1]
     assert record["model"]["commit"] == best_entry["commit"]
 
     run_id = record["run"]["mlflow_run_id"]
@@ -97,6 +97,27 @@ def test_every_checkpoint_committed_loads_and_mlflow_names_commits(dataset_repo,
     assert artifact["dataset"]["commit"] in set(LocalRepo(dataset_repo.path).commit_ids())
     # lineage also lives in the model repo without MLflow: committed, complete
     committed = read_lineage(file_at(model_repo.path, oxen_child.branches(model_repo.path)["main"],
+                                     f"runs/{record['run']['name']}/lineage.json", tmp_path / "read-cache"))
+    assert committed["model"] == record["model"]
+
+
+def test_a_best_checkpoint_saved_again_under_its_name_is_the_model(dataset_repo, tmp_path):
+    """``ModelCheckpoint(filename="best", save_top_k=1)`` writes each new best over the same file:
+    the lineage's model (and the MLflow tag) must be the bytes of the last one, not the first."""
+    pin = PinnedDataset(dataset_repo.path, revision=dataset_repo.commits[0], paths=["train.csv", "val.csv"])
+    best = ModelCheckpoint(dirpath=tmp_path / "ckpt", filename="best", monitor="step", mode="max", save_top_k=1)
+    cb = OxenLightningCallback(dataset=pin, model_repo=tmp_path / "models")
+    make_trainer(tmp_path, [best, cb], epochs=3).fit(TinyModel(), datamodule=CsvData(pin))
+
+    record, models = cb.lineage, tmp_path / "models"
+    versions = [c for c in record["checkpoints"] if c["path"].endswith("/best.ckpt")]
+    assert len(versions) == 3 and len({c["commit"] for c in versions}) == 3
+    assert (record["model"]["commit"], record["model"]["path"]) == (versions[-1]["commit"], versions[-1]["path"])
+    named = file_at(models, record["model"]["commit"], record["model"]["path"], tmp_path / "read-cache")
+    assert named.read_bytes() == Path(best.best_model_path).read_bytes()
+    tags = MlflowClient().get_run(record["run"]["mlflow_run_id"]).data.tags
+    assert tags["oxen.model.commit"] == versions[-1]["commit"]
+    committed = read_lineage(file_at(models, oxen_child.branches(models)["main"],
                                      f"runs/{record['run']['name']}/lineage.json", tmp_path / "read-cache"))
     assert committed["model"] == record["model"]
 

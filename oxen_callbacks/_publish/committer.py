@@ -192,7 +192,9 @@ class Committer:
             self._stage_removal(removal.payload["dest"])
         self._mark_removed(record, removals)
         kept = [c for c in record["checkpoints"] if c.get("kept", True)]
-        chosen = next((c for c in kept if c["path"] == p.get("best")), None) or (kept or record["checkpoints"] or [None])[-1]
+        # the best's latest version: a file saved again under its name ("best.ckpt") is the newer best
+        chosen = next((c for c in reversed(kept) if c["path"] == p.get("best")), None) or (
+            kept or record["checkpoints"] or [None])[-1]
         record["model"].update({"path": chosen["path"], "commit": chosen["commit"]} if chosen else {"path": None, "commit": None})
         self._write_record(run, record)
         return str(record.get("status", "finished"))
