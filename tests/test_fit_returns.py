@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import assert_every_saved_checkpoint_committed
+from helpers import assert_every_saved_checkpoint_committed, file_at
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import MLFlowLogger
 from lightning_model import CsvData, TinyModel, make_trainer
@@ -20,6 +20,7 @@ from mlflow import MlflowClient
 
 from oxen_callbacks import PinnedDataset, read_lineage
 from oxen_callbacks._ops import sync
+from oxen_callbacks._oxen import child as oxen_child
 from oxen_callbacks._oxen.repo import LocalRepo
 from oxen_callbacks._util.processes import ENTRY_POINTS
 from oxen_callbacks.checkpoints import materialize_checkpoint
@@ -171,6 +172,12 @@ def test_killed_the_moment_fit_returns_the_run_still_ends_finished(dataset_repo,
     repo_lineage = read_lineage(tmp_path / "models" / "runs" / run.data.tags["oxen.run"] / "lineage.json")
     assert repo_lineage["status"] == "FINISHED"
     assert run.data.tags["oxen.lineage.status"] == "FINISHED" and run.info.status == "FINISHED"
+    # the run was created after training ended: the model repository's record names it too
+    assert repo_lineage["run"]["mlflow_run_id"] == run.info.run_id
+    head = oxen_child.branches(tmp_path / "models")["main"]
+    committed = read_lineage(file_at(tmp_path / "models", head, f"runs/{run.data.tags['oxen.run']}/lineage.json",
+                                     tmp_path / "read-cache"))
+    assert committed["run"]["mlflow_run_id"] == run.info.run_id and committed["model"] == repo_lineage["model"]
 
 
 def test_waiting_for_background_work_is_bounded_by_one_timeout_in_all(tmp_path):

@@ -260,6 +260,19 @@ def test_sigkilled_training_run_is_finished_by_sync(dataset_repo, tmp_path, caps
     assert [c["commit"] for c in logged["checkpoints"]] == [c["commit"] for c in record["checkpoints"]]
     assert logged["run"]["mlflow_run_id"] == run.info.run_id
     assert cli.main(["sync"]) == 0 and "nothing left to do" in capsys.readouterr().out
+    # the model repository gives the same answer as MLflow: committed KILLED, naming the MLflow run
+    from helpers import file_at
+
+    from oxen_callbacks._oxen import child as oxen_child
+
+    head = oxen_child.branches(models)["main"]
+    committed = read_lineage(file_at(models, head, "runs/killed/lineage.json", tmp_path / "read-cache"))
+    assert committed["status"] == "KILLED" and committed["run"]["mlflow_run_id"] == run.info.run_id
+    assert committed["model"] == logged["model"] and committed["checkpoints"] == logged["checkpoints"]
+    assert cli.main(["lineage", run.info.run_id, "--model-repo", str(models), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["status"] == "KILLED"
+    assert cli.main(["trace", last["commit"], "--model-repo", str(models), "--json"]) == 0
+    assert [r["run"]["mlflow_run_id"] for r in json.loads(capsys.readouterr().out)["runs"]] == [run.info.run_id]
 
 
 def test_abandoned_run_waits_while_a_live_worker_commits_its_checkpoints(tmp_path):

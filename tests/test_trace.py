@@ -107,3 +107,55 @@ def test_tag_search_finds_exactly_the_matching_runs(tmp_path):
     (run,) = finder.trace(endpoint)["runs"]
     assert run["run"]["name"] == "r7" and run["endpoints"] == [
         {"endpoint": endpoint, "model_commit": None, "model_path": None, "deployed_at": None}]
+
+
+def test_a_run_path_two_model_repositories_hold_lists_both(offline, tmp_path):
+    """``runs/<name>/...`` names a run folder in every repository that used the name (a "baseline"
+    in two projects): the answer lists each, not whichever was found first."""
+    dataset, other = offline["dataset"], tmp_path / "other-models"
+    pin = PinnedDataset(dataset.path, revision=dataset.commits[1], paths=["train.csv", "val.csv"])
+    cb = OxenLightningCallback(dataset=pin, model_repo=other, run_name="solo-a", mlflow=False)
+    make_trainer(tmp_path, [ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=3, save_top_k=-1), cb],
+                 epochs=1).fit(TinyModel(), datamodule=CsvData(pin))
+    first = offline["runs"]["solo-a"]["checkpoints"][0]["path"]
+    assert first in {c["path"] for c in cb.lineage["checkpoints"]}  # the same path in both repositories
+
+    found = cli(offline, "trace", first, "--model-repo", str(offline["models"]), "--model-repo", str(other))
+    assert found["kind"] == "checkpoint"
+    assert sorted((r["model"]["repo"], r["dataset"]["commit"]) for r in found["runs"]) == sorted(
+        [(str(offline["models"]), dataset.commits[0]), (str(other.resolve()), dataset.commits[1])])
+
+
+def test_a_record_without_its_mlflow_run_id_is_one_run_with_that_run(offline, tmp_path):
+    """The MLflow run was created after training ended (or the record was never amended): the model
+    repository's record and the MLflow run with its repository and name are one run, listed once."""
+    record, models = offline["runs"]["solo-b"], offline["models"]
+    uri = f"sqlite:///{tmp_path / 'late.db'}"
+    client = MlflowClient(uri)
+    tags = {"oxen.run": "solo-b", "oxen.model.repo": str(models), "oxen.model.commit": record["model"]["commit"],
+            "oxen.model.path": record["model"]["path"], "oxen.dataset.commit": record["dataset"]["commit"],
+            "oxen.dataset.repo": record["dataset"]["repo"], "oxen.lineage.status": "FINISHED"}
+    run_id = client.create_run(client.create_experiment("late"), tags=tags).info.run_id
+    client.set_terminated(run_id, "FINISHED")
+    found = LineageFinder(tracking_uri=uri, model_repos=[models]).trace(record["model"]["commit"])
+    assert [r["run"]["mlflow_run_id"] for r in found["runs"]] == [run_id]
+
+
+def test_mlflow_s_end_wins_over_a_record_still_running(offline, tmp_path):
+    """A run killed, finished by `sync` in MLflow, whose amended record could not be committed yet:
+    the answer says how MLflow ended it, and why the repository disagrees."""
+    import shutil
+
+    models = tmp_path / "models"
+    shutil.copytree(offline["models"], models, symlinks=True)
+    uri = f"sqlite:///{tmp_path / 'ended.db'}"
+    client = MlflowClient(uri)
+    run_id = client.create_run(client.create_experiment("ended"), tags={"oxen.lineage.status": "KILLED"}).info.run_id
+    client.set_terminated(run_id, "KILLED")
+    path = models / "runs" / "solo-a" / "lineage.json"
+    stale = json.loads(path.read_text())
+    stale["status"], stale["run"]["mlflow_run_id"] = "RUNNING", run_id
+    path.write_text(json.dumps(stale))
+    view = LineageFinder(tracking_uri=uri, model_repos=[models]).run(run_id)
+    assert view["status"] == "KILLED" and "still says RUNNING" in view["status_note"]
+    assert view["dataset"]["commit"] == offline["dataset"].commits[0]  # the rest is the repository's record

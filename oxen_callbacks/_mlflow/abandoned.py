@@ -61,3 +61,22 @@ def committed_record(model_repo: str, run: str, mlflow_run_id: str,
             record.model.commit, record.model.path = record.checkpoints[-1].commit, record.checkpoints[-1].path
     record.run.mlflow_run_id = record.run.mlflow_run_id or mlflow_run_id
     return record.to_json()
+
+
+def amend_repo_record(model_repo: str, run: str, record: dict[str, Any]) -> dict[str, Any]:
+    """Commit ``record`` (:func:`committed_record`'s) as the run's lineage in the model repository
+    when the repository's record says less: still ``RUNNING``, or without the MLflow run id. So the
+    repository and MLflow give one answer. Returns the record to log (the committed one when the
+    commit worked)."""
+    from .._publish.drain import commit_record
+
+    try:
+        current = LineageRecord.read(Path(model_repo) / lineage_path(run))
+    except (OSError, ValueError, LineageValidationError):
+        return record
+    if current.extra.get("fit_id") != record.get("fit_id"):
+        return record  # the run went on since (a continued run): its newer record stays as it is
+    if current.status == record["status"] and current.run.mlflow_run_id == record["run"]["mlflow_run_id"]:
+        return record
+    committed = commit_record(model_repo, run, record)
+    return committed if committed is not None else record

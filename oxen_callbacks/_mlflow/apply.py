@@ -23,7 +23,7 @@ from ..names import (
     TAG_MODEL_COMMIT,
     TAG_MODEL_PATH,
 )
-from .abandoned import KILLED, committed_record
+from .abandoned import KILLED, amend_repo_record, committed_record
 from .journal import MlflowJournal
 
 
@@ -83,6 +83,8 @@ def apply_op(client: Any, journal: MlflowJournal, meta: dict[str, Any], op: dict
         data = op["data"]
         if isinstance(data.get("run"), dict) and not data["run"].get("mlflow_run_id"):
             data = {**data, "run": {**data["run"], "mlflow_run_id": run_id}}  # created after training knew
+            if op["name"] == LINEAGE_ARTIFACT_NAME and meta.get("model_repo") and meta.get("oxen_run"):
+                data = amend_repo_record(meta["model_repo"], meta["oxen_run"], data)  # the repository's too
         with tempfile.TemporaryDirectory() as tmp:
             local = Path(tmp) / op["name"]
             local.write_text(json.dumps(data, indent=2) + "\n")
@@ -123,6 +125,8 @@ def finish_abandoned(client: Any, journal: Any, meta: dict[str, Any], status: st
     run_id = meta["run_id"]
     trainer_died = status == KILLED  # else the training run itself left it to sync (its final commit stalled)
     record = committed_record(meta["model_repo"], meta.get("oxen_run") or "", run_id, status)
+    if record is not None:
+        record = amend_repo_record(meta["model_repo"], meta["oxen_run"], record)
     status = record["status"] if record else status
     tags = {TAG_LINEAGE_STATUS: status}
     if record and record["model"].get("commit"):

@@ -11,7 +11,6 @@ import contextlib
 import logging
 import os
 import shutil
-import subprocess
 import sys
 import time
 from collections.abc import Iterator
@@ -20,13 +19,12 @@ from pathlib import Path
 from typing import Any
 
 from .._oxen import layout as oxen_layout
+from .._publish.drain import drain_in_worker
 from .._publish.known_repos import registered_model_repos
-from .._publish.publisher import worker_arguments
 from .._publish.push import PushTarget, pending_push, push_with_timeout
 from .._publish.queue import JobQueue, all_queues
 from .._util.cache import default_cache_dir
 from .._util.locks import FileLock, is_locked
-from .._util.processes import python_command
 from .._util.redact import redact_text
 from ..names import (
     ENV_MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR,
@@ -51,7 +49,7 @@ def sync_model_repo(repo: Path, *, push_timeout: float = 300.0) -> dict[str, Any
             report["busy"].append({"queue": queue.folder.name, "pending": len(pending)})
             continue
         report["committed"] += len(pending)
-        _drain(queue, repo, push_timeout)
+        drain_in_worker(queue, repo, push_timeout)
         left = queue.pending()
         report["committed"] -= len(left)
         if left:
@@ -62,17 +60,6 @@ def sync_model_repo(repo: Path, *, push_timeout: float = 300.0) -> dict[str, Any
                                                     url=marker.get("url")))
         report["push"] = result
     return report
-
-
-def _drain(queue: JobQueue, repo: Path, push_timeout: float) -> None:
-    """Run a worker on ``queue`` with stdin closed: it drains everything, then exits."""
-    meta = queue.meta()
-    cmd = python_command("publish-worker", *worker_arguments(
-        queue.folder, repo, push_timeout=push_timeout, remote=meta.get("remote"), branch=meta.get("branch"),
-        remote_url=meta.get("remote_url")))
-    env = {**os.environ, **meta.get("env", {})}
-    subprocess.run(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env,
-                   check=False)
 
 
 def _forget_if_old(queue: JobQueue) -> None:

@@ -150,9 +150,9 @@ class LineageFinder:
     def trace(self, target: str) -> dict[str, Any]:
         """Runs on the other side of ``target``: a checkpoint path, a model or dataset commit, or an endpoint."""
         target = target.strip()
-        location = None if "://" in target else self._checkpoint_location(target)
-        if location is not None:
-            kind, views = "checkpoint", self._by_checkpoint(*location)
+        locations = [] if "://" in target else self._checkpoint_locations(target)
+        if locations:
+            kind, views = "checkpoint", [view for location in locations for view in self._by_checkpoint(*location)]
         elif self.reader is None and not self.model_repos:
             raise ConfigurationError(f"Nowhere to look for {target!r}: {self._no_mlflow()} and no model repository.",
                                      "set MLFLOW_TRACKING_URI (or --tracking-uri), or pass --model-repo PATH.")
@@ -171,18 +171,19 @@ class LineageFinder:
             return f"the MLflow store {self.missing_store} does not exist"
         return "no MLflow tracking URI is set"
 
-    def _checkpoint_location(self, target: str) -> tuple[Path, str] | None:
-        """``(model repository, path inside it)`` when ``target`` names a file of a run folder."""
+    def _checkpoint_locations(self, target: str) -> list[tuple[Path, str]]:
+        """``(model repository, path inside it)`` of each run folder file ``target`` may name: one
+        for a path on disk; for ``runs/<run>/...``, every known model repository holding that run."""
         try:
-            return self._location_of(target)
+            return self._locations_of(target)
         except OSError as exc:  # not a path this system can hold (too long, a NUL byte): not a checkpoint
             log.debug("%r is not a checkpoint path: %s", target[:200], exc)
-            return None
+            return []
 
-    def _location_of(self, target: str) -> tuple[Path, str] | None:
+    def _locations_of(self, target: str) -> list[tuple[Path, str]]:
         given = Path(target).expanduser()
         if "/" not in target and not given.exists():
-            return None
+            return []
         absolute = given if given.is_absolute() else Path.cwd() / given
         anchor = next((p for p in (absolute, *absolute.parents) if p.exists()), Path("/"))
         real = anchor.resolve() / absolute.relative_to(anchor)
@@ -190,18 +191,16 @@ class LineageFinder:
         if root is not None:
             rel = real.relative_to(root)
             if run_of_path(rel) is not None:
-                return root, rel.as_posix()
+                return [(root, rel.as_posix())]
         run_name = None if given.is_absolute() else run_of_path(given)
-        if run_name is not None:
-            for repo in self.model_repos:
-                if (runs_dir(repo) / run_name).is_dir():
-                    return repo, given.as_posix()
-            if self.reader is not None:
-                for run in self.reader.search_runs(tag_filter(TAG_RUN, run_name)):
-                    repo_path = run["tags"].get(TAG_MODEL_REPO)
-                    if repo_path and oxen_layout.is_repo(repo_path):
-                        return Path(repo_path), given.as_posix()
-        return None
+        if run_name is None:
+            return []
+        repos = [repo for repo in self.model_repos if (runs_dir(repo) / run_name).is_dir()]
+        if not repos and self.reader is not None:  # the model repositories MLflow's runs of that name used
+            tagged = {run["tags"].get(TAG_MODEL_REPO) for run in self.reader.search_runs(tag_filter(TAG_RUN, run_name))}
+            repos = [Path(p) for p in sorted(p for p in tagged if p) if oxen_layout.is_repo(p)]
+        unique = {os.path.realpath(repo): repo for repo in repos}  # (one folder named two ways is one repository)
+        return [(repo, given.as_posix()) for repo in unique.values()]
 
     def _by_checkpoint(self, repo: Path, rel: str) -> list[dict[str, Any]]:
         record = repo_record(repo, run_of_path(rel) or "")
@@ -220,9 +219,10 @@ class LineageFinder:
             if prefix or not models:  # a full id names one commit: a model's is no dataset's
                 for run in self.reader.search_runs(tag_filter(TAG_DATASET_COMMIT, commit, prefix=prefix)):
                     datasets[run["run_id"]] = self._view(run)
+        by_name = _mlflow_runs_by_name([*models.values(), *datasets.values()])
         for repo in self.model_repos:
             for record in repo_records(repo):
-                key = record["run"].get("mlflow_run_id") or f"{repo}:{record['run'].get('name')}"
+                key = _view_key(repo, record, by_name)
                 if any((c["commit"] or "").startswith(commit) for c in record["checkpoints"]):
                     models.setdefault(key, {**record, "source": "model-repo"})
                 if record["dataset"] and record["dataset"]["commit"].startswith(commit):
@@ -251,7 +251,7 @@ class LineageFinder:
                     continue
                 record = repo_record(repo, deployment["run"]["name"] or "")
                 if record is not None:
-                    key = record["run"].get("mlflow_run_id") or f"{repo}:{record['run']['name']}"
+                    key = _view_key(repo, record, _mlflow_runs_by_name(list(views.values())))
                     views.setdefault(key, {**record, "source": "model-repo"})
         return list(views.values())
 
@@ -270,16 +270,51 @@ class LineageFinder:
         deployments = {str(r): read_deployments(r) for r in {v["model"]["repo"] for v in views}
                        if r and oxen_layout.is_repo(r)}
         for view in views:
+            self._settle_status(view)
             view["registered"] = sorted(versions.get(view["run"].get("mlflow_run_id"), []),
                                         key=lambda v: (v["name"], int(v["version"])))
             view["endpoints"] = _endpoints(view, deployments.get(str(view["model"]["repo"]), []), view.pop("_tags", {}))
         return views
+
+    def _settle_status(self, view: dict[str, Any]) -> None:
+        """A model repository's record still ``RUNNING`` while MLflow ended the run (a killed run
+        whose amended record was not committed yet): MLflow's end is the answer, said so."""
+        run_id = view["run"].get("mlflow_run_id")
+        if (view.get("status") != "RUNNING" or view.get("source") != "model-repo" or self.reader is None
+                or not isinstance(run_id, str) or not _RUN_ID.fullmatch(run_id)):
+            return
+        found = self.reader.get_run(run_id)
+        if found is None or found.get("status") in (None, "RUNNING", "SCHEDULED"):
+            return
+        view["status"] = found["tags"].get(TAG_LINEAGE_STATUS) or found["status"]
+        view["status_note"] = (f"MLflow ended the run as {view['status']}; the model repository's record still "
+                               "says RUNNING (`oxen-callbacks sync` commits the amended record)")
 
     def _aliases_of(self, name: str) -> dict[str, str]:
         if name not in self._aliases:
             assert self.reader is not None
             self._aliases[name] = self.reader.aliases(name)
         return self._aliases[name]
+
+
+def _mlflow_runs_by_name(views: list[dict[str, Any]]) -> dict[tuple[str, str], str | None]:
+    """The MLflow runs among ``views`` by (model repository, run name); ``None`` where several share
+    them (fits that continued one run): a record without its run id cannot say which it is."""
+    found: dict[tuple[str, str], str | None] = {}
+    for view in views:
+        repo, name, run_id = view["model"].get("repo"), view["run"].get("name"), view["run"].get("mlflow_run_id")
+        if isinstance(repo, str) and isinstance(name, str) and run_id:
+            key = (os.path.realpath(repo), name)
+            found[key] = run_id if found.get(key, run_id) == run_id else None
+    return found
+
+
+def _view_key(repo: Path, record: dict[str, Any], mlflow_runs: dict[tuple[str, str], str | None]) -> str:
+    """What identifies ``record``'s run among the views: its MLflow run id; without one (the run was
+    killed, or created only after training), the MLflow run of the same repository and name."""
+    name = record["run"].get("name")
+    return (record["run"].get("mlflow_run_id") or mlflow_runs.get((os.path.realpath(repo), str(name)))
+            or f"{repo}:{name}")
 
 
 def _endpoints(view: dict[str, Any], deployments: list[dict[str, Any]], tags: dict[str, str]) -> list[dict[str, Any]]:

@@ -43,6 +43,8 @@ def run_lines(view: Result, indent: str = "") -> list[str]:
     run, dataset, model, code = view["run"], view.get("dataset"), view["model"], view.get("code") or {}
     lines = [f"{indent}run          {run.get('name') or '?'}  (MLflow {run.get('mlflow_run_id') or 'none'})  "
              f"{view.get('status') or ''}".rstrip()]
+    if view.get("status_note"):
+        lines.append(f"{indent}             ({view['status_note']})")
     if dataset:
         asked = f"  asked for {dataset['revision']!r}" if dataset.get("revision") not in (None, dataset["commit"]) else ""
         lines.append(f"{indent}dataset      {dataset['repo']} @ {dataset['commit']}{asked}")

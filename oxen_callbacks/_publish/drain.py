@@ -1,0 +1,62 @@
+"""Publishing work done after its training process is gone: a worker drains a queue, then exits.
+
+``oxen-callbacks sync`` drains the queues a dead training process left (:func:`drain_in_worker`);
+the end of an abandoned run commits its amended lineage record the same way
+(:func:`commit_record`), so the model repository says what MLflow says: ``KILLED``, and the
+MLflow run id that training never got to commit. Both go through a publishing worker: the
+repository lock, the commit rules and the push are the ones training uses.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+from pathlib import Path
+from typing import Any
+
+from .._oxen.identity import resolve_author, worker_environment
+from .._util.cache import default_cache_dir
+from .._util.processes import python_command
+from .publisher import worker_arguments
+from .queue import JobQueue, all_queues
+
+log = logging.getLogger(__name__)
+
+
+def drain_in_worker(queue: JobQueue, repo: str | os.PathLike[str], push_timeout: float = 300.0) -> None:
+    """Run a worker on ``queue`` with stdin closed: it drains everything (and pushes), then exits."""
+    meta = queue.meta()
+    cmd = python_command("publish-worker", *worker_arguments(
+        queue.folder, repo, push_timeout=push_timeout, remote=meta.get("remote"), branch=meta.get("branch"),
+        remote_url=meta.get("remote_url")))
+    env = {**os.environ, **(meta.get("env") or {})}
+    subprocess.run(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env,
+                   check=False)
+
+
+def commit_record(model_repo: str | os.PathLike[str], run: str, record: dict[str, Any], *,
+                  push_timeout: float = 300.0) -> dict[str, Any] | None:
+    """Commit ``record`` as run ``run``'s lineage (``runs/<run>/lineage.json``) of ``model_repo``.
+
+    The record's checkpoints that the repository's own record lists keep their place; the model it
+    names stays ``record["model"]``. Returns the committed record (commit ids filled), or ``None``
+    when the commit failed: the job then stays queued for the next ``sync``.
+    """
+    repo = Path(model_repo)
+    earlier = [q.meta() for q in all_queues(repo) if q.meta().get("run") == run]
+    like = earlier[-1] if earlier else {}  # the run's own author, remote and branch (kept for a day)
+    env = like.get("env")
+    if env is None:  # (forgotten by now: this machine's identity)
+        env = worker_environment(resolve_author(None), default_cache_dir())
+    queue = JobQueue.create(repo, run, {"pid": os.getpid(), "amends": True, "env": env,
+                                        **{k: like.get(k) for k in ("remote", "branch", "remote_url")}})
+    seq = queue.next_seq()
+    queue.put(seq, "finalize", {"run": run, "record": record, "best": record["model"].get("path")})
+    drain_in_worker(queue, repo, push_timeout)
+    result = queue.result(seq)
+    if result is None or not result.get("ok"):
+        log.warning("Committing the amended lineage of run %s to %s failed; `oxen-callbacks sync` tries again "
+                    "(log: %s)", run, repo, queue.log_path)
+        return None
+    return result.get("record")
