@@ -6,6 +6,7 @@ Every option is checked before any training time is spent; each error is a
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 from pathlib import Path
@@ -17,7 +18,11 @@ from ._util.processes import check_can_start_processes
 from .errors import ConfigurationError, DatasetMismatchError
 from .names import ENV_MLFLOW_TRACKING_URI
 
+log = logging.getLogger(__name__)
 _RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+#: The Oxen run each MLflow run this process logged into holds: ``{mlflow run id: (model repo, run
+#: name, dataset commit)}``. One MLflow run describes one Oxen run (its tags and pointer are one run's).
+_OXEN_RUN_OF_MLFLOW_RUN: dict[str, tuple[str, str, str | None]] = {}
 
 
 class RunOptionChecks:
@@ -37,6 +42,39 @@ class RunOptionChecks:
     drain_timeout: float | None
     mlflow_timeout: float
     register_model: str | None
+    _named: bool
+
+    def _continue_in_shared_mlflow_run(self, continuing: bool) -> bool:
+        """A second fit logging into the MLflow run an earlier fit of this process logged into (the same
+        ``MLFlowLogger`` or active run) continues that fit's Oxen run: the MLflow run's tags, pointer and
+        models then describe one run, both fits' checkpoints. Returns whether this fit continues a run;
+        a fit that cannot continue it (another model repository, name or dataset commit) is refused."""
+        from ._mlflow.fluent import active_run_id
+
+        mlflow_run = (self.mlflow_run_id or active_run_id()) if self.use_mlflow else None
+        earlier = _OXEN_RUN_OF_MLFLOW_RUN.get(mlflow_run) if mlflow_run else None
+        if earlier is None:
+            return continuing
+        repo, name, commit = earlier
+        mine = self.dataset.commit if self.dataset is not None else None
+        if repo == str(self.model_repo) and commit == mine and (name == self.run_name or not self._named):
+            if name != self.run_name:
+                log.info("MLflow run %s holds Oxen run %s of an earlier fit: this fit continues that run.",
+                         mlflow_run, name)
+            self.run_name = name
+            return True
+        theirs = f"run {name!r} in the model repository {repo!r} on dataset commit {commit}"
+        raise ConfigurationError(
+            f"MLflow run {mlflow_run} already holds the lineage of {theirs}; this fit (run {self.run_name!r}, "
+            f"model repository {str(self.model_repo)!r}, dataset commit {mine}) would replace its tags and pointer.",
+            "give each fit its own MLflow run (a new MLFlowLogger, or mlflow.start_run() per fit), or continue "
+            "that run with the same model repository and dataset.")
+
+    def _note_mlflow_run(self, mlflow_run: str | None) -> None:
+        """This run logs into ``mlflow_run`` (see :meth:`_continue_in_shared_mlflow_run`)."""
+        if mlflow_run:
+            _OXEN_RUN_OF_MLFLOW_RUN[mlflow_run] = (str(self.model_repo), self.run_name,
+                                                   self.dataset.commit if self.dataset is not None else None)
 
     def _validate(self) -> None:
         check_can_start_processes()  # (the commit worker starts right after these checks)

@@ -169,6 +169,7 @@ class LineageRun(RunOptionChecks, RunEnding):
         is noted under it in the model repository for :meth:`lineage`.
         """
         check_can_start_processes()  # the environment may have grown since the callback was built
+        continuing = self._continue_in_shared_mlflow_run(continuing)
         # an earlier fit of this process still finishing its lineage (all of it when it is this run's)
         background.wait_for(self.model_repo, run=self.run_name)
         open_model_repo(self.model_repo, self.cache_dir)  # `oxen init` when new: a file written, ~1 ms
@@ -189,6 +190,8 @@ class LineageRun(RunOptionChecks, RunEnding):
             raise
         if fit_key is not None:
             record_fit(self.model_repo, fit_key, self.run_name)
+        if self.sink is not None:
+            self._note_mlflow_run(self.sink.run_id)
 
     def _open(self) -> None:
         """Pull the pinned data and check it is as recorded, start the publisher, open the MLflow run and tag it."""

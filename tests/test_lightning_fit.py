@@ -20,7 +20,12 @@ from mlflow import MlflowClient
 from oxen_callbacks import PinnedDataset, read_lineage
 from oxen_callbacks._oxen import child as oxen_child
 from oxen_callbacks._oxen.repo import LocalRepo
+from oxen_callbacks.errors import ConfigurationError
 from oxen_callbacks.lightning import OxenLightningCallback
+
+
+def _artifact_lineage_from(uri: str, run_id: str, tmp_path: Path) -> dict:
+    return read_lineage(MlflowClient(uri).download_artifacts(run_id, "oxen/lineage.json", str(tmp_path / "dl")))
 
 
 def _artifact_lineage(run_id: str, tmp_path: Path) -> dict:
@@ -147,6 +152,52 @@ def test_joins_lightning_mlflow_logger_run(dataset_repo, tmp_path):
     assert len(runs) == 1 and runs[0].info.run_id == logger.run_id == lineage["run"]["mlflow_run_id"]
     assert runs[0].data.tags["oxen.dataset.commit"] == dataset_repo.commits[0]
     assert "train_loss" in runs[0].data.metrics  # the logger's own metrics, same run
+
+
+def test_a_second_fit_into_the_same_logger_run_continues_its_oxen_run(dataset_repo, tmp_path):
+    """One callback and one MLFlowLogger, fitted twice (a notebook training on): the MLflow run's tags,
+    pointer and the model repository describe one Oxen run holding both fits' checkpoints, not the
+    second fit alone."""
+    pin = PinnedDataset(dataset_repo.path, revision=dataset_repo.commits[0], paths=["train.csv", "val.csv"])
+    uri = f"sqlite:///{tmp_path / 'logger.db'}"
+    logger = MLFlowLogger(experiment_name="twice", tracking_uri=uri)
+    cb = OxenLightningCallback(dataset=pin, model_repo=tmp_path / "models")
+    model = TinyModel()
+    make_trainer(tmp_path / "a", [ModelCheckpoint(dirpath=tmp_path / "a"), cb], epochs=1, logger=logger).fit(
+        model, datamodule=CsvData(pin))
+    first = cb.lineage
+    make_trainer(tmp_path / "b", [ModelCheckpoint(dirpath=tmp_path / "b"), cb], epochs=1, logger=logger).fit(
+        model, datamodule=CsvData(pin))
+    second = cb.lineage
+
+    assert second["run"]["name"] == first["run"]["name"] and second["run"]["mlflow_run_id"] == logger.run_id
+    assert [c["commit"] for c in second["checkpoints"][:len(first["checkpoints"])]] == [
+        c["commit"] for c in first["checkpoints"]] and len(second["checkpoints"]) > len(first["checkpoints"])
+    run = MlflowClient(uri).get_run(logger.run_id)
+    assert run.data.tags["oxen.run"] == first["run"]["name"]
+    assert run.data.tags["oxen.model.commit"] == second["model"]["commit"]
+    logged = _artifact_lineage_from(uri, logger.run_id, tmp_path)
+    assert [c["commit"] for c in logged["checkpoints"]] == [c["commit"] for c in second["checkpoints"]]
+
+
+def test_another_run_into_an_mlflow_run_that_holds_one_is_refused_before_a_step(dataset_repo, tmp_path):
+    """Two callbacks, two datasets, one active MLflow run: the second fit would replace the first's
+    lineage in that run. It stops before its first step, naming both."""
+    uri = mlflow.get_tracking_uri()  # (this test's own store)
+    pins = [PinnedDataset(dataset_repo.path, revision=c, paths=["train.csv", "val.csv"]) for c in dataset_repo.commits[:2]]
+    with mlflow.start_run() as active:
+        first = OxenLightningCallback(dataset=pins[0], model_repo=tmp_path / "models")
+        make_trainer(tmp_path / "a", [ModelCheckpoint(dirpath=tmp_path / "a"), first], epochs=1).fit(
+            TinyModel(), datamodule=CsvData(pins[0]))
+        assert first.lineage["run"]["mlflow_run_id"] == active.info.run_id
+        second = OxenLightningCallback(dataset=pins[1], model_repo=tmp_path / "models")
+        with pytest.raises(ConfigurationError, match=f"MLflow run {active.info.run_id} already holds") as refused:
+            make_trainer(tmp_path / "b", [ModelCheckpoint(dirpath=tmp_path / "b"), second], epochs=1).fit(
+                TinyModel(), datamodule=CsvData(pins[1]))
+    assert first.run.run_name in str(refused.value) and "own MLflow run" in refused.value.hint
+    assert not (tmp_path / "b").exists() or not list((tmp_path / "b").glob("*.ckpt"))
+    tags = MlflowClient(uri).get_run(active.info.run_id).data.tags
+    assert tags["oxen.run"] == first.run.run_name and tags["oxen.dataset.commit"] == dataset_repo.commits[0]
 
 
 def test_pinning_leaves_user_dataset_tree_head_and_branches_alone(dataset_repo, tmp_path):
