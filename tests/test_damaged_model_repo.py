@@ -167,3 +167,23 @@ def test_a_checkpoint_missing_from_its_commit_is_named_in_the_model_repository(f
                                                  rf"{first_run['model']['commit']} of the model repository '{models}'"):
         materialize_checkpoint(models, commit=first_run["model"]["commit"], path="runs/first/checkpoints/nope.ckpt",
                                cache_dir=tmp_path / "cache")
+
+
+def test_a_first_commit_cut_short_is_completed_by_the_next_fit(dataset_repo, tmp_path):
+    """A commit process killed in a repository's first commit leaves that commit's folder, no branch
+    and no HEAD. That is no damage: the next fit commits on, and a branch names its commits."""
+    from helpers import make_repo
+
+    from oxen_callbacks._oxen import child as oxen_child
+
+    models = tmp_path / "models"
+    make_repo(models, [("first, cut short", {"README.md": "models\n"})])
+    (models / ".oxen" / "HEAD").unlink()  # what the kill left: the commit, but no branch names it
+    shutil.rmtree(models / ".oxen" / "refs")
+    assert LocalRepo(models).commit_ids() and not oxen_child.branches(models)
+
+    record = _fit(dataset_repo, tmp_path, "after-cut").lineage
+    assert record["status"] == "FINISHED"
+    _committed_bytes_match(models, tmp_path / "after-cut", record)
+    branches = oxen_child.branches(models)
+    assert list(branches) == ["main"] and branches["main"] in LocalRepo(models).commit_ids()
