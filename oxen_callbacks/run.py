@@ -26,6 +26,7 @@ from typing import Any
 from . import __version__
 from ._lineage_html import LineageView
 from ._oxen.remote_spec import parse_remote
+from ._oxen.repo import LocalRepo
 from ._publish.claim import RunClaim, record_fit, recorded_fit
 from ._publish.freeze import unfreeze_for_rewrite
 from ._publish.publisher import CheckpointPublisher, open_model_repo
@@ -172,7 +173,7 @@ class LineageRun(RunOptionChecks, RunEnding):
         continuing = self._continue_in_shared_mlflow_run(continuing)
         # an earlier fit of this process still finishing its lineage (all of it when it is this run's)
         background.wait_for(self.model_repo, run=self.run_name)
-        open_model_repo(self.model_repo, self.cache_dir)  # `oxen init` when new: a file written, ~1 ms
+        opened = open_model_repo(self.model_repo, self.cache_dir)  # `oxen init` when new: a file written, ~1 ms
         try:
             self._claim = RunClaim.take(self.model_repo, self.run_name, continuing=continuing)
         except ConfigurationError:
@@ -183,7 +184,7 @@ class LineageRun(RunOptionChecks, RunEnding):
         try:
             if continuing:
                 self._check_continued_dataset()
-            self._open()
+            self._open(opened)
         except BaseException:
             self._claim.release()  # nothing was queued under the name: it stays free
             self._claim = None
@@ -193,7 +194,7 @@ class LineageRun(RunOptionChecks, RunEnding):
         if self.sink is not None:
             self._note_mlflow_run(self.sink.run_id)
 
-    def _open(self) -> None:
+    def _open(self, repo: LocalRepo) -> None:
         """Pull the pinned data and check it is as recorded, start the publisher, open the MLflow run and tag it."""
         if self.dataset is not None:
             self.dataset.pull()
@@ -218,7 +219,7 @@ class LineageRun(RunOptionChecks, RunEnding):
         self.record.update({"status": "RUNNING", "started_at": now(), "fit_id": uuid.uuid4().hex,
                             "oxen_callbacks_version": __version__})
         self.publisher = CheckpointPublisher(
-            model_repo=self.model_repo, run=self.run_name, cache_dir=self.cache_dir, author=self.author,
+            model_repo=repo, run=self.run_name, cache_dir=self.cache_dir, author=self.author,
             remote=self.remote, remote_url=self.remote_url, branch=self.branch, push_timeout=self.push_timeout,
             on_result=self._on_result, warm=self._warm_worker,
         )

@@ -27,6 +27,19 @@ def isolate(mp: pytest.MonkeyPatch, root: Path, tracking_uri: str) -> None:
         mp.delenv(var)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def temp_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The temp dir of this process and every process it starts, under pytest's own: what libraries
+    leave there (torchelastic, MLflow's SQLite init locks, Ray's Lightning callback) goes with it."""
+    import tempfile
+
+    folder = tmp_path_factory.mktemp("tmp")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("TMPDIR", str(folder))
+        mp.setattr(tempfile, "tempdir", str(folder))
+        yield folder
+
+
 @pytest.fixture(autouse=True)
 def isolated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """cwd, Oxen identity (none), snapshot cache and MLflow store all under ``tmp_path``."""

@@ -41,6 +41,8 @@ def ray_cluster(tmp_path_factory: pytest.TempPathFactory):
         env.setenv("OXEN_CONFIG_DIR", str(root / "oxen-config"))
         env.setenv("OXEN_CALLBACKS_CACHE", str(root / "cache"))
         env.setenv("HF_HOME", str(root / "hf"))
+        (root / "tmp").mkdir()  # Ray's Lightning report callback makes its folders in the temp dir
+        env.setenv("TMPDIR", str(root / "tmp"))
         env.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")  # Ray's controller polls workers faster than 2 s
         for name in [n for n in os.environ if n.startswith("MLFLOW_")]:  # Ray's processes inherit this env:
             env.delenv(name)  # an experiment id an earlier test's mlflow.set_experiment exported is not theirs

@@ -103,7 +103,7 @@ class CheckpointPublisher:
     """Queue checkpoints for commit by a worker process; see the module docstring.
 
     Args:
-        model_repo: local model repository (created when missing).
+        model_repo: local model repository (created when missing), or one :func:`open_model_repo` opened.
         run: name of the run folder, ``runs/<run>/`` in the repository.
         cache_dir: state root (identity config, registry); default ``~/.cache/oxen-callbacks``.
         author: ``(name, email)`` for commits (see :mod:`oxen_callbacks._oxen.identity`).
@@ -123,7 +123,7 @@ class CheckpointPublisher:
     def __init__(
         self,
         *,
-        model_repo: str | os.PathLike[str],
+        model_repo: str | os.PathLike[str] | LocalRepo,
         run: str,
         cache_dir: str | os.PathLike[str] | None = None,
         author: tuple[str, str] | None = None,
@@ -135,7 +135,8 @@ class CheckpointPublisher:
         warm: WarmWorker | None = None,
     ) -> None:
         self.cache_dir = Path(cache_dir or default_cache_dir()).expanduser().resolve()
-        self.repo = open_model_repo(model_repo, self.cache_dir)
+        # (a LocalRepo: opened and checked by the caller at fit start just now)
+        self.repo = model_repo if isinstance(model_repo, LocalRepo) else open_model_repo(model_repo, self.cache_dir)
         self.run = run
         if remote_url is not None:
             remote_url = parse_remote(remote_url).url
