@@ -221,10 +221,10 @@ class RunEnding:
             self.sink.journal.release_trainer()  # sync's from now on, though this process lives on
 
     def _warn_unpushed(self) -> None:
-        from ._publish.push import pending_push
-
         if self.remote is None and self.remote_url is None:
             return
+        from ._publish.push import pending_push
+
         marker = pending_push(self.model_repo)
         if marker is not None and self.publisher is not None:
             self.publisher.warn_unpushed(marker)  # once per run, whether training or the end found it

@@ -251,7 +251,8 @@ class LineageRun(RunOptionChecks, RunEnding):
 
     def _on_result(self, result: dict[str, Any]) -> None:
         if self.sink is not None and result.get("ok") and result.get("kind") == "checkpoint":
-            self.sink.tag_model(result["commit"], result["dest"])
+            if not self.finished:  # (once training is over, the final tags due next name the model at once)
+                self.sink.tag_model(result["commit"], result["dest"])
             self.sink.log_checkpoint_model(result, self.record, dataset_input=self.log_dataset_input)
 
     def checkpoint_saved(self, path: str | os.PathLike[str], *, step: int | None = None,

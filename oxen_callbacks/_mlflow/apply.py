@@ -104,8 +104,8 @@ def apply_op(client: Any, journal: MlflowJournal, meta: dict[str, Any], op: dict
 
         complete_and_mark(client, journal, meta, op["record"], best_path=op.get("best_path"))
     elif kind == "publish_extras":
+        from .extras import publish_extras
         from .logged_models import dataset_logged, model_id_for
-        from .registry import publish_extras
 
         record = op["record"]
         model_id = model_id_for(client, meta, record) if op.get("register_model") else None

@@ -179,10 +179,13 @@ class MlflowJournal:
             return {}
 
     def write_status(self, **status: Any) -> None:
+        if status == getattr(self, "_status", None):
+            return  # what this object wrote last (after each operation applied: the same "no error")
         try:
             write_json_atomically(self.status_path, status)
         except FileNotFoundError:
             return  # the folder was removed (a cleaned cache): the training side makes it again
+        self._status = status
 
 
 def journals(cache_dir: Path) -> list[Path]:

@@ -24,9 +24,7 @@ import json
 import logging
 import os
 import re
-import tempfile
 import time
-from pathlib import Path
 from typing import Any
 
 from .._oxen import child as oxen_child
@@ -49,8 +47,6 @@ from ..model_repo import (
     read_deployment,
 )
 from ..names import (
-    LINEAGE_GRAPH_ARTIFACT,
-    LINEAGE_GRAPH_ARTIFACT_NAME,
     POINTER_ARTIFACT_DIR,
     TAG_CODE_GIT_COMMIT,
     TAG_DATASET_COMMIT,
@@ -141,31 +137,6 @@ def _list_version_on_model(client: Any, model_id: str, name: str, version: str) 
     entry = {"name": name, "version": version}
     if entry not in listed:
         client.set_logged_model_tags(model_id, {MLFLOW_MODEL_VERSIONS: json.dumps([*listed, entry])})
-
-
-def publish_extras(client: Any, run_id: str, record: dict[str, Any], *, register_model: str | None,
-                   dataset_input: bool, graph: bool, model_id: str | None = None) -> dict[str, Any]:
-    """At fit end: dataset input, registered version (from logged model ``model_id`` when there is
-    one), lineage picture (run by the MLflow sink process)."""
-    from .dataset import log_dataset_input
-    from .picture import render
-
-    done: dict[str, Any] = {}
-    if dataset_input and record.get("dataset"):
-        log_dataset_input(client, run_id, record["dataset"])
-        done["dataset_input"] = True
-    if register_model and record["model"]["commit"]:
-        done["registered"] = register_version(client, register_model, run_id, record, model_id)
-    elif register_model:
-        log.warning("No checkpoint was committed: nothing to register as %r.", register_model)
-    if graph:
-        view = {**record, "registered": [done["registered"]] if "registered" in done else [], "endpoints": []}
-        with tempfile.TemporaryDirectory() as tmp:
-            path = Path(tmp) / LINEAGE_GRAPH_ARTIFACT_NAME
-            path.write_text(render(view, "svg"))
-            client.log_artifact(run_id, str(path), artifact_path=POINTER_ARTIFACT_DIR)
-        done["graph"] = LINEAGE_GRAPH_ARTIFACT
-    return done
 
 
 # -- promoting -----------------------------------------------------------------------------

@@ -234,7 +234,7 @@ class MlflowSink:
 
     def publish_extras(self, record: dict[str, Any], *, register_model: str | None, dataset_input: bool,
                        graph: bool) -> None:
-        """Dataset input, registered model version and lineage picture (see :mod:`.registry`)."""
+        """Dataset input, registered model version and lineage picture (see :mod:`.extras`)."""
         self._enqueue({"op": "publish_extras", "record": record, "register_model": register_model,
                        "dataset_input": dataset_input, "graph": graph})
 

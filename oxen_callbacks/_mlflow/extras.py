@@ -1,0 +1,43 @@
+"""What the end of a run logs beside its lineage: the dataset input, a registered version, the picture.
+
+Apart from :mod:`.registry` (promotion and deployments, with their queries), which is imported
+only to register a version: the end of a run without ``register_model`` does not load it.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from ..names import LINEAGE_GRAPH_ARTIFACT, LINEAGE_GRAPH_ARTIFACT_NAME, POINTER_ARTIFACT_DIR
+
+log = logging.getLogger(__name__)
+
+
+def publish_extras(client: Any, run_id: str, record: dict[str, Any], *, register_model: str | None,
+                   dataset_input: bool, graph: bool, model_id: str | None = None) -> dict[str, Any]:
+    """At fit end: dataset input, registered version (from logged model ``model_id`` when there is
+    one), lineage picture (run by the MLflow sink process)."""
+    from .dataset import log_dataset_input
+    from .picture import render
+
+    done: dict[str, Any] = {}
+    if dataset_input and record.get("dataset"):
+        log_dataset_input(client, run_id, record["dataset"])
+        done["dataset_input"] = True
+    if register_model and record["model"]["commit"]:
+        from .registry import register_version
+
+        done["registered"] = register_version(client, register_model, run_id, record, model_id)
+    elif register_model:
+        log.warning("No checkpoint was committed: nothing to register as %r.", register_model)
+    if graph:
+        view = {**record, "registered": [done["registered"]] if "registered" in done else [], "endpoints": []}
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / LINEAGE_GRAPH_ARTIFACT_NAME
+            path.write_text(render(view, "svg"))
+            client.log_artifact(run_id, str(path), artifact_path=POINTER_ARTIFACT_DIR)
+        done["graph"] = LINEAGE_GRAPH_ARTIFACT
+    return done
