@@ -311,7 +311,9 @@ class LineageRun(RunOptionChecks, RunEnding):
             self.record["resumed_from"] = resumed_from
 
     def lineage(self, fit_key: str | None = None) -> LineageJSON | None:
-        """The run's lineage record: this object's once finished, else the committed one.
+        """The run's lineage record: this object's once finished, else the committed one; ``None``
+        for a run that never started (never fitted, or refused: another run's record under the
+        same name is not this one's).
 
         With ``fit_key`` (see :meth:`start`), the run noted under it is read: in a process that
         holds only a copy of the run object that trained elsewhere (``ddp_spawn``).
@@ -319,9 +321,11 @@ class LineageRun(RunOptionChecks, RunEnding):
         if self.record is not None and self.finished:
             self.wait_until_logged()
             return LineageView.of(self.record)
-        run = (recorded_fit(self.model_repo, fit_key) if fit_key else None) or self.run_name
-        committed = self.model_repo / lineage_path(run)
-        if committed.exists():
+        run = recorded_fit(self.model_repo, fit_key) if fit_key else None
+        if run is None and self.record is not None:
+            run = self.run_name  # started here, still training: what is committed so far
+        committed = self.model_repo / lineage_path(run) if run else None
+        if committed is not None and committed.exists():
             return LineageView.of(read_lineage(committed))
         return LineageView.of(self.record)
 

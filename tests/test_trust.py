@@ -51,10 +51,12 @@ def test_a_reused_run_name_is_refused_before_training_and_the_first_lineage_stay
 
     second_pin = _pin(dataset_repo, 1)  # the script runs again, the branch has moved
     second = OxenLightningCallback(dataset=second_pin, model_repo=models, run_name="nightly", mlflow=False)
+    assert second.lineage is None  # never fitted: the first run's record is not this one's
     model = TinyModel()
     with pytest.raises(ConfigurationError, match=r"(?s)run_name='nightly' is already taken.*HINT: omit run_name"):
         _fit(tmp_path / "b", second_pin, second, model=model)
     assert not model.labels_seen  # refused before the first step
+    assert second.lineage is None  # nor once refused
     assert (models / "runs" / "nightly" / "lineage.json").read_bytes() == before
     for entry in read_lineage(before.decode())["checkpoints"]:  # every checkpoint still traces to commit A
         runs = LineageFinder(model_repos=[models]).trace(entry["commit"])["runs"]
