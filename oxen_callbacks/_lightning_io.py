@@ -57,7 +57,7 @@ class Run(Protocol):
 
     publisher: Any
 
-    def before_overwrite(self, path: str) -> None: ...
+    def before_overwrite(self, path: str) -> Any: ...
     def checkpoint_saved(self, path: str, *, step: int, epoch: int, metrics: dict[str, float],
                          copy: bool = False) -> int: ...
     def checkpoint_removed(self, path: str) -> None: ...
@@ -102,10 +102,17 @@ class CheckpointWatch:
     def _save(self, path: str, write: Callable[[], None]) -> None:
         publishing = self.trainer.is_global_zero and self.run.publisher is not None
         started = time.perf_counter()
-        if publishing:
-            self.run.before_overwrite(path)  # a fresh inode keeps the rewrite off a frozen copy
+        # a fresh inode keeps the rewrite off a frozen copy; the previous file comes back if the write fails
+        aside = self.run.before_overwrite(path) if publishing else None
         ours = time.perf_counter() - started
-        write()
+        try:
+            write()
+        except BaseException:
+            if aside is not None:
+                aside.put_back()
+            raise
+        if aside is not None:
+            aside.drop()
         self._begun = None  # this save went through the CheckpointIO
         self._io_sees_saves = True
         if publishing:

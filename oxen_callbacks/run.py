@@ -28,7 +28,7 @@ from ._lineage_html import LineageView
 from ._oxen.remote_spec import parse_remote
 from ._oxen.repo import LocalRepo
 from ._publish.claim import RunClaim, record_fit, recorded_fit
-from ._publish.freeze import unfreeze_for_rewrite
+from ._publish.freeze import SetAside, unfreeze_for_rewrite
 from ._publish.publisher import CheckpointPublisher, open_model_repo
 from ._publish.warm_worker import WarmWorker
 from ._run_checks import RunOptionChecks
@@ -281,15 +281,16 @@ class LineageRun(RunOptionChecks, RunEnding):
             self._published.remove(path)
             self.checkpoint_removed(path)
 
-    def before_overwrite(self, path: str | os.PathLike[str]) -> None:
+    def before_overwrite(self, path: str | os.PathLike[str]) -> SetAside | None:
         """Call before a checkpoint is written at ``path``, which may hold one published earlier.
 
-        A published checkpoint is frozen by hard link: unlink its files so the new write gets
-        fresh inodes instead of rewriting the frozen copy in place. A file is unlinked when this
-        run published it; in a folder, every file with another link (an earlier run's freeze too).
+        A published checkpoint is frozen by hard link: the new write must get fresh inodes instead
+        of rewriting the frozen copy in place. A file this run published is moved aside and
+        returned (``drop()`` it after the write, ``put_back()`` when the write failed); in a
+        folder, every file with another link (an earlier run's freeze too) is unlinked.
         """
         path = os.fspath(path)
-        unfreeze_for_rewrite(path, published=self.publisher is not None and self.publisher.has_source(path))
+        return unfreeze_for_rewrite(path, published=self.publisher is not None and self.publisher.has_source(path))
 
     def _base_record(self) -> LineageJSON:
         assert self.record is not None

@@ -406,3 +406,30 @@ def test_a_restarted_worker_does_not_push_to_a_mute_remote_again(dataset_repo, t
     assert killer.killed and cb.run.publisher.worker_pid != killer.killed
     assert [r["ok"] for r in cb.run.publisher.results if r["kind"] == "push"] == [False]
     _assert_all_committed(tmp_path / "models", cb.lineage, tmp_path / "ckpt")
+
+
+class _Unpicklable:
+    def __reduce__(self):  # type: ignore[no-untyped-def]
+        raise RuntimeError("cannot serialize this (a save that fails, as a full disk would)")
+
+
+class _FailsToSaveAtStep9(TinyModel):
+    def on_save_checkpoint(self, checkpoint):  # type: ignore[no-untyped-def]
+        if self.global_step == 9:
+            checkpoint["extra"] = _Unpicklable()
+
+
+def test_a_save_that_fails_leaves_the_previous_last_checkpoint_in_place(dataset_repo, tmp_path):
+    """Lightning writes a checkpoint only once it is serialized: a failed save keeps the previous
+    last.ckpt. Giving the rewrite a fresh inode must not take that away (the file was unlinked)."""
+    pin = _pin(dataset_repo, 0)
+    cb = OxenLightningCallback(dataset=pin, model_repo=tmp_path / "models", mlflow=False)
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=3, save_top_k=0, save_last=True)
+    with pytest.raises(RuntimeError, match="cannot serialize"):
+        make_trainer(tmp_path, [ckpt, cb], epochs=3).fit(_FailsToSaveAtStep9(), datamodule=CsvData(pin))
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["last.ckpt"]
+    record = cb.lineage
+    assert [c["step"] for c in record["checkpoints"]] == [3, 6]
+    kept = file_at(tmp_path / "models", record["checkpoints"][-1]["commit"], record["checkpoints"][-1]["path"],
+                   tmp_path / "read")
+    assert (tmp_path / "ckpt" / "last.ckpt").read_bytes() == kept.read_bytes()  # step 6's, as committed

@@ -7,6 +7,7 @@ possible (another filesystem, or a filesystem without links) the bytes are copie
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
@@ -61,16 +62,36 @@ def _freeze_file(src: Path, dest: Path, copy: bool) -> int:
     return dest.stat().st_size
 
 
-def unfreeze_for_rewrite(path: str, *, published: bool) -> None:
-    """Unlink what a checkpoint about to be rewritten at ``path`` shares with a frozen copy, so the
-    write gets fresh inodes instead of changing the frozen bytes in place: the file when
-    ``published`` by this run, and in a folder every file with another link."""
+class SetAside:
+    """A published checkpoint file moved aside (same folder, hidden name) while it is rewritten:
+    :meth:`drop` once the new one is written, :meth:`put_back` when the write failed, so a failed
+    save leaves the previous file in place, as the trainer's own save would."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        folder, name = os.path.split(path)
+        self.aside = os.path.join(folder, f".{name}.oxcb-prev")
+        os.replace(path, self.aside)
+
+    def drop(self) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.aside)
+
+    def put_back(self) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.replace(self.aside, self.path)
+
+
+def unfreeze_for_rewrite(path: str, *, published: bool) -> SetAside | None:
+    """Move aside what a checkpoint about to be rewritten at ``path`` shares with a frozen copy, so
+    the write gets fresh inodes instead of changing the frozen bytes in place: the file when
+    ``published`` by this run (returned: drop it or put it back), and in a folder every file with
+    another link (unlinked)."""
     if os.path.isfile(path) and not os.path.islink(path):
-        if published:
-            os.unlink(path)
-        return
+        return SetAside(path) if published else None
     for dirpath, _dirs, names in os.walk(path):
         for name in names:
             file = os.path.join(dirpath, name)
             if os.stat(file, follow_symlinks=False).st_nlink > 1:
                 os.unlink(file)
+    return None
