@@ -41,6 +41,7 @@ from ._preempt import (
     check_timeout,
 )
 from .checkpoints import resolve_resume
+from .errors import DatasetMismatchError
 from .pin import PinnedDataset, as_pinned
 from .run import LineageRun
 
@@ -126,6 +127,8 @@ class OxenLightningCallback(Callback):
             self.run = LineageRun(**{**self._run_args, "run_name": None})
             self._requeued = None
         if self.dataset is not None:
+            if not self.allow_dataset_change:  # every process: all fail alike, before any step
+                _check_data_holders(self.dataset, trainer.datamodule, pl_module)
             self.dataset.pull()  # every process; one per node materializes, the others wait on its lock
             self.run.check_commit_of_rank_zero(trainer.strategy.broadcast(self.dataset.commit, src=0),
                                                rank=trainer.global_rank)
@@ -213,6 +216,18 @@ class OxenLightningCallback(Callback):
         name it noted for this callback object (a second fit draws a new name there).
         """
         return self.run.lineage(self._fitter)
+
+
+def _check_data_holders(pin: PinnedDataset, *holders: Any) -> None:
+    """The DataModule (or model) must not read another commit of the pinned repository: one built
+    from an earlier pin in a notebook would train on data the lineage does not name."""
+    others = pin.other_commits_held(*(h for h in holders if h is not None))
+    if others:
+        raise DatasetMismatchError(
+            f"The DataModule (or model) holds dataset commit(s) {sorted(others)} of {pin.source.location}, but "
+            f"OxenLightningCallback pins {pin.commit}: the lineage would name data the model never read.\n"
+            "HINT: build the DataModule from the PinnedDataset given to the callback (a notebook: run the "
+            "DataModule's cell again after the pin's), or pass allow_dataset_change=True.")
 
 
 def _best_path(trainer: pl.Trainer) -> str | None:

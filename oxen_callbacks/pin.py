@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
@@ -278,8 +279,42 @@ class PinnedDataset:
                 "or pass allow_dataset_change=True to resume on the new data on purpose."
             )
 
+    def other_commits_held(self, *holders: Any) -> set[str]:
+        """Commits of this repository other than :attr:`commit` that ``holders`` (a DataModule, a model)
+        hold in their attributes, two levels deep: another ``PinnedDataset`` of it, or a path into
+        another commit's snapshot. A holder built from an earlier pin reads data the lineage won't name."""
+        found: set[str] = set()
+        snapshots = str(self.store.base) + os.sep
+        for value in _attribute_values(holders, depth=3):
+            if isinstance(value, PinnedDataset) and value.source.key == self.source.key:
+                found.add(value.commit)
+            elif isinstance(value, (str, os.PathLike)) and os.fspath(value).startswith(snapshots):
+                found.add(os.fspath(value)[len(snapshots):].split(os.sep, 1)[0])
+        return found - {self.commit}
+
     def __repr__(self) -> str:
         return f"PinnedDataset({self.source.location!r}, commit={self.commit!r}, paths={self.paths})"
+
+
+def _attribute_values(roots: tuple[Any, ...], depth: int) -> Iterator[Any]:
+    """``roots`` and the values in their ``__dict__``s, dicts, lists and tuples, ``depth`` levels down
+    (each object once; no properties run)."""
+    seen: set[int] = set()
+    level = list(roots)
+    for _ in range(depth):
+        below: list[Any] = []
+        for value in level:
+            if id(value) in seen or isinstance(value, (int, float, bool, bytes, type(None))):
+                continue
+            seen.add(id(value))
+            yield value
+            if isinstance(value, dict):
+                below += list(value.values())[:1000]
+            elif isinstance(value, (list, tuple, set)):
+                below += list(value)[:1000]
+            elif not isinstance(value, (str, os.PathLike)):
+                below += list(getattr(value, "__dict__", {}).values())
+        level = below
 
 
 def _covered_by_other(path: str, others: list[str]) -> bool:

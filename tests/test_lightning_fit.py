@@ -20,7 +20,7 @@ from mlflow import MlflowClient
 from oxen_callbacks import PinnedDataset, read_lineage
 from oxen_callbacks._oxen import child as oxen_child
 from oxen_callbacks._oxen.repo import LocalRepo
-from oxen_callbacks.errors import ConfigurationError
+from oxen_callbacks.errors import ConfigurationError, DatasetMismatchError
 from oxen_callbacks.lightning import OxenLightningCallback
 
 
@@ -45,6 +45,39 @@ def test_fit_reads_pinned_commit_while_branch_moved(dataset_repo, tmp_path):
     assert oxen_child.branches(dataset_repo.path)["main"] == commit_b
     assert cb.lineage["dataset"]["commit"] == commit_a
     assert cb.lineage["dataset"]["revision"] == commit_a
+
+
+class _PathsData(CsvData):
+    """A DataModule built from file paths, not from a pin (what a user's usually takes)."""
+
+    def __init__(self, train: Path, val: Path) -> None:
+        super().__init__(None)
+        self.paths = {"train": train, "val": val}
+
+    def setup(self, stage: str) -> None:
+        from lightning_model import load_csv
+
+        self.train, self.val = load_csv(self.paths["train"]), load_csv(self.paths["val"])
+
+
+def test_a_datamodule_of_an_earlier_pin_is_refused_before_a_step(dataset_repo, tmp_path):
+    """A notebook: the pin's cell is run again after the branch moved, the DataModule's is not. The
+    model would read commit A while the lineage names B: refused before a step, as the HF callback
+    refuses a train_dataset of another commit."""
+    commit_a, commit_b = dataset_repo.commits
+    old = PinnedDataset(dataset_repo.path, revision=commit_a, paths=["train.csv", "val.csv"])
+    new = PinnedDataset(dataset_repo.path, revision=commit_b, paths=["train.csv", "val.csv"])
+    for stale in (CsvData(old), _PathsData(old.file("train.csv"), old.file("val.csv"))):
+        model = TinyModel()
+        cb = OxenLightningCallback(dataset=new, model_repo=tmp_path / "models", mlflow=False)
+        with pytest.raises(DatasetMismatchError, match=f"holds dataset commit\\(s\\) \\['{commit_a}'\\]"):
+            make_trainer(tmp_path, [cb], epochs=1, enable_checkpointing=False).fit(model, datamodule=stale)
+        assert not model.labels_seen
+    model = TinyModel()  # the DataModule of the new pin: trains, and the lineage names what it read
+    cb = OxenLightningCallback(dataset=new, model_repo=tmp_path / "models", mlflow=False)
+    make_trainer(tmp_path, [cb], epochs=1, enable_checkpointing=False).fit(
+        model, datamodule=_PathsData(new.file("train.csv"), new.file("val.csv")))
+    assert model.labels_seen == {1} and cb.lineage["dataset"]["commit"] == commit_b
 
 
 def test_branch_revision_resolves_to_head_commit(dataset_repo, tmp_path):
