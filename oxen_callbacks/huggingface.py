@@ -24,9 +24,12 @@ requeued job (same ``SLURM_JOB_ID``) goes on with the same run (see :mod:`oxen_c
 
 from __future__ import annotations
 
+import atexit
 import math
 import os
+import sys
 import time
+import weakref
 from typing import Any
 
 import transformers
@@ -130,11 +133,12 @@ class OxenTrainerCallback(TrainerCallback):
             self._fail_run_started_for_this_train(args)
             raise
 
-    def _fail_run_started_for_this_train(self, args: TrainingArguments) -> None:
-        """train() stops in our on_train_begin: end as FAILED the MLflow run transformers' MLflowCallback
-        started for it just before (it would stay RUNNING forever); a run the user started is left alone."""
+    def _fail_run_started_for_this_train(self, args: TrainingArguments, status: str = "FAILED") -> None:
+        """train() stopped (in our on_train_begin, or it raised): end as ``status`` the MLflow run
+        transformers' MLflowCallback started for it (it would stay RUNNING, or end FINISHED at exit);
+        a run the user started is left alone."""
         if "mlflow" in (args.report_to or []):
-            end_active_run("FAILED", unless=self._run_before_train)
+            end_active_run(status, unless=self._run_before_train)
 
     def _begin(self, args: TrainingArguments, state: TrainerState, train_dataloader: Any) -> None:
         """Check the data this train() reads, then start the lineage run (on the logging process)."""
@@ -146,6 +150,7 @@ class OxenTrainerCallback(TrainerCallback):
             self._check_train_data(getattr(train_dataloader, "dataset", None))
         if state.is_world_process_zero:
             self.run.start(continuing=self.run.continues(recorded))
+            _ended_at_exit_if_train_raised(self, args)
             if self._requeued is not None:
                 self._requeued.after_start(self.run)
             if recorded:
@@ -232,6 +237,32 @@ class OxenTrainerCallback(TrainerCallback):
     def lineage(self) -> dict[str, Any] | None:
         """The run's lineage record, complete once train() returned (waits for its final commit)."""
         return self.run.lineage()
+
+
+#: Callbacks whose train() started a run: a train() that raises calls no hook of ours (the next train()
+#: or the interpreter's exit ends its run), weakly held.
+_STARTED: "weakref.WeakKeyDictionary[OxenTrainerCallback, TrainingArguments]" = weakref.WeakKeyDictionary()
+
+
+def _ended_at_exit_if_train_raised(callback: OxenTrainerCallback, args: TrainingArguments) -> None:
+    """Note a started run; the first one registers the exit handler, after transformers' MLflowCallback
+    imported MLflow: handlers run last-registered first, so ours ends the runs before MLflow's own
+    handler would end the active run as FINISHED."""
+    if not _STARTED:
+        atexit.register(_end_runs_a_raising_train_left)
+    _STARTED[callback] = args
+
+
+def _end_runs_a_raising_train_left() -> None:
+    """At exit, a run still started (its train() raised, a script died of it): FAILED, or KILLED for Ctrl-C,
+    its committed checkpoints and MLflow logged; so is the MLflow run transformers started for it."""
+    error = getattr(sys, "last_value", None)  # (the exception that ends the script, set before exit handlers)
+    status = "KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED"
+    for callback, args in list(_STARTED.items()):
+        if callback.run.publisher is not None and not callback.run.finished:
+            callback.run.finish_after_error(status, what="train() that raised")
+            callback._fail_run_started_for_this_train(args, status)
+    _STARTED.clear()
 
 
 def _checkpoint_folder(args: TrainingArguments, state: TrainerState) -> str:

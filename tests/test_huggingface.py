@@ -6,6 +6,7 @@ import filecmp
 import runpy
 import shutil
 import stat
+import subprocess
 import sys
 from pathlib import Path
 
@@ -235,6 +236,23 @@ def test_a_failed_train_is_closed_as_failed_when_train_runs_again(reviews, tmp_p
     assert [c["step"] for c in committed["checkpoints"]] == [2]  # what the failed run saved is kept
     assert cb.lineage["status"] == "FINISHED" and cb.lineage["run"]["name"] != failed.run_name
     assert [c["step"] for c in cb.lineage["checkpoints"]] == [2, 4]
+
+
+@pytest.mark.parametrize(("error", "report_to", "status"), [("error", "mlflow", "FAILED"), ("ctrl-c", "none", "KILLED")])
+def test_a_script_that_dies_of_a_raising_train_ends_its_run(error, report_to, status, reviews, tmp_path):
+    """train() raised (no hook of ours runs) and nothing calls it again: by the time the process
+    exits, the run is ended FAILED (KILLED for Ctrl-C) in the model repository and in MLflow, not left
+    RUNNING (nor ended FINISHED by MLflow's own exit handler)."""
+    script = Path(__file__).parent / "hf_raising_script.py"
+    done = subprocess.run([sys.executable, str(script), "--dataset", str(reviews.path), "--model-repo",
+                           str(tmp_path / "models"), "--out", str(tmp_path / "out"), "--raise", error,
+                           "--report-to", report_to], capture_output=True, text=True, timeout=600)
+    assert done.returncode != 0 and ("KeyboardInterrupt" if error == "ctrl-c" else "user code failed") in done.stderr
+    record = read_lineage(tmp_path / "models" / "runs" / "raised" / "lineage.json")
+    assert record["status"] == status and [c["step"] for c in record["checkpoints"]] == [2]
+    run = MlflowClient().get_run(record["run"]["mlflow_run_id"])
+    assert run.info.status == status and run.data.tags["oxen.lineage.status"] == status
+    assert run.data.tags["oxen.model.commit"] == record["checkpoints"][0]["commit"]
 
 
 def test_datasets_cache_never_returns_rows_of_another_commit(reviews, tmp_path):

@@ -1,0 +1,44 @@
+"""An HF Trainer script whose train() raises at step 3 (user code, or Ctrl-C) and is not caught."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from hf_model import make_trainer  # noqa: E402
+from transformers import TrainerCallback  # noqa: E402
+
+from oxen_callbacks import PinnedDataset  # noqa: E402
+from oxen_callbacks.huggingface import OxenTrainerCallback  # noqa: E402
+
+
+class RaiseAtStep3(TrainerCallback):
+    def __init__(self, error: BaseException) -> None:
+        self.error = error
+
+    def on_step_end(self, args, state, control, **kwargs):  # type: ignore[no-untyped-def]
+        if state.global_step == 3:
+            raise self.error
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--dataset", required=True)
+    parser.add_argument("--model-repo", required=True)
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--raise", dest="error", choices=["error", "ctrl-c"], required=True)
+    parser.add_argument("--report-to", default="none")
+    args = parser.parse_args()
+    pin = PinnedDataset(args.dataset, revision="main", paths=["train.jsonl", "eval.jsonl"])
+    cb = OxenTrainerCallback(dataset=pin, model_repo=args.model_repo, run_name="raised")
+    error = KeyboardInterrupt() if args.error == "ctrl-c" else RuntimeError("user code failed at step 3")
+    trainer, _ = make_trainer(Path(args.out), pin.load_dataset()["train"], [cb, RaiseAtStep3(error)], max_steps=6,
+                              save_steps=2, report_to=args.report_to)
+    trainer.train()  # raises: the script dies of it
+
+
+if __name__ == "__main__":
+    main()
