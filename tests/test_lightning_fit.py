@@ -285,14 +285,46 @@ def test_a_callback_never_fitted_leaves_no_process_behind(tmp_path, script_witho
     callback's sink exits once it is gone, and nothing is left behind."""
     import gc
 
-    cb = OxenLightningCallback(model_repo=tmp_path / "models", mlflow_tracking_uri=f"sqlite:///{tmp_path}/m.db")
-    sink = cb.run._warm_sink.proc
-    assert sink.poll() is None
-    del cb
+    uri = f"sqlite:///{tmp_path}/m.db"
+    built = [OxenLightningCallback(model_repo=tmp_path / "models", mlflow_tracking_uri=uri) for _ in range(5)]
+    # built in a loop (or a notebook cell run again): one sink and one worker, the newest callback's
+    sinks = [cb.run._warm_sink.proc for cb in built]
+    workers = [cb.run._warm_worker.proc for cb in built]
+    assert sinks[:-1] == [None] * 4 and workers[:-1] == [None] * 4
+    sink, worker = sinks[-1], workers[-1]
+    assert sink.poll() is None and worker.poll() is None
+    del built
     gc.collect()
-    assert sink.wait(timeout=60) == 0
+    sink.wait(timeout=10)  # stopped at once, not left to finish importing MLflow (seconds of CPU)
+    worker.wait(timeout=60)
     assert not (tmp_path / "m.db").exists()  # nothing was logged
     assert not (tmp_path / "models").exists()  # created by a fit's start (`oxen init` is one file written)
+
+
+def test_a_script_that_builds_callbacks_and_exits_leaves_no_process_behind(tmp_path):
+    """Unused warm helpers die with the script: none goes on importing MLflow after it exited."""
+    import subprocess
+    import sys
+
+    code = ("import json, sys\n"
+            "from oxen_callbacks.lightning import OxenLightningCallback\n"
+            f"built = [OxenLightningCallback(model_repo={str(tmp_path / 'models')!r}) for _ in range(3)]\n"
+            "print(json.dumps([p.pid for cb in built for p in (cb.run._warm_sink.proc, cb.run._warm_worker.proc) if p]))\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    pids = json.loads(done.stdout.strip().splitlines()[-1])
+    assert len(pids) == 2  # one sink, one worker
+
+    def running(pid: int) -> bool:
+        try:
+            return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+        except OSError:
+            return False
+
+    deadline = time.monotonic() + 2  # (a worker exits at its stdin's end; a sink is stopped)
+    while any(map(running, pids)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not [pid for pid in pids if running(pid)], "a helper is still running after the script exited"
 
 
 def test_fits_in_one_process_reuse_the_sink_yet_log_where_each_run_says(dataset_repo, tmp_path, script_without_mlflow):

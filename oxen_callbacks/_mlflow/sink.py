@@ -346,12 +346,15 @@ class WarmSinkProcess:
     """
 
     def __init__(self, tracking_uri: str | None = None) -> None:
+        # the store the run most likely logs to, opened ahead too when it exists (see sink_process)
+        self.store_uri = tracking_uri or _default_tracking_uri()
         idle = _take_idle()
         self._was_idle = idle is not None
-        # the store the run most likely logs to, opened ahead too when it exists (see sink_process)
-        store = {ENV_MLFLOW_TRACKING_URI: tracking_uri or _default_tracking_uri()}
-        self.proc: subprocess.Popen[bytes] | None = idle or _start_sink(["--warm"], store)
-        self._closer = weakref.finalize(self, _close_stdin, self.proc)
+        if idle is None:  # one built for a callback never fitted (a notebook cell run again, a loop)
+            idle, self._was_idle = _take_unclaimed(self.store_uri)
+        self.proc: subprocess.Popen[bytes] | None = idle or _start_sink(["--warm"], {ENV_MLFLOW_TRACKING_URI: self.store_uri})
+        self._closer = weakref.finalize(self, _retire, self.proc, self._was_idle)
+        _unclaimed.append(weakref.ref(self))
 
     def _take(self) -> subprocess.Popen[bytes] | None:
         """The process, now the caller's to use or stop (this object no longer closes it)."""
@@ -393,6 +396,32 @@ class WarmSinkProcess:
 _idle: list[subprocess.Popen[bytes]] = []  # sink processes done with their run, MLflow imported
 _idle_lock = threading.Lock()
 _idle_owner = os.getpid()  # a forked child (DDP workers) must not write to its parent's pipes
+
+
+_unclaimed: list[weakref.ref[WarmSinkProcess]] = []  # warm sinks of callbacks not fitted yet
+
+
+def _take_unclaimed(store_uri: str) -> tuple[subprocess.Popen[bytes] | None, bool]:
+    """A warm sink for ``store_uri`` an earlier callback holds unused: the newest callback is the one
+    a notebook fits; the earlier one starts a sink at its fit start, should it be fitted after all.
+    So a loop building callbacks starts one sink process, not one each (each imports MLflow)."""
+    _unclaimed[:] = [ref for ref in _unclaimed if (held := ref()) is not None and held.proc is not None]
+    for ref in _unclaimed:
+        held = ref()
+        if held is not None and held.store_uri == store_uri and held.proc is not None and held.proc.poll() is None:
+            was_idle = held._was_idle
+            return held._take(), was_idle
+    return None, False
+
+
+def _retire(proc: subprocess.Popen[bytes], was_idle: bool) -> None:
+    """An unused warm sink whose callback went away (or the process exits): one idle after a run
+    exits at once when its stdin closes; one never given a run is stopped, not left to finish
+    importing MLflow (seconds of CPU, ~100 MB) after the training process is gone."""
+    if was_idle:
+        _close_stdin(proc)
+    else:
+        _stop(proc)
 
 
 def _take_idle() -> subprocess.Popen[bytes] | None:

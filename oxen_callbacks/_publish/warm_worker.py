@@ -24,15 +24,26 @@ from .._util.processes import child_environment, start_helper, yield_cpu_to_trai
 class WarmWorker:
     def __init__(self) -> None:
         _reap_closed()
+        # one an earlier callback holds unused (a notebook cell run again, callbacks built in a loop):
+        # the newest callback is the one fitted; an earlier one fitted after all starts a worker then
+        unused = next((held for ref in _unclaimed if (held := ref()) is not None and held.proc is not None
+                       and held.proc.poll() is None), None)
         # (as a cold worker, in a process group of its own: a Ctrl-C meant for the trainer must not kill a commit)
-        self.proc: subprocess.Popen[bytes] | None = start_helper("publish-worker", "--warm", env=child_environment())
+        self.proc: subprocess.Popen[bytes] | None = (
+            unused.take() if unused is not None else start_helper("publish-worker", "--warm", env=child_environment()))
         self._closer = weakref.finalize(self, _close, self.proc)
+        _unclaimed[:] = [ref for ref in _unclaimed if ref() is not None and ref().proc is not None] + [weakref.ref(self)]
+
+    def take(self) -> subprocess.Popen[bytes] | None:
+        """The process, now the caller's (this object no longer has one)."""
+        proc, self.proc = self.proc, None
+        self._closer.detach()
+        return proc
 
     def hand_over(self, args: list[str], env: Mapping[str, str]) -> subprocess.Popen[bytes] | None:
         """Give the worker its arguments (what ``worker.main`` parses) and environment; ``None`` if it
         is gone or does not take them in time (start a cold one then). Used once."""
-        proc, self.proc = self.proc, None
-        self._closer.detach()
+        proc = self.take()
         if proc is None:
             return None
         # through the pipe, never on disk: the environment may hold the user's tokens
@@ -43,6 +54,7 @@ class WarmWorker:
         return proc
 
 
+_unclaimed: list[weakref.ref[WarmWorker]] = []  # warm workers of callbacks not fitted yet
 _closed: list[subprocess.Popen[bytes]] = []  # told to exit, not reaped yet
 _closed_lock = threading.Lock()
 
