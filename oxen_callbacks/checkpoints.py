@@ -209,3 +209,20 @@ def _last_of(model_repo: str | os.PathLike[str], record: LineageJSON,
                                  "pick another run, or train without resume_from.")
     last = committed[-1]
     return materialize_checkpoint(model_repo, commit=last["commit"], path=last["path"], cache_dir=cache_dir)
+
+
+def committed_checkpoint(model_repo: str | None, run: str | None, *, step: int | None, name: str,
+                         size: int | None = None) -> dict[str, Any] | None:
+    """The committed checkpoint of run ``run`` in ``model_repo`` saved at ``step`` as ``name`` (its
+    file or folder name), per the repository's record, ``size`` bytes when given: what a resumed fit's
+    weights come from. ``None`` when the repository, the record or such a checkpoint is not there
+    (several: the newest)."""
+    if not model_repo or not run or step is None or Path(run).name != run:
+        return None
+    try:
+        record = read_lineage(Path(model_repo) / lineage_path(run))
+    except (OSError, ValueError):
+        return None
+    hits = [c for c in record["checkpoints"] if c["commit"] and c.get("step") == step
+            and os.path.basename(c["path"]) == name and (size is None or c.get("bytes") in (None, size))]
+    return {"commit": hits[-1]["commit"], "path": hits[-1]["path"]} if hits else None

@@ -154,8 +154,7 @@ class OxenTrainerCallback(TrainerCallback):
             if self._requeued is not None:
                 self._requeued.after_start(self.run)
             if recorded:
-                self.run.note_resumed(run_name=recorded.get("run_name"), step=state.global_step,
-                                      dataset=recorded.get("dataset"))
+                self.run.note_resumed(recorded, step=state.global_step, name=f"checkpoint-{state.global_step}")
         state.stateful_callbacks[STATE_KEY] = self.run.resume_state()
         if self._signal_watch is not None:
             self._signal_watch.install()

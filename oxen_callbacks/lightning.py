@@ -86,6 +86,7 @@ class OxenLightningCallback(Callback):
     ) -> None:
         self.ckpt_path: str | None = None
         self._resumed_run: str | None = None  # the run resume_from continues, when it names one
+        self._resumed_commit: dict[str, str] | None = None  # the checkpoint resume_from materialized
         self.preempt_timeout = check_timeout(preempt_timeout)
         # a requeued SLURM job: the run it was pre-empted in goes on (Lightning resumes its hpc checkpoint)
         self._requeued = RequeuedRun.find(model_repo, run_options) if resume_from is None else None
@@ -95,6 +96,7 @@ class OxenLightningCallback(Callback):
             resumed = resolve_resume(model_repo, resume_from, cache_dir=run_options.get("cache_dir"))
             self.ckpt_path = str(resumed.path)
             self._resumed_run = (resumed.lineage or {}).get("run", {}).get("name")
+            self._resumed_commit = {"commit": resumed.commit, "path": resumed.repo_path}
             if dataset is None and resumed.dataset:
                 dataset = resumed.pinned_dataset(cache_dir=run_options.get("cache_dir"))
         if self._requeued is not None:
@@ -179,12 +181,20 @@ class OxenLightningCallback(Callback):
     def state_dict(self) -> dict[str, Any]:
         return self.run.resume_state()
 
+    def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
+        """On resume: the lineage records the checkpoint the weights come from (its commit when a run
+        of ours committed it), also one saved without this callback."""
+        file = str(trainer.ckpt_path) if trainer.ckpt_path else None
+        self.run.note_resumed(
+            (checkpoint.get("callbacks") or {}).get(self.state_key), step=checkpoint.get("global_step"),
+            name=os.path.basename(file) if file else None, file=file,
+            committed=self._resumed_commit if file == self.ckpt_path else None)
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """On resume: the checkpoint's dataset commit must be the one pinned now."""
         recorded = state_dict.get("dataset")
         if recorded and self.dataset is not None and not self.allow_dataset_change:
             self.dataset.check_same(recorded, what="The checkpoint being resumed")
-        self.run.note_resumed(run_name=state_dict.get("run_name"), dataset=recorded)
 
     # -- fit end -------------------------------------------------------------------------
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

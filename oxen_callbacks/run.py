@@ -38,6 +38,7 @@ from ._util.cache import default_cache_dir
 from ._util.gitinfo import code_info
 from ._util.processes import check_can_start_processes
 from ._util.redact import redact_argv, redact_url
+from .checkpoints import committed_checkpoint
 from .errors import ConfigurationError, PublishError
 from .lineage import LineageJSON, new_record, read_lineage
 from .model_repo import lineage_path
@@ -306,10 +307,23 @@ class LineageRun(RunOptionChecks, RunEnding):
         """Whether the :meth:`resume_state` of a checkpoint being resumed is this run's."""
         return bool(state) and state.get("run_name") == self.run_name and state.get("model_repo") == str(self.model_repo)
 
-    def note_resumed(self, **resumed_from: Any) -> None:
-        """Record in the lineage what this run resumed from (the run name, dataset, step of the checkpoint)."""
-        if self.record is not None:
-            self.record["resumed_from"] = resumed_from
+    def note_resumed(self, state: dict[str, Any] | None, *, step: int | None, name: str | None = None,
+                     file: str | None = None, committed: dict[str, Any] | None = None) -> None:
+        """Record what this fit's weights start from: the checkpoint's run, model repository and
+        dataset (``state``: its :meth:`resume_state`, ``None`` for one saved without this library), its
+        step, the ``file`` it was read from, and its commit and path in that repository (``committed``,
+        else found there by step and ``name``, its file or folder name)."""
+        if self.record is None or self.finished:  # (a validate() after fit() loads a checkpoint too)
+            return
+        state = state or {}
+        if committed is None and name is not None:
+            size = os.path.getsize(file) if file and os.path.isfile(file) else None
+            committed = committed_checkpoint(state.get("model_repo"), state.get("run_name"), step=step, name=name,
+                                             size=size)
+        self.record["resumed_from"] = {
+            "run_name": state.get("run_name"), "model_repo": state.get("model_repo"),
+            "commit": (committed or {}).get("commit"), "path": (committed or {}).get("path"), "step": step,
+            "file": redact_url(file) if file and "://" in file else file, "dataset": state.get("dataset")}
 
     def lineage(self, fit_key: str | None = None) -> LineageJSON | None:
         """The run's lineage record: this object's once finished, else the committed one; ``None``

@@ -119,7 +119,10 @@ def test_resume_from_a_materialized_commit_continues_training(reviews, tmp_path)
     assert [e["step"] for e in resumed.state.log_history if "loss" in e] == [1, 2, 3, 4]  # history carried on
     for name, value in resumed.model.state_dict().items():  # same weights as never stopping
         torch.testing.assert_close(value, uninterrupted[name])
-    assert second.lineage["resumed_from"] == {"run_name": "first", "step": 2, "dataset": first.lineage["dataset"]}
+    saved = next(c for c in first.lineage["checkpoints"] if c["step"] == 2)
+    assert second.lineage["resumed_from"] == {
+        "run_name": "first", "model_repo": str((tmp_path / "models").resolve()), "commit": saved["commit"],
+        "path": saved["path"], "step": 2, "file": None, "dataset": first.lineage["dataset"]}
     assert [c["step"] for c in second.lineage["checkpoints"]] == [4]
 
 

@@ -104,6 +104,40 @@ def test_resume_from_continues_the_named_run(dataset_repo, tmp_path):
     assert lineage["run"]["name"] == "long" and lineage["dataset"]["commit"] == dataset_repo.commits[0]
     assert lineage["checkpoints"][:len(done)] == done  # the run goes on: earlier checkpoints kept
     assert lineage["checkpoints"][-1]["step"] > done[-1]["step"]
+    resumed = lineage["resumed_from"]  # the weights came from the run's last committed checkpoint
+    assert (resumed["commit"], resumed["path"], resumed["step"]) == (done[-1]["commit"], done[-1]["path"], done[-1]["step"])
+
+
+def test_a_resumed_fit_records_the_committed_checkpoint_its_weights_come_from(dataset_repo, tmp_path, capsys):
+    """ckpt_path= a file an earlier run saved (not its last): the lineage names that checkpoint's commit
+    in its model repository, not just the earlier run's name (whose record lists several)."""
+    from oxen_callbacks import cli
+
+    models, pin = tmp_path / "models", _pin(dataset_repo, 0)
+    first = OxenLightningCallback(dataset=pin, model_repo=models, run_name="r1", mlflow=False)
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "a", every_n_train_steps=6, save_top_k=-1)
+    make_trainer(tmp_path / "a", [ckpt, first], epochs=2).fit(TinyModel(), datamodule=CsvData(pin))
+    earlier = next(c for c in first.lineage["checkpoints"] if c["step"] == 6)
+    local = tmp_path / "a" / os.path.basename(earlier["path"])
+
+    second = OxenLightningCallback(dataset=pin, model_repo=models, mlflow=False)
+    make_trainer(tmp_path / "b", [second], epochs=3, enable_checkpointing=False).fit(
+        TinyModel(), datamodule=CsvData(pin), ckpt_path=local)
+    resumed = second.lineage["resumed_from"]
+    assert resumed["run_name"] == "r1" and resumed["model_repo"] == str(models.resolve())
+    assert (resumed["commit"], resumed["path"], resumed["step"]) == (earlier["commit"], earlier["path"], 6)
+    assert resumed["file"] == str(local)
+    assert cli.main(["lineage", second.lineage["run"]["name"], "--model-repo", str(models)]) == 0
+    assert f"resumed from {models.resolve()} @ {earlier['commit']}  {earlier['path']}  step 6  run r1" in capsys.readouterr().out
+
+    plain = tmp_path / "plain.ckpt"  # saved without the callback: what it is, said as such
+    trainer = make_trainer(tmp_path / "c", [], epochs=1, enable_checkpointing=False)
+    trainer.fit(TinyModel(), datamodule=CsvData(pin))
+    trainer.save_checkpoint(plain)
+    third = OxenLightningCallback(dataset=pin, model_repo=models, mlflow=False)
+    make_trainer(tmp_path / "d", [third], epochs=2, enable_checkpointing=False).fit(
+        TinyModel(), datamodule=CsvData(pin), ckpt_path=plain)
+    assert third.lineage["resumed_from"] | {"file": str(plain), "commit": None, "run_name": None} == third.lineage["resumed_from"]
 
 
 # -- killed commit processes ------------------------------------------------------------------

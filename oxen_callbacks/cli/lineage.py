@@ -56,6 +56,12 @@ def run_lines(view: Result, indent: str = "") -> list[str]:
         lines.append(f"{indent}             {model['path']}")
     dirty = {True: " (uncommitted changes)", False: ""}.get(code.get("git_dirty"), "")
     lines.append(f"{indent}code         git {code.get('git_commit') or '(not a git checkout)'}{dirty}")
+    resumed = view.get("resumed_from")
+    if isinstance(resumed, dict):
+        where = (f"{resumed.get('model_repo')} @ {resumed['commit']}  {resumed.get('path')}" if resumed.get("commit")
+                 else f"{resumed.get('file') or '?'} (no committed checkpoint found for it)")
+        step = f"  step {resumed['step']}" if resumed.get("step") is not None else ""
+        lines.append(f"{indent}resumed from {where}{step}  run {resumed.get('run_name') or '?'}")
     for version in view.get("registered") or []:
         aliases = "".join(f" @{a}" for a in version.get("aliases") or [])
         lines.append(f"{indent}registered   {version['name']} v{version['version']}{aliases}")
