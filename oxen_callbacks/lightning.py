@@ -10,8 +10,10 @@ Example::
     trainer = L.Trainer(callbacks=[ModelCheckpoint(monitor="val_loss"), oxen_cb])
     trainer.fit(model, datamodule=ReviewsData(data.file("train.csv")))
 
-Every checkpoint any ``ModelCheckpoint`` (or ``trainer.save_checkpoint``) writes is committed
-to the model repository once written; top-k deletions are recorded. The callback sees them
+Every checkpoint any ``ModelCheckpoint`` (or ``trainer.save_checkpoint`` called during the fit,
+e.g. from a callback) writes is committed to the model repository once written; top-k deletions
+are recorded. A ``trainer.save_checkpoint`` after ``fit()`` returned belongs to no run: it is not
+committed (resume from it, and the next run records it as ``resumed_from``). The callback sees them
 through the strategy's ``CheckpointIO`` plugin point (see :mod:`oxen_callbacks._lightning_io`).
 
 Under SLURM with ``SLURMEnvironment(auto_requeue=True)`` (Lightning's default there), the
