@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +23,7 @@ log = logging.getLogger(__name__)
 _RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 #: The Oxen run each MLflow run this process logged into holds: ``{mlflow run id: (model repo, run
 #: name, dataset commit)}``. One MLflow run describes one Oxen run (its tags and pointer are one run's).
-_OXEN_RUN_OF_MLFLOW_RUN: dict[str, tuple[str, str, str | None]] = {}
+_OXEN_RUN_OF_MLFLOW_RUN: dict[str, tuple[str, str, str | None, weakref.ref[Any]]] = {}
 
 
 class RunOptionChecks:
@@ -55,7 +56,12 @@ class RunOptionChecks:
         earlier = _OXEN_RUN_OF_MLFLOW_RUN.get(mlflow_run) if mlflow_run else None
         if earlier is None:
             return continuing
-        repo, name, commit = earlier
+        repo, name, commit, run_ref = earlier
+        earlier_run = run_ref()
+        if earlier_run is not None and earlier_run is not self and not earlier_run.finished:
+            # its train() raised and nothing ended it (HF calls no hook then): it ends FAILED now, before
+            # this fit logs into the MLflow run (at exit it would write its end over this fit's)
+            earlier_run.finish_after_error("FAILED", what="train() that raised")
         mine = self.dataset.commit if self.dataset is not None else None
         if repo == str(self.model_repo) and commit == mine and (name == self.run_name or not self._named):
             if name != self.run_name:
@@ -74,7 +80,8 @@ class RunOptionChecks:
         """This run logs into ``mlflow_run`` (see :meth:`_continue_in_shared_mlflow_run`)."""
         if mlflow_run:
             _OXEN_RUN_OF_MLFLOW_RUN[mlflow_run] = (str(self.model_repo), self.run_name,
-                                                   self.dataset.commit if self.dataset is not None else None)
+                                                   self.dataset.commit if self.dataset is not None else None,
+                                                   weakref.ref(self))
 
     def _validate(self) -> None:
         check_can_start_processes()  # (the commit worker starts right after these checks)

@@ -244,11 +244,11 @@ _STARTED: "weakref.WeakKeyDictionary[OxenTrainerCallback, TrainingArguments]" = 
 
 
 def _ended_at_exit_if_train_raised(callback: OxenTrainerCallback, args: TrainingArguments) -> None:
-    """Note a started run; the first one registers the exit handler, after transformers' MLflowCallback
+    """Note a started run and (re-)register the exit handler, after transformers' MLflowCallback
     imported MLflow: handlers run last-registered first, so ours ends the runs before MLflow's own
     handler would end the active run as FINISHED."""
-    if not _STARTED:
-        atexit.register(_end_runs_a_raising_train_left)
+    atexit.unregister(_end_runs_a_raising_train_left)  # registered again: after MLflow's, whenever it came
+    atexit.register(_end_runs_a_raising_train_left)
     _STARTED[callback] = args
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -31,13 +32,25 @@ def main() -> None:
     parser.add_argument("--out", required=True)
     parser.add_argument("--raise", dest="error", choices=["error", "ctrl-c"], required=True)
     parser.add_argument("--report-to", default="none")
+    parser.add_argument("--retry", action="store_true", help="catch it, then train again with a new Trainer")
     args = parser.parse_args()
     pin = PinnedDataset(args.dataset, revision="main", paths=["train.jsonl", "eval.jsonl"])
-    cb = OxenTrainerCallback(dataset=pin, model_repo=args.model_repo, run_name="raised")
+    cb = OxenTrainerCallback(dataset=pin, model_repo=args.model_repo, run_name=None if args.retry else "raised")
     error = KeyboardInterrupt() if args.error == "ctrl-c" else RuntimeError("user code failed at step 3")
     trainer, _ = make_trainer(Path(args.out), pin.load_dataset()["train"], [cb, RaiseAtStep3(error)], max_steps=6,
                               save_steps=2, report_to=args.report_to)
-    trainer.train()  # raises: the script dies of it
+    if not args.retry:
+        trainer.train()  # raises: the script dies of it
+        return
+    try:
+        trainer.train()
+    except RuntimeError:
+        pass  # fixed: a new Trainer and callback (transformers left its MLflow run active)
+    again = OxenTrainerCallback(dataset=pin, model_repo=args.model_repo)
+    retried, _ = make_trainer(Path(args.out) / "again", pin.load_dataset()["train"], [again], max_steps=4,
+                              save_steps=2, report_to=args.report_to)
+    retried.train()
+    print(json.dumps({"first": cb.run.run_name, "again": again.lineage}))
 
 
 if __name__ == "__main__":

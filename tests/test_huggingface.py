@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import filecmp
+import json
 import runpy
 import shutil
 import stat
@@ -256,6 +257,24 @@ def test_a_script_that_dies_of_a_raising_train_ends_its_run(error, report_to, st
     run = MlflowClient().get_run(record["run"]["mlflow_run_id"])
     assert run.info.status == status and run.data.tags["oxen.lineage.status"] == status
     assert run.data.tags["oxen.model.commit"] == record["checkpoints"][0]["commit"]
+
+
+def test_a_train_that_raised_then_a_retry_in_the_same_mlflow_run_ends_as_the_retry(reviews, tmp_path):
+    """report_to="mlflow" leaves transformers' run active when train() raises; the user catches it and
+    trains again with a new Trainer and callback (the same MLflow run). At exit, the failed attempt's
+    end must not be written over the retry's: the MLflow run and the repository say FINISHED."""
+    script = Path(__file__).parent / "hf_raising_script.py"
+    done = subprocess.run([sys.executable, str(script), "--dataset", str(reviews.path), "--model-repo",
+                           str(tmp_path / "models"), "--out", str(tmp_path / "out"), "--raise", "error",
+                           "--report-to", "mlflow", "--retry"], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    again = json.loads(done.stdout.strip().splitlines()[-1])["again"]
+    assert again["status"] == "FINISHED"
+    record = read_lineage(tmp_path / "models" / "runs" / again["run"]["name"] / "lineage.json")
+    assert record["status"] == "FINISHED"
+    run = MlflowClient().get_run(again["run"]["mlflow_run_id"])
+    assert run.info.status == "FINISHED" and run.data.tags["oxen.lineage.status"] == "FINISHED"
+    assert run.data.tags["oxen.model.commit"] == record["model"]["commit"]
 
 
 def test_datasets_cache_never_returns_rows_of_another_commit(reviews, tmp_path):
