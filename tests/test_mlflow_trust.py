@@ -322,16 +322,7 @@ def test_whole_job_sigkilled_at_once_is_finished_by_sync(dataset_repo, tmp_path)
             break
         time.sleep(0.2)
     assert proc.poll() is None, "training ended before it could be killed"
-    frozen: set[int] = set()  # stopped first: none can start a child the kill would miss
-    while new := set(process_tree(proc.pid)) - frozen:
-        for pid in new:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGSTOP)
-        frozen |= new
-    for pid in frozen:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
-    proc.wait()
+    _kill_whole_tree(proc)
     # a killed process lets go of its locks a moment later
     assert not wait_until_released(models, Path(os.environ["OXEN_CALLBACKS_CACHE"]))
 
@@ -346,6 +337,65 @@ def test_whole_job_sigkilled_at_once_is_finished_by_sync(dataset_repo, tmp_path)
     assert run.data.tags["oxen.model.commit"] == committed[-1]["commit"]
     logged = read_lineage(client.download_artifacts(run.info.run_id, "oxen/lineage.json", str(tmp_path / "dl")))
     assert [c["commit"] for c in logged["checkpoints"]] == [c["commit"] for c in committed]
+
+
+def _kill_whole_tree(proc: subprocess.Popen) -> None:  # type: ignore[type-arg]
+    """SIGKILL a process and every process it started, at once (a cgroup OOM kill, scancel)."""
+    frozen: set[int] = set()  # stopped first: none can start a child the kill would miss
+    while new := set(process_tree(proc.pid)) - frozen:
+        for pid in new:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGSTOP)
+        frozen |= new
+    for pid in frozen:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    proc.wait()
+
+
+@pytest.mark.timeout(600)
+def test_sync_of_a_killed_fit_leaves_the_record_of_a_fit_that_continued_the_run_alone(dataset_repo, tmp_path):
+    """Fit A (its own MLflow run) is killed with all its helpers; fit B continues the run under its name
+    without MLflow and finishes. `sync` then ends A's MLflow run KILLED, but runs/<run>/lineage.json is
+    B's record: it must not be amended with A's status or MLflow run."""
+    from oxen_callbacks._ops import sync
+
+    models = tmp_path / "models"
+    script = Path(__file__).parent / "fit_script.py"
+    proc = subprocess.Popen([sys.executable, str(script), "--dataset", str(dataset_repo.path), "--revision",
+                             dataset_repo.commits[0], "--model-repo", str(models), "--root", str(tmp_path / "fit"),
+                             "--run-name", "nightly", "--mlflow", "--step-sleep", "0.3", "--epochs", "60",
+                             "--every-n-steps", "6"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    lineage = models / "runs" / "nightly" / "lineage.json"
+    client = MlflowClient()
+    deadline = time.monotonic() + 300
+    while proc.poll() is None and time.monotonic() < deadline:  # a checkpoint committed, the run tagged with it
+        runs = client.search_runs(["0"])
+        if (lineage.is_file() and any(c["commit"] for c in read_lineage(lineage)["checkpoints"])
+                and runs and "oxen.model.commit" in runs[0].data.tags):
+            break
+        time.sleep(0.2)
+    assert proc.poll() is None, "training ended before it could be killed"
+    _kill_whole_tree(proc)
+    assert not wait_until_released(models, Path(os.environ["OXEN_CALLBACKS_CACHE"]))
+    assert sync.sync_all(mlflow=False)["pending"] == 0  # (A's queued saves committed; its MLflow left)
+    killed_fit = read_lineage(lineage)
+
+    b = OxenLightningCallback(model_repo=models, run_name="nightly", resume_from="nightly", mlflow=False)
+    make_trainer(tmp_path / "b", [ModelCheckpoint(dirpath=tmp_path / "b" / "ckpt"), b], epochs=1).fit(
+        TinyModel(), datamodule=CsvData(b.dataset), ckpt_path=b.ckpt_path)
+    mine = b.lineage
+    report = sync.sync_all()
+    assert report["pending"] == 0, [(m.get("status"), m.get("error")) for m in report["mlflow"]]
+    record = read_lineage(lineage)
+    assert record["fit_id"] == mine["fit_id"] and record["status"] == "FINISHED"
+    assert record["run"]["mlflow_run_id"] is None and record["model"] == mine["model"]
+    [run] = client.search_runs(["0"])  # A's MLflow run is ended KILLED, with A's checkpoints only
+    assert run.info.status == "KILLED" and run.data.tags["oxen.lineage.status"] == "KILLED"
+    logged = read_lineage(client.download_artifacts(run.info.run_id, "oxen/lineage.json", str(tmp_path / "dl")))
+    assert logged["fit_id"] == killed_fit["fit_id"] != mine["fit_id"]
+    assert [c["commit"] for c in logged["checkpoints"]] == [c["commit"] for c in killed_fit["checkpoints"] if c["commit"]]
+    assert run.data.tags["oxen.model.commit"] == logged["checkpoints"][-1]["commit"]
 
 
 class _KillSinkThenSync(Callback):

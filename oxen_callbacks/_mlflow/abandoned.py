@@ -42,10 +42,12 @@ def commits_outstanding(meta: dict[str, Any]) -> str | None:
     return None
 
 
-def committed_record(model_repo: str, run: str, mlflow_run_id: str,
-                     status: str = KILLED) -> dict[str, Any] | None:
+def committed_record(model_repo: str, run: str, mlflow_run_id: str, status: str = KILLED, *,
+                     fit_id: str | None = None) -> dict[str, Any] | None:
     """``runs/<run>/lineage.json`` of the model repository's working tree, cut to the committed
-    checkpoints, the model pointing at the last one; ``None`` when no checkpoint was committed."""
+    checkpoints, the model pointing at the last one; ``None`` when no checkpoint was committed.
+    ``fit_id``: the fit whose MLflow run this is; when the run was continued by a later fit since,
+    the record is cut to this fit's checkpoints and ends ``status`` (the later fit's end is not its)."""
     path = Path(model_repo) / lineage_path(run)
     if not run or Path(run).name != run or not path.is_file():
         return None
@@ -55,6 +57,11 @@ def committed_record(model_repo: str, run: str, mlflow_run_id: str,
         log.warning("Cannot read %s: %s", path, exc)
         return None
     record.checkpoints = [c for c in record.checkpoints if c.commit]
+    if fit_id is not None and record.extra.get("fit_id") not in (None, fit_id):
+        record.checkpoints = [c for c in record.checkpoints if c.extra.get("fit_id") == fit_id]
+        record.extra.update(fit_id=fit_id, status=None, ended_at=None)
+        record.run.mlflow_run_id = None  # (the later fit's)
+        record.model.commit = record.model.path = None
     if record.status in (None, "RUNNING"):  # a run that finished its lineage keeps its own status
         record.status = status
         if record.checkpoints:
@@ -63,10 +70,11 @@ def committed_record(model_repo: str, run: str, mlflow_run_id: str,
     return record.to_json()
 
 
-def amend_repo_record(model_repo: str, run: str, record: dict[str, Any]) -> dict[str, Any]:
+def amend_repo_record(model_repo: str, run: str, record: dict[str, Any], *, fit_id: str | None) -> dict[str, Any]:
     """Commit ``record`` (:func:`committed_record`'s) as the run's lineage in the model repository
     when the repository's record says less: still ``RUNNING``, or without the MLflow run id. So the
-    repository and MLflow give one answer. Returns the record to log (the committed one when the
+    repository and MLflow give one answer. Only for fit ``fit_id`` (the journal's): a run continued
+    since by another fit keeps its record. Returns the record to log (the committed one when the
     commit worked)."""
     from .._publish.drain import commit_record
 
@@ -74,8 +82,8 @@ def amend_repo_record(model_repo: str, run: str, record: dict[str, Any]) -> dict
         current = LineageRecord.read(Path(model_repo) / lineage_path(run))
     except (OSError, ValueError, LineageValidationError):
         return record
-    if current.extra.get("fit_id") != record.get("fit_id"):
-        return record  # the run went on since (a continued run): its newer record stays as it is
+    if fit_id is None or current.extra.get("fit_id") != fit_id or record.get("fit_id") != fit_id:
+        return record  # not known to be this fit's record (the run went on since): left as it is
     if current.status == record["status"] and current.run.mlflow_run_id == record["run"]["mlflow_run_id"]:
         return record
     committed = commit_record(model_repo, run, record)

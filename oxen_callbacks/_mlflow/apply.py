@@ -84,7 +84,8 @@ def apply_op(client: Any, journal: MlflowJournal, meta: dict[str, Any], op: dict
         if isinstance(data.get("run"), dict) and not data["run"].get("mlflow_run_id"):
             data = {**data, "run": {**data["run"], "mlflow_run_id": run_id}}  # created after training knew
             if op["name"] == LINEAGE_ARTIFACT_NAME and meta.get("model_repo") and meta.get("oxen_run"):
-                data = amend_repo_record(meta["model_repo"], meta["oxen_run"], data)  # the repository's too
+                # the repository's too
+                data = amend_repo_record(meta["model_repo"], meta["oxen_run"], data, fit_id=data.get("fit_id"))
         with tempfile.TemporaryDirectory() as tmp:
             local = Path(tmp) / op["name"]
             local.write_text(json.dumps(data, indent=2) + "\n")
@@ -124,9 +125,9 @@ def finish_abandoned(client: Any, journal: Any, meta: dict[str, Any], status: st
     ``terminate``: end the run if still ``RUNNING`` (not a run the user started and ends)."""
     run_id = meta["run_id"]
     trainer_died = status == KILLED  # else the training run itself left it to sync (its final commit stalled)
-    record = committed_record(meta["model_repo"], meta.get("oxen_run") or "", run_id, status)
+    record = committed_record(meta["model_repo"], meta.get("oxen_run") or "", run_id, status, fit_id=journal.fit_id())
     if record is not None:
-        record = amend_repo_record(meta["model_repo"], meta["oxen_run"], record)
+        record = amend_repo_record(meta["model_repo"], meta["oxen_run"], record, fit_id=journal.fit_id())
     status = record["status"] if record else status
     tags = {TAG_LINEAGE_STATUS: status}
     if record and record["model"].get("commit"):

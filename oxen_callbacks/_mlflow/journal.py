@@ -17,7 +17,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from .._util.fs import write_json_atomically
+from .._util.fs import write_atomically, write_json_atomically
 from .._util.locks import FileLock, is_locked
 from .._util.processes import ENTRY_POINTS
 
@@ -63,6 +63,18 @@ class MlflowJournal:
 
     def trainer_alive(self) -> bool:
         return is_locked(self.trainer_lock_path)
+
+    def note_fit(self, fit_id: str) -> None:
+        """The fit (``fit_id`` of its lineage record) this journal logs: its own file, never racing the
+        sink process's writes of ``meta.json``."""
+        write_atomically(self.folder / "fit_id", fit_id)
+
+    def fit_id(self) -> str | None:
+        """What :meth:`note_fit` noted (``None``: not noted, a journal of an older version)."""
+        try:
+            return (self.folder / "fit_id").read_text() or None
+        except OSError:
+            return None
 
     def mark_ended(self) -> None:
         """The training side ended the run (it called ``end``): nothing of it was abandoned."""

@@ -189,6 +189,8 @@ class MlflowSink:
 
     def tag_start(self, run_name: str, record: dict[str, Any]) -> None:
         """What is known at fit start: the run, the model repository, the code and the dataset pin."""
+        if record.get("fit_id"):
+            self.journal.note_fit(record["fit_id"])  # (what `sync` may amend in the repository: this fit's record)
         tags = {TAG_RUN: run_name, TAG_MODEL_REPO: record["model"]["repo"],
                 TAG_CODE_GIT_COMMIT: record["code"]["git_commit"]}
         if record["dataset"]:

@@ -173,6 +173,7 @@ class Committer:
             "bytes": p.get("bytes"),
             "job": f"{queue.folder.name}/{job.name}",
             "source": p.get("source"),  # which file of the trainer's it is (several folders may share names)
+            "fit_id": (p.get("record") or {}).get("fit_id"),  # which fit saved it (a continued run has several)
         }
         record["checkpoints"] = [c for c in record["checkpoints"] if c.get("job") != entry["job"]] + [entry]
         if not _finalized(record):  # a late job never moves a finished run's model

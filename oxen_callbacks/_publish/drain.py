@@ -17,6 +17,7 @@ from typing import Any
 
 from .._oxen.identity import resolve_author, worker_environment
 from .._util.cache import default_cache_dir
+from .._util.locks import FileLock
 from .._util.processes import python_command
 from .publisher import worker_arguments
 from .queue import JobQueue, all_queues
@@ -41,7 +42,7 @@ def commit_record(model_repo: str | os.PathLike[str], run: str, record: dict[str
 
     The record's checkpoints that the repository's own record lists keep their place; the model it
     names stays ``record["model"]``. Returns the committed record (commit ids filled), or ``None``
-    when the commit failed: the job then stays queued for the next ``sync``.
+    when the commit failed (nothing is left queued).
     """
     repo = Path(model_repo)
     earlier = [q.meta() for q in all_queues(repo) if q.meta().get("run") == run]
@@ -51,12 +52,20 @@ def commit_record(model_repo: str | os.PathLike[str], run: str, record: dict[str
         env = worker_environment(resolve_author(None), default_cache_dir())
     queue = JobQueue.create(repo, run, {"pid": os.getpid(), "amends": True, "env": env,
                                         **{k: like.get(k) for k in ("remote", "branch", "remote_url")}})
-    seq = queue.next_seq()
-    queue.put(seq, "finalize", {"run": run, "record": record, "best": record["model"].get("path")})
-    drain_in_worker(queue, repo, push_timeout)
-    result = queue.result(seq)
+    owner = FileLock(queue.owner_lock)  # held throughout: a `sync` meanwhile leaves this queue to us
+    owner.acquire()
+    try:
+        seq = queue.next_seq()
+        job = queue.put(seq, "finalize", {"run": run, "record": record, "best": record["model"].get("path")})
+        drain_in_worker(queue, repo, push_timeout)
+        result = queue.result(seq)
+        if result is None or not result.get("ok"):
+            queue.drop(job)
+    finally:
+        owner.release()
     if result is None or not result.get("ok"):
-        log.warning("Committing the amended lineage of run %s to %s failed; `oxen-callbacks sync` tries again "
-                    "(log: %s)", run, repo, queue.log_path)
+        # (not left queued: committed later, it could land over a record the run has gone on to since)
+        log.warning("Committing the amended lineage of run %s to %s failed (log: %s): the repository's record "
+                    "stays as it was; MLflow has the run's end.", run, repo, queue.log_path)
         return None
     return result.get("record")

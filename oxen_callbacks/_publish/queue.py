@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -118,6 +119,11 @@ class JobQueue:
         """Record ``result``, then forget the job and its staged bytes (in that order)."""
         write_json_atomically(self.done_dir / f"{job.name}.json", result)
         (self.jobs_dir / f"{job.name}.json").unlink(missing_ok=True)
+
+    def drop(self, job: Job) -> None:
+        """Forget a pending job without doing it (and its staged bytes)."""
+        (self.jobs_dir / f"{job.name}.json").unlink(missing_ok=True)
+        shutil.rmtree(self.staging_for(job.seq), ignore_errors=True)
 
     def result(self, seq: int) -> dict[str, Any] | None:
         """The recorded result of job ``seq``, if it is done."""
