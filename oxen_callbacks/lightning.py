@@ -132,7 +132,7 @@ class OxenLightningCallback(Callback):
             self._requeued = None
         if self.dataset is not None:
             if not self.allow_dataset_change:  # every process: all fail alike, before any step
-                _check_data_holders(self.dataset, trainer.datamodule, pl_module)
+                _check_datamodule(self.dataset, trainer.datamodule)
             self.dataset.pull()  # every process; one per node materializes, the others wait on its lock
             self.run.check_commit_of_rank_zero(trainer.strategy.broadcast(self.dataset.commit, src=0),
                                                rank=trainer.global_rank)
@@ -230,13 +230,14 @@ class OxenLightningCallback(Callback):
         return self.run.lineage(self._fitter)
 
 
-def _check_data_holders(pin: PinnedDataset, *holders: Any) -> None:
-    """The DataModule (or model) must not read another commit of the pinned repository: one built
-    from an earlier pin in a notebook would train on data the lineage does not name."""
-    others = pin.other_commits_held(*(h for h in holders if h is not None))
+def _check_datamodule(pin: PinnedDataset, datamodule: Any) -> None:
+    """The DataModule must not read another commit of the pinned repository: one built from an earlier
+    pin in a notebook would train on data the lineage does not name. (Not the model: its hyperparameters
+    may record the data of the fit that made it, which a fine-tuning does not read.)"""
+    others = pin.other_commits_held(datamodule) if datamodule is not None else set()
     if others:
         raise DatasetMismatchError(
-            f"The DataModule (or model) holds dataset commit(s) {sorted(others)} of {pin.source.location}, but "
+            f"The DataModule holds dataset commit(s) {sorted(others)} of {pin.source.location}, but "
             f"OxenLightningCallback pins {pin.commit}: the lineage would name data the model never read.\n"
             "HINT: build the DataModule from the PinnedDataset given to the callback (a notebook: run the "
             "DataModule's cell again after the pin's), or pass allow_dataset_change=True.")

@@ -280,7 +280,7 @@ class PinnedDataset:
             )
 
     def other_commits_held(self, *holders: Any) -> set[str]:
-        """Commits of this repository other than :attr:`commit` that ``holders`` (a DataModule, a model)
+        """Commits of this repository other than :attr:`commit` that ``holders`` (a DataModule)
         hold in their attributes, two levels deep: another ``PinnedDataset`` of it, or a path into
         another commit's snapshot. A holder built from an earlier pin reads data the lineage won't name."""
         found: set[str] = set()

@@ -73,6 +73,13 @@ def test_a_datamodule_of_an_earlier_pin_is_refused_before_a_step(dataset_repo, t
         with pytest.raises(DatasetMismatchError, match=f"holds dataset commit\\(s\\) \\['{commit_a}'\\]"):
             make_trainer(tmp_path, [cb], epochs=1, enable_checkpointing=False).fit(model, datamodule=stale)
         assert not model.labels_seen
+    # a model whose hyperparameters recorded the data of the fit that made it is fine-tuned on the new pin
+    model = TinyModel()
+    model.hparams["train_file"] = str(old.file("train.csv"))
+    cb = OxenLightningCallback(dataset=new, model_repo=tmp_path / "models", mlflow=False)
+    make_trainer(tmp_path, [cb], epochs=1, enable_checkpointing=False).fit(
+        model, datamodule=_PathsData(new.file("train.csv"), new.file("val.csv")))
+    assert model.labels_seen == {1} and cb.lineage["dataset"]["commit"] == commit_b
     model = TinyModel()  # the DataModule of the new pin: trains, and the lineage names what it read
     cb = OxenLightningCallback(dataset=new, model_repo=tmp_path / "models", mlflow=False)
     make_trainer(tmp_path, [cb], epochs=1, enable_checkpointing=False).fit(

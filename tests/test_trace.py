@@ -126,21 +126,6 @@ def test_a_run_path_two_model_repositories_hold_lists_both(offline, tmp_path):
         [(str(offline["models"]), dataset.commits[0]), (str(other.resolve()), dataset.commits[1])])
 
 
-def test_a_record_without_its_mlflow_run_id_is_one_run_with_that_run(offline, tmp_path):
-    """The MLflow run was created after training ended (or the record was never amended): the model
-    repository's record and the MLflow run with its repository and name are one run, listed once."""
-    record, models = offline["runs"]["solo-b"], offline["models"]
-    uri = f"sqlite:///{tmp_path / 'late.db'}"
-    client = MlflowClient(uri)
-    tags = {"oxen.run": "solo-b", "oxen.model.repo": str(models), "oxen.model.commit": record["model"]["commit"],
-            "oxen.model.path": record["model"]["path"], "oxen.dataset.commit": record["dataset"]["commit"],
-            "oxen.dataset.repo": record["dataset"]["repo"], "oxen.lineage.status": "FINISHED"}
-    run_id = client.create_run(client.create_experiment("late"), tags=tags).info.run_id
-    client.set_terminated(run_id, "FINISHED")
-    found = LineageFinder(tracking_uri=uri, model_repos=[models]).trace(record["model"]["commit"])
-    assert [r["run"]["mlflow_run_id"] for r in found["runs"]] == [run_id]
-
-
 def test_mlflow_s_end_wins_over_a_record_still_running(offline, tmp_path):
     """A run killed, finished by `sync` in MLflow, whose amended record could not be committed yet:
     the answer says how MLflow ended it, and why the repository disagrees."""
@@ -159,3 +144,12 @@ def test_mlflow_s_end_wins_over_a_record_still_running(offline, tmp_path):
     view = LineageFinder(tracking_uri=uri, model_repos=[models]).run(run_id)
     assert view["status"] == "KILLED" and "still says RUNNING" in view["status_note"]
     assert view["dataset"]["commit"] == offline["dataset"].commits[0]  # the rest is the repository's record
+    # a live process trains the run (a fit continuing it in an MLflow run an earlier fit ended): RUNNING
+    from oxen_callbacks._publish.claim import RunClaim
+
+    claim = RunClaim.take(offline["models"], "solo-a", continuing=True)  # (where the record says it trains)
+    try:
+        view = LineageFinder(tracking_uri=uri, model_repos=[models]).run(run_id)
+        assert view["status"] == "RUNNING" and "status_note" not in view
+    finally:
+        claim.release()

@@ -31,6 +31,7 @@ from .._mlflow.query import TrackingReader, check_tracking_uri, missing_store, o
 from .._mlflow.query import tracking_uri as default_tracking_uri
 from .._oxen import layout as oxen_layout
 from .._oxen.commit_id import FULL_COMMIT_ID_LEN, is_commit_like
+from .._publish.claim import run_in_use
 from ..errors import ConfigurationError
 from ..lineage import SCHEMA, read_lineage, repo_record, repo_records
 from ..model_repo import clean_endpoint, endpoint_slug, endpoint_tag, read_deployments, run_of_path, runs_dir
@@ -219,10 +220,11 @@ class LineageFinder:
             if prefix or not models:  # a full id names one commit: a model's is no dataset's
                 for run in self.reader.search_runs(tag_filter(TAG_DATASET_COMMIT, commit, prefix=prefix)):
                     datasets[run["run_id"]] = self._view(run)
-        by_name = _mlflow_runs_by_name([*models.values(), *datasets.values()])
         for repo in self.model_repos:
             for record in repo_records(repo):
-                key = _view_key(repo, record, by_name)
+                # (a record without its MLflow run id is listed on its own: a run continued without
+                # MLflow has a newer record than the MLflow run of its first fit)
+                key = record["run"].get("mlflow_run_id") or f"{repo}:{record['run'].get('name')}"
                 if any((c["commit"] or "").startswith(commit) for c in record["checkpoints"]):
                     models.setdefault(key, {**record, "source": "model-repo"})
                 if record["dataset"] and record["dataset"]["commit"].startswith(commit):
@@ -251,7 +253,7 @@ class LineageFinder:
                     continue
                 record = repo_record(repo, deployment["run"]["name"] or "")
                 if record is not None:
-                    key = _view_key(repo, record, _mlflow_runs_by_name(list(views.values())))
+                    key = record["run"].get("mlflow_run_id") or f"{repo}:{record['run']['name']}"
                     views.setdefault(key, {**record, "source": "model-repo"})
         return list(views.values())
 
@@ -283,6 +285,9 @@ class LineageFinder:
         if (view.get("status") != "RUNNING" or view.get("source") != "model-repo" or self.reader is None
                 or not isinstance(run_id, str) or not _RUN_ID.fullmatch(run_id)):
             return
+        repo, name = view["model"].get("repo"), view["run"].get("name")
+        if isinstance(repo, str) and isinstance(name, str) and run_in_use(repo, name):
+            return  # a live process trains it (a fit continuing it in an MLflow run an earlier fit ended)
         found = self.reader.get_run(run_id)
         if found is None or found.get("status") in (None, "RUNNING", "SCHEDULED"):
             return
@@ -295,26 +300,6 @@ class LineageFinder:
             assert self.reader is not None
             self._aliases[name] = self.reader.aliases(name)
         return self._aliases[name]
-
-
-def _mlflow_runs_by_name(views: list[dict[str, Any]]) -> dict[tuple[str, str], str | None]:
-    """The MLflow runs among ``views`` by (model repository, run name); ``None`` where several share
-    them (fits that continued one run): a record without its run id cannot say which it is."""
-    found: dict[tuple[str, str], str | None] = {}
-    for view in views:
-        repo, name, run_id = view["model"].get("repo"), view["run"].get("name"), view["run"].get("mlflow_run_id")
-        if isinstance(repo, str) and isinstance(name, str) and run_id:
-            key = (os.path.realpath(repo), name)
-            found[key] = run_id if found.get(key, run_id) == run_id else None
-    return found
-
-
-def _view_key(repo: Path, record: dict[str, Any], mlflow_runs: dict[tuple[str, str], str | None]) -> str:
-    """What identifies ``record``'s run among the views: its MLflow run id; without one (the run was
-    killed, or created only after training), the MLflow run of the same repository and name."""
-    name = record["run"].get("name")
-    return (record["run"].get("mlflow_run_id") or mlflow_runs.get((os.path.realpath(repo), str(name)))
-            or f"{repo}:{name}")
 
 
 def _endpoints(view: dict[str, Any], deployments: list[dict[str, Any]], tags: dict[str, str]) -> list[dict[str, Any]]:

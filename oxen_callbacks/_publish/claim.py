@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from .._util.fs import write_atomically
-from .._util.locks import FileLock
+from .._util.locks import FileLock, is_locked
 from ..errors import ConfigurationError
 from ..model_repo import (
     RUN_CLAIM_SUFFIX,
@@ -85,6 +85,16 @@ class RunClaim:
             if owner.pop("preempted", None) is not None:
                 self._lock.write(json.dumps(owner).encode())
         self._lock.release()
+
+
+def run_in_use(model_repo: str | os.PathLike[str], run: str) -> bool:
+    """Whether a live process holds run ``run``'s claim in ``model_repo`` (it trains the run now)."""
+    if not run or Path(run).name != run or run.startswith("."):
+        return False  # (a name from a record: not one a claim can have)
+    try:
+        return is_locked(claim_path(Path(model_repo), run))
+    except OSError:
+        return False
 
 
 def slurm_job() -> str | None:
