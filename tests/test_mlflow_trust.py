@@ -306,25 +306,8 @@ def test_whole_job_sigkilled_at_once_is_finished_by_sync(dataset_repo, tmp_path)
     together. No sink process lives to journal finish_abandoned: `sync` must see it is abandoned."""
     from oxen_callbacks._ops import sync
 
-    models = tmp_path / "models"
-    script = Path(__file__).parent / "fit_script.py"
-    proc = subprocess.Popen([sys.executable, str(script), "--dataset", str(dataset_repo.path), "--revision",
-                             dataset_repo.commits[0], "--model-repo", str(models), "--root", str(tmp_path / "fit"),
-                             "--run-name", "victim", "--mlflow", "--step-sleep", "0.3", "--epochs", "60",
-                             "--every-n-steps", "6"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    lineage = models / "runs" / "victim" / "lineage.json"
     client = MlflowClient()
-    deadline = time.monotonic() + 300
-    while proc.poll() is None and time.monotonic() < deadline:  # a checkpoint committed, the run tagged with it
-        runs = client.search_runs(["0"])
-        if (lineage.is_file() and any(c["commit"] for c in read_lineage(lineage)["checkpoints"])
-                and runs and "oxen.model.commit" in runs[0].data.tags):
-            break
-        time.sleep(0.2)
-    assert proc.poll() is None, "training ended before it could be killed"
-    _kill_whole_tree(proc)
-    # a killed process lets go of its locks a moment later
-    assert not wait_until_released(models, Path(os.environ["OXEN_CALLBACKS_CACHE"]))
+    lineage = _kill_whole_job_once_tagged(dataset_repo, tmp_path, "victim")
 
     report = sync.sync_all()
     [entry] = report["mlflow"]
@@ -337,6 +320,31 @@ def test_whole_job_sigkilled_at_once_is_finished_by_sync(dataset_repo, tmp_path)
     assert run.data.tags["oxen.model.commit"] == committed[-1]["commit"]
     logged = read_lineage(client.download_artifacts(run.info.run_id, "oxen/lineage.json", str(tmp_path / "dl")))
     assert [c["commit"] for c in logged["checkpoints"]] == [c["commit"] for c in committed]
+
+
+def _kill_whole_job_once_tagged(dataset_repo, tmp_path: Path, run: str) -> Path:  # type: ignore[no-untyped-def]
+    """Train run ``run`` (its own MLflow run) in a process; once a checkpoint is committed and the run
+    tagged with it, SIGKILL the process and all its helpers at once; its lineage file, locks released."""
+    models = tmp_path / "models"
+    script = Path(__file__).parent / "fit_script.py"
+    proc = subprocess.Popen([sys.executable, str(script), "--dataset", str(dataset_repo.path), "--revision",
+                             dataset_repo.commits[0], "--model-repo", str(models), "--root", str(tmp_path / "fit"),
+                             "--run-name", run, "--mlflow", "--step-sleep", "0.3", "--epochs", "60",
+                             "--every-n-steps", "6"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    lineage = models / "runs" / run / "lineage.json"
+    client = MlflowClient()
+    deadline = time.monotonic() + 300
+    while proc.poll() is None and time.monotonic() < deadline:  # a checkpoint committed, the run tagged with it
+        runs = client.search_runs(["0"])
+        if (lineage.is_file() and any(c["commit"] for c in read_lineage(lineage)["checkpoints"])
+                and runs and "oxen.model.commit" in runs[0].data.tags):
+            break
+        time.sleep(0.2)
+    assert proc.poll() is None, "training ended before it could be killed"
+    _kill_whole_tree(proc)
+    # a killed process lets go of its locks a moment later
+    assert not wait_until_released(models, Path(os.environ["OXEN_CALLBACKS_CACHE"]))
+    return lineage
 
 
 def _kill_whole_tree(proc: subprocess.Popen) -> None:  # type: ignore[type-arg]
@@ -360,24 +368,8 @@ def test_sync_of_a_killed_fit_leaves_the_record_of_a_fit_that_continued_the_run_
     B's record: it must not be amended with A's status or MLflow run."""
     from oxen_callbacks._ops import sync
 
-    models = tmp_path / "models"
-    script = Path(__file__).parent / "fit_script.py"
-    proc = subprocess.Popen([sys.executable, str(script), "--dataset", str(dataset_repo.path), "--revision",
-                             dataset_repo.commits[0], "--model-repo", str(models), "--root", str(tmp_path / "fit"),
-                             "--run-name", "nightly", "--mlflow", "--step-sleep", "0.3", "--epochs", "60",
-                             "--every-n-steps", "6"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    lineage = models / "runs" / "nightly" / "lineage.json"
-    client = MlflowClient()
-    deadline = time.monotonic() + 300
-    while proc.poll() is None and time.monotonic() < deadline:  # a checkpoint committed, the run tagged with it
-        runs = client.search_runs(["0"])
-        if (lineage.is_file() and any(c["commit"] for c in read_lineage(lineage)["checkpoints"])
-                and runs and "oxen.model.commit" in runs[0].data.tags):
-            break
-        time.sleep(0.2)
-    assert proc.poll() is None, "training ended before it could be killed"
-    _kill_whole_tree(proc)
-    assert not wait_until_released(models, Path(os.environ["OXEN_CALLBACKS_CACHE"]))
+    models, client = tmp_path / "models", MlflowClient()
+    lineage = _kill_whole_job_once_tagged(dataset_repo, tmp_path, "nightly")
     assert sync.sync_all(mlflow=False)["pending"] == 0  # (A's queued saves committed; its MLflow left)
     killed_fit = read_lineage(lineage)
 
