@@ -201,6 +201,24 @@ def test_report_to_mlflow_gives_one_run_with_metrics_and_oxen_pointers(reviews, 
     assert mlflow.active_run() is None
 
 
+def test_two_trains_in_one_user_mlflow_run_are_one_oxen_run(reviews, tmp_path):
+    """train() twice inside the user's own mlflow.start_run(): the run's tags and pointer describe one
+    Oxen run, holding both train()s' checkpoints, not the second one alone."""
+    pin = PinnedDataset(reviews.path, revision="main", paths=PATHS)
+    cb = OxenTrainerCallback(dataset=pin, model_repo=tmp_path / "models")
+    trainer, _ = make_trainer(tmp_path / "out", pin.load_dataset()["train"], [cb], max_steps=2, save_steps=2)
+    with mlflow.start_run() as active:
+        trainer.train()
+        first = cb.lineage
+        trainer.train()
+        second = cb.lineage
+    assert second["run"]["name"] == first["run"]["name"] and second["run"]["mlflow_run_id"] == active.info.run_id
+    assert [c["commit"] for c in second["checkpoints"]][:1] == [first["checkpoints"][0]["commit"]]
+    assert len(second["checkpoints"]) == 2 and second["status"] == "FINISHED"
+    tags = MlflowClient().get_run(active.info.run_id).data.tags
+    assert tags["oxen.run"] == first["run"]["name"] and tags["oxen.model.commit"] == second["model"]["commit"]
+
+
 def test_rerun_into_the_same_output_dir_keeps_earlier_published_checkpoints(reviews, tmp_path):
     pin = PinnedDataset(reviews.path, revision="main", paths=PATHS)
     callbacks = []
