@@ -23,7 +23,7 @@ from typing import Any
 from ._util import background
 from ._util.relpath import safe_relpath
 from .errors import ConfigurationError
-from .lineage import LineageJSON, checkpoint_in_commit, read_lineage
+from .lineage import LineageJSON, checkpoint_in_commit, read_lineage, repo_record
 from .model_repo import lineage_files, lineage_path, run_of_checkpoint
 from .pin import PinnedDataset
 
@@ -217,11 +217,8 @@ def committed_checkpoint(model_repo: str | None, run: str | None, *, step: int |
     file or folder name), per the repository's record, ``size`` bytes when given: what a resumed fit's
     weights come from. ``None`` when the repository, the record or such a checkpoint is not there
     (several: the newest)."""
-    if not model_repo or not run or step is None or Path(run).name != run:
-        return None
-    try:
-        record = read_lineage(Path(model_repo) / lineage_path(run))
-    except (OSError, ValueError):
+    record = repo_record(model_repo, run) if model_repo and run and step is not None else None
+    if record is None:
         return None
     hits = [c for c in record["checkpoints"] if c["commit"] and c.get("step") == step
             and os.path.basename(c["path"]) == name and (size is None or c.get("bytes") in (None, size))]

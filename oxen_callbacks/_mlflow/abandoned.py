@@ -20,7 +20,7 @@ from typing import Any
 from .._publish.queue import run_backlog
 from ..errors import LineageValidationError
 from ..lineage import LineageRecord
-from ..model_repo import lineage_path
+from ..model_repo import is_run_name, lineage_path
 
 log = logging.getLogger(__name__)
 KILLED = "KILLED"
@@ -49,7 +49,7 @@ def committed_record(model_repo: str, run: str, mlflow_run_id: str, status: str 
     ``fit_id``: the fit whose MLflow run this is; when the run was continued by a later fit since,
     the record is cut to this fit's checkpoints and ends ``status`` (the later fit's end is not its)."""
     path = Path(model_repo) / lineage_path(run)
-    if not run or Path(run).name != run or not path.is_file():
+    if not is_run_name(run) or not path.is_file():
         return None
     try:
         record = LineageRecord.read(path)

@@ -125,9 +125,10 @@ def finish_abandoned(client: Any, journal: Any, meta: dict[str, Any], status: st
     ``terminate``: end the run if still ``RUNNING`` (not a run the user started and ends)."""
     run_id = meta["run_id"]
     trainer_died = status == KILLED  # else the training run itself left it to sync (its final commit stalled)
-    record = committed_record(meta["model_repo"], meta.get("oxen_run") or "", run_id, status, fit_id=journal.fit_id())
+    fit_id = journal.fit_id()
+    record = committed_record(meta["model_repo"], meta.get("oxen_run") or "", run_id, status, fit_id=fit_id)
     if record is not None:
-        record = amend_repo_record(meta["model_repo"], meta["oxen_run"], record, fit_id=journal.fit_id())
+        record = amend_repo_record(meta["model_repo"], meta["oxen_run"], record, fit_id=fit_id)
     status = record["status"] if record else status
     tags = {TAG_LINEAGE_STATUS: status}
     if record and record["model"].get("commit"):

@@ -36,6 +36,7 @@ from ..model_repo import (
     claim_path,
     claims_dir,
     fit_record_path,
+    is_run_name,
     lineage_path,
 )
 from ..names import ENV_SLURM_ARRAY_JOB_ID, ENV_SLURM_ARRAY_TASK_ID, ENV_SLURM_JOB_ID
@@ -89,7 +90,7 @@ class RunClaim:
 
 def run_in_use(model_repo: str | os.PathLike[str], run: str) -> bool:
     """Whether a live process holds run ``run``'s claim in ``model_repo`` (it trains the run now)."""
-    if not run or Path(run).name != run or run.startswith("."):
+    if not is_run_name(run):
         return False  # (a name from a record: not one a claim can have)
     try:
         return is_locked(claim_path(Path(model_repo), run))

@@ -45,7 +45,7 @@ def commit_record(model_repo: str | os.PathLike[str], run: str, record: dict[str
     when the commit failed (nothing is left queued).
     """
     repo = Path(model_repo)
-    earlier = [q.meta() for q in all_queues(repo) if q.meta().get("run") == run]
+    earlier = [meta for meta in (q.meta() for q in all_queues(repo)) if meta.get("run") == run]
     like = earlier[-1] if earlier else {}  # the run's own author, remote and branch (kept for a day)
     env = like.get("env")
     if env is None:  # (forgotten by now: this machine's identity)
@@ -58,13 +58,13 @@ def commit_record(model_repo: str | os.PathLike[str], run: str, record: dict[str
         seq = queue.next_seq()
         job = queue.put(seq, "finalize", {"run": run, "record": record, "best": record["model"].get("path")})
         drain_in_worker(queue, repo, push_timeout)
-        result = queue.result(seq)
-        if result is None or not result.get("ok"):
+        result = queue.result(seq) or {}
+        if not result.get("ok"):
+            # not left queued: committed later, it could land over a record the run has gone on to since
             queue.drop(job)
     finally:
         owner.release()
-    if result is None or not result.get("ok"):
-        # (not left queued: committed later, it could land over a record the run has gone on to since)
+    if not result.get("ok"):
         log.warning("Committing the amended lineage of run %s to %s failed (log: %s): the repository's record "
                     "stays as it was; MLflow has the run's end.", run, repo, queue.log_path)
         return None
