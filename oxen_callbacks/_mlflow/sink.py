@@ -28,7 +28,7 @@ import weakref
 from pathlib import Path
 from typing import Any
 
-from .._util.handoff import send_handoff
+from .._util.handoff import Unfitted, send_handoff
 from .._util.processes import child_environment, start_helper
 from .._util.redact import redact_url
 from ..names import (
@@ -352,11 +352,13 @@ class WarmSinkProcess:
         self.store_uri = tracking_uri or _default_tracking_uri()
         idle = _take_idle()
         self._was_idle = idle is not None
-        if idle is None:  # one built for a callback never fitted (a notebook cell run again, a loop)
-            idle, self._was_idle = _take_unclaimed(self.store_uri)
+        unused = _unfitted.find(lambda held: held.store_uri == self.store_uri) if idle is None else None
+        if unused is not None:  # one built for a callback not fitted (see Unfitted)
+            self._was_idle = unused._was_idle
+            idle = unused._take()
         self.proc: subprocess.Popen[bytes] | None = idle or _start_sink(["--warm"], {ENV_MLFLOW_TRACKING_URI: self.store_uri})
         self._closer = weakref.finalize(self, _retire, self.proc, self._was_idle)
-        _unclaimed.append(weakref.ref(self))
+        _unfitted.add(self)
 
     def _take(self) -> subprocess.Popen[bytes] | None:
         """The process, now the caller's to use or stop (this object no longer closes it)."""
@@ -400,20 +402,7 @@ _idle_lock = threading.Lock()
 _idle_owner = os.getpid()  # a forked child (DDP workers) must not write to its parent's pipes
 
 
-_unclaimed: list[weakref.ref[WarmSinkProcess]] = []  # warm sinks of callbacks not fitted yet
-
-
-def _take_unclaimed(store_uri: str) -> tuple[subprocess.Popen[bytes] | None, bool]:
-    """A warm sink for ``store_uri`` an earlier callback holds unused: the newest callback is the one
-    a notebook fits; the earlier one starts a sink at its fit start, should it be fitted after all.
-    So a loop building callbacks starts one sink process, not one each (each imports MLflow)."""
-    _unclaimed[:] = [ref for ref in _unclaimed if (held := ref()) is not None and held.proc is not None]
-    for ref in _unclaimed:
-        held = ref()
-        if held is not None and held.store_uri == store_uri and held.proc is not None and held.proc.poll() is None:
-            was_idle = held._was_idle
-            return held._take(), was_idle
-    return None, False
+_unfitted = Unfitted()  # warm sinks of callbacks not fitted yet (each imports MLflow: one is enough)
 
 
 def _retire(proc: subprocess.Popen[bytes], was_idle: bool) -> None:

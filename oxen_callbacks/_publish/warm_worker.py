@@ -17,22 +17,19 @@ import threading
 import weakref
 from collections.abc import Mapping
 
-from .._util.handoff import send_handoff
+from .._util.handoff import Unfitted, send_handoff
 from .._util.processes import child_environment, start_helper, yield_cpu_to_training
 
 
 class WarmWorker:
     def __init__(self) -> None:
         _reap_closed()
-        # one an earlier callback holds unused (a notebook cell run again, callbacks built in a loop):
-        # the newest callback is the one fitted; an earlier one fitted after all starts a worker then
-        unused = next((held for ref in _unclaimed if (held := ref()) is not None and held.proc is not None
-                       and held.proc.poll() is None), None)
+        unused = _unfitted.find()  # one an earlier callback holds unused (see Unfitted)
         # (as a cold worker, in a process group of its own: a Ctrl-C meant for the trainer must not kill a commit)
         self.proc: subprocess.Popen[bytes] | None = (
             unused.take() if unused is not None else start_helper("publish-worker", "--warm", env=child_environment()))
         self._closer = weakref.finalize(self, _close, self.proc)
-        _unclaimed[:] = [ref for ref in _unclaimed if ref() is not None and ref().proc is not None] + [weakref.ref(self)]
+        _unfitted.add(self)
 
     def take(self) -> subprocess.Popen[bytes] | None:
         """The process, now the caller's (this object no longer has one)."""
@@ -54,7 +51,7 @@ class WarmWorker:
         return proc
 
 
-_unclaimed: list[weakref.ref[WarmWorker]] = []  # warm workers of callbacks not fitted yet
+_unfitted = Unfitted()  # warm workers of callbacks not fitted yet
 _closed: list[subprocess.Popen[bytes]] = []  # told to exit, not reaped yet
 _closed_lock = threading.Lock()
 

@@ -13,6 +13,8 @@ import os
 import selectors
 import subprocess
 import time
+import weakref
+from collections.abc import Callable
 from typing import Any
 
 #: How long fit start waits for a warm helper to take its hand-off.
@@ -51,3 +53,24 @@ def _write_within(fd: int, data: bytes, timeout: float) -> bool:
     finally:
         os.set_blocking(fd, True)
     return True
+
+
+class Unfitted:
+    """The warm helpers (objects with a ``proc``) of callbacks not fitted yet, weakly held: a callback
+    built later takes one over (:meth:`find`), so a loop building callbacks, or a notebook cell run
+    again, keeps one helper, not one each. The newest callback is the one a notebook fits; an
+    earlier one fitted after all starts its own helper then."""
+
+    def __init__(self) -> None:
+        self._refs: list[weakref.ref[Any]] = []
+
+    def add(self, helper: Any) -> None:
+        self._refs = [ref for ref in self._refs if _usable(ref())] + [weakref.ref(helper)]
+
+    def find(self, accept: Callable[[Any], bool] = lambda helper: True) -> Any | None:
+        """A held helper whose process lives and that ``accept`` takes, if any."""
+        return next((helper for ref in self._refs if _usable(helper := ref()) and accept(helper)), None)
+
+
+def _usable(helper: Any) -> bool:
+    return helper is not None and helper.proc is not None and helper.proc.poll() is None
