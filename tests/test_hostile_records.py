@@ -82,6 +82,32 @@ def test_control_characters_in_a_record_are_shown_escaped(models, capsys):
     assert json.loads(capsys.readouterr().out)["dataset"]["repo"] == f"/data{ESC}"  # JSON keeps the value exact
 
 
+@pytest.mark.parametrize("resumed_from", [
+    {"run_name": f"r{ESC}", "model_repo": f"/m{ESC}", "commit": f"{'a' * 32}{ESC}", "path": "p\nresumed from /evil",
+     "step": f"4{ESC}", "file": None},
+    {"run_name": ["a", "b"], "model_repo": {"x": 1}, "commit": ["c"], "path": {"p": ESC}, "step": {"s": 1}},
+    {"file": {"f": [1]}, "step": None},
+    {"commit": None, "file": f"/tmp/last{ESC}.ckpt"},
+    f"runs/other{ESC}", ["runs/other"], 7,
+], ids=["escapes", "containers-for-strings", "file-not-a-string", "no-commit", "string", "list", "number"])
+def test_a_tampered_resumed_from_is_shown_escaped_or_skipped(models, capsys, resumed_from):
+    """``resumed_from`` names where a resumed fit's weights came from; one written by someone else
+    (control characters, containers where strings belong, not a mapping at all) must neither crash
+    ``lineage``/``trace`` nor rewrite the terminal nor fake a line."""
+    _write_run(models, "r", _record(str(models), name="r", resumed_from=resumed_from))
+    for argv in (["lineage", "--model-repo", str(models), "r"], ["trace", "--model-repo", str(models), MODEL_COMMIT]):
+        assert main(argv) == 0, argv
+        out, err = capsys.readouterr()
+        assert not UNSAFE.search(out + err), (argv, out)
+        assert MODEL_COMMIT in out  # the rest of the run is still shown
+        faked = [line for line in out.splitlines() if line.lstrip().startswith("resumed from /evil")]
+        assert not faked, out
+        if isinstance(resumed_from, dict) and resumed_from.get("run_name") == f"r{ESC}":
+            assert "\\x1b]0;owned\\x07" in out  # shown, escaped
+    assert main(["lineage", "--model-repo", str(models), "r", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["resumed_from"] == resumed_from  # JSON keeps the value exact
+
+
 @pytest.mark.parametrize("deployment", [[1], "x", {"schema": "oxen-callbacks/deployment/v1", "slug": "x"},
                                         {"schema": "oxen-callbacks/deployment/v1", "endpoint": "e", "slug": "x",
                                          "model": "m", "run": {"name": "r"}}], ids=["list", "string", "no-fields",
