@@ -222,9 +222,9 @@ def pinned_dataset() -> PinnedDataset | None:
 
 # -- helpers ----------------------------------------------------------------------------------
 def _tracking_uri() -> str:
-    from ._mlflow.sink import _default_tracking_uri
+    from ._mlflow.fluent import default_tracking_uri
 
-    return _default_tracking_uri()
+    return default_tracking_uri()
 
 
 def _dataset_remote(pin: PinnedDataset | None) -> str | None:

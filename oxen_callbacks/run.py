@@ -29,7 +29,8 @@ from ._oxen.remote_spec import parse_remote
 from ._oxen.repo import LocalRepo
 from ._publish.claim import RunClaim, record_fit, recorded_fit
 from ._publish.freeze import SetAside, unfreeze_for_rewrite
-from ._publish.publisher import CheckpointPublisher, open_model_repo
+from ._publish.opening import open_model_repo
+from ._publish.publisher import CheckpointPublisher
 from ._publish.warm_worker import WarmWorker
 from ._run_checks import RunOptionChecks
 from ._run_end import RunEnding, now
@@ -129,7 +130,8 @@ class LineageRun(RunOptionChecks, RunEnding):
         """Work that overlaps the user building the model and trainer: start the publishing worker, import MLflow."""
         self._warm_worker = WarmWorker()
         if self.use_mlflow:
-            from ._mlflow.sink import WarmSinkProcess, mlflow_imported
+            from ._mlflow.fluent import mlflow_imported
+            from ._mlflow.warm_sink import WarmSinkProcess
 
             # MLflow already loaded here: most likely a logger's or the active run, which a thread of
             # this process logs (MlflowSink.attach); a run of our own then starts its sink at fit start
@@ -148,7 +150,7 @@ class LineageRun(RunOptionChecks, RunEnding):
     def _validate(self) -> None:
         super()._validate()
         if self.use_mlflow:
-            from ._mlflow.sink import mlflow_available
+            from ._mlflow.fluent import mlflow_available
 
             if not mlflow_available():
                 raise ConfigurationError("mlflow=True but MLflow is not installed.",

@@ -24,7 +24,7 @@ def model_queue(tmp_path, monkeypatch):  # type: ignore[no-untyped-def]
     """A new model repository, an empty job queue for run ``r`` and a committer (as the worker has them)."""
     from oxen_callbacks._oxen.identity import resolve_author, worker_environment
     from oxen_callbacks._publish.committer import Committer
-    from oxen_callbacks._publish.publisher import open_model_repo
+    from oxen_callbacks._publish.opening import open_model_repo
     from oxen_callbacks._publish.queue import JobQueue
 
     for key, value in worker_environment(resolve_author(("T", "t@example.com")), tmp_path / "cache").items():

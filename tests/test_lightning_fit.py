@@ -282,9 +282,9 @@ def test_resume_checks_the_dataset_commit(dataset_repo, tmp_path):
 @pytest.fixture
 def script_without_mlflow(monkeypatch):  # type: ignore[no-untyped-def]
     """As in a script that has not imported MLflow itself (this test process has)."""
-    from oxen_callbacks._mlflow import sink
+    from oxen_callbacks._mlflow import fluent
 
-    monkeypatch.setattr(sink, "mlflow_imported", lambda: False)
+    monkeypatch.setattr(fluent, "mlflow_imported", lambda: False)
 
 
 def test_a_callback_never_fitted_leaves_no_process_behind(tmp_path, script_without_mlflow):
@@ -426,7 +426,7 @@ def test_a_stopped_sink_that_cannot_take_a_large_environment_does_not_hold_fit(d
     """The warm sink takes its hand-off (the whole environment) only once MLflow is imported: an
     environment larger than a pipe's buffer and a sink that never reads (stopped) held fit start for
     good. It is now given up within SINK_HANDOFF_TIMEOUT_S, killed, and a new sink logs the run."""
-    from oxen_callbacks._mlflow.sink import SINK_HANDOFF_TIMEOUT_S
+    from oxen_callbacks._mlflow.warm_sink import SINK_HANDOFF_TIMEOUT_S
 
     store = f"sqlite:///{tmp_path / 'm.db'}"
     pin = PinnedDataset(dataset_repo.path, revision=dataset_repo.commits[0], paths=["train.csv", "val.csv"])

@@ -20,8 +20,9 @@ from lightning_model import CsvData, TinyModel, make_trainer
 from mlflow import MlflowClient
 
 from oxen_callbacks import PinnedDataset, cli, read_lineage
-from oxen_callbacks._mlflow.sink import MlflowSink, WarmSinkProcess
+from oxen_callbacks._mlflow.sink import MlflowSink
 from oxen_callbacks._mlflow.sink_thread import SinkThread
+from oxen_callbacks._mlflow.warm_sink import WarmSinkProcess
 from oxen_callbacks.lightning import OxenLightningCallback
 from oxen_callbacks.run import LineageRun
 

@@ -375,7 +375,7 @@ def test_a_failed_checkpoint_job_is_listed_only_once_committed(tmp_path, monkeyp
     run's final lineage commit adds it without moving the run's status or model."""
     from oxen_callbacks._oxen.identity import resolve_author, worker_environment
     from oxen_callbacks._publish.committer import Committer
-    from oxen_callbacks._publish.publisher import open_model_repo
+    from oxen_callbacks._publish.opening import open_model_repo
     from oxen_callbacks._publish.queue import JobQueue
     from oxen_callbacks._publish.worker import drain
     from oxen_callbacks.errors import OxenError

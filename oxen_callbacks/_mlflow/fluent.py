@@ -1,11 +1,34 @@
-"""This process's active fluent MLflow run (``mlflow.start_run``), looked at without importing MLflow."""
+"""This process's MLflow as its user left it: whether it is installed or loaded, the tracking URI
+MLflow would use, the active fluent run (``mlflow.start_run``); all looked at without importing MLflow."""
 
 from __future__ import annotations
 
+import importlib.util
 import logging
+import os
 import sys
+from pathlib import Path
+
+from ..names import ENV_MLFLOW_TRACKING_URI
 
 log = logging.getLogger(__name__)
+
+
+def mlflow_available() -> bool:
+    return importlib.util.find_spec("mlflow") is not None
+
+
+def mlflow_imported() -> bool:
+    """Whether this process has MLflow's client loaded (the user's logger or code imported it)."""
+    return "mlflow.tracking" in sys.modules
+
+
+def default_tracking_uri() -> str:
+    """MLflow's own choice: ``mlflow.set_tracking_uri`` if imported, else ``$MLFLOW_TRACKING_URI``, else SQLite."""
+    mlflow = sys.modules.get("mlflow")
+    if mlflow is not None:
+        return mlflow.get_tracking_uri()
+    return os.environ.get(ENV_MLFLOW_TRACKING_URI) or f"sqlite:///{Path('mlflow.db').resolve()}"
 
 
 def active_run() -> tuple[str, str] | None:

@@ -16,20 +16,15 @@ Example::
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import json
 import logging
 import os
 import subprocess
-import sys
 import threading
 import time
-import weakref
 from pathlib import Path
 from typing import Any
 
-from .._util.handoff import Unfitted, send_handoff
-from .._util.processes import child_environment, start_helper
 from .._util.redact import redact_url
 from ..names import (
     ENV_MLFLOW_EXPERIMENT_ID,
@@ -51,29 +46,14 @@ from ..names import (
     TAG_MODEL_REPO,
     TAG_RUN,
 )
-from .fluent import active_run
+from . import fluent
+from .fluent import active_run, default_tracking_uri
 from .journal import END_LINE, TRAINING_OVER_LINE, MlflowJournal
 from .logged_models import checkpoint_op, mark_op
 from .sink_thread import SinkThread
+from .warm_sink import WarmSinkProcess, close_stdin, release_idle, start_sink
 
 log = logging.getLogger(__name__)
-
-
-def mlflow_available() -> bool:
-    return importlib.util.find_spec("mlflow") is not None
-
-
-def mlflow_imported() -> bool:
-    """Whether this process has MLflow's client loaded (the user's logger or code imported it)."""
-    return "mlflow.tracking" in sys.modules
-
-
-def _default_tracking_uri() -> str:
-    """MLflow's own choice: ``mlflow.set_tracking_uri`` if imported, else ``$MLFLOW_TRACKING_URI``, else SQLite."""
-    mlflow = sys.modules.get("mlflow")
-    if mlflow is not None:
-        return mlflow.get_tracking_uri()
-    return os.environ.get(ENV_MLFLOW_TRACKING_URI) or f"sqlite:///{Path('mlflow.db').resolve()}"
 
 
 class MlflowSink:
@@ -84,7 +64,7 @@ class MlflowSink:
     """
 
     def __init__(self, journal: MlflowJournal, *, owns_run: bool, client_uri: str,
-                 warm: "WarmSinkProcess | None" = None, in_process: bool = False) -> None:
+                 warm: WarmSinkProcess | None = None, in_process: bool = False) -> None:
         self.journal = journal
         self.owns_run = owns_run
         self._lock = threading.Lock()
@@ -103,7 +83,7 @@ class MlflowSink:
         else:
             proc = warm.hand_over(journal.folder, settings) if warm is not None else None
             self._reusable = proc is not None
-            self._proc = proc or _start_sink(["--journal", str(journal.folder)], settings)
+            self._proc = proc or start_sink(["--journal", str(journal.folder)], settings)
             journal.write_sink_pid(self._proc.pid)  # busy for `sync` even before it takes the journal's lock
 
     @classmethod
@@ -116,7 +96,7 @@ class MlflowSink:
         experiment_name: str | None = None,
         run_name: str | None = None,
         model_repo: str | None = None,
-        warm: "WarmSinkProcess | None" = None,
+        warm: WarmSinkProcess | None = None,
     ) -> "MlflowSink":
         """Log into ``run_id``, else the active MLflow run, else a new run this sink ends.
 
@@ -127,7 +107,7 @@ class MlflowSink:
         active = active_run() if run_id is None else None
         if active is not None:
             run_id, tracking_uri = active[0], tracking_uri or active[1]
-        uri = tracking_uri or _default_tracking_uri()
+        uri = tracking_uri or default_tracking_uri()
         meta = {"tracking_uri": redact_url(uri), "run_id": run_id}
         if model_repo is not None:
             meta.update(model_repo=model_repo, oxen_run=run_name)
@@ -135,7 +115,7 @@ class MlflowSink:
         # A run this process already logs to (MLFlowLogger's, HF's MLflowCallback's, the active one):
         # MLflow is loaded and the store open here, so a thread applies our few operations for free; a
         # process of our own would import MLflow and open the store again beside training (~2-5 s CPU).
-        in_process = run_id is not None and mlflow_imported()
+        in_process = run_id is not None and fluent.mlflow_imported()
         if in_process and warm is not None:
             warm.discard()
         sink = cls(journal, owns_run=run_id is None, client_uri=uri, warm=None if in_process else warm,
@@ -264,9 +244,9 @@ class MlflowSink:
         """Let go of the sink process (after :meth:`end`): once it has done everything it waits,
         MLflow imported, for the next training run of this process; else it finishes and exits."""
         if self._reusable and self.journal.is_empty() and not self._stopped():
-            _release_idle(self._proc)
+            release_idle(self._proc)
         else:
-            _close_stdin(self._proc)
+            close_stdin(self._proc)
         self._reusable = False
         self.journal.release_trainer()  # what is left is `sync`'s from now on
 
@@ -315,7 +295,7 @@ class MlflowSink:
         log.warning("The MLflow journal %s was removed during training; starting it again.", self.journal.folder)
         self.journal.recreate(self.journal.meta(), trainer=True)
         if self._proc.poll() is not None:
-            self._proc = _start_sink(["--journal", str(self.journal.folder)], self._settings)
+            self._proc = start_sink(["--journal", str(self.journal.folder)], self._settings)
             self._reusable = False
         self.journal.write_sink_pid(self._proc.pid)
 
@@ -326,121 +306,3 @@ class MlflowSink:
             self._proc.stdin.flush()
         except (OSError, ValueError):
             pass  # it gave up or ended: the operation stays journaled for sync
-
-
-def _start_sink(args: list[str], settings: dict[str, str]) -> subprocess.Popen[bytes]:
-    # (in a process group of its own: it may outlive training to finish the logging)
-    return start_helper("mlflow-sink", *args, env=child_environment(settings), stdout=subprocess.DEVNULL,
-                        cwd=os.getcwd())
-
-
-#: How long fit start waits for a warm sink to take its hand-off: an environment larger than a pipe's
-#: buffer waits for it to finish importing MLflow and opening the store (a stopped one is replaced).
-SINK_HANDOFF_TIMEOUT_S = 30.0
-
-
-class WarmSinkProcess:
-    """A sink process with MLflow imported before fit end needs it (1-2 s of CPU): an idle one
-    left by an earlier training run of this process (a notebook trains again and again), else
-    one started now, when the callback is built. It gets its journal at fit start
-    (:meth:`hand_over`); unused, it exits when this object goes away or the training process
-    ends (its stdin closes).
-    """
-
-    def __init__(self, tracking_uri: str | None = None) -> None:
-        # the store the run most likely logs to, opened ahead too when it exists (see sink_process)
-        self.store_uri = tracking_uri or _default_tracking_uri()
-        idle = _take_idle()
-        self._was_idle = idle is not None
-        unused = _unfitted.find(lambda held: held.store_uri == self.store_uri) if idle is None else None
-        if unused is not None:  # one built for a callback not fitted (see Unfitted)
-            self._was_idle = unused._was_idle
-            idle = unused._take()
-        self.proc: subprocess.Popen[bytes] | None = idle or _start_sink(["--warm"], {ENV_MLFLOW_TRACKING_URI: self.store_uri})
-        self._closer = weakref.finalize(self, _retire, self.proc, self._was_idle)
-        _unfitted.add(self)
-
-    def _take(self) -> subprocess.Popen[bytes] | None:
-        """The process, now the caller's to use or stop (this object no longer closes it)."""
-        proc, self.proc = self.proc, None
-        self._closer.detach()
-        return proc
-
-    def discard(self) -> None:
-        """Not needed after all (the run is logged from this process): an idle process goes back to
-        wait for the next run, one still importing MLflow is stopped now rather than after its import."""
-        proc = self._take()
-        if proc is None or proc.poll() is not None:
-            return
-        if self._was_idle:
-            _release_idle(proc)
-        else:
-            _stop(proc)
-
-    def hand_over(self, journal_folder: Path, settings: dict[str, str]) -> subprocess.Popen[bytes] | None:
-        """Give the process its journal; ``None`` if it is gone (start a new one then)."""
-        proc = self._take()
-        idle = None if self._was_idle else _take_idle()
-        if idle is not None:  # left idle since we started (a sweep's previous fit ended meanwhile)
-            if proc is not None:
-                _stop(proc)
-            proc = idle
-        if proc is None:
-            return None
-        # the whole environment, through the pipe (never on disk): a reused process must not keep
-        # an earlier run's settings
-        handoff = {"journal": str(journal_folder), "env": {**os.environ, **settings}, "cwd": os.getcwd()}
-        # (it reads only once MLflow is imported and the store opened: seconds on a loaded machine)
-        if not send_handoff(proc, handoff, timeout=SINK_HANDOFF_TIMEOUT_S):  # gone, or stopped or stuck (killed now)
-            proc.wait()
-            return None
-        return proc
-
-
-_idle: list[subprocess.Popen[bytes]] = []  # sink processes done with their run, MLflow imported
-_idle_lock = threading.Lock()
-_idle_owner = os.getpid()  # a forked child (DDP workers) must not write to its parent's pipes
-
-
-_unfitted = Unfitted()  # warm sinks of callbacks not fitted yet (each imports MLflow: one is enough)
-
-
-def _retire(proc: subprocess.Popen[bytes], was_idle: bool) -> None:
-    """An unused warm sink whose callback went away (or the process exits): one idle after a run
-    exits at once when its stdin closes; one never given a run is stopped, not left to finish
-    importing MLflow (seconds of CPU, ~100 MB) after the training process is gone."""
-    if was_idle:
-        _close_stdin(proc)
-    else:
-        _stop(proc)
-
-
-def _take_idle() -> subprocess.Popen[bytes] | None:
-    with _idle_lock:
-        while _idle and os.getpid() == _idle_owner:
-            proc = _idle.pop()
-            if proc.poll() is None:
-                return proc
-    return None
-
-
-def _release_idle(proc: subprocess.Popen[bytes]) -> None:
-    with _idle_lock:
-        if os.getpid() == _idle_owner and not _idle:
-            _idle.append(proc)
-            return
-    _close_stdin(proc)  # one idle process is enough
-
-
-def _stop(proc: subprocess.Popen[bytes]) -> None:
-    """Stop a sink process that has no journal yet (it may still be importing MLflow)."""
-    proc.kill()
-    proc.wait()
-
-
-def _close_stdin(proc: subprocess.Popen[bytes]) -> None:
-    try:
-        if proc.stdin is not None:
-            proc.stdin.close()
-    except OSError:
-        pass

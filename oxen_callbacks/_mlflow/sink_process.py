@@ -1,7 +1,7 @@
 """The MLflow sink process: applies a training run's journaled operations as they arrive.
 
 Started by :class:`.sink.MlflowSink` (``python -m oxen_callbacks._mlflow.sink_process
---journal DIR``), or ahead of time by :class:`.sink.WarmSinkProcess` (``--warm``: MLflow
+--journal DIR``), or ahead of time by :class:`.warm_sink.WarmSinkProcess` (``--warm``: MLflow
 imported before the work arrives, journals handed over on stdin). What it cannot do
 stays journaled for ``oxen-callbacks sync``.
 """

@@ -19,15 +19,12 @@ import json
 import logging
 import os
 import subprocess
-import tempfile
 import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from .._oxen import child as oxen_child
-from .._oxen import layout as oxen_layout
 from .._oxen.identity import resolve_author, worker_environment
 from .._oxen.remote_spec import parse_remote
 from .._oxen.repo import LocalRepo
@@ -35,7 +32,7 @@ from .._util.cache import default_cache_dir
 from .._util.locks import FileLock
 from .._util.processes import child_environment, start_helper
 from .._util.redact import redact_text
-from ..errors import ConfigurationError, PublishError
+from ..errors import PublishError
 from ..model_repo import checkpoints_folder
 from .freeze import freeze
 from .known_repos import register_model_repo
@@ -43,50 +40,6 @@ from .queue import JobQueue
 from .warm_worker import WarmWorker
 
 log = logging.getLogger(__name__)
-
-
-def open_model_repo(path: str | os.PathLike[str], cache_dir: Path) -> LocalRepo:
-    """Open the model repository, creating it (``oxen init``) when missing or empty."""
-    target = Path(path).expanduser().resolve()
-    if target.exists() and not target.is_dir():
-        raise ConfigurationError(f"The model repository {str(path)!r} is a file.", "pass a folder path.")
-    key = hashlib.sha1(str(target).encode()).hexdigest()[:16]
-    try:
-        with FileLock(cache_dir / "locks" / f"init-{key}.lock", timeout=120):
-            if target.is_dir() and any(target.iterdir()) and not oxen_layout.oxen_dir(target).exists():
-                raise ConfigurationError(
-                    f"The model repository {str(path)!r} is a non-empty folder that is not an Oxen repository.",
-                    "pass a new or empty folder (it becomes an Oxen repository), or make it one first (in Python: `oxen.init(path)`).",
-                )
-            oxen_layout.init(target)
-            repo = LocalRepo(target, role="model repository")
-            # HEAD's own faults, before any step (the worker checks the branch exists); branches are
-            # listed (a child process) only for a missing or empty HEAD: a first commit cut short
-            repo.commit_branch(lambda: oxen_child.branches(target), check_name=False)
-    except PermissionError as exc:
-        raise ConfigurationError(
-            f"Cannot create the model repository {str(path)!r}: {exc.strerror}.", "pass a writable folder."
-        ) from None
-    _check_writable(repo)
-    return repo
-
-
-def _check_writable(repo: LocalRepo) -> None:
-    """Write a file where the worker writes (the working tree, ``.oxen``, its content store), so a
-    read-only place stops the fit before a step rather than every commit after it."""
-    root = oxen_layout.oxen_dir(repo.path)
-    places = [repo.path, root, *(p for p in (root / "versions", oxen_layout.versions_root(repo.path)) if p.exists())]
-    for place in places:
-        try:
-            handle, probe = tempfile.mkstemp(dir=place, prefix=".oxcb-probe-")  # (unique: fits may start together)
-            os.close(handle)
-            os.unlink(probe)
-        except OSError as exc:
-            raise ConfigurationError(
-                f"The model repository {str(repo.path)!r} cannot be written: {place} "
-                f"({exc.strerror or exc}).",
-                "make it writable for this user (every commit writes there), or pass another model_repo.",
-            ) from None
 
 
 def worker_arguments(queue_folder: str | os.PathLike[str], repo: str | os.PathLike[str], *, push_timeout: float,
@@ -136,7 +89,12 @@ class CheckpointPublisher:
     ) -> None:
         self.cache_dir = Path(cache_dir or default_cache_dir()).expanduser().resolve()
         # (a LocalRepo: opened and checked by the caller at fit start just now)
-        self.repo = model_repo if isinstance(model_repo, LocalRepo) else open_model_repo(model_repo, self.cache_dir)
+        if isinstance(model_repo, LocalRepo):
+            self.repo = model_repo
+        else:
+            from .opening import open_model_repo  # (deferred: one import floor less for the callbacks)
+
+            self.repo = open_model_repo(model_repo, self.cache_dir)
         self.run = run
         if remote_url is not None:
             remote_url = parse_remote(remote_url).url
