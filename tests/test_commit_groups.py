@@ -34,19 +34,19 @@ def model_queue(tmp_path, monkeypatch):  # type: ignore[no-untyped-def]
     return models, JobQueue.create(models, RUN, {}), Committer(LocalRepo(models))
 
 
-def _base() -> dict:
+def _base(fit: str = "f1") -> dict:
     from oxen_callbacks.lineage import new_record
 
     base = new_record(dataset=None, model_repo="models", framework={"name": "x", "version": "1"}, run={"name": RUN})
-    base.update(status="RUNNING", started_at="2026-12-04T05:00:00+0000", fit_id="f1")
+    base.update(status="RUNNING", started_at="2026-12-04T05:00:00+0000", fit_id=fit)
     return base
 
 
 class Saves:
     """Puts jobs the way the trainer's publisher does; remembers each save's bytes."""
 
-    def __init__(self, queue) -> None:  # type: ignore[no-untyped-def]
-        self.queue, self.seq, self.saved = queue, 0, {}
+    def __init__(self, queue, fit: str = "f1") -> None:  # type: ignore[no-untyped-def]
+        self.queue, self.fit, self.seq, self.saved = queue, fit, 0, {}
 
     def save(self, name: str, data: bytes, step: int) -> None:
         self.seq += 1
@@ -54,7 +54,7 @@ class Saves:
         (self.queue.staging_for(self.seq) / name).write_bytes(data)
         self.queue.put(self.seq, "checkpoint", {
             "run": RUN, "dest": f"runs/{RUN}/checkpoints/{name}", "staged_name": name, "step": step, "epoch": 0,
-            "metrics": {}, "message": f"oxen-callbacks: {RUN} step {step} epoch 0: {name}", "record": _base()})
+            "metrics": {}, "message": f"oxen-callbacks: {RUN} step {step} epoch 0: {name}", "record": _base(self.fit)})
         self.saved[f"{self.queue.folder.name}/{self.seq:08d}"] = data
 
     def remove(self, name: str) -> None:
@@ -63,7 +63,7 @@ class Saves:
 
     def finalize(self, best: str) -> None:
         self.seq += 1
-        self.queue.put(self.seq, "finalize", {"run": RUN, "record": {**_base(), "status": "FINISHED"},
+        self.queue.put(self.seq, "finalize", {"run": RUN, "record": {**_base(self.fit), "status": "FINISHED"},
                                               "best": f"runs/{RUN}/checkpoints/{best}"})
 
 
@@ -227,3 +227,45 @@ def test_a_burst_waits_past_a_rotation_for_last_ckpt_but_not_past_the_end(model_
     os.close(read_end)
     os.close(write_end)
     assert waited >= 3.0 if waits else waited < 1.5
+
+
+def test_a_late_job_of_a_fit_the_run_went_on_from_leaves_the_later_fits_record(model_queue, tmp_path: Path) -> None:
+    """Fit A is killed with saves still queued (its commit worker fell behind, or `sync` commits them
+    later); fit B continues the run under its name and finishes. A's jobs that land afterwards add
+    their checkpoints to the history, but the record stays B's: its status, model and fit. A's late
+    rotation of a file name B has saved since must not delete B's file."""
+    from oxen_callbacks._publish.queue import JobQueue
+
+    models, queue_a, committer = model_queue
+    a = Saves(queue_a, fit="A")
+    a.save("e0.ckpt", b"A epoch 0", 1)
+    committer.run_batch(queue_a, queue_a.pending())
+    a.save("last.ckpt", b"A last", 2)  # queued when A was killed...
+    a.remove("e0.ckpt")
+    a.finalize(best="last.ckpt")       # (a stalled end, finished by `sync`)
+
+    queue_b = JobQueue.create(models, RUN, {})
+    b = Saves(queue_b, fit="B")
+    b.save("e0.ckpt", b"B epoch 0", 3)  # the same name, B's bytes
+    b.save("last.ckpt", b"B last", 3)
+    b.finalize(best="e0.ckpt")
+    assert all(r["ok"] for r in committer.run_batch(queue_b, queue_b.pending(), final=True))
+    finished = read_lineage(models / "runs" / RUN / "lineage.json")
+    assert finished["fit_id"] == "B" and finished["status"] == "FINISHED" and finished["earlier_fits"] == ["A"]
+
+    results = committer.run_batch(queue_a, queue_a.pending(), final=True)  # ...and lands now
+
+    assert all(r["ok"] for r in results) and not queue_a.pending()
+    record = read_lineage(models / "runs" / RUN / "lineage.json")
+    head = LocalRepo(models).resolve(None)
+    assert record == read_lineage(file_at(models, head, f"runs/{RUN}/lineage.json", tmp_path / "l").read_text(),
+                                  at_commit=head)
+    assert {k: record[k] for k in ("fit_id", "status", "model", "run", "earlier_fits")} == {
+        k: finished[k] for k in ("fit_id", "status", "model", "run", "earlier_fits")}
+    late = record["checkpoints"][-1]
+    assert (late["path"], late["fit_id"]) == (f"runs/{RUN}/checkpoints/last.ckpt", "A")
+    assert file_at(models, late["commit"], late["path"], tmp_path / "late").read_bytes() == b"A last"
+    assert (models / "runs" / RUN / "checkpoints" / "e0.ckpt").read_bytes() == b"B epoch 0"  # not rotated out
+    b_e0 = next(c for c in record["checkpoints"] if c["fit_id"] == "B" and c["path"].endswith("e0.ckpt"))
+    assert b_e0["kept"] is True
+    assert file_at(models, head, b_e0["path"], tmp_path / "b_e0").read_bytes() == b"B epoch 0"

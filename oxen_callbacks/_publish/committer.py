@@ -153,9 +153,8 @@ class Committer:
         staged = queue.staging_for(job.seq) / p["staged_name"]
         dest = self.repo.path / dest_rel
         record = self._load_record(run, p["record"])
-        for removal in removals:  # they came before this save, which may reuse a name
-            self._stage_removal(removal.payload["dest"])
-        self._mark_removed(record, removals)
+        late = _late_fit(record, p["record"])
+        self._remove_for(record, removals, late)  # they came before this save, which may reuse a name
         if staged.exists() or staged.is_symlink():
             _remove(dest)
             dest.parent.mkdir(parents=True, exist_ok=True)
@@ -176,7 +175,7 @@ class Committer:
             "fit_id": (p.get("record") or {}).get("fit_id"),  # which fit saved it (a continued run has several)
         }
         record["checkpoints"] = [c for c in record["checkpoints"] if c.get("job") != entry["job"]] + [entry]
-        if not _finalized(record):  # a late job never moves a finished run's model
+        if not _finalized(record) and late is None:  # a late job never moves a finished (or later) fit's model
             record["model"].update({"path": dest_rel, "commit": None})
         self._write_record(run, record)
         prestore(self.repo.path, dest)
@@ -189,9 +188,11 @@ class Committer:
         p = job.payload
         run = p["run"]
         record = self._load_record(run, p["record"])
-        for removal in removals:
-            self._stage_removal(removal.payload["dest"])
-        self._mark_removed(record, removals)
+        late = _late_fit(record, p["record"])
+        self._remove_for(record, removals, late)
+        if late is not None:  # the end of a fit the run went on from: the later fit's record stays
+            self._write_record(run, record)
+            return "end of an earlier fit"
         kept = [c for c in record["checkpoints"] if c.get("kept", True)]
         # the best's latest version: a file saved again under its name ("best.ckpt") is the newer best
         chosen = next((c for c in reversed(kept) if c["path"] == p.get("best")), None) or (
@@ -260,24 +261,43 @@ class Committer:
             if entry["path"] in gone:
                 entry["kept"] = False
 
+    def _remove_for(self, record: dict[str, Any], removals: list[Job], late: str | None) -> None:
+        """Stage ``removals`` and mark them in ``record``; those of a ``late`` fit (one the run went on
+        from) only where no later fit has written that path since: its file is the later fit's now."""
+        if late is not None:
+            newest = {c["path"]: c.get("fit_id") for c in record["checkpoints"]}
+            removals = [r for r in removals if newest.get(r.payload["dest"], late) == late]
+        for removal in removals:
+            self._stage_removal(removal.payload["dest"])
+        self._mark_removed(record, removals)
+
     def _load_record(self, run: str, base: dict[str, Any] | None) -> dict[str, Any]:
         """The run's record to extend: ``base`` (the job's view of the run) with the checkpoints so far.
 
-        A job that lands after its own run segment was finalized (retried later by ``sync``)
-        extends the finalized record instead: its status, model and end stay as they are.
+        A job that lands after its own run segment was finalized (retried later by ``sync``), or after
+        a later fit continued the run (``earlier_fits`` names its fit), extends the run's record
+        instead: its status, model and end stay as they are.
         """
         path = self.repo.path / lineage_path(run)
         existing = json.loads(path.read_text()) if path.exists() else None
         if base is None:
             return existing
-        if existing and _finalized(existing) and existing.get("fit_id") == base.get("fit_id"):
+        fit, their_fit = base.get("fit_id"), (existing or {}).get("fit_id")
+        if existing and _finalized(existing) and their_fit == fit:
             record = copy.deepcopy(existing)  # what the job learnt since (the MLflow run id) is added
             record["run"] = {**record["run"], **{k: v for k, v in base["run"].items() if v is not None}}
             return record
+        if existing and _late_fit(existing, base) is not None:
+            # a late job of a fit the run went on from (its worker fell behind, or `sync` after a kill):
+            # its checkpoint joins the history; the later fit's status, model and MLflow run stay
+            return copy.deepcopy(existing)
         record = copy.deepcopy(base)
         record["checkpoints"] = existing["checkpoints"] if existing else []
         if existing:
             record["model"] = {**existing["model"], "repo": base["model"]["repo"]}
+            earlier = _earlier_fits(existing) + ([their_fit] if their_fit and their_fit != fit else [])
+            if earlier:
+                record["earlier_fits"] = earlier  # the fits this one continued, oldest first
         return record
 
     def _read_record_text(self, run: str) -> str | None:
@@ -368,6 +388,19 @@ def _complete_removals(queue: JobQueue, removals: list[Job], commit: str) -> lis
         queue.complete(removal, done)
         results.append(done)
     return results
+
+
+def _earlier_fits(record: dict[str, Any]) -> list[str]:
+    """The fits a continued run's record went on from (``earlier_fits``), oldest first."""
+    earlier = record.get("earlier_fits")
+    return [f for f in earlier if isinstance(f, str)] if isinstance(earlier, list) else []
+
+
+def _late_fit(record: dict[str, Any] | None, base: dict[str, Any] | None) -> str | None:
+    """The fit of a job's ``base`` record when ``record`` (the run's, in the repository) went on from
+    it: that job is late (its worker fell behind, or ``sync`` finished it after a kill)."""
+    fit = (base or {}).get("fit_id")
+    return fit if record and fit is not None and fit in _earlier_fits(record) else None
 
 
 def _finalized(record: dict[str, Any]) -> bool:

@@ -1,0 +1,108 @@
+"""A run continued under its name while a killed earlier fit's commit worker is still behind.
+
+After ``kill -9`` of a trainer its commit worker goes on by itself, at the lowest CPU priority: it
+may land the killed fit's last saves after the user has already continued the run
+(``resume_from=<run>, run_name=<run>``) and that fit has finished. The repository's record must
+stay the later fit's (status, model, fit), with the late checkpoints added to its history, and
+``sync`` must not amend it with the killed fit's MLflow run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from helpers import file_at, process_tree
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning_model import CsvData, TinyModel, make_trainer
+from mlflow import MlflowClient
+
+from oxen_callbacks import read_lineage
+from oxen_callbacks._ops import sync
+from oxen_callbacks._publish.queue import all_queues, repo_lock_path
+from oxen_callbacks._util.locks import is_locked
+from oxen_callbacks.lightning import OxenLightningCallback
+
+TESTS = Path(__file__).resolve().parent
+# Starts the command and reaps it and, as their subreaper, the helpers it leaves: a stopped commit
+# worker whose trainer was killed then keeps a parent in this session (an orphaned process group
+# with a stopped member would get SIGHUP from the kernel: an artifact of stopping it, not the library).
+SUBREAPER = ("import ctypes, os, subprocess, sys\n"
+             "ctypes.CDLL(None).prctl(36, 1, 0, 0, 0)\n"
+             "subprocess.Popen(sys.argv[1:])\n"
+             "while True:\n"
+             "    try:\n"
+             "        os.wait()\n"
+             "    except ChildProcessError:\n"
+             "        break\n")
+
+
+def _signal(pids: list[int], sig: int) -> None:
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, sig)
+
+
+def _is_worker(pid: int) -> bool:
+    try:
+        return b"oxen_callbacks._publish.worker" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+
+
+@pytest.mark.timeout(600)
+def test_a_killed_fits_late_commit_leaves_the_record_of_the_fit_that_continued_the_run(dataset_repo, tmp_path):
+    models, lineage = tmp_path / "models", tmp_path / "models" / "runs" / "nightly" / "lineage.json"
+    wrapper = subprocess.Popen([sys.executable, "-c", SUBREAPER, sys.executable, str(TESTS / "fit_script.py"),
+                                "--dataset", str(dataset_repo.path), "--revision", dataset_repo.commits[0],
+                                "--model-repo", str(models), "--root", str(tmp_path / "a"), "--run-name", "nightly",
+                                "--mlflow", "--step-sleep", "1.0", "--epochs", "60", "--every-n-steps", "3"],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline, worker_tree = time.monotonic() + 300, []
+        while time.monotonic() < deadline and not worker_tree:  # A's first checkpoint committed
+            assert wrapper.poll() is None
+            if lineage.is_file() and any(c["commit"] for c in read_lineage(lineage)["checkpoints"]):
+                tree = sorted({q for w in process_tree(wrapper.pid) if _is_worker(w) for q in process_tree(w)})
+                _signal(tree, signal.SIGSTOP)  # A's worker falls behind (a big save, a busy machine...)
+                if tree and not is_locked(repo_lock_path(models)):
+                    worker_tree = tree
+                else:
+                    _signal(tree, signal.SIGCONT)  # (stopped inside a commit: try again)
+            time.sleep(0.1)
+        assert worker_tree, "A's commit worker was never seen idle"
+        while time.monotonic() < deadline and not [j for q in all_queues(models) for j in q.pending()
+                                                   if j.kind == "checkpoint"]:
+            time.sleep(0.1)  # A queues its next save, which its stopped worker does not commit yet
+        trainer_side = [p for p in process_tree(wrapper.pid) if p != wrapper.pid and p not in worker_tree]
+        _signal(trainer_side, signal.SIGKILL)  # kill -9 of A's trainer and its MLflow sink
+        killed_fit = read_lineage(lineage)
+
+        b = OxenLightningCallback(model_repo=models, run_name="nightly", resume_from="nightly", mlflow=False)
+        make_trainer(tmp_path / "b", [ModelCheckpoint(dirpath=tmp_path / "b" / "ckpt"), b], epochs=1).fit(
+            TinyModel(), datamodule=CsvData(b.dataset), ckpt_path=b.ckpt_path)
+        mine = b.lineage
+        assert mine["status"] == "FINISHED" and read_lineage(lineage)["fit_id"] == mine["fit_id"]
+
+        _signal(worker_tree, signal.SIGCONT)  # A's worker catches up: commits A's last save, then exits
+        wrapper.wait(timeout=120)
+    finally:
+        _signal(process_tree(wrapper.pid), signal.SIGKILL)
+        _signal(worker_tree, signal.SIGCONT)
+    report = sync.sync_all()  # ends A's MLflow run from what A committed
+
+    assert report["pending"] == 0, report
+    record = read_lineage(lineage)
+    assert {k: record[k] for k in ("fit_id", "status", "model")} == {k: mine[k] for k in ("fit_id", "status", "model")}
+    assert record["earlier_fits"] == [killed_fit["fit_id"]] and record["run"]["mlflow_run_id"] is None
+    late = [c for c in record["checkpoints"] if c["fit_id"] == killed_fit["fit_id"]][-1]
+    assert late["commit"] and late not in mine["checkpoints"]  # A's last save, committed after B finished
+    assert file_at(models, late["commit"], late["path"], tmp_path / "late").stat().st_size > 0
+    [run] = MlflowClient().search_runs(["0"])  # A's MLflow run: KILLED, with A's checkpoints only
+    assert run.info.status == "KILLED" and run.data.tags["oxen.model.commit"] == late["commit"]
