@@ -106,3 +106,7 @@ def test_a_killed_fits_late_commit_leaves_the_record_of_the_fit_that_continued_t
     assert file_at(models, late["commit"], late["path"], tmp_path / "late").stat().st_size > 0
     [run] = MlflowClient().search_runs(["0"])  # A's MLflow run: KILLED, with A's checkpoints only
     assert run.info.status == "KILLED" and run.data.tags["oxen.model.commit"] == late["commit"]
+    logged = read_lineage(MlflowClient().download_artifacts(run.info.run_id, "oxen/lineage.json", str(tmp_path / "dl")))
+    assert logged["fit_id"] == killed_fit["fit_id"] and "earlier_fits" not in logged
+    assert {c["fit_id"] for c in logged["checkpoints"]} == {killed_fit["fit_id"]}
+    assert logged["checkpoints"][-1] == late and logged["model"]["commit"] == late["commit"]

@@ -60,6 +60,9 @@ def committed_record(model_repo: str, run: str, mlflow_run_id: str, status: str 
     if fit_id is not None and record.extra.get("fit_id") not in (None, fit_id):
         record.checkpoints = [c for c in record.checkpoints if c.extra.get("fit_id") == fit_id]
         record.extra.update(fit_id=fit_id, status=None, ended_at=None)
+        earlier = record.extra.pop("earlier_fits", None)  # (the later fit's: those before it, and this one)
+        if isinstance(earlier, list) and fit_id in earlier and earlier.index(fit_id):
+            record.extra["earlier_fits"] = earlier[:earlier.index(fit_id)]
         record.run.mlflow_run_id = None  # (the later fit's)
         record.model.commit = record.model.path = None
     if record.status in (None, "RUNNING"):  # a run that finished its lineage keeps its own status
