@@ -37,7 +37,7 @@ import shlex
 from collections.abc import Sequence
 
 # a query parameter's value runs to the next ``&name=``: ``client_secret=Tr0ub4dor&3`` is one value
-_QUERY_PARAM = re.compile(r"([?&])([^=&#?]+)=((?:[^&#]|&(?![^=&#?]*=))*)")
+_QUERY_PARAM = re.compile(r"([?&#])([^=&#?]+)=((?:[^&#]|&(?![^=&#?]*=))*)")  # (# too: tokens in a fragment)
 _BEARER = re.compile(r"(?i)\b(bearer\s+)[A-Za-z0-9._~+/=-]+")
 
 
