@@ -35,5 +35,13 @@ class PublishError(OxenCallbacksError):
     """A checkpoint could not be committed to the model repository."""
 
 
+class PartlyDoneError(OxenCallbacksError):
+    """A command did part of its work (the message says which part) and failed at the rest."""
+
+    def __init__(self, message: str, hint: str | None = None) -> None:
+        self.hint = hint
+        super().__init__(f"{message}\nHINT: {hint}" if hint else message)
+
+
 class LineageValidationError(OxenCallbacksError, ValueError):
     """A lineage record does not follow the ``oxen-callbacks/lineage/v1`` schema."""

@@ -25,6 +25,7 @@ import logging
 import os
 import re
 import time
+from pathlib import Path
 from typing import Any
 
 from .._oxen import child as oxen_child
@@ -36,7 +37,7 @@ from .._util import background
 from .._util.fs import write_json_atomically
 from .._util.locks import FileLock
 from .._util.redact import redact_url
-from ..errors import ConfigurationError
+from ..errors import ConfigurationError, PartlyDoneError
 from ..lineage import find_checkpoint_run
 from ..model_repo import (
     DEPLOY_SCHEMA,
@@ -163,14 +164,23 @@ def promote(model_repo: str | os.PathLike[str], revision: str, stage: str, *,
         previous = oxen_child.run_in_child(shadow.move_branch, repo_path=str(repo.path),
                                            name=branch, commit=commit)
     result: dict[str, Any] = {"model_repo": str(repo.path), "branch": branch, "commit": commit, "previous": previous,
-                              "aliases": []}
+                              "aliases": [], "aliases_removed": []}
     if tracking_uri:
-        result["aliases"] = _set_aliases(tracking_uri, commit, stage)
+        try:
+            result["aliases"], result["aliases_removed"] = _set_aliases(tracking_uri, repo, commit, stage)
+        except Exception as exc:  # the branch moved: say so, not only what failed
+            raise PartlyDoneError(
+                f"{branch} of {str(repo.path)!r} now names {commit} (was {previous or 'new'}), but the MLflow "
+                f"alias @{stage} was not moved: {type(exc).__name__}: {exc}",
+                "run the same command again once MLflow answers (the branch is already there).") from exc
     return result
 
 
-def _set_aliases(tracking_uri: str, commit: str, alias: str) -> list[dict[str, str]]:
-    """Alias ``alias`` -> the newest version of each registered model naming ``commit``."""
+def _set_aliases(tracking_uri: str, repo: LocalRepo, commit: str,
+                 alias: str) -> tuple[list[dict[str, str]], list[dict[str, str]]]:
+    """Alias ``alias`` -> the newest version of each registered model naming ``commit``; the alias is
+    taken off versions of another commit of ``repo`` where no version names ``commit`` (the stage's
+    branch and its alias never name two models). Returns (set, removed)."""
     from mlflow import MlflowClient
 
     newest: dict[str, str] = {}
@@ -180,7 +190,22 @@ def _set_aliases(tracking_uri: str, commit: str, alias: str) -> list[dict[str, s
     client = MlflowClient(tracking_uri)
     for name, version in sorted(newest.items()):
         client.set_registered_model_alias(name, alias, version)
-    return [{"name": name, "version": version, "alias": alias} for name, version in sorted(newest.items())]
+    ours, removed = set(repo.commit_ids()), []
+    token = None
+    while True:
+        page = client.search_registered_models(page_token=token)
+        for model in page:
+            version = (model.aliases or {}).get(alias)
+            if version is None or model.name in newest:
+                continue
+            named = client.get_model_version(model.name, str(version)).tags.get(TAG_MODEL_COMMIT)
+            if named in ours and named != commit:  # this repository's model, no longer the stage's
+                client.delete_registered_model_alias(model.name, alias)
+                removed.append({"name": model.name, "version": str(version), "alias": alias, "commit": named})
+        token = page.token
+        if not token:
+            break
+    return [{"name": name, "version": version, "alias": alias} for name, version in sorted(newest.items())], removed
 
 
 # -- deployments ------------------------------------------------------------------------------
@@ -204,32 +229,51 @@ def record_deploy(endpoint: str, model_commit: str, *, model_repo: str | os.Path
     slug = endpoint_slug(endpoint)
     rel = deployment_path(slug)
     target = repo.path / rel
-    previous = read_deployment(target)
     deployment = {"schema": DEPLOY_SCHEMA, "endpoint": clean_endpoint(endpoint), "slug": slug,
                   "model": {"repo": str(repo.path), "commit": commit, "path": checkpoint["path"]},
                   "run": {"name": record["run"].get("name"), "mlflow_run_id": run_id},
                   "dataset": {k: record["dataset"][k] for k in ("repo", "commit", "paths")} if record.get("dataset") else None,
                   "deployed_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     record_commit = None
-    if not previous or previous["model"]["commit"] != commit:
-        with FileLock(repo_lock_path(repo.path), timeout=_LOCK_TIMEOUT_S):
-            write_json_atomically(target, deployment, indent=2, make_parents=True)
-            try:
-                record_commit = oxen_child.commit_paths(repo.path, [rel], f"oxen-callbacks: {slug} serves {commit}")
-            except BaseException:  # leave the working tree as committed: the record is not true yet
-                if previous is None:
-                    target.unlink()
-                else:
-                    write_json_atomically(target, previous, indent=2, make_parents=True)
-                raise
-    else:
-        deployment = previous
+    with FileLock(repo_lock_path(repo.path), timeout=_LOCK_TIMEOUT_S):
+        previous = read_deployment(target)  # (under the lock: another record-deploy may have just written it)
+        if not previous or previous["model"]["commit"] != commit:
+            repo.commit_branch(lambda: oxen_child.branches(repo.path))  # never a parentless history
+            record_commit = _commit_deployment(repo.path, rel, deployment, previous, f"oxen-callbacks: {slug} serves {commit}")
+        else:
+            deployment = previous
     result = {**deployment, "record_commit": record_commit,
               "previous_commit": previous["model"]["commit"] if previous else None, "mlflow_tagged": False}
     if tracking_uri and run_id:
-        _tag_endpoint(tracking_uri, reader, clean_endpoint(endpoint), run_id)
+        try:
+            _tag_endpoint(tracking_uri, reader, clean_endpoint(endpoint), run_id)
+        except Exception as exc:  # the record is committed: say so, not only what failed
+            done = f"committed in {record_commit}" if record_commit else "already recorded"
+            raise PartlyDoneError(
+                f"{deployment['endpoint']} serves {commit}: {done} in {str(repo.path)!r}, but MLflow run {run_id} "
+                f"was not tagged: {type(exc).__name__}: {exc}",
+                "run the same command again once MLflow answers (the record is not committed twice).") from exc
         result["mlflow_tagged"] = True
     return result
+
+
+def _commit_deployment(repo_path: Path, rel: str, deployment: dict[str, Any], previous: dict[str, Any] | None,
+                       message: str) -> str:
+    """Write and commit the deployment record at ``rel``; on failure the working tree is left as committed."""
+    target = repo_path / rel
+    try:
+        write_json_atomically(target, deployment, indent=2, make_parents=True)
+    except OSError as exc:
+        raise ConfigurationError(f"Cannot write the deployment record {str(target)!r}: {exc.strerror or exc}.",
+                                 f"make {str(target.parent)!r} a writable folder (is it a file?).") from None
+    try:
+        return oxen_child.commit_paths(repo_path, [rel], message)
+    except BaseException:  # the record is not true yet
+        if previous is None:
+            target.unlink()
+        else:
+            write_json_atomically(target, previous, indent=2, make_parents=True)
+        raise
 
 
 def _repo_from_mlflow(reader: Any, model_commit: str) -> str:

@@ -24,6 +24,8 @@ def _show_promote(result: Result) -> str:
     moved = f"(was {result['previous']})" if result["previous"] else "(new branch)"
     lines = [f"{result['branch']} -> {result['commit']} in {result['model_repo']} {moved}"]
     lines.extend(f"MLflow alias @{a['alias']} -> {a['name']} v{a['version']}" for a in result["aliases"])
+    lines.extend(f"MLflow alias @{a['alias']} taken off {a['name']} v{a['version']} (its model is commit {a['commit']})"
+                 for a in result.get("aliases_removed") or [])
     if not result["aliases"]:
         lines.append("no registered MLflow model version names this commit: no alias set")
     return "\n".join(lines)
