@@ -212,14 +212,34 @@ def _last_of(model_repo: str | os.PathLike[str], record: LineageJSON,
 
 
 def committed_checkpoint(model_repo: str | None, run: str | None, *, step: int | None, name: str,
-                         size: int | None = None) -> dict[str, Any] | None:
+                         size: int | None = None, local: str | None = None) -> dict[str, Any] | None:
     """The committed checkpoint of run ``run`` in ``model_repo`` saved at ``step`` as ``name`` (its
     file or folder name), per the repository's record, ``size`` bytes when given: what a resumed fit's
-    weights come from. ``None`` when the repository, the record or such a checkpoint is not there
-    (several: the newest)."""
+    weights come from. ``local``: the file or folder read, whose bytes that commit must hold (one
+    changed since it was committed is not that commit's). ``None`` when the repository, the record
+    or such a checkpoint is not there (several: the newest)."""
     record = repo_record(model_repo, run) if model_repo and run and step is not None else None
     if record is None:
         return None
     hits = [c for c in record["checkpoints"] if c["commit"] and c.get("step") == step
             and os.path.basename(c["path"]) == name and (size is None or c.get("bytes") in (None, size))]
+    if local is not None and os.path.exists(local):
+        hits = [c for c in hits[-3:] if _holds(str(model_repo), c, Path(local))]  # (newest few: a hash each)
     return {"commit": hits[-1]["commit"], "path": hits[-1]["path"]} if hits else None
+
+
+def _holds(model_repo: str, entry: dict[str, Any], local: Path) -> bool:
+    """Whether ``local`` (a file, or a folder) has the bytes ``entry``'s commit holds at its path."""
+    from ._oxen.tree import PathNotInCommit, UnreadableTree, files_at
+    from ._util.materialized import file_digest
+
+    try:
+        committed = {f.path: f for f in files_at(model_repo, entry["commit"], [entry["path"]])[entry["path"]].files}
+    except (PathNotInCommit, UnreadableTree, OSError):
+        return False  # not verifiable: not named
+    if local.is_file():
+        mine = {entry["path"]: local}
+    else:
+        mine = {f"{entry['path']}/{p.relative_to(local).as_posix()}": p for p in local.rglob("*") if p.is_file()}
+    return mine.keys() == committed.keys() and all(
+        committed[rel].size == path.stat().st_size and committed[rel].hash == file_digest(path) for rel, path in mine.items())

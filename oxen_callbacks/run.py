@@ -321,7 +321,7 @@ class LineageRun(RunOptionChecks, RunEnding):
         if committed is None and name is not None:
             size = os.path.getsize(file) if file and os.path.isfile(file) else None
             committed = committed_checkpoint(state.get("model_repo"), state.get("run_name"), step=step, name=name,
-                                             size=size)
+                                             size=size, local=file if file and "://" not in file else None)
         self.record["resumed_from"] = {
             "run_name": state.get("run_name"), "model_repo": state.get("model_repo"),
             "commit": (committed or {}).get("commit"), "path": (committed or {}).get("path"), "step": step,

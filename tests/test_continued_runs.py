@@ -1,6 +1,6 @@
-"""A run continued under its name while a killed earlier fit's commit worker is still behind.
+"""Fits that go on from earlier ones: a run continued under its name, a new run resumed from a file.
 
-After ``kill -9`` of a trainer its commit worker goes on by itself, at the lowest CPU priority: it
+A run continued under its name while a killed earlier fit's commit worker is still behind: after ``kill -9`` of a trainer its commit worker goes on by itself, at the lowest CPU priority: it
 may land the killed fit's last saves after the user has already continued the run
 (``resume_from=<run>, run_name=<run>``) and that fit has finished. The repository's record must
 stay the later fit's (status, model, fit), with the late checkpoints added to its history, and
@@ -18,12 +18,13 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from helpers import file_at, process_tree
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning_model import CsvData, TinyModel, make_trainer
 from mlflow import MlflowClient
 
-from oxen_callbacks import read_lineage
+from oxen_callbacks import PinnedDataset, read_lineage
 from oxen_callbacks._ops import sync
 from oxen_callbacks._publish.queue import all_queues, repo_lock_path
 from oxen_callbacks._util.locks import is_locked
@@ -110,3 +111,31 @@ def test_a_killed_fits_late_commit_leaves_the_record_of_the_fit_that_continued_t
     assert logged["fit_id"] == killed_fit["fit_id"] and "earlier_fits" not in logged
     assert {c["fit_id"] for c in logged["checkpoints"]} == {killed_fit["fit_id"]}
     assert logged["checkpoints"][-1] == late and logged["model"]["commit"] == late["commit"]
+
+
+def test_resumed_from_names_a_commit_only_for_the_bytes_it_holds(dataset_repo, tmp_path):
+    """A resumed fit's `resumed_from` names the commit of the file it read only when that file still
+    has the committed bytes: one edited since (same name, step and size) is recorded by its file alone."""
+    pin = PinnedDataset(dataset_repo.path, revision=dataset_repo.commits[0], paths=["train.csv", "val.csv"])
+    models, local = tmp_path / "models", tmp_path / "ckpt" / "last.ckpt"
+    a = OxenLightningCallback(dataset=pin, model_repo=models, run_name="a", mlflow=False)
+    make_trainer(tmp_path / "a", [ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True), a], epochs=1).fit(
+        TinyModel(), datamodule=CsvData(pin))
+    last = [c for c in a.lineage["checkpoints"] if c["path"].endswith("/last.ckpt")][-1]
+
+    def resumed_from() -> dict:  # type: ignore[type-arg]
+        b = OxenLightningCallback(dataset=pin, model_repo=models, mlflow=False)
+        make_trainer(tmp_path / "b", [b], epochs=2).fit(TinyModel(), datamodule=CsvData(pin), ckpt_path=str(local))
+        return b.lineage["resumed_from"]
+
+    unchanged = resumed_from()
+    assert (unchanged["commit"], unchanged["path"]) == (last["commit"], last["path"])
+    ckpt = torch.load(local, weights_only=False)  # the user edits the weights (pruning, a manual fix...)
+    for tensor in ckpt["state_dict"].values():
+        tensor.add_(1.0)
+    size = local.stat().st_size
+    with open(local, "wb") as f:
+        torch.save(ckpt, f)
+    assert local.stat().st_size == size
+    edited = resumed_from()
+    assert (edited["commit"], edited["path"], edited["file"]) == (None, None, str(local))
