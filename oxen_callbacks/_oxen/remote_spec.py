@@ -51,7 +51,9 @@ def check_host(host: str) -> str:
         if "@" in host:  # user:secret@host: never echo what sits before the '@'
             raise ConfigurationError(f"'***@{host.rsplit('@', 1)[-1]}' is not a host[:port]: it carries credentials.",
                                      f"pass {host.rsplit('@', 1)[-1]!r}; the token comes from stdin or the prompt.")
-        raise ConfigurationError(f"{host!r} is not a host[:port].", f"e.g. {HUB_HOST!r} or '127.0.0.1:3000'.")
+        raise ConfigurationError(  # (not echoed: a token pasted here by mistake must not reach a log)
+            f"The host given ({len(host)} characters, not shown) is not a host[:port].",
+            f"e.g. {HUB_HOST!r} or '127.0.0.1:3000'.")
     return host
 
 
