@@ -208,6 +208,22 @@ def test_unreadable_snapshot_record_is_damage_not_a_traceback(dataset_repo, caps
     assert cli_main(["verify"]) == (0 if record == "manifest" else 1)
 
 
+@pytest.mark.parametrize("rel", ["/etc", "../..", "sub/../../x"])
+def test_a_manifest_naming_a_path_outside_the_snapshot_is_damage(dataset_repo, capsys, rel):
+    """Never walked: verify says which record is damaged, and the next pin makes the snapshot again."""
+    pin = PinnedDataset(dataset_repo.path, revision=dataset_repo.head)
+    folder = pin.pull()
+    (pin.store.base / f"{pin.commit}.manifest.json").write_text(
+        json.dumps({"commit": pin.commit, "paths": {rel: {"files": 1, "bytes": 1}}}))
+    capsys.readouterr()
+    assert cli_main(["verify"]) == 1
+    out = capsys.readouterr().out
+    assert f"DAMAGED {folder}" in out and f"names {rel!r}, outside the snapshot" in out
+    again = PinnedDataset(dataset_repo.path, revision=dataset_repo.head, verify=True)
+    assert again.file("train.csv").read_bytes() == (dataset_repo.path / "train.csv").read_bytes()
+    assert cli_main(["verify"]) == 0
+
+
 def test_symbolic_links_in_a_snapshot_are_damage(dataset_repo, tmp_path, capsys):
     pin = PinnedDataset(dataset_repo.path, revision=dataset_repo.head)
     folder = pin.pull()

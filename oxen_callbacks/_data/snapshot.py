@@ -21,7 +21,7 @@ from .._oxen import layout as oxen_layout
 from .._oxen.commit_id import checked_commit_id, is_commit_id
 from .._util.fs import make_dirs_writable, remove_tree, write_json_atomically
 from .._util.materialized import Materialized, content_hash, file_digest
-from .._util.relpath import covers
+from .._util.relpath import covers, safe_relpath
 
 _RO_FILE = stat.S_IRUSR | stat.S_IRGRP | stat.S_IROTH
 _RO_DIR = _RO_FILE | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH
@@ -93,6 +93,9 @@ class SnapshotStore:
                 isinstance(v, dict) and isinstance(v.get("files"), int) and isinstance(v.get("bytes"), int)
                 for v in paths.values())):
             raise DamagedRecord(f"its manifest {commit}.manifest.json is not a manifest")
+        for rel in paths or {}:  # a path that leaves the snapshot folder was never written by us
+            if not _inside(rel):
+                raise DamagedRecord(f"its manifest {commit}.manifest.json names {rel!r}, outside the snapshot")
         return paths or {}
 
     def write_manifest(self, manifest: Manifest) -> None:
@@ -276,6 +279,14 @@ def _read_json(path: Path) -> object:
     except (OSError, ValueError) as exc:  # truncated, not UTF-8, a folder in its place...
         reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
         raise DamagedRecord(f"{path.name} cannot be read ({reason})") from None
+
+
+def _inside(rel: str) -> bool:
+    """Whether ``rel`` is a normalized path inside a snapshot folder (not absolute, no ``..``)."""
+    try:
+        return safe_relpath(rel) == rel
+    except ValueError:
+        return False
 
 
 def _linked(root: Path, rel: str) -> str | None:
