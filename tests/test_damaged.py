@@ -239,6 +239,22 @@ def test_symbolic_links_in_a_snapshot_are_damage(dataset_repo, tmp_path, capsys)
     assert "'val.csv' is a symbolic link" in capsys.readouterr().out
 
 
+@pytest.mark.timeout(60)
+def test_a_named_pipe_in_a_snapshot_is_damage_never_read(dataset_repo, capsys):
+    """Opening a named pipe to hash it would wait for a writer forever: only regular files are read."""
+    pin = PinnedDataset(dataset_repo.path, revision=dataset_repo.head)
+    folder = pin.pull()
+    writable(folder)
+    (folder / "val.csv").unlink()
+    os.mkfifo(folder / "val.csv")
+    for deep in (False, True):
+        with pytest.raises(DatasetMismatchError, match=r"'val.csv' is a named pipe"):
+            pin.verify(deep=deep)
+    capsys.readouterr()
+    assert cli_main(["verify"]) == 1
+    assert "'val.csv' is a named pipe" in capsys.readouterr().out
+
+
 def test_snapshot_folder_replaced_by_a_link_is_caught_cheaply(dataset_repo, tmp_path):
     """A copy with the same counts and sizes elsewhere, linked in place of the snapshot or a sub-folder."""
     repo = make_repo(tmp_path / "nested", [("one", {"data/a.csv": "1,0\n", "b.txt": "b"})])

@@ -182,14 +182,14 @@ class SnapshotStore:
         except DamagedRecord as exc:
             return [str(exc)]
         manifest = Manifest(commit, recorded_paths if root.is_dir() else {})
-        links: list[str] = []
+        odd: dict[str, str] = {}
         problems: list[str] = []
         for rel, recorded in manifest.paths.items():
-            actual = _count(root, rel, links)
+            actual = _count(root, rel, odd)
             if actual != recorded:
                 problems.append(f"{rel!r} holds {actual['files']} files, {actual['bytes']} bytes; "
                                 f"recorded {recorded['files']} files, {recorded['bytes']} bytes")
-        problems += [f"{link!r} is a symbolic link (a snapshot holds none)" for link in sorted(set(links))]
+        problems += [f"{path!r} is {kind} (a snapshot holds none)" for path, kind in sorted(odd.items())]
         if deep and manifest.paths:
             try:
                 hashes = self.hashes(commit)
@@ -249,8 +249,8 @@ def _content_problems(root: Path, paths: list[str], recorded: dict[str, str]) ->
 
 
 def _files_under(root: Path, rel: str) -> list[str]:
-    """Files at or under ``rel`` of ``root``, relative to ``root`` (POSIX separators; no Oxen folder;
-    no symbolic link, which :meth:`SnapshotStore.check` reports)."""
+    """Regular files at or under ``rel`` of ``root``, relative to ``root`` (POSIX separators; no Oxen
+    folder; nothing else, e.g. a link or a named pipe, which :meth:`SnapshotStore.check` reports)."""
     top = root if rel == "." else root / rel
     if _linked(root, rel) is not None:
         return []
@@ -262,7 +262,7 @@ def _files_under(root: Path, rel: str) -> list[str]:
         if base == ".":
             dirs[:] = [d for d in dirs if d != oxen_layout.OXEN_DIR]
         found += [name if base == "." else f"{base}/{name}" for name in names
-                  if not os.path.islink(os.path.join(dirpath, name))]
+                  if stat.S_ISREG(os.lstat(os.path.join(dirpath, name)).st_mode)]
     return found
 
 
@@ -298,31 +298,42 @@ def _linked(root: Path, rel: str) -> str | None:
     return None
 
 
-def _count(root: Path, rel: str, links: list[str] | None = None) -> dict[str, int]:
-    """Files and bytes at or under ``rel`` of ``root``, never following a symbolic link:
-    each found (``root`` itself, a folder on the way, or an entry below) is added to ``links``."""
-    found_links = [] if links is None else links
+def _count(root: Path, rel: str, odd: dict[str, str] | None = None) -> dict[str, int]:
+    """Regular files and their bytes at or under ``rel`` of ``root``, never following a symbolic link.
+    Every other entry found (a link as ``root`` itself, on the way or below; a named pipe, a socket,
+    a device) is added to ``odd`` with what it is, and not counted."""
+    found = {} if odd is None else odd
     top = root if rel == "." else root / rel
     if (link := _linked(root, rel)) is not None:
-        found_links.append(link)
+        found[link] = "a symbolic link"
         return {"files": 0, "bytes": 0}
     try:
         info = top.lstat()
     except FileNotFoundError:
         return {"files": 0, "bytes": 0}
     if not stat.S_ISDIR(info.st_mode):
-        return {"files": 1, "bytes": info.st_size}
+        if stat.S_ISREG(info.st_mode):
+            return {"files": 1, "bytes": info.st_size}
+        found[rel] = _kind(info.st_mode)
+        return {"files": 0, "bytes": 0}
     files = size = 0
     for dirpath, dirs, names in os.walk(top):
         for name in [*names, *dirs]:
             path = os.path.join(dirpath, name)
             entry = os.lstat(path)
-            if stat.S_ISLNK(entry.st_mode):
-                found_links.append(Path(path).relative_to(root).as_posix())
-            elif name in names:
+            if stat.S_ISREG(entry.st_mode):
                 files += 1
                 size += entry.st_size
+            elif not stat.S_ISDIR(entry.st_mode):
+                found[Path(path).relative_to(root).as_posix()] = _kind(entry.st_mode)
     return {"files": files, "bytes": size}
+
+
+def _kind(mode: int) -> str:
+    """What a snapshot entry that is neither a regular file nor a folder is, for people."""
+    if stat.S_ISLNK(mode):
+        return "a symbolic link"
+    return "a named pipe" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode) else "a device file"
 
 
 def _make_readonly(path: Path, files: bool = True) -> None:
