@@ -277,6 +277,22 @@ def test_snapshot_folder_replaced_by_a_link_is_caught_cheaply(dataset_repo, tmp_
         whole.verify()
 
 
+def test_snapshot_folder_replaced_by_a_file_is_damage(dataset_repo, capsys):
+    """Not "ok (0 files)": the manifest records files the folder cannot hold; a pin makes it again."""
+    pin = PinnedDataset(dataset_repo.path, revision=dataset_repo.head)
+    folder = pin.pull()
+    writable(folder)
+    subprocess.run(["rm", "-rf", str(folder)], check=True)
+    folder.write_text("not a folder")
+    capsys.readouterr()
+    assert cli_main(["verify"]) == 1
+    out = capsys.readouterr().out
+    assert f"DAMAGED {folder}" in out and "the snapshot folder is a file, not a folder" in out
+    again = PinnedDataset(dataset_repo.path, revision=dataset_repo.head, verify=True)
+    assert again.file("train.csv").read_bytes() == (dataset_repo.path / "train.csv").read_bytes()
+    assert cli_main(["verify"]) == 0
+
+
 # -- a damaged repository: a clear error naming it --------------------------------------------------
 def break_head_not_text(oxen: Path) -> None:
     (oxen / "HEAD").write_bytes(b"\xff\xfe\x00main")

@@ -115,9 +115,19 @@ class SnapshotStore:
             raise DamagedRecord(f"its content hash record {commit}.hashes.json is not one")
         return files
 
+    def _not_a_folder(self, commit: str) -> str | None:
+        """What is in place of the snapshot folder when it is not a folder (``None``: a folder, or nothing,
+        which the next pin makes again)."""
+        root = self.folder(commit)
+        if not os.path.lexists(root) or root.is_dir():
+            return None
+        mode = root.lstat().st_mode
+        return f"the snapshot folder is {'a file' if stat.S_ISREG(mode) else _kind(mode)}, not a folder"
+
     def record_problems(self, commit: str) -> list[str]:
-        """Why the manifest or content hash record of a snapshot cannot be read (none: readable or absent)."""
-        problems = []
+        """Why the manifest or content hash record of a snapshot cannot be read, or what is in place of
+        its folder (none: readable or absent)."""
+        problems = [in_place] if (in_place := self._not_a_folder(commit)) else []
         for read in (self._recorded_paths, self.hashes):
             try:
                 read(commit)
@@ -126,8 +136,11 @@ class SnapshotStore:
         return problems
 
     def discard(self, commit: str) -> None:
-        """Delete a snapshot and its records (the next pin makes it again)."""
-        remove_tree(self.folder(commit))
+        """Delete a snapshot (or a file in place of its folder) and its records (the next pin makes it again)."""
+        folder = self.folder(commit)
+        if os.path.lexists(folder) and not os.path.isdir(folder):
+            folder.unlink()
+        remove_tree(folder)
         for suffix in ("manifest", "hashes"):
             (self.base / f"{commit}.{suffix}.json").unlink(missing_ok=True)
 
@@ -181,6 +194,8 @@ class SnapshotStore:
             recorded_paths = self._recorded_paths(commit)
         except DamagedRecord as exc:
             return [str(exc)]
+        if recorded_paths and (in_place := self._not_a_folder(commit)):
+            return [in_place]
         manifest = Manifest(commit, recorded_paths if root.is_dir() else {})
         odd: dict[str, str] = {}
         problems: list[str] = []
