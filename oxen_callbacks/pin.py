@@ -167,10 +167,19 @@ class PinnedDataset:
         self.pull_seconds = time.perf_counter() - started
         return folder
 
-    def _materialize_missing(self) -> None:
+    def pull_intact(self) -> Path:
+        """:meth:`pull`, then check the content hash of every file of the pinned paths; a damaged
+        snapshot is made again from the repository. Reads every byte: for commands, not training."""
+        folder = self.pull()
+        if problems := self.store.check(self.commit, deep=True, paths=self.paths):
+            self._materialize_missing(damage=problems)  # a new snapshot is checked against the commit
+        return folder
+
+    def _materialize_missing(self, damage: list[str] | None = None) -> None:
+        """Make the missing pinned paths, the whole snapshot again if it is damaged (``damage``: found so)."""
         try:
             with FileLock(self.store.lock_path(self.commit), timeout=3600):
-                damage = self.store.record_problems(self.commit)
+                damage = damage or self.store.record_problems(self.commit)
                 if damage:  # what its folder holds is unknown: make it again from nothing
                     log.warning("Snapshot %s is damaged (%s): making it again", self.store.folder(self.commit),
                                 shown(damage))

@@ -18,7 +18,7 @@ from pathlib import Path
 import mlflow
 import pytest
 from conftest import isolate, table
-from helpers import commit_files, file_at, make_repo
+from helpers import Repo, commit_files, file_at, make_repo
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning_model import CsvData, TinyModel, make_trainer
 from mlflow import MlflowClient
@@ -267,3 +267,45 @@ def test_sync_finishes_journaled_mlflow_logging(world):
     assert len(created) == 1 and report["pending"] == 0
     run = client.get_run(created.pop())
     assert run.data.tags["oxen.test.synced"] == "offline" and run.info.status == "FINISHED"
+
+
+# -- hand-written runs of a model repository alone (no MLflow): damaged caches, unusual tables -------------
+def hand_runs(tmp_path: Path, data: Repo, runs: dict[str, tuple[str, list[str]]]) -> Path:
+    """A model repository with a lineage record of each run ``name: (dataset commit, paths)`` of ``data``."""
+    ckpt = "runs/r/checkpoints/last.ckpt"
+    models = make_repo(tmp_path / "models", [("c", {ckpt: "w"})])
+    for name, (commit, paths) in runs.items():
+        record = {"schema": "oxen-callbacks/lineage/v1",
+                  "dataset": {"repo": str(data.path), "revision": commit, "commit": commit, "paths": paths},
+                  "model": {"repo": str(models.path), "commit": models.head, "path": ckpt},
+                  "checkpoints": [{"commit": models.head, "path": ckpt, "step": 1, "epoch": 0, "metrics": {}}],
+                  "run": {"name": name, "mlflow_run_id": None, "mlflow_tracking_uri": None},
+                  "code": {"git_commit": None, "git_dirty": None}, "framework": {"name": "lightning", "version": "2"}}
+        (models.path / "runs" / name).mkdir(parents=True, exist_ok=True)
+        (models.path / "runs" / name / "lineage.json").write_text(json.dumps(record))
+    return models.path
+
+
+def test_reproduce_and_diff_never_use_a_damaged_cached_snapshot(tmp_path, monkeypatch, capsys):
+    """A cached file changed in place (same size: only a content hash tells) is made again, not copied."""
+    from oxen_callbacks.cli import main
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "")
+    committed = "x,label\n1,0\n2,0\n"
+    data = make_repo(tmp_path / "data", [("A", {"train.csv": committed}), ("B", {"notes.txt": "same train.csv"})])
+    models = hand_runs(tmp_path, data, {"a": (data.commits[0], ["train.csv"]), "b": (data.commits[1], ["train.csv"])})
+    cached = PinnedDataset(data.path, revision=data.commits[0], paths=["train.csv"]).file("train.csv")
+
+    def damage() -> None:
+        cached.chmod(0o644)
+        cached.write_text(committed.replace(",0", ",1"))
+        assert main(["verify"]) == 1
+
+    damage()
+    assert main(["reproduce", "a", "--model-repo", str(models), "--to", str(tmp_path / "kit")]) == 0
+    assert (tmp_path / "kit" / "data" / "train.csv").read_text() == committed == cached.read_text()
+    damage()
+    capsys.readouterr()
+    assert main(["diff", "a", "b", "--model-repo", str(models), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["files"] == {"added": [], "removed": [], "modified": []}
+    assert main(["verify"]) == 0

@@ -7,7 +7,6 @@ diffs run ``oxen.diff`` on the snapshot files in a child process.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -73,11 +72,11 @@ def _copy_run(target: Path, dataset: dict[str, Any] | None, model: dict[str, Any
     """Copy the pinned data to ``target/data`` and the checkpoint to ``target/model``; what was written."""
     result: dict[str, Any] = {"dir": str(target), "dataset": None, "model": None}
     if dataset and data_pin:
-        files = _copy_paths(data_pin.pull(), data_pin.paths, target / "data")
+        files = _copy_paths(data_pin.pull_intact(), data_pin.paths, target / "data")
         result["dataset"] = {"repo": dataset["repo"], "commit": dataset["commit"], "paths": data_pin.paths,
                              "folder": str(target / "data"), "files": files}
     if model_pin:
-        _copy_paths(model_pin.pull(), [model["path"]], target / "model", flatten=True)
+        _copy_paths(model_pin.pull_intact(), [model["path"]], target / "model", flatten=True)
         result["model"] = {"repo": model["repo"], "commit": model["commit"], "path": model["path"],
                            "file": str(target / "model" / Path(model["path"]).name)}
     return result
@@ -167,7 +166,7 @@ def diff_runs(view_a: dict[str, Any], view_b: dict[str, Any], *, keys: list[str]
         if not dataset:
             raise ConfigurationError(f"Run {_run_label(view)!r} recorded no dataset: there is nothing to compare.")
         pin = _pinned(dataset["repo"], dataset["commit"], dataset["paths"], cache_dir)
-        sides.append((pin, _hashes(pin.pull(), pin.paths)))
+        sides.append((pin, _hashes(pin)))
     (pin_a, files_a), (pin_b, files_b) = sides
     modified = sorted(p for p in files_a.keys() & files_b.keys() if files_a[p] != files_b[p])
     result: dict[str, Any] = {
@@ -190,15 +189,9 @@ def _run_label(view: dict[str, Any]) -> str:
     return view["run"].get("mlflow_run_id") or view["run"].get("name") or "?"
 
 
-def _hashes(snapshot: Path, paths: list[str]) -> dict[str, str]:
-    """``{relative path: sha256}`` of every file under the pinned ``paths`` of a snapshot."""
-    found: dict[str, str] = {}
-    for file in sorted(p for p in snapshot.rglob("*") if p.is_file()):
-        rel = file.relative_to(snapshot).as_posix()
-        if any(covers(p, rel) for p in paths):
-            digest = hashlib.sha256()
-            with open(file, "rb") as f:
-                for block in iter(lambda: f.read(1 << 20), b""):
-                    digest.update(block)
-            found[rel] = digest.hexdigest()
-    return found
+def _hashes(pin: PinnedDataset) -> dict[str, str]:
+    """``{relative path: content hash}`` of every file under the pinned paths, as checked by
+    :meth:`PinnedDataset.pull_intact` (a damaged snapshot is made again, never compared)."""
+    pin.pull_intact()
+    recorded = pin.store.hashes(pin.commit) or {}
+    return {rel: digest for rel, digest in sorted(recorded.items()) if any(covers(p, rel) for p in pin.paths)}
