@@ -309,3 +309,50 @@ def test_reproduce_and_diff_never_use_a_damaged_cached_snapshot(tmp_path, monkey
     assert main(["diff", "a", "b", "--model-repo", str(models), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["files"] == {"added": [], "removed": [], "modified": []}
     assert main(["verify"]) == 0
+
+
+def test_diff_keeps_its_answer_when_one_table_cannot_be_compared(tmp_path, monkeypatch, capsys):
+    """An emptied CSV, a cut-off JSON Lines row, a binary file named .csv: that table is marked, the rest stands."""
+    from oxen_callbacks.cli import main
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "")
+    left = {"empty.csv": "a,b\n1,2\n", "cut.jsonl": '{"a": 1}\n{"a": 2}\n', "binary.csv": "a,b\n1,2\n",
+            "good.csv": "a,b\n1,2\n3,4\n"}
+    right = {"empty.csv": "", "cut.jsonl": '{"a": 1}\n{"a": 2\n', "binary.csv": bytes(range(256)) * 4,
+             "good.csv": "a,b\n1,2\n3,5\n"}
+    data = make_repo(tmp_path / "data", [("A", left), ("B", right)])
+    models = hand_runs(tmp_path, data, {"a": (data.commits[0], ["."]), "b": (data.commits[1], ["."])})
+    capsys.readouterr()
+    assert main(["diff", "a", "b", "--model-repo", str(models), "--keys", "a", "--json"]) == 0
+    found = json.loads(capsys.readouterr().out)
+    assert found["files"]["modified"] == sorted(left)
+    rows = found["rows"]
+    assert rows["good.csv"]["error"] is None and rows["good.csv"]["counts"] == {"modified": 1}
+    assert "run B's file cannot be read as a table (DataFrame error: no data: empty CSV)" in rows["empty.csv"]["error"]
+    assert rows["cut.jsonl"]["error"].startswith("run B's file cannot be read as a table")
+    assert rows["binary.csv"]["error"] and rows["binary.csv"]["rows"] == []
+    assert main(["diff", "a", "b", "--model-repo", str(models)]) == 0
+    out = capsys.readouterr().out
+    assert "M empty.csv" in out and "\nempty.csv: rows not compared: run B's file cannot be read" in out
+    assert all("\n" not in rows[path]["error"] for path in ("empty.csv", "cut.jsonl", "binary.csv"))
+
+
+def test_diff_reports_a_schema_change_and_refuses_a_key_column_no_table_holds(tmp_path, monkeypatch, capsys):
+    from oxen_callbacks.cli import main
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "")
+    data = make_repo(tmp_path / "data", [("A", {"t.csv": "a,b\n1,2\n3,4\n", "u.csv": "id,b\n1,2\n"}),
+                                         ("B", {"t.csv": "a,b,c\n1,2,5\n3,4,6\n", "u.csv": "id,b\n1,3\n"})])
+    models = hand_runs(tmp_path, data, {"a": (data.commits[0], ["."]), "b": (data.commits[1], ["."])})
+    capsys.readouterr()
+    assert main(["diff", "a", "b", "--model-repo", str(models), "--keys", "a"]) == 0
+    out = capsys.readouterr().out
+    assert "t.csv: columns changed, rows the same in the columns both hold\n  + column c" in out
+    assert "u.csv: rows not compared: key column 'a' is in neither run's file (its columns: id, b)" in out
+    assert main(["diff", "a", "b", "--model-repo", str(models), "--keys", "a", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["rows"]["t.csv"]["schema"] == {"added": ["c"], "removed": [],
+                                                                               "retyped": []}
+    assert main(["diff", "a", "b", "--model-repo", str(models), "--keys", "c"]) == 2
+    err = capsys.readouterr().err
+    assert "--keys 'c' cannot compare t.csv: key column 'c' is not in run A's file (its columns: a, b)" in err
+    assert "hint: name key columns both runs' tables hold" in err and len(err.strip().splitlines()) == 2

@@ -182,6 +182,12 @@ def diff_runs(view_a: dict[str, Any], view_b: dict[str, Any], *, keys: list[str]
         pairs = [(str(pin_a.path / p), str(pin_b.path / p)) for p in tables]
         found = oxen_child.run_in_child(oxen_diff.table_diffs, pairs=pairs, keys=keys or [], limit=limit)
         result["rows"] = dict(zip(tables, found, strict=True))
+        read = [(path, table) for path, table in result["rows"].items() if table["schema"] is not None]
+        if keys and read and all(table["missing_keys"] for _, table in read):  # in none of them: a typo
+            path, table = read[0]
+            raise ConfigurationError(f"--keys {','.join(keys)!r} cannot compare {path}: {table['error']}.",
+                                     "name key columns both runs' tables hold, or leave --keys out to compare "
+                                     "whole rows.")
     return result
 
 

@@ -73,8 +73,14 @@ def _show_diff(result: Result) -> str:
     for change, sign in (("added", "+"), ("removed", "-"), ("modified", "M")):
         lines.extend(f"{sign} {path}" for path in files[change])
     for path, rows in result["rows"].items():
-        counts = ", ".join(f"{n} {s}" for s, n in rows["counts"].items()) or "no row changes"
-        lines.append(f"\n{path}: {counts}")
+        schema = rows.get("schema") or {}
+        changed = any(schema.values())
+        counts = ", ".join(f"{n} {s}" for s, n in rows["counts"].items()) or (
+            "rows the same in the columns both hold" if changed else "no row changes")
+        summary = f"rows not compared: {rows['error']}" if rows.get("error") else counts
+        lines.append(f"\n{path}: {'columns changed, ' if changed else ''}{summary}")
+        for change, sign in (("added", "+"), ("removed", "-"), ("retyped", "~")):
+            lines.extend(f"  {sign} column {column}" for column in schema.get(change, []))
         for row in rows["rows"]:
             values = ", ".join(f"{k}={v}" for k, v in row.items() if k != "status")
             lines.append(f"  {row['status']:<9} {values}")
