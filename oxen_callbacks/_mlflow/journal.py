@@ -17,7 +17,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from .._util.fs import write_atomically, write_json_atomically
+from .._util.fs import DamagedFile, read_json_object, write_atomically, write_json_atomically
 from .._util.locks import FileLock, is_locked
 from .._util.processes import ENTRY_POINTS
 
@@ -25,6 +25,7 @@ ABANDONED_SEQ = 999_999  # the last operation of a journal whose training proces
 #: What the training run tells its sink besides a bare newline (new operations): the run ended;
 #: its training is over (nothing needs the CPU any more: apply operations as they come).
 END_LINE, TRAINING_OVER_LINE = "end\n", "trained\n"
+_META_STRINGS = ("run_id", "experiment_id", "model_repo", "oxen_run")  # each a string when given
 
 
 class MlflowJournal:
@@ -104,6 +105,35 @@ class MlflowJournal:
             if not hasattr(self, "_meta"):
                 raise
         return dict(self._meta)
+
+    def damage(self) -> str | None:
+        """What makes this journal unreadable (a file cut short or edited by hand), or ``None``.
+
+        ``sync`` skips a damaged journal and leaves it as it is for its owner to look at.
+        """
+        try:
+            meta = read_json_object(self.folder / "meta.json")
+        except FileNotFoundError:
+            meta = {"tracking_uri": ""}  # forgotten meanwhile: nothing left to read
+        except DamagedFile as exc:
+            return str(exc)
+        if not isinstance(meta.get("tracking_uri"), str):
+            return f"meta.json holds tracking_uri = {meta.get('tracking_uri')!r}, not a string"
+        for key in _META_STRINGS:
+            if meta.get(key) is not None and not isinstance(meta[key], str):
+                return f"meta.json holds {key} = {meta[key]!r}, not a string"
+        for path in self._op_files():
+            try:
+                op = read_json_object(path)
+            except FileNotFoundError:
+                continue
+            except DamagedFile as exc:
+                return f"ops/{exc}"
+            if not isinstance(op.get("op"), str):
+                return f"ops/{path.name} names no operation (op = {op.get('op')!r})"
+            if op["op"] == "set_tags" and not isinstance(op.get("tags"), dict):
+                return f"ops/{path.name} holds tags = {op.get('tags')!r}, not an object"
+        return None
 
     def write_meta(self, meta: dict[str, Any]) -> None:
         write_json_atomically(self.folder / "meta.json", meta)

@@ -21,9 +21,10 @@ from typing import Any
 from .._oxen import layout as oxen_layout
 from .._publish.drain import drain_in_worker
 from .._publish.known_repos import registered_model_repos
-from .._publish.push import PushTarget, pending_push, push_with_timeout
+from .._publish.push import PushTarget, pending_push, pending_push_path, push_with_timeout
 from .._publish.queue import JobQueue, all_queues
 from .._util.cache import default_cache_dir
+from .._util.fs import DamagedFile
 from .._util.locks import FileLock, is_locked
 from .._util.redact import redact_text
 from ..names import (
@@ -39,8 +40,12 @@ KEEP_FINISHED_QUEUES_S = 24 * 3600
 
 def sync_model_repo(repo: Path, *, push_timeout: float = 300.0) -> dict[str, Any]:
     """Drain the orphan queues of ``repo`` and retry its pending push."""
-    report: dict[str, Any] = {"repo": str(repo), "committed": 0, "failed": [], "busy": [], "push": None}
+    report: dict[str, Any] = {"repo": str(repo), "committed": 0, "failed": [], "busy": [], "damaged": [],
+                              "push": None}
     for queue in all_queues(repo):
+        if fault := queue.damage():  # left as it is: its owner may want to see what happened
+            report["damaged"].append({"queue": queue.folder.name, "path": str(queue.folder), "error": fault})
+            continue
         pending = queue.pending()
         if not pending:
             _forget_if_old(queue)
@@ -54,7 +59,11 @@ def sync_model_repo(repo: Path, *, push_timeout: float = 300.0) -> dict[str, Any
         report["committed"] -= len(left)
         if left:
             report["failed"].append({"queue": queue.folder.name, "pending": len(left), "log": str(queue.log_path)})
-    marker = pending_push(repo)
+    try:
+        marker = pending_push(repo)
+    except DamagedFile as exc:
+        marker = None
+        report["damaged"].append({"path": str(pending_push_path(repo)), "error": str(exc)})
     if marker is not None:
         result = push_with_timeout(repo, PushTarget(marker["remote"], marker.get("branch"), push_timeout,
                                                     url=marker.get("url")))
@@ -101,10 +110,14 @@ def _replay_all(cache_dir: Path) -> list[dict[str, Any]]:
     reports = []
     for folder in journals(cache_dir):
         journal = MlflowJournal(folder)
+        live = journal.trainer_alive() or journal.sink_alive()
+        if not live and (fault := journal.damage()):  # left as it is (no lock taken): its owner may want to see it
+            reports.append({"journal": folder.name, "status": "damaged", "path": str(folder), "error": fault})
+            continue
         owner = FileLock(journal.lock_path)
         # held through the replay: a second `sync` at the same time must not replay it too (it
         # created a second MLflow run for an abandoned one, left RUNNING for good)
-        if journal.trainer_alive() or journal.sink_alive() or not owner.acquire(blocking=False):
+        if live or not owner.acquire(blocking=False):
             if not journal.is_empty():  # its training process, sink process or another sync logs it
                 reports.append({"journal": folder.name, "status": "busy"})
             continue
@@ -164,8 +177,9 @@ def sync_all(cache_dir: Path | None = None, *, model_repos: list[Path] | None = 
              push_timeout: float = 300.0, mlflow: bool = True) -> dict[str, Any]:
     """Finish every journaled commit, push and MLflow operation known to this machine.
 
-    Returns a JSON-able report: ``{"model_repos": [...], "mlflow": [...], "pending": N}``
-    where ``pending`` counts what is still not done.
+    Returns a JSON-able report: ``{"model_repos": [...], "mlflow": [...], "pending": N, "damaged": M}``
+    where ``pending`` counts what is still not done and ``damaged`` the queues and journals skipped
+    (left on disk as they are) because a file of theirs cannot be read.
     """
     cache = Path(cache_dir or default_cache_dir()).expanduser().resolve()
     repos = [Path(r).resolve() for r in (model_repos or registered_model_repos(cache))]
@@ -173,5 +187,6 @@ def sync_all(cache_dir: Path | None = None, *, model_repos: list[Path] | None = 
     mlflow_reports = sync_mlflow(cache) if mlflow else []
     pending = sum(sum(f["pending"] for f in r["failed"]) + sum(b["pending"] for b in r["busy"])
                   + (1 if r["push"] and not r["push"]["ok"] else 0) for r in repo_reports)
-    pending += sum(1 for m in mlflow_reports if m["status"] != "done")
-    return {"model_repos": repo_reports, "mlflow": mlflow_reports, "pending": pending}
+    pending += sum(1 for m in mlflow_reports if m["status"] not in ("done", "damaged"))
+    damaged = sum(len(r["damaged"]) for r in repo_reports) + sum(m["status"] == "damaged" for m in mlflow_reports)
+    return {"model_repos": repo_reports, "mlflow": mlflow_reports, "pending": pending, "damaged": damaged}

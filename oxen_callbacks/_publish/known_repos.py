@@ -3,19 +3,30 @@
 from __future__ import annotations
 
 import hashlib
-import json
+import logging
 from pathlib import Path
 
 from .._oxen import layout as oxen_layout
-from .._util.fs import write_json_atomically
+from .._util.fs import DamagedFile, read_json_object, write_json_atomically
+
+log = logging.getLogger(__name__)
 
 
 def register_model_repo(cache_dir: Path, repo: Path) -> None:
     folder = cache_dir / "model-repos"
     folder.mkdir(parents=True, exist_ok=True)
     entry = folder / f"{hashlib.sha1(str(repo).encode()).hexdigest()[:16]}.json"
-    if not entry.exists():
+    if _entry_path(entry) is None:  # missing or damaged
         write_json_atomically(entry, {"path": str(repo)})
+
+
+def _entry_path(entry: Path) -> Path | None:
+    """The repository a registration file names; ``None`` when it is missing or damaged."""
+    try:
+        path = read_json_object(entry).get("path")
+    except (FileNotFoundError, DamagedFile):
+        return None
+    return Path(path) if isinstance(path, str) and path else None
 
 
 def registered_model_repos(cache_dir: Path) -> list[Path]:
@@ -24,7 +35,9 @@ def registered_model_repos(cache_dir: Path) -> list[Path]:
         return []
     repos = []
     for entry in sorted(folder.glob("*.json")):
-        path = Path(json.loads(entry.read_text())["path"])
-        if oxen_layout.oxen_dir(path).is_dir():
+        path = _entry_path(entry)
+        if path is None:  # (written again by the repository's next training run)
+            log.warning("Skipping %s: not a model repository registration (damaged?)", entry)
+        elif oxen_layout.is_repo(path):
             repos.append(path)
     return repos

@@ -11,7 +11,6 @@ environment (``OXEN_API_KEY``) reaches the push child through a private Oxen con
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from dataclasses import dataclass
@@ -22,7 +21,7 @@ from .._oxen import child as oxen_child
 from .._oxen import layout as oxen_layout
 from .._oxen import repo as oxen_repo
 from .._oxen.remote_spec import parse_remote
-from .._util.fs import write_json_atomically
+from .._util.fs import DamagedFile, read_json_object, write_json_atomically
 from .._util.redact import redact_text, redact_url
 from ..errors import ConfigurationError, OxenError
 
@@ -44,11 +43,18 @@ def pending_push_path(repo: str | os.PathLike[str]) -> Path:
 
 
 def pending_push(repo: str | os.PathLike[str]) -> dict[str, Any] | None:
-    """The journaled push of ``repo``, if one failed and is not done yet."""
+    """The journaled push of ``repo``, if one failed and is not done yet.
+
+    Raises:
+        DamagedFile: its file cannot be read, or names no remote.
+    """
     try:
-        return json.loads(pending_push_path(repo).read_text())
+        marker = read_json_object(pending_push_path(repo))
     except FileNotFoundError:
         return None
+    if not isinstance(marker.get("remote"), str):
+        raise DamagedFile(f"{pending_push_path(repo).name} holds remote = {marker.get('remote')!r}, not a name")
+    return marker
 
 
 def _remote_host(repo: str | os.PathLike[str], target: PushTarget) -> str | None:

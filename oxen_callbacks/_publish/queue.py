@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from .._oxen import layout as oxen_layout
-from .._util.fs import write_json_atomically
+from .._util.fs import DamagedFile, read_json_object, write_json_atomically
 from .._util.locks import is_locked
 
 
@@ -84,6 +84,26 @@ class JobQueue:
         except FileNotFoundError:
             return {}
 
+    def damage(self) -> str | None:
+        """What makes this queue unreadable (a file cut short or edited by hand), or ``None``."""
+        try:
+            read_json_object(self.folder / "meta.json")
+        except FileNotFoundError:
+            pass
+        except DamagedFile as exc:
+            return str(exc)
+        for name in self._job_names():
+            try:
+                job = read_json_object(self.jobs_dir / name)
+            except FileNotFoundError:
+                continue  # done meanwhile
+            except DamagedFile as exc:
+                return f"jobs/{exc}"
+            kinds = {"seq": int, "kind": str, "payload": dict}
+            if wrong := next((key for key, kind in kinds.items() if not isinstance(job.get(key), kind)), None):
+                return f"jobs/{name} holds {wrong} = {job.get(wrong)!r}, not a {kinds[wrong].__name__}"
+        return None
+
     def update_meta(self, **values: Any) -> None:
         write_json_atomically(self.folder / "meta.json", {**self.meta(), **values})
 
@@ -102,15 +122,16 @@ class JobQueue:
 
     def pending(self) -> list[Job]:
         jobs = []
-        for name in sorted(os.listdir(self.jobs_dir)):
-            if not (name.endswith(".json") and name[0].isdigit()):
-                continue
+        for name in self._job_names():
             try:
                 data = json.loads((self.jobs_dir / name).read_text())
             except FileNotFoundError:
                 continue
             jobs.append(Job(data["seq"], data["kind"], data["payload"]))
         return jobs
+
+    def _job_names(self) -> list[str]:
+        return [name for name in sorted(os.listdir(self.jobs_dir)) if name.endswith(".json") and name[0].isdigit()]
 
     def is_pending(self, job: Job) -> bool:
         return (self.jobs_dir / f"{job.name}.json").exists()
@@ -145,10 +166,11 @@ class JobQueue:
 
 
 def run_backlog(model_repo: str | os.PathLike[str], run: str) -> list[tuple[JobQueue, list[Job]]]:
-    """The queues of run ``run`` (any training process of it) that still hold jobs, with those jobs."""
+    """The queues of run ``run`` (any training process of it) that still hold jobs, with those jobs
+    (a damaged queue, which ``sync`` reports, is not read)."""
     found = []
     for queue in all_queues(model_repo):
-        if queue.meta().get("run") == run and (jobs := queue.pending()):
+        if queue.damage() is None and queue.meta().get("run") == run and (jobs := queue.pending()):
             found.append((queue, jobs))
     return found
 

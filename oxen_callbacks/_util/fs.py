@@ -59,3 +59,32 @@ def write_json_atomically(path: str | os.PathLike[str], data: Any, *, indent: in
     """:func:`write_atomically` of ``data`` as JSON (a final newline when indented, as people read it)."""
     text = json.dumps(data, indent=indent) + ("\n" if indent is not None else "")
     write_atomically(path, text, make_parents=make_parents)
+
+
+_JSON_KINDS = {list: "array", str: "string", int: "number", float: "number", bool: "boolean", type(None): "null"}
+
+
+class DamagedFile(ValueError):
+    """A file this library wrote holds something else now (cut short, edited, another file in its place)."""
+
+
+def read_json_object(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """The JSON object in ``path``.
+
+    Raises:
+        FileNotFoundError: there is none.
+        DamagedFile: it cannot be read, is not JSON, or holds something other than an object;
+            the message names the file's name and what is wrong.
+    """
+    name = Path(path).name
+    try:
+        data = json.loads(Path(path).read_bytes())
+    except FileNotFoundError:
+        raise
+    except OSError as exc:  # a folder in its place, no permission
+        raise DamagedFile(f"{name} cannot be read ({exc.strerror or exc})") from None
+    except ValueError as exc:  # cut short, not UTF-8, not JSON
+        raise DamagedFile(f"{name} is not JSON (cut short?): {exc}") from None
+    if not isinstance(data, dict):
+        raise DamagedFile(f"{name} holds a JSON {_JSON_KINDS.get(type(data), 'value')}, not an object")
+    return data

@@ -26,7 +26,13 @@ def _queue_lines(repo: Result) -> list[str]:
     return ([line]
             + [f"  {q['pending']} job(s) still pending in queue {q['queue']} (log: {q['log']})" for q in repo["failed"]]
             + [f"  {q['pending']} job(s) left to the live training process of queue {q['queue']}"
-               for q in repo["busy"]])
+               for q in repo["busy"]]
+            + [_damaged_line(d) for d in repo.get("damaged", ())])
+
+
+def _damaged_line(item: Result) -> str:
+    return (f"  damaged: {item['path']}: {item['error']}. Skipped and left as it is: look at it, then move it "
+            "away or delete it")
 
 
 def _mlflow_lines(entry: Result) -> list[str]:
@@ -45,6 +51,8 @@ def _mlflow_lines(entry: Result) -> list[str]:
     if entry.get("waiting_for"):
         return [f"MLflow run {entry.get('run_id')}: its training process died; finished once "
                 f"{entry['waiting_for']} are done (a worker is still committing)"]
+    if entry["status"] == "damaged":
+        return [f"MLflow journal {_damaged_line(entry).strip()}"]
     if entry["status"] == "busy":
         return [f"MLflow journal {entry['journal']}: left to its live training process"]
     return [f"{where}: still failing, {entry['pending']} operation(s) kept ({entry['error']})"]
@@ -53,7 +61,10 @@ def _mlflow_lines(entry: Result) -> list[str]:
 def _show_sync(report: Result) -> str:
     lines = [line for repo in report["model_repos"] for line in _queue_lines(repo)]
     lines += [line for entry in report["mlflow"] for line in _mlflow_lines(entry)]
-    lines.append("nothing left to do" if report["pending"] == 0
+    if report.get("damaged"):
+        lines.append(f"{report['damaged']} damaged queue(s), journal(s) or push marker(s) skipped: "
+                     "nothing of theirs is done until they are repaired or removed")
+    lines.append(("nothing else left to do" if report.get("damaged") else "nothing left to do") if report["pending"] == 0
                  else f"{report['pending']} item(s) still pending: run `oxen-callbacks sync` again once the "
                       "remote / MLflow server is reachable")
     return "\n".join(lines)
@@ -61,5 +72,5 @@ def _show_sync(report: Result) -> str:
 
 COMMANDS = [
     Command("sync", "finish journaled commits, pushes and MLflow logging", _sync, _show_sync, _sync_arguments,
-            shared=("cache",), failed=lambda report: bool(report["pending"])),
+            shared=("cache",), failed=lambda report: bool(report["pending"] or report.get("damaged"))),
 ]

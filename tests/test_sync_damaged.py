@@ -1,0 +1,103 @@
+"""`oxen-callbacks sync` on damaged leftovers: a journal, queue or push marker whose file was cut short
+or edited is reported (where, and what is wrong), skipped and left as it is; everything else is done."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+from helpers import make_repo
+from mlflow import MlflowClient
+
+from oxen_callbacks import cli
+from oxen_callbacks._mlflow.journal import MlflowJournal
+from oxen_callbacks._publish.known_repos import register_model_repo
+from oxen_callbacks._publish.push import pending_push_path
+from oxen_callbacks._publish.queue import JobQueue
+
+
+def _good_journal(cache: Path) -> str:
+    """A journal (named after every damaged one) tagging a real run: sync must still replay it."""
+    client = MlflowClient()
+    run_id = client.create_run(client.create_experiment("good")).info.run_id
+    journal = MlflowJournal.create(cache, {"tracking_uri": os.environ["MLFLOW_TRACKING_URI"], "run_id": run_id})
+    journal.put(1, {"op": "set_tags", "tags": {"oxen.run": "good"}})
+    return run_id
+
+
+def _files(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def _sync(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str]:
+    code = cli.main(["sync", *args])
+    return code, capsys.readouterr().out
+
+
+def _cut_short(path: Path) -> None:
+    path.write_text(path.read_text()[:-3])
+
+
+DAMAGE = {  # what happens to the journal's files -> what the report says
+    "meta cut short": (lambda j: _cut_short(j.folder / "meta.json"), "meta.json is not JSON"),
+    "op a list": (lambda j: (j.folder / "ops" / "000001.json").write_text("[]"), "ops/000001.json holds a JSON array"),
+    "op cut short": (lambda j: _cut_short(j.folder / "ops" / "000001.json"), "ops/000001.json is not JSON"),
+    "model_repo a number": (lambda j: (j.folder / "meta.json").write_text(
+        (j.folder / "meta.json").read_text().replace('"model_repo": "', '"model_repo": 5, "was": "')),
+        "model_repo = 5"),
+}
+
+
+@pytest.mark.parametrize("damage", DAMAGE)
+def test_a_damaged_mlflow_journal_is_reported_and_left_the_others_replayed(tmp_path, capsys, damage):
+    models = make_repo(tmp_path / "models", [("c", {"a.txt": "1"})])
+    cache = tmp_path / "cache"
+    bad = MlflowJournal(cache / "mlflow-journal" / "20000101-000000-deadbeef")  # listed first
+    bad.recreate({"tracking_uri": os.environ["MLFLOW_TRACKING_URI"], "run_id": None,
+                  "model_repo": str(models.path), "oxen_run": "r1"})
+    bad.put(1, {"op": "create_run", "run_name": "r1", "experiment_id": None, "experiment_name": "bad"})
+    harm, said = DAMAGE[damage]
+    harm(bad)
+    before = _files(bad.folder)
+    run_id = _good_journal(cache)
+
+    code, out = _sync(capsys)
+    assert code == 1 and f"{bad.folder}" in out and said in out, out
+    assert "Skipped and left as it is" in out
+    assert MlflowClient().get_run(run_id).data.tags.get("oxen.run") == "good", "the good journal was not replayed"
+    assert _files(bad.folder) == before, "the damaged journal was changed"
+
+    code, out = _sync(capsys, "--json")  # again, for scripts: still there, still named
+    report = json.loads(out)
+    assert code == 1 and report["damaged"] == 1 and report["pending"] == 0
+    [entry] = report["mlflow"]
+    assert entry["status"] == "damaged" and entry["path"] == str(bad.folder) and said in entry["error"]
+
+
+def test_a_damaged_commit_queue_or_push_marker_is_reported_and_left_sync_goes_on(tmp_path, capsys):
+    models = make_repo(tmp_path / "models", [("c", {"a.txt": "1"})])
+    cache = tmp_path / "cache"
+    register_model_repo(cache, models.path)
+    (cache / "model-repos" / "0000000000000000.json").write_text('{"pa')  # a registration cut short
+    cut = JobQueue.create(models.path, "r1", {"pid": 1})
+    cut.put(1, "checkpoint", {"run": "r1"})
+    _cut_short(cut.jobs_dir / "00000001.json")
+    listed = JobQueue.create(models.path, "r2", {"pid": 1})
+    listed.put(1, "checkpoint", {"run": "r2"})
+    (listed.folder / "meta.json").write_text("[]")
+    pending_push_path(models.path).write_text('{"remote": "orig')
+    before = {q.folder: _files(q.folder) for q in (cut, listed)}
+    run_id = _good_journal(cache)
+
+    code, out = _sync(capsys, "--json")
+    report = json.loads(out)
+    assert code == 1 and report["damaged"] == 3, out
+    [repo] = report["model_repos"]
+    faults = {Path(d["path"]).name: d["error"] for d in repo["damaged"]}
+    assert "jobs/00000001.json is not JSON" in faults[cut.folder.name]
+    assert "meta.json holds a JSON array" in faults[listed.folder.name]
+    assert "push-pending.json is not JSON" in faults["push-pending.json"]
+    assert {q.folder: _files(q.folder) for q in (cut, listed)} == before, "a damaged queue was changed"
+    assert MlflowClient().get_run(run_id).data.tags.get("oxen.run") == "good"
