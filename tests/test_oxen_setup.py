@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 from conftest import table
+from helpers import make_repo
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning_model import CsvData, TinyModel, make_trainer
 from oxen_stand_in import StandInOxen, StandInRepo
@@ -136,6 +137,23 @@ def test_every_setup_command_works_without_the_oxen_binary(tmp_path, server):
         assert says in refused.stderr and ENV_TOKEN not in refused.stderr
     assert "not in an Oxen repository" in run(env, "remote", "list", "--repo", str(tmp_path), expect=2).stderr
     assert holders(tmp_path, ENV_TOKEN) == [] and os.listdir(tmp_path / "tmp") == []
+
+
+def _repo_config(tmp_path: Path) -> tuple[Path, Path, str]:
+    """A model repository with a commit, its config.toml and what Oxen wrote there."""
+    models = make_repo(tmp_path / "models", [("first", {"a.txt": "1"})]).path
+    return models, models / ".oxen" / "config.toml", (models / ".oxen" / "config.toml").read_text()
+
+
+def test_remote_on_a_damaged_config_is_a_one_line_error(tmp_path):
+    env = fresh_world(tmp_path)
+    models, config, made = _repo_config(tmp_path)
+    for damage, says in (("[[[ not toml\n", "config.toml cannot be read"), ('remotes = "origin"\n', "remotes as a string"),
+                         ('remotes = [{name = "origin"}]\n', "not a name and a url")):
+        config.write_text(made.replace("remotes = []\n", damage))
+        for action in (["list"], ["add", "origin", "http://127.0.0.1:9/ox/models", "--timeout", "5"]):
+            failed = run(env, "remote", *action, "--repo", str(models), expect=2).stderr
+            assert says in failed and str(config) in failed and len(failed.splitlines()) == 2, failed  # error, hint
 
 
 def at_a_terminal(env: dict[str, str], args: list[str], answers: list[str]) -> tuple[int, str]:

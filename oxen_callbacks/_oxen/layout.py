@@ -151,9 +151,13 @@ def remotes(repo: str | os.PathLike[str]) -> dict[str, str]:
     except FileNotFoundError:
         return {}
     found = config.get("remotes", [])
-    if not isinstance(found, list):
-        raise DamagedLayout(f".oxen/config.toml holds remotes = {found!r}, not a list")
-    return {r["name"]: r["url"] for r in found if isinstance(r, dict) and "name" in r and "url" in r}
+    if not isinstance(found, list):  # (its value is not shown: it may hold a URL with a token)
+        kind = {str: "a string", dict: "a table"}.get(type(found), f"a {type(found).__name__}")
+        raise DamagedLayout(f".oxen/config.toml holds remotes as {kind}, not a list of {{name, url}} tables")
+    for number, remote in enumerate(found, 1):
+        if not (isinstance(remote, dict) and isinstance(remote.get("name"), str) and isinstance(remote.get("url"), str)):
+            raise DamagedLayout(f".oxen/config.toml holds a remote (number {number}) that is not a name and a url string")
+    return {r["name"]: r["url"] for r in found}
 
 
 def commit_ids(repo: str | os.PathLike[str]) -> list[str]:

@@ -137,19 +137,31 @@ def _repo_root(given: str | None) -> Path:
 
 def _remote(args: argparse.Namespace) -> Result:
     from .._oxen import child as oxen_child
-    from .._oxen import layout as oxen_layout
     from .._oxen.remote_spec import parse_remote
     from .._util.redact import redact_url
 
     repo = _repo_root(args.repo)
+    remotes = _remotes_of(repo)  # (before `add` asks the server: oxenai would not read the config either)
     if args.remote_action == "add":
         if not _REMOTE_NAME.match(args.name):
             raise ConfigurationError(f"Remote name {args.name!r} is not a plain name.", "e.g. 'origin'.")
         spec = parse_remote(args.url)  # no credentials, query or other scheme
         oxen_child.add_remote(repo, args.name, spec.url, spec.host, timeout=args.timeout)
-    remotes = oxen_layout.remotes(repo)
+        remotes = _remotes_of(repo)
     return {"repo": str(repo), "added": args.name if args.remote_action == "add" else None,
             "remotes": [{"name": n, "url": redact_url(u)} for n, u in sorted(remotes.items())]}
+
+
+def _remotes_of(repo: Path) -> dict[str, str]:
+    from .._oxen import layout as oxen_layout
+    from .._oxen.repo import damaged_repo
+
+    try:
+        return oxen_layout.remotes(repo)
+    except oxen_layout.DamagedLayout as exc:
+        raise damaged_repo("model repository", repo, str(exc), f"repair {str(oxen_layout.oxen_dir(repo) / 'config.toml')!r} "
+                           "(its `remotes` is a list of {name = \"origin\", url = \"https://HOST/namespace/name\"} "
+                           "tables), or clone the repository again.") from None
 
 
 def _show_remote(result: Result) -> str:
