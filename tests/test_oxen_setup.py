@@ -156,6 +156,18 @@ def test_remote_on_a_damaged_config_is_a_one_line_error(tmp_path):
             assert says in failed and str(config) in failed and len(failed.splitlines()) == 2, failed  # error, hint
 
 
+def test_a_token_in_a_remote_written_without_its_scheme_is_masked(tmp_path):
+    """config.toml edited by hand: its token is not shown (nor echoed by a refused `add` of the same URL)."""
+    env = fresh_world(tmp_path)
+    models, config, made = _repo_config(tmp_path)
+    config.write_text(made.replace("remotes = []", f'remotes = [{{name = "origin", url = "me:{TOKEN}@h.example/ox/m"}}]'))
+    for args in (["list"], ["list", "--json"]):
+        listed = run(env, "remote", *args, "--repo", str(models)).stdout
+        assert "h.example/ox/m" in listed and TOKEN not in listed, listed
+    refused = run(env, "remote", "add", "backup", f"me:{TOKEN}@h.example/ox/m", "--repo", str(models), expect=2)
+    assert TOKEN not in refused.stdout + refused.stderr
+
+
 def at_a_terminal(env: dict[str, str], args: list[str], answers: list[str]) -> tuple[int, str]:
     """Run a command whose stdin is a terminal, typing each answer once its prompt (``...: ``) shows."""
     terminal, keyboard = pty.openpty()

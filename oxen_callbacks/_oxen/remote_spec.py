@@ -68,6 +68,7 @@ def parse_remote(repo: str, host: str | None = None, scheme: str = "https") -> R
     'ox/reviews'
     """
     text = repo.strip()
+    shown = redact_url(text, schemeless=True)  # in messages: a URL written without its scheme may hold a token
     if "?" in text or "#" in text:  # the value is not shown: a query is where tokens hide
         base = redact_url(text.split("?", 1)[0].split("#", 1)[0])
         raise ConfigurationError(f"Remote repository URL {base!r} carries a query or fragment ('?...' or '#...'), "
@@ -76,14 +77,14 @@ def parse_remote(repo: str, host: str | None = None, scheme: str = "https") -> R
         scheme, rest = text.split("://", 1)
         if scheme not in ("http", "https"):
             raise ConfigurationError(
-                f"Remote repository {repo!r}: scheme {scheme!r} is not supported.",
+                f"Remote repository {shown!r}: scheme {scheme!r} is not supported.",
                 "use an http(s) URL such as 'https://hub.oxen.ai/namespace/name'.",
             )
         host, _, path = rest.partition("/")
     else:
         path = text
         if host is None:
-            raise ConfigurationError(f"Remote repository {repo!r} needs a host.",
+            raise ConfigurationError(f"Remote repository {shown!r} needs a host.",
                                      "pass a full URL 'https://HOST/namespace/name', or host='hub.oxen.ai'.")
     if "@" in host:
         raise ConfigurationError(
@@ -93,10 +94,10 @@ def parse_remote(repo: str, host: str | None = None, scheme: str = "https") -> R
     try:
         check_host(host or "")
     except ConfigurationError:
-        raise ConfigurationError(f"Remote repository {repo!r}: {host!r} is not a valid host[:port].",
+        raise ConfigurationError(f"Remote repository {shown!r}: {host!r} is not a valid host[:port].",
                                  f"e.g. {HUB_HOST!r} or '127.0.0.1:3000'.") from None
     parts = [p for p in path.split("/") if p]
     if len(parts) != 2 or not all(_NAME.match(p) for p in parts):
-        raise ConfigurationError(f"Remote repository {repo!r} must name exactly 'namespace/name'.",
+        raise ConfigurationError(f"Remote repository {shown!r} must name exactly 'namespace/name'.",
                                  "e.g. 'https://hub.oxen.ai/ox/reviews'.")
     return RemoteSpec(scheme, host, parts[0], parts[1])

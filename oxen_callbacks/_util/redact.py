@@ -41,15 +41,22 @@ _QUERY_PARAM = re.compile(r"([?&#])([^=&#?]+)=((?:[^&#]|&(?![^=&#?]*=))*)")  # (
 _BEARER = re.compile(r"(?i)\b(bearer\s+)[A-Za-z0-9._~+/=-]+")
 
 
-def redact_url(url: str | None) -> str | None:
+def redact_url(url: str | None, *, schemeless: bool = False) -> str | None:
     """``url`` without user info or secret query parameters; other strings unchanged.
+
+    ``schemeless``: ``url`` may be a URL written without its scheme (``user:tok@host/ns/repo``, as
+    someone may have written a remote by hand): what precedes its first ``/`` is its host.
 
     >>> redact_url("https://user:tok@hub.oxen.ai/ns/repo?x=1&client_secret=abc")
     'https://hub.oxen.ai/ns/repo?x=1&client_secret=***'
+    >>> redact_url("user:tok@hub.oxen.ai/ns/repo", schemeless=True)
+    'hub.oxen.ai/ns/repo'
     """
-    if not url or "://" not in url:
+    if not url or ("://" not in url and not schemeless):
         return url
-    scheme, rest = url.split("://", 1)
+    scheme, found, rest = url.partition("://")
+    if not found:
+        scheme, rest = "", url
     authority, sep, tail = rest.partition("/")
     host, query_sep, query = authority.partition("?")  # ``http://mlflow:5000?auth=x`` has no path
     authority = host.rsplit("@", 1)[-1] + query_sep + query
@@ -58,7 +65,7 @@ def redact_url(url: str | None) -> str | None:
         lead, name, value = m.groups()
         return f"{lead}{name}={MASK}" if _masks(name, value) else m.group(0)
 
-    return _QUERY_PARAM.sub(parameter, f"{scheme}://{authority}{sep}{tail}")
+    return _QUERY_PARAM.sub(parameter, f"{scheme}{found}{authority}{sep}{tail}")
 
 
 def redact_text(text: str, secrets: list[str] | tuple[str, ...] = ()) -> str:

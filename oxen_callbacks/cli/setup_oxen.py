@@ -148,8 +148,9 @@ def _remote(args: argparse.Namespace) -> Result:
         spec = parse_remote(args.url)  # no credentials, query or other scheme
         oxen_child.add_remote(repo, args.name, spec.url, spec.host, timeout=args.timeout)
         remotes = _remotes_of(repo)
+    # a URL someone wrote into config.toml by hand may lack its scheme and still hold a token
     return {"repo": str(repo), "added": args.name if args.remote_action == "add" else None,
-            "remotes": [{"name": n, "url": redact_url(u)} for n, u in sorted(remotes.items())]}
+            "remotes": [{"name": n, "url": redact_url(u, schemeless=True)} for n, u in sorted(remotes.items())]}
 
 
 def _remotes_of(repo: Path) -> dict[str, str]:
