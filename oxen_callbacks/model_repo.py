@@ -122,11 +122,7 @@ def endpoint_slug(endpoint: str) -> str:
 def clean_endpoint(endpoint: str) -> str:
     """``endpoint`` as recorded: trimmed, without credentials (user info, secret query or fragment
     parameters), also when it is written without a scheme (``user:pw@host/v1?api_key=...``)."""
-    text = endpoint.strip()
-    if "://" in text:
-        return redact_url(text) or ""
-    schemed = redact_url(f"endpoint://{text}") or ""
-    return schemed[len("endpoint://"):]
+    return redact_url(endpoint.strip(), schemeless=True) or ""
 
 
 def endpoint_tag(endpoint: str) -> str:
