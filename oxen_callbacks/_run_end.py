@@ -223,9 +223,16 @@ class RunEnding:
     def _warn_unpushed(self) -> None:
         if self.remote is None and self.remote_url is None:
             return
-        from ._publish.push import pending_push
+        from ._publish.push import pending_push, pending_push_path
+        from ._util.fs import DamagedFile
 
-        marker = pending_push(self.model_repo)
+        try:
+            marker = pending_push(self.model_repo)
+        except DamagedFile as exc:  # (a full disk, a kill mid-write): the end of training goes on
+            log.warning("Cannot tell whether the checkpoints reached the Oxen remote: %s is damaged (%s). "
+                        "`oxen-callbacks sync` reports it; once it is removed, the next push takes these commits too.",
+                        pending_push_path(self.model_repo), exc)
+            return
         if marker is not None and self.publisher is not None:
             self.publisher.warn_unpushed(marker)  # once per run, whether training or the end found it
             if self.record is not None:

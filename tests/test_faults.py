@@ -7,6 +7,7 @@ import logging
 import os
 import shutil
 import signal
+import time
 
 import pytest
 from helpers import free_port
@@ -16,7 +17,7 @@ from lightning_model import CsvData, TinyModel, make_trainer
 from oxen_callbacks import PinnedDataset, cli, read_lineage
 from oxen_callbacks._ops import sync
 from oxen_callbacks._oxen.repo import LocalRepo
-from oxen_callbacks._publish.push import pending_push
+from oxen_callbacks._publish.push import pending_push, pending_push_path
 from oxen_callbacks._util.processes import MAX_ENV_STRING_BYTES
 from oxen_callbacks.errors import PublishError
 from oxen_callbacks.lightning import OxenLightningCallback
@@ -60,6 +61,39 @@ def test_unreachable_remote_loses_nothing(kind, dataset_repo, tmp_path, hanging_
     out = capsys.readouterr().out
     assert f"{tmp_path / 'models'}: 0 checkpoint(s) committed, push to origin failed" in out, out
     assert "1 item(s) still pending" in out, out
+
+
+class DamagePushMarker(Callback):
+    """At the end of training, once the failed push is journaled: cut its marker short (a full disk)."""
+
+    def on_train_end(self, trainer, pl_module) -> None:  # type: ignore[no-untyped-def]
+        marker = pending_push_path(trainer.default_root_dir + "/models")
+        deadline = time.monotonic() + 60
+        while not marker.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        marker.write_text(marker.read_text()[:7])
+
+
+def test_a_damaged_push_marker_at_the_end_never_stops_the_run(dataset_repo, tmp_path, caplog, capsys):
+    """The end of the run reads the push marker: damaged, it must not cut the end short (the MLflow
+    run was left RUNNING without its lineage)."""
+    from mlflow import MlflowClient
+
+    pin = PinnedDataset(dataset_repo.path, revision=dataset_repo.commits[0], paths=["train.csv", "val.csv"])
+    url = f"http://127.0.0.1:{free_port()}/ox/models"
+    cb = OxenLightningCallback(dataset=pin, model_repo=tmp_path / "models", remote_url=url, push_timeout=3)
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=2, save_top_k=-1)
+    with caplog.at_level(logging.WARNING, logger="oxen_callbacks"):
+        make_trainer(tmp_path, [ckpt, cb, DamagePushMarker()], epochs=2).fit(TinyModel(), datamodule=CsvData(pin))
+        cb.run.wait()  # the end fit() did not wait for, which raised nothing
+        _all_committed(cb, tmp_path)
+    run = MlflowClient().get_run(cb.lineage["run"]["mlflow_run_id"])
+    assert run.info.status == "FINISHED" and run.data.tags["oxen.model.commit"] == cb.lineage["model"]["commit"]
+    assert cb.lineage["status"] == "FINISHED"
+    assert any("Cannot tell whether the checkpoints reached the Oxen remote" in r.getMessage() for r in caplog.records)
+    capsys.readouterr()
+    assert cli.main(["sync", "--push-timeout", "3"]) == 1  # reported, left for the user to look at
+    assert "push-pending.json" in capsys.readouterr().out
 
 
 class KillWorker(Callback):
