@@ -6,6 +6,9 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from ..errors import OxenError
+from .repo import call_oxen
+
 _SHOWN_COLUMNS = 20  # columns named in a message about one file
 _REASON_CHARS = 200  # of an oxenai error quoted as the reason a table was not compared
 
@@ -30,11 +33,10 @@ def _table_diff(left: str, right: str, keys: list[str], limit: int) -> dict[str,
     columns = []
     for side, path in (("A", left), ("B", right)):
         try:
-            columns.append({name: str(dtype) for name, dtype in df_utils.load(path).schema.items()})
-        except BaseException as exc:  # pyo3's PanicException derives from BaseException
-            if isinstance(exc, (KeyboardInterrupt, SystemExit)):
-                raise
+            frame = call_oxen(df_utils.load, path, what=f"load {path}")
+        except OxenError as exc:
             return {**found, "error": f"run {side}'s file cannot be read as a table ({_one_line(exc)})"}
+        columns.append({name: str(dtype) for name, dtype in frame.schema.items()})
     a, b = columns
     found["schema"] = {"added": [c for c in b if c not in a], "removed": [c for c in a if c not in b],
                        "retyped": [f"{c} ({a[c]} -> {b[c]})" for c in a if c in b and a[c] != b[c]]}
@@ -46,15 +48,16 @@ def _table_diff(left: str, right: str, keys: list[str], limit: int) -> dict[str,
         held = list(b if key in a else a)
         shown = ", ".join(held[:_SHOWN_COLUMNS]) + (", ..." if len(held) > _SHOWN_COLUMNS else "")
         return {**found, "error": f"key column {key!r} {where} (its columns: {shown})"}
-    try:
+    def compare() -> tuple[str, Any]:
         diff = oxen.diff(left, to=right, keys=keys)
-        if diff.format != "tabular":
-            return {**found, "format": diff.format}
-        frame = diff.get().data
-    except BaseException as exc:
-        if isinstance(exc, (KeyboardInterrupt, SystemExit)):
-            raise
+        return diff.format, diff.get().data if diff.format == "tabular" else None
+
+    try:
+        kind, frame = call_oxen(compare, what="oxen diff")
+    except OxenError as exc:
         return {**found, "error": f"oxen diff cannot compare them ({_one_line(exc)})"}
+    if kind != "tabular":
+        return {**found, "format": kind}
     status = next(c for c in frame.columns if c.replace(".", "_").strip("_").endswith("diff_status"))
     counts = {str(s): int(n) for s, n in frame.get_column(status).value_counts().iter_rows()}
     rows = json.loads(json.dumps(frame.head(limit).to_dicts(), default=str))
@@ -64,7 +67,8 @@ def _table_diff(left: str, right: str, keys: list[str], limit: int) -> dict[str,
             "columns": [c for c in frame.columns if c != status], "rows": rows}
 
 
-def _one_line(exc: BaseException) -> str:
-    """An oxenai error in one short line."""
-    text = " ".join(str(exc).split()) or type(exc).__name__
+def _one_line(exc: OxenError) -> str:
+    """An oxenai error (as :func:`.repo.call_oxen` raised it) in one short line, without its call's name."""
+    cause = exc.__cause__ if exc.__cause__ is not None else exc
+    text = " ".join(str(cause).split()) or type(cause).__name__
     return text if len(text) <= _REASON_CHARS else text[:_REASON_CHARS] + "..."
