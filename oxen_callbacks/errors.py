@@ -11,12 +11,16 @@ class OxenCallbacksError(Exception):
     """Base class of every error this library raises on purpose."""
 
 
-class ConfigurationError(OxenCallbacksError, ValueError):
-    """Bad input, found before any training time is spent."""
+class _Hinted(OxenCallbacksError):
+    """An error whose message ends with how to fix it (``HINT:``, kept in :attr:`hint` too)."""
 
     def __init__(self, message: str, hint: str | None = None) -> None:
         self.hint = hint
         super().__init__(f"{message}\nHINT: {hint}" if hint else message)
+
+
+class ConfigurationError(_Hinted, ValueError):
+    """Bad input, found before any training time is spent."""
 
 
 class OxenError(OxenCallbacksError):
@@ -35,12 +39,8 @@ class PublishError(OxenCallbacksError):
     """A checkpoint could not be committed to the model repository."""
 
 
-class PartlyDoneError(OxenCallbacksError):
+class PartlyDoneError(_Hinted):
     """A command did part of its work (the message says which part) and failed at the rest."""
-
-    def __init__(self, message: str, hint: str | None = None) -> None:
-        self.hint = hint
-        super().__init__(f"{message}\nHINT: {hint}" if hint else message)
 
 
 class LineageValidationError(OxenCallbacksError, ValueError):
