@@ -17,7 +17,10 @@ from mlflow.exceptions import MlflowException
 from oxen_callbacks import PinnedDataset
 from oxen_callbacks._oxen import child as oxen_child
 from oxen_callbacks._oxen.repo import LocalRepo
+from oxen_callbacks._oxen.tree import PathNotInCommit, files_at
+from oxen_callbacks._util.fs import write_json_atomically
 from oxen_callbacks.cli import main
+from oxen_callbacks.model_repo import DEPLOY_SCHEMA, deployment_path, endpoint_slug, read_deployments
 
 SECRET = "Hunter2Secret"
 CKPT = "runs/r/checkpoints/last.ckpt"
@@ -124,3 +127,54 @@ def test_promote_and_record_deploy_say_what_they_did_when_mlflow_fails_half_way(
     assert main(["record-deploy", "https://e.example.com", "--model-commit", models.head,
                  "--model-repo", str(models.path), "--tracking-uri", down]) == 1
     assert "already recorded" in capsys.readouterr().err and len(oxen_child.log(models.path)) == 2
+
+
+def _killed_before_its_commit(models, endpoint: str, commit: str) -> None:  # type: ignore[no-untyped-def]
+    """What `record-deploy` killed between writing its record and committing it leaves: the file, uncommitted."""
+    slug = endpoint_slug(endpoint)
+    write_json_atomically(models.path / deployment_path(slug), {
+        "schema": DEPLOY_SCHEMA, "endpoint": endpoint, "slug": slug,
+        "model": {"repo": str(models.path), "commit": commit, "path": CKPT}, "run": {"name": "r", "mlflow_run_id": None},
+        "dataset": None, "deployed_at": "2026-12-05T00:00:00+0000"}, indent=2, make_parents=True)
+
+
+def _committed(models, endpoint: str) -> str | None:  # type: ignore[no-untyped-def]
+    """The model commit HEAD's deployment record of ``endpoint`` names."""
+    rel = deployment_path(endpoint_slug(endpoint))
+    head = oxen_child.log(models.path)[0]["id"]
+    try:
+        files_at(models.path, head, [rel])
+    except PathNotInCommit:
+        return None
+    oxen_child.materialize(models.path, head, [rel], models.path.parent / "read")
+    return json.loads((models.path.parent / "read" / rel).read_text())["model"]["commit"]
+
+
+def test_record_deploy_after_one_killed_before_its_commit_commits_the_record(models, capsys):
+    """The file a killed `record-deploy` left in the working tree is no record: running the command
+    again must commit it, not answer "unchanged" with nothing committed."""
+    endpoint = "https://api.example.com/v1"
+    _killed_before_its_commit(models, endpoint, models.head)
+
+    assert main(["record-deploy", endpoint, "--model-commit", models.head, "--model-repo", str(models.path)]) == 0
+
+    assert "(unchanged)" not in capsys.readouterr().out
+    assert _committed(models, endpoint) == models.head and len(oxen_child.log(models.path)) == 2
+    assert main(["record-deploy", endpoint, "--model-commit", models.head, "--model-repo", str(models.path)]) == 0
+    assert "(unchanged)" in capsys.readouterr().out and len(oxen_child.log(models.path)) == 2
+
+
+def test_record_deploy_of_the_committed_commit_puts_back_a_record_a_killed_one_left(models, capsys):
+    """Serving v1 (committed), a `record-deploy` of v2 killed before its commit: the working tree says
+    v2. Recording v1 again says unchanged and puts v1's record back, so `trace` reads the truth."""
+    endpoint, first = "https://api.example.com/v1", models.head
+    assert main(["record-deploy", endpoint, "--model-commit", first, "--model-repo", str(models.path)]) == 0
+    second = commit_files(models, "v2", {"runs/r/checkpoints/epoch=2.ckpt": "weights-v2"})
+    _killed_before_its_commit(models, endpoint, second)
+    capsys.readouterr()
+
+    assert main(["record-deploy", endpoint, "--model-commit", first, "--model-repo", str(models.path)]) == 0
+
+    assert "(unchanged)" in capsys.readouterr().out
+    [record] = read_deployments(models.path)
+    assert record["model"]["commit"] == first == _committed(models, endpoint)

@@ -20,10 +20,12 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import re
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -32,10 +34,12 @@ from .._oxen import child as oxen_child
 from .._oxen import shadow
 from .._oxen.commit_id import is_commit_like
 from .._oxen.repo import LocalRepo
+from .._oxen.tree import PathNotInCommit, files_at
 from .._publish.queue import repo_lock_path
 from .._util import background
 from .._util.fs import write_json_atomically
 from .._util.locks import FileLock
+from .._util.materialized import file_digest
 from .._util.redact import redact_url
 from ..errors import ConfigurationError, PartlyDoneError
 from ..lineage import find_checkpoint_run
@@ -236,12 +240,14 @@ def record_deploy(endpoint: str, model_commit: str, *, model_repo: str | os.Path
                   "deployed_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     record_commit = None
     with FileLock(repo_lock_path(repo.path), timeout=_LOCK_TIMEOUT_S):
-        previous = read_deployment(target)  # (under the lock: another record-deploy may have just written it)
+        # (under the lock: another record-deploy may have just committed it)
+        previous = _committed_deployment(repo, rel)
         if not previous or previous["model"]["commit"] != commit:
-            repo.commit_branch(lambda: oxen_child.branches(repo.path))  # never a parentless history
             record_commit = _commit_deployment(repo.path, rel, deployment, previous, f"oxen-callbacks: {slug} serves {commit}")
         else:
             deployment = previous
+            if read_deployment(target) != previous:  # a record-deploy killed before its commit wrote another
+                write_json_atomically(target, previous, indent=2, make_parents=True)
     result = {**deployment, "record_commit": record_commit,
               "previous_commit": previous["model"]["commit"] if previous else None, "mlflow_tagged": False}
     if tracking_uri and run_id:
@@ -257,9 +263,33 @@ def record_deploy(endpoint: str, model_commit: str, *, model_repo: str | os.Path
     return result
 
 
+def _committed_deployment(repo: LocalRepo, rel: str) -> dict[str, Any] | None:
+    """The deployment record at ``rel`` in the commit a new commit extends (``None`` when it has none).
+
+    Not the working tree's file: a ``record-deploy`` killed between writing it and committing it
+    leaves one that no commit holds. Raises when HEAD would make a parentless history.
+    """
+    heads = oxen_child.branches(repo.path)
+    branch = repo.commit_branch(lambda: heads)  # never a parentless history
+    if branch is None:
+        return None
+    target, head = repo.path / rel, heads[branch]
+    try:
+        entry = next(iter(files_at(repo.path, head, [rel])[rel].files))
+    except (PathNotInCommit, StopIteration):
+        return None
+    with contextlib.suppress(OSError):
+        if target.is_file() and target.stat().st_size == entry.size and file_digest(target) == entry.hash:
+            return read_deployment(target)
+    with tempfile.TemporaryDirectory(prefix="oxen-deploy-") as tmp:
+        oxen_child.materialize(repo.path, head, [rel], tmp)
+        return read_deployment(Path(tmp) / rel)
+
+
 def _commit_deployment(repo_path: Path, rel: str, deployment: dict[str, Any], previous: dict[str, Any] | None,
                        message: str) -> str:
-    """Write and commit the deployment record at ``rel``; on failure the working tree is left as committed."""
+    """Write and commit the deployment record at ``rel``; on failure the working tree is left as
+    committed (``previous``: the committed record)."""
     target = repo_path / rel
     try:
         write_json_atomically(target, deployment, indent=2, make_parents=True)
