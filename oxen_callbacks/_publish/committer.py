@@ -25,6 +25,7 @@ from .._util.locks import FileLock
 from ..errors import ConfigurationError, OxenError, PublishError, RepoBusyError
 from ..lineage import fill_commit
 from ..model_repo import lineage_path
+from .grouping import commit_groups, group_message
 from .queue import Job, JobQueue, repo_lock_path
 
 log = logging.getLogger(__name__)
@@ -49,7 +50,7 @@ class Committer:
     def run_batch(self, queue: JobQueue, jobs: list[Job], *, final: bool = False) -> list[dict[str, Any]]:
         """Run ``jobs`` (pending, in order); returns one result per completed job.
 
-        Jobs waiting together share one commit where that loses nothing (:func:`commit_groups`):
+        Jobs waiting together share one commit where that loses nothing (:func:`.grouping.commit_groups`):
         a burst of saves or a backlog after ``fit()`` costs one ``oxen commit``, not one per
         file. Removal jobs complete with the next checkpoint or finalize commit; with ``final``
         trailing removals get a commit of their own.
@@ -119,7 +120,7 @@ class Committer:
                     raise PublishError(f"Unknown job kind {job.kind!r}")
             index = None
             self.repo.add(lineage_path(run))
-            commit = self._commit(_group_message(run, messages))
+            commit = self._commit(group_message(run, messages))
         except BaseException as exc:
             # the jobs stay queued: the next commit must not list these checkpoints (their commit unknown)
             self._restore_record_text(run, before)
@@ -318,48 +319,6 @@ class Committer:
         write_json_atomically(path, record, indent=2, make_parents=True)
 
 
-def commit_groups(jobs: list[Job]) -> list[list[Job]]:
-    """Split ``jobs`` (in order) into groups that one commit each can hold without losing a version.
-
-    A group belongs to one run, writes each path at most once (``last.ckpt`` saved again starts
-    a new group, so every save's bytes reach history), never removes a path it wrote, and ends
-    at a finalize job. Removals go with the next write (a group of removals alone comes last).
-    """
-    groups: list[list[Job]] = []
-    current: list[Job] = []
-    written: set[str] = set()
-
-    def close() -> list[Job]:
-        """End the current group; returns its trailing removals, which go with the next write."""
-        nonlocal current, written
-        body = list(current)
-        while body and body[-1].kind == "remove":
-            body.pop()
-        tail = current[len(body):]
-        if body:
-            groups.append(body)
-        current, written = [], set()
-        return tail
-
-    for job in jobs:
-        run, dest = job.payload.get("run"), job.payload.get("dest")
-        if current and (run != current[0].payload.get("run") or dest in written):
-            tail = close()
-            if tail and tail[0].payload.get("run") != run:
-                groups.append(tail)
-            else:
-                current = tail
-        current.append(job)
-        if job.kind == "checkpoint":
-            written.add(dest)
-        elif job.kind == "finalize":
-            close()
-    tail = close()
-    if tail:
-        groups.append(tail)
-    return groups
-
-
 class _GroupFailed(Exception):
     """A group's commit failed: staging job ``index`` (``None``: the commit itself) raised ``error``."""
 
@@ -370,14 +329,6 @@ class _GroupFailed(Exception):
     def job_of(self, group: list[Job]) -> Job:
         """The job the failure is reported under: the one being staged, else the group's first write."""
         return group[self.index] if self.index is not None else next(job for job in group if job.kind != "remove")
-
-
-def _group_message(run: str, messages: list[str]) -> str:
-    """A job's own message; for several, the run once and what each job adds."""
-    if len(messages) == 1:
-        return messages[0]
-    prefix = f"oxen-callbacks: {run}"
-    return f"{prefix}: " + "; ".join(m.removeprefix(prefix).lstrip(": ") for m in messages)
 
 
 def _complete_removals(queue: JobQueue, removals: list[Job], commit: str) -> list[dict[str, Any]]:
