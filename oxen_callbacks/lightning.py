@@ -47,6 +47,11 @@ from .errors import DatasetMismatchError
 from .pin import PinnedDataset, as_pinned
 from .run import LineageRun
 
+try:  # Lightning's answer to SIGTERM (`kill`, `docker stop`, an eviction): the fit stops at the next step
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+except ImportError:  # (an older Lightning without it: Ctrl-C alone is told apart)
+    SIGTERMException = KeyboardInterrupt  # type: ignore[assignment,misc]
+
 
 class OxenLightningCallback(Callback):
     """Pin the dataset at fit start, commit every checkpoint to Oxen, log lineage to MLflow.
@@ -215,7 +220,7 @@ class OxenLightningCallback(Callback):
         if trainer.is_global_zero and self._preemption is not None and self._preemption.noticed:
             self._preemption.end(best=_best_path(trainer))  # SLURM's SIGTERM after the requeue
         elif trainer.is_global_zero:
-            status = "KILLED" if isinstance(exception, KeyboardInterrupt) else "FAILED"
+            status = "KILLED" if _stopped_from_outside(exception) else "FAILED"
             self.run.finish_after_error(status, best=_best_path(trainer), what="failed fit")
 
     @property
@@ -241,6 +246,11 @@ def _check_datamodule(pin: PinnedDataset, datamodule: Any) -> None:
             f"OxenLightningCallback pins {pin.commit}: the lineage would name data the model never read.\n"
             "HINT: build the DataModule from the PinnedDataset given to the callback (a notebook: run the "
             "DataModule's cell again after the pin's), or pass allow_dataset_change=True.")
+
+
+def _stopped_from_outside(exception: BaseException) -> bool:
+    """Whether the fit was stopped (Ctrl-C, SIGTERM), not failed: its run ends KILLED, as a killed one does."""
+    return isinstance(exception, (KeyboardInterrupt, SIGTERMException))
 
 
 def _best_path(trainer: pl.Trainer) -> str | None:
