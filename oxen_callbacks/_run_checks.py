@@ -17,6 +17,7 @@ from ._oxen import layout as oxen_layout
 from ._oxen.repo import damaged_repo
 from ._util.processes import check_can_start_processes
 from .errors import ConfigurationError, DatasetMismatchError
+from .lineage import status_of_an_uncaught_raise
 from .names import ENV_MLFLOW_TRACKING_URI
 
 log = logging.getLogger(__name__)
@@ -59,9 +60,9 @@ class RunOptionChecks:
         repo, name, commit, run_ref = earlier
         earlier_run = run_ref()
         if earlier_run is not None and earlier_run is not self and not earlier_run.finished:
-            # its train() raised and nothing ended it (HF calls no hook then): it ends FAILED now, before
-            # this fit logs into the MLflow run (at exit it would write its end over this fit's)
-            earlier_run.finish_after_error("FAILED", what="train() that raised")
+            # its train() raised and nothing ended it (HF calls no hook then): it ends FAILED (KILLED for a
+            # Ctrl-C) now, before this fit logs into the MLflow run (at exit it would write its end over this fit's)
+            earlier_run.finish_after_error(status_of_an_uncaught_raise(), what="train() that raised")
         mine = self.dataset.commit if self.dataset is not None else None
         if repo == str(self.model_repo) and commit == mine and (name == self.run_name or not self._named):
             if name != self.run_name:

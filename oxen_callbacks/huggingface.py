@@ -27,7 +27,6 @@ from __future__ import annotations
 import atexit
 import math
 import os
-import sys
 import time
 import weakref
 from typing import Any
@@ -50,6 +49,7 @@ from ._preempt import (
     check_timeout,
 )
 from .errors import ConfigurationError, DatasetMismatchError
+from .lineage import status_of_an_uncaught_raise
 from .pin import PinnedDataset, as_pinned
 from .run import LineageRun
 
@@ -121,7 +121,8 @@ class OxenTrainerCallback(TrainerCallback):
 
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                        train_dataloader: Any = None, **kwargs: Any) -> None:
-        self.run.finish_after_error("FAILED", what="interrupted train()")  # when the previous train() raised
+        # when the previous train() raised (a notebook cell stopped with Ctrl-C: KILLED)
+        self.run.finish_after_error(status_of_an_uncaught_raise(), what="interrupted train()")
         if self.run.finished:  # the same callback in a second train(): a new run
             self.run = LineageRun(**{**self._run_args, "run_name": None})
             self._requeued = None
@@ -255,8 +256,7 @@ def _ended_at_exit_if_train_raised(callback: OxenTrainerCallback, args: Training
 def _end_runs_a_raising_train_left() -> None:
     """At exit, a run still started (its train() raised, a script died of it): FAILED, or KILLED for Ctrl-C,
     its committed checkpoints and MLflow logged; so is the MLflow run transformers started for it."""
-    error = getattr(sys, "last_value", None)  # (the exception that ends the script, set before exit handlers)
-    status = "KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED"
+    status = status_of_an_uncaught_raise()
     for callback, args in list(_STARTED.items()):
         if callback.run.publisher is not None and not callback.run.finished:
             callback.run.finish_after_error(status, what="train() that raised")

@@ -39,6 +39,7 @@ import json
 import logging
 import os
 import re
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -67,6 +68,13 @@ _MLFLOW_RUN_STATUSES = ("FINISHED", "FAILED", "KILLED")
 def mlflow_run_status(status: str) -> str:
     """The MLflow run status a lineage ``status`` ends its run as (PREEMPTED and others: KILLED)."""
     return status if status in _MLFLOW_RUN_STATUSES else "KILLED"
+
+
+def status_of_an_uncaught_raise() -> str:
+    """How a training call that raised with no hook of ours to see it (HF's ``train()``) ended: ``KILLED``
+    when the last uncaught exception (the one that ends the script, set before exit handlers; in a
+    notebook, IPython keeps each cell's) is a Ctrl-C, else ``FAILED``."""
+    return "KILLED" if isinstance(getattr(sys, "last_value", None), KeyboardInterrupt) else "FAILED"
 
 _DRIVE = re.compile(r"^[A-Za-z]:")  # a Windows drive: C:/x, C:x
 _NULL = type(None)

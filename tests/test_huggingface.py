@@ -334,3 +334,19 @@ def test_notebook_example_runs_top_to_bottom(tmp_path, monkeypatch, capsys):
     finally:
         sys.modules.pop("hf_trainer", None)
     assert "was trained on" in capsys.readouterr().out
+
+
+def test_a_train_stopped_with_ctrl_c_in_a_notebook_is_killed_when_train_runs_again(reviews, tmp_path):
+    """In a notebook, Ctrl-C stops train() (transformers calls no hook of ours) and the next cell trains
+    again: the stopped run is ended then. It was recorded FAILED, though nothing failed (a script
+    dying of the same Ctrl-C ends it KILLED)."""
+    script = Path(__file__).parent / "hf_notebook_cells.py"
+    done = subprocess.run([sys.executable, str(script), str(reviews.path), str(tmp_path / "models"),
+                           str(tmp_path / "out")], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    session = json.loads(done.stdout.strip().splitlines()[-1])
+    assert session["errors"] == [None, "KeyboardInterrupt", None]
+    stopped = read_lineage(tmp_path / "models" / "runs" / session["stopped"] / "lineage.json")
+    assert stopped["status"] == "KILLED" and [c["step"] for c in stopped["checkpoints"]] == [2]
+    again = read_lineage(tmp_path / "models" / "runs" / session["again"] / "lineage.json")
+    assert again["status"] == "FINISHED" and session["again"] != session["stopped"]
