@@ -125,3 +125,24 @@ def test_two_syncs_at_once_replay_a_journal_once(tmp_path, monkeypatch):
     assert second == [{"journal": journal.folder.name, "status": "busy"}]
     assert [e["status"] for e in first] == ["done"] and len(replays) == 1
     assert sync._replay_all(tmp_path / "cache") == [] and not journal.folder.exists()
+
+
+def test_a_run_name_being_looked_at_is_not_in_use(tmp_path):
+    """`trace`/`lineage` ask whether a run is live by trying its claim's lock for an instant; a fit
+    claiming the name in that instant was refused ("in use: process ...", the dead owner's pid), a
+    requeued or resumed job failing to start. A process that looks at the claim in a loop stands in."""
+    from oxen_callbacks._publish.claim import RunClaim, claim_path, run_in_use
+
+    models = tmp_path / "models"
+    RunClaim.take(models, "nightly", continuing=False).release()  # the claim file exists, as after a run
+    assert claim_path(models, "nightly").exists() and not run_in_use(models, "nightly")
+    looker = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom oxen_callbacks._publish.claim import run_in_use\n"
+                               "end = time.monotonic() + 60\nwhile time.monotonic() < end: run_in_use(sys.argv[1], 'nightly')",
+                               str(models)])
+    try:
+        time.sleep(1.0)  # (its imports done: it looks now)
+        for _ in range(200):
+            RunClaim.take(models, "nightly", continuing=True).release()
+    finally:
+        looker.kill()
+        looker.wait()

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from .._util.fs import write_atomically
-from .._util.locks import FileLock, is_locked
+from .._util.locks import FileLock, LockTimeout, is_locked
 from ..errors import ConfigurationError
 from ..model_repo import (
     RUN_CLAIM_SUFFIX,
@@ -41,6 +41,10 @@ from ..model_repo import (
 )
 from ..names import ENV_SLURM_ARRAY_JOB_ID, ENV_SLURM_ARRAY_TASK_ID, ENV_SLURM_JOB_ID
 from .queue import run_backlog
+
+#: How long a claim is waited for before its name counts as in use: a live run holds it for its whole
+#: life, a process asking :func:`run_in_use` (``trace``, ``lineage``) for an instant.
+PROBE_WAIT_S = 1.0
 
 
 class RunClaim:
@@ -61,9 +65,11 @@ class RunClaim:
         folder = claims_dir(repo)
         with FileLock(folder / ".claims.lock", timeout=60):  # one check-and-claim at a time
             path = claim_path(repo, run)
-            lock = FileLock(path)
-            if not lock.acquire(blocking=False):
-                raise _in_use(run, repo, _owner(path))
+            lock = FileLock(path, timeout=PROBE_WAIT_S)
+            try:
+                lock.acquire()  # (a wait: run_in_use() elsewhere holds the lock for an instant to look)
+            except LockTimeout:
+                raise _in_use(run, repo, _owner(path)) from None
             if not continuing and has_checkpoints(repo, run) and not _requeued_owner(_owner(path)):
                 lock.release()
                 raise ConfigurationError(
