@@ -76,6 +76,7 @@ def status_of_an_uncaught_raise() -> str:
     notebook, IPython keeps each cell's) is a Ctrl-C, else ``FAILED``."""
     return "KILLED" if isinstance(getattr(sys, "last_value", None), KeyboardInterrupt) else "FAILED"
 
+
 _DRIVE = re.compile(r"^[A-Za-z]:")  # a Windows drive: C:/x, C:x
 _NULL = type(None)
 _S = TypeVar("_S", bound="_Section")

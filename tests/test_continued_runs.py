@@ -10,6 +10,7 @@ stay the later fit's (status, model, fit), with the late checkpoints added to it
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import subprocess
@@ -139,3 +140,29 @@ def test_resumed_from_names_a_commit_only_for_the_bytes_it_holds(dataset_repo, t
     assert local.stat().st_size == size
     edited = resumed_from()
     assert (edited["commit"], edited["path"], edited["file"]) == (None, None, str(local))
+
+
+def test_a_name_taken_again_after_a_run_that_ended_before_its_first_checkpoint_continues_nothing(dataset_repo, tmp_path):
+    """A run that failed before its first checkpoint leaves its name free: a new run under it is a run
+    of its own, not one that went on from the failed fit (no `earlier_fits`, no status of that fit)."""
+    from lightning.pytorch.callbacks import Callback
+
+    class Bug(Callback):
+        def on_train_batch_start(self, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
+            raise RuntimeError("a bug in the training step")
+
+    pin = PinnedDataset(dataset_repo.path, revision=dataset_repo.commits[0], paths=["train.csv", "val.csv"])
+    models = tmp_path / "models"
+    failed = OxenLightningCallback(dataset=pin, model_repo=models, run_name="exp1", mlflow=False)
+    with pytest.raises(RuntimeError):
+        make_trainer(tmp_path / "a", [ModelCheckpoint(dirpath=tmp_path / "a"), failed, Bug()], epochs=1).fit(
+            TinyModel(), datamodule=CsvData(pin))
+    assert failed.lineage["status"] == "FAILED" and not failed.lineage["checkpoints"]
+
+    again = OxenLightningCallback(dataset=pin, model_repo=models, run_name="exp1", mlflow=False)
+    make_trainer(tmp_path / "b", [ModelCheckpoint(dirpath=tmp_path / "b"), again], epochs=1).fit(
+        TinyModel(), datamodule=CsvData(pin))
+
+    for record in (again.lineage, json.loads((models / "runs" / "exp1" / "lineage.json").read_text())):
+        assert record["status"] == "FINISHED" and record["fit_id"] == again.lineage["fit_id"]
+        assert "earlier_fits" not in record and record["checkpoints"]

@@ -284,6 +284,10 @@ class Committer:
         if base is None:
             return existing
         fit, their_fit = base.get("fit_id"), (existing or {}).get("fit_id")
+        if existing and their_fit != fit and not existing.get("checkpoints"):
+            # a run that ended before its first checkpoint (FAILED early): its name was free to take
+            # again, and this fit continues nothing of it (nor can a late job of it come)
+            existing = None
         if existing and _finalized(existing) and their_fit == fit:
             record = copy.deepcopy(existing)  # what the job learnt since (the MLflow run id) is added
             record["run"] = {**record["run"], **{k: v for k, v in base["run"].items() if v is not None}}
