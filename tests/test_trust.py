@@ -376,8 +376,8 @@ def test_a_failed_checkpoint_job_is_listed_only_once_committed(tmp_path, monkeyp
     from oxen_callbacks._oxen.identity import resolve_author, worker_environment
     from oxen_callbacks._publish.committer import Committer
     from oxen_callbacks._publish.opening import open_model_repo
+    from oxen_callbacks._publish.orphans import drain
     from oxen_callbacks._publish.queue import JobQueue
-    from oxen_callbacks._publish.worker import drain
     from oxen_callbacks.errors import OxenError
     from oxen_callbacks.lineage import new_record
 

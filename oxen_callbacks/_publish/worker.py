@@ -28,15 +28,15 @@ import time
 from collections.abc import Callable
 from typing import IO, Any
 
-from .._oxen import layout as oxen_layout
 from .._oxen.repo import LocalRepo, preload
 from .._util.locks import FileLock
 from .._util.processes import ENTRY_POINTS, yield_cpu_to_training
 from .._util.stdin_lines import StdinLines
 from ..errors import PublishError
 from .committer import Committer
+from .orphans import clean_orphan_temp_files, drain_orphans
 from .push import PushTarget, push_with_timeout
-from .queue import JobQueue, all_queues
+from .queue import JobQueue
 
 log = logging.getLogger("oxen_callbacks.worker")
 
@@ -165,50 +165,6 @@ def _describe(wait_status: int) -> str:
     if os.WIFSIGNALED(wait_status):
         return f"killed by {signal.Signals(os.WTERMSIG(wait_status)).name}"
     return f"exit code {os.waitstatus_to_exitcode(wait_status)}"
-
-
-def clean_orphan_temp_files(committer: Committer) -> int:
-    """Delete scratch files of a killed ``oxen add``.
-
-    Every add of this library runs under the repository lock held here, and Oxen
-    itself refuses a second process in a repository mid-add, so none is live.
-    """
-    removed = 0
-    committer.hold_lock()
-    for path in oxen_layout.orphan_temp_files(committer.repo.path, older_than_s=0):
-        path.unlink(missing_ok=True)
-        removed += 1
-    if removed:
-        log.info("Removed %d orphan temp file(s) left by an interrupted oxen add", removed)
-    return removed
-
-
-def drain(queue: JobQueue, committer: Committer, results: _Results | None = None, *, final: bool = True) -> list[dict[str, Any]]:
-    """Run every pending job of ``queue`` (used for orphans and by ``oxen-callbacks sync``)."""
-    done = committer.run_batch(queue, queue.pending(), final=final)
-    for result in done:
-        if results:
-            results.emit(result)
-    return done
-
-
-def drain_orphans(committer: Committer, skip: JobQueue | None = None) -> int:
-    """Finish the queues of training processes that died (kill -9, crash) before their jobs ran."""
-    count = 0
-    for other in all_queues(committer.repo.path):
-        if skip is not None and other.folder == skip.folder:
-            continue
-        if not other.pending() or not other.is_orphan():
-            continue
-        lock = FileLock(other.worker_lock)
-        if not lock.acquire(blocking=False):
-            continue
-        try:
-            log.info("Adopting orphan queue %s", other.folder.name)
-            count += len(drain(other, committer))
-        finally:
-            lock.release()
-    return count
 
 
 class Batches:

@@ -1,0 +1,67 @@
+"""What a commit worker finishes besides its own queue: the work of processes that died.
+
+At its start, in its commit process, a worker removes what a killed ``oxen add`` left
+(:func:`clean_orphan_temp_files`) and drains the queues of training processes that died before
+their jobs ran (:func:`drain_orphans`); ``oxen-callbacks sync`` drains one such queue with
+:func:`drain`.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Protocol
+
+from .._oxen import layout as oxen_layout
+from .._util.locks import FileLock
+from .committer import Committer
+from .queue import JobQueue, all_queues
+
+log = logging.getLogger("oxen_callbacks.worker")
+
+
+class Answers(Protocol):
+    def emit(self, result: dict[str, Any]) -> None: ...
+
+
+def clean_orphan_temp_files(committer: Committer) -> int:
+    """Delete scratch files of a killed ``oxen add``.
+
+    Every add of this library runs under the repository lock held here, and Oxen
+    itself refuses a second process in a repository mid-add, so none is live.
+    """
+    removed = 0
+    committer.hold_lock()
+    for path in oxen_layout.orphan_temp_files(committer.repo.path, older_than_s=0):
+        path.unlink(missing_ok=True)
+        removed += 1
+    if removed:
+        log.info("Removed %d orphan temp file(s) left by an interrupted oxen add", removed)
+    return removed
+
+
+def drain(queue: JobQueue, committer: Committer, results: Answers | None = None, *, final: bool = True) -> list[dict[str, Any]]:
+    """Run every pending job of ``queue`` (used for orphans and by ``oxen-callbacks sync``)."""
+    done = committer.run_batch(queue, queue.pending(), final=final)
+    for result in done:
+        if results:
+            results.emit(result)
+    return done
+
+
+def drain_orphans(committer: Committer, skip: JobQueue | None = None) -> int:
+    """Finish the queues of training processes that died (kill -9, crash) before their jobs ran."""
+    count = 0
+    for other in all_queues(committer.repo.path):
+        if skip is not None and other.folder == skip.folder:
+            continue
+        if not other.pending() or not other.is_orphan():
+            continue
+        lock = FileLock(other.worker_lock)
+        if not lock.acquire(blocking=False):
+            continue
+        try:
+            log.info("Adopting orphan queue %s", other.folder.name)
+            count += len(drain(other, committer))
+        finally:
+            lock.release()
+    return count
