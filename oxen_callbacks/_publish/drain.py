@@ -19,8 +19,8 @@ from .._oxen.identity import resolve_author, worker_environment
 from .._util.cache import default_cache_dir
 from .._util.locks import FileLock
 from .._util.processes import python_command
-from .publisher import worker_arguments
 from .queue import JobQueue, all_queues
+from .warm_worker import worker_arguments
 
 log = logging.getLogger(__name__)
 

@@ -37,19 +37,9 @@ from ..model_repo import checkpoints_folder
 from .freeze import freeze
 from .known_repos import register_model_repo
 from .queue import JobQueue
-from .warm_worker import WarmWorker
+from .warm_worker import WarmWorker, worker_arguments
 
 log = logging.getLogger(__name__)
-
-
-def worker_arguments(queue_folder: str | os.PathLike[str], repo: str | os.PathLike[str], *, push_timeout: float,
-                     remote: str | None = None, branch: str | None = None, remote_url: str | None = None) -> list[str]:
-    """The arguments of a publishing worker for ``queue_folder`` (what ``worker.main`` parses)."""
-    args = ["--queue", str(queue_folder), "--repo", str(repo), "--push-timeout", str(push_timeout)]
-    if remote:
-        args += ["--remote", remote] + (["--branch", branch] if branch else [])
-        args += ["--remote-url", remote_url] if remote_url else []
-    return args
 
 
 class CheckpointPublisher:

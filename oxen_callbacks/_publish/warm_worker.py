@@ -21,6 +21,16 @@ from .._util.handoff import Unfitted, send_handoff
 from .._util.processes import child_environment, start_helper, yield_cpu_to_training
 
 
+def worker_arguments(queue_folder: str | os.PathLike[str], repo: str | os.PathLike[str], *, push_timeout: float,
+                     remote: str | None = None, branch: str | None = None, remote_url: str | None = None) -> list[str]:
+    """The arguments of a publishing worker for ``queue_folder`` (what ``worker.main`` parses)."""
+    args = ["--queue", str(queue_folder), "--repo", str(repo), "--push-timeout", str(push_timeout)]
+    if remote:
+        args += ["--remote", remote] + (["--branch", branch] if branch else [])
+        args += ["--remote-url", remote_url] if remote_url else []
+    return args
+
+
 class WarmWorker:
     def __init__(self) -> None:
         _reap_closed()
