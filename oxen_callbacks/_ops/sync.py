@@ -48,7 +48,8 @@ def sync_model_repo(repo: Path, *, push_timeout: float = 300.0) -> dict[str, Any
             continue
         pending = queue.pending()
         if not pending:
-            _forget_if_old(queue)
+            if not _report_damaged_results(queue, report):  # (a queue holding one stays, for its owner to see)
+                _forget_if_old(queue)
             continue
         if is_locked(queue.owner_lock) or is_locked(queue.worker_lock):
             report["busy"].append({"queue": queue.folder.name, "pending": len(pending)})
@@ -59,6 +60,7 @@ def sync_model_repo(repo: Path, *, push_timeout: float = 300.0) -> dict[str, Any
         report["committed"] -= len(left)
         if left:
             report["failed"].append({"queue": queue.folder.name, "pending": len(left), "log": str(queue.log_path)})
+        _report_damaged_results(queue, report)
     try:
         marker = pending_push(repo)
     except DamagedFile as exc:
@@ -69,6 +71,14 @@ def sync_model_repo(repo: Path, *, push_timeout: float = 300.0) -> dict[str, Any
                                                     url=marker.get("url")))
         report["push"] = result
     return report
+
+
+def _report_damaged_results(queue: JobQueue, report: dict[str, Any]) -> bool:
+    """Add the results of ``queue`` that cannot be read to ``report`` (their jobs are done: only the record of
+    it is lost, and the queue's other jobs go on); whether there were any."""
+    found = queue.damaged_results()
+    report["damaged"] += [{"queue": queue.folder.name, "path": str(path), "error": error} for path, error in found]
+    return bool(found)
 
 
 def _forget_if_old(queue: JobQueue) -> None:
@@ -178,8 +188,8 @@ def sync_all(cache_dir: Path | None = None, *, model_repos: list[Path] | None = 
     """Finish every journaled commit, push and MLflow operation known to this machine.
 
     Returns a JSON-able report: ``{"model_repos": [...], "mlflow": [...], "pending": N, "damaged": M}``
-    where ``pending`` counts what is still not done and ``damaged`` the queues and journals skipped
-    (left on disk as they are) because a file of theirs cannot be read.
+    where ``pending`` counts what is still not done and ``damaged`` the queues, queue results, journals and
+    push markers left on disk as they are because they cannot be read.
     """
     cache = Path(cache_dir or default_cache_dir()).expanduser().resolve()
     repos = [Path(r).resolve() for r in (model_repos or registered_model_repos(cache))]

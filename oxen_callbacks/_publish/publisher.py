@@ -36,7 +36,7 @@ from ..errors import PublishError
 from ..model_repo import checkpoints_folder
 from .freeze import freeze
 from .known_repos import register_model_repo
-from .queue import JobQueue
+from .queue import JobQueue, damage_warning
 from .warm_worker import WarmWorker, worker_arguments
 
 log = logging.getLogger(__name__)
@@ -99,6 +99,7 @@ class CheckpointPublisher:
         self._first_folder: str | None = None
         self._submitted: set[int] = set()
         self._answered: set[int] = set()
+        self._damaged_files: set[str] = set()
         self._cond = threading.Condition()
         self._handling = threading.Lock()
         self._proc: subprocess.Popen[bytes] | None = None
@@ -149,8 +150,13 @@ class CheckpointPublisher:
             for result in self.queue.results():
                 if result.get("seq") in missing:
                     self._handle(result)
+            for notice in self.queue.take_notices():  # (results that cannot be read: said once, never raised)
+                self._handle(notice)
 
     def _handle(self, result: dict[str, Any]) -> None:
+        if result.get("kind") == "damaged":  # (said even when its job was answered before)
+            self._damaged(result)
+            return
         with self._handling:  # one at a time: the reader thread and flush() may both deliver a result
             with self._cond:
                 if result.get("seq") in self._answered:
@@ -173,6 +179,18 @@ class CheckpointPublisher:
                 self._cond.notify_all()
             if result.get("kind") == "push" and not result.get("ok"):
                 self.warn_unpushed(result)
+
+    def _damaged(self, notice: dict[str, Any]) -> None:
+        """A file of the queue cut short or edited: said once; the job it names counts as answered (its
+        worker skipped it, or did it already); training goes on, and ``sync`` reports the file."""
+        with self._cond:
+            first = notice.get("file") not in self._damaged_files
+            self._damaged_files.add(notice.get("file"))
+            if isinstance(notice.get("seq"), int):
+                self._answered.add(notice["seq"])
+                self._cond.notify_all()
+        if first:
+            log.warning("%s", damage_warning(notice))
 
     def warn_unpushed(self, push: dict[str, Any]) -> None:
         """Say once per run that commits are not on the remote, and how they get there."""

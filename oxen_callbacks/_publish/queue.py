@@ -16,7 +16,7 @@ next worker (or ``oxen-callbacks sync``) finishes it.
 
 from __future__ import annotations
 
-import json
+import logging
 import os
 import shutil
 import uuid
@@ -26,8 +26,22 @@ from pathlib import Path
 from typing import Any
 
 from .._oxen import layout as oxen_layout
-from .._util.fs import DamagedFile, read_json_object, write_json_atomically
+from .._util.fs import DamagedFile, json_kind, json_type_name, read_json_object, write_json_atomically
 from .._util.locks import is_locked
+
+log = logging.getLogger(__name__)
+
+_Fields = dict[str, tuple[type, ...]]
+#: What a job file (``jobs/<seq>.json``) holds: each field and the types it may have.
+_JOB_FIELDS: _Fields = {"seq": (int,), "kind": (str,), "payload": (dict,)}
+#: What every result (``done/<seq>.json``) holds, and, when its job was done, what it holds besides.
+_RESULT_FIELDS: _Fields = {"seq": (int,), "kind": (str,), "ok": (bool,)}
+_DONE_FIELDS: dict[str, _Fields] = {
+    "checkpoint": {"commit": (str,), "dest": (str,), "step": (int, type(None)), "epoch": (int, type(None)),
+                   "metrics": (dict,)},
+    "finalize": {"commit": (str,), "record": (dict,)},
+    "remove": {"commit": (str,), "dest": (str,)},
+}
 
 
 @dataclass(frozen=True)
@@ -57,6 +71,8 @@ class JobQueue:
         self.jobs_dir = self.folder / "jobs"
         self.done_dir = self.folder / "done"
         self.staging_dir = self.folder / "staging"
+        self._noticed: set[str] = set()
+        self._notices: list[dict[str, Any]] = []
 
     @classmethod
     def create(cls, model_repo: str | os.PathLike[str], run: str, meta: dict[str, Any]) -> "JobQueue":
@@ -79,33 +95,59 @@ class JobQueue:
         return self.folder / "worker.log"
 
     def meta(self) -> dict[str, Any]:
+        """What ``meta.json`` holds; ``{}`` when it is gone or damaged (see :meth:`damage`)."""
         try:
-            return json.loads((self.folder / "meta.json").read_text())
+            return read_json_object(self.folder / "meta.json")
         except FileNotFoundError:
+            return {}
+        except DamagedFile as exc:
+            self._notice(self.folder / "meta.json", str(exc))
             return {}
 
     def damage(self) -> str | None:
-        """What makes this queue unreadable (a file cut short or edited by hand), or ``None``."""
+        """What makes this queue unreadable (a file cut short or edited by hand), or ``None``.
+
+        Its meta and pending jobs only: a damaged result of a done job does not stop the queue's other
+        jobs (see :meth:`damaged_results`).
+        """
         try:
             read_json_object(self.folder / "meta.json")
         except FileNotFoundError:
             pass
         except DamagedFile as exc:
             return str(exc)
-        for name in self._job_names():
+        for name in _numbered(self.jobs_dir):
             try:
-                job = read_json_object(self.jobs_dir / name)
+                _read_entry(self.jobs_dir / name, _JOB_FIELDS, "job")
             except FileNotFoundError:
                 continue  # done meanwhile
             except DamagedFile as exc:
-                return f"jobs/{exc}"
-            kinds = {"seq": int, "kind": str, "payload": dict}
-            if wrong := next((key for key, kind in kinds.items() if not isinstance(job.get(key), kind)), None):
-                return f"jobs/{name} holds {wrong} = {job.get(wrong)!r}, not a {kinds[wrong].__name__}"
+                return str(exc)
         return None
 
+    def damaged_results(self) -> list[tuple[Path, str]]:
+        """The results of done jobs that cannot be read, with what is wrong (``sync`` reports them)."""
+        found = []
+        for name in _numbered(self.done_dir):
+            try:
+                _read_result(self.done_dir / name)
+            except FileNotFoundError:
+                continue
+            except DamagedFile as exc:
+                if not (self.jobs_dir / name).exists():  # (a job still pending rewrites its result)
+                    found.append((self.done_dir / name, str(exc)))
+        return found
+
     def update_meta(self, **values: Any) -> None:
-        write_json_atomically(self.folder / "meta.json", {**self.meta(), **values})
+        """Add ``values`` to ``meta.json`` (a damaged one is left as it is, for ``sync`` to report)."""
+        try:
+            meta = read_json_object(self.folder / "meta.json")
+        except FileNotFoundError:
+            meta = {}
+        except DamagedFile as exc:
+            log.warning("Not recording %s in %s: %s", sorted(values), self.folder, exc)
+            return
+        write_json_atomically(self.folder / "meta.json", {**meta, **values})
 
     def next_seq(self) -> int:
         names = [*os.listdir(self.jobs_dir), *os.listdir(self.done_dir)]
@@ -121,17 +163,18 @@ class JobQueue:
         return job
 
     def pending(self) -> list[Job]:
+        """The jobs waiting, oldest first; a damaged job file is left out (see :meth:`take_notices`)."""
         jobs = []
-        for name in self._job_names():
+        for name in _numbered(self.jobs_dir):
             try:
-                data = json.loads((self.jobs_dir / name).read_text())
+                data = _read_entry(self.jobs_dir / name, _JOB_FIELDS, "job")
             except FileNotFoundError:
+                continue  # done meanwhile
+            except DamagedFile as exc:
+                self._notice(self.jobs_dir / name, str(exc))
                 continue
             jobs.append(Job(data["seq"], data["kind"], data["payload"]))
         return jobs
-
-    def _job_names(self) -> list[str]:
-        return [name for name in sorted(os.listdir(self.jobs_dir)) if name.endswith(".json") and name[0].isdigit()]
 
     def is_pending(self, job: Job) -> bool:
         return (self.jobs_dir / f"{job.name}.json").exists()
@@ -147,22 +190,97 @@ class JobQueue:
         shutil.rmtree(self.staging_for(job.seq), ignore_errors=True)
 
     def result(self, seq: int) -> dict[str, Any] | None:
-        """The recorded result of job ``seq``, if it is done."""
-        try:
-            return json.loads((self.done_dir / f"{seq:08d}.json").read_text())
-        except FileNotFoundError:
-            return None
+        """The recorded result of job ``seq``, if it is done (and its result can be read)."""
+        return self._result_of(f"{seq:08d}.json")
 
     def results(self) -> list[dict[str, Any]]:
-        out = []
-        for name in sorted(os.listdir(self.done_dir)):
-            if name.endswith(".json") and name[0].isdigit():
-                out.append(json.loads((self.done_dir / name).read_text()))
-        return out
+        """Every recorded result, oldest first; a damaged one is left out (see :meth:`take_notices`)."""
+        return [result for name in _numbered(self.done_dir) if (result := self._result_of(name)) is not None]
+
+    def _result_of(self, name: str) -> dict[str, Any] | None:
+        try:
+            return _read_result(self.done_dir / name)
+        except FileNotFoundError:
+            return None
+        except DamagedFile as exc:
+            if not (self.jobs_dir / name).exists():  # (a job still pending rewrites its result when done)
+                self._notice(self.done_dir / name, str(exc))
+            return None
+
+    def _notice(self, path: Path, error: str) -> None:
+        """Keep a note of damaged ``path`` (once) for :meth:`take_notices`."""
+        file = path.relative_to(self.folder).as_posix()
+        if file in self._noticed:
+            return
+        self._noticed.add(file)
+        notice: dict[str, Any] = {"kind": "damaged", "ok": False, "file": file, "path": str(path), "error": error}
+        if path.parent != self.folder:  # a job's file: that job gets no other answer
+            notice["seq"] = int(path.stem)
+            notice["staging"] = str(self.staging_for(notice["seq"]))
+        self._notices.append(notice)
+
+    def take_notices(self) -> list[dict[str, Any]]:
+        """The files of this queue found damaged since the last call, each once (for the whole life of this
+        object): ``damaged`` answers, which the worker sends the training process (:func:`damage_warning`)."""
+        notices, self._notices = self._notices, []
+        return notices
 
     def is_orphan(self) -> bool:
         """Its training process is gone (and no worker drains it)."""
         return not is_locked(self.owner_lock) and not is_locked(self.worker_lock)
+
+
+def damage_warning(notice: dict[str, Any]) -> str:
+    """What a ``damaged`` notice (:meth:`JobQueue.take_notices`) means for the run, said once to the user."""
+    file = notice["file"]
+    if file.startswith("jobs/"):
+        what = f"that job cannot be read and is skipped (a checkpoint's frozen bytes stay in {notice['staging']})"
+    elif file.startswith("done/"):
+        what = ("its job is done and committed (the run's lineage record in the model repository lists it); "
+                "only this copy of its result is lost")
+    else:
+        what = "the queue's settings cannot be read; this run's commits go on with what its worker was given"
+    return (f"{notice['path']} is damaged ({notice['error']}): {what}. Training goes on; `oxen-callbacks sync` "
+            "reports the file until it is repaired or removed.")
+
+
+def _numbered(folder: Path) -> list[str]:
+    """The ``<seq>.json`` files of a queue folder, in order."""
+    return sorted(name for name in os.listdir(folder) if name.endswith(".json") and name[:-5].isdigit())
+
+
+def _read_entry(path: Path, fields: _Fields, what: str) -> dict[str, Any]:
+    """The object in a job or result file (``what``), with ``fields`` of their types and its own sequence
+    number; raises FileNotFoundError, or DamagedFile naming the file as ``jobs/…`` or ``done/…``."""
+    where = f"{path.parent.name}/{path.name}"
+    try:
+        data = read_json_object(path)
+    except DamagedFile as exc:
+        raise DamagedFile(f"{path.parent.name}/{exc}") from None
+    _check_fields(where, data, fields)
+    if data["seq"] != int(path.stem):
+        raise DamagedFile(f"{where} holds the {what} of job {data['seq']}")
+    if what == "result" and data["ok"]:
+        _check_fields(where, data, _DONE_FIELDS.get(data["kind"], {}))
+    return data
+
+
+def _read_result(path: Path) -> dict[str, Any]:
+    return _read_entry(path, _RESULT_FIELDS, "result")
+
+
+def _check_fields(where: str, data: dict[str, Any], fields: _Fields) -> None:
+    for key, kinds in fields.items():
+        if key not in data:
+            raise DamagedFile(f"{where} holds no {key}")
+        value = data[key]
+        if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
+            wanted = " or ".join(json_type_name(kind) for kind in kinds)
+            raise DamagedFile(f"{where} holds {key} as {_a(json_kind(value))}, not {_a(wanted)}")
+
+
+def _a(word: str) -> str:
+    return f"{'an' if word[0] in 'aeiou' else 'a'} {word}"
 
 
 def run_backlog(model_repo: str | os.PathLike[str], run: str) -> list[tuple[JobQueue, list[Job]]]:

@@ -36,7 +36,7 @@ from ..errors import PublishError
 from .committer import Committer
 from .orphans import clean_orphan_temp_files, drain_orphans
 from .push import PushTarget, push_with_timeout
-from .queue import JobQueue
+from .queue import JobQueue, damage_warning
 
 log = logging.getLogger("oxen_callbacks.worker")
 
@@ -59,6 +59,12 @@ class _Results:
             self.stream.flush()
         except (BrokenPipeError, OSError):
             self.stream = None
+
+    def tell_damage(self, queue: JobQueue) -> None:
+        """Send (and log) the damaged files ``queue`` came across since: the training process warns once."""
+        for notice in queue.take_notices():
+            log.warning("%s", damage_warning(notice))
+            self.emit(notice)
 
 
 def _redirect_output(log_path: str) -> IO[str]:
@@ -285,6 +291,7 @@ def serve(queue: JobQueue, batches: Batches, results: _Results, push: PushTarget
         answered = {r["seq"] for r in done}
         # jobs a killed commit process finished before it died: their results are on disk only
         done += [r for j in jobs if j.seq not in answered and (r := queue.result(j.seq)) is not None]
+        results.tell_damage(queue)  # (a job file, or a result on disk, that cannot be read: skipped, never fatal)
         for result in done:
             if not result["ok"]:
                 failed.add(result["seq"])

@@ -61,7 +61,18 @@ def write_json_atomically(path: str | os.PathLike[str], data: Any, *, indent: in
     write_atomically(path, text, make_parents=make_parents)
 
 
-_JSON_KINDS = {list: "array", str: "string", int: "number", float: "number", bool: "boolean", type(None): "null"}
+_JSON_KINDS = {dict: "object", list: "array", str: "string", int: "number", float: "number", bool: "boolean",
+               type(None): "null"}
+
+
+def json_kind(value: Any) -> str:
+    """What JSON calls the type of ``value``: object, array, string, number, boolean or null."""
+    return json_type_name(type(value))
+
+
+def json_type_name(kind: type) -> str:
+    """What JSON calls values of the Python type ``kind`` (``dict``: object)."""
+    return _JSON_KINDS.get(kind, "value")
 
 
 class DamagedFile(ValueError):
@@ -86,5 +97,5 @@ def read_json_object(path: str | os.PathLike[str]) -> dict[str, Any]:
     except ValueError as exc:  # cut short, not UTF-8, not JSON
         raise DamagedFile(f"{name} is not JSON (cut short?): {exc}") from None
     if not isinstance(data, dict):
-        raise DamagedFile(f"{name} holds a JSON {_JSON_KINDS.get(type(data), 'value')}, not an object")
+        raise DamagedFile(f"{name} holds a JSON {json_kind(data)}, not an object")
     return data

@@ -62,7 +62,7 @@ def _show_sync(report: Result) -> str:
     lines = [line for repo in report["model_repos"] for line in _queue_lines(repo)]
     lines += [line for entry in report["mlflow"] for line in _mlflow_lines(entry)]
     if report.get("damaged"):
-        lines.append(f"{report['damaged']} damaged queue(s), journal(s) or push marker(s) skipped: "
+        lines.append(f"{report['damaged']} damaged queue(s), result(s), journal(s) or push marker(s) skipped: "
                      "nothing of theirs is done until they are repaired or removed")
     lines.append(("nothing else left to do" if report.get("damaged") else "nothing left to do") if report["pending"] == 0
                  else f"{report['pending']} item(s) still pending: run `oxen-callbacks sync` again once the "
