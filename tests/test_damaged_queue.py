@@ -258,3 +258,50 @@ def test_sync_finishes_a_killed_runs_queue_whose_result_is_damaged(dataset_repo,
     for job, data in queued.items():
         assert file_at(models, entries[job]["commit"], entries[job]["path"], tmp_path / "read-cache").read_bytes() == data
     assert f"{queue.folder.name}/00000001" in entries  # the damaged result's checkpoint was committed before
+
+
+# -- an orphan queue with a damaged job, found by the next worker --------------------------------------
+
+def test_a_worker_leaves_a_damaged_orphan_queue_and_adopts_the_others(tmp_path, monkeypatch):
+    """Training processes that died left two queues: one with a job file cut short, one healthy. The next
+    worker on the repository (here a real publisher's) leaves the damaged one as it is, for `sync` to report,
+    and still commits the healthy one's checkpoint."""
+    from oxen_callbacks._oxen.identity import resolve_author, worker_environment
+    from oxen_callbacks._publish.opening import open_model_repo
+    from oxen_callbacks._publish.publisher import CheckpointPublisher
+    from oxen_callbacks.lineage import new_record
+
+    for key, value in worker_environment(resolve_author(("T", "t@example.com")), tmp_path / "cache").items():
+        monkeypatch.setenv(key, value)
+    models = tmp_path / "models"
+    open_model_repo(models, tmp_path / "cache")
+
+    def orphan(run: str) -> JobQueue:
+        base = new_record(dataset=None, model_repo=str(models), framework={"name": "x", "version": "1"},
+                          run={"name": run})
+        base.update(status="RUNNING", started_at="2026-12-04T05:00:00+0000", fit_id="f1")
+        queue = JobQueue.create(models, run, {"pid": 1})
+        for seq in (1, 2):
+            queue.staging_for(seq).mkdir(parents=True)
+            (queue.staging_for(seq) / f"c{seq}.ckpt").write_bytes(run.encode() * seq)
+            queue.put(seq, "checkpoint", {"run": run, "dest": f"runs/{run}/checkpoints/c{seq}.ckpt",
+                                          "staged_name": f"c{seq}.ckpt", "step": seq, "epoch": 0, "metrics": {},
+                                          "message": f"{run} c{seq}", "record": base})
+        return queue
+
+    damaged, healthy = orphan("a"), orphan("b")  # (adopted in this order)
+    _cut_short(damaged.jobs_dir / "00000002.json")
+    before = {str(p.relative_to(damaged.folder)): p.read_bytes() for p in damaged.folder.rglob("*") if p.is_file()}
+    with CheckpointPublisher(model_repo=models, run="live", cache_dir=tmp_path / "cache") as publisher:
+        deadline = time.monotonic() + 120
+        while healthy.pending() and time.monotonic() < deadline:
+            time.sleep(0.1)
+    assert not healthy.pending(), "the healthy orphan queue was not adopted"
+    record = json.loads((models / "runs" / "b" / "lineage.json").read_text())
+    for entry in record["checkpoints"]:
+        data = file_at(models, entry["commit"], entry["path"], tmp_path / "read-cache").read_bytes()
+        assert data == b"b" * int(entry["path"][-6])
+    assert len(record["checkpoints"]) == 2
+    after = {str(p.relative_to(damaged.folder)): p.read_bytes() for p in damaged.folder.rglob("*") if p.is_file()}
+    assert after == before, "the damaged orphan queue was changed"
+    assert "00000002.json is not JSON" in (damaged.damage() or "") and publisher.stalled is None

@@ -49,12 +49,16 @@ def drain(queue: JobQueue, committer: Committer, results: Answers | None = None,
 
 
 def drain_orphans(committer: Committer, skip: JobQueue | None = None) -> int:
-    """Finish the queues of training processes that died (kill -9, crash) before their jobs ran."""
+    """Finish the queues of training processes that died (kill -9, crash) before their jobs ran; a damaged
+    one is left as it is, for ``oxen-callbacks sync`` to report."""
     count = 0
     for other in all_queues(committer.repo.path):
         if skip is not None and other.folder == skip.folder:
             continue
         if not other.pending() or not other.is_orphan():
+            continue
+        if fault := other.damage():
+            log.warning("Not adopting orphan queue %s: %s", other.folder.name, fault)
             continue
         lock = FileLock(other.worker_lock)
         if not lock.acquire(blocking=False):
