@@ -37,8 +37,8 @@ _JOB_FIELDS: _Fields = {"seq": (int,), "kind": (str,), "payload": (dict,)}
 #: What every result (``done/<seq>.json``) holds, and, when its job was done, what it holds besides.
 _RESULT_FIELDS: _Fields = {"seq": (int,), "kind": (str,), "ok": (bool,)}
 _DONE_FIELDS: dict[str, _Fields] = {
-    "checkpoint": {"commit": (str,), "dest": (str,), "step": (int, type(None)), "epoch": (int, type(None)),
-                   "metrics": (dict,)},
+    "checkpoint": {"commit": (str,), "dest": (str,), "metrics": (dict,),
+                   "step": (int, float, type(None)), "epoch": (int, float, type(None))},  # (a caller's own numbers)
     "finalize": {"commit": (str,), "record": (dict,)},
     "remove": {"commit": (str,), "dest": (str,)},
 }
