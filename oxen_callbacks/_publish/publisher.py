@@ -14,7 +14,6 @@ Example::
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -34,6 +33,7 @@ from .._util.processes import child_environment, start_helper
 from .._util.redact import redact_text
 from ..errors import PublishError
 from ..model_repo import checkpoints_folder
+from .dests import Destinations
 from .freeze import freeze
 from .known_repos import register_model_repo
 from .queue import JobQueue, damage_warning
@@ -95,8 +95,7 @@ class CheckpointPublisher:
         self.results: list[dict[str, Any]] = []
         self.stall_seconds: list[float] = []
         self._errors: list[str] = []
-        self._dest_by_source: dict[str, str] = {}
-        self._first_folder: str | None = None
+        self.dests = Destinations(checkpoints_folder(run))
         self._submitted: set[int] = set()
         self._answered: set[int] = set()
         self._damaged_files: set[str] = set()
@@ -254,30 +253,11 @@ class CheckpointPublisher:
     # -- submitting -----------------------------------------------------------------
     def has_source(self, source: str | os.PathLike[str]) -> bool:
         """True when a checkpoint at ``source`` was already submitted."""
-        return os.path.abspath(source) in self._dest_by_source
+        return self.dests.known(source) is not None
 
     def dest_for(self, source: str | os.PathLike[str]) -> str:
-        """The repository path a checkpoint file or folder is published to.
-
-        Checkpoints of the first folder saved into keep their name under
-        ``runs/<run>/checkpoints/``; those of any other folder (a second ``ModelCheckpoint``)
-        go one level down, in a subfolder named after their folder and a hash of its path,
-        so two folders' ``last.ckpt`` never share a path.
-        """
-        source = os.path.abspath(source)
-        if source in self._dest_by_source:
-            return self._dest_by_source[source]
-        folder, name = os.path.split(source.rstrip("/"))
-        if self._first_folder is None:
-            self._first_folder = folder
-        base = checkpoints_folder(self.run)
-        if folder == self._first_folder:
-            dest = f"{base}/{name}"
-        else:
-            digest = hashlib.sha1(folder.encode()).hexdigest()[:8]
-            dest = f"{base}/{os.path.basename(folder) or 'root'}-{digest}/{name}"
-        self._dest_by_source[source] = dest
-        return dest
+        """The repository path a checkpoint file or folder is published to (see :class:`.dests.Destinations`)."""
+        return self.dests.dest_for(source)
 
     def _put(self, kind: str, payload: dict[str, Any]) -> int:
         """Journal the job, wake the worker, then report earlier failures (the new job stays queued)."""
@@ -322,7 +302,7 @@ class CheckpointPublisher:
 
     def submit_removal(self, path: str | os.PathLike[str]) -> int | None:
         """Record that the trainer deleted a published checkpoint (top-k rotation)."""
-        dest = self._dest_by_source.get(os.path.abspath(path))
+        dest = self.dests.known(path)
         if dest is None:
             return None
         return self._put("remove", {"run": self.run, "dest": dest})
@@ -330,7 +310,7 @@ class CheckpointPublisher:
     def submit_finalize(self, record: dict[str, Any], *, best: str | os.PathLike[str] | None = None) -> int:
         """Journal the commit of the run's complete lineage record (``best``: the checkpoint it names
         as the model); returns its job's sequence number for :meth:`final_record`."""
-        best_dest = self._dest_by_source.get(os.path.abspath(best)) if best else None
+        best_dest = self.dests.known(best) if best else None
         return self._put("finalize", {"run": self.run, "record": record, "best": best_dest})
 
     def final_record(self, seq: int, *, timeout: float | None = None) -> dict[str, Any] | None:

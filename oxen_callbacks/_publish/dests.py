@@ -1,0 +1,41 @@
+"""Where a trainer's checkpoint files go in the model repository, named once per run."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+
+
+class Destinations:
+    """The repository path of each checkpoint file or folder a run saves, the same for each save of it.
+
+    Checkpoints of the first folder saved into keep their name under ``base`` (the run's
+    ``runs/<run>/checkpoints``, see :func:`..model_repo.checkpoints_folder`);
+    those of any other folder (a second ``ModelCheckpoint``) go one level down, in a subfolder named
+    after their folder and a hash of its path, so two folders' ``last.ckpt`` never share a path.
+    """
+
+    def __init__(self, base: str) -> None:
+        self.base = base
+        self._by_source: dict[str, str] = {}
+        self._first_folder: str | None = None
+
+    def known(self, source: str | os.PathLike[str]) -> str | None:
+        """The path ``source`` was given, if it was given one."""
+        return self._by_source.get(os.path.abspath(source))
+
+    def dest_for(self, source: str | os.PathLike[str]) -> str:
+        """The path of ``source`` (a file or folder), given it now if it has none yet."""
+        source = os.path.abspath(source)
+        if source in self._by_source:
+            return self._by_source[source]
+        folder, name = os.path.split(source.rstrip("/"))
+        if self._first_folder is None:
+            self._first_folder = folder
+        if folder == self._first_folder:
+            dest = f"{self.base}/{name}"
+        else:
+            digest = hashlib.sha1(folder.encode()).hexdigest()[:8]
+            dest = f"{self.base}/{os.path.basename(folder) or 'root'}-{digest}/{name}"
+        self._by_source[source] = dest
+        return dest
