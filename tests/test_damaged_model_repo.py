@@ -187,3 +187,35 @@ def test_a_first_commit_cut_short_is_completed_by_the_next_fit(dataset_repo, tmp
     _committed_bytes_match(models, tmp_path / "after-cut", record)
     branches = oxen_child.branches(models)
     assert list(branches) == ["main"] and branches["main"] in LocalRepo(models).commit_ids()
+
+
+class DamageRecord(Callback):
+    """Cut the run's `lineage.json` in the model repository's working tree short mid-training (a full
+    disk, an editor), once the first checkpoints are committed."""
+
+    def __init__(self, models: Path, oxen_cb: OxenLightningCallback, damage: bytes) -> None:
+        self.models, self.oxen_cb, self.damage, self.done = models, oxen_cb, damage, False
+
+    def on_train_batch_end(self, trainer, *args) -> None:  # type: ignore[no-untyped-def]
+        if trainer.global_step == 3 and not self.done:
+            self.oxen_cb.run.publisher.flush(60)
+            (self.models / "runs" / "damaged" / "lineage.json").write_bytes(self.damage)
+            self.done = True
+
+
+@pytest.mark.parametrize("damage", [b'{"schema": "oxen-callbacks/lin', b"[]"], ids=["cut-short", "a-list"])
+def test_a_run_record_damaged_in_the_working_tree_never_stops_training(damage, dataset_repo, tmp_path):
+    """The record in the working tree is only a copy of what the run's last commit holds: the next
+    commit extends the committed one, training goes on, and no checkpoint drops out of the record."""
+    models = tmp_path / "models"
+    pin = PinnedDataset(dataset_repo.path, revision=dataset_repo.commits[0], paths=["train.csv", "val.csv"])
+    cb = OxenLightningCallback(dataset=pin, model_repo=models, mlflow=False, run_name="damaged")
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "damaged", every_n_train_steps=2, save_top_k=-1)
+    make_trainer(tmp_path / "root", [ckpt, cb, DamageRecord(models, cb, damage)], epochs=2).fit(
+        TinyModel(), datamodule=CsvData(pin))
+
+    record = cb.lineage
+    assert record["status"] == "FINISHED"
+    assert {os.path.basename(c["path"]) for c in record["checkpoints"]} == {p.name for p in (tmp_path / "damaged").iterdir()}
+    _committed_bytes_match(models, tmp_path / "damaged", record)
+    assert read_lineage(models / "runs" / "damaged" / "lineage.json")["checkpoints"] == record["checkpoints"]

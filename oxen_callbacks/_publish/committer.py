@@ -10,17 +10,17 @@ checkpoint names every earlier commit; its own entry's ``commit`` is ``null``
 from __future__ import annotations
 
 import copy
-import json
 import logging
 import os
 import shutil
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 from .._oxen.prestore import prestore
 from .._oxen.repo import LocalRepo
-from .._util.fs import write_atomically, write_json_atomically
+from .._util.fs import DamagedFile, read_json_object, write_atomically, write_json_atomically
 from .._util.locks import FileLock
 from ..errors import ConfigurationError, OxenError, PublishError, RepoBusyError
 from ..lineage import fill_commit
@@ -279,8 +279,7 @@ class Committer:
         a later fit continued the run (``earlier_fits`` names its fit), extends the run's record
         instead: its status, model and end stay as they are.
         """
-        path = self.repo.path / lineage_path(run)
-        existing = json.loads(path.read_text()) if path.exists() else None
+        existing = self._existing_record(run)
         if base is None:
             return existing
         fit, their_fit = base.get("fit_id"), (existing or {}).get("fit_id")
@@ -304,6 +303,32 @@ class Committer:
             if earlier:
                 record["earlier_fits"] = earlier  # the fits this one continued, oldest first
         return record
+
+    def _existing_record(self, run: str) -> dict[str, Any] | None:
+        """The run's record in the working tree; when that file is damaged (cut short, edited by
+        hand), the one its last commit holds: every commit of the run committed it."""
+        path = self.repo.path / lineage_path(run)
+        try:
+            return read_json_object(path)
+        except FileNotFoundError:
+            return None
+        except DamagedFile as exc:
+            committed = self._committed_record(run)
+            log.warning("%s is damaged (%s): the record its last commit holds is extended instead%s.", path, exc,
+                        "" if committed else " (none: the run's record starts anew; its history keeps the rest)")
+            return committed
+
+    def _committed_record(self, run: str) -> dict[str, Any] | None:
+        """``runs/<run>/lineage.json`` as HEAD's commit holds it, if it does and it is readable."""
+        from .._oxen.shadow import restore_into
+
+        rel = lineage_path(run)
+        with tempfile.TemporaryDirectory(prefix="oxen-record-") as tmp:
+            try:
+                restore_into(self.repo.path, self.repo.resolve(None), [rel], tmp)
+                return read_json_object(Path(tmp) / rel)
+            except (ConfigurationError, OxenError, OSError, DamagedFile):
+                return None
 
     def _read_record_text(self, run: str) -> str | None:
         try:
