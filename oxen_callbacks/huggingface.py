@@ -194,8 +194,12 @@ class OxenTrainerCallback(TrainerCallback):
         """Just before the Trainer saves ``checkpoint-N``, which it rewrites in place when it exists."""
         if self._stop_for_preemption:
             control.should_save = control.should_training_stop = True
-        if control.should_save and state.is_world_process_zero:
+        if not state.is_world_process_zero:
+            return
+        if control.should_save:
             self.run.before_overwrite(_checkpoint_folder(args, state))
+        elif control.should_evaluate and args.save_strategy == "best":  # it saves if the evaluation is a new best
+            self.run.before_overwrite(_checkpoint_folder(args, state), maybe=True)
 
     on_epoch_end = on_step_end
 

@@ -284,16 +284,18 @@ class LineageRun(RunOptionChecks, RunEnding):
             self._published.remove(path)
             self.checkpoint_removed(path)
 
-    def before_overwrite(self, path: str | os.PathLike[str]) -> SetAside | None:
+    def before_overwrite(self, path: str | os.PathLike[str], *, maybe: bool = False) -> SetAside | None:
         """Call before a checkpoint is written at ``path``, which may hold one published earlier.
 
         A published checkpoint is frozen by hard link: the new write must get fresh inodes instead
         of rewriting the frozen copy in place. A file this run published is moved aside and
         returned (``drop()`` it after the write, ``put_back()`` when the write failed); in a
-        folder, every file with another link (an earlier run's freeze too) is unlinked.
+        folder, every file with another link (an earlier run's freeze too) is unlinked, or with
+        ``maybe`` (the trainer may not write after all) replaced by a copy of itself.
         """
         path = os.fspath(path)
-        return unfreeze_for_rewrite(path, published=self.publisher is not None and self.publisher.has_source(path))
+        return unfreeze_for_rewrite(path, published=self.publisher is not None and self.publisher.has_source(path),
+                                    keep=maybe)
 
     def _base_record(self) -> LineageJSON:
         assert self.record is not None

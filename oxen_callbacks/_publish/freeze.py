@@ -82,16 +82,27 @@ class SetAside:
             os.replace(self.aside, self.path)
 
 
-def unfreeze_for_rewrite(path: str, *, published: bool) -> SetAside | None:
+def unfreeze_for_rewrite(path: str, *, published: bool, keep: bool = False) -> SetAside | None:
     """Move aside what a checkpoint about to be rewritten at ``path`` shares with a frozen copy, so
     the write gets fresh inodes instead of changing the frozen bytes in place: the file when
     ``published`` by this run (returned: drop it or put it back), and in a folder every file with
-    another link (unlinked)."""
+    another link (unlinked; with ``keep``, for a write that may not come, replaced by a copy of itself)."""
     if os.path.isfile(path) and not os.path.islink(path):
         return SetAside(path) if published else None
     for dirpath, _dirs, names in os.walk(path):
         for name in names:
             file = os.path.join(dirpath, name)
             if os.stat(file, follow_symlinks=False).st_nlink > 1:
-                os.unlink(file)
+                if keep:
+                    _own_copy(file)
+                else:
+                    os.unlink(file)
     return None
+
+
+def _own_copy(file: str) -> None:
+    """Give ``file`` an inode of its own, same bytes (its other links keep theirs)."""
+    folder, name = os.path.split(file)
+    tmp = os.path.join(folder, f".{name}.oxcb-copy")
+    shutil.copy2(file, tmp)
+    os.replace(tmp, file)
