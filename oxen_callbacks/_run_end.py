@@ -160,7 +160,9 @@ class RunEnding:
         self.record = final if committed else self._published_so_far()
         self._warn_unpushed()
         if self.sink is not None:
-            best_path = self.publisher.dest_for(best) if best and self.publisher.has_source(best) else None
+            best_path = _best_path(self.record, best) if committed else None
+            if best_path is None and best and self.publisher.has_source(best):
+                best_path = self.publisher.dest_for(best)
             self._log_final_or_leave_to_sync(self.record, status, committed=committed, best_path=best_path,
                                              timeout=max(0.5, deadline - time.monotonic()))
         if error is not None:
@@ -237,3 +239,11 @@ class RunEnding:
             self.publisher.warn_unpushed(marker)  # once per run, whether training or the end found it
             if self.record is not None:
                 self.record["push"] = {"remote": marker["remote"], "pushed": False, "error": marker.get("error")}
+
+
+def _best_path(final: LineageJSON, best: str | os.PathLike[str] | None) -> str | None:
+    """The final record's model path when it is the trainer's ``best`` (saved in this fit or an earlier one)."""
+    model_path = (final.get("model") or {}).get("path")
+    source = os.path.abspath(best) if best else None
+    return model_path if source and any(c.get("path") == model_path and c.get("source") == source
+                                        for c in final.get("checkpoints") or []) else None

@@ -7,8 +7,11 @@ import filecmp
 from pathlib import Path
 
 import pytest
+import torch
 from helpers import make_repo
 from hf_model import jsonl, make_trainer
+from safetensors.torch import load_file
+from transformers import TrainerCallback
 
 from oxen_callbacks import PinnedDataset
 from oxen_callbacks.checkpoints import materialize_checkpoint
@@ -47,3 +50,44 @@ def test_a_best_only_save_rewriting_an_earlier_runs_folder_leaves_its_published_
     second = records[1]["checkpoints"][0]
     assert same_files(materialize_checkpoint(tmp_path / "models", commit=second["commit"], path=second["path"]).path,
                       tmp_path / "out" / "checkpoint-2")
+
+
+class StopAt(TrainerCallback):
+    """The job is cut off after ``step`` (a wall-clock limit): train() returns, to be resumed."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):  # type: ignore[no-untyped-def]
+        if state.global_step == self.step:
+            control.should_training_stop = True
+
+
+def test_load_best_model_at_end_after_a_resume_records_the_best_checkpoint_it_loaded(pin, tmp_path):
+    """The run is resumed under its name; the best evaluation came before the cut. The Trainer ends
+    holding checkpoint-2's weights: the lineage's model (and MLflow's best model) must be checkpoint-2,
+    not the last checkpoint saved."""
+    splits = pin.load_dataset()
+    args = dict(eval_dataset=splits["eval"], max_steps=6, save_steps=2, eval_strategy="steps", eval_steps=2,
+                load_best_model_at_end=True, metric_for_best_model="eval_loss", greater_is_better=True,
+                learning_rate=1e-2)  # the loss falls: "greater is better" makes step 2 the best
+    cb = OxenTrainerCallback(dataset=pin, model_repo=tmp_path / "models", run_name="r")
+    trainer, _ = make_trainer(tmp_path / "out", splits["train"], [cb, StopAt(4)], **args)
+    trainer.train()
+    cb = OxenTrainerCallback(dataset=pin, model_repo=tmp_path / "models", run_name="r")
+    trainer, _ = make_trainer(tmp_path / "out", splits["train"], [cb], **args)
+    trainer.train(resume_from_checkpoint=True)
+
+    assert Path(trainer.state.best_model_checkpoint).name == "checkpoint-2"
+    loaded = trainer.model.state_dict()
+    assert all(torch.equal(w, loaded[k]) for k, w in load_file(tmp_path / "out" / "checkpoint-2" / "model.safetensors").items())
+    record = cb.lineage
+    assert [c["step"] for c in record["checkpoints"]] == [2, 4, 6]
+    assert record["model"]["path"] == "runs/r/checkpoints/checkpoint-2"
+    assert record["model"]["commit"] == record["checkpoints"][0]["commit"]
+    import mlflow
+
+    experiment = mlflow.get_run(record["run"]["mlflow_run_id"]).info.experiment_id
+    [best] = mlflow.search_logged_models(experiment_ids=[experiment], filter_string="tags.`oxen.model.best` = 'true'",
+                                         output_format="list")
+    assert best.tags["oxen.model.path"] == "runs/r/checkpoints/checkpoint-2"

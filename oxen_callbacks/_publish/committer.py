@@ -196,8 +196,8 @@ class Committer:
             return "end of an earlier fit"
         kept = [c for c in record["checkpoints"] if c.get("kept", True)]
         # the best's latest version: a file saved again under its name ("best.ckpt") is the newer best
-        chosen = next((c for c in reversed(kept) if c["path"] == p.get("best")), None) or (
-            kept or record["checkpoints"] or [None])[-1]
+        chosen = (next((c for c in reversed(kept) if c["path"] == p.get("best")), None)
+                  or _saved_by_earlier_fit(kept, p.get("best_source")) or (kept or record["checkpoints"] or [None])[-1])
         record["model"].update({"path": chosen["path"], "commit": chosen["commit"]} if chosen else {"path": None, "commit": None})
         self._write_record(run, record)
         return str(record.get("status", "finished"))
@@ -393,3 +393,9 @@ def _remove(path: Path) -> None:
         shutil.rmtree(path)
     elif path.exists() or path.is_symlink():
         path.unlink()
+
+
+def _saved_by_earlier_fit(kept: list[dict[str, Any]], source: str | None) -> dict[str, Any] | None:
+    """The latest kept checkpoint written at the trainer's path ``source``: a best checkpoint that an
+    earlier fit of a continued run saved (HF's ``load_best_model_at_end`` loads it after a resume)."""
+    return next((c for c in reversed(kept) if source and c.get("source") == source), None)
