@@ -25,6 +25,7 @@ requeued job (same ``SLURM_JOB_ID``) goes on with the same run (see :mod:`oxen_c
 from __future__ import annotations
 
 import atexit
+import logging
 import math
 import os
 import time
@@ -57,6 +58,8 @@ from .run import LineageRun
 # restore_callback_states_from_checkpoint=True transformers rebuilds ExportableState
 # callbacks from stored arguments, which would replace this configured callback.
 STATE_KEY = "oxen_callbacks"
+
+log = logging.getLogger(__name__)
 
 
 class OxenTrainerCallback(TrainerCallback):
@@ -210,9 +213,14 @@ class OxenTrainerCallback(TrainerCallback):
         started = time.perf_counter()
         self.run.note_deleted_checkpoints()  # save_total_limit rotation ran just before this hook
         folder = _checkpoint_folder(args, state)
-        if not os.path.isdir(folder):  # a hyperparameter-search trial saves under output_dir/run-<trial>/
-            raise ConfigurationError(f"OxenTrainerCallback found no saved checkpoint at {folder}.",
-                                     "use it with Trainer.train(), not Trainer.hyperparameter_search().")
+        if not os.path.isdir(folder):
+            if state.is_hyper_param_search:  # a trial saves under output_dir/run-<trial>/
+                raise ConfigurationError(f"OxenTrainerCallback found no saved checkpoint at {folder}.",
+                                         "use it with Trainer.train(), not Trainer.hyperparameter_search().")
+            # save_total_limit ordering by step (mtimes within 1 s) keeps a leftover higher checkpoint instead
+            log.warning("The Trainer's save_total_limit rotation deleted %s as soon as it was saved (a checkpoint "
+                        "of a higher step is left in output_dir); it is not committed.", folder)
+            return
         metrics = {k: float(v) for entry in state.log_history if entry.get("step") == state.global_step
                    for k, v in entry.items() if k != "step" and isinstance(v, (int, float))}
         # Lightning's convention: the index of the epoch in progress (HF's state.epoch 1.0 = end of epoch 0).

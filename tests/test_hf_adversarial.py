@@ -4,6 +4,8 @@ a checkpoint the Trainer's own rotation deletes before ``on_save``."""
 from __future__ import annotations
 
 import filecmp
+import os
+import time
 from pathlib import Path
 
 import pytest
@@ -91,3 +93,27 @@ def test_load_best_model_at_end_after_a_resume_records_the_best_checkpoint_it_lo
     [best] = mlflow.search_logged_models(experiment_ids=[experiment], filter_string="tags.`oxen.model.best` = 'true'",
                                          output_format="list")
     assert best.tags["oxen.model.path"] == "runs/r/checkpoints/checkpoint-2"
+
+
+def test_a_save_the_trainers_rotation_deleted_at_once_does_not_stop_training(pin, tmp_path):
+    """Where mtimes look unreliable (within 1 s: a fast rerun, a FUSE mount) save_total_limit orders
+    checkpoints by step, so a leftover checkpoint-4 of an earlier run outranks a new checkpoint-2,
+    which the Trainer deletes before on_save. Nothing is left to commit; training must go on."""
+    splits = pin.load_dataset()
+    first = OxenTrainerCallback(dataset=pin, model_repo=tmp_path / "models", mlflow=False)
+    trainer, _ = make_trainer(tmp_path / "out", splits["train"], [first], max_steps=4, save_steps=2)
+    trainer.train()
+    soon = time.time() + 0.5
+    for folder in (tmp_path / "out").iterdir():
+        os.utime(folder, (soon, soon))
+    cb = OxenTrainerCallback(dataset=pin, model_repo=tmp_path / "models", mlflow=False)
+    trainer, _ = make_trainer(tmp_path / "out", splits["train"], [cb], seed=1, max_steps=4, save_steps=2,
+                              save_total_limit=1)
+    trainer.train()
+
+    assert trainer.state.global_step == 4 and sorted(p.name for p in (tmp_path / "out").iterdir()) == ["checkpoint-4"]
+    record = cb.lineage
+    assert record["status"] == "FINISHED" and [c["step"] for c in record["checkpoints"]] == [4]
+    saved = record["checkpoints"][0]
+    assert same_files(materialize_checkpoint(tmp_path / "models", commit=saved["commit"], path=saved["path"]).path,
+                      tmp_path / "out" / "checkpoint-4")
