@@ -240,6 +240,32 @@ def test_another_run_into_an_mlflow_run_that_holds_one_is_refused_before_a_step(
     assert tags["oxen.run"] == first.run.run_name and tags["oxen.dataset.commit"] == dataset_repo.commits[0]
 
 
+@pytest.mark.parametrize("mlflow_loaded", [True, False], ids=["thread", "sink-process"])
+def test_the_run_mlflow_run_id_names_is_the_run_logged_into(dataset_repo, tmp_path, monkeypatch, mlflow_loaded):
+    """`$MLFLOW_RUN_ID` (a job wrapper's, a resumed notebook's) names the run MLflow's own start_run()
+    joins: the lineage goes there, no second run is made, and a run not ours is not ended."""
+    from oxen_callbacks._mlflow import fluent
+
+    uri = mlflow.get_tracking_uri()  # (this test's own store)
+    client = MlflowClient(uri)
+    run_id = client.create_run(client.create_experiment("job")).info.run_id
+    monkeypatch.setenv("MLFLOW_RUN_ID", run_id)
+    if not mlflow_loaded:
+        monkeypatch.setattr(fluent, "mlflow_imported", lambda: False)
+    pin = PinnedDataset(dataset_repo.path, revision=dataset_repo.commits[0], paths=["train.csv", "val.csv"])
+    cb = OxenLightningCallback(dataset=pin, model_repo=tmp_path / "models")
+    make_trainer(tmp_path, [ModelCheckpoint(dirpath=tmp_path / "ckpt"), cb], epochs=1).fit(
+        TinyModel(), datamodule=CsvData(pin))
+
+    assert cb.lineage["run"]["mlflow_run_id"] == run_id
+    everywhere = [e.experiment_id for e in client.search_experiments()]
+    assert [r.info.run_id for r in client.search_runs(everywhere)] == [run_id]
+    run = client.get_run(run_id)
+    assert run.data.tags["oxen.dataset.commit"] == dataset_repo.commits[0]
+    assert run.data.tags["oxen.model.commit"] == cb.lineage["model"]["commit"]
+    assert run.info.status == "RUNNING"  # the job's run: its owner ends it
+
+
 def test_pinning_leaves_user_dataset_tree_head_and_branches_alone(dataset_repo, tmp_path):
     repo = LocalRepo(dataset_repo.path)
     before = (tree_state(dataset_repo.path), oxen_child.branches(repo.path), repo.current_branch())

@@ -9,7 +9,7 @@ import os
 import sys
 from pathlib import Path
 
-from ..names import ENV_MLFLOW_TRACKING_URI
+from ..names import ENV_MLFLOW_RUN_ID, ENV_MLFLOW_TRACKING_URI
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +36,15 @@ def active_run() -> tuple[str, str] | None:
     mlflow = sys.modules.get("mlflow")
     active = mlflow.active_run() if mlflow is not None else None
     return (active.info.run_id, mlflow.get_tracking_uri()) if active is not None else None
+
+
+def run_to_join() -> tuple[str, str] | None:
+    """``(run_id, tracking_uri)`` of the run MLflow's own ``start_run()`` would log into: the active
+    fluent run, else the one ``$MLFLOW_RUN_ID`` names (``None``: it would start a new run)."""
+    active = active_run()
+    if active is None and (from_environment := os.environ.get(ENV_MLFLOW_RUN_ID, "").strip()):
+        return from_environment, default_tracking_uri()
+    return active
 
 
 def active_run_id() -> str | None:

@@ -47,7 +47,7 @@ from ..names import (
     TAG_RUN,
 )
 from . import fluent
-from .fluent import active_run, default_tracking_uri
+from .fluent import default_tracking_uri, run_to_join
 from .journal import END_LINE, TRAINING_OVER_LINE, MlflowJournal
 from .logged_models import checkpoint_op, mark_op
 from .sink_thread import SinkThread
@@ -98,13 +98,13 @@ class MlflowSink:
         model_repo: str | None = None,
         warm: WarmSinkProcess | None = None,
     ) -> "MlflowSink":
-        """Log into ``run_id``, else the active MLflow run, else a new run this sink ends.
+        """Log into ``run_id``, else the active MLflow run or ``$MLFLOW_RUN_ID``'s, else a new run this sink ends.
 
         ``model_repo``: where run ``run_name``'s checkpoints are committed; a training process
         that dies without ending the run is finished from there by ``oxen-callbacks sync``.
         ``warm``: a :class:`WarmSinkProcess` started earlier, used instead of a new process.
         """
-        active = active_run() if run_id is None else None
+        active = run_to_join() if run_id is None else None
         if active is not None:
             run_id, tracking_uri = active[0], tracking_uri or active[1]
         uri = tracking_uri or default_tracking_uri()
