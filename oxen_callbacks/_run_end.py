@@ -142,10 +142,20 @@ class RunEnding:
 
     def _submit_final(self, best: str | os.PathLike[str] | None) -> int:
         assert self.publisher is not None
-        seq = self.publisher.submit_finalize(self._base_record(), best=best)
+        seq = self.publisher.submit_finalize(self._base_record(), best=best, best_earlier=self._best_of_earlier_runs(best))
         if self.sink is not None:
             self.sink.training_over()
         return seq
+
+    def _best_of_earlier_runs(self, best: str | os.PathLike[str] | None) -> dict[str, Any] | None:
+        """The commit and path of ``best`` when a run this one was resumed from saved it (not this fit):
+        a Trainer's ``load_best_model_at_end`` after a resume ends holding those weights."""
+        resumed = (self.record or {}).get("resumed_from") or {}
+        if not best or self.publisher is None or self.publisher.has_source(best) or not resumed.get("run_name"):
+            return None
+        from .checkpoints import committed_source
+
+        return committed_source(self.model_repo, resumed["run_name"], os.path.abspath(best))
 
     def _finish(self, status: str, best: str | os.PathLike[str] | None, *, deadline: float) -> LineageJSON | None:
         if self.publisher is None or self.record is None:

@@ -228,6 +228,26 @@ def committed_checkpoint(model_repo: str | None, run: str | None, *, step: int |
     return {"commit": hits[-1]["commit"], "path": hits[-1]["path"]} if hits else None
 
 
+def committed_source(model_repo: str | os.PathLike[str], run: str | None, source: str, *,
+                     hops: int = 20) -> dict[str, Any] | None:
+    """The committed checkpoint the trainer saved at ``source`` (an absolute path that still holds its
+    bytes) in run ``run`` of ``model_repo``, or in a run it was resumed from, and so on back: the
+    best checkpoint a Trainer loads at its end may come from before a resume. ``None`` if none."""
+    seen: set[str] = set()
+    while run and run not in seen and len(seen) < hops:
+        seen.add(run)
+        record = repo_record(model_repo, run)
+        if record is None:
+            return None
+        hits = [c for c in record["checkpoints"] if c["commit"] and c.get("source") == source]
+        hits = [c for c in hits[-3:] if _holds(str(model_repo), c, Path(source))]  # (newest few: a hash each)
+        if hits:
+            return {"commit": hits[-1]["commit"], "path": hits[-1]["path"]}
+        earlier = record.get("resumed_from") or {}
+        run = earlier.get("run_name") if earlier.get("model_repo") == str(model_repo) else None
+    return None
+
+
 def _holds(model_repo: str, entry: dict[str, Any], local: Path) -> bool:
     """Whether ``local`` (a file, or a folder) has the bytes ``entry``'s commit holds at its path."""
     from ._oxen.tree import PathNotInCommit, UnreadableTree, files_at

@@ -95,6 +95,32 @@ def test_load_best_model_at_end_after_a_resume_records_the_best_checkpoint_it_lo
     assert best.tags["oxen.model.path"] == "runs/r/checkpoints/checkpoint-2"
 
 
+def test_load_best_model_at_end_after_a_resume_into_a_new_run_records_the_earlier_runs_best(pin, tmp_path):
+    """Resumed without its run name (a new run, which records `resumed_from`), the best evaluation came
+    before the cut: the Trainer ends holding checkpoint-2 of the run it resumed from. The lineage's
+    model must be that checkpoint (its commit and path), not the new run's last save."""
+    splits = pin.load_dataset()
+    args = dict(eval_dataset=splits["eval"], max_steps=6, save_steps=2, eval_strategy="steps", eval_steps=2,
+                load_best_model_at_end=True, metric_for_best_model="eval_loss", greater_is_better=True,
+                learning_rate=1e-2)  # the loss falls: "greater is better" makes step 2 the best
+    first = OxenTrainerCallback(dataset=pin, model_repo=tmp_path / "models", mlflow=False)
+    trainer, _ = make_trainer(tmp_path / "out", splits["train"], [first, StopAt(4)], **args)
+    trainer.train()
+    [earlier] = [c for c in first.lineage["checkpoints"] if c["step"] == 2]
+    cb = OxenTrainerCallback(dataset=pin, model_repo=tmp_path / "models", mlflow=False)
+    trainer, _ = make_trainer(tmp_path / "out", splits["train"], [cb], **args)
+    trainer.train(resume_from_checkpoint=True)
+
+    assert Path(trainer.state.best_model_checkpoint).name == "checkpoint-2"
+    record = cb.lineage
+    assert record["run"]["name"] != first.lineage["run"]["name"] and [c["step"] for c in record["checkpoints"]] == [6]
+    assert (record["model"]["commit"], record["model"]["path"]) == (earlier["commit"], earlier["path"])
+    weights = materialize_checkpoint(tmp_path / "models", commit=record["model"]["commit"], path=record["model"]["path"],
+                                     cache_dir=tmp_path / "read")
+    loaded = trainer.model.state_dict()
+    assert all(torch.equal(w, loaded[k]) for k, w in load_file(Path(weights.path) / "model.safetensors").items())
+
+
 def test_a_save_the_trainers_rotation_deleted_at_once_does_not_stop_training(pin, tmp_path):
     """Where mtimes look unreliable (within 1 s: a fast rerun, a FUSE mount) save_total_limit orders
     checkpoints by step, so a leftover checkpoint-4 of an earlier run outranks a new checkpoint-2,

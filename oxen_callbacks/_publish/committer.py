@@ -197,7 +197,8 @@ class Committer:
         kept = [c for c in record["checkpoints"] if c.get("kept", True)]
         # the best's latest version: a file saved again under its name ("best.ckpt") is the newer best
         chosen = (next((c for c in reversed(kept) if c["path"] == p.get("best")), None)
-                  or _saved_by_earlier_fit(kept, p.get("best_source")) or (kept or record["checkpoints"] or [None])[-1])
+                  or _saved_by_earlier_fit(kept, p.get("best_source")) or _checkpoint(p.get("best_earlier"))
+                  or (kept or record["checkpoints"] or [None])[-1])
         record["model"].update({"path": chosen["path"], "commit": chosen["commit"]} if chosen else {"path": None, "commit": None})
         self._write_record(run, record)
         return str(record.get("status", "finished"))
@@ -399,3 +400,9 @@ def _saved_by_earlier_fit(kept: list[dict[str, Any]], source: str | None) -> dic
     """The latest kept checkpoint written at the trainer's path ``source``: a best checkpoint that an
     earlier fit of a continued run saved (HF's ``load_best_model_at_end`` loads it after a resume)."""
     return next((c for c in reversed(kept) if source and c.get("source") == source), None)
+
+
+def _checkpoint(found: Any) -> dict[str, Any] | None:
+    """``{"commit", "path"}`` of a checkpoint another run committed (a job's ``best_earlier``), if well formed."""
+    ok = isinstance(found, dict) and all(isinstance(found.get(k), str) for k in ("commit", "path"))
+    return found if ok else None

@@ -307,13 +307,16 @@ class CheckpointPublisher:
             return None
         return self._put("remove", {"run": self.run, "dest": dest})
 
-    def submit_finalize(self, record: dict[str, Any], *, best: str | os.PathLike[str] | None = None) -> int:
+    def submit_finalize(self, record: dict[str, Any], *, best: str | os.PathLike[str] | None = None,
+                        best_earlier: dict[str, Any] | None = None) -> int:
         """Journal the commit of the run's complete lineage record (``best``: the checkpoint it names
-        as the model; one an earlier fit of a continued run saved is found by its ``source``); returns
+        as the model; one an earlier fit of a continued run saved is found by its ``source``;
+        ``best_earlier``: its commit and path when a run this one was resumed from saved it); returns
         its job's sequence number for :meth:`final_record`."""
         best_source = os.path.abspath(best) if best else None
         best_dest = self.dests.known(best_source) if best_source else None
-        return self._put("finalize", {"run": self.run, "record": record, "best": best_dest, "best_source": best_source})
+        return self._put("finalize", {"run": self.run, "record": record, "best": best_dest, "best_source": best_source,
+                                      "best_earlier": best_earlier})
 
     def final_record(self, seq: int, *, timeout: float | None = None) -> dict[str, Any] | None:
         """The record :meth:`submit_finalize` committed (commit ids filled), once every job before it is
