@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
@@ -158,6 +158,7 @@ class PinnedDataset:
             self._materialize_missing()
         folder = self.store.folder(self.commit)
         if not self._checked:
+            self._remake_if_lost(self.paths)
             for rel in self.paths:  # a path covered by a cached folder (or the whole commit) may not exist
                 if not os.path.lexists(folder / rel):
                     raise path_not_in_commit(rel, self.commit, self.source.location, role=self.ROLE)
@@ -171,18 +172,35 @@ class PinnedDataset:
         """:meth:`pull`, then check the content hash of every file of the pinned paths; a damaged
         snapshot is made again from the repository. Reads every byte: for commands, not training."""
         folder = self.pull()
-        if problems := self.store.check(self.commit, deep=True, paths=self.paths):
-            self._materialize_missing(damage=problems)  # a new snapshot is checked against the commit
+
+        def damage() -> list[str]:
+            return self.store.check(self.commit, deep=True, paths=self.paths)
+
+        if damage():
+            self._materialize_missing(damage)  # a new snapshot is checked against the commit
         return folder
 
-    def _materialize_missing(self, damage: list[str] | None = None) -> None:
-        """Make the missing pinned paths, the whole snapshot again if it is damaged (``damage``: found so)."""
+    def _remake_if_lost(self, rels: list[str]) -> None:
+        """Make the snapshot again when it lost one of ``rels`` that its records say the commit holds
+        (deleted from the cache): such a path is damage, not a path the commit lacks."""
+        folder = self.store.folder(self.commit)
+
+        def lost() -> list[str]:
+            return [f"{rel!r} is missing" for rel in rels
+                    if not os.path.lexists(folder / rel) and self.store.records(self.commit, rel)]
+
+        if lost():
+            self._materialize_missing(lost)
+
+    def _materialize_missing(self, damage: Callable[[], list[str]] | None = None) -> None:
+        """Make the missing pinned paths, the whole snapshot again if it is damaged (``damage``: what is
+        wrong with it besides its records, asked again under the lock: another process may have made it again)."""
         try:
             with FileLock(self.store.lock_path(self.commit), timeout=3600):
-                damage = damage or self.store.record_problems(self.commit)
-                if damage:  # what its folder holds is unknown: make it again from nothing
+                problems = self.store.record_problems(self.commit) or (damage() if damage else [])
+                if problems:  # what its folder holds is unknown: make it again from nothing
                     log.warning("Snapshot %s is damaged (%s): making it again", self.store.folder(self.commit),
-                                shown(damage))
+                                shown(problems))
                     self.store.discard(self.commit)
                 manifest = self.store.manifest(self.commit)
                 missing = manifest.missing(self.paths)
@@ -221,6 +239,10 @@ class PinnedDataset:
             )
         target = self.path / rel
         if not target.exists():
+            self._remake_if_lost([rel])
+        if not target.exists():
+            if self.store.records(self.commit, rel):
+                self.verify()  # names what is in its place (a dangling link...)
             raise ConfigurationError(f"{rel_path!r} is not in commit {self.commit} of {self.source.location!r}.")
         return target
 

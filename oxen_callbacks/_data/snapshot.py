@@ -98,6 +98,13 @@ class SnapshotStore:
                 raise DamagedRecord(f"its manifest {commit}.manifest.json names {rel!r}, outside the snapshot")
         return paths or {}
 
+    def records(self, commit: str, rel: str) -> bool:
+        """Whether the snapshot's records say ``commit`` holds ``rel`` (a recorded path, or a file at or under it)."""
+        try:
+            return rel in self._recorded_paths(commit) or any(covers(rel, f) for f in self.hashes(commit) or {})
+        except DamagedRecord:
+            return False
+
     def write_manifest(self, manifest: Manifest) -> None:
         write_json_atomically(self.base / f"{manifest.commit}.manifest.json",
                     {"commit": manifest.commit, "paths": manifest.paths}, indent=1)
