@@ -23,7 +23,6 @@ from ._oxen.commit_id import checked_commit_id
 from ._oxen.remote_spec import looks_remote
 from ._oxen.tree import path_not_in_commit
 from ._util.cache import default_cache_dir
-from ._util.fs import remove_tree
 from ._util.locks import FileLock
 from ._util.materialized import Materialized
 from ._util.relpath import covers, safe_relpath
@@ -206,12 +205,9 @@ class PinnedDataset:
                 missing = manifest.missing(self.paths)
                 if not missing:
                     return
-                scratch = self.store.scratch()
-                try:
+                with self.store.scratch() as scratch:
                     made = self.source.materialize(self.commit, missing, scratch)
                     self.store.adopt(self.commit, scratch, missing, manifest, made)
-                finally:
-                    remove_tree(scratch)
         except OSError as exc:  # permission denied, disk full, a file in the way...
             raise ConfigurationError(
                 f"The snapshot cache {str(self.store.cache_dir)!r} is not writable: {exc.strerror or exc}.",

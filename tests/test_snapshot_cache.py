@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
-from helpers import make_repo
+import xxhash
+from helpers import make_repo, process_tree, wait_until_released
 
 from oxen_callbacks import PinnedDataset
+from oxen_callbacks._oxen import layout as oxen_layout
 from oxen_callbacks.errors import ConfigurationError
 
 
@@ -40,3 +47,39 @@ def test_a_file_deleted_under_a_pinned_folder_is_made_again_by_file(tmp_path):
     pin.verify(deep=True)
     with pytest.raises(ConfigurationError, match=r"'data/c.txt' is not in commit"):
         pin.file("data/c.txt")
+
+
+PIN = "import sys; from oxen_callbacks import PinnedDataset; PinnedDataset(sys.argv[1], revision=sys.argv[2]).pull()"
+
+
+def stalled_pin(tmp_path: Path, files: int = 20) -> tuple:
+    """A repository whose last stored file is a named pipe, and a pin of it in its own process: it copies
+    the other files, then waits at the pipe for real (it holds the commit's lock and its scratch folder)."""
+    contents = {f"part-{i:02d}.bin": os.urandom(64 << 10) + bytes([i]) for i in range(files)}
+    repo = make_repo(tmp_path / "data", [("one", contents)])
+    stored = oxen_layout.version_path(repo.path, xxhash.xxh3_128_intdigest(contents["part-19.bin"]))
+    saved = stored.read_bytes()
+    stored.unlink()
+    os.mkfifo(stored)
+    proc = subprocess.Popen([sys.executable, "-c", PIN, str(repo.path), repo.head], stderr=subprocess.DEVNULL)
+    tmp = tmp_path / "cache" / "tmp"
+    deadline = time.monotonic() + 60
+    while not any(p.is_dir() and len(list(p.iterdir())) >= files - 1 for p in tmp.glob("*")):
+        assert time.monotonic() < deadline and proc.poll() is None, "the pin never reached the pipe"
+        time.sleep(0.05)
+    return repo, proc, stored, saved
+
+
+def test_a_pin_killed_mid_copy_leaves_no_copy_in_the_cache_for_good(tmp_path):
+    """kill -9 of a pin (OOM killer, scancel) left its scratch copy of the data in <cache>/tmp forever."""
+    repo, proc, stored, saved = stalled_pin(tmp_path)
+    for pid in process_tree(proc.pid):  # the pinning process and its copier, at once
+        os.kill(pid, signal.SIGKILL)
+    proc.wait()
+    tmp = tmp_path / "cache" / "tmp"
+    assert not wait_until_released(tmp)
+    stored.unlink()
+    stored.write_bytes(saved)
+    pin = PinnedDataset(repo.path, revision=repo.head, verify=True)
+    assert pin.file("part-19.bin").read_bytes() == saved
+    assert list(tmp.iterdir()) == []  # the next pin into the cache swept it

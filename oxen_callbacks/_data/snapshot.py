@@ -12,8 +12,8 @@ from __future__ import annotations
 import json
 import os
 import stat
-import uuid
 from collections.abc import Iterable, Iterator
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,6 +22,7 @@ from .._oxen.commit_id import checked_commit_id, is_commit_id
 from .._util.fs import make_dirs_writable, remove_tree, write_json_atomically
 from .._util.materialized import Materialized, content_hash, file_digest
 from .._util.relpath import covers, safe_relpath
+from .._util.scratch import scratch_folder
 
 _RO_FILE = stat.S_IRUSR | stat.S_IRGRP | stat.S_IROTH
 _RO_DIR = _RO_FILE | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH
@@ -155,11 +156,10 @@ class SnapshotStore:
         write_json_atomically(self.base / f"{commit}.hashes.json",
                     {"commit": commit, "algorithm": "xxh3-128", "files": {**(self.hashes(commit) or {}), **hashes}})
 
-    def scratch(self) -> Path:
-        """A new empty folder on the cache's filesystem (for atomic moves into a snapshot)."""
-        path = self.cache_dir / "tmp" / uuid.uuid4().hex
-        path.mkdir(parents=True)
-        return path
+    def scratch(self) -> AbstractContextManager[Path]:
+        """A new empty folder on the cache's filesystem (for atomic moves into a snapshot), deleted after
+        (one a killed pin left is deleted by the next: :func:`~oxen_callbacks._util.scratch.scratch_folder`)."""
+        return scratch_folder(self.cache_dir / "tmp")
 
     def adopt(self, commit: str, staged_root: Path, rel_paths: list[str], manifest: Manifest,
               made: Materialized | None = None) -> None:
