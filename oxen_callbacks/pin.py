@@ -23,12 +23,16 @@ from ._oxen.commit_id import checked_commit_id
 from ._oxen.remote_spec import looks_remote
 from ._oxen.tree import path_not_in_commit
 from ._util.cache import default_cache_dir
-from ._util.locks import FileLock
+from ._util.locks import FileLock, LockTimeout
 from ._util.materialized import Materialized
 from ._util.relpath import covers, safe_relpath
-from .errors import ConfigurationError, DatasetMismatchError
+from .errors import ConfigurationError, DatasetMismatchError, OxenError
 
 log = logging.getLogger(__name__)
+
+#: How long a pin waits for another process pinning the same commit into the same cache: longer than
+#: that process's own copy may take (two hours: ``oxen_callbacks._oxen.child.MATERIALIZE_TIMEOUT_S``).
+PIN_WAIT_S = 3 * 3600.0
 
 
 @runtime_checkable
@@ -195,7 +199,7 @@ class PinnedDataset:
         """Make the missing pinned paths, the whole snapshot again if it is damaged (``damage``: what is
         wrong with it besides its records, asked again under the lock: another process may have made it again)."""
         try:
-            with FileLock(self.store.lock_path(self.commit), timeout=3600):
+            with FileLock(self.store.lock_path(self.commit), timeout=PIN_WAIT_S):
                 problems = self.store.record_problems(self.commit) or (damage() if damage else [])
                 if problems:  # what its folder holds is unknown: make it again from nothing
                     log.warning("Snapshot %s is damaged (%s): making it again", self.store.folder(self.commit),
@@ -208,6 +212,13 @@ class PinnedDataset:
                 with self.store.scratch() as scratch:
                     made = self.source.materialize(self.commit, missing, scratch)
                     self.store.adopt(self.commit, scratch, missing, manifest, made)
+        except LockTimeout:  # (a TimeoutError, so an OSError: not a cache we cannot write)
+            raise OxenError(
+                f"Another process has been pinning {self.source.location}@{self.commit} into the snapshot cache "
+                f"{str(self.store.cache_dir)!r} for {PIN_WAIT_S:g}s and still holds its lock "
+                f"{self.store.lock_path(self.commit)}: it looks stuck. Stop it (`fuser` on the lock names it), "
+                "or pass cache_dir= another folder."
+            ) from None
         except OSError as exc:  # permission denied, disk full, a file in the way...
             raise ConfigurationError(
                 f"The snapshot cache {str(self.store.cache_dir)!r} is not writable: {exc.strerror or exc}.",

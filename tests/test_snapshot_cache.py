@@ -83,3 +83,25 @@ def test_a_pin_killed_mid_copy_leaves_no_copy_in_the_cache_for_good(tmp_path):
     pin = PinnedDataset(repo.path, revision=repo.head, verify=True)
     assert pin.file("part-19.bin").read_bytes() == saved
     assert list(tmp.iterdir()) == []  # the next pin into the cache swept it
+
+
+def test_a_pin_waiting_for_a_stuck_pin_of_the_same_commit_says_so(tmp_path, monkeypatch):
+    """Another DDP rank or notebook pinning the same commit holds its lock; once the wait ended after an
+    hour (while a pin may take two) as 'the snapshot cache is not writable ... free some space'."""
+    from oxen_callbacks import pin as pin_module
+    from oxen_callbacks.errors import OxenError
+
+    repo, proc, stored, saved = stalled_pin(tmp_path)
+    try:
+        assert pin_module.PIN_WAIT_S > 2 * 3600  # longer than the stuck pin's own copy may take
+        monkeypatch.setattr(pin_module, "PIN_WAIT_S", 1.0)
+        waiting = PinnedDataset(repo.path, revision=repo.head)
+        with pytest.raises(OxenError, match=r"Another process has been pinning .* for 1s and still holds its lock"):
+            waiting.pull()
+    finally:
+        for pid in process_tree(proc.pid):
+            os.kill(pid, signal.SIGKILL)
+        proc.wait()
+    stored.unlink()
+    stored.write_bytes(saved)
+    assert waiting.file("part-19.bin").read_bytes() == saved  # its lock went with the killed process
