@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import xxhash
-from helpers import make_repo, process_tree, wait_until_released
+from helpers import children, make_repo, process_running, process_tree, wait_until_released
 
 from oxen_callbacks import PinnedDataset
 from oxen_callbacks._oxen import layout as oxen_layout
@@ -105,3 +105,18 @@ def test_a_pin_waiting_for_a_stuck_pin_of_the_same_commit_says_so(tmp_path, monk
     stored.unlink()
     stored.write_bytes(saved)
     assert waiting.file("part-19.bin").read_bytes() == saved  # its lock went with the killed process
+
+
+def test_the_copier_of_a_pin_killed_by_sigkill_stops_with_it(tmp_path):
+    """It went on (up to two hours, or here for ever at the pipe), copying data nobody would read."""
+    repo, proc, stored, saved = stalled_pin(tmp_path)
+    [copier] = children(proc.pid)
+    os.kill(proc.pid, signal.SIGKILL)  # the pinning process alone, as the OOM killer does
+    proc.wait()
+    deadline = time.monotonic() + 10
+    while process_running(copier) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    stopped = not process_running(copier)
+    if not stopped:
+        os.kill(copier, signal.SIGKILL)
+    assert stopped

@@ -142,7 +142,8 @@ def copy_from_store(repo: Path, commit: str, paths: list[str], dest: Path) -> Ma
         oxen_child.ChildTimedOut: after :data:`oxen_child.MATERIALIZE_TIMEOUT_S`.
     """
     outcome = oxen_child.run_in_child(store_copy.child_copy, timeout=oxen_child.MATERIALIZE_TIMEOUT_S,
-                                      show_stderr=True, repo=str(repo), commit=commit, paths=paths, dest=str(dest))
+                                      show_stderr=True, repo=str(repo), commit=commit, paths=paths, dest=str(dest),
+                                      parent=os.getpid())
     if "missing" in outcome:
         raise oxen_tree.PathNotInCommit(outcome["missing"])
     if "corrupt" in outcome:
