@@ -177,11 +177,18 @@ class PinnedDataset:
         folder = self.pull()
 
         def damage() -> list[str]:
-            return self.store.check(self.commit, deep=True, paths=self.paths)
+            return self.store.check(self.commit, deep=True, paths=self.paths) or self._unlike_the_repository()
 
         if damage():
             self._materialize_missing(damage)  # a new snapshot is checked against the commit
         return folder
+
+    def _unlike_the_repository(self) -> list[str]:
+        """Where the snapshot's hash record is not the repository's tree (a snapshot and its records
+        planted in a shared cache pass the deep check); nothing when the source cannot tell (remote)."""
+        file_hashes = getattr(self.source, "file_hashes", None)
+        expected = file_hashes(self.commit, self.paths) if file_hashes is not None else None
+        return self.store.unlike(self.commit, expected, self.paths) if expected is not None else []
 
     def _remake_if_lost(self, rels: list[str]) -> None:
         """Make the snapshot again when it lost one of ``rels`` that its records say the commit holds
@@ -282,12 +289,15 @@ class PinnedDataset:
 
     def verify(self, *, deep: bool = False) -> None:
         """Check the snapshot still holds what its manifest recorded: file counts and sizes,
-        and with ``deep`` the content hash of every file of the pinned paths (reads every byte).
+        and with ``deep`` the content hash of every file of the pinned paths (reads every byte),
+        recorded as the repository's commit has them (a local repository's tree tells).
 
         Raises:
             DatasetMismatchError: naming what changed.
         """
         problems = self.store.check(self.commit, deep=deep, paths=self.paths)
+        if deep and not problems:
+            problems = self._unlike_the_repository()
         if problems:
             folder = self.store.folder(self.commit)
             raise DatasetMismatchError(

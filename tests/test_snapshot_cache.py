@@ -15,7 +15,7 @@ from helpers import children, make_repo, process_running, process_tree, wait_unt
 
 from oxen_callbacks import PinnedDataset
 from oxen_callbacks._oxen import layout as oxen_layout
-from oxen_callbacks.errors import ConfigurationError
+from oxen_callbacks.errors import ConfigurationError, DatasetMismatchError
 
 
 def delete_from_snapshot(pin: PinnedDataset, rel: str) -> None:
@@ -120,3 +120,28 @@ def test_the_copier_of_a_pin_killed_by_sigkill_stops_with_it(tmp_path):
     if not stopped:
         os.kill(copier, signal.SIGKILL)
     assert stopped
+
+
+def test_a_snapshot_planted_in_a_shared_cache_with_records_to_match_is_not_taken_for_the_commit(dataset_repo):
+    """Anyone who can write a shared cache can replace a snapshot's bytes and rewrite its manifest and
+    hash record to match: the deep check must compare with the repository's own tree, so `verify(deep)`
+    says so and `pull_intact()` (`reproduce`, `diff`) makes the snapshot again from the commit."""
+    import json
+
+    pin = PinnedDataset(dataset_repo.path, revision=dataset_repo.head, paths=["train.csv"])
+    folder = pin.pull()
+    real = (folder / "train.csv").read_bytes()
+    planted = real.replace(b"0", b"1")  # same size, other labels
+    assert planted != real and len(planted) == len(real)
+    subprocess.run(["chmod", "-R", "u+w", str(folder)], check=True)
+    (folder / "train.csv").write_bytes(planted)
+    record = pin.store.base / f"{pin.commit}.hashes.json"
+    hashes = json.loads(record.read_text())
+    hashes["files"]["train.csv"] = format(xxhash.xxh3_128_intdigest(planted), "032x")
+    record.write_text(json.dumps(hashes))
+
+    again = PinnedDataset(dataset_repo.path, revision=dataset_repo.head, paths=["train.csv"])
+    with pytest.raises(DatasetMismatchError, match="unlike the repository"):
+        again.verify(deep=True)
+    assert (again.pull_intact() / "train.csv").read_bytes() == real
+    again.verify(deep=True)

@@ -28,7 +28,7 @@ from .._oxen.repo import LocalRepo, damaged_repo
 from .._oxen.store_copy import CorruptStore
 from .._oxen.tree import path_not_in_commit
 from .._util.fs import empty_folder
-from .._util.materialized import Materialized
+from .._util.materialized import Materialized, content_hash
 from ..errors import ConfigurationError, OxenError
 
 log = logging.getLogger(__name__)
@@ -69,6 +69,15 @@ class LocalSource:
     def changed_paths(self, paths: list[str]) -> list[str]:
         with self._child_errors("read its status"):
             return oxen_child.changed_paths(self.repo.path, paths)
+
+    def file_hashes(self, commit: str, paths: list[str]) -> dict[str, str] | None:
+        """The content hash (as a snapshot records it) of every file at or under ``paths`` in ``commit``,
+        read from the repository's tree; ``None`` when the tree cannot tell."""
+        try:
+            found = oxen_tree.files_at(self.local_root, commit, paths)
+        except (oxen_tree.PathNotInCommit, oxen_tree.UnreadableTree, OSError):
+            return None
+        return {f.path: content_hash(f.hash) for subtree in found.values() for f in subtree.files}
 
     def materialize(self, commit: str, paths: list[str], dest: Path) -> Materialized | None:
         """Write ``paths`` of ``commit`` under ``dest`` (an empty scratch folder).

@@ -106,6 +106,16 @@ class SnapshotStore:
         except DamagedRecord:
             return False
 
+    def unlike(self, commit: str, expected: dict[str, str], paths: list[str]) -> list[str]:
+        """Where the snapshot's content hash record of the files under ``paths`` differs from ``expected``
+        (the repository's own): a record written by someone else, beside bytes that are not the commit's."""
+        try:
+            recorded = {f: h for f, h in (self.hashes(commit) or {}).items() if any(covers(rel, f) for rel in paths)}
+        except DamagedRecord as exc:
+            return [str(exc)]
+        return [f"{f!r} is recorded unlike the repository's commit" for f in sorted(expected.keys() | recorded.keys())
+                if expected.get(f) != recorded.get(f)]
+
     def write_manifest(self, manifest: Manifest) -> None:
         write_json_atomically(self.base / f"{manifest.commit}.manifest.json",
                     {"commit": manifest.commit, "paths": manifest.paths}, indent=1)
