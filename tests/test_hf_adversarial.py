@@ -129,12 +129,19 @@ def test_a_save_the_trainers_rotation_deleted_at_once_does_not_stop_training(pin
     first = OxenTrainerCallback(dataset=pin, model_repo=tmp_path / "models", mlflow=False)
     trainer, _ = make_trainer(tmp_path / "out", splits["train"], [first], max_steps=4, save_steps=2)
     trainer.train()
-    soon = time.time() + 0.5
-    for folder in (tmp_path / "out").iterdir():
-        os.utime(folder, (soon, soon))
+
+    class MtimesWithinASecond(TrainerCallback):
+        """Just before the step-2 save (and its rotation): the leftover folders look as new as it."""
+
+        def on_step_end(self, args, state, control, **kwargs):  # type: ignore[no-untyped-def]
+            if state.global_step == 2:
+                soon = time.time() + 0.5
+                for folder in (tmp_path / "out").iterdir():
+                    os.utime(folder, (soon, soon))
+
     cb = OxenTrainerCallback(dataset=pin, model_repo=tmp_path / "models", mlflow=False)
-    trainer, _ = make_trainer(tmp_path / "out", splits["train"], [cb], seed=1, max_steps=4, save_steps=2,
-                              save_total_limit=1)
+    trainer, _ = make_trainer(tmp_path / "out", splits["train"], [cb, MtimesWithinASecond()], seed=1, max_steps=4,
+                              save_steps=2, save_total_limit=1)
     trainer.train()
 
     assert trainer.state.global_step == 4 and sorted(p.name for p in (tmp_path / "out").iterdir()) == ["checkpoint-4"]
