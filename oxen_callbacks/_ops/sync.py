@@ -8,6 +8,7 @@ operation is idempotent, and what still fails stays journaled and is reported.
 from __future__ import annotations
 
 import contextlib
+import io
 import logging
 import os
 import shutil
@@ -161,7 +162,7 @@ def _replay_one(folder: Path, journal: Any) -> dict[str, Any] | None:
     entry: dict[str, Any] = {"journal": folder.name, "tracking_uri": meta.get("tracking_uri"),
                              "run_id": meta.get("run_id"), "pending": len(journal.pending())}
     try:
-        with contextlib.redirect_stdout(sys.stderr):  # MLflow prints run links: keep stdout for our report
+        with contextlib.redirect_stdout(_RedactedStderr()):  # MLflow prints run links: keep stdout for our report
             entry["done"] = replay(journal)
         entry["status"] = "done"
         entry["run_id"] = journal.meta().get("run_id")  # created by the replay when training could not
@@ -172,6 +173,18 @@ def _replay_one(folder: Path, journal: Any) -> dict[str, Any] | None:
         entry["status"] = "failed"
         entry["error"] = redact_text(f"{type(exc).__name__}: {exc}")[:500]
     return entry
+
+
+class _RedactedStderr(io.TextIOBase):
+    """What MLflow prints while replaying, on stderr without credentials: its run links are made
+    from the tracking URI, password and all (``http://user:pw@host/#/experiments/...``)."""
+
+    def write(self, text: str) -> int:
+        sys.stderr.write(redact_text(text))
+        return len(text)
+
+    def flush(self) -> None:
+        sys.stderr.flush()
 
 
 def _waits_for_commits(journal: Any, meta: dict[str, Any]) -> bool:
