@@ -175,8 +175,8 @@ def _complete_and_mark(client: Any, journal: MlflowJournal, meta: dict[str, Any]
         best = _key(model["commit"], model["path"])
     wanted = {TAG_MODEL_FINAL: _key(final["commit"], final["path"]), TAG_MODEL_BEST: best}
     for tag, key in wanted.items():
-        for other, found in existing.items():
-            if found.tags.get(tag) == MARK and other != key:
+        for other, found in existing.items():  # (a model of another repository once at this path is not the run's)
+            if found.tags.get(tag) == MARK and other != key and other in keys:
                 client.delete_logged_model_tag(found.model_id, tag)  # an earlier fit's, of a continued run
         if key in existing and existing[key].tags.get(tag) != MARK and not _marked(client, existing[key].model_id, tag):
             del existing[key]
