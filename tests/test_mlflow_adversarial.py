@@ -64,3 +64,41 @@ def test_a_new_repository_at_an_old_path_leaves_the_old_runs_marks_alone(dataset
               for m in client.search_logged_models([experiment]) if m.tags.get("oxen.model.final") == "true"]
     old_last, new_last = old["checkpoints"][-1], new["checkpoints"][-1]
     assert sorted(finals) == sorted([(old_last["commit"], old_last["path"]), (new_last["commit"], new_last["path"])])
+
+
+def test_an_end_retried_after_a_fault_registers_one_version_in_a_name_others_use(dataset_repo, tmp_path, monkeypatch):
+    """A fit inside a nested active run registers into a name that already holds another model's
+    version; the tracking store fails once after the version is made (the lineage picture's upload:
+    a server restarting). The retried end makes no second version, and the version, like every tag
+    and logged model, names the nested run and its commits, the other model's version untouched."""
+    from mlflow.exceptions import MlflowException
+
+    client = MlflowClient(mlflow.get_tracking_uri())
+    client.create_registered_model("shared")
+    other = client.create_run(client.create_experiment("others"))
+    client.create_model_version("shared", source="s3://elsewhere/model", run_id=other.info.run_id)
+    real_log_artifact, failed = MlflowClient.log_artifact, []
+
+    def log_artifact(self, run_id, local_path, artifact_path=None):  # type: ignore[no-untyped-def]
+        if local_path.endswith(".svg") and not failed:
+            failed.append(local_path)
+            raise MlflowException("API request failed: connection reset (server restarting)")
+        return real_log_artifact(self, run_id, local_path, artifact_path)
+
+    monkeypatch.setattr(MlflowClient, "log_artifact", log_artifact)
+    pin = PinnedDataset(dataset_repo.path, revision=dataset_repo.commits[0], paths=["train.csv", "val.csv"])
+    cb = OxenLightningCallback(dataset=pin, model_repo=tmp_path / "models", register_model="shared")
+    with mlflow.start_run() as parent, mlflow.start_run(nested=True) as child:
+        make_trainer(tmp_path, [ModelCheckpoint(dirpath=tmp_path / "ckpt"), cb], epochs=1).fit(
+            TinyModel(), datamodule=CsvData(pin))
+        record = cb.lineage
+    assert failed  # the fault happened, after the version was registered
+    assert record["run"]["mlflow_run_id"] == child.info.run_id
+    versions = client.search_model_versions("name = 'shared'")
+    ours = [v for v in versions if v.run_id == child.info.run_id]
+    assert len(ours) == 1 and len(versions) == 2, [(v.version, v.run_id) for v in versions]
+    assert ours[0].tags["oxen.model.commit"] == record["model"]["commit"]
+    assert ours[0].tags["oxen.dataset.commit"] == dataset_repo.commits[0]
+    assert client.get_model_version("shared", "1").run_id == other.info.run_id
+    assert "oxen.model.commit" not in client.get_run(parent.info.run_id).data.tags
+    assert client.get_run(child.info.run_id).data.tags["oxen.model.commit"] == record["model"]["commit"]

@@ -111,15 +111,29 @@ def register_version(client: Any, name: str, run_id: str, record: dict[str, Any]
         if exc.error_code != "RESOURCE_ALREADY_EXISTS":
             raise
     model = record["model"]
-    source, linked = f"runs:/{run_id}/{POINTER_ARTIFACT_DIR}", {}
+    version = _registered_already(client, name, run_id, model)
+    if version is None:
+        source, linked = f"runs:/{run_id}/{POINTER_ARTIFACT_DIR}", {}
+        if model_id is not None:
+            source, linked = _logged_model_source(client, model_id), {"model_id": model_id}
+        version = str(client.create_model_version(
+            name, source=source, run_id=run_id, tags=version_tags(record), **linked,
+            description=f"{model['path']} at Oxen commit {model['commit']} of {model['repo']}").version)
     if model_id is not None:
-        source, linked = _logged_model_source(client, model_id), {"model_id": model_id}
-    version = client.create_model_version(
-        name, source=source, run_id=run_id, tags=version_tags(record), **linked,
-        description=f"{model['path']} at Oxen commit {model['commit']} of {model['repo']}")
-    if model_id is not None:
-        _list_version_on_model(client, model_id, name, str(version.version))
-    return {"name": name, "version": str(version.version)}
+        _list_version_on_model(client, model_id, name, version)
+    return {"name": name, "version": version}
+
+
+def _registered_already(client: Any, name: str, run_id: str, model: dict[str, Any]) -> str | None:
+    """The version of ``name`` that run ``run_id`` registered for ``model`` before, if any: an end
+    replayed after a fault that came after registering (a restarting server, a killed ``sync``) makes
+    no second version."""
+    for version in client.search_model_versions(f"run_id = '{run_id}'"):
+        tags = version.tags or {}
+        if version.name == name and (tags.get(TAG_MODEL_COMMIT), tags.get(TAG_MODEL_PATH)) == (
+                model["commit"], model["path"]):
+            return str(version.version)
+    return None
 
 
 def _logged_model_source(client: Any, model_id: str) -> str:
