@@ -6,9 +6,15 @@ real tiny Lightning fits; a fault is injected only where it cannot be produced o
 
 from __future__ import annotations
 
+import os
 import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import mlflow
+import pytest
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning_model import CsvData, TinyModel, make_trainer
 from mlflow import MlflowClient
@@ -18,6 +24,8 @@ from oxen_callbacks import PinnedDataset
 from oxen_callbacks._mlflow.journal import MlflowJournal
 from oxen_callbacks._ops import sync
 from oxen_callbacks.lightning import OxenLightningCallback
+
+SCRIPT = Path(__file__).parent / "fit_script.py"
 
 
 def _fit(pin, root, models, run_name, epochs=1, **kwargs):  # type: ignore[no-untyped-def]
@@ -102,3 +110,30 @@ def test_an_end_retried_after_a_fault_registers_one_version_in_a_name_others_use
     assert client.get_model_version("shared", "1").run_id == other.info.run_id
     assert "oxen.model.commit" not in client.get_run(parent.info.run_id).data.tags
     assert client.get_run(child.info.run_id).data.tags["oxen.model.commit"] == record["model"]["commit"]
+
+
+@pytest.mark.timeout(600)
+def test_a_relative_sqlite_store_is_finished_by_sync_run_from_another_folder(dataset_repo, tmp_path, monkeypatch):
+    """`export MLFLOW_TRACKING_URI=sqlite:///mlflow.db` (MLflow's own quickstart), a fit in folder a killed
+    right after fit(), then `sync` from folder b with the same environment: the run in a/mlflow.db is
+    finished, and no other store is made or written."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir(), b.mkdir()
+    env = {**os.environ, "MLFLOW_TRACKING_URI": "sqlite:///mlflow.db"}
+    cmd = [sys.executable, str(SCRIPT), "--dataset", str(dataset_repo.path), "--revision", dataset_repo.commits[0],
+           "--model-repo", str(tmp_path / "models"), "--root", str(tmp_path / "fit"), "--epochs", "1", "--mlflow",
+           "--logger", "--after-fit", "kill"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, stdin=subprocess.DEVNULL, check=False,
+                          env=env, cwd=a)
+    assert done.returncode == -9, done.stderr[-3000:]
+    monkeypatch.chdir(b)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///mlflow.db")
+    deadline = time.monotonic() + 180
+    while (report := sync.sync_all())["pending"] and time.monotonic() < deadline:
+        time.sleep(1)  # the commit worker outlives its trainer and may still be committing
+    assert report["pending"] == 0, report
+    assert not (b / "mlflow.db").exists()
+    client = MlflowClient(f"sqlite:///{a / 'mlflow.db'}")
+    [run] = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert run.data.tags["oxen.lineage.status"] == "FINISHED"  # journaled before the kill
+    assert run.data.tags["oxen.model.commit"] and run.info.status != "RUNNING"

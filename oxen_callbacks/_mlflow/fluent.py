@@ -31,6 +31,15 @@ def default_tracking_uri() -> str:
     return os.environ.get(ENV_MLFLOW_TRACKING_URI) or f"sqlite:///{Path('mlflow.db').resolve()}"
 
 
+def absolute_store(uri: str) -> str:
+    """``uri`` with a relative SQLite path (``sqlite:///mlflow.db``, as MLflow's quickstart writes it) made
+    absolute from this process's working directory: what is journaled names that store wherever
+    ``oxen-callbacks sync`` runs, not a new one in its working directory."""
+    prefix = "sqlite:///"
+    path = uri[len(prefix):] if uri.startswith(prefix) else ""
+    return f"{prefix}{os.path.abspath(path)}" if path and not path.startswith("/") else uri
+
+
 def active_run() -> tuple[str, str] | None:
     """``(run_id, tracking_uri)`` of the active fluent run (``None`` when MLflow is not even imported)."""
     mlflow = sys.modules.get("mlflow")

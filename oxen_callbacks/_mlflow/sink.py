@@ -47,7 +47,7 @@ from ..names import (
     TAG_RUN,
 )
 from . import fluent
-from .fluent import default_tracking_uri, run_to_join
+from .fluent import absolute_store, default_tracking_uri, run_to_join
 from .journal import END_LINE, TRAINING_OVER_LINE, MlflowJournal
 from .logged_models import checkpoint_op, mark_op
 from .sink_thread import SinkThread
@@ -107,7 +107,7 @@ class MlflowSink:
         active = run_to_join() if run_id is None else None
         if active is not None:
             run_id, tracking_uri = active[0], tracking_uri or active[1]
-        uri = tracking_uri or default_tracking_uri()
+        uri = absolute_store(tracking_uri or default_tracking_uri())
         meta = {"tracking_uri": redact_url(uri), "run_id": run_id}
         if model_repo is not None:
             meta.update(model_repo=model_repo, oxen_run=run_name)
