@@ -31,8 +31,11 @@ class SignalAt(Callback):
 
 @pytest.fixture
 def signal_handlers():  # type: ignore[no-untyped-def]
-    """Lightning leaves SIGINT ignored after a Ctrl-C: give this test process its handlers back."""
+    """Python's own handlers for the fit (Lightning adds none where another library, e.g. Ray earlier in
+    this test process, left one), and the saved ones back after (Lightning leaves SIGINT ignored)."""
     saved = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     yield
     for sig, handler in saved.items():
         signal.signal(sig, handler)
