@@ -489,3 +489,41 @@ def test_the_end_waits_for_a_thread_sink_without_polling_its_journal(tmp_path, h
     assert 2.5 <= time.monotonic() - started < 10
     assert len(listings) <= 8  # once a second at most; polling every 10 ms made ~250
     assert [op["op"] for _path, op in sink.journal.pending()] == ["set_tags"]
+
+
+# A sink process killed the moment MLflow's migrations of a new SQLite store are half done: a job
+# killed with -9 while its sink process (at SCHED_IDLE, seconds behind on a busy machine) still made the store.
+_DIES_MAKING_THE_STORE = ("import os, signal, sys\n"
+                          "from sqlalchemy import event\n"
+                          "from sqlalchemy.engine import Engine\n"
+                          "@event.listens_for(Engine, 'before_cursor_execute')\n"
+                          "def die(conn, cursor, statement, *args):\n"
+                          "    if statement.lstrip().upper().startswith('CREATE TABLE _ALEMBIC_TMP_'):\n"
+                          "        os.kill(os.getpid(), signal.SIGKILL)\n"
+                          "from oxen_callbacks._mlflow import sink_process\n"
+                          "sys.exit(sink_process.main(sys.argv[1:]))\n")
+
+
+def test_a_sink_killed_while_making_a_new_sqlite_store_leaves_sync_a_store_to_log_to(tmp_path):
+    """The first operation of a run makes a new SQLite store: a sink process killed halfway through
+    MLflow's migrations must not leave a store MLflow fails on for good ("table _alembic_tmp_experiments
+    already exists"): `sync` creates the run and logs everything journaled."""
+    from oxen_callbacks._mlflow.journal import MlflowJournal
+    from oxen_callbacks._ops import sync
+    from oxen_callbacks._util.processes import child_environment
+
+    store = tmp_path / "mlflow.db"
+    assert os.environ["MLFLOW_TRACKING_URI"] == f"sqlite:///{store}" and not store.exists()
+    journal = MlflowJournal.create(Path(os.environ["OXEN_CALLBACKS_CACHE"]),
+                                   {"tracking_uri": f"sqlite:///{store}", "run_id": None})
+    journal.put(1, {"op": "create_run", "run_name": "starved", "experiment_id": None, "experiment_name": None})
+    journal.put(2, {"op": "set_tags", "tags": {"oxen.run": "starved"}})
+    sink = subprocess.run([sys.executable, "-c", _DIES_MAKING_THE_STORE, "--journal", str(journal.folder)],
+                          stdin=subprocess.DEVNULL, env=child_environment(), timeout=300)
+    assert sink.returncode == -signal.SIGKILL and journal.meta()["run_id"] is None  # killed mid-migration
+
+    report = sync.sync_all()
+    assert report["pending"] == 0, [(m["status"], m.get("error")) for m in report["mlflow"]]  # (was: "failed", OperationalError: table _alembic_tmp_... exists)
+    [run] = MlflowClient().search_runs(["0"])
+    assert run.info.run_name == "starved" and run.data.tags["oxen.run"] == "starved"
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(("mlflow.db", ".mlflow.db"))) == ["mlflow.db"]

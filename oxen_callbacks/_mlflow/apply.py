@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +35,52 @@ def client_for(journal: MlflowJournal, uri: str | None = None) -> Any:
 
     if uri is None and _same_store(journal.meta()["tracking_uri"]):
         uri = os.environ.get(ENV_MLFLOW_TRACKING_URI)
-    return MlflowClient(uri or journal.meta()["tracking_uri"])
+    uri = uri or journal.meta()["tracking_uri"]
+    make_sqlite_store_whole(uri)
+    return MlflowClient(uri)
+
+
+def make_sqlite_store_whole(uri: str) -> None:
+    """Make the SQLite store of ``uri``, if it does not exist yet, under a name of its own, and link it
+    into place once MLflow has made all its tables.
+
+    MLflow makes a new store in place through dozens of migrations, not all undone when the process
+    dies: a sink process killed halfway (``kill -9`` of the job while the sink, at ``SCHED_IDLE`` on a
+    busy machine, took seconds to make the store) left a store MLflow then fails on for good
+    ("duplicate column name: step", "table _alembic_tmp_experiments already exists"), and ``sync``
+    could never log what was journaled. A maker killed now leaves only its hidden file beside it, removed
+    by the next maker.
+    """
+    from mlflow import MlflowClient
+
+    if not uri.startswith("sqlite:///") or "?" in uri:
+        return
+    store = Path(uri[len("sqlite:///"):])
+    if store.exists() or not store.parent.is_dir():
+        return  # (a missing folder: MLflow's own error, as before)
+    _remove_partial_stores_of_dead_makers(store)
+    partial = store.with_name(f".{store.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.partial")
+    try:
+        MlflowClient(f"sqlite:///{partial}").search_experiments(max_results=1)  # all its tables made
+        os.link(partial, store)  # never over a store made meanwhile
+    except FileExistsError:
+        pass  # made meanwhile by another process: that one is whole too, or MLflow's to judge
+    except OSError:
+        pass  # no hard links here: MLflow makes it in place, as before
+    finally:
+        for leftover in (partial, partial.with_name(partial.name + "-journal")):
+            leftover.unlink(missing_ok=True)
+
+
+def _remove_partial_stores_of_dead_makers(store: Path) -> None:
+    for leftover in store.parent.glob(f".{store.name}.*-*.partial*"):
+        pid = leftover.name[len(store.name) + 2:].split("-", 1)[0]
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:  # (its maker was killed: a maker that lives is left alone)
+            leftover.unlink(missing_ok=True)
+        except (ValueError, OSError):
+            pass
 
 
 def replay(journal: MlflowJournal) -> int:
