@@ -87,7 +87,9 @@ def test_a_killed_fits_late_commit_leaves_the_record_of_the_fit_that_continued_t
         killed_fit = read_lineage(lineage)
 
         b = OxenLightningCallback(model_repo=models, run_name="nightly", resume_from="nightly", mlflow=False)
-        make_trainer(tmp_path / "b", [ModelCheckpoint(dirpath=tmp_path / "b" / "ckpt"), b], epochs=1).fit(
+        # one epoch more than A's save (A, on a busy machine, may be epochs in before its first commit)
+        epochs = torch.load(b.ckpt_path, weights_only=False)["epoch"] + 1
+        make_trainer(tmp_path / "b", [ModelCheckpoint(dirpath=tmp_path / "b" / "ckpt"), b], epochs=epochs).fit(
             TinyModel(), datamodule=CsvData(b.dataset), ckpt_path=b.ckpt_path)
         mine = b.lineage
         assert mine["status"] == "FINISHED" and read_lineage(lineage)["fit_id"] == mine["fit_id"]
