@@ -38,6 +38,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from user_env import user_env
+
 VARIANTS = ("bare", "ours", "ours_oxen_only", "mlflow", "naive", "naive_mlflow")
 RATIO_OVERLAP_TARGET = 1.10
 
@@ -156,7 +158,7 @@ def fit_in_child(variant: str, root: Path, size_mb: int, epochs: int, compute_s:
     work = root / f"{variant}-{size_mb}-{compute_s}-{i}"
     work.mkdir(parents=True)
     prepare_fit(root, work, f"mlflow-{variant}.db")
-    env = {**os.environ, "OXEN_CALLBACKS_CACHE": str(work / "cache"), "OXEN_CONFIG_DIR": str(work / "oxen-config")}
+    env = user_env(OXEN_CALLBACKS_CACHE=str(work / "cache"), OXEN_CONFIG_DIR=str(work / "oxen-config"))
     if variant.startswith("naive"):  # the naive baseline commits in-process: it needs an identity
         (work / "oxen-config").mkdir()
         (work / "oxen-config" / "user_config.toml").write_text('name = "bench"\nemail = "bench@example.com"\n')

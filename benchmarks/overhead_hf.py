@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 
 from overhead import headline, prepare_fit, variants  # benchmarks/ is on sys.path when run as a script
+from user_env import user_env
 
 VARIANTS = ("bare", "ours", "ours_oxen_only", "mlflow", "naive")
 SAVES = 5
@@ -119,8 +120,7 @@ def fit_in_child(variant: str, root: Path, size_mb: int, compute_s: float, i: in
     work = root / f"{variant}-{size_mb}-{compute_s}-{i}"
     work.mkdir(parents=True)
     prepare_fit(root, work, "mlflow.db")
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
-    env.update(OXEN_CALLBACKS_CACHE=str(work / "cache"), OXEN_CONFIG_DIR=str(work / "oxen-config"))
+    env = user_env(("MLFLOW_",), OXEN_CALLBACKS_CACHE=str(work / "cache"), OXEN_CONFIG_DIR=str(work / "oxen-config"))
     if variant == "naive":
         (work / "oxen-config").mkdir()
         (work / "oxen-config" / "user_config.toml").write_text('name = "bench"\nemail = "bench@example.com"\n')

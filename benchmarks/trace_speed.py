@@ -39,6 +39,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from mlflow_server import MlflowServer
+from user_env import user_env
 
 from oxen_callbacks._ops.trace import LineageFinder
 from oxen_callbacks._oxen import child as oxen_child
@@ -124,8 +125,7 @@ def cli_command() -> list[str]:
 
 
 def process_env(tracking_uri: str | None) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
-    return {**env, "MLFLOW_TRACKING_URI": tracking_uri} if tracking_uri else env
+    return user_env(("MLFLOW_",), **({"MLFLOW_TRACKING_URI": tracking_uri} if tracking_uri else {}))
 
 
 def children_cpu_s() -> float:

@@ -65,6 +65,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from user_env import user_env
+
 VARIANTS = ("bare", "mlflow_logger", "mlflow_logger_all", "ours_mlflow", "ours_shared", "ours_oxen_only",
             "naive", "naive_oxen_only")
 MLFLOW_VARIANTS = {"mlflow_logger", "mlflow_logger_all", "ours_mlflow", "ours_shared", "naive"}
@@ -179,8 +181,8 @@ def run_in_child(variant: str, paths: dict[str, Path], root: Path, dataset: tupl
     cwd = paths["cwd"]
     cwd.mkdir(parents=True, exist_ok=True)
     before = mlflow_runs(paths["store"])
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "OXEN_CALLBACKS_"))}
-    env.update(OXEN_CALLBACKS_CACHE=str(paths["cache"]), OXEN_CONFIG_DIR=str(root / "oxen-config"))
+    env = user_env(("MLFLOW_", "OXEN_CALLBACKS_"), OXEN_CALLBACKS_CACHE=str(paths["cache"]),
+                   OXEN_CONFIG_DIR=str(root / "oxen-config"))
     cmd = [sys.executable, __file__, "--child", variant, "--dataset", str(dataset[0]), "--revision", dataset[1],
            "--models", str(paths["models"]), "--store", str(paths["store"]), "--epochs", str(epochs)]
     out_path, err_path = cwd / "stdout.txt", cwd / "stderr.txt"
