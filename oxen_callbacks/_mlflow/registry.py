@@ -62,6 +62,7 @@ from ..names import (
     TAG_MODEL_REPO,
     TAG_RUN,
 )
+from .paths_tag import paths_tag
 from .query import open_reader, tag_filter, tag_is
 
 log = logging.getLogger(__name__)
@@ -95,7 +96,7 @@ def version_tags(record: dict[str, Any]) -> dict[str, str]:
             TAG_RUN: record["run"].get("name"), TAG_CODE_GIT_COMMIT: code.get("git_commit")}
     if dataset:
         tags.update({TAG_DATASET_REPO: redact_url(dataset["repo"]), TAG_DATASET_COMMIT: dataset["commit"],
-                     TAG_DATASET_PATHS: json.dumps(dataset["paths"])})
+                     TAG_DATASET_PATHS: paths_tag(dataset["paths"])})
     return {k: str(v) for k, v in tags.items() if v is not None}
 
 

@@ -16,7 +16,6 @@ Example::
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import subprocess
@@ -50,6 +49,7 @@ from . import fluent
 from .fluent import absolute_store, default_tracking_uri, run_to_join
 from .journal import END_LINE, TRAINING_OVER_LINE, MlflowJournal
 from .logged_models import checkpoint_op, mark_op
+from .paths_tag import paths_tag
 from .sink_thread import SinkThread
 from .warm_sink import WarmSinkProcess, close_stdin, release_idle, start_sink
 
@@ -176,7 +176,7 @@ class MlflowSink:
         if record["dataset"]:
             d = record["dataset"]
             tags.update({TAG_DATASET_REPO: redact_url(d["repo"]), TAG_DATASET_COMMIT: d["commit"],
-                         TAG_DATASET_REVISION: d["revision"], TAG_DATASET_PATHS: json.dumps(d["paths"])})
+                         TAG_DATASET_REVISION: d["revision"], TAG_DATASET_PATHS: paths_tag(d["paths"])})
         self.set_tags(tags)
 
     def tag_model(self, commit: str | None, path: str | None, *, lineage_status: str | None = None) -> None:

@@ -21,6 +21,7 @@ from .._oxen.commit_id import checked_commit_id
 from .._util.relpath import covers
 from ..checkpoints import CheckpointSnapshot
 from ..errors import ConfigurationError
+from ..names import LINEAGE_ARTIFACT
 from ..pin import PinnedDataset
 
 _GIT_COMMIT = re.compile(r"^[0-9a-fA-F]{7,40}$")
@@ -89,11 +90,15 @@ def _remove(path: Path) -> None:
         path.unlink()
 
 
-def _pinned(repo: str, commit: str, paths: list[str], cache_dir: str | os.PathLike[str] | None, *,
+def _pinned(repo: str, commit: str, paths: list[str] | None, cache_dir: str | os.PathLike[str] | None, *,
             kind: type[PinnedDataset] = PinnedDataset) -> PinnedDataset:
     """The recorded commit of ``repo``, exactly: a record naming a branch (or a server answering
     another commit) would hand back data the run never read."""
     checked_commit_id(commit, what=f"The run's record of {repo}")
+    if paths is None:  # (a record rebuilt from tags that only count them: the whole commit would be more)
+        raise ConfigurationError(f"The run's record of {repo} does not list its dataset paths: they were too many for "
+                                 f"an MLflow tag, and its {LINEAGE_ARTIFACT} artifact could not be read.",
+                                 "check that the MLflow store holds the run's artifacts, or pass --model-repo PATH.")
     pin = kind(repo, revision=commit, paths=paths, cache_dir=cache_dir)
     if pin.commit != commit:
         raise ConfigurationError(f"{repo} resolved the recorded commit {commit} to {pin.commit}.",

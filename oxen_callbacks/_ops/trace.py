@@ -19,7 +19,6 @@ and ``source`` (where the record came from)::
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
@@ -27,6 +26,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from .._mlflow.paths_tag import paths_of_tag
 from .._mlflow.query import TrackingReader, check_tracking_uri, missing_store, open_reader, quote, tag_filter, tag_is
 from .._mlflow.query import tracking_uri as default_tracking_uri
 from .._oxen import layout as oxen_layout
@@ -56,12 +56,13 @@ _RUN_ID = re.compile(r"[0-9A-Za-z_-]{1,64}")
 
 
 def record_from_tags(run: dict[str, Any]) -> dict[str, Any]:
-    """A lineage record rebuilt from a run's ``oxen.*`` tags (no checkpoint list)."""
+    """A lineage record rebuilt from a run's ``oxen.*`` tags (no checkpoint list; dataset paths
+    ``None`` when the tag only counts them)."""
     t = run["tags"]
     dataset = None
     if t.get(TAG_DATASET_COMMIT):
         dataset = {"repo": t.get(TAG_DATASET_REPO), "revision": t.get(TAG_DATASET_REVISION),
-                   "commit": t[TAG_DATASET_COMMIT], "paths": _paths_of_tag(t.get(TAG_DATASET_PATHS))}
+                   "commit": t[TAG_DATASET_COMMIT], "paths": paths_of_tag(t.get(TAG_DATASET_PATHS))}
     return {"schema": SCHEMA, "dataset": dataset,
             "model": {"repo": t.get(TAG_MODEL_REPO), "commit": t.get(TAG_MODEL_COMMIT), "path": t.get(TAG_MODEL_PATH)},
             "checkpoints": [], "run": {"name": t.get(TAG_RUN), "mlflow_run_id": run["run_id"]},
@@ -69,18 +70,9 @@ def record_from_tags(run: dict[str, Any]) -> dict[str, Any]:
             "status": t.get(TAG_LINEAGE_STATUS) or run.get("status")}
 
 
-def _paths_of_tag(value: str | None) -> list[str]:
-    """The dataset paths an ``oxen.dataset.paths`` tag lists (a JSON list; no tag: the whole commit).
-    Anyone who can write the run's tags can write this one: a value of another shape is shown as it is."""
-    if not value:
-        return ["."]
-    try:
-        parsed = json.loads(value)
-    except ValueError:
-        return [value]
-    if isinstance(parsed, list) and parsed and all(isinstance(p, str) for p in parsed):
-        return parsed
-    return [value]
+def _paths_not_in_tags(tags: dict[str, str]) -> bool:
+    """Whether the run's dataset paths are too many for its tags (its lineage artifact lists them)."""
+    return bool(tags.get(TAG_DATASET_COMMIT)) and paths_of_tag(tags.get(TAG_DATASET_PATHS)) is None
 
 
 class LineageFinder:
@@ -135,7 +127,7 @@ class LineageFinder:
         record = repo_record(repo, name) if here and name else None
         if record is not None and record["run"].get("mlflow_run_id") == run["run_id"]:
             return {**record, "source": "model-repo", "_tags": tags}
-        if artifact and self.reader is not None:
+        if (artifact or _paths_not_in_tags(tags)) and self.reader is not None:
             try:
                 data = self.reader.artifact_json(run["run_id"], LINEAGE_ARTIFACT)
                 if data is not None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from ..names import LINEAGE_ARTIFACT
 from .command import Command, Result, commit_or_none
 
 
@@ -48,7 +49,9 @@ def run_lines(view: Result, indent: str = "") -> list[str]:
     if dataset:
         asked = f"  asked for {dataset['revision']!r}" if dataset.get("revision") not in (None, dataset["commit"]) else ""
         lines.append(f"{indent}dataset      {dataset['repo']} @ {dataset['commit']}{asked}")
-        lines.append(f"{indent}             paths: {', '.join(dataset['paths'])}")
+        listed = ", ".join(dataset["paths"]) if dataset["paths"] is not None else (
+            f"too many for a tag; listed in the run's {LINEAGE_ARTIFACT}, which could not be read")
+        lines.append(f"{indent}             paths: {listed}")
     else:
         lines.append(f"{indent}dataset      (none recorded)")
     lines.append(f"{indent}model        {model['repo']} @ {commit_or_none(model['commit'])}")
