@@ -51,9 +51,9 @@ class RunOptionChecks:
         ``MLFlowLogger``, active run or ``$MLFLOW_RUN_ID``) continues that fit's Oxen run: the MLflow run's tags, pointer and
         models then describe one run, both fits' checkpoints. Returns whether this fit continues a run;
         a fit that cannot continue it (another model repository, name or dataset commit) is refused."""
-        from ._mlflow.fluent import run_to_join
+        from ._mlflow.fluent import run_to_join_id
 
-        mlflow_run = (self.mlflow_run_id or (run_to_join() or (None,))[0]) if self.use_mlflow else None
+        mlflow_run = (self.mlflow_run_id or run_to_join_id()) if self.use_mlflow else None
         earlier = _OXEN_RUN_OF_MLFLOW_RUN.get(mlflow_run) if mlflow_run else None
         if earlier is None:
             return continuing

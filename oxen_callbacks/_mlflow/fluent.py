@@ -56,6 +56,12 @@ def run_to_join() -> tuple[str, str] | None:
     return active
 
 
+def run_to_join_id() -> str | None:
+    """The id of :func:`run_to_join`'s run (``None``: MLflow would start a new run)."""
+    joined = run_to_join()
+    return joined[0] if joined is not None else None
+
+
 def active_run_id() -> str | None:
     """The active fluent MLflow run's id (``None`` when MLflow is not even imported)."""
     active = active_run()
