@@ -224,7 +224,7 @@ def committed_checkpoint(model_repo: str | None, run: str | None, *, step: int |
     hits = [c for c in record["checkpoints"] if c["commit"] and c.get("step") == step
             and os.path.basename(c["path"]) == name and (size is None or c.get("bytes") in (None, size))]
     if local is not None and os.path.exists(local):
-        hits = [c for c in hits[-3:] if _holds(str(model_repo), c, Path(local))]  # (newest few: a hash each)
+        return _newest_holding(model_repo, hits, Path(local))
     return {"commit": hits[-1]["commit"], "path": hits[-1]["path"]} if hits else None
 
 
@@ -240,12 +240,18 @@ def committed_source(model_repo: str | os.PathLike[str], run: str | None, source
         if record is None:
             return None
         hits = [c for c in record["checkpoints"] if c["commit"] and c.get("source") == source]
-        hits = [c for c in hits[-3:] if _holds(str(model_repo), c, Path(source))]  # (newest few: a hash each)
-        if hits:
-            return {"commit": hits[-1]["commit"], "path": hits[-1]["path"]}
+        if found := _newest_holding(model_repo, hits, Path(source)):
+            return found
         earlier = record.get("resumed_from") or {}
         run = earlier.get("run_name") if earlier.get("model_repo") == str(model_repo) else None
     return None
+
+
+def _newest_holding(model_repo: str | os.PathLike[str], hits: list[dict[str, Any]], local: Path) -> dict[str, Any] | None:
+    """``{"commit", "path"}`` of the newest of ``hits`` whose commit holds ``local``'s bytes (only the
+    newest few are looked at: a hash each)."""
+    held = [c for c in hits[-3:] if _holds(str(model_repo), c, local)]
+    return {"commit": held[-1]["commit"], "path": held[-1]["path"]} if held else None
 
 
 def _holds(model_repo: str, entry: dict[str, Any], local: Path) -> bool:
