@@ -14,5 +14,5 @@ def user_env(drop_prefixes: tuple[str, ...] = (), **settings: str) -> dict[str, 
     """This process's environment without variables starting with ``drop_prefixes`` and those no
     user sets, plus ``settings``."""
     env = {key: value for key, value in os.environ.items()
-           if key not in _NOT_A_USERS and not (drop_prefixes and key.startswith(drop_prefixes))}
+           if key not in _NOT_A_USERS and not key.startswith(drop_prefixes)}
     return {**env, **settings}

@@ -36,4 +36,3 @@ def paths_of_tag(value: str | None) -> list[str] | None:
     if isinstance(parsed, dict) and set(parsed) == {"count", "listed_in"}:
         return None
     return [value]
-
