@@ -70,8 +70,13 @@ class Source(Protocol):
         """True when ``revision`` names a checked-out tree whose local edits the user could mean."""
         ...
 
-    def changed_paths(self, paths: list[str]) -> list[str]:
-        """Those of ``paths`` with uncommitted changes (always empty without a working tree)."""
+    def changed_paths(self, commit: str, paths: list[str]) -> list[str]:
+        """Those of ``paths`` with uncommitted changes against ``commit``, the checked-out one (always
+        empty without a working tree).
+
+        Raises:
+            ConfigurationError: the repository's status records are damaged.
+        """
         ...
 
     def materialize(self, commit: str, paths: list[str], dest: Path) -> Materialized | None:
@@ -138,7 +143,7 @@ class PinnedDataset:
         self.revision_label: str = revision or self.source.default_revision() or self.commit
         self.dirty = False
         if self.source.tracks_working_tree(revision):
-            changed = self.source.changed_paths(self.paths)
+            changed = self.source.changed_paths(self.commit, self.paths)
             if changed and not allow_dirty:
                 shown = ", ".join(changed[:5]) + (f" (+{len(changed) - 5} more)" if len(changed) > 5 else "")
                 raise ConfigurationError(

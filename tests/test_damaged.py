@@ -345,6 +345,66 @@ def test_damaged_repository_is_named_with_what_is_wrong(dataset_repo, damage, wh
         assert "\nHINT: " in message and "no commits" not in message
 
 
+def commit_records(oxen: Path) -> list[Path]:
+    """Each commit's ``dir_hashes`` database, Oxen's record of what the commit holds, read by its status."""
+    return sorted((oxen / "history").glob("*/dir_hashes"))
+
+
+def empty_commit_records(oxen: Path) -> None:
+    for records in commit_records(oxen):
+        (records / "000004.log").write_bytes(b"")
+
+
+def cut_commit_records(oxen: Path) -> None:
+    for records in commit_records(oxen):
+        log_file = records / "000004.log"
+        os.truncate(log_file, log_file.stat().st_size // 2)
+
+
+def delete_commit_records(oxen: Path) -> None:
+    for records in commit_records(oxen):
+        subprocess.run(["rm", "-rf", str(records)], check=True)
+
+
+def wipe_commit_records(oxen: Path) -> None:
+    for records in commit_records(oxen):
+        subprocess.run(["rm", "-rf", str(records)], check=True)
+        records.mkdir()
+
+
+@pytest.mark.parametrize("damage, what", [
+    (empty_commit_records, r"Oxen's status calls 'train\.csv' changed, yet its bytes are those of commit"),
+    (cut_commit_records, r"Oxen's status calls 'train\.csv' changed, yet its bytes are those of commit"),
+    (delete_commit_records, r"Oxen could not read its status: .*Path does not exist: .*/dir_hashes"),
+    (wipe_commit_records, r"Oxen could not read its status: .*dir_hashes/CURRENT: No such file"),
+], ids=["records-emptied", "records-cut", "records-deleted", "records-wiped"])
+def test_damaged_commit_records_are_damage_not_uncommitted_changes(dataset_repo, damage, what):
+    """The checked-out files are exactly the commit's, but Oxen's damaged records of the commit make
+    its status call them changed (once: "uncommitted changes ... commit them"), or fail raw."""
+    damage(dataset_repo.path / ".oxen")
+    for revision in (None, "main"):
+        with pytest.raises(ConfigurationError) as caught:
+            PinnedDataset(dataset_repo.path, revision=revision)
+        message = str(caught.value)
+        assert f"dataset repository {str(dataset_repo.path)!r} looks damaged" in message, message
+        assert re.search(what, message), message
+        assert "uncommitted" not in message and "\nHINT: " in message
+    pinned = PinnedDataset(dataset_repo.path, revision=dataset_repo.head)  # the commit itself still reads right
+    assert pinned.file("train.csv").read_bytes() == (dataset_repo.path / "train.csv").read_bytes()
+
+
+def test_a_staged_change_undone_in_the_working_tree_is_still_uncommitted(dataset_repo):
+    """Not damage: the change waits in the staging area, while the working tree holds the commit's bytes."""
+    train = dataset_repo.path / "train.csv"
+    committed = train.read_bytes()
+    train.write_bytes(committed + b"9,9\n")
+    subprocess.run([sys.executable, "-c", "import sys; from oxen_callbacks._oxen.repo import LocalRepo; "
+                    "LocalRepo(sys.argv[1]).add('train.csv')", str(dataset_repo.path)], check=True, timeout=120)
+    train.write_bytes(committed)
+    with pytest.raises(ConfigurationError, match=r"has uncommitted changes in the pinned paths: train\.csv\."):
+        PinnedDataset(dataset_repo.path)
+
+
 def test_model_repository_with_a_garbled_config_is_named(tmp_path):
     from oxen_callbacks import OxenLightningCallback
 

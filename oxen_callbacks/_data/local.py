@@ -37,6 +37,14 @@ log = logging.getLogger(__name__)
 _CRASHES = {signal.SIGBUS, signal.SIGSEGV, signal.SIGABRT, signal.SIGILL}
 #: What oxenai's errors say when the repository's own databases or config are damaged.
 _DAMAGE_MARKERS = ("MDB_INVALID", "MDB_CORRUPTED", "MDB_PAGE_NOTFOUND", "Corruption:", "TOML parse error")
+#: ... and when one of its own files is missing (e.g. a commit's ``dir_hashes`` database).
+_MISSING_MARKERS = ("No such file or directory", "Path does not exist")
+
+
+def _names_damage(oxen_error: str) -> bool:
+    """Whether an oxenai error says that the repository's own files are damaged or missing."""
+    return (any(marker in oxen_error for marker in _DAMAGE_MARKERS)
+            or ("/.oxen/" in oxen_error and any(marker in oxen_error for marker in _MISSING_MARKERS)))
 
 
 class LocalSource:
@@ -66,9 +74,18 @@ class LocalSource:
         current = self.repo.current_branch()
         return revision in (None, "HEAD") or (current is not None and revision == current)
 
-    def changed_paths(self, paths: list[str]) -> list[str]:
+    def changed_paths(self, commit: str, paths: list[str]) -> list[str]:
         with self._child_errors("read its status"):
-            return oxen_child.changed_paths(self.repo.path, paths)
+            status = oxen_child.changed_paths(self.repo.path, commit, paths)
+        if status["unchanged"]:
+            raise damaged_repo(
+                self.repo.role, self.location,
+                f"Oxen's status calls {status['unchanged'][0]!r} changed, yet its bytes are those of commit {commit}: "
+                f"its records of that commit (.oxen/history/{commit}/dir_hashes) are damaged",
+                f"pin the commit itself (revision={commit!r}) to train now, then clone the repository again "
+                "or restore its .oxen folder from a backup.",
+            )
+        return status["changed"]
 
     def file_hashes(self, commit: str, paths: list[str]) -> dict[str, str] | None:
         """The content hash (as a snapshot records it) of every file at or under ``paths`` in ``commit``,
@@ -129,7 +146,7 @@ class LocalSource:
             raise self._damaged(f"a process that tried to {what} crashed "
                                 f"({signal.Signals(exc.signal).name})") from None
         except OxenError as exc:
-            if not any(marker in str(exc) for marker in _DAMAGE_MARKERS):
+            if not _names_damage(str(exc)):
                 raise
             raise self._damaged(f"Oxen could not {what}: {' '.join(str(exc).split())[:300]}") from None
 

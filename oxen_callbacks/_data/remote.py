@@ -85,7 +85,7 @@ class RemoteSource:
     def tracks_working_tree(self, revision: str | None) -> bool:
         return False  # no local working tree to be dirty
 
-    def changed_paths(self, paths: list[str]) -> list[str]:
+    def changed_paths(self, commit: str, paths: list[str]) -> list[str]:
         return []
 
     def materialize(self, commit: str, paths: list[str], dest: Path) -> None:

@@ -117,10 +117,11 @@ def branches(path: str | os.PathLike[str]) -> dict[str, str]:
     return run_in_child(branches_at, what="branches", path=str(path))
 
 
-def changed_paths(path: str | os.PathLike[str], paths: list[str]) -> list[str]:
+def changed_paths(path: str | os.PathLike[str], commit: str, paths: list[str]) -> dict[str, list[str]]:
+    """Oxen's status of ``paths`` against ``commit`` (HEAD): see :func:`.repo.changed_paths_at`."""
     from .repo import changed_paths_at
 
-    return run_in_child(changed_paths_at, what="changed_paths", path=str(path), paths=paths)
+    return run_in_child(changed_paths_at, what="changed_paths", path=str(path), commit=commit, paths=paths)
 
 
 def commit_paths(path: str | os.PathLike[str], paths: list[str], message: str,

@@ -271,22 +271,20 @@ class LocalRepo:
         return [{"id": c.id, "message": c.message, "author": c.author, "email": c.email,
                  "timestamp": str(c.timestamp), "parent_ids": list(c.parent_ids)} for c in commits]
 
-    def changed_paths(self, paths: Iterable[str]) -> list[str]:
-        """Uncommitted changes (staged, unstaged or untracked) in ``paths`` of the working tree."""
+    def changed_paths(self, paths: Iterable[str]) -> tuple[list[str], list[str]]:
+        """Uncommitted changes in ``paths``: those staged (added, modified, removed), and those of the
+        working tree alone (modified, removed, untracked)."""
         status = call_oxen(self._repo.status, what=f"oxen status {self.path}", busy_timeout=30)
-        changed: set[str] = set()
-        for name in (
-            "added_files",
-            "modified_files",
-            "removed_files",
-            "unstaged_modified_files",
-            "unstaged_removed_files",
-        ):
-            changed.update(getattr(status, name)())
-        wanted = [p.strip("/") for p in paths]
         clean = call_oxen(self._repo.clean, None, False, what=f"list untracked files of {self.path}")
-        changed.update(str(Path(f).relative_to(self.path)) if os.path.isabs(f) else str(f) for f in clean.files)
-        return sorted(c for c in changed if _under_any(c, wanted))
+        wanted = [p.strip("/") for p in paths]
+
+        def under_wanted(names: Iterable[str]) -> list[str]:
+            return sorted({str(n) for n in names if _under_any(str(n), wanted)})
+
+        staged = [f for name in ("added_files", "modified_files", "removed_files") for f in getattr(status, name)()]
+        unstaged = [f for name in ("unstaged_modified_files", "unstaged_removed_files") for f in getattr(status, name)()]
+        untracked = [str(Path(f).relative_to(self.path)) if os.path.isabs(f) else str(f) for f in clean.files]
+        return under_wanted(staged), under_wanted([*unstaged, *untracked])
 
     # -- writing (callers hold the repository's FileLock) ----------------------
     def add(self, rel_path: str) -> None:
@@ -336,8 +334,30 @@ def branches_at(path: str) -> dict[str, str]:
     return LocalRepo(path).branches()
 
 
-def changed_paths_at(path: str, paths: list[str]) -> list[str]:
-    return LocalRepo(path).changed_paths(paths)
+#: Files of a status that are checked against the commit's bytes (each is read whole).
+_STATUS_FILES_CHECKED = 5
+
+
+def changed_paths_at(path: str, commit: str, paths: list[str]) -> dict[str, list[str]]:
+    """``changed``: Oxen's status of ``paths`` (see :meth:`LocalRepo.changed_paths`); ``unchanged``:
+    those of the first few it calls changed in the working tree whose bytes are exactly ``commit``'s,
+    which a sound status never reports (its records of the commit, ``history/<commit>/dir_hashes``,
+    are damaged)."""
+    from .._util.materialized import file_digest
+    from . import tree as oxen_tree
+
+    staged, unstaged = LocalRepo(path).changed_paths(paths)
+    unchanged = []
+    for rel in unstaged[:_STATUS_FILES_CHECKED]:  # (a staged change may be undone in the working tree)
+        target = Path(path) / rel
+        try:
+            files = oxen_tree.files_at(path, commit, [rel])[rel].files
+        except (oxen_tree.PathNotInCommit, oxen_tree.UnreadableTree, OSError):
+            continue  # a new file, or a tree that cannot tell (reading the commit names that damage)
+        if (len(files) == 1 and files[0].path == rel and target.is_file() and not target.is_symlink()
+                and target.stat().st_size == files[0].size and file_digest(target) == files[0].hash):
+            unchanged.append(rel)
+    return {"changed": sorted({*staged, *unstaged}), "unchanged": unchanged}
 
 
 def log_at(path: str) -> list[dict[str, Any]]:
