@@ -123,3 +123,18 @@ def test_path_absent_from_the_commit_is_refused_cached_or_not(dataset_repo, tmp_
         PinnedDataset(dataset_repo.path, revision=first, paths=["nope.csv"]).pull()
     message = f"Path 'nope.csv' is not in commit {first} of the dataset repository {str(dataset_repo.path)!r}."
     assert str(refused.value).startswith(message) and str(refused_again.value) == str(refused.value)
+
+
+def test_a_backslash_is_part_of_a_file_name_not_a_folder(tmp_path):
+    """On POSIX ``a\\b.csv`` is one file, beside ``a/b.csv``: pinning it must read it (it once read the other)."""
+    from helpers import make_repo
+
+    repo = make_repo(tmp_path / "data", [("both", {"a\\b.csv": "the backslash file", "a/b.csv": "the folder's file"})])
+    pin = PinnedDataset(repo.path, revision=repo.head, paths=["a\\b.csv"])
+    assert pin.paths == ["a\\b.csv"] and pin.file("a\\b.csv").read_text() == "the backslash file"
+    with pytest.raises(ConfigurationError, match="is not among the pinned paths"):
+        pin.file("a/b.csv")
+    whole = PinnedDataset(repo.path, revision=repo.head)
+    assert whole.file("a\\b.csv").read_text() == "the backslash file"
+    assert whole.file("a/b.csv").read_text() == "the folder's file"
+    whole.verify(deep=True)  # a manifest naming a backslash file is no damage either

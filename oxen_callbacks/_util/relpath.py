@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import posixpath
 from pathlib import PurePosixPath
 
@@ -20,7 +21,7 @@ def safe_relpath(path: str, *, what: str = "path") -> str:
     """
     if not isinstance(path, str) or not path.strip():
         raise ConfigurationError(f"Invalid {what} {path!r}: expected a non-empty string.")
-    text = path.replace("\\", "/")
+    text = path.replace("\\", "/") if os.sep == "\\" else path  # (on POSIX a backslash is part of a name)
     if text.startswith("/") or (len(text) > 1 and text[1] == ":"):
         raise ConfigurationError(
             f"Invalid {what} {path!r}: it is absolute.",
