@@ -375,8 +375,8 @@ def wipe_commit_records(oxen: Path) -> None:
 @pytest.mark.parametrize("damage, what", [
     (empty_commit_records, r"Oxen's status calls 'train\.csv' changed, yet its bytes are those of commit"),
     (cut_commit_records, r"Oxen's status calls 'train\.csv' changed, yet its bytes are those of commit"),
-    (delete_commit_records, r"Oxen could not read its status: .*Path does not exist: .*/dir_hashes"),
-    (wipe_commit_records, r"Oxen could not read its status: .*dir_hashes/CURRENT: No such file"),
+    (delete_commit_records, r"Oxen could not read its status: .*Path does not exist: .*/\.oxen/history/"),
+    (wipe_commit_records, r"Oxen could not read its status: .*No such file or directory: .*/\.oxen/history/"),
 ], ids=["records-emptied", "records-cut", "records-deleted", "records-wiped"])
 def test_damaged_commit_records_are_damage_not_uncommitted_changes(dataset_repo, damage, what):
     """The checked-out files are exactly the commit's, but Oxen's damaged records of the commit make
