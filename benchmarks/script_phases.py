@@ -1,9 +1,9 @@
 """Where a whole script's time goes, for two variants of ``whole_script.py`` paired and interleaved.
 
-    python benchmarks/script_phases.py ours_shared naive [--repeats 12]
+    python benchmarks/script_phases.py ours_shared naive [--repeats 12] [--new]
 
 Each sample is a fresh process of the quickstart's training on an existing store (``whole_script.py``'s
-variants), timed in phases: ``pre_fit`` (imports, building the trainer), ``fit``, ``post_fit`` (from
+variants; ``--new``: a new store, model repository and snapshot cache per process), timed in phases: ``pre_fit`` (imports, building the trainer), ``fit``, ``post_fit`` (from
 ``fit()`` returning to the script's end: reading ``callback.lineage`` waits for the final record),
 ``atexit`` (exit handlers: ours waits for what MLflow has left), and ``teardown`` (the interpreter's
 finalization, from the last exit handler to the process's end). A process that dies by a signal is
@@ -56,11 +56,12 @@ def child(variant: str, dataset: Path, revision: str, home: Path, times: Path) -
     marks["script_end"] = time.time()
 
 
-def sample(variant: str, root: Path, dataset: tuple[Path, str]) -> dict[str, float] | int:
-    """The phases of one process of ``variant`` (seconds), or the signal that killed it."""
+def sample(variant: str, root: Path, dataset: tuple[Path, str], new: str | None = None) -> dict[str, float] | int:
+    """The phases of one process of ``variant`` (seconds), or the signal that killed it; ``new``: a name
+    for a home of its own (store, model repository, cache), removed after."""
     from whole_script import reap_orphans
 
-    home = root / variant
+    home = root / (variant if new is None else f"{variant}-{new}")
     cwd, times = home / "cwd", home / "times.json"
     cwd.mkdir(parents=True, exist_ok=True)
     env = user_env(("MLFLOW_", "OXEN_CALLBACKS_"), OXEN_CALLBACKS_CACHE=str(home / "cache"),
@@ -77,6 +78,8 @@ def sample(variant: str, root: Path, dataset: tuple[Path, str]) -> dict[str, flo
         return os.waitstatus_to_exitcode(status)
     marks = json.loads(times.read_text())
     times.unlink()
+    if new is not None:
+        shutil.rmtree(home, ignore_errors=True)
     return {"wall": ended - started, "cpu": usage.ru_utime + usage.ru_stime + orphan_cpu,
             "pre_fit": marks["fit_start"] - marks["start"], "fit": marks["fit_end"] - marks["fit_start"],
             "post_fit": marks["script_end"] - marks["fit_end"], "atexit": marks["atexit_last"] - marks["script_end"],
@@ -87,6 +90,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("variants", nargs=2, help="two of whole_script.py's variants, e.g. ours_shared naive")
     parser.add_argument("--repeats", type=int, default=12)
+    parser.add_argument("--new", action="store_true", help="a new store, model repository and cache per process")
     args = parser.parse_args()
     from whole_script import become_subreaper, prepare_dataset
 
@@ -100,7 +104,7 @@ def main() -> None:
         for i in range(-1, args.repeats):  # -1: an untimed warm-up that makes each variant's store
             pair = {}
             for variant in (args.variants if i % 2 == 0 else args.variants[::-1]):
-                got = sample(variant, root, dataset)
+                got = sample(variant, root, dataset, new=str(i) if args.new else None)
                 if isinstance(got, int):
                     died.append({"variant": variant, "repeat": i, "exit": got})
                     print(f"#{i} {variant}: died ({got})", file=sys.stderr, flush=True)
@@ -115,7 +119,7 @@ def main() -> None:
         raise SystemExit("no repeat had both variants alive")
     keys = ("wall", "cpu", *PHASES)
     result = {
-        "variants": args.variants, "pairs": len(pairs), "died": died,
+        "variants": args.variants, "condition": "new" if args.new else "existing", "pairs": len(pairs), "died": died,
         "median_s": {v: {k: round(statistics.median(r[k] for r in runs[v]), 3) for k in keys} for v in args.variants},
         "paired_diff_s": {k: round(statistics.median(a[k] - b[k] for a, b in pairs), 3) for k in keys},
         "wall_ratio": round(statistics.median(a["wall"] / b["wall"] for a, b in pairs), 3),
