@@ -9,6 +9,7 @@ import hashlib
 import inspect
 import json
 import os
+import shutil
 import signal
 import sys
 import tempfile
@@ -46,12 +47,16 @@ def ray_cluster(tmp_path_factory: pytest.TempPathFactory):
         env.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")  # Ray's controller polls workers faster than 2 s
         for name in [n for n in os.environ if n.startswith("MLFLOW_")]:  # Ray's processes inherit this env:
             env.delenv(name)  # an experiment id an earlier test's mlflow.set_experiment exported is not theirs
+        # Ray's session folder holds its AF_UNIX sockets, whose paths may not pass 107 bytes: under
+        # pytest's folder of an xdist worker (/tmp/pytest-of-USER/pytest-N/popen-gwN/ray0/...) they did
+        sessions = tempfile.mkdtemp(prefix="oxcb-ray-", dir="/tmp")
         ray.init(num_cpus=2, object_store_memory=200 * 1024**2, include_dashboard=False,
-                 _temp_dir=str(root / "t"), log_to_driver=True)
+                 _temp_dir=sessions, log_to_driver=True)
         try:
             yield root
         finally:
             ray.shutdown()
+            shutil.rmtree(sessions, ignore_errors=True)
 
 
 def sha256(path: Path) -> str:
