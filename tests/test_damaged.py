@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import xxhash
-from helpers import make_repo
+from helpers import file_at, make_repo
 
 from oxen_callbacks import PinnedDataset
 from oxen_callbacks._oxen import child as oxen_child
@@ -432,3 +432,21 @@ def test_lightning_refuses_a_snapshot_cut_in_place(dataset_repo, tmp_path):
     with pytest.raises(DatasetMismatchError, match=r"changed on disk: '\.' holds 2 files, \d+ bytes; recorded"):
         make_trainer(tmp_path, [callback], epochs=1).fit(model, datamodule=CsvData(pin))
     assert model.labels_seen == set()
+
+
+def test_a_removal_staged_with_the_file_kept_is_uncommitted_not_damage(dataset_repo):
+    """`oxen rm --staged`: the removal waits in the staging area, the file (the commit's bytes) stays
+    in the working tree, which Oxen's status then lists as untracked."""
+    subprocess.run([sys.executable, "-c", "import sys, oxen; oxen.Repo(sys.argv[1]).rm('train.csv', False, True)",
+                    str(dataset_repo.path)], check=True, timeout=120)
+    with pytest.raises(ConfigurationError, match=r"has uncommitted changes in the pinned paths: train\.csv\."):
+        PinnedDataset(dataset_repo.path)
+
+
+def test_a_status_read_after_the_branch_moved_is_no_damage(dataset_repo, tmp_path):
+    """The pin resolved commit A, then a commit moved the branch to B while the working tree still holds
+    A's bytes: against B they are a change, not damage of A's records."""
+    a, b = dataset_repo.commits
+    (dataset_repo.path / "train.csv").write_bytes(file_at(dataset_repo.path, a, "train.csv", tmp_path / "read").read_bytes())
+    assert oxen_child.changed_paths(dataset_repo.path, a, ["."]) == {"changed": ["train.csv"], "unchanged": []}
+    assert oxen_child.changed_paths(dataset_repo.path, b, ["."]) == {"changed": ["train.csv"], "unchanged": []}

@@ -349,9 +349,17 @@ def changed_paths_at(path: str, commit: str, paths: list[str]) -> dict[str, list
     from .._util.materialized import file_digest
     from . import tree as oxen_tree
 
-    staged, unstaged = LocalRepo(path).changed_paths(paths)
+    repo = LocalRepo(path)
+    head_before = repo.resolve(None)
+    staged, unstaged = repo.changed_paths(paths)
+    changed = sorted({*staged, *unstaged})
+    if head_before != commit or repo.resolve(None) != commit:  # HEAD moved: the status is not against commit
+        return {"changed": changed, "unchanged": []}
+    # a path with a staged change is uncommitted whatever its bytes: undone in the working tree, or
+    # removed with `oxen rm --staged`, which keeps the file (the commit's bytes) and lists it as untracked
+    suspects = [rel for rel in unstaged if not _under_any(rel, [s.strip("/") for s in staged])]
     unchanged = []
-    for rel in unstaged[:_STATUS_FILES_CHECKED]:  # (a staged change may be undone in the working tree)
+    for rel in suspects[:_STATUS_FILES_CHECKED]:
         target = Path(path) / rel
         try:
             files = oxen_tree.files_at(path, commit, [rel])[rel].files
@@ -360,7 +368,7 @@ def changed_paths_at(path: str, commit: str, paths: list[str]) -> dict[str, list
         if (len(files) == 1 and files[0].path == rel and target.is_file() and not target.is_symlink()
                 and target.stat().st_size == files[0].size and file_digest(target) == files[0].hash):
             unchanged.append(rel)
-    return {"changed": sorted({*staged, *unstaged}), "unchanged": unchanged}
+    return {"changed": changed, "unchanged": unchanged}
 
 
 def log_at(path: str) -> list[dict[str, Any]]:
