@@ -50,9 +50,9 @@ def ray_cluster(tmp_path_factory: pytest.TempPathFactory):
         # Ray's session folder holds its AF_UNIX sockets, whose paths may not pass 107 bytes: under
         # pytest's folder of an xdist worker (/tmp/pytest-of-USER/pytest-N/popen-gwN/ray0/...) they did
         sessions = tempfile.mkdtemp(prefix="oxcb-ray-", dir="/tmp")
-        ray.init(num_cpus=2, object_store_memory=200 * 1024**2, include_dashboard=False,
-                 _temp_dir=sessions, log_to_driver=True)
         try:
+            ray.init(num_cpus=2, object_store_memory=200 * 1024**2, include_dashboard=False,
+                     _temp_dir=sessions, log_to_driver=True)
             yield root
         finally:
             ray.shutdown()
