@@ -257,7 +257,6 @@ def _newest_holding(model_repo: str | os.PathLike[str], hits: list[dict[str, Any
 def _holds(model_repo: str, entry: dict[str, Any], local: Path) -> bool:
     """Whether ``local`` (a file, or a folder) has the bytes ``entry``'s commit holds at its path."""
     from ._oxen.tree import PathNotInCommit, UnreadableTree, files_at
-    from ._util.materialized import file_digest
 
     try:
         committed = {f.path: f for f in files_at(model_repo, entry["commit"], [entry["path"]])[entry["path"]].files}
@@ -267,5 +266,4 @@ def _holds(model_repo: str, entry: dict[str, Any], local: Path) -> bool:
         mine = {entry["path"]: local}
     else:
         mine = {f"{entry['path']}/{p.relative_to(local).as_posix()}": p for p in local.rglob("*") if p.is_file()}
-    return mine.keys() == committed.keys() and all(
-        committed[rel].size == path.stat().st_size and committed[rel].hash == file_digest(path) for rel, path in mine.items())
+    return mine.keys() == committed.keys() and all(committed[rel].held_by(path) for rel, path in mine.items())

@@ -39,7 +39,6 @@ from .._publish.queue import repo_lock_path
 from .._util import background
 from .._util.fs import write_json_atomically
 from .._util.locks import FileLock
-from .._util.materialized import file_digest
 from .._util.redact import redact_url
 from ..errors import ConfigurationError, PartlyDoneError
 from ..lineage import find_checkpoint_run
@@ -294,7 +293,7 @@ def _committed_deployment(repo: LocalRepo, rel: str) -> dict[str, Any] | None:
     except (PathNotInCommit, StopIteration):
         return None
     with contextlib.suppress(OSError):
-        if target.is_file() and target.stat().st_size == entry.size and file_digest(target) == entry.hash:
+        if target.is_file() and entry.held_by(target):
             return read_deployment(target)
     with tempfile.TemporaryDirectory(prefix="oxen-deploy-") as tmp:
         oxen_child.materialize(repo.path, head, [rel], tmp)

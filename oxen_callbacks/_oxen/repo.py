@@ -346,7 +346,6 @@ def changed_paths_at(path: str, commit: str, paths: list[str]) -> dict[str, list
     those of the first few it calls changed in the working tree whose bytes are exactly ``commit``'s,
     which a sound status never reports (its records of the commit, ``history/<commit>/dir_hashes``,
     are damaged)."""
-    from .._util.materialized import file_digest
     from . import tree as oxen_tree
 
     repo = LocalRepo(path)
@@ -357,7 +356,8 @@ def changed_paths_at(path: str, commit: str, paths: list[str]) -> dict[str, list
         return {"changed": changed, "unchanged": []}
     # a path with a staged change is uncommitted whatever its bytes: undone in the working tree, or
     # removed with `oxen rm --staged`, which keeps the file (the commit's bytes) and lists it as untracked
-    suspects = [rel for rel in unstaged if not _under_any(rel, [s.strip("/") for s in staged])]
+    staged_paths = [s.strip("/") for s in staged]
+    suspects = [rel for rel in unstaged if not _under_any(rel, staged_paths)]
     unchanged = []
     for rel in suspects[:_STATUS_FILES_CHECKED]:
         target = Path(path) / rel
@@ -366,7 +366,7 @@ def changed_paths_at(path: str, commit: str, paths: list[str]) -> dict[str, list
         except (oxen_tree.PathNotInCommit, oxen_tree.UnreadableTree, OSError):
             continue  # a new file, or a tree that cannot tell (reading the commit names that damage)
         if (len(files) == 1 and files[0].path == rel and target.is_file() and not target.is_symlink()
-                and target.stat().st_size == files[0].size and file_digest(target) == files[0].hash):
+                and files[0].held_by(target)):
             unchanged.append(rel)
     return {"changed": changed, "unchanged": unchanged}
 

@@ -90,6 +90,12 @@ class TreeFile:
     hash: int
     size: int
 
+    def held_by(self, file: str | os.PathLike[str]) -> bool:
+        """Whether ``file`` holds exactly these bytes (its size first, then its hash)."""
+        from .._util.materialized import file_digest
+
+        return os.stat(file).st_size == self.size and file_digest(file) == self.hash
+
 
 @dataclass
 class Subtree:
