@@ -226,6 +226,14 @@ def test_a_target_no_file_system_can_hold_is_simply_not_found(models, capsys, ta
     assert "no run found" in capsys.readouterr().out
 
 
+def test_a_target_climbing_with_backslashes_is_one_name_never_a_path_out(models, capsys):
+    """On POSIX a backslash is part of a file name (e4eff41): this names one file in the repository
+    that no run saved, never /etc/passwd."""
+    assert main(["trace", "--model-repo", str(models), "runs\\..\\..\\..\\etc\\passwd"]) == 1
+    out = capsys.readouterr().out
+    assert "no run found" in out and "root:" not in out
+
+
 def test_a_tags_only_run_says_why_its_checkpoints_are_not_listed(store, models, capsys):
     """Before, it always said the model repository was not on this machine, also when it was."""
     uri, client, experiment = store
