@@ -210,6 +210,17 @@ def _workers_under(pid: int) -> list[int]:
     return found
 
 
+def _stop_workers_under(pid: int) -> set[int]:
+    """SIGSTOP every commit worker under ``pid``, scanning again until none is new: a worker forks its next
+    commit process at any time, and one forked between a scan and the stop would go on committing."""
+    stopped: set[int] = set()
+    while new := set(_workers_under(pid)) - stopped:
+        for worker in new:
+            os.kill(worker, signal.SIGSTOP)
+        stopped |= new
+    return stopped
+
+
 def _wait_for(what: Callable[[], object], timeout: float = 120.0) -> object:
     deadline = time.monotonic() + timeout
     while not (found := what()):
@@ -230,10 +241,8 @@ def test_sync_finishes_a_killed_runs_queue_whose_result_is_damaged(dataset_repo,
     try:
         queue = _wait_for(lambda: next((q for q in all_queues(models) if (q.done_dir / "00000002.json").exists()), None))
         assert isinstance(queue, JobQueue)
-        workers = _workers_under(proc.pid)
+        workers = _stop_workers_under(proc.pid)  # commits stop; saves go on being journaled
         assert workers
-        for pid in workers:
-            os.kill(pid, signal.SIGSTOP)  # commits stop; saves go on being journaled
         _wait_for(lambda: len(list(queue.jobs_dir.glob("0*.json"))) >= 2)
         proc.send_signal(signal.SIGKILL)
         for pid in workers:

@@ -419,16 +419,22 @@ def test_a_failed_checkpoint_job_is_listed_only_once_committed(tmp_path, monkeyp
 
 
 class KillWorkerAfterFailedPush(Callback):
-    """Once the first push has failed, SIGKILL the publishing worker (it is restarted)."""
+    """After the first save, wait for its push to fail (the commit worker runs at the lowest priority: on a
+    busy machine it may not push before the fit ends), then SIGKILL the publishing worker (it is restarted)."""
 
     def __init__(self, oxen_cb: OxenLightningCallback) -> None:
         self.oxen_cb, self.killed = oxen_cb, None
 
     def on_train_batch_end(self, trainer, *args) -> None:  # type: ignore[no-untyped-def]
+        if self.killed is not None or trainer.global_step < 3:
+            return
         publisher = self.oxen_cb.run.publisher
-        if self.killed is None and any(r["kind"] == "push" for r in publisher.results):
-            self.killed = publisher.worker_pid
-            os.kill(self.killed, signal.SIGKILL)
+        deadline = time.monotonic() + 120
+        while not any(r["kind"] == "push" for r in publisher.results):
+            assert time.monotonic() < deadline, "the first push never failed"
+            time.sleep(0.05)
+        self.killed = publisher.worker_pid
+        os.kill(self.killed, signal.SIGKILL)
 
 
 def test_a_restarted_worker_does_not_push_to_a_mute_remote_again(dataset_repo, tmp_path, hanging_port):
