@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import os
+import signal
 import socket
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -104,6 +107,18 @@ def children(pid: int) -> list[int]:
 def process_tree(pid: int) -> list[int]:
     """``pid`` and every process it or its descendants started, now running (parents first)."""
     return [pid] + [p for child in children(pid) for p in process_tree(child)]
+
+
+def stop_processes(find: Callable[[], Iterable[int]]) -> set[int]:
+    """SIGSTOP the processes ``find()`` names, scanning again until none is new, and return them all: a
+    process forks at any time, and a child forked between a scan and its parent's stop would go on running."""
+    stopped: set[int] = set()
+    while new := set(find()) - stopped:
+        for pid in new:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGSTOP)
+        stopped |= new
+    return stopped
 
 
 def process_running(pid: int) -> bool:

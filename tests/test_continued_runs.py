@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import file_at, process_tree
+from helpers import file_at, process_tree, stop_processes
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning_model import CsvData, TinyModel, make_trainer
 from mlflow import MlflowClient
@@ -71,8 +71,9 @@ def test_a_killed_fits_late_commit_leaves_the_record_of_the_fit_that_continued_t
         while time.monotonic() < deadline and not worker_tree:  # A's first checkpoint committed
             assert wrapper.poll() is None
             if lineage.is_file() and any(c["commit"] for c in read_lineage(lineage)["checkpoints"]):
-                tree = sorted({q for w in process_tree(wrapper.pid) if _is_worker(w) for q in process_tree(w)})
-                _signal(tree, signal.SIGSTOP)  # A's worker falls behind (a big save, a busy machine...)
+                # A's worker falls behind (a big save, a busy machine...)
+                tree = sorted(stop_processes(lambda: {q for w in process_tree(wrapper.pid) if _is_worker(w)
+                                                      for q in process_tree(w)}))
                 if tree and not is_locked(repo_lock_path(models)):
                     worker_tree = tree
                 else:

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from helpers import children, file_at, wait_until_released
+from helpers import children, file_at, stop_processes, wait_until_released
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning_model import CsvData, TinyModel, make_trainer
 
@@ -210,17 +210,6 @@ def _workers_under(pid: int) -> list[int]:
     return found
 
 
-def _stop_workers_under(pid: int) -> set[int]:
-    """SIGSTOP every commit worker under ``pid``, scanning again until none is new: a worker forks its next
-    commit process at any time, and one forked between a scan and the stop would go on committing."""
-    stopped: set[int] = set()
-    while new := set(_workers_under(pid)) - stopped:
-        for worker in new:
-            os.kill(worker, signal.SIGSTOP)
-        stopped |= new
-    return stopped
-
-
 def _wait_for(what: Callable[[], object], timeout: float = 120.0) -> object:
     deadline = time.monotonic() + timeout
     while not (found := what()):
@@ -241,7 +230,7 @@ def test_sync_finishes_a_killed_runs_queue_whose_result_is_damaged(dataset_repo,
     try:
         queue = _wait_for(lambda: next((q for q in all_queues(models) if (q.done_dir / "00000002.json").exists()), None))
         assert isinstance(queue, JobQueue)
-        workers = _stop_workers_under(proc.pid)  # commits stop; saves go on being journaled
+        workers = stop_processes(lambda: _workers_under(proc.pid))  # commits stop; saves go on being journaled
         assert workers
         _wait_for(lambda: len(list(queue.jobs_dir.glob("0*.json"))) >= 2)
         proc.send_signal(signal.SIGKILL)

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import process_tree, wait_until_released
+from helpers import process_tree, stop_processes, wait_until_released
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning_model import CsvData, TinyModel, make_trainer
 from mlflow import MlflowClient
@@ -350,12 +350,7 @@ def _kill_whole_job_once_tagged(dataset_repo, tmp_path: Path, run: str) -> Path:
 
 def _kill_whole_tree(proc: subprocess.Popen) -> None:  # type: ignore[type-arg]
     """SIGKILL a process and every process it started, at once (a cgroup OOM kill, scancel)."""
-    frozen: set[int] = set()  # stopped first: none can start a child the kill would miss
-    while new := set(process_tree(proc.pid)) - frozen:
-        for pid in new:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGSTOP)
-        frozen |= new
+    frozen = stop_processes(lambda: process_tree(proc.pid))  # stopped first: none can start a child the kill would miss
     for pid in frozen:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
