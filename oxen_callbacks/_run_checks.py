@@ -44,6 +44,9 @@ class RunOptionChecks:
     drain_timeout: float | None
     mlflow_timeout: float
     register_model: str | None
+    log_models: bool
+    log_dataset_input: bool
+    log_lineage_graph: bool
     _named: bool
 
     def _continue_in_shared_mlflow_run(self, continuing: bool) -> bool:
@@ -155,7 +158,11 @@ class RunOptionChecks:
                                          f"e.g. {name}=300, or {name}=None where waiting without limit is allowed.")
 
     def _validate_mlflow_options(self) -> None:
-        """The MLflow options agree with ``mlflow=`` and the tracking URI is one."""
+        """The MLflow options agree with ``mlflow=``, the switches are booleans and the tracking URI is one."""
+        for name in ("mlflow", "log_models", "log_dataset_input", "log_lineage_graph"):
+            value = getattr(self, "use_mlflow" if name == "mlflow" else name)
+            if not isinstance(value, bool):
+                raise ConfigurationError(f"{name}={value!r} is not True or False.", f"pass {name}=True or {name}=False.")
         if not self.use_mlflow:
             given = [n for n, v in (("mlflow_run_id", self.mlflow_run_id), ("mlflow_tracking_uri",
                      self.mlflow_tracking_uri), ("experiment_name", self.experiment_name)) if v]

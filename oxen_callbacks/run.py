@@ -74,6 +74,8 @@ class LineageRun(RunOptionChecks, RunEnding):
             (source ``runs:/<run>/oxen``, tags naming the Oxen commits).
         log_dataset_input: log the pinned dataset in the MLflow run's Datasets panel.
         log_lineage_graph: log the lineage picture ``oxen/lineage.svg`` to the MLflow run.
+        log_models: make an MLflow 3 logged model of each committed checkpoint (``False``: the run's
+            tags and ``oxen/lineage.json`` still name every checkpoint's commit).
     """
 
     def __init__(
@@ -98,6 +100,7 @@ class LineageRun(RunOptionChecks, RunEnding):
         register_model: str | None = None,
         log_dataset_input: bool = True,
         log_lineage_graph: bool = True,
+        log_models: bool = True,
     ) -> None:
         self.dataset = dataset
         self.model_repo = Path(model_repo).expanduser().resolve()
@@ -111,8 +114,8 @@ class LineageRun(RunOptionChecks, RunEnding):
         self.author, self.remote, self.branch, self.push_timeout = author, remote, branch, push_timeout
         self.remote_url = parse_remote(remote_url).url if remote_url else None
         self.drain_timeout, self.mlflow_timeout = drain_timeout, mlflow_timeout
-        self.register_model, self.log_dataset_input, self.log_lineage_graph = (
-            register_model, log_dataset_input, log_lineage_graph)
+        self.register_model, self.log_dataset_input, self.log_lineage_graph, self.log_models = (
+            register_model, log_dataset_input, log_lineage_graph, log_models)
         self._validate()
         self.publisher: CheckpointPublisher | None = None
         self.sink: Any = None
@@ -208,7 +211,7 @@ class LineageRun(RunOptionChecks, RunEnding):
             self.sink = MlflowSink.attach(
                 cache_dir=self.cache_dir, run_id=self.mlflow_run_id, tracking_uri=self.mlflow_tracking_uri,
                 experiment_name=self.experiment_name, run_name=self.run_name, model_repo=str(self.model_repo),
-                warm=self._warm_sink,
+                warm=self._warm_sink, log_models=self.log_models,
             )
             self._warm_sink = None
         self.record = new_record(
@@ -256,7 +259,8 @@ class LineageRun(RunOptionChecks, RunEnding):
         if self.sink is not None and result.get("ok") and result.get("kind") == "checkpoint":
             if not self.finished:  # (once training is over, the final tags due next name the model at once)
                 self.sink.tag_model(result["commit"], result["dest"])
-            self.sink.log_checkpoint_model(result, self.record, dataset_input=self.log_dataset_input)
+            if self.log_models:
+                self.sink.log_checkpoint_model(result, self.record, dataset_input=self.log_dataset_input)
 
     def checkpoint_saved(self, path: str | os.PathLike[str], *, step: int | None = None,
                          epoch: int | None = None, metrics: dict[str, float] | None = None,

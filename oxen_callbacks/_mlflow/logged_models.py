@@ -49,6 +49,7 @@ MODEL_TYPE = "oxen-checkpoint"
 MARK = "true"
 _META_KEY = "logged_models"  # journal meta: {"<commit>:<path>": model id, or None while being created}
 _META_DATASET = "logged_models_dataset"  # journal meta: the dataset section the models' metrics name
+META_OFF = "log_models"  # journal meta: False when the run was asked for no logged models (log_models=False)
 _METRIC_NAME = re.compile(r"^[/\w.\- :]{1,250}$")  # what MLflow accepts as a metric name
 _BAD_MODEL_NAME = re.compile(r"[/:.%\"']")  # what MLflow refuses in a logged model's name
 _said_unsupported = False
@@ -69,6 +70,11 @@ def mark_op(record: dict[str, Any], *, best_path: str | None) -> dict[str, Any]:
     """The ``mark_models`` operation at the end: every checkpoint of ``record`` has its model, the
     final and best ones marked (``best_path``: the best checkpoint's path, when the trainer knew it)."""
     return {"op": "mark_models", "record": record, "best_path": best_path}
+
+
+def wanted(meta: dict[str, Any]) -> bool:
+    """Whether the journal's run makes logged models (``log_models=False`` turned them off)."""
+    return meta.get(META_OFF) is not False
 
 
 # -- carrying them out ------------------------------------------------------------------------------
@@ -112,7 +118,7 @@ def _say_unsupported(why: str) -> None:
 
 def log_checkpoint_models(client: Any, journal: MlflowJournal, meta: dict[str, Any], ops: list[dict[str, Any]]) -> None:
     """Carry out ``log_model`` operations (see the module docstring), several in a few requests."""
-    if _skipped(client):
+    if not wanted(meta) or _skipped(client):
         return
     with _unless_the_server_lacks_them(client):
         dataset = next((op["dataset"] for op in ops if op.get("dataset")), None)
@@ -136,7 +142,7 @@ def complete_and_mark(client: Any, journal: MlflowJournal, meta: dict[str, Any],
     """
     entries = [c for c in record.get("checkpoints") or [] if c.get("commit")]
     marked: dict[str, Any] = {}
-    if entries and not _skipped(client):
+    if entries and wanted(meta) and not _skipped(client):
         with _unless_the_server_lacks_them(client):
             marked = _complete_and_mark(client, journal, meta, record, entries, best_path, best_unless_last)
     return marked
@@ -224,7 +230,7 @@ def _continued_since(meta: dict[str, Any], entries: list[dict[str, Any]]) -> str
 def model_id_for(client: Any, meta: dict[str, Any], record: dict[str, Any]) -> str | None:
     """The logged model of ``record``'s model (its best or final checkpoint), if there is one."""
     model = record["model"]
-    if not model.get("commit") or _skipped(client):
+    if not model.get("commit") or not wanted(meta) or _skipped(client):
         return None
     known = (meta.get(_META_KEY) or {}).get(_key(model["commit"], model["path"]))
     found = None

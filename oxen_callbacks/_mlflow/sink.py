@@ -48,7 +48,7 @@ from ..names import (
 from . import fluent
 from .fluent import absolute_store, default_tracking_uri, run_to_join
 from .journal import END_LINE, TRAINING_OVER_LINE, MlflowJournal
-from .logged_models import checkpoint_op, mark_op
+from .logged_models import META_OFF, checkpoint_op, mark_op, wanted
 from .paths_tag import paths_tag
 from .sink_thread import SinkThread
 from .warm_sink import WarmSinkProcess, close_stdin, release_idle, start_sink
@@ -97,12 +97,15 @@ class MlflowSink:
         run_name: str | None = None,
         model_repo: str | None = None,
         warm: WarmSinkProcess | None = None,
+        log_models: bool = True,
     ) -> "MlflowSink":
         """Log into ``run_id``, else the active MLflow run or ``$MLFLOW_RUN_ID``'s, else a new run this sink ends.
 
         ``model_repo``: where run ``run_name``'s checkpoints are committed; a training process
         that dies without ending the run is finished from there by ``oxen-callbacks sync``.
         ``warm``: a :class:`WarmSinkProcess` started earlier, used instead of a new process.
+        ``log_models``: ``False``: no MLflow logged model per checkpoint (noted in the journal, so
+        that ``sync`` makes none either).
         """
         active = run_to_join() if run_id is None else None
         if active is not None:
@@ -111,6 +114,8 @@ class MlflowSink:
         meta = {"tracking_uri": redact_url(uri), "run_id": run_id}
         if model_repo is not None:
             meta.update(model_repo=model_repo, oxen_run=run_name)
+        if not log_models:
+            meta[META_OFF] = False
         journal = MlflowJournal.create(cache_dir, meta, trainer=True)
         # A run this process already logs to (MLFlowLogger's, HF's MLflowCallback's, the active one):
         # MLflow is loaded and the store open here, so a thread applies our few operations for free; a
@@ -201,7 +206,8 @@ class MlflowSink:
         else:
             self.tag_model(final["model"]["commit"], final["model"]["path"], lineage_status=status)
             self.log_lineage(final)
-            self._enqueue(mark_op(final, best_path=best_path))
+            if wanted(self.journal.meta()):
+                self._enqueue(mark_op(final, best_path=best_path))
         if committed and (dataset_input or register_model or graph):
             self.publish_extras(final, register_model=register_model, dataset_input=dataset_input, graph=graph)
         self.end(status)

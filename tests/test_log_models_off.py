@@ -1,0 +1,105 @@
+"""``log_models=False``: no MLflow logged model per checkpoint, every other pointer as before.
+
+A user with thousands of saves, or one who finds a logged model per checkpoint too much for the
+experiment's Models tab, turns them off; the run's tags, ``oxen/lineage.json``, the dataset input
+and a registered version must still lead to the commits, and ``sync`` after a kill must not make
+the models the run was asked not to make.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlflow
+import pytest
+from helpers import assert_every_saved_checkpoint_committed
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import MLFlowLogger
+from lightning_model import CsvData, TinyModel, make_trainer
+from mlflow import MlflowClient
+
+from oxen_callbacks import PinnedDataset, read_lineage
+from oxen_callbacks._ops import sync
+from oxen_callbacks.errors import ConfigurationError
+from oxen_callbacks.lightning import OxenLightningCallback
+
+SCRIPT = Path(__file__).parent / "fit_script.py"
+
+
+def _logged_models(uri: str, run_id: str) -> list:  # type: ignore[type-arg]
+    client = MlflowClient(uri)
+    experiment = client.get_run(run_id).info.experiment_id
+    return [m for m in client.search_logged_models([experiment]) if m.source_run_id == run_id]
+
+
+def _pointer(uri: str, run_id: str, into: Path) -> dict:  # type: ignore[type-arg]
+    path = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="oxen/lineage.json",
+                                               dst_path=str(into), tracking_uri=uri)
+    return json.loads(Path(path).read_text())
+
+
+def test_a_run_without_logged_models_keeps_every_pointer_to_its_commits(dataset_repo, tmp_path):
+    """Sharing an MLFlowLogger's run (the MLflow calls made in the training process), with a monitored
+    metric and a registered model: no logged model, and every other way to the commits still there."""
+    uri = mlflow.get_tracking_uri()
+    pin = PinnedDataset(dataset_repo.path, revision=dataset_repo.commits[0], paths=["train.csv", "val.csv"])
+    cb = OxenLightningCallback(dataset=pin, model_repo=tmp_path / "models", run_name="plain",
+                               register_model="plain-clf", log_models=False)
+    best = ModelCheckpoint(dirpath=tmp_path / "ckpt", monitor="val_loss", save_top_k=2, save_last=True)
+    logger = MLFlowLogger(experiment_name="no-models", tracking_uri=uri, log_model=False)
+    make_trainer(tmp_path / "fit", [best, cb], epochs=3, logger=logger).fit(TinyModel(), datamodule=CsvData(pin))
+    record = cb.lineage
+    run_id = record["run"]["mlflow_run_id"]
+    assert run_id == logger.run_id and len(record["checkpoints"]) >= 3
+
+    assert _logged_models(uri, run_id) == []
+    client = MlflowClient(uri)
+    run = client.get_run(run_id)
+    assert run.data.tags["oxen.model.commit"] == record["model"]["commit"]
+    assert run.data.tags["oxen.model.path"] == record["model"]["path"]
+    assert run.data.tags["oxen.dataset.commit"] == dataset_repo.commits[0]
+    assert not run.outputs or not run.outputs.model_outputs
+    pointer = _pointer(uri, run_id, tmp_path / "pointer")
+    assert [(c["commit"], c["path"]) for c in pointer["checkpoints"]] == [
+        (c["commit"], c["path"]) for c in record["checkpoints"]]
+    [dataset_input] = run.inputs.dataset_inputs  # the Datasets panel, logged at the end instead
+    assert json.loads(dataset_input.dataset.source)["commit"] == dataset_repo.commits[0]
+    [version] = client.search_model_versions("name = 'plain-clf'")
+    assert version.source == f"runs:/{run_id}/oxen" and version.run_id == run_id
+    assert version.tags["oxen.model.commit"] == record["model"]["commit"]
+    assert_every_saved_checkpoint_committed(tmp_path / "models", record, tmp_path / "ckpt", tmp_path / "read")
+
+
+@pytest.mark.timeout(600)
+def test_sync_after_a_kill_makes_no_logged_model_either(dataset_repo, tmp_path):
+    """SIGKILL the moment fit() returns (the end of the run still to log), then `sync`: the run is
+    finished from its commits, and the models the run was asked not to make are not made there."""
+    cmd = [sys.executable, str(SCRIPT), "--dataset", str(dataset_repo.path), "--revision", dataset_repo.commits[0],
+           "--model-repo", str(tmp_path / "models"), "--root", str(tmp_path / "fit"), "--epochs", "2", "--mlflow",
+           "--logger", "--no-log-models", "--after-fit", "kill"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, stdin=subprocess.DEVNULL, check=False)
+    assert done.returncode == -9, done.stderr[-3000:]
+    deadline = time.monotonic() + 180
+    while (report := sync.sync_all())["pending"] and time.monotonic() < deadline:
+        time.sleep(1)  # the commit worker outlives its trainer and may still be committing
+    assert report["pending"] == 0, report
+    uri = mlflow.get_tracking_uri()
+    client = MlflowClient(uri)
+    [run] = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    record = read_lineage(tmp_path / "models" / "runs" / run.data.tags["oxen.run"] / "lineage.json")
+    assert record["checkpoints"] and run.data.tags["oxen.model.commit"] == record["model"]["commit"]
+    assert _pointer(uri, run.info.run_id, tmp_path / "pointer")["checkpoints"] == record["checkpoints"]
+    assert _logged_models(uri, run.info.run_id) == []
+
+
+@pytest.mark.parametrize("option", ["log_models", "log_dataset_input", "log_lineage_graph", "mlflow"])
+def test_a_switch_that_is_not_true_or_false_is_refused_before_training(dataset_repo, tmp_path, option):
+    """``log_models="no"`` would be truthy: refused at construction, naming the value and the fix."""
+    pin = PinnedDataset(dataset_repo.path, revision=dataset_repo.commits[0], paths=["train.csv"])
+    with pytest.raises(ConfigurationError, match=rf"(?s){option}='no' is not True or False.*HINT: pass {option}=True"):
+        OxenLightningCallback(dataset=pin, model_repo=tmp_path / "models", **{option: "no"})
+    assert not (tmp_path / "models").exists()
