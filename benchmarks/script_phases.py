@@ -3,7 +3,8 @@
     python benchmarks/script_phases.py ours_shared naive [--repeats 12] [--new]
 
 Each sample is a fresh process of the quickstart's training on an existing store (``whole_script.py``'s
-variants; ``--new``: a new store, model repository and snapshot cache per process), timed in phases: ``pre_fit`` (imports, building the trainer), ``fit``, ``post_fit`` (from
+variants; ``--new``: a new store, model repository and snapshot cache per process), timed in phases:
+``pre_fit`` (imports, building the trainer), ``fit``, ``post_fit`` (from
 ``fit()`` returning to the script's end: reading ``callback.lineage`` waits for the final record),
 ``atexit`` (exit handlers: ours waits for what MLflow has left), and ``teardown`` (the interpreter's
 finalization, from the last exit handler to the process's end). A process that dies by a signal is
