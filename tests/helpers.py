@@ -8,6 +8,7 @@ import hashlib
 import os
 import signal
 import socket
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -119,6 +120,18 @@ def stop_processes(find: Callable[[], Iterable[int]]) -> set[int]:
                 os.kill(pid, signal.SIGSTOP)
         stopped |= new
     return stopped
+
+
+def sync_until_nothing_pending(timeout: float = 180.0, every: float = 1.0) -> dict:  # type: ignore[type-arg]
+    """Run ``sync`` again until it leaves nothing pending (a killed trainer's commit worker outlives it
+    and may still be committing; a sink process may still be retrying); returns its last report."""
+    from oxen_callbacks._ops import sync
+
+    deadline = time.monotonic() + timeout
+    while (report := sync.sync_all())["pending"] and time.monotonic() < deadline:
+        time.sleep(every)
+    assert report["pending"] == 0, report
+    return report
 
 
 def process_running(pid: int) -> bool:

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import assert_every_saved_checkpoint_committed, file_at
+from helpers import assert_every_saved_checkpoint_committed, file_at, sync_until_nothing_pending
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import MLFlowLogger
 from lightning_model import CsvData, TinyModel, make_trainer
@@ -69,10 +69,7 @@ def test_killed_the_moment_fit_returns_sync_finishes_everything(dataset_repo, tm
     (for a run joined from MLFlowLogger too, whose operations a thread of the killed process served)."""
     done = _script(dataset_repo, tmp_path, "--after-fit", "kill", *(["--logger"] if mlflow_run == "logger" else []))
     assert done.returncode == -9, done.stderr[-3000:]
-    deadline = time.monotonic() + 180
-    while (report := sync.sync_all())["pending"] and time.monotonic() < deadline:
-        time.sleep(1)  # the commit worker outlives its trainer and may still be committing
-    assert report["pending"] == 0, report
+    sync_until_nothing_pending()
     client = MlflowClient()
     run = _only_run(client)
     repo_lineage = read_lineage(tmp_path / "models" / "runs" / run.data.tags["oxen.run"] / "lineage.json")
@@ -164,10 +161,7 @@ def test_killed_the_moment_fit_returns_the_run_still_ends_finished(dataset_repo,
     the sink still starting) must not turn that into KILLED: the final lineage is journaled by then."""
     done = _script(dataset_repo, tmp_path, "--after-fit", "kill")
     assert done.returncode == -9, done.stderr[-3000:]
-    deadline = time.monotonic() + 180
-    while (report := sync.sync_all())["pending"] and time.monotonic() < deadline:
-        time.sleep(1)
-    assert report["pending"] == 0, report
+    sync_until_nothing_pending()
     run = _only_run(MlflowClient())
     repo_lineage = read_lineage(tmp_path / "models" / "runs" / run.data.tags["oxen.run"] / "lineage.json")
     assert repo_lineage["status"] == "FINISHED"

@@ -11,19 +11,17 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import mlflow
 import pytest
-from helpers import assert_every_saved_checkpoint_committed
+from helpers import assert_every_saved_checkpoint_committed, sync_until_nothing_pending
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import MLFlowLogger
 from lightning_model import CsvData, TinyModel, make_trainer
 from mlflow import MlflowClient
 
 from oxen_callbacks import PinnedDataset, read_lineage
-from oxen_callbacks._ops import sync
 from oxen_callbacks.errors import ConfigurationError
 from oxen_callbacks.lightning import OxenLightningCallback
 
@@ -83,10 +81,7 @@ def test_sync_after_a_kill_makes_no_logged_model_either(dataset_repo, tmp_path):
            "--logger", "--no-log-models", "--after-fit", "kill"]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, stdin=subprocess.DEVNULL, check=False)
     assert done.returncode == -9, done.stderr[-3000:]
-    deadline = time.monotonic() + 180
-    while (report := sync.sync_all())["pending"] and time.monotonic() < deadline:
-        time.sleep(1)  # the commit worker outlives its trainer and may still be committing
-    assert report["pending"] == 0, report
+    sync_until_nothing_pending()
     uri = mlflow.get_tracking_uri()
     client = MlflowClient(uri)
     [run] = client.search_runs([e.experiment_id for e in client.search_experiments()])

@@ -18,6 +18,7 @@ import mlflow
 import pytest
 import torch
 from conftest import isolate, moved_dataset
+from helpers import sync_until_nothing_pending
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning_model import CsvData, TinyModel, make_trainer
 from mlflow import MlflowClient
@@ -249,10 +250,7 @@ def test_killed_the_moment_fit_returns_sync_leaves_one_model_per_checkpoint(data
            "--logger", "--after-fit", "kill"]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, stdin=subprocess.DEVNULL, check=False)
     assert done.returncode == -9, done.stderr[-3000:]
-    deadline = time.monotonic() + 180
-    while (report := sync.sync_all())["pending"] and time.monotonic() < deadline:
-        time.sleep(1)  # the commit worker outlives its trainer and may still be committing
-    assert report["pending"] == 0, report
+    sync_until_nothing_pending()
     assert sync.sync_all()["pending"] == 0  # and again: nothing is replayed twice
     uri = mlflow.get_tracking_uri()
     [run] = MlflowClient(uri).search_runs([e.experiment_id for e in MlflowClient(uri).search_experiments()])

@@ -10,11 +10,11 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import mlflow
 import pytest
+from helpers import sync_until_nothing_pending
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning_model import CsvData, TinyModel, make_trainer
 from mlflow import MlflowClient
@@ -128,10 +128,7 @@ def test_a_relative_sqlite_store_is_finished_by_sync_run_from_another_folder(dat
     assert done.returncode == -9, done.stderr[-3000:]
     monkeypatch.chdir(b)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///mlflow.db")
-    deadline = time.monotonic() + 180
-    while (report := sync.sync_all())["pending"] and time.monotonic() < deadline:
-        time.sleep(1)  # the commit worker outlives its trainer and may still be committing
-    assert report["pending"] == 0, report
+    sync_until_nothing_pending()
     assert not (b / "mlflow.db").exists()
     client = MlflowClient(f"sqlite:///{a / 'mlflow.db'}")
     [run] = client.search_runs([e.experiment_id for e in client.search_experiments()])

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+from helpers import sync_until_nothing_pending
 from mlflow import MlflowClient
 from mlflow_server import MlflowServer
 
@@ -50,10 +51,7 @@ def test_mlflow_down_at_fit_end_then_sync(dataset_repo, tmp_path):
         assert report["pending"] > 0 and report["mlflow"][0]["status"] in ("busy", "failed")
 
         server.start()  # back up (same port)
-        deadline = time.monotonic() + 120
-        while (report := sync.sync_all())["pending"] and time.monotonic() < deadline:
-            time.sleep(2)  # a sink process that is still retrying finishes, or sync does it
-        assert report["pending"] == 0, report
+        sync_until_nothing_pending(120, every=2)
         run = MlflowClient(server.uri).get_run(lineage["run"]["mlflow_run_id"])
         assert run.data.tags["oxen.model.commit"] == lineage["model"]["commit"]
         assert run.data.tags["oxen.dataset.commit"] == dataset_repo.commits[0]
