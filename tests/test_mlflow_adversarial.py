@@ -17,7 +17,9 @@ import pytest
 from helpers import sync_until_nothing_pending
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning_model import CsvData, TinyModel, make_trainer
+from losing_proxy import LosingProxy
 from mlflow import MlflowClient
+from mlflow.entities import ViewType
 from mlflow_server import mlflow_server  # noqa: F401  (module-scoped fixture)
 
 from oxen_callbacks import PinnedDataset
@@ -54,6 +56,27 @@ def test_a_password_in_the_tracking_uri_never_reaches_syncs_output(mlflow_server
     out, err = capsys.readouterr()
     assert password not in out + err
     assert password not in str(report)
+
+
+def test_a_run_made_twice_by_a_retried_create_leaves_one_run(mlflow_server, dataset_repo, tmp_path):  # noqa: F811
+    """The server makes our run, but a gateway loses its answer (503): MLflow's HTTP client sends the
+    create again and the server makes a second run of that name. The experiment must list one run, the
+    one the lineage names, not a twin left RUNNING forever beside it."""
+    pin = PinnedDataset(dataset_repo.path, revision=dataset_repo.commits[0], paths=["train.csv", "val.csv"])
+    with LosingProxy(mlflow_server.uri, "/api/2.0/mlflow/runs/create") as proxy:
+        cb = OxenLightningCallback(dataset=pin, model_repo=tmp_path / "models", run_name="twice",
+                                   mlflow_tracking_uri=proxy.uri, experiment_name="lost-answer")
+        make_trainer(tmp_path / "fit", [ModelCheckpoint(dirpath=tmp_path / "ckpt"), cb], epochs=1).fit(
+            TinyModel(), datamodule=CsvData(pin))
+        record = cb.lineage
+    assert proxy.lost == 1  # the fault happened: the server made the run twice
+    client = MlflowClient(mlflow_server.uri)
+    experiment = client.get_experiment_by_name("lost-answer").experiment_id
+    [run] = client.search_runs([experiment])
+    assert (run.info.run_id, run.info.run_name, run.info.status) == (record["run"]["mlflow_run_id"], "twice", "FINISHED")
+    assert run.data.tags["oxen.model.commit"] == record["model"]["commit"]
+    [twin] = client.search_runs([experiment], run_view_type=ViewType.DELETED_ONLY)  # deleted, not lost
+    assert twin.info.run_name == "twice" and twin.data.tags["oxen.creation"] == run.data.tags["oxen.creation"]
 
 
 def test_a_new_repository_at_an_old_path_leaves_the_old_runs_marks_alone(dataset_repo, tmp_path):

@@ -21,6 +21,7 @@ import os
 import subprocess
 import threading
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -128,7 +129,8 @@ class MlflowSink:
         if run_id is None:
             experiment_id = os.environ.get(ENV_MLFLOW_EXPERIMENT_ID) if experiment_name is None else None
             sink._enqueue({"op": "create_run", "run_name": run_name, "experiment_id": experiment_id,
-                           "experiment_name": experiment_name or os.environ.get(ENV_MLFLOW_EXPERIMENT_NAME)})
+                           "experiment_name": experiment_name or os.environ.get(ENV_MLFLOW_EXPERIMENT_NAME),
+                           "token": uuid.uuid4().hex})
         return sink
 
     # -- state ----------------------------------------------------------------------
