@@ -79,6 +79,25 @@ def test_a_run_made_twice_by_a_retried_create_leaves_one_run(mlflow_server, data
     assert twin.info.run_name == "twice" and twin.data.tags["oxen.creation"] == run.data.tags["oxen.creation"]
 
 
+def test_a_logged_model_made_twice_by_a_retried_create_leaves_one_model(mlflow_server, dataset_repo, tmp_path):  # noqa: F811
+    """The same with a checkpoint's logged model: its twin would stay PENDING in the Models tab, a second
+    model of one checkpoint. Each checkpoint keeps exactly one, ready."""
+    pin = PinnedDataset(dataset_repo.path, revision=dataset_repo.commits[0], paths=["train.csv", "val.csv"])
+    with LosingProxy(mlflow_server.uri, "/api/2.0/mlflow/logged-models") as proxy:
+        cb = OxenLightningCallback(dataset=pin, model_repo=tmp_path / "models", run_name="model-twice",
+                                   mlflow_tracking_uri=proxy.uri, experiment_name="lost-model-answer")
+        make_trainer(tmp_path / "fit", [ModelCheckpoint(dirpath=tmp_path / "ckpt", save_top_k=-1), cb], epochs=2).fit(
+            TinyModel(), datamodule=CsvData(pin))
+        record = cb.lineage
+    assert proxy.lost == 1
+    client = MlflowClient(mlflow_server.uri)
+    models = [m for m in client.search_logged_models([client.get_experiment_by_name("lost-model-answer").experiment_id])
+              if m.source_run_id == record["run"]["mlflow_run_id"]]
+    keys = sorted((m.tags["oxen.model.commit"], m.tags["oxen.model.path"]) for m in models)
+    assert keys == sorted((c["commit"], c["path"]) for c in record["checkpoints"])  # one each, no twin
+    assert {m.status for m in models} == {"READY"}
+
+
 def test_a_new_repository_at_an_old_path_leaves_the_old_runs_marks_alone(dataset_repo, tmp_path):
     """A model repository made again at the same path (`rm -rf models`, a container's fixed path) with a
     run name used before, in the same experiment: the old run's final model keeps its mark when the

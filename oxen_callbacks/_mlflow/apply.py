@@ -8,14 +8,13 @@ Each operation is a JSON object (``{"op": "set_tags", "tags": {...}}``...) writt
 from __future__ import annotations
 
 import json
-import logging
 import os
 import tempfile
 import uuid
 from pathlib import Path
 from typing import Any
 
-from .._util.redact import redact_text, redact_url
+from .._util.redact import redact_url
 from ..lineage import mlflow_run_status
 from ..names import (
     ENV_MLFLOW_TRACKING_URI,
@@ -28,8 +27,7 @@ from ..names import (
 )
 from .abandoned import KILLED, amend_repo_record, committed_record
 from .journal import MlflowJournal
-
-log = logging.getLogger(__name__)
+from .twins import delete_twin_runs
 
 
 def client_for(journal: MlflowJournal, uri: str | None = None) -> Any:
@@ -169,28 +167,6 @@ def apply_op(client: Any, journal: MlflowJournal, meta: dict[str, Any], op: dict
                        graph=op.get("graph", True), model_id=model_id)
     else:
         raise ValueError(f"Unknown journaled MLflow operation {kind!r}")
-
-
-def delete_twin_runs(client: Any, experiment_id: str, token: str, *, keep: str) -> list[str]:
-    """Delete the runs that an earlier attempt of the same create made (a server that made the run
-    and whose answer was lost: MLflow's HTTP retry, or ours, creates it again); returns their ids.
-    Nothing ever named them. Best effort: a failure here is said, and the run goes on."""
-    if not client.tracking_uri.startswith(("http://", "https://", "databricks")):
-        return []  # a database or files, written by this process: no HTTP retry repeats a create
-    from mlflow.exceptions import MlflowException
-
-    try:
-        twins = [run.info.run_id for run in client.search_runs(
-            [experiment_id], filter_string=f"tags.`{TAG_CREATION}` = '{token}'") if run.info.run_id != keep]
-        for twin in twins:
-            client.delete_run(twin)
-    except MlflowException as exc:
-        log.warning("Could not look for runs a repeated create made beside %s: %s", keep, redact_text(str(exc)))
-        return []
-    if twins:
-        log.warning("MLflow made run %s twice (a create repeated after a lost answer): deleted the twin(s) %s",
-                    keep, ", ".join(twins))
-    return twins
 
 
 def finish_abandoned(client: Any, journal: Any, meta: dict[str, Any], status: str = KILLED,

@@ -42,6 +42,7 @@ from ..names import (
 )
 from .abandoned import committed_record
 from .journal import MlflowJournal
+from .twins import delete_twin_models, over_http
 
 log = logging.getLogger(__name__)
 
@@ -242,8 +243,8 @@ def model_id_for(client: Any, meta: dict[str, Any], record: dict[str, Any]) -> s
 
 # -- internals ------------------------------------------------------------------------------------
 class _Found:
-    def __init__(self, model_id: str, tags: dict[str, str]) -> None:
-        self.model_id, self.tags = model_id, tags
+    def __init__(self, model_id: str, tags: dict[str, str], source_run_id: str | None = None) -> None:
+        self.model_id, self.tags, self.source_run_id = model_id, tags, source_run_id
 
 
 def _key(commit: str, path: str) -> str:
@@ -317,6 +318,12 @@ def _create(client: Any, run_id: str, experiment_id: str, ops: dict[str, dict[st
         client.log_batch(run_id, metrics=metrics[start:start + 1000])
     for model_id in made.values():
         client.finalize_logged_model(model_id, LoggedModelStatus.READY)
+    if made and over_http(client):
+        op = next(iter(ops.values()))
+        found = _search(client, experiment_id, {TAG_MODEL_REPO: op["model_repo"], TAG_RUN: op.get("run") or ""})
+        delete_twin_models(client, run_id, made, [
+            (_key(f.tags.get(TAG_MODEL_COMMIT, ""), f.tags.get(TAG_MODEL_PATH, "")), f.model_id, f.source_run_id)
+            for f in found])
     return made
 
 
@@ -396,7 +403,7 @@ def _search(client: Any, experiment_id: str, wanted: dict[str, str]) -> list[_Fo
         for model in page:
             tags = dict(model.tags)
             if all(tags.get(k) == v for k, v in wanted.items()):
-                found.append(_Found(model.model_id, tags))
+                found.append(_Found(model.model_id, tags, model.source_run_id))
         token = page.token
         if not token:
             return found
