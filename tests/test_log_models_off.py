@@ -89,6 +89,35 @@ def test_sync_after_a_kill_makes_no_logged_model_either(dataset_repo, tmp_path):
     assert record["checkpoints"] and run.data.tags["oxen.model.commit"] == record["model"]["commit"]
     assert _pointer(uri, run.info.run_id, tmp_path / "pointer")["checkpoints"] == record["checkpoints"]
     assert _logged_models(uri, run.info.run_id) == []
+    [dataset_input] = run.inputs.dataset_inputs  # the end that logs it never came: `sync` logged it
+    assert json.loads(dataset_input.dataset.source)["commit"] == dataset_repo.commits[0]
+
+
+def test_a_fit_without_models_takes_the_final_mark_off_the_fit_it_continued(dataset_repo, tmp_path):
+    """Fit A made logged models and marked its last one final; fit B continues the run with
+    log_models=False. A's model is no longer the run's final one: its marks come off (a search for
+    the run's final model must not answer A's checkpoint)."""
+    uri = mlflow.get_tracking_uri()
+    pin = PinnedDataset(dataset_repo.path, revision=dataset_repo.commits[0], paths=["train.csv", "val.csv"])
+    first = OxenLightningCallback(dataset=pin, model_repo=tmp_path / "models", run_name="cont", experiment_name="cont")
+    make_trainer(tmp_path / "a", [ModelCheckpoint(dirpath=tmp_path / "a" / "ckpt", monitor="val_loss"), first],
+                 epochs=1).fit(TinyModel(), datamodule=CsvData(pin))
+    final = first.lineage["model"]["path"]  # (waits for the end of A's MLflow logging)
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name("cont").experiment_id
+
+    def marked() -> dict[str, list[str]]:
+        models = client.search_logged_models([experiment], filter_string="tags.`oxen.run` = 'cont'")
+        return {tag: [m.tags["oxen.model.path"] for m in models if m.tags.get(tag) == "true"]
+                for tag in ("oxen.model.final", "oxen.model.best")}
+
+    assert marked() == {"oxen.model.final": [final], "oxen.model.best": [final]}
+    again = OxenLightningCallback(model_repo=tmp_path / "models", run_name="cont", resume_from="cont",
+                                  experiment_name="cont", log_models=False)
+    make_trainer(tmp_path / "b", [ModelCheckpoint(dirpath=tmp_path / "b" / "ckpt", monitor="val_loss"), again],
+                 epochs=2).fit(TinyModel(), datamodule=CsvData(again.dataset), ckpt_path=again.ckpt_path)
+    assert again.lineage["status"] == "FINISHED" and len(again.lineage["checkpoints"]) > len(first.lineage["checkpoints"])
+    assert marked() == {"oxen.model.final": [], "oxen.model.best": []}
 
 
 @pytest.mark.parametrize("option", ["log_models", "log_dataset_input", "log_lineage_graph", "mlflow"])

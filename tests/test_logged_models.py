@@ -260,6 +260,10 @@ def test_killed_the_moment_fit_returns_sync_leaves_one_model_per_checkpoint(data
     assert run.data.params and all(m.params == run.data.params for m in models.values())  # the logger's hparams
     last = record["checkpoints"][-1]
     assert [k for k, m in models.items() if m.tags.get("oxen.model.final") == "true"] == [(last["commit"], last["path"])]
+    [dataset_input] = run.inputs.dataset_inputs  # logged once: by `sync`, before the models that name it
+    assert json.loads(dataset_input.dataset.source)["commit"] == dataset_repo.commits[0]
+    assert all({(m.dataset_name, m.dataset_digest) for m in model.metrics} == {
+        (dataset_input.dataset.name, dataset_input.dataset.digest)} for model in models.values() if model.metrics)
 
 
 def _endpoint_not_found(*_args, **_kwargs):  # type: ignore[no-untyped-def]

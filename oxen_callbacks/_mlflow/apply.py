@@ -157,8 +157,9 @@ def apply_op(client: Any, journal: MlflowJournal, meta: dict[str, Any], op: dict
 
         complete_and_mark(client, journal, meta, op["record"], best_path=op.get("best_path"))
     elif kind == "publish_extras":
+        from .dataset_input import dataset_logged
         from .extras import publish_extras
-        from .logged_models import dataset_logged, model_id_for
+        from .logged_models import model_id_for
 
         record = op["record"]
         model_id = model_id_for(client, meta, record) if op.get("register_model") else None
@@ -189,8 +190,10 @@ def finish_abandoned(client: Any, journal: Any, meta: dict[str, Any], status: st
     if record is not None:
         apply_op(client, journal, meta, {"op": "log_json", "artifact_dir": POINTER_ARTIFACT_DIR,
                                          "name": LINEAGE_ARTIFACT_NAME, "data": record})
+        from .dataset_input import log_dataset_input_once
         from .logged_models import complete_and_mark
 
+        log_dataset_input_once(client, journal, record)  # (its end, which logs it, never came)
         # the checkpoints committed after the trainer died get their logged models too
         complete_and_mark(client, journal, journal.meta(), record, best_unless_last=True)
     terminated = terminate and client.get_run(run_id).info.status == "RUNNING"

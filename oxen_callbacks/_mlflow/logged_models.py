@@ -41,6 +41,7 @@ from ..names import (
     TAG_RUN,
 )
 from .abandoned import committed_record
+from .dataset_input import META_DATASET_LOGGED, log_dataset_input_noted
 from .journal import MlflowJournal
 from .twins import delete_twin_models, over_http
 
@@ -49,7 +50,6 @@ log = logging.getLogger(__name__)
 MODEL_TYPE = "oxen-checkpoint"
 MARK = "true"
 _META_KEY = "logged_models"  # journal meta: {"<commit>:<path>": model id, or None while being created}
-_META_DATASET = "logged_models_dataset"  # journal meta: the dataset section the models' metrics name
 META_OFF = "log_models"  # journal meta: False when the run was asked for no logged models (log_models=False)
 _METRIC_NAME = re.compile(r"^[/\w.\- :]{1,250}$")  # what MLflow accepts as a metric name
 _BAD_MODEL_NAME = re.compile(r"[/:.%\"']")  # what MLflow refuses in a logged model's name
@@ -123,13 +123,8 @@ def log_checkpoint_models(client: Any, journal: MlflowJournal, meta: dict[str, A
         return
     with _unless_the_server_lacks_them(client):
         dataset = next((op["dataset"] for op in ops if op.get("dataset")), None)
-        if dataset and not meta.get(_META_DATASET):
-            from .dataset import log_dataset_input
-
-            # the input the models' metrics name (the end does not log it again: dataset_logged)
-            log_dataset_input(client, meta["run_id"], dataset)
-            meta = {**meta, _META_DATASET: dataset}
-            journal.write_meta(meta)
+        if dataset and not meta.get(META_DATASET_LOGGED):  # the input the models' metrics name
+            meta = log_dataset_input_noted(client, journal, meta, dataset)
         _ensure(client, journal, meta, ops, existing=None)
 
 
@@ -143,10 +138,24 @@ def complete_and_mark(client: Any, journal: MlflowJournal, meta: dict[str, Any],
     """
     entries = [c for c in record.get("checkpoints") or [] if c.get("commit")]
     marked: dict[str, Any] = {}
-    if entries and wanted(meta) and not _skipped(client):
+    if entries and (wanted(meta) or record.get("earlier_fits")) and not _skipped(client):
         with _unless_the_server_lacks_them(client):
-            marked = _complete_and_mark(client, journal, meta, record, entries, best_path, best_unless_last)
+            if wanted(meta):
+                marked = _complete_and_mark(client, journal, meta, record, entries, best_path, best_unless_last)
+            else:  # (log_models=False) the final and best marks of the fits this one continued are not the run's
+                _unmark(client, journal, meta, record, entries)
     return marked
+
+
+def _unmark(client: Any, journal: MlflowJournal, meta: dict[str, Any], record: dict[str, Any],
+            entries: list[dict[str, Any]]) -> None:
+    """Take the final and best marks off the models of ``entries`` (earlier fits' checkpoints)."""
+    experiment_id, meta = _experiment(client, journal, meta)
+    keys = {_key(e["commit"], e["path"]) for e in entries}
+    for key, found in _models_of(client, experiment_id, record["model"]["repo"], record["run"].get("name")).items():
+        for tag in (TAG_MODEL_FINAL, TAG_MODEL_BEST):
+            if key in keys and found.tags.get(tag) == MARK:
+                client.delete_logged_model_tag(found.model_id, tag)
 
 
 def _complete_and_mark(client: Any, journal: MlflowJournal, meta: dict[str, Any], record: dict[str, Any],
@@ -164,7 +173,7 @@ def _complete_and_mark(client: Any, journal: MlflowJournal, meta: dict[str, Any]
     else:
         existing = _models_of(client, experiment_id, repo, run)
     missing = [{"commit": e["commit"], "path": e["path"], "step": e.get("step"), "epoch": e.get("epoch"),
-                "metrics": e.get("metrics") or {}, "model_repo": repo, "run": run, "dataset": meta.get(_META_DATASET),
+                "metrics": e.get("metrics") or {}, "model_repo": repo, "run": run, "dataset": meta.get(META_DATASET_LOGGED),
                 "time_ms": int(time.time() * 1000)} for e in entries if _key(e["commit"], e["path"]) not in existing]
     if missing:
         meta = _ensure(client, journal, meta, missing, existing=existing)
@@ -208,11 +217,6 @@ def _marked(client: Any, model_id: str, tag: str) -> bool:
             return False
         raise
     return True
-
-
-def dataset_logged(meta: dict[str, Any], section: dict[str, Any] | None) -> bool:
-    """Whether the run's input ``section`` (a record's dataset) was logged with the first models."""
-    return bool(section) and meta.get(_META_DATASET) == section
 
 
 def _continued_since(meta: dict[str, Any], entries: list[dict[str, Any]]) -> str | None:

@@ -47,6 +47,7 @@ from ..names import (
     TAG_RUN,
 )
 from . import fluent
+from .dataset_input import META_DATASET_INPUT
 from .fluent import absolute_store, default_tracking_uri, run_to_join
 from .journal import END_LINE, TRAINING_OVER_LINE, MlflowJournal
 from .logged_models import META_OFF, checkpoint_op, mark_op, wanted
@@ -99,14 +100,15 @@ class MlflowSink:
         model_repo: str | None = None,
         warm: WarmSinkProcess | None = None,
         log_models: bool = True,
+        dataset_input: bool = True,
     ) -> "MlflowSink":
         """Log into ``run_id``, else the active MLflow run or ``$MLFLOW_RUN_ID``'s, else a new run this sink ends.
 
         ``model_repo``: where run ``run_name``'s checkpoints are committed; a training process
         that dies without ending the run is finished from there by ``oxen-callbacks sync``.
         ``warm``: a :class:`WarmSinkProcess` started earlier, used instead of a new process.
-        ``log_models``: ``False``: no MLflow logged model per checkpoint (noted in the journal, so
-        that ``sync`` makes none either).
+        ``log_models`` / ``dataset_input``: ``False``: no MLflow logged model per checkpoint / no
+        dataset input (noted in the journal, so that ``sync`` makes none either).
         """
         active = run_to_join() if run_id is None else None
         if active is not None:
@@ -117,6 +119,8 @@ class MlflowSink:
             meta.update(model_repo=model_repo, oxen_run=run_name)
         if not log_models:
             meta[META_OFF] = False
+        if not dataset_input:
+            meta[META_DATASET_INPUT] = False
         journal = MlflowJournal.create(cache_dir, meta, trainer=True)
         # A run this process already logs to (MLFlowLogger's, HF's MLflowCallback's, the active one):
         # MLflow is loaded and the store open here, so a thread applies our few operations for free; a
@@ -208,7 +212,7 @@ class MlflowSink:
         else:
             self.tag_model(final["model"]["commit"], final["model"]["path"], lineage_status=status)
             self.log_lineage(final)
-            if wanted(self.journal.meta()):
+            if wanted(self.journal.meta()) or final.get("earlier_fits"):  # (else: no model to mark)
                 self._enqueue(mark_op(final, best_path=best_path))
         if committed and (dataset_input or register_model or graph):
             self.publish_extras(final, register_model=register_model, dataset_input=dataset_input, graph=graph)
