@@ -324,10 +324,9 @@ def _create(client: Any, run_id: str, experiment_id: str, ops: dict[str, dict[st
         client.finalize_logged_model(model_id, LoggedModelStatus.READY)
     if made and over_http(client):
         op = next(iter(ops.values()))
-        found = _search(client, experiment_id, {TAG_MODEL_REPO: op["model_repo"], TAG_RUN: op.get("run") or ""})
-        delete_twin_models(client, run_id, made, [
+        delete_twin_models(client, run_id, made, lambda: [
             (_key(f.tags.get(TAG_MODEL_COMMIT, ""), f.tags.get(TAG_MODEL_PATH, "")), f.model_id, f.source_run_id)
-            for f in found])
+            for f in _search(client, experiment_id, {TAG_MODEL_REPO: op["model_repo"], TAG_RUN: op.get("run") or ""})])
     return made
 
 

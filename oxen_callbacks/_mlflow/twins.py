@@ -12,7 +12,7 @@ Best effort: a failure here is said, and the logging goes on.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from .._util.redact import redact_text
@@ -47,17 +47,18 @@ def delete_twin_runs(client: Any, experiment_id: str, token: str, *, keep: str) 
 
 
 def delete_twin_models(client: Any, run_id: str, made: dict[str, str],
-                       found: Iterable[tuple[str, str, str | None]]) -> list[str]:
-    """Delete the logged models among ``found`` (checkpoint key, model id, source run) of run ``run_id``
+                       find: Callable[[], Iterable[tuple[str, str, str | None]]]) -> list[str]:
+    """Delete the logged models ``find()`` lists (checkpoint key, model id, source run) of run ``run_id``
     whose checkpoint is in ``made`` (key -> the model we got) and that are not that model; their ids."""
     from mlflow.exceptions import MlflowException
 
-    twins = [model_id for key, model_id, source in found if source == run_id and key in made and model_id != made[key]]
     try:
+        twins = [model_id for key, model_id, source in find()
+                 if source == run_id and key in made and model_id != made[key]]
         for twin in twins:
             client.delete_logged_model(twin)
     except MlflowException as exc:
-        log.warning("Could not delete logged models a repeated create made in run %s: %s", run_id,
+        log.warning("Could not look for logged models a repeated create made in run %s: %s", run_id,
                     redact_text(str(exc)))
         return []
     if twins:
