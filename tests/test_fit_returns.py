@@ -206,11 +206,19 @@ def test_once_training_is_over_the_sink_thread_applies_operations_as_they_come(t
     from oxen_callbacks._mlflow.sink_process import serve
     from oxen_callbacks._mlflow.sink_thread import _QueueLines
 
+    class WakeUpsOnly(_QueueLines):
+        """serve() also looks at the journal each second without a wake-up (a lost one) and applies what it
+        finds at once: a look that fell between the test's put and its wake-up (both 1 s after the start)
+        applied the operation ungathered. Here it waits for the wake-ups alone."""
+
+        def next(self, timeout: float | None) -> str | None:
+            return super().next(None)
+
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     client = MlflowClient(uri)
     run_id = client.create_run(client.create_experiment("e")).info.run_id
     journal = MlflowJournal.create(tmp_path / "cache", {"tracking_uri": uri, "run_id": run_id})
-    lines = _QueueLines()
+    lines = WakeUpsOnly()
     ended: list[str] = []
     thread = threading.Thread(target=lambda: ended.append(serve(journal, lines, uri, linger_s=600)), daemon=True)
     thread.start()
