@@ -159,8 +159,8 @@ class RunOptionChecks:
 
     def _validate_mlflow_options(self) -> None:
         """The MLflow options agree with ``mlflow=``, the switches are booleans and the tracking URI is one."""
-        for name in ("mlflow", "log_models", "log_dataset_input", "log_lineage_graph"):
-            value = getattr(self, "use_mlflow" if name == "mlflow" else name)
+        for name, value in (("mlflow", self.use_mlflow), ("log_models", self.log_models),
+                            ("log_dataset_input", self.log_dataset_input), ("log_lineage_graph", self.log_lineage_graph)):
             if not isinstance(value, bool):
                 raise ConfigurationError(f"{name}={value!r} is not True or False.", f"pass {name}=True or {name}=False.")
         if not self.use_mlflow:

@@ -259,8 +259,7 @@ class LineageRun(RunOptionChecks, RunEnding):
         if self.sink is not None and result.get("ok") and result.get("kind") == "checkpoint":
             if not self.finished:  # (once training is over, the final tags due next name the model at once)
                 self.sink.tag_model(result["commit"], result["dest"])
-            if self.log_models:
-                self.sink.log_checkpoint_model(result, self.record, dataset_input=self.log_dataset_input)
+            self.sink.log_checkpoint_model(result, self.record, dataset_input=self.log_dataset_input)
 
     def checkpoint_saved(self, path: str | os.PathLike[str], *, step: int | None = None,
                          epoch: int | None = None, metrics: dict[str, float] | None = None,

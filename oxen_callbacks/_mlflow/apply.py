@@ -157,15 +157,16 @@ def apply_op(client: Any, journal: MlflowJournal, meta: dict[str, Any], op: dict
 
         complete_and_mark(client, journal, meta, op["record"], best_path=op.get("best_path"))
     elif kind == "publish_extras":
-        from .dataset_input import dataset_logged
+        from .dataset_input import log_dataset_input_once
         from .extras import publish_extras
         from .logged_models import model_id_for
 
         record = op["record"]
+        if op.get("dataset_input", True):
+            log_dataset_input_once(client, journal, record)  # (unless logged with the first models)
         model_id = model_id_for(client, meta, record) if op.get("register_model") else None
-        publish_extras(client, run_id, record, register_model=op.get("register_model"),
-                       dataset_input=op.get("dataset_input", True) and not dataset_logged(meta, record.get("dataset")),
-                       graph=op.get("graph", True), model_id=model_id)
+        publish_extras(client, run_id, record, register_model=op.get("register_model"), graph=op.get("graph", True),
+                       model_id=model_id)
     else:
         raise ValueError(f"Unknown journaled MLflow operation {kind!r}")
 

@@ -1,5 +1,5 @@
 """The run's dataset input (MLflow's Datasets panel), logged once: with the first logged models (their
-metrics name it), else at the end (:mod:`.extras`), else by ``sync`` for a run finished from its commits.
+metrics name it), else at the end of the run, else by ``sync`` for a run finished from its commits.
 
 What was logged, and whether the run wants it at all, is noted in the run's journal meta; this module
 imports MLflow only to log (the training process reads :data:`META_DATASET_INPUT` from here).

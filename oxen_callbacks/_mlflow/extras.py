@@ -1,4 +1,5 @@
-"""What the end of a run logs beside its lineage: the dataset input, a registered version, the picture.
+"""What the end of a run logs beside its lineage: a registered version, the picture (the dataset input:
+:mod:`.dataset_input`).
 
 Apart from :mod:`.registry` (promotion and deployments, with their queries), which is imported
 only to register a version: the end of a run without ``register_model`` does not load it.
@@ -17,16 +18,12 @@ log = logging.getLogger(__name__)
 
 
 def publish_extras(client: Any, run_id: str, record: dict[str, Any], *, register_model: str | None,
-                   dataset_input: bool, graph: bool, model_id: str | None = None) -> dict[str, Any]:
-    """At fit end: dataset input, registered version (from logged model ``model_id`` when there is
-    one), lineage picture (run by the MLflow sink process)."""
-    from .dataset import log_dataset_input
+                   graph: bool, model_id: str | None = None) -> dict[str, Any]:
+    """At fit end: registered version (from logged model ``model_id`` when there is one), lineage
+    picture (run by the MLflow sink process)."""
     from .picture import render
 
     done: dict[str, Any] = {}
-    if dataset_input and record.get("dataset"):
-        log_dataset_input(client, run_id, record["dataset"])
-        done["dataset_input"] = True
     if register_model and record["model"]["commit"]:
         from .registry import register_version
 

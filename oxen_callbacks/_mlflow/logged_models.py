@@ -27,7 +27,7 @@ import contextlib
 import logging
 import re
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -43,14 +43,14 @@ from ..names import (
 from .abandoned import committed_record
 from .dataset_input import META_DATASET_LOGGED, log_dataset_input_noted
 from .journal import MlflowJournal
-from .twins import delete_twin_models, over_http
+from .twins import delete_twin_models
 
 log = logging.getLogger(__name__)
 
 MODEL_TYPE = "oxen-checkpoint"
 MARK = "true"
 _META_KEY = "logged_models"  # journal meta: {"<commit>:<path>": model id, or None while being created}
-META_OFF = "log_models"  # journal meta: False when the run was asked for no logged models (log_models=False)
+META_LOG_MODELS = "log_models"  # journal meta: False when the run was asked for no logged models (log_models=False)
 _METRIC_NAME = re.compile(r"^[/\w.\- :]{1,250}$")  # what MLflow accepts as a metric name
 _BAD_MODEL_NAME = re.compile(r"[/:.%\"']")  # what MLflow refuses in a logged model's name
 _said_unsupported = False
@@ -73,9 +73,9 @@ def mark_op(record: dict[str, Any], *, best_path: str | None) -> dict[str, Any]:
     return {"op": "mark_models", "record": record, "best_path": best_path}
 
 
-def wanted(meta: dict[str, Any]) -> bool:
+def models_wanted(meta: dict[str, Any]) -> bool:
     """Whether the journal's run makes logged models (``log_models=False`` turned them off)."""
-    return meta.get(META_OFF) is not False
+    return meta.get(META_LOG_MODELS) is not False
 
 
 # -- carrying them out ------------------------------------------------------------------------------
@@ -119,7 +119,7 @@ def _say_unsupported(why: str) -> None:
 
 def log_checkpoint_models(client: Any, journal: MlflowJournal, meta: dict[str, Any], ops: list[dict[str, Any]]) -> None:
     """Carry out ``log_model`` operations (see the module docstring), several in a few requests."""
-    if not wanted(meta) or _skipped(client):
+    if _skipped(client):
         return
     with _unless_the_server_lacks_them(client):
         dataset = next((op["dataset"] for op in ops if op.get("dataset")), None)
@@ -138,9 +138,9 @@ def complete_and_mark(client: Any, journal: MlflowJournal, meta: dict[str, Any],
     """
     entries = [c for c in record.get("checkpoints") or [] if c.get("commit")]
     marked: dict[str, Any] = {}
-    if entries and (wanted(meta) or record.get("earlier_fits")) and not _skipped(client):
+    if entries and (models_wanted(meta) or record.get("earlier_fits")) and not _skipped(client):
         with _unless_the_server_lacks_them(client):
-            if wanted(meta):
+            if models_wanted(meta):
                 marked = _complete_and_mark(client, journal, meta, record, entries, best_path, best_unless_last)
             else:  # (log_models=False) the final and best marks of the fits this one continued are not the run's
                 _unmark(client, journal, meta, record, entries)
@@ -151,11 +151,17 @@ def _unmark(client: Any, journal: MlflowJournal, meta: dict[str, Any], record: d
             entries: list[dict[str, Any]]) -> None:
     """Take the final and best marks off the models of ``entries`` (earlier fits' checkpoints)."""
     experiment_id, meta = _experiment(client, journal, meta)
-    keys = {_key(e["commit"], e["path"]) for e in entries}
-    for key, found in _models_of(client, experiment_id, record["model"]["repo"], record["run"].get("name")).items():
-        for tag in (TAG_MODEL_FINAL, TAG_MODEL_BEST):
-            if key in keys and found.tags.get(tag) == MARK:
-                client.delete_logged_model_tag(found.model_id, tag)
+    models = _models_of(client, experiment_id, record["model"]["repo"], record["run"].get("name"))
+    for tag in (TAG_MODEL_FINAL, TAG_MODEL_BEST):
+        _take_mark_off(client, models, {_key(e["commit"], e["path"]) for e in entries}, tag, keep=None)
+
+
+def _take_mark_off(client: Any, models: dict[str, _Found], keys: Iterable[str], tag: str, *, keep: str | None) -> None:
+    """Delete ``tag`` from the models of checkpoints ``keys`` but ``keep``'s: an earlier fit's marks, of a
+    continued run (a model of another repository once at the same path is not the run's)."""
+    for key, found in models.items():
+        if found.tags.get(tag) == MARK and key != keep and key in keys:
+            client.delete_logged_model_tag(found.model_id, tag)
 
 
 def _complete_and_mark(client: Any, journal: MlflowJournal, meta: dict[str, Any], record: dict[str, Any],
@@ -191,9 +197,7 @@ def _complete_and_mark(client: Any, journal: MlflowJournal, meta: dict[str, Any]
         best = _key(model["commit"], model["path"])
     wanted = {TAG_MODEL_FINAL: _key(final["commit"], final["path"]), TAG_MODEL_BEST: best}
     for tag, key in wanted.items():
-        for other, found in existing.items():  # (a model of another repository once at this path is not the run's)
-            if found.tags.get(tag) == MARK and other != key and other in keys:
-                client.delete_logged_model_tag(found.model_id, tag)  # an earlier fit's, of a continued run
+        _take_mark_off(client, existing, keys, tag, keep=key)
         if key in existing and existing[key].tags.get(tag) != MARK and not _marked(client, existing[key].model_id, tag):
             del existing[key]
     return {name: existing[key].model_id for name, key in (("final", wanted[TAG_MODEL_FINAL]), ("best", best))
@@ -235,7 +239,7 @@ def _continued_since(meta: dict[str, Any], entries: list[dict[str, Any]]) -> str
 def model_id_for(client: Any, meta: dict[str, Any], record: dict[str, Any]) -> str | None:
     """The logged model of ``record``'s model (its best or final checkpoint), if there is one."""
     model = record["model"]
-    if not model.get("commit") or not wanted(meta) or _skipped(client):
+    if not model.get("commit") or not models_wanted(meta) or _skipped(client):
         return None
     known = (meta.get(_META_KEY) or {}).get(_key(model["commit"], model["path"]))
     found = None
@@ -322,7 +326,7 @@ def _create(client: Any, run_id: str, experiment_id: str, ops: dict[str, dict[st
         client.log_batch(run_id, metrics=metrics[start:start + 1000])
     for model_id in made.values():
         client.finalize_logged_model(model_id, LoggedModelStatus.READY)
-    if made and over_http(client):
+    if made:
         op = next(iter(ops.values()))
         delete_twin_models(client, run_id, made, lambda: [
             (_key(f.tags.get(TAG_MODEL_COMMIT, ""), f.tags.get(TAG_MODEL_PATH, "")), f.model_id, f.source_run_id)

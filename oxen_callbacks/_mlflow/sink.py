@@ -50,7 +50,7 @@ from . import fluent
 from .dataset_input import META_DATASET_INPUT
 from .fluent import absolute_store, default_tracking_uri, run_to_join
 from .journal import END_LINE, TRAINING_OVER_LINE, MlflowJournal
-from .logged_models import META_OFF, checkpoint_op, mark_op, wanted
+from .logged_models import META_LOG_MODELS, checkpoint_op, mark_op, models_wanted
 from .paths_tag import paths_tag
 from .sink_thread import SinkThread
 from .warm_sink import WarmSinkProcess, close_stdin, release_idle, start_sink
@@ -69,6 +69,7 @@ class MlflowSink:
                  warm: WarmSinkProcess | None = None, in_process: bool = False) -> None:
         self.journal = journal
         self.owns_run = owns_run
+        self.log_models = models_wanted(journal.meta())  # (log_models=False, noted in the journal for `sync`)
         self._lock = threading.Lock()
         self._seq = 0
         self._unjournaled = 0  # operations lost because the journal could not be written (warned once)
@@ -118,7 +119,7 @@ class MlflowSink:
         if model_repo is not None:
             meta.update(model_repo=model_repo, oxen_run=run_name)
         if not log_models:
-            meta[META_OFF] = False
+            meta[META_LOG_MODELS] = False
         if not dataset_input:
             meta[META_DATASET_INPUT] = False
         journal = MlflowJournal.create(cache_dir, meta, trainer=True)
@@ -196,8 +197,10 @@ class MlflowSink:
         self.set_tags({TAG_MODEL_COMMIT: commit, TAG_MODEL_PATH: path, TAG_LINEAGE_STATUS: lineage_status})
 
     def log_checkpoint_model(self, result: dict[str, Any], record: dict[str, Any], *, dataset_input: bool) -> None:
-        """An MLflow logged model for a committed checkpoint (see :mod:`.logged_models`)."""
-        self._enqueue(checkpoint_op(result, record, dataset_input=dataset_input))
+        """An MLflow logged model for a committed checkpoint (see :mod:`.logged_models`), unless the run
+        makes none (``log_models=False``)."""
+        if self.log_models:
+            self._enqueue(checkpoint_op(result, record, dataset_input=dataset_input))
 
     def log_final(self, final: dict[str, Any], status: str, *, committed: bool, register_model: str | None,
                   dataset_input: bool, graph: bool, timeout: float, best_path: str | None = None) -> None:
@@ -212,7 +215,7 @@ class MlflowSink:
         else:
             self.tag_model(final["model"]["commit"], final["model"]["path"], lineage_status=status)
             self.log_lineage(final)
-            if wanted(self.journal.meta()) or final.get("earlier_fits"):  # (else: no model to mark)
+            if self.log_models or final.get("earlier_fits"):  # (else: no model to mark)
                 self._enqueue(mark_op(final, best_path=best_path))
         if committed and (dataset_input or register_model or graph):
             self.publish_extras(final, register_model=register_model, dataset_input=dataset_input, graph=graph)

@@ -50,6 +50,8 @@ def delete_twin_models(client: Any, run_id: str, made: dict[str, str],
                        find: Callable[[], Iterable[tuple[str, str, str | None]]]) -> list[str]:
     """Delete the logged models ``find()`` lists (checkpoint key, model id, source run) of run ``run_id``
     whose checkpoint is in ``made`` (key -> the model we got) and that are not that model; their ids."""
+    if not over_http(client):
+        return []  # (``find`` searches: not called)
     from mlflow.exceptions import MlflowException
 
     try:
