@@ -134,6 +134,15 @@ def sync_until_nothing_pending(timeout: float = 180.0, every: float = 1.0) -> di
     return report
 
 
+def logged_models_of_run(uri: str, run_id: str) -> list:  # type: ignore[type-arg]
+    """The MLflow logged models whose source is run ``run_id`` (in its experiment)."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(uri)
+    experiment = client.get_run(run_id).info.experiment_id
+    return [m for m in client.search_logged_models([experiment]) if m.source_run_id == run_id]
+
+
 def process_running(pid: int) -> bool:
     """Whether process ``pid`` exists and is not a zombie."""
     try:

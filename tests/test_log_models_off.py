@@ -15,7 +15,7 @@ from pathlib import Path
 
 import mlflow
 import pytest
-from helpers import assert_every_saved_checkpoint_committed, sync_until_nothing_pending
+from helpers import assert_every_saved_checkpoint_committed, logged_models_of_run, sync_until_nothing_pending
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import MLFlowLogger
 from lightning_model import CsvData, TinyModel, make_trainer
@@ -26,12 +26,6 @@ from oxen_callbacks.errors import ConfigurationError
 from oxen_callbacks.lightning import OxenLightningCallback
 
 SCRIPT = Path(__file__).parent / "fit_script.py"
-
-
-def _logged_models(uri: str, run_id: str) -> list:  # type: ignore[type-arg]
-    client = MlflowClient(uri)
-    experiment = client.get_run(run_id).info.experiment_id
-    return [m for m in client.search_logged_models([experiment]) if m.source_run_id == run_id]
 
 
 def _pointer(uri: str, run_id: str, into: Path) -> dict:  # type: ignore[type-arg]
@@ -54,7 +48,7 @@ def test_a_run_without_logged_models_keeps_every_pointer_to_its_commits(dataset_
     run_id = record["run"]["mlflow_run_id"]
     assert run_id == logger.run_id and len(record["checkpoints"]) >= 3
 
-    assert _logged_models(uri, run_id) == []
+    assert logged_models_of_run(uri, run_id) == []
     client = MlflowClient(uri)
     run = client.get_run(run_id)
     assert run.data.tags["oxen.model.commit"] == record["model"]["commit"]
@@ -88,7 +82,7 @@ def test_sync_after_a_kill_makes_no_logged_model_either(dataset_repo, tmp_path):
     record = read_lineage(tmp_path / "models" / "runs" / run.data.tags["oxen.run"] / "lineage.json")
     assert record["checkpoints"] and run.data.tags["oxen.model.commit"] == record["model"]["commit"]
     assert _pointer(uri, run.info.run_id, tmp_path / "pointer")["checkpoints"] == record["checkpoints"]
-    assert _logged_models(uri, run.info.run_id) == []
+    assert logged_models_of_run(uri, run.info.run_id) == []
     [dataset_input] = run.inputs.dataset_inputs  # the end that logs it never came: `sync` logged it
     assert json.loads(dataset_input.dataset.source)["commit"] == dataset_repo.commits[0]
 

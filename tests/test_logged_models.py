@@ -18,7 +18,7 @@ import mlflow
 import pytest
 import torch
 from conftest import isolate, moved_dataset
-from helpers import sync_until_nothing_pending
+from helpers import logged_models_of_run, sync_until_nothing_pending
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning_model import CsvData, TinyModel, make_trainer
 from mlflow import MlflowClient
@@ -36,12 +36,6 @@ from oxen_callbacks.run import LineageRun
 
 SCRIPT = Path(__file__).parent / "fit_script.py"
 EPOCHS = 3
-
-
-def _models(uri: str, run_id: str) -> list:  # type: ignore[type-arg]
-    client = MlflowClient(uri)
-    experiment = client.get_run(run_id).info.experiment_id
-    return [m for m in client.search_logged_models([experiment]) if m.source_run_id == run_id]
 
 
 def _by_checkpoint(models: list) -> dict[tuple[str, str], object]:  # type: ignore[type-arg]
@@ -65,7 +59,7 @@ class _CountModelsAtTrainEnd(Callback):
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
             self.committed = len([r for r in run.publisher.results if r.get("kind") == "checkpoint"])
-            self.seen = len(_models(self.uri, run.sink.run_id)) if run.sink.run_id else 0
+            self.seen = len(logged_models_of_run(self.uri, run.sink.run_id)) if run.sink.run_id else 0
             if self.seen == self.committed == self.saves:
                 return
             time.sleep(0.2)
@@ -89,7 +83,7 @@ def fitted(tmp_path_factory):
         make_trainer(root / "fit", [best, latest, cb, counter], epochs=EPOCHS).fit(TinyModel(), datamodule=CsvData(pin))
         record = cb.lineage
     return {"root": root, "uri": uri, "record": record, "run_id": record["run"]["mlflow_run_id"],
-            "models": _models(uri, record["run"]["mlflow_run_id"]), "counted": (counter.saves, counter.committed, counter.seen),
+            "models": logged_models_of_run(uri, record["run"]["mlflow_run_id"]), "counted": (counter.saves, counter.committed, counter.seen),
             "best": best.best_model_path}
 
 
@@ -162,7 +156,7 @@ def test_replaying_a_checkpoint_whose_model_may_exist_creates_no_second_one(fitt
     journal.put(1, logged_models.checkpoint_op({**entry, "dest": entry["path"]}, record, dataset_input=True))
     journal.mark_ended()
     assert sync.sync_all(fitted["root"] / "cache", model_repos=[])["pending"] == 0
-    assert len(_by_checkpoint(_models(fitted["uri"], fitted["run_id"]))) == len(record["checkpoints"])
+    assert len(_by_checkpoint(logged_models_of_run(fitted["uri"], fitted["run_id"]))) == len(record["checkpoints"])
 
 
 def test_a_continued_run_moves_its_final_mark_off_the_earlier_fit(dataset_repo, tmp_path):
@@ -215,7 +209,7 @@ def test_a_replayed_end_whose_final_model_was_deleted_finishes(dataset_repo, tmp
                  epochs=2).fit(TinyModel(), datamodule=CsvData(pin))
     record = cb.lineage
     client = MlflowClient(uri)
-    models = _by_checkpoint(_models(uri, record["run"]["mlflow_run_id"]))
+    models = _by_checkpoint(logged_models_of_run(uri, record["run"]["mlflow_run_id"]))
     last, first = record["checkpoints"][-1], record["checkpoints"][0]
     client.delete_logged_model(models[(last["commit"], last["path"])].model_id)
     journal = MlflowJournal.create(tmp_path / "cache", {
@@ -225,7 +219,7 @@ def test_a_replayed_end_whose_final_model_was_deleted_finishes(dataset_repo, tmp
                                                              "path": first["path"]}}, best_path=first["path"]))
     journal.mark_ended()
     assert sync.sync_all(tmp_path / "cache", model_repos=[])["pending"] == 0
-    [best] = [m for m in _models(uri, record["run"]["mlflow_run_id"]) if m.tags.get("oxen.model.best") == "true"]
+    [best] = [m for m in logged_models_of_run(uri, record["run"]["mlflow_run_id"]) if m.tags.get("oxen.model.best") == "true"]
     assert (best.tags["oxen.model.commit"], best.tags["oxen.model.path"]) == (first["commit"], first["path"])
 
 
@@ -255,7 +249,7 @@ def test_killed_the_moment_fit_returns_sync_leaves_one_model_per_checkpoint(data
     uri = mlflow.get_tracking_uri()
     [run] = MlflowClient(uri).search_runs([e.experiment_id for e in MlflowClient(uri).search_experiments()])
     record = read_lineage(tmp_path / "models" / "runs" / run.data.tags["oxen.run"] / "lineage.json")
-    models = _by_checkpoint(_models(uri, run.info.run_id))
+    models = _by_checkpoint(logged_models_of_run(uri, run.info.run_id))
     assert set(models) == {(c["commit"], c["path"]) for c in record["checkpoints"]}
     assert run.data.params and all(m.params == run.data.params for m in models.values())  # the logger's hparams
     last = record["checkpoints"][-1]
