@@ -79,6 +79,25 @@ def test_a_run_made_twice_by_a_retried_create_leaves_one_run(mlflow_server, data
     assert twin.info.run_name == "twice" and twin.data.tags["oxen.creation"] == run.data.tags["oxen.creation"]
 
 
+@pytest.mark.parametrize("token", ["x' AND tags.`keep` = 'me", 7, "%"])
+def test_a_hand_edited_create_token_deletes_no_run(mlflow_server, tmp_path, monkeypatch, token):  # noqa: F811
+    """A journal's create op edited by hand (its token a filter fragment, a number, a wildcard), fed to
+    `sync`: the run is made and ended, and no other run of the experiment is deleted."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server.uri)
+    client = MlflowClient(mlflow_server.uri)
+    experiment = client.create_experiment(f"hand-edited-{abs(hash(str(token)))}")
+    others = [client.create_run(experiment, tags={"keep": "me", "oxen.creation": "%"}).info.run_id for _ in range(2)]
+    journal = MlflowJournal.create(tmp_path / "cache", {"tracking_uri": mlflow_server.uri, "run_id": None})
+    journal.put(1, {"op": "create_run", "run_name": "edited", "experiment_id": experiment, "token": token})
+    journal.put(2, {"op": "end_run", "status": "FINISHED"})
+    journal.mark_ended()
+    journal.release_trainer()
+    assert sync.sync_all(tmp_path / "cache", model_repos=[])["pending"] == 0
+    runs = {r.info.run_id: r for r in client.search_runs([experiment])}
+    assert set(others) < set(runs) and len(runs) == 3
+    assert [r.info.status for r in runs.values() if r.info.run_name == "edited"] == ["FINISHED"]
+
+
 def test_a_logged_model_made_twice_by_a_retried_create_leaves_one_model(mlflow_server, dataset_repo, tmp_path):  # noqa: F811
     """The same with a checkpoint's logged model: its twin would stay PENDING in the Models tab, a second
     model of one checkpoint. Each checkpoint keeps exactly one, ready."""

@@ -117,7 +117,7 @@ def apply_op(client: Any, journal: MlflowJournal, meta: dict[str, Any], op: dict
             name = op.get("experiment_name") or "Default"
             exp = client.get_experiment_by_name(name)
             experiment_id = exp.experiment_id if exp else client.create_experiment(name)
-        token = op.get("token")  # journaled with the op: the same on every attempt, ours or MLflow's
+        token = op.get("token") if isinstance(op.get("token"), str) else None  # the same on every attempt
         tags = {**(op.get("tags") or {}), **({TAG_CREATION: token} if token else {})}
         run = client.create_run(experiment_id, run_name=op.get("run_name"), tags=tags)
         journal.write_meta({**meta, "run_id": run.info.run_id, "experiment_id": experiment_id})

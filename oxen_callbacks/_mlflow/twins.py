@@ -12,6 +12,7 @@ Best effort: a failure here is said, and the logging goes on.
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -19,6 +20,7 @@ from .._util.redact import redact_text
 from ..names import TAG_CREATION
 
 log = logging.getLogger(__name__)
+_TOKEN = re.compile(r"[0-9a-f]{32}")  # uuid4().hex, as MlflowSink.attach makes it
 
 
 def over_http(client: Any) -> bool:
@@ -27,14 +29,16 @@ def over_http(client: Any) -> bool:
 
 
 def delete_twin_runs(client: Any, experiment_id: str, token: str, *, keep: str) -> list[str]:
-    """Delete the runs of ``experiment_id`` tagged with create token ``token`` other than ``keep``; their ids."""
-    if not over_http(client):
+    """Delete the runs of ``experiment_id`` tagged with create token ``token`` other than ``keep``; their ids.
+    A token that is not one we make (a journal edited by hand) is not searched with: it goes into a filter."""
+    if not over_http(client) or not _TOKEN.fullmatch(token):
         return []
     from mlflow.exceptions import MlflowException
 
     try:
         twins = [run.info.run_id for run in client.search_runs(
-            [experiment_id], filter_string=f"tags.`{TAG_CREATION}` = '{token}'") if run.info.run_id != keep]
+            [experiment_id], filter_string=f"tags.`{TAG_CREATION}` = '{token}'")
+                 if run.info.run_id != keep and run.data.tags.get(TAG_CREATION) == token]
         for twin in twins:
             client.delete_run(twin)
     except MlflowException as exc:
