@@ -121,3 +121,33 @@ def test_a_switch_that_is_not_true_or_false_is_refused_before_training(dataset_r
     with pytest.raises(ConfigurationError, match=rf"(?s){option}='no' is not True or False.*HINT: pass {option}=True"):
         OxenLightningCallback(dataset=pin, model_repo=tmp_path / "models", **{option: "no"})
     assert not (tmp_path / "models").exists()
+
+
+@pytest.mark.parametrize("first_options", [{"log_models": False, "experiment_name": "cont"}, {"mlflow": False}],
+                         ids=["no-models", "no-mlflow"])
+def test_a_fit_with_models_makes_none_for_the_checkpoints_of_the_fit_it_continued(dataset_repo, tmp_path,
+                                                                                   first_options):
+    """Fit A kept no logged models (``log_models=False``, or no MLflow at all); fit B continues the
+    run with them. B's MLflow run gets a model for each of B's checkpoints and none for A's: A's
+    were not made by B's run, and A was asked for none."""
+    uri = mlflow.get_tracking_uri()
+    pin = PinnedDataset(dataset_repo.path, revision=dataset_repo.commits[0], paths=["train.csv", "val.csv"])
+    first = OxenLightningCallback(dataset=pin, model_repo=tmp_path / "models", run_name="cont", **first_options)
+    make_trainer(tmp_path / "a", [ModelCheckpoint(dirpath=tmp_path / "a" / "ckpt", monitor="val_loss"), first],
+                 epochs=1).fit(TinyModel(), datamodule=CsvData(pin))
+    earlier = {(c["commit"], c["path"]) for c in first.lineage["checkpoints"]}
+    again = OxenLightningCallback(model_repo=tmp_path / "models", run_name="cont", resume_from="cont",
+                                  experiment_name="cont")
+    make_trainer(tmp_path / "b", [ModelCheckpoint(dirpath=tmp_path / "b" / "ckpt", monitor="val_loss"), again],
+                 epochs=2).fit(TinyModel(), datamodule=CsvData(again.dataset), ckpt_path=again.ckpt_path)
+    record = again.lineage
+    own = {(c["commit"], c["path"]) for c in record["checkpoints"]} - earlier
+    assert earlier and own and record["earlier_fits"]
+    models = logged_models_of_run(uri, record["run"]["mlflow_run_id"])
+    assert {(m.tags["oxen.model.commit"], m.tags["oxen.model.path"]) for m in models} == own
+    experiment = MlflowClient(uri).get_experiment_by_name("cont").experiment_id
+    everywhere = MlflowClient(uri).search_logged_models([experiment], filter_string="tags.`oxen.run` = 'cont'")
+    assert not earlier & {(m.tags["oxen.model.commit"], m.tags["oxen.model.path"]) for m in everywhere}
+    [final] = [m for m in models if m.tags.get("oxen.model.final") == "true"]
+    assert (final.tags["oxen.model.commit"], final.tags["oxen.model.path"]) == (
+        record["checkpoints"][-1]["commit"], record["checkpoints"][-1]["path"])

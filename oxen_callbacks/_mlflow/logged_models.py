@@ -130,8 +130,9 @@ def log_checkpoint_models(client: Any, journal: MlflowJournal, meta: dict[str, A
 
 def complete_and_mark(client: Any, journal: MlflowJournal, meta: dict[str, Any], record: dict[str, Any], *,
                       best_path: str | None = None, best_unless_last: bool = False) -> dict[str, Any]:
-    """Give every committed checkpoint of ``record`` its logged model (those whose report never came:
-    a killed trainer), then tag the final one and the best one; returns ``{"final": id, "best": id}``.
+    """Give every committed checkpoint of ``record``'s own fit its logged model (those whose report never
+    came: a killed trainer), then tag the final one and the best one (of the whole run: a continued run's
+    earlier fits' models lose their marks); returns ``{"final": id, "best": id}``.
 
     The best is ``record["model"]`` when its path is ``best_path``, or (``best_unless_last``, for a run
     finished from its commits, whose trainer's knowledge is gone) when it is not the last checkpoint.
@@ -180,7 +181,8 @@ def _complete_and_mark(client: Any, journal: MlflowJournal, meta: dict[str, Any]
         existing = _models_of(client, experiment_id, repo, run)
     missing = [{"commit": e["commit"], "path": e["path"], "step": e.get("step"), "epoch": e.get("epoch"),
                 "metrics": e.get("metrics") or {}, "model_repo": repo, "run": run, "dataset": meta.get(META_DATASET_LOGGED),
-                "time_ms": int(time.time() * 1000)} for e in entries if _key(e["commit"], e["path"]) not in existing]
+                "time_ms": int(time.time() * 1000)} for e in entries
+               if _key(e["commit"], e["path"]) not in existing and _saved_by(e, record)]
     if missing:
         meta = _ensure(client, journal, meta, missing, existing=existing)
         for op in missing:
@@ -202,6 +204,13 @@ def _complete_and_mark(client: Any, journal: MlflowJournal, meta: dict[str, Any]
             del existing[key]
     return {name: existing[key].model_id for name, key in (("final", wanted[TAG_MODEL_FINAL]), ("best", best))
             if key in existing}
+
+
+def _saved_by(entry: dict[str, Any], record: dict[str, Any]) -> bool:
+    """Whether checkpoint ``entry`` was saved by ``record``'s fit, not by a fit it continued: that
+    fit's models are its own MLflow run's (made by its replay), or were not wanted (``log_models=False``,
+    ``mlflow=False``), never this run's."""
+    return record.get("fit_id") is None or entry.get("fit_id") in (None, record["fit_id"])
 
 
 def _marked(client: Any, model_id: str, tag: str) -> bool:
