@@ -17,10 +17,8 @@ from __future__ import annotations
 import argparse
 import atexit
 import json
-import os
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -60,7 +58,7 @@ def child(variant: str, dataset: Path, revision: str, home: Path, times: Path) -
 def sample(variant: str, root: Path, dataset: tuple[Path, str], new: str | None = None) -> dict[str, float] | int:
     """The phases of one process of ``variant`` (seconds), or the signal that killed it; ``new``: a name
     for a home of its own (store, model repository, cache), removed after."""
-    from whole_script import reap_orphans
+    from whole_script import timed_process
 
     home = root / (variant if new is None else f"{variant}-{new}")
     cwd, times = home / "cwd", home / "times.json"
@@ -69,19 +67,15 @@ def sample(variant: str, root: Path, dataset: tuple[Path, str], new: str | None 
                    OXEN_CONFIG_DIR=str(root / "oxen-config"))
     cmd = [sys.executable, __file__, "--child", variant, str(dataset[0]), dataset[1], str(home), str(times)]
     started = time.time()
-    with (cwd / "stderr.txt").open("w") as err:
-        proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=err)
-        _pid, status, usage = os.wait4(proc.pid, 0)
-    ended = time.time()
-    orphan_cpu, _lingering = reap_orphans()
-    shutil.rmtree(cwd / "checkpoints", ignore_errors=True)
-    if status != 0:
-        return os.waitstatus_to_exitcode(status)
+    returncode, timed = timed_process(cmd, env, cwd, None)
+    ended = started + timed["wall_s"]
+    if returncode != 0:
+        return returncode
     marks = json.loads(times.read_text())
     times.unlink()
     if new is not None:
         shutil.rmtree(home, ignore_errors=True)
-    return {"wall": ended - started, "cpu": usage.ru_utime + usage.ru_stime + orphan_cpu,
+    return {"wall": timed["wall_s"], "cpu": timed["cpu_s"],
             "pre_fit": marks["fit_start"] - marks["start"], "fit": marks["fit_end"] - marks["fit_start"],
             "post_fit": marks["script_end"] - marks["fit_end"], "atexit": marks["atexit_last"] - marks["script_end"],
             "teardown": ended - marks["atexit_last"]}

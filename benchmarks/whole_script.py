@@ -192,16 +192,9 @@ def run_in_child(variant: str, paths: dict[str, Path], root: Path, dataset: tupl
     cmd = [sys.executable, __file__, "--child", variant, "--dataset", str(dataset[0]), "--revision", dataset[1],
            "--models", str(paths["models"]), "--store", str(paths["store"]), "--epochs", str(epochs)]
     out_path, err_path = cwd / "stdout.txt", cwd / "stderr.txt"
-    with out_path.open("w") as out, err_path.open("w") as err:
-        started = time.perf_counter()
-        proc = subprocess.Popen(cmd, stdout=out, stderr=err, env=env, cwd=cwd)
-        _pid, status, usage = os.wait4(proc.pid, 0)
-        wall = time.perf_counter() - started
-        proc.returncode = os.waitstatus_to_exitcode(status)
-    orphan_cpu, lingering = reap_orphans()
-    shutil.rmtree(cwd / "checkpoints", ignore_errors=True)  # an existing store's next run starts without them
-    if proc.returncode != 0:
-        raise RuntimeError(f"{variant} exited with {proc.returncode}:\n{err_path.read_text()[-4000:]}")
+    returncode, timed = timed_process(cmd, env, cwd, out_path)
+    if returncode != 0:
+        raise RuntimeError(f"{variant} exited with {returncode}:\n{err_path.read_text()[-4000:]}")
     result = json.loads(out_path.read_text().strip().splitlines()[-1])
     if variant in MLFLOW_VARIANTS:
         after = mlflow_runs(paths["store"])
@@ -209,8 +202,23 @@ def run_in_child(variant: str, paths: dict[str, Path], root: Path, dataset: tupl
         if after[0] != before[0] + 1 or after[1] != expected_tags or after[2] != "FINISHED":
             raise RuntimeError(f"{variant}: MLflow store {paths['store']} went from (runs, tagged, newest status) "
                                f"{before} to {after} after the script and its helpers exited")
-    result.update(wall_s=wall, cpu_s=usage.ru_utime + usage.ru_stime + orphan_cpu, lingering_s=lingering)
+    result.update(timed)
     return result
+
+
+def timed_process(cmd: list[str], env: dict[str, str], cwd: Path, stdout: Path | None) -> tuple[int, dict[str, float]]:
+    """Run one script process in ``cwd`` (stderr to ``cwd/stderr.txt``) and wait for it and every helper
+    it left; returns its exit code and ``wall_s``, ``cpu_s`` (helpers included) and ``lingering_s``.
+    The checkpoints it saved in ``cwd`` are removed: an existing store's next run starts without them."""
+    with (stdout or Path(os.devnull)).open("w") as out, (cwd / "stderr.txt").open("w") as err:
+        started = time.perf_counter()
+        proc = subprocess.Popen(cmd, stdout=out, stderr=err, env=env, cwd=cwd)
+        _pid, status, usage = os.wait4(proc.pid, 0)
+        wall = time.perf_counter() - started
+    orphan_cpu, lingering = reap_orphans()
+    shutil.rmtree(cwd / "checkpoints", ignore_errors=True)
+    return os.waitstatus_to_exitcode(status), {"wall_s": wall, "cpu_s": usage.ru_utime + usage.ru_stime + orphan_cpu,
+                                                "lingering_s": lingering}
 
 
 def condition_paths(root: Path, condition: str, variant: str, i: int | str) -> dict[str, Path]:
