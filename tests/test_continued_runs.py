@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 from helpers import file_at, process_tree, stop_processes
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning_model import CsvData, TinyModel, make_trainer
 from mlflow import MlflowClient
 
@@ -58,63 +58,146 @@ def _is_worker(pid: int) -> bool:
         return False
 
 
-@pytest.mark.timeout(600)
-def test_a_killed_fits_late_commit_leaves_the_record_of_the_fit_that_continued_the_run(dataset_repo, tmp_path):
-    models, lineage = tmp_path / "models", tmp_path / "models" / "runs" / "nightly" / "lineage.json"
-    wrapper = subprocess.Popen([sys.executable, "-c", SUBREAPER, sys.executable, str(TESTS / "fit_script.py"),
-                                "--dataset", str(dataset_repo.path), "--revision", dataset_repo.commits[0],
-                                "--model-repo", str(models), "--root", str(tmp_path / "a"), "--run-name", "nightly",
-                                "--mlflow", "--step-sleep", "1.0", "--epochs", "60", "--every-n-steps", "3"],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline, worker_tree = time.monotonic() + 300, []
-        while time.monotonic() < deadline and not worker_tree:  # A's first checkpoint committed
+class _KilledFit:
+    """Fit A of run ``nightly`` (with its own MLflow run), killed by ``kill -9`` while its commit
+    worker, stopped, is behind: a save of A is queued, not committed. ``resume_worker()`` lets the
+    worker go on (it commits A's late save, then exits)."""
+
+    def __init__(self, dataset_repo, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+        self.models = tmp_path / "models"
+        self.lineage = self.models / "runs" / "nightly" / "lineage.json"
+        self.wrapper = subprocess.Popen([sys.executable, "-c", SUBREAPER, sys.executable, str(TESTS / "fit_script.py"),
+                                         "--dataset", str(dataset_repo.path), "--revision", dataset_repo.commits[0],
+                                         "--model-repo", str(self.models), "--root", str(tmp_path / "a"),
+                                         "--run-name", "nightly", "--mlflow", "--step-sleep", "1.0", "--epochs", "60",
+                                         "--every-n-steps", "3"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.worker_tree: list[int] = []
+
+    def kill_behind(self) -> dict:  # type: ignore[type-arg]
+        """Kill A once its worker is behind; returns A's record as it was then."""
+        models, lineage, wrapper = self.models, self.lineage, self.wrapper
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and not self.worker_tree:  # A's first checkpoint committed
             assert wrapper.poll() is None
             if lineage.is_file() and any(c["commit"] for c in read_lineage(lineage)["checkpoints"]):
                 # A's worker falls behind (a big save, a busy machine...)
                 tree = sorted(stop_processes(lambda: {q for w in process_tree(wrapper.pid) if _is_worker(w)
                                                       for q in process_tree(w)}))
                 if tree and not is_locked(repo_lock_path(models)):
-                    worker_tree = tree
+                    self.worker_tree = tree
                 else:
                     _signal(tree, signal.SIGCONT)  # (stopped inside a commit: try again)
             time.sleep(0.1)
-        assert worker_tree, "A's commit worker was never seen idle"
+        assert self.worker_tree, "A's commit worker was never seen idle"
         while time.monotonic() < deadline and not [j for q in all_queues(models) for j in q.pending()
                                                    if j.kind == "checkpoint"]:
             time.sleep(0.1)  # A queues its next save, which its stopped worker does not commit yet
-        trainer_side = [p for p in process_tree(wrapper.pid) if p != wrapper.pid and p not in worker_tree]
+        trainer_side = [p for p in process_tree(wrapper.pid) if p != wrapper.pid and p not in self.worker_tree]
         _signal(trainer_side, signal.SIGKILL)  # kill -9 of A's trainer and its MLflow sink
-        killed_fit = read_lineage(lineage)
+        return read_lineage(lineage)
 
-        b = OxenLightningCallback(model_repo=models, run_name="nightly", resume_from="nightly", mlflow=False)
-        # one epoch more than A's save (A, on a busy machine, may be epochs in before its first commit)
-        epochs = torch.load(b.ckpt_path, weights_only=False)["epoch"] + 1
-        make_trainer(tmp_path / "b", [ModelCheckpoint(dirpath=tmp_path / "b" / "ckpt"), b], epochs=epochs).fit(
-            TinyModel(), datamodule=CsvData(b.dataset), ckpt_path=b.ckpt_path)
-        mine = b.lineage
-        assert mine["status"] == "FINISHED" and read_lineage(lineage)["fit_id"] == mine["fit_id"]
+    def resume_worker(self, *, wait: bool) -> None:
+        _signal(self.worker_tree, signal.SIGCONT)  # A's worker catches up: commits A's last save, then exits
+        deadline = time.monotonic() + 120
+        while wait and time.monotonic() < deadline and [j for q in all_queues(self.models) for j in q.pending()
+                                                         if j.kind == "checkpoint"]:
+            time.sleep(0.05)
 
-        _signal(worker_tree, signal.SIGCONT)  # A's worker catches up: commits A's last save, then exits
-        wrapper.wait(timeout=120)
+    def finish(self) -> None:
+        """Let A's worker commit what is left and exit."""
+        self.resume_worker(wait=False)
+        self.wrapper.wait(timeout=120)
+
+    def close(self) -> None:
+        _signal(process_tree(self.wrapper.pid), signal.SIGKILL)
+        _signal(self.worker_tree, signal.SIGCONT)
+
+
+class _LateSaveBeforeTheEnd(Callback):
+    """At B's train end (its saves committed, its final lineage not yet queued), A's late save lands."""
+
+    def __init__(self, killed: _KilledFit) -> None:
+        self.killed = killed
+
+    def on_train_end(self, trainer, pl_module) -> None:  # type: ignore[no-untyped-def]
+        ours = next(c for c in trainer.callbacks if isinstance(c, OxenLightningCallback))
+        deadline = time.monotonic() + 120
+        while ours.run.publisher.pending and time.monotonic() < deadline:
+            time.sleep(0.05)
+        self.killed.resume_worker(wait=True)
+
+
+def _continue(killed: _KilledFit, tmp_path: Path, *extra: Callback, **options) -> dict:  # type: ignore[no-untyped-def, type-arg]
+    """Fit B: run ``nightly`` continued (one epoch more than A's last save); returns B's lineage."""
+    b = OxenLightningCallback(model_repo=killed.models, run_name="nightly", resume_from="nightly", **options)
+    # one epoch more than A's save (A, on a busy machine, may be epochs in before its first commit)
+    epochs = torch.load(b.ckpt_path, weights_only=False)["epoch"] + 1
+    make_trainer(tmp_path / "b", [ModelCheckpoint(dirpath=tmp_path / "b" / "ckpt"), b, *extra], epochs=epochs).fit(
+        TinyModel(), datamodule=CsvData(b.dataset), ckpt_path=b.ckpt_path)
+    return b.lineage
+
+
+def _finals(run: str) -> list[tuple[str, str, str]]:
+    """(path, commit, MLflow run) of every logged model of Oxen run ``run`` marked final."""
+    models = MlflowClient().search_logged_models(["0"], filter_string=f"tags.`oxen.run` = '{run}'")
+    return [(m.tags["oxen.model.path"], m.tags["oxen.model.commit"], m.source_run_id) for m in models
+            if m.tags.get("oxen.model.final") == "true"]
+
+
+@pytest.mark.timeout(600)
+def test_a_killed_fits_late_commit_leaves_the_record_of_the_fit_that_continued_the_run(dataset_repo, tmp_path):
+    killed = _KilledFit(dataset_repo, tmp_path)
+    try:
+        killed_fit = killed.kill_behind()
+        mine = _continue(killed, tmp_path, mlflow=False)
+        assert mine["status"] == "FINISHED" and read_lineage(killed.lineage)["fit_id"] == mine["fit_id"]
+        killed.finish()
     finally:
-        _signal(process_tree(wrapper.pid), signal.SIGKILL)
-        _signal(worker_tree, signal.SIGCONT)
+        killed.close()
     report = sync.sync_all()  # ends A's MLflow run from what A committed
 
     assert report["pending"] == 0, report
-    record = read_lineage(lineage)
+    record = read_lineage(killed.lineage)
     assert {k: record[k] for k in ("fit_id", "status", "model")} == {k: mine[k] for k in ("fit_id", "status", "model")}
     assert record["earlier_fits"] == [killed_fit["fit_id"]] and record["run"]["mlflow_run_id"] is None
     late = [c for c in record["checkpoints"] if c["fit_id"] == killed_fit["fit_id"]][-1]
     assert late["commit"] and late not in mine["checkpoints"]  # A's last save, committed after B finished
-    assert file_at(models, late["commit"], late["path"], tmp_path / "late").stat().st_size > 0
+    assert file_at(killed.models, late["commit"], late["path"], tmp_path / "late").stat().st_size > 0
     [run] = MlflowClient().search_runs(["0"])  # A's MLflow run: KILLED, with A's checkpoints only
     assert run.info.status == "KILLED" and run.data.tags["oxen.model.commit"] == late["commit"]
     logged = read_lineage(MlflowClient().download_artifacts(run.info.run_id, "oxen/lineage.json", str(tmp_path / "dl")))
     assert logged["fit_id"] == killed_fit["fit_id"] and "earlier_fits" not in logged
     assert {c["fit_id"] for c in logged["checkpoints"]} == {killed_fit["fit_id"]}
     assert logged["checkpoints"][-1] == late and logged["model"]["commit"] == late["commit"]
+
+
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("late", ["before_its_end", "after_it_ended"])
+def test_a_killed_fits_late_save_is_never_the_model_of_the_fit_that_continued_the_run(dataset_repo, tmp_path, late):
+    """A's late save lands after B's last checkpoint, before or after B's final lineage: B's model,
+    its MLflow tags and the run's one final logged model are B's last checkpoint, also after `sync`
+    has finished A's MLflow run (which marks nothing: the run went on)."""
+    killed = _KilledFit(dataset_repo, tmp_path)
+    try:
+        killed_fit = killed.kill_behind()
+        if late == "before_its_end":
+            mine = _continue(killed, tmp_path, _LateSaveBeforeTheEnd(killed))
+        else:
+            mine = _continue(killed, tmp_path)
+        killed.finish()
+    finally:
+        killed.close()
+    assert sync.sync_all()["pending"] == 0
+    record = read_lineage(killed.lineage)
+    own = [c for c in record["checkpoints"] if c["fit_id"] == mine["fit_id"]]
+    a_late = [c for c in record["checkpoints"] if c["fit_id"] == killed_fit["fit_id"]][-1]
+    assert a_late not in mine["checkpoints"] or late == "before_its_end"
+    assert record["checkpoints"][-1] == a_late  # A's save came last in the history
+    assert (mine["model"]["commit"], mine["model"]["path"]) == (own[-1]["commit"], own[-1]["path"])
+    assert record["model"] == mine["model"] and record["fit_id"] == mine["fit_id"]
+    tags = MlflowClient().get_run(mine["run"]["mlflow_run_id"]).data.tags
+    assert (tags["oxen.model.commit"], tags["oxen.model.path"]) == (own[-1]["commit"], own[-1]["path"])
+    assert _finals("nightly") == [(own[-1]["path"], own[-1]["commit"], mine["run"]["mlflow_run_id"])]
 
 
 def test_resumed_from_names_a_commit_only_for_the_bytes_it_holds(dataset_repo, tmp_path):

@@ -171,7 +171,7 @@ def _complete_and_mark(client: Any, journal: MlflowJournal, meta: dict[str, Any]
     experiment_id, meta = _experiment(client, journal, meta)
     known = meta.get(_META_KEY) or {}
     keys = [_key(e["commit"], e["path"]) for e in entries]
-    later = _continued_since(meta, entries)
+    later = _continued_since(meta, record, entries)
     if later is None and all(known.get(key) for key in keys):
         # This journal (one fit's) made the model of every checkpoint the run has, and no later fit
         # continued it: a continued run's record lists its earlier fits' checkpoints too, so no
@@ -192,7 +192,8 @@ def _complete_and_mark(client: Any, journal: MlflowJournal, meta: dict[str, Any]
         log.info("Run %s went on after checkpoint %s (%s): its final and best models stay marked as they are.",
                  run, entries[-1]["path"], later)
         return {}
-    final, model = entries[-1], record["model"]
+    # the last checkpoint this fit saved (a killed earlier fit's late save may come after it)
+    final, model = next((e for e in reversed(entries) if _saved_by(e, record)), entries[-1]), record["model"]
     best = None
     if model.get("commit") and (model.get("path") == best_path or (
             best_unless_last and (model["commit"], model["path"]) != (final["commit"], final["path"]))):
@@ -232,14 +233,20 @@ def _marked(client: Any, model_id: str, tag: str) -> bool:
     return True
 
 
-def _continued_since(meta: dict[str, Any], entries: list[dict[str, Any]]) -> str | None:
-    """What the model repository's record of the run (its working tree, when this machine has it)
-    committed after ``entries``' last checkpoint, if anything: a later fit continued the run."""
+def _continued_since(meta: dict[str, Any], record: dict[str, Any], entries: list[dict[str, Any]]) -> str | None:
+    """Whether a later fit continued ``record``'s run, by the model repository's record of it (its
+    working tree, when this machine has it): that record is a fit's that names ``record``'s among
+    the fits it went on from, or (records without fit ids) it committed checkpoints after
+    ``entries``' last. Says what, or ``None``. (A killed fit's save its worker commits late comes
+    last in the history, yet the run is the later fit's.)"""
     model_repo, run = meta.get("model_repo"), meta.get("oxen_run")
-    record = committed_record(model_repo, run, meta.get("run_id") or "") if model_repo and run else None
-    if record is None:
+    current = committed_record(model_repo, run, meta.get("run_id") or "") if model_repo and run else None
+    if current is None:
         return None  # not here, or unreadable: the record at hand is all there is
-    committed = [(c["commit"], c["path"]) for c in record["checkpoints"]]
+    fit, their_fit = record.get("fit_id"), current.get("fit_id")
+    if fit is not None and their_fit not in (None, fit) and fit in (current.get("earlier_fits") or []):
+        return f"fit {their_fit} in {model_repo}"
+    committed = [(c["commit"], c["path"]) for c in current["checkpoints"]]
     last = (entries[-1]["commit"], entries[-1]["path"])
     after = len(committed) - 1 - committed.index(last) if last in committed else 0
     return f"{after} later checkpoint(s) in {model_repo}" if after else None

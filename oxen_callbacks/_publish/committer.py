@@ -195,11 +195,18 @@ class Committer:
             self._write_record(run, record)
             return "end of an earlier fit"
         kept = [c for c in record["checkpoints"] if c.get("kept", True)]
+        # the last this fit saved: a killed earlier fit's save its worker committed late comes after it
+        mine = [c for c in record["checkpoints"] if c.get("fit_id") in (None, record.get("fit_id"))]
+        own = [c for c in mine if c.get("kept", True)]
         # the best's latest version: a file saved again under its name ("best.ckpt") is the newer best
-        chosen = (next((c for c in reversed(kept) if c["path"] == p.get("best")), None)
+        chosen = (next((c for c in [*reversed(own), *reversed(kept)] if c["path"] == p.get("best")), None)
                   or _saved_by_earlier_fit(kept, p.get("best_source")) or _checkpoint(p.get("best_earlier"))
-                  or (kept or record["checkpoints"] or [None])[-1])
-        record["model"].update({"path": chosen["path"], "commit": chosen["commit"]} if chosen else {"path": None, "commit": None})
+                  or (own or mine or [None])[-1])
+        if chosen is None and not record["model"].get("commit"):  # (else: this fit saved none, the model stays)
+            chosen = (kept or record["checkpoints"] or [None])[-1]
+        if chosen is not None or not record["checkpoints"]:
+            record["model"].update({"path": chosen["path"], "commit": chosen["commit"]} if chosen
+                                   else {"path": None, "commit": None})
         self._write_record(run, record)
         return str(record.get("status", "finished"))
 
