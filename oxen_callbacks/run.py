@@ -212,6 +212,7 @@ class LineageRun(RunOptionChecks, RunEnding):
                 cache_dir=self.cache_dir, run_id=self.mlflow_run_id, tracking_uri=self.mlflow_tracking_uri,
                 experiment_name=self.experiment_name, run_name=self.run_name, model_repo=str(self.model_repo),
                 warm=self._warm_sink, log_models=self.log_models, dataset_input=self.log_dataset_input,
+                register_model=self.register_model, graph=self.log_lineage_graph,
             )
             self._warm_sink = None
         self.record = new_record(

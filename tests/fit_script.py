@@ -48,6 +48,7 @@ def main() -> None:
     parser.add_argument("--devices", type=int, default=1)
     parser.add_argument("--logger", action="store_true", help="an MLFlowLogger whose run the callback joins")
     parser.add_argument("--no-log-models", action="store_true", help="log_models=False")
+    parser.add_argument("--register-model", help="register_model=")
     parser.add_argument("--after-fit", choices=("exit", "kill"), default="exit",
                         help="kill: SIGKILL this process the moment fit() returns")
     parser.add_argument("--forked-child", help="fork a child that sleeps 600 s once the callback is built; "
@@ -63,7 +64,8 @@ def main() -> None:
         cb = OxenLightningCallback(dataset=pin, model_repo=args.model_repo, mlflow=args.mlflow,
                                    run_name=args.run_name, **({"mlflow_timeout": args.mlflow_timeout}
                                                               if args.mlflow else {}),
-                                   **({"log_models": False} if args.no_log_models else {}))
+                                   **({"log_models": False} if args.no_log_models else {}),
+                                   **({"register_model": args.register_model} if args.register_model else {}))
     forked = None
     if args.forked_child:  # as a DataLoader worker or a user's fork Pool would: forked, never exec'd
         forked = multiprocessing.get_context("fork").Process(target=time.sleep, args=(600,), daemon=False)

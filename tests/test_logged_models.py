@@ -238,10 +238,11 @@ def test_a_fit_without_checkpoints_still_logs_its_dataset_input(dataset_repo, tm
 @pytest.mark.timeout(600)
 def test_killed_the_moment_fit_returns_sync_leaves_one_model_per_checkpoint(dataset_repo, tmp_path):
     """SIGKILL right after fit() of a run joined from MLFlowLogger (a thread of the killed process
-    served its journal), then `sync`: every committed checkpoint has exactly one logged model."""
+    served its journal), then `sync`: every committed checkpoint has exactly one logged model, and
+    the end's extras the fit asked for are there: the registered version and the lineage picture."""
     cmd = [sys.executable, str(SCRIPT), "--dataset", str(dataset_repo.path), "--revision", dataset_repo.commits[0],
            "--model-repo", str(tmp_path / "models"), "--root", str(tmp_path / "fit"), "--epochs", "2", "--mlflow",
-           "--logger", "--after-fit", "kill"]
+           "--logger", "--after-fit", "kill", "--register-model", "killed-clf"]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, stdin=subprocess.DEVNULL, check=False)
     assert done.returncode == -9, done.stderr[-3000:]
     sync_until_nothing_pending()
@@ -258,6 +259,12 @@ def test_killed_the_moment_fit_returns_sync_leaves_one_model_per_checkpoint(data
     assert json.loads(dataset_input.dataset.source)["commit"] == dataset_repo.commits[0]
     assert all({(m.dataset_name, m.dataset_digest) for m in model.metrics} == {
         (dataset_input.dataset.name, dataset_input.dataset.digest)} for model in models.values() if model.metrics)
+    assert record["status"] == "FINISHED"
+    [version] = MlflowClient(uri).search_model_versions("name = 'killed-clf'")
+    assert (version.tags["oxen.model.commit"], version.tags["oxen.model.path"]) == (
+        record["model"]["commit"], record["model"]["path"]) and version.run_id == run.info.run_id
+    assert version.source == f"models:/{models[(record['model']['commit'], record['model']['path'])].model_id}"
+    assert "oxen/lineage.svg" in {a.path for a in MlflowClient(uri).list_artifacts(run.info.run_id, "oxen")}
 
 
 def _endpoint_not_found(*_args, **_kwargs):  # type: ignore[no-untyped-def]

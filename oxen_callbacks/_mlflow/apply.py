@@ -171,6 +171,17 @@ def apply_op(client: Any, journal: MlflowJournal, meta: dict[str, Any], op: dict
         raise ValueError(f"Unknown journaled MLflow operation {kind!r}")
 
 
+def _publish_noted_extras(client: Any, journal: MlflowJournal, run_id: str, record: dict[str, Any]) -> None:
+    """The registered version and picture the journal's meta says the run's end makes (:mod:`.extras`)."""
+    from .extras import noted_extras, publish_extras
+    from .logged_models import model_id_for
+
+    register_model, graph = noted_extras(meta := journal.meta())
+    if register_model or graph:
+        model_id = model_id_for(client, meta, record) if register_model else None
+        publish_extras(client, run_id, record, register_model=register_model, graph=graph, model_id=model_id)
+
+
 def finish_abandoned(client: Any, journal: Any, meta: dict[str, Any], status: str = KILLED,
                      terminate: bool = True) -> dict[str, Any]:
     """Tag, log and terminate the run from what was committed; returns what was done (for sync's
@@ -197,6 +208,8 @@ def finish_abandoned(client: Any, journal: Any, meta: dict[str, Any], status: st
         log_dataset_input_once(client, journal, record)  # (its end, which logs it, never came)
         # the checkpoints committed after the trainer died get their logged models too
         complete_and_mark(client, journal, journal.meta(), record, best_unless_last=True)
+        if record.get("ended_at"):  # the fit ended its lineage, not its MLflow logging: the end's extras too
+            _publish_noted_extras(client, journal, run_id, record)
     terminated = terminate and client.get_run(run_id).info.status == "RUNNING"
     ended_as = mlflow_run_status(status)
     if terminated:

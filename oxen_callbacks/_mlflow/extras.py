@@ -15,6 +15,21 @@ from typing import Any
 from ..names import LINEAGE_GRAPH_ARTIFACT, LINEAGE_GRAPH_ARTIFACT_NAME, POINTER_ARTIFACT_DIR
 
 log = logging.getLogger(__name__)
+META_REGISTER_MODEL = "register_model"  # journal meta: the registered model the run's end makes a version of
+META_LINEAGE_GRAPH = "lineage_graph"  # journal meta: False when the run was asked for no picture (log_lineage_graph=False)
+
+
+def extras_meta(*, register_model: str | None, graph: bool) -> dict[str, Any]:
+    """What the journal's meta notes of the end's extras, so that ``sync`` of a run whose training
+    process died after its lineage ended (before its end was journaled) still makes them."""
+    return {**({META_REGISTER_MODEL: register_model} if register_model else {}),
+            **({} if graph else {META_LINEAGE_GRAPH: False})}
+
+
+def noted_extras(meta: dict[str, Any]) -> tuple[str | None, bool]:
+    """``(register_model, graph)`` as :func:`extras_meta` noted them."""
+    name = meta.get(META_REGISTER_MODEL)
+    return (name if isinstance(name, str) and name else None), meta.get(META_LINEAGE_GRAPH) is not False
 
 
 def publish_extras(client: Any, run_id: str, record: dict[str, Any], *, register_model: str | None,

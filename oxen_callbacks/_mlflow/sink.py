@@ -48,6 +48,7 @@ from ..names import (
 )
 from . import fluent
 from .dataset_input import META_DATASET_INPUT
+from .extras import extras_meta
 from .fluent import absolute_store, default_tracking_uri, run_to_join
 from .journal import END_LINE, TRAINING_OVER_LINE, MlflowJournal
 from .logged_models import META_LOG_MODELS, checkpoint_op, mark_op, models_wanted
@@ -102,6 +103,8 @@ class MlflowSink:
         warm: WarmSinkProcess | None = None,
         log_models: bool = True,
         dataset_input: bool = True,
+        register_model: str | None = None,
+        graph: bool = True,
     ) -> "MlflowSink":
         """Log into ``run_id``, else the active MLflow run or ``$MLFLOW_RUN_ID``'s, else a new run this sink ends.
 
@@ -109,7 +112,9 @@ class MlflowSink:
         that dies without ending the run is finished from there by ``oxen-callbacks sync``.
         ``warm``: a :class:`WarmSinkProcess` started earlier, used instead of a new process.
         ``log_models`` / ``dataset_input``: ``False``: no MLflow logged model per checkpoint / no
-        dataset input (noted in the journal, so that ``sync`` makes none either).
+        dataset input (noted in the journal, so that ``sync`` makes none either); ``register_model``,
+        ``graph``: the end's registered version and picture (noted too: ``sync`` of a run that ended
+        its lineage but not its MLflow logging makes them).
         """
         active = run_to_join() if run_id is None else None
         if active is not None:
@@ -122,6 +127,7 @@ class MlflowSink:
             meta[META_LOG_MODELS] = False
         if not dataset_input:
             meta[META_DATASET_INPUT] = False
+        meta.update(extras_meta(register_model=register_model, graph=graph))
         journal = MlflowJournal.create(cache_dir, meta, trainer=True)
         # A run this process already logs to (MLFlowLogger's, HF's MLflowCallback's, the active one):
         # MLflow is loaded and the store open here, so a thread applies our few operations for free; a
