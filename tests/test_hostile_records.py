@@ -294,13 +294,13 @@ def test_a_lone_surrogate_in_a_record_is_shown_escaped(models, capsys):
 def test_logged_models_of_a_repository_with_quotes_are_found(store, repo):
     """MLflow's logged-model search strips single quotes and nothing else: such a repository's models
     were never found, so a resumed run could not clear its earlier final/best marks."""
-    from oxen_callbacks._mlflow.logged_models import _find, _models_of
+    from oxen_callbacks._mlflow.model_search import find, models_of
 
     uri, client, experiment = store
     tags = {"oxen.model.repo": repo, "oxen.run": "r'1", "oxen.model.commit": MODEL_COMMIT,
             "oxen.model.path": "runs/r'1/checkpoints/last.ckpt"}
     made = client.create_logged_model(experiment, name="m", tags=tags).model_id
     client.create_logged_model(experiment, name="decoy", tags={**tags, "oxen.model.repo": repo + "x"})
-    assert list(_models_of(client, experiment, repo, "r'1")) == [f"{MODEL_COMMIT}:runs/r'1/checkpoints/last.ckpt"]
-    assert _models_of(client, experiment, repo, "r'1")[f"{MODEL_COMMIT}:runs/r'1/checkpoints/last.ckpt"].model_id == made
-    assert _find(client, experiment, repo, MODEL_COMMIT, "runs/r'1/checkpoints/last.ckpt").model_id == made
+    assert list(models_of(client, [experiment], repo, "r'1")) == [f"{MODEL_COMMIT}:runs/r'1/checkpoints/last.ckpt"]
+    assert models_of(client, [experiment], repo, "r'1")[f"{MODEL_COMMIT}:runs/r'1/checkpoints/last.ckpt"].model_id == made
+    assert find(client, [experiment], repo, MODEL_COMMIT, "runs/r'1/checkpoints/last.ckpt").model_id == made

@@ -159,6 +159,36 @@ def test_replaying_a_checkpoint_whose_model_may_exist_creates_no_second_one(fitt
     assert len(_by_checkpoint(logged_models_of_run(fitted["uri"], fitted["run_id"]))) == len(record["checkpoints"])
 
 
+def test_a_run_continued_into_another_experiment_has_one_final_and_one_best_model(dataset_repo, tmp_path):
+    """Fit A logs to experiment "cont"; fit B continues the run into another experiment (a forgotten
+    ``experiment_name``). A's models lose their final and best marks there too: across experiments,
+    the run's one final model is B's last checkpoint and its one best model is the record's."""
+    uri = mlflow.get_tracking_uri()
+    pin = PinnedDataset(dataset_repo.path, revision=dataset_repo.commits[0], paths=["train.csv", "val.csv"])
+    first = OxenLightningCallback(dataset=pin, model_repo=tmp_path / "models", run_name="cont", experiment_name="cont")
+    make_trainer(tmp_path / "a", [ModelCheckpoint(dirpath=tmp_path / "a" / "ckpt", monitor="val_loss"), first],
+                 epochs=1).fit(TinyModel(), datamodule=CsvData(pin))
+    assert first.lineage["model"]["commit"]
+    again = OxenLightningCallback(model_repo=tmp_path / "models", run_name="cont", resume_from="cont",
+                                  experiment_name="other")
+    make_trainer(tmp_path / "b", [ModelCheckpoint(dirpath=tmp_path / "b" / "ckpt", monitor="val_loss"), again],
+                 epochs=2).fit(TinyModel(), datamodule=CsvData(again.dataset), ckpt_path=again.ckpt_path)
+    record = again.lineage
+    assert record["earlier_mlflow_runs"] == [{"mlflow_run_id": first.lineage["run"]["mlflow_run_id"],
+                                              "mlflow_tracking_uri": first.lineage["run"]["mlflow_tracking_uri"]}]
+    client = MlflowClient(uri)
+    models = client.search_logged_models([e.experiment_id for e in client.search_experiments()],
+                                         filter_string="tags.`oxen.run` = 'cont'")
+    assert len({m.experiment_id for m in models}) == 2
+
+    def marked(tag: str) -> list[tuple[str, str]]:
+        return [(m.tags["oxen.model.commit"], m.tags["oxen.model.path"]) for m in models if m.tags.get(tag) == "true"]
+
+    last = record["checkpoints"][-1]
+    assert marked("oxen.model.final") == [(last["commit"], last["path"])]
+    assert marked("oxen.model.best") in ([], [(record["model"]["commit"], record["model"]["path"])])
+
+
 def test_a_continued_run_moves_its_final_mark_off_the_earlier_fit(dataset_repo, tmp_path):
     """A fit marks the models it made without searching MLflow; a fit that continues a run (whose
     record lists the earlier fit's checkpoints) must still find the earlier fit's final model and

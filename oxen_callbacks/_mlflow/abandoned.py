@@ -60,6 +60,7 @@ def committed_record(model_repo: str, run: str, mlflow_run_id: str, status: str 
     if fit_id is not None and record.extra.get("fit_id") not in (None, fit_id):
         record.checkpoints = [c for c in record.checkpoints if c.extra.get("fit_id") == fit_id]
         record.extra.update(fit_id=fit_id, status=None, ended_at=None)
+        record.extra.pop("earlier_mlflow_runs", None)  # (the later fit's)
         earlier = record.extra.pop("earlier_fits", None)  # (the later fit's: those before it, and this one)
         if isinstance(earlier, list) and fit_id in earlier and earlier.index(fit_id):
             record.extra["earlier_fits"] = earlier[:earlier.index(fit_id)]

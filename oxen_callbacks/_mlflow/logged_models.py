@@ -43,6 +43,7 @@ from ..names import (
 from .abandoned import committed_record
 from .dataset_input import META_DATASET_LOGGED, log_dataset_input_noted
 from .journal import MlflowJournal
+from .model_search import Found, checkpoint_key, experiments_of_fits, find, models_of, search
 from .twins import delete_twin_models
 
 log = logging.getLogger(__name__)
@@ -152,12 +153,13 @@ def _unmark(client: Any, journal: MlflowJournal, meta: dict[str, Any], record: d
             entries: list[dict[str, Any]]) -> None:
     """Take the final and best marks off the models of ``entries`` (earlier fits' checkpoints)."""
     experiment_id, meta = _experiment(client, journal, meta)
-    models = _models_of(client, experiment_id, record["model"]["repo"], record["run"].get("name"))
+    models = models_of(client, experiments_of_fits(client, experiment_id, meta.get("tracking_uri"), record),
+                       record["model"]["repo"], record["run"].get("name"))
     for tag in (TAG_MODEL_FINAL, TAG_MODEL_BEST):
-        _take_mark_off(client, models, {_key(e["commit"], e["path"]) for e in entries}, tag, keep=None)
+        _take_mark_off(client, models, {checkpoint_key(e["commit"], e["path"]) for e in entries}, tag, keep=None)
 
 
-def _take_mark_off(client: Any, models: dict[str, _Found], keys: Iterable[str], tag: str, *, keep: str | None) -> None:
+def _take_mark_off(client: Any, models: dict[str, Found], keys: Iterable[str], tag: str, *, keep: str | None) -> None:
     """Delete ``tag`` from the models of checkpoints ``keys`` but ``keep``'s: an earlier fit's marks, of a
     continued run (a model of another repository once at the same path is not the run's)."""
     for key, found in models.items():
@@ -170,24 +172,25 @@ def _complete_and_mark(client: Any, journal: MlflowJournal, meta: dict[str, Any]
     repo, run = record["model"]["repo"], record["run"].get("name")
     experiment_id, meta = _experiment(client, journal, meta)
     known = meta.get(_META_KEY) or {}
-    keys = [_key(e["commit"], e["path"]) for e in entries]
+    keys = [checkpoint_key(e["commit"], e["path"]) for e in entries]
     later = _continued_since(meta, record, entries)
     if later is None and all(known.get(key) for key in keys):
         # This journal (one fit's) made the model of every checkpoint the run has, and no later fit
         # continued it: a continued run's record lists its earlier fits' checkpoints too, so no
         # model an earlier fit made can carry a mark to take off, and no search is needed.
-        existing = {key: _Found(known[key], {}) for key in keys}
+        existing = {key: Found(known[key], {}) for key in keys}
     else:
-        existing = _models_of(client, experiment_id, repo, run)
+        existing = models_of(client, experiments_of_fits(client, experiment_id, meta.get("tracking_uri"), record),
+                             repo, run)
     missing = [{"commit": e["commit"], "path": e["path"], "step": e.get("step"), "epoch": e.get("epoch"),
                 "metrics": e.get("metrics") or {}, "model_repo": repo, "run": run, "dataset": meta.get(META_DATASET_LOGGED),
                 "time_ms": int(time.time() * 1000)} for e in entries
-               if _key(e["commit"], e["path"]) not in existing and _saved_by(e, record)]
+               if checkpoint_key(e["commit"], e["path"]) not in existing and _saved_by(e, record)]
     if missing:
         meta = _ensure(client, journal, meta, missing, existing=existing)
         for op in missing:
-            if made := (meta.get(_META_KEY) or {}).get(key := _key(op["commit"], op["path"])):
-                existing[key] = _Found(made, {})
+            if made := (meta.get(_META_KEY) or {}).get(key := checkpoint_key(op["commit"], op["path"])):
+                existing[key] = Found(made, {})
     if later:  # a late replay (`sync`) of a fit the run went on from: the later fit's end marks its models
         log.info("Run %s went on after checkpoint %s (%s): its final and best models stay marked as they are.",
                  run, entries[-1]["path"], later)
@@ -197,8 +200,8 @@ def _complete_and_mark(client: Any, journal: MlflowJournal, meta: dict[str, Any]
     best = None
     if model.get("commit") and (model.get("path") == best_path or (
             best_unless_last and (model["commit"], model["path"]) != (final["commit"], final["path"]))):
-        best = _key(model["commit"], model["path"])
-    wanted = {TAG_MODEL_FINAL: _key(final["commit"], final["path"]), TAG_MODEL_BEST: best}
+        best = checkpoint_key(model["commit"], model["path"])
+    wanted = {TAG_MODEL_FINAL: checkpoint_key(final["commit"], final["path"]), TAG_MODEL_BEST: best}
     for tag, key in wanted.items():
         _take_mark_off(client, existing, keys, tag, keep=key)
         if key in existing and existing[key].tags.get(tag) != MARK and not _marked(client, existing[key].model_id, tag):
@@ -257,26 +260,17 @@ def model_id_for(client: Any, meta: dict[str, Any], record: dict[str, Any]) -> s
     model = record["model"]
     if not model.get("commit") or not models_wanted(meta) or _skipped(client):
         return None
-    known = (meta.get(_META_KEY) or {}).get(_key(model["commit"], model["path"]))
+    known = (meta.get(_META_KEY) or {}).get(checkpoint_key(model["commit"], model["path"]))
     found = None
     if not known:
         with _unless_the_server_lacks_them(client):
-            found = _find(client, _experiment_id(client, meta), model["repo"], model["commit"], model["path"])
+            found = find(client, [_experiment_id(client, meta)], model["repo"], model["commit"], model["path"])
     return known or (found.model_id if found else None)
 
 
 # -- internals ------------------------------------------------------------------------------------
-class _Found:
-    def __init__(self, model_id: str, tags: dict[str, str], source_run_id: str | None = None) -> None:
-        self.model_id, self.tags, self.source_run_id = model_id, tags, source_run_id
-
-
-def _key(commit: str, path: str) -> str:
-    return f"{commit}:{path}"
-
-
 def _ensure(client: Any, journal: MlflowJournal, meta: dict[str, Any], ops: list[dict[str, Any]],
-            existing: dict[str, _Found] | None) -> dict[str, Any]:
+            existing: dict[str, Found] | None) -> dict[str, Any]:
     """Each checkpoint's logged model, created unless the journal (or a search, after an attempt that
     may have created it) knows it; returns the journal's meta, updated with their ids.
 
@@ -284,7 +278,7 @@ def _ensure(client: Any, journal: MlflowJournal, meta: dict[str, Any], ops: list
     each for the whole batch), so a replay after a kill never makes a second model.
     """
     known = dict(meta.get(_META_KEY) or {})
-    todo = {key: op for op in ops if not known.get(key := _key(op["commit"], op["path"]))}  # (else done earlier)
+    todo = {key: op for op in ops if not known.get(key := checkpoint_key(op["commit"], op["path"]))}  # (else done earlier)
     if not todo:
         return meta
     experiment_id, meta = _experiment(client, journal, meta)
@@ -292,7 +286,7 @@ def _ensure(client: Any, journal: MlflowJournal, meta: dict[str, Any], ops: list
     for key, op in todo.items():
         if key in known:  # an attempt died or failed after noting it: its model may exist
             hit = (existing.get(key) if existing is not None
-                   else _find(client, experiment_id, op["model_repo"], op["commit"], op["path"]))
+                   else find(client, [experiment_id], op["model_repo"], op["commit"], op["path"]))
             found[key] = hit.model_id if hit else None
     if new := {key: None for key in todo if key not in known}:
         meta = {**meta, _META_KEY: {**known, **new}}
@@ -345,8 +339,8 @@ def _create(client: Any, run_id: str, experiment_id: str, ops: dict[str, dict[st
     if made:
         op = next(iter(ops.values()))
         delete_twin_models(client, run_id, made, lambda: [
-            (_key(f.tags.get(TAG_MODEL_COMMIT, ""), f.tags.get(TAG_MODEL_PATH, "")), f.model_id, f.source_run_id)
-            for f in _search(client, experiment_id, {TAG_MODEL_REPO: op["model_repo"], TAG_RUN: op.get("run") or ""})])
+            (checkpoint_key(f.tags.get(TAG_MODEL_COMMIT, ""), f.tags.get(TAG_MODEL_PATH, "")), f.model_id, f.source_run_id)
+            for f in search(client, [experiment_id], {TAG_MODEL_REPO: op["model_repo"], TAG_RUN: op.get("run") or ""})])
     return made
 
 
@@ -394,39 +388,3 @@ def _experiment(client: Any, journal: MlflowJournal, meta: dict[str, Any]) -> tu
     meta = {**meta, "experiment_id": _experiment_id(client, meta)}
     journal.write_meta(meta)
     return meta["experiment_id"], meta
-
-
-def _find(client: Any, experiment_id: str, repo: str, commit: str, path: str) -> _Found | None:
-    found = _search(client, experiment_id, {TAG_MODEL_COMMIT: commit, TAG_MODEL_REPO: repo, TAG_MODEL_PATH: path})
-    return found[0] if found else None
-
-
-def _models_of(client: Any, experiment_id: str, repo: str, run: str | None) -> dict[str, _Found]:
-    """The logged models of Oxen run ``run`` in ``experiment_id``, by checkpoint (every page)."""
-    found: dict[str, _Found] = {}
-    for model in _search(client, experiment_id, {TAG_MODEL_REPO: repo, TAG_RUN: run or ""}):
-        tags = model.tags
-        if tags.get(TAG_MODEL_COMMIT) and tags.get(TAG_MODEL_PATH):  # (anyone may tag a model: skip odd ones)
-            found.setdefault(_key(tags[TAG_MODEL_COMMIT], tags[TAG_MODEL_PATH]), model)
-    return found
-
-
-def _search(client: Any, experiment_id: str, wanted: dict[str, str]) -> list[_Found]:
-    """The logged models whose tags hold exactly ``wanted`` (every page).
-
-    MLflow's logged-model search strips single quotes from a value and nothing else (no escapes,
-    no double quotes): values holding a quote or a backslash cannot be written in its filter, so
-    they are compared here, as every value is.
-    """
-    plain = " AND ".join(f"tags.`{k}` = '{v}'" for k, v in wanted.items() if "'" not in v and "\\" not in v)
-    found: list[_Found] = []
-    token = None
-    while True:
-        page = client.search_logged_models([experiment_id], filter_string=plain or None, page_token=token)
-        for model in page:
-            tags = dict(model.tags)
-            if all(tags.get(k) == v for k, v in wanted.items()):
-                found.append(_Found(model.model_id, tags, model.source_run_id))
-        token = page.token
-        if not token:
-            return found

@@ -310,6 +310,8 @@ class Committer:
             earlier = _earlier_fits(existing) + ([their_fit] if their_fit and their_fit != fit else [])
             if earlier:
                 record["earlier_fits"] = earlier  # the fits this one continued, oldest first
+                if runs := _earlier_mlflow_runs(existing, continued=their_fit != fit):
+                    record["earlier_mlflow_runs"] = runs  # where their logged models are (their marks move)
         return record
 
     def _existing_record(self, run: str) -> dict[str, Any] | None:
@@ -382,6 +384,17 @@ def _earlier_fits(record: dict[str, Any]) -> list[str]:
     """The fits a continued run's record went on from (``earlier_fits``), oldest first."""
     earlier = record.get("earlier_fits")
     return [f for f in earlier if isinstance(f, str)] if isinstance(earlier, list) else []
+
+
+def _earlier_mlflow_runs(existing: dict[str, Any], *, continued: bool) -> list[dict[str, Any]]:
+    """The MLflow runs (id and redacted tracking URI) of the fits a run's record went on from: those
+    ``existing`` lists, and its own when this fit ``continued`` it."""
+    runs = [r for r in existing.get("earlier_mlflow_runs") or [] if isinstance(r, dict)]
+    theirs = existing.get("run") if isinstance(existing.get("run"), dict) else {}
+    entry = {"mlflow_run_id": theirs.get("mlflow_run_id"), "mlflow_tracking_uri": theirs.get("mlflow_tracking_uri")}
+    if continued and entry["mlflow_run_id"] and entry not in runs:
+        runs.append(entry)
+    return runs
 
 
 def _late_fit(record: dict[str, Any] | None, base: dict[str, Any] | None) -> str | None:
