@@ -8,15 +8,25 @@ character must not rewrite the terminal, and a quote must not hide a run from a 
 from __future__ import annotations
 
 import json
+import os
 import re
+import subprocess
+import sys
+from pathlib import Path
 
+import mlflow
 import pytest
-from helpers import make_repo
+from helpers import make_repo, sync_until_nothing_pending
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning_model import CsvData, TinyModel, make_trainer
 from mlflow import MlflowClient
 
+from oxen_callbacks import PinnedDataset
+from oxen_callbacks._mlflow.journal import journals
 from oxen_callbacks._mlflow.query import check_tracking_uri
 from oxen_callbacks.cli import main
 from oxen_callbacks.errors import ConfigurationError
+from oxen_callbacks.lightning import OxenLightningCallback
 from oxen_callbacks.model_repo import endpoint_tag
 
 MODEL_COMMIT = "e3b0c44298fc1c149afbf4c8996fb924"
@@ -304,3 +314,54 @@ def test_logged_models_of_a_repository_with_quotes_are_found(store, repo):
     assert list(models_of(client, [experiment], repo, "r'1")) == [f"{MODEL_COMMIT}:runs/r'1/checkpoints/last.ckpt"]
     assert models_of(client, [experiment], repo, "r'1")[f"{MODEL_COMMIT}:runs/r'1/checkpoints/last.ckpt"].model_id == made
     assert find(client, [experiment], repo, MODEL_COMMIT, "runs/r'1/checkpoints/last.ckpt").model_id == made
+
+
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("hostile", [5, "runs", [7, {"mlflow_run_id": 7}, {"mlflow_run_id": "no-such-run"}]])
+def test_a_hand_edited_list_of_earlier_mlflow_runs_neither_stops_the_fit_that_continues_the_run(
+        dataset_repo, tmp_path, hostile):
+    """The record's ``earlier_mlflow_runs`` (where a continued run's earlier fits logged their models)
+    edited by hand into something else: the next fit of the run commits its checkpoints, marks its
+    last one final, and keeps only well-formed entries."""
+    pin = PinnedDataset(dataset_repo.path, revision=dataset_repo.commits[0], paths=["train.csv", "val.csv"])
+    models = tmp_path / "models"
+    first = OxenLightningCallback(dataset=pin, model_repo=models, run_name="nightly")
+    make_trainer(tmp_path / "a", [ModelCheckpoint(dirpath=tmp_path / "a" / "ckpt"), first], epochs=1).fit(
+        TinyModel(), datamodule=CsvData(pin))
+    assert first.lineage["status"] == "FINISHED"  # (waits for the final record)
+    path = models / "runs" / "nightly" / "lineage.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "earlier_mlflow_runs": hostile}))
+    again = OxenLightningCallback(model_repo=models, run_name="nightly", resume_from="nightly")
+    make_trainer(tmp_path / "b", [ModelCheckpoint(dirpath=tmp_path / "b" / "ckpt"), again], epochs=2).fit(
+        TinyModel(), datamodule=CsvData(again.dataset), ckpt_path=again.ckpt_path)
+    record = again.lineage
+    own = [c for c in record["checkpoints"] if c["fit_id"] == record["fit_id"]]
+    assert record["status"] == "FINISHED" and own and all(c["commit"] for c in own)
+    assert all(isinstance(r, dict) for r in record["earlier_mlflow_runs"])
+    client = MlflowClient(mlflow.get_tracking_uri())
+    finals = [m.tags["oxen.model.commit"] for m in client.search_logged_models(
+        [e.experiment_id for e in client.search_experiments()], filter_string="tags.`oxen.run` = 'nightly'")
+        if m.tags.get("oxen.model.final") == "true"]
+    assert finals == [own[-1]["commit"]]
+
+
+@pytest.mark.timeout(600)
+def test_a_hand_edited_model_name_to_register_does_not_keep_sync_failing(dataset_repo, tmp_path):
+    """A journal whose ``register_model`` was edited into a name MLflow refuses: ``sync`` finishes the
+    killed run all the same (ended, its picture logged), registering nothing, and says why."""
+    script = Path(__file__).parent / "fit_script.py"
+    cmd = [sys.executable, str(script), "--dataset", str(dataset_repo.path), "--revision", dataset_repo.commits[0],
+           "--model-repo", str(tmp_path / "models"), "--root", str(tmp_path / "fit"), "--epochs", "1", "--mlflow",
+           "--logger", "--after-fit", "kill", "--register-model", "killed-clf"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, stdin=subprocess.DEVNULL, check=False)
+    assert done.returncode == -9, done.stderr[-3000:]
+    [folder] = journals(Path(os.environ["OXEN_CALLBACKS_CACHE"]))
+    meta = json.loads((folder / "meta.json").read_text())
+    assert meta["register_model"] == "killed-clf"
+    (folder / "meta.json").write_text(json.dumps({**meta, "register_model": "team/clf"}))
+    sync_until_nothing_pending()
+    client = MlflowClient(mlflow.get_tracking_uri())
+    [run] = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert run.info.status == "FINISHED" and run.data.tags["oxen.lineage.status"] == "FINISHED"
+    assert "oxen/lineage.svg" in {a.path for a in client.list_artifacts(run.info.run_id, "oxen")}
+    assert client.search_registered_models() == []

@@ -348,3 +348,45 @@ def test_a_stretch_of_tags_and_models_is_one_request_each_and_keeps_its_meaning(
         ([files[4]], ops[4]),
         ([files[5]], ops[5]),
     ]
+
+
+def test_the_end_of_a_continuing_fit_replayed_after_a_late_save_of_the_fit_it_continued_marks_its_own_last(
+        dataset_repo, tmp_path):
+    """Fit B continued fit A's run; B's end reached MLflow only later (`sync`), after A's killed worker
+    had committed a late save of A's: that save comes last in the run's history, yet the run is B's,
+    and its final model is B's last checkpoint."""
+    uri = mlflow.get_tracking_uri()
+    pin = PinnedDataset(dataset_repo.path, revision=dataset_repo.commits[0], paths=["train.csv", "val.csv"])
+    models = tmp_path / "models"
+    first = OxenLightningCallback(dataset=pin, model_repo=models, run_name="cont", experiment_name="cont")
+    make_trainer(tmp_path / "a", [ModelCheckpoint(dirpath=tmp_path / "a" / "ckpt"), first], epochs=1).fit(
+        TinyModel(), datamodule=CsvData(pin))
+    a_last = first.lineage["checkpoints"][-1]
+    again = OxenLightningCallback(model_repo=models, run_name="cont", resume_from="cont", experiment_name="cont")
+    make_trainer(tmp_path / "b", [ModelCheckpoint(dirpath=tmp_path / "b" / "ckpt"), again], epochs=2).fit(
+        TinyModel(), datamodule=CsvData(again.dataset), ckpt_path=again.ckpt_path)
+    final = again.lineage
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name("cont").experiment_id
+    found = client.search_logged_models([experiment], filter_string="tags.`oxen.run` = 'cont'")
+    for model in found:  # B's end not applied yet: no marks
+        for tag in ("oxen.model.final", "oxen.model.best"):
+            if model.tags.get(tag):
+                client.delete_logged_model_tag(model.model_id, tag)
+    path = models / "runs" / "cont" / "lineage.json"  # A's late save lands after B's final lineage
+    record = json.loads(path.read_text())
+    record["checkpoints"].append({**a_last, "path": a_last["path"].replace(".ckpt", "-late.ckpt"), "job": "late/1",
+                                  "fit_id": first.lineage["fit_id"]})
+    path.write_text(json.dumps(record))
+    ids = {f"{m.tags['oxen.model.commit']}:{m.tags['oxen.model.path']}": m.model_id for m in found}
+    journal = MlflowJournal.create(tmp_path / "cache", {
+        "tracking_uri": uri, "run_id": final["run"]["mlflow_run_id"], "model_repo": str(models), "oxen_run": "cont",
+        "experiment_id": experiment,
+        "logged_models": {f"{c['commit']}:{c['path']}": ids[f"{c['commit']}:{c['path']}"] for c in final["checkpoints"]}})
+    journal.put(1, logged_models.mark_op(final, best_path=None))  # what `sync` replays of B's end
+    journal.mark_ended()
+    assert sync.sync_all(tmp_path / "cache", model_repos=[])["pending"] == 0
+    own = [c for c in final["checkpoints"] if c["fit_id"] == final["fit_id"]][-1]
+    assert [(m.tags["oxen.model.commit"], m.tags["oxen.model.path"])
+            for m in client.search_logged_models([experiment], filter_string="tags.`oxen.run` = 'cont'")
+            if m.tags.get("oxen.model.final") == "true"] == [(own["commit"], own["path"])]

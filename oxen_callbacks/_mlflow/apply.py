@@ -8,13 +8,14 @@ Each operation is a JSON object (``{"op": "set_tags", "tags": {...}}``...) writt
 from __future__ import annotations
 
 import json
+import logging
 import os
 import tempfile
 import uuid
 from pathlib import Path
 from typing import Any
 
-from .._util.redact import redact_url
+from .._util.redact import redact_text, redact_url
 from ..lineage import mlflow_run_status
 from ..names import (
     ENV_MLFLOW_TRACKING_URI,
@@ -28,6 +29,8 @@ from ..names import (
 from .abandoned import KILLED, amend_repo_record, committed_record
 from .journal import MlflowJournal
 from .twins import delete_twin_runs
+
+log = logging.getLogger(__name__)
 
 
 def client_for(journal: MlflowJournal, uri: str | None = None) -> Any:
@@ -173,13 +176,21 @@ def apply_op(client: Any, journal: MlflowJournal, meta: dict[str, Any], op: dict
 
 def _publish_noted_extras(client: Any, journal: MlflowJournal, run_id: str, record: dict[str, Any]) -> None:
     """The registered version and picture the journal's meta says the run's end makes (:mod:`.extras`)."""
+    from mlflow.exceptions import MlflowException
+
     from .extras import noted_extras, publish_extras
     from .logged_models import model_id_for
 
     register_model, graph = noted_extras(meta := journal.meta())
     if register_model or graph:
         model_id = model_id_for(client, meta, record) if register_model else None
-        publish_extras(client, run_id, record, register_model=register_model, graph=graph, model_id=model_id)
+        try:
+            publish_extras(client, run_id, record, register_model=register_model, graph=graph, model_id=model_id)
+        except MlflowException as exc:
+            if exc.error_code != "INVALID_PARAMETER_VALUE":
+                raise  # the server or the network: retried, then left journaled
+            log.warning("MLflow refused the end's extras of run %s (%s); the run is finished without them.", run_id,
+                        redact_text(str(exc))[:300])
 
 
 def finish_abandoned(client: Any, journal: Any, meta: dict[str, Any], status: str = KILLED,

@@ -27,9 +27,20 @@ def extras_meta(*, register_model: str | None, graph: bool) -> dict[str, Any]:
 
 
 def noted_extras(meta: dict[str, Any]) -> tuple[str | None, bool]:
-    """``(register_model, graph)`` as :func:`extras_meta` noted them."""
+    """``(register_model, graph)`` as :func:`extras_meta` noted them; a name that is not a registered
+    model's (a hand-edited journal) registers nothing, said once."""
     name = meta.get(META_REGISTER_MODEL)
-    return (name if isinstance(name, str) and name else None), meta.get(META_LINEAGE_GRAPH) is not False
+    if name is not None:
+        from ..errors import ConfigurationError
+        from .registry import check_model_name
+
+        try:
+            name = check_model_name(name)
+        except ConfigurationError:
+            log.warning("The journal names %r as the model to register, which is not a registered model name: "
+                        "no version is made.", str(name)[:100])
+            name = None
+    return name, meta.get(META_LINEAGE_GRAPH) is not False
 
 
 def publish_extras(client: Any, run_id: str, record: dict[str, Any], *, register_model: str | None,

@@ -247,8 +247,10 @@ def _continued_since(meta: dict[str, Any], record: dict[str, Any], entries: list
     if current is None:
         return None  # not here, or unreadable: the record at hand is all there is
     fit, their_fit = record.get("fit_id"), current.get("fit_id")
-    if fit is not None and their_fit not in (None, fit) and fit in (current.get("earlier_fits") or []):
-        return f"fit {their_fit} in {model_repo}"
+    if fit is not None and their_fit is not None:  # (a late save of an earlier fit may come after this fit's last)
+        earlier = current.get("earlier_fits")
+        continued = their_fit != fit and isinstance(earlier, list) and fit in earlier
+        return f"fit {their_fit} in {model_repo}" if continued else None
     committed = [(c["commit"], c["path"]) for c in current["checkpoints"]]
     last = (entries[-1]["commit"], entries[-1]["path"])
     after = len(committed) - 1 - committed.index(last) if last in committed else 0

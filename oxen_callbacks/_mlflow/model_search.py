@@ -32,8 +32,8 @@ def experiments_of_fits(client: Any, experiment_id: str, tracking_uri: str | Non
     unreadable is skipped."""
     from mlflow.exceptions import MlflowException
 
-    found = [experiment_id]
-    for earlier in record.get("earlier_mlflow_runs") or []:
+    found, listed = [experiment_id], record.get("earlier_mlflow_runs")
+    for earlier in listed if isinstance(listed, list) else []:
         if not (isinstance(earlier, dict) and isinstance(earlier.get("mlflow_run_id"), str)
                 and earlier.get("mlflow_tracking_uri") == tracking_uri):
             continue  # (another store's run, or a hand-edited entry)

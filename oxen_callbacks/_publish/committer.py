@@ -389,7 +389,8 @@ def _earlier_fits(record: dict[str, Any]) -> list[str]:
 def _earlier_mlflow_runs(existing: dict[str, Any], *, continued: bool) -> list[dict[str, Any]]:
     """The MLflow runs (id and redacted tracking URI) of the fits a run's record went on from: those
     ``existing`` lists, and its own when this fit ``continued`` it."""
-    runs = [r for r in existing.get("earlier_mlflow_runs") or [] if isinstance(r, dict)]
+    listed = existing.get("earlier_mlflow_runs")
+    runs = [r for r in listed if isinstance(r, dict)] if isinstance(listed, list) else []  # (hand-edited: ignored)
     theirs = existing.get("run") if isinstance(existing.get("run"), dict) else {}
     entry = {"mlflow_run_id": theirs.get("mlflow_run_id"), "mlflow_tracking_uri": theirs.get("mlflow_tracking_uri")}
     if continued and entry["mlflow_run_id"] and entry not in runs:
