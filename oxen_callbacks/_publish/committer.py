@@ -25,6 +25,7 @@ from .._util.locks import FileLock
 from ..errors import ConfigurationError, OxenError, PublishError, RepoBusyError
 from ..lineage import fill_commit
 from ..model_repo import lineage_path
+from .fits import checkpoint_named, earlier_fits, earlier_mlflow_runs, finalized, late_fit, saved_by_earlier_fit
 from .grouping import commit_groups, group_message
 from .queue import Job, JobQueue, repo_lock_path
 
@@ -154,7 +155,7 @@ class Committer:
         staged = queue.staging_for(job.seq) / p["staged_name"]
         dest = self.repo.path / dest_rel
         record = self._load_record(run, p["record"])
-        late = _late_fit(record, p["record"])
+        late = late_fit(record, p["record"])
         self._remove_for(record, removals, late)  # they came before this save, which may reuse a name
         if staged.exists() or staged.is_symlink():
             _remove(dest)
@@ -176,7 +177,7 @@ class Committer:
             "fit_id": (p.get("record") or {}).get("fit_id"),  # which fit saved it (a continued run has several)
         }
         record["checkpoints"] = [c for c in record["checkpoints"] if c.get("job") != entry["job"]] + [entry]
-        if not _finalized(record) and late is None:  # a late job never moves a finished (or later) fit's model
+        if not finalized(record) and late is None:  # a late job never moves a finished (or later) fit's model
             record["model"].update({"path": dest_rel, "commit": None})
         self._write_record(run, record)
         prestore(self.repo.path, dest)
@@ -189,7 +190,7 @@ class Committer:
         p = job.payload
         run = p["run"]
         record = self._load_record(run, p["record"])
-        late = _late_fit(record, p["record"])
+        late = late_fit(record, p["record"])
         self._remove_for(record, removals, late)
         if late is not None:  # the end of a fit the run went on from: the later fit's record stays
             self._write_record(run, record)
@@ -200,7 +201,7 @@ class Committer:
         own = [c for c in mine if c.get("kept", True)]
         # the best's latest version: a file saved again under its name ("best.ckpt") is the newer best
         chosen = (next((c for c in [*reversed(own), *reversed(kept)] if c["path"] == p.get("best")), None)
-                  or _saved_by_earlier_fit(kept, p.get("best_source")) or _checkpoint(p.get("best_earlier"))
+                  or saved_by_earlier_fit(kept, p.get("best_source")) or checkpoint_named(p.get("best_earlier"))
                   or (own or mine or [None])[-1])
         if chosen is None and not record["model"].get("commit"):  # (else: this fit saved none, the model stays)
             chosen = (kept or record["checkpoints"] or [None])[-1]
@@ -295,11 +296,11 @@ class Committer:
             # a run that ended before its first checkpoint (FAILED early): its name was free to take
             # again, and this fit continues nothing of it (nor can a late job of it come)
             existing = None
-        if existing and _finalized(existing) and their_fit == fit:
+        if existing and finalized(existing) and their_fit == fit:
             record = copy.deepcopy(existing)  # what the job learnt since (the MLflow run id) is added
             record["run"] = {**record["run"], **{k: v for k, v in base["run"].items() if v is not None}}
             return record
-        if existing and _late_fit(existing, base) is not None:
+        if existing and late_fit(existing, base) is not None:
             # a late job of a fit the run went on from (its worker fell behind, or `sync` after a kill):
             # its checkpoint joins the history; the later fit's status, model and MLflow run stay
             return copy.deepcopy(existing)
@@ -307,10 +308,10 @@ class Committer:
         record["checkpoints"] = existing["checkpoints"] if existing else []
         if existing:
             record["model"] = {**existing["model"], "repo": base["model"]["repo"]}
-            earlier = _earlier_fits(existing) + ([their_fit] if their_fit and their_fit != fit else [])
+            earlier = earlier_fits(existing) + ([their_fit] if their_fit and their_fit != fit else [])
             if earlier:
                 record["earlier_fits"] = earlier  # the fits this one continued, oldest first
-                if runs := _earlier_mlflow_runs(existing, continued=their_fit != fit):
+                if runs := earlier_mlflow_runs(existing, continued=their_fit != fit):
                     record["earlier_mlflow_runs"] = runs  # where their logged models are (their marks move)
         return record
 
@@ -380,34 +381,12 @@ def _complete_removals(queue: JobQueue, removals: list[Job], commit: str) -> lis
     return results
 
 
-def _earlier_fits(record: dict[str, Any]) -> list[str]:
-    """The fits a continued run's record went on from (``earlier_fits``), oldest first."""
-    earlier = record.get("earlier_fits")
-    return [f for f in earlier if isinstance(f, str)] if isinstance(earlier, list) else []
 
 
-def _earlier_mlflow_runs(existing: dict[str, Any], *, continued: bool) -> list[dict[str, Any]]:
-    """The MLflow runs (id and redacted tracking URI) of the fits a run's record went on from: those
-    ``existing`` lists, and its own when this fit ``continued`` it."""
-    listed = existing.get("earlier_mlflow_runs")
-    runs = [r for r in listed if isinstance(r, dict)] if isinstance(listed, list) else []  # (hand-edited: ignored)
-    theirs = existing.get("run") if isinstance(existing.get("run"), dict) else {}
-    entry = {"mlflow_run_id": theirs.get("mlflow_run_id"), "mlflow_tracking_uri": theirs.get("mlflow_tracking_uri")}
-    if continued and entry["mlflow_run_id"] and entry not in runs:
-        runs.append(entry)
-    return runs
 
 
-def _late_fit(record: dict[str, Any] | None, base: dict[str, Any] | None) -> str | None:
-    """The fit of a job's ``base`` record when ``record`` (the run's, in the repository) went on from
-    it: that job is late (its worker fell behind, or ``sync`` finished it after a kill)."""
-    fit = (base or {}).get("fit_id")
-    return fit if record and fit is not None and fit in _earlier_fits(record) else None
 
 
-def _finalized(record: dict[str, Any]) -> bool:
-    """Whether the record is a run segment's final one (its finalize job ran)."""
-    return record.get("status") not in (None, "RUNNING")
 
 
 def _remove(path: Path) -> None:
@@ -415,15 +394,3 @@ def _remove(path: Path) -> None:
         shutil.rmtree(path)
     elif path.exists() or path.is_symlink():
         path.unlink()
-
-
-def _saved_by_earlier_fit(kept: list[dict[str, Any]], source: str | None) -> dict[str, Any] | None:
-    """The latest kept checkpoint written at the trainer's path ``source``: a best checkpoint that an
-    earlier fit of a continued run saved (HF's ``load_best_model_at_end`` loads it after a resume)."""
-    return next((c for c in reversed(kept) if source and c.get("source") == source), None)
-
-
-def _checkpoint(found: Any) -> dict[str, Any] | None:
-    """``{"commit", "path"}`` of a checkpoint another run committed (a job's ``best_earlier``), if well formed."""
-    ok = isinstance(found, dict) and all(isinstance(found.get(k), str) for k in ("commit", "path"))
-    return found if ok else None

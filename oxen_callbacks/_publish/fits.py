@@ -1,0 +1,53 @@
+"""Which fit of a continued run a run's record, a job or a checkpoint belongs to.
+
+A run continued under its name (``resume_from=<run>, run_name=<run>``) is one lineage record for
+several fits: ``earlier_fits`` lists the fits it went on from, ``earlier_mlflow_runs`` their MLflow
+runs, and each checkpoint carries the ``fit_id`` that saved it. A killed fit's worker may land its
+saves late, after a later fit took the record over (see :class:`.committer.Committer`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def earlier_fits(record: dict[str, Any]) -> list[str]:
+    """The fits a continued run's record went on from (``earlier_fits``), oldest first."""
+    earlier = record.get("earlier_fits")
+    return [f for f in earlier if isinstance(f, str)] if isinstance(earlier, list) else []
+
+
+def earlier_mlflow_runs(existing: dict[str, Any], *, continued: bool) -> list[dict[str, Any]]:
+    """The MLflow runs (id and redacted tracking URI) of the fits a run's record went on from: those
+    ``existing`` lists, and its own when this fit ``continued`` it."""
+    listed = existing.get("earlier_mlflow_runs")
+    runs = [r for r in listed if isinstance(r, dict)] if isinstance(listed, list) else []  # (hand-edited: ignored)
+    theirs = existing.get("run") if isinstance(existing.get("run"), dict) else {}
+    entry = {"mlflow_run_id": theirs.get("mlflow_run_id"), "mlflow_tracking_uri": theirs.get("mlflow_tracking_uri")}
+    if continued and entry["mlflow_run_id"] and entry not in runs:
+        runs.append(entry)
+    return runs
+
+
+def late_fit(record: dict[str, Any] | None, base: dict[str, Any] | None) -> str | None:
+    """The fit of a job's ``base`` record when ``record`` (the run's, in the repository) went on from
+    it: that job is late (its worker fell behind, or ``sync`` finished it after a kill)."""
+    fit = (base or {}).get("fit_id")
+    return fit if record and fit is not None and fit in earlier_fits(record) else None
+
+
+def finalized(record: dict[str, Any]) -> bool:
+    """Whether the record is a run segment's final one (its finalize job ran)."""
+    return record.get("status") not in (None, "RUNNING")
+
+
+def saved_by_earlier_fit(kept: list[dict[str, Any]], source: str | None) -> dict[str, Any] | None:
+    """The latest kept checkpoint written at the trainer's path ``source``: a best checkpoint that an
+    earlier fit of a continued run saved (HF's ``load_best_model_at_end`` loads it after a resume)."""
+    return next((c for c in reversed(kept) if source and c.get("source") == source), None)
+
+
+def checkpoint_named(found: Any) -> dict[str, Any] | None:
+    """``{"commit", "path"}`` of a checkpoint another run committed (a job's ``best_earlier``), if well formed."""
+    ok = isinstance(found, dict) and all(isinstance(found.get(k), str) for k in ("commit", "path"))
+    return found if ok else None
