@@ -31,6 +31,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
+from .._publish.fits import earlier_fits, saved_by
 from .._util.redact import redact_url
 from ..names import (
     TAG_MODEL_BEST,
@@ -140,7 +141,7 @@ def complete_and_mark(client: Any, journal: MlflowJournal, meta: dict[str, Any],
     """
     entries = [c for c in record.get("checkpoints") or [] if c.get("commit")]
     marked: dict[str, Any] = {}
-    if entries and (models_wanted(meta) or record.get("earlier_fits")) and not _skipped(client):
+    if entries and (models_wanted(meta) or earlier_fits(record)) and not _skipped(client):
         with _unless_the_server_lacks_them(client):
             if models_wanted(meta):
                 marked = _complete_and_mark(client, journal, meta, record, entries, best_path, best_unless_last)
@@ -185,7 +186,8 @@ def _complete_and_mark(client: Any, journal: MlflowJournal, meta: dict[str, Any]
     missing = [{"commit": e["commit"], "path": e["path"], "step": e.get("step"), "epoch": e.get("epoch"),
                 "metrics": e.get("metrics") or {}, "model_repo": repo, "run": run, "dataset": meta.get(META_DATASET_LOGGED),
                 "time_ms": int(time.time() * 1000)} for e in entries
-               if checkpoint_key(e["commit"], e["path"]) not in existing and _saved_by(e, record)]
+               # (an earlier fit's checkpoints: their models are its own MLflow run's, or were not wanted)
+               if checkpoint_key(e["commit"], e["path"]) not in existing and saved_by(e, record)]
     if missing:
         meta = _ensure(client, journal, meta, missing, existing=existing)
         for op in missing:
@@ -196,7 +198,7 @@ def _complete_and_mark(client: Any, journal: MlflowJournal, meta: dict[str, Any]
                  run, entries[-1]["path"], later)
         return {}
     # the last checkpoint this fit saved (a killed earlier fit's late save may come after it)
-    final, model = next((e for e in reversed(entries) if _saved_by(e, record)), entries[-1]), record["model"]
+    final, model = next((e for e in reversed(entries) if saved_by(e, record)), entries[-1]), record["model"]
     best = None
     if model.get("commit") and (model.get("path") == best_path or (
             best_unless_last and (model["commit"], model["path"]) != (final["commit"], final["path"]))):
@@ -208,13 +210,6 @@ def _complete_and_mark(client: Any, journal: MlflowJournal, meta: dict[str, Any]
             del existing[key]
     return {name: existing[key].model_id for name, key in (("final", wanted[TAG_MODEL_FINAL]), ("best", best))
             if key in existing}
-
-
-def _saved_by(entry: dict[str, Any], record: dict[str, Any]) -> bool:
-    """Whether checkpoint ``entry`` was saved by ``record``'s fit, not by a fit it continued: that
-    fit's models are its own MLflow run's (made by its replay), or were not wanted (``log_models=False``,
-    ``mlflow=False``), never this run's."""
-    return record.get("fit_id") is None or entry.get("fit_id") in (None, record["fit_id"])
 
 
 def _marked(client: Any, model_id: str, tag: str) -> bool:
@@ -248,8 +243,7 @@ def _continued_since(meta: dict[str, Any], record: dict[str, Any], entries: list
         return None  # not here, or unreadable: the record at hand is all there is
     fit, their_fit = record.get("fit_id"), current.get("fit_id")
     if fit is not None and their_fit is not None:  # (a late save of an earlier fit may come after this fit's last)
-        earlier = current.get("earlier_fits")
-        continued = their_fit != fit and isinstance(earlier, list) and fit in earlier
+        continued = their_fit != fit and fit in earlier_fits(current)
         return f"fit {their_fit} in {model_repo}" if continued else None
     committed = [(c["commit"], c["path"]) for c in current["checkpoints"]]
     last = (entries[-1]["commit"], entries[-1]["path"])

@@ -25,7 +25,15 @@ from .._util.locks import FileLock
 from ..errors import ConfigurationError, OxenError, PublishError, RepoBusyError
 from ..lineage import fill_commit
 from ..model_repo import lineage_path
-from .fits import checkpoint_named, earlier_fits, earlier_mlflow_runs, finalized, late_fit, saved_by_earlier_fit
+from .fits import (
+    checkpoint_named,
+    earlier_fits,
+    earlier_mlflow_runs,
+    finalized,
+    late_fit,
+    saved_by,
+    saved_by_earlier_fit,
+)
 from .grouping import commit_groups, group_message
 from .queue import Job, JobQueue, repo_lock_path
 
@@ -197,7 +205,7 @@ class Committer:
             return "end of an earlier fit"
         kept = [c for c in record["checkpoints"] if c.get("kept", True)]
         # the last this fit saved: a killed earlier fit's save its worker committed late comes after it
-        mine = [c for c in record["checkpoints"] if c.get("fit_id") in (None, record.get("fit_id"))]
+        mine = [c for c in record["checkpoints"] if saved_by(c, record)]
         own = [c for c in mine if c.get("kept", True)]
         # the best's latest version: a file saved again under its name ("best.ckpt") is the newer best
         chosen = (next((c for c in [*reversed(own), *reversed(kept)] if c["path"] == p.get("best")), None)

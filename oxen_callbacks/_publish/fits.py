@@ -17,6 +17,12 @@ def earlier_fits(record: dict[str, Any]) -> list[str]:
     return [f for f in earlier if isinstance(f, str)] if isinstance(earlier, list) else []
 
 
+def saved_by(entry: dict[str, Any], record: dict[str, Any]) -> bool:
+    """Whether checkpoint ``entry`` of a run's record was saved by ``record``'s own fit, not by a fit
+    it went on from (a record or checkpoint without a fit id, written before fits had them, counts as its own)."""
+    return record.get("fit_id") is None or entry.get("fit_id") in (None, record["fit_id"])
+
+
 def earlier_mlflow_runs(existing: dict[str, Any], *, continued: bool) -> list[dict[str, Any]]:
     """The MLflow runs (id and redacted tracking URI) of the fits a run's record went on from: those
     ``existing`` lists, and its own when this fit ``continued`` it."""
