@@ -22,8 +22,9 @@ from lightning_model import CsvData, TinyModel, make_trainer
 from mlflow import MlflowClient
 
 from oxen_callbacks import PinnedDataset
-from oxen_callbacks._mlflow.journal import journals
+from oxen_callbacks._mlflow.journal import MlflowJournal, journals
 from oxen_callbacks._mlflow.query import check_tracking_uri
+from oxen_callbacks._ops import sync
 from oxen_callbacks.cli import main
 from oxen_callbacks.errors import ConfigurationError
 from oxen_callbacks.lightning import OxenLightningCallback
@@ -363,5 +364,19 @@ def test_a_hand_edited_model_name_to_register_does_not_keep_sync_failing(dataset
     client = MlflowClient(mlflow.get_tracking_uri())
     [run] = client.search_runs([e.experiment_id for e in client.search_experiments()])
     assert run.info.status == "FINISHED" and run.data.tags["oxen.lineage.status"] == "FINISHED"
+    assert "oxen/lineage.svg" in {a.path for a in client.list_artifacts(run.info.run_id, "oxen")}
+    assert client.search_registered_models() == []
+
+
+def test_a_journaled_end_whose_model_name_was_edited_by_hand_does_not_keep_sync_failing(store, tmp_path):
+    """The end's journaled ``publish_extras`` operation with ``register_model`` edited into a name MLflow
+    refuses: ``sync`` logs the picture, registers nothing and leaves nothing pending."""
+    uri, client, experiment = store
+    run = client.create_run(experiment)
+    journal = MlflowJournal.create(tmp_path / "cache", {"tracking_uri": uri, "run_id": run.info.run_id})
+    journal.put(1, {"op": "publish_extras", "record": _record("/nowhere/models", name="r"), "register_model": "team/clf",
+                    "graph": True, "dataset_input": False})
+    journal.mark_ended()
+    assert sync.sync_all(tmp_path / "cache", model_repos=[])["pending"] == 0
     assert "oxen/lineage.svg" in {a.path for a in client.list_artifacts(run.info.run_id, "oxen")}
     assert client.search_registered_models() == []

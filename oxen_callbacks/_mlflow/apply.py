@@ -8,14 +8,13 @@ Each operation is a JSON object (``{"op": "set_tags", "tags": {...}}``...) writt
 from __future__ import annotations
 
 import json
-import logging
 import os
 import tempfile
 import uuid
 from pathlib import Path
 from typing import Any
 
-from .._util.redact import redact_text, redact_url
+from .._util.redact import redact_url
 from ..lineage import mlflow_run_status
 from ..names import (
     ENV_MLFLOW_TRACKING_URI,
@@ -29,8 +28,6 @@ from ..names import (
 from .abandoned import KILLED, amend_repo_record, committed_record
 from .journal import MlflowJournal
 from .twins import delete_twin_runs
-
-log = logging.getLogger(__name__)
 
 
 def client_for(journal: MlflowJournal, uri: str | None = None) -> Any:
@@ -174,25 +171,6 @@ def apply_op(client: Any, journal: MlflowJournal, meta: dict[str, Any], op: dict
         raise ValueError(f"Unknown journaled MLflow operation {kind!r}")
 
 
-def _publish_noted_extras(client: Any, journal: MlflowJournal, run_id: str, record: dict[str, Any]) -> None:
-    """The registered version and picture the journal's meta says the run's end makes (:mod:`.extras`)."""
-    from mlflow.exceptions import MlflowException
-
-    from .extras import noted_extras, publish_extras
-    from .logged_models import model_id_for
-
-    register_model, graph = noted_extras(meta := journal.meta())
-    if register_model or graph:
-        model_id = model_id_for(client, meta, record) if register_model else None
-        try:
-            publish_extras(client, run_id, record, register_model=register_model, graph=graph, model_id=model_id)
-        except MlflowException as exc:
-            if exc.error_code != "INVALID_PARAMETER_VALUE":
-                raise  # the server or the network: retried, then left journaled
-            log.warning("MLflow refused the end's extras of run %s (%s); the run is finished without them.", run_id,
-                        redact_text(str(exc))[:300])
-
-
 def finish_abandoned(client: Any, journal: Any, meta: dict[str, Any], status: str = KILLED,
                      terminate: bool = True) -> dict[str, Any]:
     """Tag, log and terminate the run from what was committed; returns what was done (for sync's
@@ -220,7 +198,12 @@ def finish_abandoned(client: Any, journal: Any, meta: dict[str, Any], status: st
         # the checkpoints committed after the trainer died get their logged models too
         complete_and_mark(client, journal, journal.meta(), record, best_unless_last=True)
         if record.get("ended_at"):  # the fit ended its lineage, not its MLflow logging: the end's extras too
-            _publish_noted_extras(client, journal, run_id, record)
+            from .extras import noted_extras
+
+            register_model, graph = noted_extras(journal.meta())
+            if register_model or graph:
+                apply_op(client, journal, journal.meta(), {"op": "publish_extras", "record": record,
+                                                           "register_model": register_model, "graph": graph})
     terminated = terminate and client.get_run(run_id).info.status == "RUNNING"
     ended_as = mlflow_run_status(status)
     if terminated:

@@ -12,6 +12,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from .._util.redact import redact_text
 from ..names import LINEAGE_GRAPH_ARTIFACT, LINEAGE_GRAPH_ARTIFACT_NAME, POINTER_ARTIFACT_DIR
 
 log = logging.getLogger(__name__)
@@ -27,33 +28,33 @@ def extras_meta(*, register_model: str | None, graph: bool) -> dict[str, Any]:
 
 
 def noted_extras(meta: dict[str, Any]) -> tuple[str | None, bool]:
-    """``(register_model, graph)`` as :func:`extras_meta` noted them; a name that is not a registered
-    model's (a hand-edited journal) registers nothing, said once."""
+    """``(register_model, graph)`` as :func:`extras_meta` noted them (a name MLflow refuses, edited by
+    hand into the journal, registers nothing: see :func:`publish_extras`)."""
     name = meta.get(META_REGISTER_MODEL)
-    if name is not None:
-        from ..errors import ConfigurationError
-        from .registry import check_model_name
-
-        try:
-            name = check_model_name(name)
-        except ConfigurationError:
-            log.warning("The journal names %r as the model to register, which is not a registered model name: "
-                        "no version is made.", str(name)[:100])
-            name = None
-    return name, meta.get(META_LINEAGE_GRAPH) is not False
+    return (name if isinstance(name, str) and name else None), meta.get(META_LINEAGE_GRAPH) is not False
 
 
 def publish_extras(client: Any, run_id: str, record: dict[str, Any], *, register_model: str | None,
                    graph: bool, model_id: str | None = None) -> dict[str, Any]:
     """At fit end: registered version (from logged model ``model_id`` when there is one), lineage
-    picture (run by the MLflow sink process)."""
+    picture (run by the MLflow sink process). A version MLflow refuses as invalid (a model name edited
+    by hand into the journal) is skipped with a warning: a replay would be refused forever, and the
+    run never finished."""
+    from mlflow.exceptions import MlflowException
+
     from .picture import render
 
     done: dict[str, Any] = {}
     if register_model and record["model"]["commit"]:
         from .registry import register_version
 
-        done["registered"] = register_version(client, register_model, run_id, record, model_id)
+        try:
+            done["registered"] = register_version(client, register_model, run_id, record, model_id)
+        except MlflowException as exc:
+            if exc.error_code != "INVALID_PARAMETER_VALUE":
+                raise  # the server or the network: retried, then left journaled
+            log.warning("MLflow refused to register run %s's model as %r (%s): no version is made.", run_id,
+                        register_model[:100], redact_text(str(exc))[:300])
     elif register_model:
         log.warning("No checkpoint was committed: nothing to register as %r.", register_model)
     if graph:
