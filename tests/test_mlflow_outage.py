@@ -18,6 +18,7 @@ from mlflow_server import MlflowServer
 from oxen_callbacks import read_lineage
 from oxen_callbacks._ops import sync
 from oxen_callbacks._oxen.repo import LocalRepo
+from oxen_callbacks.lineage import repo_record
 
 SCRIPT = Path(__file__).parent / "fit_script.py"
 
@@ -52,7 +53,15 @@ def test_mlflow_down_at_fit_end_then_sync(dataset_repo, tmp_path):
 
         server.start()  # back up (same port)
         sync_until_nothing_pending(120, every=2)
-        run = MlflowClient(server.uri).get_run(lineage["run"]["mlflow_run_id"])
+        # the server may have died between creating the run and answering: then training never knew the
+        # run and sync created it. Either way the repository's record names the one run MLflow keeps.
+        record = repo_record(tmp_path / "models", lineage["run"]["name"])
+        run_id = record["run"]["mlflow_run_id"]
+        assert run_id and lineage["run"]["mlflow_run_id"] in (None, run_id)
+        client = MlflowClient(server.uri)
+        runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+        assert [r.info.run_id for r in runs] == [run_id]  # no twin left behind by the lost answer
+        run = client.get_run(run_id)
         assert run.data.tags["oxen.model.commit"] == lineage["model"]["commit"]
         assert run.data.tags["oxen.dataset.commit"] == dataset_repo.commits[0]
         assert run.info.status == "FINISHED"
