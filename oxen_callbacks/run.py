@@ -31,6 +31,7 @@ from ._publish.claim import RunClaim, record_fit, recorded_fit
 from ._publish.freeze import SetAside, unfreeze_for_rewrite
 from ._publish.opening import open_model_repo
 from ._publish.publisher import CheckpointPublisher
+from ._publish.queue import run_backlog
 from ._publish.warm_worker import WarmWorker
 from ._run_checks import RunOptionChecks
 from ._run_end import RunEnding, now
@@ -236,11 +237,17 @@ class LineageRun(RunOptionChecks, RunEnding):
 
     def _check_continued_dataset(self) -> None:
         """A run continued under its name goes on with the dataset commit its checkpoints were trained on:
-        its lineage names one dataset for all of them (``allow_dataset_change`` starts a new run instead)."""
+        its lineage names one dataset for all of them (``allow_dataset_change`` starts a new run instead).
+        Before the run's first commit (its fit killed while its commits were behind), the record its
+        queued checkpoints will be committed with tells."""
         try:
-            recorded = json.loads((self.model_repo / lineage_path(self.run_name)).read_text()).get("dataset")
+            record = json.loads((self.model_repo / lineage_path(self.run_name)).read_text())
         except FileNotFoundError:
-            return
+            record = next((job.payload.get("record") for _queue, jobs in run_backlog(self.model_repo, self.run_name)
+                           for job in jobs if job.kind == "checkpoint"), None)
+            if record is None:
+                return
+        recorded = record.get("dataset") if isinstance(record, dict) else None
         mine = self.dataset.commit if self.dataset is not None else None
         theirs = recorded.get("commit") if isinstance(recorded, dict) else None
         if theirs != mine:

@@ -192,3 +192,16 @@ def wait_until_released(*folders: Path, timeout: float = 60.0) -> list[str]:
         if not holders or time.monotonic() > deadline:
             return holders
         time.sleep(0.1)
+
+
+# Starts the command and reaps it and, as their subreaper, the helpers it leaves: a stopped commit
+# worker whose trainer was killed then keeps a parent in this session (an orphaned process group
+# with a stopped member would get SIGHUP from the kernel: an artifact of stopping it, not the library).
+SUBREAPER = ("import ctypes, os, subprocess, sys\n"
+             "ctypes.CDLL(None).prctl(36, 1, 0, 0, 0)\n"
+             "subprocess.Popen(sys.argv[1:])\n"
+             "while True:\n"
+             "    try:\n"
+             "        os.wait()\n"
+             "    except ChildProcessError:\n"
+             "        break\n")

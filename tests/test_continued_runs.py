@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import file_at, process_tree, stop_processes
+from helpers import SUBREAPER, file_at, process_tree, stop_processes
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning_model import CsvData, TinyModel, make_trainer
 from mlflow import MlflowClient
@@ -32,17 +32,6 @@ from oxen_callbacks._util.locks import is_locked
 from oxen_callbacks.lightning import OxenLightningCallback
 
 TESTS = Path(__file__).resolve().parent
-# Starts the command and reaps it and, as their subreaper, the helpers it leaves: a stopped commit
-# worker whose trainer was killed then keeps a parent in this session (an orphaned process group
-# with a stopped member would get SIGHUP from the kernel: an artifact of stopping it, not the library).
-SUBREAPER = ("import ctypes, os, subprocess, sys\n"
-             "ctypes.CDLL(None).prctl(36, 1, 0, 0, 0)\n"
-             "subprocess.Popen(sys.argv[1:])\n"
-             "while True:\n"
-             "    try:\n"
-             "        os.wait()\n"
-             "    except ChildProcessError:\n"
-             "        break\n")
 
 
 def _signal(pids: list[int], sig: int) -> None:

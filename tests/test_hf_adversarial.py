@@ -3,20 +3,25 @@ a checkpoint the Trainer's own rotation deletes before ``on_save``."""
 
 from __future__ import annotations
 
+import contextlib
 import filecmp
 import os
+import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
-from helpers import make_repo
+from helpers import SUBREAPER, commit_files, make_repo, process_tree
 from hf_model import jsonl, make_trainer
 from safetensors.torch import load_file
 from transformers import TrainerCallback
 
-from oxen_callbacks import PinnedDataset
+from oxen_callbacks import PinnedDataset, read_lineage
 from oxen_callbacks.checkpoints import materialize_checkpoint
+from oxen_callbacks.errors import ConfigurationError
 from oxen_callbacks.huggingface import OxenTrainerCallback
 
 PATHS = ["train.jsonl", "eval.jsonl"]
@@ -150,3 +155,67 @@ def test_a_save_the_trainers_rotation_deleted_at_once_does_not_stop_training(pin
     saved = record["checkpoints"][0]
     assert same_files(materialize_checkpoint(tmp_path / "models", commit=saved["commit"], path=saved["path"]).path,
                       tmp_path / "out" / "checkpoint-4")
+
+
+KILLED_FIT_A = """
+import os, signal, sys
+sys.path.insert(0, sys.argv[1])
+from helpers import process_tree, stop_processes
+from hf_model import make_trainer
+from transformers import TrainerCallback
+from oxen_callbacks import PinnedDataset
+from oxen_callbacks.huggingface import OxenTrainerCallback
+
+class CommitsStuckThenKilled(TrainerCallback):
+    def on_step_begin(self, args, state, control, **kwargs):
+        if state.global_step == 0:  # the commit worker hangs (a hung mount, a starved node)...
+            worker = cb.run.publisher.worker_pid
+            stopped = stop_processes(lambda: process_tree(worker))
+            open(sys.argv[4], "w").write(" ".join(map(str, stopped)))
+
+    def on_save(self, args, state, control, **kwargs):
+        os.kill(os.getpid(), signal.SIGKILL)  # ...and the trainer is killed right after its first save
+
+pin = PinnedDataset(sys.argv[2], revision="main", paths=["train.jsonl", "eval.jsonl"])
+cb = OxenTrainerCallback(dataset=pin, model_repo=sys.argv[3], mlflow=False, run_name="nightly")
+trainer, _ = make_trainer(sys.argv[5], pin.load_dataset()["train"], [cb, CommitsStuckThenKilled()], max_steps=4,
+                          save_steps=2)
+trainer.train()
+"""
+
+
+def test_continuing_a_run_whose_checkpoints_are_still_queued_keeps_its_dataset(tmp_path):
+    """Run `nightly` is killed with its first checkpoint queued, not committed. Continued under its name
+    on another dataset commit (allow_dataset_change=True), it must be refused before a step, as it is once
+    a record is committed: otherwise the late commit and the new fit name two datasets in one run."""
+    repo = make_repo(tmp_path / "reviews", [("A", {"train.jsonl": jsonl(0), "eval.jsonl": jsonl(0, rows=8, seed=1)})])
+    models, out, stopped_file = tmp_path / "models", tmp_path / "out", tmp_path / "stopped"
+    wrapper = subprocess.Popen([sys.executable, "-c", SUBREAPER, sys.executable, "-c", KILLED_FIT_A,
+                                str(Path(__file__).parent), str(repo.path), str(models), str(stopped_file), str(out)],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    stopped: list[int] = []
+    try:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and wrapper.poll() is None:
+            stopped = [int(p) for p in stopped_file.read_text().split()] if stopped_file.is_file() else []
+            if stopped and (out / "checkpoint-2").is_dir() and len(process_tree(wrapper.pid)) == 1 + len(stopped):
+                break  # A is dead; its stopped worker is left, with the wrapper as its parent
+            time.sleep(0.1)
+        assert stopped and not (models / "runs" / "nightly" / "lineage.json").exists()  # queued only
+
+        commit_files(repo, "B", {"train.jsonl": jsonl(1)})
+        pin_b = PinnedDataset(repo.path, revision="main", paths=PATHS)
+        second = OxenTrainerCallback(dataset=pin_b, model_repo=models, mlflow=False, run_name="nightly",
+                                     allow_dataset_change=True)
+        trainer, collator = make_trainer(out, pin_b.load_dataset()["train"], [second], max_steps=4, save_steps=2)
+        with pytest.raises(ConfigurationError,
+                           match=f"dataset commit {repo.commits[0]}; continuing it on {repo.commits[1]}"):
+            trainer.train(resume_from_checkpoint=str(out / "checkpoint-2"))
+        assert collator.labels == []  # refused before any step
+    finally:
+        for pid in stopped:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
+        wrapper.wait(timeout=120)  # A's worker catches up and exits: the run's record is A's, on A's dataset
+    record = read_lineage(models / "runs" / "nightly" / "lineage.json")
+    assert record["dataset"]["commit"] == repo.commits[0] and [c["step"] for c in record["checkpoints"]] == [2]
