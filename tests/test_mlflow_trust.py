@@ -370,7 +370,8 @@ def test_sync_of_a_killed_fit_leaves_the_record_of_a_fit_that_continued_the_run_
     killed_fit = read_lineage(lineage)
 
     b = OxenLightningCallback(model_repo=models, run_name="nightly", resume_from="nightly", mlflow=False)
-    make_trainer(tmp_path / "b", [ModelCheckpoint(dirpath=tmp_path / "b" / "ckpt"), b], epochs=1).fit(
+    epochs = 1 + max(c["epoch"] or 0 for c in killed_fit["checkpoints"])  # (A got further on a slow machine)
+    make_trainer(tmp_path / "b", [ModelCheckpoint(dirpath=tmp_path / "b" / "ckpt"), b], epochs=epochs + 1).fit(
         TinyModel(), datamodule=CsvData(b.dataset), ckpt_path=b.ckpt_path)
     mine = b.lineage
     report = sync.sync_all()
