@@ -240,13 +240,21 @@ class LineageRun(RunOptionChecks, RunEnding):
         its lineage names one dataset for all of them (``allow_dataset_change`` starts a new run instead).
         Before the run's first commit (its fit killed while its commits were behind), the record its
         queued checkpoints will be committed with tells."""
+        path = self.model_repo / lineage_path(self.run_name)
         try:
-            record = json.loads((self.model_repo / lineage_path(self.run_name)).read_text())
+            record = json.loads(path.read_text())
         except FileNotFoundError:
             record = next((job.payload.get("record") for _queue, jobs in run_backlog(self.model_repo, self.run_name)
                            for job in jobs if job.kind == "checkpoint"), None)
             if record is None:
                 return
+        except (OSError, ValueError) as exc:
+            raise ConfigurationError(
+                f"Run {self.run_name!r} cannot be continued: its lineage record {path} cannot be read ({exc}), so "
+                "the dataset commit its checkpoints were trained on is unknown.",
+                "restore the file from the model repository's last commit, or resume without run_name (a new run "
+                "that records resumed_from).",
+            ) from None
         recorded = record.get("dataset") if isinstance(record, dict) else None
         mine = self.dataset.commit if self.dataset is not None else None
         theirs = recorded.get("commit") if isinstance(recorded, dict) else None

@@ -219,3 +219,23 @@ def test_continuing_a_run_whose_checkpoints_are_still_queued_keeps_its_dataset(t
         wrapper.wait(timeout=120)  # A's worker catches up and exits: the run's record is A's, on A's dataset
     record = read_lineage(models / "runs" / "nightly" / "lineage.json")
     assert record["dataset"]["commit"] == repo.commits[0] and [c["step"] for c in record["checkpoints"]] == [2]
+
+
+@pytest.mark.parametrize("damage", [b'{"run": {"name": "nigh', b"\xff\xfe\x00garbage"])
+def test_continuing_a_run_whose_record_is_damaged_is_refused_before_a_step(pin, tmp_path, damage):
+    """The committed record of run `nightly` was cut off (a full disk) or overwritten: continuing the run
+    under its name cannot tell which dataset it was trained on. A clear refusal, not a JSON traceback."""
+    models = tmp_path / "models"
+    first = OxenTrainerCallback(dataset=pin, model_repo=models, mlflow=False, run_name="nightly")
+    trainer, _ = make_trainer(tmp_path / "out", pin.load_dataset()["train"], [first], max_steps=2, save_steps=2)
+    trainer.train()
+    assert first.lineage["status"] == "FINISHED"  # (waits for the final lineage commit)
+    record = models / "runs" / "nightly" / "lineage.json"
+    record.write_bytes(damage)
+
+    again = OxenTrainerCallback(dataset=pin, model_repo=models, mlflow=False, run_name="nightly")
+    trainer, collator = make_trainer(tmp_path / "out", pin.load_dataset()["train"], [again], max_steps=4, save_steps=2)
+    with pytest.raises(ConfigurationError, match=r"(?s)Run 'nightly' cannot be continued: its lineage record "
+                                                 rf"{record} cannot be read.*HINT: restore the file"):
+        trainer.train(resume_from_checkpoint=str(tmp_path / "out" / "checkpoint-2"))
+    assert collator.labels == []  # refused before any step
