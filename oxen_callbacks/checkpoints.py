@@ -13,6 +13,7 @@ Example::
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 from collections.abc import Mapping
@@ -26,6 +27,8 @@ from .errors import ConfigurationError
 from .lineage import LineageJSON, checkpoint_in_commit, read_lineage, repo_record
 from .model_repo import lineage_files, lineage_path, run_of_checkpoint
 from .pin import PinnedDataset
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -175,21 +178,30 @@ def resolve_resume(model_repo: str | os.PathLike[str], resume_from: str | os.Pat
     text = str(resume_from)
     records = sorted(lineage_files(model_repo), key=lambda p: p.stat().st_mtime)
     if text == "latest":
-        with_ckpt = [p for p in records if read_lineage(p)["checkpoints"]]
+        with_ckpt = [record for p in records if (record := _readable(p)) is not None and record["checkpoints"]]
         if not with_ckpt:
             raise ConfigurationError(f"resume_from='latest': the model repository {str(model_repo)!r} has no "
                                      "committed checkpoint yet.", "train once without resume_from.")
-        return _last_of(model_repo, read_lineage(with_ckpt[-1]), cache_dir)
+        return _last_of(model_repo, with_ckpt[-1], cache_dir)
     if text in ("", ".", "..") or "/" in text or "\\" in text:
         raise ConfigurationError(
             f"resume_from={text!r} is not a plain run name: nothing outside the model repository's runs/ is read.",
             "pass 'latest', a run name as it appears under runs/ (e.g. '20250101-120000-ab12cd'), "
             "a checkpoint commit id, or the path of a lineage.json.",
         )
-    if (Path(model_repo) / lineage_path(text)).is_file():
-        return _last_of(model_repo, read_lineage(Path(model_repo) / lineage_path(text)), cache_dir)
+    named = Path(model_repo) / lineage_path(text)
+    if named.is_file():
+        try:
+            record = read_lineage(named)
+        except (OSError, ValueError) as exc:  # (a cut-off or overwritten file, a hand edit)
+            raise ConfigurationError(
+                f"resume_from={text!r}: the lineage record {named} of that run cannot be read ({exc}).",
+                "restore the file from the model repository's last commit, or pass a checkpoint commit id of the run.",
+            ) from None
+        return _last_of(model_repo, record, cache_dir)
     for file in reversed(records):
-        record = read_lineage(file)
+        if (record := _readable(file)) is None:
+            continue
         commit = next((c["commit"] for c in reversed(record["checkpoints"])
                        if c["commit"] and c["commit"].startswith(text) and len(text) >= 7), None)
         if commit is not None:
@@ -199,6 +211,16 @@ def resolve_resume(model_repo: str | os.PathLike[str], resume_from: str | os.Pat
         f"resume_from={text!r} names no run or checkpoint commit of the model repository {str(model_repo)!r}.",
         "pass 'latest', a run name from its runs/ folder, a checkpoint commit id, or a lineage.json.",
     )
+
+
+def _readable(path: Path) -> LineageJSON | None:
+    """The record at ``path``; ``None``, said, when it cannot be read: one damaged run's record does not
+    stop resuming another run."""
+    try:
+        return read_lineage(path)
+    except (OSError, ValueError) as exc:
+        log.warning("Skipping the lineage record %s: it cannot be read (%s).", path, exc)
+        return None
 
 
 def _last_of(model_repo: str | os.PathLike[str], record: LineageJSON,

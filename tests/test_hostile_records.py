@@ -380,3 +380,27 @@ def test_a_journaled_end_whose_model_name_was_edited_by_hand_does_not_keep_sync_
     assert sync.sync_all(tmp_path / "cache", model_repos=[])["pending"] == 0
     assert "oxen/lineage.svg" in {a.path for a in client.list_artifacts(run.info.run_id, "oxen")}
     assert client.search_registered_models() == []
+
+
+def test_a_damaged_record_is_refused_by_name_and_skipped_by_latest(dataset_repo, tmp_path):
+    """Run `nightly`'s committed record was cut off (a full disk). resume_from="nightly" is refused at
+    construction with the file named and a fix, not a JSON traceback; resume_from="latest" skips it
+    and resumes the newest run it can read."""
+    pin = PinnedDataset(dataset_repo.path, revision=dataset_repo.commits[0], paths=["train.csv", "val.csv"])
+    models = tmp_path / "models"
+    records = {}
+    for run in ("other", "nightly"):
+        cb = OxenLightningCallback(dataset=pin, model_repo=models, run_name=run, mlflow=False)
+        make_trainer(tmp_path / run, [ModelCheckpoint(dirpath=tmp_path / run / "ckpt"), cb], epochs=1).fit(
+            TinyModel(), datamodule=CsvData(pin))
+        records[run] = cb.lineage
+    damaged = models / "runs" / "nightly" / "lineage.json"
+    damaged.write_text('{"run": {"name": "nigh')
+
+    with pytest.raises(ConfigurationError, match=rf"(?s)resume_from='nightly': the lineage record {damaged} of that "
+                                                 r"run cannot be read.*HINT: restore the file"):
+        OxenLightningCallback(model_repo=models, resume_from="nightly", mlflow=False)
+    latest = OxenLightningCallback(model_repo=models, resume_from="latest", mlflow=False)
+    other_last = [c for c in records["other"]["checkpoints"] if c["commit"]][-1]
+    saved = tmp_path / "other" / "ckpt" / Path(other_last["path"]).name  # what run `other` last committed
+    assert Path(latest.ckpt_path).read_bytes() == saved.read_bytes()
