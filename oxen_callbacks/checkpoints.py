@@ -13,7 +13,6 @@ Example::
 
 from __future__ import annotations
 
-import logging
 import os
 import shutil
 from collections.abc import Mapping
@@ -24,11 +23,9 @@ from typing import Any
 from ._util import background
 from ._util.relpath import safe_relpath
 from .errors import ConfigurationError
-from .lineage import LineageJSON, checkpoint_in_commit, read_lineage, repo_record
+from .lineage import LineageJSON, checkpoint_in_commit, read_lineage, read_or_skip, repo_record
 from .model_repo import lineage_files, lineage_path, run_of_checkpoint
 from .pin import PinnedDataset
-
-log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -178,7 +175,7 @@ def resolve_resume(model_repo: str | os.PathLike[str], resume_from: str | os.Pat
     text = str(resume_from)
     records = sorted(lineage_files(model_repo), key=lambda p: p.stat().st_mtime)
     if text == "latest":
-        with_ckpt = [record for p in records if (record := _readable(p)) is not None and record["checkpoints"]]
+        with_ckpt = [record for p in records if (record := read_or_skip(p)) is not None and record["checkpoints"]]
         if not with_ckpt:
             raise ConfigurationError(f"resume_from='latest': the model repository {str(model_repo)!r} has no "
                                      "committed checkpoint yet.", "train once without resume_from.")
@@ -200,7 +197,7 @@ def resolve_resume(model_repo: str | os.PathLike[str], resume_from: str | os.Pat
             ) from None
         return _last_of(model_repo, record, cache_dir)
     for file in reversed(records):
-        if (record := _readable(file)) is None:
+        if (record := read_or_skip(file)) is None:
             continue
         commit = next((c["commit"] for c in reversed(record["checkpoints"])
                        if c["commit"] and c["commit"].startswith(text) and len(text) >= 7), None)
@@ -211,16 +208,6 @@ def resolve_resume(model_repo: str | os.PathLike[str], resume_from: str | os.Pat
         f"resume_from={text!r} names no run or checkpoint commit of the model repository {str(model_repo)!r}.",
         "pass 'latest', a run name from its runs/ folder, a checkpoint commit id, or a lineage.json.",
     )
-
-
-def _readable(path: Path) -> LineageJSON | None:
-    """The record at ``path``; ``None``, said, when it cannot be read: one damaged run's record does not
-    stop resuming another run."""
-    try:
-        return read_lineage(path)
-    except (OSError, ValueError) as exc:
-        log.warning("Skipping the lineage record %s: it cannot be read (%s).", path, exc)
-        return None
 
 
 def _last_of(model_repo: str | os.PathLike[str], record: LineageJSON,

@@ -346,7 +346,7 @@ def write_lineage(record: Mapping[str, Any] | LineageRecord, path: str | os.Path
 def repo_records(model_repo: str | os.PathLike[str]) -> list[LineageJSON]:
     """The lineage records of every run in a model repository's working tree (unreadable ones skipped)."""
     background.wait_for(model_repo)  # a fit of this process may still be committing its final lineage
-    found = (_read_or_skip(path) for path in lineage_files(model_repo))
+    found = (read_or_skip(path) for path in lineage_files(model_repo))
     return [record for record in found if record is not None]
 
 
@@ -356,10 +356,12 @@ def repo_record(model_repo: str | os.PathLike[str], run_name: str) -> LineageJSO
         return None  # not a folder name: nothing outside the runs' folder is read
     background.wait_for(model_repo)
     path = Path(model_repo) / lineage_path(run_name)
-    return _read_or_skip(path) if path.is_file() else None
+    return read_or_skip(path) if path.is_file() else None
 
 
-def _read_or_skip(path: Path) -> LineageJSON | None:
+def read_or_skip(path: Path) -> LineageJSON | None:
+    """The record at ``path``; ``None``, with a warning, when it cannot be read (one damaged run's
+    record never stops reading the others)."""
     try:
         return read_lineage(path)
     except (OSError, ValueError, LineageValidationError) as exc:
