@@ -389,14 +389,6 @@ def _complete_removals(queue: JobQueue, removals: list[Job], commit: str) -> lis
     return results
 
 
-
-
-
-
-
-
-
-
 def _remove(path: Path) -> None:
     if path.is_dir() and not path.is_symlink():
         shutil.rmtree(path)
