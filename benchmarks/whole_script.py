@@ -19,7 +19,9 @@ data read through ``PinnedDataset``) with one of these variants:
   ``add`` + ``commit`` of each saved checkpoint synchronously and tags the logger's run with the
   commit id (``naive_oxen.py``); ``naive_oxen_only``: that callback without a logger.
 
-Every repeat runs every variant once, in an order that rotates across repeats. Two store
+Every repeat runs every variant once, in its own shuffled order (seeded: the same on every run of
+this script), so that no variant always follows the same one; before each sample the disk's dirty
+pages are written (``os.sync()``, untimed), so no sample pays for an earlier one's writes. Two store
 conditions: ``existing`` (one SQLite store, model repository and snapshot cache per variant,
 created by an untimed warm-up run of each variant and holding every earlier run: a project's
 second run of its script) and ``new`` (each process gets a not-yet-created SQLite store, model
@@ -59,6 +61,7 @@ import argparse
 import ctypes
 import json
 import os
+import random
 import shutil
 import sqlite3
 import statistics
@@ -211,6 +214,7 @@ def timed_process(cmd: list[str], env: dict[str, str], cwd: Path, stdout: Path |
     it left; returns its exit code and ``wall_s``, ``cpu_s`` (helpers included) and ``lingering_s``.
     The checkpoints it saved in ``cwd`` are removed: an existing store's next run starts without them."""
     with (stdout or Path(os.devnull)).open("w") as out, (cwd / "stderr.txt").open("w") as err:
+        os.sync()  # an earlier sample's dirty pages are written now, not during this one
         started = time.perf_counter()
         proc = subprocess.Popen(cmd, stdout=out, stderr=err, env=env, cwd=cwd)
         _pid, status, usage = os.wait4(proc.pid, 0)
@@ -253,11 +257,18 @@ def paired(runs: dict[str, list[dict]], num: str, den: str, key: str) -> float:
 def median_ci95(ratios: list[float], resamples: int = 10_000) -> tuple[float, float]:
     """A 95 % interval for the median of ``ratios`` (bootstrap percentiles, fixed seed): how far the
     median of so few noisy pairs could be from the machine's true one."""
-    import random
-
     pick = random.Random(0).choices
     medians = sorted(statistics.median(pick(ratios, k=len(ratios))) for _ in range(resamples))
     return round(medians[int(0.025 * resamples)], 3), round(medians[int(0.975 * resamples) - 1], 3)
+
+
+def sample_order(variants: tuple[str, ...], condition_name: str, repeat: int) -> list[str]:
+    """Repeat ``repeat``'s order of the variants: shuffled with a fixed seed per condition and repeat.
+    (A rotation keeps each variant after the same one every repeat: whatever that one leaves behind,
+    its disk writes or its store's pages, would always weigh on the same variant.)"""
+    order = list(variants)
+    random.Random(f"{condition_name}-{repeat}").shuffle(order)
+    return order
 
 
 def condition(root: Path, name: str, dataset: tuple[Path, str], repeats: int, epochs: int) -> dict:
@@ -267,8 +278,7 @@ def condition(root: Path, name: str, dataset: tuple[Path, str], repeats: int, ep
             run_in_child(variant, condition_paths(root, name, variant, "warmup"), root, dataset, epochs)
     runs: dict[str, list[dict]] = {v: [] for v in VARIANTS}
     for i in range(repeats):
-        k = i % len(VARIANTS)
-        for variant in VARIANTS[k:] + VARIANTS[:k]:
+        for variant in sample_order(VARIANTS, name, i):
             paths = condition_paths(root, name, variant, i)
             sample = run_in_child(variant, paths, root, dataset, epochs)
             runs[variant].append(sample)
