@@ -117,10 +117,12 @@ class _LateSaveBeforeTheEnd(Callback):
 
 
 def _continue(killed: _KilledFit, tmp_path: Path, *extra: Callback, **options) -> dict:  # type: ignore[no-untyped-def, type-arg]
-    """Fit B: run ``nightly`` continued (one epoch more than A's last save); returns B's lineage."""
+    """Fit B: run ``nightly`` continued (the rest of the epoch of A's last committed save and one
+    more); returns B's lineage."""
     b = OxenLightningCallback(model_repo=killed.models, run_name="nightly", resume_from="nightly", **options)
-    # one epoch more than A's save (A, on a busy machine, may be epochs in before its first commit)
-    epochs = torch.load(b.ckpt_path, weights_only=False)["epoch"] + 1
+    # A, on a busy machine, may be epochs in before its first commit; and a save at an epoch's last
+    # step (A saves every 3 of an epoch's 6) leaves nothing of that epoch to train: B would save nothing
+    epochs = torch.load(b.ckpt_path, weights_only=False)["epoch"] + 2
     make_trainer(tmp_path / "b", [ModelCheckpoint(dirpath=tmp_path / "b" / "ckpt"), b, *extra], epochs=epochs).fit(
         TinyModel(), datamodule=CsvData(b.dataset), ckpt_path=b.ckpt_path)
     return b.lineage
