@@ -175,11 +175,12 @@ def resolve_resume(model_repo: str | os.PathLike[str], resume_from: str | os.Pat
     text = str(resume_from)
     records = sorted(lineage_files(model_repo), key=lambda p: p.stat().st_mtime)
     if text == "latest":
-        with_ckpt = [record for p in records if (record := read_or_skip(p)) is not None and record["checkpoints"]]
-        if not with_ckpt:
+        newest = next((record for p in reversed(records)  # (newest first: older records are not read)
+                       if (record := read_or_skip(p)) is not None and record["checkpoints"]), None)
+        if newest is None:
             raise ConfigurationError(f"resume_from='latest': the model repository {str(model_repo)!r} has no "
                                      "committed checkpoint yet.", "train once without resume_from.")
-        return _last_of(model_repo, with_ckpt[-1], cache_dir)
+        return _last_of(model_repo, newest, cache_dir)
     if text in ("", ".", "..") or "/" in text or "\\" in text:
         raise ConfigurationError(
             f"resume_from={text!r} is not a plain run name: nothing outside the model repository's runs/ is read.",
