@@ -385,11 +385,11 @@ def test_a_journaled_end_whose_model_name_was_edited_by_hand_does_not_keep_sync_
 def test_a_damaged_record_is_refused_by_name_and_skipped_by_latest(dataset_repo, tmp_path):
     """Run `nightly`'s committed record was cut off (a full disk). resume_from="nightly" is refused at
     construction with the file named and a fix, not a JSON traceback; resume_from="latest" skips it
-    and resumes the newest run it can read."""
+    and resumes the newest run it can read (not an older one)."""
     pin = PinnedDataset(dataset_repo.path, revision=dataset_repo.commits[0], paths=["train.csv", "val.csv"])
     models = tmp_path / "models"
     records = {}
-    for run in ("other", "nightly"):
+    for run in ("oldest", "other", "nightly"):
         cb = OxenLightningCallback(dataset=pin, model_repo=models, run_name=run, mlflow=False)
         make_trainer(tmp_path / run, [ModelCheckpoint(dirpath=tmp_path / run / "ckpt"), cb], epochs=1).fit(
             TinyModel(), datamodule=CsvData(pin))
@@ -404,3 +404,4 @@ def test_a_damaged_record_is_refused_by_name_and_skipped_by_latest(dataset_repo,
     other_last = [c for c in records["other"]["checkpoints"] if c["commit"]][-1]
     saved = tmp_path / "other" / "ckpt" / Path(other_last["path"]).name  # what run `other` last committed
     assert Path(latest.ckpt_path).read_bytes() == saved.read_bytes()
+    assert Path(latest.ckpt_path).parent.parent.name == "other", latest.ckpt_path  # runs/other/checkpoints/...
