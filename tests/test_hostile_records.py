@@ -385,7 +385,7 @@ def test_a_journaled_end_whose_model_name_was_edited_by_hand_does_not_keep_sync_
 def test_a_damaged_record_is_refused_by_name_and_skipped_by_latest(dataset_repo, tmp_path):
     """Run `nightly`'s committed record was cut off (a full disk). resume_from="nightly" is refused at
     construction with the file named and a fix, not a JSON traceback; resume_from="latest" skips it
-    and resumes the newest run it can read (not an older one)."""
+    and resumes the newest run it can read (not an older one), and so does a checkpoint commit id."""
     pin = PinnedDataset(dataset_repo.path, revision=dataset_repo.commits[0], paths=["train.csv", "val.csv"])
     models = tmp_path / "models"
     records = {}
@@ -405,3 +405,5 @@ def test_a_damaged_record_is_refused_by_name_and_skipped_by_latest(dataset_repo,
     saved = tmp_path / "other" / "ckpt" / Path(other_last["path"]).name  # what run `other` last committed
     assert Path(latest.ckpt_path).read_bytes() == saved.read_bytes()
     assert Path(latest.ckpt_path).parent.parent.name == "other", latest.ckpt_path  # runs/other/checkpoints/...
+    by_commit = OxenLightningCallback(model_repo=models, resume_from=other_last["commit"][:12], mlflow=False)
+    assert Path(by_commit.ckpt_path).read_bytes() == saved.read_bytes()  # (the damaged newest record is skipped)
