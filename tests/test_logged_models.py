@@ -1,4 +1,5 @@
-"""MLflow 3 logged models: one per committed checkpoint, naming the Oxen commit that holds its bytes.
+"""MLflow 3 logged models: one per saved step (the files a fit saves at one step hold the same
+weights), naming the Oxen commit that holds its bytes.
 
 One real Lightning fit (its own MLflow run, a monitored metric, top-k rotation, a registered
 model) in a real MLflow SQLite store serves most tests; a killed fit and an MLflow without
@@ -18,7 +19,7 @@ import mlflow
 import pytest
 import torch
 from conftest import isolate, moved_dataset
-from helpers import logged_models_of_run, sync_until_nothing_pending
+from helpers import logged_models_of_run, model_of_each_checkpoint, sync_until_nothing_pending
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning_model import CsvData, TinyModel, make_trainer
 from mlflow import MlflowClient
@@ -46,13 +47,14 @@ def _by_checkpoint(models: list) -> dict[tuple[str, str], object]:  # type: igno
 
 class _CountModelsAtTrainEnd(Callback):
     """At train end (before fit() returns and the end of the run is logged), waits until every
-    saved checkpoint has its logged model: they come one per checkpoint while training."""
+    saved step has its logged model: they come while training, one per step saved."""
 
     def __init__(self, uri: str) -> None:
-        self.uri, self.saves, self.seen, self.committed = uri, 0, -1, 0
+        self.uri, self.saves, self.seen, self.committed, self.steps = uri, 0, -1, 0, set()
 
-    def on_save_checkpoint(self, *_args) -> None:  # type: ignore[no-untyped-def]
+    def on_save_checkpoint(self, trainer, *_args) -> None:  # type: ignore[no-untyped-def]
         self.saves += 1
+        self.steps.add(trainer.global_step)
 
     def on_train_end(self, trainer, _module) -> None:  # type: ignore[no-untyped-def]
         run = next(c for c in trainer.callbacks if isinstance(c, OxenLightningCallback)).run
@@ -60,7 +62,7 @@ class _CountModelsAtTrainEnd(Callback):
         while time.monotonic() < deadline:
             self.committed = len([r for r in run.publisher.results if r.get("kind") == "checkpoint"])
             self.seen = len(logged_models_of_run(self.uri, run.sink.run_id)) if run.sink.run_id else 0
-            if self.seen == self.committed == self.saves:
+            if self.committed == self.saves and self.seen == len(self.steps):
                 return
             time.sleep(0.2)
 
@@ -83,23 +85,29 @@ def fitted(tmp_path_factory):
         make_trainer(root / "fit", [best, latest, cb, counter], epochs=EPOCHS).fit(TinyModel(), datamodule=CsvData(pin))
         record = cb.lineage
     return {"root": root, "uri": uri, "record": record, "run_id": record["run"]["mlflow_run_id"],
-            "models": logged_models_of_run(uri, record["run"]["mlflow_run_id"]), "counted": (counter.saves, counter.committed, counter.seen),
+            "models": logged_models_of_run(uri, record["run"]["mlflow_run_id"]), "counted": (counter.saves, counter.committed, counter.seen, len(counter.steps)),
             "best": best.best_model_path}
 
 
-def test_one_logged_model_per_committed_checkpoint_names_its_bytes(fitted, tmp_path):
+def test_one_logged_model_per_saved_step_names_its_bytes(fitted, tmp_path):
     record, run_id = fitted["record"], fitted["run_id"]
     assert len(record["checkpoints"]) > EPOCHS and any(not c["kept"] for c in record["checkpoints"])  # one rotated
-    assert fitted["counted"] == (len(record["checkpoints"]),) * 3  # each logged as committed, before the run's end
-    models = _by_checkpoint(fitted["models"])
-    assert set(models) == {(c["commit"], c["path"]) for c in record["checkpoints"]}
+    saved_steps = {c["step"] for c in record["checkpoints"]}
+    assert len(saved_steps) < len(record["checkpoints"])  # both ModelCheckpoints saved at some step
+    # each step logged as committed, before the run's end
+    assert fitted["counted"] == (len(record["checkpoints"]),) * 2 + (len(saved_steps),) * 2
+    assert len(fitted["models"]) == len(saved_steps)  # no second model of the same weights
+    models = model_of_each_checkpoint(fitted["models"], record)
     run = MlflowClient(fitted["uri"]).get_run(run_id)
     steps = {o.model_id: o.step for o in run.outputs.model_outputs}
+    assert sorted(steps.values()) == sorted(saved_steps)
     [dataset_input] = run.inputs.dataset_inputs
     for entry in record["checkpoints"]:
         model = models[(entry["commit"], entry["path"])]
         assert model.status == "READY" and model.source_run_id == run_id
-        assert model.name == Path(entry["path"]).stem  # e.g. epoch=0-step=6
+        assert model.name == Path(model.tags["oxen.model.path"]).stem  # e.g. epoch=0-step=6
+        first = next(c for c in record["checkpoints"] if c["step"] == entry["step"])  # the model is the first file's
+        assert (model.tags["oxen.model.commit"], model.tags["oxen.model.path"]) == (first["commit"], first["path"])
         assert model.tags["oxen.model.repo"] == record["model"]["repo"] and model.tags["oxen.run"] == "lm"
         assert steps[model.model_id] == entry["step"]
         assert {m.key: m.value for m in model.metrics} == pytest.approx(entry["metrics"]) and entry["metrics"]
@@ -112,7 +120,7 @@ def test_one_logged_model_per_committed_checkpoint_names_its_bytes(fitted, tmp_p
         ckpt = materialize_checkpoint(record["model"]["repo"], commit=model.tags["oxen.model.commit"],
                                       path=model.tags["oxen.model.path"], cache_dir=tmp_path / "read")
         assert torch.load(ckpt.path, weights_only=False)["global_step"] == entry["step"]
-        if entry["kept"]:
+        if entry is first and entry["kept"]:
             assert ckpt.path.read_bytes() == Path(entry["source"]).read_bytes()
     assert not any((fitted["root"] / "mlflow").glob("**/*.ckpt"))  # no bytes copied into MLflow
 
@@ -156,7 +164,62 @@ def test_replaying_a_checkpoint_whose_model_may_exist_creates_no_second_one(fitt
     journal.put(1, logged_models.checkpoint_op({**entry, "dest": entry["path"]}, record, dataset_input=True))
     journal.mark_ended()
     assert sync.sync_all(fitted["root"] / "cache", model_repos=[])["pending"] == 0
-    assert len(_by_checkpoint(logged_models_of_run(fitted["uri"], fitted["run_id"]))) == len(record["checkpoints"])
+    models = logged_models_of_run(fitted["uri"], fitted["run_id"])
+    model_of_each_checkpoint(models, record)
+    assert len(models) == len({c["step"] for c in record["checkpoints"]})
+
+
+
+def test_files_of_one_step_share_a_model_unless_saved_with_other_metrics(fitted, monkeypatch):
+    """A step's top-k file and ``last.ckpt`` (same fit, step, epoch, metrics) are one model, whether
+    reported together or apart; two reports of one step with other metrics (a hand-written Ray
+    report's ``step``) are two. The final mark, the best mark and a registered version reach a
+    ``last.ckpt`` through its step's model."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", fitted["uri"])
+    client = MlflowClient(fitted["uri"])
+    run_id = client.create_run(client.get_run(fitted["run_id"]).info.experiment_id).info.run_id
+    folder = "runs/one-step/checkpoints"
+    saves = [("c1", "epoch=0-step=6.ckpt", 6, 0.5), ("c1", "last.ckpt", 6, 0.5), ("c2", "report", 7, 0.4),
+             ("c3", "report-b", 7, 0.3), ("c4", "epoch=1-step=8.ckpt", 8, 0.2), ("c4", "last.ckpt", 8, 0.2)]
+    entries = [{"commit": c, "path": f"{folder}/{name}", "step": step, "epoch": 0, "metrics": {"val_loss": loss},
+                "fit_id": "fit-1", "kept": True} for c, name, step, loss in saves]
+    record = {"run": {"name": "one-step"}, "fit_id": "fit-1", "dataset": None, "checkpoints": entries,
+              "model": {"repo": str(fitted["root"] / "models"), "commit": "c1", "path": f"{folder}/last.ckpt"}}
+
+    def log_model(entry: dict) -> dict:  # type: ignore[type-arg]
+        return logged_models.checkpoint_op({**entry, "dest": entry["path"]}, record, dataset_input=False)
+
+    journal = MlflowJournal.create(fitted["root"] / "cache-one-step", {"tracking_uri": fitted["uri"], "run_id": run_id})
+    journal.put(1, log_model(entries[0]))
+    # registered before the step's last.ckpt is reported: its version comes from the step's model
+    journal.put(2, {"op": "publish_extras", "record": record, "register_model": "one-step", "graph": False,
+                    "dataset_input": False})
+    journal.put(3, log_model(entries[1]))  # apart from its step's first file
+    for seq, entry in enumerate(entries[2:], 4):  # together (one batch)
+        journal.put(seq, log_model(entry))
+    end = logged_models.mark_op({**record, "model": {**record["model"], "path": f"{folder}/epoch=0-step=6.ckpt"}},
+                                best_path=f"{folder}/epoch=0-step=6.ckpt")
+    journal.put(9, end)
+    journal.mark_ended()
+    assert sync.sync_all(fitted["root"] / "cache-one-step", model_repos=[])["pending"] == 0
+    # the end replayed from a journal that knows no model ids (found by searching, marks already on)
+    again = MlflowJournal.create(fitted["root"] / "cache-one-step-again", {"tracking_uri": fitted["uri"], "run_id": run_id})
+    again.put(1, end)
+    again.mark_ended()
+    assert sync.sync_all(fitted["root"] / "cache-one-step-again", model_repos=[])["pending"] == 0
+    found = logged_models_of_run(fitted["uri"], run_id)
+    assert sorted(m.tags["oxen.model.path"].rsplit("/", 1)[1] for m in found) == [
+        "epoch=0-step=6.ckpt", "epoch=1-step=8.ckpt", "report", "report-b"]
+    models = model_of_each_checkpoint(found, record)
+    [final] = [m for m in found if m.tags.get("oxen.model.final") == "true"]
+    [best] = [m for m in found if m.tags.get("oxen.model.best") == "true"]
+    assert final.model_id == models[("c4", f"{folder}/last.ckpt")].model_id
+    assert final.tags["oxen.model.path"] == f"{folder}/epoch=1-step=8.ckpt"
+    assert best.tags["oxen.model.path"] == f"{folder}/epoch=0-step=6.ckpt"
+    [version] = client.search_model_versions("name = 'one-step'")
+    assert models[("c1", f"{folder}/last.ckpt")].model_id == best.model_id
+    assert best.model_id in version.source  # models:/<id>, or its artifact location (another store than the global one)
+    assert (version.tags["oxen.model.commit"], version.tags["oxen.model.path"]) == ("c1", f"{folder}/last.ckpt")
 
 
 def test_a_run_continued_into_another_experiment_has_one_final_and_one_best_model(dataset_repo, tmp_path):
@@ -266,10 +329,11 @@ def test_a_fit_without_checkpoints_still_logs_its_dataset_input(dataset_repo, tm
 
 
 @pytest.mark.timeout(600)
-def test_killed_the_moment_fit_returns_sync_leaves_one_model_per_checkpoint(dataset_repo, tmp_path):
+def test_killed_the_moment_fit_returns_sync_leaves_one_model_per_saved_step(dataset_repo, tmp_path):
     """SIGKILL right after fit() of a run joined from MLFlowLogger (a thread of the killed process
-    served its journal), then `sync`: every committed checkpoint has exactly one logged model, and
-    the end's extras the fit asked for are there: the registered version and the lineage picture."""
+    served its journal), then `sync`: every committed checkpoint leads to exactly one logged model,
+    its step's (``last.ckpt`` and the top-k file of a step share it), and the end's extras the fit
+    asked for are there: the registered version and the lineage picture."""
     cmd = [sys.executable, str(SCRIPT), "--dataset", str(dataset_repo.path), "--revision", dataset_repo.commits[0],
            "--model-repo", str(tmp_path / "models"), "--root", str(tmp_path / "fit"), "--epochs", "2", "--mlflow",
            "--logger", "--after-fit", "kill", "--register-model", "killed-clf"]
@@ -280,15 +344,18 @@ def test_killed_the_moment_fit_returns_sync_leaves_one_model_per_checkpoint(data
     uri = mlflow.get_tracking_uri()
     [run] = MlflowClient(uri).search_runs([e.experiment_id for e in MlflowClient(uri).search_experiments()])
     record = read_lineage(tmp_path / "models" / "runs" / run.data.tags["oxen.run"] / "lineage.json")
-    models = _by_checkpoint(logged_models_of_run(uri, run.info.run_id))
-    assert set(models) == {(c["commit"], c["path"]) for c in record["checkpoints"]}
-    assert run.data.params and all(m.params == run.data.params for m in models.values())  # the logger's hparams
+    found = logged_models_of_run(uri, run.info.run_id)
+    models = model_of_each_checkpoint(found, record)
+    assert any(c["path"].endswith("/last.ckpt") for c in record["checkpoints"])  # two files a step
+    assert len(found) == len({c["step"] for c in record["checkpoints"]}) < len(record["checkpoints"])
+    assert run.data.params and all(m.params == run.data.params for m in found)  # the logger's hparams
     last = record["checkpoints"][-1]
-    assert [k for k, m in models.items() if m.tags.get("oxen.model.final") == "true"] == [(last["commit"], last["path"])]
+    assert [m.model_id for m in found if m.tags.get("oxen.model.final") == "true"] == [
+        models[(last["commit"], last["path"])].model_id]
     [dataset_input] = run.inputs.dataset_inputs  # logged once: by `sync`, before the models that name it
     assert json.loads(dataset_input.dataset.source)["commit"] == dataset_repo.commits[0]
     assert all({(m.dataset_name, m.dataset_digest) for m in model.metrics} == {
-        (dataset_input.dataset.name, dataset_input.dataset.digest)} for model in models.values() if model.metrics)
+        (dataset_input.dataset.name, dataset_input.dataset.digest)} for model in found if model.metrics)
     assert record["status"] == "FINISHED"
     [version] = MlflowClient(uri).search_model_versions("name = 'killed-clf'")
     assert (version.tags["oxen.model.commit"], version.tags["oxen.model.path"]) == (

@@ -1,7 +1,11 @@
-"""MLflow 3 logged models: one per committed checkpoint, pointing at the Oxen commit that holds it.
+"""MLflow 3 logged models: one per saved model state, pointing at the Oxen commit that holds it.
 
 Each checkpoint the commit worker reports becomes an *external* logged model of the run (no
-bytes copied into MLflow): named after the checkpoint file, an output of the run at its step,
+bytes copied into MLflow), unless the fit already has one for the same step: the files a fit saves
+at one step hold the same weights (Lightning's top-k file and its ``last.ckpt``, two
+``ModelCheckpoint``\ s), so the first one reported is the model, and the others lead to it (a
+Models tab without a duplicate ``last`` per save, and half the requests). A model is named after
+its checkpoint file, an output of the run at its step,
 with the checkpoint's metrics (on the pinned dataset, when the run logs it as an input), the
 run's parameters, and the tags ``oxen.run`` / ``oxen.model.repo`` / ``oxen.model.commit`` /
 ``oxen.model.path`` (names: :mod:`oxen_callbacks.names`). At the end the last checkpoint's
@@ -14,7 +18,7 @@ out)::
     {"op": "log_model", "commit": ..., "path": ..., "step": 6, "metrics": {...}, ...}   # per checkpoint
     {"op": "mark_models", "record": {...final lineage...}, "best_path": "runs/r/checkpoints/..."}
 
-Per checkpoint: one create and one finalize; the output links and the metrics of the checkpoints
+Per model: one create and one finalize; the output links and the metrics of the checkpoints
 reported together go in one request each; no search.
 Replays never duplicate a model: the journal's meta notes a checkpoint before its model is
 created and its id after; a model noted but not known is looked for by its tags first. On an
@@ -44,7 +48,7 @@ from ..names import (
 from .abandoned import committed_record
 from .dataset_input import META_DATASET_LOGGED, log_dataset_input_noted
 from .journal import MlflowJournal
-from .model_search import Found, checkpoint_key, experiments_of_fits, find, models_of, search
+from .model_search import Found, checkpoint_key, experiments_of_fits, find, model_state, models_of, search, with_same_state
 from .twins import delete_twin_models
 
 log = logging.getLogger(__name__)
@@ -52,6 +56,7 @@ log = logging.getLogger(__name__)
 MODEL_TYPE = "oxen-checkpoint"
 MARK = "true"
 _META_KEY = "logged_models"  # journal meta: {"<commit>:<path>": model id, or None while being created}
+_META_STEPS = "logged_model_steps"  # journal meta: {model state (see model_search.model_state): model id}
 META_LOG_MODELS = "log_models"  # journal meta: False when the run was asked for no logged models (log_models=False)
 _METRIC_NAME = re.compile(r"^[/\w.\- :]{1,250}$")  # what MLflow accepts as a metric name
 _BAD_MODEL_NAME = re.compile(r"[/:.%\"']")  # what MLflow refuses in a logged model's name
@@ -65,8 +70,9 @@ def checkpoint_op(result: dict[str, Any], record: dict[str, Any], *, dataset_inp
     """The ``log_model`` operation for a committed checkpoint (a commit worker's ``result``)."""
     return {"op": "log_model", "commit": result["commit"], "path": result["dest"], "step": result.get("step"),
             "epoch": result.get("epoch"), "metrics": result.get("metrics") or {},
-            "model_repo": record["model"]["repo"], "run": record["run"].get("name"),
+            "model_repo": record["model"]["repo"], "run": record["run"].get("name"), "fit_id": record.get("fit_id"),
             "dataset": record.get("dataset") if dataset_input else None, "time_ms": int(time.time() * 1000)}
+
 
 
 def mark_op(record: dict[str, Any], *, best_path: str | None) -> dict[str, Any]:
@@ -163,9 +169,12 @@ def _unmark(client: Any, journal: MlflowJournal, meta: dict[str, Any], record: d
 def _take_mark_off(client: Any, models: dict[str, Found], keys: Iterable[str], tag: str, *, keep: str | None) -> None:
     """Delete ``tag`` from the models of checkpoints ``keys`` but ``keep``'s: an earlier fit's marks, of a
     continued run (a model of another repository once at the same path is not the run's)."""
-    for key, found in models.items():
-        if found.tags.get(tag) == MARK and key != keep and key in keys:
-            client.delete_logged_model_tag(found.model_id, tag)
+    kept = models[keep].model_id if keep in models else None
+    unmarked = {found.model_id for key, found in models.items()
+                if found.tags.get(tag) == MARK and found.model_id != kept and key in keys}
+    for model_id in unmarked:
+        client.delete_logged_model_tag(model_id, tag)
+
 
 
 def _complete_and_mark(client: Any, journal: MlflowJournal, meta: dict[str, Any], record: dict[str, Any],
@@ -181,11 +190,11 @@ def _complete_and_mark(client: Any, journal: MlflowJournal, meta: dict[str, Any]
         # model an earlier fit made can carry a mark to take off, and no search is needed.
         existing = {key: Found(known[key], {}) for key in keys}
     else:
-        existing = models_of(client, experiments_of_fits(client, experiment_id, meta.get("tracking_uri"), record),
-                             repo, run)
+        existing = with_same_state(models_of(
+            client, experiments_of_fits(client, experiment_id, meta.get("tracking_uri"), record), repo, run), entries)
     missing = [{"commit": e["commit"], "path": e["path"], "step": e.get("step"), "epoch": e.get("epoch"),
-                "metrics": e.get("metrics") or {}, "model_repo": repo, "run": run, "dataset": meta.get(META_DATASET_LOGGED),
-                "time_ms": int(time.time() * 1000)} for e in entries
+                "metrics": e.get("metrics") or {}, "model_repo": repo, "run": run, "fit_id": e.get("fit_id"),
+                "dataset": meta.get(META_DATASET_LOGGED), "time_ms": int(time.time() * 1000)} for e in entries
                # (an earlier fit's checkpoints: their models are its own MLflow run's, or were not wanted)
                if checkpoint_key(e["commit"], e["path"]) not in existing and saved_by(e, record)]
     if missing:
@@ -256,19 +265,25 @@ def model_id_for(client: Any, meta: dict[str, Any], record: dict[str, Any]) -> s
     model = record["model"]
     if not model.get("commit") or not models_wanted(meta) or _skipped(client):
         return None
-    known = (meta.get(_META_KEY) or {}).get(checkpoint_key(model["commit"], model["path"]))
-    found = None
-    if not known:
-        with _unless_the_server_lacks_them(client):
-            found = find(client, [_experiment_id(client, meta)], model["repo"], model["commit"], model["path"])
-    return known or (found.model_id if found else None)
+    key = checkpoint_key(model["commit"], model["path"])
+    if known := (meta.get(_META_KEY) or {}).get(key):
+        return known
+    entries = [e for e in record.get("checkpoints") or [] if isinstance(e, dict) and e.get("commit") and e.get("path")]
+    if key not in {checkpoint_key(e["commit"], e["path"]) for e in entries}:
+        entries.append({"commit": model["commit"], "path": model["path"]})
+    models: dict[str, Found] = {}
+    with _unless_the_server_lacks_them(client):  # (its model may be another file's of the same step)
+        models = models_of(client, [_experiment_id(client, meta)], model["repo"], record["run"].get("name"))
+    found = with_same_state(models, entries).get(key)
+    return found.model_id if found else None
 
 
 # -- internals ------------------------------------------------------------------------------------
 def _ensure(client: Any, journal: MlflowJournal, meta: dict[str, Any], ops: list[dict[str, Any]],
             existing: dict[str, Found] | None) -> dict[str, Any]:
     """Each checkpoint's logged model, created unless the journal (or a search, after an attempt that
-    may have created it) knows it; returns the journal's meta, updated with their ids.
+    may have created it) knows it, or its step's state has one (see :func:`_state`); returns the
+    journal's meta, updated with their ids.
 
     The journal notes every checkpoint before its model is created and its id after (one write
     each for the whole batch), so a replay after a kill never makes a second model.
@@ -278,8 +293,18 @@ def _ensure(client: Any, journal: MlflowJournal, meta: dict[str, Any], ops: list
     if not todo:
         return meta
     experiment_id, meta = _experiment(client, journal, meta)
-    found: dict[str, str | None] = {}
+    steps = dict(meta.get(_META_STEPS) or {})
+    first: dict[str, str] = {}  # state -> the key whose model it is (the first reported)
+    same: dict[str, str] = {}  # key -> its state, when another checkpoint's model is that state's
     for key, op in todo.items():
+        state = model_state(op)
+        if state and (state in steps or state in first):
+            same[key] = state
+        elif state:
+            first[state] = key
+    creating = {key: op for key, op in todo.items() if key not in same}
+    found: dict[str, str | None] = {}
+    for key, op in creating.items():
         if key in known:  # an attempt died or failed after noting it: its model may exist
             hit = (existing.get(key) if existing is not None
                    else find(client, [experiment_id], op["model_repo"], op["commit"], op["path"]))
@@ -287,8 +312,10 @@ def _ensure(client: Any, journal: MlflowJournal, meta: dict[str, Any], ops: list
     if new := {key: None for key in todo if key not in known}:
         meta = {**meta, _META_KEY: {**known, **new}}
         journal.write_meta(meta)
-    made = _create(client, meta["run_id"], experiment_id, todo, found)
-    meta = {**meta, _META_KEY: {**(meta.get(_META_KEY) or {}), **made}}
+    made = _create(client, meta["run_id"], experiment_id, creating, found)
+    steps.update({state: made[key] for state, key in first.items() if key in made})
+    made.update({key: steps[state] for key, state in same.items() if state in steps})
+    meta = {**meta, _META_KEY: {**(meta.get(_META_KEY) or {}), **made}, _META_STEPS: steps}
     journal.write_meta(meta)
     return meta
 
@@ -307,6 +334,8 @@ def _create(client: Any, run_id: str, experiment_id: str, ops: dict[str, dict[st
         outputs = client.get_run(run_id).outputs
         linked = {o.model_id for o in (outputs.model_outputs if outputs else [])}
     made: dict[str, str] = {}
+    if not ops:
+        return made
     for key, op in ops.items():
         if found.get(key):
             made[key] = found[key]  # type: ignore[assignment]

@@ -9,6 +9,8 @@ off an earlier fit's models wherever they are.
 
 from __future__ import annotations
 
+import hashlib
+import json
 from typing import Any
 
 from ..names import TAG_MODEL_COMMIT, TAG_MODEL_PATH, TAG_MODEL_REPO, TAG_RUN
@@ -24,6 +26,34 @@ class Found:
 def checkpoint_key(commit: str, path: str) -> str:
     """How a checkpoint's model is keyed (in the journal's meta too)."""
     return f"{commit}:{path}"
+
+
+def model_state(checkpoint: dict[str, Any]) -> str | None:
+    """Which model state a checkpoint (a record's entry, or a ``log_model`` operation) holds: the files
+    its fit saved at one step, with the same epoch and metrics, hold the same weights (Lightning's
+    top-k file and ``last.ckpt``; two ``ModelCheckpoint``\\ s). ``None``, a model of its own, without
+    a step or a fit id (records before fit ids: a killed fit and the fit that continued it may both
+    have saved a step). The metrics guard against a step that is not the trainer's (a hand-written
+    Ray report)."""
+    step, fit = checkpoint.get("step"), checkpoint.get("fit_id")
+    if not (isinstance(step, int) and not isinstance(step, bool) and isinstance(fit, str)):
+        return None
+    saved_with = json.dumps([checkpoint.get("epoch"), checkpoint.get("metrics") or {}], sort_keys=True, default=str)
+    return f"{fit}@{step}#{hashlib.sha256(saved_with.encode()).hexdigest()[:16]}"
+
+
+def with_same_state(models: dict[str, Found], entries: list[dict[str, Any]]) -> dict[str, Found]:
+    """``models`` (by checkpoint key), with each of ``entries`` whose own key has none given the model
+    of another checkpoint of its state (:func:`model_state`: the first file saved at its step has it)."""
+    by_state: dict[str, Found] = {}
+    for e in entries:
+        if (state := model_state(e)) and (hit := models.get(checkpoint_key(e["commit"], e["path"]))):
+            by_state.setdefault(state, hit)
+    out = dict(models)
+    for e in entries:
+        if (state := model_state(e)) in by_state:
+            out.setdefault(checkpoint_key(e["commit"], e["path"]), by_state[state])  # type: ignore[index]
+    return out
 
 
 def experiments_of_fits(client: Any, experiment_id: str, tracking_uri: str | None, record: dict[str, Any]) -> list[str]:
