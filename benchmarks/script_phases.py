@@ -1,6 +1,7 @@
 """Where a whole script's time goes, for two variants of ``whole_script.py`` paired and interleaved.
 
     python benchmarks/script_phases.py ours_shared naive [--repeats 12] [--new]
+    python benchmarks/script_phases.py ours_shared@/tmp/new ours_shared@/tmp/old   # two versions of the library
 
 Each sample is a fresh process of the quickstart's training on an existing store (``whole_script.py``'s
 variants; ``--new``: a new store, model repository and snapshot cache per process), timed in phases:
@@ -8,7 +9,9 @@ variants; ``--new``: a new store, model repository and snapshot cache per proces
 ``fit()`` returning to the script's end: reading ``callback.lineage`` waits for the final record),
 ``atexit`` (exit handlers: ours waits for what MLflow has left), and ``teardown`` (the interpreter's
 finalization, from the last exit handler to the process's end). A process that dies by a signal is
-reported and its repeat left out. Prints medians, paired differences (first minus second) and the
+reported and its repeat left out. ``variant@folder`` runs the variant with the library of a checkout
+at ``folder`` (put first on ``PYTHONPATH``, for the processes it starts too), to pair two versions of
+the library. Prints medians, paired differences (first minus second) and the
 paired wall ratio with a 95 % bootstrap interval of it; the last line of stdout is one JSON object.
 """
 
@@ -16,7 +19,9 @@ from __future__ import annotations
 
 import argparse
 import atexit
+import hashlib
 import json
+import os
 import shutil
 import statistics
 import sys
@@ -60,12 +65,16 @@ def sample(variant: str, root: Path, dataset: tuple[Path, str], new: str | None 
     for a home of its own (store, model repository, cache), removed after."""
     from whole_script import timed_process
 
-    home = root / (variant if new is None else f"{variant}-{new}")
+    name, _, library = variant.partition("@")
+    checkout = hashlib.sha256(library.encode()).hexdigest()[:8] if library else None
+    home = root / "-".join(part for part in (name, checkout, new) if part is not None)
     cwd, times = home / "cwd", home / "times.json"
     cwd.mkdir(parents=True, exist_ok=True)
     env = user_env(("MLFLOW_", "OXEN_CALLBACKS_"), OXEN_CALLBACKS_CACHE=str(home / "cache"),
                    OXEN_CONFIG_DIR=str(root / "oxen-config"))
-    cmd = [sys.executable, __file__, "--child", variant, str(dataset[0]), dataset[1], str(home), str(times)]
+    if library:
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(Path(library).resolve()), env.get("PYTHONPATH")) if p)
+    cmd = [sys.executable, __file__, "--child", name, str(dataset[0]), dataset[1], str(home), str(times)]
     started = time.time()
     returncode, timed = timed_process(cmd, env, cwd, None)
     ended = started + timed["wall_s"]
@@ -83,7 +92,8 @@ def sample(variant: str, root: Path, dataset: tuple[Path, str], new: str | None 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("variants", nargs=2, help="two of whole_script.py's variants, e.g. ours_shared naive")
+    parser.add_argument("variants", nargs=2, help="two of whole_script.py's variants, e.g. ours_shared naive "
+                        "(variant@folder: with the library of the checkout at folder)")
     parser.add_argument("--repeats", type=int, default=12)
     parser.add_argument("--new", action="store_true", help="a new store, model repository and cache per process")
     args = parser.parse_args()
