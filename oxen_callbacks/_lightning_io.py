@@ -59,7 +59,7 @@ class Run(Protocol):
 
     def before_overwrite(self, path: str) -> Any: ...
     def checkpoint_saved(self, path: str, *, step: int, epoch: int, metrics: dict[str, float],
-                         copy: bool = False) -> int: ...
+                         copy: bool = False, same_model_as: str | None = None) -> int: ...
     def checkpoint_removed(self, path: str) -> None: ...
 
 
@@ -87,6 +87,7 @@ class CheckpointWatch:
         self.io = PublishingCheckpointIO(wrapped, on_save=self._save, on_remove=self._removed)
         self._begun: _SaveBegun | None = None
         self._io_sees_saves = False  # once it has: the strategy writes through it, no need to look on disk
+        self._saved_at: tuple[int, list[str]] = (-1, [])  # a global step, and the paths published at it
 
     def install(self) -> None:
         try:
@@ -127,7 +128,11 @@ class CheckpointWatch:
     def _publish(self, path: str, step: int, epoch: int, metrics: dict[str, float], ours: float = 0.0, *,
                  copy: bool = False) -> None:
         started = time.perf_counter()
-        self.run.checkpoint_saved(path, step=step, epoch=epoch, metrics=metrics, copy=copy)
+        if self._saved_at[0] != step:
+            self._saved_at = (step, [])
+        same = _top_k_twin(self.trainer, path, self._saved_at[1])
+        self.run.checkpoint_saved(path, step=step, epoch=epoch, metrics=metrics, copy=copy, same_model_as=same)
+        self._saved_at[1].append(path)
         self.stall_seconds.append(ours + time.perf_counter() - started)
 
     def save_begins(self) -> None:
@@ -149,7 +154,8 @@ class CheckpointWatch:
         if not written:
             log.warning("A checkpoint was written without the strategy's CheckpointIO and outside every "
                         "ModelCheckpoint path: it is not committed to the model repository.")
-        for path in written:
+        lasts = {cb.last_model_path for cb in self.trainer.checkpoint_callbacks if isinstance(cb, ModelCheckpoint)}
+        for path in sorted(written, key=lambda p: p in lasts):  # (a top-k file before the last.ckpt that copies it)
             self._publish(path, begun.step, begun.epoch, begun.metrics, copy=True)
 
 
@@ -165,6 +171,18 @@ def _model_checkpoint_files(trainer: pl.Trainer) -> dict[str, tuple[Any, ...]]:
         except FileNotFoundError:
             continue
     return found
+
+
+def _top_k_twin(trainer: pl.Trainer, path: str, published_at_step: list[str]) -> str | None:
+    """When ``path`` is a ``ModelCheckpoint``'s ``last.ckpt`` (``save_last``): the top-k file that
+    callback saved at the same step, of those ``published_at_step``. It holds the same model (same
+    callback, so the same ``save_weights_only``), and MLflow gets one logged model for both.
+    Another callback's file, or one outside its top-k (an EMA copy), is never taken for it."""
+    for cb in trainer.checkpoint_callbacks:
+        if isinstance(cb, ModelCheckpoint) and cb.last_model_path == path and path not in cb.best_k_models:
+            top_k = {*cb.best_k_models, cb.best_model_path}
+            return next((p for p in reversed(published_at_step) if p in top_k and p != path), None)
+    return None
 
 
 def _scalar_metrics(metrics: dict[str, Any]) -> dict[str, float]:

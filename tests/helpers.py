@@ -143,24 +143,24 @@ def logged_models_of_run(uri: str, run_id: str) -> list:  # type: ignore[type-ar
     return [m for m in client.search_logged_models([experiment]) if m.source_run_id == run_id]
 
 
-
 def model_of_each_checkpoint(models: list, record: dict) -> dict:  # type: ignore[type-arg]
-    """Each checkpoint of ``record`` (by ``(commit, path)``) -> its logged model: its own, or that of the
-    files its fit saved at the same step with the same epoch and metrics (the same weights: one model).
-    Asserts that no such step has two models, that every model names one of the run's checkpoints,
-    and that each checkpoint has one."""
-    import json
-
-    def state(c: dict) -> tuple:  # type: ignore[type-arg]
-        return c.get("fit_id"), c["step"], c.get("epoch"), json.dumps(c.get("metrics") or {}, sort_keys=True)
+    """Each checkpoint of ``record`` (by ``(commit, path)``) -> its logged model: its own, or (a
+    ``last.ckpt`` with ``same_model_as``) that of the top-k file its fit saved at the same step.
+    Asserts that no checkpoint has two models, that every model names one of the run's
+    checkpoints, and that each checkpoint has one."""
+    def shared(c: dict) -> tuple:  # type: ignore[type-arg]
+        if c.get("fit_id") is None:  # (records before fit ids: one model per file)
+            return c["commit"], c["path"]
+        return c["fit_id"], c["step"], c.get("same_model_as") or c["path"]
 
     entries = {(c["commit"], c["path"]): c for c in record["checkpoints"]}
-    by_state: dict = {}  # type: ignore[type-arg]
+    by_model: dict = {}  # type: ignore[type-arg]
     for model in models:
         entry = entries[(model.tags["oxen.model.commit"], model.tags["oxen.model.path"])]
-        assert state(entry) not in by_state, f"two logged models for step {entry['step']}: {by_state[state(entry)]}, {model}"
-        by_state[state(entry)] = model
-    return {key: by_state[state(c)] for key, c in entries.items()}
+        assert shared(entry) not in by_model, f"two logged models for {entry['path']}: {by_model[shared(entry)]}, {model}"
+        by_model[shared(entry)] = model
+    return {key: by_model[shared(c)] for key, c in entries.items()}
+
 
 def process_running(pid: int) -> bool:
     """Whether process ``pid`` exists and is not a zombie."""

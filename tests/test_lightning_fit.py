@@ -415,6 +415,14 @@ def test_a_strategy_that_writes_checkpoints_itself_loses_no_save(dataset_repo, t
     assert all(recorded == inside for _, recorded, inside in committed)  # the bytes of that save
     assert record["model"]["path"].endswith(Path(topk.best_model_path).name)
     assert (tmp_path / "ckpt" / "last.ckpt").stat().st_nlink == 1
+    # a last.ckpt names the top-k file its callback saved in the same hook (one logged model), if any;
+    # the other callback's saves of the same step are never taken for it
+    for entry in record["checkpoints"]:
+        twins = [c["path"] for c in record["checkpoints"] if c["step"] == entry["step"]
+                 and Path(c["source"]).parent == tmp_path / "ckpt" and Path(c["path"]).name != "last.ckpt"]
+        expected = twins[-1] if Path(entry["path"]).name == "last.ckpt" and twins else None
+        assert entry.get("same_model_as") == expected, entry
+    assert any(c.get("same_model_as") for c in record["checkpoints"])
 
 
 def test_a_strategy_that_refuses_a_wrapped_checkpoint_io_still_publishes(dataset_repo, tmp_path):

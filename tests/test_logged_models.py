@@ -1,5 +1,5 @@
-"""MLflow 3 logged models: one per saved step (the files a fit saves at one step hold the same
-weights), naming the Oxen commit that holds its bytes.
+"""MLflow 3 logged models: one per committed checkpoint (a ``last.ckpt`` shares the model of the
+top-k file it copies), naming the Oxen commit that holds its bytes.
 
 One real Lightning fit (its own MLflow run, a monitored metric, top-k rotation, a registered
 model) in a real MLflow SQLite store serves most tests; a killed fit and an MLflow without
@@ -24,7 +24,7 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning_model import CsvData, TinyModel, make_trainer
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
-from mlflow.protos.databricks_pb2 import ENDPOINT_NOT_FOUND
+from mlflow.protos.databricks_pb2 import ENDPOINT_NOT_FOUND, INVALID_PARAMETER_VALUE
 
 from oxen_callbacks import PinnedDataset, read_lineage
 from oxen_callbacks._mlflow import logged_models
@@ -47,22 +47,21 @@ def _by_checkpoint(models: list) -> dict[tuple[str, str], object]:  # type: igno
 
 class _CountModelsAtTrainEnd(Callback):
     """At train end (before fit() returns and the end of the run is logged), waits until every
-    saved step has its logged model: they come while training, one per step saved."""
+    saved checkpoint has its logged model: they come while training, one per checkpoint but for a
+    ``last.ckpt`` that copies a top-k file."""
 
     def __init__(self, uri: str) -> None:
-        self.uri, self.saves, self.seen, self.committed, self.steps = uri, 0, -1, 0, set()
-
-    def on_save_checkpoint(self, trainer, *_args) -> None:  # type: ignore[no-untyped-def]
-        self.saves += 1
-        self.steps.add(trainer.global_step)
+        self.uri, self.saves, self.seen, self.committed, self.own = uri, 0, -1, 0, 0
 
     def on_train_end(self, trainer, _module) -> None:  # type: ignore[no-untyped-def]
         run = next(c for c in trainer.callbacks if isinstance(c, OxenLightningCallback)).run
         deadline = time.monotonic() + 120
+        self.saves = len(run.publisher.stall_seconds)  # one per checkpoint submitted (weights-only saves too)
         while time.monotonic() < deadline:
-            self.committed = len([r for r in run.publisher.results if r.get("kind") == "checkpoint"])
+            committed = [r for r in run.publisher.results if r.get("kind") == "checkpoint"]
+            self.committed, self.own = len(committed), len([r for r in committed if not r.get("same_model_as")])
             self.seen = len(logged_models_of_run(self.uri, run.sink.run_id)) if run.sink.run_id else 0
-            if self.committed == self.saves and self.seen == len(self.steps):
+            if self.committed == self.saves and self.seen == self.own:
                 return
             time.sleep(0.2)
 
@@ -78,35 +77,47 @@ def fitted(tmp_path_factory):
         pin = PinnedDataset(dataset.path, revision=dataset.commits[0], paths=["train.csv", "val.csv"])
         cb = OxenLightningCallback(dataset=pin, model_repo=root / "models", run_name="lm", register_model="lm-clf",
                                    experiment_name="logged-models", mlflow_tracking_uri=uri)
-        # the best (the first monitored ModelCheckpoint's) is in its own folder: never the final save
-        best = ModelCheckpoint(dirpath=root / "best", monitor="val_loss", mode="max", save_top_k=1)
-        latest = ModelCheckpoint(dirpath=root / "ckpt", monitor="step", mode="max", save_top_k=2)  # rotates epoch 0's
+        # the best (the first monitored ModelCheckpoint's) is in its own folder: never the final save;
+        # weights only, so its file is never the model of latest's full file of the same step
+        best = ModelCheckpoint(dirpath=root / "best", monitor="val_loss", mode="max", save_top_k=1, save_weights_only=True)
+        latest = ModelCheckpoint(dirpath=root / "ckpt", monitor="step", mode="max", save_top_k=2,  # rotates epoch 0's
+                                 save_last=True)
         counter = _CountModelsAtTrainEnd(uri)
         make_trainer(root / "fit", [best, latest, cb, counter], epochs=EPOCHS).fit(TinyModel(), datamodule=CsvData(pin))
         record = cb.lineage
     return {"root": root, "uri": uri, "record": record, "run_id": record["run"]["mlflow_run_id"],
-            "models": logged_models_of_run(uri, record["run"]["mlflow_run_id"]), "counted": (counter.saves, counter.committed, counter.seen, len(counter.steps)),
+            "models": logged_models_of_run(uri, record["run"]["mlflow_run_id"]),
+            "counted": (counter.saves, counter.committed, counter.seen, counter.own),
             "best": best.best_model_path}
 
 
-def test_one_logged_model_per_saved_step_names_its_bytes(fitted, tmp_path):
+def test_one_logged_model_per_committed_checkpoint_and_last_ckpt_shares_its_top_k_files(fitted, tmp_path):
     record, run_id = fitted["record"], fitted["run_id"]
-    assert len(record["checkpoints"]) > EPOCHS and any(not c["kept"] for c in record["checkpoints"])  # one rotated
-    saved_steps = {c["step"] for c in record["checkpoints"]}
-    assert len(saved_steps) < len(record["checkpoints"])  # both ModelCheckpoints saved at some step
-    # each step logged as committed, before the run's end
-    assert fitted["counted"] == (len(record["checkpoints"]),) * 2 + (len(saved_steps),) * 2
-    assert len(fitted["models"]) == len(saved_steps)  # no second model of the same weights
+    entries = record["checkpoints"]
+    assert len(entries) > EPOCHS and any(not c["kept"] for c in entries)  # one rotated
+    lasts = [c for c in entries if c["path"].endswith("/last.ckpt")]
+    assert len(lasts) == EPOCHS and all(c.get("same_model_as") for c in lasts)  # each copies latest's file of its step
+    own = [c for c in entries if not c.get("same_model_as")]
+    assert len(own) == len(entries) - EPOCHS
+    assert fitted["counted"] == (len(entries), len(entries), len(own), len(own))  # logged as committed, before the end
+    assert len(fitted["models"]) == len(own)  # no second model of a last.ckpt's weights
     models = model_of_each_checkpoint(fitted["models"], record)
+    # the weights-only best file and latest's full files (top-k, last.ckpt) of the same step are other models
+    pairs = [(a, b) for a in entries for b in entries if a["step"] == b["step"]
+             and Path(a["source"]).parent.name == "best" and Path(b["source"]).parent.name == "ckpt"]
+    assert pairs and all(models[(a["commit"], a["path"])].model_id != models[(b["commit"], b["path"])].model_id
+                         for a, b in pairs)
     run = MlflowClient(fitted["uri"]).get_run(run_id)
     steps = {o.model_id: o.step for o in run.outputs.model_outputs}
-    assert sorted(steps.values()) == sorted(saved_steps)
+    assert sorted(steps.values()) == sorted(c["step"] for c in own)
     [dataset_input] = run.inputs.dataset_inputs
-    for entry in record["checkpoints"]:
+    for entry in entries:
         model = models[(entry["commit"], entry["path"])]
         assert model.status == "READY" and model.source_run_id == run_id
         assert model.name == Path(model.tags["oxen.model.path"]).stem  # e.g. epoch=0-step=6
-        first = next(c for c in record["checkpoints"] if c["step"] == entry["step"])  # the model is the first file's
+        first = entry if not entry.get("same_model_as") else next(  # a last.ckpt: the top-k file it copies
+            c for c in entries if c["path"] == entry["same_model_as"] and c["step"] == entry["step"])
+        assert Path(first["source"]).parent.name == Path(entry["source"]).parent.name  # (the same ModelCheckpoint's)
         assert (model.tags["oxen.model.commit"], model.tags["oxen.model.path"]) == (first["commit"], first["path"])
         assert model.tags["oxen.model.repo"] == record["model"]["repo"] and model.tags["oxen.run"] == "lm"
         assert steps[model.model_id] == entry["step"]
@@ -134,8 +145,9 @@ def test_best_and_final_checkpoints_are_marked(fitted):
     found = mlflow.search_logged_models(experiment_ids=[run.info.experiment_id], output_format="list",
                                         filter_string=f"source_run_id = '{run.info.run_id}' AND tags.`oxen.model.best` = 'true'")
     assert [m.model_id for m in found] == [best.model_id]
-    last = record["checkpoints"][-1]
-    assert (final.tags["oxen.model.commit"], final.tags["oxen.model.path"]) == (last["commit"], last["path"])
+    last = record["checkpoints"][-1]  # a last.ckpt: its top-k file's model is the final one
+    assert last["path"].endswith("/last.ckpt") and final.tags["oxen.model.path"] == last["same_model_as"]
+    assert final.model_id == model_of_each_checkpoint(models, record)[(last["commit"], last["path"])].model_id
     assert (best.tags["oxen.model.commit"], best.tags["oxen.model.path"]) == (record["model"]["commit"],
                                                                               record["model"]["path"])
     assert Path(best.tags["oxen.model.path"]).name == Path(fitted["best"]).name  # the monitored metric's pick
@@ -166,23 +178,25 @@ def test_replaying_a_checkpoint_whose_model_may_exist_creates_no_second_one(fitt
     assert sync.sync_all(fitted["root"] / "cache", model_repos=[])["pending"] == 0
     models = logged_models_of_run(fitted["uri"], fitted["run_id"])
     model_of_each_checkpoint(models, record)
-    assert len(models) == len({c["step"] for c in record["checkpoints"]})
+    assert len(models) == len([c for c in record["checkpoints"] if not c.get("same_model_as")])
 
 
-
-def test_files_of_one_step_share_a_model_unless_saved_with_other_metrics(fitted, monkeypatch):
-    """A step's top-k file and ``last.ckpt`` (same fit, step, epoch, metrics) are one model, whether
-    reported together or apart; two reports of one step with other metrics (a hand-written Ray
-    report's ``step``) are two. The final mark, the best mark and a registered version reach a
-    ``last.ckpt`` through its step's model."""
+def test_a_last_ckpt_shares_its_top_k_files_model_and_nothing_else_does(fitted, monkeypatch):
+    """A ``last.ckpt`` that copies a top-k file of its step (``same_model_as``) leads to that file's
+    model, whether reported together with it or apart; two files of one step with the same metrics
+    and no such link (a Ray report, an EMA copy, another callback's weights-only file) are two
+    models. The final mark, the best mark and a registered version reach a ``last.ckpt`` through
+    its top-k file's model, and a replayed end keeps them."""
     monkeypatch.setenv("MLFLOW_TRACKING_URI", fitted["uri"])
     client = MlflowClient(fitted["uri"])
     run_id = client.create_run(client.get_run(fitted["run_id"]).info.experiment_id).info.run_id
     folder = "runs/one-step/checkpoints"
-    saves = [("c1", "epoch=0-step=6.ckpt", 6, 0.5), ("c1", "last.ckpt", 6, 0.5), ("c2", "report", 7, 0.4),
-             ("c3", "report-b", 7, 0.3), ("c4", "epoch=1-step=8.ckpt", 8, 0.2), ("c4", "last.ckpt", 8, 0.2)]
-    entries = [{"commit": c, "path": f"{folder}/{name}", "step": step, "epoch": 0, "metrics": {"val_loss": loss},
-                "fit_id": "fit-1", "kept": True} for c, name, step, loss in saves]
+    saves = [("c1", "epoch=0-step=6.ckpt", 6, None), ("c1", "last.ckpt", 6, "epoch=0-step=6.ckpt"),
+             ("c2", "report", 7, None), ("c3", "report-ema", 7, None),
+             ("c4", "epoch=1-step=8.ckpt", 8, None), ("c4", "last.ckpt", 8, "epoch=1-step=8.ckpt")]
+    entries = [{"commit": c, "path": f"{folder}/{name}", "step": step, "epoch": 0, "metrics": {"val_loss": 0.5},
+                "fit_id": "fit-1", "kept": True, **({"same_model_as": f"{folder}/{same}"} if same else {})}
+               for c, name, step, same in saves]
     record = {"run": {"name": "one-step"}, "fit_id": "fit-1", "dataset": None, "checkpoints": entries,
               "model": {"repo": str(fitted["root"] / "models"), "commit": "c1", "path": f"{folder}/last.ckpt"}}
 
@@ -191,10 +205,10 @@ def test_files_of_one_step_share_a_model_unless_saved_with_other_metrics(fitted,
 
     journal = MlflowJournal.create(fitted["root"] / "cache-one-step", {"tracking_uri": fitted["uri"], "run_id": run_id})
     journal.put(1, log_model(entries[0]))
-    # registered before the step's last.ckpt is reported: its version comes from the step's model
+    # registered before the step's last.ckpt is reported: its version comes from its top-k file's model
     journal.put(2, {"op": "publish_extras", "record": record, "register_model": "one-step", "graph": False,
                     "dataset_input": False})
-    journal.put(3, log_model(entries[1]))  # apart from its step's first file
+    journal.put(3, log_model(entries[1]))  # apart from its top-k file
     for seq, entry in enumerate(entries[2:], 4):  # together (one batch)
         journal.put(seq, log_model(entry))
     end = logged_models.mark_op({**record, "model": {**record["model"], "path": f"{folder}/epoch=0-step=6.ckpt"}},
@@ -209,7 +223,7 @@ def test_files_of_one_step_share_a_model_unless_saved_with_other_metrics(fitted,
     assert sync.sync_all(fitted["root"] / "cache-one-step-again", model_repos=[])["pending"] == 0
     found = logged_models_of_run(fitted["uri"], run_id)
     assert sorted(m.tags["oxen.model.path"].rsplit("/", 1)[1] for m in found) == [
-        "epoch=0-step=6.ckpt", "epoch=1-step=8.ckpt", "report", "report-b"]
+        "epoch=0-step=6.ckpt", "epoch=1-step=8.ckpt", "report", "report-ema"]
     models = model_of_each_checkpoint(found, record)
     [final] = [m for m in found if m.tags.get("oxen.model.final") == "true"]
     [best] = [m for m in found if m.tags.get("oxen.model.best") == "true"]
@@ -221,6 +235,36 @@ def test_files_of_one_step_share_a_model_unless_saved_with_other_metrics(fitted,
     assert best.model_id in version.source  # models:/<id>, or its artifact location (another store than the global one)
     assert (version.tags["oxen.model.commit"], version.tags["oxen.model.path"]) == ("c1", f"{folder}/last.ckpt")
 
+
+def test_a_last_ckpt_whose_top_k_file_mlflow_refused_gets_a_model_of_its_own(fitted, monkeypatch):
+    """MLflow refuses the top-k file's model (an injected INVALID_PARAMETER_VALUE: a name or tag it will
+    not take): the ``last.ckpt`` that copies it is then the model of those weights, marked final."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", fitted["uri"])
+    client = MlflowClient(fitted["uri"])
+    run_id = client.create_run(client.get_run(fitted["run_id"]).info.experiment_id).info.run_id
+    folder = "runs/refused/checkpoints"
+    entries = [{"commit": "c1", "path": f"{folder}/epoch=0-step=6.ckpt", "step": 6, "epoch": 0, "metrics": {},
+                "fit_id": "fit-1", "kept": True},
+               {"commit": "c1", "path": f"{folder}/last.ckpt", "step": 6, "epoch": 0, "metrics": {},
+                "fit_id": "fit-1", "kept": True, "same_model_as": f"{folder}/epoch=0-step=6.ckpt"}]
+    record = {"run": {"name": "refused"}, "fit_id": "fit-1", "dataset": None, "checkpoints": entries,
+              "model": {"repo": str(fitted["root"] / "models"), "commit": "c1", "path": entries[1]["path"]}}
+    create = MlflowClient.create_logged_model
+
+    def refuse_top_k(self, experiment_id, name=None, **kwargs):  # type: ignore[no-untyped-def]
+        if name == "epoch=0-step=6":
+            raise MlflowException("refused", error_code=INVALID_PARAMETER_VALUE)
+        return create(self, experiment_id, name=name, **kwargs)
+
+    monkeypatch.setattr(MlflowClient, "create_logged_model", refuse_top_k)
+    journal = MlflowJournal.create(fitted["root"] / "cache-refused", {"tracking_uri": fitted["uri"], "run_id": run_id})
+    for seq, entry in enumerate(entries, 1):
+        journal.put(seq, logged_models.checkpoint_op({**entry, "dest": entry["path"]}, record, dataset_input=False))
+    journal.put(3, logged_models.mark_op(record, best_path=None))
+    journal.mark_ended()
+    assert sync.sync_all(fitted["root"] / "cache-refused", model_repos=[])["pending"] == 0
+    [model] = logged_models_of_run(fitted["uri"], run_id)
+    assert model.tags["oxen.model.path"] == f"{folder}/last.ckpt" and model.tags.get("oxen.model.final") == "true"
 
 def test_a_run_continued_into_another_experiment_has_one_final_and_one_best_model(dataset_repo, tmp_path):
     """Fit A logs to experiment "cont"; fit B continues the run into another experiment (a forgotten
@@ -346,8 +390,9 @@ def test_killed_the_moment_fit_returns_sync_leaves_one_model_per_saved_step(data
     record = read_lineage(tmp_path / "models" / "runs" / run.data.tags["oxen.run"] / "lineage.json")
     found = logged_models_of_run(uri, run.info.run_id)
     models = model_of_each_checkpoint(found, record)
-    assert any(c["path"].endswith("/last.ckpt") for c in record["checkpoints"])  # two files a step
-    assert len(found) == len({c["step"] for c in record["checkpoints"]}) < len(record["checkpoints"])
+    lasts = [c for c in record["checkpoints"] if c["path"].endswith("/last.ckpt")]
+    assert lasts and all(c.get("same_model_as") for c in lasts)  # each copies the top-k file of its step
+    assert len(found) == len(record["checkpoints"]) - len(lasts)
     assert run.data.params and all(m.params == run.data.params for m in found)  # the logger's hparams
     last = record["checkpoints"][-1]
     assert [m.model_id for m in found if m.tags.get("oxen.model.final") == "true"] == [

@@ -1,11 +1,11 @@
-"""MLflow 3 logged models: one per saved model state, pointing at the Oxen commit that holds it.
+"""MLflow 3 logged models: one per committed checkpoint, pointing at the Oxen commit that holds it.
 
 Each checkpoint the commit worker reports becomes an *external* logged model of the run (no
-bytes copied into MLflow), unless the fit already has one for the same step: the files a fit saves
-at one step hold the same weights (Lightning's top-k file and its ``last.ckpt``, two
-``ModelCheckpoint``\ s), so the first one reported is the model, and the others lead to it (a
-Models tab without a duplicate ``last`` per save, and half the requests). A model is named after
-its checkpoint file, an output of the run at its step,
+bytes copied into MLflow), unless it holds the same model as another checkpoint of the fit: the
+trainer's adapter says so for Lightning's ``last.ckpt``, written right after the top-k file of the
+same ``ModelCheckpoint`` and step, which then leads to that file's model (no duplicate ``last``
+model per save in the Models tab, and half the requests). A model is named after its checkpoint
+file, an output of the run at its step,
 with the checkpoint's metrics (on the pinned dataset, when the run logs it as an input), the
 run's parameters, and the tags ``oxen.run`` / ``oxen.model.repo`` / ``oxen.model.commit`` /
 ``oxen.model.path`` (names: :mod:`oxen_callbacks.names`). At the end the last checkpoint's
@@ -48,7 +48,16 @@ from ..names import (
 from .abandoned import committed_record
 from .dataset_input import META_DATASET_LOGGED, log_dataset_input_noted
 from .journal import MlflowJournal
-from .model_search import Found, checkpoint_key, experiments_of_fits, find, model_state, models_of, search, with_same_state
+from .model_search import (
+    Found,
+    checkpoint_key,
+    experiments_of_fits,
+    find,
+    models_of,
+    search,
+    shared_model_key,
+    with_shared_models,
+)
 from .twins import delete_twin_models
 
 log = logging.getLogger(__name__)
@@ -56,7 +65,7 @@ log = logging.getLogger(__name__)
 MODEL_TYPE = "oxen-checkpoint"
 MARK = "true"
 _META_KEY = "logged_models"  # journal meta: {"<commit>:<path>": model id, or None while being created}
-_META_STEPS = "logged_model_steps"  # journal meta: {model state (see model_search.model_state): model id}
+_META_SHARED = "shared_models"  # journal meta: {model_search.shared_model_key: model id}
 META_LOG_MODELS = "log_models"  # journal meta: False when the run was asked for no logged models (log_models=False)
 _METRIC_NAME = re.compile(r"^[/\w.\- :]{1,250}$")  # what MLflow accepts as a metric name
 _BAD_MODEL_NAME = re.compile(r"[/:.%\"']")  # what MLflow refuses in a logged model's name
@@ -70,9 +79,9 @@ def checkpoint_op(result: dict[str, Any], record: dict[str, Any], *, dataset_inp
     """The ``log_model`` operation for a committed checkpoint (a commit worker's ``result``)."""
     return {"op": "log_model", "commit": result["commit"], "path": result["dest"], "step": result.get("step"),
             "epoch": result.get("epoch"), "metrics": result.get("metrics") or {},
-            "model_repo": record["model"]["repo"], "run": record["run"].get("name"), "fit_id": record.get("fit_id"),
+            "same_model_as": result.get("same_model_as"), "model_repo": record["model"]["repo"],
+            "run": record["run"].get("name"), "fit_id": record.get("fit_id"),
             "dataset": record.get("dataset") if dataset_input else None, "time_ms": int(time.time() * 1000)}
-
 
 
 def mark_op(record: dict[str, Any], *, best_path: str | None) -> dict[str, Any]:
@@ -167,14 +176,14 @@ def _unmark(client: Any, journal: MlflowJournal, meta: dict[str, Any], record: d
 
 
 def _take_mark_off(client: Any, models: dict[str, Found], keys: Iterable[str], tag: str, *, keep: str | None) -> None:
-    """Delete ``tag`` from the models of checkpoints ``keys`` but ``keep``'s: an earlier fit's marks, of a
-    continued run (a model of another repository once at the same path is not the run's)."""
+    """Delete ``tag`` from the models of checkpoints ``keys`` other than ``keep``'s model (compared by
+    model id: two checkpoints may share one): an earlier fit's marks, of a continued run (a model of
+    another repository once at the same path is not the run's)."""
     kept = models[keep].model_id if keep in models else None
     unmarked = {found.model_id for key, found in models.items()
                 if found.tags.get(tag) == MARK and found.model_id != kept and key in keys}
     for model_id in unmarked:
         client.delete_logged_model_tag(model_id, tag)
-
 
 
 def _complete_and_mark(client: Any, journal: MlflowJournal, meta: dict[str, Any], record: dict[str, Any],
@@ -190,10 +199,11 @@ def _complete_and_mark(client: Any, journal: MlflowJournal, meta: dict[str, Any]
         # model an earlier fit made can carry a mark to take off, and no search is needed.
         existing = {key: Found(known[key], {}) for key in keys}
     else:
-        existing = with_same_state(models_of(
+        existing = with_shared_models(models_of(
             client, experiments_of_fits(client, experiment_id, meta.get("tracking_uri"), record), repo, run), entries)
     missing = [{"commit": e["commit"], "path": e["path"], "step": e.get("step"), "epoch": e.get("epoch"),
-                "metrics": e.get("metrics") or {}, "model_repo": repo, "run": run, "fit_id": e.get("fit_id"),
+                "metrics": e.get("metrics") or {}, "same_model_as": e.get("same_model_as"), "model_repo": repo, "run": run,
+                "fit_id": e.get("fit_id"),
                 "dataset": meta.get(META_DATASET_LOGGED), "time_ms": int(time.time() * 1000)} for e in entries
                # (an earlier fit's checkpoints: their models are its own MLflow run's, or were not wanted)
                if checkpoint_key(e["commit"], e["path"]) not in existing and saved_by(e, record)]
@@ -268,13 +278,14 @@ def model_id_for(client: Any, meta: dict[str, Any], record: dict[str, Any]) -> s
     key = checkpoint_key(model["commit"], model["path"])
     if known := (meta.get(_META_KEY) or {}).get(key):
         return known
-    entries = [e for e in record.get("checkpoints") or [] if isinstance(e, dict) and e.get("commit") and e.get("path")]
-    if key not in {checkpoint_key(e["commit"], e["path"]) for e in entries}:
-        entries.append({"commit": model["commit"], "path": model["path"]})
-    models: dict[str, Found] = {}
-    with _unless_the_server_lacks_them(client):  # (its model may be another file's of the same step)
-        models = models_of(client, [_experiment_id(client, meta)], model["repo"], record["run"].get("name"))
-    found = with_same_state(models, entries).get(key)
+    found = None
+    with _unless_the_server_lacks_them(client):
+        experiment_id = _experiment_id(client, meta)
+        found = find(client, [experiment_id], model["repo"], model["commit"], model["path"])
+        if found is None:  # (a last.ckpt leads to its top-k file's model)
+            entries = [e for e in record.get("checkpoints") or [] if isinstance(e, dict) and e.get("commit") and e.get("path")]
+            found = with_shared_models(models_of(client, [experiment_id], model["repo"], record["run"].get("name")),
+                                       entries).get(key)
     return found.model_id if found else None
 
 
@@ -282,8 +293,8 @@ def model_id_for(client: Any, meta: dict[str, Any], record: dict[str, Any]) -> s
 def _ensure(client: Any, journal: MlflowJournal, meta: dict[str, Any], ops: list[dict[str, Any]],
             existing: dict[str, Found] | None) -> dict[str, Any]:
     """Each checkpoint's logged model, created unless the journal (or a search, after an attempt that
-    may have created it) knows it, or its step's state has one (see :func:`_state`); returns the
-    journal's meta, updated with their ids.
+    may have created it) knows it, or it holds the model of another checkpoint that has one (see
+    :func:`.model_search.shared_model_key`); returns the journal's meta, updated with their ids.
 
     The journal notes every checkpoint before its model is created and its id after (one write
     each for the whole batch), so a replay after a kill never makes a second model.
@@ -293,29 +304,31 @@ def _ensure(client: Any, journal: MlflowJournal, meta: dict[str, Any], ops: list
     if not todo:
         return meta
     experiment_id, meta = _experiment(client, journal, meta)
-    steps = dict(meta.get(_META_STEPS) or {})
-    first: dict[str, str] = {}  # state -> the key whose model it is (the first reported)
-    same: dict[str, str] = {}  # key -> its state, when another checkpoint's model is that state's
-    for key, op in todo.items():
-        state = model_state(op)
-        if state and (state in steps or state in first):
-            same[key] = state
-        elif state:
-            first[state] = key
-    creating = {key: op for key, op in todo.items() if key not in same}
-    found: dict[str, str | None] = {}
-    for key, op in creating.items():
-        if key in known:  # an attempt died or failed after noting it: its model may exist
-            hit = (existing.get(key) if existing is not None
-                   else find(client, [experiment_id], op["model_repo"], op["commit"], op["path"]))
-            found[key] = hit.model_id if hit else None
     if new := {key: None for key in todo if key not in known}:
         meta = {**meta, _META_KEY: {**known, **new}}
         journal.write_meta(meta)
-    made = _create(client, meta["run_id"], experiment_id, creating, found)
-    steps.update({state: made[key] for state, key in first.items() if key in made})
-    made.update({key: steps[state] for key, state in same.items() if state in steps})
-    meta = {**meta, _META_KEY: {**(meta.get(_META_KEY) or {}), **made}, _META_STEPS: steps}
+    shared = dict(meta.get(_META_SHARED) or {})
+    made: dict[str, str] = {}
+    while todo:  # (a second round only when MLflow refused the model of a checkpoint others share)
+        creating: dict[str, dict[str, Any]] = {}
+        sharing: dict[str, str] = {}  # key -> the shared model it waits for
+        for key, op in todo.items():
+            if (of := shared_model_key(op)) and (of in shared or any(shared_model_key(c) == of for c in creating.values())):
+                sharing[key] = of
+            else:
+                creating[key] = op
+        found: dict[str, str | None] = {}
+        for key, op in creating.items():
+            if key in known:  # an attempt died or failed after noting it: its model may exist
+                hit = (existing.get(key) if existing is not None
+                       else find(client, [experiment_id], op["model_repo"], op["commit"], op["path"]))
+                found[key] = hit.model_id if hit else None
+        created = _create(client, meta["run_id"], experiment_id, creating, found)
+        made.update(created)
+        shared.update({of: created[key] for key, op in creating.items() if key in created and (of := shared_model_key(op))})
+        made.update({key: shared[of] for key, of in sharing.items() if of in shared})
+        todo = {key: todo[key] for key in sharing if key not in made}
+    meta = {**meta, _META_KEY: {**(meta.get(_META_KEY) or {}), **made}, _META_SHARED: shared}
     journal.write_meta(meta)
     return meta
 
@@ -334,8 +347,6 @@ def _create(client: Any, run_id: str, experiment_id: str, ops: dict[str, dict[st
         outputs = client.get_run(run_id).outputs
         linked = {o.model_id for o in (outputs.model_outputs if outputs else [])}
     made: dict[str, str] = {}
-    if not ops:
-        return made
     for key, op in ops.items():
         if found.get(key):
             made[key] = found[key]  # type: ignore[assignment]

@@ -9,8 +9,6 @@ off an earlier fit's models wherever they are.
 
 from __future__ import annotations
 
-import hashlib
-import json
 from typing import Any
 
 from ..names import TAG_MODEL_COMMIT, TAG_MODEL_PATH, TAG_MODEL_REPO, TAG_RUN
@@ -28,30 +26,29 @@ def checkpoint_key(commit: str, path: str) -> str:
     return f"{commit}:{path}"
 
 
-def model_state(checkpoint: dict[str, Any]) -> str | None:
-    """Which model state a checkpoint (a record's entry, or a ``log_model`` operation) holds: the files
-    its fit saved at one step, with the same epoch and metrics, hold the same weights (Lightning's
-    top-k file and ``last.ckpt``; two ``ModelCheckpoint``\\ s). ``None``, a model of its own, without
-    a step or a fit id (records before fit ids: a killed fit and the fit that continued it may both
-    have saved a step). The metrics guard against a step that is not the trainer's (a hand-written
-    Ray report)."""
+def shared_model_key(checkpoint: dict[str, Any]) -> str | None:
+    """Which logged model a checkpoint (a record's entry, or a ``log_model`` operation) belongs to:
+    its fit's step and its own path, or the path it holds the same model as (``same_model_as``: the
+    trainer's adapter says so, for Lightning's ``last.ckpt`` written right after the top-k file of the
+    same ``ModelCheckpoint`` and step). ``None`` (a model of its own, by commit and path) without a
+    step or a fit id (records before fit ids)."""
     step, fit = checkpoint.get("step"), checkpoint.get("fit_id")
     if not (isinstance(step, int) and not isinstance(step, bool) and isinstance(fit, str)):
         return None
-    saved_with = json.dumps([checkpoint.get("epoch"), checkpoint.get("metrics") or {}], sort_keys=True, default=str)
-    return f"{fit}@{step}#{hashlib.sha256(saved_with.encode()).hexdigest()[:16]}"
+    same = checkpoint.get("same_model_as")
+    return f"{fit}@{step}:{same if isinstance(same, str) else checkpoint['path']}"
 
 
-def with_same_state(models: dict[str, Found], entries: list[dict[str, Any]]) -> dict[str, Found]:
+def with_shared_models(models: dict[str, Found], entries: list[dict[str, Any]]) -> dict[str, Found]:
     """``models`` (by checkpoint key), with each of ``entries`` whose own key has none given the model
-    of another checkpoint of its state (:func:`model_state`: the first file saved at its step has it)."""
+    of the checkpoint it holds the same model as (:func:`shared_model_key`)."""
     by_state: dict[str, Found] = {}
     for e in entries:
-        if (state := model_state(e)) and (hit := models.get(checkpoint_key(e["commit"], e["path"]))):
+        if (state := shared_model_key(e)) and (hit := models.get(checkpoint_key(e["commit"], e["path"]))):
             by_state.setdefault(state, hit)
     out = dict(models)
     for e in entries:
-        if (state := model_state(e)) in by_state:
+        if (state := shared_model_key(e)) in by_state:
             out.setdefault(checkpoint_key(e["commit"], e["path"]), by_state[state])  # type: ignore[index]
     return out
 

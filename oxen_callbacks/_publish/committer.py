@@ -184,6 +184,8 @@ class Committer:
             "source": p.get("source"),  # which file of the trainer's it is (several folders may share names)
             "fit_id": (p.get("record") or {}).get("fit_id"),  # which fit saved it (a continued run has several)
         }
+        if isinstance(p.get("same_model_as"), str):  # the checkpoint of the same step it is a copy of
+            entry["same_model_as"] = p["same_model_as"]
         record["checkpoints"] = [c for c in record["checkpoints"] if c.get("job") != entry["job"]] + [entry]
         if not finalized(record) and late is None:  # a late job never moves a finished (or later) fit's model
             record["model"].update({"path": dest_rel, "commit": None})
@@ -191,7 +193,8 @@ class Committer:
         prestore(self.repo.path, dest)
         self.repo.add(dest_rel)
         return {"seq": job.seq, "kind": "checkpoint", "ok": True, "dest": dest_rel, "step": entry["step"],
-                "epoch": entry["epoch"], "metrics": entry["metrics"], "source": p.get("source")}
+                "epoch": entry["epoch"], "metrics": entry["metrics"], "source": p.get("source"),
+                "same_model_as": entry.get("same_model_as")}
 
     def _stage_finalize(self, job: Job, removals: list[Job]) -> str:
         """Write the run's final record (status, end, the model it names); returns its status."""

@@ -279,9 +279,11 @@ class CheckpointPublisher:
         epoch: int | None = None,
         metrics: dict[str, float] | None = None,
         copy: bool = False,
+        same_model_as: str | os.PathLike[str] | None = None,
     ) -> int:
         """Freeze the finished checkpoint at ``path`` (file or folder) and queue its commit
-        (``copy``: freeze a copy, see :func:`~oxen_callbacks._publish.freeze.freeze`)."""
+        (``copy``: freeze a copy, see :func:`~oxen_callbacks._publish.freeze.freeze`; ``same_model_as``:
+        a checkpoint submitted before, at the same step, that holds the same model: one logged model)."""
         started = time.perf_counter()
         if not os.path.exists(path):
             raise PublishError(f"Checkpoint {path} does not exist (was it written?)")
@@ -296,6 +298,8 @@ class CheckpointPublisher:
         payload = {"run": self.run, "dest": dest, "staged_name": name, "source": os.path.abspath(path),
                    "step": step, "epoch": epoch, "metrics": metrics or {}, "files": files, "bytes": size,
                    "message": redact_text(message), "record": record}
+        if same_model_as is not None and (same_dest := self.dests.known(same_model_as)) is not None:
+            payload["same_model_as"] = same_dest
         self._put("checkpoint", payload)
         self.stall_seconds.append(time.perf_counter() - started)
         return seq
