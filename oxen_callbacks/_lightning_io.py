@@ -154,8 +154,9 @@ class CheckpointWatch:
         if not written:
             log.warning("A checkpoint was written without the strategy's CheckpointIO and outside every "
                         "ModelCheckpoint path: it is not committed to the model repository.")
-        lasts = {cb.last_model_path for cb in self.trainer.checkpoint_callbacks if isinstance(cb, ModelCheckpoint)}
-        for path in sorted(written, key=lambda p: p in lasts):  # (a top-k file before the last.ckpt that copies it)
+        lasts = {os.path.abspath(cb.last_model_path) for cb in self.trainer.checkpoint_callbacks
+                 if isinstance(cb, ModelCheckpoint) and cb.last_model_path}
+        for path in sorted(written, key=lambda p: os.path.abspath(p) in lasts):  # (a top-k file before its last.ckpt)
             self._publish(path, begun.step, begun.epoch, begun.metrics, copy=True)
 
 
@@ -177,11 +178,15 @@ def _top_k_twin(trainer: pl.Trainer, path: str, published_at_step: list[str]) ->
     """When ``path`` is a ``ModelCheckpoint``'s ``last.ckpt`` (``save_last``): the top-k file that
     callback saved at the same step, of those ``published_at_step``. It holds the same model (same
     callback, so the same ``save_weights_only``), and MLflow gets one logged model for both.
-    Another callback's file, or one outside its top-k (an EMA copy), is never taken for it."""
+    Another callback's file, or one outside its top-k (an EMA copy), is never taken for it. (Paths
+    compared absolute: a strategy may hand its CheckpointIO another spelling of the callback's path.)"""
+    this = os.path.abspath(path)
     for cb in trainer.checkpoint_callbacks:
-        if isinstance(cb, ModelCheckpoint) and cb.last_model_path == path and path not in cb.best_k_models:
-            top_k = {*cb.best_k_models, cb.best_model_path}
-            return next((p for p in reversed(published_at_step) if p in top_k and p != path), None)
+        if not (isinstance(cb, ModelCheckpoint) and cb.last_model_path and os.path.abspath(cb.last_model_path) == this):
+            continue
+        top_k = {os.path.abspath(p) for p in (*cb.best_k_models, cb.best_model_path) if p} - {this}
+        if twin := next((p for p in reversed(published_at_step) if os.path.abspath(p) in top_k), None):
+            return twin
     return None
 
 

@@ -145,21 +145,24 @@ def logged_models_of_run(uri: str, run_id: str) -> list:  # type: ignore[type-ar
 
 def model_of_each_checkpoint(models: list, record: dict) -> dict:  # type: ignore[type-arg]
     """Each checkpoint of ``record`` (by ``(commit, path)``) -> its logged model: its own, or (a
-    ``last.ckpt`` with ``same_model_as``) that of the top-k file its fit saved at the same step.
-    Asserts that no checkpoint has two models, that every model names one of the run's
-    checkpoints, and that each checkpoint has one."""
-    def shared(c: dict) -> tuple:  # type: ignore[type-arg]
-        if c.get("fit_id") is None:  # (records before fit ids: one model per file)
-            return c["commit"], c["path"]
-        return c["fit_id"], c["step"], c.get("same_model_as") or c["path"]
-
-    entries = {(c["commit"], c["path"]): c for c in record["checkpoints"]}
-    by_model: dict = {}  # type: ignore[type-arg]
+    ``last.ckpt`` with ``same_model_as``) that of the latest save before it of that path at its fit's
+    step. Asserts that every model names one of the run's checkpoints, that no checkpoint has two,
+    and that each has one."""
+    entries = {(c["commit"], c["path"]) for c in record["checkpoints"]}
+    own: dict = {}  # type: ignore[type-arg]
     for model in models:
-        entry = entries[(model.tags["oxen.model.commit"], model.tags["oxen.model.path"])]
-        assert shared(entry) not in by_model, f"two logged models for {entry['path']}: {by_model[shared(entry)]}, {model}"
-        by_model[shared(entry)] = model
-    return {key: by_model[shared(c)] for key, c in entries.items()}
+        key = (model.tags["oxen.model.commit"], model.tags["oxen.model.path"])
+        assert key in entries and key not in own, f"a logged model of no checkpoint, or a second one: {model}"
+        own[key] = model
+    out: dict = {}  # type: ignore[type-arg]
+    latest: dict = {}  # type: ignore[type-arg]
+    for c in record["checkpoints"]:
+        key = (c["commit"], c["path"])
+        if key in own:
+            out[key] = latest[(c.get("fit_id"), c["step"], c["path"])] = own[key]
+        else:
+            out[key] = latest[(c.get("fit_id"), c["step"], c.get("same_model_as"))]
+    return out
 
 
 def process_running(pid: int) -> bool:

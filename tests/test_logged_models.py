@@ -183,16 +183,19 @@ def test_replaying_a_checkpoint_whose_model_may_exist_creates_no_second_one(fitt
 
 def test_a_last_ckpt_shares_its_top_k_files_model_and_nothing_else_does(fitted, monkeypatch):
     """A ``last.ckpt`` that copies a top-k file of its step (``same_model_as``) leads to that file's
-    model, whether reported together with it or apart; two files of one step with the same metrics
-    and no such link (a Ray report, an EMA copy, another callback's weights-only file) are two
-    models. The final mark, the best mark and a registered version reach a ``last.ckpt`` through
-    its top-k file's model, and a replayed end keeps them."""
+    model (the latest save of that path), whether reported together with it or apart; two files of
+    one step with the same metrics and no such link (a Ray report, an EMA copy, another callback's
+    weights-only file, one path saved twice) are two models. The final mark, the best mark and a
+    registered version reach a ``last.ckpt`` through its top-k file's model, and a replayed end keeps
+    them."""
     monkeypatch.setenv("MLFLOW_TRACKING_URI", fitted["uri"])
     client = MlflowClient(fitted["uri"])
     run_id = client.create_run(client.get_run(fitted["run_id"]).info.experiment_id).info.run_id
     folder = "runs/one-step/checkpoints"
     saves = [("c1", "epoch=0-step=6.ckpt", 6, None), ("c1", "last.ckpt", 6, "epoch=0-step=6.ckpt"),
              ("c2", "report", 7, None), ("c3", "report-ema", 7, None),
+             # one path saved twice at one step (other bytes), then a last.ckpt of the second save
+             ("c5", "latest.pt", 7, None), ("c6", "latest.pt", 7, None), ("c6", "last.ckpt", 7, "latest.pt"),
              ("c4", "epoch=1-step=8.ckpt", 8, None), ("c4", "last.ckpt", 8, "epoch=1-step=8.ckpt")]
     entries = [{"commit": c, "path": f"{folder}/{name}", "step": step, "epoch": 0, "metrics": {"val_loss": 0.5},
                 "fit_id": "fit-1", "kept": True, **({"same_model_as": f"{folder}/{same}"} if same else {})}
@@ -213,7 +216,7 @@ def test_a_last_ckpt_shares_its_top_k_files_model_and_nothing_else_does(fitted, 
         journal.put(seq, log_model(entry))
     end = logged_models.mark_op({**record, "model": {**record["model"], "path": f"{folder}/epoch=0-step=6.ckpt"}},
                                 best_path=f"{folder}/epoch=0-step=6.ckpt")
-    journal.put(9, end)
+    journal.put(20, end)
     journal.mark_ended()
     assert sync.sync_all(fitted["root"] / "cache-one-step", model_repos=[])["pending"] == 0
     # the end replayed from a journal that knows no model ids (found by searching, marks already on)
@@ -222,9 +225,11 @@ def test_a_last_ckpt_shares_its_top_k_files_model_and_nothing_else_does(fitted, 
     again.mark_ended()
     assert sync.sync_all(fitted["root"] / "cache-one-step-again", model_repos=[])["pending"] == 0
     found = logged_models_of_run(fitted["uri"], run_id)
-    assert sorted(m.tags["oxen.model.path"].rsplit("/", 1)[1] for m in found) == [
-        "epoch=0-step=6.ckpt", "epoch=1-step=8.ckpt", "report", "report-ema"]
+    assert sorted((m.tags["oxen.model.path"].rsplit("/", 1)[1], m.tags["oxen.model.commit"]) for m in found) == [
+        ("epoch=0-step=6.ckpt", "c1"), ("epoch=1-step=8.ckpt", "c4"), ("latest.pt", "c5"), ("latest.pt", "c6"),
+        ("report", "c2"), ("report-ema", "c3")]
     models = model_of_each_checkpoint(found, record)
+    assert models[("c6", f"{folder}/last.ckpt")].tags["oxen.model.commit"] == "c6"  # the save it copies
     [final] = [m for m in found if m.tags.get("oxen.model.final") == "true"]
     [best] = [m for m in found if m.tags.get("oxen.model.best") == "true"]
     assert final.model_id == models[("c4", f"{folder}/last.ckpt")].model_id

@@ -53,9 +53,10 @@ from .model_search import (
     checkpoint_key,
     experiments_of_fits,
     find,
+    model_key,
     models_of,
     search,
-    shared_model_key,
+    shared_model_of,
     with_shared_models,
 )
 from .twins import delete_twin_models
@@ -65,7 +66,7 @@ log = logging.getLogger(__name__)
 MODEL_TYPE = "oxen-checkpoint"
 MARK = "true"
 _META_KEY = "logged_models"  # journal meta: {"<commit>:<path>": model id, or None while being created}
-_META_SHARED = "shared_models"  # journal meta: {model_search.shared_model_key: model id}
+_META_SHARED = "shared_models"  # journal meta: {model_search.model_key: the latest model made of it}
 META_LOG_MODELS = "log_models"  # journal meta: False when the run was asked for no logged models (log_models=False)
 _METRIC_NAME = re.compile(r"^[/\w.\- :]{1,250}$")  # what MLflow accepts as a metric name
 _BAD_MODEL_NAME = re.compile(r"[/:.%\"']")  # what MLflow refuses in a logged model's name
@@ -294,7 +295,7 @@ def _ensure(client: Any, journal: MlflowJournal, meta: dict[str, Any], ops: list
             existing: dict[str, Found] | None) -> dict[str, Any]:
     """Each checkpoint's logged model, created unless the journal (or a search, after an attempt that
     may have created it) knows it, or it holds the model of another checkpoint that has one (see
-    :func:`.model_search.shared_model_key`); returns the journal's meta, updated with their ids.
+    :func:`.model_search.shared_model_of`); returns the journal's meta, updated with their ids.
 
     The journal notes every checkpoint before its model is created and its id after (one write
     each for the whole batch), so a replay after a kill never makes a second model.
@@ -307,16 +308,22 @@ def _ensure(client: Any, journal: MlflowJournal, meta: dict[str, Any], ops: list
     if new := {key: None for key in todo if key not in known}:
         meta = {**meta, _META_KEY: {**known, **new}}
         journal.write_meta(meta)
-    shared = dict(meta.get(_META_SHARED) or {})
+    shared = dict(meta.get(_META_SHARED) or {})  # model key -> id: the latest model made of each
     made: dict[str, str] = {}
-    while todo:  # (a second round only when MLflow refused the model of a checkpoint others share)
+    while todo:  # (a second round only when MLflow refused the model that others share)
         creating: dict[str, dict[str, Any]] = {}
-        sharing: dict[str, str] = {}  # key -> the shared model it waits for
+        sharing: dict[str, str] = {}  # key -> the key of the checkpoint (created now) whose model it shares
+        latest: dict[str, str] = {}  # model key -> the key of the latest checkpoint creating it so far
         for key, op in todo.items():
-            if (of := shared_model_key(op)) and (of in shared or any(shared_model_key(c) == of for c in creating.values())):
-                sharing[key] = of
+            of = shared_model_of(op)
+            if of is not None and of in latest:
+                sharing[key] = latest[of]
+            elif of is not None and of in shared:
+                made[key] = shared[of]
             else:
                 creating[key] = op
+                if own := model_key(op):
+                    latest[own] = key
         found: dict[str, str | None] = {}
         for key, op in creating.items():
             if key in known:  # an attempt died or failed after noting it: its model may exist
@@ -325,8 +332,8 @@ def _ensure(client: Any, journal: MlflowJournal, meta: dict[str, Any], ops: list
                 found[key] = hit.model_id if hit else None
         created = _create(client, meta["run_id"], experiment_id, creating, found)
         made.update(created)
-        shared.update({of: created[key] for key, op in creating.items() if key in created and (of := shared_model_key(op))})
-        made.update({key: shared[of] for key, of in sharing.items() if of in shared})
+        made.update({key: created[of] for key, of in sharing.items() if of in created})
+        shared.update({own: created[key] for own, key in latest.items() if key in created})
         todo = {key: todo[key] for key in sharing if key not in made}
     meta = {**meta, _META_KEY: {**(meta.get(_META_KEY) or {}), **made}, _META_SHARED: shared}
     journal.write_meta(meta)

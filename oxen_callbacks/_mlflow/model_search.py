@@ -26,30 +26,35 @@ def checkpoint_key(commit: str, path: str) -> str:
     return f"{commit}:{path}"
 
 
-def shared_model_key(checkpoint: dict[str, Any]) -> str | None:
-    """Which logged model a checkpoint (a record's entry, or a ``log_model`` operation) belongs to:
-    its fit's step and its own path, or the path it holds the same model as (``same_model_as``: the
-    trainer's adapter says so, for Lightning's ``last.ckpt`` written right after the top-k file of the
-    same ``ModelCheckpoint`` and step). ``None`` (a model of its own, by commit and path) without a
-    step or a fit id (records before fit ids)."""
-    step, fit = checkpoint.get("step"), checkpoint.get("fit_id")
-    if not (isinstance(step, int) and not isinstance(step, bool) and isinstance(fit, str)):
-        return None
+def model_key(checkpoint: dict[str, Any]) -> str | None:
+    """How another checkpoint of the same fit and step names this one's model (its ``same_model_as``):
+    ``<fit>@<step>:<path>``; ``None`` without a step or a fit id (records before fit ids)."""
+    step, fit, path = checkpoint.get("step"), checkpoint.get("fit_id"), checkpoint.get("path")
+    if isinstance(step, int) and not isinstance(step, bool) and isinstance(fit, str) and isinstance(path, str):
+        return f"{fit}@{step}:{path}"
+    return None
+
+
+def shared_model_of(checkpoint: dict[str, Any]) -> str | None:
+    """The :func:`model_key` of the checkpoint this one (a record's entry, or a ``log_model``
+    operation) holds the same model as, by its ``same_model_as`` (what the trainer's adapter says of
+    Lightning's ``last.ckpt`` written right after the top-k file of the same callback and step), or
+    ``None``: a model of its own. Only such a checkpoint ever takes another's model."""
     same = checkpoint.get("same_model_as")
-    return f"{fit}@{step}:{same if isinstance(same, str) else checkpoint['path']}"
+    return model_key({**checkpoint, "path": same}) if isinstance(same, str) else None
 
 
 def with_shared_models(models: dict[str, Found], entries: list[dict[str, Any]]) -> dict[str, Found]:
-    """``models`` (by checkpoint key), with each of ``entries`` whose own key has none given the model
-    of the checkpoint it holds the same model as (:func:`shared_model_key`)."""
-    by_state: dict[str, Found] = {}
-    for e in entries:
-        if (state := shared_model_key(e)) and (hit := models.get(checkpoint_key(e["commit"], e["path"]))):
-            by_state.setdefault(state, hit)
-    out = dict(models)
-    for e in entries:
-        if (state := shared_model_key(e)) in by_state:
-            out.setdefault(checkpoint_key(e["commit"], e["path"]), by_state[state])  # type: ignore[index]
+    """``models`` (by checkpoint key), with each of ``entries`` (in the order they were saved) that has
+    none of its own and holds the same model as an earlier one (:func:`shared_model_of`) given that
+    one's model (the latest save of it before this one)."""
+    out, latest = dict(models), {}
+    for entry in entries:
+        key = checkpoint_key(entry["commit"], entry["path"])
+        if key not in out and (of := shared_model_of(entry)) in latest:
+            out[key] = latest[of]
+        elif key in models and (own := model_key(entry)):
+            latest[own] = models[key]
     return out
 
 
