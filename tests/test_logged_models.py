@@ -378,7 +378,7 @@ def test_a_fit_without_checkpoints_still_logs_its_dataset_input(dataset_repo, tm
 
 
 @pytest.mark.timeout(600)
-def test_killed_the_moment_fit_returns_sync_leaves_one_model_per_saved_step(dataset_repo, tmp_path):
+def test_killed_the_moment_fit_returns_sync_leaves_each_checkpoint_one_logged_model(dataset_repo, tmp_path):
     """SIGKILL right after fit() of a run joined from MLFlowLogger (a thread of the killed process
     served its journal), then `sync`: every committed checkpoint leads to exactly one logged model,
     its step's (``last.ckpt`` and the top-k file of a step share it), and the end's extras the fit

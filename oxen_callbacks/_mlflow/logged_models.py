@@ -332,7 +332,7 @@ def _ensure(client: Any, journal: MlflowJournal, meta: dict[str, Any], ops: list
                 found[key] = hit.model_id if hit else None
         created = _create(client, meta["run_id"], experiment_id, creating, found)
         made.update(created)
-        made.update({key: created[of] for key, of in sharing.items() if of in created})
+        made.update({key: created[creator] for key, creator in sharing.items() if creator in created})
         shared.update({own: created[key] for own, key in latest.items() if key in created})
         todo = {key: todo[key] for key in sharing if key not in made}
     meta = {**meta, _META_KEY: {**(meta.get(_META_KEY) or {}), **made}, _META_SHARED: shared}
