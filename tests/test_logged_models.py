@@ -271,6 +271,31 @@ def test_a_last_ckpt_whose_top_k_file_mlflow_refused_gets_a_model_of_its_own(fit
     [model] = logged_models_of_run(fitted["uri"], run_id)
     assert model.tags["oxen.model.path"] == f"{folder}/last.ckpt" and model.tags.get("oxen.model.final") == "true"
 
+
+def test_tampered_same_model_as_values_never_link_across_steps_or_forward_nor_crash_sync(fitted, monkeypatch):
+    """A record edited by hand, fed to `sync`'s end: ``same_model_as`` that is not a string, names the
+    checkpoint itself, another step's file, or a file saved after it. `sync` finishes, and each such
+    checkpoint keeps a model of its own: a link is only ever followed to an earlier save of the same
+    fit and step (what a real last.ckpt names)."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", fitted["uri"])
+    client = MlflowClient(fitted["uri"])
+    run_id = client.create_run(client.get_run(fitted["run_id"]).info.experiment_id).info.run_id
+    folder = "runs/tampered/checkpoints"
+    saves = [("c1", "a.ckpt", 6, None), ("c1", "b.ckpt", 6, 42), ("c1", "c.ckpt", 6, "c.ckpt"),
+             ("c2", "d.ckpt", 7, "a.ckpt"), ("c2", "e.ckpt", 7, "f.ckpt"), ("c2", "f.ckpt", 7, None)]
+    entries = [{"commit": c, "path": f"{folder}/{name}", "step": step, "epoch": 0, "metrics": {}, "fit_id": "fit-1",
+                "kept": True, "same_model_as": same if not isinstance(same, str) else f"{folder}/{same}"}
+               for c, name, step, same in saves]
+    record = {"run": {"name": "tampered"}, "fit_id": "fit-1", "dataset": None, "checkpoints": entries,
+              "model": {"repo": str(fitted["root"] / "models"), "commit": "c2", "path": entries[-1]["path"]}}
+    journal = MlflowJournal.create(fitted["root"] / "cache-tampered", {"tracking_uri": fitted["uri"], "run_id": run_id})
+    journal.put(1, logged_models.mark_op(record, best_path=None))
+    journal.mark_ended()
+    assert sync.sync_all(fitted["root"] / "cache-tampered", model_repos=[])["pending"] == 0
+    found = logged_models_of_run(fitted["uri"], run_id)
+    assert sorted(m.tags["oxen.model.path"].rsplit("/", 1)[1] for m in found) == [
+        "a.ckpt", "b.ckpt", "c.ckpt", "d.ckpt", "e.ckpt", "f.ckpt"]
+
 def test_a_run_continued_into_another_experiment_has_one_final_and_one_best_model(dataset_repo, tmp_path):
     """Fit A logs to experiment "cont"; fit B continues the run into another experiment (a forgotten
     ``experiment_name``). A's models lose their final and best marks there too: across experiments,
