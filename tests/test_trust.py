@@ -371,6 +371,47 @@ def test_a_name_still_held_by_this_process_says_so(tmp_path):
         first.finish("FAILED")
 
 
+def test_a_name_whose_checkpoint_is_only_queued_is_taken_and_names_around_it_are_not(tmp_path, monkeypatch):
+    """A training process of run "exp-2" saved a checkpoint that is still queued (its worker has not committed
+    it yet). A fit finds a run's queues by their folder names: "exp-2" is taken, "exp" and "exp-2-b" (whose
+    queue folder names start or end alike) are free, and a queue folder that only looks like another run's
+    (its meta names another run: renamed by hand) is not that run's."""
+    from oxen_callbacks._oxen.identity import resolve_author, worker_environment
+    from oxen_callbacks._publish.opening import open_model_repo
+    from oxen_callbacks._publish.queue import JobQueue, run_backlog
+    from oxen_callbacks._util.locks import FileLock
+    from oxen_callbacks.run import LineageRun
+
+    for key, value in worker_environment(resolve_author(("T", "t@example.com")), tmp_path / "cache").items():
+        monkeypatch.setenv(key, value)
+    models = tmp_path / "models"
+    open_model_repo(models, tmp_path / "cache")
+    queued = JobQueue.create(models, "exp-2", {"pid": os.getpid()})
+    owner = FileLock(queued.owner_lock)
+    owner.acquire()  # its training process lives: no worker adopts the job meanwhile
+    queued.staging_for(1).mkdir(parents=True)
+    (queued.staging_for(1) / "c.ckpt").write_bytes(b"weights")
+    queued.put(1, "checkpoint", {"run": "exp-2", "dest": "runs/exp-2/checkpoints/c.ckpt", "staged_name": "c.ckpt",
+                                 "step": 1, "epoch": 0, "metrics": {}, "message": "exp-2 c", "record": {}})
+    lookalike = JobQueue.create(models, "other", {"pid": os.getpid()})
+    lookalike.folder.rename(lookalike.folder.with_name("exp-2-b-0123abcd"))  # named like run "exp-2-b"'s
+    lookalike = JobQueue(lookalike.folder.with_name("exp-2-b-0123abcd"))
+    lookalike.put(1, "checkpoint", {"run": "other", "dest": "runs/other/c.ckpt", "staged_name": "c.ckpt"})
+    try:
+        assert [q.folder for q, _jobs in run_backlog(models, "exp-2")] == [queued.folder]
+        assert run_backlog(models, "exp") == run_backlog(models, "exp-2-b") == []
+        taken = LineageRun(dataset=None, model_repo=models, framework=("test", "0"), mlflow=False, run_name="exp-2")
+        with pytest.raises(ConfigurationError, match=r"run_name='exp-2' is already taken"):
+            taken.start()
+        for free in ("exp", "exp-2-b"):
+            run = LineageRun(dataset=None, model_repo=models, framework=("test", "0"), mlflow=False, run_name=free)
+            run.start()
+            run.finish("FINISHED")
+            assert run.record["run"]["name"] == free
+    finally:
+        owner.release()
+
+
 def test_a_failed_checkpoint_job_is_listed_only_once_committed(tmp_path, monkeypatch):
     """A job that fails (here: one injected transient add failure) stays queued; later jobs go on.
     The lineage never lists it under another checkpoint's commit, and its retry by sync after the

@@ -19,7 +19,7 @@ from .._oxen.identity import resolve_author, worker_environment
 from .._util.cache import default_cache_dir
 from .._util.locks import FileLock
 from .._util.processes import python_command
-from .queue import JobQueue, all_queues
+from .queue import JobQueue, queues_of_run
 from .warm_worker import worker_arguments
 
 log = logging.getLogger(__name__)
@@ -45,7 +45,7 @@ def commit_record(model_repo: str | os.PathLike[str], run: str, record: dict[str
     when the commit failed (nothing is left queued).
     """
     repo = Path(model_repo)
-    earlier = [meta for meta in (q.meta() for q in all_queues(repo)) if meta.get("run") == run]
+    earlier = [queue.meta() for queue in queues_of_run(repo, run)]
     like = earlier[-1] if earlier else {}  # the run's own author, remote and branch (kept for a day)
     env = like.get("env")
     if env is None:  # (forgotten by now: this machine's identity)

@@ -18,9 +18,10 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import shutil
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,8 @@ from .._util.locks import is_locked
 
 log = logging.getLogger(__name__)
 
+#: A queue folder's name: its run's, then 8 hex digits of its own (:meth:`JobQueue.create`).
+_QUEUE_NAME = re.compile(r"(.+)-[0-9a-f]{8}")
 _Fields = dict[str, tuple[type, ...]]
 #: What a job file (``jobs/<seq>.json``) holds: each field and the types it may have.
 _JOB_FIELDS: _Fields = {"seq": (int,), "kind": (str,), "payload": (dict,)}
@@ -76,7 +79,7 @@ class JobQueue:
 
     @classmethod
     def create(cls, model_repo: str | os.PathLike[str], run: str, meta: dict[str, Any]) -> "JobQueue":
-        queue = cls(queues_root(model_repo) / f"{run}-{uuid.uuid4().hex[:8]}")
+        queue = cls(queues_root(model_repo) / f"{run}-{uuid.uuid4().hex[:8]}")  # (see _QUEUE_NAME)
         for d in (queue.jobs_dir, queue.done_dir, queue.staging_dir):
             d.mkdir(parents=True, exist_ok=True)
         write_json_atomically(queue.folder / "meta.json", {"run": run, **meta})
@@ -287,15 +290,24 @@ def run_backlog(model_repo: str | os.PathLike[str], run: str) -> list[tuple[JobQ
     """The queues of run ``run`` (any training process of it) that still hold jobs, with those jobs
     (a damaged queue, which ``sync`` reports, is not read)."""
     found = []
-    for queue in all_queues(model_repo):
-        if queue.damage() is None and queue.meta().get("run") == run and (jobs := queue.pending()):
+    for queue in queues_of_run(model_repo, run):
+        if queue.damage() is None and (jobs := queue.pending()):
             found.append((queue, jobs))
     return found
 
 
-def all_queues(model_repo: str | os.PathLike[str]) -> Iterator[JobQueue]:
+def queues_of_run(model_repo: str | os.PathLike[str], run: str) -> Iterator[JobQueue]:
+    """The queues of run ``run``, found by their folders' names (:data:`_QUEUE_NAME`) and confirmed by
+    their meta: a fit's start reads none of the other runs' queues, which ``sync`` keeps for a day."""
+    for queue in all_queues(model_repo, named=lambda name: (m := _QUEUE_NAME.fullmatch(name)) is not None
+                            and m.group(1) == run):
+        if queue.meta().get("run") == run:
+            yield queue
+
+
+def all_queues(model_repo: str | os.PathLike[str], named: Callable[[str], bool] = lambda _name: True) -> Iterator[JobQueue]:
     root = queues_root(model_repo)
     if root.is_dir():
         for name in sorted(os.listdir(root)):
-            if (root / name / "jobs").is_dir():
+            if named(name) and (root / name / "jobs").is_dir():
                 yield JobQueue(root / name)
