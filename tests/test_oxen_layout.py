@@ -34,6 +34,14 @@ def test_repo_markers_head_and_history(tmp_path):
     assert oxen_layout.head_ref(repo.path) == "main"
     # every commit has a history folder named by its (unpadded) id: resolution relies on it
     assert sorted(oxen_layout.commit_ids(repo.path)) == sorted(repo.commits)
+    # what fit start and every commit ask instead, in one lookup however long the history
+    assert oxen_layout.has_commits(repo.path) and all(oxen_layout.has_commit(repo.path, c) for c in repo.commits)
+    not_commits = ["main", "HEAD", "", ".", "..", "../refs", "/", repo.commits[0][:8], repo.commits[0].upper()]
+    assert not any(oxen_layout.has_commit(repo.path, text) for text in not_commits)
+    (repo.path / ".oxen" / "history" / "notes").mkdir()  # a folder that is not a commit's
+    empty = tmp_path / "empty"
+    (empty / ".oxen" / "history" / "notes").mkdir(parents=True)
+    assert not oxen_layout.has_commits(empty) and not oxen_layout.has_commit(repo.path, "notes")
     assert [c["id"] for c in oxen_child.log(repo.path)] == list(reversed(repo.commits))
     assert oxen_layout.find_repo_root(repo.path / "sub" / "x") == repo.path
     assert (repo.path / ".oxen" / "versions").is_dir()

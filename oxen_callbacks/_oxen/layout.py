@@ -135,7 +135,7 @@ def damage(repo: str | os.PathLike[str]) -> str | None:
         if not (root / name).is_dir():
             return f".oxen/{name} is {'not a folder' if os.path.lexists(root / name) else 'missing'}"
     nodes = root / NODE_STORE
-    if config.get("merkle_node_backend") == "lmdb" and not nodes.is_file() and commit_ids(repo):
+    if config.get("merkle_node_backend") == "lmdb" and not nodes.is_file() and has_commits(repo):
         return f".oxen/{NODE_STORE} is {'not a file' if os.path.lexists(nodes) else 'missing'} (the tree of every commit)"
     return None
 
@@ -161,11 +161,26 @@ def remotes(repo: str | os.PathLike[str]) -> dict[str, str]:
 
 
 def commit_ids(repo: str | os.PathLike[str]) -> list[str]:
-    """Ids of every commit the repository holds, on any branch (``.oxen/history/<id>``)."""
+    """Ids of every commit the repository holds, on any branch (``.oxen/history/<id>``): one entry per
+    commit read, so :func:`has_commit` and :func:`has_commits` where they do."""
     history = oxen_dir(repo) / "history"
     if not history.is_dir():
         return []
     return [entry.name for entry in os.scandir(history) if entry.is_dir() and is_commit_id(entry.name)]
+
+
+def has_commit(repo: str | os.PathLike[str], commit_id: str) -> bool:
+    """Whether the repository holds commit ``commit_id``, in the time of one lookup however long its history."""
+    return is_commit_id(commit_id) and (oxen_dir(repo) / "history" / commit_id).is_dir()
+
+
+def has_commits(repo: str | os.PathLike[str]) -> bool:
+    """Whether the repository holds any commit (reads up to the first)."""
+    history = oxen_dir(repo) / "history"
+    if not history.is_dir():
+        return False
+    with os.scandir(history) as entries:
+        return any(entry.is_dir() and is_commit_id(entry.name) for entry in entries)
 
 
 def make_shadow(repo: str | os.PathLike[str], dest: str | os.PathLike[str], commit_id: str, *,

@@ -148,7 +148,7 @@ class LocalRepo:
     def current_branch(self) -> str | None:
         """The checked-out branch, or ``None`` when HEAD is detached."""
         ref = self._head_ref()
-        return None if ref in oxen_layout.commit_ids(self.path) else ref
+        return None if oxen_layout.has_commit(self.path, ref) else ref
 
     def _head_ref(self) -> str:
         """What ``.oxen/HEAD`` names; a clear error where there is none (no commits yet, or damage)."""
@@ -156,7 +156,7 @@ class LocalRepo:
         try:
             ref = oxen_layout.head_ref(self.path)
         except FileNotFoundError:
-            if not self.commit_ids():
+            if not oxen_layout.has_commits(self.path):
                 raise self._no_commits() from None
             fault = "is missing"
         except UnicodeDecodeError:
@@ -184,19 +184,18 @@ class LocalRepo:
         Raises:
             ConfigurationError: HEAD does not name a branch the repository has.
         """
-        ids = self.commit_ids()
-        if not ids:
+        if not oxen_layout.has_commits(self.path):
             return None  # (staged files make part of the layout before the first commit)
         self._check_layout()
         if not _head_named(self.path) and not branches():
             return None  # a first commit killed before it named its branch: the next commit completes it
         ref = self._head_ref()
-        if ref in ids:
+        if oxen_layout.has_commit(self.path, ref):
             raise damaged_repo(self.role, self.path, f".oxen/HEAD is detached at commit {ref}: a commit "
                                "there would start a history of its own",
                                "write the branch to commit on into it (e.g. `echo main > .oxen/HEAD`).")
         if check_name:
-            self._held(self._branch_head(ref, branches()), ids, ref)
+            self._held(self._branch_head(ref, branches()), ref)
         return ref
 
     def _check_layout(self) -> None:
@@ -222,21 +221,20 @@ class LocalRepo:
         """
         list_branches = branches or self.branches
         self._check_layout()
-        ids = self.commit_ids()
-        if not ids:
+        if not oxen_layout.has_commits(self.path):
             raise self._no_commits()
         if revision in (None, "HEAD"):
             ref = self._head_ref()
-            if ref in ids:
+            if oxen_layout.has_commit(self.path, ref):
                 return ref
-            return self._held(self._branch_head(ref, list_branches()), ids, ref)
-        if revision in ids:
+            return self._held(self._branch_head(ref, list_branches()), ref)
+        if oxen_layout.has_commit(self.path, revision):
             return revision
         heads = list_branches()
         if revision in heads:
-            return self._held(heads[revision], ids, revision)
+            return self._held(heads[revision], revision)
         if is_commit_like(revision):
-            matches = [c for c in ids if c.startswith(revision.lower())]
+            matches = [c for c in self.commit_ids() if c.startswith(revision.lower())]
             if len(matches) == 1:
                 return matches[0]
             if len(matches) > 1:
@@ -259,11 +257,10 @@ class LocalRepo:
                                "(e.g. `echo main > .oxen/HEAD`), or pass a revision.")
         return heads[ref]
 
-    def _held(self, commit: str, ids: list[str], branch: str) -> str:
-        """``commit`` (a branch head) if this repository holds it: a head it lacks means damage.
-        ``ids`` were read before the branches were listed: a commit made in between (a pipeline
-        committing while a fit starts) is looked for again before damage is declared."""
-        if commit not in ids and commit not in self.commit_ids():
+    def _held(self, commit: str, branch: str) -> str:
+        """``commit`` (a branch head, listed before this looks: a pipeline may commit while a fit starts)
+        if this repository holds it: a head it lacks means damage."""
+        if not oxen_layout.has_commit(self.path, commit):
             raise damaged_repo(self.role, self.path,
                                f"branch {branch!r} points to {str(commit)[:80]!r}, which is not a commit it holds")
         return commit
