@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -24,6 +25,7 @@ from lightning_model import CsvData, TinyModel, make_trainer
 from oxen_callbacks import PinnedDataset, cli
 from oxen_callbacks._oxen.repo import LocalRepo
 from oxen_callbacks._publish.queue import JobQueue, all_queues
+from oxen_callbacks._util.locks import FileLock
 from oxen_callbacks.lightning import OxenLightningCallback
 
 SCRIPT = Path(__file__).parent / "fit_script.py"
@@ -303,3 +305,52 @@ def test_a_worker_leaves_a_damaged_orphan_queue_and_adopts_the_others(tmp_path, 
     after = {str(p.relative_to(damaged.folder)): p.read_bytes() for p in damaged.folder.rglob("*") if p.is_file()}
     assert after == before, "the damaged orphan queue was changed"
     assert "00000002.json is not JSON" in (damaged.damage() or "") and publisher.stalled is None
+
+
+# -- finished queues are not kept forever -------------------------------------------------------------
+
+def test_finished_queues_older_than_a_day_go_at_the_next_fit_or_sync_and_no_other_does(dataset_repo, tmp_path, capsys):
+    """A model repository trained into every day, by a user who never runs `sync`: the finished queues of
+    earlier fits go once a day old, at the next fit's start (its worker) or at `sync`. A queue that is
+    younger, still held by a live process, or holds a damaged result stays, and every run's lineage stays whole."""
+    models = tmp_path / "models"
+    pin = PinnedDataset(dataset_repo.path, revision=dataset_repo.commits[0], paths=["train.csv", "val.csv"])
+
+    def fit(root: Path) -> OxenLightningCallback:
+        cb = OxenLightningCallback(dataset=pin, model_repo=models, mlflow=False)
+        ckpt = ModelCheckpoint(dirpath=root / "ckpt", every_n_train_steps=2, save_top_k=-1)
+        make_trainer(root, [ckpt, cb], epochs=1).fit(TinyModel(), datamodule=CsvData(pin))
+        assert cb.lineage["status"] == "FINISHED"
+        return cb
+
+    first, second = fit(tmp_path / "a"), fit(tmp_path / "b")
+    records = {cb.run.run_name: cb.lineage for cb in (first, second)}
+    by_run = {q.meta()["run"]: q for q in all_queues(models)}
+    old, young = by_run[first.run.run_name], by_run[second.run.run_name]
+    damaged = JobQueue(models / ".oxen" / "oxen-callbacks" / "queues" / f"{first.run.run_name}-0badc0de")
+    shutil.copytree(old.folder, damaged.folder)
+    _cut_short(damaged.done_dir / "00000001.json")
+    held = JobQueue(damaged.folder.with_name(f"{first.run.run_name}-0000beef"))
+    shutil.copytree(old.folder, held.folder)
+    two_days_ago = time.time() - 2 * 24 * 3600
+    for queue in (old, damaged, held):
+        os.utime(queue.folder / "meta.json", (two_days_ago, two_days_ago))
+    owner = FileLock(held.owner_lock)
+    owner.acquire()  # its training process still runs (a fit of two days)
+    try:
+        fit(tmp_path / "c")
+        left = {q.folder for q in all_queues(models)}
+        assert old.folder not in left and {young.folder, damaged.folder, held.folder} <= left
+
+        os.utime(young.folder / "meta.json", (two_days_ago, two_days_ago))
+        code, out = _sync(capsys)
+        assert code == 1 and str(damaged.done_dir / "00000001.json") in out, out  # reported, not removed
+        left = {q.folder for q in all_queues(models)}
+        assert young.folder not in left and {damaged.folder, held.folder} <= left
+        assert len(left) == 3  # and the third fit's own, a minute old
+    finally:
+        owner.release()
+    for run, record in records.items():  # the removed queues held only results: the lineage is in the repository
+        assert json.loads((models / "runs" / run / "lineage.json").read_text())["checkpoints"] == record["checkpoints"]
+        _assert_committed(models, record, tmp_path / ("a" if run == first.run.run_name else "b") / "ckpt",
+                          tmp_path / "read-cache")

@@ -13,7 +13,6 @@ import logging
 import os
 import shutil
 import sys
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -35,8 +34,6 @@ from ..names import (
 )
 
 log = logging.getLogger(__name__)
-#: Finished queues of dead processes are kept this long (their worker.log helps debugging).
-KEEP_FINISHED_QUEUES_S = 24 * 3600
 
 
 def sync_model_repo(repo: Path, *, push_timeout: float = 300.0) -> dict[str, Any]:
@@ -50,7 +47,7 @@ def sync_model_repo(repo: Path, *, push_timeout: float = 300.0) -> dict[str, Any
         pending = queue.pending()
         if not pending:
             if not _report_damaged_results(queue, report):  # (a queue holding one stays, for its owner to see)
-                _forget_if_old(queue)
+                queue.forget_if_old()
             continue
         if is_locked(queue.owner_lock) or is_locked(queue.worker_lock):
             report["busy"].append({"queue": queue.folder.name, "pending": len(pending)})
@@ -80,17 +77,6 @@ def _report_damaged_results(queue: JobQueue, report: dict[str, Any]) -> bool:
     found = queue.damaged_results()
     report["damaged"] += [{"queue": queue.folder.name, "path": str(path), "error": error} for path, error in found]
     return bool(found)
-
-
-def _forget_if_old(queue: JobQueue) -> None:
-    if is_locked(queue.owner_lock) or is_locked(queue.worker_lock):
-        return
-    try:
-        age = time.time() - (queue.folder / "meta.json").stat().st_mtime
-    except FileNotFoundError:
-        return
-    if age > KEEP_FINISHED_QUEUES_S:
-        shutil.rmtree(queue.folder, ignore_errors=True)
 
 
 @contextmanager

@@ -2,8 +2,8 @@
 
 At its start, in its commit process, a worker removes what a killed ``oxen add`` left
 (:func:`clean_orphan_temp_files`) and drains the queues of training processes that died before
-their jobs ran (:func:`drain_orphans`); ``oxen-callbacks sync`` drains one such queue with
-:func:`drain`.
+their jobs ran (:func:`drain_orphans`), removing finished queues older than a day;
+``oxen-callbacks sync`` drains one such queue with :func:`drain`.
 """
 
 from __future__ import annotations
@@ -55,8 +55,8 @@ def drain_orphans(committer: Committer, skip: JobQueue | None = None) -> int:
     for other in all_queues(committer.repo.path):
         if skip is not None and other.folder == skip.folder:
             continue
-        if not other.pending() or not other.is_orphan():
-            continue
+        if other.forget_if_old() or not other.pending() or not other.is_orphan():
+            continue  # (finished queues older than a day are removed here too: not every user runs `sync`)
         if fault := other.damage():
             log.warning("Not adopting orphan queue %s: %s", other.folder.name, fault)
             continue

@@ -20,6 +20,7 @@ import logging
 import os
 import re
 import shutil
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -32,6 +33,10 @@ from .._util.locks import is_locked
 
 log = logging.getLogger(__name__)
 
+#: A finished queue is kept this long after its last write (its worker.log helps debugging, and a later
+#: amendment of its run's record reads the run's author and remote from it); `sync` and every worker's
+#: start remove older ones (:meth:`JobQueue.forget_if_old`).
+KEEP_FINISHED_S = 24 * 3600
 #: A queue folder's name: its run's, then 8 hex digits of its own (:meth:`JobQueue.create`).
 _QUEUE_NAME = re.compile(r"(.+)-[0-9a-f]{8}")
 _Fields = dict[str, tuple[type, ...]]
@@ -227,6 +232,19 @@ class JobQueue:
         object): ``damaged`` answers, which the worker sends the training process (:func:`damage_warning`)."""
         notices, self._notices = self._notices, []
         return notices
+
+    def forget_if_old(self) -> bool:
+        """Remove this queue if it is finished and was last written more than :data:`KEEP_FINISHED_S`
+        ago: no process holds it, no job is pending, every result can be read (a damaged one stays for
+        ``sync`` to report). Whether it was removed."""
+        try:
+            age = time.time() - (self.folder / "meta.json").stat().st_mtime
+            if age <= KEEP_FINISHED_S or not self.is_orphan() or self.damage() or self.pending() or self.damaged_results():
+                return False
+        except FileNotFoundError:  # (removed meanwhile by another worker or `sync`)
+            return False
+        shutil.rmtree(self.folder, ignore_errors=True)
+        return True
 
     def is_orphan(self) -> bool:
         """Its training process is gone (and no worker drains it)."""
