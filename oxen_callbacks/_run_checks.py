@@ -21,7 +21,7 @@ from .lineage import status_of_an_uncaught_raise
 from .names import ENV_MLFLOW_TRACKING_URI
 
 log = logging.getLogger(__name__)
-_RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+_RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")  # (whole: fullmatch, not "$", which lets "a\n" by)
 #: The Oxen run each MLflow run this process logged into holds: ``{mlflow run id: (model repo, run
 #: name, dataset commit)}``. One MLflow run describes one Oxen run (its tags and pointer are one run's).
 _OXEN_RUN_OF_MLFLOW_RUN: dict[str, tuple[str, str, str | None, weakref.ref[Any]]] = {}
@@ -97,7 +97,7 @@ class RunOptionChecks:
         self._validate_mlflow_options()
 
     def _validate_run_name(self) -> None:
-        if not _RUN_NAME.match(self.run_name):
+        if not _RUN_NAME.fullmatch(self.run_name):
             raise ConfigurationError(
                 f"run_name={self.run_name!r} cannot name a folder in the model repository.",
                 "use letters, digits, '.', '_' and '-' (at most 128 characters).",

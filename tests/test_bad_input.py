@@ -68,6 +68,8 @@ def _cases(data, tmp, hanging_port):  # type: ignore[no-untyped-def]
          "apply when dataset= is a repository path"),
         ("bad run name", lambda: cb(model_repo=tmp / "m5", mlflow=False, run_name="../../etc"),
          "cannot name a folder"),
+        ("run name read with its newline", lambda: cb(model_repo=tmp / "m5", mlflow=False, run_name="nightly\n"),
+         "run_name='nightly\\n' cannot name a folder"),
         ("negative timeout", lambda: cb(model_repo=tmp / "m6", mlflow=False, push_timeout=-1),
          "push_timeout=-1 must be a positive number"),
         ("unwritable cache", lambda: PinnedDataset(data.path, a, cache_dir=tmp / "a-file" / "c").pull(),

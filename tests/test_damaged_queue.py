@@ -311,8 +311,9 @@ def test_a_worker_leaves_a_damaged_orphan_queue_and_adopts_the_others(tmp_path, 
 
 def test_finished_queues_older_than_a_day_go_at_the_next_fit_or_sync_and_no_other_does(dataset_repo, tmp_path, capsys):
     """A model repository trained into every day, by a user who never runs `sync`: the finished queues of
-    earlier fits go once a day old, at the next fit's start (its worker) or at `sync`. A queue that is
-    younger, still held by a live process, or holds a damaged result stays, and every run's lineage stays whole."""
+    earlier fits go a day after their last job, at the next fit's start (its worker) or at `sync`. A queue
+    whose last job is younger (a fit of two days that just ended), one still held by a live process, or one
+    holding a damaged result stays, and every run's lineage stays whole."""
     models = tmp_path / "models"
     pin = PinnedDataset(dataset_repo.path, revision=dataset_repo.commits[0], paths=["train.csv", "val.csv"])
 
@@ -332,22 +333,31 @@ def test_finished_queues_older_than_a_day_go_at_the_next_fit_or_sync_and_no_othe
     _cut_short(damaged.done_dir / "00000001.json")
     held = JobQueue(damaged.folder.with_name(f"{first.run.run_name}-0000beef"))
     shutil.copytree(old.folder, held.folder)
-    two_days_ago = time.time() - 2 * 24 * 3600
+    long_run = JobQueue(damaged.folder.with_name(f"{first.run.run_name}-00000123"))
+    shutil.copytree(old.folder, long_run.folder)
+
+    def two_days_old(queue: JobQueue, *, only_made: bool = False) -> None:
+        then = time.time() - 2 * 24 * 3600
+        for path in [queue.folder / "meta.json"] + ([] if only_made else [queue.jobs_dir, queue.done_dir, queue.log_path]):
+            os.utime(path, (then, then))
+
     for queue in (old, damaged, held):
-        os.utime(queue.folder / "meta.json", (two_days_ago, two_days_ago))
+        two_days_old(queue)
+    two_days_old(long_run, only_made=True)  # made two days ago, its last job done a minute ago: a long fit's
     owner = FileLock(held.owner_lock)
     owner.acquire()  # its training process still runs (a fit of two days)
     try:
         fit(tmp_path / "c")
         left = {q.folder for q in all_queues(models)}
-        assert old.folder not in left and {young.folder, damaged.folder, held.folder} <= left
+        assert old.folder not in left and {young.folder, damaged.folder, held.folder, long_run.folder} <= left
+        assert not [p.name for p in old.folder.parent.iterdir() if p.name.startswith(".")]  # nothing half-removed
 
-        os.utime(young.folder / "meta.json", (two_days_ago, two_days_ago))
+        two_days_old(young)
         code, out = _sync(capsys)
         assert code == 1 and str(damaged.done_dir / "00000001.json") in out, out  # reported, not removed
         left = {q.folder for q in all_queues(models)}
-        assert young.folder not in left and {damaged.folder, held.folder} <= left
-        assert len(left) == 3  # and the third fit's own, a minute old
+        assert young.folder not in left and {damaged.folder, held.folder, long_run.folder} <= left
+        assert len(left) == 4  # and the third fit's own, a minute old
     finally:
         owner.release()
     for run, record in records.items():  # the removed queues held only results: the lineage is in the repository

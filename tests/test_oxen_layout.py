@@ -38,10 +38,11 @@ def test_repo_markers_head_and_history(tmp_path):
     assert oxen_layout.has_commits(repo.path) and all(oxen_layout.has_commit(repo.path, c) for c in repo.commits)
     not_commits = ["main", "HEAD", "", ".", "..", "../refs", "/", repo.commits[0][:8], repo.commits[0].upper()]
     assert not any(oxen_layout.has_commit(repo.path, text) for text in not_commits)
-    (repo.path / ".oxen" / "history" / "notes").mkdir()  # a folder that is not a commit's
+    (repo.path / ".oxen" / "history" / "0123abcd").write_text("")  # named like a commit, not a commit's folder
     empty = tmp_path / "empty"
-    (empty / ".oxen" / "history" / "notes").mkdir(parents=True)
-    assert not oxen_layout.has_commits(empty) and not oxen_layout.has_commit(repo.path, "notes")
+    (empty / ".oxen" / "history").mkdir(parents=True)
+    (empty / ".oxen" / "history" / "0123abcd").write_text("")
+    assert not oxen_layout.has_commits(empty) and not oxen_layout.has_commit(repo.path, "0123abcd")
     assert [c["id"] for c in oxen_child.log(repo.path)] == list(reversed(repo.commits))
     assert oxen_layout.find_repo_root(repo.path / "sub" / "x") == repo.path
     assert (repo.path / ".oxen" / "versions").is_dir()

@@ -397,6 +397,8 @@ def test_a_name_whose_checkpoint_is_only_queued_is_taken_and_names_around_it_are
     lookalike.folder.rename(lookalike.folder.with_name("exp-2-b-0123abcd"))  # named like run "exp-2-b"'s
     lookalike = JobQueue(lookalike.folder.with_name("exp-2-b-0123abcd"))
     lookalike.put(1, "checkpoint", {"run": "other", "dest": "runs/other/c.ckpt", "staged_name": "c.ckpt"})
+    lookalike_owner = FileLock(lookalike.owner_lock)
+    lookalike_owner.acquire()  # (live too: no worker of the fits below adopts it)
     try:
         assert [q.folder for q, _jobs in run_backlog(models, "exp-2")] == [queued.folder]
         assert run_backlog(models, "exp") == run_backlog(models, "exp-2-b") == []
@@ -410,6 +412,7 @@ def test_a_name_whose_checkpoint_is_only_queued_is_taken_and_names_around_it_are
             assert run.record["run"]["name"] == free
     finally:
         owner.release()
+        lookalike_owner.release()
 
 
 def test_a_failed_checkpoint_job_is_listed_only_once_committed(tmp_path, monkeypatch):

@@ -33,12 +33,14 @@ from .._util.locks import is_locked
 
 log = logging.getLogger(__name__)
 
-#: A finished queue is kept this long after its last write (its worker.log helps debugging, and a later
+#: A finished queue is kept this long after its last job ended (its worker.log helps debugging, and a later
 #: amendment of its run's record reads the run's author and remote from it); `sync` and every worker's
 #: start remove older ones (:meth:`JobQueue.forget_if_old`).
 KEEP_FINISHED_S = 24 * 3600
-#: A queue folder's name: its run's, then 8 hex digits of its own (:meth:`JobQueue.create`).
-_QUEUE_NAME = re.compile(r"(.+)-[0-9a-f]{8}")
+#: How a queue folder's name ends after its run's name (:meth:`JobQueue.create`): 8 hex digits of its own.
+_QUEUE_SUFFIX = re.compile(r"-[0-9a-f]{8}")
+#: The start of the name a queue being removed takes (:meth:`JobQueue.forget_if_old`): no reader lists it.
+_REMOVED = ".removed-"
 _Fields = dict[str, tuple[type, ...]]
 #: What a job file (``jobs/<seq>.json``) holds: each field and the types it may have.
 _JOB_FIELDS: _Fields = {"seq": (int,), "kind": (str,), "payload": (dict,)}
@@ -84,7 +86,7 @@ class JobQueue:
 
     @classmethod
     def create(cls, model_repo: str | os.PathLike[str], run: str, meta: dict[str, Any]) -> "JobQueue":
-        queue = cls(queues_root(model_repo) / f"{run}-{uuid.uuid4().hex[:8]}")  # (see _QUEUE_NAME)
+        queue = cls(queues_root(model_repo) / f"{run}-{uuid.uuid4().hex[:8]}")  # (see _QUEUE_SUFFIX)
         for d in (queue.jobs_dir, queue.done_dir, queue.staging_dir):
             d.mkdir(parents=True, exist_ok=True)
         write_json_atomically(queue.folder / "meta.json", {"run": run, **meta})
@@ -234,17 +236,26 @@ class JobQueue:
         return notices
 
     def forget_if_old(self) -> bool:
-        """Remove this queue if it is finished and was last written more than :data:`KEEP_FINISHED_S`
+        """Remove this queue if it is finished and its last job ended more than :data:`KEEP_FINISHED_S`
         ago: no process holds it, no job is pending, every result can be read (a damaged one stays for
-        ``sync`` to report). Whether it was removed."""
+        ``sync`` to report). Whether it was removed; anything in the way (a file of another user's,
+        removed meanwhile) keeps it."""
         try:
-            age = time.time() - (self.folder / "meta.json").stat().st_mtime
-            if age <= KEEP_FINISHED_S or not self.is_orphan() or self.damage() or self.pending() or self.damaged_results():
+            if (time.time() - self._last_written() <= KEEP_FINISHED_S or not self.is_orphan() or self.damage()
+                    or self.pending() or self.damaged_results()):
                 return False
-        except FileNotFoundError:  # (removed meanwhile by another worker or `sync`)
+            # out of every reader's sight in one step: whoever lists or reads the queue meanwhile sees it gone
+            gone = self.folder.with_name(f"{_REMOVED}{self.folder.name}-{uuid.uuid4().hex[:8]}")
+            os.rename(self.folder, gone)
+        except OSError:
             return False
-        shutil.rmtree(self.folder, ignore_errors=True)
+        shutil.rmtree(gone, ignore_errors=True)
         return True
+
+    def _last_written(self) -> float:
+        """When the queue last changed: created, a job queued or done, its worker's last word."""
+        return max((path.stat().st_mtime for path in (self.folder / "meta.json", self.jobs_dir, self.done_dir,
+                                                       self.log_path) if path.exists()), default=time.time())
 
     def is_orphan(self) -> bool:
         """Its training process is gone (and no worker drains it)."""
@@ -266,8 +277,12 @@ def damage_warning(notice: dict[str, Any]) -> str:
 
 
 def _numbered(folder: Path) -> list[str]:
-    """The ``<seq>.json`` files of a queue folder, in order."""
-    return sorted(name for name in os.listdir(folder) if name.endswith(".json") and name[:-5].isdigit())
+    """The ``<seq>.json`` files of a queue folder, in order (none once the queue was removed)."""
+    try:
+        names = os.listdir(folder)
+    except FileNotFoundError:
+        return []
+    return sorted(name for name in names if name.endswith(".json") and name[:-5].isdigit())
 
 
 def _read_entry(path: Path, fields: _Fields, what: str) -> dict[str, Any]:
@@ -315,10 +330,13 @@ def run_backlog(model_repo: str | os.PathLike[str], run: str) -> list[tuple[JobQ
 
 
 def queues_of_run(model_repo: str | os.PathLike[str], run: str) -> Iterator[JobQueue]:
-    """The queues of run ``run``, found by their folders' names (:data:`_QUEUE_NAME`) and confirmed by
-    their meta: a fit's start reads none of the other runs' queues, which ``sync`` keeps for a day."""
-    for queue in all_queues(model_repo, named=lambda name: (m := _QUEUE_NAME.fullmatch(name)) is not None
-                            and m.group(1) == run):
+    """The queues of run ``run``, found by their folders' names (:data:`_QUEUE_SUFFIX`) and confirmed by
+    their meta: a fit's start reads none of the other runs' finished queues (kept a day, see
+    :meth:`JobQueue.forget_if_old`)."""
+    def of_run(name: str) -> bool:
+        return name[:-len("-01234567")] == run and _QUEUE_SUFFIX.fullmatch(name[-len("-01234567"):]) is not None
+
+    for queue in all_queues(model_repo, named=of_run):
         if queue.meta().get("run") == run:
             yield queue
 
@@ -327,5 +345,5 @@ def all_queues(model_repo: str | os.PathLike[str], named: Callable[[str], bool] 
     root = queues_root(model_repo)
     if root.is_dir():
         for name in sorted(os.listdir(root)):
-            if named(name) and (root / name / "jobs").is_dir():
+            if not name.startswith(_REMOVED) and named(name) and (root / name / "jobs").is_dir():
                 yield JobQueue(root / name)
