@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import children, file_at
+from helpers import children, file_at, wait_until_released
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning_model import CsvData, TinyModel, make_trainer
 
@@ -203,6 +203,68 @@ def test_killed_commit_processes_never_stop_training_and_lose_nothing(dataset_re
     _assert_all_committed(tmp_path / "models", cb.lineage, tmp_path / "ckpt")
     log = cb.run.publisher.queue.log_path.read_text()
     assert "again in a new commit process" in log
+
+
+def test_scratch_files_of_a_killed_add_go_at_the_next_worker_start_and_the_store_is_walked_only_then(
+        dataset_repo, tmp_path):
+    """A commit process killed inside `oxen add` leaves scratch files in the content store and the marker of
+    its batch: the next worker's start removes both. A batch that ends leaves no marker, and then the store,
+    which grows with every version ever committed, is not walked (a scratch file that is not ours stays)."""
+    from oxen_callbacks._oxen import layout as oxen_layout
+    from oxen_callbacks._publish.queue import adding_marker
+
+    models, pin = tmp_path / "models", _pin(dataset_repo)
+
+    def fit_and_wait(root: Path) -> None:
+        cb = OxenLightningCallback(dataset=pin, model_repo=models, mlflow=False)
+        _fit(root, pin, cb)
+        assert cb.lineage["status"] == "FINISHED"
+        assert not wait_until_released(models)  # its worker and commit process are done
+
+    fit_and_wait(tmp_path / "a")
+    marker = adding_marker(models)
+    assert not marker.exists()  # every batch ended
+    killed = oxen_layout.version_scratch(models, "killed-mid-add")
+    killed.write_bytes(b"half a checkpoint")
+    marker.touch()  # what the killed commit process left
+    fit_and_wait(tmp_path / "b")
+    assert not killed.exists() and not marker.exists()
+    assert oxen_layout.orphan_temp_files(models, older_than_s=0) == []
+
+    stranger = oxen_layout.version_scratch(models, "not-ours")
+    stranger.write_bytes(b"someone's own oxen add")
+    fit_and_wait(tmp_path / "c")
+    assert stranger.exists() and not marker.exists()
+
+
+def test_a_commit_process_killed_while_it_stores_a_checkpoint_leaves_no_scratch_file(tmp_path):
+    """A real SIGKILL of the commit process while it copies a 200 MB checkpoint into Oxen's content store:
+    the commit process that takes over removes the scratch copy before its own batch, and the checkpoint
+    is committed whole."""
+    from oxen_callbacks._oxen import layout as oxen_layout
+    from oxen_callbacks.run import LineageRun
+
+    models = tmp_path / "models"
+    run = LineageRun(dataset=None, model_repo=models, framework=("test", "0"), mlflow=False)
+    run.start()
+    checkpoint = tmp_path / "big.ckpt"
+    checkpoint.write_bytes(os.urandom(200 << 20))
+    run.checkpoint_saved(checkpoint, step=1, epoch=0)
+    killed = None
+    deadline = time.monotonic() + 60
+    while killed is None and time.monotonic() < deadline:
+        if oxen_layout.orphan_temp_files(models, older_than_s=0):  # mid-copy
+            for pid in children(run.publisher.worker_pid):
+                os.kill(pid, signal.SIGKILL)
+                killed = pid
+        time.sleep(0.001)
+    assert killed is not None, "the commit process never copied the checkpoint"
+    record = run.finish("FINISHED")
+    assert record is not None and record["status"] == "FINISHED"
+    assert not wait_until_released(models)
+    assert oxen_layout.orphan_temp_files(models, older_than_s=0) == []
+    [entry] = record["checkpoints"]
+    assert file_at(models, entry["commit"], entry["path"], tmp_path / "read-cache").read_bytes() == checkpoint.read_bytes()
 
 
 def test_commit_processes_that_keep_dying_are_reported_once_and_sync_finishes(dataset_repo, tmp_path, caplog):

@@ -35,7 +35,7 @@ from .._oxen import shadow
 from .._oxen.commit_id import is_commit_like
 from .._oxen.repo import LocalRepo
 from .._oxen.tree import PathNotInCommit, files_at
-from .._publish.queue import repo_lock_path
+from .._publish.queue import adding, repo_lock_path
 from .._util import background
 from .._util.fs import write_json_atomically
 from .._util.locks import FileLock
@@ -257,7 +257,9 @@ def record_deploy(endpoint: str, model_commit: str, *, model_repo: str | os.Path
         # (under the lock: another record-deploy may have just committed it)
         previous = _committed_deployment(repo, rel)
         if not previous or previous["model"]["commit"] != commit:
-            record_commit = _commit_deployment(repo.path, rel, deployment, previous, f"oxen-callbacks: {slug} serves {commit}")
+            with adding(repo.path):
+                record_commit = _commit_deployment(repo.path, rel, deployment, previous,
+                                                   f"oxen-callbacks: {slug} serves {commit}")
         else:
             deployment = previous
             if read_deployment(target) != previous:  # a record-deploy killed before its commit wrote another

@@ -35,7 +35,7 @@ from .fits import (
     saved_by_earlier_fit,
 )
 from .grouping import commit_groups, group_message
-from .queue import Job, JobQueue, repo_lock_path
+from .queue import Job, JobQueue, adding, repo_lock_path
 
 log = logging.getLogger(__name__)
 
@@ -64,8 +64,12 @@ class Committer:
         file. Removal jobs complete with the next checkpoint or finalize commit; with ``final``
         trailing removals get a commit of their own.
         """
-        results: list[dict[str, Any]] = []
         self.hold_lock()
+        with adding(self.repo.path):
+            return self._run_groups(queue, jobs, final)
+
+    def _run_groups(self, queue: JobQueue, jobs: list[Job], final: bool) -> list[dict[str, Any]]:
+        results: list[dict[str, Any]] = []
         live = [job for job in jobs if queue.is_pending(job)]  # others were done by a batch that outlived its worker
         for group in commit_groups(live):
             if not any(job.kind != "remove" for job in group):  # removals with no commit after them (yet)

@@ -11,10 +11,9 @@ from __future__ import annotations
 import logging
 from typing import Any, Protocol
 
-from .._oxen import layout as oxen_layout
 from .._util.locks import FileLock
 from .committer import Committer
-from .queue import JobQueue, all_queues
+from .queue import JobQueue, all_queues, clean_after_killed_adds
 
 log = logging.getLogger("oxen_callbacks.worker")
 
@@ -24,19 +23,9 @@ class Answers(Protocol):
 
 
 def clean_orphan_temp_files(committer: Committer) -> int:
-    """Delete scratch files of a killed ``oxen add``.
-
-    Every add of this library runs under the repository lock held here, and Oxen
-    itself refuses a second process in a repository mid-add, so none is live.
-    """
-    removed = 0
+    """Delete scratch files of a killed ``oxen add`` (see :func:`.queue.clean_after_killed_adds`)."""
     committer.hold_lock()
-    for path in oxen_layout.orphan_temp_files(committer.repo.path, older_than_s=0):
-        path.unlink(missing_ok=True)
-        removed += 1
-    if removed:
-        log.info("Removed %d orphan temp file(s) left by an interrupted oxen add", removed)
-    return removed
+    return clean_after_killed_adds(committer.repo.path)
 
 
 def drain(queue: JobQueue, committer: Committer, results: Answers | None = None, *, final: bool = True) -> list[dict[str, Any]]:
