@@ -44,8 +44,11 @@ def drain_orphans(committer: Committer, skip: JobQueue | None = None) -> int:
     for other in all_queues(committer.repo.path):
         if skip is not None and other.folder == skip.folder:
             continue
-        if other.forget_if_old() or not other.pending() or not other.is_orphan():
-            continue  # (finished queues older than a day are removed here too: not every user runs `sync`)
+        if not other.pending():
+            other.forget_if_old()  # (finished a day ago: removed here too, as not every user runs `sync`)
+            continue
+        if not other.is_orphan():
+            continue
         if fault := other.damage():
             log.warning("Not adopting orphan queue %s: %s", other.folder.name, fault)
             continue

@@ -114,11 +114,20 @@ class JobQueue:
 
     def __init__(self, folder: str | os.PathLike[str]) -> None:
         self.folder = Path(folder)
-        self.jobs_dir = self.folder / "jobs"
-        self.done_dir = self.folder / "done"
-        self.staging_dir = self.folder / "staging"
         self._noticed: set[str] = set()
         self._notices: list[dict[str, Any]] = []
+
+    @property
+    def jobs_dir(self) -> Path:
+        return self.folder / "jobs"
+
+    @property
+    def done_dir(self) -> Path:
+        return self.folder / "done"
+
+    @property
+    def staging_dir(self) -> Path:
+        return self.folder / "staging"
 
     @classmethod
     def create(cls, model_repo: str | os.PathLike[str], run: str, meta: dict[str, Any]) -> "JobQueue":
@@ -277,8 +286,8 @@ class JobQueue:
         ``sync`` to report). Whether it was removed; anything in the way (a file of another user's,
         removed meanwhile) keeps it."""
         try:
-            if (time.time() - self._last_written() <= KEEP_FINISHED_S or not self.is_orphan() or self.damage()
-                    or self.pending() or self.damaged_results()):
+            if (self._changed_within(KEEP_FINISHED_S) or not self.is_orphan() or self.damage() or self.pending()
+                    or self.damaged_results()):
                 return False
             # out of every reader's sight in one step: whoever lists or reads the queue meanwhile sees it gone
             gone = self.folder.with_name(f"{_REMOVED}{self.folder.name}-{uuid.uuid4().hex[:8]}")
@@ -288,10 +297,17 @@ class JobQueue:
         shutil.rmtree(gone, ignore_errors=True)
         return True
 
-    def _last_written(self) -> float:
-        """When the queue last changed: created, a job queued or done, its worker's last word."""
-        return max((path.stat().st_mtime for path in (self.folder / "meta.json", self.jobs_dir, self.done_dir,
-                                                       self.log_path) if path.exists()), default=time.time())
+    def _changed_within(self, seconds: float) -> bool:
+        """Whether the queue changed in the last ``seconds``: made, a job queued or done, its worker's last
+        word (the log first: the newest, most of the time, so one look)."""
+        since = time.time() - seconds
+        for path in (self.log_path, self.done_dir, self.jobs_dir, self.folder / "meta.json"):
+            try:
+                if path.stat().st_mtime > since:
+                    return True
+            except FileNotFoundError:
+                continue
+        return False
 
     def is_orphan(self) -> bool:
         """Its training process is gone (and no worker drains it)."""
@@ -381,5 +397,5 @@ def all_queues(model_repo: str | os.PathLike[str], named: Callable[[str], bool] 
     root = queues_root(model_repo)
     if root.is_dir():
         for name in sorted(os.listdir(root)):
-            if not name.startswith(_REMOVED) and named(name) and (root / name / "jobs").is_dir():
+            if not name.startswith(_REMOVED) and named(name) and os.path.isdir(os.path.join(root, name, "jobs")):
                 yield JobQueue(root / name)
