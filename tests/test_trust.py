@@ -242,6 +242,7 @@ def test_a_commit_process_killed_while_it_stores_a_checkpoint_leaves_no_scratch_
     the commit process that takes over removes the scratch copy before its own batch, and the checkpoint
     is committed whole."""
     from oxen_callbacks._oxen import layout as oxen_layout
+    from oxen_callbacks._publish.queue import adding_marker
     from oxen_callbacks.run import LineageRun
 
     models = tmp_path / "models"
@@ -259,6 +260,7 @@ def test_a_commit_process_killed_while_it_stores_a_checkpoint_leaves_no_scratch_
                 killed = pid
         time.sleep(0.001)
     assert killed is not None, "the commit process never copied the checkpoint"
+    assert oxen_layout.orphan_temp_files(models, older_than_s=0) and adding_marker(models).exists()  # what it left
     record = run.finish("FINISHED")
     assert record is not None and record["status"] == "FINISHED"
     assert not wait_until_released(models)
@@ -475,6 +477,50 @@ def test_a_name_whose_checkpoint_is_only_queued_is_taken_and_names_around_it_are
     finally:
         owner.release()
         lookalike_owner.release()
+
+
+def test_a_disk_full_while_storing_a_checkpoint_leaves_no_partial_copy_and_the_next_batch_commits_it(
+        tmp_path, monkeypatch):
+    """The disk fills up halfway through copying a checkpoint into Oxen's content store (injected: ENOSPC
+    after half the bytes). The partial copy is removed at once, the batch is marked unfinished (the next
+    lock holder looks for scratch files first), and the job, still queued, is committed whole next time."""
+    import errno
+    import shutil as shutil_module
+
+    from oxen_callbacks._oxen import layout as oxen_layout
+    from oxen_callbacks._oxen.identity import resolve_author, worker_environment
+    from oxen_callbacks._publish.committer import Committer
+    from oxen_callbacks._publish.opening import open_model_repo
+    from oxen_callbacks._publish.queue import JobQueue, adding_marker
+    from oxen_callbacks.lineage import new_record
+
+    for key, value in worker_environment(resolve_author(("T", "t@example.com")), tmp_path / "cache").items():
+        monkeypatch.setenv(key, value)
+    models = tmp_path / "models"
+    open_model_repo(models, tmp_path / "cache")
+    base = new_record(dataset=None, model_repo=str(models), framework={"name": "x", "version": "1"}, run={"name": "r"})
+    base.update(status="RUNNING", started_at="2026-12-04T05:00:00+0000", fit_id="f1")
+    queue = JobQueue.create(models, "r", {})
+    queue.staging_for(1).mkdir(parents=True)
+    weights = os.urandom(1 << 20)
+    (queue.staging_for(1) / "c1.ckpt").write_bytes(weights)
+    queue.put(1, "checkpoint", {"run": "r", "dest": "runs/r/checkpoints/c1.ckpt", "staged_name": "c1.ckpt",
+                                "step": 1, "epoch": 0, "metrics": {}, "message": "c1", "record": base})
+    real_copy = shutil_module.copyfile
+
+    def disk_full(src, dst, *args, **kwargs):  # type: ignore[no-untyped-def]
+        Path(dst).write_bytes(Path(src).read_bytes()[: 1 << 19])
+        raise OSError(errno.ENOSPC, "No space left on device", str(dst))
+
+    committer = Committer(LocalRepo(models))
+    monkeypatch.setattr(shutil_module, "copyfile", disk_full)
+    assert not committer.run_batch(queue, queue.pending())[0]["ok"]
+    assert oxen_layout.orphan_temp_files(models, older_than_s=0) == []  # no half checkpoint left in the store
+    assert adding_marker(models).exists() and [j.seq for j in queue.pending()] == [1]
+    monkeypatch.setattr(shutil_module, "copyfile", real_copy)  # space freed
+    [result] = committer.run_batch(queue, queue.pending())
+    assert result["ok"] and not adding_marker(models).exists() and not queue.pending()
+    assert file_at(models, result["commit"], "runs/r/checkpoints/c1.ckpt", tmp_path / "read-cache").read_bytes() == weights
 
 
 def test_a_failed_checkpoint_job_is_listed_only_once_committed(tmp_path, monkeypatch):

@@ -31,8 +31,12 @@ def prestore(repo: Path, target: Path) -> int:
             continue
         scratch = oxen_layout.version_scratch(repo, uuid.uuid4().hex)
         scratch.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(file, scratch)
-        version.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(scratch, version)
+        try:
+            shutil.copyfile(file, scratch)
+            version.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(scratch, version)
+        except BaseException:  # (a full disk: not a checkpoint-sized leftover as well)
+            scratch.unlink(missing_ok=True)
+            raise
         copied += version.stat().st_size
     return copied

@@ -65,8 +65,10 @@ class Committer:
         trailing removals get a commit of their own.
         """
         self.hold_lock()
-        with adding(self.repo.path):
-            return self._run_groups(queue, jobs, final)
+        with adding(self.repo.path) as batch:
+            results = self._run_groups(queue, jobs, final)
+            batch.failed = not all(result["ok"] for result in results)  # (a failed add may leave a scratch file)
+        return results
 
     def _run_groups(self, queue: JobQueue, jobs: list[Job], final: bool) -> list[dict[str, Any]]:
         results: list[dict[str, Any]] = []

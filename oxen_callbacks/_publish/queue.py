@@ -79,16 +79,24 @@ def adding_marker(model_repo: str | os.PathLike[str]) -> Path:
     return oxen_layout.state_dir(model_repo) / "adding"
 
 
+class Adding:
+    """What :func:`adding` yields: set ``failed`` when an add or commit inside failed without raising."""
+
+    failed = False
+
+
 @contextmanager
-def adding(model_repo: str | os.PathLike[str]) -> Iterator[None]:
-    """Around ``oxen add`` and ``commit`` under the repository lock. A process killed inside (or an error
-    out of it) leaves the marker, and the next lock holder cleans up after it first
-    (:func:`clean_after_killed_adds`)."""
+def adding(model_repo: str | os.PathLike[str]) -> Iterator[Adding]:
+    """Around ``oxen add`` and ``commit`` under the repository lock. A process killed inside, an error out
+    of it, or a failure it reports (``failed``) leaves the marker, and the next lock holder cleans up
+    after it first (:func:`clean_after_killed_adds`)."""
     clean_after_killed_adds(model_repo)
     marker = adding_marker(model_repo)
     marker.touch()
-    yield  # (no finally: an exception keeps the marker)
-    marker.unlink(missing_ok=True)
+    batch = Adding()
+    yield batch  # (no finally: an exception keeps the marker)
+    if not batch.failed:
+        marker.unlink(missing_ok=True)
 
 
 def clean_after_killed_adds(model_repo: str | os.PathLike[str]) -> int:
