@@ -211,7 +211,7 @@ def test_scratch_files_of_a_killed_add_go_at_the_next_worker_start_and_the_store
     its batch: the next worker's start removes both. A batch that ends leaves no marker, and then the store,
     which grows with every version ever committed, is not walked (a scratch file that is not ours stays)."""
     from oxen_callbacks._oxen import layout as oxen_layout
-    from oxen_callbacks._publish.queue import adding_marker
+    from oxen_callbacks._publish.adding import adding_marker
 
     models, pin = tmp_path / "models", _pin(dataset_repo)
 
@@ -242,7 +242,7 @@ def test_a_commit_process_killed_while_it_stores_a_checkpoint_leaves_no_scratch_
     the commit process that takes over removes the scratch copy before its own batch, and the checkpoint
     is committed whole."""
     from oxen_callbacks._oxen import layout as oxen_layout
-    from oxen_callbacks._publish.queue import adding_marker
+    from oxen_callbacks._publish.adding import adding_marker
     from oxen_callbacks.run import LineageRun
 
     models = tmp_path / "models"
@@ -489,9 +489,10 @@ def test_a_disk_full_while_storing_a_checkpoint_leaves_no_partial_copy_and_the_n
 
     from oxen_callbacks._oxen import layout as oxen_layout
     from oxen_callbacks._oxen.identity import resolve_author, worker_environment
+    from oxen_callbacks._publish.adding import adding_marker
     from oxen_callbacks._publish.committer import Committer
     from oxen_callbacks._publish.opening import open_model_repo
-    from oxen_callbacks._publish.queue import JobQueue, adding_marker
+    from oxen_callbacks._publish.queue import JobQueue
     from oxen_callbacks.lineage import new_record
 
     for key, value in worker_environment(resolve_author(("T", "t@example.com")), tmp_path / "cache").items():

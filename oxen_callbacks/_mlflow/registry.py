@@ -35,7 +35,8 @@ from .._oxen import shadow
 from .._oxen.commit_id import is_commit_like
 from .._oxen.repo import LocalRepo
 from .._oxen.tree import PathNotInCommit, files_at
-from .._publish.queue import adding, repo_lock_path
+from .._publish.adding import adding
+from .._publish.queue import repo_lock_path
 from .._util import background
 from .._util.fs import write_json_atomically
 from .._util.locks import FileLock

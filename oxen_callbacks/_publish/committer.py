@@ -25,6 +25,7 @@ from .._util.locks import FileLock
 from ..errors import ConfigurationError, OxenError, PublishError, RepoBusyError
 from ..lineage import fill_commit
 from ..model_repo import lineage_path
+from .adding import adding
 from .fits import (
     checkpoint_named,
     earlier_fits,
@@ -35,7 +36,7 @@ from .fits import (
     saved_by_earlier_fit,
 )
 from .grouping import commit_groups, group_message
-from .queue import Job, JobQueue, adding, repo_lock_path
+from .queue import Job, JobQueue, repo_lock_path
 
 log = logging.getLogger(__name__)
 

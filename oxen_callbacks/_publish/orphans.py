@@ -12,8 +12,9 @@ import logging
 from typing import Any, Protocol
 
 from .._util.locks import FileLock
+from .adding import clean_after_killed_adds
 from .committer import Committer
-from .queue import JobQueue, all_queues, clean_after_killed_adds
+from .queue import JobQueue, all_queues
 
 log = logging.getLogger("oxen_callbacks.worker")
 
@@ -23,7 +24,7 @@ class Answers(Protocol):
 
 
 def clean_orphan_temp_files(committer: Committer) -> int:
-    """Delete scratch files of a killed ``oxen add`` (see :func:`.queue.clean_after_killed_adds`)."""
+    """Delete scratch files of a killed ``oxen add`` (see :func:`.adding.clean_after_killed_adds`)."""
     committer.hold_lock()
     return clean_after_killed_adds(committer.repo.path)
 
