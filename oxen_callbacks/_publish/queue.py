@@ -350,7 +350,7 @@ def queues_of_run(model_repo: str | os.PathLike[str], run: str) -> Iterator[JobQ
     their meta: a fit's start reads none of the other runs' finished queues (kept a day, see
     :meth:`JobQueue.forget_if_old`)."""
     def of_run(name: str) -> bool:
-        return name[:-len("-01234567")] == run and _QUEUE_SUFFIX.fullmatch(name[-len("-01234567"):]) is not None
+        return name.startswith(run) and _QUEUE_SUFFIX.fullmatch(name[len(run):]) is not None
 
     for queue in all_queues(model_repo, named=of_run):
         if queue.meta().get("run") == run:
