@@ -105,6 +105,32 @@ def test_a_backlog_shares_commits_and_every_save_keeps_its_own_bytes(model_queue
     assert "e2.ckpt" in messages[head] and "lineage (FINISHED)" in messages[head]
 
 
+def test_each_commit_of_a_backlog_is_told_before_the_next_one_is_made(model_queue, tmp_path: Path) -> None:
+    """The backlog at a fit's end takes several commits: each one's results go to the trainer as it is
+    made (its MLflow logged models are then made while the next commit runs), recorded on disk first,
+    and every result is told once, in order."""
+    models, queue, committer = model_queue
+    saves = Saves(queue)
+    saves.save("e0.ckpt", b"epoch 0", 1)
+    saves.save("last.ckpt", b"last at 1", 1)
+    saves.save("e1.ckpt", b"epoch 1", 2)
+    saves.save("last.ckpt", b"last at 2", 2)
+    saves.finalize(best="e1.ckpt")
+    told: list[tuple[list[dict], set[str], list[dict | None]]] = []
+
+    def on_commit(results: list[dict]) -> None:
+        told.append((results, set(LocalRepo(models).commit_ids()), [queue.result(r["seq"]) for r in results]))
+
+    results = committer.run_batch(queue, queue.pending(), final=True, on_commit=on_commit)
+
+    assert [r for batch, _, _ in told for r in batch] == results and len(results) == 5
+    (first, commits_then, on_disk), (second, _, _) = told
+    assert [r["dest"].rsplit("/", 1)[1] for r in first] == ["e0.ckpt", "last.ckpt", "e1.ckpt"]  # last.ckpt again: a new commit
+    assert {r["commit"] for r in first} <= commits_then  # made...
+    assert not {r["commit"] for r in second} & commits_then  # ...before the next one
+    assert on_disk == first  # and recorded, for a worker that dies right after telling
+
+
 def test_a_save_rotated_out_while_waiting_still_reaches_history(model_queue, tmp_path: Path) -> None:
     """Saved and removed before its commit: committing both at once would lose its bytes."""
     models, queue, committer = model_queue
@@ -269,3 +295,35 @@ def test_a_late_job_of_a_fit_the_run_went_on_from_leaves_the_later_fits_record(m
     b_e0 = next(c for c in record["checkpoints"] if c["fit_id"] == "B" and c["path"].endswith("e0.ckpt"))
     assert b_e0["kept"] is True
     assert file_at(models, head, b_e0["path"], tmp_path / "b_e0").read_bytes() == b"B epoch 0"
+
+
+_REPORTING_TASK = """
+import sys, time
+from pathlib import Path
+from oxen_callbacks._publish.worker import BatchProcess
+
+release = Path(sys.argv[1])
+
+def task(report, name):
+    report(name)  # a commit made; the next one waits (here: until the parent has heard of this one)
+    deadline = time.monotonic() + 20
+    while not release.exists() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return "released" if release.exists() else "never released"
+
+process = BatchProcess({"task": task})
+told = []
+print(process.run("task", lambda value: (told.append(value), release.touch()), name="first commit"), told)
+process.retire()
+"""
+
+
+def test_the_commit_process_tells_each_commit_while_its_task_goes_on(tmp_path: Path) -> None:
+    """The worker hears of a commit while the commit process is still making the next one (not with
+    the task's reply at its end): the task below only ends early once the parent has heard."""
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", _REPORTING_TASK, str(tmp_path / "released")], capture_output=True,
+                         text=True, timeout=60, check=True)
+    assert out.stdout.strip() == "released ['first commit']"

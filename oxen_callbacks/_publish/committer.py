@@ -15,6 +15,7 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -57,32 +58,40 @@ class Committer:
         self.repo = repo
         self.lock = FileLock(repo_lock_path(repo.path), timeout=LOCK_TIMEOUT_S)
 
-    def run_batch(self, queue: JobQueue, jobs: list[Job], *, final: bool = False) -> list[dict[str, Any]]:
+    def run_batch(self, queue: JobQueue, jobs: list[Job], *, final: bool = False,
+                  on_commit: Callable[[list[dict[str, Any]]], None] | None = None) -> list[dict[str, Any]]:
         """Run ``jobs`` (pending, in order); returns one result per completed job.
 
         Jobs waiting together share one commit where that loses nothing (:func:`.grouping.commit_groups`):
         a burst of saves or a backlog after ``fit()`` costs one ``oxen commit``, not one per
         file. Removal jobs complete with the next checkpoint or finalize commit; with ``final``
-        trailing removals get a commit of their own.
+        trailing removals get a commit of their own. ``on_commit`` is told each commit's results
+        as soon as they are recorded (the trainer's MLflow work for them then overlaps the next
+        commit of a backlog); they are in the returned list too.
         """
         self.hold_lock()
         with adding(self.repo.path) as batch:
-            results = self._run_groups(queue, jobs, final)
+            results = self._run_groups(queue, jobs, final, on_commit or (lambda _results: None))
             batch.failed = not all(result["ok"] for result in results)  # (a failed add may leave a scratch file)
         return results
 
-    def _run_groups(self, queue: JobQueue, jobs: list[Job], final: bool) -> list[dict[str, Any]]:
+    def _run_groups(self, queue: JobQueue, jobs: list[Job], final: bool,
+                    on_commit: Callable[[list[dict[str, Any]]], None]) -> list[dict[str, Any]]:
         results: list[dict[str, Any]] = []
         live = [job for job in jobs if queue.is_pending(job)]  # others were done by a batch that outlived its worker
         for group in commit_groups(live):
+            committed = len(results)
             if not any(job.kind != "remove" for job in group):  # removals with no commit after them (yet)
                 if final:
                     run = group[0].payload["run"]
                     commit = self._commit_removals(run, group, f"oxen-callbacks: {run}: rotate out {len(group)} checkpoint(s)")
                     results += _complete_removals(queue, group, commit)
+                    on_commit(results[committed:])
                 continue
             failure = self._commit_each(queue, group, results)
-            if failure is not None:
+            if failure is None:
+                on_commit(results[committed:])
+            else:
                 job, exc = failure
                 log.error("Job %s (%s) failed: %s", job.name, job.kind, exc, exc_info=exc)
                 results.append({"seq": job.seq, "kind": job.kind, "ok": False, "error": f"{type(exc).__name__}: {exc}"})

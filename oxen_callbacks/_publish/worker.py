@@ -92,8 +92,9 @@ class BatchProcess:
     process with threads can deadlock the child), so the child imports it right
     after the fork, while the supervisor waits for work.
 
-    Protocol: one JSON request per line on a pipe, one JSON reply line back;
-    EOF on the request pipe (:meth:`retire`) ends the process.
+    Protocol: one JSON request per line on a pipe; back, a ``{"partial": ...}`` line for each
+    step a task reports as it goes (a commit's results, while the next commit runs), then one
+    reply line. EOF on the request pipe (:meth:`retire`) ends the process.
     """
 
     def __init__(self, tasks: dict[str, Callable[..., Any]], close_fds: tuple[int, ...] = ()) -> None:
@@ -107,10 +108,14 @@ class BatchProcess:
                 preload()  # oxenai's 0.2 s import, paid before the work arrives
 
                 with os.fdopen(req_read) as inp, os.fdopen(reply_write, "w") as out:
+                    def report(value: Any) -> None:
+                        out.write(json.dumps({"partial": value}) + "\n")
+                        out.flush()
+
                     for line in inp:
                         request = json.loads(line)
                         try:
-                            reply = {"ok": True, "value": tasks[request["task"]](**request["args"])}
+                            reply = {"ok": True, "value": tasks[request["task"]](report, **request["args"])}
                         except BaseException as exc:  # noqa: BLE001 - everything must reach the parent
                             log.exception("Publishing batch failed")
                             reply = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
@@ -124,8 +129,9 @@ class BatchProcess:
         self._reply = os.fdopen(reply_read)
         self.started_serving: float | None = None  # monotonic time of its first task
 
-    def run(self, task: str, **args: Any) -> Any:
-        """Run one task in the child; raises :class:`PublishError` if it failed or the child died."""
+    def run(self, task: str, on_partial: Callable[[Any], None], **args: Any) -> Any:
+        """Run one task in the child, passing what it reports as it goes to ``on_partial``; raises
+        :class:`PublishError` if it failed or the child died."""
         if self.started_serving is None:
             self.started_serving = time.monotonic()
         try:
@@ -133,13 +139,13 @@ class BatchProcess:
             self._request.flush()
         except BrokenPipeError:
             pass  # a dead child shows as no reply below
-        line = self._reply.readline()
+        while (line := self._reply.readline()) and "partial" in (reply := json.loads(line)):
+            on_partial(reply["partial"])
         if not line:
             self._close_pipes()
             _, status = os.waitpid(self.pid, 0)
             self.pid = 0
             raise CommitProcessDied(f"The commit process died ({_describe(status)}); its jobs stay queued")
-        reply = json.loads(line)
         if not reply["ok"]:
             raise PublishError(reply["error"])
         return reply["value"]
@@ -190,11 +196,15 @@ class Batches:
     RESTARTS = 4
 
     def __init__(self, queue: JobQueue, committer: Committer, close_fds: tuple[int, ...]) -> None:
-        def run_jobs(seqs: list[int], final: bool) -> list[dict[str, Any]]:
+        def run_jobs(report: Callable[[Any], None], seqs: list[int], final: bool) -> list[dict[str, Any]]:
+            """Each commit's results are reported as it is made; returns the rest (a failure)."""
             jobs = [j for j in queue.pending() if j.seq in set(seqs)]
-            return committer.run_batch(queue, jobs, final=final)
+            reported: list[dict[str, Any]] = []
+            results = committer.run_batch(queue, jobs, final=final, on_commit=lambda made: (report(made),
+                                                                                          reported.extend(made)))
+            return results[len(reported):]
 
-        def maintain(skip: str) -> None:
+        def maintain(_report: Callable[[Any], None], skip: str) -> None:
             clean_orphan_temp_files(committer)
             drain_orphans(committer, skip=JobQueue(skip))
 
@@ -207,8 +217,9 @@ class Batches:
         """Whether the current process has served a batch (and so holds the repository)."""
         return self._child.started_serving is not None
 
-    def run(self, task: str, **args: Any) -> Any:
-        """Run ``task`` in the commit process; a killed process is replaced and the task run again.
+    def run(self, task: str, on_partial: Callable[[Any], None] = lambda _value: None, **args: Any) -> Any:
+        """Run ``task`` in the commit process (what it reports as it goes to ``on_partial``); a killed
+        process is replaced and the task run again.
 
         Every task is idempotent over the on-disk queue (a job is done once its result is
         recorded), so a task cut short by a kill is simply repeated. Raises
@@ -216,7 +227,7 @@ class Batches:
         """
         for attempt in range(self.RESTARTS + 1):
             try:
-                return self._child.run(task, **args)
+                return self._child.run(task, on_partial, **args)
             except CommitProcessDied as exc:
                 self._child = BatchProcess(self._tasks, self._close_fds)
                 if attempt == self.RESTARTS:
@@ -278,27 +289,33 @@ def serve(queue: JobQueue, batches: Batches, results: _Results, push: PushTarget
     failed: set[int] = set()
     eof = stalled = False
     push_failed = bool(queue.meta().get("push_failed"))  # a restarted worker does not try again either
-    while True:
-        jobs = [] if stalled else [j for j in queue.pending() if j.seq not in failed]
-        try:
-            done = batches.run("run_jobs", seqs=[j.seq for j in jobs], final=eof) if jobs else []
-        except CommitProcessDied as exc:
-            stalled = True
-            done = []
-            results.emit({"kind": "stalled", "ok": False, "error": str(exc), "queue": str(queue.folder)})
-        except PublishError as exc:  # the task itself failed outside a job (e.g. the lock): fail these jobs
-            done = [{"seq": j.seq, "kind": j.kind, "ok": False, "error": str(exc)} for j in jobs if queue.is_pending(j)]
-        answered = {r["seq"] for r in done}
-        # jobs a killed commit process finished before it died: their results are on disk only
-        done += [r for j in jobs if j.seq not in answered and (r := queue.result(j.seq)) is not None]
-        results.tell_damage(queue)  # (a job file, or a result on disk, that cannot be read: skipped, never fatal)
+    answered: set[int] = set()  # the jobs of this round that have their result
+
+    def answer(done: list[dict[str, Any]]) -> None:
+        """Tell the trainer (each commit's at once: its MLflow work for them overlaps the next commit)."""
         for result in done:
+            answered.add(result["seq"])
             if not result["ok"]:
                 failed.add(result["seq"])
             elif push and result["kind"] in ("checkpoint", "finalize", "remove"):
                 push.dirty = True
             results.emit(result)
-        if done:
+
+    while True:
+        jobs = [] if stalled else [j for j in queue.pending() if j.seq not in failed]
+        answered.clear()
+        try:
+            answer(batches.run("run_jobs", answer, seqs=[j.seq for j in jobs], final=eof) if jobs else [])
+        except CommitProcessDied as exc:
+            stalled = True
+            results.emit({"kind": "stalled", "ok": False, "error": str(exc), "queue": str(queue.folder)})
+        except PublishError as exc:  # the task itself failed outside a job (e.g. the lock): fail these jobs
+            answer([{"seq": j.seq, "kind": j.kind, "ok": False, "error": str(exc)}
+                    for j in jobs if j.seq not in answered and queue.is_pending(j)])
+        # jobs a killed commit process finished before it died: their results are on disk only
+        answer([r for j in jobs if j.seq not in answered and (r := queue.result(j.seq)) is not None])
+        results.tell_damage(queue)  # (a job file, or a result on disk, that cannot be read: skipped, never fatal)
+        if answered:
             continue  # more may have arrived meanwhile
         if push and push.dirty and not push_failed and not stalled:
             batches.retire()  # the push process opens the repository's databases too
