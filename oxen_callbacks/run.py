@@ -138,9 +138,10 @@ class LineageRun(RunOptionChecks, RunEnding):
             from ._mlflow.warm_sink import WarmSinkProcess
 
             # MLflow already loaded here: most likely a logger's or the active run, which a thread of
-            # this process logs (MlflowSink.attach); a run of our own then starts its sink at fit start
-            if not mlflow_imported():
-                self._warm_sink = WarmSinkProcess(self.mlflow_tracking_uri)  # imports MLflow
+            # this process logs (MlflowSink.attach); a run of our own then takes the sink an earlier
+            # run left idle (a notebook), else starts its sink at fit start
+            self._warm_sink = (WarmSinkProcess(self.mlflow_tracking_uri) if not mlflow_imported()  # imports MLflow
+                               else WarmSinkProcess.if_idle(self.mlflow_tracking_uri))
 
     def __getstate__(self) -> dict[str, Any]:
         """Picklable for ``ddp_spawn``: the warm processes and the claim stay here."""

@@ -389,6 +389,40 @@ def test_fits_in_one_process_reuse_the_sink_yet_log_where_each_run_says(dataset_
     assert not any(journals.iterdir())
 
 
+def test_a_notebook_that_imported_mlflow_reuses_the_sink_of_its_first_own_run(dataset_repo, tmp_path):
+    """MLflow imported in the kernel (this process has, as a notebook that ran ``import mlflow`` or an
+    MLFlowLogger cell): the first run of our own starts its sink at fit start; a later one, after a fit
+    that logged through an MLFlowLogger between them, is logged by that same sink (MLflow imported in
+    it already: no second import, ~2 s a cell), each run to its own store, complete."""
+    from lightning.pytorch.loggers import MLFlowLogger
+
+    pin = PinnedDataset(dataset_repo.path, revision=dataset_repo.commits[0], paths=["train.csv", "val.csv"])
+    cells = [("own", f"sqlite:///{tmp_path / 'first.db'}"), ("logger", f"sqlite:///{tmp_path / 'logger.db'}"),
+             ("own", f"sqlite:///{tmp_path / 'second.db'}")]
+    sinks, runs = [], []
+    for i, (kind, store) in enumerate(cells):
+        if kind == "own":
+            cb = OxenLightningCallback(dataset=pin, model_repo=tmp_path / "models", mlflow_tracking_uri=store,
+                                       experiment_name=f"cell-{i}")
+            logger: MLFlowLogger | bool = False
+        else:
+            cb = OxenLightningCallback(dataset=pin, model_repo=tmp_path / "models")
+            logger = MLFlowLogger(experiment_name=f"cell-{i}", tracking_uri=store)
+        make_trainer(tmp_path, [ModelCheckpoint(dirpath=tmp_path / f"ckpt{i}"), cb], epochs=1, logger=logger).fit(
+            TinyModel(), datamodule=CsvData(pin))
+        runs.append((store, cb.lineage["run"]["mlflow_run_id"]))
+        if kind == "own":
+            sinks.append(cb.run.sink._proc.pid)
+    assert sinks[0] == sinks[1]
+    assert Path(f"/proc/{sinks[0]}").exists()  # idle, MLflow imported, for the next cell
+    for i, (store, run_id) in enumerate(runs):
+        client = MlflowClient(store)
+        run = client.get_run(run_id)
+        assert client.get_experiment(run.info.experiment_id).name == f"cell-{i}"
+        assert run.info.status == "FINISHED" and run.data.tags["oxen.dataset.commit"] == dataset_repo.commits[0]
+        assert run.data.tags["oxen.model.commit"] in LocalRepo(tmp_path / "models").commit_ids()
+
+
 def _committed_steps(record: dict, model_repo: Path, cache: Path) -> list[tuple[str, int, int]]:
     """(file name, step recorded, global_step inside the committed bytes) of each published save."""
     out = []

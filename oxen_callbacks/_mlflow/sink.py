@@ -80,14 +80,14 @@ class MlflowSink:
                     **{k: v for k, v in os.environ.items() if k.startswith(ENV_MLFLOW_PREFIX)},
                     ENV_MLFLOW_TRACKING_URI: client_uri}
         self._settings = settings
-        self._reusable = False  # a --warm process serves one journal after another
+        self._reusable = False  # its process may serve this process's next run (see close)
         self._proc: Any
         if in_process:
             self._proc = SinkThread(journal.folder, client_uri)
         else:
             proc = warm.hand_over(journal.folder, settings) if warm is not None else None
-            self._reusable = proc is not None
             self._proc = proc or start_sink(["--journal", str(journal.folder)], settings)
+            self._reusable = True  # either serves the next run of this process too (sink_process.main)
             journal.write_sink_pid(self._proc.pid)  # busy for `sync` even before it takes the journal's lock
 
     @classmethod

@@ -2,8 +2,9 @@
 
 Started by :class:`.sink.MlflowSink` (``python -m oxen_callbacks._mlflow.sink_process
 --journal DIR``), or ahead of time by :class:`.warm_sink.WarmSinkProcess` (``--warm``: MLflow
-imported before the work arrives, journals handed over on stdin). What it cannot do
-stays journaled for ``oxen-callbacks sync``.
+imported before the work arrives). Either then serves the journals handed over on stdin, one per
+training run, MLflow imported: a notebook's next fit. What it cannot do stays journaled for
+``oxen-callbacks sync``.
 """
 
 from __future__ import annotations
@@ -154,10 +155,11 @@ def main(argv: list[str] | None = None) -> int:
     yield_cpu_to_training(idle=True)  # bookkeeping beside training: it may wait for an idle core
     logging.getLogger().setLevel(logging.INFO)
     if args.journal:
-        serve_folder(Path(args.journal))
-        return 0
-    importlib.import_module("mlflow.tracking")  # the slow import, paid before the work arrives
-    _open_existing_store(os.environ.get(ENV_MLFLOW_TRACKING_URI))
+        if not serve_folder(Path(args.journal)):
+            return 0
+    else:
+        importlib.import_module("mlflow.tracking")  # the slow import, paid before the work arrives
+        _open_existing_store(os.environ.get(ENV_MLFLOW_TRACKING_URI))
     # One journal per training run of the process that started us (a notebook trains again and
     # again): each hand-off brings that run's environment and folder. EOF: the callback was
     # never used, or the training process is gone.

@@ -52,6 +52,13 @@ class WarmSinkProcess:
         self._closer = weakref.finalize(self, _retire, self.proc, self._was_idle)
         _unfitted.add(self)
 
+    @classmethod
+    def if_idle(cls, tracking_uri: str | None = None) -> "WarmSinkProcess | None":
+        """The sink an earlier run of this process left idle, if there is one (none is started)."""
+        with _idle_lock:
+            idle = os.getpid() == _idle_owner and any(proc.poll() is None for proc in _idle)
+        return cls(tracking_uri) if idle else None
+
     def _take(self) -> subprocess.Popen[bytes] | None:
         """The process, now the caller's to use or stop (this object no longer closes it)."""
         proc, self.proc = self.proc, None
