@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import signal
@@ -394,8 +395,6 @@ def test_a_notebook_that_imported_mlflow_reuses_the_sink_of_its_first_own_run(da
     MLFlowLogger cell): the first run of our own starts its sink at fit start; a later one, after a fit
     that logged through an MLFlowLogger between them, is logged by that same sink (MLflow imported in
     it already: no second import, ~2 s a cell), each run to its own store, complete."""
-    from lightning.pytorch.loggers import MLFlowLogger
-
     pin = PinnedDataset(dataset_repo.path, revision=dataset_repo.commits[0], paths=["train.csv", "val.csv"])
     cells = [("own", f"sqlite:///{tmp_path / 'first.db'}"), ("logger", f"sqlite:///{tmp_path / 'logger.db'}"),
              ("own", f"sqlite:///{tmp_path / 'second.db'}")]
@@ -430,6 +429,34 @@ def _committed_steps(record: dict, model_repo: Path, cache: Path) -> list[tuple[
         blob = file_at(model_repo, entry["commit"], entry["path"], cache)
         out.append((Path(entry["path"]).name, entry["step"], torch.load(blob, weights_only=False)["global_step"]))
     return out
+
+
+def test_checkpoint_names_oxen_would_read_as_glob_patterns_are_committed_byte_for_byte(dataset_repo, tmp_path):
+    """``oxen add runs/…/model[0].ckpt`` is a glob: it stages nothing (or ``model0.ckpt``), and the
+    lineage would name a commit without the file; ``oxen rm`` of such a name could take another file
+    out. Such names get a literal path in the repository; ``source`` keeps the trainer's own."""
+    pin = PinnedDataset(dataset_repo.path, revision=dataset_repo.commits[0], paths=["train.csv", "val.csv"])
+    ckpt = tmp_path / "ckpt[a]"
+    saved = ModelCheckpoint(dirpath=ckpt, filename="model[{epoch}]", save_top_k=1, monitor="epoch", mode="max")
+    plain = ModelCheckpoint(dirpath=tmp_path / "plain", filename="model{epoch}", save_top_k=-1)  # what a glob would hit
+    cb = OxenLightningCallback(dataset=pin, model_repo=tmp_path / "models", mlflow=False)
+    make_trainer(tmp_path, [plain, saved, cb], epochs=3).fit(TinyModel(), datamodule=CsvData(pin))
+
+    record = cb.lineage
+    globbed = [c for c in record["checkpoints"] if "[" in Path(c["source"]).name]
+    assert [Path(c["source"]).name for c in globbed] == [f"model[epoch={i}].ckpt" for i in range(3)]
+    for i, entry in enumerate(record["checkpoints"]):
+        committed = file_at(tmp_path / "models", entry["commit"], entry["path"], tmp_path / f"read{i}").read_bytes()
+        if Path(entry["source"]).exists():  # (top-k rotation removed the others from the trainer's folder)
+            assert committed == Path(entry["source"]).read_bytes()
+        assert torch.load(io.BytesIO(committed), weights_only=False)["epoch"] == entry["epoch"]
+        assert not set("*?[]") & set(entry["path"])
+    head = LocalRepo(tmp_path / "models").resolve(None)
+    kept = [c["path"] for c in record["checkpoints"] if c.get("kept", True)]
+    assert sorted(c["path"] for c in record["checkpoints"] if not c.get("kept", True)) == sorted(
+        c["path"] for c in globbed[:2])  # rotated out of the folder: exactly those two, no plain file
+    for path in kept:
+        file_at(tmp_path / "models", head, path, tmp_path / "head")  # still in the repository's head
 
 
 def test_a_strategy_that_writes_checkpoints_itself_loses_no_save(dataset_repo, tmp_path):

@@ -5,6 +5,10 @@ from __future__ import annotations
 import hashlib
 import os
 
+#: Oxen reads a path holding any of these as a glob pattern: ``oxen add`` of ``model[1].ckpt`` stages
+#: nothing (or ``model1.ckpt``), and ``oxen rm`` of it could take another file out of the repository.
+GLOB_CHARACTERS = "*?[]"
+
 
 class Destinations:
     """The repository path of each checkpoint file or folder a run saves, the same for each save of it.
@@ -13,6 +17,8 @@ class Destinations:
     ``runs/<run>/checkpoints``, see :func:`..model_repo.checkpoints_folder`);
     those of any other folder (a second ``ModelCheckpoint``) go one level down, in a subfolder named
     after their folder and a hash of its path, so two folders' ``last.ckpt`` never share a path.
+    A name Oxen would read as a glob pattern is renamed (:func:`literal_name`); the lineage entry's
+    ``source`` keeps the trainer's own.
     """
 
     def __init__(self, base: str) -> None:
@@ -33,9 +39,21 @@ class Destinations:
         if self._first_folder is None:
             self._first_folder = folder
         if folder == self._first_folder:
-            dest = f"{self.base}/{name}"
+            dest = f"{self.base}/{literal_name(name)}"
         else:
             digest = hashlib.sha1(folder.encode()).hexdigest()[:8]
-            dest = f"{self.base}/{os.path.basename(folder) or 'root'}-{digest}/{name}"
+            subfolder = literal_name(os.path.basename(folder) or "root")
+            dest = f"{self.base}/{subfolder}-{digest}/{literal_name(name)}"
         self._by_source[source] = dest
         return dest
+
+
+def literal_name(name: str) -> str:
+    """``name``, or where it holds a glob character, that character made ``_`` and a hash of the
+    original added (``model[1].ckpt`` -> ``model_1_-<8 hex>.ckpt``): two names never meet."""
+    if not any(char in name for char in GLOB_CHARACTERS):
+        return name
+    stem, extension = os.path.splitext(name)
+    plain = str.maketrans({char: "_" for char in GLOB_CHARACTERS})
+    digest = hashlib.sha1(name.encode()).hexdigest()[:8]
+    return f"{stem.translate(plain)}-{digest}{extension.translate(plain)}"
