@@ -108,6 +108,36 @@ def test_orphan_temp_files_are_found_by_their_infix(tmp_path):
     assert oxen_layout.orphan_temp_files(repo.path, older_than_s=10**12) == []
 
 
+_RAW_GLOB_ADD = """
+import sys
+from oxen_callbacks._oxen.identity import commit_identity
+from oxen_callbacks._oxen.native import open_repo
+
+repo = open_repo(sys.argv[1])
+repo.add(sys.argv[1] + "/ckpt/model[1].ckpt")  # oxenai itself, as our add would call it
+with commit_identity(("T", "t@example.com")):
+    print(repo.commit("glob").id)
+"""
+
+
+def test_oxen_reads_a_path_with_glob_characters_as_a_pattern_so_ours_refuse_one(tmp_path):
+    """The assumption behind ``GLOB_CHARACTERS`` (``_publish/dests.py`` names checkpoints around it):
+    oxenai's add of ``model[1].ckpt`` commits ``model1.ckpt``, another file, and not the one named."""
+    from oxen_callbacks._oxen.repo import LocalRepo
+    from oxen_callbacks.errors import ConfigurationError
+
+    repo = make_repo(tmp_path / "r", [("one", {"a.txt": "1"})])
+    write(repo.path, {"ckpt/model[1].ckpt": b"the weights named", "ckpt/model1.ckpt": b"another file"})
+    out = subprocess.run([sys.executable, "-c", _RAW_GLOB_ADD, str(repo.path)], capture_output=True, text=True,
+                         check=True)
+    commit = out.stdout.strip().splitlines()[-1]
+    _, files = listed(repo.path, commit, ["ckpt"])
+    assert files == {"ckpt/model1.ckpt": b"another file"}
+    for call in (LocalRepo(repo.path).add, LocalRepo(repo.path).rm):
+        with pytest.raises(ConfigurationError, match="glob pattern"):
+            call("ckpt/model[1].ckpt")
+
+
 # -- the merkle tree (oxen_callbacks/_oxen/tree.py) --------------------------------------------
 MANY = 10_050  # more than vnode_size (10,000): the folder's entries span two vnodes
 

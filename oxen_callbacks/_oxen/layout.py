@@ -28,6 +28,9 @@ _SHADOW_SKIP = {"versions", "staged", "workspaces", "tmp", STATE_DIR_NAME}
 _TEMP_INFIX = ".oxentmp."
 #: Entries of ``.oxen`` that the first commit makes (``oxen init`` makes only ``config.toml``).
 _COMMITTED = ("HEAD", "history", "refs", "tree")
+#: Oxen reads a path holding any of these as a glob pattern: ``oxen add`` of ``model[1].ckpt``
+#: stages nothing (or ``model1.ckpt``), ``oxen rm`` of it may take another file out.
+GLOB_CHARACTERS = "*?[]"
 #: The merkle node store of the ``lmdb`` backend (which files each commit holds), under ``.oxen``.
 NODE_STORE = "tree/nodes_lmdb/data.mdb"
 #: The whole of what ``oxen init`` writes (oxenai 0.65): ``.oxen/config.toml`` with these bytes.

@@ -5,9 +5,7 @@ from __future__ import annotations
 import hashlib
 import os
 
-#: Oxen reads a path holding any of these as a glob pattern: ``oxen add`` of ``model[1].ckpt`` stages
-#: nothing (or ``model1.ckpt``), and ``oxen rm`` of it could take another file out of the repository.
-GLOB_CHARACTERS = "*?[]"
+from .._oxen.layout import GLOB_CHARACTERS
 
 
 class Destinations:
