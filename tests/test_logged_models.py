@@ -366,6 +366,24 @@ def test_a_continued_run_moves_its_final_mark_off_the_earlier_fit(dataset_repo, 
             if m.tags.get("oxen.model.final") == "true"] == [(last["commit"], last["path"])]
 
 
+def test_the_final_model_that_is_also_the_best_carries_both_marks(dataset_repo, tmp_path):
+    """The last checkpoint is the best one (the monitored value rose each epoch): its one logged model is
+    marked final and best (in one request), no other model either."""
+    uri = mlflow.get_tracking_uri()
+    pin = PinnedDataset(dataset_repo.path, revision=dataset_repo.commits[0], paths=["train.csv", "val.csv"])
+    cb = OxenLightningCallback(dataset=pin, model_repo=tmp_path / "models", run_name="both", experiment_name="both")
+    checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", monitor="epoch", mode="max", save_top_k=-1)
+    make_trainer(tmp_path / "fit", [checkpoint, cb], epochs=2).fit(TinyModel(), datamodule=CsvData(pin))
+    record = cb.lineage
+    last = record["checkpoints"][-1]
+    assert Path(checkpoint.best_model_path).name == Path(last["path"]).name
+    models = logged_models_of_run(uri, record["run"]["mlflow_run_id"])
+    assert len(models) == 2
+    for tag in ("oxen.model.final", "oxen.model.best"):
+        assert [(m.tags["oxen.model.commit"], m.tags["oxen.model.path"]) for m in models
+                if m.tags.get(tag) == "true"] == [(last["commit"], last["path"])], tag
+
+
 def test_a_replayed_end_whose_final_model_was_deleted_finishes(dataset_repo, tmp_path):
     """The journal knows each checkpoint's model id; someone deleted the final one in MLflow before
     a fit's end was replayed: `sync` finishes that end (the other marks set) instead of retrying it forever."""

@@ -224,28 +224,33 @@ def _complete_and_mark(client: Any, journal: MlflowJournal, meta: dict[str, Any]
             best_unless_last and (model["commit"], model["path"]) != (final["commit"], final["path"]))):
         best = checkpoint_key(model["commit"], model["path"])
     wanted = {TAG_MODEL_FINAL: checkpoint_key(final["commit"], final["path"]), TAG_MODEL_BEST: best}
+    marks: dict[str, list[str]] = {}  # checkpoint key -> the marks its model gets (one request each)
     for tag, key in wanted.items():
         _take_mark_off(client, existing, keys, tag, keep=key)
-        if key in existing and existing[key].tags.get(tag) != MARK and not _marked(client, existing[key].model_id, tag):
+        if key in existing and existing[key].tags.get(tag) != MARK:
+            marks.setdefault(key, []).append(tag)
+    for key, tags in marks.items():
+        if not _marked(client, existing[key].model_id, tags):
             del existing[key]
     return {name: existing[key].model_id for name, key in (("final", wanted[TAG_MODEL_FINAL]), ("best", best))
             if key in existing}
 
 
-def _marked(client: Any, model_id: str, tag: str) -> bool:
-    """Set ``tag`` on logged model ``model_id``; ``False`` when it is gone (someone deleted it since
+def _marked(client: Any, model_id: str, tags: list[str]) -> bool:
+    """Set ``tags`` on logged model ``model_id``; ``False`` when it is gone (someone deleted it since
     the journal noted it): nothing to mark, and a replay must not fail on it forever."""
     from mlflow.exceptions import MlflowException
 
     try:
-        client.set_logged_model_tags(model_id, {tag: MARK})
+        client.set_logged_model_tags(model_id, dict.fromkeys(tags, MARK))
     except MlflowException:
         try:  # (the client says INVALID_PARAMETER_VALUE for a model it cannot find: ask the store)
             client.get_logged_model(model_id)
         except MlflowException as missing:
             if missing.error_code != "RESOURCE_DOES_NOT_EXIST":
                 raise
-            log.warning("Logged model %s is no longer in MLflow (deleted?): it is not marked %s.", model_id, tag)
+            log.warning("Logged model %s is no longer in MLflow (deleted?): it is not marked %s.", model_id,
+                        " and ".join(tags))
             return False
         raise
     return True
