@@ -397,9 +397,12 @@ def test_a_notebook_that_imported_mlflow_reuses_the_sink_of_its_first_own_run(da
     it already: no second import, ~2 s a cell), each run to its own store, complete."""
     pin = PinnedDataset(dataset_repo.path, revision=dataset_repo.commits[0], paths=["train.csv", "val.csv"])
     cells = [("own", f"sqlite:///{tmp_path / 'first.db'}"), ("logger", f"sqlite:///{tmp_path / 'logger.db'}"),
-             ("own", f"sqlite:///{tmp_path / 'second.db'}")]
+             ("failed", f"sqlite:///{tmp_path / 'second.db'}"), ("own", f"sqlite:///{tmp_path / 'second.db'}")]
     sinks, runs = [], []
     for i, (kind, store) in enumerate(cells):
+        if kind == "failed":  # a cell that built its callback, then failed before fit(): run again below
+            unfitted = OxenLightningCallback(dataset=pin, model_repo=tmp_path / "models", mlflow_tracking_uri=store)
+            continue
         if kind == "own":
             cb = OxenLightningCallback(dataset=pin, model_repo=tmp_path / "models", mlflow_tracking_uri=store,
                                        experiment_name=f"cell-{i}")
@@ -409,15 +412,15 @@ def test_a_notebook_that_imported_mlflow_reuses_the_sink_of_its_first_own_run(da
             logger = MLFlowLogger(experiment_name=f"cell-{i}", tracking_uri=store)
         make_trainer(tmp_path, [ModelCheckpoint(dirpath=tmp_path / f"ckpt{i}"), cb], epochs=1, logger=logger).fit(
             TinyModel(), datamodule=CsvData(pin))
-        runs.append((store, cb.lineage["run"]["mlflow_run_id"]))
+        runs.append((store, cb.lineage["run"]["mlflow_run_id"], f"cell-{i}"))
         if kind == "own":
             sinks.append(cb.run.sink._proc.pid)
-    assert sinks[0] == sinks[1]
+    assert sinks[0] == sinks[1] and unfitted.run._warm_sink.proc is None  # (taken over by the cell run again)
     assert Path(f"/proc/{sinks[0]}").exists()  # idle, MLflow imported, for the next cell
-    for i, (store, run_id) in enumerate(runs):
+    for store, run_id, experiment in runs:
         client = MlflowClient(store)
         run = client.get_run(run_id)
-        assert client.get_experiment(run.info.experiment_id).name == f"cell-{i}"
+        assert client.get_experiment(run.info.experiment_id).name == experiment
         assert run.info.status == "FINISHED" and run.data.tags["oxen.dataset.commit"] == dataset_repo.commits[0]
         assert run.data.tags["oxen.model.commit"] in LocalRepo(tmp_path / "models").commit_ids()
 

@@ -39,7 +39,7 @@ class WarmSinkProcess:
     ends (its stdin closes).
     """
 
-    def __init__(self, tracking_uri: str | None = None) -> None:
+    def __init__(self, tracking_uri: str | None = None, *, start: bool = True) -> None:
         # the store the run most likely logs to, opened ahead too when it exists (see sink_process)
         self.store_uri = tracking_uri or default_tracking_uri()
         idle = _take_idle()
@@ -48,16 +48,17 @@ class WarmSinkProcess:
         if unused is not None:  # one built for a callback not fitted (see Unfitted)
             self._was_idle = unused._was_idle
             idle = unused._take()
-        self.proc: subprocess.Popen[bytes] | None = idle or start_sink(["--warm"], {ENV_MLFLOW_TRACKING_URI: self.store_uri})
+        self.proc: subprocess.Popen[bytes] | None = idle or (
+            start_sink(["--warm"], {ENV_MLFLOW_TRACKING_URI: self.store_uri}) if start else None)
         self._closer = weakref.finalize(self, _retire, self.proc, self._was_idle)
         _unfitted.add(self)
 
     @classmethod
     def if_idle(cls, tracking_uri: str | None = None) -> "WarmSinkProcess | None":
-        """The sink an earlier run of this process left idle, if there is one (none is started)."""
-        with _idle_lock:
-            idle = os.getpid() == _idle_owner and any(proc.poll() is None for proc in _idle)
-        return cls(tracking_uri) if idle else None
+        """The sink an earlier run of this process left idle, or one a callback not fitted holds (a
+        cell that failed before ``fit()``, run again), if there is one; none is started."""
+        made = cls(tracking_uri, start=False)
+        return made if made.proc is not None else None
 
     def _take(self) -> subprocess.Popen[bytes] | None:
         """The process, now the caller's to use or stop (this object no longer closes it)."""
@@ -104,10 +105,12 @@ _idle_owner = os.getpid()  # a forked child (DDP workers) must not write to its 
 _unfitted = Unfitted()  # warm sinks of callbacks not fitted yet (each imports MLflow: one is enough)
 
 
-def _retire(proc: subprocess.Popen[bytes], was_idle: bool) -> None:
+def _retire(proc: subprocess.Popen[bytes] | None, was_idle: bool) -> None:
     """An unused warm sink whose callback went away (or the process exits): one idle after a run
     exits at once when its stdin closes; one never given a run is stopped, not left to finish
     importing MLflow (seconds of CPU, ~100 MB) after the training process is gone."""
+    if proc is None:
+        return
     if was_idle:
         close_stdin(proc)
     else:

@@ -109,8 +109,11 @@ class BatchProcess:
 
                 with os.fdopen(req_read) as inp, os.fdopen(reply_write, "w") as out:
                     def report(value: Any) -> None:
-                        out.write(json.dumps({"partial": value}) + "\n")
-                        out.flush()
+                        try:
+                            out.write(json.dumps({"partial": value}) + "\n")
+                            out.flush()
+                        except OSError:  # the worker is gone: the batch goes on, its results are on disk
+                            pass
 
                     for line in inp:
                         request = json.loads(line)
