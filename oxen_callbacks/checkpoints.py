@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ._oxen.layout import literal_name
 from ._util import background
 from ._util.relpath import safe_relpath
 from .errors import ConfigurationError
@@ -232,7 +233,7 @@ def committed_checkpoint(model_repo: str | None, run: str | None, *, step: int |
     if record is None:
         return None
     hits = [c for c in record["checkpoints"] if c["commit"] and c.get("step") == step
-            and os.path.basename(c["path"]) == name and (size is None or c.get("bytes") in (None, size))]
+            and os.path.basename(c["path"]) == literal_name(name) and (size is None or c.get("bytes") in (None, size))]
     if local is not None and os.path.exists(local):
         return _newest_holding(model_repo, hits, Path(local))
     return {"commit": hits[-1]["commit"], "path": hits[-1]["path"]} if hits else None

@@ -5,6 +5,7 @@ Committed (paths inside the repository, POSIX, relative)::
     runs/<run>/lineage.json                   the run's lineage record (oxen_callbacks.lineage)
     runs/<run>/checkpoints/<name>             a checkpoint of the run's first checkpoint folder
     runs/<run>/checkpoints/<folder>-<h>/<n>   one of any other folder (see _publish.publisher)
+                                              (names Oxen reads as a glob pattern: see _oxen.layout.literal_name)
     deployments/<endpoint-slug>.json          which commit serves an endpoint (see _mlflow.registry)
 
 Not committed, in this library's state folder of the repository (see ``_oxen.layout.state_dir``)::

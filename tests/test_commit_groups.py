@@ -131,6 +131,33 @@ def test_each_commit_of_a_backlog_is_told_before_the_next_one_is_made(model_queu
     assert on_disk == first  # and recorded, for a worker that dies right after telling
 
 
+def test_a_job_queued_with_a_glob_name_before_the_upgrade_is_committed_under_its_literal_name(
+        model_queue, tmp_path: Path) -> None:
+    """A queue left by the version before names were made literal (a killed fit, then `sync` or the next
+    worker) names ``model[1].ckpt``: its bytes are committed under the literal name the new version
+    gives it, the record and the final model name that path, and its rotation removes that file."""
+    from oxen_callbacks._oxen.layout import literal_name
+
+    models, queue, committer = model_queue
+    saves = Saves(queue)
+    saves.save("model[1].ckpt", b"epoch 1", 1)
+    saves.save("model[2].ckpt", b"epoch 2", 2)
+    saves.remove("model[1].ckpt")
+    saves.finalize(best="model[2].ckpt")
+
+    results = committer.run_batch(queue, queue.pending(), final=True)
+
+    assert all(r["ok"] for r in results) and not queue.pending()
+    lineage = read_lineage(models / "runs" / RUN / "lineage.json")
+    first, second = lineage["checkpoints"]
+    assert [first["path"], second["path"]] == [f"runs/{RUN}/checkpoints/{literal_name(n)}"
+                                               for n in ("model[1].ckpt", "model[2].ckpt")]
+    assert file_at(models, first["commit"], first["path"], tmp_path / "a").read_bytes() == b"epoch 1"
+    assert file_at(models, second["commit"], second["path"], tmp_path / "b").read_bytes() == b"epoch 2"
+    assert first["kept"] is False and second["kept"] is not False
+    assert lineage["model"]["path"] == second["path"]
+
+
 def test_a_save_rotated_out_while_waiting_still_reaches_history(model_queue, tmp_path: Path) -> None:
     """Saved and removed before its commit: committing both at once would lose its bytes."""
     models, queue, committer = model_queue
@@ -327,3 +354,41 @@ def test_the_commit_process_tells_each_commit_while_its_task_goes_on(tmp_path: P
     out = subprocess.run([sys.executable, "-c", _REPORTING_TASK, str(tmp_path / "released")], capture_output=True,
                          text=True, timeout=60, check=True)
     assert out.stdout.strip() == "released ['first commit']"
+
+
+_ORPHANED_TASK = """
+import os, sys, time
+from pathlib import Path
+from oxen_callbacks._publish.worker import BatchProcess
+
+folder = Path(sys.argv[1])
+
+def task(report):
+    while not (folder / "worker gone").exists():
+        time.sleep(0.01)
+    report("first commit")  # nobody reads this any more
+    (folder / "second commit made").touch()
+    return "done"
+
+process = BatchProcess({"task": task})
+process._request.write('{"task": "task", "args": {}}\\n')
+process._request.flush()
+process._reply.close()  # the worker's end of the replies, as its death closes it
+(folder / "worker gone").touch()
+deadline = time.monotonic() + 20
+while not (folder / "second commit made").exists() and time.monotonic() < deadline:
+    time.sleep(0.01)
+os.waitpid(process.pid, 0)
+print((folder / "second commit made").exists())
+"""
+
+
+def test_a_commit_process_whose_worker_died_finishes_its_batch(tmp_path: Path) -> None:
+    """A killed worker leaves its commit process the rest of the batch (its results go to disk): telling
+    the dead worker of a commit must not stop the next one."""
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", _ORPHANED_TASK, str(tmp_path)], capture_output=True, text=True,
+                         timeout=60, check=True)
+    assert out.stdout.strip() == "True"

@@ -219,6 +219,23 @@ def test_resumed_from_names_a_commit_only_for_the_bytes_it_holds(dataset_repo, t
     assert (edited["commit"], edited["path"], edited["file"]) == (None, None, str(local))
 
 
+def test_resumed_from_a_checkpoint_whose_name_holds_glob_characters_names_its_commit(dataset_repo, tmp_path):
+    """``model[epoch=0].ckpt`` is committed under a literal name (``*?[]`` read as a glob by Oxen): a fit
+    resumed from the trainer's file still finds that commit."""
+    pin = PinnedDataset(dataset_repo.path, revision=dataset_repo.commits[0], paths=["train.csv", "val.csv"])
+    models = tmp_path / "models"
+    a = OxenLightningCallback(dataset=pin, model_repo=models, run_name="a", mlflow=False)
+    make_trainer(tmp_path / "a", [ModelCheckpoint(dirpath=tmp_path / "ckpt", filename="model[{epoch}]"), a],
+                 epochs=1).fit(TinyModel(), datamodule=CsvData(pin))
+    [saved] = a.lineage["checkpoints"]
+    local = tmp_path / "ckpt" / "model[epoch=0].ckpt"
+    assert saved["source"] == str(local) and "[" not in saved["path"]
+    b = OxenLightningCallback(dataset=pin, model_repo=models, mlflow=False)
+    make_trainer(tmp_path / "b", [b], epochs=2).fit(TinyModel(), datamodule=CsvData(pin), ckpt_path=str(local))
+    resumed = b.lineage["resumed_from"]
+    assert (resumed["commit"], resumed["path"]) == (saved["commit"], saved["path"])
+
+
 def test_a_name_taken_again_after_a_run_that_ended_before_its_first_checkpoint_continues_nothing(dataset_repo, tmp_path):
     """A run that failed before its first checkpoint leaves its name free: a new run under it is a run
     of its own, not one that went on from the failed fit (no `earlier_fits`, no status of that fit)."""

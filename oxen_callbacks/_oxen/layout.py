@@ -11,6 +11,7 @@ of the merkle tree (which files a commit holds) is in :mod:`oxen_callbacks._oxen
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import time
@@ -257,3 +258,21 @@ def orphan_temp_files(repo: str | os.PathLike[str], older_than_s: float = 60.0) 
                 except FileNotFoundError:
                     continue
     return found
+
+
+def literal_name(name: str) -> str:
+    """``name`` as a checkpoint's file or folder name in the repository: where it holds a character
+    Oxen reads as a glob (:data:`GLOB_CHARACTERS`), that character made ``_`` and a hash of
+    the original added (``model[1].ckpt`` -> ``model_1_-<8 hex>.ckpt``): two names never meet."""
+    if not any(char in name for char in GLOB_CHARACTERS):
+        return name
+    stem, extension = os.path.splitext(name)
+    plain = str.maketrans(dict.fromkeys(GLOB_CHARACTERS, "_"))
+    digest = hashlib.sha1(name.encode()).hexdigest()[:8]
+    return f"{stem.translate(plain)}-{digest}{extension.translate(plain)}"
+
+
+def literal_path(path: str) -> str:
+    """``path`` (POSIX, relative) with each part made :func:`literal_name`: the same for a path already
+    chosen by it, and the path a job queued before names were made literal is committed under."""
+    return "/".join(literal_name(part) for part in path.split("/"))

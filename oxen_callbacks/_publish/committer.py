@@ -19,6 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from .._oxen.layout import literal_path
 from .._oxen.prestore import prestore
 from .._oxen.repo import LocalRepo
 from .._util.fs import DamagedFile, read_json_object, write_atomically, write_json_atomically
@@ -149,7 +150,7 @@ class Committer:
         except BaseException as exc:
             # the jobs stay queued: the next commit must not list these checkpoints (their commit unknown)
             self._restore_record_text(run, before)
-            if isinstance(exc, (OxenError, PublishError, OSError)):
+            if isinstance(exc, (OxenError, PublishError, OSError, ConfigurationError)):
                 raise _GroupFailed(index, exc) from exc
             raise
         record = fill_commit(self._load_record(run, None), commit)
@@ -175,7 +176,7 @@ class Committer:
     def _stage_checkpoint(self, queue: JobQueue, job: Job, removals: list[Job]) -> dict[str, Any]:
         """Move the frozen bytes into place, list them in the run's record and ``oxen add`` them."""
         p = job.payload
-        run, dest_rel = p["run"], p["dest"]
+        run, dest_rel = p["run"], literal_path(p["dest"])  # (a job queued before names were made literal)
         staged = queue.staging_for(job.seq) / p["staged_name"]
         dest = self.repo.path / dest_rel
         record = self._load_record(run, p["record"])
@@ -201,7 +202,7 @@ class Committer:
             "fit_id": (p.get("record") or {}).get("fit_id"),  # which fit saved it (a continued run has several)
         }
         if isinstance(p.get("same_model_as"), str):  # the checkpoint of the same step it is a copy of
-            entry["same_model_as"] = p["same_model_as"]
+            entry["same_model_as"] = literal_path(p["same_model_as"])
         record["checkpoints"] = [c for c in record["checkpoints"] if c.get("job") != entry["job"]] + [entry]
         if not finalized(record) and late is None:  # a late job never moves a finished (or later) fit's model
             record["model"].update({"path": dest_rel, "commit": None})
@@ -227,7 +228,7 @@ class Committer:
         mine = [c for c in record["checkpoints"] if saved_by(c, record)]
         own = [c for c in mine if c.get("kept", True)]
         # the best's latest version: a file saved again under its name ("best.ckpt") is the newer best
-        chosen = (next((c for c in [*reversed(own), *reversed(kept)] if c["path"] == p.get("best")), None)
+        chosen = (next((c for c in [*reversed(own), *reversed(kept)] if c["path"] == literal_path(p.get("best") or "")), None)
                   or saved_by_earlier_fit(kept, p.get("best_source")) or checkpoint_named(p.get("best_earlier"))
                   or (own or mine or [None])[-1])
         if chosen is None and not record["model"].get("commit"):  # (else: this fit saved none, the model stays)
@@ -241,7 +242,7 @@ class Committer:
     def _commit_removals(self, run: str, removals: list[Job], message: str) -> str:
         record = self._load_record(run, None)
         for removal in removals:
-            self._stage_removal(removal.payload["dest"])
+            self._stage_removal(literal_path(removal.payload["dest"]))
         if record is not None:
             self._mark_removed(record, removals)
             self._write_record(run, record)
@@ -293,7 +294,7 @@ class Committer:
     @staticmethod
     def _mark_removed(record: dict[str, Any], removals: list[Job]) -> None:
         """Top-k rotation: the file left the run folder (it stays in history)."""
-        gone = {r.payload["dest"] for r in removals}
+        gone = {literal_path(r.payload["dest"]) for r in removals}
         for entry in record["checkpoints"]:
             if entry["path"] in gone:
                 entry["kept"] = False
@@ -303,9 +304,9 @@ class Committer:
         from) only where no later fit has written that path since: its file is the later fit's now."""
         if late is not None:
             newest = {c["path"]: c.get("fit_id") for c in record["checkpoints"]}
-            removals = [r for r in removals if newest.get(r.payload["dest"], late) == late]
+            removals = [r for r in removals if newest.get(literal_path(r.payload["dest"]), late) == late]
         for removal in removals:
-            self._stage_removal(removal.payload["dest"])
+            self._stage_removal(literal_path(removal.payload["dest"]))
         self._mark_removed(record, removals)
 
     def _load_record(self, run: str, base: dict[str, Any] | None) -> dict[str, Any]:
@@ -402,7 +403,7 @@ def _complete_removals(queue: JobQueue, removals: list[Job], commit: str) -> lis
     """Mark removal jobs done by ``commit`` (the commit that staged them); their results."""
     results = []
     for removal in removals:
-        done = {"seq": removal.seq, "kind": "remove", "ok": True, "dest": removal.payload["dest"], "commit": commit}
+        done = {"seq": removal.seq, "kind": "remove", "ok": True, "dest": literal_path(removal.payload["dest"]), "commit": commit}
         queue.complete(removal, done)
         results.append(done)
     return results

@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import os
 
-from .._oxen.layout import GLOB_CHARACTERS
+from .._oxen.layout import literal_name
 
 
 class Destinations:
@@ -45,13 +45,3 @@ class Destinations:
         self._by_source[source] = dest
         return dest
 
-
-def literal_name(name: str) -> str:
-    """``name``, or where it holds a glob character, that character made ``_`` and a hash of the
-    original added (``model[1].ckpt`` -> ``model_1_-<8 hex>.ckpt``): two names never meet."""
-    if not any(char in name for char in GLOB_CHARACTERS):
-        return name
-    stem, extension = os.path.splitext(name)
-    plain = str.maketrans({char: "_" for char in GLOB_CHARACTERS})
-    digest = hashlib.sha1(name.encode()).hexdigest()[:8]
-    return f"{stem.translate(plain)}-{digest}{extension.translate(plain)}"
