@@ -425,6 +425,30 @@ def test_a_notebook_that_imported_mlflow_reuses_the_sink_of_its_first_own_run(da
         assert run.data.tags["oxen.model.commit"] in LocalRepo(tmp_path / "models").commit_ids()
 
 
+def test_a_store_started_afresh_between_cells_gets_the_next_run(dataset_repo, tmp_path):
+    """A notebook deletes its SQLite store between two fits (to start clean). The idle sink's MLflow
+    keeps an engine on the deleted file: reused, it would log the second run there (gone, yet its
+    journal done). It is not reused then, and the run is in the new file."""
+    import sqlite3
+
+    pin = PinnedDataset(dataset_repo.path, revision=dataset_repo.commits[0], paths=["train.csv", "val.csv"])
+    db = tmp_path / "m.db"
+    sinks, runs = [], []
+    for i in range(2):
+        if i == 1:
+            for leftover in tmp_path.glob("m.db*"):
+                leftover.unlink()
+        cb = OxenLightningCallback(dataset=pin, model_repo=tmp_path / "models", mlflow_tracking_uri=f"sqlite:///{db}",
+                                   experiment_name="afresh")
+        make_trainer(tmp_path, [ModelCheckpoint(dirpath=tmp_path / f"ckpt{i}"), cb], epochs=1).fit(
+            TinyModel(), datamodule=CsvData(pin))
+        runs.append(cb.lineage["run"]["mlflow_run_id"])
+        sinks.append(cb.run.sink._proc.pid)
+    with sqlite3.connect(db) as store:
+        assert store.execute("SELECT run_uuid, status FROM runs").fetchall() == [(runs[1], "FINISHED")]
+    assert sinks[0] != sinks[1]  # (a new sink opened the new file)
+
+
 def _committed_steps(record: dict, model_repo: Path, cache: Path) -> list[tuple[str, int, int]]:
     """(file name, step recorded, global_step inside the committed bytes) of each published save."""
     out = []

@@ -265,7 +265,7 @@ class MlflowSink:
         """Let go of the sink process (after :meth:`end`): once it has done everything it waits,
         MLflow imported, for the next training run of this process; else it finishes and exits."""
         if self._reusable and self.journal.is_empty() and not self._stopped():
-            release_idle(self._proc)
+            release_idle(self._proc, self._settings[ENV_MLFLOW_TRACKING_URI])
         else:
             close_stdin(self._proc)
         self._reusable = False

@@ -117,21 +117,47 @@ def _retire(proc: subprocess.Popen[bytes] | None, was_idle: bool) -> None:
         _stop(proc)
 
 
+#: The SQLite files each sink process has logged to, as they were then (device, inode): MLflow keeps
+#: an engine per store URI for the process's life, which would go on writing into a file deleted or
+#: replaced since (a notebook that starts its store afresh between cells).
+_stores_served: dict[int, dict[str, tuple[int, int] | None]] = {}
+
+
 def _take_idle() -> subprocess.Popen[bytes] | None:
     with _idle_lock:
         while _idle and os.getpid() == _idle_owner:
             proc = _idle.pop()
-            if proc.poll() is None:
+            if proc.poll() is None and _stores_unchanged(proc.pid):
                 return proc
+            close_stdin(proc)  # (one whose store file changed exits, and a new sink opens the new file)
     return None
 
 
-def release_idle(proc: subprocess.Popen[bytes]) -> None:
+def release_idle(proc: subprocess.Popen[bytes], store_uri: str | None = None) -> None:
+    """Keep ``proc`` for this process's next run; ``store_uri``: the store it logged to."""
+    if file := _sqlite_file(store_uri):
+        _stores_served.setdefault(proc.pid, {})[file] = _file_identity(file)
     with _idle_lock:
         if os.getpid() == _idle_owner and not _idle:
             _idle.append(proc)
             return
     close_stdin(proc)  # one idle process is enough
+
+
+def _stores_unchanged(pid: int) -> bool:
+    return all(_file_identity(file) == seen for file, seen in _stores_served.get(pid, {}).items())
+
+
+def _sqlite_file(uri: str | None) -> str | None:
+    return uri[len("sqlite:///"):] if uri and uri.startswith("sqlite:///") else None
+
+
+def _file_identity(path: str) -> tuple[int, int] | None:
+    try:
+        stat = os.stat(path)
+    except OSError:
+        return None
+    return stat.st_dev, stat.st_ino
 
 
 def _stop(proc: subprocess.Popen[bytes]) -> None:
