@@ -26,6 +26,7 @@ from ..names import (
     TAG_MODEL_PATH,
 )
 from .abandoned import KILLED, amend_repo_record, committed_record
+from .fluent import sqlite_file
 from .journal import MlflowJournal
 from .twins import delete_twin_runs
 
@@ -55,9 +56,10 @@ def make_sqlite_store_whole(uri: str) -> None:
     """
     from mlflow import MlflowClient
 
-    if not uri.startswith("sqlite:///") or "?" in uri:
+    file = sqlite_file(uri)
+    if file is None or "?" in uri:
         return
-    store = Path(uri[len("sqlite:///"):])
+    store = Path(file)
     if store.exists() or not store.parent.is_dir():
         return  # (a missing folder: MLflow's own error, as before)
     _remove_partial_stores_of_dead_makers(store)

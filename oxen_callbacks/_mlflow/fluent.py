@@ -11,6 +11,8 @@ from pathlib import Path
 
 from ..names import ENV_MLFLOW_RUN_ID, ENV_MLFLOW_TRACKING_URI
 
+SQLITE_PREFIX = "sqlite:///"
+
 log = logging.getLogger(__name__)
 
 
@@ -28,16 +30,20 @@ def default_tracking_uri() -> str:
     mlflow = sys.modules.get("mlflow")
     if mlflow is not None:
         return mlflow.get_tracking_uri()
-    return os.environ.get(ENV_MLFLOW_TRACKING_URI) or f"sqlite:///{Path('mlflow.db').resolve()}"
+    return os.environ.get(ENV_MLFLOW_TRACKING_URI) or f"{SQLITE_PREFIX}{Path('mlflow.db').resolve()}"
+
+
+def sqlite_file(uri: str | None) -> str | None:
+    """The file of a SQLite store URI (``sqlite:///mlflow.db`` -> ``mlflow.db``), else ``None``."""
+    return uri[len(SQLITE_PREFIX):] if uri and uri.startswith(SQLITE_PREFIX) else None
 
 
 def absolute_store(uri: str) -> str:
     """``uri`` with a relative SQLite path (``sqlite:///mlflow.db``, as MLflow's quickstart writes it) made
     absolute from this process's working directory: what is journaled names that store wherever
     ``oxen-callbacks sync`` runs, not a new one in its working directory."""
-    prefix = "sqlite:///"
-    path = uri[len(prefix):] if uri.startswith(prefix) else ""
-    return f"{prefix}{os.path.abspath(path)}" if path and not path.startswith("/") else uri
+    path = sqlite_file(uri)
+    return f"{SQLITE_PREFIX}{os.path.abspath(path)}" if path and not path.startswith("/") else uri
 
 
 def active_run() -> tuple[str, str] | None:

@@ -28,6 +28,7 @@ from .._util.stdin_lines import StdinLines
 from ..names import ENV_MLFLOW_TRACKING_URI
 from .abandoned import commits_outstanding
 from .apply import apply_op, client_for
+from .fluent import sqlite_file
 from .journal import ABANDONED_SEQ, END_LINE, TRAINING_OVER_LINE, MlflowJournal
 
 log = logging.getLogger(__name__)
@@ -135,7 +136,8 @@ def _open_existing_store(uri: str | None) -> None:
     """Open the SQLite store the run will most likely log to (~1 s of CPU: its engine, its schema
     check), kept by MLflow for the hand-off; never one that does not exist yet (an unused callback
     leaves nothing behind). A server's store needs no opening."""
-    if not uri or not uri.startswith("sqlite:///") or not Path(uri[len("sqlite:///"):]).is_file():
+    file = sqlite_file(uri)
+    if file is None or not Path(file).is_file():
         return
     try:
         from mlflow import MlflowClient

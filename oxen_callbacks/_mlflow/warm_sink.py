@@ -17,7 +17,7 @@ from pathlib import Path
 from .._util.handoff import Unfitted, send_handoff
 from .._util.processes import child_environment, start_helper
 from ..names import ENV_MLFLOW_TRACKING_URI
-from .fluent import default_tracking_uri
+from .fluent import default_tracking_uri, sqlite_file
 
 
 def start_sink(args: list[str], settings: dict[str, str]) -> subprocess.Popen[bytes]:
@@ -135,7 +135,7 @@ def _take_idle() -> subprocess.Popen[bytes] | None:
 
 def release_idle(proc: subprocess.Popen[bytes], store_uri: str | None = None) -> None:
     """Keep ``proc`` for this process's next run; ``store_uri``: the store it logged to."""
-    if file := _sqlite_file(store_uri):
+    if file := sqlite_file(store_uri):
         _stores_served.setdefault(proc.pid, {})[file] = _file_identity(file)
     with _idle_lock:
         if os.getpid() == _idle_owner and not _idle:
@@ -146,10 +146,6 @@ def release_idle(proc: subprocess.Popen[bytes], store_uri: str | None = None) ->
 
 def _stores_unchanged(pid: int) -> bool:
     return all(_file_identity(file) == seen for file, seen in _stores_served.get(pid, {}).items())
-
-
-def _sqlite_file(uri: str | None) -> str | None:
-    return uri[len("sqlite:///"):] if uri and uri.startswith("sqlite:///") else None
 
 
 def _file_identity(path: str) -> tuple[int, int] | None:
