@@ -14,6 +14,7 @@ import threading
 import weakref
 from pathlib import Path
 
+from .._util.fs import file_identity
 from .._util.handoff import Unfitted, send_handoff
 from .._util.processes import child_environment, start_helper
 from ..names import ENV_MLFLOW_TRACKING_URI
@@ -136,7 +137,7 @@ def _take_idle() -> subprocess.Popen[bytes] | None:
 def release_idle(proc: subprocess.Popen[bytes], store_uri: str | None = None) -> None:
     """Keep ``proc`` for this process's next run; ``store_uri``: the store it logged to."""
     if file := sqlite_file(store_uri):
-        _stores_served.setdefault(proc.pid, {})[file] = _file_identity(file)
+        _stores_served.setdefault(proc.pid, {})[file] = file_identity(file)
     with _idle_lock:
         if os.getpid() == _idle_owner and not _idle:
             _idle.append(proc)
@@ -145,15 +146,9 @@ def release_idle(proc: subprocess.Popen[bytes], store_uri: str | None = None) ->
 
 
 def _stores_unchanged(pid: int) -> bool:
-    return all(_file_identity(file) == seen for file, seen in _stores_served.get(pid, {}).items())
+    return all(file_identity(file) == seen for file, seen in _stores_served.get(pid, {}).items())
 
 
-def _file_identity(path: str) -> tuple[int, int] | None:
-    try:
-        stat = os.stat(path)
-    except OSError:
-        return None
-    return stat.st_dev, stat.st_ino
 
 
 def _stop(proc: subprocess.Popen[bytes]) -> None:

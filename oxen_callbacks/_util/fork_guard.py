@@ -18,25 +18,19 @@ from __future__ import annotations
 import os
 from typing import IO, Any
 
+from .fs import file_identity
+
 _guarded: dict[int, tuple[int, int]] = {}  # descriptor -> (st_dev, st_ino) of the pipe end it was
 
 
 def keep_from_forks(*streams: IO[Any] | None) -> None:
     """Keep ``streams`` (open pipe ends of ours) out of the processes forked from now on."""
     for fd, identity in list(_guarded.items()):
-        if _identity(fd) != identity:
+        if file_identity(fd) != identity:
             _guarded.pop(fd, None)  # closed since (the number may be someone else's now)
     for stream in streams:
-        if stream is not None and (identity := _identity(stream.fileno())) is not None:
+        if stream is not None and (identity := file_identity(stream.fileno())) is not None:
             _guarded[stream.fileno()] = identity
-
-
-def _identity(fd: int) -> tuple[int, int] | None:
-    try:
-        stat = os.fstat(fd)
-    except OSError:
-        return None
-    return stat.st_dev, stat.st_ino
 
 
 def _in_forked_child() -> None:
@@ -47,7 +41,7 @@ def _in_forked_child() -> None:
     null = os.open(os.devnull, os.O_RDWR)
     try:
         for fd, identity in guarded:
-            if _identity(fd) == identity:
+            if file_identity(fd) == identity:
                 os.dup2(null, fd, inheritable=False)
     finally:
         os.close(null)

@@ -99,3 +99,12 @@ def read_json_object(path: str | os.PathLike[str]) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise DamagedFile(f"{name} holds a JSON {json_kind(data)}, not an object")
     return data
+
+
+def file_identity(target: str | os.PathLike[str] | int) -> tuple[int, int] | None:
+    """(device, inode) of a path or an open file descriptor; ``None`` when there is none."""
+    try:
+        stat = os.stat(target)
+    except OSError:
+        return None
+    return stat.st_dev, stat.st_ino
