@@ -73,54 +73,43 @@ def repo_lock_path(model_repo: str | os.PathLike[str]) -> Path:
     return oxen_layout.state_dir(model_repo) / "repo.lock"
 
 
+def _in_folder(name: str) -> property:
+    """A path inside the queue's folder, built when asked for (listing 1,000 queues builds none)."""
+    return property(lambda queue: queue.folder / name)
+
+
 class JobQueue:
     """The jobs of one training process for one model repository."""
+
+    jobs_dir = _in_folder("jobs")
+    done_dir = _in_folder("done")
+    staging_dir = _in_folder("staging")
+    meta_path = _in_folder("meta.json")
+    owner_lock = _in_folder("owner.lock")
+    worker_lock = _in_folder("worker.lock")
+    log_path = _in_folder("worker.log")
 
     def __init__(self, folder: str | os.PathLike[str]) -> None:
         self.folder = Path(folder)
         self._noticed: set[str] = set()
         self._notices: list[dict[str, Any]] = []
 
-    @property
-    def jobs_dir(self) -> Path:
-        return self.folder / "jobs"
-
-    @property
-    def done_dir(self) -> Path:
-        return self.folder / "done"
-
-    @property
-    def staging_dir(self) -> Path:
-        return self.folder / "staging"
-
     @classmethod
     def create(cls, model_repo: str | os.PathLike[str], run: str, meta: dict[str, Any]) -> "JobQueue":
         queue = cls(queues_root(model_repo) / f"{run}-{uuid.uuid4().hex[:8]}")  # (see _QUEUE_SUFFIX)
         for d in (queue.jobs_dir, queue.done_dir, queue.staging_dir):
             d.mkdir(parents=True, exist_ok=True)
-        write_json_atomically(queue.folder / "meta.json", {"run": run, **meta})
+        write_json_atomically(queue.meta_path, {"run": run, **meta})
         return queue
-
-    @property
-    def owner_lock(self) -> Path:
-        return self.folder / "owner.lock"
-
-    @property
-    def worker_lock(self) -> Path:
-        return self.folder / "worker.lock"
-
-    @property
-    def log_path(self) -> Path:
-        return self.folder / "worker.log"
 
     def meta(self) -> dict[str, Any]:
         """What ``meta.json`` holds; ``{}`` when it is gone or damaged (see :meth:`damage`)."""
         try:
-            return read_json_object(self.folder / "meta.json")
+            return read_json_object(self.meta_path)
         except FileNotFoundError:
             return {}
         except DamagedFile as exc:
-            self._notice(self.folder / "meta.json", str(exc))
+            self._notice(self.meta_path, str(exc))
             return {}
 
     def damage(self) -> str | None:
@@ -130,7 +119,7 @@ class JobQueue:
         jobs (see :meth:`damaged_results`).
         """
         try:
-            read_json_object(self.folder / "meta.json")
+            read_json_object(self.meta_path)
         except FileNotFoundError:
             pass
         except DamagedFile as exc:
@@ -160,13 +149,13 @@ class JobQueue:
     def update_meta(self, **values: Any) -> None:
         """Add ``values`` to ``meta.json`` (a damaged one is left as it is, for ``sync`` to report)."""
         try:
-            meta = read_json_object(self.folder / "meta.json")
+            meta = read_json_object(self.meta_path)
         except FileNotFoundError:
             meta = {}
         except DamagedFile as exc:
             log.warning("Not recording %s in %s: %s", sorted(values), self.folder, exc)
             return
-        write_json_atomically(self.folder / "meta.json", {**meta, **values})
+        write_json_atomically(self.meta_path, {**meta, **values})
 
     def next_seq(self) -> int:
         names = [*os.listdir(self.jobs_dir), *os.listdir(self.done_dir)]
@@ -265,7 +254,7 @@ class JobQueue:
         """Whether the queue changed in the last ``seconds``: made, a job queued or done, its worker's last
         word (the log first: the newest, most of the time, so one look)."""
         since = time.time() - seconds
-        for path in (self.log_path, self.done_dir, self.jobs_dir, self.folder / "meta.json"):
+        for path in (self.log_path, self.done_dir, self.jobs_dir, self.meta_path):
             try:
                 if path.stat().st_mtime > since:
                     return True
