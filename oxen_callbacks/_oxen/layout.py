@@ -15,6 +15,7 @@ import hashlib
 import os
 import shutil
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -167,10 +168,7 @@ def remotes(repo: str | os.PathLike[str]) -> dict[str, str]:
 def commit_ids(repo: str | os.PathLike[str]) -> list[str]:
     """Ids of every commit the repository holds, on any branch (``.oxen/history/<id>``): one entry per
     commit read, so :func:`has_commit` and :func:`has_commits` where they do."""
-    history = oxen_dir(repo) / "history"
-    if not history.is_dir():
-        return []
-    return [entry.name for entry in os.scandir(history) if entry.is_dir() and is_commit_id(entry.name)]
+    return list(_commits_in_history(repo))
 
 
 def has_commit(repo: str | os.PathLike[str], commit_id: str) -> bool:
@@ -180,11 +178,15 @@ def has_commit(repo: str | os.PathLike[str], commit_id: str) -> bool:
 
 def has_commits(repo: str | os.PathLike[str]) -> bool:
     """Whether the repository holds any commit (reads up to the first)."""
+    return next(_commits_in_history(repo), None) is not None
+
+
+def _commits_in_history(repo: str | os.PathLike[str]) -> Iterator[str]:
     history = oxen_dir(repo) / "history"
     if not history.is_dir():
-        return False
+        return
     with os.scandir(history) as entries:
-        return any(entry.is_dir() and is_commit_id(entry.name) for entry in entries)
+        yield from (entry.name for entry in entries if entry.is_dir() and is_commit_id(entry.name))
 
 
 def make_shadow(repo: str | os.PathLike[str], dest: str | os.PathLike[str], commit_id: str, *,
@@ -260,11 +262,16 @@ def orphan_temp_files(repo: str | os.PathLike[str], older_than_s: float = 60.0) 
     return found
 
 
+def reads_as_glob(path: str) -> bool:
+    """Whether Oxen would take ``path`` for a glob pattern (:data:`GLOB_CHARACTERS`)."""
+    return any(char in path for char in GLOB_CHARACTERS)
+
+
 def literal_name(name: str) -> str:
     """``name`` as a checkpoint's file or folder name in the repository: where it holds a character
     Oxen reads as a glob (:data:`GLOB_CHARACTERS`), that character made ``_`` and a hash of
     the original added (``model[1].ckpt`` -> ``model_1_-<8 hex>.ckpt``): two names never meet."""
-    if not any(char in name for char in GLOB_CHARACTERS):
+    if not reads_as_glob(name):
         return name
     stem, extension = os.path.splitext(name)
     plain = str.maketrans(dict.fromkeys(GLOB_CHARACTERS, "_"))

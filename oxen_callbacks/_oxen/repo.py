@@ -302,7 +302,7 @@ class LocalRepo:
 
     def _inside(self, rel_path: str, *, literal: bool = False) -> Path:
         """``rel_path`` inside this repository; with ``literal``, never one Oxen would read as a glob."""
-        if literal and any(char in rel_path for char in oxen_layout.GLOB_CHARACTERS):
+        if literal and oxen_layout.reads_as_glob(rel_path):
             raise ConfigurationError(f"Oxen would read path {rel_path!r} as a glob pattern (it holds one of "
                                      f"{oxen_layout.GLOB_CHARACTERS!r}), not as that file.")
         target = (self.path / rel_path).resolve()

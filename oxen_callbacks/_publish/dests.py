@@ -44,4 +44,3 @@ class Destinations:
             dest = f"{self.base}/{subfolder}-{digest}/{literal_name(name)}"
         self._by_source[source] = dest
         return dest
-
