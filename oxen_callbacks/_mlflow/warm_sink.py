@@ -121,14 +121,15 @@ def _retire(proc: subprocess.Popen[bytes] | None, was_idle: bool) -> None:
 #: The SQLite files each sink process has logged to, as they were then (device, inode): MLflow keeps
 #: an engine per store URI for the process's life, which would go on writing into a file deleted or
 #: replaced since (a notebook that starts its store afresh between cells).
-_stores_served: dict[int, dict[str, tuple[int, int] | None]] = {}
+_stores_served: weakref.WeakKeyDictionary[subprocess.Popen[bytes], dict[str, tuple[int, int] | None]] = (
+    weakref.WeakKeyDictionary())
 
 
 def _take_idle() -> subprocess.Popen[bytes] | None:
     with _idle_lock:
         while _idle and os.getpid() == _idle_owner:
             proc = _idle.pop()
-            if proc.poll() is None and _stores_unchanged(proc.pid):
+            if proc.poll() is None and _stores_unchanged(proc):
                 return proc
             close_stdin(proc)  # (one whose store file changed exits, and a new sink opens the new file)
     return None
@@ -137,7 +138,7 @@ def _take_idle() -> subprocess.Popen[bytes] | None:
 def release_idle(proc: subprocess.Popen[bytes], store_uri: str | None = None) -> None:
     """Keep ``proc`` for this process's next run; ``store_uri``: the store it logged to."""
     if file := sqlite_file(store_uri):
-        _stores_served.setdefault(proc.pid, {})[file] = file_identity(file)
+        _stores_served.setdefault(proc, {})[file] = file_identity(file)
     with _idle_lock:
         if os.getpid() == _idle_owner and not _idle:
             _idle.append(proc)
@@ -145,10 +146,8 @@ def release_idle(proc: subprocess.Popen[bytes], store_uri: str | None = None) ->
     close_stdin(proc)  # one idle process is enough
 
 
-def _stores_unchanged(pid: int) -> bool:
-    return all(file_identity(file) == seen for file, seen in _stores_served.get(pid, {}).items())
-
-
+def _stores_unchanged(proc: subprocess.Popen[bytes]) -> bool:
+    return all(file_identity(file) == seen for file, seen in _stores_served.get(proc, {}).items())
 
 
 def _stop(proc: subprocess.Popen[bytes]) -> None:
