@@ -39,9 +39,8 @@ def build(path: Path, *, versions_path: Path | None = None) -> tuple[Path, list[
     """A repository with :func:`history`; the second commit also removes two files."""
     path.mkdir(parents=True)
     oxen_child.init_repo(path)
-    if versions_path:  # a custom content store: oxen reads it, the tree reader refuses it
-        config = path / ".oxen" / "config.toml"
-        config.write_text(config.read_text().replace('kind = "local"', f'kind = "local"\nversions_path = "{versions_path}"'))
+    if versions_path:
+        store_elsewhere(path, versions_path)
     first, second = history()
     repo = make_repo(path, [first])
     for rel in ("gone.txt", "x/y/only.txt"):
@@ -52,6 +51,13 @@ def build(path: Path, *, versions_path: Path | None = None) -> tuple[Path, list[
         (path / rel).write_bytes(content.encode() if isinstance(content, str) else content)
     repo.commits.append(oxen_child.commit_paths(path, list(second[1]), second[0], author=AUTHOR))
     return repo.path, repo.commits
+
+
+def store_elsewhere(repo: Path, versions_path: Path) -> None:
+    """Give a new repository a custom content store: Oxen reads it, the tree reader refuses it (the
+    ``oxen restore`` fallback)."""
+    config = repo / ".oxen" / "config.toml"
+    config.write_text(config.read_text().replace('kind = "local"', f'kind = "local"\nversions_path = "{versions_path}"'))
 
 
 def remove(repo: Path, rels: list[str]) -> None:
@@ -174,3 +180,33 @@ def test_missing_stored_file_falls_back_to_restore_which_names_it(tmp_path, capl
             pytest.raises(ConfigurationError, match="looks damaged.*version-store data missing"):
         LocalSource(repo.path).materialize(repo.head, ["."], dest)
     assert len([r for r in caplog.records if WARNING in r.getMessage() and "a.txt" in r.getMessage()]) == 1
+
+
+GLOB_NAMED = {"data[1].csv": "the file named", "data1.csv": "another", "q?.txt": "the question", "qa.txt": "qa",
+              "d[x]/f{1,2}.txt": "braces", "d[x]/f1.txt": "f1", "d[x]/a\\b.txt": "backslash", "d[x]/ab.txt": "ab",
+              "dx/f.txt": "dx", "plain/s*.txt": "star", "plain/sx.txt": "sx"}
+
+
+@pytest.mark.parametrize("paths", [["data[1].csv", "q?.txt", "plain/s*.txt"], ["d[x]"], ["d[x]/f{1,2}.txt"],
+                                   ["d[x]/a\\b.txt"]],
+                         ids=lambda p: "+".join(p))
+def test_names_oxen_reads_as_glob_patterns_pin_those_files_alone_through_the_fallback(tmp_path, paths, caplog):
+    """Oxen's restore takes ``data[1].csv`` for a pattern: unescaped, the fallback restored ``data1.csv`` (a
+    misleading "not in the commit") and ``q?.txt`` brought ``qa.txt`` into the snapshot too."""
+    fast = make_repo(tmp_path / "fast", [])
+    slow = make_repo(tmp_path / "slow", []).path
+    store_elsewhere(slow, tmp_path / "elsewhere")
+    for repo in (fast.path, slow):
+        for rel, content in GLOB_NAMED.items():
+            (repo / rel).parent.mkdir(parents=True, exist_ok=True)
+            (repo / rel).write_text(content)
+    commits = [oxen_child.commit_paths(repo, ["."], "glob-named files", author=AUTHOR) for repo in (fast.path, slow)]
+    with caplog.at_level(logging.WARNING, logger="oxen_callbacks"):
+        snapshots = [PinnedDataset(repo, revision=commit, paths=paths, cache_dir=tmp_path / f"cache{i}").path
+                     for i, (repo, commit) in enumerate(zip((fast.path, slow), commits, strict=True))]
+    assert len([r for r in caplog.records if WARNING in r.getMessage()]) == 1  # the second went through restore
+    wanted = {rel: content.encode() for rel, content in GLOB_NAMED.items()
+              if any(rel == p or rel.startswith(p + "/") for p in paths)}
+    for snapshot in snapshots:
+        assert folder_contents(snapshot)[1] == wanted
+

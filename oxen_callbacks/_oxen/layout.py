@@ -267,6 +267,24 @@ def reads_as_glob(path: str) -> bool:
     return any(char in path for char in GLOB_CHARACTERS)
 
 
+#: What Oxen's matcher (the ``glob-match`` crate) reads specially in a path it takes for a pattern.
+_PATTERN_CHARACTERS = GLOB_CHARACTERS + "{}\\"
+
+
+def pattern_of(path: str) -> str:
+    """``path`` (POSIX, relative) as Oxen must be given it to mean that path alone where it globs
+    paths (``restore``): from its first part that :func:`reads_as_glob` on (Oxen walks the parts before
+    it by name), each character its matcher reads specially escaped with ``\\`` (``d[x]/f{1,2}`` ->
+    ``d\\[x\\]/f\\{1,2\\}``). Unescaped, ``data[1].csv`` restores ``data1.csv`` and ``q?.txt`` every
+    ``q`` + one character."""
+    if not reads_as_glob(path):
+        return path
+    parts = path.split("/")
+    first = next(i for i, part in enumerate(parts) if reads_as_glob(part))
+    escaped = ("".join(f"\\{char}" if char in _PATTERN_CHARACTERS else char for char in part) for part in parts[first:])
+    return "/".join([*parts[:first], *escaped])
+
+
 def literal_name(name: str) -> str:
     """``name`` as a checkpoint's file or folder name in the repository: where it holds a character
     Oxen reads as a glob (:data:`GLOB_CHARACTERS`), that character made ``_`` and a hash of

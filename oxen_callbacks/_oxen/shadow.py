@@ -40,7 +40,7 @@ def restore_into(repo_path: str | os.PathLike[str], commit: str, paths: list[str
     try:
         for rel in tqdm(paths, desc=f"pin {repo_path.name}@{commit[:10]}", unit="path", disable=not show_progress()):
             try:
-                call_oxen(shadow.restore, rel, False, commit, what=f"read {rel!r} at {commit}")
+                call_oxen(shadow.restore, oxen_layout.pattern_of(rel), False, commit, what=f"read {rel!r} at {commit}")
             except OxenError as exc:
                 if "not found" not in str(exc).lower():
                     raise
