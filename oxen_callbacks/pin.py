@@ -158,6 +158,11 @@ class PinnedDataset:
         self.deep_verify = verify
         self._checked = False  # paths found in the snapshot (and deep-checked if asked), once
 
+    def __getstate__(self) -> dict[str, Any]:
+        """What a copy in another process gets (Ray's workers, a spawned rank): not this process's
+        check, which each process makes at its first :meth:`pull` (the cache may differ there)."""
+        return {**self.__dict__, "_checked": False, "pull_seconds": None}
+
     # -- materialization -------------------------------------------------------
     def pull(self) -> Path:
         """Materialize the pinned paths (once; later calls and other processes reuse the cache)."""

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import pickle
 import stat
 import subprocess
 import sys
@@ -11,7 +13,7 @@ from helpers import commit_files, tree_state
 
 from oxen_callbacks import PinnedDataset
 from oxen_callbacks._oxen import child as oxen_child
-from oxen_callbacks.errors import ConfigurationError
+from oxen_callbacks.errors import ConfigurationError, DatasetMismatchError
 
 
 def test_snapshot_holds_commit_bytes_and_is_read_only(dataset_repo, tmp_path):
@@ -40,6 +42,23 @@ def test_more_paths_of_a_cached_commit_are_added(dataset_repo):
     PinnedDataset(dataset_repo.path, revision=dataset_repo.commits[0], paths=["val.csv"]).pull()
     both = PinnedDataset(dataset_repo.path, revision=dataset_repo.commits[0])  # the whole commit
     assert sorted(p.name for p in both.files()) == ["train.csv", "val.csv"]
+
+
+def test_a_copy_in_another_process_checks_the_snapshot_there_again(dataset_repo):
+    """Ray hands each worker a pickled pin, and a spawned rank gets one too: the check its first process
+    made says nothing of the cache the copy finds. Before, a copy skipped it (and ``verify=True``)."""
+    pin = PinnedDataset(dataset_repo.path, revision=dataset_repo.commits[0], paths=["train.csv"], verify=True)
+    path = pin.file("train.csv")
+    committed, sent = path.read_bytes(), pickle.dumps(pin)
+    os.chmod(path.parent, 0o755)
+    path.unlink()  # a cleaned cache
+    assert pickle.loads(sent).file("train.csv").read_bytes() == committed  # made again from the commit
+    path = pin.file("train.csv")
+    os.chmod(path.parent, 0o755)
+    os.chmod(path, 0o644)
+    path.write_bytes(committed.replace(b",0\n", b",1\n"))  # edited in place, the same size
+    with pytest.raises(DatasetMismatchError, match="train.csv"):
+        pickle.loads(sent).pull()
 
 
 def test_pins_from_two_processes_at_once(dataset_repo, tmp_path):
