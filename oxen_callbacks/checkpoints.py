@@ -22,6 +22,7 @@ from typing import Any
 
 from ._oxen.layout import literal_name
 from ._util import background
+from ._util.fs import make_dirs_writable
 from ._util.relpath import safe_relpath
 from .errors import ConfigurationError
 from .lineage import LineageJSON, checkpoint_in_commit, read_lineage, read_or_skip, repo_record
@@ -154,8 +155,7 @@ def _copy(source: Path, dest: Path) -> Path:
         raise ConfigurationError(f"dest={str(dest)!r} already exists.", "pass a new folder path.")
     if source.is_dir():
         shutil.copytree(source, dest, copy_function=shutil.copyfile)
-        for dirpath, _dirs, _names in os.walk(dest):
-            os.chmod(dirpath, 0o755)
+        make_dirs_writable(dest)  # (copytree copied the snapshot's read-only folder modes)
     else:
         dest.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(source, dest)

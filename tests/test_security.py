@@ -17,7 +17,7 @@ from lightning_model import CsvData, TinyModel, make_trainer
 
 from oxen_callbacks import PinnedDataset, read_lineage
 from oxen_callbacks._util.redact import redact_argv
-from oxen_callbacks.checkpoints import materialize_checkpoint
+from oxen_callbacks.checkpoints import _copy, materialize_checkpoint
 from oxen_callbacks.errors import ConfigurationError, LineageValidationError
 from oxen_callbacks.lightning import OxenLightningCallback
 
@@ -334,3 +334,28 @@ def test_a_password_in_the_loggers_tracking_uri_appears_nowhere(dataset_repo, tm
                 except OSError:
                     continue
         assert not leaks  # journals, lineage records, commits, MLflow's store and artifacts, logs
+
+
+def test_under_umask_077_the_run_leaves_nothing_others_can_read(dataset_repo, tmp_path):
+    """A private dataset stays private: snapshots were made 0444 / 0555 whatever the umask, so a pin in
+    a shared cache or on a scratch disk let every user of the machine read it (its checkpoints' too)."""
+    old = os.umask(0o077)
+    try:
+        pin = PinnedDataset(dataset_repo.path, revision=dataset_repo.commits[0], paths=["train.csv", "val.csv"])
+        cb = OxenLightningCallback(dataset=pin, model_repo=tmp_path / "models", mlflow=False, run_name="private")
+        make_trainer(tmp_path, [ModelCheckpoint(dirpath=tmp_path / "ckpt"), cb], epochs=1).fit(
+            TinyModel(), datamodule=CsvData(pin))
+        PinnedDataset(dataset_repo.path, revision=dataset_repo.commits[1]).pull()
+        PinnedDataset(dataset_repo.path, revision=dataset_repo.commits[1], paths=["val.csv"]).pull()  # merged in
+        checkpoint = materialize_checkpoint(tmp_path / "models", run="private")
+        copy = materialize_checkpoint(tmp_path / "models", run="private", dest=tmp_path / "mine")
+        folder_copy = _copy(pin.path, tmp_path / "folder-copy")  # a writable copy of a folder (HF checkpoints)
+    finally:
+        os.umask(old)
+    snapshots = Path(os.environ["OXEN_CALLBACKS_CACHE"]) / "snapshots"  # (the cache itself: made before)
+    made = [p for root in (snapshots, tmp_path / "models", checkpoint.path, copy.path, folder_copy)
+            for p in (root, *root.rglob("*")) if not p.is_symlink()]
+    open_to_others = [f"{p} {oct(p.stat().st_mode & 0o777)}" for p in made if p.stat().st_mode & 0o077]
+    assert len(made) > 20 and not open_to_others
+    assert not pin.file("train.csv").stat().st_mode & 0o222  # still read-only, for the owner too
+    assert folder_copy.stat().st_mode & 0o777 == 0o700  # and the copy the owner's to change

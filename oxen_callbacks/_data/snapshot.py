@@ -19,13 +19,11 @@ from pathlib import Path
 
 from .._oxen import layout as oxen_layout
 from .._oxen.commit_id import checked_commit_id, is_commit_id
-from .._util.fs import make_dirs_writable, remove_tree, write_json_atomically
+from .._util.fs import creation_mask, make_dirs_writable, remove_tree, write_json_atomically
 from .._util.materialized import Materialized, content_hash, file_digest
 from .._util.relpath import covers, safe_relpath
 from .._util.scratch import scratch_folder
 
-_RO_FILE = stat.S_IRUSR | stat.S_IRGRP | stat.S_IROTH
-_RO_DIR = _RO_FILE | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH
 _SHOWN = 10  # problems named in a report of one snapshot
 
 
@@ -369,16 +367,20 @@ def _kind(mode: int) -> str:
 
 
 def _make_readonly(path: Path, files: bool = True) -> None:
-    """Folders 0555 and (with ``files``) files 0444: a snapshot is never edited in place."""
+    """Folders 0555 and (with ``files``) files 0444, less what the umask takes away (the owner always
+    reads): a snapshot is never edited in place, nor more readable than the user's own files."""
+    mask = creation_mask()
+    file_mode = 0o444 & ~mask | stat.S_IRUSR
+    dir_mode = 0o555 & ~mask | stat.S_IRUSR | stat.S_IXUSR
     if path.is_file():
-        os.chmod(path, _RO_FILE)
+        os.chmod(path, file_mode)
         return
     for dirpath, dirs, names in os.walk(path, topdown=False):
         for name in names if files else ():
-            os.chmod(os.path.join(dirpath, name), _RO_FILE)
+            os.chmod(os.path.join(dirpath, name), file_mode)
         for name in dirs:
-            os.chmod(os.path.join(dirpath, name), _RO_DIR)
-    os.chmod(path, _RO_DIR)
+            os.chmod(os.path.join(dirpath, name), dir_mode)
+    os.chmod(path, dir_mode)
 
 
 def _merge_move(src: Path, dest: Path) -> None:

@@ -10,8 +10,22 @@ from pathlib import Path
 from typing import Any
 
 # -- folders that may hold read-only files -------------------------------------------------
-# Snapshots are read-only (folders 0555, files 0444) so that nobody edits a pinned commit
-# in place; these delete or empty such folders.
+# Snapshots are read-only (folders 0555, files 0444, less what the umask takes away) so that
+# nobody edits a pinned commit in place; these delete or empty such folders.
+
+def creation_mask() -> int:
+    """This process's umask: what it takes away from the mode of every file it creates, and so from any
+    mode this library sets (a private dataset's copy stays private under ``umask 077``). Read from
+    ``/proc`` (setting it to read it would race with other threads); ``0o077`` where the system does not say."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0o077
+
 
 def remove_tree(path: str | os.PathLike[str]) -> None:
     """Delete a folder that may hold read-only snapshots (a symbolic link in its place: the link)."""
@@ -32,9 +46,11 @@ def empty_folder(path: str | os.PathLike[str]) -> None:
 
 
 def make_dirs_writable(path: str | os.PathLike[str]) -> None:
-    """Folders of ``path`` (itself included) 0755, so their entries can be moved or deleted."""
+    """Folders of ``path`` (itself included) as a new folder is made (0777 less the umask; the owner's
+    always), so their entries can be moved or deleted."""
+    mode = 0o777 & ~creation_mask() | 0o700
     for dirpath, _dirs, _names in os.walk(path):
-        os.chmod(dirpath, 0o755)
+        os.chmod(dirpath, mode)
 
 
 # -- files a crash must never leave half-written ----------------------------------------------
