@@ -38,6 +38,13 @@ def make_repo(path: Path, history: list[tuple[str, dict[str, str | bytes]]]) -> 
     return made
 
 
+def store_elsewhere(repo: Path, versions_path: Path) -> None:
+    """Give a new repository a content store of its own elsewhere (``versions_path``): Oxen reads it, our
+    copy from the store does not (pins go through ``oxen restore``)."""
+    config = repo / ".oxen" / "config.toml"
+    config.write_text(config.read_text().replace('kind = "local"', f'kind = "local"\nversions_path = "{versions_path}"'))
+
+
 def commit_files(repo: Repo, message: str, files: dict[str, str | bytes]) -> str:
     """Write ``files`` into the working tree and commit them (in a child process, as users' tools would)."""
     for rel, content in files.items():

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import xxhash
-from helpers import file_at, make_repo
+from helpers import file_at, make_repo, store_elsewhere
 
 from oxen_callbacks import PinnedDataset
 from oxen_callbacks._oxen import child as oxen_child
@@ -163,9 +163,7 @@ def test_hung_oxen_restore_is_stopped(tmp_path, monkeypatch):
     repo = tmp_path / "data"
     repo.mkdir()
     oxen_child.init_repo(repo)
-    config = repo / ".oxen" / "config.toml"
-    config.write_text(config.read_text().replace('kind = "local"',
-                                                 f'kind = "local"\nversions_path = "{tmp_path / "store"}"'))
+    store_elsewhere(repo, tmp_path / "store")
     made = make_repo(repo, [("one", {"a.txt": "hello"})])
     text = format(xxhash.xxh3_128_intdigest(b"hello"), "x")
     stored = tmp_path / "store" / text[:2] / text[2:] / "data"

@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from helpers import AUTHOR, folder_contents, make_repo, tree_state
+from helpers import AUTHOR, folder_contents, make_repo, store_elsewhere, tree_state
 
 from oxen_callbacks import PinnedDataset
 from oxen_callbacks._data.local import LocalSource, copy_from_store
@@ -53,13 +53,6 @@ def build(path: Path, *, versions_path: Path | None = None) -> tuple[Path, list[
     return repo.path, repo.commits
 
 
-def store_elsewhere(repo: Path, versions_path: Path) -> None:
-    """Give a new repository a custom content store: Oxen reads it, the tree reader refuses it (the
-    ``oxen restore`` fallback)."""
-    config = repo / ".oxen" / "config.toml"
-    config.write_text(config.read_text().replace('kind = "local"', f'kind = "local"\nversions_path = "{versions_path}"'))
-
-
 def remove(repo: Path, rels: list[str]) -> None:
     """``oxen rm`` in a child process (the removal is committed by the next commit)."""
     code = "import sys; from oxen_callbacks._oxen.repo import LocalRepo; r = LocalRepo(sys.argv[1]); " \
@@ -86,8 +79,12 @@ PATH_SETS = [["."], ["d", "a.txt"], ["x"], ["big.bin", "empty", "d/e/f/deep.bin"
 def test_fast_path_and_fallback_give_identical_snapshots(repos, paths, caplog):
     fast_repo, fast_commits = repos["fast"]
     slow_repo, slow_commits = repos["slow"]
-    with pytest.raises(oxen_tree.UnreadableTree, match="versions_path"):
-        oxen_tree.files_at(slow_repo, slow_commits[0], ["."])
+    with pytest.raises(oxen_tree.UnsupportedLayout, match="versions_path"):
+        copy_from_store(slow_repo, slow_commits[0], ["."], Path("/nonexistent"))
+    listed = [{rel: (sub.dirs, [(f.path, f.hash, f.size) for f in sub.files]) for rel, sub in
+               oxen_tree.files_at(repo, commit, ["."]).items()} for repo, commit in ((fast_repo, fast_commits[0]),
+                                                                                    (slow_repo, slow_commits[0]))]
+    assert listed[0] == listed[1]  # the tree reads the same wherever the versions are kept
     for fast_commit, slow_commit in zip(fast_commits, slow_commits, strict=True):
         caplog.clear()
         with caplog.at_level(logging.WARNING, logger="oxen_callbacks"):
@@ -210,3 +207,22 @@ def test_names_oxen_reads_as_glob_patterns_pin_those_files_alone_through_the_fal
     for snapshot in snapshots:
         assert folder_contents(snapshot)[1] == wanted
 
+
+
+def test_a_damaged_version_in_a_content_store_elsewhere_is_refused_not_pinned(tmp_path, caplog):
+    """``oxen restore`` checks no hash: the fallback now compares what it wrote with the commit's tree
+    (readable wherever the versions are). Before, an edited stored file became the snapshot, and even
+    ``verify(deep=True)`` passed (the tree check gave up on such a repository)."""
+    repo = make_repo(tmp_path / "data", []).path
+    store_elsewhere(repo, tmp_path / "elsewhere")
+    (repo / "train.csv").write_text("x,y\n0,0\n")
+    commit = oxen_child.commit_paths(repo, ["train.csv"], "one", author=AUTHOR)
+    stored = [p for p in (tmp_path / "elsewhere").rglob("*") if p.is_file() and p.read_bytes() == b"x,y\n0,0\n"]
+    assert len(stored) == 1
+    os.chmod(stored[0], 0o644)
+    stored[0].write_bytes(b"x,y\n6,6\n")  # the same size
+    with caplog.at_level(logging.WARNING, logger="oxen_callbacks"), \
+            pytest.raises(ConfigurationError, match=r"looks damaged.*not those commit .* records for 'train.csv'"):
+        PinnedDataset(repo, revision=commit, paths=["train.csv"], cache_dir=tmp_path / "cache").pull()
+    assert [r for r in caplog.records if WARNING in r.getMessage()]  # it went through the fallback
+    assert not list((tmp_path / "cache").rglob("train.csv"))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-from helpers import commit_files, make_repo
+from helpers import commit_files, make_repo, store_elsewhere
 
 from oxen_callbacks import PinnedDataset
 from oxen_callbacks._oxen import layout as oxen_layout
@@ -36,3 +36,20 @@ def test_prestored_bytes_are_committed_and_restored_identically(tmp_path):
     snap = PinnedDataset(repo.path, revision=commit, paths=["ckpt"], cache_dir=tmp_path / "c")
     assert {p.name: p.read_bytes() for p in snap.files()} == payload
     assert oxen_layout.orphan_temp_files(repo.path, older_than_s=0) == []
+
+
+def test_a_repository_keeping_its_versions_elsewhere_gets_no_copy_in_the_default_store(tmp_path):
+    """A user who moved the content store off a small disk (``versions_path``): a pre-stored copy under
+    ``.oxen/versions`` is one Oxen never reads, a second copy of every checkpoint on that disk."""
+    repo = make_repo(tmp_path / "r", [])
+    store_elsewhere(repo.path, tmp_path / "elsewhere")
+    (repo.path / "ckpt").mkdir()
+    weights = os.urandom(1 << 20)
+    (repo.path / "ckpt" / "model.bin").write_bytes(weights)
+    assert prestore(repo.path, repo.path / "ckpt") == 0
+    commit = commit_files(repo, "ckpt", {"ckpt/model.bin": weights})
+    default_store = oxen_layout.oxen_dir(repo.path) / "versions"
+    assert not [p for p in default_store.rglob("*") if p.is_file()] if default_store.exists() else True
+    assert [p for p in (tmp_path / "elsewhere").rglob("*") if p.is_file() and p.read_bytes() == weights]
+    snap = PinnedDataset(repo.path, revision=commit, paths=["ckpt"], cache_dir=tmp_path / "c")
+    assert snap.file("ckpt/model.bin").read_bytes() == weights  # through `oxen restore`, checked against the tree

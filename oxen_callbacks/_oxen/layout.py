@@ -222,6 +222,15 @@ def detach_head(worktree: str | os.PathLike[str], commit_id: str) -> None:
     (oxen_dir(worktree) / "HEAD").write_text(commit_id)
 
 
+def content_store(repo: str | os.PathLike[str]) -> dict[str, Any] | None:
+    """``None`` when ``repo`` keeps its file versions in the default local content store (where
+    :func:`version_path` looks), else its ``[storage]`` configuration (``versions_path`` elsewhere,
+    another kind of storage). Raises as :func:`read_config`."""
+    storage = read_config(repo).get("storage", {})
+    custom = storage.get("kind", "local") != "local" or "versions_path" in storage or "settings" in storage
+    return storage if custom else None
+
+
 def version_path(repo: str | os.PathLike[str], content_hash: int) -> Path:
     """Where Oxen's local content store keeps bytes of this xxh3-128 hash."""
     return versions_root(repo) / version_relpath(content_hash)

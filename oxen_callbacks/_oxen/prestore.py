@@ -22,7 +22,14 @@ from . import layout as oxen_layout
 
 
 def prestore(repo: Path, target: Path) -> int:
-    """Store every file of ``target`` (file or folder) in ``repo``'s content store; returns bytes copied."""
+    """Store every file of ``target`` (file or folder) in ``repo``'s content store; returns bytes copied.
+    Nothing where the repository keeps its versions elsewhere (``versions_path``, another storage):
+    ``oxen add`` stores them there, and a copy here would only fill the disk the user moved them off."""
+    try:
+        if oxen_layout.content_store(repo) is not None:
+            return 0
+    except (OSError, oxen_layout.DamagedLayout):
+        return 0  # `oxen add` names what is wrong with the repository
     files = [target] if target.is_file() else [Path(d) / n for d, _, ns in os.walk(target) for n in ns]
     copied = 0
     for file in files:

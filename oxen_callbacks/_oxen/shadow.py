@@ -14,11 +14,12 @@ import tempfile
 from pathlib import Path
 
 from .._util.fs import remove_tree
+from .._util.materialized import content_hash, file_digest
 from .._util.progress import show_progress
 from ..errors import OxenError
 from . import layout as oxen_layout
 from .repo import call_oxen, open_oxenai
-from .tree import path_not_in_commit
+from .tree import PathNotInCommit, UnreadableTree, files_at, path_not_in_commit
 
 
 def restore_into(repo_path: str | os.PathLike[str], commit: str, paths: list[str], dest: str | os.PathLike[str]) -> None:
@@ -49,6 +50,27 @@ def restore_into(repo_path: str | os.PathLike[str], commit: str, paths: list[str
                 raise path_not_in_commit(rel, commit, str(repo_path))
     finally:
         remove_tree(oxen_layout.oxen_dir(dest))
+    _check_restored(repo_path, commit, paths, dest)
+
+
+def _check_restored(repo_path: Path, commit: str, paths: list[str], dest: Path) -> None:
+    """Compare what ``oxen restore`` wrote (it checks no hash) with the commit's tree, where the tree
+    can be read (a content store kept elsewhere): a damaged stored file must not become the snapshot.
+
+    Raises:
+        OxenError: a file differs from the tree's record, is missing, or is not in it.
+    """
+    try:
+        found = files_at(repo_path, commit, paths)
+    except (UnreadableTree, PathNotInCommit):
+        return  # nothing to compare with: the restore's own checks stand
+    expected = {f.path: content_hash(f.hash) for subtree in found.values() for f in subtree.files}
+    written = {str(p.relative_to(dest)) for p in dest.rglob("*") if not p.is_dir()}
+    wrong = sorted(written ^ expected.keys()) + sorted(
+        rel for rel in written & expected.keys() if content_hash(file_digest(dest / rel)) != expected[rel])
+    if wrong:
+        raise OxenError(f"the bytes it restored are not those commit {commit} records for "
+                        f"{', '.join(map(repr, wrong[:5]))}" + (f" (+{len(wrong) - 5} more)" if len(wrong) > 5 else ""))
 
 
 def move_branch(repo_path: str | os.PathLike[str], name: str, commit: str) -> str | None:

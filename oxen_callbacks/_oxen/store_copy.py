@@ -89,9 +89,11 @@ def copy_commit(repo: Path, commit: str, paths: list[str], dest: Path) -> Materi
 
     Raises:
         oxen_tree.PathNotInCommit: a path is not in the commit.
-        oxen_tree.UnreadableTree: the tree or a stored file cannot be read.
+        oxen_tree.UnreadableTree: the tree or a stored file cannot be read (:class:`oxen_tree.UnsupportedLayout`:
+            nor the content store, kept elsewhere).
         CorruptStore: a stored file's size or content differs from the tree's record.
     """
+    oxen_tree.check_content_store(repo)
     made = Materialized({}, {})
     oxen_tree.read(repo, partial(_copy_tree, repo, commit, paths, dest, made))
     return made

@@ -19,11 +19,12 @@ What it relies on (oxenai 0.65, ``merkle_node_backend = "lmdb"``):
 * A commit has one child, the root dir; a dir's children are vnodes (its entries
   split at ``vnode_size``); a vnode's children are files and dirs, which are
   named relative to their parent. A file's bytes are a full copy in the content
-  store under its ``hash`` (see :func:`oxen_layout.version_path`); only the default
-  store (no ``versions_path`` in ``[storage]``) is read here.
+  store under its ``hash`` (see :func:`oxen_layout.version_path`), which is copied from only
+  when it is the default store (:func:`check_content_store`: no ``versions_path`` in
+  ``[storage]``); the tree itself is read wherever the versions are kept.
 
-Anything else (another backend, a custom content store, an unknown payload
-version) raises :class:`UnreadableTree`; callers then fall back to ``oxen restore``.
+Anything else (another backend, an unknown payload version), and a custom content store
+for a copy, raises :class:`UnreadableTree`; callers then fall back to ``oxen restore``.
 
 lmdb memory-maps the node store: a truncated or damaged ``data.mdb`` can kill the
 reading process by SIGBUS. Only a child process reads the tree (see
@@ -175,10 +176,18 @@ def _check_config(repo: str | os.PathLike[str]) -> None:
     except (OSError, oxen_layout.DamagedLayout) as exc:
         raise UnreadableTree(f"cannot read the repository config: {exc}") from exc
     backend = config.get("merkle_node_backend")
-    storage = config.get("storage", {})
     if backend != "lmdb":
         raise UnsupportedLayout(f"merkle_node_backend is {backend!r}, not 'lmdb'")
-    if storage.get("kind", "local") != "local" or "versions_path" in storage or "settings" in storage:
+
+
+def check_content_store(repo: str | os.PathLike[str]) -> None:
+    """Raise :class:`UnsupportedLayout` unless ``repo`` keeps its file versions where
+    :func:`oxen_layout.version_path` looks (the tree is read wherever they are)."""
+    try:
+        storage = oxen_layout.content_store(repo)
+    except (OSError, oxen_layout.DamagedLayout) as exc:
+        raise UnreadableTree(f"cannot read the repository config: {exc}") from exc
+    if storage is not None:
         raise UnsupportedLayout(f"content store is not the default local one: {storage}")
 
 
