@@ -60,6 +60,17 @@ def test_remote_pin_resolves_to_the_commit_the_server_names(server):
     assert pin.source.local_root is None
 
 
+def test_two_repositories_whose_names_read_alike_share_no_snapshot(server):
+    """``ml-team/data`` and ``ml/team-data`` made one cache folder: a pin of the second read the snapshot
+    of the first wherever both name a commit id (a fork, a server that says so)."""
+    tables = {"ml-team/data": table(label=0, seed=0).encode(), "ml/team-data": table(label=1, seed=0).encode()}
+    for repo_id, train in tables.items():
+        server.repos[repo_id] = StandInRepo()
+        server.repos[repo_id].commit(COMMIT_A, {"train.csv": train})
+    for repo_id, train in tables.items():
+        assert PinnedDataset(server.url(repo_id), revision=COMMIT_A, paths=["train.csv"]).file("train.csv").read_bytes() == train
+
+
 def test_local_and_remote_sources_offer_the_source_protocol(server, dataset_repo):
     local = PinnedDataset(dataset_repo.path, paths=["train.csv"]).source
     remote = PinnedDataset(server.url("ox/reviews"), paths=["train.csv"]).source

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import re
 from dataclasses import dataclass
 
@@ -33,8 +34,10 @@ class RemoteSpec:
 
     @property
     def key(self) -> str:
-        """A folder-safe cache key."""
-        return re.sub(r"[^A-Za-z0-9._-]", "_", f"{self.host}-{self.namespace}-{self.name}")
+        """A folder-safe cache key, one per repository: its readable part alone is shared by
+        ``ml-team/data`` and ``ml/team-data``, or by hosts ``h:3000`` and ``h_3000``; a digest of the URL is not."""
+        readable = re.sub(r"[^A-Za-z0-9._-]", "_", f"{self.host}-{self.namespace}-{self.name}")
+        return f"{readable}-{hashlib.sha1(self.url.encode()).hexdigest()[:10]}"
 
 
 def check_host(host: str) -> str:
