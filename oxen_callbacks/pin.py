@@ -156,11 +156,13 @@ class PinnedDataset:
         self.store = SnapshotStore(cache_dir or default_cache_dir(), self.source.key)
         self.pull_seconds: float | None = None
         self.deep_verify = verify
-        self._checked = False  # paths found in the snapshot (and deep-checked if asked), once
+        self._checked = False  # paths found in the snapshot (and deep-checked if asked), once per process
+        self._deep_checked: tuple[object, ...] | None = None  # which snapshot the deep check read
 
     def __getstate__(self) -> dict[str, Any]:
         """What a copy in another process gets (Ray's workers, a spawned rank): not this process's
-        check, which each process makes at its first :meth:`pull` (the cache may differ there)."""
+        check, which each process makes at its first :meth:`pull` (the cache may differ there; the deep
+        one of ``verify=True`` when it is not the snapshot this pin's deep check read)."""
         return {**self.__dict__, "_checked": False, "pull_seconds": None}
 
     # -- materialization -------------------------------------------------------
@@ -175,8 +177,9 @@ class PinnedDataset:
             for rel in self.paths:  # a path covered by a cached folder (or the whole commit) may not exist
                 if not os.path.lexists(folder / rel):
                     raise path_not_in_commit(rel, self.commit, self.source.location, role=self.ROLE)
-            if self.deep_verify:
-                self.verify(deep=True)
+            if self.deep_verify and self._deep_checked != (seen := self.store.identity(self.commit)):
+                self.verify(deep=True)  # (not again in a copy of this pin reading the same snapshot: a DataLoader worker)
+                self._deep_checked = seen
             self._checked = True
         self.pull_seconds = time.perf_counter() - started
         return folder

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import shutil
 import stat
 import subprocess
 import sys
@@ -13,6 +14,7 @@ from helpers import commit_files, tree_state
 
 from oxen_callbacks import PinnedDataset
 from oxen_callbacks._oxen import child as oxen_child
+from oxen_callbacks._util.fs import remove_tree
 from oxen_callbacks.errors import ConfigurationError, DatasetMismatchError
 
 
@@ -44,7 +46,7 @@ def test_more_paths_of_a_cached_commit_are_added(dataset_repo):
     assert sorted(p.name for p in both.files()) == ["train.csv", "val.csv"]
 
 
-def test_a_copy_in_another_process_checks_the_snapshot_there_again(dataset_repo):
+def test_a_copy_in_another_process_checks_the_snapshot_it_finds(dataset_repo, tmp_path):
     """Ray hands each worker a pickled pin, and a spawned rank gets one too: the check its first process
     made says nothing of the cache the copy finds. Before, a copy skipped it (and ``verify=True``)."""
     pin = PinnedDataset(dataset_repo.path, revision=dataset_repo.commits[0], paths=["train.csv"], verify=True)
@@ -53,10 +55,15 @@ def test_a_copy_in_another_process_checks_the_snapshot_there_again(dataset_repo)
     os.chmod(path.parent, 0o755)
     path.unlink()  # a cleaned cache
     assert pickle.loads(sent).file("train.csv").read_bytes() == committed  # made again from the commit
-    path = pin.file("train.csv")
-    os.chmod(path.parent, 0o755)
-    os.chmod(path, 0o644)
-    path.write_bytes(committed.replace(b",0\n", b",1\n"))  # edited in place, the same size
+    # another node: a cache of its own, the same folders, one file edited in place (the same size)
+    cache, elsewhere = pin.store.cache_dir, tmp_path / "other-node"
+    shutil.copytree(cache, elsewhere, symlinks=True)
+    remove_tree(cache)
+    edited = elsewhere / path.relative_to(cache)
+    os.chmod(edited.parent, 0o755)
+    os.chmod(edited, 0o644)
+    edited.write_bytes(committed.replace(b",0\n", b",1\n"))
+    os.rename(elsewhere, cache)
     with pytest.raises(DatasetMismatchError, match="train.csv"):
         pickle.loads(sent).pull()
 

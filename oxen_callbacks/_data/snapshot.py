@@ -75,6 +75,18 @@ class SnapshotStore:
     def lock_path(self, commit: str) -> Path:
         return self.base / f"{checked_commit_id(commit, what='A snapshot')}.lock"
 
+    def manifest_path(self, commit: str) -> Path:
+        return self.base / f"{checked_commit_id(commit, what='A snapshot')}.manifest.json"
+
+    def identity(self, commit: str) -> tuple[object, ...] | None:
+        """Which snapshot of ``commit`` this is, on which machine: it changes when the snapshot is made
+        again, or read from another cache or boot (``None`` when it is not there)."""
+        try:
+            folder, manifest = os.stat(self.folder(commit)), os.stat(self.manifest_path(commit))
+        except OSError:
+            return None
+        return (_boot_id(), folder.st_dev, folder.st_ino, manifest.st_ino, manifest.st_mtime_ns)
+
     def manifest(self, commit: str) -> Manifest:
         """What the snapshot holds; nothing when its folder was deleted or its manifest
         cannot be read (to have it made again)."""
@@ -86,7 +98,7 @@ class SnapshotStore:
 
     def _recorded_paths(self, commit: str) -> dict[str, dict[str, int]]:
         """The manifest's paths (none without a manifest); :class:`DamagedRecord` if it cannot be read."""
-        data = _read_json(self.base / f"{commit}.manifest.json")
+        data = _read_json(self.manifest_path(commit))
         paths = data.get("paths") if isinstance(data, dict) else None
         if data is not None and not (isinstance(paths, dict) and all(
                 isinstance(v, dict) and isinstance(v.get("files"), int) and isinstance(v.get("bytes"), int)
@@ -115,7 +127,7 @@ class SnapshotStore:
                 if expected.get(f) != recorded.get(f)]
 
     def write_manifest(self, manifest: Manifest) -> None:
-        write_json_atomically(self.base / f"{manifest.commit}.manifest.json",
+        write_json_atomically(self.manifest_path(manifest.commit),
                     {"commit": manifest.commit, "paths": manifest.paths}, indent=1)
 
     def hashes(self, commit: str) -> dict[str, str] | None:
@@ -364,6 +376,17 @@ def _kind(mode: int) -> str:
     if stat.S_ISLNK(mode):
         return "a symbolic link"
     return "a named pipe" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode) else "a device file"
+
+
+def _boot_id() -> str:
+    """This machine and boot (Linux's boot id, else the host's name)."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as boot:
+            return boot.read().strip()
+    except OSError:
+        import socket
+
+        return socket.gethostname()
 
 
 def _make_readonly(path: Path, files: bool = True) -> None:
