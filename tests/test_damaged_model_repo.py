@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import xxhash
+from helpers import store_elsewhere
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning_model import CsvData, TinyModel, make_trainer
 
@@ -141,7 +142,8 @@ def immutable():  # type: ignore[no-untyped-def]
         subprocess.run(["chattr", "-i", str(path)], check=True)
 
 
-@pytest.mark.parametrize("place", ["content-store-immutable", "content-store-a-file", "repository-immutable"])
+@pytest.mark.parametrize("place", ["content-store-immutable", "content-store-a-file", "repository-immutable",
+                                   "content-store-elsewhere-immutable"])
 def test_an_unwritable_model_repository_stops_the_fit_before_a_step(place, first_run, dataset_repo, tmp_path,
                                                                     immutable):
     """Before, a read-only content store passed the start and every commit after it failed (the fit
@@ -151,6 +153,10 @@ def test_an_unwritable_model_repository_stops_the_fit_before_a_step(place, first
     if place == "content-store-a-file":
         shutil.move(store, tmp_path / "store.moved")
         store.write_text("not a folder")
+    elif place == "content-store-elsewhere-immutable":  # (versions_path: the one Oxen writes)
+        store_elsewhere(models, tmp_path / "elsewhere")
+        (tmp_path / "elsewhere").mkdir()
+        immutable(tmp_path / "elsewhere")
     else:
         immutable(store if place == "content-store-immutable" else models)
     with pytest.raises(ConfigurationError, match=rf"(?s)model repository '{models}' cannot be written: .*"

@@ -53,3 +53,11 @@ def test_a_repository_keeping_its_versions_elsewhere_gets_no_copy_in_the_default
     assert [p for p in (tmp_path / "elsewhere").rglob("*") if p.is_file() and p.read_bytes() == weights]
     snap = PinnedDataset(repo.path, revision=commit, paths=["ckpt"], cache_dir=tmp_path / "c")
     assert snap.file("ckpt/model.bin").read_bytes() == weights  # through `oxen restore`, checked against the tree
+
+
+def test_a_config_whose_storage_is_not_a_table_is_left_to_oxen_add_to_name(tmp_path):
+    repo = make_repo(tmp_path / "r", [])
+    config = oxen_layout.oxen_dir(repo.path) / "config.toml"
+    config.write_text('storage = "local"\n' + config.read_text().split("[storage]")[0])
+    (repo.path / "model.bin").write_bytes(b"weights")
+    assert prestore(repo.path, repo.path / "model.bin") == 0  # (an AttributeError in the commit process before)

@@ -128,7 +128,8 @@ class LocalSource:
                 if isinstance(exc, ConfigurationError) and isinstance(unreadable, oxen_tree.UnsupportedLayout):
                     raise  # a tree we do not read, but Oxen does: its answer stands
                 why = " ".join(str(exc).split("\nHINT: ")[0].split()).rstrip(".")
-                raise self._damaged(f"its content store cannot be copied from here ({unreadable}) and `oxen restore` "
+                where = "its content store" if isinstance(unreadable, oxen_tree.UnsupportedLayout) else "its merkle tree"
+                raise self._damaged(f"{where} cannot be read from here ({unreadable}) and `oxen restore` "
                                     f"failed: {why}") from None
             return None
 

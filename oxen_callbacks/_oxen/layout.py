@@ -227,6 +227,8 @@ def content_store(repo: str | os.PathLike[str]) -> dict[str, Any] | None:
     :func:`version_path` looks), else its ``[storage]`` configuration (``versions_path`` elsewhere,
     another kind of storage). Raises as :func:`read_config`."""
     storage = read_config(repo).get("storage", {})
+    if not isinstance(storage, dict):
+        raise DamagedLayout(f".oxen/config.toml's storage is {storage!r}, not a table")
     custom = storage.get("kind", "local") != "local" or "versions_path" in storage or "settings" in storage
     return storage if custom else None
 

@@ -45,7 +45,14 @@ def _check_writable(repo: LocalRepo) -> None:
     """Write a file where the worker writes (the working tree, ``.oxen``, its content store), so a
     read-only place stops the fit before a step rather than every commit after it."""
     root = oxen_layout.oxen_dir(repo.path)
-    places = [repo.path, root, *(p for p in (root / "versions", oxen_layout.versions_root(repo.path)) if p.exists())]
+    stores = [root / "versions", oxen_layout.versions_root(repo.path)]
+    try:
+        elsewhere = (oxen_layout.content_store(repo.path) or {}).get("versions_path")
+    except (OSError, oxen_layout.DamagedLayout):
+        elsewhere = None  # (its first commit names what is wrong)
+    if isinstance(elsewhere, str):
+        stores.append(repo.path / elsewhere)  # (an absolute one as it is)
+    places = [repo.path, root, *(p for p in stores if p.exists())]
     for place in places:
         try:
             handle, probe = tempfile.mkstemp(dir=place, prefix=".oxcb-probe-")  # (unique: fits may start together)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import tempfile
 import uuid
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,7 @@ from typing import Any
 def creation_mask() -> int:
     """This process's umask: what it takes away from the mode of every file it creates, and so from any
     mode this library sets (a private dataset's copy stays private under ``umask 077``). Read from
-    ``/proc`` (setting it to read it would race with other threads); ``0o077`` where the system does not say."""
+    ``/proc`` (setting it to read it would race with other threads), else from a file made to see it."""
     try:
         with open("/proc/self/status") as status:
             for line in status:
@@ -24,7 +25,10 @@ def creation_mask() -> int:
                     return int(line.split()[1], 8)
     except (OSError, ValueError, IndexError):
         pass
-    return 0o077
+    with tempfile.TemporaryDirectory(prefix="oxen-callbacks-umask-") as folder:
+        probe = os.path.join(folder, "probe")
+        os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o777))
+        return 0o777 & ~os.stat(probe).st_mode
 
 
 def remove_tree(path: str | os.PathLike[str]) -> None:
