@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import json
 import logging
 import os
 import shutil
@@ -21,6 +20,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from .._util.handoff import take_handoff
 from .._util.locks import FileLock
 from .._util.processes import ENTRY_POINTS, yield_cpu_to_training
 from .._util.redact import redact_text, redact_url
@@ -168,10 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     while line := _STDIN.next(timeout=None):
         if not line.startswith("{"):
             continue  # a stray wake-up: between hand-offs nothing else is sent
-        handoff = json.loads(line)
-        os.environ.clear()
-        os.environ.update(handoff["env"])
-        os.chdir(handoff["cwd"])
+        handoff = take_handoff(line)
         if not serve_folder(Path(handoff["journal"])):
             break
     return 0

@@ -90,7 +90,7 @@ class WarmSinkProcess:
             return None
         # the whole environment, through the pipe (never on disk): a reused process must not keep
         # an earlier run's settings
-        handoff = {"journal": str(journal_folder), "env": {**os.environ, **settings}, "cwd": os.getcwd()}
+        handoff = {"journal": str(journal_folder), "env": {**os.environ, **settings}}
         # (it reads only once MLflow is imported and the store opened: seconds on a loaded machine)
         if not send_handoff(proc, handoff, timeout=SINK_HANDOFF_TIMEOUT_S):  # gone, or stopped or stuck (killed now)
             proc.wait()

@@ -54,7 +54,7 @@ class WarmWorker:
         if proc is None:
             return None
         # through the pipe, never on disk: the environment may hold the user's tokens
-        if not send_handoff(proc, {"args": args, "env": dict(env), "cwd": os.getcwd()}):
+        if not send_handoff(proc, {"args": args, "env": dict(env)}):
             _close(proc)
             return None
         yield_cpu_to_training(idle=False, pid=proc.pid)  # now, even if its imports are not done yet

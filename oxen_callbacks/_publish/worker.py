@@ -29,6 +29,7 @@ from collections.abc import Callable
 from typing import IO, Any
 
 from .._oxen.repo import LocalRepo, preload
+from .._util.handoff import take_handoff
 from .._util.locks import FileLock
 from .._util.processes import ENTRY_POINTS, yield_cpu_to_training
 from .._util.stdin_lines import StdinLines
@@ -338,15 +339,11 @@ def serve(queue: JobQueue, batches: Batches, results: _Results, push: PushTarget
 
 
 def _await_handoff(stdin: StdinLines) -> list[str] | None:
-    """A warm worker's run (see :mod:`.warm_worker`): take on its environment and working folder,
-    return its arguments; ``None`` at EOF."""
+    """A warm worker's run (see :mod:`.warm_worker`): take on its environment, working folder and
+    umask, return its arguments; ``None`` at EOF."""
     while line := stdin.next(timeout=None):
         if line.startswith("{"):
-            handoff = json.loads(line)
-            os.environ.clear()
-            os.environ.update(handoff["env"])
-            os.chdir(handoff["cwd"])
-            return list(handoff["args"])
+            return list(take_handoff(line)["args"])
     return None
 
 

@@ -17,19 +17,36 @@ import weakref
 from collections.abc import Callable
 from typing import Any
 
+from .fs import creation_mask
+
 #: How long fit start waits for a warm helper to take its hand-off.
 HANDOFF_TIMEOUT_S = 5.0
 
 
 def send_handoff(proc: subprocess.Popen[bytes], message: dict[str, Any], timeout: float = HANDOFF_TIMEOUT_S) -> bool:
-    """Write ``message`` as one JSON line to ``proc``'s stdin; ``False`` (``proc`` killed when it
-    lives) if it is gone or does not read it within ``timeout`` seconds."""
+    """Write ``message`` (and this process's working folder and umask, which :func:`take_handoff`
+    applies) as one JSON line to ``proc``'s stdin; ``False`` (``proc`` killed when it lives) if it is
+    gone or does not read it within ``timeout`` seconds."""
     if proc.stdin is None or proc.poll() is not None:
         return False
+    message = {**message, "cwd": os.getcwd(), "umask": creation_mask()}
     if _write_within(proc.stdin.fileno(), json.dumps(message).encode() + b"\n", timeout):
         return True
     proc.kill()
     return False
+
+
+def take_handoff(line: str) -> dict[str, Any]:
+    """In the helper: become the process a cold one started now would be (the sender's environment,
+    ``env``, working folder and umask: files it writes are as private as the trainer's); returns
+    the message."""
+    message = json.loads(line)
+    os.environ.clear()
+    os.environ.update(message["env"])
+    os.chdir(message["cwd"])
+    if isinstance(message.get("umask"), int):
+        os.umask(message["umask"])
+    return message
 
 
 def _write_within(fd: int, data: bytes, timeout: float) -> bool:
