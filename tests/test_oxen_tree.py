@@ -75,16 +75,20 @@ def repos(tmp_path_factory):
 PATH_SETS = [["."], ["d", "a.txt"], ["x"], ["big.bin", "empty", "d/e/f/deep.bin"]]
 
 
+def listing(repo: Path, commit: str) -> dict[str, tuple[list[str], list[tuple[str, int, int]]]]:
+    """The folders and files (path, hash, size) :func:`oxen_tree.files_at` reads for the whole commit."""
+    return {rel: (sub.dirs, [(f.path, f.hash, f.size) for f in sub.files])
+            for rel, sub in oxen_tree.files_at(repo, commit, ["."]).items()}
+
+
 @pytest.mark.parametrize("paths", PATH_SETS, ids=lambda p: "+".join(p))
 def test_fast_path_and_fallback_give_identical_snapshots(repos, paths, caplog):
     fast_repo, fast_commits = repos["fast"]
     slow_repo, slow_commits = repos["slow"]
     with pytest.raises(oxen_tree.UnsupportedLayout, match="versions_path"):
         copy_from_store(slow_repo, slow_commits[0], ["."], Path("/nonexistent"))
-    listed = [{rel: (sub.dirs, [(f.path, f.hash, f.size) for f in sub.files]) for rel, sub in
-               oxen_tree.files_at(repo, commit, ["."]).items()} for repo, commit in ((fast_repo, fast_commits[0]),
-                                                                                    (slow_repo, slow_commits[0]))]
-    assert listed[0] == listed[1]  # the tree reads the same wherever the versions are kept
+    # the tree reads the same wherever the versions are kept
+    assert listing(fast_repo, fast_commits[0]) == listing(slow_repo, slow_commits[0])
     for fast_commit, slow_commit in zip(fast_commits, slow_commits, strict=True):
         caplog.clear()
         with caplog.at_level(logging.WARNING, logger="oxen_callbacks"):
@@ -206,7 +210,6 @@ def test_names_oxen_reads_as_glob_patterns_pin_those_files_alone_through_the_fal
               if any(rel == p or rel.startswith(p + "/") for p in paths)}
     for snapshot in snapshots:
         assert folder_contents(snapshot)[1] == wanted
-
 
 
 def test_a_damaged_version_in_a_content_store_elsewhere_is_refused_not_pinned(tmp_path, caplog):
