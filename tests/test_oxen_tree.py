@@ -229,3 +229,15 @@ def test_a_damaged_version_in_a_content_store_elsewhere_is_refused_not_pinned(tm
         PinnedDataset(repo, revision=commit, paths=["train.csv"], cache_dir=tmp_path / "cache").pull()
     assert [r for r in caplog.records if WARNING in r.getMessage()]  # it went through the fallback
     assert not list((tmp_path / "cache").rglob("train.csv"))
+
+
+def test_a_truncated_tree_of_a_content_store_elsewhere_is_named_not_a_crash(tmp_path):
+    """The restore child now reads the tree too (to check what it wrote): lmdb's SIGBUS on a truncated
+    node store kills that child, never the training process, and the error names the repository."""
+    repo = make_repo(tmp_path / "data", []).path
+    store_elsewhere(repo, tmp_path / "elsewhere")
+    (repo / "a.txt").write_text("hello")
+    commit = oxen_child.commit_paths(repo, ["a.txt"], "one", author=AUTHOR)
+    os.truncate(oxen_layout.oxen_dir(repo) / oxen_layout.NODE_STORE, 3 * 4096)
+    with pytest.raises(ConfigurationError, match=rf"'{repo}' looks damaged: .*crashed \(SIGBUS\)"):
+        PinnedDataset(repo, revision=commit, paths=["a.txt"], cache_dir=tmp_path / "cache").pull()
