@@ -15,7 +15,8 @@ shapes from ``crates/liboxen/src/api/client`` and ``view/`` in Oxen's sources):
 
 Unknown repositories, revisions and paths answer 404, as the server does. Every
 request is recorded with its headers (``authorizations``: the ``Authorization`` each
-carried, to check which token a client sent). The
+carried, to check which token a client sent). ``altered`` serves other bytes than a
+file's for its next requests (a damaged copy on the server, a proxy rewriting a download). The
 server runs in a thread of the test process: fine because the library makes every
 oxenai call in a child process (oxenai holds the GIL for a whole call).
 """
@@ -68,6 +69,7 @@ class StandInOxen:
         self.repos: dict[str, StandInRepo] = {}
         self.requests: list[Request] = []
         self.mute: set[str] = set()  # route kinds ("branches", "file"...) to hold without an answer
+        self.altered: dict[str, list[bytes]] = {}  # file path -> bodies served instead of its bytes, one per request
         self._release = threading.Event()
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         self._server.daemon_threads = True
@@ -129,7 +131,7 @@ class StandInOxen:
                 continue
             data = files[path]
             if kind == "file":
-                return 200, data
+                return 200, self.altered[path].pop(0) if self.altered.get(path) else data
             return 200, {**_status("success", "resource_found"), "entry": {
                 "filename": path.rsplit("/", 1)[-1], "hash": f"{xxhash.xxh3_128_intdigest(data):x}",
                 "is_dir": False, "latest_commit": _commit(repo.commit_of(revision) or ""), "resource": None,

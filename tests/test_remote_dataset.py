@@ -26,7 +26,7 @@ from mlflow import MlflowClient
 from oxen_stand_in import StandInOxen, StandInRepo
 
 from oxen_callbacks import PinnedDataset, read_lineage
-from oxen_callbacks.errors import ConfigurationError
+from oxen_callbacks.errors import ConfigurationError, OxenError
 from oxen_callbacks.huggingface import OxenTrainerCallback
 from oxen_callbacks.lightning import OxenLightningCallback
 from oxen_callbacks.pin import Source
@@ -116,6 +116,24 @@ def test_server_that_stops_answering_fails_clearly_in_bounded_time(server):
                                                  r"reviews: no answer within 2s"):
         PinnedDataset(server.url("ox/reviews"), revision="main", remote_timeout=2)
     print(f"mute server: failed after {time.monotonic() - started:.1f}s")
+
+
+def test_bytes_unlike_the_hash_the_server_lists_are_never_pinned(server, tmp_path):
+    """oxenai checks each download against the file's hash in the server's listing: an altered download
+    is fetched again, and a server whose copy stays damaged fails the pin at the second try, naming it, with nothing cached."""
+    server.altered["train.csv"] = [b"label,x\n9,9\n"]  # one download rewritten on its way (a proxy)
+    pin = PinnedDataset(server.url("ox/reviews"), revision=COMMIT_A, paths=["train.csv"], cache_dir=tmp_path / "a")
+    assert pin.file("train.csv").read_bytes() == TRAIN_A
+    pin.verify(deep=True)
+
+    server.altered["val.csv"] = [VAL_A[:-10]] * 2  # the server's stored copy is cut short: every try
+    damaged = PinnedDataset(server.url("ox/reviews"), revision=COMMIT_A, paths=["val.csv"], cache_dir=tmp_path / "b")
+    with pytest.raises(OxenError, match=r"Could not download 'val.csv' of commit " + COMMIT_A + r" at http://127\.0\.0"
+                                        r"\.1:\d+/ox/reviews: twice the server sent bytes whose hash \(\w+\) is not "
+                                        r"the one it lists for that file \(\w+\)\. Its stored copy may be damaged"):
+        damaged.pull()
+    assert not damaged.is_pulled
+    assert not [p for p in (tmp_path / "b").rglob("*") if p.is_file() and p.read_bytes() == VAL_A[:-10]]
 
 
 def test_server_that_refuses_fails_clearly(server):

@@ -12,6 +12,7 @@ tokens are never taken in URLs.
 from __future__ import annotations
 
 import logging
+import re
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -28,6 +29,8 @@ from ..errors import ConfigurationError, OxenError
 
 log = logging.getLogger(__name__)
 BACKOFF_S = (1.0, 2.0, 4.0)
+#: oxenai's error when a downloaded file's xxh3 is not the hash the server lists for it (it keeps nothing)
+_HASH_MISMATCH = re.compile(r"Hash mismatch .*expected (?P<expected>\w+), got (?P<got>\w+)")
 
 
 class RemoteSource:
@@ -46,6 +49,7 @@ class RemoteSource:
 
     def _call(self, function: Callable[..., Any], what: str, timeout: float, **kwargs: Any) -> Any:
         error: OxenError | None = None
+        mismatches = 0
         for pause in (0.0, *BACKOFF_S):
             time.sleep(pause)
             try:
@@ -58,6 +62,15 @@ class RemoteSource:
                 error = exc
                 if "no answer within" in str(exc):
                     break  # a hanging server: waiting again would only double the stall
+                if mismatch := _HASH_MISMATCH.search(str(exc)):
+                    mismatches += 1
+                    if mismatches == 2:  # once may be a proxy altering a download; twice, the server's copy
+                        raise OxenError(
+                            f"Could not {what} at {self.location}: twice the server sent bytes whose hash "
+                            f"({mismatch['got']}) is not the one it lists for that file ({mismatch['expected']}). "
+                            "Its stored copy may be damaged, or something between you and it alters downloads. "
+                            "Nothing was kept; ask the server's administrator to check the repository, or pin "
+                            "another commit.") from None
                 log.warning("%s failed (%s); retrying", what, exc)
         raise ConfigurationError(
             f"Could not {what} at {self.location}: {error}",
@@ -91,5 +104,5 @@ class RemoteSource:
     def materialize(self, commit: str, paths: list[str], dest: Path) -> None:
         """Download ``paths`` of ``commit`` under ``dest`` (counted by the snapshot store afterwards)."""
         for rel in tqdm(paths, desc=f"download {self.spec.repo_id}@{commit[:10]}", unit="path", disable=not show_progress()):
-            self._call(oxen_remote.download, f"download {rel!r}", self.timeout * 10, commit=commit, rel=rel,
+            self._call(oxen_remote.download, f"download {rel!r} of commit {commit}", self.timeout * 10, commit=commit, rel=rel,
                        dest=str(dest))
