@@ -307,7 +307,13 @@ class PinnedDataset:
 
         Raises:
             DatasetMismatchError: naming what changed.
+            ConfigurationError: the pinned paths are not in the snapshot cache yet (nothing to check).
         """
+        if missing := self.store.manifest(self.commit).missing(self.paths):
+            raise ConfigurationError(
+                f"Nothing to verify: {shown([repr(p) for p in missing])} of {self.source.location}@{self.commit} "
+                f"{'is' if len(missing) == 1 else 'are'} not in the snapshot cache {str(self.store.cache_dir)!r} yet.",
+                "call pull() first (a fit does): it checks every new snapshot against the commit as it makes it.")
         problems = self.store.check(self.commit, deep=deep, paths=self.paths)
         if deep and not problems:
             problems = self._unlike_the_repository()

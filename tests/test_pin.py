@@ -30,6 +30,19 @@ def test_snapshot_holds_commit_bytes_and_is_read_only(dataset_repo, tmp_path):
     pin.verify()
 
 
+def test_verifying_a_pin_not_pulled_yet_says_so_rather_than_pass_or_blame_the_cache(dataset_repo, tmp_path):
+    """Before the first pull there is nothing on disk: a plain check passed it, and the deep one called
+    every file "recorded unlike the repository's commit" and told the user to delete a missing folder."""
+    pin = PinnedDataset(dataset_repo.path, revision=dataset_repo.commits[0], paths=["train.csv"],
+                        cache_dir=tmp_path / "cache")
+    for deep in (False, True):
+        with pytest.raises(ConfigurationError, match=r"Nothing to verify: 'train.csv' of .*@" + dataset_repo.commits[0]
+                                                     + r" is not in the snapshot cache .* yet\.\nHINT: call pull\(\) first"):
+            pin.verify(deep=deep)
+    pin.pull()
+    pin.verify(deep=True)
+
+
 def test_cached_repin_copies_nothing(dataset_repo, tmp_path):
     first = PinnedDataset(dataset_repo.path, revision=dataset_repo.commits[0], paths=["train.csv", "val.csv"])
     before = {p: (p.stat().st_ino, p.stat().st_mtime_ns) for p in first.files()}
