@@ -44,6 +44,10 @@ DAMAGE = {  # what happens to the journal's files -> what the report says
     "meta cut short": (lambda j: _cut_short(j.folder / "meta.json"), "meta.json is not JSON"),
     "op a list": (lambda j: (j.folder / "ops" / "000001.json").write_text("[]"), "ops/000001.json holds a JSON array"),
     "op cut short": (lambda j: _cut_short(j.folder / "ops" / "000001.json"), "ops/000001.json is not JSON"),
+    "log_json to a path": (lambda j: j.put(2, {"op": "log_json", "artifact_dir": "oxen", "name": "../../x.json",
+                                                 "data": {}}), "ops/000002.json names the file '../../x.json' to log"),
+    "log_json to a folder up": (lambda j: j.put(2, {"op": "log_json", "artifact_dir": "../..", "name": "x.json",
+                                                      "data": {}}), "names the artifact folder '../..'"),
     "model_repo a number": (lambda j: (j.folder / "meta.json").write_text(
         (j.folder / "meta.json").read_text().replace('"model_repo": "', '"model_repo": 5, "was": "')),
         "model_repo = 5"),
@@ -74,6 +78,23 @@ def test_a_damaged_mlflow_journal_is_reported_and_left_the_others_replayed(tmp_p
     assert code == 1 and report["damaged"] == 1 and report["pending"] == 0
     [entry] = report["mlflow"]
     assert entry["status"] == "damaged" and entry["path"] == str(bad.folder) and said in entry["error"]
+
+
+def test_a_journal_naming_a_file_to_log_by_path_never_writes_it(tmp_path, capsys):
+    """A journaled ``log_json`` writes its file by name under a temporary folder: a path for a name
+    (someone who can write the cache) wrote over any file the user can write, then logged it."""
+    victim = tmp_path / "home" / ".bashrc"
+    victim.parent.mkdir()
+    victim.write_text("original\n")
+    client = MlflowClient()
+    run_id = client.create_run(client.create_experiment("hostile")).info.run_id
+    journal = MlflowJournal.create(tmp_path / "cache", {"tracking_uri": os.environ["MLFLOW_TRACKING_URI"],
+                                                        "run_id": run_id})
+    journal.put(1, {"op": "log_json", "artifact_dir": "oxen", "name": str(victim), "data": {"evil": "echo pwned"}})
+    code, out = _sync(capsys, "--cache-dir", str(tmp_path / "cache"))
+    assert code == 1 and "not a plain file name" in out, out
+    assert victim.read_text() == "original\n"
+    assert not client.list_artifacts(run_id, "oxen")
 
 
 def test_a_damaged_commit_queue_or_push_marker_is_reported_and_left_sync_goes_on(tmp_path, capsys):

@@ -27,7 +27,7 @@ from ..names import (
 )
 from .abandoned import KILLED, amend_repo_record, committed_record
 from .fluent import sqlite_file
-from .journal import MlflowJournal
+from .journal import MlflowJournal, json_artifact_problem
 from .twins import delete_twin_runs
 
 
@@ -134,6 +134,8 @@ def apply_op(client: Any, journal: MlflowJournal, meta: dict[str, Any], op: dict
 
         client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in op["tags"].items()])
     elif kind == "log_json":
+        if problem := json_artifact_problem(op):  # (a journal replayed by sync was checked before)
+            raise ValueError(f"This log_json operation {problem}")
         data = op["data"]
         if isinstance(data.get("run"), dict) and not data["run"].get("mlflow_run_id"):
             data = {**data, "run": {**data["run"], "mlflow_run_id": run_id}}  # created after training knew

@@ -28,6 +28,25 @@ END_LINE, TRAINING_OVER_LINE = "end\n", "trained\n"
 _META_STRINGS = ("run_id", "experiment_id", "model_repo", "oxen_run")  # each a string when given
 
 
+def json_artifact_problem(op: dict[str, Any]) -> str | None:
+    """Why a ``log_json`` operation cannot be carried out as written (``None``: it can). Its file is
+    written under a temporary folder by name: a path there (edited in by hand or by someone else)
+    would write over any file the user can write."""
+    name, folder, data = op.get("name"), op.get("artifact_dir"), op.get("data")
+    if not isinstance(name, str) or name in ("", ".", "..") or any(c in name for c in "/\\\0"):
+        return f"names the file {name!r} to log, not a plain file name"
+    if not isinstance(folder, str) or not _plain_relative(folder):
+        return f"names the artifact folder {folder!r}, not a relative folder of the run"
+    if not isinstance(data, dict):
+        return f"holds data = {data!r:.60}, not an object"
+    return None
+
+
+def _plain_relative(folder: str) -> bool:
+    parts = folder.split("/")
+    return "\0" not in folder and "\\" not in folder and all(p not in ("", ".", "..") for p in parts)
+
+
 class MlflowJournal:
     """The not-yet-done MLflow operations of one training run, on disk."""
 
@@ -133,6 +152,8 @@ class MlflowJournal:
                 return f"ops/{path.name} names no operation (op = {op.get('op')!r})"
             if op["op"] == "set_tags" and not isinstance(op.get("tags"), dict):
                 return f"ops/{path.name} holds tags = {op.get('tags')!r}, not an object"
+            if op["op"] == "log_json" and (problem := json_artifact_problem(op)):
+                return f"ops/{path.name} {problem}"
         return None
 
     def write_meta(self, meta: dict[str, Any]) -> None:
