@@ -42,9 +42,9 @@ def test_a_password_in_the_tracking_uri_never_reaches_syncs_output(mlflow_server
                                                                    capsys):
     """`sync` ends a run on a server whose URI (in the user's environment) holds a password: MLflow
     prints a link to the run as it ends it, and that link must not carry the password to the screen
-    or a CI log."""
+    or a CI log, nor the escape sequences of a run name (anyone who can write the store names runs)."""
     password = "pw-Zq81xk4Lr0"
-    run = MlflowClient(mlflow_server.uri).create_run("0")
+    run = MlflowClient(mlflow_server.uri).create_run("0", run_name="nightly\x1b[2K\r\x1b[32mall good: verified")
     journal = MlflowJournal.create(tmp_path / "cache", {"tracking_uri": mlflow_server.uri, "run_id": run.info.run_id})
     journal.put(1, {"op": "end_run", "status": "FINISHED"})
     journal.mark_ended()
@@ -56,6 +56,7 @@ def test_a_password_in_the_tracking_uri_never_reaches_syncs_output(mlflow_server
     out, err = capsys.readouterr()
     assert password not in out + err
     assert password not in str(report)
+    assert "View run nightly\\x1b[2K\\r\\x1b[32mall good" in err and "\x1b" not in out + err, err
 
 
 def test_a_run_made_twice_by_a_retried_create_leaves_one_run(mlflow_server, dataset_repo, tmp_path):  # noqa: F811

@@ -27,6 +27,7 @@ from .._util.cache import default_cache_dir
 from .._util.fs import DamagedFile
 from .._util.locks import FileLock, is_locked
 from .._util.redact import redact_text
+from .._util.terminal import printable
 from ..names import (
     ENV_MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR,
     ENV_MLFLOW_HTTP_REQUEST_MAX_RETRIES,
@@ -162,11 +163,12 @@ def _replay_one(folder: Path, journal: Any) -> dict[str, Any] | None:
 
 
 class _RedactedStderr(io.TextIOBase):
-    """What MLflow prints while replaying, on stderr without credentials: its run links are made
-    from the tracking URI, password and all (``http://user:pw@host/#/experiments/...``)."""
+    """What MLflow prints while replaying, on stderr without credentials (its run links are made
+    from the tracking URI, password and all: ``http://user:pw@host/#/experiments/...``) and with
+    control characters escaped (they name the run, and anyone who can write the store names it)."""
 
     def write(self, text: str) -> int:
-        sys.stderr.write(redact_text(text))
+        sys.stderr.write(printable(redact_text(text)))
         return len(text)
 
     def flush(self) -> None:
