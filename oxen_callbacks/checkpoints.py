@@ -52,12 +52,13 @@ class MaterializedCheckpoint:
         return self.lineage["dataset"] if self.lineage else None
 
     def pinned_dataset(self, **kwargs: Any) -> PinnedDataset:
-        """A :class:`PinnedDataset` of the recorded dataset commit (``kwargs``: e.g. ``cache_dir``)."""
+        """A :class:`PinnedDataset` of the recorded dataset commit (``kwargs``: e.g. ``cache_dir``); the
+        record names its server, so ``OXEN_API_KEY`` is not sent there (see ``named_by_record``)."""
         if not self.dataset:
             raise ConfigurationError(f"No dataset is recorded with checkpoint {self.repo_path!r} at {self.commit}.",
                                      "build the PinnedDataset yourself.")
         return PinnedDataset(self.dataset["repo"], revision=self.dataset["commit"], paths=self.dataset["paths"],
-                             **kwargs)
+                             **{"named_by_record": True, **kwargs})
 
 
 def materialize_checkpoint(

@@ -107,6 +107,8 @@ class PinnedDataset:
             (a download of one path may take ten times that).
         verify: at the first :meth:`pull`, check every file's content hash, cached
             snapshots included (``verify(deep=True)``); new snapshots are always checked.
+        named_by_record: ``repo`` comes from a lineage record or an MLflow run, not from you: its
+            server gets a token for its host only, never ``OXEN_API_KEY`` (the key for every host).
 
     Raises:
         ConfigurationError: not an Oxen repository, unknown revision, bad paths, or
@@ -127,6 +129,7 @@ class PinnedDataset:
         host: str | None = None,
         remote_timeout: float = 60.0,
         verify: bool = False,
+        named_by_record: bool = False,
     ) -> None:
         if isinstance(paths, str):
             paths = [paths]
@@ -136,7 +139,8 @@ class PinnedDataset:
                                      "e.g. paths=['train.csv'].")
         wanted = [safe_relpath(p, what="dataset path") for p in (paths or ["."])]
         self.paths: list[str] = [p for p in dict.fromkeys(wanted) if not _covered_by_other(p, wanted)]
-        self.source: Source = _source_for(repo, host=host, timeout=remote_timeout, role=self.ROLE)
+        self.source: Source = _source_for(repo, host=host, timeout=remote_timeout, role=self.ROLE,
+                                          named_by_record=named_by_record)
         self.revision = revision
         # the one choke point of every source: a commit id names cache folders, so it is checked here
         self.commit: str = checked_commit_id(self.source.resolve(revision), what=f"Resolving {self.source.location}")
@@ -401,13 +405,14 @@ def as_pinned(dataset: "PinnedDataset | str | os.PathLike[str] | None", revision
     return PinnedDataset(dataset, revision, paths, cache_dir=cache_dir)
 
 
-def _source_for(repo: str | os.PathLike[str], *, host: str | None, timeout: float, role: str) -> Source:
+def _source_for(repo: str | os.PathLike[str], *, host: str | None, timeout: float, role: str,
+                named_by_record: bool = False) -> Source:
     """The source ``repo`` names: a remote server's repository, or a folder on this machine.
     Each kind is imported only when a pin uses it."""
     if host is not None or looks_remote(str(repo)):
         from ._data.remote import RemoteSource
 
-        return RemoteSource(str(repo), host=host, timeout=timeout)
+        return RemoteSource(str(repo), host=host, timeout=timeout, named_by_record=named_by_record)
     from ._data.local import LocalSource
 
     return LocalSource(repo, role=role)

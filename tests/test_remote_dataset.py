@@ -12,7 +12,7 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import mlflow
@@ -26,6 +26,9 @@ from mlflow import MlflowClient
 from oxen_stand_in import StandInOxen, StandInRepo
 
 from oxen_callbacks import PinnedDataset, read_lineage
+from oxen_callbacks._oxen.auth import host_variable
+from oxen_callbacks.checkpoints import materialize_checkpoint
+from oxen_callbacks.cli import main as cli_main
 from oxen_callbacks.errors import ConfigurationError, OxenError
 from oxen_callbacks.huggingface import OxenTrainerCallback
 from oxen_callbacks.lightning import OxenLightningCallback
@@ -179,6 +182,38 @@ def test_fit_on_remote_pin_reads_its_commit_and_lineage_names_the_remote(server,
     config = Path(os.environ["OXEN_CONFIG_DIR"]).resolve()
     holders = {p.resolve() for p in tmp_path.rglob("*") if p.is_file() and token.encode() in p.read_bytes()}
     assert holders == {config / "auth_config.toml"}
+
+
+def test_a_server_a_record_names_never_gets_the_key_for_every_host(server, tmp_path, monkeypatch, caplog):
+    """``OXEN_API_KEY`` is the token for every server the user pins from. A lineage record names its
+    dataset's server, and anyone who can write a record can name theirs: ``reproduce``, ``diff``, a
+    recorded dataset pinned again (``pinned_dataset()``, MLflow's dataset source) send a token for that
+    host only, never the key for every host."""
+    every_host, this_host = "oxtok_every_host_secret_91c2", "oxtok_this_host_secret_4d7e"
+    monkeypatch.setenv("OXEN_API_KEY", every_host)
+    pin = PinnedDataset(server.url("ox/reviews"), revision=COMMIT_A, paths=["train.csv", "val.csv"])
+    cb = OxenLightningCallback(dataset=pin, model_repo=tmp_path / "models", mlflow=False, run_name="remote-data")
+    make_trainer(tmp_path, [ModelCheckpoint(dirpath=tmp_path / "ckpt"), cb], epochs=1).fit(TinyModel(),
+                                                                                          datamodule=CsvData(pin))
+    assert {r.headers.get("authorization") for r in server.requests} == {f"Bearer {every_host}"}  # a pin of yours
+
+    def sent_while(action: Callable[[], object]) -> set[str | None]:
+        server.requests.clear()
+        action()
+        return {r.headers.get("authorization") for r in server.requests}
+
+    def reproduce(kit: str) -> None:
+        assert cli_main(["reproduce", "remote-data", "--to", str(tmp_path / kit), "--model-repo",
+                         str(tmp_path / "models"), "--cache-dir", str(tmp_path / f"cache-{kit}")]) == 0
+
+    assert sent_while(lambda: reproduce("kit1")) == {None}
+    assert (tmp_path / "kit1" / "data" / "train.csv").read_bytes() == TRAIN_A
+    assert f"Not sending OXEN_API_KEY to {server.host}: a record named that server" in caplog.text
+    checkpoint = materialize_checkpoint(tmp_path / "models", run="remote-data")
+    assert sent_while(lambda: checkpoint.pinned_dataset(cache_dir=tmp_path / "cache-again").pull()) == {None}
+
+    monkeypatch.setenv(host_variable(server.host), this_host)  # the user names that server's own token
+    assert sent_while(lambda: reproduce("kit2")) == {f"Bearer {this_host}"}
 
 
 def _configure_auth(token: str, host: str) -> None:

@@ -36,11 +36,13 @@ _HASH_MISMATCH = re.compile(r"Hash mismatch .*expected (?P<expected>\w+), got (?
 class RemoteSource:
     """A remote dataset repository as a source of pinned snapshots (a :class:`~oxen_callbacks.pin.Source`)."""
 
-    def __init__(self, repo: str, *, host: str | None = None, timeout: float = 60.0) -> None:
+    def __init__(self, repo: str, *, host: str | None = None, timeout: float = 60.0,
+                 named_by_record: bool = False) -> None:
         self.spec: RemoteSpec = parse_remote(repo, host)
         self.location = self.spec.url
         self.key = self.spec.key
         self.timeout = timeout
+        self.named_by_record = named_by_record  # then only a token for its host is sent
 
     @property
     def local_root(self) -> None:
@@ -54,7 +56,7 @@ class RemoteSource:
             time.sleep(pause)
             try:
                 return oxen_child.run_in_child(function, timeout=timeout, remote_host=self.spec.host,
-                                               repo_id=self.spec.repo_id, host=self.spec.host,
+                                               any_host_key=not self.named_by_record, repo_id=self.spec.repo_id, host=self.spec.host,
                                                scheme=self.spec.scheme, **kwargs)
             except ConfigurationError:
                 raise

@@ -48,7 +48,8 @@ class OxenDatasetSource(DatasetSource):
         """Materialize the snapshot (cached, read-only) and return its folder."""
         from ..pin import PinnedDataset
 
-        return str(PinnedDataset(self.repo, revision=self.commit, paths=self.paths, cache_dir=cache_dir).pull())
+        return str(PinnedDataset(self.repo, revision=self.commit, paths=self.paths, cache_dir=cache_dir,
+                                 named_by_record=True).pull())  # (an MLflow store's record names it)
 
     @staticmethod
     def _can_resolve(raw_source: Any) -> bool:

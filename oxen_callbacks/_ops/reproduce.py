@@ -99,7 +99,7 @@ def _pinned(repo: str, commit: str, paths: list[str] | None, cache_dir: str | os
         raise ConfigurationError(f"The run's record of {repo} does not list its dataset paths: they were too many for "
                                  f"an MLflow tag, and its {LINEAGE_ARTIFACT} artifact could not be read.",
                                  "check that the MLflow store holds the run's artifacts, or pass --model-repo PATH.")
-    pin = kind(repo, revision=commit, paths=paths, cache_dir=cache_dir)
+    pin = kind(repo, revision=commit, paths=paths, cache_dir=cache_dir, named_by_record=True)
     if pin.commit != commit:
         raise ConfigurationError(f"{repo} resolved the recorded commit {commit} to {pin.commit}.",
                                  "check that the record names the right repository.")

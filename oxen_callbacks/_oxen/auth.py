@@ -41,13 +41,25 @@ def host_variable(host: str) -> str:
     return ENV_OXEN_API_KEY_HOST_PREFIX + re.sub(r"[^A-Z0-9]", "_", host.upper())
 
 
-def token_from_environment(host: str) -> str | None:
-    """``host``'s token from ``OXEN_API_KEY_<HOST>``, else ``OXEN_API_KEY``; ``None`` without one."""
-    for name in (host_variable(host), ENV_OXEN_API_KEY):
-        token = (os.environ.get(name) or "").strip()
-        if token:
-            return token
-    return None
+def token_from_environment(host: str, *, any_host_key: bool = True) -> str | None:
+    """``host``'s token from ``OXEN_API_KEY_<HOST>``, else ``OXEN_API_KEY``; ``None`` without one.
+
+    ``any_host_key=False``: not ``OXEN_API_KEY``, for a server a record named (anyone who can write a
+    lineage record or an MLflow run can name one: the key for every host would go to theirs)."""
+    token = (os.environ.get(host_variable(host)) or "").strip()
+    if token:
+        return token
+    token = (os.environ.get(ENV_OXEN_API_KEY) or "").strip()
+    if token and not any_host_key:
+        if host not in _withheld:
+            _withheld.add(host)
+            log.warning("Not sending %s to %s: a record named that server, not you. If it is yours, set %s "
+                        "(or run `oxen-callbacks auth --host %s`).", ENV_OXEN_API_KEY, host, host_variable(host), host)
+        return None
+    return token or None
+
+
+_withheld: set[str] = set()  # hosts told about once
 
 
 def check_token(token: str) -> str:
@@ -63,11 +75,11 @@ def check_token(token: str) -> str:
 
 
 @contextmanager
-def private_config(host: str | None) -> Iterator[dict[str, str]]:
+def private_config(host: str | None, *, any_host_key: bool = True) -> Iterator[dict[str, str]]:
     """Environment overrides for a child that talks to ``host``: a private config folder when the
     environment holds a token for it (removed on leaving the block), else none (the user's own
-    config applies)."""
-    token = token_from_environment(host) if host else None
+    config applies). ``any_host_key``: see :func:`token_from_environment`."""
+    token = token_from_environment(host, any_host_key=any_host_key) if host else None
     if token is None:
         yield {}
         return
