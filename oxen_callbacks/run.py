@@ -196,6 +196,7 @@ class LineageRun(RunOptionChecks, RunEnding):
         except BaseException:
             self._claim.release()  # nothing was queued under the name: it stays free
             self._claim = None
+            self._end_unstarted_sink()
             raise
         if fit_key is not None:
             record_fit(self.model_repo, fit_key, self.run_name)
@@ -207,6 +208,9 @@ class LineageRun(RunOptionChecks, RunEnding):
         if self.dataset is not None:
             self.dataset.pull()
             self.dataset.verify()  # counts and sizes: a snapshot cut or grown in place stops the run before a step
+        # one per fit (a continued run has several), so a late job knows its own segment; in the MLflow
+        # journal from its start: a fit killed before its record exists never ends with an earlier fit's
+        fit_id = uuid.uuid4().hex
         if self.use_mlflow:
             from ._mlflow.sink import MlflowSink
 
@@ -214,7 +218,7 @@ class LineageRun(RunOptionChecks, RunEnding):
                 cache_dir=self.cache_dir, run_id=self.mlflow_run_id, tracking_uri=self.mlflow_tracking_uri,
                 experiment_name=self.experiment_name, run_name=self.run_name, model_repo=str(self.model_repo),
                 warm=self._warm_sink, log_models=self.log_models, dataset_input=self.log_dataset_input,
-                register_model=self.register_model, graph=self.log_lineage_graph,
+                register_model=self.register_model, graph=self.log_lineage_graph, fit_id=fit_id,
             )
             self._warm_sink = None
         self.record = new_record(
@@ -224,8 +228,7 @@ class LineageRun(RunOptionChecks, RunEnding):
             code={**{k: v for k, v in code_info().items() if k != "git_root"}, **_how_started(), "cwd": os.getcwd()},
             run=self._run_section(),
         )
-        # fit_id: one per fit (a continued run has several), so a late job knows its own segment
-        self.record.update({"status": "RUNNING", "started_at": now(), "fit_id": uuid.uuid4().hex,
+        self.record.update({"status": "RUNNING", "started_at": now(), "fit_id": fit_id,
                             "oxen_callbacks_version": __version__})
         self.publisher = CheckpointPublisher(
             model_repo=repo, run=self.run_name, cache_dir=self.cache_dir, author=self.author,
@@ -235,6 +238,18 @@ class LineageRun(RunOptionChecks, RunEnding):
         self._warm_worker = None
         if self.sink is not None:
             self.sink.tag_start(self.run_name, self.record)
+
+    def _end_unstarted_sink(self) -> None:
+        """A start that failed after the MLflow run was opened: end it ``FAILED`` (no step ran, nothing
+        was committed), not left for its sink process to finish as abandoned from the run's lineage."""
+        sink, self.sink = self.sink, None
+        if sink is None:
+            return
+        try:
+            sink.end("FAILED")
+            sink.close()
+        except Exception:  # the start's own error is the one to raise
+            log.exception("Ending the MLflow run of a fit that could not start failed too")
 
     def _check_continued_dataset(self) -> None:
         """A run continued under its name goes on with the dataset commit its checkpoints were trained on:

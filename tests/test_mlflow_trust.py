@@ -387,6 +387,57 @@ def test_sync_of_a_killed_fit_leaves_the_record_of_a_fit_that_continued_the_run_
     assert run.data.tags["oxen.model.commit"] == logged["checkpoints"][-1]["commit"]
 
 
+# A continuing fit whose start fails, or that is killed, after its MLflow run was opened and before
+# its lineage record exists: the commit worker cannot start (a fork refused by a process limit, which
+# root on this machine is not held to) or the process is killed there (an OOM kill: not timeable).
+_START_FAILS = ("import os, runpy, signal, sys\n"
+                "from oxen_callbacks._publish import publisher\n"
+                "how = sys.argv[1]\n"
+                "def start_worker(self):\n"
+                "    if how == 'killed':\n"
+                "        os.kill(os.getpid(), signal.SIGKILL)\n"
+                "    raise OSError(11, 'Resource temporarily unavailable')\n"
+                "publisher.CheckpointPublisher._start_worker = start_worker\n"
+                "sys.argv = sys.argv[2:]\n"
+                "sys.path.insert(0, os.path.dirname(sys.argv[0]))\n"
+                "runpy.run_path(sys.argv[0], run_name='__main__')\n")
+
+
+@pytest.mark.parametrize("how", ["raises", "killed"])
+def test_a_continuing_fit_that_never_started_never_takes_the_earlier_fits_model(dataset_repo, tmp_path, how):
+    """Its MLflow run ended FINISHED, tagged and logged with the earlier fit's record and model: a run
+    that trained no step claimed a model (found by an adversarial review)."""
+    from oxen_callbacks._ops import sync
+
+    models, script = tmp_path / "models", Path(__file__).parent / "fit_script.py"
+    common = ["--model-repo", str(models), "--run-name", "nightly", "--mlflow", "--epochs", "1"]
+    subprocess.run([sys.executable, str(script), "--dataset", str(dataset_repo.path), "--revision",
+                    dataset_repo.commits[0], "--root", str(tmp_path / "a"), *common], check=True, capture_output=True)
+    earlier = read_lineage(models / "runs" / "nightly" / "lineage.json")
+    fit_b = subprocess.run([sys.executable, "-c", _START_FAILS, how, str(script), "--root", str(tmp_path / "b"),
+                            "--resume-from", "nightly", *common], capture_output=True, text=True, timeout=300)
+    assert fit_b.returncode == (-signal.SIGKILL if how == "killed" else 1), fit_b.stderr[-2000:]
+    deadline = time.monotonic() + 300
+    while _background_busy(tmp_path / "cache", models) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert sync.sync_all()["pending"] == 0
+
+    client = MlflowClient()
+    runs = {r.info.run_id: r for r in client.search_runs([e.experiment_id for e in client.search_experiments()])}
+    first = runs.pop(earlier["run"]["mlflow_run_id"])
+    assert first.info.status == "FINISHED" and first.data.tags["oxen.model.commit"] == earlier["model"]["commit"]
+    [(run_id, never_started)] = runs.items()
+    assert never_started.info.status == ("KILLED" if how == "killed" else "FAILED")
+    assert "oxen.model.commit" not in never_started.data.tags
+    assert never_started.data.tags.get("oxen.lineage.status") in (None, "KILLED")
+    for artifact in client.list_artifacts(run_id, "oxen"):
+        if artifact.path.endswith("lineage.json"):
+            logged = read_lineage(client.download_artifacts(run_id, artifact.path, str(tmp_path / "dl")))
+            assert logged["fit_id"] != earlier["fit_id"] and logged["status"] == "KILLED"
+            assert logged["checkpoints"] == [] and logged["model"]["commit"] is None
+    assert read_lineage(models / "runs" / "nightly" / "lineage.json") == earlier
+
+
 class _KillSinkThenSync(Callback):
     """Mid-fit, once the sink process has applied everything so far: kill it, then run `sync` (a cron job)."""
 

@@ -105,6 +105,7 @@ class MlflowSink:
         dataset_input: bool = True,
         register_model: str | None = None,
         graph: bool = True,
+        fit_id: str | None = None,
     ) -> "MlflowSink":
         """Log into ``run_id``, else the active MLflow run or ``$MLFLOW_RUN_ID``'s, else a new run this sink ends.
 
@@ -114,7 +115,8 @@ class MlflowSink:
         ``log_models`` / ``dataset_input``: ``False``: no MLflow logged model per checkpoint / no
         dataset input (noted in the journal, so that ``sync`` makes none either); ``register_model``,
         ``graph``: the end's registered version and picture (noted too: ``sync`` of a run that ended
-        its lineage but not its MLflow logging makes them).
+        its lineage but not its MLflow logging makes them). ``fit_id``: the fit this journal logs
+        (its lineage record's), noted before anything can be abandoned.
         """
         active = run_to_join() if run_id is None else None
         if active is not None:
@@ -129,6 +131,8 @@ class MlflowSink:
             meta[META_DATASET_INPUT] = False
         meta.update(extras_meta(register_model=register_model, graph=graph))
         journal = MlflowJournal.create(cache_dir, meta, trainer=True)
+        if fit_id is not None:
+            journal.note_fit(fit_id)
         # A run this process already logs to (MLFlowLogger's, HF's MLflowCallback's, the active one):
         # MLflow is loaded and the store open here, so a thread applies our few operations for free; a
         # process of our own would import MLflow and open the store again beside training (~2-5 s CPU).
