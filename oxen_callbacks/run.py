@@ -288,6 +288,10 @@ class LineageRun(RunOptionChecks, RunEnding):
         return run
 
     def _on_result(self, result: dict[str, Any]) -> None:
+        if result.get("changed_after_save"):
+            log.warning("Checkpoint %s was written over in place after it was saved and before it was committed: "
+                        "its commit %s holds the new bytes (its lineage entry lists changed_after_save). Write a "
+                        "changed checkpoint to a new path.", result.get("source"), result.get("commit"))
         if self.sink is not None and result.get("ok") and result.get("kind") == "checkpoint":
             if not self.finished:  # (once training is over, the final tags due next name the model at once)
                 self.sink.tag_model(result["commit"], result["dest"])

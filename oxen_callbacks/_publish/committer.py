@@ -22,7 +22,12 @@ from typing import Any
 from .._oxen.layout import literal_path
 from .._oxen.prestore import prestore
 from .._oxen.repo import LocalRepo
-from .._util.fs import DamagedFile, read_json_object, write_atomically, write_json_atomically
+from .._util.fs import (
+    DamagedFile,
+    read_json_object,
+    write_atomically,
+    write_json_atomically,
+)
 from .._util.locks import FileLock
 from ..errors import ConfigurationError, OxenError, PublishError, RepoBusyError
 from ..lineage import fill_commit
@@ -37,6 +42,7 @@ from .fits import (
     saved_by,
     saved_by_earlier_fit,
 )
+from .freeze import own_inodes
 from .grouping import commit_groups, group_message
 from .queue import Job, JobQueue, repo_lock_path
 
@@ -182,7 +188,9 @@ class Committer:
         record = self._load_record(run, p["record"])
         late = late_fit(record, p["record"])
         self._remove_for(record, removals, late)  # they came before this save, which may reuse a name
+        changed: list[str] = []
         if staged.exists() or staged.is_symlink():
+            changed = own_inodes(staged, p.get("stamps"))  # the repository's files never the trainer's inodes
             _remove(dest)
             dest.parent.mkdir(parents=True, exist_ok=True)
             os.replace(staged, dest)
@@ -203,6 +211,12 @@ class Committer:
         }
         if isinstance(p.get("same_model_as"), str):  # the checkpoint of the same step it is a copy of
             entry["same_model_as"] = literal_path(p["same_model_as"])
+        if changed:  # its saved bytes are gone: what is committed is what it held now
+            log.warning("Checkpoint %s was written over in place after it was saved (%s): its commit holds "
+                        "the new bytes, and its lineage entry says so (changed_after_save).", dest_rel, ", ".join(changed))
+            entry["changed_after_save"] = changed
+        if isinstance(p.get("skipped"), list) and p["skipped"]:
+            entry["skipped"] = [str(s) for s in p["skipped"]]  # (named pipes, dangling links: not committed)
         record["checkpoints"] = [c for c in record["checkpoints"] if c.get("job") != entry["job"]] + [entry]
         if not finalized(record) and late is None:  # a late job never moves a finished (or later) fit's model
             record["model"].update({"path": dest_rel, "commit": None})
@@ -211,7 +225,7 @@ class Committer:
         self.repo.add(dest_rel)
         return {"seq": job.seq, "kind": "checkpoint", "ok": True, "dest": dest_rel, "step": entry["step"],
                 "epoch": entry["epoch"], "metrics": entry["metrics"], "source": p.get("source"),
-                "same_model_as": entry.get("same_model_as")}
+                "same_model_as": entry.get("same_model_as"), "changed_after_save": changed}
 
     def _stage_finalize(self, job: Job, removals: list[Job]) -> str:
         """Write the run's final record (status, end, the model it names); returns its status."""

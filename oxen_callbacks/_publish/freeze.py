@@ -3,6 +3,9 @@
 Hard links cost microseconds whatever the size and survive the trainer deleting
 the original (``save_top_k``, ``save_total_limit``). Where a hard link is not
 possible (another filesystem, or a filesystem without links) the bytes are copied.
+A link shares the trainer's inode until the commit worker stages it (:func:`own_inodes`
+gives it its own then): the trainer's next save over it gets a new file first
+(:func:`unfreeze_for_rewrite`); other code writing over it in place is noticed, not undone.
 """
 
 from __future__ import annotations
@@ -12,40 +15,80 @@ import errno
 import logging
 import os
 import shutil
+import stat
 from pathlib import Path
+from typing import NamedTuple
+
+from .._util.fs import creation_mask
 
 log = logging.getLogger(__name__)
 _warned_copy = False
 
 
-def freeze(src: str | os.PathLike[str], dest: str | os.PathLike[str], *, copy: bool = False) -> tuple[int, int]:
-    """Freeze file or folder ``src`` at ``dest``; returns ``(files, bytes)``.
+class Frozen(NamedTuple):
+    """What :func:`freeze` froze: regular files and their bytes, each file's ``(size, mtime_ns)`` when
+    frozen (a later write in place shows, see :func:`own_inodes`), and what it left out, why."""
+
+    files: int
+    bytes: int
+    stamps: dict[str, list[int]]
+    skipped: list[str]
+
+
+def freeze(src: str | os.PathLike[str], dest: str | os.PathLike[str], *, copy: bool = False) -> Frozen:
+    """Freeze file or folder ``src`` at ``dest``.
 
     Symlinks inside a checkpoint folder (or a symlinked checkpoint, such as
-    Lightning's ``save_last="link"``) are followed: what is frozen is content.
-    ``copy``: copy the bytes instead of linking them, for a writer that may rewrite
-    ``src`` in place without a chance to :func:`unfreeze_for_rewrite` it first.
+    Lightning's ``save_last="link"``) are followed: what is frozen is content. Only
+    regular files are: a named pipe would hang the commit that reads it, and a
+    dangling link or one back up the folder holds nothing to commit (each is
+    skipped, logged and listed). ``copy``: copy the bytes instead of linking them,
+    for a writer that may rewrite ``src`` in place without a chance to
+    :func:`unfreeze_for_rewrite` it first.
     """
     src_path, dest_path = Path(os.path.realpath(src)), Path(dest)
-    if src_path.is_dir():
-        files = size = 0
-        for dirpath, _dirs, names in os.walk(src_path, followlinks=True):
-            rel = Path(dirpath).relative_to(src_path)
-            (dest_path / rel).mkdir(parents=True, exist_ok=True)
-            for name in names:
-                size += _freeze_file(Path(dirpath) / name, dest_path / rel / name, copy)
-                files += 1
-        return files, size
-    dest_path.parent.mkdir(parents=True, exist_ok=True)
-    return 1, _freeze_file(src_path, dest_path, copy)
+    frozen = Frozen(0, 0, {}, [])
+    if not src_path.is_dir():
+        dest_path.parent.mkdir(parents=True, exist_ok=True)
+        return _add(frozen, ".", _freeze_file(src_path, dest_path, copy))
+    seen: set[tuple[int, int]] = set()
+    for dirpath, dirs, names in os.walk(src_path, followlinks=True):
+        rel = Path(dirpath).relative_to(src_path)
+        folder = os.stat(dirpath)
+        if (folder.st_dev, folder.st_ino) in seen:  # a link back up the checkpoint: walked once already
+            dirs[:] = []
+            frozen.skipped.append(f"{rel.as_posix()}: a link to a folder above it")
+            continue
+        seen.add((folder.st_dev, folder.st_ino))
+        (dest_path / rel).mkdir(parents=True, exist_ok=True)
+        for name in names:
+            file = Path(dirpath) / name
+            try:
+                info = os.stat(file)
+            except OSError as exc:  # a dangling link, a loop of links
+                frozen.skipped.append(f"{(rel / name).as_posix()}: {exc.strerror or exc}")
+                continue
+            if not stat.S_ISREG(info.st_mode):
+                frozen.skipped.append(f"{(rel / name).as_posix()}: not a regular file")
+                continue
+            frozen = _add(frozen, (rel / name).as_posix(), _freeze_file(file, dest_path / rel / name, copy))
+    if frozen.skipped:
+        log.warning("Checkpoint %s: left out of its commit: %s", src, "; ".join(frozen.skipped[:10]))
+    return frozen
 
 
-def _freeze_file(src: Path, dest: Path, copy: bool) -> int:
+def _add(frozen: Frozen, rel: str, info: os.stat_result) -> Frozen:
+    frozen.stamps[rel] = [info.st_size, info.st_mtime_ns]
+    return frozen._replace(files=frozen.files + 1, bytes=frozen.bytes + info.st_size)
+
+
+def _freeze_file(src: Path, dest: Path, copy: bool) -> os.stat_result:
+    """Link (else copy) ``src`` to ``dest``; returns ``src``'s stat when frozen."""
     global _warned_copy
     real = Path(os.path.realpath(src))
     if copy:
         shutil.copyfile(real, dest)
-        return dest.stat().st_size
+        return os.stat(dest)
     try:
         os.link(real, dest)
     except OSError as exc:
@@ -59,7 +102,28 @@ def _freeze_file(src: Path, dest: Path, copy: bool) -> int:
             )
             _warned_copy = True
         shutil.copyfile(real, dest)
-    return dest.stat().st_size
+        return os.stat(dest)
+    return os.stat(dest)
+
+
+def own_inodes(frozen: Path, stamps: dict[str, list[int]] | None) -> list[str]:
+    """Give each file of the frozen checkpoint ``frozen`` that still shares its inode (with the
+    trainer's file) an inode of its own, so nothing written there later reaches the model repository;
+    returns the files written in place since they were frozen (``stamps``: :attr:`Frozen.stamps`),
+    whose saved bytes are gone: what is committed for them is what they hold now."""
+    changed = []
+    files = [(".", frozen)] if frozen.is_file() else [
+        (Path(d, n).relative_to(frozen).as_posix(), Path(d, n)) for d, _, ns in os.walk(frozen) for n in ns]
+    for rel, file in files:
+        before = os.stat(file)
+        if before.st_nlink > 1:
+            _own_copy(str(file))
+        after = os.stat(file)
+        stamp = (stamps or {}).get(rel)
+        if stamp is not None and ([before.st_size, before.st_mtime_ns] != stamp
+                                  or [after.st_size, after.st_mtime_ns] != stamp):
+            changed.append(rel)
+    return changed
 
 
 class SetAside:
@@ -85,10 +149,11 @@ class SetAside:
 def unfreeze_for_rewrite(path: str, *, published: bool, keep: bool = False) -> SetAside | None:
     """Move aside what a checkpoint about to be rewritten at ``path`` shares with a frozen copy, so
     the write gets fresh inodes instead of changing the frozen bytes in place: the file when
-    ``published`` by this run (returned: drop it or put it back), and in a folder every file with
-    another link (unlinked; with ``keep``, for a write that may not come, replaced by a copy of itself)."""
-    if os.path.isfile(path) and not os.path.islink(path):
-        return SetAside(path) if published else None
+    ``published`` by this run or linked elsewhere (returned: drop it or put it back), and in a folder
+    every file with another link (unlinked; with ``keep``, for a write that may not come, replaced by
+    a copy of itself)."""
+    if os.path.isfile(path) and not os.path.islink(path):  # (another link: an earlier run's freeze of it)
+        return SetAside(path) if published or os.stat(path).st_nlink > 1 else None
     for dirpath, _dirs, names in os.walk(path):
         for name in names:
             file = os.path.join(dirpath, name)
@@ -101,8 +166,15 @@ def unfreeze_for_rewrite(path: str, *, published: bool, keep: bool = False) -> S
 
 
 def _own_copy(file: str) -> None:
-    """Give ``file`` an inode of its own, same bytes (its other links keep theirs)."""
+    """Give ``file`` an inode of its own, same bytes and times (its other links keep theirs), no more
+    readable than the umask lets a new file be (the trainer's may be: fsspec keeps the first umask)."""
     folder, name = os.path.split(file)
     tmp = os.path.join(folder, f".{name}.oxcb-copy")
-    shutil.copy2(file, tmp)
-    os.replace(tmp, file)
+    try:
+        shutil.copy2(file, tmp)
+        os.chmod(tmp, stat.S_IMODE(os.stat(tmp).st_mode) & ~creation_mask())
+        os.replace(tmp, file)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise

@@ -291,13 +291,15 @@ class CheckpointPublisher:
         dest = self.dest_for(path)
         name = os.path.basename(dest)
         try:
-            files, size = freeze(path, self.queue.staging_for(seq) / name, copy=copy)
+            frozen = freeze(path, self.queue.staging_for(seq) / name, copy=copy)
         except OSError as exc:
             raise PublishError(f"Could not freeze checkpoint {path} into {self.queue.folder}: {exc}") from exc
         message = f"oxen-callbacks: {self.run} step {step} epoch {epoch}: {name}"
         payload = {"run": self.run, "dest": dest, "staged_name": name, "source": os.path.abspath(path),
-                   "step": step, "epoch": epoch, "metrics": metrics or {}, "files": files, "bytes": size,
-                   "message": redact_text(message), "record": record}
+                   "step": step, "epoch": epoch, "metrics": metrics or {}, "files": frozen.files,
+                   "bytes": frozen.bytes, "stamps": frozen.stamps, "message": redact_text(message), "record": record}
+        if frozen.skipped:
+            payload["skipped"] = frozen.skipped
         if same_model_as is not None and (same_dest := self.dests.known(same_model_as)) is not None:
             payload["same_model_as"] = same_dest
         self._put("checkpoint", payload)

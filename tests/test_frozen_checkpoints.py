@@ -1,0 +1,121 @@
+"""What is committed for a checkpoint is what the trainer saved, whatever its files go through next:
+written over in place (user code after ``fit()``, another run saving into the same folder), or a
+checkpoint folder holding things that are not files (a named pipe, a dangling link, a link back up).
+
+Checkpoints are frozen by hard link (microseconds, whatever their size): until the commit worker
+stages one, it shares the trainer's inode. These tests found that a write in place then reached the
+commit, and after it the model repository's working tree, unnoticed (an adversarial review)."""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+
+import pytest
+from helpers import file_at
+
+from oxen_callbacks.run import LineageRun
+
+
+def _run(tmp_path: Path, name: str) -> LineageRun:
+    run = LineageRun(dataset=None, model_repo=tmp_path / "models", framework=("test", "1"), mlflow=False,
+                     run_name=name, author=("T", "t@example.com"))
+    run.start()
+    return run
+
+
+def test_a_checkpoint_written_over_before_its_commit_is_committed_as_changed_never_as_the_save(tmp_path, caplog):
+    """``torch.save(stripped, trainer.checkpoint_callback.best_model_path)`` right after ``fit()``, while
+    the commit is still queued: its lineage entry must not pass the new bytes off as the step's save."""
+    ckpt = tmp_path / "ckpt" / "best.ckpt"
+    ckpt.parent.mkdir()
+    ckpt.write_bytes(b"weights and optimizer state " * 40)
+    run = _run(tmp_path, "stripped")
+    run.checkpoint_saved(ckpt, step=12, epoch=2)
+    with open(ckpt, "wb") as out:  # in place, as torch.save and open(path, "wb") write
+        out.write(b"weights only " * 20)
+    [entry] = run.finish("FINISHED")["checkpoints"]
+    assert entry["changed_after_save"] == ["."]
+    assert file_at(tmp_path / "models", entry["commit"], entry["path"], tmp_path / "read").read_bytes() == \
+        b"weights only " * 20
+    assert "was written over in place after it was saved" in caplog.text
+
+
+def test_a_write_after_the_commit_never_reaches_the_model_repository(tmp_path):
+    """Once committed, the model repository's file is its own: the trainer's file written over in place
+    (a second fit into the same folder with ``enable_version_counter=False``, whose temporary file is
+    copied over ``last.ckpt`` when TMPDIR is another filesystem) leaves the first run's folder alone."""
+    ckpt = tmp_path / "ckpt" / "last.ckpt"
+    ckpt.parent.mkdir()
+    ckpt.write_bytes(b"run one's weights")
+    ckpt.chmod(0o644)  # (fsspec gives Lightning's files the first umask it saw in the process)
+    old = os.umask(0o077)
+    try:
+        first = _run(tmp_path, "one")
+        first.checkpoint_saved(ckpt, step=4, epoch=0)
+        [entry] = first.finish("FINISHED")["checkpoints"]
+    finally:
+        os.umask(old)
+    assert "changed_after_save" not in entry
+    in_repo = tmp_path / "models" / entry["path"]
+    assert os.stat(in_repo).st_ino != os.stat(ckpt).st_ino
+    assert in_repo.stat().st_mode & 0o777 == 0o600  # its own copy, as private as the umask
+
+    second = _run(tmp_path, "two")
+    ckpt.write_bytes(b"run one's weights, then more")  # a write before the second run knows the file
+    aside = second.before_overwrite(str(ckpt))  # the second run's save, through its CheckpointIO
+    with open(ckpt, "wb") as out:
+        out.write(b"run two's weights")
+    assert aside is None or aside.drop() is None
+    second.checkpoint_saved(ckpt, step=4, epoch=0)
+    [later] = second.finish("FINISHED")["checkpoints"]
+    assert in_repo.read_bytes() == b"run one's weights"
+    assert file_at(tmp_path / "models", later["commit"], later["path"], tmp_path / "read").read_bytes() == \
+        b"run two's weights"
+
+
+def test_a_save_over_a_file_another_run_still_has_queued_keeps_that_runs_bytes(tmp_path):
+    """The same, while the first run's commit is still queued: the second run's save must get a new
+    inode, not rewrite the one the first run froze (it was moved aside only when this run published it)."""
+    ckpt = tmp_path / "ckpt" / "last.ckpt"
+    ckpt.parent.mkdir()
+    ckpt.write_bytes(b"run one's weights")
+    first, second = _run(tmp_path, "one"), _run(tmp_path, "two")
+    first.checkpoint_saved(ckpt, step=4, epoch=0)
+    aside = second.before_overwrite(str(ckpt))  # (before the first run's worker stages its save)
+    with open(ckpt, "wb") as out:
+        out.write(b"run two's weights")
+    if aside is not None:
+        aside.drop()
+    [entry] = first.finish("FINISHED")["checkpoints"]
+    assert "changed_after_save" not in entry
+    assert file_at(tmp_path / "models", entry["commit"], entry["path"], tmp_path / "read").read_bytes() == \
+        b"run one's weights"
+    second.finish("FINISHED")
+
+
+@pytest.mark.timeout(120)
+def test_a_checkpoint_folder_holding_what_is_not_a_file_is_committed_without_it(tmp_path, caplog):
+    """A named pipe hung the commit reading it (and the script's exit waiting for it); a dangling link,
+    a socket or a link back up the folder stopped training at the save. The files are committed, the
+    rest is named in the lineage entry."""
+    folder = tmp_path / "out" / "checkpoint-1"
+    (folder / "inner").mkdir(parents=True)
+    (folder / "model.bin").write_bytes(b"weights")
+    (folder / "inner" / "config.json").write_text("{}")
+    os.mkfifo(folder / "pipe")
+    (folder / "gone.bin").symlink_to(tmp_path / "nowhere")
+    (folder / "inner" / "up").symlink_to("..")
+    with socket.socket(socket.AF_UNIX) as listening:
+        listening.bind(str(folder / "sock"))
+        run = _run(tmp_path, "odd")
+        run.checkpoint_saved(folder, step=1, epoch=0)
+    [entry] = run.finish("FINISHED")["checkpoints"]
+    assert entry["files"] == 2 and sorted(entry["skipped"]) == [
+        "gone.bin: No such file or directory", "inner/up: a link to a folder above it",
+        "pipe: not a regular file", "sock: not a regular file"]
+    for rel, data in (("model.bin", b"weights"), ("inner/config.json", b"{}")):
+        assert file_at(tmp_path / "models", entry["commit"], f"{entry['path']}/{rel}", tmp_path / "read").read_bytes() \
+            == data
+    assert "left out of its commit" in caplog.text
