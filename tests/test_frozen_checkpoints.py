@@ -119,3 +119,23 @@ def test_a_checkpoint_folder_holding_what_is_not_a_file_is_committed_without_it(
         assert file_at(tmp_path / "models", entry["commit"], f"{entry['path']}/{rel}", tmp_path / "read").read_bytes() \
             == data
     assert "left out of its commit" in caplog.text
+
+
+def test_a_checkpoint_whose_name_holds_a_backslash_leaves_its_run_readable(tmp_path):
+    """``val\\loss=0.50.ckpt`` is a name Linux allows and lineage records refuse (a path separator to
+    Windows): committed under that name, it made the whole run's record unreadable, so none of its
+    checkpoints could be materialized or resumed from."""
+    from oxen_callbacks.checkpoints import materialize_checkpoint, resolve_resume
+
+    folder = tmp_path / "ckpt"
+    folder.mkdir()
+    (folder / "val\\loss=0.50.ckpt").write_bytes(b"step two")
+    (folder / "last.ckpt").write_bytes(b"step four")
+    run = _run(tmp_path, "odd-names")
+    run.checkpoint_saved(folder / "val\\loss=0.50.ckpt", step=2, epoch=0)
+    run.checkpoint_saved(folder / "last.ckpt", step=4, epoch=1)
+    record = run.finish("FINISHED")
+    assert ["\\" in c["path"] for c in record["checkpoints"]] == [False, False]
+    for step, data in ((2, b"step two"), (4, b"step four")):
+        assert materialize_checkpoint(tmp_path / "models", run="odd-names", step=step).path.read_bytes() == data
+    assert resolve_resume(tmp_path / "models", "odd-names").path.read_bytes() == b"step four"

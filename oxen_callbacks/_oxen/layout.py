@@ -298,12 +298,13 @@ def pattern_of(path: str) -> str:
 
 def literal_name(name: str) -> str:
     """``name`` as a checkpoint's file or folder name in the repository: where it holds a character
-    Oxen reads as a glob (:data:`GLOB_CHARACTERS`), that character made ``_`` and a hash of
-    the original added (``model[1].ckpt`` -> ``model_1_-<8 hex>.ckpt``): two names never meet."""
-    if not reads_as_glob(name):
+    Oxen reads as a glob (:data:`GLOB_CHARACTERS`) or a backslash (a path separator to every reader
+    on Windows, refused in lineage records), that character made ``_`` and a hash of the original
+    added (``model[1].ckpt`` -> ``model_1_-<8 hex>.ckpt``): two names never meet."""
+    if not reads_as_glob(name) and "\\" not in name:
         return name
     stem, extension = os.path.splitext(name)
-    plain = str.maketrans(dict.fromkeys(GLOB_CHARACTERS, "_"))
+    plain = str.maketrans(dict.fromkeys(GLOB_CHARACTERS + "\\", "_"))
     digest = hashlib.sha1(name.encode()).hexdigest()[:8]
     return f"{stem.translate(plain)}-{digest}{extension.translate(plain)}"
 
