@@ -116,8 +116,8 @@ def own_inodes(frozen: Path, stamps: dict[str, list[int]] | None) -> list[str]:
         (Path(d, n).relative_to(frozen).as_posix(), Path(d, n)) for d, _, ns in os.walk(frozen) for n in ns]
     for rel, file in files:
         before = os.stat(file)
-        if before.st_nlink > 1:
-            _own_copy(str(file))
+        if before.st_nlink > 1:  # (copied beside the checkpoint, not into it: a kill must not add a file)
+            _own_copy(str(file), tmp=str(frozen.parent / f".{frozen.name}.oxcb-copy"))
         after = os.stat(file)
         stamp = (stamps or {}).get(rel)
         if stamp is not None and ([before.st_size, before.st_mtime_ns] != stamp
@@ -165,11 +165,12 @@ def unfreeze_for_rewrite(path: str, *, published: bool, keep: bool = False) -> S
     return None
 
 
-def _own_copy(file: str) -> None:
+def _own_copy(file: str, tmp: str | None = None) -> None:
     """Give ``file`` an inode of its own, same bytes and times (its other links keep theirs), no more
-    readable than the umask lets a new file be (the trainer's may be: fsspec keeps the first umask)."""
+    readable than the umask lets a new file be (the trainer's may be: fsspec keeps the first umask);
+    ``tmp``: where the copy is made (default beside ``file``), on the same filesystem."""
     folder, name = os.path.split(file)
-    tmp = os.path.join(folder, f".{name}.oxcb-copy")
+    tmp = tmp or os.path.join(folder, f".{name}.oxcb-copy")
     try:
         shutil.copy2(file, tmp)
         os.chmod(tmp, stat.S_IMODE(os.stat(tmp).st_mode) & ~creation_mask())
