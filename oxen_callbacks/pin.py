@@ -15,16 +15,18 @@ import logging
 import os
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import Any
 
-from ._data.snapshot import SnapshotStore, remake_hint, shown
+from ._data.snapshot import VIEWS_SUFFIX, SnapshotStore, remake_hint, shown
+from ._data.source import Source
+from ._data.views import make_view, view_folder, view_problems
 from ._oxen.commit_id import checked_commit_id
 from ._oxen.remote_spec import looks_remote
 from ._oxen.tree import path_not_in_commit
 from ._util.cache import default_cache_dir
 from ._util.locks import FileLock, LockTimeout
-from ._util.materialized import Materialized
 from ._util.relpath import covers, safe_relpath
 from .errors import ConfigurationError, DatasetMismatchError, OxenError
 
@@ -33,60 +35,6 @@ log = logging.getLogger(__name__)
 #: How long a pin waits for another process pinning the same commit into the same cache: longer than
 #: that process's own copy may take (two hours: ``oxen_callbacks._oxen.child.MATERIALIZE_TIMEOUT_S``).
 PIN_WAIT_S = 3 * 3600.0
-
-
-@runtime_checkable
-class Source(Protocol):
-    """A dataset repository that revisions resolve in and commits are read from."""
-
-    @property
-    def location(self) -> str:
-        """The repository's local path or remote URL, as recorded in lineage (never credentials)."""
-        ...
-
-    @property
-    def key(self) -> str:
-        """A folder-safe name, unique per repository, for the snapshot cache."""
-        ...
-
-    @property
-    def local_root(self) -> Path | None:
-        """The repository's folder on this machine; ``None`` for a remote repository."""
-        ...
-
-    def resolve(self, revision: str | None) -> str:
-        """The commit id ``revision`` (branch, commit id; ``None``: the default) names now.
-
-        Raises:
-            ConfigurationError: unknown revision, or the repository cannot be reached.
-        """
-        ...
-
-    def default_revision(self) -> str | None:
-        """What an omitted revision means (a branch name), ``None`` when there is no name for it."""
-        ...
-
-    def tracks_working_tree(self, revision: str | None) -> bool:
-        """True when ``revision`` names a checked-out tree whose local edits the user could mean."""
-        ...
-
-    def changed_paths(self, commit: str, paths: list[str]) -> list[str]:
-        """Those of ``paths`` with uncommitted changes against ``commit``, the checked-out one (always
-        empty without a working tree).
-
-        Raises:
-            ConfigurationError: the repository's status records are damaged.
-        """
-        ...
-
-    def materialize(self, commit: str, paths: list[str], dest: Path) -> Materialized | None:
-        """Write ``paths`` of ``commit`` under the empty folder ``dest``.
-
-        Returns each path's file count and bytes and each file's content hash when known
-        (checked against the commit), else ``None`` (the snapshot store counts and hashes
-        what was written).
-        """
-        ...
 
 
 class PinnedDataset:
@@ -171,7 +119,8 @@ class PinnedDataset:
 
     # -- materialization -------------------------------------------------------
     def pull(self) -> Path:
-        """Materialize the pinned paths (once; later calls and other processes reuse the cache)."""
+        """Materialize the pinned paths (once; later calls and other processes reuse the cache);
+        returns the folder that holds them (:attr:`path`)."""
         started = time.perf_counter()
         if self.store.manifest(self.commit).missing(self.paths):
             self._materialize_missing()
@@ -181,12 +130,13 @@ class PinnedDataset:
             for rel in self.paths:  # a path covered by a cached folder (or the whole commit) may not exist
                 if not os.path.lexists(folder / rel):
                     raise path_not_in_commit(rel, self.commit, self.source.location, role=self.ROLE)
+            self._make_view_if_lost(self.paths)
             if self.deep_verify and self._deep_checked != (seen := self.store.identity(self.commit)):
                 self.verify(deep=True)  # (not again in a copy of this pin reading the same snapshot: a DataLoader worker)
                 self._deep_checked = seen
             self._checked = True
         self.pull_seconds = time.perf_counter() - started
-        return folder
+        return view_folder(self.store, self.commit, self.paths) or folder
 
     def pull_intact(self) -> Path:
         """:meth:`pull`, then check the content hash of every file of the pinned paths; a damaged
@@ -194,10 +144,12 @@ class PinnedDataset:
         folder = self.pull()
 
         def damage() -> list[str]:
-            return self.store.check(self.commit, deep=True, paths=self.paths) or self._unlike_the_repository()
+            return (self.store.check(self.commit, deep=True, paths=self.paths) or self._unlike_the_repository()
+                    or view_problems(self.store, self.commit, self.paths, deep=True))
 
         if damage():
             self._materialize_missing(damage)  # a new snapshot is checked against the commit
+            self._make_view_if_lost(self.paths)
         return folder
 
     def _unlike_the_repository(self) -> list[str]:
@@ -219,23 +171,22 @@ class PinnedDataset:
         if lost():
             self._materialize_missing(lost)
 
-    def _materialize_missing(self, damage: Callable[[], list[str]] | None = None) -> None:
-        """Make the missing pinned paths, the whole snapshot again if it is damaged (``damage``: what is
-        wrong with it besides its records, asked again under the lock: another process may have made it again)."""
+    def _make_view_if_lost(self, rels: list[str]) -> None:
+        """Make the view of the pinned paths (:mod:`._data.views`) when it lacks one of ``rels``: new,
+        or something of it was deleted (the view is made again whole, from the snapshot)."""
+        view = view_folder(self.store, self.commit, self.paths)
+        if view is None or all(os.path.lexists(view / rel) for rel in rels):
+            return
+        with self._snapshot_lock():
+            if not all(os.path.lexists(view / rel) for rel in rels):
+                make_view(self.store, self.commit, self.paths)
+
+    @contextmanager
+    def _snapshot_lock(self) -> Iterator[None]:
+        """The snapshot's lock, for changing it; errors named for people."""
         try:
             with FileLock(self.store.lock_path(self.commit), timeout=PIN_WAIT_S):
-                problems = self.store.record_problems(self.commit) or (damage() if damage else [])
-                if problems:  # what its folder holds is unknown: make it again from nothing
-                    log.warning("Snapshot %s is damaged (%s): making it again", self.store.folder(self.commit),
-                                shown(problems))
-                    self.store.discard(self.commit)
-                manifest = self.store.manifest(self.commit)
-                missing = manifest.missing(self.paths)
-                if not missing:
-                    return
-                with self.store.scratch() as scratch:
-                    made = self.source.materialize(self.commit, missing, scratch)
-                    self.store.adopt(self.commit, scratch, missing, manifest, made)
+                yield
         except LockTimeout:  # (a TimeoutError, so an OSError: not a cache we cannot write)
             raise OxenError(
                 f"Another process has been pinning {self.source.location}@{self.commit} into the snapshot cache "
@@ -248,6 +199,23 @@ class PinnedDataset:
                 f"The snapshot cache {str(self.store.cache_dir)!r} is not writable: {exc.strerror or exc}.",
                 "free some space, or pass cache_dir= a writable folder (or set OXEN_CALLBACKS_CACHE).",
             ) from exc
+
+    def _materialize_missing(self, damage: Callable[[], list[str]] | None = None) -> None:
+        """Make the missing pinned paths, the whole snapshot again if it is damaged (``damage``: what is
+        wrong with it besides its records, asked again under the lock: another process may have made it again)."""
+        with self._snapshot_lock():
+            problems = self.store.record_problems(self.commit) or (damage() if damage else [])
+            if problems:  # what its folder holds is unknown: make it again from nothing
+                log.warning("Snapshot %s is damaged (%s): making it again", self.store.folder(self.commit),
+                            shown(problems))
+                self.store.discard(self.commit)
+            manifest = self.store.manifest(self.commit)
+            missing = manifest.missing(self.paths)
+            if not missing:
+                return
+            with self.store.scratch() as scratch:
+                made = self.source.materialize(self.commit, missing, scratch)
+                self.store.adopt(self.commit, scratch, missing, manifest, made)
         log.info("Pinned %s@%s: %d files, %.1f MB in %s", self.source.location, self.commit, manifest.files,
                  manifest.bytes / 1e6, self.store.folder(self.commit))
 
@@ -257,7 +225,9 @@ class PinnedDataset:
 
     @property
     def path(self) -> Path:
-        """The snapshot folder (the repository root as of the pinned commit)."""
+        """A read-only folder laid out as the repository at the pinned commit, holding the pinned paths
+        and nothing else (for the whole commit, the snapshot itself; else a view of it: see
+        :mod:`oxen_callbacks._data.views`)."""
         return self.pull()
 
     def file(self, rel_path: str) -> Path:
@@ -269,8 +239,10 @@ class PinnedDataset:
                 f"add it: PinnedDataset({self.source.location!r}, paths=[..., {rel_path!r}]).",
             )
         target = self.path / rel
-        if not target.exists():
+        if not (self.store.folder(self.commit) / rel).exists():  # (a view's link outlives the snapshot's file)
             self._remake_if_lost([rel])
+        if not target.exists():
+            self._make_view_if_lost([rel])
         if not target.exists():
             if self.store.records(self.commit, rel):
                 self.verify()  # names what is in its place (a dangling link...)
@@ -321,8 +293,10 @@ class PinnedDataset:
         problems = self.store.check(self.commit, deep=deep, paths=self.paths)
         if deep and not problems:
             problems = self._unlike_the_repository()
+        folder = self.store.folder(self.commit)
+        if not problems and (problems := view_problems(self.store, self.commit, self.paths, deep=deep)):
+            folder = view_folder(self.store, self.commit, self.paths) or folder  # (deleted, the next pull makes it)
         if problems:
-            folder = self.store.folder(self.commit)
             raise DatasetMismatchError(
                 f"Snapshot {folder} of {self.source.location}@{self.commit} changed on disk: {shown(problems)}.\n"
                 f"HINT: {remake_hint(folder)}."
@@ -360,7 +334,7 @@ class PinnedDataset:
             if isinstance(value, PinnedDataset) and value.source.key == self.source.key:
                 found.add(value.commit)
             elif isinstance(value, (str, os.PathLike)) and os.fspath(value).startswith(snapshots):
-                found.add(os.fspath(value)[len(snapshots):].split(os.sep, 1)[0])
+                found.add(os.fspath(value)[len(snapshots):].split(os.sep, 1)[0].removesuffix(VIEWS_SUFFIX))
         return found - {self.commit}
 
     def __repr__(self) -> str:

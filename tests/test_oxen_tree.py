@@ -151,7 +151,7 @@ def test_snapshot_files_are_copies_not_links_into_the_content_store(repos):
         path = pinned.file(rel)
         entry = oxen_tree.files_at(repo, commits[1], [rel])[rel].files[0]
         stored = oxen_layout.version_path(repo, entry.hash)
-        assert path.stat().st_nlink == 1 and path.stat().st_ino != stored.stat().st_ino
+        assert stored.stat().st_nlink == 1 and path.stat().st_ino != stored.stat().st_ino  # (the pin's view links the snapshot's)
         assert not path.stat().st_mode & (stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH)
         assert path.stat().st_size == entry.size == stored.stat().st_size
     path = pinned.file("a.txt")

@@ -30,6 +30,49 @@ def test_snapshot_holds_commit_bytes_and_is_read_only(dataset_repo, tmp_path):
     pin.verify()
 
 
+def test_a_pin_reads_its_own_paths_whatever_else_the_cache_holds_of_the_commit(dataset_repo, tmp_path):
+    """The snapshot folder holds what every pin of the commit asked for: a pin of train.csv read val.csv
+    from it wherever another pin had cached it, data its lineage does not name (and the same script
+    failed on a machine without that pin). Each pin of some paths reads a view of its own paths."""
+    commit = dataset_repo.commits[0]
+    both = PinnedDataset(dataset_repo.path, revision=commit, paths=["train.csv", "val.csv"])
+    train = PinnedDataset(dataset_repo.path, revision=commit, paths=["train.csv"])
+    assert sorted(os.listdir(both.path)) == ["train.csv", "val.csv"]
+    assert os.listdir(train.path) == ["train.csv"] and not (train.path / "val.csv").exists()
+    assert train.files() == [train.path / "train.csv"]
+    with pytest.raises(ConfigurationError, match="not among the pinned paths"):
+        train.file("val.csv")
+    assert os.path.samefile(train.file("train.csv"), both.file("train.csv"))  # no second copy of the data
+    assert not (train.path.stat().st_mode & 0o222) and not (train.file("train.csv").stat().st_mode & 0o222)
+    whole = PinnedDataset(dataset_repo.path, revision=commit)
+    assert whole.path == whole.store.folder(commit)  # the whole commit: the snapshot itself
+    train.verify(deep=True)
+
+
+def test_a_damaged_or_stale_view_is_named_and_made_again(dataset_repo, tmp_path):
+    commit = dataset_repo.commits[0]
+    pin = PinnedDataset(dataset_repo.path, revision=commit, paths=["train.csv"])
+    view = pin.path
+    os.chmod(view, 0o755)
+    os.unlink(view / "train.csv")
+    (view / "train.csv").write_text("x0,label\n9,9\n")  # other bytes in its place
+    with pytest.raises(DatasetMismatchError, match=r"'train.csv' in the view .* is not the snapshot's"):
+        pin.verify()
+    pin.pull_intact()  # reproduce's way: made again from the repository
+    assert pin.file("train.csv").read_text().rstrip().endswith(",0")  # commit A's rows
+    pin.verify(deep=True)
+
+    os.chmod(pin.path, 0o755)
+    os.unlink(pin.path / "train.csv")  # deleted: the next process's pull makes the view again
+    again = PinnedDataset(dataset_repo.path, revision=commit, paths=["train.csv"])
+    assert again.file("train.csv").read_text().rstrip().endswith(",0")
+
+    snapshot = again.store.folder(commit)  # the snapshot deleted by hand (the hint of a damaged one) ...
+    subprocess.run(["chmod", "-R", "u+w", str(snapshot)], check=True)
+    shutil.rmtree(snapshot)
+    remade = PinnedDataset(dataset_repo.path, revision=commit, paths=["train.csv"])
+    assert os.path.samefile(remade.file("train.csv"), remade.store.folder(commit) / "train.csv")  # ... no old links
+
 def test_verifying_a_pin_not_pulled_yet_says_so_rather_than_pass_or_blame_the_cache(dataset_repo, tmp_path):
     """Before the first pull there is nothing on disk: a plain check passed it, and the deep one called
     every file "recorded unlike the repository's commit" and told the user to delete a missing folder."""

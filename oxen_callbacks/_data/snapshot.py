@@ -19,17 +19,14 @@ from pathlib import Path
 
 from .._oxen import layout as oxen_layout
 from .._oxen.commit_id import checked_commit_id, is_commit_id
-from .._util.fs import creation_mask, make_dirs_writable, remove_tree, write_json_atomically
-from .._util.materialized import Materialized, content_hash, file_digest
+from .._util.fs import make_dirs_writable, remove_tree, write_json_atomically
+from .._util.materialized import Materialized
 from .._util.relpath import covers, safe_relpath
 from .._util.scratch import scratch_folder
+from .entries import count_files, entry_kind, files_under, hash_file, make_readonly
 
 _SHOWN = 10  # problems named in a report of one snapshot
-
-
-def hash_file(path: str | os.PathLike[str]) -> str:
-    """The xxh3-128 content hash of a file, as :func:`content_hash` writes it."""
-    return content_hash(file_digest(path))
+VIEWS_SUFFIX = ".views"  # ``<commit>.views/``: the views of a snapshot (see :mod:`.views`)
 
 
 class DamagedRecord(ValueError):
@@ -62,7 +59,8 @@ class SnapshotStore:
     """The snapshot folders of one repository under a cache root.
 
     Layout: ``<root>/snapshots/<repo_key>/<commit>/`` (the files),
-    ``<commit>.manifest.json``, ``<commit>.hashes.json`` and ``<commit>.lock`` beside it.
+    ``<commit>.manifest.json``, ``<commit>.hashes.json``, ``<commit>.lock`` and the pins' views
+    ``<commit>.views/`` beside it.
     """
 
     def __init__(self, cache_dir: str | os.PathLike[str], repo_key: str) -> None:
@@ -74,6 +72,10 @@ class SnapshotStore:
 
     def lock_path(self, commit: str) -> Path:
         return self.base / f"{checked_commit_id(commit, what='A snapshot')}.lock"
+
+    def views_root(self, commit: str) -> Path:
+        """Where the pins of some of the commit's paths read them (see :mod:`.views`)."""
+        return self.base / f"{checked_commit_id(commit, what='A snapshot')}{VIEWS_SUFFIX}"
 
     def manifest_path(self, commit: str) -> Path:
         return self.base / f"{checked_commit_id(commit, what='A snapshot')}.manifest.json"
@@ -150,7 +152,7 @@ class SnapshotStore:
         if not os.path.lexists(root) or root.is_dir():
             return None
         mode = root.lstat().st_mode
-        return f"the snapshot folder is {'a file' if stat.S_ISREG(mode) else _kind(mode)}, not a folder"
+        return f"the snapshot folder is {'a file' if stat.S_ISREG(mode) else entry_kind(mode)}, not a folder"
 
     def record_problems(self, commit: str) -> list[str]:
         """Why the manifest or content hash record of a snapshot cannot be read, or what is in place of
@@ -169,6 +171,7 @@ class SnapshotStore:
         if os.path.lexists(folder) and not os.path.isdir(folder):
             folder.unlink()
         remove_tree(folder)
+        remove_tree(self.views_root(commit))  # (links to the old files)
         for suffix in ("manifest", "hashes"):
             (self.base / f"{commit}.{suffix}.json").unlink(missing_ok=True)
 
@@ -191,6 +194,8 @@ class SnapshotStore:
         """
         counts = made.counts if made else None
         folder = self.folder(commit)
+        if not folder.is_dir():  # made anew (after a damaged one was deleted): views of the old one go
+            remove_tree(self.views_root(commit))
         folder.mkdir(parents=True, exist_ok=True)
         self._add_hashes(commit, made.hashes if made else _hash_files(staged_root, rel_paths))
         make_dirs_writable(folder)
@@ -204,9 +209,9 @@ class SnapshotStore:
                 if counts is not None and rel in counts:
                     manifest.paths[rel] = counts[rel]
                 else:
-                    manifest.paths[rel] = _count(folder, rel)
+                    manifest.paths[rel] = count_files(folder, rel)
         finally:
-            _make_readonly(folder, files=counts is None)
+            make_readonly(folder, files=counts is None)
         self.write_manifest(manifest)
 
     def check(self, commit: str, *, deep: bool = False, paths: list[str] | None = None) -> list[str]:
@@ -227,7 +232,7 @@ class SnapshotStore:
         odd: dict[str, str] = {}
         problems: list[str] = []
         for rel, recorded in manifest.paths.items():
-            actual = _count(root, rel, odd)
+            actual = count_files(root, rel, odd)
             if actual != recorded:
                 problems.append(f"{rel!r} holds {actual['files']} files, {actual['bytes']} bytes; "
                                 f"recorded {recorded['files']} files, {recorded['bytes']} bytes")
@@ -277,7 +282,7 @@ def shown(problems: list[str]) -> str:
 
 def _content_problems(root: Path, paths: list[str], recorded: dict[str, str]) -> list[str]:
     """Files under ``paths`` of ``root`` whose content differs from ``recorded``, or missing or extra."""
-    on_disk = {f for rel in paths for f in _files_under(root, rel)}
+    on_disk = {f for rel in paths for f in files_under(root, rel, skip=oxen_layout.OXEN_DIR)}
     wanted = {f for f in recorded if any(covers(rel, f) for rel in paths)}
     problems = [f"{f!r} is missing" for f in sorted(wanted - on_disk)]
     problems += [f"{f!r} was not in the commit" for f in sorted(on_disk - wanted)]
@@ -290,26 +295,8 @@ def _content_problems(root: Path, paths: list[str], recorded: dict[str, str]) ->
     return problems
 
 
-def _files_under(root: Path, rel: str) -> list[str]:
-    """Regular files at or under ``rel`` of ``root``, relative to ``root`` (POSIX separators; no Oxen
-    folder; nothing else, e.g. a link or a named pipe, which :meth:`SnapshotStore.check` reports)."""
-    top = root if rel == "." else root / rel
-    if _linked(root, rel) is not None:
-        return []
-    if not top.is_dir():
-        return [rel] if top.is_file() else []
-    found = []
-    for dirpath, dirs, names in os.walk(top):
-        base = Path(dirpath).relative_to(root).as_posix()
-        if base == ".":
-            dirs[:] = [d for d in dirs if d != oxen_layout.OXEN_DIR]
-        found += [name if base == "." else f"{base}/{name}" for name in names
-                  if stat.S_ISREG(os.lstat(os.path.join(dirpath, name)).st_mode)]
-    return found
-
-
 def _hash_files(root: Path, rel_paths: list[str]) -> dict[str, str]:
-    return {f: hash_file(root / f) for rel in rel_paths for f in _files_under(root, rel)}
+    return {f: hash_file(root / f) for rel in rel_paths for f in files_under(root, rel, skip=oxen_layout.OXEN_DIR)}
 
 
 def _read_json(path: Path) -> object:
@@ -331,53 +318,6 @@ def _inside(rel: str) -> bool:
         return False
 
 
-def _linked(root: Path, rel: str) -> str | None:
-    """The first of ``root`` and the folders down to ``rel`` that is a symbolic link, relative to ``root``."""
-    parts = [] if rel == "." else Path(rel).parts
-    for depth in range(len(parts) + 1):
-        if (root.joinpath(*parts[:depth])).is_symlink():
-            return "/".join(parts[:depth]) or "."
-    return None
-
-
-def _count(root: Path, rel: str, odd: dict[str, str] | None = None) -> dict[str, int]:
-    """Regular files and their bytes at or under ``rel`` of ``root``, never following a symbolic link.
-    Every other entry found (a link as ``root`` itself, on the way or below; a named pipe, a socket,
-    a device) is added to ``odd`` with what it is, and not counted."""
-    found = {} if odd is None else odd
-    top = root if rel == "." else root / rel
-    if (link := _linked(root, rel)) is not None:
-        found[link] = "a symbolic link"
-        return {"files": 0, "bytes": 0}
-    try:
-        info = top.lstat()
-    except FileNotFoundError:
-        return {"files": 0, "bytes": 0}
-    if not stat.S_ISDIR(info.st_mode):
-        if stat.S_ISREG(info.st_mode):
-            return {"files": 1, "bytes": info.st_size}
-        found[rel] = _kind(info.st_mode)
-        return {"files": 0, "bytes": 0}
-    files = size = 0
-    for dirpath, dirs, names in os.walk(top):
-        for name in [*names, *dirs]:
-            path = os.path.join(dirpath, name)
-            entry = os.lstat(path)
-            if stat.S_ISREG(entry.st_mode):
-                files += 1
-                size += entry.st_size
-            elif not stat.S_ISDIR(entry.st_mode):
-                found[Path(path).relative_to(root).as_posix()] = _kind(entry.st_mode)
-    return {"files": files, "bytes": size}
-
-
-def _kind(mode: int) -> str:
-    """What a snapshot entry that is neither a regular file nor a folder is, for people."""
-    if stat.S_ISLNK(mode):
-        return "a symbolic link"
-    return "a named pipe" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode) else "a device file"
-
-
 def _boot_id() -> str:
     """This machine and boot (Linux's boot id, else the host's name)."""
     try:
@@ -387,23 +327,6 @@ def _boot_id() -> str:
         import socket
 
         return socket.gethostname()
-
-
-def _make_readonly(path: Path, files: bool = True) -> None:
-    """Folders 0555 and (with ``files``) files 0444, less what the umask takes away (the owner always
-    reads): a snapshot is never edited in place, nor more readable than the user's own files."""
-    mask = creation_mask()
-    file_mode = 0o444 & ~mask | stat.S_IRUSR
-    dir_mode = 0o555 & ~mask | stat.S_IRUSR | stat.S_IXUSR
-    if path.is_file():
-        os.chmod(path, file_mode)
-        return
-    for dirpath, dirs, names in os.walk(path, topdown=False):
-        for name in names if files else ():
-            os.chmod(os.path.join(dirpath, name), file_mode)
-        for name in dirs:
-            os.chmod(os.path.join(dirpath, name), dir_mode)
-    os.chmod(path, dir_mode)
 
 
 def _merge_move(src: Path, dest: Path) -> None:

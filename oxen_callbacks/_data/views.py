@@ -1,0 +1,97 @@
+"""A pin's view of a snapshot: a read-only folder holding the pinned paths of the commit, nothing else.
+
+A snapshot folder holds every path any pin of that commit asked for on this machine. A pin of
+``train.csv`` that read it could so read ``test.csv`` wherever another pin had cached it: the model
+would read data its lineage does not name, and the same code would fail on a machine whose cache
+lacks that file. A pin of some paths reads its view instead: the repository's layout, each file a
+hard link to the snapshot's (no second copy; a copy where links are refused), made once per commit
+and set of paths under the snapshot's lock, deleted with the snapshot. A pin of the whole commit
+reads the snapshot itself.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import logging
+import os
+import shutil
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from .._util.fs import remove_tree
+from .entries import files_under, hash_file, make_readonly, odd_entries
+
+if TYPE_CHECKING:
+    from .snapshot import SnapshotStore
+
+log = logging.getLogger(__name__)
+_warned_copy = False
+
+
+def view_folder(store: SnapshotStore, commit: str, paths: list[str]) -> Path | None:
+    """Where the pin of ``paths`` of ``commit`` reads them (``None``: the whole commit, the snapshot)."""
+    if "." in paths:
+        return None
+    return store.views_root(commit) / hashlib.sha1("\n".join(sorted(paths)).encode()).hexdigest()[:16]
+
+
+def make_view(store: SnapshotStore, commit: str, paths: list[str]) -> Path:
+    """Make (again) the view of ``paths``, which the snapshot holds; the caller holds its lock."""
+    target = view_folder(store, commit, paths)
+    assert target is not None
+    snapshot = store.folder(commit)
+    remove_tree(target)
+    with store.scratch() as scratch:
+        staged = scratch / "view"
+        staged.mkdir()
+        for rel in paths:
+            for file in files_under(snapshot, rel):
+                (staged / file).parent.mkdir(parents=True, exist_ok=True)
+                _link(snapshot / file, staged / file)
+            if (snapshot / rel).is_dir():  # (an empty folder of the commit is there too)
+                (staged / rel).mkdir(parents=True, exist_ok=True)
+        make_readonly(staged, files=False)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        os.rename(staged, target)
+    return target
+
+
+def view_problems(store: SnapshotStore, commit: str, paths: list[str], *, deep: bool = False) -> list[str]:
+    """What differs between the view of ``paths`` and the snapshot (none: it holds exactly their files,
+    each the snapshot's own, or a copy of the same size; with ``deep``, a copy's content is checked too)."""
+    view = view_folder(store, commit, paths)
+    if view is None:
+        return []
+    if not view.is_dir() or view.is_symlink():
+        return [f"its view {view} is missing"]
+    snapshot = store.folder(commit)
+    wanted = {f for rel in paths for f in files_under(snapshot, rel)}
+    held = {f for rel in paths for f in files_under(view, rel)}
+    problems = [f"{f!r} is {kind} in the view {view}" for f, kind in sorted(odd_entries(view, paths).items())]
+    problems += [f"{f!r} is missing from the view {view}" for f in sorted(wanted - held)]
+    problems += [f"{f!r} in the view {view} is not in the snapshot" for f in sorted(held - wanted)]
+    try:
+        recorded = (store.hashes(commit) or {}) if deep else {}
+    except ValueError as exc:  # (a DamagedRecord)
+        return [*problems, str(exc)]
+    for f in sorted(wanted & held):
+        mine, theirs = os.stat(view / f), os.stat(snapshot / f)
+        if (mine.st_dev, mine.st_ino) == (theirs.st_dev, theirs.st_ino):
+            continue
+        if mine.st_size != theirs.st_size or (deep and hash_file(view / f) != recorded.get(f)):
+            problems.append(f"{f!r} in the view {view} is not the snapshot's")
+    return problems
+
+
+def _link(src: Path, dest: Path) -> None:
+    global _warned_copy
+    try:
+        os.link(src, dest)
+    except OSError as exc:  # another user's snapshot (protected hard links), a filesystem without links
+        if exc.errno not in (errno.EPERM, errno.EACCES, errno.EMLINK, errno.ENOTSUP, errno.EXDEV):
+            raise
+        if not _warned_copy:
+            log.warning("The snapshot cache allows no hard links here (%s): pins of some paths get copies.", exc)
+            _warned_copy = True
+        shutil.copy2(src, dest)
