@@ -17,6 +17,7 @@ from mlflow import MlflowClient
 from oxen_callbacks import PinnedDataset
 from oxen_callbacks._ops.trace import LineageFinder
 from oxen_callbacks._oxen.repo import LocalRepo
+from oxen_callbacks.errors import ConfigurationError
 from oxen_callbacks.lightning import OxenLightningCallback
 from oxen_callbacks.model_repo import endpoint_tag
 
@@ -124,6 +125,26 @@ def test_a_run_path_two_model_repositories_hold_lists_both(offline, tmp_path):
     assert found["kind"] == "checkpoint"
     assert sorted((r["model"]["repo"], r["dataset"]["commit"]) for r in found["runs"]) == sorted(
         [(str(offline["models"]), dataset.commits[0]), (str(other.resolve()), dataset.commits[1])])
+    # the run's name alone does not say which: no answer from whichever repository came first
+    with pytest.raises(ConfigurationError, match=r"Run 'solo-a' is in 2 model repositories: .*\nHINT: pass only"):
+        LineageFinder(model_repos=[offline["models"], other]).run("solo-a")
+
+
+def test_a_file_inside_a_checkpoint_folder_traces_to_its_checkpoint(tmp_path):
+    """Hugging Face saves folders: ``trace runs/<run>/checkpoints/checkpoint-500/model.safetensors`` found no run."""
+    from oxen_callbacks.run import LineageRun
+
+    folder = tmp_path / "out" / "checkpoint-500"
+    folder.mkdir(parents=True)
+    (folder / "model.safetensors").write_bytes(b"weights")
+    run = LineageRun(dataset=None, model_repo=tmp_path / "models", framework=("transformers", "5"), mlflow=False,
+                     run_name="hf", author=("T", "t@example.com"))
+    run.start()
+    run.checkpoint_saved(folder, step=500, epoch=1)
+    [entry] = run.finish("FINISHED")["checkpoints"]
+    found = LineageFinder(model_repos=[tmp_path / "models"]).trace(f"{entry['path']}/model.safetensors")
+    assert found["kind"] == "checkpoint" and [r["run"]["name"] for r in found["runs"]] == ["hf"]
+    assert found["runs"][0]["matched_checkpoints"] == [entry]
 
 
 def test_mlflow_s_end_wins_over_a_record_still_running(offline, tmp_path):
@@ -143,6 +164,8 @@ def test_mlflow_s_end_wins_over_a_record_still_running(offline, tmp_path):
     path.write_text(json.dumps(stale))
     view = LineageFinder(tracking_uri=uri, model_repos=[models]).run(run_id)
     assert view["status"] == "KILLED" and "still says RUNNING" in view["status_note"]
+    view = LineageFinder(model_repos=[models]).run("solo-a")  # without MLflow: no end to tell, but no live process
+    assert view["status"] == "RUNNING" and "no process holds this run any more" in view["status_note"]
     assert view["dataset"]["commit"] == offline["dataset"].commits[0]  # the rest is the repository's record
     # a live process trains the run (a fit continuing it in an MLflow run an earlier fit ended): RUNNING
     from oxen_callbacks._publish.claim import RunClaim

@@ -100,11 +100,16 @@ class LineageFinder:
     # -- one run ---------------------------------------------------------------------------
     def run(self, run_id: str) -> dict[str, Any]:
         """The lineage of ``run_id`` (an MLflow run id, or a run name in a model repository)."""
-        for repo in self.model_repos:
-            record = repo_record(repo, run_id) or next(
-                (r for r in repo_records(repo) if r["run"].get("mlflow_run_id") == run_id), None)
-            if record is not None:
-                return self._enrich([{**record, "source": "model-repo"}])[0]
+        found_in = [(repo, record) for repo in self.model_repos
+                    if (record := repo_record(repo, run_id) or next(
+                        (r for r in repo_records(repo) if r["run"].get("mlflow_run_id") == run_id), None)) is not None]
+        if len(found_in) > 1:  # the same run name in two repositories: not ours to pick one
+            raise ConfigurationError(
+                f"Run {run_id!r} is in {len(found_in)} model repositories: "
+                f"{', '.join(str(repo) for repo, _record in found_in)}.",
+                "pass only the --model-repo that holds the run you mean (or its MLflow run id).")
+        if found_in:
+            return self._enrich([{**found_in[0][1], "source": "model-repo"}])[0]
         if self.reader is None:
             where = ", ".join(str(r) for r in self.model_repos)
             raise ConfigurationError(
@@ -199,7 +204,8 @@ class LineageFinder:
         record = repo_record(repo, run_of_path(rel) or "")
         if record is None:
             return []
-        matched = [c for c in record["checkpoints"] if c["path"] == rel]
+        # (a file inside a checkpoint folder, as Hugging Face saves them, is that checkpoint's)
+        matched = [c for c in record["checkpoints"] if c["path"] == rel or rel.startswith(c["path"] + "/")]
         return [{**record, "source": "model-repo", "matched_checkpoints": matched}] if matched else []
 
     def _by_commit(self, commit: str) -> tuple[str, list[dict[str, Any]]]:
@@ -274,14 +280,17 @@ class LineageFinder:
         """A model repository's record still ``RUNNING`` while MLflow ended the run (a killed run
         whose amended record was not committed yet): MLflow's end is the answer, said so."""
         run_id = view["run"].get("mlflow_run_id")
-        if (view.get("status") != "RUNNING" or view.get("source") != "model-repo" or self.reader is None
-                or not isinstance(run_id, str) or not _RUN_ID.fullmatch(run_id)):
+        if view.get("status") != "RUNNING" or view.get("source") != "model-repo":
             return
         repo, name = view["model"].get("repo"), view["run"].get("name")
         if isinstance(repo, str) and isinstance(name, str) and run_in_use(repo, name):
             return  # a live process trains it (a fit continuing it in an MLflow run an earlier fit ended)
-        found = self.reader.get_run(run_id)
+        found = (self.reader.get_run(run_id) if self.reader is not None and isinstance(run_id, str)
+                 and _RUN_ID.fullmatch(run_id) else None)
         if found is None or found.get("status") in (None, "RUNNING", "SCHEDULED"):
+            if isinstance(repo, str) and isinstance(name, str) and oxen_layout.is_repo(repo):
+                view["status_note"] = ("no process holds this run any more (killed?): `oxen-callbacks sync` commits "
+                                       "what it journaled and ends the run")
             return
         view["status"] = found["tags"].get(TAG_LINEAGE_STATUS) or found["status"]
         view["status_note"] = (f"MLflow ended the run as {view['status']}; the model repository's record still "
