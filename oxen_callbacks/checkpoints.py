@@ -216,6 +216,18 @@ def resolve_resume(model_repo: str | os.PathLike[str], resume_from: str | os.Pat
 def _last_of(model_repo: str | os.PathLike[str], record: LineageJSON,
              cache_dir: str | os.PathLike[str] | None) -> MaterializedCheckpoint:
     committed = [c for c in record["checkpoints"] if c.get("commit")]
+    unnamed = [c["path"] for c in record["checkpoints"][len(committed) and record["checkpoints"].index(committed[-1]) + 1:]
+               if not c.get("commit")] if committed else []
+    if unnamed and record.get("status") not in (None, "RUNNING"):
+        # A finished run's record as its last commit wrote it (a clone: the training machine's copy
+        # names every commit) cannot name the commit it is in: those checkpoints are in it, unnamed.
+        # Resuming from the last one it names would silently start from an older checkpoint.
+        raise ConfigurationError(
+            f"Run {record['run'].get('name')!r}: its record names no commit for its newest checkpoint(s) "
+            f"{unnamed[:3]}, committed with the record itself (a clone of the model repository), so the "
+            "checkpoint to resume from cannot be told from it.",
+            "resume on the machine that trained the run, or materialize_checkpoint(model_repo, commit=<the commit "
+            "that holds it, from `oxen log`>, path=<its path>) and pass that checkpoint's path.")
     if not committed:
         raise ConfigurationError(f"Run {record['run'].get('name')!r} has no committed checkpoint to resume from.",
                                  "pick another run, or train without resume_from.")

@@ -260,3 +260,32 @@ def test_a_name_taken_again_after_a_run_that_ended_before_its_first_checkpoint_c
     for record in (again.lineage, json.loads((models / "runs" / "exp1" / "lineage.json").read_text())):
         assert record["status"] == "FINISHED" and record["fit_id"] == again.lineage["fit_id"]
         assert "earlier_fits" not in record and record["checkpoints"]
+
+
+def test_a_clone_whose_record_cannot_name_its_last_commit_never_resumes_an_older_checkpoint(tmp_path):
+    """A record cannot name the commit it is in: the training machine's working tree names every commit,
+    a clone checks out the record as committed. Resuming the run there took the last checkpoint it did
+    name, an older one, silently (found by an adversarial review)."""
+    from oxen_callbacks._oxen.repo import LocalRepo
+    from oxen_callbacks.checkpoints import resolve_resume
+    from oxen_callbacks.errors import ConfigurationError
+    from oxen_callbacks.run import LineageRun
+
+    models = tmp_path / "models"
+    run = LineageRun(dataset=None, model_repo=models, framework=("test", "1"), mlflow=False, run_name="nightly",
+                     author=("T", "t@example.com"))
+    run.start()
+    for step in (1, 2):
+        (tmp_path / f"e{step}.ckpt").write_bytes(f"weights {step}".encode())
+        run.checkpoint_saved(tmp_path / f"e{step}.ckpt", step=step, epoch=step)
+        if step == 1:
+            assert run.publisher.flush(120)  # committed alone; the second shares the final lineage commit
+    run.finish("FINISHED")
+    assert resolve_resume(models, "nightly").path.read_bytes() == b"weights 2"  # the training machine's copy
+
+    record = models / "runs" / "nightly" / "lineage.json"
+    as_committed = file_at(models, LocalRepo(models).resolve(None), "runs/nightly/lineage.json", tmp_path / "read")
+    record.write_bytes(as_committed.read_bytes())  # what `oxen clone` checks out
+    assert [c["commit"] is None for c in json.loads(record.read_text())["checkpoints"]] == [False, True]
+    with pytest.raises(ConfigurationError, match=r"names no commit for its newest checkpoint\(s\)"):
+        resolve_resume(models, "nightly")
