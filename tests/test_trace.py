@@ -176,3 +176,47 @@ def test_mlflow_s_end_wins_over_a_record_still_running(offline, tmp_path):
         assert view["status"] == "RUNNING" and "status_note" not in view
     finally:
         claim.release()
+
+
+def test_a_checkpoint_an_earlier_fit_of_a_continued_run_saved_names_that_fits_code(tmp_path, monkeypatch):
+    """A run continued under its name after a code change keeps one record, whose code is the latest
+    fit's: `trace` of the first fit's checkpoint named the second fit's git commit (found by an
+    adversarial review). Each fit's code is kept by fit id, and the answer for a checkpoint is its fit's."""
+    from oxen_callbacks.run import LineageRun
+
+    code = tmp_path / "code"
+    code.mkdir()
+    monkeypatch.chdir(code)
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", "-c", "user.name=T", "-c", "user.email=t@example.com", *args], cwd=code,
+                              check=True, capture_output=True, text=True).stdout.strip()
+
+    git("init", "-q")
+    commits = []
+    for fit, step in (("first", 1), ("second", 2)):
+        (code / "train.py").write_text(f"# {fit} version\n")
+        git("add", "train.py")
+        git("commit", "-q", "-m", fit)
+        commits.append(git("rev-parse", "HEAD"))
+        run = LineageRun(dataset=None, model_repo=tmp_path / "models", framework=("test", "1"), mlflow=False,
+                         run_name="nightly", author=("T", "t@example.com"))
+        run.start(continuing=step == 2)
+        (tmp_path / f"e{step}.ckpt").write_bytes(f"weights {step}".encode())
+        run.checkpoint_saved(tmp_path / f"e{step}.ckpt", step=step, epoch=step)
+        record = run.finish("FINISHED")
+    first, second = record["checkpoints"]
+    assert first["fit_id"] != second["fit_id"] and record["code"]["git_commit"] == commits[1]
+
+    finder = LineageFinder(model_repos=[tmp_path / "models"])
+    for entry, made_by, note in ((first, commits[0], True), (second, commits[1], False)):
+        for target in (entry["path"], entry["commit"]):
+            [view] = finder.trace(target)["runs"]
+            assert view["code"]["git_commit"] == made_by, target
+            assert ("saved by an earlier fit of this run" in view.get("fit_note", "")) is note
+
+    # `sync` of the first fit's MLflow run (killed before its end) logs the record cut to that fit: its code
+    from oxen_callbacks._mlflow.abandoned import committed_record
+
+    cut = committed_record(str(tmp_path / "models"), "nightly", "a" * 32, fit_id=first["fit_id"])
+    assert cut["code"]["git_commit"] == commits[0] and [c["path"] for c in cut["checkpoints"]] == [first["path"]]

@@ -19,7 +19,7 @@ from typing import Any
 
 from .._publish.queue import run_backlog
 from ..errors import LineageValidationError
-from ..lineage import LineageRecord
+from ..lineage import CodePointer, LineageRecord
 from ..model_repo import is_run_name, lineage_path
 
 log = logging.getLogger(__name__)
@@ -61,9 +61,18 @@ def committed_record(model_repo: str, run: str, mlflow_run_id: str, status: str 
         record.checkpoints = [c for c in record.checkpoints if c.extra.get("fit_id") == fit_id]
         record.extra.update(fit_id=fit_id, status=None, ended_at=None)
         record.extra.pop("earlier_mlflow_runs", None)  # (the later fit's)
+        codes = record.extra.pop("earlier_code", None)  # (the later fit's: by fit id, this one's among them)
+        codes = codes if isinstance(codes, dict) else {}
+        own = codes.get(fit_id)
+        if isinstance(own, dict) and isinstance(own.get("git_commit"), (str, type(None))):  # (the record's is the later fit's)
+            dirty = own.get("git_dirty")
+            record.code = CodePointer._from({**own, "git_commit": own.get("git_commit"),
+                                             "git_dirty": dirty if isinstance(dirty, bool) else None})
         earlier = record.extra.pop("earlier_fits", None)  # (the later fit's: those before it, and this one)
         if isinstance(earlier, list) and fit_id in earlier and earlier.index(fit_id):
             record.extra["earlier_fits"] = earlier[:earlier.index(fit_id)]
+            if kept := {f: c for f, c in codes.items() if f in record.extra["earlier_fits"]}:
+                record.extra["earlier_code"] = kept
         record.run.mlflow_run_id = None  # (the later fit's)
         record.model.commit = record.model.path = None
     if record.status in (None, "RUNNING"):  # a run that finished its lineage keeps its own status

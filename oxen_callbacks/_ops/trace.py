@@ -32,6 +32,7 @@ from .._mlflow.query import tracking_uri as default_tracking_uri
 from .._oxen import layout as oxen_layout
 from .._oxen.commit_id import FULL_COMMIT_ID_LEN, is_commit_like
 from .._publish.claim import run_in_use
+from .._publish.fits import as_saved
 from ..errors import ConfigurationError
 from ..lineage import SCHEMA, read_lineage, repo_record, repo_records
 from ..model_repo import clean_endpoint, endpoint_slug, endpoint_tag, read_deployments, run_of_path, runs_dir
@@ -206,7 +207,7 @@ class LineageFinder:
             return []
         # (a file inside a checkpoint folder, as Hugging Face saves them, is that checkpoint's)
         matched = [c for c in record["checkpoints"] if c["path"] == rel or rel.startswith(c["path"] + "/")]
-        return [{**record, "source": "model-repo", "matched_checkpoints": matched}] if matched else []
+        return [as_saved({**record, "source": "model-repo", "matched_checkpoints": matched}, matched)] if matched else []
 
     def _by_commit(self, commit: str) -> tuple[str, list[dict[str, Any]]]:
         prefix = len(commit) < FULL_COMMIT_ID_LEN  # shorter input is a prefix (a 31-digit id matches itself)
@@ -222,9 +223,11 @@ class LineageFinder:
             for record in repo_records(repo):
                 # (a record without its MLflow run id is listed on its own: a run continued without
                 # MLflow has a newer record than the MLflow run of its first fit)
-                key = record["run"].get("mlflow_run_id") or f"{repo}:{record['run'].get('name')}"
-                if any((c["commit"] or "").startswith(commit) for c in record["checkpoints"]):
-                    models.setdefault(key, {**record, "source": "model-repo"})
+                matched = [c for c in record["checkpoints"] if (c["commit"] or "").startswith(commit)]
+                view = as_saved({**record, "source": "model-repo"}, matched)  # (an earlier fit's: its MLflow run)
+                key = view["run"].get("mlflow_run_id") or f"{repo}:{record['run'].get('name')}"
+                if matched:
+                    models.setdefault(key, view)
                 if record["dataset"] and record["dataset"]["commit"].startswith(commit):
                     datasets.setdefault(key, {**record, "source": "model-repo"})
         for view in models.values():

@@ -35,6 +35,7 @@ from ..model_repo import lineage_path
 from .adding import adding
 from .fits import (
     checkpoint_named,
+    earlier_code,
     earlier_fits,
     earlier_mlflow_runs,
     finalized,
@@ -355,6 +356,8 @@ class Committer:
                 record["earlier_fits"] = earlier  # the fits this one continued, oldest first
                 if runs := earlier_mlflow_runs(existing, continued=their_fit != fit):
                     record["earlier_mlflow_runs"] = runs  # where their logged models are (their marks move)
+                if codes := earlier_code(existing, continued=their_fit != fit):
+                    record["earlier_code"] = codes  # what made their checkpoints (the record's code is this fit's)
         return record
 
     def _existing_record(self, run: str) -> dict[str, Any] | None:

@@ -2,7 +2,9 @@
 
 A run continued under its name (``resume_from=<run>, run_name=<run>``) is one lineage record for
 several fits: ``earlier_fits`` lists the fits it went on from, ``earlier_mlflow_runs`` their MLflow
-runs, and each checkpoint carries the ``fit_id`` that saved it. A killed fit's worker may land its
+runs (each with its ``fit_id``), ``earlier_code`` their code by fit id, and each checkpoint carries
+the ``fit_id`` that saved it: what made an earlier fit's checkpoint is told apart from the record's
+own code and MLflow run, which are the latest fit's. A killed fit's worker may land its
 saves late, after a later fit took the record over (see :class:`.committer.Committer`).
 """
 
@@ -24,15 +26,42 @@ def saved_by(entry: dict[str, Any], record: dict[str, Any]) -> bool:
 
 
 def earlier_mlflow_runs(existing: dict[str, Any], *, continued: bool) -> list[dict[str, Any]]:
-    """The MLflow runs (id and redacted tracking URI) of the fits a run's record went on from: those
-    ``existing`` lists, and its own when this fit ``continued`` it."""
+    """The MLflow runs (id, redacted tracking URI, fit id) of the fits a run's record went on from:
+    those ``existing`` lists, and its own when this fit ``continued`` it."""
     listed = existing.get("earlier_mlflow_runs")
     runs = [r for r in listed if isinstance(r, dict)] if isinstance(listed, list) else []  # (hand-edited: ignored)
     theirs = existing.get("run") if isinstance(existing.get("run"), dict) else {}
-    entry = {"mlflow_run_id": theirs.get("mlflow_run_id"), "mlflow_tracking_uri": theirs.get("mlflow_tracking_uri")}
+    entry = {"mlflow_run_id": theirs.get("mlflow_run_id"), "mlflow_tracking_uri": theirs.get("mlflow_tracking_uri"),
+             "fit_id": existing.get("fit_id")}
     if continued and entry["mlflow_run_id"] and entry not in runs:
         runs.append(entry)
     return runs
+
+
+def earlier_code(existing: dict[str, Any], *, continued: bool) -> dict[str, Any]:
+    """The code of each fit a run's record went on from, by fit id: those ``existing`` lists, and its
+    own when this fit ``continued`` it."""
+    listed = existing.get("earlier_code")
+    codes = {f: c for f, c in listed.items() if isinstance(c, dict)} if isinstance(listed, dict) else {}
+    if continued and isinstance(existing.get("fit_id"), str) and isinstance(existing.get("code"), dict):
+        codes[existing["fit_id"]] = existing["code"]
+    return codes
+
+
+def as_saved(view: dict[str, Any], entries: list[dict[str, Any]]) -> dict[str, Any]:
+    """``view`` (a run's record) for checkpoints ``entries`` that one earlier fit of the run saved: that
+    fit's code and MLflow run instead of the latest fit's, and a note saying so (as it is otherwise)."""
+    fits = {e.get("fit_id") for e in entries}
+    fit = next(iter(fits)) if len(fits) == 1 else None
+    if not isinstance(fit, str) or fit == view.get("fit_id") or fit not in earlier_fits(view):
+        return view
+    codes, runs = view.get("earlier_code"), view.get("earlier_mlflow_runs")
+    code = codes.get(fit) if isinstance(codes, dict) and isinstance(codes.get(fit), dict) else None
+    run_id = next((r.get("mlflow_run_id") for r in runs if isinstance(r, dict) and r.get("fit_id") == fit),
+                  None) if isinstance(runs, list) else None
+    said = "its code and MLflow run" if code is not None else "its code and MLflow run were not recorded: shown as none"
+    return {**view, "code": code or {"git_commit": None}, "run": {**view["run"], "mlflow_run_id": run_id},
+            "fit_note": f"saved by an earlier fit of this run ({fit[:12]}): {said}; the record goes on with a later fit"}
 
 
 def late_fit(record: dict[str, Any] | None, base: dict[str, Any] | None) -> str | None:

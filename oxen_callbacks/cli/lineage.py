@@ -46,6 +46,8 @@ def run_lines(view: Result, indent: str = "") -> list[str]:
              f"{view.get('status') or ''}".rstrip()]
     if view.get("status_note"):
         lines.append(f"{indent}             ({view['status_note']})")
+    if view.get("fit_note"):
+        lines.append(f"{indent}             ({view['fit_note']})")
     if dataset:
         asked = f"  asked for {dataset['revision']!r}" if dataset.get("revision") not in (None, dataset["commit"]) else ""
         lines.append(f"{indent}dataset      {dataset['repo']} @ {dataset['commit']}{asked}")
