@@ -48,6 +48,20 @@ DAMAGE = {  # what happens to the journal's files -> what the report says
                                                  "data": {}}), "ops/000002.json names the file '../../x.json' to log"),
     "log_json to a folder up": (lambda j: j.put(2, {"op": "log_json", "artifact_dir": "../..", "name": "x.json",
                                                       "data": {}}), "names the artifact folder '../..'"),
+    "an unknown operation": (lambda j: j.put(2, {"op": "drop_experiment"}),
+                             "ops/000002.json names no operation this version knows (op = 'drop_experiment')"),
+    "log_model commit a number": (lambda j: j.put(2, {"op": "log_model", "commit": 5, "path": "runs/r1/checkpoints/a",
+                                                      "model_repo": "m", "time_ms": 1}),
+                                  "ops/000002.json holds commit = 5, not what a log_model operation holds there"),
+    "end_run status missing": (lambda j: j.put(2, {"op": "end_run"}), "holds status = None"),
+    "mark_models record not a lineage record": (
+        lambda j: j.put(2, {"op": "mark_models", "record": {"run": {}, "model": {}, "checkpoints": "all"},
+                            "best_path": None}),
+        "ops/000002.json holds a lineage record whose checkpoints are 'all', not a list"),
+    "lineage.json not a lineage record": (
+        lambda j: j.put(2, {"op": "log_json", "artifact_dir": "oxen", "name": "lineage.json", "data": {"a": 1}}),
+        "holds a lineage record whose run is None, not an object"),
+    "an operation a list": (lambda j: j.put(2, {"op": ["set_tags"]}), "names no operation this version knows"),
     "model_repo a number": (lambda j: (j.folder / "meta.json").write_text(
         (j.folder / "meta.json").read_text().replace('"model_repo": "', '"model_repo": 5, "was": "')),
         "model_repo = 5"),

@@ -20,6 +20,7 @@ from typing import Any
 from .._util.fs import DamagedFile, read_json_object, write_atomically, write_json_atomically
 from .._util.locks import FileLock, is_locked
 from .._util.processes import ENTRY_POINTS
+from ..names import LINEAGE_ARTIFACT_NAME
 
 ABANDONED_SEQ = 999_999  # the last operation of a journal whose training process died
 #: What the training run tells its sink besides a bare newline (new operations): the run ended;
@@ -39,6 +40,67 @@ def json_artifact_problem(op: dict[str, Any]) -> str | None:
         return f"names the artifact folder {folder!r}, not a relative folder of the run"
     if not isinstance(data, dict):
         return f"holds data = {data!r:.60}, not an object"
+    return None
+
+
+_STR, _INT, _NONE = (str,), (int,), (type(None),)
+#: What each journaled operation holds besides ``op`` (its fields' JSON types; ``log_json`` and the
+#: lineage records of ``mark_models`` / ``publish_extras`` are checked further).
+_OP_FIELDS: dict[str, dict[str, tuple[type, ...]]] = {
+    "create_run": {"run_name": _STR + _NONE, "experiment_id": _STR + _NONE, "experiment_name": _STR + _NONE,
+                   "tags": (dict, *_NONE)},  # (a token not a string is ignored: no twin is looked for)
+    "set_tags": {"tags": (dict,)},
+    "log_json": {},
+    "end_run": {"status": _STR},
+    "finish_abandoned": {"status": _STR + _NONE, "terminate": (bool, *_NONE)},
+    "log_model": {"commit": _STR, "path": _STR, "model_repo": _STR, "time_ms": _INT, "step": _INT + _NONE,
+                  "epoch": _INT + _NONE, "metrics": (dict, *_NONE), "run": _STR + _NONE, "fit_id": _STR + _NONE,
+                  "dataset": (dict, *_NONE), "same_model_as": _STR + _NONE},
+    "mark_models": {"record": (dict,), "best_path": _STR + _NONE},
+    "publish_extras": {"record": (dict,), "register_model": _STR + _NONE, "dataset_input": (bool, *_NONE),
+                       "graph": (bool, *_NONE)},
+}
+
+
+def op_problem(op: dict[str, Any]) -> str | None:
+    """Why a journaled operation cannot be carried out as written (``None``: it can): an unknown
+    operation, a field of the wrong kind (edited by hand or by someone else) would fail every
+    ``sync`` after it, or do what its writer never asked."""
+    kind = op.get("op")
+    if not isinstance(kind, str) or kind not in _OP_FIELDS:
+        return f"names no operation this version knows (op = {kind!r:.60})"
+    required = {"tags"} if kind == "set_tags" else {"status"} if kind == "end_run" else \
+        {"commit", "path", "model_repo", "time_ms"} if kind == "log_model" else {"record"} if kind in (
+            "mark_models", "publish_extras") else set()
+    for name, types in _OP_FIELDS[kind].items():
+        if name not in op and name not in required:
+            continue
+        value = op.get(name)
+        if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
+            return f"holds {name} = {value!r:.60}, not what a {kind} operation holds there"
+    if kind == "log_json" and (problem := json_artifact_problem(op)):
+        return problem
+    record = op["data"] if kind == "log_json" and op["name"] == LINEAGE_ARTIFACT_NAME else op.get("record")
+    if record is not None and (problem := _record_problem(record)):
+        return f"holds a lineage record {problem}"
+    return None
+
+
+def _record_problem(record: dict[str, Any]) -> str | None:
+    """What in a journaled lineage record the MLflow side cannot read: its sections and each
+    checkpoint's path and commit (what the training process wrote always reads)."""
+    for section in ("run", "model"):
+        if not isinstance(record.get(section), dict):
+            return f"whose {section} is {record.get(section)!r:.60}, not an object"
+    if not isinstance(record.get("dataset"), (dict, type(None))):
+        return f"whose dataset is {record.get('dataset')!r:.60}, not an object"
+    checkpoints = record.get("checkpoints")
+    if not isinstance(checkpoints, list):
+        return f"whose checkpoints are {checkpoints!r:.60}, not a list"
+    for entry in checkpoints:
+        if not isinstance(entry, dict) or not isinstance(entry.get("path"), str) \
+                or not isinstance(entry.get("commit"), (str, type(None))):
+            return f"with a checkpoint {entry!r:.60} that names no path and commit"
     return None
 
 
@@ -148,11 +210,7 @@ class MlflowJournal:
                 continue
             except DamagedFile as exc:
                 return f"ops/{exc}"
-            if not isinstance(op.get("op"), str):
-                return f"ops/{path.name} names no operation (op = {op.get('op')!r})"
-            if op["op"] == "set_tags" and not isinstance(op.get("tags"), dict):
-                return f"ops/{path.name} holds tags = {op.get('tags')!r}, not an object"
-            if op["op"] == "log_json" and (problem := json_artifact_problem(op)):
+            if problem := op_problem(op):
                 return f"ops/{path.name} {problem}"
         return None
 
