@@ -107,14 +107,28 @@ def test_a_checkpoint_folder_holding_what_is_not_a_file_is_committed_without_it(
     os.mkfifo(folder / "pipe")
     (folder / "gone.bin").symlink_to(tmp_path / "nowhere")
     (folder / "inner" / "up").symlink_to("..")
+    home = tmp_path / "home"
+    (home / ".config" / "oxen").mkdir(parents=True)
+    (home / ".config" / "oxen" / "auth_config.toml").write_text('token = "a-secret"')
+    (folder / "home").symlink_to(home)  # (a link to a folder elsewhere: not the checkpoint's)
+    (folder / "alias").symlink_to(folder / "inner")  # (a link to a folder of it, met before or after it:
+    (folder / "inner" / "twin").symlink_to(folder / "inner")  # the folder is committed under its own name)
     with socket.socket(socket.AF_UNIX) as listening:
         listening.bind(str(folder / "sock"))
         run = _run(tmp_path, "odd")
         run.checkpoint_saved(folder, step=1, epoch=0)
     [entry] = run.finish("FINISHED")["checkpoints"]
     assert entry["files"] == 2 and sorted(entry["skipped"]) == [
-        "gone.bin: No such file or directory", "inner/up: a link to a folder above it",
+        "alias: a link to a folder of the checkpoint (committed once, under its own name)",
+        "gone.bin: No such file or directory", "home: a link to a folder outside the checkpoint",
+        "inner/twin: a link to a folder of the checkpoint (committed once, under its own name)",
+        "inner/up: a link to a folder of the checkpoint (committed once, under its own name)",
         "pipe: not a regular file", "sock: not a regular file"]
+    from oxen_callbacks.checkpoints import materialize_checkpoint
+
+    committed = materialize_checkpoint(tmp_path / "models", run="odd", step=1).path  # (no secret of the linked folder)
+    assert sorted(p.relative_to(committed).as_posix() for p in committed.rglob("*") if p.is_file()) == [
+        "inner/config.json", "model.bin"]
     for rel, data in (("model.bin", b"weights"), ("inner/config.json", b"{}")):
         assert file_at(tmp_path / "models", entry["commit"], f"{entry['path']}/{rel}", tmp_path / "read").read_bytes() \
             == data

@@ -38,10 +38,11 @@ class Frozen(NamedTuple):
 def freeze(src: str | os.PathLike[str], dest: str | os.PathLike[str], *, copy: bool = False) -> Frozen:
     """Freeze file or folder ``src`` at ``dest``.
 
-    Symlinks inside a checkpoint folder (or a symlinked checkpoint, such as
+    Symlinks to files inside a checkpoint folder (or a symlinked checkpoint, such as
     Lightning's ``save_last="link"``) are followed: what is frozen is content. Only
-    regular files are: a named pipe would hang the commit that reads it, and a
-    dangling link or one back up the folder holds nothing to commit (each is
+    regular files are: a named pipe would hang the commit that reads it, a dangling
+    link holds nothing to commit, a link to a folder outside the checkpoint is not the
+    checkpoint's, and one to a folder of it is committed under its own name (each is
     skipped, logged and listed). ``copy``: copy the bytes instead of linking them,
     for a writer that may rewrite ``src`` in place without a chance to
     :func:`unfreeze_for_rewrite` it first.
@@ -51,16 +52,14 @@ def freeze(src: str | os.PathLike[str], dest: str | os.PathLike[str], *, copy: b
     if not src_path.is_dir():
         dest_path.parent.mkdir(parents=True, exist_ok=True)
         return _add(frozen, ".", _freeze_file(src_path, dest_path, copy))
-    seen: set[tuple[int, int]] = set()
-    for dirpath, dirs, names in os.walk(src_path, followlinks=True):
+    for dirpath, dirs, names in os.walk(src_path):  # (links to folders are not walked: listed below)
         rel = Path(dirpath).relative_to(src_path)
-        folder = os.stat(dirpath)
-        if (folder.st_dev, folder.st_ino) in seen:  # a link back up the checkpoint: walked once already
-            dirs[:] = []
-            frozen.skipped.append(f"{rel.as_posix()}: a link to a folder above it")
-            continue
-        seen.add((folder.st_dev, folder.st_ino))
         (dest_path / rel).mkdir(parents=True, exist_ok=True)
+        for name in [d for d in dirs if os.path.islink(os.path.join(dirpath, d))]:
+            inside = Path(os.path.realpath(os.path.join(dirpath, name))).is_relative_to(src_path)
+            frozen.skipped.append(f"{(rel / name).as_posix()}: a link to a folder " + (
+                "of the checkpoint (committed once, under its own name)" if inside else
+                "outside the checkpoint"))  # (a link to ~ would commit the home folder, and push it)
         for name in names:
             file = Path(dirpath) / name
             try:
