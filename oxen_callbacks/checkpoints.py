@@ -93,9 +93,11 @@ def materialize_checkpoint(
     if model_repo is not None:
         background.wait_for(model_repo)  # a fit of this process may still be committing its final lineage
     record = _record(model_repo, run, lineage)
+    named_by_record = False  # (a repository the record names, not you: OXEN_API_KEY is not sent there)
     if record is not None:
         if commit or path:
             raise ConfigurationError("Pass either commit= and path=, or run=/lineage=, not both.")
+        named_by_record = model_repo is None
         model_repo = model_repo or record["model"]["repo"]
         commit, path = _pick(record, step)
     if not (model_repo and commit and path):
@@ -106,7 +108,8 @@ def materialize_checkpoint(
     path = safe_relpath(path, what="checkpoint path")
     run = run_of_checkpoint(path)
     wanted = [path, lineage_path(run)] if run else [path]
-    snapshot = CheckpointSnapshot(model_repo, revision=commit, paths=wanted, cache_dir=cache_dir)
+    snapshot = CheckpointSnapshot(model_repo, revision=commit, paths=wanted, cache_dir=cache_dir,
+                                  named_by_record=named_by_record)
     source = snapshot.file(path)
     committed = read_lineage(snapshot.file(wanted[1]), at_commit=snapshot.commit) if run else None
     return MaterializedCheckpoint(path=_copy(source, Path(dest)) if dest is not None else source,

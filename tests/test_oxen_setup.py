@@ -310,3 +310,23 @@ def test_an_unwritable_temporary_folder_is_named_not_reported_as_a_process_that_
     message = str(caught.value)
     assert "private Oxen config for hub.oxen.ai" in message and str(tmp_path / "gone") in message
     assert "TMPDIR" in message and "helper process" not in message and token not in message
+
+
+def test_a_host_variable_other_host_names_share_never_serves_a_server_a_record_names(monkeypatch, caplog):
+    """``OXEN_API_KEY_<HOST>`` spells every character other than a letter or digit as ``_``: a record
+    naming ``hub-oxen.ai`` (anyone's) got the token the user set for ``hub.oxen.ai``. A server the
+    user names keeps the variable (it is theirs to spell); a look-alike a record names gets nothing."""
+    from oxen_callbacks._oxen.auth import host_variable, private_config, token_from_environment
+
+    assert host_variable("hub-oxen.ai") == host_variable("hub.oxen.ai") == host_variable("hub_oxen.ai")
+    monkeypatch.setenv(host_variable("hub.oxen.ai"), "tok-for-hub")
+    monkeypatch.setenv(host_variable("127.0.0.1:3000"), "tok-for-local")
+    assert token_from_environment("hub.oxen.ai", any_host_key=False) == "tok-for-hub"
+    assert token_from_environment("127.0.0.1:3000", any_host_key=False) == "tok-for-local"
+    for look_alike in ("hub-oxen.ai", "hub_oxen.ai", "Hub.Oxen_AI"):
+        assert token_from_environment(look_alike) is not None  # (named by the user: their variable)
+        assert token_from_environment(look_alike, any_host_key=False) is None
+        with private_config(look_alike, any_host_key=False) as overrides:
+            assert overrides == {}  # (no config folder holding the token for that host)
+    assert "Not sending OXEN_API_KEY_HUB_OXEN_AI to hub-oxen.ai" in caplog.text
+    assert "also the variable of other host names" in caplog.text

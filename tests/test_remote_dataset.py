@@ -212,6 +212,14 @@ def test_a_server_a_record_names_never_gets_the_key_for_every_host(server, tmp_p
     checkpoint = materialize_checkpoint(tmp_path / "models", run="remote-data")
     assert sent_while(lambda: checkpoint.pinned_dataset(cache_dir=tmp_path / "cache-again").pull()) == {None}
 
+    # a record naming its model repository there: materialize_checkpoint(lineage=) reads what it names
+    record = read_lineage(tmp_path / "models" / "runs" / "remote-data" / "lineage.json")
+    named = {**record, "model": {**record["model"], "repo": server.url("ox/reviews"), "commit": COMMIT_A,
+                                 "path": "train.csv"}}
+    got = []
+    assert sent_while(lambda: got.append(materialize_checkpoint(lineage=named, cache_dir=tmp_path / "c3"))) == {None}
+    assert got[0].path.read_bytes() == TRAIN_A
+
     monkeypatch.setenv(host_variable(server.host), this_host)  # the user names that server's own token
     assert sent_while(lambda: reproduce("kit2")) == {f"Bearer {this_host}"}
 

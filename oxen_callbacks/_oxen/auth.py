@@ -45,21 +45,30 @@ def token_from_environment(host: str, *, any_host_key: bool = True) -> str | Non
     """``host``'s token from ``OXEN_API_KEY_<HOST>``, else ``OXEN_API_KEY``; ``None`` without one.
 
     ``any_host_key=False``: not ``OXEN_API_KEY``, for a server a record named (anyone who can write a
-    lineage record or an MLflow run can name one: the key for every host would go to theirs)."""
-    token = (os.environ.get(host_variable(host)) or "").strip()
-    if token:
+    lineage record or an MLflow run can name one: the key for every host would go to theirs); nor
+    ``OXEN_API_KEY_<HOST>`` when other host names share that variable (``hub-oxen.ai`` would get
+    ``hub.oxen.ai``'s token): such a server's token comes from ``auth_config.toml``, which names hosts exactly."""
+    variable = host_variable(host)
+    token = (os.environ.get(variable) or "").strip()
+    if token and (any_host_key or _UNSHARED_VARIABLE.fullmatch(host)):
         return token
-    token = (os.environ.get(ENV_OXEN_API_KEY) or "").strip()
+    withheld = variable if token else ENV_OXEN_API_KEY
+    token = token or (os.environ.get(ENV_OXEN_API_KEY) or "").strip()
     if token and not any_host_key:
         if host not in _withheld:
             _withheld.add(host)
-            log.warning("Not sending %s to %s: a record named that server, not you. If it is yours, set %s "
-                        "(or run `oxen-callbacks auth --host %s`).", ENV_OXEN_API_KEY, host, host_variable(host), host)
+            fix = (f"set {variable} (or run `oxen-callbacks auth --host {host}`)" if withheld == ENV_OXEN_API_KEY
+                   else f"run `oxen-callbacks auth --host {host}`: {variable} is also the variable of other host names")
+            log.warning("Not sending %s to %s: a record named that server, not you. If it is yours, %s.",
+                        withheld, host, fix)
         return None
     return token or None
 
 
 _withheld: set[str] = set()  # hosts told about once
+# a host whose OXEN_API_KEY_<HOST> no other host name shares: letters, digits and dots, then a port
+# (a host name ending in a dot and digits, the other spelling of a port, has no top-level domain)
+_UNSHARED_VARIABLE = re.compile(r"[A-Za-z0-9.]+(:[0-9]+)?")
 
 
 def check_token(token: str) -> str:
