@@ -135,8 +135,11 @@ class PinnedDataset:
                 self.verify(deep=True)  # (not again in a copy of this pin reading the same snapshot: a DataLoader worker)
                 self._deep_checked = seen
             self._checked = True
+        view = view_folder(self.store, self.commit, self.paths)
+        if view is not None and not view.is_dir():  # (gone with a snapshot another pin made again)
+            self._make_view_if_lost(self.paths)
         self.pull_seconds = time.perf_counter() - started
-        return view_folder(self.store, self.commit, self.paths) or folder
+        return view or folder
 
     def pull_intact(self) -> Path:
         """:meth:`pull`, then check the content hash of every file of the pinned paths; a damaged

@@ -73,6 +73,24 @@ def test_a_damaged_or_stale_view_is_named_and_made_again(dataset_repo, tmp_path)
     remade = PinnedDataset(dataset_repo.path, revision=commit, paths=["train.csv"])
     assert os.path.samefile(remade.file("train.csv"), remade.store.folder(commit) / "train.csv")  # ... no old links
 
+
+def test_a_pin_whose_view_went_with_a_snapshot_another_pin_made_again_reads_its_files(dataset_repo, tmp_path):
+    """A pin of the whole commit that finds the snapshot damaged makes it again, and every view of the
+    old one goes: a pin of some paths that had pulled then gave a `path` that was gone and `files()` []
+    (a training loop seeing an empty dataset, found by an adversarial review)."""
+    commit = dataset_repo.commits[0]
+    train = PinnedDataset(dataset_repo.path, revision=commit, paths=["train.csv"])
+    assert train.files() == [train.path / "train.csv"]
+    whole = PinnedDataset(dataset_repo.path, revision=commit)
+    snapshot = whole.pull()
+    os.chmod(snapshot, 0o755)
+    os.chmod(snapshot / "val.csv", 0o644)
+    (snapshot / "val.csv").write_text("x" * len((snapshot / "val.csv").read_text()))  # damaged, same size
+    whole.pull_intact()
+    assert not whole.store.views_root(commit).exists()  # (the old view's links went with the old files)
+    assert train.files() == [train.path / "train.csv"]
+    assert (train.path / "train.csv").read_text().rstrip().endswith(",0")  # commit A's rows
+
 def test_verifying_a_pin_not_pulled_yet_says_so_rather_than_pass_or_blame_the_cache(dataset_repo, tmp_path):
     """Before the first pull there is nothing on disk: a plain check passed it, and the deep one called
     every file "recorded unlike the repository's commit" and told the user to delete a missing folder."""
