@@ -104,7 +104,13 @@ class RunOptionChecks:
             )
 
     def _validate_apart_from_dataset(self) -> None:
-        """The model repository and a local dataset repository must not nest (a remote one cannot)."""
+        """The model repository and a local dataset repository must not nest (a remote one cannot); the
+        dataset's paths must be ones a lineage record can hold."""
+        named = next((p for p in self.dataset.paths if "\\" in p), None) if self.dataset is not None else None
+        if named is not None:  # (a name Linux allows: the run's record would be unreadable)
+            raise ConfigurationError(
+                f"The dataset path {named!r} holds a backslash, which lineage records refuse (a path "
+                "separator on Windows).", "pin the folder holding that file, or rename it in the dataset repository.")
         data_root = self.dataset.source.local_root if self.dataset is not None else None
         if data_root is None:
             return

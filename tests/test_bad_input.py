@@ -74,6 +74,8 @@ def _cases(data, tmp, hanging_port):  # type: ignore[no-untyped-def]
          "push_timeout=-1 must be a positive number"),
         ("unwritable cache", lambda: PinnedDataset(data.path, a, cache_dir=tmp / "a-file" / "c").pull(),
          "is not writable"),
+        ("dataset path with a backslash", lambda: cb(model_repo=tmp / "m9", mlflow=False, dataset=_backslash_pin(tmp)),
+         "The dataset path 'a\\\\b.csv' holds a backslash"),
         ("empty paths", lambda: PinnedDataset(data.path, a, paths=[]), "pass paths=None to pin the whole repository"),
         ("resume outside runs/", lambda: cb(model_repo=tmp / "m7", mlflow=False, resume_from="../../x"),
          "is not a plain run name"),
@@ -97,6 +99,12 @@ def _dirty(data):  # type: ignore[no-untyped-def]
         return PinnedDataset(data.path, paths=["val.csv"])
     finally:
         (data.path / "val.csv").write_bytes(original)
+
+
+def _backslash_pin(tmp):  # type: ignore[no-untyped-def]
+    """A pin of ``a\\b.csv``: one file on Linux, a path no lineage record may hold."""
+    repo = make_repo(tmp / "data-with-backslash", [("init", {"a\\b.csv": "1\n"})])
+    return PinnedDataset(repo.path, revision=repo.head, paths=["a\\b.csv"])
 
 
 def _with_model_repo(tmp, make):  # type: ignore[no-untyped-def]
