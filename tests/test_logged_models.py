@@ -312,7 +312,8 @@ def test_a_run_continued_into_another_experiment_has_one_final_and_one_best_mode
                  epochs=2).fit(TinyModel(), datamodule=CsvData(again.dataset), ckpt_path=again.ckpt_path)
     record = again.lineage
     assert record["earlier_mlflow_runs"] == [{"mlflow_run_id": first.lineage["run"]["mlflow_run_id"],
-                                              "mlflow_tracking_uri": first.lineage["run"]["mlflow_tracking_uri"]}]
+                                              "mlflow_tracking_uri": first.lineage["run"]["mlflow_tracking_uri"],
+                                              "fit_id": first.lineage["fit_id"]}]
     client = MlflowClient(uri)
     models = client.search_logged_models([e.experiment_id for e in client.search_experiments()],
                                          filter_string="tags.`oxen.run` = 'cont'")

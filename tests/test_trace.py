@@ -128,6 +128,8 @@ def test_a_run_path_two_model_repositories_hold_lists_both(offline, tmp_path):
     # the run's name alone does not say which: no answer from whichever repository came first
     with pytest.raises(ConfigurationError, match=r"Run 'solo-a' is in 2 model repositories: .*\nHINT: pass only"):
         LineageFinder(model_repos=[offline["models"], other]).run("solo-a")
+    # one repository given twice (two spellings of it) is one repository: its run, not an ambiguity
+    assert LineageFinder(model_repos=[other, Path(os.path.relpath(other))]).run("solo-a")["run"]["name"] == "solo-a"
 
 
 def test_a_file_inside_a_checkpoint_folder_traces_to_its_checkpoint(tmp_path):
@@ -214,6 +216,7 @@ def test_a_checkpoint_an_earlier_fit_of_a_continued_run_saved_names_that_fits_co
             [view] = finder.trace(target)["runs"]
             assert view["code"]["git_commit"] == made_by, target
             assert ("saved by an earlier fit of this run" in view.get("fit_note", "")) is note
+            assert view["status"] == (None if note else "FINISHED")  # (the later fit's is not that fit's)
 
     # `sync` of the first fit's MLflow run (killed before its end) logs the record cut to that fit: its code
     from oxen_callbacks._mlflow.abandoned import committed_record

@@ -91,7 +91,7 @@ class LineageFinder:
         #: The SQLite file the tracking URI names when it does not exist: never created by a query.
         self.missing_store = missing_store(uri) if uri else None
         self.reader: TrackingReader | None = open_reader(uri) if uri and not self.missing_store else None
-        self.model_repos = [_check_repo(r) for r in model_repos]
+        self.model_repos = list(dict.fromkeys(_check_repo(r) for r in model_repos))  # (one given twice: once)
         if not self.model_repos:
             here = oxen_layout.find_repo_root(Path.cwd())
             if here is not None and runs_dir(here).is_dir():

@@ -57,11 +57,14 @@ def as_saved(view: dict[str, Any], entries: list[dict[str, Any]]) -> dict[str, A
         return view
     codes, runs = view.get("earlier_code"), view.get("earlier_mlflow_runs")
     code = codes.get(fit) if isinstance(codes, dict) and isinstance(codes.get(fit), dict) else None
-    run_id = next((r.get("mlflow_run_id") for r in runs if isinstance(r, dict) and r.get("fit_id") == fit),
-                  None) if isinstance(runs, list) else None
+    mlflow = next((r for r in runs if isinstance(r, dict) and r.get("fit_id") == fit), {}) if isinstance(runs, list) else {}
     said = "its code and MLflow run" if code is not None else "its code and MLflow run were not recorded: shown as none"
-    return {**view, "code": code or {"git_commit": None}, "run": {**view["run"], "mlflow_run_id": run_id},
-            "fit_note": f"saved by an earlier fit of this run ({fit[:12]}): {said}; the record goes on with a later fit"}
+    later = {k: v for k, v in view.items() if k not in ("resumed_from", "status")}  # (the later fit's)
+    return {**later, "status": None, "code": code or {"git_commit": None},
+            "run": {**view["run"], "mlflow_run_id": mlflow.get("mlflow_run_id"),
+                    "mlflow_tracking_uri": mlflow.get("mlflow_tracking_uri")},
+            "fit_note": f"saved by an earlier fit of this run ({fit[:12]}): {said}; the record goes on with a "
+                        f"later fit, {view.get('status') or 'running'}"}
 
 
 def late_fit(record: dict[str, Any] | None, base: dict[str, Any] | None) -> str | None:
