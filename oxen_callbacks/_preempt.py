@@ -3,11 +3,12 @@ job goes on with the same run.
 
 The adapters (framework-free here) use three pieces::
 
-    requeued = RequeuedRun.find(model_repo, run_options)     # in the callback's constructor
+    training = training_key()                                # in the callback's constructor
+    requeued = RequeuedRun.find(model_repo, run_options, training)
     dataset = requeued.pin(dataset, revision, paths, ...)    #   the commit the pre-empted run read
     run = LineageRun(**requeued.options(run_options), ...)   #   its run name and MLflow run
     ...
-    preemption = Preemption(run, timeout=30)
+    preemption = Preemption(run, timeout=30, training=training)
     watch = SignalWatch(signal.SIGUSR1, preemption.notice)   # chained before the trainer's handler
     ...                                                      # the trainer saves a checkpoint: frozen
     preemption.end(best)                                     #   and journaled as any; then PREEMPTED
@@ -18,14 +19,19 @@ frozen and journaled like every other (milliseconds). When training stops, :meth
 journals the final lineage as ``PREEMPTED`` and waits at most ``timeout`` seconds for the commits
 (and the push); what is left stays journaled for ``oxen-callbacks sync``. The requeued job (same
 ``SLURM_JOB_ID``, a new process) finds that note: it claims the same run name, logs into the same
-MLflow run (and ends it), and reads the same dataset commit.
+MLflow run (and ends it), and reads the same dataset commit. A job may train several runs (a sweep):
+the note names which training of the job it was (:func:`training_key`), and only the same training
+of the requeued job goes on with it; the others start new runs.
 """
 
 from __future__ import annotations
 
+import hashlib
+import itertools
 import logging
 import os
 import signal
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -69,11 +75,23 @@ def check_timeout(timeout: float) -> float:
     return float(timeout)
 
 
-class Preemption:
-    """One fit's pre-emption: :meth:`notice` on the signal, :meth:`end` when training stops."""
+_callbacks_made = itertools.count(1)
 
-    def __init__(self, run: Run, *, timeout: float = DEFAULT_PREEMPT_TIMEOUT) -> None:
-        self.run, self.timeout = run, check_timeout(timeout)
+
+def training_key() -> str:
+    """Which training of its SLURM job a callback made now serves: the command line, and the callback's
+    place among those this process made (a job running a sweep makes several; its requeued start makes
+    them again, in the same order). Call it once per callback, in its constructor."""
+    command = hashlib.sha1("\0".join(sys.argv).encode("utf-8", "surrogateescape")).hexdigest()[:16]
+    return f"{command}-{next(_callbacks_made)}"
+
+
+class Preemption:
+    """One fit's pre-emption: :meth:`notice` on the signal, :meth:`end` when training stops.
+    ``training``: the callback's :func:`training_key`, noted for the requeued job."""
+
+    def __init__(self, run: Run, *, timeout: float = DEFAULT_PREEMPT_TIMEOUT, training: str | None = None) -> None:
+        self.run, self.timeout, self.training = run, check_timeout(timeout), training
         self.noticed = False
 
     def notice(self) -> None:
@@ -85,7 +103,7 @@ class Preemption:
             return
         facts = {"mlflow_run_id": run.sink.run_id if run.sink is not None else None,
                  "dataset": run.dataset.to_lineage() if run.dataset is not None else None,
-                 "noticed_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+                 "noticed_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "training": self.training}
         try:
             note_preempted(run.model_repo, run.run_name, facts)
         except OSError:
@@ -127,13 +145,14 @@ class RequeuedRun:
     dataset: dict[str, Any] | None
 
     @classmethod
-    def find(cls, model_repo: str | os.PathLike[str], run_options: dict[str, Any]) -> RequeuedRun | None:
-        """This SLURM job's pre-empted run in ``model_repo``, unless ``run_options`` name another run."""
+    def find(cls, model_repo: str | os.PathLike[str], run_options: dict[str, Any], training: str) -> RequeuedRun | None:
+        """This SLURM job's run in ``model_repo`` pre-empted in the same ``training`` (:func:`training_key`),
+        unless ``run_options`` name another run."""
         job = slurm_job()
         if job is None:
             return None
         try:
-            found = preempted_run(model_repo, job)
+            found = preempted_run(model_repo, job, training)
         except OSError:
             found = None
         if found is None:

@@ -4,6 +4,7 @@ sends SIGTERM; then the requeued job (same ``SLURM_JOB_ID``, a new process)."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import signal
@@ -37,18 +38,21 @@ def slurm_env(tmp_path: Path, restart: int) -> dict[str, str]:
     return env
 
 
-def job(tmp_path: Path, framework: str, dataset: Path, restart: int, *extra: str) -> dict:
+def job(tmp_path: Path, framework: str, dataset: Path, restart: int, *extra: str, signal_at: int = -1) -> dict:
     """One start of the SLURM job (``restart``: SLURM_RESTART_COUNT); MLflow may take its time
-    (a first SQLite store migrates for ~10 s here): the deadline under test is the commit's."""
-    out = tmp_path / f"out{restart}.json"
+    (a first SQLite store migrates for ~10 s here): the deadline under test is the commit's.
+    ``signal_at``: the step the pre-emption signal comes at, given in the environment: a requeued
+    job runs the same command line (which training of the job a run was is told by it)."""
+    out = tmp_path / "out.json"  # (the same command line each start)
+    out.unlink(missing_ok=True)
     cmd = [sys.executable, str(SCRIPT), framework, "--dataset", str(dataset), "--model-repo",
            str(tmp_path / "models"), "--root", str(tmp_path / "root"), "--out", str(out),
            "--preempt-timeout", "120", *extra]
-    proc = subprocess.run(cmd, check=False, env=slurm_env(tmp_path, restart), capture_output=True, text=True,
-                          timeout=400)
+    proc = subprocess.run(cmd, check=False, env={**slurm_env(tmp_path, restart), "TEST_SIGNAL_AT_STEP": str(signal_at)},
+                          capture_output=True, text=True, timeout=400)
     (tmp_path / f"job{restart}.log").write_text(proc.stderr)
     assert proc.returncode in (0, -signal.SIGTERM), proc.stderr[-4000:]  # SIGTERM: requeued by the script
-    return json.loads(out.read_text())
+    return json.loads(out.rename(tmp_path / f"out{restart}.json").read_text())
 
 
 def only_mlflow_run(run_id: str):  # type: ignore[no-untyped-def]
@@ -60,7 +64,7 @@ def only_mlflow_run(run_id: str):  # type: ignore[no-untyped-def]
 
 @pytest.mark.timeout(600)
 def test_lightning_preempted_job_commits_its_checkpoint_and_the_requeued_job_goes_on(dataset_repo, tmp_path):
-    first = job(tmp_path, "lightning", dataset_repo.path, 0, "--signal-at-step", "3")
+    first = job(tmp_path, "lightning", dataset_repo.path, 0, signal_at=3)
 
     # Lightning asked SLURM to requeue this very job
     assert (tmp_path / "scontrol.log").read_text().split() == ["requeue", JOB]
@@ -100,7 +104,7 @@ def test_hf_preempt_signal_saves_commits_and_the_requeued_job_goes_on(tmp_path):
     from hf_model import jsonl
 
     data = make_repo(tmp_path / "reviews", [("A", {"train.jsonl": jsonl(label=0, rows=64)})])
-    first = job(tmp_path, "hf", data.path, 0, "--signal-at-step", "3", "--max-steps", "8")
+    first = job(tmp_path, "hf", data.path, 0, "--max-steps", "8", signal_at=3)
 
     committed = first["committed"]
     assert committed["status"] == "PREEMPTED"
@@ -122,16 +126,57 @@ def test_hf_preempt_signal_saves_commits_and_the_requeued_job_goes_on(tmp_path):
 
 
 # -- the requeued job's choices, without a fit -------------------------------------------------------
-def preempted_job(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, dataset: dict) -> str:
-    """A run of SLURM job JOB in tmp_path/models that noted its pre-emption, its process gone."""
+def first_callback(monkeypatch: pytest.MonkeyPatch) -> str:
+    """The training key (see ``training_key``) of the next callback made: the first of its process,
+    as in a requeued job's new process."""
+    from oxen_callbacks import _preempt
+
+    monkeypatch.setattr(_preempt, "_callbacks_made", itertools.count(1))
+    key = _preempt.training_key()
+    monkeypatch.setattr(_preempt, "_callbacks_made", itertools.count(1))
+    return key
+
+
+def preempted_job(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, dataset: dict, run: str = "nightly-1",
+                  training: str | None = None) -> str:
+    """A run of SLURM job JOB in tmp_path/models that noted its pre-emption, its process gone
+    (``training``: which training of the job it was; default the first callback of this command line)."""
     from oxen_callbacks._publish.claim import RunClaim, note_preempted
 
     monkeypatch.setenv("SLURM_JOB_ID", JOB)
-    make_repo(tmp_path / "models", [])
-    claim = RunClaim.take(tmp_path / "models", "nightly-1", continuing=False)
-    note_preempted(tmp_path / "models", "nightly-1", {"mlflow_run_id": None, "dataset": dataset})
+    if not (tmp_path / "models").is_dir():
+        make_repo(tmp_path / "models", [])
+    claim = RunClaim.take(tmp_path / "models", run, continuing=False)
+    note_preempted(tmp_path / "models", run, {"mlflow_run_id": None, "dataset": dataset,
+                                              "training": training or first_callback(monkeypatch)})
     claim.release(preempted=True)  # (the process ending PREEMPTED, or killed: its note stays)
-    return "nightly-1"
+    return run
+
+
+def test_a_requeued_sweep_goes_on_with_the_run_of_the_training_that_was_preempted(dataset_repo, tmp_path,
+                                                                                   monkeypatch):
+    """A job training several runs (a sweep, `lr-a` then `lr-b`) is pre-empted in `lr-b` and requeued: it
+    starts again from the top. The first training of the requeued job took over `lr-b`'s run (its name,
+    dataset commit and final model; found by an adversarial review); only `lr-b` goes on with it."""
+    from oxen_callbacks import _preempt
+    from oxen_callbacks.lightning import OxenLightningCallback
+
+    models = tmp_path / "models"
+
+    def callbacks() -> list[str]:  # the job's trainings, in order, in one process: their run names
+        monkeypatch.setattr(_preempt, "_callbacks_made", itertools.count(1))
+        return [OxenLightningCallback(dataset=dataset_repo.path, model_repo=models, mlflow=False).run.run_name
+                for _ in range(2)]
+
+    monkeypatch.setenv("SLURM_JOB_ID", JOB)
+    first_start = callbacks()
+    keys = [f"{_preempt.training_key().rsplit('-', 1)[0]}-{n}" for n in (1, 2)]
+    run = preempted_job(tmp_path, monkeypatch, {}, run="lr-b", training=keys[1])
+    requeued = callbacks()
+    assert requeued[0] not in first_start + [run] and requeued[1] == run
+    # a job running each training as its own command (`python train.py --lr ...`): told apart by it
+    monkeypatch.setattr(sys, "argv", [*sys.argv, "--lr", "0.1"])
+    assert run not in callbacks()
 
 
 def test_requeued_job_pins_the_commit_its_run_read_or_refuses_another(dataset_repo, tmp_path, monkeypatch):
@@ -143,15 +188,19 @@ def test_requeued_job_pins_the_commit_its_run_read_or_refuses_another(dataset_re
     run = preempted_job(tmp_path, monkeypatch, first.to_lineage())
     models = tmp_path / "models"
 
+    first_callback(monkeypatch)
     cb = OxenLightningCallback(dataset=dataset_repo.path, revision="main", model_repo=models, mlflow=False)
     assert cb.run.run_name == run and cb.dataset.commit == dataset_repo.commits[0]  # not main's head
+    first_callback(monkeypatch)
     with pytest.raises(DatasetMismatchError, match=dataset_repo.commits[0]):
         OxenLightningCallback(dataset=PinnedDataset(dataset_repo.path, revision="main", paths=["train.csv"]),
                               model_repo=models, mlflow=False)
+    first_callback(monkeypatch)
     other = OxenLightningCallback(dataset=dataset_repo.path, revision="main", model_repo=models, mlflow=False,
                                   run_name="another")  # the user names another run: a new one
     assert other.dataset.commit == dataset_repo.commits[1]
     monkeypatch.setenv("SLURM_JOB_ID", "999")  # another job: nothing to go on with
+    first_callback(monkeypatch)
     fresh = OxenLightningCallback(dataset=dataset_repo.path, revision="main", model_repo=models, mlflow=False)
     assert fresh.run.run_name != run and fresh.dataset.commit == dataset_repo.commits[1]
 
@@ -184,10 +233,11 @@ def test_a_preemption_note_dies_with_a_run_that_ended_otherwise(dataset_repo, tm
     monkeypatch.setenv("SLURM_JOB_ID", JOB)
     make_repo(models, [])
     claim = RunClaim.take(models, "ended-1", continuing=False)
-    note_preempted(models, "ended-1", {"mlflow_run_id": None, "dataset": first.to_lineage()})
-    assert preempted_run(models, JOB) is not None
+    training = first_callback(monkeypatch)
+    note_preempted(models, "ended-1", {"mlflow_run_id": None, "dataset": first.to_lineage(), "training": training})
+    assert preempted_run(models, JOB, training) is not None
     claim.release()  # the run ended FINISHED after all
-    assert preempted_run(models, JOB) is None
+    assert preempted_run(models, JOB, training) is None
     run = preempted_job(tmp_path / "b", monkeypatch, first.to_lineage())  # a note left by a killed process...
     from oxen_callbacks.lineage import new_record
 
@@ -195,6 +245,7 @@ def test_a_preemption_note_dies_with_a_run_that_ended_otherwise(dataset_repo, tm
                            framework={"name": "lightning", "version": "2"}, run={"name": run}),
               "status": "FINISHED"}  # ...whose run ended since
     commit_files(Repo(tmp_path / "b" / "models"), "end", {f"runs/{run}/lineage.json": json.dumps(record)})
+    first_callback(monkeypatch)
     cb = OxenLightningCallback(dataset=dataset_repo.path, revision="main", model_repo=tmp_path / "b" / "models",
                                mlflow=False)
     assert cb.run.run_name != run and cb.dataset.commit == dataset_repo.commits[1]
