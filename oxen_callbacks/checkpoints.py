@@ -13,6 +13,7 @@ Example::
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 from collections.abc import Mapping
@@ -28,6 +29,8 @@ from .errors import ConfigurationError
 from .lineage import LineageJSON, checkpoint_in_commit, read_lineage, read_or_skip, repo_record
 from .model_repo import lineage_files, lineage_path, run_of_checkpoint
 from .pin import PinnedDataset
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -244,7 +247,8 @@ def committed_checkpoint(model_repo: str | None, run: str | None, *, step: int |
     file or folder name), per the repository's record, ``size`` bytes when given: what a resumed fit's
     weights come from. ``local``: the file or folder read, whose bytes that commit must hold (one
     changed since it was committed is not that commit's). ``None`` when the repository, the record
-    or such a checkpoint is not there (several: the newest)."""
+    or such a checkpoint is not there, and when several commits hold one and ``local`` cannot tell
+    which was read (a continued run saved it again): naming the newest could name weights never read."""
     record = repo_record(model_repo, run) if model_repo and run and step is not None else None
     if record is None:
         return None
@@ -252,6 +256,11 @@ def committed_checkpoint(model_repo: str | None, run: str | None, *, step: int |
             and os.path.basename(c["path"]) == literal_name(name) and (size is None or c.get("bytes") in (None, size))]
     if local is not None and os.path.exists(local):
         return _newest_holding(model_repo, hits, Path(local))
+    if len({c["commit"] for c in hits}) > 1:
+        log.warning("Run %s saved %s at step %s more than once (commits %s): the resumed checkpoint's commit "
+                    "is not recorded, as which of them was read cannot be told.", run, name, step,
+                    ", ".join(c["commit"][:12] for c in hits))
+        return None
     return {"commit": hits[-1]["commit"], "path": hits[-1]["path"]} if hits else None
 
 

@@ -59,6 +59,7 @@ from .run import LineageRun
 # restore_callback_states_from_checkpoint=True transformers rebuilds ExportableState
 # callbacks from stored arguments, which would replace this configured callback.
 STATE_KEY = "oxen_callbacks"
+_CALLBACK_OF_STATE = "_oxen_callback"  # the callback that took a train()'s TrainerState: one per Trainer
 
 log = logging.getLogger(__name__)
 
@@ -126,6 +127,12 @@ class OxenTrainerCallback(TrainerCallback):
 
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                        train_dataloader: Any = None, **kwargs: Any) -> None:
+        other = getattr(state, _CALLBACK_OF_STATE, None)  # (a new TrainerState each train())
+        if other is not None and other is not self:  # (they would share one resume state in each checkpoint)
+            raise ConfigurationError(
+                "Two OxenTrainerCallbacks are on this Trainer: each checkpoint would be committed twice, and a "
+                "resume would give both runs the state of one.", "keep one (trainer.remove_callback(...)).")
+        setattr(state, _CALLBACK_OF_STATE, self)
         # when the previous train() raised (a notebook cell stopped with Ctrl-C: KILLED)
         self.run.finish_after_error(status_of_an_uncaught_raise(), what="interrupted train()")
         if self.run.finished:  # the same callback in a second train(): a new run
@@ -210,6 +217,7 @@ class OxenTrainerCallback(TrainerCallback):
 
     def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                 **kwargs: Any) -> None:
+        self._stop_for_preemption = False  # (saved: the epoch's end, which follows the stop, must not save it again)
         if not state.is_world_process_zero or self.run.publisher is None:
             return
         started = time.perf_counter()

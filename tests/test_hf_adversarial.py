@@ -239,3 +239,41 @@ def test_continuing_a_run_whose_record_is_damaged_is_refused_before_a_step(pin, 
                                                  rf"{record} cannot be read.*HINT: restore the file"):
         trainer.train(resume_from_checkpoint=str(tmp_path / "out" / "checkpoint-2"))
     assert collator.labels == []  # refused before any step
+
+
+def test_a_resume_from_a_checkpoint_a_continued_run_saved_twice_names_no_commit_it_cannot_tell(pin, tmp_path,
+                                                                                               caplog):
+    """Run `nightly` saves checkpoint-4, is continued from checkpoint-2 and saves checkpoint-4 again. A new
+    run resuming from the first one (read back by commit) recorded the second's commit: weights it
+    never read (found by an adversarial review). The Trainer does not tell the callback which folder it
+    read: with two candidates, no commit is named rather than a wrong one."""
+    train = pin.load_dataset()["train"]
+    models = tmp_path / "models"
+    first = OxenTrainerCallback(dataset=pin, model_repo=models, run_name="nightly", mlflow=False)
+    make_trainer(tmp_path / "out", train, [first], max_steps=4)[0].train()
+    first4 = next(c for c in first.lineage["checkpoints"] if c["step"] == 4)
+    again = OxenTrainerCallback(dataset=pin, model_repo=models, run_name="nightly", mlflow=False)
+    make_trainer(tmp_path / "out2", train, [again], max_steps=4, max_grad_norm=1e-4)[0].train(
+        resume_from_checkpoint=str(tmp_path / "out" / "checkpoint-2"))
+    assert len({c["commit"] for c in again.lineage["checkpoints"] if c["step"] == 4}) == 2
+
+    read = materialize_checkpoint(models, commit=first4["commit"], path=first4["path"])
+    new = OxenTrainerCallback(dataset=pin, model_repo=models, mlflow=False)
+    make_trainer(tmp_path / "out3", train, [new], max_steps=6)[0].train(resume_from_checkpoint=str(read.path))
+    resumed = new.lineage["resumed_from"]
+    assert resumed["run_name"] == "nightly" and resumed["step"] == 4 and resumed["commit"] is None
+    assert "saved checkpoint-4 at step 4 more than once" in caplog.text
+
+
+def test_two_oxen_callbacks_on_one_trainer_are_refused_before_a_step(pin, tmp_path):
+    """Both committed every checkpoint, and shared one resume state in it: a resume gave one run the
+    other's record (and skipped the dataset check of a callback without a dataset)."""
+    train = pin.load_dataset()["train"]
+    callbacks = [OxenTrainerCallback(dataset=pin, model_repo=tmp_path / f"models{n}", mlflow=False) for n in (1, 2)]
+    trainer, collator = make_trainer(tmp_path / "out", train, callbacks, max_steps=2)
+    with pytest.raises(ConfigurationError, match="Two OxenTrainerCallbacks are on this Trainer"):
+        trainer.train()
+    assert trainer.state.global_step == 0 and not (tmp_path / "out" / "checkpoint-2").exists()
+    trainer.remove_callback(callbacks[1])
+    trainer.train()  # one is fine, on the same Trainer
+    assert [c["step"] for c in callbacks[0].lineage["checkpoints"]] == [2]
