@@ -143,6 +143,10 @@ def test_broken_model_repo_is_a_clear_error_and_sync_recovers(dataset_repo, tmp_
     store.unlink()
     shutil.move(str(store) + ".moved", store)  # the operator fixes the disk
     report = sync.sync_all()
+    deadline = time.monotonic() + 120
+    while report["model_repos"][0]["busy"] and time.monotonic() < deadline:  # (the run's end may still hold
+        time.sleep(0.2)                                                       # its queue: sync says so)
+        report = sync.sync_all()
     assert report["pending"] == 0 and report["model_repos"][0]["committed"] >= 1
     record = read_lineage(tmp_path / "models" / "runs" / cb.run.run_name / "lineage.json")
     commits = set(LocalRepo(tmp_path / "models").commit_ids())
@@ -157,6 +161,8 @@ def test_disk_full_while_freezing_is_a_clear_error(dataset_repo, tmp_path, monke
     def no_space(*_a, **_k):  # type: ignore[no-untyped-def]
         raise OSError(errno.ENOSPC, "No space left on device")
 
+    # (the dataset's view is made before: os.link is every module's, and only freezing must fail)
+    PinnedDataset(dataset_repo.path, revision=dataset_repo.commits[0], paths=["train.csv", "val.csv"]).pull()
     monkeypatch.setattr(freeze.os, "link", no_space)
     monkeypatch.setattr(freeze.shutil, "copyfile", no_space)
     with pytest.raises(PublishError, match="No space left on device"):
