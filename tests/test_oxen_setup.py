@@ -330,3 +330,29 @@ def test_a_host_variable_other_host_names_share_never_serves_a_server_a_record_n
             assert overrides == {}  # (no config folder holding the token for that host)
     assert "Not sending OXEN_API_KEY_HUB_OXEN_AI to hub-oxen.ai" in caplog.text
     assert "also the variable of other host names" in caplog.text
+
+
+def test_a_server_a_record_names_over_plain_http_gets_no_token_at_all(monkeypatch, caplog):
+    """A record naming ``http://hub.oxen.ai/...`` got that host's own token (its variable, or the user's
+    ``auth_config.toml`` entry) in clear text on the network. Such a child gets a config folder holding
+    no token; https, a server on this machine, or a server the user names keep theirs."""
+    from oxen_callbacks._oxen.auth import host_variable, private_config
+
+    config = Path(os.environ["OXEN_CONFIG_DIR"])
+    config.mkdir(parents=True, exist_ok=True)
+    (config / "auth_config.toml").write_text('[[host_configs]]\nhost = "hub.oxen.ai"\nauth_token = "tok-in-config"\n')
+    for host in ("hub.oxen.ai", "127.0.0.1:3000"):
+        monkeypatch.setenv(host_variable(host), f"tok-in-env-{host}")
+
+    def tokens(host: str, **how: bool) -> str | None:  # what the child's config holds (None: the user's own)
+        with private_config(host, **how) as overrides:
+            if not overrides:
+                return None
+            auth = Path(overrides["OXEN_CONFIG_DIR"]) / "auth_config.toml"
+            return auth.read_text() if auth.exists() else ""
+
+    assert tokens("hub.oxen.ai", any_host_key=False, plain_http=True) == ""  # neither token
+    assert "tok-in-env-hub.oxen.ai" in tokens("hub.oxen.ai", any_host_key=False)  # https
+    assert "tok-in-env-127.0.0.1:3000" in tokens("127.0.0.1:3000", any_host_key=False, plain_http=True)
+    assert "tok-in-env-hub.oxen.ai" in tokens("hub.oxen.ai", plain_http=True)  # (the user named it)
+    assert "Not sending a token to hub.oxen.ai: a record named it over plain http" in caplog.text

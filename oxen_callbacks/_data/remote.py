@@ -56,7 +56,9 @@ class RemoteSource:
             time.sleep(pause)
             try:
                 return oxen_child.run_in_child(function, timeout=timeout, remote_host=self.spec.host,
-                                               any_host_key=not self.named_by_record, repo_id=self.spec.repo_id, host=self.spec.host,
+                                               any_host_key=not self.named_by_record,
+                                               remote_plain_http=self.spec.scheme == "http",
+                                               repo_id=self.spec.repo_id, host=self.spec.host,
                                                scheme=self.spec.scheme, **kwargs)
             except ConfigurationError:
                 raise

@@ -14,6 +14,7 @@ and never passed in argv.
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 import json
 import logging
 import os
@@ -66,6 +67,17 @@ def token_from_environment(host: str, *, any_host_key: bool = True) -> str | Non
 
 
 _withheld: set[str] = set()  # hosts told about once
+_withheld_http: set[str] = set()  # record-named http hosts told about once
+
+
+def _loopback(host: str) -> bool:
+    """Whether ``host`` (``name[:port]``, ``[v6]:port``) is this machine: plain http to it stays here."""
+    name = host.rsplit(":", 1)[0] if host.count(":") == 1 or host.startswith("[") else host
+    name = name.strip("[]")
+    try:
+        return name == "localhost" or ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
 # a host whose OXEN_API_KEY_<HOST> no other host name shares: letters, digits and dots, then a port
 # (a host name ending in a dot and digits, the other spelling of a port, has no top-level domain)
 _UNSHARED_VARIABLE = re.compile(r"[A-Za-z0-9.]+(:[0-9]+)?")
@@ -84,12 +96,21 @@ def check_token(token: str) -> str:
 
 
 @contextmanager
-def private_config(host: str | None, *, any_host_key: bool = True) -> Iterator[dict[str, str]]:
+def private_config(host: str | None, *, any_host_key: bool = True, plain_http: bool = False) -> Iterator[dict[str, str]]:
     """Environment overrides for a child that talks to ``host``: a private config folder when the
     environment holds a token for it (removed on leaving the block), else none (the user's own
-    config applies). ``any_host_key``: see :func:`token_from_environment`."""
+    config applies). ``any_host_key``: see :func:`token_from_environment`. ``plain_http`` with
+    ``any_host_key=False``: a record named ``http://host``, which is not this machine: a folder
+    holding no token at all (a record could name your server over http for a token in clear text)."""
     token = token_from_environment(host, any_host_key=any_host_key) if host else None
-    if token is None:
+    tokenless = bool(host) and plain_http and not any_host_key and not _loopback(host or "")
+    if tokenless:
+        token = None
+        if host not in _withheld_http:
+            _withheld_http.add(host or "")
+            log.warning("Not sending a token to %s: a record named it over plain http, which would show the token "
+                        "to the network. Use its https address.", host)
+    if token is None and not tokenless:
         yield {}
         return
     _remove_stale_private_configs()
@@ -103,15 +124,16 @@ def private_config(host: str | None, *, any_host_key: bool = True) -> Iterator[d
         shutil.rmtree(folder, ignore_errors=True)
 
 
-def _write_private_config(host: str, token: str) -> Path:
-    """A new folder (mode 0700) holding ``host``'s token and the user's identity; nothing is left
-    behind when writing it fails."""
+def _write_private_config(host: str, token: str | None) -> Path:
+    """A new folder (mode 0700) holding ``host``'s token (``None``: no token at all) and the user's
+    identity; nothing is left behind when writing it fails."""
     identity = _user_identity()  # (before anything is written: its own error, not the temporary folder's)
     folder = Path(tempfile.mkdtemp(prefix=f"{_PRIVATE_PREFIX}{os.getpid()}-{_scope()}-"))
     try:
-        auth = os.open(folder / AUTH_CONFIG, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(auth, "w") as out:  # JSON string escapes are TOML's
-            out.write(f"[[host_configs]]\nhost = {json.dumps(host)}\nauth_token = {json.dumps(token)}\n")
+        if token is not None:
+            auth = os.open(folder / AUTH_CONFIG, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(auth, "w") as out:  # JSON string escapes are TOML's
+                out.write(f"[[host_configs]]\nhost = {json.dumps(host)}\nauth_token = {json.dumps(token)}\n")
         if identity is not None:
             (folder / USER_CONFIG).write_bytes(identity)
     except BaseException:

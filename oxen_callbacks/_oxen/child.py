@@ -62,14 +62,14 @@ class ChildCrashed(OxenError):
 
 def run_in_child(function: Callable[..., Any], *, timeout: float | None = 600.0, show_stderr: bool = False,
                  own_group: bool = False, what: str | None = None, remote_host: str | None = None,
-                 any_host_key: bool = True, **kwargs: Any) -> Any:
+                 any_host_key: bool = True, remote_plain_http: bool = False, **kwargs: Any) -> Any:
     """Call the module-level ``function`` (JSON-able kwargs and result) in a child process.
 
     ``what`` names the call in errors (default: the function's name); ``show_stderr`` passes the
     child's stderr (progress bars) to ours instead of keeping it; ``own_group`` keeps a Ctrl-C
     meant for the trainer away from it (its own process group); ``remote_host``: the server the
     call talks to, whose token from the environment it gets (:func:`.auth.private_config`; with
-    ``any_host_key=False`` only a token for that host).
+    ``any_host_key=False`` only a token for that host, and none over ``remote_plain_http``).
     Arguments travel on the child's stdin, never in its argv.
     """
     from .auth import private_config
@@ -78,7 +78,7 @@ def run_in_child(function: Callable[..., Any], *, timeout: float | None = 600.0,
     request = json.dumps({"function": function_reference(function), "kwargs": kwargs})
     env: dict[str, str] | None = None
     try:
-        with private_config(remote_host, any_host_key=any_host_key) as overrides:
+        with private_config(remote_host, any_host_key=any_host_key, plain_http=remote_plain_http) as overrides:
             env = child_environment({**overrides, **child_progress_env(show_stderr)})
             proc = subprocess.run(python_command("oxen-call"), input=request,
                                   stdout=subprocess.PIPE, stderr=None if show_stderr else subprocess.PIPE,
