@@ -53,6 +53,10 @@ DAMAGE = {  # what happens to the journal's files -> what the report says
     "log_model commit a number": (lambda j: j.put(2, {"op": "log_model", "commit": 5, "path": "runs/r1/checkpoints/a",
                                                       "model_repo": "m", "time_ms": 1}),
                                   "ops/000002.json holds commit = 5, not what a log_model operation holds there"),
+    "log_model dataset without its commit": (
+        lambda j: j.put(2, {"op": "log_model", "commit": "c" * 32, "path": "runs/r1/checkpoints/a", "model_repo": "m",
+                            "time_ms": 1, "dataset": {"repo": "d"}}),
+        "ops/000002.json holds a dataset {'repo': 'd'} that names no repository and commit"),
     "end_run status missing": (lambda j: j.put(2, {"op": "end_run"}), "holds status = None"),
     "mark_models record not a lineage record": (
         lambda j: j.put(2, {"op": "mark_models", "record": {"run": {}, "model": {}, "checkpoints": "all"},

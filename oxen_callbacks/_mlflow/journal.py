@@ -80,9 +80,21 @@ def op_problem(op: dict[str, Any]) -> str | None:
             return f"holds {name} = {value!r:.60}, not what a {kind} operation holds there"
     if kind == "log_json" and (problem := json_artifact_problem(op)):
         return problem
+    if kind == "log_model" and (problem := _dataset_problem(op.get("dataset"))):
+        return f"holds a dataset {problem}"
     record = op["data"] if kind == "log_json" and op["name"] == LINEAGE_ARTIFACT_NAME else op.get("record")
     if record is not None and (problem := _record_problem(record)):
         return f"holds a lineage record {problem}"
+    return None
+
+
+def _dataset_problem(dataset: Any) -> str | None:
+    """What in a journaled dataset pointer (``None``: none) MLflow's dataset input cannot be made from."""
+    if dataset is None:
+        return None
+    if not isinstance(dataset, dict) or not isinstance(dataset.get("repo"), str) \
+            or not isinstance(dataset.get("commit"), str) or not isinstance(dataset.get("paths"), (list, type(None))):
+        return f"{dataset!r:.60} that names no repository and commit"
     return None
 
 
@@ -92,8 +104,8 @@ def _record_problem(record: dict[str, Any]) -> str | None:
     for section in ("run", "model"):
         if not isinstance(record.get(section), dict):
             return f"whose {section} is {record.get(section)!r:.60}, not an object"
-    if not isinstance(record.get("dataset"), (dict, type(None))):
-        return f"whose dataset is {record.get('dataset')!r:.60}, not an object"
+    if problem := _dataset_problem(record.get("dataset")):
+        return f"whose dataset {problem}"
     checkpoints = record.get("checkpoints")
     if not isinstance(checkpoints, list):
         return f"whose checkpoints are {checkpoints!r:.60}, not a list"
