@@ -20,8 +20,8 @@ journals the final lineage as ``PREEMPTED`` and waits at most ``timeout`` second
 (and the push); what is left stays journaled for ``oxen-callbacks sync``. The requeued job (same
 ``SLURM_JOB_ID``, a new process) finds that note: it claims the same run name, logs into the same
 MLflow run (and ends it), and reads the same dataset commit. A job may train several runs (a sweep):
-the note names which training of the job it was (:func:`training_key`), and only the same training
-of the requeued job goes on with it; the others start new runs.
+the note names the command line it ran under (:func:`training_key`), and only a training under the
+same one goes on with it: by run name when the runs are named, else the first the process makes.
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ import hashlib
 import itertools
 import logging
 import os
+import re
 import signal
 import sys
 import threading
@@ -75,15 +76,20 @@ def check_timeout(timeout: float) -> float:
     return float(timeout)
 
 
-_callbacks_made = itertools.count(1)
+_callbacks_made = itertools.count(1)  # the callbacks this process made that could go on with a run
+_RANK_FLAG = re.compile(r"--local[_-]rank(=\d+)?")  # what torch.distributed.launch, DeepSpeed add per rank
 
 
 def training_key() -> str:
-    """Which training of its SLURM job a callback made now serves: the command line, and the callback's
-    place among those this process made (a job running a sweep makes several; its requeued start makes
-    them again, in the same order). Call it once per callback, in its constructor."""
-    command = hashlib.sha1("\0".join(sys.argv).encode("utf-8", "surrogateescape")).hexdigest()[:16]
-    return f"{command}-{next(_callbacks_made)}"
+    """The command line a training runs under, as a digest (never the arguments themselves), without
+    the per-rank flags launchers add: a job that runs one command per configuration of a sweep has
+    one key per configuration; its requeued start runs the same commands."""
+    words, argv = [], sys.argv
+    for i, word in enumerate(argv):
+        if _RANK_FLAG.fullmatch(word) or (i and argv[i - 1] in ("--local_rank", "--local-rank") and word.isdigit()):
+            continue
+        words.append(word)
+    return hashlib.sha1("\0".join(words).encode("utf-8", "surrogateescape")).hexdigest()[:16]
 
 
 class Preemption:
@@ -146,8 +152,11 @@ class RequeuedRun:
 
     @classmethod
     def find(cls, model_repo: str | os.PathLike[str], run_options: dict[str, Any], training: str) -> RequeuedRun | None:
-        """This SLURM job's run in ``model_repo`` pre-empted in the same ``training`` (:func:`training_key`),
-        unless ``run_options`` name another run."""
+        """This SLURM job's run in ``model_repo`` pre-empted under the same command line (``training``:
+        :func:`training_key`), unless ``run_options`` name another run. Without a run name, only the first
+        callback this process makes goes on with it: a sweep that skips the configurations it finished
+        makes the pre-empted one first (one that starts again from the top must name its runs)."""
+        first = next(_callbacks_made) == 1
         job = slurm_job()
         if job is None:
             return None
@@ -166,6 +175,10 @@ class RequeuedRun:
         if run_options.get("run_name") not in (None, run):
             log.info("SLURM job %s was pre-empted in run %s; run_name=%r starts another run.",
                      job, run, run_options["run_name"])
+            return None
+        if run_options.get("run_name") is None and not first:
+            log.info("SLURM job %s was pre-empted in run %s, which the first training of this process goes on "
+                     "with; this one starts another run (name the runs of a sweep: run_name=...).", job, run)
             return None
         log.info("Requeued SLURM job %s: run %s goes on.", job, run)
         dataset = facts.get("dataset") or committed.get("dataset")

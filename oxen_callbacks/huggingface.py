@@ -101,7 +101,7 @@ class OxenTrainerCallback(TrainerCallback):
         self.preempt_timeout = check_timeout(preempt_timeout)
         self._signal_watch = SignalWatch(preempt_signal, self._preempt_signalled) if preempt_signal else None
         # a requeued SLURM job: the run it was pre-empted in goes on, on the same dataset commit
-        self._training = training_key()  # (which training of a SLURM job this callback serves)
+        self._training = training_key()  # (the command line a SLURM job's pre-empted run is found by)
         self._requeued = RequeuedRun.find(model_repo, run_options, self._training)
         if self._requeued is not None:
             dataset = self._requeued.pin(dataset, revision, paths, run_options.get("cache_dir"),
@@ -129,6 +129,7 @@ class OxenTrainerCallback(TrainerCallback):
                        train_dataloader: Any = None, **kwargs: Any) -> None:
         other = getattr(state, _CALLBACK_OF_STATE, None)  # (a new TrainerState each train())
         if other is not None and other is not self:  # (they would share one resume state in each checkpoint)
+            other.run.finish_after_error("FAILED", what="train() refused")  # (its run started: not left RUNNING)
             raise ConfigurationError(
                 "Two OxenTrainerCallbacks are on this Trainer: each checkpoint would be committed twice, and a "
                 "resume would give both runs the state of one.", "keep one (trainer.remove_callback(...)).")
@@ -217,7 +218,8 @@ class OxenTrainerCallback(TrainerCallback):
 
     def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                 **kwargs: Any) -> None:
-        self._stop_for_preemption = False  # (saved: the epoch's end, which follows the stop, must not save it again)
+        if control.should_training_stop:  # (the save the stop asked for, or the last: the epoch's end must
+            self._stop_for_preemption = False  # not save it again; a signal during another save still stops)
         if not state.is_world_process_zero or self.run.publisher is None:
             return
         started = time.perf_counter()

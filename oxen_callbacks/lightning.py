@@ -97,7 +97,7 @@ class OxenLightningCallback(Callback):
         self._resumed_commit: dict[str, str] | None = None  # the checkpoint resume_from materialized
         self.preempt_timeout = check_timeout(preempt_timeout)
         # a requeued SLURM job: the run it was pre-empted in goes on (Lightning resumes its hpc checkpoint)
-        self._training = training_key()  # (which training of a SLURM job this callback serves)
+        self._training = training_key()  # (the command line a SLURM job's pre-empted run is found by)
         self._requeued = RequeuedRun.find(model_repo, run_options, self._training) if resume_from is None else None
         if self._requeued is not None:
             self._resumed_run = self._requeued.run_name

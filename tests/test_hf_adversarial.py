@@ -274,6 +274,7 @@ def test_two_oxen_callbacks_on_one_trainer_are_refused_before_a_step(pin, tmp_pa
     with pytest.raises(ConfigurationError, match="Two OxenTrainerCallbacks are on this Trainer"):
         trainer.train()
     assert trainer.state.global_step == 0 and not (tmp_path / "out" / "checkpoint-2").exists()
+    assert callbacks[0].run.finished and callbacks[0].lineage["status"] == "FAILED"  # (not left RUNNING)
     trainer.remove_callback(callbacks[1])
     trainer.train()  # one is fine, on the same Trainer
     assert [c["step"] for c in callbacks[0].lineage["checkpoints"]] == [2]

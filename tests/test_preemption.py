@@ -153,30 +153,62 @@ def preempted_job(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, dataset: dict
     return run
 
 
-def test_a_requeued_sweep_goes_on_with_the_run_of_the_training_that_was_preempted(dataset_repo, tmp_path,
-                                                                                   monkeypatch):
-    """A job training several runs (a sweep, `lr-a` then `lr-b`) is pre-empted in `lr-b` and requeued: it
-    starts again from the top. The first training of the requeued job took over `lr-b`'s run (its name,
-    dataset commit and final model; found by an adversarial review); only `lr-b` goes on with it."""
-    from oxen_callbacks import _preempt
+def test_a_requeued_sweep_goes_on_with_the_run_that_was_preempted(dataset_repo, tmp_path, monkeypatch):
+    """A job training several runs (a sweep) is pre-empted in `lr-c` and requeued. Any training of the
+    requeued job took over the job's latest pre-empted run (its name, dataset commit and final model;
+    found by an adversarial review). It goes on only under the same command line (a job running one
+    command per configuration), by name when the runs are named, else in the process's first callback
+    (a sweep that skips the configurations it finished makes the pre-empted one first)."""
     from oxen_callbacks.lightning import OxenLightningCallback
 
     models = tmp_path / "models"
+    run = preempted_job(tmp_path, monkeypatch, {}, run="lr-c")
 
-    def callbacks() -> list[str]:  # the job's trainings, in order, in one process: their run names
-        monkeypatch.setattr(_preempt, "_callbacks_made", itertools.count(1))
-        return [OxenLightningCallback(dataset=dataset_repo.path, model_repo=models, mlflow=False).run.run_name
-                for _ in range(2)]
+    def made(**options: str) -> str | None:  # a callback of the requeued job: the run it goes on with
+        cb = OxenLightningCallback(dataset=dataset_repo.path, model_repo=models, mlflow=False, **options)
+        return cb.run.run_name if cb._requeued is not None else None
 
-    monkeypatch.setenv("SLURM_JOB_ID", JOB)
-    first_start = callbacks()
-    keys = [f"{_preempt.training_key().rsplit('-', 1)[0]}-{n}" for n in (1, 2)]
-    run = preempted_job(tmp_path, monkeypatch, {}, run="lr-b", training=keys[1])
-    requeued = callbacks()
-    assert requeued[0] not in first_start + [run] and requeued[1] == run
-    # a job running each training as its own command (`python train.py --lr ...`): told apart by it
-    monkeypatch.setattr(sys, "argv", [*sys.argv, "--lr", "0.1"])
-    assert run not in callbacks()
+    first_callback(monkeypatch)
+    assert [made() for _ in range(3)] == [run, None, None]  # the first made goes on; the others are new runs
+    first_callback(monkeypatch)
+    assert [made(run_name="lr-a"), made(run_name="lr-c")] == [None, run]  # named: by name, in any order
+    argv = sys.argv
+    monkeypatch.setattr(sys, "argv", [*argv, "--lr", "0.1"])  # another command of the job
+    first_callback(monkeypatch)
+    assert made() is None
+    for rank_flags in (["--local_rank=1"], ["--local-rank", "1"]):  # what some launchers add to each rank's command
+        monkeypatch.setattr(sys, "argv", [*argv, *rank_flags])
+        first_callback(monkeypatch)
+        assert made() == run
+
+
+def test_an_hf_preemption_signal_during_a_save_still_stops_training(tmp_path):
+    """The signal came after the callback's step end, while the Trainer saved: clearing the stop at that
+    save let training run on to its end (found by an adversarial review). It stops at the next step,
+    whose checkpoint is saved and committed once."""
+    import signal as signals
+
+    from hf_model import jsonl
+    from hf_model import make_trainer as make_hf_trainer
+    from transformers import TrainerCallback
+
+    from oxen_callbacks.huggingface import OxenTrainerCallback
+
+    data = make_repo(tmp_path / "reviews", [("A", {"train.jsonl": jsonl(label=0, rows=64)})])
+
+    class SignalDuringSave(TrainerCallback):  # (after the Oxen callback's step end: as during the save)
+        def on_step_end(self, args, state, control, **kwargs):  # type: ignore[no-untyped-def]
+            if state.global_step == 2:
+                os.kill(os.getpid(), signals.SIGUSR1)
+
+    cb = OxenTrainerCallback(dataset=data.path, revision="main", paths=["train.jsonl"], model_repo=tmp_path / "models",
+                             preempt_signal=signals.SIGUSR1, mlflow=False)
+    trainer, _ = make_hf_trainer(tmp_path / "out", cb.dataset.load_dataset()["train"], [cb, SignalDuringSave()],
+                                 max_steps=8, save_steps=2)
+    trainer.train()
+    assert trainer.state.global_step == 3
+    record = cb.lineage
+    assert record["status"] == "PREEMPTED" and [c["step"] for c in record["checkpoints"]] == [2, 3]
 
 
 def test_requeued_job_pins_the_commit_its_run_read_or_refuses_another(dataset_repo, tmp_path, monkeypatch):

@@ -125,17 +125,17 @@ def note_preempted(model_repo: str | os.PathLike[str], run: str, facts: dict[str
 
 def preempted_run(model_repo: str | os.PathLike[str], job: str | None,
                   training: str) -> tuple[str, dict[str, Any]] | None:
-    """The run SLURM job ``job`` trained in ``training`` (which of the job's trainings: see
-    :func:`oxen_callbacks._preempt.training_key`) when it was pre-empted, and the facts noted then;
-    ``None`` when it has no such run in ``model_repo`` (off SLURM, a first start, another training of
-    the job, a run that ended)."""
+    """The run SLURM job ``job`` trained under the command line ``training`` (see
+    :func:`oxen_callbacks._preempt.training_key`; a note written before it was kept matches any) when
+    it was pre-empted, and the facts noted then; ``None`` when it has no such run in ``model_repo``
+    (off SLURM, a first start, another command of the job, a run that ended)."""
     if not job:
         return None
     found = []
     for path in claims_dir(Path(model_repo)).glob(f"*{RUN_CLAIM_SUFFIX}"):
         owner = _owner(path)
         if (owner.get("slurm_job") == job and isinstance(owner.get("preempted"), dict)
-                and owner["preempted"].get("training") == training):
+                and owner["preempted"].get("training") in (None, training)):
             found.append((owner.get("started_at") or "", path.name[: -len(RUN_CLAIM_SUFFIX)], owner["preempted"]))
     if not found:
         return None
