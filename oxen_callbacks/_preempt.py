@@ -3,12 +3,11 @@ job goes on with the same run.
 
 The adapters (framework-free here) use three pieces::
 
-    training = training_key()                                # in the callback's constructor
-    requeued = RequeuedRun.find(model_repo, run_options, training)
+    requeued = RequeuedRun.find(model_repo, run_options)     # in the callback's constructor
     dataset = requeued.pin(dataset, revision, paths, ...)    #   the commit the pre-empted run read
     run = LineageRun(**requeued.options(run_options), ...)   #   its run name and MLflow run
     ...
-    preemption = Preemption(run, timeout=30, training=training)
+    preemption = Preemption(run, timeout=30)
     watch = SignalWatch(signal.SIGUSR1, preemption.notice)   # chained before the trainer's handler
     ...                                                      # the trainer saves a checkpoint: frozen
     preemption.end(best)                                     #   and journaled as any; then PREEMPTED
@@ -93,11 +92,10 @@ def training_key() -> str:
 
 
 class Preemption:
-    """One fit's pre-emption: :meth:`notice` on the signal, :meth:`end` when training stops.
-    ``training``: the callback's :func:`training_key`, noted for the requeued job."""
+    """One fit's pre-emption: :meth:`notice` on the signal, :meth:`end` when training stops."""
 
-    def __init__(self, run: Run, *, timeout: float = DEFAULT_PREEMPT_TIMEOUT, training: str | None = None) -> None:
-        self.run, self.timeout, self.training = run, check_timeout(timeout), training
+    def __init__(self, run: Run, *, timeout: float = DEFAULT_PREEMPT_TIMEOUT) -> None:
+        self.run, self.timeout = run, check_timeout(timeout)
         self.noticed = False
 
     def notice(self) -> None:
@@ -109,7 +107,7 @@ class Preemption:
             return
         facts = {"mlflow_run_id": run.sink.run_id if run.sink is not None else None,
                  "dataset": run.dataset.to_lineage() if run.dataset is not None else None,
-                 "noticed_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "training": self.training}
+                 "noticed_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "training": training_key()}
         try:
             note_preempted(run.model_repo, run.run_name, facts)
         except OSError:
@@ -151,9 +149,9 @@ class RequeuedRun:
     dataset: dict[str, Any] | None
 
     @classmethod
-    def find(cls, model_repo: str | os.PathLike[str], run_options: dict[str, Any], training: str) -> RequeuedRun | None:
-        """This SLURM job's run in ``model_repo`` pre-empted under the same command line (``training``:
-        :func:`training_key`), unless ``run_options`` name another run. Without a run name, only the first
+    def find(cls, model_repo: str | os.PathLike[str], run_options: dict[str, Any]) -> RequeuedRun | None:
+        """This SLURM job's run in ``model_repo`` pre-empted under the same command line
+        (:func:`training_key`), unless ``run_options`` name another run. Without a run name, only the first
         callback this process makes goes on with it: a sweep that skips the configurations it finished
         makes the pre-empted one first (one that starts again from the top must name its runs)."""
         first = next(_callbacks_made) == 1
@@ -161,7 +159,7 @@ class RequeuedRun:
         if job is None:
             return None
         try:
-            found = preempted_run(model_repo, job, training)
+            found = preempted_run(model_repo, job, training_key())
         except OSError:
             found = None
         if found is None:

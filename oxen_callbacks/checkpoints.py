@@ -222,8 +222,8 @@ def resolve_resume(model_repo: str | os.PathLike[str], resume_from: str | os.Pat
 def _last_of(model_repo: str | os.PathLike[str], record: LineageJSON,
              cache_dir: str | os.PathLike[str] | None) -> MaterializedCheckpoint:
     committed = [c for c in record["checkpoints"] if c.get("commit")]
-    unnamed = [c["path"] for c in record["checkpoints"][len(committed) and record["checkpoints"].index(committed[-1]) + 1:]
-               if not c.get("commit")] if committed else []
+    last = max((i for i, c in enumerate(record["checkpoints"]) if c.get("commit")), default=None)
+    unnamed = [c["path"] for c in record["checkpoints"][last + 1:]] if last is not None else []
     if unnamed and record.get("status") not in (None, "RUNNING"):
         # A finished run's record as its last commit wrote it (a clone: the training machine's copy
         # names every commit) cannot name the commit it is in: those checkpoints are in it, unnamed.

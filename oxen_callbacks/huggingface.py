@@ -48,7 +48,6 @@ from ._preempt import (
     RequeuedRun,
     SignalWatch,
     check_timeout,
-    training_key,
 )
 from .errors import ConfigurationError, DatasetMismatchError
 from .lineage import status_of_an_uncaught_raise
@@ -101,8 +100,7 @@ class OxenTrainerCallback(TrainerCallback):
         self.preempt_timeout = check_timeout(preempt_timeout)
         self._signal_watch = SignalWatch(preempt_signal, self._preempt_signalled) if preempt_signal else None
         # a requeued SLURM job: the run it was pre-empted in goes on, on the same dataset commit
-        self._training = training_key()  # (the command line a SLURM job's pre-empted run is found by)
-        self._requeued = RequeuedRun.find(model_repo, run_options, self._training)
+        self._requeued = RequeuedRun.find(model_repo, run_options)
         if self._requeued is not None:
             dataset = self._requeued.pin(dataset, revision, paths, run_options.get("cache_dir"),
                                          allow_dataset_change=allow_dataset_change)
@@ -114,7 +112,7 @@ class OxenTrainerCallback(TrainerCallback):
                           "framework": ("transformers", transformers.__version__), **run_options}
         # Validates every option now, before any training time is spent.
         self.run = LineageRun(**(self._requeued.options(self._run_args) if self._requeued else self._run_args))
-        self._preemption = Preemption(self.run, timeout=self.preempt_timeout, training=self._training)
+        self._preemption = Preemption(self.run, timeout=self.preempt_timeout)
         self._stop_for_preemption = False  # the signal came: save and stop at the end of this step
         self._run_before_train = active_run_id()  # the user's own run: never ended by us
         #: Time the training process spent in this callback per checkpoint save (seconds).
@@ -139,7 +137,7 @@ class OxenTrainerCallback(TrainerCallback):
         if self.run.finished:  # the same callback in a second train(): a new run
             self.run = LineageRun(**{**self._run_args, "run_name": None})
             self._requeued = None
-        self._preemption = Preemption(self.run, timeout=self.preempt_timeout, training=self._training)
+        self._preemption = Preemption(self.run, timeout=self.preempt_timeout)
         self._stop_for_preemption = False
         try:
             self._begin(args, state, train_dataloader)

@@ -41,7 +41,6 @@ from ._preempt import (
     RequeuedRun,
     SignalWatch,
     check_timeout,
-    training_key,
 )
 from .checkpoints import resolve_resume
 from .errors import DatasetMismatchError
@@ -97,8 +96,7 @@ class OxenLightningCallback(Callback):
         self._resumed_commit: dict[str, str] | None = None  # the checkpoint resume_from materialized
         self.preempt_timeout = check_timeout(preempt_timeout)
         # a requeued SLURM job: the run it was pre-empted in goes on (Lightning resumes its hpc checkpoint)
-        self._training = training_key()  # (the command line a SLURM job's pre-empted run is found by)
-        self._requeued = RequeuedRun.find(model_repo, run_options, self._training) if resume_from is None else None
+        self._requeued = RequeuedRun.find(model_repo, run_options) if resume_from is None else None
         if self._requeued is not None:
             self._resumed_run = self._requeued.run_name
         if resume_from is not None:
@@ -154,7 +152,7 @@ class OxenLightningCallback(Callback):
                 self._requeued.after_start(self.run)
         self._watch = CheckpointWatch(trainer, self.run, self.stall_seconds)
         self._watch.install()
-        self._preemption = Preemption(self.run, timeout=self.preempt_timeout, training=self._training)
+        self._preemption = Preemption(self.run, timeout=self.preempt_timeout)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Lightning has set its signal handlers: note the requeue signal before its handler saves."""

@@ -44,8 +44,9 @@ def json_artifact_problem(op: dict[str, Any]) -> str | None:
 
 
 _STR, _INT, _NONE = (str,), (int,), (type(None),)
-#: What each journaled operation holds besides ``op`` (its fields' JSON types; ``log_json`` and the
-#: lineage records of ``mark_models`` / ``publish_extras`` are checked further).
+#: What each journaled operation holds besides ``op``: its fields' JSON types, a field that may not be
+#: null required (``log_json`` and the lineage records of ``mark_models`` / ``publish_extras`` are
+#: checked further).
 _OP_FIELDS: dict[str, dict[str, tuple[type, ...]]] = {
     "create_run": {"run_name": _STR + _NONE, "experiment_id": _STR + _NONE, "experiment_name": _STR + _NONE,
                    "tags": (dict, *_NONE)},  # (a token not a string is ignored: no twin is looked for)
@@ -69,11 +70,8 @@ def op_problem(op: dict[str, Any]) -> str | None:
     kind = op.get("op")
     if not isinstance(kind, str) or kind not in _OP_FIELDS:
         return f"names no operation this version knows (op = {kind!r:.60})"
-    required = {"tags"} if kind == "set_tags" else {"status"} if kind == "end_run" else \
-        {"commit", "path", "model_repo", "time_ms"} if kind == "log_model" else {"record"} if kind in (
-            "mark_models", "publish_extras") else set()
     for name, types in _OP_FIELDS[kind].items():
-        if name not in op and name not in required:
+        if name not in op and type(None) in types:  # (optional)
             continue
         value = op.get(name)
         if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):

@@ -224,9 +224,10 @@ class LineageFinder:
                 # (a record without its MLflow run id is listed on its own: a run continued without
                 # MLflow has a newer record than the MLflow run of its first fit)
                 matched = [c for c in record["checkpoints"] if (c["commit"] or "").startswith(commit)]
-                view = as_saved({**record, "source": "model-repo"}, matched)  # (an earlier fit's: its MLflow run)
-                key = view["run"].get("mlflow_run_id") or f"{repo}:{record['run'].get('name')}"
-                if matched:
+                # (of an earlier fit: its MLflow run)
+                view = as_saved({**record, "source": "model-repo"}, matched) if matched else None
+                key = (view or record)["run"].get("mlflow_run_id") or f"{repo}:{record['run'].get('name')}"
+                if view is not None:
                     models.setdefault(key, view)
                 if record["dataset"] and record["dataset"]["commit"].startswith(commit):
                     datasets.setdefault(key, {**record, "source": "model-repo"})

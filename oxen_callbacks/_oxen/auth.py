@@ -68,6 +68,9 @@ def token_from_environment(host: str, *, any_host_key: bool = True) -> str | Non
 
 _withheld: set[str] = set()  # hosts told about once
 _withheld_http: set[str] = set()  # record-named http hosts told about once
+# a host whose OXEN_API_KEY_<HOST> no other host name shares: letters, digits and dots, then a port
+# (a host name ending in a dot and digits, the other spelling of a port, has no top-level domain)
+_UNSHARED_VARIABLE = re.compile(r"[A-Za-z0-9.]+(:[0-9]+)?")
 
 
 def _loopback(host: str) -> bool:
@@ -78,9 +81,6 @@ def _loopback(host: str) -> bool:
         return name == "localhost" or ipaddress.ip_address(name).is_loopback
     except ValueError:
         return False
-# a host whose OXEN_API_KEY_<HOST> no other host name shares: letters, digits and dots, then a port
-# (a host name ending in a dot and digits, the other spelling of a port, has no top-level domain)
-_UNSHARED_VARIABLE = re.compile(r"[A-Za-z0-9.]+(:[0-9]+)?")
 
 
 def check_token(token: str) -> str:
@@ -102,14 +102,12 @@ def private_config(host: str | None, *, any_host_key: bool = True, plain_http: b
     config applies). ``any_host_key``: see :func:`token_from_environment`. ``plain_http`` with
     ``any_host_key=False``: a record named ``http://host``, which is not this machine: a folder
     holding no token at all (a record could name your server over http for a token in clear text)."""
-    token = token_from_environment(host, any_host_key=any_host_key) if host else None
     tokenless = bool(host) and plain_http and not any_host_key and not _loopback(host or "")
-    if tokenless:
-        token = None
-        if host not in _withheld_http:
-            _withheld_http.add(host or "")
-            log.warning("Not sending a token to %s: a record named it over plain http, which would show the token "
-                        "to the network. Use its https address.", host)
+    token = token_from_environment(host, any_host_key=any_host_key) if host and not tokenless else None
+    if tokenless and host not in _withheld_http:
+        _withheld_http.add(host or "")
+        log.warning("Not sending a token to %s: a record named it over plain http, which would show the token "
+                    "to the network. Use its https address.", host)
     if token is None and not tokenless:
         yield {}
         return

@@ -22,12 +22,7 @@ from typing import Any
 from .._oxen.layout import literal_path
 from .._oxen.prestore import prestore
 from .._oxen.repo import LocalRepo
-from .._util.fs import (
-    DamagedFile,
-    read_json_object,
-    write_atomically,
-    write_json_atomically,
-)
+from .._util.fs import DamagedFile, read_json_object, write_atomically, write_json_atomically
 from .._util.locks import FileLock
 from ..errors import ConfigurationError, OxenError, PublishError, RepoBusyError
 from ..lineage import fill_commit

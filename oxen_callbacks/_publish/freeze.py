@@ -82,7 +82,7 @@ def _add(frozen: Frozen, rel: str, info: os.stat_result) -> Frozen:
 
 
 def _freeze_file(src: Path, dest: Path, copy: bool) -> os.stat_result:
-    """Link (else copy) ``src`` to ``dest``; returns ``src``'s stat when frozen."""
+    """Link (else copy) ``src`` to ``dest``; returns the frozen file's stat (a link's is ``src``'s)."""
     global _warned_copy
     real = Path(os.path.realpath(src))
     if copy:
@@ -101,7 +101,6 @@ def _freeze_file(src: Path, dest: Path, copy: bool) -> os.stat_result:
             )
             _warned_copy = True
         shutil.copyfile(real, dest)
-        return os.stat(dest)
     return os.stat(dest)
 
 
@@ -114,10 +113,10 @@ def own_inodes(frozen: Path, stamps: dict[str, list[int]] | None) -> list[str]:
     files = [(".", frozen)] if frozen.is_file() else [
         (Path(d, n).relative_to(frozen).as_posix(), Path(d, n)) for d, _, ns in os.walk(frozen) for n in ns]
     for rel, file in files:
-        before = os.stat(file)
+        before = after = os.stat(file)
         if before.st_nlink > 1:  # (copied beside the checkpoint, not into it: a kill must not add a file)
             _own_copy(str(file), tmp=str(frozen.parent / f".{frozen.name}.oxcb-copy"))
-        after = os.stat(file)
+            after = os.stat(file)
         stamp = (stamps or {}).get(rel)
         if stamp is not None and ([before.st_size, before.st_mtime_ns] != stamp
                                   or [after.st_size, after.st_mtime_ns] != stamp):
