@@ -356,3 +356,45 @@ def test_a_server_a_record_names_over_plain_http_gets_no_token_at_all(monkeypatc
     assert "tok-in-env-127.0.0.1:3000" in tokens("127.0.0.1:3000", any_host_key=False, plain_http=True)
     assert "tok-in-env-hub.oxen.ai" in tokens("hub.oxen.ai", plain_http=True)  # (the user named it)
     assert "Not sending a token to hub.oxen.ai: a record named it over plain http" in caplog.text
+
+
+def test_a_pin_a_record_names_over_plain_http_sends_no_token_on_the_wire(monkeypatch):
+    """The same, end to end: oxenai's requests to ``http://hub.oxen.ai`` go through a proxy on loopback
+    (oxenai honours ``HTTP_PROXY``), which records what each carried. A pin the user names sends the
+    host's token; the same pin named by a record sends none."""
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from oxen_callbacks._oxen.auth import host_variable
+    from oxen_callbacks.errors import ConfigurationError
+
+    seen: list[str | None] = []
+
+    class Proxy(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802
+            seen.append(self.headers.get("Authorization"))
+            self.send_response(404)
+            self.send_header("Content-Length", "2")
+            self.end_headers()
+            self.wfile.write(b"{}")
+
+        def log_message(self, *_args: object) -> None:
+            pass
+
+    proxy = ThreadingHTTPServer(("127.0.0.1", 0), Proxy)
+    threading.Thread(target=proxy.serve_forever, daemon=True).start()
+    try:
+        for variable in ("HTTP_PROXY", "http_proxy"):
+            monkeypatch.setenv(variable, f"http://127.0.0.1:{proxy.server_address[1]}")
+        for variable in ("NO_PROXY", "no_proxy", "ALL_PROXY", "all_proxy"):
+            monkeypatch.delenv(variable, raising=False)
+        monkeypatch.setenv(host_variable("hub.oxen.ai"), "tok-for-hub")
+        sent = {}
+        for named_by_record in (False, True):
+            seen.clear()
+            with pytest.raises(ConfigurationError, match="does not exist"):
+                PinnedDataset("http://hub.oxen.ai/ox/reviews", revision="a" * 32, named_by_record=named_by_record,
+                              remote_timeout=10)
+            sent[named_by_record] = set(seen)
+        assert sent == {False: {"Bearer tok-for-hub"}, True: {None}}
+    finally:
+        proxy.shutdown()
