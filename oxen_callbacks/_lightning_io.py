@@ -8,6 +8,8 @@ folders from every rank itself (FSDP/DeepSpeed style) bypasses its ``CheckpointI
 is published at the first callback hook after it (after the save's barrier, so every rank has
 written), as the ``ModelCheckpoint`` paths whose files changed since the save began. Once the
 ``CheckpointIO`` has seen a save, the strategy writes through it, and saves are no longer looked for on disk.
+``ModelCheckpoint(save_last="link")`` makes ``last.ckpt`` a link to the file it just saved, without the
+``CheckpointIO``: a link made or moved since the last save is published at the next hook as well.
 """
 
 from __future__ import annotations
@@ -88,6 +90,9 @@ class CheckpointWatch:
         self._begun: _SaveBegun | None = None
         self._io_sees_saves = False  # once it has: the strategy writes through it, no need to look on disk
         self._saved_at: tuple[int, list[str]] = (-1, [])  # a global step, and the paths published at it
+        self._links_due: tuple[int, int, dict[str, float]] | None = None  # a save's position: look for new links
+        self._links: dict[str, tuple[str, int, int]] = {}  # each published link: (target, inode, mtime)
+        self._positions: dict[str, tuple[str, int, int, dict[str, float]]] = {}  # real path: path, its save
 
     def install(self) -> None:
         try:
@@ -118,21 +123,25 @@ class CheckpointWatch:
         self._io_sees_saves = True
         if publishing:
             trainer = self.trainer
-            self._publish(path, trainer.global_step, trainer.current_epoch, _scalar_metrics(trainer.callback_metrics),
-                          ours)
+            position = (trainer.global_step, trainer.current_epoch, _scalar_metrics(trainer.callback_metrics))
+            self._publish(path, *position, ours)
+            if _links_last(trainer):
+                self._links_due = position
 
     def _removed(self, path: str) -> None:
         if self.trainer.is_global_zero:
             self.run.checkpoint_removed(path)
 
     def _publish(self, path: str, step: int, epoch: int, metrics: dict[str, float], ours: float = 0.0, *,
-                 copy: bool = False) -> None:
+                 copy: bool = False, same_model_as: str | None = None) -> None:
         started = time.perf_counter()
         if self._saved_at[0] != step:
             self._saved_at = (step, [])
-        same = _top_k_twin(self.trainer, path, self._saved_at[1])
+        same = same_model_as or _top_k_twin(self.trainer, path, self._saved_at[1])
         self.run.checkpoint_saved(path, step=step, epoch=epoch, metrics=metrics, copy=copy, same_model_as=same)
         self._saved_at[1].append(path)
+        if not os.path.islink(path):
+            self._positions[os.path.realpath(path)] = (path, step, epoch, metrics)
         self.stall_seconds.append(ours + time.perf_counter() - started)
 
     def save_begins(self) -> None:
@@ -146,10 +155,36 @@ class CheckpointWatch:
     def publish_unseen_save(self) -> None:
         """From the first hook after a save (or the next save): if it bypassed the ``CheckpointIO``, publish
         what it wrote. As a copy: such a strategy rewrites a file such as ``last.ckpt`` in place, with no
-        chance to give the rewrite a fresh inode first."""
+        chance to give the rewrite a fresh inode first. Then the ``last.ckpt`` links made since."""
         begun, self._begun = self._begun, None
-        if begun is None:
+        if begun is not None:
+            self._publish_written(begun)
+            if _links_last(self.trainer):
+                self._links_due = (begun.step, begun.epoch, begun.metrics)
+        self._publish_new_links()
+
+    def _publish_new_links(self) -> None:
+        """Publish each ``ModelCheckpoint``'s ``last.ckpt`` that is a link made or moved since the last look
+        (``save_last="link"``): it is the checkpoint it links to (with no top-k file saved at this step,
+        Lightning links to an earlier one), published here as that save, else at the last save's position."""
+        due, self._links_due = self._links_due, None
+        if due is None:  # (no save since the last look: every hook of every batch comes here)
             return
+        for cb in self.trainer.checkpoint_callbacks:
+            path = cb.last_model_path if isinstance(cb, ModelCheckpoint) else None
+            if not path or not os.path.islink(path):
+                continue
+            try:
+                info = os.lstat(path)
+                link = (os.readlink(path), info.st_ino, info.st_mtime_ns)
+            except OSError:
+                continue
+            if self._links.get(os.path.abspath(path)) != link and os.path.isfile(path):
+                self._links[os.path.abspath(path)] = link
+                twin, step, epoch, metrics = self._positions.get(os.path.realpath(path), (None, *due))
+                self._publish(path, step, epoch, metrics, same_model_as=twin)
+
+    def _publish_written(self, begun: _SaveBegun) -> None:
         written = [p for p, files in _model_checkpoint_files(self.trainer).items() if files != begun.before.get(p)]
         if not written:
             log.warning("A checkpoint was written without the strategy's CheckpointIO and outside every "
@@ -158,6 +193,11 @@ class CheckpointWatch:
                  if isinstance(cb, ModelCheckpoint) and cb.last_model_path}
         for path in sorted(written, key=lambda p: os.path.abspath(p) in lasts):  # (a top-k file before its last.ckpt)
             self._publish(path, begun.step, begun.epoch, begun.metrics, copy=True)
+
+
+def _links_last(trainer: pl.Trainer) -> bool:
+    """Whether a ``ModelCheckpoint`` of ``trainer`` makes ``last.ckpt`` a link (``save_last="link"``)."""
+    return any(isinstance(cb, ModelCheckpoint) and cb.save_last == "link" for cb in trainer.checkpoint_callbacks)
 
 
 def _model_checkpoint_files(trainer: pl.Trainer) -> dict[str, tuple[Any, ...]]:
