@@ -188,20 +188,25 @@ class RunEnding:
         """Drain the publisher until the final lineage is committed, then, when the MLflow run was
         created meanwhile, commit its id into it too; ``(None, error)`` when the final commit failed."""
         assert self.publisher is not None and self._final_seq is not None
+        limit = None if self.drain_timeout is None else time.monotonic() + self.drain_timeout
+
+        def left() -> float | None:  # ``drain_timeout`` bounds all of it (a pre-emption's exit must be on time)
+            return None if limit is None else max(0.0, limit - time.monotonic())
+
         try:
-            final = self.publisher.final_record(self._final_seq, timeout=self.drain_timeout)
+            final = self.publisher.final_record(self._final_seq, timeout=left())
             if final is not None:
                 self._committed.set()  # readers of the repository need not wait for MLflow
             if final is not None and self.sink is not None and not final["run"].get("mlflow_run_id"):
                 self._wait_for_mlflow_run(deadline)
                 if self.sink.run_id is not None:
-                    amended = self.publisher.final_record(self._submit_final(best), timeout=self.drain_timeout)
+                    amended = self.publisher.final_record(self._submit_final(best), timeout=left())
                     final = amended or final
             return final, None
         except PublishError as exc:
             return None, exc
         finally:
-            self.publisher.close(timeout=self.drain_timeout)
+            self.publisher.close(timeout=left())
             if self._claim is not None:
                 self._claim.release(preempted=(self.record or {}).get("status") == PREEMPTED)
             self._committed.set()  # committed or not: nothing more comes to the repository for this run
