@@ -178,3 +178,16 @@ def test_record_deploy_of_the_committed_commit_puts_back_a_record_a_killed_one_l
     assert "(unchanged)" in capsys.readouterr().out
     [record] = read_deployments(models.path)
     assert record["model"]["commit"] == first == _committed(models, endpoint)
+
+
+def test_record_deploy_takes_a_stage_branch_or_a_prefix_and_records_the_full_commit(models, tmp_path):
+    """The README's deploy step names the model by its stage's branch (or a short id): the record must
+    hold the commit it stood for then, not the name (the branch moves on with the next promote)."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    assert main(["promote", str(models.path), models.head[:10], "--stage", "production", "--tracking-uri", uri]) == 0
+    assert main(["record-deploy", "https://api.example.com/v1", "--model-commit", "stage/production",
+                 "--model-repo", str(models.path), "--tracking-uri", uri]) == 0
+    assert main(["record-deploy", "https://api.example.com/v2", "--model-commit", models.head[:10],
+                 "--model-repo", str(models.path), "--tracking-uri", uri]) == 0
+    assert {d["endpoint"]: (d["model"]["commit"], d["model"]["path"]) for d in read_deployments(models.path)} == {
+        "https://api.example.com/v1": (models.head, CKPT), "https://api.example.com/v2": (models.head, CKPT)}

@@ -135,6 +135,29 @@ def test_a_checkpoint_folder_holding_what_is_not_a_file_is_committed_without_it(
     assert "left out of its commit" in caplog.text
 
 
+def test_links_to_files_in_a_checkpoint_folder_are_committed_as_their_content(tmp_path):
+    """A checkpoint folder that links to shared files (a tokenizer kept once, weights linked from the
+    step they were saved at): what it links to is committed under the link's name, as bytes, and
+    written over later the original does not change the commit."""
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    (shared / "tokenizer.json").write_text('{"vocab": 3}')
+    folder = tmp_path / "out" / "checkpoint-2"
+    folder.mkdir(parents=True)
+    (folder / "model.bin").write_bytes(b"weights two")
+    (folder / "tokenizer.json").symlink_to(shared / "tokenizer.json")  # outside the folder
+    (folder / "weights.bin").symlink_to("model.bin")  # inside it, relative
+    run = _run(tmp_path, "linked")
+    run.checkpoint_saved(folder, step=2, epoch=0)
+    os.unlink(shared / "tokenizer.json")  # gone (or rewritten) after the save: the save's bytes stay
+    (shared / "tokenizer.json").write_text('{"vocab": 4}')
+    [entry] = run.finish("FINISHED")["checkpoints"]
+    assert entry["files"] == 3 and not entry.get("skipped")
+    for rel, data in (("model.bin", b"weights two"), ("weights.bin", b"weights two"), ("tokenizer.json", b'{"vocab": 3}')):
+        committed = file_at(tmp_path / "models", entry["commit"], f"{entry['path']}/{rel}", tmp_path / "read")
+        assert committed.read_bytes() == data and not committed.is_symlink()
+
+
 def test_a_checkpoint_whose_name_holds_a_backslash_leaves_its_run_readable(tmp_path):
     """``val\\loss=0.50.ckpt`` is a name Linux allows and lineage records refuse (a path separator to
     Windows): committed under that name, it made the whole run's record unreadable, so none of its

@@ -6,6 +6,7 @@ import io
 import json
 import os
 import signal
+import subprocess
 import time
 from pathlib import Path
 
@@ -137,6 +138,10 @@ def test_every_checkpoint_committed_loads_and_mlflow_names_commits(dataset_repo,
     assert run.data.tags["oxen.dataset.repo"] == str(dataset_repo.path)
     assert run.data.tags["oxen.model.commit"] == record["model"]["commit"]
     assert run.data.tags["oxen.model.repo"] == str(model_repo.path)
+    assert run.data.tags["oxen.dataset.revision"] == dataset_repo.commits[0]  # what was asked for, beside the commit
+    head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=False)
+    # the code this process runs from (the tests' checkout; no tag outside one)
+    assert run.data.tags.get("oxen.code.git_commit") == (head.stdout.strip() if head.returncode == 0 else None)
     artifact = _artifact_lineage(run_id, tmp_path)
     assert artifact["model"] == record["model"]
     assert [c["commit"] for c in artifact["checkpoints"]] == [c["commit"] for c in record["checkpoints"]]
