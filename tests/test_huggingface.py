@@ -350,3 +350,30 @@ def test_a_train_stopped_with_ctrl_c_in_a_notebook_is_killed_when_train_runs_aga
     assert stopped["status"] == "KILLED" and [c["step"] for c in stopped["checkpoints"]] == [2]
     again = read_lineage(tmp_path / "models" / "runs" / session["again"] / "lineage.json")
     assert again["status"] == "FINISHED" and session["again"] != session["stopped"]
+
+
+def test_load_dataset_reads_csv_and_parquet_of_the_pinned_commit(tmp_path):
+    """The README's other formats: CSV, and Parquet shards by a glob; commit B's rows never come back
+    for a pin of commit A."""
+    import io
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    def shard(label: int, rows: int) -> bytes:
+        out = io.BytesIO()
+        pq.write_table(pa.table({"text": [f"row {i}" for i in range(rows)], "label": [label] * rows}), out)
+        return out.getvalue()
+
+    files_a = {"train.csv": "text,label\n" + "".join(f"row {i},0\n" for i in range(5)),
+               "data/part-0.parquet": shard(0, 3), "data/part-1.parquet": shard(0, 4)}
+    repo = make_repo(tmp_path / "tables", [("A", files_a)])
+    commit_b = commit_files(repo, "B", {"train.csv": "text,label\nrow,1\n", "data/part-0.parquet": shard(1, 9)})
+    pin = PinnedDataset(repo.path, revision=repo.commits[0], paths=["train.csv", "data"])
+    csv = pin.load_dataset({"train": "train.csv"}, split="train", cache_dir=tmp_path / "hf")
+    parquet = pin.load_dataset({"train": "data/*.parquet"}, split="train", cache_dir=tmp_path / "hf")
+    assert (csv.num_rows, set(csv["label"])) == (5, {0})
+    assert (parquet.num_rows, set(parquet["label"])) == (7, {0})
+    later = PinnedDataset(repo.path, revision=commit_b, paths=["data"]).load_dataset(
+        {"train": "data/*.parquet"}, split="train", cache_dir=tmp_path / "hf")  # the same cache: B's rows
+    assert (later.num_rows, set(later["label"])) == (9 + 4, {0, 1})
