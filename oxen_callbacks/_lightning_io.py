@@ -76,6 +76,18 @@ class _SaveBegun:
     before: dict[str, tuple[Any, ...]]
 
 
+@dataclass
+class _Save:
+    """A checkpoint this fit published: its path, the trainer's position then, and whether it was
+    frozen as a copy (a strategy writing it itself may rewrite it in place)."""
+
+    path: str
+    step: int
+    epoch: int
+    metrics: dict[str, float]
+    copy: bool
+
+
 class CheckpointWatch:
     """Tells ``run`` of each checkpoint ``trainer`` writes or deletes, from :meth:`install` to :meth:`uninstall`.
 
@@ -91,8 +103,8 @@ class CheckpointWatch:
         self._io_sees_saves = False  # once it has: the strategy writes through it, no need to look on disk
         self._saved_at: tuple[int, list[str]] = (-1, [])  # a global step, and the paths published at it
         self._links_due: tuple[int, int, dict[str, float]] | None = None  # a save's position: look for new links
-        self._links: dict[str, tuple[str, int, int]] = {}  # each published link: (target, inode, mtime)
-        self._positions: dict[str, tuple[str, int, int, dict[str, float]]] = {}  # real path: path, its save
+        self._links: dict[str, tuple[str, int, int]] = {}  # each published link: its target (real path, inode, mtime)
+        self._saves: dict[str, _Save] = {}  # each file or folder this fit published, by its real path
 
     def install(self) -> None:
         try:
@@ -141,7 +153,7 @@ class CheckpointWatch:
         self.run.checkpoint_saved(path, step=step, epoch=epoch, metrics=metrics, copy=copy, same_model_as=same)
         self._saved_at[1].append(path)
         if not os.path.islink(path):
-            self._positions[os.path.realpath(path)] = (path, step, epoch, metrics)
+            self._saves[os.path.realpath(path)] = _Save(path, step, epoch, metrics, copy)
         self.stall_seconds.append(ours + time.perf_counter() - started)
 
     def save_begins(self) -> None:
@@ -164,9 +176,10 @@ class CheckpointWatch:
         self._publish_new_links()
 
     def _publish_new_links(self) -> None:
-        """Publish each ``ModelCheckpoint``'s ``last.ckpt`` that is a link made or moved since the last look
-        (``save_last="link"``): it is the checkpoint it links to (with no top-k file saved at this step,
-        Lightning links to an earlier one), published here as that save, else at the last save's position."""
+        """Publish each ``ModelCheckpoint``'s ``last.ckpt`` that is a link to a checkpoint this fit saved
+        and had not linked to yet (``save_last="link"``): it is that checkpoint (with no top-k file saved
+        at this step, Lightning links to an earlier one), published as that save. A link to a file of
+        another fit (a resumed or repeated fit's ``last.ckpt``) is not this fit's save: left out."""
         due, self._links_due = self._links_due, None
         if due is None:  # (no save since the last look: every hook of every batch comes here)
             return
@@ -174,15 +187,15 @@ class CheckpointWatch:
             path = cb.last_model_path if isinstance(cb, ModelCheckpoint) else None
             if not path or not os.path.islink(path):
                 continue
+            target = os.path.realpath(path)
+            save = self._saves.get(target)
             try:
-                info = os.lstat(path)
-                link = (os.readlink(path), info.st_ino, info.st_mtime_ns)
-            except OSError:
+                info = os.stat(target)
+            except OSError:  # (rotated away since: its save is committed under its own name)
                 continue
-            if self._links.get(os.path.abspath(path)) != link and os.path.isfile(path):
-                self._links[os.path.abspath(path)] = link
-                twin, step, epoch, metrics = self._positions.get(os.path.realpath(path), (None, *due))
-                self._publish(path, step, epoch, metrics, same_model_as=twin)
+            if save is not None and self._links.get(os.path.abspath(path)) != (target, info.st_ino, info.st_mtime_ns):
+                self._links[os.path.abspath(path)] = (target, info.st_ino, info.st_mtime_ns)
+                self._publish(path, save.step, save.epoch, save.metrics, copy=save.copy, same_model_as=save.path)
 
     def _publish_written(self, begun: _SaveBegun) -> None:
         written = [p for p, files in _model_checkpoint_files(self.trainer).items() if files != begun.before.get(p)]
