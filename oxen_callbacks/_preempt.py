@@ -61,6 +61,7 @@ class Run(Protocol):
     register_model: str | None
     drain_timeout: float | None
     mlflow_timeout: float
+    end_by: float | None
 
     def finish_soon(self, status: str = ..., *, best: Any = ...) -> None: ...
     def wait_until_logged(self, timeout: float | None = None) -> None: ...
@@ -125,6 +126,7 @@ class Preemption:
         run.register_model = None  # the requeued job's model is the final one, not this
         run.drain_timeout = self.timeout if run.drain_timeout is None else min(run.drain_timeout, self.timeout)
         run.mlflow_timeout = min(run.mlflow_timeout, self.timeout)
+        run.end_by = started + self.timeout  # every wait of the end, in turn, ends by then
         try:
             run.finish_soon(PREEMPTED, best=best)
         except Exception:  # a publishing error: what was published is journaled; never hide the pre-emption

@@ -52,6 +52,7 @@ class RunEnding:
         self._committed = threading.Event()  # the final lineage commit is done (or could not be)
         self._final_seq: int | None = None  # the final lineage job, once journaled
         self._finish_error: Exception | None = None
+        self.end_by: float | None = None  # a time (monotonic) every wait of the end ends by: a pre-emption's exit
 
     def _base_record(self) -> LineageJSON:  # (LineageRun's)
         raise NotImplementedError
@@ -67,7 +68,7 @@ class RunEnding:
             return self.wait()
         self.finished = True
         try:
-            return self._finish(status, best, deadline=time.monotonic() + self.mlflow_timeout)
+            return self._finish(status, best, deadline=self._mlflow_deadline())
         finally:
             self._committed.set()
 
@@ -88,7 +89,7 @@ class RunEnding:
             return
         self.finished = True
         self.record_status(status)
-        deadline = time.monotonic() + self.mlflow_timeout
+        deadline = self._mlflow_deadline()
         self._final_seq = self._submit_final(best)  # durable now: a kill from here on ends the run as it is
         self._finisher = threading.Thread(target=self._finish_quietly, args=(status, best, deadline), daemon=True,
                                           name="oxen-lineage-finish")
@@ -126,6 +127,18 @@ class RunEnding:
             finisher.join(timeout)
 
     # -- the work -------------------------------------------------------------------------
+    def _mlflow_deadline(self) -> float:
+        """When the end's MLflow work stops waiting (what is left stays journaled)."""
+        deadline = time.monotonic() + self.mlflow_timeout
+        return deadline if self.end_by is None else min(deadline, self.end_by)
+
+    def _drain_wait(self) -> float | None:
+        """How long one wait for the commits may take: ``drain_timeout``, and no later than :attr:`end_by`."""
+        if self.end_by is None:
+            return self.drain_timeout
+        left = max(0.0, self.end_by - time.monotonic())
+        return left if self.drain_timeout is None else min(self.drain_timeout, left)
+
     def _finish_quietly(self, status: str, best: str | os.PathLike[str] | None, deadline: float) -> None:
         try:
             self._finish(status, best, deadline=deadline)
@@ -188,25 +201,20 @@ class RunEnding:
         """Drain the publisher until the final lineage is committed, then, when the MLflow run was
         created meanwhile, commit its id into it too; ``(None, error)`` when the final commit failed."""
         assert self.publisher is not None and self._final_seq is not None
-        limit = None if self.drain_timeout is None else time.monotonic() + self.drain_timeout
-
-        def left() -> float | None:  # ``drain_timeout`` bounds all of it (a pre-emption's exit must be on time)
-            return None if limit is None else max(0.0, limit - time.monotonic())
-
         try:
-            final = self.publisher.final_record(self._final_seq, timeout=left())
+            final = self.publisher.final_record(self._final_seq, timeout=self._drain_wait())
             if final is not None:
                 self._committed.set()  # readers of the repository need not wait for MLflow
             if final is not None and self.sink is not None and not final["run"].get("mlflow_run_id"):
                 self._wait_for_mlflow_run(deadline)
                 if self.sink.run_id is not None:
-                    amended = self.publisher.final_record(self._submit_final(best), timeout=left())
+                    amended = self.publisher.final_record(self._submit_final(best), timeout=self._drain_wait())
                     final = amended or final
             return final, None
         except PublishError as exc:
             return None, exc
         finally:
-            self.publisher.close(timeout=left())
+            self.publisher.close(timeout=self._drain_wait(), by=self.end_by)
             if self._claim is not None:
                 self._claim.release(preempted=(self.record or {}).get("status") == PREEMPTED)
             self._committed.set()  # committed or not: nothing more comes to the repository for this run

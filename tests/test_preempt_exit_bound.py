@@ -12,39 +12,57 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from oxen_callbacks._publish.queue import repo_lock_path
 from oxen_callbacks._util.locks import FileLock
 
 CHILD = """
-import sys, time
+import multiprocessing, os, sys, time
 from pathlib import Path
-from oxen_callbacks._preempt import Preemption
-from oxen_callbacks.run import LineageRun
-root = Path(sys.argv[1])
-run = LineageRun(dataset=None, model_repo=root / "models", framework=("test", "1"), mlflow=False,
-                 run_name="pre", author=("T", "t@example.com"))
-run.start()
-(root / "hpc_ckpt_1.ckpt").write_bytes(b"weights" * 1000)
-print("saved", flush=True)
-sys.stdin.readline()  # the parent holds the repository's lock now
-run.checkpoint_saved(root / "hpc_ckpt_1.ckpt", step=3, epoch=0)
-print("ending", time.time(), flush=True)
-Preemption(run, timeout=float(sys.argv[2])).end()
-print("ended", time.time(), flush=True)
+
+
+def body(root, timeout, mlflow_uri):
+    from oxen_callbacks._preempt import Preemption
+    from oxen_callbacks.run import LineageRun
+    run = LineageRun(dataset=None, model_repo=root / "models", framework=("test", "1"), mlflow=bool(mlflow_uri),
+                     mlflow_tracking_uri=mlflow_uri or None, run_name="pre", author=("T", "t@example.com"))
+    run.start()
+    (root / "hpc_ckpt_1.ckpt").write_bytes(b"weights" * 1000)
+    print("saved", flush=True)
+    while not (root / "go").exists():  # the parent holds the repository's lock now
+        time.sleep(0.02)
+    run.checkpoint_saved(root / "hpc_ckpt_1.ckpt", step=3, epoch=0)
+    print("ending", time.time(), flush=True)
+    Preemption(run, timeout=timeout).end()
+
+
+if __name__ == "__main__":
+    root, timeout, mlflow_uri, spawned = Path(sys.argv[1]), float(sys.argv[2]), sys.argv[3], sys.argv[4] == "spawned"
+    if spawned:  # a process a launcher started (ddp_spawn, torchrun's elastic agent): its end is not in a thread
+        child = multiprocessing.get_context("spawn").Process(target=body, args=(root, timeout, mlflow_uri))
+        child.start()
+        child.join()
+        sys.exit(child.exitcode)
+    body(root, timeout, mlflow_uri)
 """
 
 
-def test_a_preempted_process_exits_within_its_timeout_while_its_commit_waits(tmp_path):
+@pytest.mark.parametrize("how", ["script", "spawned-with-mlflow-hung"])
+def test_a_preempted_process_exits_within_its_timeout_while_its_commit_waits(tmp_path, how, hanging_port):
+    """The plain script ends in a thread (``finish_soon``); a spawned process in the calling thread
+    (``finish``), which also waits for the MLflow run first: here a server that never answers."""
     timeout = 3.0
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1]), os.environ.get("PYTHONPATH", "")])}
-    child = subprocess.Popen([sys.executable, "-c", CHILD, str(tmp_path), str(timeout)], stdin=subprocess.PIPE,
-                             stdout=subprocess.PIPE, text=True, env=env)
+    (tmp_path / "child.py").write_text(CHILD)
+    mlflow_uri = f"http://127.0.0.1:{hanging_port}" if how != "script" else ""
+    child = subprocess.Popen([sys.executable, str(tmp_path / "child.py"), str(tmp_path), str(timeout), mlflow_uri,
+                              "spawned" if how != "script" else "-"], stdout=subprocess.PIPE, text=True, env=env)
     assert child.stdout.readline().strip() == "saved"  # the model repository exists: hold it, as another commit would
     holder = FileLock(repo_lock_path(tmp_path / "models"))
     holder.acquire()
     try:
-        child.stdin.write("go\n")
-        child.stdin.flush()
+        (tmp_path / "go").write_text("")
         ending = float(child.stdout.readline().split()[1])
         child.wait(timeout=60)
         exited = time.time()

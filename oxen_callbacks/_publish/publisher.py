@@ -366,14 +366,13 @@ class CheckpointPublisher:
         self._raise_errors()
         return done
 
-    def close(self, timeout: float | None = None) -> None:
+    def close(self, timeout: float | None = None, *, by: float | None = None) -> None:
         """Flush, let the worker finish (a last push included) and release the queue.
 
-        ``timeout`` bounds the flush and the wait for the worker's exit together; without it, the
-        wait for the exit is bounded by one push attempt when a remote is set: a worker still
-        pushing then finishes in the background.
+        ``timeout`` bounds the flush; the wait for the worker's exit is bounded either way
+        (by one push attempt when a remote is set): a worker still pushing then finishes
+        in the background. ``by``: a time (monotonic) both waits end by.
         """
-        deadline = None if timeout is None else time.monotonic() + timeout
         try:
             self.flush(timeout)
         finally:
@@ -384,7 +383,8 @@ class CheckpointPublisher:
                 except OSError:
                     pass
                 try:
-                    proc.wait(timeout=self._exit_wait_s() if deadline is None else max(0.0, deadline - time.monotonic()))
+                    wait = timeout if timeout is not None else self._exit_wait_s()
+                    proc.wait(timeout=wait if by is None else max(0.0, min(wait, by - time.monotonic())))
                 except subprocess.TimeoutExpired:
                     log.warning("Publishing worker still busy (pid %s); it finishes in the background", proc.pid)
             self._owner.release()
