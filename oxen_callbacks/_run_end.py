@@ -187,7 +187,7 @@ class RunEnding:
             if best_path is None and best and self.publisher.has_source(best):
                 best_path = self.publisher.dest_for(best)
             self._log_final_or_leave_to_sync(self.record, status, committed=committed, best_path=best_path,
-                                             timeout=max(0.5, deadline - time.monotonic()))
+                                             timeout=max(0.0 if self.end_by is not None else 0.5, deadline - time.monotonic()))
         if error is not None:
             raise error
         return self.record
