@@ -157,6 +157,10 @@ def test_trace_from_a_checkpoint_path_finds_run_and_dataset_commit(world):
     assert world.runs["run-b"]["model"]["commit"] in [c["commit"] for c in run["matched_checkpoints"]]
     relative = cli(world, "trace", best.as_posix(), cwd=world.models)  # as typed inside the model repository
     assert relative["runs"][0]["dataset"]["commit"] == world.dataset.commits[1]
+    # outside any model repository, without --model-repo: the repositories MLflow's runs of that name used
+    elsewhere = cli(world, "trace", best.as_posix(), cwd=world.root)
+    assert [(r["run"]["name"], r["model"]["repo"], r["dataset"]["commit"]) for r in elsewhere["runs"]] == [
+        ("run-b", str(world.models), world.dataset.commits[1])]
 
 
 def test_trace_from_a_dataset_commit_finds_every_model_trained_on_it(world):
