@@ -115,6 +115,10 @@ def test_lineage_names_the_repositories_real_commits(world):
     assert [(v["name"], v["version"]) for v in view["registered"]] == [("tiny-clf", "1")]
     text = cli_text(world, "lineage", world.run_id("run-a"))
     assert world.dataset.commits[0] in text and record["model"]["commit"] in text and world.code_commit in text
+    assert "registered   tiny-clf v1" in text.splitlines()
+    # a pin by branch says what was asked for beside the commit it stood for
+    assert f"dataset      {world.dataset.path} @ {world.dataset.commits[1]}  asked for 'main'" in cli_text(
+        world, "lineage", world.run_id("run-b")).splitlines()
     # the quickstart's second form: the model repository alone, no MLflow
     offline = cli(world, "lineage", "--model-repo", str(world.models), "run-a", MLFLOW_TRACKING_URI="")
     assert offline["source"] == "model-repo"
@@ -206,6 +210,8 @@ def test_endpoint_is_recorded_and_traced_to_its_data(world, tmp_path):
     assert [(r["run"]["name"], r["dataset"]["commit"]) for r in found["runs"]] == [("run-a", world.dataset.commits[0])]
     assert cli(world, "lineage", world.run_id("run-b"))["endpoints"] == []
     assert [e["endpoint"] for e in cli(world, "lineage", world.run_id("run-a"))["endpoints"]] == [endpoint]
+    model_a = world.runs["run-a"]["model"]["commit"]
+    assert f"endpoint     {endpoint} serves {model_a}" in cli_text(world, "lineage", world.run_id("run-a")).splitlines()
 
 
 def test_reproduce_materializes_exact_data_and_final_checkpoint(world, tmp_path):
