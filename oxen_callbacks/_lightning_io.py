@@ -102,7 +102,10 @@ class CheckpointWatch:
         self._begun: _SaveBegun | None = None
         self._io_sees_saves = False  # once it has: the strategy writes through it, no need to look on disk
         self._saved_at: tuple[int, list[str]] = (-1, [])  # a global step, and the paths published at it
-        self._links_due: tuple[int, int, dict[str, float]] | None = None  # a save's position: look for new links
+        # ModelCheckpoint(save_last="link") links last.ckpt past the CheckpointIO: after each save, look for it
+        self._links_last = any(isinstance(cb, ModelCheckpoint) and cb.save_last == "link"
+                               for cb in trainer.checkpoint_callbacks)
+        self._look_for_links = False  # a save since the last look
         self._links: dict[str, tuple[str, int, int]] = {}  # each published link: its target (real path, inode, mtime)
         self._saves: dict[str, _Save] = {}  # each file or folder this fit published, by its real path
 
@@ -135,10 +138,9 @@ class CheckpointWatch:
         self._io_sees_saves = True
         if publishing:
             trainer = self.trainer
-            position = (trainer.global_step, trainer.current_epoch, _scalar_metrics(trainer.callback_metrics))
-            self._publish(path, *position, ours)
-            if _links_last(trainer):
-                self._links_due = position
+            self._publish(path, trainer.global_step, trainer.current_epoch, _scalar_metrics(trainer.callback_metrics),
+                          ours)
+            self._look_for_links = self._links_last
 
     def _removed(self, path: str) -> None:
         if self.trainer.is_global_zero:
@@ -171,8 +173,7 @@ class CheckpointWatch:
         begun, self._begun = self._begun, None
         if begun is not None:
             self._publish_written(begun)
-            if _links_last(self.trainer):
-                self._links_due = (begun.step, begun.epoch, begun.metrics)
+            self._look_for_links = self._links_last
         self._publish_new_links()
 
     def _publish_new_links(self) -> None:
@@ -180,9 +181,9 @@ class CheckpointWatch:
         and had not linked to yet (``save_last="link"``): it is that checkpoint (with no top-k file saved
         at this step, Lightning links to an earlier one), published as that save. A link to a file of
         another fit (a resumed or repeated fit's ``last.ckpt``) is not this fit's save: left out."""
-        due, self._links_due = self._links_due, None
-        if due is None:  # (no save since the last look: every hook of every batch comes here)
+        if not self._look_for_links:  # (no save since the last look: every hook of every batch comes here)
             return
+        self._look_for_links = False
         for cb in self.trainer.checkpoint_callbacks:
             path = cb.last_model_path if isinstance(cb, ModelCheckpoint) else None
             if not path or not os.path.islink(path):
@@ -206,11 +207,6 @@ class CheckpointWatch:
                  if isinstance(cb, ModelCheckpoint) and cb.last_model_path}
         for path in sorted(written, key=lambda p: os.path.abspath(p) in lasts):  # (a top-k file before its last.ckpt)
             self._publish(path, begun.step, begun.epoch, begun.metrics, copy=True)
-
-
-def _links_last(trainer: pl.Trainer) -> bool:
-    """Whether a ``ModelCheckpoint`` of ``trainer`` makes ``last.ckpt`` a link (``save_last="link"``)."""
-    return any(isinstance(cb, ModelCheckpoint) and cb.save_last == "link" for cb in trainer.checkpoint_callbacks)
 
 
 def _model_checkpoint_files(trainer: pl.Trainer) -> dict[str, tuple[Any, ...]]:
