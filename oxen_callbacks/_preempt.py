@@ -59,7 +59,6 @@ class Run(Protocol):
     sink: Any
     finished: bool
     register_model: str | None
-    drain_timeout: float | None
     mlflow_timeout: float
     end_by: float | None
 
@@ -124,7 +123,6 @@ class Preemption:
             return
         started = time.monotonic()
         run.register_model = None  # the requeued job's model is the final one, not this
-        run.drain_timeout = self.timeout if run.drain_timeout is None else min(run.drain_timeout, self.timeout)
         run.mlflow_timeout = min(run.mlflow_timeout, self.timeout)
         run.end_by = started + self.timeout  # every wait of the end, in turn, ends by then
         try:
