@@ -51,6 +51,7 @@ def main() -> None:
     parser.add_argument("--register-model", help="register_model=")
     parser.add_argument("--after-fit", choices=("exit", "kill"), default="exit",
                         help="kill: SIGKILL this process the moment fit() returns")
+    parser.add_argument("--worker-pid", help="once the lineage is complete, write the commit worker's pid here")
     parser.add_argument("--forked-child", help="fork a child that sleeps 600 s once the callback is built; "
                         "write its pid and the commit worker's (after fit) to this JSON file")
     args, _unknown = parser.parse_known_args()  # e.g. secrets the lineage record must mask
@@ -89,6 +90,9 @@ def main() -> None:
                                     "snapshot": str(pin.path)}))
     if args.out and trainer.global_rank == 0:
         Path(args.out).write_text(json.dumps({"lineage": cb.lineage, "saved": sorted(p.name for p in (root / "ckpt").iterdir())}))
+    if args.worker_pid:
+        cb.run.wait()
+        Path(args.worker_pid).write_text(str(cb.run.publisher.worker_pid))
 
 
 if __name__ == "__main__":

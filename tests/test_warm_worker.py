@@ -1,11 +1,15 @@
 """The publishing worker a callback starts when it is built: it commits that callback's fit with
-the fit's identity, a dead one is replaced without losing a checkpoint, an unused one goes away."""
+the fit's identity, a dead one is replaced without losing a checkpoint, an unused one goes away.
+Once its run ended it waits for the process's next fit (a notebook's next cell), holding nothing."""
 
 from __future__ import annotations
 
 import gc
+import json
 import os
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -16,9 +20,19 @@ from lightning_model import CsvData, TinyModel, make_trainer
 
 from oxen_callbacks import PinnedDataset
 from oxen_callbacks._oxen import child as oxen_child
+from oxen_callbacks._publish import warm_worker
+from oxen_callbacks._publish.queue import repo_lock_path
+from oxen_callbacks._util.locks import is_locked
 from oxen_callbacks.lightning import OxenLightningCallback
 
 AUTHOR = ("Warm Worker Test", "warm@example.com")
+
+
+@pytest.fixture(autouse=True)
+def no_idle_worker():
+    """Each test starts as a new process would: no worker an earlier test's fit left waiting."""
+    while (proc := warm_worker._take_idle()) is not None:
+        warm_worker._close(proc)
 
 
 def _fit(tmp_path: Path, cb: OxenLightningCallback) -> None:
@@ -26,9 +40,9 @@ def _fit(tmp_path: Path, cb: OxenLightningCallback) -> None:
                  ).fit(TinyModel(), datamodule=CsvData(cb.dataset))
 
 
-def _callback(dataset_repo, tmp_path: Path) -> OxenLightningCallback:  # type: ignore[no-untyped-def]
+def _callback(dataset_repo, tmp_path: Path, author: tuple[str, str] = AUTHOR) -> OxenLightningCallback:  # type: ignore[no-untyped-def]
     pin = PinnedDataset(dataset_repo.path, revision=dataset_repo.commits[0], paths=["train.csv", "val.csv"])
-    return OxenLightningCallback(dataset=pin, model_repo=tmp_path / "models", mlflow=False, author=AUTHOR)
+    return OxenLightningCallback(dataset=pin, model_repo=tmp_path / "models", mlflow=False, author=author)
 
 
 def _assert_all_committed(tmp_path: Path, record: dict) -> None:
@@ -123,3 +137,90 @@ def test_a_secret_in_the_environment_handed_over_reaches_no_file(dataset_repo, t
             except OSError:
                 continue
     assert not leaks
+
+
+@pytest.mark.timeout(400)
+def test_the_next_fit_of_the_process_takes_the_worker_a_finished_fit_left_waiting(dataset_repo, tmp_path):
+    """A notebook's next cell: the worker of the first fit, done, holds neither the repository nor its
+    queue, and commits the second fit (another repository, another author: its own hand-off) as
+    that fit's, its log in that fit's queue."""
+    first, second = tmp_path / "first", tmp_path / "second"
+    cb = _callback(dataset_repo, first)
+    _fit(first, cb)
+    _assert_all_committed(first, cb.lineage)
+    pid = cb.run.publisher.worker_pid
+    assert process_running(pid)  # waiting for the next run, not exited
+    queue = cb.run.publisher.queue
+    assert not is_locked(repo_lock_path(first / "models")) and not is_locked(queue.worker_lock)
+    before = len(oxen_child.log(first / "models"))  # another process may use the repository meanwhile
+
+    other_author = ("Second Cell", "second@example.com")
+    cb2 = _callback(dataset_repo, second, author=other_author)
+    assert cb2.run._warm_worker.proc.pid == pid  # taken over, not started anew
+    _fit(second, cb2)
+    assert cb2.run.publisher.worker_pid == pid
+    _assert_all_committed(second, cb2.lineage)
+    ours = [c for c in oxen_child.log(second / "models") if "oxen-callbacks" in c["message"]]
+    assert ours and {(c["author"], c["email"]) for c in ours} == {other_author}
+    assert len(oxen_child.log(first / "models")) == before  # nothing of the second fit went to the first
+    second_queue = cb2.run.publisher.queue
+    assert second_queue.folder.name in second_queue.log_path.read_text()
+    assert second_queue.folder.name not in queue.log_path.read_text()
+
+
+@pytest.mark.timeout(400)
+def test_a_waiting_worker_killed_between_fits_is_replaced_and_nothing_is_lost(dataset_repo, tmp_path):
+    first, second = tmp_path / "first", tmp_path / "second"
+    cb = _callback(dataset_repo, first)
+    _fit(first, cb)
+    cb.lineage
+    pid = cb.run.publisher.worker_pid
+    os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 30
+    while process_running(pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    cb2 = _callback(dataset_repo, second)
+    _fit(second, cb2)
+    assert cb2.run.publisher.worker_pid not in (None, pid)
+    _assert_all_committed(second, cb2.lineage)
+
+
+@pytest.mark.timeout(400)
+def test_the_waiting_worker_exits_with_the_training_process(dataset_repo, tmp_path):
+    """Nothing outlives a script: the worker its fit left waiting sees its stdin close when the script exits."""
+    pid_file = tmp_path / "worker.pid"
+    done = subprocess.run([sys.executable, str(Path(__file__).parent / "fit_script.py"), "--dataset",
+                           str(dataset_repo.path), "--revision", dataset_repo.commits[0], "--model-repo",
+                           str(tmp_path / "models"), "--root", str(tmp_path / "fit"), "--epochs", "2",
+                           "--out", str(tmp_path / "out.json"), "--worker-pid", str(pid_file)],
+                          capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads((tmp_path / "out.json").read_text())["lineage"]["status"] == "FINISHED"
+    pid = int(pid_file.read_text())
+    deadline = time.monotonic() + 30
+    while process_running(pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not process_running(pid)
+
+
+@pytest.mark.timeout(400)
+def test_a_finished_fits_publisher_closed_again_leaves_the_next_fit_alone(dataset_repo, tmp_path):
+    """The worker now serves another fit: the earlier fit's publisher (closed again, as a second
+    ``finish`` or an exit handler might) must not end that fit's run or wake it."""
+    from lightning.pytorch.callbacks import Callback
+
+    first, second = tmp_path / "first", tmp_path / "second"
+    cb = _callback(dataset_repo, first)
+    _fit(first, cb)
+    cb.lineage
+    earlier = cb.run.publisher
+
+    class CloseEarlierAgain(Callback):
+        def on_train_epoch_end(self, trainer, pl_module):  # type: ignore[no-untyped-def]
+            earlier.close(timeout=5)
+
+    cb2 = _callback(dataset_repo, second)
+    make_trainer(second, [ModelCheckpoint(dirpath=second / "ckpt", save_top_k=-1), cb2, CloseEarlierAgain()],
+                 epochs=2).fit(TinyModel(), datamodule=CsvData(cb2.dataset))
+    _assert_all_committed(second, cb2.lineage)
+    assert cb2.run.publisher.worker_pid == cb.run.publisher.worker_pid

@@ -37,7 +37,7 @@ from .dests import Destinations
 from .freeze import freeze
 from .known_repos import register_model_repo
 from .queue import JobQueue, damage_warning
-from .warm_worker import WarmWorker, worker_arguments
+from .warm_worker import END_OF_RUN, IDLE, WarmWorker, release_idle, worker_arguments
 
 log = logging.getLogger(__name__)
 
@@ -102,6 +102,7 @@ class CheckpointPublisher:
         self._cond = threading.Condition()
         self._handling = threading.Lock()
         self._proc: subprocess.Popen[bytes] | None = None
+        self._worker_idle = False  # the worker answered END_OF_RUN: it waits for the next run
         self._warm = warm
         self._restarts = 0
         #: Why publishing stopped for this run (a worker or commit processes that keep dying): the
@@ -126,19 +127,25 @@ class CheckpointPublisher:
         # (a process group of its own: a Ctrl-C in the notebook must not kill a commit halfway)
         self._proc = (warm.hand_over(args, env) if warm is not None else None) or start_helper(
             "publish-worker", *args, env=env)
+        self._worker_pid: int | None = self._proc.pid
         reader = threading.Thread(target=self._read_results, args=(self._proc,), daemon=True, name="oxen-publisher")
         reader.start()
 
     def _read_results(self, proc: subprocess.Popen[bytes]) -> None:
         assert proc.stdout is not None
+        idle = False
         for line in proc.stdout:
             try:
                 result = json.loads(line)
             except ValueError:
                 continue
+            if result.get("kind") == IDLE:
+                idle = True  # the run is over: the next run's reader reads on (nothing is read ahead)
+                break
             if result.get("kind") != "ready":
                 self._handle(result)
         with self._cond:
+            self._worker_idle = idle
             self._cond.notify_all()
 
     def _collect_from_disk(self) -> None:
@@ -212,7 +219,7 @@ class CheckpointPublisher:
                       self.queue.folder)
 
     def _wake(self) -> None:
-        if self.stalled:
+        if self.stalled or not self._owner.held:  # (closed: its worker may serve another run now)
             return
         proc = self._proc
         if proc is None or proc.poll() is not None:
@@ -334,8 +341,8 @@ class CheckpointPublisher:
 
     @property
     def worker_pid(self) -> int | None:
-        """Process id of the current worker (it is restarted if it dies)."""
-        return self._proc.pid if self._proc is not None else None
+        """Process id of the current worker (it is restarted if it dies), or of the last one."""
+        return self._worker_pid
 
     # -- waiting ------------------------------------------------------------------------
     @property
@@ -371,23 +378,54 @@ class CheckpointPublisher:
 
         ``timeout`` bounds the flush; the wait for the worker's exit is bounded either way
         (by one push attempt when a remote is set): a worker still pushing then finishes
-        in the background. ``by``: a time (monotonic) both waits end by.
+        in the background. ``by``: a time (monotonic) both waits end by. A worker that
+        answered every job waits for this process's next run (:data:`.warm_worker.END_OF_RUN`);
+        this publisher lets go of it.
         """
+        drained = False
         try:
-            self.flush(timeout)
+            drained = self.flush(timeout)
         finally:
             proc = self._proc
-            if proc is not None and proc.stdin is not None:
-                try:
-                    proc.stdin.close()
-                except OSError:
-                    pass
-                try:
-                    wait = timeout if timeout is not None else self._exit_wait_s()
-                    proc.wait(timeout=wait if by is None else max(0.0, min(wait, by - time.monotonic())))
-                except subprocess.TimeoutExpired:
-                    log.warning("Publishing worker still busy (pid %s); it finishes in the background", proc.pid)
+            if proc is not None and proc.stdin is not None and not proc.stdin.closed:
+                wait = timeout if timeout is not None else self._exit_wait_s()
+                deadline = time.monotonic() + (wait if by is None else max(0.0, min(wait, by - time.monotonic())))
+                # a pre-empted process (``by``) exits at once: its worker finishes at EOF
+                if drained and by is None and self._end_run(proc, deadline):
+                    self._proc = None  # the next run's now: never woken, ended or waited for by this one
+                else:
+                    self._let_finish(proc, deadline)
             self._owner.release()
+
+    def _end_run(self, proc: subprocess.Popen[bytes], deadline: float) -> bool:
+        """Tell the worker the run is over; once it has freed the repository (a last push done) it
+        is kept for this process's next run. ``False`` if it did not say so by ``deadline``."""
+        assert proc.stdin is not None
+        try:
+            proc.stdin.write(END_OF_RUN.encode())
+            proc.stdin.flush()
+        except OSError:
+            return False
+        with self._cond:
+            while not self._worker_idle and proc.poll() is None and (left := deadline - time.monotonic()) > 0:
+                self._cond.wait(timeout=min(left, 1.0))
+            idle = self._worker_idle
+        if idle:
+            release_idle(proc)
+        return idle
+
+    @staticmethod
+    def _let_finish(proc: subprocess.Popen[bytes], deadline: float) -> None:
+        """Close the worker's stdin (it finishes the queue and exits) and wait for it until ``deadline``."""
+        assert proc.stdin is not None
+        try:
+            proc.stdin.close()
+        except OSError:
+            pass
+        try:
+            proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            log.warning("Publishing worker still busy (pid %s); it finishes in the background", proc.pid)
 
     def _exit_wait_s(self) -> float:
         """How long the worker may take to exit once every job is answered: its last push."""

@@ -7,6 +7,11 @@ waited for when ``fit()`` ends. It runs at normal priority until then: nothing t
 At fit start the publisher hands it the command line and environment a cold worker would get
 (:meth:`WarmWorker.hand_over`); unused, it exits when this object goes away or the training
 process ends (its stdin closes).
+
+A worker whose run ended cleanly (:data:`END_OF_RUN`, answered by :data:`IDLE`) waits, imported,
+for the next run of this process (:func:`release_idle`): a notebook's next cell or a sweep's next
+fit takes it over instead of starting one, whose start-up would run against that fit at the lowest
+priority and be waited for after it.
 """
 
 from __future__ import annotations
@@ -19,6 +24,12 @@ from collections.abc import Mapping
 
 from .._util.handoff import Unfitted, send_handoff
 from .._util.processes import child_environment, start_helper, yield_cpu_to_training
+
+#: The publisher's last line of a run: finish its jobs, free the repository, answer :data:`IDLE`
+#: and wait for the next hand-off (EOF instead: finish and exit).
+END_OF_RUN = "end\n"
+#: The ``kind`` of the worker's answer to :data:`END_OF_RUN`.
+IDLE = "idle"
 
 
 def worker_arguments(queue_folder: str | os.PathLike[str], repo: str | os.PathLike[str], *, push_timeout: float,
@@ -34,11 +45,13 @@ def worker_arguments(queue_folder: str | os.PathLike[str], repo: str | os.PathLi
 class WarmWorker:
     def __init__(self) -> None:
         _reap_closed()
-        unused = _unfitted.find()  # one an earlier callback holds unused (see Unfitted)
+        idle = _take_idle()  # one an earlier run of this process finished with
+        unused = _unfitted.find() if idle is None else None  # one an earlier callback holds unused (see Unfitted)
         # (as a cold worker, in a process group of its own: a Ctrl-C meant for the trainer must not kill a commit)
-        self.proc: subprocess.Popen[bytes] | None = (
+        self.proc: subprocess.Popen[bytes] | None = idle or (
             unused.take() if unused is not None else start_helper("publish-worker", "--warm", env=child_environment()))
-        self._closer = weakref.finalize(self, _close, self.proc)
+        # unused after all: an idle one waits for the next run again, a new one exits
+        self._closer = weakref.finalize(self, release_idle if idle is not None else _close, self.proc)
         _unfitted.add(self)
 
     def take(self) -> subprocess.Popen[bytes] | None:
@@ -64,6 +77,26 @@ class WarmWorker:
 _unfitted = Unfitted()  # warm workers of callbacks not fitted yet
 _closed: list[subprocess.Popen[bytes]] = []  # told to exit, not reaped yet
 _closed_lock = threading.Lock()
+_idle: list[subprocess.Popen[bytes]] = []  # done with a run, waiting for the next one (at most one)
+_idle_owner = os.getpid()  # a forked child (DDP workers) must not write to its parent's pipes
+
+
+def release_idle(proc: subprocess.Popen[bytes]) -> None:
+    """Keep ``proc``, which answered :data:`IDLE`, for this process's next run (one is enough)."""
+    with _closed_lock:
+        if os.getpid() == _idle_owner and not _idle and proc.poll() is None:
+            _idle.append(proc)
+            return
+    _close(proc)
+
+
+def _take_idle() -> subprocess.Popen[bytes] | None:
+    with _closed_lock:
+        while _idle and os.getpid() == _idle_owner:
+            proc = _idle.pop()
+            if proc.poll() is None:
+                return proc
+    return None
 
 
 def _close(proc: subprocess.Popen[bytes]) -> None:

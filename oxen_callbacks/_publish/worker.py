@@ -3,9 +3,11 @@
 oxenai holds the GIL for a whole add (seconds for a large checkpoint) and can
 hang on a dead remote, so commits run here, in a process of their own, never in
 the training process. The worker drains its queue, wakes on a newline on stdin,
-and finishes the remaining jobs when stdin closes (the trainer finished or died).
-Results go back as JSON lines on the original stdout; oxenai's own prints and the
-log go to the queue's ``worker.log``.
+and finishes the remaining jobs when stdin closes (the trainer finished or died)
+or :data:`~.warm_worker.END_OF_RUN` comes: then it frees the repository and waits,
+imported, for the next run of the same training process (a notebook's next cell,
+a sweep's next fit), handed over like a warm one's. Results go back as JSON lines
+on the original stdout; oxenai's own prints and the log go to the queue's ``worker.log``.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ from .committer import Committer
 from .orphans import clean_orphan_temp_files, drain_orphans
 from .push import PushTarget, push_with_timeout
 from .queue import JobQueue, damage_warning
+from .warm_worker import END_OF_RUN, IDLE
 
 log = logging.getLogger("oxen_callbacks.worker")
 
@@ -68,17 +71,21 @@ class _Results:
             self.emit(notice)
 
 
-def _redirect_output(log_path: str) -> IO[str]:
-    """Keep the original stdout for results; send fds 1 and 2 (Rust prints) to the log."""
+def _keep_results_stream() -> IO[str]:
+    """The original stdout, kept for results before fds 1 and 2 go to a run's log."""
     results = os.fdopen(os.dup(1), "w", buffering=1)
-    fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-    os.dup2(fd, 1)
-    os.dup2(fd, 2)
-    os.close(fd)
     logging.basicConfig(
         stream=sys.stderr, level=logging.INFO, format="%(asctime)s %(process)d %(levelname)s %(message)s"
     )
     return results
+
+
+def _log_to(log_path: str) -> None:
+    """Send fds 1 and 2 (Rust prints, and the log) to this run's log."""
+    fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    os.close(fd)
 
 
 class BatchProcess:
@@ -265,12 +272,12 @@ BURST_S = 0.05
 def _rest_of_burst(wakeups: StdinLines, queue: JobQueue) -> str:
     """Read the wake-ups of the next :data:`BURST_S`, or until the run's end is queued (nothing
     follows it to wait for: a removal, top-k rotation, comes between a save and ``last.ckpt``);
-    ``""`` when stdin closed meanwhile."""
+    ``""`` when stdin closed meanwhile, :data:`END_OF_RUN` when the run ended."""
     deadline = time.monotonic() + BURST_S
     while (left := deadline - time.monotonic()) > 0:
         line = wakeups.next(timeout=left)
-        if line == "":
-            return ""
+        if line in ("", END_OF_RUN):
+            return line
         if line is None or _newest_kind(queue) == "finalize":
             break
     return "\n"
@@ -283,14 +290,16 @@ def _newest_kind(queue: JobQueue) -> str | None:
 
 
 def serve(queue: JobQueue, batches: Batches, results: _Results, push: PushTarget | None, repo: str,
-          wakeups: StdinLines) -> None:
-    """Run the queue's jobs as they come (a newline on stdin wakes us; EOF: finish and return).
+          wakeups: StdinLines) -> str:
+    """Run the queue's jobs as they come (a newline on stdin wakes us; EOF or :data:`END_OF_RUN`:
+    finish and return ``""`` or that line).
 
     A push that failed is not tried again by this worker: it is journaled, ``sync`` retries
     it, and the end of training waits for at most the one push in flight. When commit
     processes keep dying, the jobs stay queued for ``sync`` and the trainer is told once.
     """
     failed: set[int] = set()
+    over = ""  # why serving ends, once it does: "" (EOF) or END_OF_RUN
     eof = stalled = False
     push_failed = bool(queue.meta().get("push_failed"))  # a restarted worker does not try again either
     answered: set[int] = set()  # the jobs of this round that have their result
@@ -329,13 +338,14 @@ def serve(queue: JobQueue, batches: Batches, results: _Results, push: PushTarget
                 queue.update_meta(push_failed=True)
             results.emit(report)
         if eof:
-            return
+            return over
         line = wakeups.next(timeout=Batches.IDLE_S if batches.serving else 1.0)
         if line is None:
             batches.retire()
         elif line and _newest_kind(queue) == "checkpoint":  # not the run's end: no wait
             line = _rest_of_burst(wakeups, queue)
-        eof = line == ""
+        eof = line in ("", END_OF_RUN)
+        over = line if eof else over
 
 
 def _await_handoff(stdin: StdinLines) -> list[str] | None:
@@ -359,34 +369,49 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--push-timeout", type=float, default=300.0)
     args = parser.parse_args(argv)
     wakeups = StdinLines()
-    if args.warm:
-        handoff = _await_handoff(wakeups)
-        if handoff is None:
-            return 0  # the callback was never used, or the training process is gone
-        args = parser.parse_args(handoff)
-    yield_cpu_to_training(idle=False)  # commits run beside training; they must progress under a busy CPU too
-    if not args.queue or not args.repo:
-        parser.error("--queue and --repo are required")
-    queue = JobQueue(args.queue)
-    results = _Results(_redirect_output(str(queue.log_path)))
+    results: _Results | None = None
+    while True:  # one run at a time: a notebook's cells, a sweep's fits (see END_OF_RUN)
+        if args.warm:
+            handoff = _await_handoff(wakeups)
+            if handoff is None:
+                return 0  # the callback was never used, or the training process is gone
+            args = parser.parse_args(handoff)
+        yield_cpu_to_training(idle=False)  # commits run beside training; they must progress under a busy CPU too
+        if not args.queue or not args.repo:
+            parser.error("--queue and --repo are required")
+        queue = JobQueue(args.queue)
+        results = results or _Results(_keep_results_stream())
+        _log_to(str(queue.log_path))
+        if _serve_run(args, queue, results, wakeups) != END_OF_RUN:
+            return 0
+        results.emit({"kind": IDLE, "ok": True})  # the repository and the queue are free: hand over the next run
+        args = parser.parse_args(["--warm"])
+
+
+def _serve_run(args: argparse.Namespace, queue: JobQueue, results: _Results, wakeups: StdinLines) -> str:
+    """Serve one run's queue until its end (see :func:`serve`); returns why it ended. The commit
+    process is retired and the queue's worker lock released before this returns."""
     lock = FileLock(queue.worker_lock, timeout=3600)
     lock.acquire()  # a batch of a killed predecessor may still be finishing
-    committer = Committer(LocalRepo(args.repo, role="model repository"))
-    push = PushTarget(args.remote, args.branch, args.push_timeout, url=args.remote_url) if args.remote else None
-    results.emit({"kind": "ready", "ok": True, "pid": os.getpid()})
-    for result in queue.results():  # answers a killed predecessor could not send (the parent drops repeats)
-        results.emit(result)
-    batches = Batches(queue, committer, (lock.fileno(),))
     try:
+        committer = Committer(LocalRepo(args.repo, role="model repository"))
+        push = PushTarget(args.remote, args.branch, args.push_timeout, url=args.remote_url) if args.remote else None
+        results.emit({"kind": "ready", "ok": True, "pid": os.getpid()})
+        for result in queue.results():  # answers a killed predecessor could not send (the parent drops repeats)
+            results.emit(result)
+        batches = Batches(queue, committer, (lock.fileno(),))
         try:
-            batches.run("maintain", skip=str(queue.folder))
-        except PublishError as exc:  # housekeeping only: the queue's own jobs come first
-            log.warning("Start-up maintenance failed: %s", exc)
-        serve(queue, batches, results, push, args.repo, wakeups)
+            try:
+                batches.run("maintain", skip=str(queue.folder))
+            except PublishError as exc:  # housekeeping only: the queue's own jobs come first
+                log.warning("Start-up maintenance failed: %s", exc)
+            over = serve(queue, batches, results, push, args.repo, wakeups)
+        finally:
+            batches.close()
     finally:
-        batches.close()
+        lock.release()
     log.info("Worker done: queue %s drained", queue.folder.name)
-    return 0
+    return over
 
 
 if __name__ == "__main__":
