@@ -224,3 +224,30 @@ def test_a_finished_fits_publisher_closed_again_leaves_the_next_fit_alone(datase
                  epochs=2).fit(TinyModel(), datamodule=CsvData(cb2.dataset))
     _assert_all_committed(second, cb2.lineage)
     assert cb2.run.publisher.worker_pid == cb.run.publisher.worker_pid
+
+
+@pytest.mark.timeout(300)
+def test_a_run_with_a_failed_commit_still_ends_at_once_and_leaves_its_worker_waiting(tmp_path):
+    """A checkpoint whose commit failed stays queued (for `sync`), the newest job the worker sees when
+    the run's end comes: the end must not be taken for a wake-up within a burst of saves (close() then
+    waited its whole limit, 60 s, for an answer that never came)."""
+    from oxen_callbacks._publish.publisher import CheckpointPublisher
+    from oxen_callbacks.errors import PublishError
+
+    publisher = CheckpointPublisher(model_repo=tmp_path / "models", run="r1", author=AUTHOR)
+    saved = tmp_path / "c1.ckpt"
+    saved.write_bytes(b"weights" * 100)
+    publisher.submit_checkpoint(saved, record={"run": {"name": "r1"}, "checkpoints": [], "model": {}}, step=1, epoch=0)
+    publisher._put("checkpoint", {"run": "r1", "dest": "runs/r1/checkpoints/gone.ckpt", "staged_name": "gone.ckpt",
+                                  "source": str(tmp_path / "gone.ckpt"), "step": 2, "epoch": 0, "metrics": {},
+                                  "files": 1, "bytes": 1, "stamps": {}, "message": "m", "record": {"run": {"name": "r1"}}})
+    with pytest.raises(PublishError):
+        publisher.flush(120)
+    time.sleep(1)  # the worker waits for work, as during training
+    publisher.submit_finalize({"run": {"name": "r1"}, "checkpoints": [], "model": {}})
+    assert publisher.flush(120)  # (the failed job was said once)
+    assert publisher.queue.pending()[-1].kind == "checkpoint"  # kept for `sync`
+    started = time.monotonic()
+    publisher.close()
+    assert time.monotonic() - started < 30
+    assert warm_worker._take_idle() is not None

@@ -103,6 +103,7 @@ class CheckpointPublisher:
         self._handling = threading.Lock()
         self._proc: subprocess.Popen[bytes] | None = None
         self._worker_idle = False  # the worker answered END_OF_RUN: it waits for the next run
+        self._handed_on = False  # ... and went to the idle pool: not this publisher's to wake or restart
         self._warm = warm
         self._restarts = 0
         #: Why publishing stopped for this run (a worker or commit processes that keep dying): the
@@ -219,7 +220,7 @@ class CheckpointPublisher:
                       self.queue.folder)
 
     def _wake(self) -> None:
-        if self.stalled or not self._owner.held:  # (closed: its worker may serve another run now)
+        if self.stalled or self._handed_on:
             return
         proc = self._proc
         if proc is None or proc.poll() is not None:
@@ -391,9 +392,7 @@ class CheckpointPublisher:
                 wait = timeout if timeout is not None else self._exit_wait_s()
                 deadline = time.monotonic() + (wait if by is None else max(0.0, min(wait, by - time.monotonic())))
                 # a pre-empted process (``by``) exits at once: its worker finishes at EOF
-                if drained and by is None and self._end_run(proc, deadline):
-                    self._proc = None  # the next run's now: never woken, ended or waited for by this one
-                else:
+                if not (drained and by is None and self._end_run(proc, deadline)):
                     self._let_finish(proc, deadline)
             self._owner.release()
 
@@ -411,6 +410,7 @@ class CheckpointPublisher:
                 self._cond.wait(timeout=min(left, 1.0))
             idle = self._worker_idle
         if idle:
+            self._proc, self._handed_on = None, True  # the next run's now: never woken, ended or waited for by this one
             release_idle(proc)
         return idle
 

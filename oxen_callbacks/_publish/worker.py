@@ -342,7 +342,7 @@ def serve(queue: JobQueue, batches: Batches, results: _Results, push: PushTarget
         line = wakeups.next(timeout=Batches.IDLE_S if batches.serving else 1.0)
         if line is None:
             batches.retire()
-        elif line and _newest_kind(queue) == "checkpoint":  # not the run's end: no wait
+        elif line == "\n" and _newest_kind(queue) == "checkpoint":  # a wake-up, not the run's end: no wait
             line = _rest_of_burst(wakeups, queue)
         eof = line in ("", END_OF_RUN)
         over = line if eof else over

@@ -12,6 +12,7 @@ import json
 import os
 import selectors
 import subprocess
+import tempfile
 import time
 import weakref
 from collections.abc import Callable
@@ -43,6 +44,7 @@ def take_handoff(line: str) -> dict[str, Any]:
     message = json.loads(line)
     os.environ.clear()
     os.environ.update(message["env"])
+    tempfile.tempdir = None  # chosen again from this environment's TMPDIR (a helper may serve run after run)
     os.chdir(message["cwd"])
     if isinstance(message.get("umask"), int):
         os.umask(message["umask"])
