@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import file_at, process_running
+from helpers import file_at, process_running, wait_until_released
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning_model import CsvData, TinyModel, make_trainer
 
@@ -152,6 +152,7 @@ def test_the_next_fit_of_the_process_takes_the_worker_a_finished_fit_left_waitin
     assert process_running(pid)  # waiting for the next run, not exited
     queue = cb.run.publisher.queue
     assert not is_locked(repo_lock_path(first / "models")) and not is_locked(queue.worker_lock)
+    assert not wait_until_released(first / "models", timeout=10)  # no file of it open (its log neither)
     before = len(oxen_child.log(first / "models"))  # another process may use the repository meanwhile
 
     other_author = ("Second Cell", "second@example.com")

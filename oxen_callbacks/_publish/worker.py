@@ -384,6 +384,7 @@ def main(argv: list[str] | None = None) -> int:
         _log_to(str(queue.log_path))
         if _serve_run(args, queue, results, wakeups) != END_OF_RUN:
             return 0
+        _log_to(os.devnull)  # waiting, it holds no file of the repository open (its queue's log neither)
         results.emit({"kind": IDLE, "ok": True})  # the repository and the queue are free: hand over the next run
         args = parser.parse_args(["--warm"])
 
