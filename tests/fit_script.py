@@ -51,6 +51,8 @@ def main() -> None:
     parser.add_argument("--register-model", help="register_model=")
     parser.add_argument("--after-fit", choices=("exit", "kill"), default="exit",
                         help="kill: SIGKILL this process the moment fit() returns")
+    parser.add_argument("--move-branch-in-rank-one", action="store_true",
+                        help="in the process of local rank 1, commit to the dataset's branch before pinning it")
     parser.add_argument("--worker-pid", help="once the lineage is complete, write the commit worker's pid here")
     parser.add_argument("--forked-child", help="fork a child that sleeps 600 s once the callback is built; "
                         "write its pid and the commit worker's (after fit) to this JSON file")
@@ -61,6 +63,10 @@ def main() -> None:
                                    resume_from=args.resume_from)
         pin, args.ckpt_path = cb.dataset, cb.ckpt_path
     else:
+        if args.move_branch_in_rank_one and os.environ.get("LOCAL_RANK") == "1":  # rank 0 resolved the branch already
+            from helpers import Repo, commit_files
+
+            commit_files(Repo(Path(args.dataset).resolve()), "moved meanwhile", {"train.csv": "x0,x1,x2,x3,label\n"})
         pin = PinnedDataset(args.dataset, revision=args.revision, paths=["train.csv", "val.csv"])
         cb = OxenLightningCallback(dataset=pin, model_repo=args.model_repo, mlflow=args.mlflow,
                                    run_name=args.run_name, **({"mlflow_timeout": args.mlflow_timeout}

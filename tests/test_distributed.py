@@ -75,6 +75,22 @@ def test_ddp_subprocess_two_processes(dataset_repo, tmp_path):
 
 
 @pytest.mark.timeout(600)
+def test_a_rank_that_resolves_another_commit_stops_the_fit_before_a_step(dataset_repo, tmp_path):
+    """The branch moves after rank 0 resolved it and before rank 1 does: rank 1 raises
+    DatasetMismatchError naming both commits, and nothing is trained or committed."""
+    cmd = [sys.executable, str(SCRIPT), "--dataset", str(dataset_repo.path), "--revision", "main",
+           "--model-repo", str(tmp_path / "models"), "--root", str(tmp_path), "--strategy", "ddp",
+           "--devices", "2", "--epochs", "2", "--every-n-steps", "2", "--move-branch-in-rank-one"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=500)
+    assert proc.returncode != 0
+    moved = LocalRepo(dataset_repo.path).resolve("main")  # the commit rank 1 saw
+    assert moved not in dataset_repo.commits
+    assert "DatasetMismatchError" in proc.stderr
+    assert f"Rank 1 resolved dataset commit {moved} but rank 0 resolved {dataset_repo.commits[1]}" in proc.stderr
+    assert not (tmp_path / "ckpt").exists() or not any((tmp_path / "ckpt").iterdir())
+
+
+@pytest.mark.timeout(600)
 def test_hf_trainer_under_torchrun_two_processes(tmp_path):
     from helpers import make_repo
     from hf_model import jsonl
