@@ -315,7 +315,9 @@ class LineageRun(RunOptionChecks, RunEnding):
         return seq
 
     def checkpoint_removed(self, path: str | os.PathLike[str]) -> None:
-        if self.publisher is not None:
+        """Note that ``path`` (a checkpoint queued before) left the run folder; it stays in history.
+        After the run ended nothing more is committed for it (its final record lists the file)."""
+        if self.publisher is not None and not self.finished:
             self.publisher.submit_removal(path)
 
     def note_deleted_checkpoints(self) -> None:

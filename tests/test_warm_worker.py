@@ -153,6 +153,7 @@ def test_the_next_fit_of_the_process_takes_the_worker_a_finished_fit_left_waitin
     queue = cb.run.publisher.queue
     assert not is_locked(repo_lock_path(first / "models")) and not is_locked(queue.worker_lock)
     assert not wait_until_released(first / "models", timeout=10)  # no file of it open (its log neither)
+    assert os.readlink(f"/proc/{pid}/cwd") == "/"  # nor the trainer's folder (an unmount would be refused)
     before = len(oxen_child.log(first / "models"))  # another process may use the repository meanwhile
 
     other_author = ("Second Cell", "second@example.com")
@@ -252,3 +253,66 @@ def test_a_run_with_a_failed_commit_still_ends_at_once_and_leaves_its_worker_wai
     publisher.close()
     assert time.monotonic() - started < 30
     assert warm_worker._take_idle() is not None
+
+
+@pytest.mark.timeout(400)
+def test_a_sweeps_next_callback_built_before_the_last_fit_ended_still_takes_its_worker(dataset_repo, tmp_path):
+    """A sweep builds the next callback the moment fit() returns, before that fit's end let go of its
+    worker: the worker is still taken at fit start, and the one started with the callback waits for later."""
+    first, second = tmp_path / "first", tmp_path / "second"
+    cb = _callback(dataset_repo, first)
+    _fit(first, cb)
+    cb2 = _callback(dataset_repo, second)  # (the first fit's commits are not done yet)
+    started_with_it = cb2.run._warm_worker.proc.pid
+    assert started_with_it != cb.run.publisher.worker_pid
+    cb.lineage  # (the first fit's worker waits now)
+    _fit(second, cb2)
+    assert cb2.run.publisher.worker_pid == cb.run.publisher.worker_pid
+    _assert_all_committed(second, cb2.lineage)
+    assert process_running(started_with_it)  # kept for the next fit, not lost
+
+
+@pytest.mark.timeout(300)
+def test_nothing_is_queued_or_waited_for_after_the_run_handed_its_worker_on(dataset_repo, tmp_path):
+    """A removal noted after the run ended is not committed (the final record lists the file), and a flush
+    of the publisher whose worker serves another run now returns at once, never waiting for good."""
+    cb = _callback(dataset_repo, tmp_path)
+    _fit(tmp_path, cb)
+    record = cb.lineage
+    saved = next((tmp_path / "ckpt").iterdir())
+    saved.unlink()
+    cb.run.checkpoint_removed(saved)
+    assert cb.run.publisher.pending == 0
+    cb.run.publisher.submit_removal(saved)  # (straight to the publisher: journaled for `sync`)
+    started = time.monotonic()
+    assert cb.run.publisher.flush(timeout=None) is False
+    assert time.monotonic() - started < 5
+    assert cb.lineage == record
+
+
+@pytest.mark.timeout(300)
+def test_ctrl_c_while_the_end_waits_for_the_worker_lets_it_finish_and_exit(tmp_path):
+    """Ctrl-C in a notebook while close() waits for a worker that does not answer (stopped here): the
+    queue is let go of and the worker, its stdin closed, exits once it runs again."""
+    import _thread
+    import threading
+
+    from oxen_callbacks._publish.publisher import CheckpointPublisher
+    from oxen_callbacks._util.locks import is_locked
+
+    publisher = CheckpointPublisher(model_repo=tmp_path / "models", run="r1", author=AUTHOR)
+    saved = tmp_path / "c1.ckpt"
+    saved.write_bytes(b"weights" * 100)
+    publisher.submit_checkpoint(saved, record={"run": {"name": "r1"}, "checkpoints": [], "model": {}}, step=1, epoch=0)
+    assert publisher.flush(120)
+    proc = publisher._proc
+    os.kill(proc.pid, signal.SIGSTOP)
+    threading.Timer(1.0, _thread.interrupt_main).start()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            publisher.close(timeout=60)
+    finally:
+        os.kill(proc.pid, signal.SIGCONT)
+    assert not is_locked(publisher.queue.owner_lock)
+    assert proc.wait(timeout=30) == 0
+    assert warm_worker._take_idle() is None

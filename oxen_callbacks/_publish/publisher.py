@@ -360,8 +360,8 @@ class CheckpointPublisher:
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             with self._cond:
-                if not (self._submitted - self._answered) or self.stalled:
-                    break
+                if not (self._submitted - self._answered) or self.stalled or self._handed_on:
+                    break  # (handed on: what was queued since stays journaled for `sync`)
                 left = None if deadline is None else deadline - time.monotonic()
                 if left is not None and left <= 0:
                     break
@@ -388,13 +388,20 @@ class CheckpointPublisher:
             drained = self.flush(timeout)
         finally:
             proc = self._proc
-            if proc is not None and proc.stdin is not None and not proc.stdin.closed:
-                wait = timeout if timeout is not None else self._exit_wait_s()
-                deadline = time.monotonic() + (wait if by is None else max(0.0, min(wait, by - time.monotonic())))
-                # a pre-empted process (``by``) exits at once: its worker finishes at EOF
-                if not (drained and by is None and self._end_run(proc, deadline)):
-                    self._let_finish(proc, deadline)
-            self._owner.release()
+            try:
+                if proc is not None and proc.stdin is not None and not proc.stdin.closed:
+                    wait = timeout if timeout is not None else self._exit_wait_s()
+                    deadline = time.monotonic() + (wait if by is None else max(0.0, min(wait, by - time.monotonic())))
+                    # a pre-empted process (``by``) exits at once: its worker finishes at EOF
+                    try:
+                        if not (drained and by is None and self._end_run(proc, deadline)):
+                            self._let_finish(proc, deadline)
+                    except BaseException:  # Ctrl-C while waiting: the worker finishes and exits on its own
+                        if self._proc is proc:
+                            self._let_finish(proc, time.monotonic())
+                        raise
+            finally:
+                self._owner.release()
 
     def _end_run(self, proc: subprocess.Popen[bytes], deadline: float) -> bool:
         """Tell the worker the run is over; once it has freed the repository (a last push done) it

@@ -56,14 +56,19 @@ class WarmWorker:
 
     def take(self) -> subprocess.Popen[bytes] | None:
         """The process, now the caller's (this object no longer has one)."""
-        proc, self.proc = self.proc, None
-        self._closer.detach()
+        with _closed_lock:  # (two threads building or fitting callbacks: one process, one taker)
+            proc, self.proc = self.proc, None
+            self._closer.detach()
         return proc
 
     def hand_over(self, args: list[str], env: Mapping[str, str]) -> subprocess.Popen[bytes] | None:
         """Give the worker its arguments (what ``worker.main`` parses) and environment; ``None`` if it
         is gone or does not take them in time (start a cold one then). Used once."""
         proc = self.take()
+        if (idle := _take_idle()) is not None:  # a sweep's previous fit ended since this callback was built
+            if proc is not None:
+                release_idle(proc)  # (waiting for a hand-off too: the next fit's)
+            proc = idle
         if proc is None:
             return None
         # through the pipe, never on disk: the environment may hold the user's tokens

@@ -385,6 +385,7 @@ def main(argv: list[str] | None = None) -> int:
         if _serve_run(args, queue, results, wakeups) != END_OF_RUN:
             return 0
         _log_to(os.devnull)  # waiting, it holds no file of the repository open (its queue's log neither)
+        os.chdir("/")  # nor the trainer's folder (an unmount would find it busy); the next hand-off sets it
         results.emit({"kind": IDLE, "ok": True})  # the repository and the queue are free: hand over the next run
         args = parser.parse_args(["--warm"])
 
