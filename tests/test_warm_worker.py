@@ -316,3 +316,25 @@ def test_ctrl_c_while_the_end_waits_for_the_worker_lets_it_finish_and_exit(tmp_p
     assert not is_locked(publisher.queue.owner_lock)
     assert proc.wait(timeout=30) == 0
     assert warm_worker._take_idle() is None
+
+
+@pytest.mark.timeout(400)
+def test_a_waiting_worker_of_another_library_version_is_let_go(dataset_repo, tmp_path, monkeypatch):
+    """The library was upgraded and reloaded in the notebook since the worker started: the next fit
+    starts a worker of the version it runs, and the old one exits."""
+    import oxen_callbacks
+
+    first, second = tmp_path / "first", tmp_path / "second"
+    cb = _callback(dataset_repo, first)
+    _fit(first, cb)
+    cb.lineage
+    old = cb.run.publisher.worker_pid
+    monkeypatch.setattr(oxen_callbacks, "__version__", oxen_callbacks.__version__ + ".post1")
+    cb2 = _callback(dataset_repo, second)
+    _fit(second, cb2)
+    assert cb2.run.publisher.worker_pid != old
+    _assert_all_committed(second, cb2.lineage)
+    deadline = time.monotonic() + 30
+    while process_running(old) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not process_running(old)

@@ -104,6 +104,7 @@ class CheckpointPublisher:
         self._proc: subprocess.Popen[bytes] | None = None
         self._worker_idle = False  # the worker answered END_OF_RUN: it waits for the next run
         self._handed_on = False  # ... and went to the idle pool: not this publisher's to wake or restart
+        self._worker_version: str | None = None  # the library version the worker runs (it said so then)
         self._warm = warm
         self._restarts = 0
         #: Why publishing stopped for this run (a worker or commit processes that keep dying): the
@@ -142,6 +143,7 @@ class CheckpointPublisher:
                 continue
             if result.get("kind") == IDLE:
                 idle = True  # the run is over: the next run's reader reads on (nothing is read ahead)
+                self._worker_version = result.get("version")
                 break
             if result.get("kind") != "ready":
                 self._handle(result)
@@ -418,7 +420,7 @@ class CheckpointPublisher:
             idle = self._worker_idle
         if idle:
             self._proc, self._handed_on = None, True  # the next run's now: never woken, ended or waited for by this one
-            release_idle(proc)
+            release_idle(proc, self._worker_version)
         return idle
 
     @staticmethod

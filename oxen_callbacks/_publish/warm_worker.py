@@ -16,6 +16,7 @@ priority and be waited for after it.
 
 from __future__ import annotations
 
+import importlib
 import os
 import subprocess
 import threading
@@ -82,26 +83,33 @@ class WarmWorker:
 _unfitted = Unfitted()  # warm workers of callbacks not fitted yet
 _closed: list[subprocess.Popen[bytes]] = []  # told to exit, not reaped yet
 _closed_lock = threading.Lock()
-_idle: list[subprocess.Popen[bytes]] = []  # done with a run, waiting for the next one (at most one)
+#: Done with a run, waiting for the next one (at most one), with the library version it runs.
+_idle: list[tuple[subprocess.Popen[bytes], str | None]] = []
 _idle_owner = os.getpid()  # a forked child (DDP workers) must not write to its parent's pipes
 
 
-def release_idle(proc: subprocess.Popen[bytes]) -> None:
-    """Keep ``proc``, which answered :data:`IDLE`, for this process's next run (one is enough)."""
+def release_idle(proc: subprocess.Popen[bytes], version: str | None = None) -> None:
+    """Keep ``proc``, which answered :data:`IDLE` (running ``version`` of this library), for this
+    process's next run (one is enough)."""
     with _closed_lock:
         if os.getpid() == _idle_owner and not _idle and proc.poll() is None:
-            _idle.append(proc)
+            _idle.append((proc, version))
             return
     _close(proc)
 
 
 def _take_idle() -> subprocess.Popen[bytes] | None:
+    """The waiting worker, unless it runs another version of this library than this process now
+    does (upgraded, and reloaded in a notebook, since it started): that one is let go."""
+    current = importlib.import_module("oxen_callbacks").__version__
     with _closed_lock:
-        while _idle and os.getpid() == _idle_owner:
-            proc = _idle.pop()
-            if proc.poll() is None:
-                return proc
-    return None
+        taken = _idle.pop() if _idle and os.getpid() == _idle_owner else None
+    if taken is None or taken[0].poll() is not None:
+        return None
+    if taken[1] not in (None, current):
+        _close(taken[0])
+        return None
+    return taken[0]
 
 
 def _close(proc: subprocess.Popen[bytes]) -> None:

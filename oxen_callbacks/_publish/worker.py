@@ -30,6 +30,7 @@ import time
 from collections.abc import Callable
 from typing import IO, Any
 
+from .. import __version__
 from .._oxen.repo import LocalRepo, preload
 from .._util.handoff import take_handoff
 from .._util.locks import FileLock
@@ -386,7 +387,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         _log_to(os.devnull)  # waiting, it holds no file of the repository open (its queue's log neither)
         os.chdir("/")  # nor the trainer's folder (an unmount would find it busy); the next hand-off sets it
-        results.emit({"kind": IDLE, "ok": True})  # the repository and the queue are free: hand over the next run
+        results.emit({"kind": IDLE, "ok": True, "version": __version__})  # the repository and the queue are free: hand over the next run
         args = parser.parse_args(["--warm"])
 
 
