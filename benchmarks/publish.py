@@ -27,7 +27,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from oxen_callbacks._publish.worker import Batches
+from oxen_callbacks._publish.batches import Batches
 
 BARE = """
 import os, sys, time, oxen

@@ -327,7 +327,7 @@ def test_a_late_job_of_a_fit_the_run_went_on_from_leaves_the_later_fits_record(m
 _REPORTING_TASK = """
 import sys, time
 from pathlib import Path
-from oxen_callbacks._publish.worker import BatchProcess
+from oxen_callbacks._publish.batches import BatchProcess
 
 release = Path(sys.argv[1])
 
@@ -359,7 +359,7 @@ def test_the_commit_process_tells_each_commit_while_its_task_goes_on(tmp_path: P
 _ORPHANED_TASK = """
 import os, sys, time
 from pathlib import Path
-from oxen_callbacks._publish.worker import BatchProcess
+from oxen_callbacks._publish.batches import BatchProcess
 
 folder = Path(sys.argv[1])
 

@@ -11,8 +11,8 @@ from pathlib import Path
 
 from oxen_callbacks._oxen import child as oxen_child
 from oxen_callbacks._oxen.repo import LocalRepo
+from oxen_callbacks._publish.batches import Batches
 from oxen_callbacks._publish.publisher import CheckpointPublisher
-from oxen_callbacks._publish.worker import Batches
 from oxen_callbacks.lineage import new_record
 
 SCRIPT = Path(__file__).parent / "fit_script.py"

@@ -22,8 +22,8 @@ from oxen_callbacks import PinnedDataset, read_lineage
 from oxen_callbacks._ops import sync
 from oxen_callbacks._ops.trace import LineageFinder
 from oxen_callbacks._oxen.repo import LocalRepo
+from oxen_callbacks._publish.batches import Batches
 from oxen_callbacks._publish.claim import claims_dir
-from oxen_callbacks._publish.worker import Batches
 from oxen_callbacks.errors import ConfigurationError
 from oxen_callbacks.lightning import OxenLightningCallback
 

@@ -52,7 +52,7 @@ class Committer:
     """Executes jobs in order; removals wait for the next commit of the same queue.
 
     Runs in a commit process that serves one burst of batches (see
-    ``worker.BatchProcess``) and holds the repository lock until that process
+    ``batches.BatchProcess``) and holds the repository lock until that process
     exits: oxenai keeps the repository's databases open until then, so releasing
     the lock earlier would let another process in while they are still locked.
     """
