@@ -103,7 +103,6 @@ class CheckpointPublisher:
         self._handling = threading.Lock()
         self._proc: subprocess.Popen[bytes] | None = None
         self._worker_idle = False  # the worker answered END_OF_RUN: it waits for the next run
-        self._handed_on = False  # ... and went to the idle pool: not this publisher's to wake or restart
         self._worker_version: str | None = None  # the library version the worker runs (it said so then)
         self._warm = warm
         self._restarts = 0
@@ -221,16 +220,22 @@ class CheckpointPublisher:
                       "saved is kept in %s. Run `oxen-callbacks sync` to commit them.", self.repo.path, why,
                       self.queue.folder)
 
+    @property
+    def _handed_on(self) -> bool:
+        """Whether the worker went to the idle pool: not this publisher's to wake or restart."""
+        return self._proc is None
+
     def _wake(self) -> None:
         if self.stalled or self._handed_on:
             return
         proc = self._proc
-        if proc is None or proc.poll() is not None:
+        assert proc is not None  # (not handed on)
+        if proc.poll() is not None:
             if self._restarts >= self.WORKER_RESTARTS:
                 self._stall(f"the publishing worker died {self._restarts + 1} times (see {self.queue.log_path})")
                 return
             self._restarts += 1
-            log.warning("Publishing worker exited (code %s); restarting it", proc.returncode if proc else None)
+            log.warning("Publishing worker exited (code %s); restarting it", proc.returncode)
             try:
                 self._start_worker()
             except OSError as exc:  # no process can start now (E2BIG, no memory): never stop training for it
@@ -419,7 +424,7 @@ class CheckpointPublisher:
                 self._cond.wait(timeout=min(left, 1.0))
             idle = self._worker_idle
         if idle:
-            self._proc, self._handed_on = None, True  # the next run's now: never woken, ended or waited for by this one
+            self._proc = None  # the next run's now: never woken, ended or waited for by this one (_handed_on)
             release_idle(proc, self._worker_version)
         return idle
 

@@ -57,7 +57,7 @@ class WarmWorker:
 
     def take(self) -> subprocess.Popen[bytes] | None:
         """The process, now the caller's (this object no longer has one)."""
-        with _closed_lock:  # (two threads building or fitting callbacks: one process, one taker)
+        with _lock:  # (two threads building or fitting callbacks: one process, one taker)
             proc, self.proc = self.proc, None
             self._closer.detach()
         return proc
@@ -82,7 +82,7 @@ class WarmWorker:
 
 _unfitted = Unfitted()  # warm workers of callbacks not fitted yet
 _closed: list[subprocess.Popen[bytes]] = []  # told to exit, not reaped yet
-_closed_lock = threading.Lock()
+_lock = threading.Lock()  # guards _closed, _idle and each WarmWorker.take
 #: Done with a run, waiting for the next one (at most one), with the library version it runs.
 _idle: list[tuple[subprocess.Popen[bytes], str | None]] = []
 _idle_owner = os.getpid()  # a forked child (DDP workers) must not write to its parent's pipes
@@ -91,7 +91,7 @@ _idle_owner = os.getpid()  # a forked child (DDP workers) must not write to its 
 def release_idle(proc: subprocess.Popen[bytes], version: str | None = None) -> None:
     """Keep ``proc``, which answered :data:`IDLE` (running ``version`` of this library), for this
     process's next run (one is enough)."""
-    with _closed_lock:
+    with _lock:
         if os.getpid() == _idle_owner and not _idle and proc.poll() is None:
             _idle.append((proc, version))
             return
@@ -102,7 +102,7 @@ def _take_idle() -> subprocess.Popen[bytes] | None:
     """The waiting worker, unless it runs another version of this library than this process now
     does (upgraded, and reloaded in a notebook, since it started): that one is let go."""
     current = importlib.import_module("oxen_callbacks").__version__
-    with _closed_lock:
+    with _lock:
         taken = _idle.pop() if _idle and os.getpid() == _idle_owner else None
     if taken is None or taken[0].poll() is not None:
         return None
@@ -120,10 +120,10 @@ def _close(proc: subprocess.Popen[bytes]) -> None:
                 stream.close()
         except OSError:
             pass
-    with _closed_lock:
+    with _lock:
         _closed.append(proc)
 
 
 def _reap_closed() -> None:
-    with _closed_lock:
+    with _lock:
         _closed[:] = [proc for proc in _closed if proc.poll() is None]

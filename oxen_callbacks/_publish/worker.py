@@ -137,8 +137,8 @@ def serve(queue: JobQueue, batches: Batches, results: _Results, push: PushTarget
     processes keep dying, the jobs stay queued for ``sync`` and the trainer is told once.
     """
     failed: set[int] = set()
-    over = ""  # why serving ends, once it does: "" (EOF) or END_OF_RUN
-    eof = stalled = False
+    over: str | None = None  # why serving ends, once it does: "" (EOF) or END_OF_RUN
+    stalled = False
     push_failed = bool(queue.meta().get("push_failed"))  # a restarted worker does not try again either
     answered: set[int] = set()  # the jobs of this round that have their result
 
@@ -156,7 +156,7 @@ def serve(queue: JobQueue, batches: Batches, results: _Results, push: PushTarget
         jobs = [] if stalled else [j for j in queue.pending() if j.seq not in failed]
         answered.clear()
         try:
-            answer(batches.run("run_jobs", answer, seqs=[j.seq for j in jobs], final=eof) if jobs else [])
+            answer(batches.run("run_jobs", answer, seqs=[j.seq for j in jobs], final=over is not None) if jobs else [])
         except CommitProcessDied as exc:
             stalled = True
             results.emit({"kind": "stalled", "ok": False, "error": str(exc), "queue": str(queue.folder)})
@@ -175,15 +175,14 @@ def serve(queue: JobQueue, batches: Batches, results: _Results, push: PushTarget
             if push_failed:
                 queue.update_meta(push_failed=True)
             results.emit(report)
-        if eof:
+        if over is not None:
             return over
         line = wakeups.next(timeout=Batches.IDLE_S if batches.serving else 1.0)
         if line is None:
             batches.retire()
         elif line == "\n" and _newest_kind(queue) == "checkpoint":  # a wake-up, not the run's end: no wait
             line = _rest_of_burst(wakeups, queue)
-        eof = line in ("", END_OF_RUN)
-        over = line if eof else over
+        over = line if line in ("", END_OF_RUN) else None
 
 
 def _await_handoff(stdin: StdinLines) -> list[str] | None:
@@ -207,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--push-timeout", type=float, default=300.0)
     args = parser.parse_args(argv)
     wakeups = StdinLines()
-    results: _Results | None = None
+    results = _Results(_keep_results_stream())  # (before a run's log takes fds 1 and 2)
     while True:  # one run at a time: a notebook's cells, a sweep's fits (see END_OF_RUN)
         if args.warm:
             handoff = _await_handoff(wakeups)
@@ -218,7 +217,6 @@ def main(argv: list[str] | None = None) -> int:
         if not args.queue or not args.repo:
             parser.error("--queue and --repo are required")
         queue = JobQueue(args.queue)
-        results = results or _Results(_keep_results_stream())
         _log_to(str(queue.log_path))
         if _serve_run(args, queue, results, wakeups) != END_OF_RUN:
             return 0
