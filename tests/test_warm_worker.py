@@ -128,15 +128,36 @@ def test_a_secret_in_the_environment_handed_over_reaches_no_file(dataset_repo, t
     monkeypatch.setenv("HF_TOKEN", secret)
     _fit(tmp_path, cb)
     _assert_all_committed(tmp_path, cb.lineage)
+    assert not _files_holding(secret, tmp_path)
+
+
+@pytest.mark.timeout(400)
+def test_a_secret_handed_to_a_waiting_worker_reaches_no_file(dataset_repo, tmp_path, monkeypatch):
+    """The second fit's environment (a token set between the cells) goes to the worker the first fit
+    left waiting: through its pipe only, never into either run's queue, log or repository."""
+    secret = "hf_" + "Z9yW8xV7uT6sR5qP4oN3mL2kJ1iH0gFe"
+    first, second = tmp_path / "first", tmp_path / "second"
+    cb = _callback(dataset_repo, first)
+    _fit(first, cb)
+    cb.lineage
+    monkeypatch.setenv("HF_TOKEN", secret)
+    cb2 = _callback(dataset_repo, second)
+    _fit(second, cb2)
+    assert cb2.run.publisher.worker_pid == cb.run.publisher.worker_pid
+    _assert_all_committed(second, cb2.lineage)
+    assert not _files_holding(secret, tmp_path)
+
+
+def _files_holding(secret: str, root: Path) -> list[str]:
     leaks = []
-    for folder, _dirs, names in os.walk(tmp_path):
+    for folder, _dirs, names in os.walk(root):
         for name in names:
             try:
                 if secret.encode() in (Path(folder) / name).read_bytes():
                     leaks.append(os.path.join(folder, name))
             except OSError:
                 continue
-    assert not leaks
+    return leaks
 
 
 @pytest.mark.timeout(400)
