@@ -9,6 +9,7 @@ import shlex
 import socket
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -156,6 +157,52 @@ def test_a_configured_token_appears_nowhere(dataset_repo, tmp_path, caplog):
             except OSError:
                 continue
     assert not leaks  # MLflow store and artifacts, model repo (commits, lineage), journals, worker logs, caches
+
+
+def test_each_fit_pushes_with_the_tokens_of_its_own_oxen_config(dataset_repo, tmp_path, monkeypatch):
+    """Two fits of one process, one author, each under its own Oxen config folder holding its own token
+    for the same server (two accounts): each push carries its own folder's token, never the other's
+    (the author's private config folder linked the first folder's tokens for good)."""
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    seen: list[tuple[str, str | None]] = []  # (path, Authorization)
+
+    class Server(BaseHTTPRequestHandler):
+        def answer(self) -> None:
+            seen.append((self.path, self.headers.get("Authorization")))
+            self.send_response(404)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        do_GET = do_POST = do_PUT = do_HEAD = answer
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Server)
+    host = f"127.0.0.1:{server.server_address[1]}"
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    pin = PinnedDataset(dataset_repo.path, revision=dataset_repo.commits[0], paths=["train.csv", "val.csv"])
+    try:
+        for account in ("alice", "bob", "nobody"):
+            config = tmp_path / f"config-{account}"
+            config.mkdir()
+            if account != "nobody":
+                (config / "auth_config.toml").write_text(
+                    f'[[host_configs]]\nhost = "{host}"\nauth_token = "tok-of-{account}"\n')
+            monkeypatch.setenv("OXEN_CONFIG_DIR", str(config))
+            before = len(seen)
+            cb = OxenLightningCallback(dataset=pin, model_repo=tmp_path / f"models-{account}", mlflow=False,
+                                       author=("Sweep Bot", "bot@example.com"),
+                                       remote_url=f"http://{host}/ns/{account}", push_timeout=20)
+            make_trainer(tmp_path / account, [ModelCheckpoint(dirpath=tmp_path / account / "ckpt"), cb], epochs=1).fit(
+                TinyModel(), datamodule=CsvData(pin))
+            assert cb.lineage["push"]["pushed"] is False  # (tried: the stand-in server knows no repository)
+            sent = {auth for path, auth in seen[before:] if f"/ns/{account}" in path}
+            assert sent, f"{account}'s push reached the server"
+            assert sent == ({None} if account == "nobody" else {f"Bearer tok-of-{account}"})
+    finally:
+        server.shutdown()
 
 
 @pytest.mark.parametrize("path", ["../../etc/passwd", "runs\\..\\x", "a\\b", "C:/x", "c:x", "/etc/passwd", ""])

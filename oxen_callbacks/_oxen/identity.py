@@ -10,8 +10,8 @@ Oxen refuses to commit without ``user_config.toml`` in its config folder
 5. ``<login>`` / ``<login>@<hostname>``, so a fresh machine works.
 
 For 1, 2, 4 and 5 the publisher's worker runs with a private ``OXEN_CONFIG_DIR``
-holding that identity (and a link to the user's ``auth_config.toml``, so remote
-tokens still apply). The user's own config is never written.
+holding that identity (and a link to the ``auth_config.toml`` of the config folder in
+use, so its remote tokens still apply). The user's own config is never written.
 """
 
 from __future__ import annotations
@@ -113,22 +113,25 @@ def _login() -> str:
 
 
 def worker_environment(author: Author, state_root: Path) -> dict[str, str]:
-    """Environment overrides for a process that commits as ``author``."""
+    """Environment overrides for a process that commits (and pushes) as ``author`` with the tokens of
+    the Oxen config folder in use now; written into each queue's meta, so that whoever finishes the
+    queue later (an adopting worker, ``sync``) commits as the same author."""
+    config = oxen_config_dir().absolute()
     if author.source == "oxen-config":
-        return {}
-    digest = hashlib.sha1(f"{author.name}\0{author.email}".encode()).hexdigest()[:12]
+        return {ENV_OXEN_CONFIG_DIR: str(config)}
+    # (one folder per author and config folder: two config folders may hold different tokens for one host)
+    digest = hashlib.sha1(f"{author.name}\0{author.email}\0{config}".encode()).hexdigest()[:12]
     folder = state_root / "oxen-identity" / digest
     folder.mkdir(parents=True, exist_ok=True)
     user_config = folder / USER_CONFIG
     if not user_config.exists():
         write_atomically(user_config, f"name = {_toml_str(author.name)}\nemail = {_toml_str(author.email)}\n")
-    auth = oxen_config_dir() / AUTH_CONFIG
-    link = folder / AUTH_CONFIG
-    if auth.is_file() and not link.exists():
+    link = folder / AUTH_CONFIG  # the config folder's tokens as they are when used (none while it has none)
+    if not link.is_symlink():
         try:
-            os.symlink(auth.resolve(), link)
+            os.symlink(config / AUTH_CONFIG, link)
         except FileExistsError:
-            pass
+            pass  # (made meanwhile by another process: the same link)
     return {ENV_OXEN_CONFIG_DIR: str(folder)}
 
 
