@@ -307,6 +307,51 @@ def test_a_worker_leaves_a_damaged_orphan_queue_and_adopts_the_others(tmp_path, 
     assert "00000002.json is not JSON" in (damaged.damage() or "") and publisher.stalled is None
 
 
+def test_an_adopted_orphan_queue_is_committed_as_its_own_author(tmp_path, monkeypatch, caplog):
+    """A training process that died left its queue; the next worker on the repository, committing as
+    another author, adopts it: the orphan's checkpoints carry the author the dead process committed as
+    (the queue says which Oxen identity), the live run's its own. A queue whose identity is gone is
+    left for `sync`."""
+    from oxen_callbacks._oxen import child as oxen_child
+    from oxen_callbacks._oxen.identity import resolve_author, worker_environment
+    from oxen_callbacks._publish.opening import open_model_repo
+    from oxen_callbacks._publish.publisher import CheckpointPublisher
+    from oxen_callbacks.lineage import new_record
+
+    models = tmp_path / "models"
+    open_model_repo(models, tmp_path / "cache")
+    orphan_identity = worker_environment(resolve_author(("Orphan Author", "orphan@example.com")), tmp_path / "cache")
+    gone_identity = {"OXEN_CONFIG_DIR": str(tmp_path / "identity-removed-since")}
+
+    def orphan(run: str, env: dict[str, str]) -> JobQueue:
+        base = new_record(dataset=None, model_repo=str(models), framework={"name": "x", "version": "1"},
+                          run={"name": run})
+        base.update(status="RUNNING", started_at="2026-12-04T05:00:00+0000", fit_id=f"fit-{run}")
+        queue = JobQueue.create(models, run, {"pid": 1, "env": env})
+        queue.staging_for(1).mkdir(parents=True)
+        (queue.staging_for(1) / "c.ckpt").write_bytes(run.encode())
+        queue.put(1, "checkpoint", {"run": run, "dest": f"runs/{run}/checkpoints/c.ckpt", "staged_name": "c.ckpt",
+                                    "step": 1, "epoch": 0, "metrics": {}, "message": f"{run} c", "record": base})
+        return queue
+
+    adopted, left = orphan("dead", orphan_identity), orphan("gone", gone_identity)
+    with CheckpointPublisher(model_repo=models, run="live", cache_dir=tmp_path / "cache",
+                             author=("Live Author", "live@example.com")) as publisher:
+        deadline = time.monotonic() + 120
+        while adopted.pending() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        (tmp_path / "live.ckpt").write_bytes(b"live")
+        publisher.submit_checkpoint(tmp_path / "live.ckpt", step=2, epoch=0, record=new_record(
+            dataset=None, model_repo=str(models), framework={"name": "x", "version": "1"}, run={"name": "live"}))
+        assert publisher.flush(timeout=120)
+    assert not adopted.pending(), "the orphan queue was not adopted"
+    authors = {c["message"]: c["author"] for c in oxen_child.log(models)}
+    assert [a for m, a in authors.items() if "dead c" in m] == ["Orphan Author"]
+    assert [a for m, a in authors.items() if "live" in m and "dead" not in m] == ["Live Author"]
+    assert left.pending() and not any("gone c" in m for m in authors)  # (not committed as anybody else)
+    assert "the Oxen identity it commits as" in publisher.queue.log_path.read_text()  # (and not tried)
+
+
 # -- finished queues are not kept forever -------------------------------------------------------------
 
 def test_finished_queues_older_than_a_day_go_at_the_next_fit_or_sync_and_no_other_does(dataset_repo, tmp_path, capsys):

@@ -9,9 +9,15 @@ their jobs ran (:func:`drain_orphans`), removing finished queues older than a da
 from __future__ import annotations
 
 import logging
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
 from typing import Any, Protocol
 
+from .._oxen.identity import USER_CONFIG
 from .._util.locks import FileLock
+from ..names import ENV_OXEN_CONFIG_DIR
 from .adding import clean_after_killed_adds
 from .committer import Committer
 from .queue import JobQueue, all_queues
@@ -53,12 +59,43 @@ def drain_orphans(committer: Committer, skip: JobQueue | None = None) -> int:
         if fault := other.damage():
             log.warning("Not adopting orphan queue %s: %s", other.folder.name, fault)
             continue
+        config = _config_of(other)
+        if config is not None and not (Path(config) / USER_CONFIG).is_file():
+            log.warning("Not adopting orphan queue %s: the Oxen identity it commits as (%s) is gone; "
+                        "`oxen-callbacks sync` reports it.", other.folder.name, config)
+            continue
         lock = FileLock(other.worker_lock)
         if not lock.acquire(blocking=False):
             continue
         try:
             log.info("Adopting orphan queue %s", other.folder.name)
-            count += len(drain(other, committer))
+            with _committing_as(config):
+                count += len(drain(other, committer))
         finally:
             lock.release()
     return count
+
+
+def _config_of(queue: JobQueue) -> str | None:
+    """The Oxen config folder (author, tokens) ``queue``'s training process committed with, if it says."""
+    config = (queue.meta().get("env") or {}).get(ENV_OXEN_CONFIG_DIR)
+    return config if isinstance(config, str) and config else None
+
+
+@contextmanager
+def _committing_as(config: str | None) -> Iterator[None]:
+    """Within the block, Oxen in this (commit) process commits with the identity of config folder
+    ``config`` (oxenai reads ``$OXEN_CONFIG_DIR`` at each commit): another run's checkpoints keep
+    their own author, not the one of the worker that adopts them."""
+    if config is None:
+        yield
+        return
+    before = os.environ.get(ENV_OXEN_CONFIG_DIR)
+    os.environ[ENV_OXEN_CONFIG_DIR] = config
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(ENV_OXEN_CONFIG_DIR, None)
+        else:
+            os.environ[ENV_OXEN_CONFIG_DIR] = before
