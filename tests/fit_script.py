@@ -47,6 +47,7 @@ def main() -> None:
     parser.add_argument("--mlflow-timeout", type=float, default=60.0)
     parser.add_argument("--devices", type=int, default=1)
     parser.add_argument("--logger", action="store_true", help="an MLFlowLogger whose run the callback joins")
+    parser.add_argument("--logger-run-id", help="that logger logs to this existing MLflow run")
     parser.add_argument("--no-log-models", action="store_true", help="log_models=False")
     parser.add_argument("--register-model", help="register_model=")
     parser.add_argument("--after-fit", choices=("exit", "kill"), default="exit",
@@ -81,7 +82,7 @@ def main() -> None:
                                  save_last=True), cb]
     if args.step_sleep:
         callbacks.append(SlowSteps(args.step_sleep))
-    logger = MLFlowLogger(experiment_name="fit-script", log_model=False) if args.logger else False
+    logger = MLFlowLogger(experiment_name="fit-script", log_model=False, run_id=args.logger_run_id) if args.logger else False
     trainer = make_trainer(root, callbacks, epochs=args.epochs, strategy=args.strategy, devices=args.devices,
                            logger=logger)
     model = TinyModel()

@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from helpers import process_tree, stop_processes, wait_until_released
@@ -323,20 +324,23 @@ def test_whole_job_sigkilled_at_once_is_finished_by_sync(dataset_repo, tmp_path)
     assert [c["commit"] for c in logged["checkpoints"]] == [c["commit"] for c in committed]
 
 
-def _kill_whole_job_once_tagged(dataset_repo, tmp_path: Path, run: str) -> Path:  # type: ignore[no-untyped-def]
-    """Train run ``run`` (its own MLflow run) in a process; once a checkpoint is committed and the run
-    tagged with it, SIGKILL the process and all its helpers at once; its lineage file, locks released."""
+def _kill_whole_job_once_tagged(dataset_repo, tmp_path: Path, run: str,  # type: ignore[no-untyped-def]
+                                mlflow_run_id: str | None = None) -> Path:
+    """Train run ``run`` (its own MLflow run, or with ``mlflow_run_id`` an ``MLFlowLogger``'s of that
+    existing run) in a process; once a checkpoint is committed and the run tagged with it, SIGKILL the
+    process and all its helpers at once; its lineage file, locks released."""
     models = tmp_path / "models"
     script = Path(__file__).parent / "fit_script.py"
+    logging_to = ["--logger", "--logger-run-id", mlflow_run_id] if mlflow_run_id else []
     proc = subprocess.Popen([sys.executable, str(script), "--dataset", str(dataset_repo.path), "--revision",
                              dataset_repo.commits[0], "--model-repo", str(models), "--root", str(tmp_path / "fit"),
                              "--run-name", run, "--mlflow", "--step-sleep", "0.3", "--epochs", "60",
-                             "--every-n-steps", "6"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                             "--every-n-steps", "6", *logging_to], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     lineage = models / "runs" / run / "lineage.json"
     client = MlflowClient()
     deadline = time.monotonic() + 300
     while proc.poll() is None and time.monotonic() < deadline:  # a checkpoint committed, the run tagged with it
-        runs = client.search_runs(["0"])
+        runs = [client.get_run(mlflow_run_id)] if mlflow_run_id else client.search_runs(["0"])
         if (lineage.is_file() and any(c["commit"] for c in read_lineage(lineage)["checkpoints"])
                 and runs and "oxen.model.commit" in runs[0].data.tags):
             break
@@ -385,6 +389,92 @@ def test_sync_of_a_killed_fit_leaves_the_record_of_a_fit_that_continued_the_run_
     assert logged["fit_id"] == killed_fit["fit_id"] != mine["fit_id"]
     assert [c["commit"] for c in logged["checkpoints"]] == [c["commit"] for c in killed_fit["checkpoints"] if c["commit"]]
     assert run.data.tags["oxen.model.commit"] == logged["checkpoints"][-1]["commit"]
+
+
+def test_sync_of_a_killed_fit_leaves_the_mlflow_run_a_later_fit_continued_in_alone(dataset_repo, tmp_path):
+    """Fit A logs through an ``MLFlowLogger`` of an existing MLflow run and is killed with all its helpers;
+    fit B resumes the Oxen run in the same MLflow run (the same logger run id) and finishes. `sync` of A's
+    journal then must not write A's end over B's: the run's status, tags and ``oxen/lineage.json`` stay
+    B's, as the model repository says (found by an adversarial review: they became A's, KILLED)."""
+    from lightning.pytorch.loggers import MLFlowLogger
+
+    from oxen_callbacks._ops import sync
+
+    models, client = tmp_path / "models", MlflowClient()
+    run_id = client.create_run(client.create_experiment("shared")).info.run_id
+    lineage = _kill_whole_job_once_tagged(dataset_repo, tmp_path, "nightly", mlflow_run_id=run_id)
+    assert sync.sync_all(mlflow=False)["pending"] == 0  # (A's queued saves committed; its MLflow left)
+    killed_fit = read_lineage(lineage)
+
+    b = OxenLightningCallback(model_repo=models, run_name="nightly", resume_from="nightly")
+    epochs = 1 + max(c["epoch"] or 0 for c in killed_fit["checkpoints"])
+    logger = MLFlowLogger(run_id=run_id, tracking_uri=os.environ["MLFLOW_TRACKING_URI"], log_model=False)
+    make_trainer(tmp_path / "b", [ModelCheckpoint(dirpath=tmp_path / "b" / "ckpt"), b], epochs=epochs + 1,
+                 logger=logger).fit(TinyModel(), datamodule=CsvData(b.dataset), ckpt_path=b.ckpt_path)
+    mine = b.lineage
+    assert mine["run"]["mlflow_run_id"] == run_id and killed_fit["fit_id"] in mine["earlier_fits"]
+    report = sync.sync_all()
+    assert report["pending"] == 0, [(m.get("status"), m.get("error")) for m in report["mlflow"]]
+    assert read_lineage(lineage) == mine
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED" and run.data.tags["oxen.lineage.status"] == "FINISHED"
+    assert (run.data.tags["oxen.model.commit"], run.data.tags["oxen.model.path"]) == (
+        mine["model"]["commit"], mine["model"]["path"])
+    logged = read_lineage(client.download_artifacts(run_id, "oxen/lineage.json", str(tmp_path / "dl")))
+    assert logged == mine
+
+
+def test_sync_of_an_earlier_fits_journaled_end_leaves_the_mlflow_run_a_later_fit_continued_in_alone(
+        dataset_repo, tmp_path, monkeypatch):
+    """Notebook style: fit A shares an ``MLFlowLogger``'s run and MLflow fails it at the end (its end stays
+    journaled, given up); fit B continues the Oxen run through the same logger run and ends well. A later
+    `sync` of A's journal must not write A's end (tags, ``oxen/lineage.json``) over B's. (The store failing
+    for longer than the sink's retries is injected: real, it takes minutes.)"""
+    from lightning.pytorch.loggers import MLFlowLogger
+    from mlflow.exceptions import MlflowException
+
+    from oxen_callbacks._mlflow import sink_process
+    from oxen_callbacks._ops import sync
+
+    client = MlflowClient()
+    run_id = client.create_run(client.create_experiment("shared")).info.run_id
+    failing = {"on": False}
+    applying = sink_process.apply_op
+
+    def apply_op(client, journal, meta, op):  # type: ignore[no-untyped-def]
+        if failing["on"]:
+            raise MlflowException("the store is down")
+        return applying(client, journal, meta, op)
+
+    monkeypatch.setattr(sink_process, "apply_op", apply_op)
+    monkeypatch.setattr(sink_process, "RETRY_DELAYS_S", (0.05,))
+
+    class StoreDownAtTheEnd(Callback):
+        def on_train_end(self, trainer, pl_module) -> None:  # type: ignore[no-untyped-def]
+            failing["on"] = True
+
+    def fit(name: str, epochs: int, *extra: Callback, **how: Any) -> dict[str, Any]:
+        cb = OxenLightningCallback(model_repo=tmp_path / "models", run_name="nightly", mlflow_timeout=10, **how)
+        logger = MLFlowLogger(run_id=run_id, tracking_uri=os.environ["MLFLOW_TRACKING_URI"], log_model=False)
+        trainer = make_trainer(tmp_path / name, [ModelCheckpoint(dirpath=tmp_path / name / "ckpt"), cb, *extra],
+                               epochs=epochs, logger=logger)
+        trainer.fit(TinyModel(), datamodule=CsvData(cb.dataset), ckpt_path=cb.ckpt_path)
+        return cb.lineage
+
+    first = fit("a", 1, StoreDownAtTheEnd(), dataset=PinnedDataset(
+        dataset_repo.path, revision=dataset_repo.commits[0], paths=["train.csv", "val.csv"]))
+    failing["on"] = False
+    assert client.get_run(run_id).data.tags.get("oxen.lineage.status") != "FINISHED"  # (A's end: journaled)
+    second = fit("b", 2, resume_from="nightly")
+    assert first["fit_id"] in second["earlier_fits"] and second["run"]["mlflow_run_id"] == run_id
+    assert client.get_run(run_id).data.tags["oxen.model.commit"] == second["model"]["commit"]
+
+    report = sync.sync_all()
+    assert report["pending"] == 0, [(m.get("status"), m.get("error")) for m in report["mlflow"]]
+    assert any(m.get("status") == "done" for m in report["mlflow"])  # (A's journal was there, and replayed)
+    tags = client.get_run(run_id).data.tags
+    assert (tags["oxen.model.commit"], tags["oxen.lineage.status"]) == (second["model"]["commit"], "FINISHED")
+    assert read_lineage(client.download_artifacts(run_id, "oxen/lineage.json", str(tmp_path / "dl"))) == second
 
 
 # A continuing fit whose start fails, or that is killed, after its MLflow run was opened and before

@@ -42,6 +42,26 @@ def commits_outstanding(meta: dict[str, Any]) -> str | None:
     return None
 
 
+def continued_by(meta: dict[str, Any], fit_id: str | None) -> str | None:
+    """The later fit that went on from fit ``fit_id`` of a journal's run (``meta``: its model repository,
+    Oxen run and MLflow run) and logs to the same MLflow run, by the model repository's record; or
+    ``None``. That run's tags, ``oxen/lineage.json`` and status are then the later fit's: what this fit
+    left journaled (replayed by ``sync``) must not write over them."""
+    model_repo, run, mlflow_run_id = meta.get("model_repo"), meta.get("oxen_run"), meta.get("run_id")
+    if not (fit_id and model_repo and run and mlflow_run_id and is_run_name(run)):
+        return None
+    try:
+        current = LineageRecord.read(Path(model_repo) / lineage_path(run))
+    except (OSError, ValueError, LineageValidationError):
+        return None
+    their_fit = current.extra.get("fit_id")
+    earlier = current.extra.get("earlier_fits")
+    if (their_fit in (None, fit_id) or not isinstance(earlier, list) or fit_id not in earlier
+            or current.run.mlflow_run_id != mlflow_run_id):
+        return None
+    return str(their_fit)
+
+
 def committed_record(model_repo: str, run: str, mlflow_run_id: str, status: str = KILLED, *,
                      fit_id: str | None = None) -> dict[str, Any] | None:
     """``runs/<run>/lineage.json`` of the model repository's working tree, cut to the committed

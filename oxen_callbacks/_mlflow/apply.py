@@ -8,6 +8,7 @@ Each operation is a JSON object (``{"op": "set_tags", "tags": {...}}``...) writt
 from __future__ import annotations
 
 import json
+import logging
 import os
 import tempfile
 import uuid
@@ -25,10 +26,12 @@ from ..names import (
     TAG_MODEL_COMMIT,
     TAG_MODEL_PATH,
 )
-from .abandoned import KILLED, amend_repo_record, committed_record
+from .abandoned import KILLED, amend_repo_record, committed_record, continued_by
 from .fluent import sqlite_file
 from .journal import MlflowJournal, json_artifact_problem
 from .twins import delete_twin_runs
+
+log = logging.getLogger(__name__)
 
 
 def client_for(journal: MlflowJournal, uri: str | None = None) -> Any:
@@ -94,14 +97,24 @@ def replay(journal: MlflowJournal) -> int:
     """
     client = client_for(journal)
     meta = journal.meta()
+    later = continued_by(meta, journal.fit_id())
     done = 0
     for paths, op in journal.batches():
-        apply_op(client, journal, meta, op)
+        if later is not None and op["op"] in _THE_RUNS_OWN:
+            log.info("Not replaying %s of run %s: fit %s went on from it in the same MLflow run, whose tags, "
+                     "lineage and end are that fit's.", op["op"], meta.get("oxen_run"), later)
+        else:
+            apply_op(client, journal, meta, op)
         meta = journal.meta()
         for path in paths:
             path.unlink()
         done += len(paths)
     return done
+
+
+#: Operations that write the MLflow run's own state (tags, ``oxen/lineage.json``, its extras, its end):
+#: a later fit that continued the Oxen run in the same MLflow run wrote its own.
+_THE_RUNS_OWN = frozenset({"set_tags", "log_json", "publish_extras", "end_run"})
 
 
 def _same_store(recorded: str | None) -> bool:
@@ -185,6 +198,15 @@ def finish_abandoned(client: Any, journal: Any, meta: dict[str, Any], status: st
     trainer_died = status == KILLED  # else the training run itself left it to sync (its final commit stalled)
     fit_id = journal.fit_id()
     record = committed_record(meta["model_repo"], meta.get("oxen_run") or "", run_id, status, fit_id=fit_id)
+    if (later := continued_by(meta, fit_id)) is not None:
+        # the MLflow run is the later fit's now: only this fit's checkpoints get their logged models
+        from .logged_models import complete_and_mark
+
+        if record is not None:
+            complete_and_mark(client, journal, journal.meta(), record, best_unless_last=True)
+        return {"status": f"continued by fit {later}", "trainer_died": trainer_died,
+                "checkpoints": len(record["checkpoints"]) if record else 0, "model_commit": None,
+                "model_path": None, "terminated": None}
     if record is not None:
         record = amend_repo_record(meta["model_repo"], meta["oxen_run"], record, fit_id=fit_id)
     status = record["status"] if record else status
