@@ -415,6 +415,8 @@ def test_sync_of_a_killed_fit_leaves_the_mlflow_run_a_later_fit_continued_in_alo
     assert mine["run"]["mlflow_run_id"] == run_id and killed_fit["fit_id"] in mine["earlier_fits"]
     report = sync.sync_all()
     assert report["pending"] == 0, [(m.get("status"), m.get("error")) for m in report["mlflow"]]
+    [ended] = [m["abandoned"] for m in report["mlflow"] if m.get("abandoned")]
+    assert ended["continued_by"] == mine["fit_id"]  # (what the report says)
     assert read_lineage(lineage) == mine
     run = client.get_run(run_id)
     assert run.info.status == "FINISHED" and run.data.tags["oxen.lineage.status"] == "FINISHED"

@@ -204,7 +204,7 @@ def finish_abandoned(client: Any, journal: Any, meta: dict[str, Any], status: st
 
         if record is not None:
             complete_and_mark(client, journal, journal.meta(), record, best_unless_last=True)
-        return {"status": f"continued by fit {later}", "trainer_died": trainer_died,
+        return {"status": status, "continued_by": later, "trainer_died": trainer_died,
                 "checkpoints": len(record["checkpoints"]) if record else 0, "model_commit": None,
                 "model_path": None, "terminated": None}
     if record is not None:

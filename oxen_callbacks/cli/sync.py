@@ -46,7 +46,9 @@ def _mlflow_lines(entry: Result) -> list[str]:
             lines.append(f"  {how}: lineage status {a['status']}, "
                          f"{a['checkpoints']} committed checkpoint(s)"
                          + (f", model {a['model_path']} @ {a['model_commit']}" if a["model_commit"] else "")
-                         + (f"; run terminated {a['terminated']}" if a["terminated"] else ""))
+                         + (f"; run terminated {a['terminated']}" if a["terminated"] else "")
+                         + (f"; fit {a['continued_by']} went on in this MLflow run: its status, tags and "
+                            "lineage stay that fit's" if a.get("continued_by") else ""))
         return lines
     if entry.get("waiting_for"):
         return [f"MLflow run {entry.get('run_id')}: its training process died; finished once "
