@@ -62,6 +62,9 @@ LineageJSON = dict[str, Any]  # a lineage record as its JSON object
 # a PREEMPTED run (a SLURM job requeued after its checkpoint was saved) ends there as KILLED,
 # its ``oxen.lineage.status`` tag saying PREEMPTED; the requeued job ends the same MLflow run.
 PREEMPTED = "PREEMPTED"
+#: ``model.best``, written by a fit's end: whether the trainer named that checkpoint its best (the
+#: metric it monitors), so that `sync` marks it so even when it is also the last one.
+BEST_KEY = "best"
 _MLFLOW_RUN_STATUSES = ("FINISHED", "FAILED", "KILLED")
 
 

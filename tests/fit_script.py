@@ -29,6 +29,13 @@ class SlowSteps(Callback):
         time.sleep(self.seconds)
 
 
+class Progress(Callback):
+    """Logs ``progress``, the epoch: a metric whose best is always the latest."""
+
+    def on_validation_epoch_end(self, trainer, pl_module) -> None:  # type: ignore[no-untyped-def]
+        pl_module.log("progress", float(trainer.current_epoch))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--dataset")
@@ -48,6 +55,8 @@ def main() -> None:
     parser.add_argument("--devices", type=int, default=1)
     parser.add_argument("--logger", action="store_true", help="an MLFlowLogger whose run the callback joins")
     parser.add_argument("--logger-run-id", help="that logger logs to this existing MLflow run")
+    parser.add_argument("--best-is-last", action="store_true",
+                        help="one checkpoint per epoch, of a monitored metric that only grows: the best is the last")
     parser.add_argument("--no-log-models", action="store_true", help="log_models=False")
     parser.add_argument("--register-model", help="register_model=")
     parser.add_argument("--after-fit", choices=("exit", "kill"), default="exit",
@@ -79,7 +88,10 @@ def main() -> None:
         forked = multiprocessing.get_context("fork").Process(target=time.sleep, args=(600,), daemon=False)
         forked.start()
     callbacks = [ModelCheckpoint(dirpath=root / "ckpt", every_n_train_steps=args.every_n_steps, save_top_k=-1,
-                                 save_last=True), cb]
+                                 save_last=True) if not args.best_is_last else
+                 ModelCheckpoint(dirpath=root / "ckpt", monitor="progress", mode="max", save_top_k=1), cb]
+    if args.best_is_last:
+        callbacks.append(Progress())
     if args.step_sleep:
         callbacks.append(SlowSteps(args.step_sleep))
     logger = MLFlowLogger(experiment_name="fit-script", log_model=False, run_id=args.logger_run_id) if args.logger else False

@@ -458,6 +458,28 @@ def test_killed_the_moment_fit_returns_sync_leaves_each_checkpoint_one_logged_mo
     assert "oxen/lineage.svg" in {a.path for a in MlflowClient(uri).list_artifacts(run.info.run_id, "oxen")}
 
 
+@pytest.mark.timeout(600)
+def test_killed_the_moment_fit_returns_sync_marks_the_best_even_when_it_is_the_last(dataset_repo, tmp_path):
+    """The trainer's best checkpoint is its last one (a monitored metric that only grows); SIGKILL right
+    after fit() (its lineage ended FINISHED), then `sync`: that checkpoint's logged model is marked final
+    and best, as the end would have (found by an adversarial review: sync could not tell "best" from
+    "last" and left the best mark out)."""
+    cmd = [sys.executable, str(SCRIPT), "--dataset", str(dataset_repo.path), "--revision", dataset_repo.commits[0],
+           "--model-repo", str(tmp_path / "models"), "--root", str(tmp_path / "fit"), "--epochs", "2", "--mlflow",
+           "--logger", "--after-fit", "kill", "--best-is-last"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, stdin=subprocess.DEVNULL, check=False)
+    assert done.returncode == -9, done.stderr[-3000:]
+    sync_until_nothing_pending()
+    uri = mlflow.get_tracking_uri()
+    [run] = MlflowClient(uri).search_runs([e.experiment_id for e in MlflowClient(uri).search_experiments()])
+    record = read_lineage(tmp_path / "models" / "runs" / run.data.tags["oxen.run"] / "lineage.json")
+    assert record["status"] == "FINISHED" and record["model"]["path"] == record["checkpoints"][-1]["path"]
+    found = logged_models_of_run(uri, run.info.run_id)
+    model = model_of_each_checkpoint(found, record)[(record["model"]["commit"], record["model"]["path"])]
+    assert [m.model_id for m in found if m.tags.get("oxen.model.best") == "true"] == [model.model_id]
+    assert [m.model_id for m in found if m.tags.get("oxen.model.final") == "true"] == [model.model_id]
+
+
 def _endpoint_not_found(*_args, **_kwargs):  # type: ignore[no-untyped-def]
     raise MlflowException("API request to endpoint /api/2.0/mlflow/logged-models failed with error code 404 != 200",
                           error_code=ENDPOINT_NOT_FOUND)

@@ -19,7 +19,7 @@ from typing import Any
 
 from .._publish.queue import run_backlog
 from ..errors import LineageValidationError
-from ..lineage import CodePointer, LineageRecord
+from ..lineage import BEST_KEY, CodePointer, LineageRecord
 from ..model_repo import is_run_name, lineage_path
 
 log = logging.getLogger(__name__)
@@ -95,10 +95,12 @@ def committed_record(model_repo: str, run: str, mlflow_run_id: str, status: str 
                 record.extra["earlier_code"] = kept
         record.run.mlflow_run_id = None  # (the later fit's)
         record.model.commit = record.model.path = None
+        record.model.extra.pop(BEST_KEY, None)
     if record.status in (None, "RUNNING"):  # a run that finished its lineage keeps its own status
         record.status = status
         if record.checkpoints:
             record.model.commit, record.model.path = record.checkpoints[-1].commit, record.checkpoints[-1].path
+            record.model.extra.pop(BEST_KEY, None)  # (what the trainer knew of its best died with it)
     record.run.mlflow_run_id = record.run.mlflow_run_id or mlflow_run_id
     return record.to_json()
 

@@ -37,6 +37,7 @@ from typing import Any
 
 from .._publish.fits import earlier_fits, saved_by
 from .._util.redact import redact_url
+from ..lineage import BEST_KEY
 from ..names import (
     TAG_MODEL_BEST,
     TAG_MODEL_COMMIT,
@@ -220,8 +221,9 @@ def _complete_and_mark(client: Any, journal: MlflowJournal, meta: dict[str, Any]
     # the last checkpoint this fit saved (a killed earlier fit's late save may come after it)
     final, model = next((e for e in reversed(entries) if saved_by(e, record)), entries[-1]), record["model"]
     best = None
-    if model.get("commit") and (model.get("path") == best_path or (
-            best_unless_last and (model["commit"], model["path"]) != (final["commit"], final["path"]))):
+    named = model.get(BEST_KEY)  # (the fit's end said whether the trainer named it its best)
+    if model.get("commit") and (model.get("path") == best_path or (best_unless_last and (named is True or (
+            named is None and (model["commit"], model["path"]) != (final["commit"], final["path"]))))):
         best = checkpoint_key(model["commit"], model["path"])
     wanted = {TAG_MODEL_FINAL: checkpoint_key(final["commit"], final["path"]), TAG_MODEL_BEST: best}
     marks: dict[str, list[str]] = {}  # checkpoint key -> the marks its model gets (one request each)

@@ -25,7 +25,7 @@ from .._oxen.repo import LocalRepo
 from .._util.fs import DamagedFile, read_json_object, write_atomically, write_json_atomically
 from .._util.locks import FileLock
 from ..errors import ConfigurationError, OxenError, PublishError, RepoBusyError
-from ..lineage import fill_commit
+from ..lineage import BEST_KEY, fill_commit
 from ..model_repo import lineage_path
 from .adding import adding
 from .fits import (
@@ -216,6 +216,7 @@ class Committer:
         record["checkpoints"] = [c for c in record["checkpoints"] if c.get("job") != entry["job"]] + [entry]
         if not finalized(record) and late is None:  # a late job never moves a finished (or later) fit's model
             record["model"].update({"path": dest_rel, "commit": None})
+            record["model"].pop(BEST_KEY, None)  # (the end says again which checkpoint is the best)
         self._write_record(run, record)
         prestore(self.repo.path, dest)
         self.repo.add(dest_rel)
@@ -238,14 +239,16 @@ class Committer:
         mine = [c for c in record["checkpoints"] if saved_by(c, record)]
         own = [c for c in mine if c.get("kept", True)]
         # the best's latest version: a file saved again under its name ("best.ckpt") is the newer best
-        chosen = (next((c for c in [*reversed(own), *reversed(kept)] if c["path"] == literal_path(p.get("best") or "")), None)
-                  or saved_by_earlier_fit(kept, p.get("best_source")) or checkpoint_named(p.get("best_earlier"))
-                  or (own or mine or [None])[-1])
+        best = (next((c for c in [*reversed(own), *reversed(kept)] if c["path"] == literal_path(p.get("best") or "")), None)
+                or saved_by_earlier_fit(kept, p.get("best_source")) or checkpoint_named(p.get("best_earlier")))
+        chosen = best or (own or mine or [None])[-1]
         if chosen is None and not record["model"].get("commit"):  # (else: this fit saved none, the model stays)
             chosen = (kept or record["checkpoints"] or [None])[-1]
         if chosen is not None or not record["checkpoints"]:
             record["model"].update({"path": chosen["path"], "commit": chosen["commit"]} if chosen
                                    else {"path": None, "commit": None})
+            # whether the trainer named it its best: `sync` marks it so even when it is the last one too
+            record["model"][BEST_KEY] = best is not None and best is chosen
         self._write_record(run, record)
         return str(record.get("status", "finished"))
 
