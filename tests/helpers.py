@@ -8,6 +8,8 @@ import hashlib
 import os
 import signal
 import socket
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -139,6 +141,17 @@ def sync_until_nothing_pending(timeout: float = 180.0, every: float = 1.0) -> di
         time.sleep(every)
     assert report["pending"] == 0, report
     return report
+
+
+def killed_as_fit_returns_then_synced(dataset_repo, tmp_path: Path, *args: str) -> None:  # type: ignore[no-untyped-def]
+    """``fit_script.py`` (2 epochs, MLflow through an ``MLFlowLogger``, ``args`` more) SIGKILLed the
+    moment ``fit()`` returns, the end of its run still to log; then ``sync`` until nothing is pending."""
+    cmd = [sys.executable, str(Path(__file__).parent / "fit_script.py"), "--dataset", str(dataset_repo.path),
+           "--revision", dataset_repo.commits[0], "--model-repo", str(tmp_path / "models"), "--root",
+           str(tmp_path / "fit"), "--epochs", "2", "--mlflow", "--logger", "--after-fit", "kill", *args]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, stdin=subprocess.DEVNULL, check=False)
+    assert done.returncode == -signal.SIGKILL, done.stderr[-3000:]
+    sync_until_nothing_pending()
 
 
 def logged_models_of_run(uri: str, run_id: str) -> list:  # type: ignore[type-arg]

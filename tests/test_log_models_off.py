@@ -9,13 +9,15 @@ the models the run was asked not to make.
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import mlflow
 import pytest
-from helpers import assert_every_saved_checkpoint_committed, logged_models_of_run, sync_until_nothing_pending
+from helpers import (
+    assert_every_saved_checkpoint_committed,
+    killed_as_fit_returns_then_synced,
+    logged_models_of_run,
+)
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import MLFlowLogger
 from lightning_model import CsvData, TinyModel, make_trainer
@@ -70,12 +72,7 @@ def test_a_run_without_logged_models_keeps_every_pointer_to_its_commits(dataset_
 def test_sync_after_a_kill_makes_no_logged_model_either(dataset_repo, tmp_path):
     """SIGKILL the moment fit() returns (the end of the run still to log), then `sync`: the run is
     finished from its commits, and the models the run was asked not to make are not made there."""
-    cmd = [sys.executable, str(SCRIPT), "--dataset", str(dataset_repo.path), "--revision", dataset_repo.commits[0],
-           "--model-repo", str(tmp_path / "models"), "--root", str(tmp_path / "fit"), "--epochs", "2", "--mlflow",
-           "--logger", "--no-log-models", "--after-fit", "kill"]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, stdin=subprocess.DEVNULL, check=False)
-    assert done.returncode == -9, done.stderr[-3000:]
-    sync_until_nothing_pending()
+    killed_as_fit_returns_then_synced(dataset_repo, tmp_path, "--no-log-models")
     uri = mlflow.get_tracking_uri()
     client = MlflowClient(uri)
     [run] = client.search_runs([e.experiment_id for e in client.search_experiments()])

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -19,7 +17,11 @@ import mlflow
 import pytest
 import torch
 from conftest import isolate, moved_dataset
-from helpers import logged_models_of_run, model_of_each_checkpoint, sync_until_nothing_pending
+from helpers import (
+    killed_as_fit_returns_then_synced,
+    logged_models_of_run,
+    model_of_each_checkpoint,
+)
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning_model import CsvData, TinyModel, make_trainer
 from mlflow import MlflowClient
@@ -427,12 +429,7 @@ def test_killed_the_moment_fit_returns_sync_leaves_each_checkpoint_one_logged_mo
     served its journal), then `sync`: every committed checkpoint leads to exactly one logged model,
     its step's (``last.ckpt`` and the top-k file of a step share it), and the end's extras the fit
     asked for are there: the registered version and the lineage picture."""
-    cmd = [sys.executable, str(SCRIPT), "--dataset", str(dataset_repo.path), "--revision", dataset_repo.commits[0],
-           "--model-repo", str(tmp_path / "models"), "--root", str(tmp_path / "fit"), "--epochs", "2", "--mlflow",
-           "--logger", "--after-fit", "kill", "--register-model", "killed-clf"]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, stdin=subprocess.DEVNULL, check=False)
-    assert done.returncode == -9, done.stderr[-3000:]
-    sync_until_nothing_pending()
+    killed_as_fit_returns_then_synced(dataset_repo, tmp_path, "--register-model", "killed-clf")
     assert sync.sync_all()["pending"] == 0  # and again: nothing is replayed twice
     uri = mlflow.get_tracking_uri()
     [run] = MlflowClient(uri).search_runs([e.experiment_id for e in MlflowClient(uri).search_experiments()])
@@ -464,12 +461,7 @@ def test_killed_the_moment_fit_returns_sync_marks_the_best_even_when_it_is_the_l
     after fit() (its lineage ended FINISHED), then `sync`: that checkpoint's logged model is marked final
     and best, as the end would have (found by an adversarial review: sync could not tell "best" from
     "last" and left the best mark out)."""
-    cmd = [sys.executable, str(SCRIPT), "--dataset", str(dataset_repo.path), "--revision", dataset_repo.commits[0],
-           "--model-repo", str(tmp_path / "models"), "--root", str(tmp_path / "fit"), "--epochs", "2", "--mlflow",
-           "--logger", "--after-fit", "kill", "--best-is-last"]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, stdin=subprocess.DEVNULL, check=False)
-    assert done.returncode == -9, done.stderr[-3000:]
-    sync_until_nothing_pending()
+    killed_as_fit_returns_then_synced(dataset_repo, tmp_path, "--best-is-last")
     uri = mlflow.get_tracking_uri()
     [run] = MlflowClient(uri).search_runs([e.experiment_id for e in MlflowClient(uri).search_experiments()])
     record = read_lineage(tmp_path / "models" / "runs" / run.data.tags["oxen.run"] / "lineage.json")
