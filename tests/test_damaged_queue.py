@@ -310,8 +310,9 @@ def test_a_worker_leaves_a_damaged_orphan_queue_and_adopts_the_others(tmp_path, 
 def test_an_adopted_orphan_queue_is_committed_as_its_own_author(tmp_path, monkeypatch, caplog):
     """A training process that died left its queue; the next worker on the repository, committing as
     another author, adopts it: the orphan's checkpoints carry the author the dead process committed as
-    (the queue says which Oxen identity), the live run's its own. A queue whose identity is gone is
-    left for `sync`."""
+    (the queue says which Oxen identity), the live run's its own. A queue whose identity is gone (a
+    job's scratch folder) is left for `sync`, which commits it as the identity of its user."""
+    from oxen_callbacks._ops import sync
     from oxen_callbacks._oxen import child as oxen_child
     from oxen_callbacks._oxen.identity import resolve_author, worker_environment
     from oxen_callbacks._publish.opening import open_model_repo
@@ -350,6 +351,17 @@ def test_an_adopted_orphan_queue_is_committed_as_its_own_author(tmp_path, monkey
     assert [a for m, a in authors.items() if "live" in m and "dead" not in m] == ["Live Author"]
     assert left.pending() and not any("gone c" in m for m in authors)  # (not committed as anybody else)
     assert "the Oxen identity it commits as" in publisher.queue.log_path.read_text()  # (and not tried)
+
+    # `sync`, run by a user with an Oxen identity of their own, commits it as that one, and says so
+    users = tmp_path / "users-oxen-config"
+    users.mkdir()
+    (users / "user_config.toml").write_text('name = "Sync User"\nemail = "sync@example.com"\n')
+    monkeypatch.setenv("OXEN_CONFIG_DIR", str(users))
+    with caplog.at_level(logging.WARNING):
+        assert sync.sync_model_repo(models, push_timeout=10)["committed"] == 1
+    assert not left.pending()
+    assert [c["author"] for c in oxen_child.log(models) if "gone c" in c["message"]] == ["Sync User"]
+    assert "identity-removed-since) is gone: its checkpoints are committed as this environment's" in caplog.text
 
 
 # -- finished queues are not kept forever -------------------------------------------------------------

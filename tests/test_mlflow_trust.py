@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import process_tree, stop_processes, wait_until_released
+from helpers import logged_models_of_run, process_tree, stop_processes, wait_until_released
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning_model import CsvData, TinyModel, make_trainer
 from mlflow import MlflowClient
@@ -271,6 +271,10 @@ def test_sigkilled_training_run_is_finished_by_sync(dataset_repo, tmp_path, caps
     committed = read_lineage(file_at(models, head, "runs/killed/lineage.json", tmp_path / "read-cache"))
     assert committed["status"] == "KILLED" and committed["run"]["mlflow_run_id"] == run.info.run_id
     assert committed["model"] == logged["model"] and committed["checkpoints"] == logged["checkpoints"]
+    # the trainer named no best (no monitored metric): sync names none either, in the record or in MLflow
+    assert committed["model"].get("best") is not True
+    found = logged_models_of_run(os.environ["MLFLOW_TRACKING_URI"], run.info.run_id)
+    assert found and not [m for m in found if "oxen.model.best" in m.tags]
     assert cli.main(["lineage", run.info.run_id, "--model-repo", str(models), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["status"] == "KILLED"
     assert cli.main(["trace", last["commit"], "--model-repo", str(models), "--json"]) == 0
@@ -477,6 +481,32 @@ def test_sync_of_an_earlier_fits_journaled_end_leaves_the_mlflow_run_a_later_fit
     tags = client.get_run(run_id).data.tags
     assert (tags["oxen.model.commit"], tags["oxen.lineage.status"]) == (second["model"]["commit"], "FINISHED")
     assert read_lineage(client.download_artifacts(run_id, "oxen/lineage.json", str(tmp_path / "dl"))) == second
+
+
+@pytest.mark.parametrize("fits, expected", [
+    ([("B", "R1")], "B"),  # B went on from A in A's MLflow run
+    ([("B", "R2")], None),  # B has its own MLflow run: R1 is still A's to end
+    ([("B", "R1"), ("C", "R2")], "B"),  # ... and C after B, in a run of its own: R1 stays B's
+    ([("B", "R2"), ("C", "R1")], "C"),
+    ([("B", None), ("C", "R2")], None),  # (B without MLflow)
+])
+def test_which_later_fit_an_mlflow_run_went_on_with(tmp_path, fits, expected):
+    """A killed fit A logged to MLflow run R1; the later fits that continued its Oxen run are listed in
+    the repository's record (``earlier_fits``, ``earlier_mlflow_runs``, the record's own): the one that
+    went on in R1, if any, owns R1's end (a review found a fit after it hid it)."""
+    from oxen_callbacks._mlflow.abandoned import continued_by
+    from oxen_callbacks.lineage import new_record
+
+    models = tmp_path / "models"
+    *before, (fit, run_id) = fits
+    record = new_record(dataset=None, model_repo=str(models), framework={"name": "x", "version": "1"},
+                        run={"name": "r", "mlflow_run_id": run_id, "mlflow_tracking_uri": "sqlite:///x.db"})
+    record.update(fit_id=fit, earlier_fits=["A", *[f for f, _ in before]], earlier_mlflow_runs=[
+        {"mlflow_run_id": r, "mlflow_tracking_uri": "sqlite:///x.db", "fit_id": f}
+        for f, r in [("A", "R1"), *before] if r])
+    (models / "runs" / "r").mkdir(parents=True)
+    (models / "runs" / "r" / "lineage.json").write_text(json.dumps(record))
+    assert continued_by({"model_repo": str(models), "oxen_run": "r", "run_id": "R1"}, "A") == expected
 
 
 # A continuing fit whose start fails, or that is killed, after its MLflow run was opened and before

@@ -56,10 +56,15 @@ def continued_by(meta: dict[str, Any], fit_id: str | None) -> str | None:
         return None
     their_fit = current.extra.get("fit_id")
     earlier = current.extra.get("earlier_fits")
-    if (their_fit in (None, fit_id) or not isinstance(earlier, list) or fit_id not in earlier
-            or current.run.mlflow_run_id != mlflow_run_id):
+    if their_fit in (None, fit_id) or not isinstance(earlier, list) or fit_id not in earlier:
         return None
-    return str(their_fit)
+    # the fits after this one, oldest first (the latest, the record's own, last), and their MLflow runs
+    later = [f for f in earlier[earlier.index(fit_id) + 1:] if isinstance(f, str)] + [str(their_fit)]
+    runs = current.extra.get("earlier_mlflow_runs")
+    run_of = {r.get("fit_id"): r.get("mlflow_run_id") for r in runs if isinstance(r, dict)} if isinstance(runs, list) else {}
+    run_of[their_fit] = current.run.mlflow_run_id
+    went_on_in_it = [f for f in later if run_of.get(f) == mlflow_run_id]
+    return went_on_in_it[-1] if went_on_in_it else None
 
 
 def committed_record(model_repo: str, run: str, mlflow_run_id: str, status: str = KILLED, *,

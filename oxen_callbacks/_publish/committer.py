@@ -248,7 +248,11 @@ class Committer:
             record["model"].update({"path": chosen["path"], "commit": chosen["commit"]} if chosen
                                    else {"path": None, "commit": None})
             # whether the trainer named it its best: `sync` marks it so even when it is the last one too
-            record["model"][BEST_KEY] = best is not None and best is chosen
+            named = p["best_named"] if "best_named" in p else best is not None and best is chosen
+            if isinstance(named, bool):
+                record["model"][BEST_KEY] = named
+            else:  # (an amended record that does not say)
+                record["model"].pop(BEST_KEY, None)
         self._write_record(run, record)
         return str(record.get("status", "finished"))
 

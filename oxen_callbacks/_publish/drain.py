@@ -15,10 +15,12 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-from .._oxen.identity import resolve_author, worker_environment
+from .._oxen.identity import USER_CONFIG, resolve_author, worker_environment
 from .._util.cache import default_cache_dir
 from .._util.locks import FileLock
 from .._util.processes import python_command
+from ..lineage import BEST_KEY
+from ..names import ENV_OXEN_CONFIG_DIR
 from .queue import JobQueue, queues_of_run
 from .warm_worker import worker_arguments
 
@@ -31,9 +33,21 @@ def drain_in_worker(queue: JobQueue, repo: str | os.PathLike[str], push_timeout:
     cmd = python_command("publish-worker", *worker_arguments(
         queue.folder, repo, push_timeout=push_timeout, remote=meta.get("remote"), branch=meta.get("branch"),
         remote_url=meta.get("remote_url")))
-    env = {**os.environ, **(meta.get("env") or {})}
+    env = {**os.environ, **_identity_of(queue)}
     subprocess.run(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env,
                    check=False)
+
+
+def _identity_of(queue: JobQueue) -> dict[str, str]:
+    """The environment ``queue``'s training process committed with (its Oxen config folder: author
+    and tokens); this one's when that folder is gone (a job's scratch folder, a cleaned cache), said."""
+    env = {k: v for k, v in (queue.meta().get("env") or {}).items() if isinstance(k, str) and isinstance(v, str)}
+    config = env.get(ENV_OXEN_CONFIG_DIR)
+    if config and not (Path(config) / USER_CONFIG).is_file():
+        log.warning("The Oxen identity queue %s committed with (%s) is gone: its checkpoints are committed as "
+                    "this environment's Oxen identity.", queue.folder.name, config)
+        del env[ENV_OXEN_CONFIG_DIR]
+    return env
 
 
 def commit_record(model_repo: str | os.PathLike[str], run: str, record: dict[str, Any], *,
@@ -56,7 +70,9 @@ def commit_record(model_repo: str | os.PathLike[str], run: str, record: dict[str
     owner.acquire()
     try:
         seq = queue.next_seq()
-        job = queue.put(seq, "finalize", {"run": run, "record": record, "best": record["model"].get("path")})
+        job = queue.put(seq, "finalize", {"run": run, "record": record, "best": record["model"].get("path"),
+                                          # (kept as the model, not named the best by this: as the record says)
+                                          "best_named": record["model"].get(BEST_KEY)})
         drain_in_worker(queue, repo, push_timeout)
         result = queue.result(seq) or {}
         if not result.get("ok"):
