@@ -25,6 +25,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from .._util.cache import default_cache_dir
 from .._util.fs import write_atomically
@@ -133,6 +134,18 @@ def worker_environment(author: Author, state_root: Path) -> dict[str, str]:
         except FileExistsError:
             pass  # (made meanwhile by another process: the same link)
     return {ENV_OXEN_CONFIG_DIR: str(folder)}
+
+
+def recorded_config(env: Any) -> str | None:
+    """The Oxen config folder a recorded environment (a queue's ``env``) commits with, if it names one."""
+    config = env.get(ENV_OXEN_CONFIG_DIR) if isinstance(env, dict) else None
+    return config if isinstance(config, str) and config else None
+
+
+def holds_identity(config: str | os.PathLike[str]) -> bool:
+    """Whether Oxen config folder ``config`` still holds an identity to commit as (not a job's
+    scratch folder removed since, or a cleaned cache)."""
+    return (Path(config) / USER_CONFIG).is_file()
 
 
 def _toml_str(text: str) -> str:

@@ -248,7 +248,7 @@ class Committer:
             record["model"].update({"path": chosen["path"], "commit": chosen["commit"]} if chosen
                                    else {"path": None, "commit": None})
             # whether the trainer named it its best: `sync` marks it so even when it is the last one too
-            named = p["best_named"] if "best_named" in p else best is not None and best is chosen
+            named = p.get("best_named", best is not None)  # (a best found is the one chosen)
             if isinstance(named, bool):
                 record["model"][BEST_KEY] = named
             else:  # (an amended record that does not say)

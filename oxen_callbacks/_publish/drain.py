@@ -15,7 +15,7 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-from .._oxen.identity import USER_CONFIG, resolve_author, worker_environment
+from .._oxen.identity import holds_identity, recorded_config, resolve_author, worker_environment
 from .._util.cache import default_cache_dir
 from .._util.locks import FileLock
 from .._util.processes import python_command
@@ -33,19 +33,20 @@ def drain_in_worker(queue: JobQueue, repo: str | os.PathLike[str], push_timeout:
     cmd = python_command("publish-worker", *worker_arguments(
         queue.folder, repo, push_timeout=push_timeout, remote=meta.get("remote"), branch=meta.get("branch"),
         remote_url=meta.get("remote_url")))
-    env = {**os.environ, **_identity_of(queue)}
+    env = {**os.environ, **_identity_of(meta.get("env"), queue.folder.name)}
     subprocess.run(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env,
                    check=False)
 
 
-def _identity_of(queue: JobQueue) -> dict[str, str]:
-    """The environment ``queue``'s training process committed with (its Oxen config folder: author
-    and tokens); this one's when that folder is gone (a job's scratch folder, a cleaned cache), said."""
-    env = {k: v for k, v in (queue.meta().get("env") or {}).items() if isinstance(k, str) and isinstance(v, str)}
-    config = env.get(ENV_OXEN_CONFIG_DIR)
-    if config and not (Path(config) / USER_CONFIG).is_file():
+def _identity_of(recorded: Any, queue_name: str) -> dict[str, str]:
+    """The environment queue ``queue_name``'s training process committed with (``recorded``: its Oxen
+    config folder, author and tokens); this one's when that folder is gone, said."""
+    env = {k: v for k, v in recorded.items() if isinstance(k, str) and isinstance(v, str)} if isinstance(
+        recorded, dict) else {}
+    config = recorded_config(env)
+    if config is not None and not holds_identity(config):
         log.warning("The Oxen identity queue %s committed with (%s) is gone: its checkpoints are committed as "
-                    "this environment's Oxen identity.", queue.folder.name, config)
+                    "this environment's Oxen identity.", queue_name, config)
         del env[ENV_OXEN_CONFIG_DIR]
     return env
 

@@ -12,10 +12,9 @@ import logging
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Any, Protocol
 
-from .._oxen.identity import USER_CONFIG
+from .._oxen.identity import holds_identity, recorded_config
 from .._util.locks import FileLock
 from ..names import ENV_OXEN_CONFIG_DIR
 from .adding import clean_after_killed_adds
@@ -59,8 +58,8 @@ def drain_orphans(committer: Committer, skip: JobQueue | None = None) -> int:
         if fault := other.damage():
             log.warning("Not adopting orphan queue %s: %s", other.folder.name, fault)
             continue
-        config = _config_of(other)
-        if config is not None and not (Path(config) / USER_CONFIG).is_file():
+        config = recorded_config(other.meta().get("env"))
+        if config is not None and not holds_identity(config):
             log.warning("Not adopting orphan queue %s: the Oxen identity it commits as (%s) is gone; "
                         "`oxen-callbacks sync` reports it.", other.folder.name, config)
             continue
@@ -74,12 +73,6 @@ def drain_orphans(committer: Committer, skip: JobQueue | None = None) -> int:
         finally:
             lock.release()
     return count
-
-
-def _config_of(queue: JobQueue) -> str | None:
-    """The Oxen config folder (author, tokens) ``queue``'s training process committed with, if it says."""
-    config = (queue.meta().get("env") or {}).get(ENV_OXEN_CONFIG_DIR)
-    return config if isinstance(config, str) and config else None
 
 
 @contextmanager
