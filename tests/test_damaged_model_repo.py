@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -92,6 +93,51 @@ def test_a_head_naming_a_missing_branch_is_refused_by_the_worker_and_sync_finish
     _committed_bytes_match(models, tmp_path / "second", second)
     _committed_bytes_match(models, tmp_path / "first", first_run)
     assert LocalRepo(models).branches() == {"main": LocalRepo(models).resolve("main")}
+
+
+class WaitForTheCommitError(Callback):
+    """Training ends only once the worker's commit error has reached the trainer: the time a user's
+    export or final evaluation at the end of training leaves."""
+
+    def __init__(self, oxen_cb: OxenLightningCallback) -> None:
+        self.oxen_cb = oxen_cb
+
+    def on_train_end(self, trainer, pl_module) -> None:  # type: ignore[no-untyped-def]
+        deadline = time.monotonic() + 60
+        while not self.oxen_cb.run.publisher.failed and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert self.oxen_cb.run.publisher.failed
+
+
+def test_a_commit_error_known_as_fit_ends_still_ends_the_run_and_sync_can_finish_it(first_run, dataset_repo, tmp_path):
+    """A commit error that reached the trainer before `fit()` ended used to skip the end of the run:
+    the queue, its worker and the run's name stayed this process's, so `sync` left the run "to the
+    live training process" and its MLflow run stayed RUNNING as long as the notebook lived. Now the
+    end goes on (fit() still raises the error), and `sync` in the same process (the next cell, once
+    HEAD is fixed) commits the saves and ends the MLflow run."""
+    from mlflow import MlflowClient
+
+    models = tmp_path / "models"
+    (models / ".oxen" / "HEAD").write_text("mian")
+    pin = PinnedDataset(dataset_repo.path, revision=dataset_repo.commits[0], paths=["train.csv", "val.csv"])
+    cb = OxenLightningCallback(dataset=pin, model_repo=models, run_name="second", mlflow_timeout=30)
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "second", every_n_train_steps=2, save_top_k=-1)
+    with pytest.raises(PublishError, match="names branch 'mian'"):
+        make_trainer(tmp_path / "root-second", [ckpt, cb, WaitForTheCommitError(cb)], epochs=2).fit(
+            TinyModel(), datamodule=CsvData(pin))
+    held = cb.lineage
+    assert held["status"] == "FINISHED" and held["final_commit"] == "pending"
+    assert held["checkpoints"] == [] and held["model"]["commit"] is None  # nothing committed (yet)
+    mlflow_run = held["run"]["mlflow_run_id"]
+
+    (models / ".oxen" / "HEAD").write_text("main")  # the operator fixes it; this process lives on
+    sync.sync_all()
+    second = read_lineage(models / "runs" / "second" / "lineage.json")
+    assert second["status"] == "FINISHED" and "final_commit" not in second
+    _committed_bytes_match(models, tmp_path / "second", second)
+    run = MlflowClient().get_run(mlflow_run)
+    assert run.info.status == "FINISHED"
+    assert run.data.tags["oxen.model.commit"] == second["model"]["commit"]
 
 
 class DeleteHead(Callback):

@@ -29,7 +29,7 @@ from .._oxen.remote_spec import parse_remote
 from .._oxen.repo import LocalRepo
 from .._util.cache import default_cache_dir
 from .._util.locks import FileLock
-from .._util.processes import child_environment, start_helper
+from .._util.processes import child_environment, is_stopped, start_helper
 from .._util.redact import redact_text
 from ..errors import PublishError
 from ..model_repo import checkpoints_folder
@@ -110,6 +110,7 @@ class CheckpointPublisher:
         #: jobs stay journaled for ``oxen-callbacks sync``; training goes on.
         self.stalled: str | None = None
         self.push_warned = False
+        self._said_stopped = False
         self._env = worker_environment(self._author, self.cache_dir)
         self.queue = JobQueue.create(self.repo.path, run, {"pid": os.getpid(), "remote": remote, "branch": branch,
                                                            "remote_url": remote_url, "env": self._env})
@@ -274,15 +275,17 @@ class CheckpointPublisher:
         """The repository path a checkpoint file or folder is published to (see :class:`.dests.Destinations`)."""
         return self.dests.dest_for(source)
 
-    def _put(self, kind: str, payload: dict[str, Any]) -> int:
-        """Journal the job, wake the worker, then report earlier failures (the new job stays queued)."""
+    def _put(self, kind: str, payload: dict[str, Any], *, raise_errors: bool = True) -> int:
+        """Journal the job, wake the worker, then report earlier failures (the new job stays queued)
+        unless ``raise_errors`` is false (the next :meth:`flush` reports them)."""
         seq = self._seq
         self._seq += 1
         self.queue.put(seq, kind, payload)
         with self._cond:
             self._submitted.add(seq)
         self._wake()
-        self._raise_errors()
+        if raise_errors:
+            self._raise_errors()
         return seq
 
     def submit_checkpoint(
@@ -333,11 +336,13 @@ class CheckpointPublisher:
         """Journal the commit of the run's complete lineage record (``best``: the checkpoint it names
         as the model; one an earlier fit of a continued run saved is found by its ``source``;
         ``best_earlier``: its commit and path when a run this one was resumed from saved it); returns
-        its job's sequence number for :meth:`final_record`."""
+        its job's sequence number for :meth:`final_record`. An earlier job's failure is not raised
+        here but by :meth:`final_record`: the end of a run goes on (the publisher closed, MLflow told)
+        whatever failed before it."""
         best_source = os.path.abspath(best) if best else None
         best_dest = self.dests.known(best_source) if best_source else None
         return self._put("finalize", {"run": self.run, "record": record, "best": best_dest, "best_source": best_source,
-                                      "best_earlier": best_earlier})
+                                      "best_earlier": best_earlier}, raise_errors=False)
 
     def final_record(self, seq: int, *, timeout: float | None = None) -> dict[str, Any] | None:
         """The record :meth:`submit_finalize` committed (commit ids filled), once every job before it is
@@ -376,10 +381,20 @@ class CheckpointPublisher:
             self._collect_from_disk()
             if self._proc is None or self._proc.poll() is not None:
                 self._wake()
+            else:
+                self._say_if_stopped(self._proc)
         with self._cond:
             done = not (self._submitted - self._answered)
         self._raise_errors()
         return done
+
+    def _say_if_stopped(self, proc: subprocess.Popen[bytes]) -> None:
+        """Say once why the wait does not end when the worker is stopped (``SIGSTOP``, a debugger)."""
+        if not self._said_stopped and is_stopped(proc.pid):
+            self._said_stopped = True
+            log.warning("The commit worker (pid %d) of run %s is stopped: the wait for its commits goes on until it is "
+                        "continued (`kill -CONT %d`); Ctrl-C leaves them journaled for `oxen-callbacks sync`.",
+                        proc.pid, self.run, proc.pid)
 
     def close(self, timeout: float | None = None, *, by: float | None = None) -> None:
         """Flush, let the worker finish (a last push included) and release the queue.
