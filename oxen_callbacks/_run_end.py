@@ -20,7 +20,7 @@ from typing import Any
 from ._publish.publisher import CheckpointPublisher
 from ._util import background
 from .errors import PublishError
-from .lineage import PREEMPTED, LineageJSON
+from .lineage import BEST_KEY, FINAL_COMMIT_KEY, PREEMPTED, LineageJSON
 
 log = logging.getLogger(__name__)
 
@@ -180,7 +180,7 @@ class RunEnding:
         final, error = self._commit_final(best, deadline)
         committed = final is not None
         self._wait_for_mlflow_run(deadline)  # (the record this process holds names the run in any case)
-        self.record = final if committed else self._published_so_far()
+        self.record = final if committed else self._published_so_far(best)
         self._warn_unpushed()
         if self.sink is not None:
             best_path = _best_path(self.record, best) if committed else None
@@ -219,8 +219,10 @@ class RunEnding:
                 self._claim.release(preempted=(self.record or {}).get("status") == PREEMPTED)
             self._committed.set()  # committed or not: nothing more comes to the repository for this run
 
-    def _published_so_far(self) -> LineageJSON:
-        """The record the MLflow pointer gets when the final lineage commit did not complete."""
+    def _published_so_far(self, best: str | os.PathLike[str] | None) -> LineageJSON:
+        """The record this process holds when the final lineage commit did not complete: the checkpoints
+        committed so far, the model the trainer's ``best`` (its commit ``None`` while not committed)
+        or else the last of them, and :data:`FINAL_COMMIT_KEY` saying the record is not committed."""
         assert self.publisher is not None
         final = self._base_record()
         final["checkpoints"] = [
@@ -228,10 +230,16 @@ class RunEnding:
              "metrics": r.get("metrics") or {}}
             for r in self.publisher.results if r.get("kind") == "checkpoint"
         ]
-        if final["checkpoints"]:
+        best_dest = self.publisher.dest_for(best) if best and self.publisher.has_source(best) else None
+        if best_dest is not None:
+            commit = next((c["commit"] for c in reversed(final["checkpoints"]) if c["path"] == best_dest), None)
+            final["model"] = {**final["model"], "commit": commit, "path": best_dest, BEST_KEY: True}
+        elif final["checkpoints"]:
             last = final["checkpoints"][-1]
             final["model"] = {**final["model"], "commit": last["commit"], "path": last["path"]}
-        log.warning("The final lineage commit did not complete; the pointer lists what was published.")
+        final[FINAL_COMMIT_KEY] = "pending"
+        log.warning("The final lineage commit of run %s did not complete: `callback.lineage` lists the checkpoints "
+                    "committed so far; `oxen-callbacks sync` commits the rest and the final record.", self.run_name)
         return final
 
     def _log_final_or_leave_to_sync(self, final: LineageJSON, status: str, *, committed: bool,

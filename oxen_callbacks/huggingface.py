@@ -281,6 +281,9 @@ def _end_runs_a_raising_train_left() -> None:
     status = status_of_an_uncaught_raise()
     for callback, args in list(_STARTED.items()):
         if callback.run.publisher is not None and not callback.run.finished:
+            log.warning("oxen-callbacks: ending run %s %s before exit (its commits, then MLflow for up to %.0f s); "
+                        "Ctrl-C leaves the rest to `oxen-callbacks sync`.", callback.run.run_name, status,
+                        callback.run.mlflow_timeout)
             callback.run.finish_after_error(status, what="train() that raised")
             callback._fail_run_started_for_this_train(args, status)
     _STARTED.clear()

@@ -65,6 +65,9 @@ PREEMPTED = "PREEMPTED"
 #: ``model.best``, written by a fit's end: whether the trainer named that checkpoint its best (the
 #: metric it monitors), so that `sync` marks it so even when it is also the last one.
 BEST_KEY = "best"
+#: In the record ``callback.lineage`` holds when the run's final lineage commit did not complete
+#: (``"pending"``: ``oxen-callbacks sync`` commits it); never in a committed record.
+FINAL_COMMIT_KEY = "final_commit"
 _MLFLOW_RUN_STATUSES = ("FINISHED", "FAILED", "KILLED")
 
 

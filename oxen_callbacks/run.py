@@ -69,7 +69,8 @@ class LineageRun(RunOptionChecks, RunEnding):
         author: ``(name, email)`` of the checkpoint commits.
         remote / remote_url / branch / push_timeout: push the model repository to an Oxen
             remote after commits (each push a child process killed after ``push_timeout``).
-        drain_timeout: longest wait at the end for commits (``None``: until done).
+        drain_timeout: longest wait at the end for commits (``None``: until done); a record whose final
+            commit did not come by then says ``final_commit: "pending"`` (``oxen-callbacks sync`` commits it).
         mlflow_timeout: longest wait at the end for MLflow (the rest stays journaled).
         register_model: register the final checkpoint as a new version of this MLflow model
             (source ``runs:/<run>/oxen``, tags naming the Oxen commits).

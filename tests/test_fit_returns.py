@@ -244,3 +244,52 @@ def test_once_training_is_over_the_sink_thread_applies_operations_as_they_come(t
     lines.write(END_LINE.encode())
     thread.join(60)
     assert ended == ["end"] and journal.is_empty()
+
+
+class Shrinking(Callback):
+    """Logs ``shrink``, growing each epoch: monitored with ``mode="min"``, the first epoch is the best."""
+
+    def on_validation_epoch_end(self, trainer, pl_module) -> None:  # type: ignore[no-untyped-def]
+        pl_module.log("shrink", float(trainer.current_epoch))
+
+
+class PauseWorkerAfterLastCommit(Callback):
+    """At the end of training, every checkpoint committed: pause the worker (SIGSTOP) for ``seconds``,
+    a machine too busy for the final lineage commit to come within ``drain_timeout``."""
+
+    def __init__(self, oxen_cb: OxenLightningCallback, seconds: float) -> None:
+        self.oxen_cb, self.seconds = oxen_cb, seconds
+
+    def on_train_end(self, trainer, pl_module) -> None:  # type: ignore[no-untyped-def]
+        import signal
+        import threading
+
+        publisher = self.oxen_cb.run.publisher
+        assert publisher.flush(60)
+        os.kill(publisher.worker_pid, signal.SIGSTOP)
+        threading.Timer(self.seconds, os.kill, (publisher.worker_pid, signal.SIGCONT)).start()
+
+
+@pytest.mark.timeout(300)
+def test_a_final_commit_missing_drain_timeout_leaves_a_record_that_says_so_and_names_the_best(dataset_repo, tmp_path):
+    """`callback.lineage` when the final lineage commit does not come within `drain_timeout`: it used to
+    name the last checkpoint the model, FINISHED, while the committed record (later) named the best.
+    Now it names the trainer's best and says the final commit is pending; the repository's record,
+    once committed, agrees on the model."""
+    pin = PinnedDataset(dataset_repo.path, revision=dataset_repo.commits[0], paths=["train.csv", "val.csv"])
+    cb = OxenLightningCallback(dataset=pin, model_repo=tmp_path / "models", mlflow=False, drain_timeout=2)
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "fit" / "ckpt", monitor="shrink", mode="min", save_top_k=-1)
+    make_trainer(tmp_path / "fit", [ckpt, Shrinking(), cb, PauseWorkerAfterLastCommit(cb, 15)], epochs=3).fit(
+        TinyModel(), datamodule=CsvData(pin))
+    held = cb.lineage
+    assert held["final_commit"] == "pending" and len(held["checkpoints"]) == 3
+    first = held["checkpoints"][0]
+    assert held["model"]["path"] == first["path"] and held["model"]["commit"] == first["commit"]
+    assert os.path.basename(first["path"]) == os.path.basename(ckpt.best_model_path)
+
+    deadline = time.monotonic() + 120  # the worker goes on once continued: the final record is committed
+    path = tmp_path / "models" / "runs" / held["run"]["name"] / "lineage.json"
+    while (committed := read_lineage(path))["status"] != "FINISHED" and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert committed["status"] == "FINISHED" and "final_commit" not in committed
+    assert (committed["model"]["path"], committed["model"]["commit"]) == (first["path"], first["commit"])

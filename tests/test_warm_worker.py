@@ -209,6 +209,32 @@ def test_a_waiting_worker_killed_between_fits_is_replaced_and_nothing_is_lost(da
 
 
 @pytest.mark.timeout(400)
+def test_a_waiting_worker_stopped_between_fits_is_replaced_at_once(dataset_repo, tmp_path):
+    """A worker left waiting for the next fit, then stopped (``SIGSTOP``, a debugger): a hand-off that
+    fits the pipe's buffer used to seem taken, and the next fit's lineage, and the exit, waited for
+    it forever. Now it is killed at hand-off and a new worker commits the fit."""
+    first, second = tmp_path / "first", tmp_path / "second"
+    cb = _callback(dataset_repo, first)
+    _fit(first, cb)
+    cb.lineage
+    pid = cb.run.publisher.worker_pid
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        cb2 = _callback(dataset_repo, second)
+        _fit(second, cb2)
+        assert cb2.run.publisher.worker_pid not in (None, pid)
+        cb2.run.wait(timeout=120)
+        _assert_all_committed(second, cb2.lineage)
+        deadline = time.monotonic() + 30
+        while process_running(pid) and time.monotonic() < deadline:  # killed, not left stopped
+            time.sleep(0.1)
+        assert not process_running(pid)
+    finally:
+        if process_running(pid):
+            os.kill(pid, signal.SIGKILL)
+
+
+@pytest.mark.timeout(400)
 def test_the_waiting_worker_exits_with_the_training_process(dataset_repo, tmp_path):
     """Nothing outlives a script: the worker its fit left waiting sees its stdin close when the script exits."""
     pid_file = tmp_path / "worker.pid"

@@ -231,7 +231,7 @@ class MlflowSink:
             self.publish_extras(final, register_model=register_model, dataset_input=dataset_input, graph=graph)
         self.end(status)
         if not self.flush(timeout):
-            log.warning("MLflow did not take the lineage within %.0fs (%s); it is journaled in %s: "
+            log.warning("MLflow did not take the lineage within %.1f s (%s); it is journaled in %s: "
                         "run `oxen-callbacks sync` later.", timeout, self.why_pending(), self.journal.folder)
         self.close()
 

@@ -3,7 +3,8 @@
 The hand-off carries the whole environment (it may hold the user's tokens: never on disk), which
 can be larger than a pipe's buffer: the write then waits for the helper to read. A helper that is
 stopped or stuck must not hold fit start, so the write has a deadline; past it the helper is
-killed and the caller starts a new one.
+killed and the caller starts a new one. A stopped helper is killed at once: a message that fits
+the pipe's buffer would seem taken, and the run would wait for it forever.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from collections.abc import Callable
 from typing import Any
 
 from .fs import creation_mask
+from .processes import is_stopped
 
 #: How long fit start waits for a warm helper to take its hand-off.
 HANDOFF_TIMEOUT_S = 5.0
@@ -29,6 +31,9 @@ def send_handoff(proc: subprocess.Popen[bytes], message: dict[str, Any], timeout
     applies) as one JSON line to ``proc``'s stdin; ``False`` (``proc`` killed when it lives) if it is
     gone or does not read it within ``timeout`` seconds."""
     if proc.stdin is None or proc.poll() is not None:
+        return False
+    if is_stopped(proc.pid):  # a message that fits the pipe's buffer would be "taken", never read
+        proc.kill()
         return False
     message = {**message, "cwd": os.getcwd(), "umask": creation_mask()}
     if _write_within(proc.stdin.fileno(), json.dumps(message).encode() + b"\n", timeout):
