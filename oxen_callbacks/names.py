@@ -20,6 +20,7 @@ TAG_MODEL_PATH = "oxen.model.path"  # that checkpoint's path inside the model re
 TAG_CODE_GIT_COMMIT = "oxen.code.git_commit"  # git commit of the training code (absent outside git)
 TAG_LINEAGE_STATUS = "oxen.lineage.status"  # how the run's lineage ended: FINISHED, FAILED, KILLED, PREEMPTED
 TAG_ENDPOINT_PREFIX = "oxen.endpoint."  # + endpoint slug: the run's model serves that endpoint
+TAG_FIT = "oxen.fit"  # the fit logging to the run: "<its start, ms since 1970>:<its fit id>" (a later fit's replaces it)
 TAG_CREATION = "oxen.creation"  # a run we created: its create op's token (a repeated create's twin is deleted)
 
 # -- MLflow logged-model tags: one logged model per committed checkpoint (MLflow 3) ----------------

@@ -329,13 +329,14 @@ def test_whole_job_sigkilled_at_once_is_finished_by_sync(dataset_repo, tmp_path)
 
 
 def _kill_whole_job_once_tagged(dataset_repo, tmp_path: Path, run: str,  # type: ignore[no-untyped-def]
-                                mlflow_run_id: str | None = None) -> Path:
+                                mlflow_run_id: str | None = None, *, logger: bool = True) -> Path:
     """Train run ``run`` (its own MLflow run, or with ``mlflow_run_id`` an ``MLFlowLogger``'s of that
-    existing run) in a process; once a checkpoint is committed and the run tagged with it, SIGKILL the
-    process and all its helpers at once; its lineage file, locks released."""
+    existing run; without ``logger``, the run ``$MLFLOW_RUN_ID`` names) in a process; once a checkpoint is
+    committed and the run tagged with it, SIGKILL the process and all its helpers at once; its lineage
+    file, locks released."""
     models = tmp_path / "models"
     script = Path(__file__).parent / "fit_script.py"
-    logging_to = ["--logger", "--logger-run-id", mlflow_run_id] if mlflow_run_id else []
+    logging_to = ["--logger", "--logger-run-id", mlflow_run_id] if mlflow_run_id and logger else []
     proc = subprocess.Popen([sys.executable, str(script), "--dataset", str(dataset_repo.path), "--revision",
                              dataset_repo.commits[0], "--model-repo", str(models), "--root", str(tmp_path / "fit"),
                              "--run-name", run, "--mlflow", "--step-sleep", "0.3", "--epochs", "60",
@@ -428,6 +429,63 @@ def test_sync_of_a_killed_fit_leaves_the_mlflow_run_a_later_fit_continued_in_alo
         mine["model"]["commit"], mine["model"]["path"])
     logged = read_lineage(client.download_artifacts(run_id, "oxen/lineage.json", str(tmp_path / "dl")))
     assert logged == mine
+
+
+def test_sync_of_a_killed_fit_leaves_the_mlflow_run_a_fit_of_another_oxen_run_went_on_in_alone(dataset_repo, tmp_path):
+    """Fit A logs through an ``MLFlowLogger`` of an existing MLflow run and is killed with all its helpers;
+    fit B, a new Oxen run, logs to the same MLflow run (``MLFlowLogger(run_id=...)``, Lightning's way to go
+    on in a run) and finishes. `sync` of A's journal then wrote A's KILLED lineage and model tags over B's,
+    and left two models marked final (found by a review: the model repository's record of A's Oxen run
+    cannot tell). The run's ``oxen.fit`` tag names the fit that logs to it now: the run stays B's, A's
+    checkpoints get their logged models, unmarked."""
+    from lightning.pytorch.loggers import MLFlowLogger
+
+    from oxen_callbacks._ops import sync
+
+    models, client, uri = tmp_path / "models", MlflowClient(), os.environ["MLFLOW_TRACKING_URI"]
+    run_id = client.create_run(client.create_experiment("shared")).info.run_id
+    lineage = _kill_whole_job_once_tagged(dataset_repo, tmp_path, "nightly", mlflow_run_id=run_id)
+    assert sync.sync_all(mlflow=False)["pending"] == 0  # (A's queued saves committed; its MLflow left)
+    killed_fit = read_lineage(lineage)
+
+    pin = PinnedDataset(dataset_repo.path, revision=dataset_repo.commits[0], paths=["train.csv", "val.csv"])
+    b = OxenLightningCallback(dataset=pin, model_repo=models)
+    logger = MLFlowLogger(run_id=run_id, tracking_uri=uri, log_model=False)
+    make_trainer(tmp_path / "b", [ModelCheckpoint(dirpath=tmp_path / "b" / "ckpt"), b], logger=logger).fit(
+        TinyModel(), datamodule=CsvData(pin))
+    mine = b.lineage
+    assert mine["run"]["name"] != "nightly" and mine["run"]["mlflow_run_id"] == run_id
+    report = sync.sync_all()
+    assert report["pending"] == 0, [(m.get("status"), m.get("error")) for m in report["mlflow"]]
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED" and run.data.tags["oxen.lineage.status"] == "FINISHED"
+    assert (run.data.tags["oxen.run"], run.data.tags["oxen.model.commit"], run.data.tags["oxen.model.path"]) == (
+        mine["run"]["name"], mine["model"]["commit"], mine["model"]["path"])
+    assert read_lineage(client.download_artifacts(run_id, "oxen/lineage.json", str(tmp_path / "dl"))) == mine
+    models_logged = logged_models_of_run(uri, run_id)
+    finals = [m.tags.get("oxen.model.path") for m in models_logged if m.tags.get("oxen.model.final") == "true"]
+    assert finals == [mine["model"]["path"]]
+    theirs = {m.tags.get("oxen.model.commit") for m in models_logged if m.tags.get("oxen.run") == "nightly"}
+    assert theirs >= {c["commit"] for c in killed_fit["checkpoints"] if c["commit"]}  # A's models made all the same
+
+
+def test_sync_never_ends_the_run_mlflow_run_id_handed_over(dataset_repo, tmp_path, monkeypatch):
+    """A run an orchestrator started and handed over in ``$MLFLOW_RUN_ID`` is ended by that orchestrator
+    ("never ended by us"), also after a killed training process: `sync` logs its lineage, KILLED, and
+    leaves the run RUNNING (it terminated it KILLED: found by a review)."""
+    from oxen_callbacks._ops import sync
+
+    client = MlflowClient()
+    run_id = client.create_run(client.create_experiment("pipeline")).info.run_id
+    monkeypatch.setenv("MLFLOW_RUN_ID", run_id)  # (the killed fit's process inherits it)
+    _kill_whole_job_once_tagged(dataset_repo, tmp_path, "nightly", mlflow_run_id=run_id, logger=False)
+    monkeypatch.delenv("MLFLOW_RUN_ID")
+    report = sync.sync_all()
+    assert report["pending"] == 0, [(m.get("status"), m.get("error")) for m in report["mlflow"]]
+    [ended] = [m["abandoned"] for m in report["mlflow"] if m.get("abandoned")]
+    assert ended["status"] == "KILLED" and ended["terminated"] is None
+    run = client.get_run(run_id)
+    assert run.info.status == "RUNNING" and run.data.tags["oxen.lineage.status"] == "KILLED"
 
 
 def test_sync_of_an_earlier_fits_journaled_end_leaves_the_mlflow_run_a_later_fit_continued_in_alone(

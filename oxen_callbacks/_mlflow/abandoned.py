@@ -21,9 +21,39 @@ from .._publish.queue import run_backlog
 from ..errors import LineageValidationError
 from ..lineage import BEST_KEY, CodePointer, LineageRecord
 from ..model_repo import is_run_name, lineage_path
+from ..names import TAG_FIT
+from .journal import META_FIT_STARTED_MS, MlflowJournal, journals
 
 log = logging.getLogger(__name__)
 KILLED = "KILLED"
+
+
+def superseded_by(client: Any, journal: Any, meta: dict[str, Any]) -> str | None:
+    """The later fit that logs to the journal's MLflow run, whose tags, ``oxen/lineage.json``, marks and end
+    are then that fit's, not this journal's to write (``sync`` replays it late); ``None``: none.
+
+    Found by the model repository's record (a fit that went on in the same Oxen run, :func:`continued_by`),
+    by a later journal of this cache for the run (a fit still training: it tags the run at its end), or
+    by the run's ``oxen.fit`` tag (a later fit, of any Oxen run, from anywhere).
+    """
+    fit_id = journal.fit_id()
+    if (later := continued_by(meta, fit_id)) is not None:
+        return later
+    run_id, started = meta.get("run_id"), meta.get(META_FIT_STARTED_MS)
+    if not run_id or not isinstance(started, int):
+        return None  # (a journal of an older version, or a run not created yet)
+    for folder in journals(journal.folder.parent.parent):
+        other = MlflowJournal(folder)
+        try:
+            their = other.meta()
+        except (OSError, ValueError):
+            continue
+        if their.get("run_id") == run_id and isinstance(t := their.get(META_FIT_STARTED_MS), int) and t > started:
+            return other.fit_id() or folder.name
+    tagged_start, _, tagged_fit = str(client.get_run(run_id).data.tags.get(TAG_FIT, "")).partition(":")
+    if tagged_fit and tagged_fit != fit_id and tagged_start.isdigit() and int(tagged_start) > started:
+        return tagged_fit
+    return None
 
 
 def commits_pending(model_repo: str, run: str) -> bool:

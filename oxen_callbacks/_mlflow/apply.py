@@ -26,9 +26,9 @@ from ..names import (
     TAG_MODEL_COMMIT,
     TAG_MODEL_PATH,
 )
-from .abandoned import KILLED, amend_repo_record, committed_record, continued_by
+from .abandoned import KILLED, amend_repo_record, committed_record, superseded_by
 from .fluent import sqlite_file
-from .journal import MlflowJournal, json_artifact_problem
+from .journal import META_ENDED_BY_ITS_OWNER, MlflowJournal, json_artifact_problem
 from .twins import delete_twin_runs
 
 log = logging.getLogger(__name__)
@@ -97,12 +97,16 @@ def replay(journal: MlflowJournal) -> int:
     """
     client = client_for(journal)
     meta = journal.meta()
-    later = continued_by(meta, journal.fit_id())
+    later = superseded_by(client, journal, meta)
     done = 0
     for paths, op in journal.batches():
         if later is not None and op["op"] in _THE_RUNS_OWN:
-            log.info("Not replaying %s of run %s: fit %s went on from it in the same MLflow run, whose tags, "
+            log.info("Not replaying %s of run %s: fit %s went on in the same MLflow run, whose tags, "
                      "lineage and end are that fit's.", op["op"], meta.get("oxen_run"), later)
+        elif later is not None and op["op"] == "mark_models":  # its checkpoints' models, not the run's marks
+            from .logged_models import complete_and_mark
+
+            complete_and_mark(client, journal, meta, op["record"], went_on=later)
         else:
             apply_op(client, journal, meta, op)
         meta = journal.meta()
@@ -193,17 +197,18 @@ def finish_abandoned(client: Any, journal: Any, meta: dict[str, Any], status: st
     """Tag, log and terminate the run from what was committed; returns what was done (for sync's
     report). ``status``: what the run ends as when its lineage was not committed final (``KILLED``
     for a dead training process; a training run whose final commit stalled says its own);
-    ``terminate``: end the run if still ``RUNNING`` (not a run the user started and ends)."""
+    ``terminate``: end the run if still ``RUNNING`` (not a run the user started and ends, nor one
+    ``$MLFLOW_RUN_ID`` handed over: its owner ends it)."""
     run_id = meta["run_id"]
     trainer_died = status == KILLED  # else the training run itself left it to sync (its final commit stalled)
     fit_id = journal.fit_id()
     record = committed_record(meta["model_repo"], meta.get("oxen_run") or "", run_id, status, fit_id=fit_id)
-    if (later := continued_by(meta, fit_id)) is not None:
+    if (later := superseded_by(client, journal, meta)) is not None:
         # the MLflow run is the later fit's now: only this fit's checkpoints get their logged models
         from .logged_models import complete_and_mark
 
         if record is not None:
-            complete_and_mark(client, journal, journal.meta(), record, best_unless_last=True)
+            complete_and_mark(client, journal, journal.meta(), record, best_unless_last=True, went_on=later)
         return {"status": status, "continued_by": later, "trainer_died": trainer_died,
                 "checkpoints": len(record["checkpoints"]) if record else 0, "model_commit": None,
                 "model_path": None, "terminated": None}
@@ -230,7 +235,7 @@ def finish_abandoned(client: Any, journal: Any, meta: dict[str, Any], status: st
             if register_model or graph:
                 apply_op(client, journal, journal.meta(), {"op": "publish_extras", "record": record,
                                                            "register_model": register_model, "graph": graph})
-    terminated = terminate and client.get_run(run_id).info.status == "RUNNING"
+    terminated = terminate and not meta.get(META_ENDED_BY_ITS_OWNER) and client.get_run(run_id).info.status == "RUNNING"
     ended_as = mlflow_run_status(status)
     if terminated:
         client.set_terminated(run_id, status=ended_as)

@@ -26,6 +26,14 @@ ABANDONED_SEQ = 999_999  # the last operation of a journal whose training proces
 #: What the training run tells its sink besides a bare newline (new operations): the run ended;
 #: its training is over (nothing needs the CPU any more: apply operations as they come).
 END_LINE, TRAINING_OVER_LINE = "end\n", "trained\n"
+META_FIT_STARTED_MS = "fit_started_ms"  # journal meta: when its fit started (ms since 1970), see TAG_FIT
+#: journal meta: true for a run another program started and ends (``$MLFLOW_RUN_ID``'s): never terminated here
+META_ENDED_BY_ITS_OWNER = "ended_by_its_owner"
+
+
+def fit_tag(started_ms: int, fit_id: str) -> str:
+    """The ``oxen.fit`` tag's value (:data:`~oxen_callbacks.names.TAG_FIT`)."""
+    return f"{started_ms}:{fit_id}"
 _META_STRINGS = ("run_id", "experiment_id", "model_repo", "oxen_run")  # each a string when given
 
 

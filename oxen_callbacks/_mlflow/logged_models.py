@@ -148,21 +148,24 @@ def log_checkpoint_models(client: Any, journal: MlflowJournal, meta: dict[str, A
 
 
 def complete_and_mark(client: Any, journal: MlflowJournal, meta: dict[str, Any], record: dict[str, Any], *,
-                      best_path: str | None = None, best_unless_last: bool = False) -> dict[str, Any]:
+                      best_path: str | None = None, best_unless_last: bool = False,
+                      went_on: str | None = None) -> dict[str, Any]:
     """Give every committed checkpoint of ``record``'s own fit its logged model (those whose report never
     came: a killed trainer), then tag the final one and the best one (of the whole run: a continued run's
     earlier fits' models lose their marks); returns ``{"final": id, "best": id}``.
 
     The best is ``record["model"]`` when its path is ``best_path``, or (``best_unless_last``, for a run
     finished from its commits, whose trainer's knowledge is gone) when it is not the last checkpoint.
+    ``went_on``: a later fit that logs to the MLflow run (:func:`.abandoned.superseded_by`): the models
+    are made, the marks left as that fit's end set them.
     """
     entries = [c for c in record.get("checkpoints") or [] if c.get("commit")]
     marked: dict[str, Any] = {}
     if entries and (models_wanted(meta) or earlier_fits(record)) and not _skipped(client):
         with _unless_the_server_lacks_them(client):
             if models_wanted(meta):
-                marked = _complete_and_mark(client, journal, meta, record, entries, best_path, best_unless_last)
-            else:  # (log_models=False) the final and best marks of the fits this one continued are not the run's
+                marked = _complete_and_mark(client, journal, meta, record, entries, best_path, best_unless_last, went_on)
+            elif went_on is None:  # (log_models=False) the final and best marks of the fits this one continued are not the run's
                 _unmark(client, journal, meta, record, entries)
     return marked
 
@@ -189,12 +192,13 @@ def _take_mark_off(client: Any, models: dict[str, Found], keys: Iterable[str], t
 
 
 def _complete_and_mark(client: Any, journal: MlflowJournal, meta: dict[str, Any], record: dict[str, Any],
-                       entries: list[dict[str, Any]], best_path: str | None, best_unless_last: bool) -> dict[str, Any]:
+                       entries: list[dict[str, Any]], best_path: str | None, best_unless_last: bool,
+                       went_on: str | None) -> dict[str, Any]:
     repo, run = record["model"]["repo"], record["run"].get("name")
     experiment_id, meta = _experiment(client, journal, meta)
     known = meta.get(_META_KEY) or {}
     keys = [checkpoint_key(e["commit"], e["path"]) for e in entries]
-    later = _continued_since(meta, record, entries)
+    later = went_on or _continued_since(meta, record, entries)
     if later is None and all(known.get(key) for key in keys):
         # This journal (one fit's) made the model of every checkpoint the run has, and no later fit
         # continued it: a continued run's record lists its earlier fits' checkpoints too, so no

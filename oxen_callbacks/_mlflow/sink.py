@@ -32,6 +32,7 @@ from ..names import (
     ENV_MLFLOW_HTTP_REQUEST_MAX_RETRIES,
     ENV_MLFLOW_HTTP_REQUEST_TIMEOUT,
     ENV_MLFLOW_PREFIX,
+    ENV_MLFLOW_RUN_ID,
     ENV_MLFLOW_TRACKING_URI,
     LINEAGE_ARTIFACT_NAME,
     POINTER_ARTIFACT_DIR,
@@ -40,6 +41,7 @@ from ..names import (
     TAG_DATASET_PATHS,
     TAG_DATASET_REPO,
     TAG_DATASET_REVISION,
+    TAG_FIT,
     TAG_LINEAGE_STATUS,
     TAG_MODEL_COMMIT,
     TAG_MODEL_PATH,
@@ -50,7 +52,7 @@ from . import fluent
 from .dataset_input import META_DATASET_INPUT
 from .extras import extras_meta
 from .fluent import absolute_store, default_tracking_uri, run_to_join
-from .journal import END_LINE, TRAINING_OVER_LINE, MlflowJournal
+from .journal import END_LINE, META_ENDED_BY_ITS_OWNER, META_FIT_STARTED_MS, TRAINING_OVER_LINE, MlflowJournal, fit_tag
 from .logged_models import META_LOG_MODELS, checkpoint_op, mark_op, models_wanted
 from .paths_tag import paths_tag
 from .sink_thread import SinkThread
@@ -122,7 +124,9 @@ class MlflowSink:
         if active is not None:
             run_id, tracking_uri = active[0], tracking_uri or active[1]
         uri = absolute_store(tracking_uri or default_tracking_uri())
-        meta = {"tracking_uri": redact_url(uri), "run_id": run_id}
+        meta = {"tracking_uri": redact_url(uri), "run_id": run_id, META_FIT_STARTED_MS: int(time.time() * 1000)}
+        if run_id is not None and run_id == os.environ.get(ENV_MLFLOW_RUN_ID, "").strip():
+            meta[META_ENDED_BY_ITS_OWNER] = True  # an orchestrator's run, handed over in $MLFLOW_RUN_ID
         if model_repo is not None:
             meta.update(model_repo=model_repo, oxen_run=run_name)
         if not log_models:
@@ -195,6 +199,8 @@ class MlflowSink:
             self.journal.note_fit(record["fit_id"])  # (what `sync` may amend in the repository: this fit's record)
         tags = {TAG_RUN: run_name, TAG_MODEL_REPO: record["model"]["repo"],
                 TAG_CODE_GIT_COMMIT: record["code"]["git_commit"]}
+        if record.get("fit_id") and isinstance(started := self.journal.meta().get(META_FIT_STARTED_MS), int):
+            tags[TAG_FIT] = fit_tag(started, record["fit_id"])
         if record["dataset"]:
             d = record["dataset"]
             tags.update({TAG_DATASET_REPO: redact_url(d["repo"]), TAG_DATASET_COMMIT: d["commit"],

@@ -28,8 +28,9 @@ from .._oxen.identity import resolve_author, worker_environment
 from .._oxen.remote_spec import parse_remote
 from .._oxen.repo import LocalRepo
 from .._util.cache import default_cache_dir
+from .._util.handoff import is_stopped
 from .._util.locks import FileLock
-from .._util.processes import child_environment, is_stopped, start_helper
+from .._util.processes import child_environment, start_helper
 from .._util.redact import redact_text
 from ..errors import PublishError
 from ..model_repo import checkpoints_folder

@@ -17,10 +17,10 @@ import tempfile
 import time
 import weakref
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from .fs import creation_mask
-from .processes import is_stopped
 
 #: How long fit start waits for a warm helper to take its hand-off.
 HANDOFF_TIMEOUT_S = 5.0
@@ -40,6 +40,16 @@ def send_handoff(proc: subprocess.Popen[bytes], message: dict[str, Any], timeout
         return True
     proc.kill()
     return False
+
+
+def is_stopped(pid: int) -> bool:
+    """Whether process ``pid`` is stopped (``SIGSTOP``, a debugger's trace stop): it reads nothing
+    until continued. ``False`` when it cannot be told (no ``/proc``, gone)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except (OSError, UnicodeDecodeError):
+        return False
+    return stat[stat.rfind(")") + 2:][:1] in ("T", "t")  # (the state follows the command's name)
 
 
 def take_handoff(line: str) -> dict[str, Any]:

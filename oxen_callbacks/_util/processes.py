@@ -52,16 +52,6 @@ def yield_cpu_to_training(*, idle: bool, pid: int = 0) -> None:
         pass  # not allowed here: keep the priority we have
 
 
-def is_stopped(pid: int) -> bool:
-    """Whether process ``pid`` is stopped (``SIGSTOP``, a debugger's trace stop): it reads nothing
-    until continued. ``False`` when it cannot be told (no ``/proc``, gone)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except (OSError, UnicodeDecodeError):
-        return False
-    return stat[stat.rfind(")") + 2:][:1] in ("T", "t")  # (the state follows the command's name)
-
-
 #: ``subprocess.Popen`` keywords for a background process: its own process group, the trainer's session.
 OWN_PROCESS_GROUP: Mapping[str, Any] = {"process_group": 0}
 
