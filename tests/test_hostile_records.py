@@ -407,3 +407,23 @@ def test_a_damaged_record_is_refused_by_name_and_skipped_by_latest(dataset_repo,
     assert Path(latest.ckpt_path).parent.parent.name == "other", latest.ckpt_path  # runs/other/checkpoints/...
     by_commit = OxenLightningCallback(model_repo=models, resume_from=other_last["commit"][:12], mlflow=False)
     assert Path(by_commit.ckpt_path).read_bytes() == saved.read_bytes()  # (the damaged newest record is skipped)
+
+
+def test_a_journal_naming_a_store_with_credentials_never_shows_them(tmp_path, capsys, monkeypatch):
+    """A journal written elsewhere (another version, by hand) whose tracking URI holds a password, its
+    server down: neither `sync`'s lines nor its ``--json`` show the password (they did: the URI came
+    out as the journal held it)."""
+    import socket
+
+    with socket.socket() as free:  # a port nothing listens on: connections are refused
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]
+    uri = f"http://alice:hunter2pw@127.0.0.1:{port}"
+    journal = MlflowJournal.create(tmp_path / "cache", {"tracking_uri": uri, "run_id": "0" * 32})
+    journal.put(1, {"op": "set_tags", "tags": {"oxen.run": "r"}})
+    journal.mark_ended()
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    for args in (["sync"], ["sync", "--json"]):
+        assert main([*args, "--cache-dir", str(tmp_path / "cache")]) == 1  # (still pending)
+        out = capsys.readouterr()
+        assert f"127.0.0.1:{port}" in out.out and "hunter2pw" not in out.out + out.err, out

@@ -175,13 +175,16 @@ def test_an_end_retried_after_a_fault_registers_one_version_in_a_name_others_use
 
 
 @pytest.mark.timeout(600)
-def test_a_relative_sqlite_store_is_finished_by_sync_run_from_another_folder(dataset_repo, tmp_path, monkeypatch):
-    """`export MLFLOW_TRACKING_URI=sqlite:///mlflow.db` (MLflow's own quickstart), a fit in folder a killed
-    right after fit(), then `sync` from folder b with the same environment: the run in a/mlflow.db is
-    finished, and no other store is made or written."""
+@pytest.mark.parametrize("uri, store", [("sqlite:///mlflow.db", "mlflow.db"), ("file:./mlruns", "mlruns")])
+def test_a_relative_store_is_finished_by_sync_run_from_another_folder(dataset_repo, tmp_path, monkeypatch, uri, store):
+    """`export MLFLOW_TRACKING_URI=sqlite:///mlflow.db` (MLflow's own quickstart), or ``file:./mlruns`` (a
+    file store, Lightning's ``MLFlowLogger`` default: it was journaled relative, found by a review), a fit
+    in folder a killed right after fit(), then `sync` from folder b with the same environment: the run in
+    a's store is finished, and no other store is made or written."""
     a, b = tmp_path / "a", tmp_path / "b"
     a.mkdir(), b.mkdir()
-    env = {**os.environ, "MLFLOW_TRACKING_URI": "sqlite:///mlflow.db"}
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # (MLflow 3 refuses a file store unless told)
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri}
     cmd = [sys.executable, str(SCRIPT), "--dataset", str(dataset_repo.path), "--revision", dataset_repo.commits[0],
            "--model-repo", str(tmp_path / "models"), "--root", str(tmp_path / "fit"), "--epochs", "1", "--mlflow",
            "--logger", "--after-fit", "kill"]
@@ -189,10 +192,10 @@ def test_a_relative_sqlite_store_is_finished_by_sync_run_from_another_folder(dat
                           env=env, cwd=a)
     assert done.returncode == -9, done.stderr[-3000:]
     monkeypatch.chdir(b)
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///mlflow.db")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     sync_until_nothing_pending()
-    assert not (b / "mlflow.db").exists()
-    client = MlflowClient(f"sqlite:///{a / 'mlflow.db'}")
+    assert not (b / store).exists()
+    client = MlflowClient(f"sqlite:///{a / store}" if uri.startswith("sqlite") else f"file://{a / store}")
     [run] = client.search_runs([e.experiment_id for e in client.search_experiments()])
     assert run.data.tags["oxen.lineage.status"] == "FINISHED"  # journaled before the kill
     assert run.data.tags["oxen.model.commit"] and run.info.status != "RUNNING"

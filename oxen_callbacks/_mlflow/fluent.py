@@ -39,11 +39,18 @@ def sqlite_file(uri: str | None) -> str | None:
 
 
 def absolute_store(uri: str) -> str:
-    """``uri`` with a relative SQLite path (``sqlite:///mlflow.db``, as MLflow's quickstart writes it) made
-    absolute from this process's working directory: what is journaled names that store wherever
-    ``oxen-callbacks sync`` runs, not a new one in its working directory."""
+    """``uri`` with a relative SQLite path (``sqlite:///mlflow.db``, as MLflow's quickstart writes it) or file
+    store path (``file:./mlruns``, Lightning's ``MLFlowLogger`` default; ``./mlruns``) made absolute from this
+    process's working directory: what is journaled names that store wherever ``oxen-callbacks sync`` runs,
+    not a new one in its working directory."""
     path = sqlite_file(uri)
-    return f"{SQLITE_PREFIX}{os.path.abspath(path)}" if path and not path.startswith("/") else uri
+    if path and not path.startswith("/"):
+        return f"{SQLITE_PREFIX}{os.path.abspath(path)}"
+    if uri.startswith("file:") and not uri.startswith("file://"):
+        return f"file://{os.path.abspath(uri[len('file:'):])}"
+    if uri.startswith(("./", "../")):
+        return os.path.abspath(uri)
+    return uri
 
 
 def active_run() -> tuple[str, str] | None:

@@ -26,7 +26,7 @@ from .._publish.queue import JobQueue, all_queues
 from .._util.cache import default_cache_dir
 from .._util.fs import DamagedFile
 from .._util.locks import FileLock, is_locked
-from .._util.redact import redact_text
+from .._util.redact import redact_text, redact_url
 from .._util.terminal import printable
 from ..names import (
     ENV_MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR,
@@ -146,7 +146,8 @@ def _replay_one(folder: Path, journal: Any) -> dict[str, Any] | None:
     if _waits_for_commits(journal, meta):
         return {"journal": folder.name, "status": "busy", "run_id": meta.get("run_id"),
                 "waiting_for": f"the commits of run {meta['oxen_run']} in {meta['model_repo']}"}
-    entry: dict[str, Any] = {"journal": folder.name, "tracking_uri": meta.get("tracking_uri"),
+    uri = meta.get("tracking_uri")  # (journaled without credentials; a journal from elsewhere may not be)
+    entry: dict[str, Any] = {"journal": folder.name, "tracking_uri": redact_url(uri) if isinstance(uri, str) else uri,
                              "run_id": meta.get("run_id"), "pending": len(journal.pending())}
     try:
         with contextlib.redirect_stdout(_RedactedStderr()):  # MLflow prints run links: keep stdout for our report
