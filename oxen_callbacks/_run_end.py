@@ -98,12 +98,17 @@ class RunEnding:
         self._finisher.start()
 
     def finish_after_error(self, status: str, *, best: str | os.PathLike[str] | None = None,
-                           what: str = "fit") -> None:
-        """End a started run that training left with an error as ``status``; a failure here is only logged."""
+                           what: str = "fit", wait: bool = True) -> None:
+        """End a started run that training left with an error as ``status``; a failure here is only logged.
+        Without ``wait``, as :meth:`finish_soon`: the error (a Ctrl-C) reaches the user at once, the end
+        goes on beside it (waited for at exit, bounded and said)."""
         if self.publisher is None or self.finished:
             return
         try:
-            self.finish(status, best=best)
+            if wait:
+                self.finish(status, best=best)
+            else:
+                self.finish_soon(status, best=best)
         except Exception:
             log.exception("Recording the lineage of the %s failed too", what)
 

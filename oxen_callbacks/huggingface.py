@@ -28,6 +28,7 @@ import atexit
 import logging
 import math
 import os
+import sys
 import time
 import weakref
 from typing import Any
@@ -115,6 +116,7 @@ class OxenTrainerCallback(TrainerCallback):
         self._preemption = Preemption(self.run, timeout=self.preempt_timeout)
         self._stop_for_preemption = False  # the signal came: save and stop at the end of this step
         self._run_before_train = active_run_id()  # the user's own run: never ended by us
+        self._transformers_mlflow: list[Any] = []  # the Trainer's MLflowCallback (it knows whether it started the run)
         #: Time the training process spent in this callback per checkpoint save (seconds).
         self.stall_seconds: list[float] = []
 
@@ -125,6 +127,7 @@ class OxenTrainerCallback(TrainerCallback):
 
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                        train_dataloader: Any = None, **kwargs: Any) -> None:
+        self._transformers_mlflow = _mlflow_callbacks_of_the_calling_trainer()
         other = getattr(state, _CALLBACK_OF_STATE, None)  # (a new TrainerState each train())
         if other is not None and other is not self:  # (they would share one resume state in each checkpoint)
             other.run.finish_after_error("FAILED", what="train() refused")  # (its run started: not left RUNNING)
@@ -133,7 +136,7 @@ class OxenTrainerCallback(TrainerCallback):
                 "resume would give both runs the state of one.", "keep one (trainer.remove_callback(...)).")
         setattr(state, _CALLBACK_OF_STATE, self)
         # when the previous train() raised (a notebook cell stopped with Ctrl-C: KILLED)
-        self.run.finish_after_error(status_of_an_uncaught_raise(), what="interrupted train()")
+        self.run.finish_after_error(status_of_an_uncaught_raise(), what="interrupted train()", wait=False)
         if self.run.finished:  # the same callback in a second train(): a new run
             self.run = LineageRun(**{**self._run_args, "run_name": None})
             self._requeued = None
@@ -148,9 +151,13 @@ class OxenTrainerCallback(TrainerCallback):
     def _fail_run_started_for_this_train(self, args: TrainingArguments, status: str = "FAILED") -> None:
         """train() stopped (in our on_train_begin, or it raised): end as ``status`` the MLflow run
         transformers' MLflowCallback started for it (it would stay RUNNING, or end FINISHED at exit);
-        a run the user started is left alone."""
-        if "mlflow" in (args.report_to or []):
-            end_active_run(status, unless=self._run_before_train)
+        a run the user started is left alone (also one started after the Trainer was built: the
+        MLflowCallback says whether it started the active run)."""
+        if "mlflow" not in (args.report_to or []):
+            return
+        if self._transformers_mlflow and not any(getattr(cb, "_auto_end_run", True) for cb in self._transformers_mlflow):
+            return  # it joined the active run: the user's
+        end_active_run(status, unless=self._run_before_train)
 
     def _begin(self, args: TrainingArguments, state: TrainerState, train_dataloader: Any) -> None:
         """Check the data this train() reads, then start the lineage run (on the logging process)."""
@@ -273,6 +280,23 @@ def _ended_at_exit_if_train_raised(callback: OxenTrainerCallback, args: Training
     atexit.unregister(_end_runs_a_raising_train_left)  # registered again: after MLflow's, whenever it came
     atexit.register(_end_runs_a_raising_train_left)
     _STARTED[callback] = args
+
+
+def _mlflow_callbacks_of_the_calling_trainer() -> list[Any]:
+    """transformers' ``MLflowCallback``s of the Trainer delivering the current event (callbacks are given
+    no Trainer: its ``CallbackHandler`` is found a few frames up); ``[]`` when it cannot be found."""
+    from transformers.integrations import MLflowCallback
+    from transformers.trainer_callback import CallbackHandler
+
+    frame = sys._getframe(1)
+    for _ in range(6):
+        if frame is None:
+            break
+        handler = frame.f_locals.get("self")
+        if isinstance(handler, CallbackHandler):
+            return [cb for cb in handler.callbacks if isinstance(cb, MLflowCallback)]
+        frame = frame.f_back
+    return []
 
 
 def _end_runs_a_raising_train_left() -> None:

@@ -221,7 +221,8 @@ class OxenLightningCallback(Callback):
             self._preemption.end(best=_best_path(trainer))  # SLURM's SIGTERM after the requeue
         elif trainer.is_global_zero:
             status = "KILLED" if _stopped_from_outside(exception) else "FAILED"
-            self.run.finish_after_error(status, best=_best_path(trainer), what="failed fit")
+            # (not waited for: a Ctrl-C or an error must not wait up to mlflow_timeout on a dead server)
+            self.run.finish_after_error(status, best=_best_path(trainer), what="failed fit", wait=False)
 
     @property
     def lineage(self) -> dict[str, Any] | None:

@@ -155,6 +155,46 @@ def test_fit_does_not_wait_for_a_tracking_server_that_never_answers(dataset_repo
     assert sync.sync_all()["pending"] > 0  # the MLflow operations, kept for when the server is back
 
 
+class CtrlCAtStep(Callback):
+    """A Ctrl-C at step ``step`` (Lightning turns it into the same KeyboardInterrupt handling)."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_end(self, trainer, *args) -> None:  # type: ignore[no-untyped-def]
+        if trainer.global_step == self.step:
+            raise KeyboardInterrupt
+
+
+@pytest.mark.timeout(600)
+def test_a_fit_stopped_by_ctrl_c_returns_at_once_while_mlflow_never_answers(dataset_repo, tmp_path, monkeypatch):
+    """Ctrl-C during a fit whose tracking server accepts and never answers: fit() used to wait up to
+    mlflow_timeout (30 s here) for MLflow before it let the user go (found by a review). Now it ends at
+    once; the run's end (KILLED, its checkpoints committed) goes on beside it, MLflow's part journaled."""
+    mute = socket.create_server(("127.0.0.1", 0))
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")  # each request tried for 3 x 10 s, 3 s apart:
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")  # longer than mlflow_timeout
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
+    pin = PinnedDataset(dataset_repo.path, revision=dataset_repo.commits[0], paths=["train.csv", "val.csv"])
+    cb = OxenLightningCallback(dataset=pin, model_repo=tmp_path / "models", mlflow_timeout=30,
+                               mlflow_tracking_uri=f"http://127.0.0.1:{mute.getsockname()[1]}")
+    trainer = make_trainer(tmp_path, [ModelCheckpoint(dirpath=tmp_path / "fit" / "ckpt", every_n_train_steps=2,
+                                                      save_top_k=-1), cb, CtrlCAtStep(5)], epochs=2)
+    try:
+        started = time.monotonic()
+        with pytest.raises((KeyboardInterrupt, SystemExit)):
+            trainer.fit(TinyModel(), datamodule=CsvData(pin))
+            raise AssertionError("fit() went on after the Ctrl-C")  # (an older Lightning returns instead)
+        assert time.monotonic() - started < 15, "fit() waited for MLflow after the Ctrl-C"
+        assert cb.run.record["status"] == "KILLED"
+    finally:
+        mute.close()  # refused from now on: the end gives up on MLflow after its retries
+    record = cb.lineage
+    assert record["status"] == "KILLED"
+    assert record == read_lineage(tmp_path / "models" / "runs" / cb.run.run_name / "lineage.json")
+    _assert_every_saved_checkpoint_committed(tmp_path, record)
+
+
 @pytest.mark.timeout(600)
 def test_killed_the_moment_fit_returns_the_run_still_ends_finished(dataset_repo, tmp_path):
     """fit() returned, so training completed: a kill before the MLflow run even exists (its own run,

@@ -197,6 +197,16 @@ def test_refused_hf_resume_ends_transformers_run_as_failed(tmp_path, monkeypatch
     assert mlflow.active_run().info.run_id == user_run.info.run_id
     mlflow.end_run()
 
+    refused = OxenTrainerCallback(dataset=pin_b, model_repo=tmp_path / "models")  # the run started after the
+    trainer, _ = make_trainer(tmp_path / "out2b", pin_b.load_dataset()["train"], [refused], max_steps=4,  # Trainer
+                              report_to="mlflow")
+    later_run = mlflow.start_run(run_name="the user's own, later")  # (it was ended FAILED: found by a review)
+    with pytest.raises(DatasetMismatchError):
+        trainer.train(resume_from_checkpoint=str(tmp_path / "out" / "checkpoint-2"))
+    assert mlflow.active_run().info.run_id == later_run.info.run_id
+    assert MlflowClient().get_run(later_run.info.run_id).info.status == "RUNNING"
+    mlflow.end_run()
+
     refused = OxenTrainerCallback(dataset=pin_b, model_repo=tmp_path / "models")
     trainer, collator = make_trainer(tmp_path / "out3", pin_b.load_dataset()["train"], [refused], max_steps=4,
                                      report_to="mlflow")
@@ -206,7 +216,7 @@ def test_refused_hf_resume_ends_transformers_run_as_failed(tmp_path, monkeypatch
     client = MlflowClient()
     runs = client.search_runs([client.get_experiment_by_name("hf-refused").experiment_id])
     statuses = {run.info.run_name: run.info.status for run in runs}
-    assert statuses.pop("the user's own") == "FINISHED"
+    assert statuses.pop("the user's own") == statuses.pop("the user's own, later") == "FINISHED"
     assert list(statuses.values()) == ["FAILED"]  # transformers' run for the refused train()
     assert mlflow.active_run() is None
 
