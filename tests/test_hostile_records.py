@@ -427,3 +427,26 @@ def test_a_journal_naming_a_store_with_credentials_never_shows_them(tmp_path, ca
         assert main([*args, "--cache-dir", str(tmp_path / "cache")]) == 1  # (still pending)
         out = capsys.readouterr()
         assert f"127.0.0.1:{port}" in out.out and "hunter2pw" not in out.out + out.err, out
+
+
+def test_a_journal_of_a_run_its_user_deleted_is_dropped_once_said(store, tmp_path, capsys):
+    """The end of a fit left journaled (MLflow was down), then the user deleted the run: every `sync`
+    failed on it ("must be in the 'active' state") and exited 1 for good. It is dropped now, said by
+    name; a run that cannot be reached or found stays journaled as before."""
+    uri, client, experiment = store
+    run = client.create_run(experiment)
+    journal = MlflowJournal.create(tmp_path / "cache", {"tracking_uri": uri, "run_id": run.info.run_id})
+    journal.put(1, {"op": "set_tags", "tags": {"oxen.run": "r"}})
+    journal.put(2, {"op": "end_run", "status": "FINISHED"})
+    journal.mark_ended()
+    missing = MlflowJournal.create(tmp_path / "cache", {"tracking_uri": uri, "run_id": "f" * 32})
+    missing.put(1, {"op": "set_tags", "tags": {"oxen.run": "r"}})
+    missing.mark_ended()
+    client.delete_run(run.info.run_id)
+
+    assert main(["sync", "--cache-dir", str(tmp_path / "cache")]) == 1  # (the missing run's journal is kept)
+    out = capsys.readouterr().out
+    assert f"MLflow run {run.info.run_id}" in out and "2 operation(s) dropped" in out and "was deleted" in out
+    assert [p.name for p in journals(tmp_path / "cache")] == [missing.folder.name]
+    report = sync.sync_all(tmp_path / "cache", model_repos=[])
+    assert report["pending"] == 1 and [m["status"] for m in report["mlflow"]] == ["failed"]

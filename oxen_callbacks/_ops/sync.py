@@ -158,9 +158,24 @@ def _replay_one(folder: Path, journal: Any) -> dict[str, Any] | None:
             entry["abandoned"] = journal.meta()["abandoned"]
         shutil.rmtree(folder, ignore_errors=True)
     except Exception as exc:  # MLflow still down: keep it for the next sync
+        if _run_deleted(journal):  # by its user: nothing can log to it again (the lineage is in the model repository)
+            entry.update(status="dropped", why=f"MLflow run {meta.get('run_id')} was deleted")
+            shutil.rmtree(folder, ignore_errors=True)
+            return entry
         entry["status"] = "failed"
         entry["error"] = redact_text(f"{type(exc).__name__}: {exc}")[:500]
     return entry
+
+
+def _run_deleted(journal: Any) -> bool:
+    """Whether the journal's MLflow run is deleted (its user deleted it), as its store says now."""
+    from .._mlflow.apply import client_for
+
+    run_id = journal.meta().get("run_id")
+    try:
+        return bool(run_id) and client_for(journal).get_run(run_id).info.lifecycle_stage == "deleted"
+    except Exception:  # (unreachable, or no such run: kept, as any other failure)
+        return False
 
 
 class _RedactedStderr(io.TextIOBase):
@@ -199,6 +214,6 @@ def sync_all(cache_dir: Path | None = None, *, model_repos: list[Path] | None = 
     mlflow_reports = sync_mlflow(cache) if mlflow else []
     pending = sum(sum(f["pending"] for f in r["failed"]) + sum(b["pending"] for b in r["busy"])
                   + (1 if r["push"] and not r["push"]["ok"] else 0) for r in repo_reports)
-    pending += sum(1 for m in mlflow_reports if m["status"] not in ("done", "damaged"))
+    pending += sum(1 for m in mlflow_reports if m["status"] not in ("done", "damaged", "dropped"))
     damaged = sum(len(r["damaged"]) for r in repo_reports) + sum(m["status"] == "damaged" for m in mlflow_reports)
     return {"model_repos": repo_reports, "mlflow": mlflow_reports, "pending": pending, "damaged": damaged}

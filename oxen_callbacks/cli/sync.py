@@ -55,6 +55,9 @@ def _mlflow_lines(entry: Result) -> list[str]:
                 f"{entry['waiting_for']} are done (a worker is still committing)"]
     if entry["status"] == "damaged":
         return [f"MLflow journal {_damaged_line(entry).strip()}"]
+    if entry["status"] == "dropped":
+        return [f"{where}: {entry['pending']} operation(s) dropped: {entry['why']} (the lineage stays in the "
+                "model repository)"]
     if entry["status"] == "busy":
         return [f"MLflow journal {entry['journal']}: left to its live training process"]
     return [f"{where}: still failing, {entry['pending']} operation(s) kept ({entry['error']})"]
