@@ -477,6 +477,53 @@ def test_sync_of_a_killed_fit_leaves_the_mlflow_run_a_fit_of_another_oxen_run_we
     assert finals == [mine["model"]["path"]]
     theirs = {m.tags.get("oxen.model.commit") for m in models_logged if m.tags.get("oxen.run") == "nightly"}
     assert theirs >= {c["commit"] for c in killed_fit["checkpoints"] if c["commit"]}  # A's models made all the same
+    assert read_lineage(lineage)["status"] == "KILLED"  # A's own record in the model repository: ended, not RUNNING
+
+
+def test_a_fit_of_another_oxen_run_that_joins_a_synced_killed_fits_run_takes_its_marks(dataset_repo, tmp_path):
+    """As above, with `sync` run before fit B: A's run ends KILLED, its last model marked final; then B,
+    a new Oxen run, joins that MLflow run and finishes. The run's final mark is B's alone (A's stayed:
+    two final models in one run, found by a review of the fix above)."""
+    from lightning.pytorch.loggers import MLFlowLogger
+
+    from oxen_callbacks._ops import sync
+
+    models, client, uri = tmp_path / "models", MlflowClient(), os.environ["MLFLOW_TRACKING_URI"]
+    run_id = client.create_run(client.create_experiment("shared")).info.run_id
+    _kill_whole_job_once_tagged(dataset_repo, tmp_path, "nightly", mlflow_run_id=run_id)
+    assert sync.sync_all()["pending"] == 0
+    assert [m.tags.get("oxen.run") for m in logged_models_of_run(uri, run_id)
+            if m.tags.get("oxen.model.final") == "true"] == ["nightly"]
+
+    pin = PinnedDataset(dataset_repo.path, revision=dataset_repo.commits[0], paths=["train.csv", "val.csv"])
+    b = OxenLightningCallback(dataset=pin, model_repo=models)
+    logger = MLFlowLogger(run_id=run_id, tracking_uri=uri, log_model=False)
+    make_trainer(tmp_path / "b", [ModelCheckpoint(dirpath=tmp_path / "b" / "ckpt"), b], logger=logger).fit(
+        TinyModel(), datamodule=CsvData(pin))
+    mine = b.lineage
+    finals = [(m.tags.get("oxen.run"), m.tags.get("oxen.model.path")) for m in logged_models_of_run(uri, run_id)
+              if m.tags.get("oxen.model.final") == "true"]
+    assert finals == [(mine["run"]["name"], mine["model"]["path"])]
+
+
+def test_a_killed_fits_run_deleted_in_mlflow_still_ends_its_record_in_the_model_repository(dataset_repo, tmp_path):
+    """The whole job killed, then the user deletes its MLflow run: `sync` drops the journal (nothing can
+    log to a deleted run), but the model repository's record of the run ends KILLED all the same (it
+    stayed RUNNING when an operation on the run, a tag the kill left journaled, failed first: found by
+    a review). That journaled tag is written into the journal here: the kill cannot be timed to it."""
+    from oxen_callbacks._mlflow.journal import MlflowJournal, journals
+    from oxen_callbacks._ops import sync
+
+    client = MlflowClient()
+    lineage = _kill_whole_job_once_tagged(dataset_repo, tmp_path, "nightly")
+    [folder] = journals(Path(os.environ["OXEN_CALLBACKS_CACHE"]))
+    MlflowJournal(folder).put(900_000, {"op": "set_tags", "tags": {"oxen.model.path": "runs/nightly/late"}})
+    [run] = client.search_runs(["0"])
+    client.delete_run(run.info.run_id)
+    report = sync.sync_all()
+    assert report["pending"] == 0 and [m["status"] for m in report["mlflow"]] == ["dropped"], report
+    record = read_lineage(lineage)
+    assert record["status"] == "KILLED" and record["checkpoints"] and all(c["commit"] for c in record["checkpoints"])
 
 
 def test_sync_never_ends_the_run_mlflow_run_id_handed_over(dataset_repo, tmp_path, monkeypatch):

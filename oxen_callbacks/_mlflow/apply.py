@@ -192,6 +192,16 @@ def apply_op(client: Any, journal: MlflowJournal, meta: dict[str, Any], op: dict
         raise ValueError(f"Unknown journaled MLflow operation {kind!r}")
 
 
+def end_in_repo(journal: Any, meta: dict[str, Any], status: str = KILLED) -> dict[str, Any] | None:
+    """The model repository's part of :func:`finish_abandoned`: the journal's fit's record, cut to its
+    committed checkpoints and ending ``status``, committed when the repository's says less (unless a
+    later fit of the Oxen run holds it, see :func:`.abandoned.amend_repo_record`); ``None``: no checkpoint
+    was committed. MLflow's part needs the run; this does not (``sync`` of a run its user deleted)."""
+    fit_id = journal.fit_id()
+    record = committed_record(meta["model_repo"], meta.get("oxen_run") or "", meta["run_id"], status, fit_id=fit_id)
+    return amend_repo_record(meta["model_repo"], meta["oxen_run"], record, fit_id=fit_id) if record else None
+
+
 def finish_abandoned(client: Any, journal: Any, meta: dict[str, Any], status: str = KILLED,
                      terminate: bool = True) -> dict[str, Any]:
     """Tag, log and terminate the run from what was committed; returns what was done (for sync's
@@ -201,8 +211,7 @@ def finish_abandoned(client: Any, journal: Any, meta: dict[str, Any], status: st
     ``$MLFLOW_RUN_ID`` handed over: its owner ends it)."""
     run_id = meta["run_id"]
     trainer_died = status == KILLED  # else the training run itself left it to sync (its final commit stalled)
-    fit_id = journal.fit_id()
-    record = committed_record(meta["model_repo"], meta.get("oxen_run") or "", run_id, status, fit_id=fit_id)
+    record = end_in_repo(journal, meta, status)
     if (later := superseded_by(client, journal, meta)) is not None:
         # the MLflow run is the later fit's now: only this fit's checkpoints get their logged models
         from .logged_models import complete_and_mark
@@ -212,8 +221,6 @@ def finish_abandoned(client: Any, journal: Any, meta: dict[str, Any], status: st
         return {"status": status, "continued_by": later, "trainer_died": trainer_died,
                 "checkpoints": len(record["checkpoints"]) if record else 0, "model_commit": None,
                 "model_path": None, "terminated": None}
-    if record is not None:
-        record = amend_repo_record(meta["model_repo"], meta["oxen_run"], record, fit_id=fit_id)
     status = record["status"] if record else status
     tags = {TAG_LINEAGE_STATUS: status}
     if record and record["model"].get("commit"):

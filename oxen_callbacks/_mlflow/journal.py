@@ -29,6 +29,8 @@ END_LINE, TRAINING_OVER_LINE = "end\n", "trained\n"
 META_FIT_STARTED_MS = "fit_started_ms"  # journal meta: when its fit started (ms since 1970), see TAG_FIT
 #: journal meta: true for a run another program started and ends (``$MLFLOW_RUN_ID``'s): never terminated here
 META_ENDED_BY_ITS_OWNER = "ended_by_its_owner"
+#: journal meta: true for a run the fit joined (an ``MLFlowLogger``'s, the active one): other Oxen runs may log to it
+META_JOINED_RUN = "joined_run"
 
 
 def fit_tag(started_ms: int, fit_id: str) -> str:

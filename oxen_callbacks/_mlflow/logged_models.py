@@ -48,7 +48,7 @@ from ..names import (
 )
 from .abandoned import committed_record
 from .dataset_input import META_DATASET_LOGGED, log_dataset_input_noted
-from .journal import MlflowJournal
+from .journal import META_JOINED_RUN, MlflowJournal
 from .model_search import (
     Found,
     checkpoint_key,
@@ -238,8 +238,20 @@ def _complete_and_mark(client: Any, journal: MlflowJournal, meta: dict[str, Any]
     for key, tags in marks.items():
         if not _marked(client, existing[key].model_id, tags):
             del existing[key]
+    if meta.get(META_JOINED_RUN):
+        _unmark_other_oxen_runs(client, experiment_id, meta.get("run_id"), run)
     return {name: existing[key].model_id for name, key in (("final", wanted[TAG_MODEL_FINAL]), ("best", best))
             if key in existing}
+
+
+def _unmark_other_oxen_runs(client: Any, experiment_id: str, run_id: str | None, oxen_run: str | None) -> None:
+    """Take the final and best marks off the models another Oxen run logged from MLflow run ``run_id``
+    (an earlier fit that logged to the run this fit joined, ended by `sync` before it): the run's
+    marks are its latest fit's."""
+    for tag in (TAG_MODEL_FINAL, TAG_MODEL_BEST):
+        for found in search(client, [experiment_id], {tag: MARK}):
+            if run_id and found.source_run_id == run_id and found.tags.get(TAG_RUN) != oxen_run:
+                client.delete_logged_model_tag(found.model_id, tag)
 
 
 def _marked(client: Any, model_id: str, tags: list[str]) -> bool:

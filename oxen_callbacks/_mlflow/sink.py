@@ -52,7 +52,15 @@ from . import fluent
 from .dataset_input import META_DATASET_INPUT
 from .extras import extras_meta
 from .fluent import absolute_store, default_tracking_uri, run_to_join
-from .journal import END_LINE, META_ENDED_BY_ITS_OWNER, META_FIT_STARTED_MS, TRAINING_OVER_LINE, MlflowJournal, fit_tag
+from .journal import (
+    END_LINE,
+    META_ENDED_BY_ITS_OWNER,
+    META_FIT_STARTED_MS,
+    META_JOINED_RUN,
+    TRAINING_OVER_LINE,
+    MlflowJournal,
+    fit_tag,
+)
 from .logged_models import META_LOG_MODELS, checkpoint_op, mark_op, models_wanted
 from .paths_tag import paths_tag
 from .sink_thread import SinkThread
@@ -125,6 +133,8 @@ class MlflowSink:
             run_id, tracking_uri = active[0], tracking_uri or active[1]
         uri = absolute_store(tracking_uri or default_tracking_uri())
         meta = {"tracking_uri": redact_url(uri), "run_id": run_id, META_FIT_STARTED_MS: int(time.time() * 1000)}
+        if run_id is not None:
+            meta[META_JOINED_RUN] = True
         if run_id is not None and run_id == os.environ.get(ENV_MLFLOW_RUN_ID, "").strip():
             meta[META_ENDED_BY_ITS_OWNER] = True  # an orchestrator's run, handed over in $MLFLOW_RUN_ID
         if model_repo is not None:

@@ -159,12 +159,23 @@ def _replay_one(folder: Path, journal: Any) -> dict[str, Any] | None:
         shutil.rmtree(folder, ignore_errors=True)
     except Exception as exc:  # MLflow still down: keep it for the next sync
         if _run_deleted(journal):  # by its user: nothing can log to it again (the lineage is in the model repository)
+            _end_in_repo_if_abandoned(journal)
             entry.update(status="dropped", why=f"MLflow run {meta.get('run_id')} was deleted")
             shutil.rmtree(folder, ignore_errors=True)
             return entry
         entry["status"] = "failed"
         entry["error"] = redact_text(f"{type(exc).__name__}: {exc}")[:500]
     return entry
+
+
+def _end_in_repo_if_abandoned(journal: Any) -> None:
+    """A dead training process's run: its record in the model repository ends all the same (KILLED)."""
+    from .._mlflow.abandoned import KILLED
+    from .._mlflow.apply import end_in_repo
+
+    ended = [op for _paths, op in journal.batches() if op["op"] == "finish_abandoned"]
+    if ended and journal.meta().get("model_repo"):
+        end_in_repo(journal, journal.meta(), ended[0].get("status", KILLED))
 
 
 def _run_deleted(journal: Any) -> bool:
