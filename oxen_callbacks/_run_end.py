@@ -72,7 +72,8 @@ class RunEnding:
         finally:
             self._committed.set()
 
-    def finish_soon(self, status: str = "FINISHED", *, best: str | os.PathLike[str] | None = None) -> None:
+    def finish_soon(self, status: str = "FINISHED", *, best: str | os.PathLike[str] | None = None,
+                    raise_errors: bool = True) -> None:
         """:meth:`finish` without holding the caller: what ``fit()`` returns after.
 
         Every checkpoint is already committed or frozen and journaled (the commit worker goes on
@@ -80,11 +81,13 @@ class RunEnding:
         MLflow id into the committed record by a second, amending commit; the final commits and
         the MLflow logging finish in a thread while the process lives, and at interpreter exit the process waits for them
         (bounded, saying so; a killed process leaves them to ``oxen-callbacks sync``). Publishing
-        errors known by now are raised here, as :meth:`finish` does.
+        errors known by now are raised here, as :meth:`finish` does (unless ``raise_errors`` is false:
+        then they are said as a warning, and :meth:`wait` raises them).
         """
         if self.finished:
             return
-        if self.publisher is None or self.publisher.failed or multiprocessing.parent_process() is not None:
+        if (self.publisher is None or (raise_errors and self.publisher.failed)
+                or multiprocessing.parent_process() is not None):
             self.finish(status, best=best)  # (a process the launcher spawned exits right after: finish here)
             return
         self.finished = True
@@ -108,7 +111,7 @@ class RunEnding:
             if wait:
                 self.finish(status, best=best)
             else:
-                self.finish_soon(status, best=best)
+                self.finish_soon(status, best=best, raise_errors=False)
         except Exception:
             log.exception("Recording the lineage of the %s failed too", what)
 

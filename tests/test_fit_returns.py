@@ -24,6 +24,7 @@ from oxen_callbacks._oxen import child as oxen_child
 from oxen_callbacks._oxen.repo import LocalRepo
 from oxen_callbacks._util.processes import ENTRY_POINTS
 from oxen_callbacks.checkpoints import materialize_checkpoint
+from oxen_callbacks.errors import PublishError
 from oxen_callbacks.lightning import OxenLightningCallback
 
 SCRIPT = Path(__file__).parent / "fit_script.py"
@@ -193,6 +194,50 @@ def test_a_fit_stopped_by_ctrl_c_returns_at_once_while_mlflow_never_answers(data
     assert record["status"] == "KILLED"
     assert record == read_lineage(tmp_path / "models" / "runs" / cb.run.run_name / "lineage.json")
     _assert_every_saved_checkpoint_committed(tmp_path, record)
+
+
+class CtrlCOnceACommitFailed(Callback):
+    """A Ctrl-C once the commit worker's error has reached the trainer."""
+
+    def __init__(self, oxen_cb: OxenLightningCallback) -> None:
+        self.oxen_cb, self.pressed_at = oxen_cb, None
+
+    def on_train_batch_end(self, trainer, *args) -> None:  # type: ignore[no-untyped-def]
+        if self.oxen_cb.run.publisher.failed:  # (before the next save reports the error itself)
+            self.pressed_at = time.monotonic()
+            raise KeyboardInterrupt
+        time.sleep(0.2)  # slow steps: the error comes in the epoch after the first save
+
+
+@pytest.mark.timeout(600)
+def test_a_ctrl_c_after_a_commit_error_returns_at_once_while_mlflow_never_answers(dataset_repo, tmp_path, monkeypatch):
+    """The same, when a commit had failed before (a typo in the model repository's HEAD): that path
+    ended the run synchronously, waiting for MLflow (found by a review)."""
+    pin = PinnedDataset(dataset_repo.path, revision=dataset_repo.commits[0], paths=["train.csv", "val.csv"])
+    first = OxenLightningCallback(dataset=pin, model_repo=tmp_path / "models", mlflow=False)
+    make_trainer(tmp_path / "first", [ModelCheckpoint(dirpath=tmp_path / "first" / "ckpt"), first], epochs=1).fit(
+        TinyModel(), datamodule=CsvData(pin))
+    first.lineage
+    (tmp_path / "models" / ".oxen" / "HEAD").write_text("mian")
+    mute = socket.create_server(("127.0.0.1", 0))
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
+    cb = OxenLightningCallback(dataset=pin, model_repo=tmp_path / "models", mlflow_timeout=30,
+                               mlflow_tracking_uri=f"http://127.0.0.1:{mute.getsockname()[1]}")
+    ctrl_c = CtrlCOnceACommitFailed(cb)
+    trainer = make_trainer(tmp_path, [ModelCheckpoint(dirpath=tmp_path / "fit" / "ckpt", save_top_k=-1), cb, ctrl_c],
+                           epochs=50)
+    try:
+        with pytest.raises((KeyboardInterrupt, SystemExit)):
+            trainer.fit(TinyModel(), datamodule=CsvData(pin))
+            raise AssertionError("fit() went on after the Ctrl-C")
+        assert time.monotonic() - ctrl_c.pressed_at < 15, "fit() waited for MLflow after the Ctrl-C"
+        assert cb.run.record["status"] == "KILLED"
+    finally:
+        mute.close()
+    with pytest.raises(PublishError, match="names branch 'mian'"):
+        cb.run.wait()  # (the commit error, kept for whoever waits)
 
 
 @pytest.mark.timeout(600)
