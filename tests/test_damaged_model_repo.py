@@ -121,7 +121,8 @@ def test_a_commit_error_known_as_fit_ends_still_ends_the_run_and_sync_can_finish
     (models / ".oxen" / "HEAD").write_text("mian")
     pin = PinnedDataset(dataset_repo.path, revision=dataset_repo.commits[0], paths=["train.csv", "val.csv"])
     cb = OxenLightningCallback(dataset=pin, model_repo=models, run_name="second", mlflow_timeout=30)
-    ckpt = ModelCheckpoint(dirpath=tmp_path / "second", every_n_train_steps=2, save_top_k=-1)
+    # one save, at the end of training: an error that came before a later save would be that save's
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "second", every_n_epochs=2, save_top_k=-1)
     with pytest.raises(PublishError, match="names branch 'mian'"):
         make_trainer(tmp_path / "root-second", [ckpt, cb, WaitForTheCommitError(cb)], epochs=2).fit(
             TinyModel(), datamodule=CsvData(pin))
