@@ -441,6 +441,19 @@ def test_sync_of_a_killed_fit_leaves_the_mlflow_run_a_later_fit_continued_in_alo
     assert logged == mine
 
 
+def _fit_a_new_oxen_run_into(dataset_repo, tmp_path: Path, run_id: str) -> dict[str, Any]:  # type: ignore[no-untyped-def]
+    """Fit B: a new Oxen run of ``tmp_path / "models"`` logging to MLflow run ``run_id`` through an
+    ``MLFlowLogger`` (Lightning's way to go on in a run); its lineage."""
+    from lightning.pytorch.loggers import MLFlowLogger
+
+    pin = PinnedDataset(dataset_repo.path, revision=dataset_repo.commits[0], paths=["train.csv", "val.csv"])
+    b = OxenLightningCallback(dataset=pin, model_repo=tmp_path / "models")
+    logger = MLFlowLogger(run_id=run_id, tracking_uri=os.environ["MLFLOW_TRACKING_URI"], log_model=False)
+    make_trainer(tmp_path / "b", [ModelCheckpoint(dirpath=tmp_path / "b" / "ckpt"), b], logger=logger).fit(
+        TinyModel(), datamodule=CsvData(pin))
+    return b.lineage
+
+
 def test_sync_of_a_killed_fit_leaves_the_mlflow_run_a_fit_of_another_oxen_run_went_on_in_alone(dataset_repo, tmp_path):
     """Fit A logs through an ``MLFlowLogger`` of an existing MLflow run and is killed with all its helpers;
     fit B, a new Oxen run, logs to the same MLflow run (``MLFlowLogger(run_id=...)``, Lightning's way to go
@@ -448,22 +461,15 @@ def test_sync_of_a_killed_fit_leaves_the_mlflow_run_a_fit_of_another_oxen_run_we
     and left two models marked final (found by a review: the model repository's record of A's Oxen run
     cannot tell). The run's ``oxen.fit`` tag names the fit that logs to it now: the run stays B's, A's
     checkpoints get their logged models, unmarked."""
-    from lightning.pytorch.loggers import MLFlowLogger
-
     from oxen_callbacks._ops import sync
 
-    models, client, uri = tmp_path / "models", MlflowClient(), os.environ["MLFLOW_TRACKING_URI"]
+    client, uri = MlflowClient(), os.environ["MLFLOW_TRACKING_URI"]
     run_id = client.create_run(client.create_experiment("shared")).info.run_id
     lineage = _kill_whole_job_once_tagged(dataset_repo, tmp_path, "nightly", mlflow_run_id=run_id)
     assert sync.sync_all(mlflow=False)["pending"] == 0  # (A's queued saves committed; its MLflow left)
     killed_fit = read_lineage(lineage)
 
-    pin = PinnedDataset(dataset_repo.path, revision=dataset_repo.commits[0], paths=["train.csv", "val.csv"])
-    b = OxenLightningCallback(dataset=pin, model_repo=models)
-    logger = MLFlowLogger(run_id=run_id, tracking_uri=uri, log_model=False)
-    make_trainer(tmp_path / "b", [ModelCheckpoint(dirpath=tmp_path / "b" / "ckpt"), b], logger=logger).fit(
-        TinyModel(), datamodule=CsvData(pin))
-    mine = b.lineage
+    mine = _fit_a_new_oxen_run_into(dataset_repo, tmp_path, run_id)
     assert mine["run"]["name"] != "nightly" and mine["run"]["mlflow_run_id"] == run_id
     report = sync.sync_all()
     assert report["pending"] == 0, [(m.get("status"), m.get("error")) for m in report["mlflow"]]
@@ -484,23 +490,16 @@ def test_a_fit_of_another_oxen_run_that_joins_a_synced_killed_fits_run_takes_its
     """As above, with `sync` run before fit B: A's run ends KILLED, its last model marked final; then B,
     a new Oxen run, joins that MLflow run and finishes. The run's final mark is B's alone (A's stayed:
     two final models in one run, found by a review of the fix above)."""
-    from lightning.pytorch.loggers import MLFlowLogger
-
     from oxen_callbacks._ops import sync
 
-    models, client, uri = tmp_path / "models", MlflowClient(), os.environ["MLFLOW_TRACKING_URI"]
+    client, uri = MlflowClient(), os.environ["MLFLOW_TRACKING_URI"]
     run_id = client.create_run(client.create_experiment("shared")).info.run_id
     _kill_whole_job_once_tagged(dataset_repo, tmp_path, "nightly", mlflow_run_id=run_id)
     assert sync.sync_all()["pending"] == 0
     assert [m.tags.get("oxen.run") for m in logged_models_of_run(uri, run_id)
             if m.tags.get("oxen.model.final") == "true"] == ["nightly"]
 
-    pin = PinnedDataset(dataset_repo.path, revision=dataset_repo.commits[0], paths=["train.csv", "val.csv"])
-    b = OxenLightningCallback(dataset=pin, model_repo=models)
-    logger = MLFlowLogger(run_id=run_id, tracking_uri=uri, log_model=False)
-    make_trainer(tmp_path / "b", [ModelCheckpoint(dirpath=tmp_path / "b" / "ckpt"), b], logger=logger).fit(
-        TinyModel(), datamodule=CsvData(pin))
-    mine = b.lineage
+    mine = _fit_a_new_oxen_run_into(dataset_repo, tmp_path, run_id)
     finals = [(m.tags.get("oxen.run"), m.tags.get("oxen.model.path")) for m in logged_models_of_run(uri, run_id)
               if m.tags.get("oxen.model.final") == "true"]
     assert finals == [(mine["run"]["name"], mine["model"]["path"])]
