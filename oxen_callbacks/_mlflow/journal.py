@@ -36,6 +36,8 @@ META_JOINED_RUN = "joined_run"
 def fit_tag(started_ms: int, fit_id: str) -> str:
     """The ``oxen.fit`` tag's value (:data:`~oxen_callbacks.names.TAG_FIT`)."""
     return f"{started_ms}:{fit_id}"
+
+
 _META_STRINGS = ("run_id", "experiment_id", "model_repo", "oxen_run")  # each a string when given
 
 

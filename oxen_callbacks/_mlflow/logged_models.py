@@ -248,10 +248,13 @@ def _unmark_other_oxen_runs(client: Any, experiment_id: str, run_id: str | None,
     """Take the final and best marks off the models another Oxen run logged from MLflow run ``run_id``
     (an earlier fit that logged to the run this fit joined, ended by `sync` before it): the run's
     marks are its latest fit's."""
-    for tag in (TAG_MODEL_FINAL, TAG_MODEL_BEST):
-        for found in search(client, [experiment_id], {tag: MARK}):
-            if run_id and found.source_run_id == run_id and found.tags.get(TAG_RUN) != oxen_run:
-                client.delete_logged_model_tag(found.model_id, tag)
+    if not run_id:
+        return
+    for found in search(client, [experiment_id], {}, source_run_id=run_id):  # (this run's models only)
+        if found.tags.get(TAG_RUN) != oxen_run:
+            for tag in (TAG_MODEL_FINAL, TAG_MODEL_BEST):
+                if found.tags.get(tag) == MARK:
+                    client.delete_logged_model_tag(found.model_id, tag)
 
 
 def _marked(client: Any, model_id: str, tags: list[str]) -> bool:

@@ -94,21 +94,29 @@ def models_of(client: Any, experiment_ids: list[str], repo: str, run: str | None
     return found
 
 
-def search(client: Any, experiment_ids: list[str], wanted: dict[str, str]) -> list[Found]:
-    """The logged models whose tags hold exactly ``wanted`` (every page).
+def _writable(value: str) -> bool:
+    """Whether ``value`` can be written in a logged-model search filter (see :func:`search`)."""
+    return "'" not in value and "\\" not in value
+
+
+def search(client: Any, experiment_ids: list[str], wanted: dict[str, str], *,
+           source_run_id: str | None = None) -> list[Found]:
+    """The logged models whose tags hold exactly ``wanted`` (every page); with ``source_run_id``, only
+    those that run logged.
 
     MLflow's logged-model search strips single quotes from a value and nothing else (no escapes,
     no double quotes): values holding a quote or a backslash cannot be written in its filter, so
     they are compared here, as every value is.
     """
-    plain = " AND ".join(f"tags.`{k}` = '{v}'" for k, v in wanted.items() if "'" not in v and "\\" not in v)
+    plain = " AND ".join([f"tags.`{k}` = '{v}'" for k, v in wanted.items() if _writable(v)]
+                         + ([f"source_run_id = '{source_run_id}'"] if source_run_id and _writable(source_run_id) else []))
     found: list[Found] = []
     token = None
     while True:
         page = client.search_logged_models(experiment_ids, filter_string=plain or None, page_token=token)
         for model in page:
             tags = dict(model.tags)
-            if all(tags.get(k) == v for k, v in wanted.items()):
+            if all(tags.get(k) == v for k, v in wanted.items()) and source_run_id in (None, model.source_run_id):
                 found.append(Found(model.model_id, tags, model.source_run_id))
         token = page.token
         if not token:

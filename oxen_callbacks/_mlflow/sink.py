@@ -135,8 +135,8 @@ class MlflowSink:
         meta = {"tracking_uri": redact_url(uri), "run_id": run_id, META_FIT_STARTED_MS: int(time.time() * 1000)}
         if run_id is not None:
             meta[META_JOINED_RUN] = True
-        if run_id is not None and run_id == os.environ.get(ENV_MLFLOW_RUN_ID, "").strip():
-            meta[META_ENDED_BY_ITS_OWNER] = True  # an orchestrator's run, handed over in $MLFLOW_RUN_ID
+            if run_id == os.environ.get(ENV_MLFLOW_RUN_ID, "").strip():
+                meta[META_ENDED_BY_ITS_OWNER] = True  # an orchestrator's run, handed over in $MLFLOW_RUN_ID
         if model_repo is not None:
             meta.update(model_repo=model_repo, oxen_run=run_name)
         if not log_models:
