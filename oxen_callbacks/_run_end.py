@@ -275,7 +275,7 @@ class RunEnding:
                         pending_push_path(self.model_repo), exc)
             return
         if marker is not None and self.publisher is not None:
-            self.publisher.warn_unpushed(marker)  # once per run, whether training or the end found it
+            self.publisher.answers.warn_unpushed(marker)  # once per run, whether training or the end found it
             if self.record is not None:
                 self.record["push"] = {"remote": marker["remote"], "pushed": False, "error": marker.get("error")}
 

@@ -34,6 +34,7 @@ from .._util.processes import child_environment, start_helper
 from .._util.redact import redact_text
 from ..errors import PublishError
 from ..model_repo import checkpoints_folder
+from .answers import Answers
 from .dests import Destinations
 from .freeze import freeze
 from .known_repos import register_model_repo
@@ -91,30 +92,20 @@ class CheckpointPublisher:
             remote_url = parse_remote(remote_url).url
             remote = remote or "origin"
         self.remote, self.remote_url, self.branch, self.push_timeout = remote, remote_url, branch, push_timeout
-        self.on_result = on_result
         self._author = resolve_author(author)
-        self.results: list[dict[str, Any]] = []
         self.stall_seconds: list[float] = []
-        self._errors: list[str] = []
         self.dests = Destinations(checkpoints_folder(run))
-        self._submitted: set[int] = set()
-        self._answered: set[int] = set()
-        self._damaged_files: set[str] = set()
-        self._cond = threading.Condition()
-        self._handling = threading.Lock()
         self._proc: subprocess.Popen[bytes] | None = None
         self._worker_idle = False  # the worker answered END_OF_RUN: it waits for the next run
         self._worker_version: str | None = None  # the library version the worker runs (it said so then)
         self._warm = warm
         self._restarts = 0
-        #: Why publishing stopped for this run (a worker or commit processes that keep dying): the
-        #: jobs stay journaled for ``oxen-callbacks sync``; training goes on.
-        self.stalled: str | None = None
-        self.push_warned = False
         self._said_stopped = False
         self._env = worker_environment(self._author, self.cache_dir)
         self.queue = JobQueue.create(self.repo.path, run, {"pid": os.getpid(), "remote": remote, "branch": branch,
                                                            "remote_url": remote_url, "env": self._env})
+        self.answers = Answers(self.repo.path, self.queue.folder, on_result, damage_warning)
+        self._cond = self.answers.cond  # (the worker's hand-back at the run's end is waited for on it too)
         self._owner = FileLock(self.queue.owner_lock)
         self._owner.acquire()
         register_model_repo(self.cache_dir, self.repo.path)
@@ -147,80 +138,20 @@ class CheckpointPublisher:
                 self._worker_version = result.get("version")
                 break
             if result.get("kind") != "ready":
-                self._handle(result)
+                self.answers.deliver(result)
         with self._cond:
             self._worker_idle = idle
             self._cond.notify_all()
 
     def _collect_from_disk(self) -> None:
         """Answers the journal holds but no worker sent (a batch that outlived its killed worker)."""
-        with self._cond:
-            missing = self._submitted - self._answered
+        missing = self.answers.unanswered
         if missing:
             for result in self.queue.results():
                 if result.get("seq") in missing:
-                    self._handle(result)
+                    self.answers.deliver(result)
             for notice in self.queue.take_notices():  # (results that cannot be read: said once, never raised)
-                self._handle(notice)
-
-    def _handle(self, result: dict[str, Any]) -> None:
-        if result.get("kind") == "damaged":  # (said even when its job was answered before)
-            self._damaged(result)
-            return
-        with self._handling:  # one at a time: the reader thread and flush() may both deliver a result
-            with self._cond:
-                if result.get("seq") in self._answered:
-                    return  # re-sent by a restarted worker
-            if result.get("kind") == "stalled":
-                self._stall(f"its commit processes keep dying ({result.get('error')})")
-                return
-            if self.on_result:  # before the job counts as answered, so flush() covers it
-                try:
-                    self.on_result(result)
-                except Exception:  # a sink failure must not kill the reader
-                    log.exception("on_result callback failed")
-            with self._cond:
-                if result.get("ok") or result.get("kind") == "push":
-                    self.results.append(result)
-                else:
-                    self._errors.append(result.get("error", "unknown error"))
-                if "seq" in result:
-                    self._answered.add(result["seq"])
-                self._cond.notify_all()
-            if result.get("kind") == "push" and not result.get("ok"):
-                self.warn_unpushed(result)
-
-    def _damaged(self, notice: dict[str, Any]) -> None:
-        """A file of the queue cut short or edited: said once; the job it names counts as answered (its
-        worker skipped it, or did it already); training goes on, and ``sync`` reports the file."""
-        with self._cond:
-            first = notice.get("file") not in self._damaged_files
-            self._damaged_files.add(notice.get("file"))
-            if isinstance(notice.get("seq"), int):
-                self._answered.add(notice["seq"])
-                self._cond.notify_all()
-        if first:
-            log.warning("%s", damage_warning(notice))
-
-    def warn_unpushed(self, push: dict[str, Any]) -> None:
-        """Say once per run that commits are not on the remote, and how they get there."""
-        if self.push_warned:
-            return
-        self.push_warned = True
-        log.warning("Checkpoints are committed in %s but NOT pushed to Oxen remote %r (%s): %s. The push is "
-                    "journaled: run `oxen-callbacks sync` once the remote is reachable.", self.repo.path,
-                    push.get("remote"), push.get("url") or "configured remote", push.get("error"))
-
-    def _stall(self, why: str) -> None:
-        """Stop waiting for the worker: what is queued stays journaled; said once, never raised."""
-        with self._cond:
-            first = self.stalled is None
-            self.stalled = self.stalled or why
-            self._cond.notify_all()
-        if first:
-            log.error("Publishing to the model repository %s stopped: %s. Training goes on; every checkpoint "
-                      "saved is kept in %s. Run `oxen-callbacks sync` to commit them.", self.repo.path, why,
-                      self.queue.folder)
+                self.answers.deliver(notice)
 
     @property
     def _handed_on(self) -> bool:
@@ -234,14 +165,14 @@ class CheckpointPublisher:
         assert proc is not None  # (not handed on)
         if proc.poll() is not None:
             if self._restarts >= self.WORKER_RESTARTS:
-                self._stall(f"the publishing worker died {self._restarts + 1} times (see {self.queue.log_path})")
+                self.answers.stall(f"the publishing worker died {self._restarts + 1} times (see {self.queue.log_path})")
                 return
             self._restarts += 1
             log.warning("Publishing worker exited (code %s); restarting it", proc.returncode)
             try:
                 self._start_worker()
             except OSError as exc:  # no process can start now (E2BIG, no memory): never stop training for it
-                self._stall(f"a new publishing worker could not start ({exc})")
+                self.answers.stall(f"a new publishing worker could not start ({exc})")
                 return
             proc = self._proc
         assert proc is not None and proc.stdin is not None
@@ -254,18 +185,17 @@ class CheckpointPublisher:
     @property
     def failed(self) -> bool:
         """Whether a job failed and the next :meth:`flush` raises its error."""
-        with self._cond:
-            return bool(self._errors)
+        return self.answers.failed
 
-    def _raise_errors(self) -> None:
-        with self._cond:
-            errors, self._errors = self._errors, []
-        if errors:
-            raise PublishError(
-                f"Committing to the model repository {self.repo.path} failed: {errors[0]}"
-                + (f" (+{len(errors) - 1} more)" if len(errors) > 1 else "")
-                + f"\nThe jobs stay journaled in {self.queue.folder}; fix the cause, then run `oxen-callbacks sync`."
-            )
+    @property
+    def results(self) -> list[dict[str, Any]]:
+        """Each job's result (and push reports), in the order the worker answered."""
+        return self.answers.results
+
+    @property
+    def stalled(self) -> str | None:
+        """Why publishing stopped for this run, if it did (see :attr:`.answers.Answers.stalled`)."""
+        return self.answers.stalled
 
     # -- submitting -----------------------------------------------------------------
     def has_source(self, source: str | os.PathLike[str]) -> bool:
@@ -282,11 +212,10 @@ class CheckpointPublisher:
         seq = self._seq
         self._seq += 1
         self.queue.put(seq, kind, payload)
-        with self._cond:
-            self._submitted.add(seq)
+        self.answers.submitted(seq)
         self._wake()
         if raise_errors:
-            self._raise_errors()
+            self.answers.raise_errors()
         return seq
 
     def submit_checkpoint(
@@ -361,8 +290,7 @@ class CheckpointPublisher:
     # -- waiting ------------------------------------------------------------------------
     @property
     def pending(self) -> int:
-        with self._cond:
-            return len(self._submitted - self._answered)
+        return len(self.answers.unanswered)
 
     def flush(self, timeout: float | None = None) -> bool:
         """Wait until every submitted job has an answer; ``False`` on timeout (jobs stay journaled).
@@ -373,7 +301,7 @@ class CheckpointPublisher:
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             with self._cond:
-                if not (self._submitted - self._answered) or self.stalled or self._handed_on:
+                if not self.answers.unanswered or self.stalled or self._handed_on:
                     break  # (handed on: what was queued since stays journaled for `sync`)
                 left = None if deadline is None else deadline - time.monotonic()
                 if left is not None and left <= 0:
@@ -384,9 +312,8 @@ class CheckpointPublisher:
                 self._wake()
             else:
                 self._say_if_stopped(self._proc)
-        with self._cond:
-            done = not (self._submitted - self._answered)
-        self._raise_errors()
+        done = not self.answers.unanswered
+        self.answers.raise_errors()
         return done
 
     def _say_if_stopped(self, proc: subprocess.Popen[bytes]) -> None:
