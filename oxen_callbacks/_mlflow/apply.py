@@ -104,7 +104,7 @@ def replay(journal: MlflowJournal) -> int:
             log.info("Not replaying %s of run %s: fit %s went on in the same MLflow run, whose tags, "
                      "lineage and end are that fit's.", op["op"], meta.get("oxen_run"), later)
         elif later is not None and op["op"] == "mark_models":  # its checkpoints' models, not the run's marks
-            from .logged_models import complete_and_mark
+            from .model_marks import complete_and_mark
 
             complete_and_mark(client, journal, meta, op["record"], went_on=later)
         else:
@@ -174,7 +174,7 @@ def apply_op(client: Any, journal: MlflowJournal, meta: dict[str, Any], op: dict
 
         log_checkpoint_models(client, journal, meta, op["ops"] if kind == "log_models" else [op])
     elif kind == "mark_models":
-        from .logged_models import complete_and_mark
+        from .model_marks import complete_and_mark
 
         complete_and_mark(client, journal, meta, op["record"], best_path=op.get("best_path"))
     elif kind == "publish_extras":
@@ -214,7 +214,7 @@ def finish_abandoned(client: Any, journal: Any, meta: dict[str, Any], status: st
     record = end_in_repo(journal, meta, status)
     if (later := superseded_by(client, journal, meta)) is not None:
         # the MLflow run is the later fit's now: only this fit's checkpoints get their logged models
-        from .logged_models import complete_and_mark
+        from .model_marks import complete_and_mark
 
         if record is not None:
             complete_and_mark(client, journal, journal.meta(), record, best_unless_last=True, went_on=later)
@@ -230,7 +230,7 @@ def finish_abandoned(client: Any, journal: Any, meta: dict[str, Any], status: st
         apply_op(client, journal, meta, {"op": "log_json", "artifact_dir": POINTER_ARTIFACT_DIR,
                                          "name": LINEAGE_ARTIFACT_NAME, "data": record})
         from .dataset_input import log_dataset_input_once
-        from .logged_models import complete_and_mark
+        from .model_marks import complete_and_mark
 
         log_dataset_input_once(client, journal, record)  # (its end, which logs it, never came)
         # the checkpoints committed after the trainer died get their logged models too
