@@ -42,7 +42,7 @@ from transformers import (
 )
 
 from ._data.hf_datasets import dataset_commits
-from ._mlflow.fluent import active_run_id, end_active_run
+from ._mlflow.fluent import active_run_id, end_run_if_running
 from ._preempt import (
     DEFAULT_PREEMPT_TIMEOUT,
     Preemption,
@@ -52,6 +52,7 @@ from ._preempt import (
 )
 from .errors import ConfigurationError, DatasetMismatchError
 from .lineage import status_of_an_uncaught_raise
+from .names import ENV_MLFLOW_RUN_ID
 from .pin import PinnedDataset, as_pinned
 from .run import LineageRun
 
@@ -116,7 +117,7 @@ class OxenTrainerCallback(TrainerCallback):
         self._preemption = Preemption(self.run, timeout=self.preempt_timeout)
         self._stop_for_preemption = False  # the signal came: save and stop at the end of this step
         self._run_before_train = active_run_id()  # the user's own run: never ended by us
-        self._transformers_mlflow: list[Any] = []  # the Trainer's MLflowCallback (it knows whether it started the run)
+        self._run_transformers_started: str | None = None  # the MLflow run transformers started for this train()
         #: Time the training process spent in this callback per checkpoint save (seconds).
         self.stall_seconds: list[float] = []
 
@@ -127,7 +128,7 @@ class OxenTrainerCallback(TrainerCallback):
 
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                        train_dataloader: Any = None, **kwargs: Any) -> None:
-        self._transformers_mlflow = _mlflow_callbacks_of_the_calling_trainer()
+        self._run_transformers_started = self._run_started_by(_mlflow_callbacks_of_the_calling_trainer(), args)
         other = getattr(state, _CALLBACK_OF_STATE, None)  # (a new TrainerState each train())
         if other is not None and other is not self:  # (they would share one resume state in each checkpoint)
             other.run.finish_after_error("FAILED", what="train() refused")  # (its run started: not left RUNNING)
@@ -145,19 +146,28 @@ class OxenTrainerCallback(TrainerCallback):
         try:
             self._begin(args, state, train_dataloader)
         except BaseException:
-            self._fail_run_started_for_this_train(args)
+            self._fail_run_started_for_this_train()
             raise
 
-    def _fail_run_started_for_this_train(self, args: TrainingArguments, status: str = "FAILED") -> None:
+    def _run_started_by(self, transformers_mlflow: list[Any], args: TrainingArguments) -> str | None:
+        """The MLflow run transformers' ``MLflowCallback`` (which comes before this callback) started for this
+        train() and ends at its end, if any: never the user's own run (active when the Trainer was built,
+        or one it joined: it says whether it started the active run), nor ``$MLFLOW_RUN_ID``'s (an
+        orchestrator's, never ended by us)."""
+        if "mlflow" not in (args.report_to or []) or not any(getattr(cb, "_auto_end_run", False)
+                                                             for cb in transformers_mlflow):
+            return None
+        run_id = active_run_id()
+        if run_id is None or run_id in (self._run_before_train, os.environ.get(ENV_MLFLOW_RUN_ID, "").strip()):
+            return None
+        return run_id
+
+    def _fail_run_started_for_this_train(self, status: str = "FAILED") -> None:
         """train() stopped (in our on_train_begin, or it raised): end as ``status`` the MLflow run
-        transformers' MLflowCallback started for it (it would stay RUNNING, or end FINISHED at exit);
-        a run the user started is left alone (also one started after the Trainer was built: the
-        MLflowCallback says whether it started the active run)."""
-        if "mlflow" not in (args.report_to or []):
-            return
-        if self._transformers_mlflow and not any(getattr(cb, "_auto_end_run", True) for cb in self._transformers_mlflow):
-            return  # it joined the active run: the user's
-        end_active_run(status, unless=self._run_before_train)
+        transformers started for it (it would stay RUNNING, or end FINISHED at exit), if it still runs;
+        no other run (the user may have ended it and started their own since)."""
+        if self._run_transformers_started is not None:
+            end_run_if_running(self._run_transformers_started, status)
 
     def _begin(self, args: TrainingArguments, state: TrainerState, train_dataloader: Any) -> None:
         """Check the data this train() reads, then start the lineage run (on the logging process)."""
@@ -169,7 +179,7 @@ class OxenTrainerCallback(TrainerCallback):
             self._check_train_data(getattr(train_dataloader, "dataset", None))
         if state.is_world_process_zero:
             self.run.start(continuing=self.run.continues(recorded))
-            _ended_at_exit_if_train_raised(self, args)
+            _ended_at_exit_if_train_raised(self)
             if self._requeued is not None:
                 self._requeued.after_start(self.run)
             if recorded:
@@ -270,16 +280,16 @@ class OxenTrainerCallback(TrainerCallback):
 
 #: Callbacks whose train() started a run: a train() that raises calls no hook of ours (the next train()
 #: or the interpreter's exit ends its run), weakly held.
-_STARTED: "weakref.WeakKeyDictionary[OxenTrainerCallback, TrainingArguments]" = weakref.WeakKeyDictionary()
+_STARTED: "weakref.WeakSet[OxenTrainerCallback]" = weakref.WeakSet()
 
 
-def _ended_at_exit_if_train_raised(callback: OxenTrainerCallback, args: TrainingArguments) -> None:
+def _ended_at_exit_if_train_raised(callback: OxenTrainerCallback) -> None:
     """Note a started run and (re-)register the exit handler, after transformers' MLflowCallback
     imported MLflow: handlers run last-registered first, so ours ends the runs before MLflow's own
     handler would end the active run as FINISHED."""
     atexit.unregister(_end_runs_a_raising_train_left)  # registered again: after MLflow's, whenever it came
     atexit.register(_end_runs_a_raising_train_left)
-    _STARTED[callback] = args
+    _STARTED.add(callback)
 
 
 def _mlflow_callbacks_of_the_calling_trainer() -> list[Any]:
@@ -303,13 +313,13 @@ def _end_runs_a_raising_train_left() -> None:
     """At exit, a run still started (its train() raised, a script died of it): FAILED, or KILLED for Ctrl-C,
     its committed checkpoints and MLflow logged; so is the MLflow run transformers started for it."""
     status = status_of_an_uncaught_raise()
-    for callback, args in list(_STARTED.items()):
+    for callback in list(_STARTED):
         if callback.run.publisher is not None and not callback.run.finished:
             log.warning("oxen-callbacks: ending run %s %s before exit (its commits, then MLflow for up to %.0f s); "
                         "Ctrl-C leaves the rest to `oxen-callbacks sync`.", callback.run.run_name, status,
                         callback.run.mlflow_timeout)
             callback.run.finish_after_error(status, what="train() that raised")
-            callback._fail_run_started_for_this_train(args, status)
+            callback._fail_run_started_for_this_train(status)
     _STARTED.clear()
 
 

@@ -33,12 +33,27 @@ def main() -> None:
     parser.add_argument("--raise", dest="error", choices=["error", "ctrl-c"], required=True)
     parser.add_argument("--report-to", default="none")
     parser.add_argument("--retry", action="store_true", help="catch it, then train again with a new Trainer")
+    parser.add_argument("--then-own-run", action="store_true",
+                        help="catch it, end transformers' run, start a run of one's own and exit with it active")
     args = parser.parse_args()
     pin = PinnedDataset(args.dataset, revision="main", paths=["train.jsonl", "eval.jsonl"])
     cb = OxenTrainerCallback(dataset=pin, model_repo=args.model_repo, run_name=None if args.retry else "raised")
     error = KeyboardInterrupt() if args.error == "ctrl-c" else RuntimeError("user code failed at step 3")
     trainer, _ = make_trainer(Path(args.out), pin.load_dataset()["train"], [cb, RaiseAtStep3(error)], max_steps=6,
                               save_steps=2, report_to=args.report_to)
+    if args.then_own_run:
+        import mlflow
+
+        try:
+            trainer.train()
+        except RuntimeError:
+            pass
+        theirs = mlflow.active_run().info.run_id
+        mlflow.end_run()  # the user tidies up the run transformers left active
+        mine = mlflow.start_run(run_name="my-own-evaluation").info.run_id
+        mlflow.log_metric("my_eval", 0.9)
+        print(json.dumps({"transformers_run": theirs, "own_run": mine}))
+        return  # exits normally, the user's run active
     if not args.retry:
         trainer.train()  # raises: the script dies of it
         return

@@ -295,6 +295,27 @@ def test_a_train_that_raised_then_a_retry_in_the_same_mlflow_run_ends_as_the_ret
     assert run.data.tags["oxen.model.commit"] == record["model"]["commit"]
 
 
+def test_a_run_the_user_starts_after_a_raising_train_is_never_ended_by_us(reviews, tmp_path):
+    """train() raised; the user ends the run transformers left active, starts one of their own and the
+    script exits normally with it active. The exit ends the raised train()'s Oxen run FAILED, and no
+    MLflow run but its own: the user's run ends FINISHED (MLflow's exit), transformers' as the user
+    ended it."""
+    script = Path(__file__).parent / "hf_raising_script.py"
+    done = subprocess.run([sys.executable, str(script), "--dataset", str(reviews.path), "--model-repo",
+                           str(tmp_path / "models"), "--out", str(tmp_path / "out"), "--raise", "error",
+                           "--report-to", "mlflow", "--then-own-run"], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    ids = json.loads(done.stdout.strip().splitlines()[-1])
+    client = MlflowClient()
+    own = client.get_run(ids["own_run"])
+    assert own.info.status == "FINISHED" and own.data.metrics == {"my_eval": 0.9}
+    assert not any(key.startswith("oxen.") for key in own.data.tags)
+    theirs = client.get_run(ids["transformers_run"])
+    assert theirs.info.status == "FINISHED" and theirs.data.tags["oxen.lineage.status"] == "FAILED"
+    record = read_lineage(tmp_path / "models" / "runs" / "raised" / "lineage.json")
+    assert record["status"] == "FAILED" and record["run"]["mlflow_run_id"] == ids["transformers_run"]
+
+
 def test_datasets_cache_never_returns_rows_of_another_commit(reviews, tmp_path):
     commit_files(reviews, "B", {"train.jsonl": jsonl(1)})  # same file name, same size, other labels
     commit_a, commit_b = reviews.commits

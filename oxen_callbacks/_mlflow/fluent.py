@@ -81,12 +81,15 @@ def active_run_id() -> str | None:
     return active[0] if active is not None else None
 
 
-def end_active_run(status: str, *, unless: str | None) -> None:
-    """End the active fluent run as ``status``, unless it is the run ``unless`` (e.g. one the user started)."""
-    run_id = active_run_id()
-    if run_id is None or run_id == unless:
-        return
+def end_run_if_running(run_id: str, status: str) -> None:
+    """End MLflow run ``run_id`` as ``status`` if it still runs, and no other: through MLflow's fluent
+    API when it is the active run (which MLflow then forgets), else by its client (a run the user
+    ended meanwhile keeps their end)."""
     try:
-        sys.modules["mlflow"].end_run(status)
+        mlflow = sys.modules["mlflow"]
+        if active_run_id() == run_id:
+            mlflow.end_run(status)
+        elif (client := mlflow.MlflowClient()).get_run(run_id).info.status == "RUNNING":
+            client.set_terminated(run_id, status)
     except Exception:
         log.warning("Could not end MLflow run %s as %s", run_id, status, exc_info=True)
