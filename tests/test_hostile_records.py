@@ -179,6 +179,22 @@ def test_a_malformed_mlflow_run_never_crashes_a_query(store, capsys):
     assert sorted(r["run"]["mlflow_run_id"] for r in found["runs"]) == sorted(ids.values())
 
 
+@pytest.mark.parametrize("swap", ["another-mlflow-run", "another-oxen-run"])
+def test_a_lineage_artifact_that_is_another_runs_record_is_not_taken_for_this_runs(store, capsys, swap):
+    """Run B's oxen/lineage.json replaced by run A's record (copied, or edited to name B's MLflow run but
+    A's Oxen run): `lineage B` must not answer with A's data and checkpoint; B's own tags say what it is."""
+    uri, client, experiment = store
+    a = client.create_run(experiment, tags=_tags("a", MODEL_COMMIT)).info.run_id
+    b = client.create_run(experiment, tags=_tags("b", "f" * 32)).info.run_id
+    taken = _record("/nowhere/models", name="a", run__mlflow_run_id=a if swap == "another-mlflow-run" else b)
+    client.log_text(b, json.dumps(taken), "oxen/lineage.json")
+    assert main(["lineage", b, "--tracking-uri", uri, "--json"]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert shown["run"]["name"] == "b" and shown["model"]["commit"] == "f" * 32
+    assert shown["source"] == "mlflow-tags"
+    assert MODEL_COMMIT not in json.dumps(shown)
+
+
 @pytest.mark.parametrize("endpoint", ["https://svc.example.com/o'brien/v1", "https://svc.example.com/a\\b",
                                       "https://svc.example.com/q\"uote'd"], ids=["apostrophe", "backslash", "both"])
 def test_an_endpoint_with_quotes_is_found_and_only_it(store, capsys, endpoint):

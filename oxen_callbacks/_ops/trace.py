@@ -71,6 +71,17 @@ def record_from_tags(run: dict[str, Any]) -> dict[str, Any]:
             "status": t.get(TAG_LINEAGE_STATUS) or run.get("status")}
 
 
+def _another_runs(record: dict[str, Any], run: dict[str, Any]) -> str | None:
+    """Which other run ``record`` (an MLflow run's lineage artifact) is the record of, by the MLflow run
+    id it names and the run's ``oxen.run`` tag; ``None`` when it is this run's."""
+    mlflow_run, name = record["run"].get("mlflow_run_id"), record["run"].get("name")
+    if mlflow_run != run["run_id"]:
+        return f"MLflow run {mlflow_run}"
+    if (tagged := run["tags"].get(TAG_RUN)) and tagged != name:
+        return f"Oxen run {name!r} (this run's tag says {tagged!r})"
+    return None
+
+
 def _paths_not_in_tags(tags: dict[str, str]) -> bool:
     """Whether the run's dataset paths are too many for its tags (its lineage artifact lists them)."""
     return bool(tags.get(TAG_DATASET_COMMIT)) and paths_of_tag(tags.get(TAG_DATASET_PATHS)) is None
@@ -137,7 +148,11 @@ class LineageFinder:
             try:
                 data = self.reader.artifact_json(run["run_id"], LINEAGE_ARTIFACT)
                 if data is not None:
-                    return {**read_lineage(data), "source": "mlflow-artifact", "_tags": tags}
+                    record = read_lineage(data)
+                    if (other := _another_runs(record, run)) is None:
+                        return {**record, "source": "mlflow-artifact", "_tags": tags}
+                    log.warning("Run %s: its %s artifact is the record of %s (copied or edited); using its tags",
+                                run["run_id"], LINEAGE_ARTIFACT, other)
             except ValueError as exc:  # not JSON, or not a lineage record (LineageValidationError)
                 log.warning("Run %s: its %s artifact is not a lineage record (%s); using its tags",
                             run["run_id"], LINEAGE_ARTIFACT, exc)
