@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import json
 import logging
 import os
 import re
@@ -47,7 +46,7 @@ from typing import Any, TypeVar
 
 from ._oxen.commit_id import is_commit_id
 from ._util import background
-from ._util.fs import write_json_atomically
+from ._util.fs import parse_json, write_json_atomically
 from ._util.redact import redact_url
 from .errors import ConfigurationError, LineageValidationError
 from .model_repo import is_run_name, lineage_files, lineage_path
@@ -333,7 +332,7 @@ def _load(source: str | os.PathLike[str] | Mapping[str, Any], at_commit: str | N
         data: Any = source
     else:
         text = str(source)
-        data = json.loads(text) if text.lstrip().startswith("{") else json.loads(Path(source).read_text())
+        data = parse_json(text) if text.lstrip().startswith("{") else parse_json(Path(source).read_text())
     if at_commit:
         data = fill_commit(data, at_commit)
     return data

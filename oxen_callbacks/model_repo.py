@@ -21,7 +21,6 @@ Example::
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
 import re
@@ -29,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from ._oxen import layout as oxen_layout
+from ._util.fs import parse_json
 from ._util.redact import redact_url
 from .names import TAG_ENDPOINT_PREFIX
 
@@ -142,7 +142,7 @@ def read_deployment(path: str | os.PathLike[str]) -> dict[str, Any] | None:
     """One deployment record, or ``None`` (with a warning) when it is missing, unreadable or not of
     :data:`DEPLOY_SCHEMA`'s shape: anyone who can write the repository can write one."""
     try:
-        data = json.loads(Path(path).read_text())
+        data = parse_json(Path(path).read_text())
     except FileNotFoundError:
         return None
     except (OSError, ValueError) as exc:

@@ -12,7 +12,6 @@ calls, on the process that does I/O (global rank 0)::
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shlex
@@ -37,6 +36,7 @@ from ._run_checks import RunOptionChecks
 from ._run_end import RunEnding, now
 from ._util import background
 from ._util.cache import default_cache_dir
+from ._util.fs import parse_json
 from ._util.gitinfo import code_info
 from ._util.processes import check_can_start_processes
 from ._util.redact import redact_argv, redact_url
@@ -259,7 +259,7 @@ class LineageRun(RunOptionChecks, RunEnding):
         queued checkpoints will be committed with tells."""
         path = self.model_repo / lineage_path(self.run_name)
         try:
-            record = json.loads(path.read_text())
+            record = parse_json(path.read_text())
         except FileNotFoundError:
             record = next((job.payload.get("record") for _queue, jobs in run_backlog(self.model_repo, self.run_name)
                            for job in jobs if job.kind == "checkpoint"), None)

@@ -135,6 +135,33 @@ def test_a_malformed_deployment_record_is_skipped_with_a_warning(models, capsys,
     assert "no run found" in capsys.readouterr().out
 
 
+def test_json_nested_thousands_deep_is_a_damaged_file_never_a_crash(models, store, capsys, caplog):
+    """A record, a deployment file and an MLflow lineage artifact nested 100,000 deep (Python's parser
+    gives up past ~1,000: RecursionError), and a readable record with a value nested 900 deep: every
+    query answers, the unreadable files are skipped or refused by name."""
+    deep = "[" * 100_000 + "]" * 100_000
+    _write_run(models, "r", _record(str(models), name="r", extra=[[[[]]]]))
+    _write_run(models, "deep", _record(str(models), name="deep"))
+    (models / "runs" / "deep" / "lineage.json").write_text(deep)
+    _write_run(models, "wide", _record(str(models), name="wide", extra=json.loads("[" * 900 + "]" * 900)))
+    (models / "deployments").mkdir()
+    (models / "deployments" / "x.json").write_text(deep)
+    assert main(["trace", MODEL_COMMIT, "--model-repo", str(models), "--json"]) == 0
+    assert sorted(r["run"]["name"] for r in json.loads(capsys.readouterr().out)["runs"]) == ["r", "wide"]
+    assert main(["lineage", "--model-repo", str(models), "r"]) == 0
+    assert MODEL_COMMIT in capsys.readouterr().out
+    assert main(["lineage", "--model-repo", str(models), "wide"]) == 0
+    assert "run          wide" in capsys.readouterr().out
+    assert main(["lineage", "--model-repo", str(models), "deep"]) != 0
+    assert "Traceback" not in capsys.readouterr().err
+    assert "lineage.json: JSON nested too deeply to read" in caplog.text
+    uri, client, experiment = store
+    run = client.create_run(experiment, tags=_tags("m", MODEL_COMMIT)).info.run_id
+    client.log_text(run, deep, "oxen/lineage.json")
+    assert main(["lineage", run, "--tracking-uri", uri, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["source"] == "mlflow-tags"
+
+
 @pytest.mark.parametrize("metric", ["nan-ish", None, [1, 2], True])
 def test_a_metric_that_is_not_a_number_is_shown_as_it_is(models, capsys, metric):
     _write_run(models, "r", _record(str(models), name="r", checkpoints__0__metrics={"val_loss": metric, "acc": 0.91234}))

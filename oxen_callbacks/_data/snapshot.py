@@ -9,7 +9,6 @@ check (:meth:`SnapshotStore.check`).
 
 from __future__ import annotations
 
-import json
 import os
 import stat
 from collections.abc import Iterable, Iterator
@@ -19,7 +18,7 @@ from pathlib import Path
 
 from .._oxen import layout as oxen_layout
 from .._oxen.commit_id import checked_commit_id, is_commit_id
-from .._util.fs import make_dirs_writable, remove_tree, write_json_atomically
+from .._util.fs import make_dirs_writable, parse_json, remove_tree, write_json_atomically
 from .._util.materialized import Materialized
 from .._util.relpath import covers, safe_relpath
 from .._util.scratch import scratch_folder
@@ -302,7 +301,7 @@ def _hash_files(root: Path, rel_paths: list[str]) -> dict[str, str]:
 def _read_json(path: Path) -> object:
     """A JSON file's content; ``None`` when there is no file; :class:`DamagedRecord` when it cannot be read."""
     try:
-        return json.loads(path.read_bytes())
+        return parse_json(path.read_bytes())
     except (FileNotFoundError, NotADirectoryError):
         return None
     except (OSError, ValueError) as exc:  # truncated, not UTF-8, a folder in its place...

@@ -10,14 +10,13 @@ environment; the journal holds the URI without them.
 
 from __future__ import annotations
 
-import json
 import os
 import time
 import uuid
 from pathlib import Path
 from typing import Any
 
-from .._util.fs import DamagedFile, read_json_object, write_atomically, write_json_atomically
+from .._util.fs import DamagedFile, parse_json, read_json_object, write_atomically, write_json_atomically
 from .._util.locks import FileLock, is_locked
 from .._util.processes import ENTRY_POINTS
 from ..names import LINEAGE_ARTIFACT_NAME
@@ -203,7 +202,7 @@ class MlflowJournal:
     def meta(self) -> dict[str, Any]:
         """The run this journal logs to (kept in memory too: a finished journal's folder is deleted)."""
         try:
-            self._meta = json.loads((self.folder / "meta.json").read_text())
+            self._meta = parse_json((self.folder / "meta.json").read_text())
         except FileNotFoundError:
             if not hasattr(self, "_meta"):
                 raise
@@ -258,7 +257,7 @@ class MlflowJournal:
         found = []
         for path in self._op_files():
             try:
-                found.append((path, json.loads(path.read_text())))
+                found.append((path, parse_json(path.read_text())))
             except FileNotFoundError:
                 continue  # done (and deleted) meanwhile
         return found
@@ -317,7 +316,7 @@ class MlflowJournal:
     def status(self) -> dict[str, Any]:
         """What the sink process reports: ``{"gave_up": bool, "last_error": str | None}``."""
         try:
-            return json.loads(self.status_path.read_text())
+            return parse_json(self.status_path.read_text())
         except (FileNotFoundError, ValueError):
             return {}
 

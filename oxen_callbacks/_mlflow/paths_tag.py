@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+from .._util.fs import parse_json
 from ..names import LINEAGE_ARTIFACT
 
 #: The longest value every MLflow store keeps whole: run tags are cut at 8,000 characters (refused
@@ -28,7 +29,7 @@ def paths_of_tag(value: str | None) -> list[str] | None:
     if not value:
         return ["."]
     try:
-        parsed = json.loads(value)
+        parsed = parse_json(value)
     except ValueError:
         return [value]
     if isinstance(parsed, list) and parsed and all(isinstance(p, str) for p in parsed):

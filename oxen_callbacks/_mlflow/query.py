@@ -23,6 +23,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .._util.fs import parse_json
 from .._util.redact import redact_url
 from ..errors import ConfigurationError, OxenCallbacksError
 from ..names import (
@@ -147,7 +148,7 @@ class RestReader(TrackingReader):
             raise TrackingError(f"MLflow at {self.uri} answered {exc.code} to {path}: {detail}") from None
         except OSError as exc:
             raise TrackingError(f"MLflow at {self.uri} is unreachable ({exc}).") from None
-        return payload if raw else json.loads(payload or b"{}")
+        return payload if raw else parse_json(payload or b"{}")
 
     def _pages(self, path: str, key: str, body: dict[str, Any]) -> list[dict[str, Any]]:
         found: list[dict[str, Any]] = []
@@ -189,7 +190,7 @@ class RestReader(TrackingReader):
 
     def artifact_json(self, run_id: str, path: str) -> Any | None:
         payload = self._call("/get-artifact", query={"path": path, "run_uuid": run_id}, raw=True)
-        return json.loads(payload) if payload else None
+        return parse_json(payload) if payload else None
 
 
 def _rest_run(run: dict[str, Any]) -> dict[str, Any]:
@@ -244,7 +245,7 @@ class ClientReader(TrackingReader):
             except (MlflowException, OSError):
                 return None
             with open(local) as f:
-                return json.load(f)
+                return parse_json(f.read())
 
 
 def _all_pages(search: Any, *args: Any) -> list[Any]:

@@ -38,7 +38,7 @@ from .._oxen.tree import PathNotInCommit, files_at
 from .._publish.adding import adding
 from .._publish.queue import repo_lock_path
 from .._util import background
-from .._util.fs import write_json_atomically
+from .._util.fs import parse_json, write_json_atomically
 from .._util.locks import FileLock
 from .._util.redact import redact_url
 from ..errors import ConfigurationError, PartlyDoneError
@@ -153,7 +153,7 @@ def _list_version_on_model(client: Any, model_id: str, name: str, version: str) 
     """The logged model's own list of its registered versions (what ``mlflow.register_model`` keeps)."""
     from mlflow.utils.mlflow_tags import MLFLOW_MODEL_VERSIONS
 
-    listed = json.loads(client.get_logged_model(model_id).tags.get(MLFLOW_MODEL_VERSIONS) or "[]")
+    listed = parse_json(client.get_logged_model(model_id).tags.get(MLFLOW_MODEL_VERSIONS) or "[]")
     entry = {"name": name, "version": version}
     if entry not in listed:
         client.set_logged_model_tags(model_id, {MLFLOW_MODEL_VERSIONS: json.dumps([*listed, entry])})

@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .._util.fs import write_atomically
+from .._util.fs import parse_json, write_atomically
 from .._util.locks import FileLock, LockTimeout, is_locked
 from ..errors import ConfigurationError
 from ..model_repo import (
@@ -166,7 +166,7 @@ def recorded_fit(model_repo: str | os.PathLike[str], fitter: str) -> str | None:
 def has_checkpoints(model_repo: Path, run: str) -> bool:
     """Whether a checkpoint of ``run`` was committed to ``model_repo`` or is queued for commit."""
     try:
-        if json.loads((model_repo / lineage_path(run)).read_text()).get("checkpoints"):
+        if parse_json((model_repo / lineage_path(run)).read_text()).get("checkpoints"):
             return True
     except FileNotFoundError:
         pass
@@ -192,7 +192,7 @@ def _in_use(run: str, repo: Path, owner: dict[str, Any]) -> ConfigurationError:
 
 def _owner(path: Path) -> dict[str, Any]:
     try:
-        owner = json.loads(path.read_text() or "{}")
+        owner = parse_json(path.read_text() or "{}")
     except (OSError, ValueError):
         return {}
     return owner if isinstance(owner, dict) else {}

@@ -57,6 +57,15 @@ def make_dirs_writable(path: str | os.PathLike[str]) -> None:
         os.chmod(dirpath, mode)
 
 
+def parse_json(text: str | bytes) -> Any:
+    """``json.loads``, where nesting too deep for Python's parser (a hostile file: ``[[[[...``) is a
+    ``ValueError`` as other text that is not JSON is, never a ``RecursionError``."""
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise ValueError("JSON nested too deeply to read") from None
+
+
 # -- files a crash must never leave half-written ----------------------------------------------
 
 def write_atomically(path: str | os.PathLike[str], text: str, *, make_parents: bool = False) -> None:
@@ -109,7 +118,7 @@ def read_json_object(path: str | os.PathLike[str]) -> dict[str, Any]:
     """
     name = Path(path).name
     try:
-        data = json.loads(Path(path).read_bytes())
+        data = parse_json(Path(path).read_bytes())
     except FileNotFoundError:
         raise
     except OSError as exc:  # a folder in its place, no permission

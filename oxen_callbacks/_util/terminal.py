@@ -27,13 +27,20 @@ def printable(text: str) -> str:
     return _UNSAFE_IN_TEXT.sub(_escape, text)
 
 
-def printable_value(value: Any) -> Any:
+#: How deep :func:`printable_value` shows nested lists and dicts (a hostile record nests thousands).
+_SHOWN_DEPTH = 40
+NESTED_TOO_DEEPLY = "(nested too deeply to show)"
+
+
+def printable_value(value: Any, _depth: int = 0) -> Any:
     """``value`` (a result's strings, in lists and dicts, keys too) with every control character,
     newlines and tabs included, escaped: one value never shows as two lines."""
     if isinstance(value, str):
         return _UNSAFE_IN_VALUE.sub(_escape, value)
+    if isinstance(value, (dict, list, tuple)) and _depth >= _SHOWN_DEPTH:
+        return NESTED_TOO_DEEPLY
     if isinstance(value, dict):
-        return {printable_value(k): printable_value(v) for k, v in value.items()}
+        return {printable_value(k, _depth + 1): printable_value(v, _depth + 1) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [printable_value(v) for v in value]
+        return [printable_value(v, _depth + 1) for v in value]
     return value
