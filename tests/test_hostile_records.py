@@ -274,6 +274,21 @@ def test_reproduce_refusing_a_hostile_model_path_leaves_no_half_copy(store, data
     assert kit.is_dir() and not any(kit.iterdir())
 
 
+@pytest.mark.parametrize("missing", ["oxen.model.repo", "oxen.dataset.repo"])
+def test_reproduce_of_a_run_whose_repository_tag_is_gone_names_it(store, tmp_path, capsys, missing):
+    """A run whose tags name a commit but not the repository holding it (a tag deleted or never written):
+    `reproduce` says which repository is missing and how to go on, no traceback, no folder left."""
+    uri, client, experiment = store
+    gone = {missing} | ({"oxen.dataset.commit"} if missing == "oxen.model.repo" else set())  # (checked first)
+    tags = {k: v for k, v in _tags("r", MODEL_COMMIT, **{"oxen.dataset.paths": '["train.csv"]'}).items() if k not in gone}
+    run_id = client.create_run(experiment, tags=tags).info.run_id
+    kit = tmp_path / "kit"
+    assert main(["reproduce", run_id, "--to", str(kit), "--tracking-uri", uri]) == 2
+    err = capsys.readouterr().err
+    what = missing.split(".")[1]
+    assert f"but no {what} repository" in err and "Traceback" not in err and not kit.exists()
+
+
 @pytest.mark.parametrize("target", ["runs/" + "x" * 5000 + "/last.ckpt", "y" * 5000], ids=["path", "word"])
 def test_a_target_no_file_system_can_hold_is_simply_not_found(models, capsys, target):
     assert main(["trace", "--model-repo", str(models), target]) == 1

@@ -90,10 +90,15 @@ def _remove(path: Path) -> None:
         path.unlink()
 
 
-def _pinned(repo: str, commit: str, paths: list[str] | None, cache_dir: str | os.PathLike[str] | None, *,
+def _pinned(repo: Any, commit: str, paths: list[str] | None, cache_dir: str | os.PathLike[str] | None, *,
             kind: type[PinnedDataset] = PinnedDataset) -> PinnedDataset:
     """The recorded commit of ``repo``, exactly: a record naming a branch (or a server answering
     another commit) would hand back data the run never read."""
+    what = "dataset" if kind is PinnedDataset else "model"
+    if not isinstance(repo, str) or not repo.strip():
+        raise ConfigurationError(f"The run's record names its {what} commit {commit} but no {what} repository "
+                                 f"(repo = {repo!r}: its oxen.{what}.repo tag is missing or edited).",
+                                 "pass --model-repo PATH of the repository that holds the run, or fix the tag.")
     checked_commit_id(commit, what=f"The run's record of {repo}")
     if paths is None:  # (a record rebuilt from tags that only count them: the whole commit would be more)
         raise ConfigurationError(f"The run's record of {repo} does not list its dataset paths: they were too many for "
