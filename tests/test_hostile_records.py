@@ -487,6 +487,30 @@ def test_a_journal_naming_a_store_with_credentials_never_shows_them(tmp_path, ca
         assert f"127.0.0.1:{port}" in out.out and "hunter2pw" not in out.out + out.err, out
 
 
+def test_a_token_in_a_tracking_uris_query_reaches_no_output_and_no_file(tmp_path):
+    """A tracking URI with its token in the query (``?access_token=``), the server down: urllib3's retry
+    warnings quote it as a bare path (``url: /?access_token=...``), which went out as it was, to
+    `sync`'s stderr and into the journal's files. The real CLI, in a process of its own."""
+    import socket
+
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]
+    secret = "QsEcReT4242xyz"
+    journal = MlflowJournal.create(tmp_path / "cache", {"tracking_uri": f"http://127.0.0.1:{port}/?access_token={secret}",
+                                                        "run_id": "0" * 32})
+    journal.put(1, {"op": "set_tags", "tags": {"oxen.run": "r"}})
+    journal.mark_ended()
+    env = {**os.environ, "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "0"}
+    for args in (["sync"], ["sync", "--json"]):
+        done = subprocess.run([sys.executable, "-m", "oxen_callbacks.cli", *args, "--cache-dir", str(tmp_path / "cache")],
+                              capture_output=True, text=True, timeout=300, env=env)
+        assert done.returncode == 1, done.stderr[-2000:]
+        assert "Retrying" in done.stderr and "access_token=***" in done.stdout + done.stderr, done.stderr[-2000:]
+        assert secret not in done.stdout + done.stderr
+    assert not [p for p in tmp_path.rglob("*") if p.is_file() and p.name != "meta.json" and secret.encode() in p.read_bytes()]
+
+
 def test_a_journal_of_a_run_its_user_deleted_is_dropped_once_said(store, tmp_path, capsys):
     """The end of a fit left journaled (MLflow was down), then the user deleted the run: every `sync`
     failed on it ("must be in the 'active' state") and exited 1 for good. It is dropped now, said by

@@ -23,7 +23,7 @@ from typing import Any
 from .._util.handoff import take_handoff
 from .._util.locks import FileLock
 from .._util.processes import ENTRY_POINTS, yield_cpu_to_training
-from .._util.redact import redact_text, redact_url
+from .._util.redact import RedactingFormatter, redact_text, redact_url
 from .._util.stdin_lines import StdinLines
 from ..names import ENV_MLFLOW_TRACKING_URI
 from .abandoned import commits_outstanding
@@ -110,7 +110,7 @@ def serve_folder(folder: Path, lines: Any = _STDIN, client_uri: str | None = Non
     """:func:`serve` one journal under its lock (with its own log in a sink process); forget it once done."""
     journal = MlflowJournal(folder)
     handler = logging.FileHandler(journal.folder / "sink.log") if log_file else logging.NullHandler()
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    handler.setFormatter(RedactingFormatter("%(asctime)s %(levelname)s %(message)s"))
     if log_file:
         logging.getLogger().addHandler(handler)
     try:

@@ -31,6 +31,7 @@ trade-offs, each chosen so that none of the leak shapes in ``tests/test_security
 from __future__ import annotations
 
 import itertools
+import logging
 import math
 import re
 import shlex
@@ -39,6 +40,8 @@ from collections.abc import Sequence
 # a query parameter's value runs to the next ``&name=``: ``client_secret=Tr0ub4dor&3`` is one value
 _QUERY_PARAM = re.compile(r"([?&#])([^=&#?]+)=((?:[^&#]|&(?![^=&#?]*=))*)")  # (# too: tokens in a fragment)
 _BEARER = re.compile(r"(?i)\b(bearer\s+)[A-Za-z0-9._~+/=-]+")
+# a query parameter outside a whole URL: ``url: /?access_token=...`` in urllib3's retry warnings
+_BARE_QUERY_PARAM = re.compile(r"([?&])([A-Za-z_][\w.-]*)=([^\s&#'\"]*)")
 
 
 def redact_url(url: str | None, *, schemeless: bool = False) -> str | None:
@@ -74,7 +77,16 @@ def redact_text(text: str, secrets: list[str] | tuple[str, ...] = ()) -> str:
         if secret and len(secret) >= 4:
             text = text.replace(secret, "***")
     text = _BEARER.sub(r"\1***", text)
-    return re.sub(r"[a-zA-Z][a-zA-Z0-9+.-]*://[^\s'\"]+", lambda m: redact_url(m.group(0)) or "", text)
+    text = re.sub(r"[a-zA-Z][a-zA-Z0-9+.-]*://[^\s'\"]+", lambda m: redact_url(m.group(0)) or "", text)
+    return _BARE_QUERY_PARAM.sub(lambda m: f"{m[1]}{m[2]}={MASK}" if _masks(m[2], m[3]) else m[0], text)
+
+
+class RedactingFormatter(logging.Formatter):
+    """A log formatter that masks credentials (:func:`redact_text`) in every line it writes: MLflow's
+    and urllib3's own warnings quote the tracking URI."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return redact_text(super().format(record))
 
 
 # -- command lines ----------------------------------------------------------------------------

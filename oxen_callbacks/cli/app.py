@@ -27,7 +27,7 @@ import logging
 import os
 import sys
 
-from .._util.redact import redact_text
+from .._util.redact import RedactingFormatter, redact_text
 from .._util.terminal import printable, printable_value
 from ..errors import ConfigurationError, OxenCallbacksError
 from . import data, lineage, registry, setup_oxen, sync
@@ -115,8 +115,9 @@ def _is_store_error(exc: Exception) -> bool:
     return False
 
 
-class _PrintableFormatter(logging.Formatter):
-    """Warnings quote records and tags too: their control characters are escaped like the output's."""
+class _PrintableFormatter(RedactingFormatter):
+    """Warnings quote records, tags and tracking URIs too: their credentials are masked, their control
+    characters escaped like the output's."""
 
     def format(self, record: logging.LogRecord) -> str:
         return printable(super().format(record))
