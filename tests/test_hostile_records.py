@@ -511,6 +511,25 @@ def test_a_token_in_a_tracking_uris_query_reaches_no_output_and_no_file(tmp_path
     assert not [p for p in tmp_path.rglob("*") if p.is_file() and p.name != "meta.json" and secret.encode() in p.read_bytes()]
 
 
+def test_a_picture_of_a_hostile_run_is_drawn_as_written(store, tmp_path, capsys):
+    """A run known from its tags alone, its paths only counted (too many for a tag, the artifact gone), its
+    name holding matplotlib's math markup and a character XML forbids: `lineage --graph` draws it in
+    every format (it crashed: ", ".join(None), a math parse error) and the SVG is well-formed XML."""
+    import xml.etree.ElementTree as ET
+
+    uri, client, experiment = store
+    name = "r$\\frac{$\x0c<b>"
+    run = client.create_run(experiment, tags=_tags(name, MODEL_COMMIT, **{
+        "oxen.dataset.paths": json.dumps({"count": 1402, "listed_in": "oxen/lineage.json"})})).info.run_id
+    for suffix in ("svg", "html", "png"):
+        graph = tmp_path / f"g.{suffix}"
+        assert main(["lineage", run, "--tracking-uri", uri, "--graph", str(graph)]) == 0, capsys.readouterr().err
+        assert graph.stat().st_size > 0
+    svg = (tmp_path / "g.svg").read_text()
+    ET.fromstring(svg)
+    assert "paths not listed" in svg and "<b>" not in svg and "\\x0c" in svg
+
+
 def test_a_journal_of_a_run_its_user_deleted_is_dropped_once_said(store, tmp_path, capsys):
     """The end of a fit left journaled (MLflow was down), then the user deleted the run: every `sync`
     failed on it ("must be in the 'active' state") and exited 1 for good. It is dropped now, said by

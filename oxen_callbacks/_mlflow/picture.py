@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .._util.terminal import printable_value
 from ..errors import ConfigurationError
 from ..names import TAG_MODEL_COMMIT
 
@@ -38,7 +39,19 @@ class Node:
     y: float = 0.0
 
     def __post_init__(self) -> None:
-        self.lines = [_fit(line) for line in self.lines]
+        self.lines = [_fit(_drawable(line)) for line in self.lines]
+
+
+def _drawable(text: str) -> str:
+    """``text`` (a record's, anyone's) with control characters escaped: XML forbids most of them, so an
+    SVG holding one is no picture at all."""
+    return printable_value(str(text))
+
+
+def _paths_text(dataset: dict[str, Any]) -> str:
+    """The dataset's paths, or that they are not listed (a record rebuilt from tags that only count them)."""
+    paths = dataset.get("paths")
+    return ", ".join(str(p) for p in paths) if isinstance(paths, list) else "paths not listed"
 
 
 def _fit(text: str, width: int = _CHARS) -> str:
@@ -65,7 +78,7 @@ def _short(commit: str | None, n: int = 12) -> str:
 def layout(view: dict[str, Any]) -> Layout:
     """Place the nodes of ``view`` in columns (see the module docstring)."""
     run = view["run"]
-    out = Layout(title=f"Lineage of run {run.get('name') or run.get('mlflow_run_id') or 'run'}")
+    out = Layout(title=_drawable(f"Lineage of run {run.get('name') or run.get('mlflow_run_id') or 'run'}"))
     columns: dict[str, list[Node]] = {k: [] for k in _COLUMNS}
     _add_dataset_and_run(view, columns, out)
     by_commit = _add_checkpoints(view, columns, out)
@@ -77,10 +90,9 @@ def layout(view: dict[str, Any]) -> Layout:
 def _add_dataset_and_run(view: dict[str, Any], columns: dict[str, list[Node]], out: Layout) -> None:
     run, dataset = view["run"], view.get("dataset")
     if dataset:
-        paths = ", ".join(dataset["paths"])
         columns["dataset"].append(Node("dataset", "dataset", [
             f"dataset {Path(str(dataset['repo'])).name}", f"commit {_short(dataset['commit'])}",
-            paths]))
+            _paths_text(dataset)]))
         out.edges.append(("dataset", "run"))
     code = (view.get("code") or {}).get("git_commit")
     mlflow_id = run.get("mlflow_run_id")
@@ -186,13 +198,13 @@ def to_html(view: dict[str, Any]) -> str:
     """A standalone page: the picture, then the commits and checkpoints as a table."""
     dataset, model, code = view.get("dataset"), view["model"], view.get("code") or {}
     facts = [("MLflow run", view["run"].get("mlflow_run_id")), ("run", view["run"].get("name")),
-             ("dataset", f"{dataset['repo']} @ {dataset['commit']} ({', '.join(dataset['paths'])})" if dataset else None),
+             ("dataset", f"{dataset['repo']} @ {dataset['commit']} ({_paths_text(dataset)})" if dataset else None),
              ("model", f"{model['repo']} @ {model['commit']} ({model['path']})"),
              ("code", f"git {code.get('git_commit')} (dirty: {code.get('git_dirty')})")]
-    rows = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(str(v))}</td></tr>" for k, v in facts if v)
+    rows = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(_drawable(v))}</td></tr>" for k, v in facts if v)
     ckpts = "".join(
-        f"<tr><td>{html.escape(str(c['commit']))}</td><td>{html.escape(c['path'])}</td><td>{c.get('step')}</td>"
-        f"<td>{c.get('epoch')}</td><td>{'yes' if c.get('kept', True) else 'rotated out'}</td></tr>"
+        f"<tr><td>{html.escape(_drawable(c['commit']))}</td><td>{html.escape(_drawable(c['path']))}</td><td>{html.escape(_drawable(c.get('step')))}</td>"
+        f"<td>{html.escape(_drawable(c.get('epoch')))}</td><td>{'yes' if c.get('kept', True) else 'rotated out'}</td></tr>"
         for c in view["checkpoints"])
     title = html.escape(layout(view).title)
     return (f"<!doctype html>\n<html><head><meta charset='utf-8'><title>{title}</title><style>"
@@ -216,7 +228,7 @@ def to_png(view: dict[str, Any], path: str | os.PathLike[str]) -> None:
     ax.set_xlim(0, g.width)
     ax.set_ylim(g.height, 0)
     ax.axis("off")
-    ax.text(_MARGIN, _MARGIN + 8, g.title, fontsize=12, fontweight="bold", va="baseline")
+    ax.text(_MARGIN, _MARGIN + 8, _literal(g.title), fontsize=12, fontweight="bold", va="baseline")
     for a, b in g.edges:
         s, t = where[a], where[b]
         ax.add_patch(FancyArrowPatch((s.x + _W, s.y + _H / 2), (t.x, t.y + _H / 2), arrowstyle="-|>",
@@ -226,10 +238,15 @@ def to_png(view: dict[str, Any], path: str | os.PathLike[str]) -> None:
         ax.add_patch(FancyBboxPatch((n.x, n.y), _W, _H, boxstyle="round,pad=0,rounding_size=8",
                                     facecolor=_COLORS[n.kind], edgecolor="#374151", linewidth=1))
         for i, line in enumerate(n.lines):
-            ax.text(n.x + 10, n.y + 18 + i * 16, line, fontsize=8.5, va="baseline",
+            ax.text(n.x + 10, n.y + 18 + i * 16, _literal(line), fontsize=8.5, va="baseline",
                     fontweight="bold" if i == 0 else "normal")
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def _literal(text: str) -> str:
+    """``text`` as matplotlib draws it literally: ``$...$`` would be parsed as math (a name can hold it)."""
+    return text.replace("$", r"\$")
 
 
 def render(view: dict[str, Any], fmt: str) -> str:
