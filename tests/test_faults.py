@@ -169,6 +169,27 @@ def test_disk_full_while_freezing_is_a_clear_error(dataset_repo, tmp_path, monke
         _fit(dataset_repo, tmp_path)
 
 
+class DeleteModelRepo(Callback):
+    """Delete the model repository's folder after the first saves (a user's `rm -rf`, a cleanup job)."""
+
+    def __init__(self, folder) -> None:  # type: ignore[no-untyped-def]
+        self.folder = folder
+
+    def on_train_batch_end(self, trainer, *args) -> None:  # type: ignore[no-untyped-def]
+        if trainer.global_step == 3:
+            shutil.rmtree(self.folder)
+
+
+def test_a_model_repository_deleted_while_training_is_a_clear_error_naming_it(dataset_repo, tmp_path):
+    """The model repository's folder vanishes mid-fit: the next save stops the fit with an error naming the
+    repository and what to do (it was a bare FileNotFoundError naming a temporary job file)."""
+    with pytest.raises(PublishError) as raised:
+        _fit(dataset_repo, tmp_path, extra=[DeleteModelRepo(tmp_path / "models")])
+    message = str(raised.value)
+    assert f"in the model repository {tmp_path / 'models'} (No such file or directory" in message
+    assert "Keep the repository's folder in place and writable" in message
+
+
 class KillWorkerAndGrowEnvironment(KillWorker):
     """Also put a variable over Linux's limit in the environment: no new worker can start."""
 

@@ -210,8 +210,14 @@ class CheckpointPublisher:
         """Journal the job, wake the worker, then report earlier failures (the new job stays queued)
         unless ``raise_errors`` is false (the next :meth:`flush` reports them)."""
         seq = self._seq
+        try:
+            self.queue.put(seq, kind, payload)
+        except OSError as exc:  # the repository's folder deleted, its disk full or read-only
+            raise PublishError(
+                f"Could not journal this {kind} job in the model repository {self.repo.path} ({exc.strerror or exc}: "
+                f"{exc.filename or self.queue.folder}).\nKeep the repository's folder in place and writable while training "
+                "runs; the jobs journaled before this one stay for `oxen-callbacks sync`.") from exc
         self._seq += 1
-        self.queue.put(seq, kind, payload)
         self.answers.submitted(seq)
         self._wake()
         if raise_errors:
