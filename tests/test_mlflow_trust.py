@@ -6,6 +6,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -122,8 +123,10 @@ def test_slow_mlflow_warning_says_why(tmp_path, caplog):
     run.sink._proc.wait()
     with caplog.at_level(logging.WARNING):
         run.finish("FINISHED")
-    warning = next(r.getMessage() for r in caplog.records if "did not take the lineage" in r.getMessage())
+    warning = next(r.getMessage() for r in caplog.records if "has not taken the lineage" in r.getMessage())
     assert "None" not in warning and "exited with code" in warning and "end_run" in warning
+    waited = float(re.search(r"after (\d+\.\d) s", warning)[1])  # the time it waited: none, the sink being dead
+    assert waited < run.mlflow_timeout
     assert str(run.sink.journal.folder) in warning
 
 

@@ -246,9 +246,11 @@ class MlflowSink:
         if committed and (dataset_input or register_model or graph):
             self.publish_extras(final, register_model=register_model, dataset_input=dataset_input, graph=graph)
         self.end(status)
-        if not self.flush(timeout):
-            log.warning("MLflow did not take the lineage within %.1f s (%s); it is journaled in %s: "
-                        "run `oxen-callbacks sync` later.", timeout, self.why_pending(), self.journal.folder)
+        started = time.monotonic()
+        if not self.flush(timeout):  # (at once when the sink stopped, or leaves the run to `sync`)
+            log.warning("MLflow has not taken the lineage after %.1f s (%s); it is journaled in %s: "
+                        "run `oxen-callbacks sync` later.", time.monotonic() - started, self.why_pending(),
+                        self.journal.folder)
         self.close()
 
     def log_lineage(self, record: dict[str, Any]) -> None:
