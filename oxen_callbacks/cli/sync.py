@@ -59,7 +59,7 @@ def _mlflow_lines(entry: Result) -> list[str]:
         return [f"{where}: {entry['pending']} operation(s) dropped: {entry['why']} (the lineage stays in the "
                 "model repository)"]
     if entry["status"] == "busy":
-        return [f"MLflow journal {entry['journal']}: left to its live training process"]
+        return [f"MLflow journal {entry['journal']}: held by a live process (its training process, or another `sync`): left to it"]
     return [f"{where}: still failing, {entry['pending']} operation(s) kept ({entry['error']})"]
 
 
