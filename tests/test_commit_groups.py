@@ -270,8 +270,11 @@ def test_a_burst_waits_past_a_rotation_for_last_ckpt_but_not_past_the_end(model_
 
     _, queue, _ = model_queue
     monkeypatch.setattr(worker, "BURST_S", 3.0)
-    queue.put(1, "checkpoint", {})
-    queue.put(2, newest, {})
+    payloads = {"checkpoint": {"run": RUN, "dest": f"runs/{RUN}/checkpoints/e.ckpt", "staged_name": "e.ckpt",
+                               "record": {}, "metrics": {}, "step": 1, "epoch": 0},
+                "remove": {"run": RUN, "dest": f"runs/{RUN}/checkpoints/e.ckpt"}, "finalize": {"run": RUN, "record": {}}}
+    queue.put(1, "checkpoint", payloads["checkpoint"])
+    queue.put(2, newest, payloads[newest])
     read_end, write_end = os.pipe()
     os.write(write_end, b"\n")  # the wake-up of job 2
     started = time.monotonic()

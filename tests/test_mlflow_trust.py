@@ -304,7 +304,8 @@ def test_abandoned_run_waits_while_a_live_worker_commits_its_checkpoints(tmp_pat
     run_id = client.create_run(client.create_experiment("abandoned")).info.run_id
     models = tmp_path / "models"
     queue = JobQueue.create(models, "r1", {})
-    queue.put(1, "checkpoint", {"run": "r1"})
+    queue.put(1, "checkpoint", {"run": "r1", "dest": "runs/r1/checkpoints/c.ckpt", "staged_name": "c.ckpt", "record": {},
+                                "metrics": {}, "step": 1, "epoch": 0})
     journal = MlflowJournal.create(tmp_path / "cache", {"tracking_uri": os.environ["MLFLOW_TRACKING_URI"],
                                                         "run_id": run_id, "model_repo": str(models), "oxen_run": "r1"})
     journal.put(ABANDONED_SEQ, {"op": "finish_abandoned"})

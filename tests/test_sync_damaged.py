@@ -13,6 +13,7 @@ from mlflow import MlflowClient
 
 from oxen_callbacks import cli
 from oxen_callbacks._mlflow.journal import MlflowJournal
+from oxen_callbacks._oxen.repo import LocalRepo
 from oxen_callbacks._publish.known_repos import register_model_repo
 from oxen_callbacks._publish.push import pending_push_path
 from oxen_callbacks._publish.queue import JobQueue
@@ -117,6 +118,74 @@ def test_a_journal_naming_a_file_to_log_by_path_never_writes_it(tmp_path, capsys
     assert code == 1 and "not a plain file name" in out, out
     assert victim.read_text() == "original\n"
     assert not client.list_artifacts(run_id, "oxen")
+
+
+_GOOD = {"run": "r", "dest": "runs/r/checkpoints/x.ckpt", "staged_name": "x.ckpt", "record": {}, "metrics": {},
+         "step": 1, "epoch": 0}
+HOSTILE_JOBS = {  # a job edited by hand -> what the report says (nothing of it is done)
+    "dest out of the repository": ({"dest": "../victim"}, "holds dest = '../victim', not a path in runs/r/checkpoints/"),
+    "dest absolute": ({"dest": "/tmp/victim"}, "not a path in runs/r/checkpoints/"),
+    "dest another run's": ({"dest": "runs/other/checkpoints/x.ckpt"}, "not a path in runs/r/checkpoints/"),
+    "staged name climbing out": ({"staged_name": "../../../../../../secret.txt"}, "not a file name"),
+    "run climbing out": ({"run": "../x"}, "holds run = '../x', not the name of a folder in runs/"),
+    "step a word": ({"step": "s"}, "holds step as a string"),
+    "metrics a word": ({"metrics": "m"}, "holds metrics as a string"),
+    "record a word": ({"record": "r"}, "holds record as a string"),
+    "staged file a link out": ({}, "is reached through a link"),
+    "staged folder holding a link out": ({}, "is not a regular file or folder"),
+}
+
+
+@pytest.mark.parametrize("case", HOSTILE_JOBS)
+def test_a_commit_job_edited_to_reach_out_of_the_repository_is_damaged_and_never_done(tmp_path, capsys, case):
+    """A job file (or its frozen bytes) edited by hand: `sync` moved, deleted or committed files outside the
+    repository (a dest of ../victim rmtree'd that folder; a staged name or a link brought a secret in, to be
+    committed and pushed), or committed a step that made the run's record unreadable. The job is reported
+    damaged, nothing outside is touched, nothing is committed, the queue is left as it is."""
+    models = make_repo(tmp_path / "models", [("c", {"a.txt": "1"})])
+    victim, secret = tmp_path / "victim", tmp_path / "secret.txt"
+    victim.mkdir()
+    (victim / "keep.txt").write_text("precious")
+    secret.write_text("SECRET-BYTES-4242")
+    queue = JobQueue.create(models.path, "r", {"pid": 1})
+    change, said = HOSTILE_JOBS[case]
+    queue.put(1, "checkpoint", {**_GOOD, **change})
+    staging = queue.staging_for(1)
+    staging.mkdir(parents=True)
+    if case == "staged file a link out":
+        (staging / "x.ckpt").symlink_to(secret)
+    elif case == "staged folder holding a link out":
+        (staging / "x.ckpt").mkdir()
+        (staging / "x.ckpt" / "model.bin").symlink_to(secret)
+    else:
+        (staging / "x.ckpt").write_text("weights")
+    register_model_repo(tmp_path / "cache", models.path)
+    commits, before = LocalRepo(models.path).commit_ids(), _files(queue.folder)
+
+    code, out = _sync(capsys, "--json", "--cache-dir", str(tmp_path / "cache"))
+    report = json.loads(out)
+    assert code == 1 and report["damaged"] == 1, out
+    [damage] = report["model_repos"][0]["damaged"]
+    assert said in damage["error"], damage
+    assert (victim / "keep.txt").read_text() == "precious" and secret.read_text() == "SECRET-BYTES-4242"
+    assert LocalRepo(models.path).commit_ids() == commits and _files(queue.folder) == before
+    assert not [p for p in models.path.rglob("*")  # (the attacker's own link aside)
+                if p.is_file() and not p.is_symlink() and b"SECRET-BYTES-4242" in p.read_bytes()]
+
+
+def test_a_push_marker_naming_a_branch_or_url_of_another_type_is_damaged(tmp_path, capsys):
+    """A push marker edited to hold a number as its URL crashed `sync` with a traceback, skipping every
+    later repository and journal; it is reported damaged and the rest goes on."""
+    models = make_repo(tmp_path / "models", [("c", {"a.txt": "1"})])
+    register_model_repo(tmp_path / "cache", models.path)
+    pending_push_path(models.path).parent.mkdir(parents=True, exist_ok=True)
+    pending_push_path(models.path).write_text(json.dumps({"remote": "origin", "branch": "main", "url": 123}))
+    run_id = _good_journal(tmp_path / "cache")
+    code, out = _sync(capsys, "--json", "--cache-dir", str(tmp_path / "cache"))
+    report = json.loads(out)
+    assert code == 1 and report["damaged"] == 1, out
+    assert "push-pending.json holds url = 123" in report["model_repos"][0]["damaged"][0]["error"]
+    assert MlflowClient().get_run(run_id).data.tags.get("oxen.run") == "good"
 
 
 def test_a_damaged_commit_queue_or_push_marker_is_reported_and_left_sync_goes_on(tmp_path, capsys):

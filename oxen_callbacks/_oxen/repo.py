@@ -288,11 +288,11 @@ class LocalRepo:
 
     # -- writing (callers hold the repository's FileLock) ----------------------
     def add(self, rel_path: str) -> None:
-        target = self._inside(rel_path, literal=True)
+        target = self.inside(rel_path, literal=True)
         call_oxen(self._repo.add, str(target), what=f"oxen add {rel_path}", busy_timeout=60)
 
     def rm(self, rel_path: str) -> None:
-        self._inside(rel_path, literal=True)
+        self.inside(rel_path, literal=True)
         call_oxen(self._repo.rm, rel_path, True, False, True, what=f"oxen rm {rel_path}", busy_timeout=60)
 
     def commit(self, message: str) -> str:
@@ -300,7 +300,7 @@ class LocalRepo:
         commit = call_oxen(self._repo.commit, message, what="oxen commit", busy_timeout=60)
         return commit.id
 
-    def _inside(self, rel_path: str, *, literal: bool = False) -> Path:
+    def inside(self, rel_path: str, *, literal: bool = False) -> Path:
         """``rel_path`` inside this repository; with ``literal``, never one Oxen would read as a glob."""
         if literal and oxen_layout.reads_as_glob(rel_path):
             raise ConfigurationError(f"Oxen would read path {rel_path!r} as a glob pattern (it holds one of "

@@ -38,7 +38,7 @@ from .fits import (
     saved_by,
     saved_by_earlier_fit,
 )
-from .freeze import own_inodes
+from .freeze import check_frozen, own_inodes
 from .grouping import commit_groups, group_message
 from .queue import Job, JobQueue, repo_lock_path
 
@@ -180,6 +180,8 @@ class Committer:
         p = job.payload
         run, dest_rel = p["run"], literal_path(p["dest"])  # (a job queued before names were made literal)
         staged = queue.staging_for(job.seq) / p["staged_name"]
+        self.repo.inside(dest_rel, literal=True)  # (the queue checked its path: a link in the repository is not)
+        check_frozen(self.repo.path, staged)
         dest = self.repo.path / dest_rel
         record = self._load_record(run, p["record"])
         late = late_fit(record, p["record"])

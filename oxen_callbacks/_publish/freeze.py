@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from .._util.fs import creation_mask
+from ..errors import PublishError
 
 log = logging.getLogger(__name__)
 _warned_copy = False
@@ -177,3 +178,24 @@ def _own_copy(file: str, tmp: str | None = None) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def frozen_problem(root: Path, staged: Path) -> str | None:
+    """What makes ``staged`` (a job's frozen bytes, inside folder ``root``) other than the regular files
+    and folders :func:`freeze` makes, reached through no link; ``None`` when it is such (or is gone). A
+    link put there by hand would move or commit a file from outside the repository (and push it)."""
+    where = os.path.join(os.path.realpath(root), os.path.relpath(staged, root))
+    if os.path.realpath(staged) != where and os.path.lexists(staged):
+        return f"{staged} is reached through a link"
+    walked = [staged] + ([Path(d) / n for d, ds, ns in os.walk(staged) for n in [*ds, *ns]] if staged.is_dir() else [])
+    for path in walked:
+        info = os.lstat(path) if os.path.lexists(path) else None
+        if info is not None and not (stat.S_ISREG(info.st_mode) or stat.S_ISDIR(info.st_mode)):
+            return f"{path} is not a regular file or folder (a link, a pipe)"
+    return None
+
+
+def check_frozen(root: Path, staged: Path) -> None:
+    """Raise :class:`PublishError` when :func:`frozen_problem` finds one."""
+    if problem := frozen_problem(root, staged):
+        raise PublishError(f"The frozen bytes of a checkpoint are not what freezing made: {problem}.")

@@ -52,8 +52,12 @@ def pending_push(repo: str | os.PathLike[str]) -> dict[str, Any] | None:
         marker = read_json_object(pending_push_path(repo))
     except FileNotFoundError:
         return None
+    name = pending_push_path(repo).name
     if not isinstance(marker.get("remote"), str):
-        raise DamagedFile(f"{pending_push_path(repo).name} holds remote = {marker.get('remote')!r}, not a name")
+        raise DamagedFile(f"{name} holds remote = {marker.get('remote')!r}, not a name")
+    for key in ("branch", "url"):
+        if not isinstance(marker.get(key), (str, type(None))):
+            raise DamagedFile(f"{name} holds {key} = {marker[key]!r}, not a {key} name")
     return marker
 
 

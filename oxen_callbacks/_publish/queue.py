@@ -30,6 +30,7 @@ from typing import Any
 from .._oxen import layout as oxen_layout
 from .._util.fs import DamagedFile, json_kind, json_type_name, read_json_object, write_json_atomically
 from .._util.locks import is_locked
+from .freeze import frozen_problem
 
 log = logging.getLogger(__name__)
 
@@ -126,11 +127,14 @@ class JobQueue:
             return str(exc)
         for name in _numbered(self.jobs_dir):
             try:
-                _read_entry(self.jobs_dir / name, _JOB_FIELDS, "job")
+                job = _read_entry(self.jobs_dir / name, _JOB_FIELDS, "job")
             except FileNotFoundError:
                 continue  # done meanwhile
             except DamagedFile as exc:
                 return str(exc)
+            if job["kind"] == "checkpoint" and (problem := frozen_problem(
+                    self.folder, self.staging_for(job["seq"]) / job["payload"]["staged_name"])):
+                return problem
         return None
 
     def damaged_results(self) -> list[tuple[Path, str]]:
@@ -303,7 +307,53 @@ def _read_entry(path: Path, fields: _Fields, what: str) -> dict[str, Any]:
         raise DamagedFile(f"{where} holds the {what} of job {data['seq']}")
     if what == "result" and data["ok"]:
         _check_fields(where, data, _DONE_FIELDS.get(data["kind"], {}))
+    if what == "job" and (problem := _job_problem(data["kind"], data["payload"])):
+        raise DamagedFile(f"{where} {problem}")
     return data
+
+
+#: What a job's payload holds, by kind, beyond its run (what :class:`.publisher.CheckpointPublisher` writes).
+_PAYLOADS: dict[str, _Fields] = {
+    "checkpoint": {"dest": (str,), "staged_name": (str,), "record": (dict,), "metrics": (dict,),
+                   "step": (int, float, type(None)), "epoch": (int, float, type(None))},
+    "remove": {"dest": (str,)},
+    "finalize": {"record": (dict,)},
+}
+#: Paths a payload may hold (``None`` allowed): inside the run's checkpoints folder, or (the model a run
+#: resumed from another run's checkpoint names) inside ``runs/``.
+_PAYLOAD_PATHS = {"dest": "own", "same_model_as": "own", "best": "any run's"}
+
+
+def _job_problem(kind: str, payload: dict[str, Any]) -> str | None:
+    """What makes a job's payload one no publisher wrote (a hand edit: a path out of the repository, a
+    field of another type), or ``None``: such a job is never done, a worker would act on it as it is."""
+    from ..model_repo import RUNS_DIR, checkpoints_folder, is_run_name  # (loaded already: the publisher's; one floor less)
+
+    if kind not in _PAYLOADS:
+        return f"holds a job of kind {kind!r}, which this version does not know"
+    run = payload.get("run")
+    if not isinstance(run, str) or not is_run_name(run):
+        return f"holds run = {run!r}, not the name of a folder in runs/"
+    try:
+        _check_fields("it", payload, _PAYLOADS[kind])
+    except DamagedFile as exc:
+        return str(exc)[len("it "):]
+    for key, whose in _PAYLOAD_PATHS.items():
+        folder = checkpoints_folder(run) if whose == "own" else RUNS_DIR
+        value = payload.get(key)
+        if value is not None and (not isinstance(value, str) or not _path_under(value, folder)):
+            return f"holds {key} = {value!r}, not a path in {folder}/"
+    name = payload.get("staged_name")
+    if name is not None and (not is_run_name(name) or "\\" in name):
+        return f"holds staged_name = {name!r}, not a file name"
+    return None
+
+
+def _path_under(path: str, folder: str) -> bool:
+    """Whether POSIX ``path`` names something inside ``folder`` (relative, no ``.``/``..``/empty parts)."""
+    parts = path.split("/")
+    return (path.startswith(folder + "/") and "\\" not in path
+            and all(part not in ("", ".", "..") for part in parts))
 
 
 def _read_result(path: Path) -> dict[str, Any]:
