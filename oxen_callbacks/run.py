@@ -27,6 +27,7 @@ from ._lineage_html import LineageView
 from ._oxen.remote_spec import parse_remote
 from ._oxen.repo import LocalRepo
 from ._publish.claim import RunClaim, record_fit, recorded_fit
+from ._publish.dests import first_folder_of
 from ._publish.freeze import SetAside, unfreeze_for_rewrite
 from ._publish.opening import open_model_repo
 from ._publish.publisher import CheckpointPublisher
@@ -42,8 +43,8 @@ from ._util.processes import check_can_start_processes
 from ._util.redact import redact_argv, redact_url
 from .checkpoints import committed_checkpoint
 from .errors import ConfigurationError, PublishError
-from .lineage import LineageJSON, new_record, read_lineage
-from .model_repo import lineage_path
+from .lineage import LineageJSON, new_record, read_lineage, read_or_skip
+from .model_repo import checkpoints_folder, lineage_path
 from .names import ENV_JUPYTER_NOTEBOOK, ENV_RANKS
 from .pin import PinnedDataset
 
@@ -193,7 +194,7 @@ class LineageRun(RunOptionChecks, RunEnding):
         try:
             if continuing:
                 self._check_continued_dataset()
-            self._open(opened)
+            self._open(opened, continuing=continuing)
         except BaseException:
             self._claim.release()  # nothing was queued under the name: it stays free
             self._claim = None
@@ -204,7 +205,7 @@ class LineageRun(RunOptionChecks, RunEnding):
         if self.sink is not None:
             self._note_mlflow_run(self.sink.run_id)
 
-    def _open(self, repo: LocalRepo) -> None:
+    def _open(self, repo: LocalRepo, *, continuing: bool = False) -> None:
         """Pull the pinned data and check it is as recorded, start the publisher, open the MLflow run and tag it."""
         if self.dataset is not None:
             self.dataset.pull()
@@ -234,11 +235,17 @@ class LineageRun(RunOptionChecks, RunEnding):
         self.publisher = CheckpointPublisher(
             model_repo=repo, run=self.run_name, cache_dir=self.cache_dir, author=self.author,
             remote=self.remote, remote_url=self.remote_url, branch=self.branch, push_timeout=self.push_timeout,
-            on_result=self._on_result, warm=self._warm_worker,
+            on_result=self._on_result, warm=self._warm_worker, first_folder=self._first_folder() if continuing else None,
         )
         self._warm_worker = None
         if self.sink is not None:
             self.sink.tag_start(self.run_name, self.record)
+
+    def _first_folder(self) -> str | None:
+        """The trainer's folder whose checkpoints the continued run's earlier fits committed in the run's own
+        folder: a second ``ModelCheckpoint``'s files keep their subfolder in every fit."""
+        earlier = read_or_skip(self.model_repo / lineage_path(self.run_name))
+        return first_folder_of(earlier["checkpoints"], checkpoints_folder(self.run_name)) if earlier else None
 
     def _end_unstarted_sink(self) -> None:
         """A start that failed after the MLflow run was opened: end it ``FAILED`` (no step ran, nothing

@@ -289,3 +289,31 @@ def test_a_clone_whose_record_cannot_name_its_last_commit_never_resumes_an_older
     assert [c["commit"] is None for c in json.loads(record.read_text())["checkpoints"]] == [False, True]
     with pytest.raises(ConfigurationError, match=r"names no commit for its newest checkpoint\(s\)"):
         resolve_resume(models, "nightly")
+
+
+def test_a_continued_runs_second_checkpoint_folder_keeps_its_subfolder_when_it_saves_first(dataset_repo, tmp_path):
+    """Fit A has two ModelCheckpoints: ``best``'s files keep their names in the run's folder, ``all``'s go
+    to a subfolder of their own. Fit B continues the run with ``all`` alone (it saves first now): its
+    files must go on in ``all``'s subfolder, not land on the paths ``best``'s files hold (one
+    ``last.ckpt`` path held one callback's model, then the other's)."""
+    pin = PinnedDataset(dataset_repo.path, revision=dataset_repo.commits[0], paths=["train.csv", "val.csv"])
+    models = tmp_path / "models"
+
+    def every_save(name: str) -> ModelCheckpoint:  # (each its own state key: a monitor, or none)
+        return ModelCheckpoint(dirpath=tmp_path / name, filename=name + "-{epoch}", save_top_k=-1, save_last=True,
+                               monitor="val_loss" if name == "best" else None)
+
+    a = OxenLightningCallback(dataset=pin, model_repo=models, run_name="two", mlflow=False)
+    make_trainer(tmp_path / "a", [every_save("best"), every_save("all"), a], epochs=1).fit(
+        TinyModel(), datamodule=CsvData(pin))
+    b = OxenLightningCallback(model_repo=models, run_name="two", resume_from="two", mlflow=False)
+    make_trainer(tmp_path / "b", [every_save("all"), b], epochs=2).fit(TinyModel(), datamodule=CsvData(pin),
+                                                                        ckpt_path=b.ckpt_path)
+    entries = b.lineage["checkpoints"]
+    folder_of = {os.path.dirname(e["source"]): {os.path.dirname(x["path"]) for x in entries
+                                                 if os.path.dirname(x["source"]) == os.path.dirname(e["source"])}
+                 for e in entries}
+    assert folder_of[str(tmp_path / "best")] == {"runs/two/checkpoints"}
+    [subfolder] = folder_of[str(tmp_path / "all")]  # (both fits' saves of it)
+    assert subfolder.startswith("runs/two/checkpoints/all-")
+    assert len([e for e in entries if os.path.dirname(e["source"]) == str(tmp_path / "all")]) == 4

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+from typing import Any
 
 from .._oxen.layout import literal_name
 
@@ -19,10 +20,11 @@ class Destinations:
     ``source`` keeps the trainer's own.
     """
 
-    def __init__(self, base: str) -> None:
+    def __init__(self, base: str, first_folder: str | None = None) -> None:
         self.base = base
         self._by_source: dict[str, str] = {}
-        self._first_folder: str | None = None
+        #: (a continued run's is its earlier fits' first folder: each folder's files keep their place)
+        self._first_folder = first_folder
 
     def known(self, source: str | os.PathLike[str]) -> str | None:
         """The path ``source`` was given, if it was given one."""
@@ -44,3 +46,13 @@ class Destinations:
             dest = f"{self.base}/{subfolder}-{digest}/{literal_name(name)}"
         self._by_source[source] = dest
         return dest
+
+
+def first_folder_of(entries: list[Any], base: str) -> str | None:
+    """The trainer's folder whose files a run's earlier fits committed under ``base`` itself (by their
+    record's ``entries``), if the record says (older records name no ``source``)."""
+    for entry in entries:
+        path, source = (entry.get("path"), entry.get("source")) if isinstance(entry, dict) else (None, None)
+        if isinstance(path, str) and isinstance(source, str) and path.rsplit("/", 1)[0] == base:
+            return os.path.split(os.path.abspath(source).rstrip("/"))[0]
+    return None

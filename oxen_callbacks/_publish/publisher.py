@@ -60,6 +60,8 @@ class CheckpointPublisher:
         push_timeout: wall-clock limit of one push, in seconds.
         on_result: called (from a background thread) with each job result.
         warm: a worker started ahead of time, used instead of starting one.
+        first_folder: the trainer's folder whose checkpoints keep their names in the run's folder (a
+            continued run's earlier fits'; default: the first one saved into).
     """
 
     #: Publishing workers (the supervisor process) one run may lose before it stops waking them.
@@ -78,6 +80,7 @@ class CheckpointPublisher:
         push_timeout: float = 300.0,
         on_result: Callable[[dict[str, Any]], None] | None = None,
         warm: WarmWorker | None = None,
+        first_folder: str | None = None,
     ) -> None:
         self.cache_dir = Path(cache_dir or default_cache_dir()).expanduser().resolve()
         # (a LocalRepo: opened and checked by the caller at fit start just now)
@@ -94,7 +97,7 @@ class CheckpointPublisher:
         self.remote, self.remote_url, self.branch, self.push_timeout = remote, remote_url, branch, push_timeout
         self._author = resolve_author(author)
         self.stall_seconds: list[float] = []
-        self.dests = Destinations(checkpoints_folder(run))
+        self.dests = Destinations(checkpoints_folder(run), first_folder)
         self._proc: subprocess.Popen[bytes] | None = None
         self._worker_idle = False  # the worker answered END_OF_RUN: it waits for the next run
         self._worker_version: str | None = None  # the library version the worker runs (it said so then)
