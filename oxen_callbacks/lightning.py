@@ -42,6 +42,7 @@ from ._preempt import (
     SignalWatch,
     check_timeout,
 )
+from ._publish.fits import better_earlier_checkpoint
 from .checkpoints import resolve_resume
 from .errors import DatasetMismatchError
 from .pin import PinnedDataset, as_pinned
@@ -207,7 +208,7 @@ class OxenLightningCallback(Callback):
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.is_global_zero:
             self._publish_unseen_save(trainer)  # a save at on_train_end
-            self.run.finish_soon("FINISHED", best=_best_path(trainer))
+            self.run.finish_soon("FINISHED", best=_best_path(trainer, self.run))
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         if self._watch is not None:  # Lightning calls no teardown after an exception
@@ -218,11 +219,11 @@ class OxenLightningCallback(Callback):
             self._signal_watch.uninstall()
             self._signal_watch = None
         if trainer.is_global_zero and self._preemption is not None and self._preemption.noticed:
-            self._preemption.end(best=_best_path(trainer))  # SLURM's SIGTERM after the requeue
+            self._preemption.end(best=_best_path(trainer, self.run))  # SLURM's SIGTERM after the requeue
         elif trainer.is_global_zero:
             status = "KILLED" if _stopped_from_outside(exception) else "FAILED"
             # (not waited for: a Ctrl-C or an error must not wait up to mlflow_timeout on a dead server)
-            self.run.finish_after_error(status, best=_best_path(trainer), what="failed fit", wait=False)
+            self.run.finish_after_error(status, best=_best_path(trainer, self.run), what="failed fit", wait=False)
 
     @property
     def lineage(self) -> dict[str, Any] | None:
@@ -254,8 +255,13 @@ def _stopped_from_outside(exception: BaseException) -> bool:
     return isinstance(exception, (KeyboardInterrupt, SIGTERMException))
 
 
-def _best_path(trainer: pl.Trainer) -> str | None:
+def _best_path(trainer: pl.Trainer, run: LineageRun) -> str | None:
+    """The run's best checkpoint: the trainer's (its first ``ModelCheckpoint`` with a monitor), or the one an
+    earlier fit of the continued run saved when its monitored metric is better."""
     for cb in trainer.checkpoint_callbacks:
         if isinstance(cb, ModelCheckpoint) and cb.monitor and cb.best_model_path:
-            return cb.best_model_path
+            score = cb.best_model_score
+            earlier = better_earlier_checkpoint(run.committed_record(), (run.record or {}).get("fit_id"), cb.monitor,
+                                                cb.mode, float(score) if score is not None else None)
+            return earlier["source"] if earlier else cb.best_model_path
     return None

@@ -241,10 +241,16 @@ class LineageRun(RunOptionChecks, RunEnding):
         if self.sink is not None:
             self.sink.tag_start(self.run_name, self.record)
 
+    def committed_record(self) -> LineageJSON | None:
+        """The run's record as committed so far (the model repository's working tree); ``None`` when there is
+        none or it cannot be read."""
+        path = self.model_repo / lineage_path(self.run_name)
+        return read_or_skip(path) if path.is_file() else None
+
     def _first_folder(self) -> str | None:
         """The trainer's folder whose checkpoints the continued run's earlier fits committed in the run's own
         folder: a second ``ModelCheckpoint``'s files keep their subfolder in every fit."""
-        earlier = read_or_skip(self.model_repo / lineage_path(self.run_name))
+        earlier = self.committed_record()
         return first_folder_of(earlier["checkpoints"], checkpoints_folder(self.run_name)) if earlier else None
 
     def _end_unstarted_sink(self) -> None:

@@ -226,6 +226,40 @@ def test_a_second_fit_into_the_same_logger_run_continues_its_oxen_run(dataset_re
     assert [c["commit"] for c in logged["checkpoints"]] == [c["commit"] for c in second["checkpoints"]]
 
 
+class _Scored(TinyModel):
+    """Logs ``score``: ``top`` (set after it is built: not a hyperparameter) minus the epoch."""
+
+    top = 0.0
+
+    def validation_step(self, batch, idx):  # type: ignore[no-untyped-def]
+        super().validation_step(batch, idx)
+        self.log("score", torch.tensor(self.top - self.current_epoch))
+
+
+def test_a_continued_runs_best_is_the_whole_runs_not_the_last_fits(dataset_repo, tmp_path):
+    """Two fits into one logger's run (one Oxen run), each with a new ModelCheckpoint(monitor="score",
+    mode="max"): the first fit's best scores 100, the second's 50. The run's model and its logged model
+    marked best are the first fit's (they were the second fit's: a new ModelCheckpoint knows only its own)."""
+    pin = PinnedDataset(dataset_repo.path, revision=dataset_repo.commits[0], paths=["train.csv", "val.csv"])
+    uri = f"sqlite:///{tmp_path / 'logger.db'}"
+    logger = MLFlowLogger(experiment_name="best-of-run", tracking_uri=uri)
+    cb = OxenLightningCallback(dataset=pin, model_repo=tmp_path / "models")
+    for fit, top in (("a", 100.0), ("b", 50.0)):
+        checkpoint = ModelCheckpoint(dirpath=tmp_path / fit, monitor="score", mode="max", save_top_k=1,
+                                     filename=fit + "-{epoch}")
+        model = _Scored()
+        model.top = top
+        make_trainer(tmp_path / fit, [checkpoint, cb], epochs=2, logger=logger).fit(model, datamodule=CsvData(pin))
+    lineage = cb.lineage
+    best = next(c for c in lineage["checkpoints"] if c["path"] == lineage["model"]["path"])
+    assert best["metrics"]["score"] == 100.0 and best["source"] == str(tmp_path / "a" / "a-epoch=0.ckpt")
+    assert lineage["model"]["best"] is True
+    models = MlflowClient(uri).search_logged_models([MlflowClient(uri).get_run(logger.run_id).info.experiment_id])
+    marked = {m.tags["oxen.model.path"]: (m.tags.get("oxen.model.best"), m.tags.get("oxen.model.final")) for m in models}
+    assert marked[best["path"]] == ("true", None)
+    assert [path for path, (b, _f) in marked.items() if b == "true"] == [best["path"]]
+
+
 def test_another_run_into_an_mlflow_run_that_holds_one_is_refused_before_a_step(dataset_repo, tmp_path):
     """Two callbacks, two datasets, one active MLflow run: the second fit would replace the first's
     lineage in that run. It stops before its first step, naming both."""

@@ -10,6 +10,7 @@ saves late, after a later fit took the record over (see :class:`.committer.Commi
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 
@@ -89,3 +90,31 @@ def checkpoint_named(found: Any) -> dict[str, Any] | None:
     """``{"commit", "path"}`` of a checkpoint another run committed (a job's ``best_earlier``), if well formed."""
     ok = isinstance(found, dict) and all(isinstance(found.get(k), str) for k in ("commit", "path"))
     return found if ok else None
+
+
+def better_earlier_checkpoint(record: dict[str, Any] | None, fit_id: str | None, metric: str, mode: str,
+                              score: float | None) -> dict[str, Any] | None:
+    """The checkpoint an earlier fit of a continued run saved (still at its path, its trainer file known)
+    whose ``metric`` beats ``score``, this fit's best by ``mode`` (``"min"`` or ``"max"``), if any: a new
+    ``ModelCheckpoint`` knows only its own fit's, the run's best is the whole run's. ``record``: the
+    run's committed record; ``score`` ``None`` or not finite: the earlier fits' best."""
+    if not record or not isinstance(record.get("checkpoints"), list):
+        return None
+    entries = [c for c in record["checkpoints"] if isinstance(c, dict)]
+    latest = {c.get("path"): c for c in entries}  # (a path saved again holds the later bytes)
+
+    def value(entry: dict[str, Any]) -> float | None:
+        found = (entry.get("metrics") or {}).get(metric) if isinstance(entry.get("metrics"), dict) else None
+        ok = isinstance(found, (int, float)) and not isinstance(found, bool) and math.isfinite(found)
+        return float(found) if ok else None
+
+    earlier = [c for c in entries if c.get("fit_id") not in (None, fit_id) and c.get("kept", True)
+               and latest.get(c.get("path")) is c and isinstance(c.get("source"), str) and value(c) is not None]
+    if not earlier or mode not in ("min", "max"):
+        return None
+    best = (min if mode == "min" else max)(earlier, key=lambda c: value(c))  # type: ignore[arg-type, return-value]
+    if score is None or not math.isfinite(score):
+        return best
+    found = value(best)
+    assert found is not None
+    return best if (found < score if mode == "min" else found > score) else None
