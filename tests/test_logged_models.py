@@ -243,6 +243,24 @@ def test_a_last_ckpt_shares_its_top_k_files_model_and_nothing_else_does(fitted, 
     assert (version.tags["oxen.model.commit"], version.tags["oxen.model.path"]) == ("c1", f"{folder}/last.ckpt")
 
 
+def test_a_checkpoint_saved_with_a_nan_metric_shows_no_value_for_it_on_its_model(fitted, monkeypatch):
+    """A NaN (or infinite) loss at a save: MLflow's SQL store reads a logged model's NaN back as 0.0, a
+    perfect loss. Such a metric is left off the model (the lineage keeps it as it was); the others stay."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", fitted["uri"])
+    client = MlflowClient(fitted["uri"])
+    run_id = client.create_run(client.get_run(fitted["run_id"]).info.experiment_id).info.run_id
+    entry = {"commit": "d" * 32, "path": "runs/nan/checkpoints/e.ckpt", "step": 3, "epoch": 0, "fit_id": "f", "kept": True,
+             "metrics": {"val_loss": float("nan"), "train_loss": float("inf"), "acc": 0.75}}
+    record = {"run": {"name": "nan"}, "fit_id": "f", "dataset": None, "checkpoints": [entry],
+              "model": {"repo": str(fitted["root"] / "models"), "commit": entry["commit"], "path": entry["path"]}}
+    journal = MlflowJournal.create(fitted["root"] / "cache-nan", {"tracking_uri": fitted["uri"], "run_id": run_id})
+    journal.put(1, logged_models.checkpoint_op({**entry, "dest": entry["path"]}, record, dataset_input=False))
+    journal.mark_ended()
+    assert sync.sync_all(fitted["root"] / "cache-nan", model_repos=[])["pending"] == 0
+    [model] = logged_models_of_run(fitted["uri"], run_id)
+    assert {m.key: m.value for m in model.metrics} == {"acc": 0.75}
+
+
 def test_a_last_ckpt_whose_top_k_file_mlflow_refused_gets_a_model_of_its_own(fitted, monkeypatch):
     """MLflow refuses the top-k file's model (an injected INVALID_PARAMETER_VALUE: a name or tag it will
     not take): the ``last.ckpt`` that copies it is then the model of those weights, marked final."""

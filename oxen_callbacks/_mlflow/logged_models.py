@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import re
 import time
 from collections.abc import Iterator
@@ -267,7 +268,9 @@ def _metrics(op: dict[str, Any], model_id: str, metric: Any) -> list[Any]:
         dataset = {"dataset_name": named.name, "dataset_digest": named.digest}
     return [metric(name, float(value), op["time_ms"], op.get("step") or 0, model_id=model_id, **dataset)
             for name, value in (op.get("metrics") or {}).items()
-            if _METRIC_NAME.match(name) and isinstance(value, (int, float)) and not isinstance(value, bool)]
+            # (a NaN or an infinity: MLflow's SQL store reads a model's back as 0.0, a perfect loss; left out)
+            if _METRIC_NAME.match(name) and isinstance(value, (int, float)) and not isinstance(value, bool)
+            and math.isfinite(value)]
 
 
 def _model_name(path: str) -> str:
