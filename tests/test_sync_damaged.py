@@ -173,6 +173,37 @@ def test_a_commit_job_edited_to_reach_out_of_the_repository_is_damaged_and_never
                 if p.is_file() and not p.is_symlink() and b"SECRET-BYTES-4242" in p.read_bytes()]
 
 
+def test_a_second_sync_while_one_drains_a_queue_leaves_it_and_counts_nothing(tmp_path, monkeypatch):
+    """Two `sync`s at once on a dead process's queue: both reported its checkpoints committed (one drained
+    it, the other's worker found nothing left), or the second said it was left to a live training
+    process. The one draining holds the queue; the other, coming in right then, reports it busy."""
+    from oxen_callbacks._ops import sync
+    from oxen_callbacks._oxen.identity import resolve_author, worker_environment
+    from oxen_callbacks.lineage import new_record
+
+    models = make_repo(tmp_path / "models", [("c", {"a.txt": "1"})])
+    record = new_record(dataset=None, model_repo=str(models.path), framework={"name": "x", "version": "1"},
+                        run={"name": "r"})
+    record.update(status="RUNNING", started_at="2026-12-04T05:00:00+0000", fit_id="f1")
+    env = worker_environment(resolve_author(("Dead Trainer", "dead@example.com")), tmp_path / "cache")
+    queue = JobQueue.create(models.path, "r", {"pid": 1, "env": env})
+    queue.staging_for(1).mkdir(parents=True)
+    (queue.staging_for(1) / "x.ckpt").write_bytes(b"weights")
+    queue.put(1, "checkpoint", {**_GOOD, "record": record, "message": "r x"})
+    drain, seen = sync.drain_in_worker, []
+
+    def second_sync_meanwhile(*args, **kwargs):  # type: ignore[no-untyped-def]
+        if not seen:  # (once: the code before this fix drained the queue here, again and again)
+            seen.append(sync.sync_model_repo(models.path))
+        return drain(*args, **kwargs)
+
+    monkeypatch.setattr(sync, "drain_in_worker", second_sync_meanwhile)
+    first = sync.sync_model_repo(models.path)
+    assert first["committed"] == 1 and not first["failed"]
+    assert seen[0]["committed"] == 0 and seen[0]["busy"] == [{"queue": queue.folder.name, "pending": 1}]
+    assert sync.sync_model_repo(models.path)["committed"] == 0  # (done: nothing left, nothing counted again)
+
+
 def test_a_push_marker_naming_a_branch_or_url_of_another_type_is_damaged(tmp_path, capsys):
     """A push marker edited to hold a number as its URL crashed `sync` with a traceback, skipping every
     later repository and journal; it is reported damaged and the rest goes on."""

@@ -50,13 +50,16 @@ def sync_model_repo(repo: Path, *, push_timeout: float = 300.0) -> dict[str, Any
             if not _report_damaged_results(queue, report):  # (a queue holding one stays, for its owner to see)
                 queue.forget_if_old()
             continue
-        if is_locked(queue.owner_lock) or is_locked(queue.worker_lock):
+        claim = FileLock(queue.owner_lock)  # held while draining: a second `sync` leaves the queue to this one
+        if is_locked(queue.worker_lock) or not claim.acquire(blocking=False):
             report["busy"].append({"queue": queue.folder.name, "pending": len(pending)})
             continue
-        report["committed"] += len(pending)
-        drain_in_worker(queue, repo, push_timeout)
+        try:
+            drain_in_worker(queue, repo, push_timeout)
+        finally:
+            claim.release()
         left = queue.pending()
-        report["committed"] -= len(left)
+        report["committed"] += len(pending) - len(left)
         if left:
             report["failed"].append({"queue": queue.folder.name, "pending": len(left), "log": str(queue.log_path)})
         _report_damaged_results(queue, report)
