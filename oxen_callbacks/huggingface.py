@@ -118,6 +118,7 @@ class OxenTrainerCallback(TrainerCallback):
         self._stop_for_preemption = False  # the signal came: save and stop at the end of this step
         self._run_before_train = active_run_id()  # the user's own run: never ended by us
         self._run_transformers_started: str | None = None  # the MLflow run transformers started for this train()
+        self._transformers_mlflow: list[Any] = []  # the Trainer's MLflowCallbacks (they say whether they started it)
         #: Time the training process spent in this callback per checkpoint save (seconds).
         self.stall_seconds: list[float] = []
 
@@ -128,7 +129,8 @@ class OxenTrainerCallback(TrainerCallback):
 
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                        train_dataloader: Any = None, **kwargs: Any) -> None:
-        self._run_transformers_started = self._run_started_by(_mlflow_callbacks_of_the_calling_trainer(), args)
+        self._transformers_mlflow = _mlflow_callbacks_of_the_calling_trainer()
+        self._run_transformers_started = self._run_started_by(self._transformers_mlflow, args)
         other = getattr(state, _CALLBACK_OF_STATE, None)  # (a new TrainerState each train())
         if other is not None and other is not self:  # (they would share one resume state in each checkpoint)
             other.run.finish_after_error("FAILED", what="train() refused")  # (its run started: not left RUNNING)
@@ -178,6 +180,7 @@ class OxenTrainerCallback(TrainerCallback):
                 self.dataset.check_same(recorded["dataset"], what="The checkpoint being resumed")
             self._check_train_data(getattr(train_dataloader, "dataset", None))
         if state.is_world_process_zero:
+            self.run.checkpoint_folders = [os.path.abspath(args.output_dir)] if args.output_dir else None
             self.run.start(continuing=self.run.continues(recorded))
             _ended_at_exit_if_train_raised(self)
             if self._requeued is not None:
@@ -215,6 +218,12 @@ class OxenTrainerCallback(TrainerCallback):
                 "HINT: load the train_dataset from the PinnedDataset given to the callback (pin.load_dataset()), "
                 "or pass allow_dataset_change=True."
             )
+
+    def on_log(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
+        """A second train() on a Trainer: transformers' MLflowCallback starts its run at its first log, not
+        at train begin (it set itself up in the first train()); noted then, after it."""
+        if self._run_transformers_started is None:
+            self._run_transformers_started = self._run_started_by(self._transformers_mlflow, args)
 
     # -- saves ---------------------------------------------------------------------------
     def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,

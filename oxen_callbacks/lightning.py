@@ -148,6 +148,8 @@ class OxenLightningCallback(Callback):
                 self.run.mlflow_run_id = mlflow_logger.run_id
                 self.run.mlflow_tracking_uri = mlflow_logger.experiment.tracking_uri
             # The fit key lets the main process of ddp_spawn find the run this copy trains.
+            self.run.checkpoint_folders = [os.path.abspath(cb.dirpath) for cb in trainer.checkpoint_callbacks
+                                           if isinstance(cb, ModelCheckpoint) and cb.dirpath]
             self.run.start(continuing=self._resumed_run == self.run.run_name, fit_key=self._fitter)
             if self._requeued is not None:
                 self._requeued.after_start(self.run)

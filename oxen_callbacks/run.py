@@ -113,6 +113,8 @@ class LineageRun(RunOptionChecks, RunEnding):
         self._named = run_name is not None  # an explicit name is the user's; a default one can be redrawn
         self.use_mlflow = mlflow
         self.mlflow_run_id, self.mlflow_tracking_uri = mlflow_run_id, mlflow_tracking_uri
+        #: Where the trainer saves checkpoints this fit (its adapter says; ``None``: unknown), see :meth:`_first_folder`.
+        self.checkpoint_folders: list[str] | None = None
         self.experiment_name = experiment_name
         self.author, self.remote, self.branch, self.push_timeout = author, remote, branch, push_timeout
         self.remote_url = parse_remote(remote_url).url if remote_url else None
@@ -251,7 +253,12 @@ class LineageRun(RunOptionChecks, RunEnding):
         """The trainer's folder whose checkpoints the continued run's earlier fits committed in the run's own
         folder: a second ``ModelCheckpoint``'s files keep their subfolder in every fit."""
         earlier = self.committed_record()
-        return first_folder_of(earlier["checkpoints"], checkpoints_folder(self.run_name)) if earlier else None
+        if not earlier:
+            return None
+        first = first_folder_of(earlier["checkpoints"], checkpoints_folder(self.run_name))
+        used = {os.path.dirname(c["source"]) for c in earlier["checkpoints"] if isinstance(c.get("source"), str)}
+        # (a fit saving only into folders the run never used, a new default dirpath: the first it saves into)
+        return first if self.checkpoint_folders is None or used & set(self.checkpoint_folders) else None
 
     def _end_unstarted_sink(self) -> None:
         """A start that failed after the MLflow run was opened: end it ``FAILED`` (no step ran, nothing

@@ -17,11 +17,11 @@ from oxen_callbacks.huggingface import OxenTrainerCallback  # noqa: E402
 
 
 class RaiseAtStep3(TrainerCallback):
-    def __init__(self, error: BaseException) -> None:
-        self.error = error
+    def __init__(self, error: BaseException, armed: bool = True) -> None:
+        self.error, self.armed = error, armed
 
     def on_step_end(self, args, state, control, **kwargs):  # type: ignore[no-untyped-def]
-        if state.global_step == 3:
+        if self.armed and state.global_step == 3:
             raise self.error
 
 
@@ -33,14 +33,21 @@ def main() -> None:
     parser.add_argument("--raise", dest="error", choices=["error", "ctrl-c"], required=True)
     parser.add_argument("--report-to", default="none")
     parser.add_argument("--retry", action="store_true", help="catch it, then train again with a new Trainer")
+    parser.add_argument("--after-a-good-train", action="store_true",
+                        help="the same Trainer trains once without error first (the raise is in its second train())")
     parser.add_argument("--then-own-run", action="store_true",
                         help="catch it, end transformers' run, start a run of one's own and exit with it active")
     args = parser.parse_args()
     pin = PinnedDataset(args.dataset, revision="main", paths=["train.jsonl", "eval.jsonl"])
     cb = OxenTrainerCallback(dataset=pin, model_repo=args.model_repo, run_name=None if args.retry else "raised")
     error = KeyboardInterrupt() if args.error == "ctrl-c" else RuntimeError("user code failed at step 3")
-    trainer, _ = make_trainer(Path(args.out), pin.load_dataset()["train"], [cb, RaiseAtStep3(error)], max_steps=6,
+    raising = RaiseAtStep3(error, armed=not args.after_a_good_train)
+    trainer, _ = make_trainer(Path(args.out), pin.load_dataset()["train"], [cb, raising], max_steps=6,
                               save_steps=2, report_to=args.report_to)
+    if args.after_a_good_train:
+        trainer.train()
+        print(json.dumps({"first": cb.lineage}), flush=True)
+        raising.armed = True
     if args.then_own_run:
         import mlflow
 

@@ -317,3 +317,18 @@ def test_a_continued_runs_second_checkpoint_folder_keeps_its_subfolder_when_it_s
     [subfolder] = folder_of[str(tmp_path / "all")]  # (both fits' saves of it)
     assert subfolder.startswith("runs/two/checkpoints/all-")
     assert len([e for e in entries if os.path.dirname(e["source"]) == str(tmp_path / "all")]) == 4
+
+
+def test_a_continued_run_saving_into_a_new_default_folder_keeps_its_checkpoint_names(dataset_repo, tmp_path):
+    """One ModelCheckpoint with Lightning's default folder: each new Trainer saves into a new
+    ``lightning_logs/version_N``. The continued run's checkpoints keep their names in the run's folder, not
+    a hashed subfolder per continuation."""
+    pin = PinnedDataset(dataset_repo.path, revision=dataset_repo.commits[0], paths=["train.csv", "val.csv"])
+    models = tmp_path / "models"
+    a = OxenLightningCallback(dataset=pin, model_repo=models, run_name="night", mlflow=False)
+    make_trainer(tmp_path / "a", [ModelCheckpoint(), a], epochs=1).fit(TinyModel(), datamodule=CsvData(pin))
+    b = OxenLightningCallback(model_repo=models, run_name="night", resume_from="night", mlflow=False)
+    make_trainer(tmp_path / "b", [ModelCheckpoint(), b], epochs=2).fit(TinyModel(), datamodule=CsvData(pin),
+                                                                       ckpt_path=b.ckpt_path)
+    assert {os.path.dirname(c["path"]) for c in b.lineage["checkpoints"]} == {"runs/night/checkpoints"}
+    assert len(b.lineage["checkpoints"]) == 2

@@ -10,7 +10,7 @@ import signal
 import time
 
 import pytest
-from helpers import free_port
+from helpers import free_port, make_repo
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning_model import CsvData, TinyModel, make_trainer
 
@@ -167,6 +167,16 @@ def test_disk_full_while_freezing_is_a_clear_error(dataset_repo, tmp_path, monke
     monkeypatch.setattr(freeze.shutil, "copyfile", no_space)
     with pytest.raises(PublishError, match="No space left on device"):
         _fit(dataset_repo, tmp_path)
+
+
+def test_a_model_repository_whose_oxen_folder_is_a_link_commits_every_checkpoint(dataset_repo, tmp_path):
+    """`.oxen` moved to another disk and linked back: the check that frozen bytes are reached through no
+    link (a hostile job's) refused every checkpoint of such a repository."""
+    make_repo(tmp_path / "models", [])
+    shutil.move(str(tmp_path / "models" / ".oxen"), str(tmp_path / "other-disk"))
+    os.symlink(tmp_path / "other-disk", tmp_path / "models" / ".oxen")
+    cb = _fit(dataset_repo, tmp_path)
+    _all_committed(cb, tmp_path)
 
 
 class DeleteModelRepo(Callback):

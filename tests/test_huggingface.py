@@ -316,6 +316,27 @@ def test_a_run_the_user_starts_after_a_raising_train_is_never_ended_by_us(review
     assert record["status"] == "FAILED" and record["run"]["mlflow_run_id"] == ids["transformers_run"]
 
 
+def test_a_second_train_that_raises_ends_the_mlflow_run_transformers_started_for_it(reviews, tmp_path):
+    """The same Trainer trains twice (report_to="mlflow"); the second train() raises and the script dies of
+    it. transformers starts that train()'s MLflow run at its first log (it set itself up in the first), not
+    at train begin: that run ends FAILED at exit (MLflow's own exit handler ended it FINISHED)."""
+    script = Path(__file__).parent / "hf_raising_script.py"
+    done = subprocess.run([sys.executable, str(script), "--dataset", str(reviews.path), "--model-repo",
+                           str(tmp_path / "models"), "--out", str(tmp_path / "out"), "--raise", "error",
+                           "--report-to", "mlflow", "--after-a-good-train"], capture_output=True, text=True, timeout=600)
+    assert done.returncode != 0 and "user code failed" in done.stderr
+    first = next(json.loads(line) for line in done.stdout.splitlines() if line.startswith('{"first"'))["first"]
+    records = [read_lineage(p) for p in (tmp_path / "models" / "runs").glob("*/lineage.json")]
+    [failed] = [r for r in records if r["status"] == "FAILED"]  # (the second train(): a new Oxen run)
+    client = MlflowClient()
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    status = {r.info.run_id: r.info.status for r in runs}
+    assert status.pop(first["run"]["mlflow_run_id"]) == "FINISHED"
+    assert status.pop(failed["run"]["mlflow_run_id"]) == "FAILED"
+    # transformers' run of the second train() (its losses): ended FAILED, not FINISHED
+    assert set(status.values()) == {"FAILED"}, status
+
+
 def test_datasets_cache_never_returns_rows_of_another_commit(reviews, tmp_path):
     commit_files(reviews, "B", {"train.jsonl": jsonl(1)})  # same file name, same size, other labels
     commit_a, commit_b = reviews.commits

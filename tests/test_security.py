@@ -416,3 +416,19 @@ def test_under_umask_077_the_run_leaves_nothing_others_can_read(dataset_repo, tm
     assert len(made) > 20 and not open_to_others
     assert not pin.file("train.csv").stat().st_mode & 0o222  # still read-only, for the owner too
     assert folder_copy.stat().st_mode & 0o777 == 0o700  # and the copy the owner's to change
+
+
+@pytest.mark.parametrize(("text", "secret"), [
+    ("url: /api?client_secret=Tr0ub4dor&3", "Tr0ub4dor&3"),
+    ("after retries: /?access_token=Tr0ub4dor&3xyz&page=2", "Tr0ub4dor&3xyz"),
+    ('a query ?access_token="quoted value" said', "quoted value"),
+    ("url: /?access_token=QSECRET123/api/2.0/mlflow/runs/get?run_id=x", "QSECRET123"),
+])
+def test_a_secret_query_parameter_outside_a_whole_url_is_masked_whole(text, secret):
+    """urllib3 quotes a request as a bare path (``url: /?access_token=...``): the whole value is masked,
+    an ``&`` not starting another parameter or a quoted value included; other parameters stay."""
+    from oxen_callbacks._util.redact import redact_text
+
+    shown = redact_text(text)
+    assert secret not in shown and not any(part in shown for part in secret.split("&")[1:] if len(part) > 1)
+    assert redact_text("?key=val_loss&page=2 pad_token=[PAD]") == "?key=val_loss&page=2 pad_token=[PAD]"

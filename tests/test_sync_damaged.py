@@ -204,6 +204,27 @@ def test_a_second_sync_while_one_drains_a_queue_leaves_it_and_counts_nothing(tmp
     assert sync.sync_model_repo(models.path)["committed"] == 0  # (done: nothing left, nothing counted again)
 
 
+def test_a_job_queued_before_names_were_made_literal_is_still_committed(tmp_path):
+    """A job an earlier version queued for a checkpoint named with a backslash (``model\\v1.ckpt``) is no
+    hand edit: `sync` commits it under its literal name."""
+    from oxen_callbacks._ops import sync
+    from oxen_callbacks._oxen.identity import resolve_author, worker_environment
+    from oxen_callbacks.lineage import new_record
+
+    models = make_repo(tmp_path / "models", [("c", {"a.txt": "1"})])
+    record = new_record(dataset=None, model_repo=str(models.path), framework={"name": "x", "version": "1"},
+                        run={"name": "r"})
+    record.update(status="RUNNING", started_at="2026-12-04T05:00:00+0000", fit_id="f1")
+    env = worker_environment(resolve_author(("Old Trainer", "old@example.com")), tmp_path / "cache")
+    queue = JobQueue.create(models.path, "r", {"pid": 1, "env": env})
+    queue.staging_for(1).mkdir(parents=True)
+    (queue.staging_for(1) / "model\\v1.ckpt").write_bytes(b"weights")
+    queue.put(1, "checkpoint", {**_GOOD, "dest": "runs/r/checkpoints/model\\v1.ckpt", "staged_name": "model\\v1.ckpt",
+                                "record": record, "message": "r old"})
+    assert queue.damage() is None
+    assert sync.sync_model_repo(models.path)["committed"] == 1
+
+
 def test_a_push_marker_naming_a_branch_or_url_of_another_type_is_damaged(tmp_path, capsys):
     """A push marker edited to hold a number as its URL crashed `sync` with a traceback, skipping every
     later repository and journal; it is reported damaged and the rest goes on."""

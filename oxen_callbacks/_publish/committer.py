@@ -181,7 +181,7 @@ class Committer:
         run, dest_rel = p["run"], literal_path(p["dest"])  # (a job queued before names were made literal)
         staged = queue.staging_for(job.seq) / p["staged_name"]
         self.repo.inside(dest_rel, literal=True)  # (the queue checked its path: a link in the repository is not)
-        check_frozen(self.repo.path, staged)
+        check_frozen(queue.folder, staged)
         dest = self.repo.path / dest_rel
         record = self._load_record(run, p["record"])
         late = late_fit(record, p["record"])

@@ -41,7 +41,7 @@ from collections.abc import Sequence
 _QUERY_PARAM = re.compile(r"([?&#])([^=&#?]+)=((?:[^&#]|&(?![^=&#?]*=))*)")  # (# too: tokens in a fragment)
 _BEARER = re.compile(r"(?i)\b(bearer\s+)[A-Za-z0-9._~+/=-]+")
 # a query parameter outside a whole URL: ``url: /?access_token=...`` in urllib3's retry warnings
-_BARE_QUERY_PARAM = re.compile(r"([?&])([A-Za-z_][\w.-]*)=([^\s&#'\"]*)")
+_BARE_QUERY_PARAM = re.compile(r"""([?&])([A-Za-z_][\w.-]*)=("[^"]*"|'[^']*'|(?:[^&#\s'"]|&(?![^=&#?\s]*=))*)""")
 
 
 def redact_url(url: str | None, *, schemeless: bool = False) -> str | None:
