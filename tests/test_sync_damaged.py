@@ -173,56 +173,53 @@ def test_a_commit_job_edited_to_reach_out_of_the_repository_is_damaged_and_never
                 if p.is_file() and not p.is_symlink() and b"SECRET-BYTES-4242" in p.read_bytes()]
 
 
+def _dead_fits_queue(tmp_path: Path, name: str = "x.ckpt") -> tuple[Path, JobQueue]:
+    """A model repository and the queue a dead training process left: one checkpoint ``name`` of run ``r``."""
+    from oxen_callbacks._oxen.identity import resolve_author, worker_environment
+    from oxen_callbacks.lineage import new_record
+
+    models = make_repo(tmp_path / "models", [("c", {"a.txt": "1"})]).path
+    record = new_record(dataset=None, model_repo=str(models), framework={"name": "x", "version": "1"},
+                        run={"name": "r"})
+    record.update(status="RUNNING", started_at="2026-12-04T05:00:00+0000", fit_id="f1")
+    env = worker_environment(resolve_author(("Dead Trainer", "dead@example.com")), tmp_path / "cache")
+    queue = JobQueue.create(models, "r", {"pid": 1, "env": env})
+    queue.staging_for(1).mkdir(parents=True)
+    (queue.staging_for(1) / name).write_bytes(b"weights")
+    queue.put(1, "checkpoint", {**_GOOD, "dest": f"runs/r/checkpoints/{name}", "staged_name": name, "record": record,
+                                "message": f"r {name}"})
+    return models, queue
+
+
 def test_a_second_sync_while_one_drains_a_queue_leaves_it_and_counts_nothing(tmp_path, monkeypatch):
     """Two `sync`s at once on a dead process's queue: both reported its checkpoints committed (one drained
     it, the other's worker found nothing left), or the second said it was left to a live training
     process. The one draining holds the queue; the other, coming in right then, reports it busy."""
     from oxen_callbacks._ops import sync
-    from oxen_callbacks._oxen.identity import resolve_author, worker_environment
-    from oxen_callbacks.lineage import new_record
 
-    models = make_repo(tmp_path / "models", [("c", {"a.txt": "1"})])
-    record = new_record(dataset=None, model_repo=str(models.path), framework={"name": "x", "version": "1"},
-                        run={"name": "r"})
-    record.update(status="RUNNING", started_at="2026-12-04T05:00:00+0000", fit_id="f1")
-    env = worker_environment(resolve_author(("Dead Trainer", "dead@example.com")), tmp_path / "cache")
-    queue = JobQueue.create(models.path, "r", {"pid": 1, "env": env})
-    queue.staging_for(1).mkdir(parents=True)
-    (queue.staging_for(1) / "x.ckpt").write_bytes(b"weights")
-    queue.put(1, "checkpoint", {**_GOOD, "record": record, "message": "r x"})
+    models, queue = _dead_fits_queue(tmp_path)
     drain, seen = sync.drain_in_worker, []
 
     def second_sync_meanwhile(*args, **kwargs):  # type: ignore[no-untyped-def]
         if not seen:  # (once: the code before this fix drained the queue here, again and again)
-            seen.append(sync.sync_model_repo(models.path))
+            seen.append(sync.sync_model_repo(models))
         return drain(*args, **kwargs)
 
     monkeypatch.setattr(sync, "drain_in_worker", second_sync_meanwhile)
-    first = sync.sync_model_repo(models.path)
+    first = sync.sync_model_repo(models)
     assert first["committed"] == 1 and not first["failed"]
     assert seen[0]["committed"] == 0 and seen[0]["busy"] == [{"queue": queue.folder.name, "pending": 1}]
-    assert sync.sync_model_repo(models.path)["committed"] == 0  # (done: nothing left, nothing counted again)
+    assert sync.sync_model_repo(models)["committed"] == 0  # (done: nothing left, nothing counted again)
 
 
 def test_a_job_queued_before_names_were_made_literal_is_still_committed(tmp_path):
     """A job an earlier version queued for a checkpoint named with a backslash (``model\\v1.ckpt``) is no
     hand edit: `sync` commits it under its literal name."""
     from oxen_callbacks._ops import sync
-    from oxen_callbacks._oxen.identity import resolve_author, worker_environment
-    from oxen_callbacks.lineage import new_record
 
-    models = make_repo(tmp_path / "models", [("c", {"a.txt": "1"})])
-    record = new_record(dataset=None, model_repo=str(models.path), framework={"name": "x", "version": "1"},
-                        run={"name": "r"})
-    record.update(status="RUNNING", started_at="2026-12-04T05:00:00+0000", fit_id="f1")
-    env = worker_environment(resolve_author(("Old Trainer", "old@example.com")), tmp_path / "cache")
-    queue = JobQueue.create(models.path, "r", {"pid": 1, "env": env})
-    queue.staging_for(1).mkdir(parents=True)
-    (queue.staging_for(1) / "model\\v1.ckpt").write_bytes(b"weights")
-    queue.put(1, "checkpoint", {**_GOOD, "dest": "runs/r/checkpoints/model\\v1.ckpt", "staged_name": "model\\v1.ckpt",
-                                "record": record, "message": "r old"})
+    models, queue = _dead_fits_queue(tmp_path, "model\\v1.ckpt")
     assert queue.damage() is None
-    assert sync.sync_model_repo(models.path)["committed"] == 1
+    assert sync.sync_model_repo(models)["committed"] == 1
 
 
 def test_a_push_marker_naming_a_branch_or_url_of_another_type_is_damaged(tmp_path, capsys):
