@@ -124,7 +124,7 @@ _GOOD = {"run": "r", "dest": "runs/r/checkpoints/x.ckpt", "staged_name": "x.ckpt
          "step": 1, "epoch": 0}
 HOSTILE_JOBS = {  # a job edited by hand -> what the report says (nothing of it is done)
     "dest out of the repository": ({"dest": "../victim"}, "holds dest = '../victim', not a path in runs/r/checkpoints/"),
-    "dest absolute": ({"dest": "/tmp/victim"}, "not a path in runs/r/checkpoints/"),
+    "dest absolute": ({"dest": "<tmp>/victim"}, "not a path in runs/r/checkpoints/"),  # (<tmp>: the test's folder)
     "dest another run's": ({"dest": "runs/other/checkpoints/x.ckpt"}, "not a path in runs/r/checkpoints/"),
     "staged name climbing out": ({"staged_name": "../../../../../../secret.txt"}, "not a file name"),
     "run climbing out": ({"run": "../x"}, "holds run = '../x', not the name of a folder in runs/"),
@@ -149,6 +149,8 @@ def test_a_commit_job_edited_to_reach_out_of_the_repository_is_damaged_and_never
     secret.write_text("SECRET-BYTES-4242")
     queue = JobQueue.create(models.path, "r", {"pid": 1})
     change, said = HOSTILE_JOBS[case]
+    change = {key: value.replace("<tmp>", str(tmp_path)) if isinstance(value, str) else value
+              for key, value in change.items()}  # (an absolute path out of the repository, in the test's folder)
     queue.put(1, "checkpoint", {**_GOOD, **change})
     staging = queue.staging_for(1)
     staging.mkdir(parents=True)
