@@ -263,7 +263,7 @@ def _best_path(trainer: pl.Trainer, run: LineageRun) -> str | None:
     for cb in trainer.checkpoint_callbacks:
         if isinstance(cb, ModelCheckpoint) and cb.monitor and cb.best_model_path:
             score = cb.best_model_score
-            earlier = better_earlier_checkpoint(run.committed_record(), (run.record or {}).get("fit_id"), cb.monitor,
+            earlier = better_earlier_checkpoint(run.earlier_fits_record(), (run.record or {}).get("fit_id"), cb.monitor,
                                                 cb.mode, float(score) if score is not None else None)
             return earlier["source"] if earlier else cb.best_model_path
     return None

@@ -115,6 +115,7 @@ class LineageRun(RunOptionChecks, RunEnding):
         self.mlflow_run_id, self.mlflow_tracking_uri = mlflow_run_id, mlflow_tracking_uri
         #: Where the trainer saves checkpoints this fit (its adapter says; ``None``: unknown), see :meth:`_first_folder`.
         self.checkpoint_folders: list[str] | None = None
+        self.continuing = False  #: this fit goes on with a run earlier fits saved checkpoints of (see :meth:`start`)
         self.experiment_name = experiment_name
         self.author, self.remote, self.branch, self.push_timeout = author, remote, branch, push_timeout
         self.remote_url = parse_remote(remote_url).url if remote_url else None
@@ -193,10 +194,11 @@ class LineageRun(RunOptionChecks, RunEnding):
                 raise
             self.run_name = new_run_name()  # a default name drawn twice (24 random bits): draw again
             self._claim = RunClaim.take(self.model_repo, self.run_name, continuing=False)
+        self.continuing = continuing
         try:
             if continuing:
                 self._check_continued_dataset()
-            self._open(opened, continuing=continuing)
+            self._open(opened)
         except BaseException:
             self._claim.release()  # nothing was queued under the name: it stays free
             self._claim = None
@@ -207,7 +209,7 @@ class LineageRun(RunOptionChecks, RunEnding):
         if self.sink is not None:
             self._note_mlflow_run(self.sink.run_id)
 
-    def _open(self, repo: LocalRepo, *, continuing: bool = False) -> None:
+    def _open(self, repo: LocalRepo) -> None:
         """Pull the pinned data and check it is as recorded, start the publisher, open the MLflow run and tag it."""
         if self.dataset is not None:
             self.dataset.pull()
@@ -237,28 +239,24 @@ class LineageRun(RunOptionChecks, RunEnding):
         self.publisher = CheckpointPublisher(
             model_repo=repo, run=self.run_name, cache_dir=self.cache_dir, author=self.author,
             remote=self.remote, remote_url=self.remote_url, branch=self.branch, push_timeout=self.push_timeout,
-            on_result=self._on_result, warm=self._warm_worker, first_folder=self._first_folder() if continuing else None,
+            on_result=self._on_result, warm=self._warm_worker, first_folder=self._first_folder(),
         )
         self._warm_worker = None
         if self.sink is not None:
             self.sink.tag_start(self.run_name, self.record)
 
-    def committed_record(self) -> LineageJSON | None:
-        """The run's record as committed so far (the model repository's working tree); ``None`` when there is
-        none or it cannot be read."""
+    def earlier_fits_record(self) -> LineageJSON | None:
+        """The record of the run this fit continues, as committed so far (the model repository's working
+        tree); ``None`` for a new run, or when it cannot be read."""
         path = self.model_repo / lineage_path(self.run_name)
-        return read_or_skip(path) if path.is_file() else None
+        return read_or_skip(path) if self.continuing and path.is_file() else None
 
     def _first_folder(self) -> str | None:
         """The trainer's folder whose checkpoints the continued run's earlier fits committed in the run's own
         folder: a second ``ModelCheckpoint``'s files keep their subfolder in every fit."""
-        earlier = self.committed_record()
-        if not earlier:
-            return None
-        first = first_folder_of(earlier["checkpoints"], checkpoints_folder(self.run_name))
-        used = {os.path.dirname(c["source"]) for c in earlier["checkpoints"] if isinstance(c.get("source"), str)}
-        # (a fit saving only into folders the run never used, a new default dirpath: the first it saves into)
-        return first if self.checkpoint_folders is None or used & set(self.checkpoint_folders) else None
+        earlier = self.earlier_fits_record()
+        return first_folder_of(earlier["checkpoints"], checkpoints_folder(self.run_name),
+                               self.checkpoint_folders) if earlier else None
 
     def _end_unstarted_sink(self) -> None:
         """A start that failed after the MLflow run was opened: end it ``FAILED`` (no step ran, nothing

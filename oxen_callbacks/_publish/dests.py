@@ -35,7 +35,7 @@ class Destinations:
         source = os.path.abspath(source)
         if source in self._by_source:
             return self._by_source[source]
-        folder, name = os.path.split(source.rstrip("/"))
+        folder, name = _split(source)
         if self._first_folder is None:
             self._first_folder = folder
         if folder == self._first_folder:
@@ -48,11 +48,19 @@ class Destinations:
         return dest
 
 
-def first_folder_of(entries: list[Any], base: str) -> str | None:
-    """The trainer's folder whose files a run's earlier fits committed under ``base`` itself (by their
-    record's ``entries``), if the record says (older records name no ``source``)."""
-    for entry in entries:
-        path, source = (entry.get("path"), entry.get("source")) if isinstance(entry, dict) else (None, None)
-        if isinstance(path, str) and isinstance(source, str) and path.rsplit("/", 1)[0] == base:
-            return os.path.split(os.path.abspath(source).rstrip("/"))[0]
-    return None
+def first_folder_of(entries: list[Any], base: str, saving_into: list[str] | None) -> str | None:
+    """The trainer's folder whose files a continued run's earlier fits committed under ``base`` itself (by
+    their record's ``entries``), if the record says (older records name no ``source``); ``None`` too when
+    this fit saves only into folders the run never used (``saving_into``, ``None``: unknown), such as a new
+    default ``lightning_logs/version_N``: the first it saves into is then the first, as in a new run."""
+    sources = [(e.get("path"), os.path.abspath(e["source"])) for e in entries
+               if isinstance(e, dict) and isinstance(e.get("source"), str)]
+    if saving_into is not None and not {_split(source)[0] for _path, source in sources} & set(saving_into):
+        return None
+    return next((_split(source)[0] for path, source in sources
+                 if isinstance(path, str) and path.rsplit("/", 1)[0] == base), None)
+
+
+def _split(source: str) -> tuple[str, str]:
+    """``(folder, name)`` of a checkpoint file or folder's absolute path (a folder's may end in ``/``)."""
+    return os.path.split(source.rstrip("/"))
