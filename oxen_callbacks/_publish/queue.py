@@ -307,8 +307,8 @@ def _read_entry(path: Path, fields: _Fields, what: str) -> dict[str, Any]:
         raise DamagedFile(f"{where} holds the {what} of job {data['seq']}")
     if what == "result" and data["ok"]:
         _check_fields(where, data, _DONE_FIELDS.get(data["kind"], {}))
-    if what == "job" and (problem := _job_problem(data["kind"], data["payload"])):
-        raise DamagedFile(f"{where} {problem}")
+    if what == "job":
+        _check_job(where, data["kind"], data["payload"])
     return data
 
 
@@ -324,29 +324,25 @@ _PAYLOADS: dict[str, _Fields] = {
 _PAYLOAD_PATHS = {"dest": "own", "same_model_as": "own", "best": "any run's"}
 
 
-def _job_problem(kind: str, payload: dict[str, Any]) -> str | None:
-    """What makes a job's payload one no publisher wrote (a hand edit: a path out of the repository, a
-    field of another type), or ``None``: such a job is never done, a worker would act on it as it is."""
+def _check_job(where: str, kind: str, payload: dict[str, Any]) -> None:
+    """Raise DamagedFile when a job's payload is one no publisher wrote (a hand edit: a path out of the
+    repository, a field of another type): such a job is never done, a worker would act on it as it is."""
     from ..model_repo import RUNS_DIR, checkpoints_folder, is_run_name  # (loaded already: the publisher's; one floor less)
 
     if kind not in _PAYLOADS:
-        return f"holds a job of kind {kind!r}, which this version does not know"
+        raise DamagedFile(f"{where} holds a job of kind {kind!r}, which this version does not know")
     run = payload.get("run")
     if not isinstance(run, str) or not is_run_name(run):
-        return f"holds run = {run!r}, not the name of a folder in runs/"
-    try:
-        _check_fields("it", payload, _PAYLOADS[kind])
-    except DamagedFile as exc:
-        return str(exc)[len("it "):]
+        raise DamagedFile(f"{where} holds run = {run!r}, not the name of a folder in runs/")
+    _check_fields(where, payload, _PAYLOADS[kind])
     for key, whose in _PAYLOAD_PATHS.items():
         folder = checkpoints_folder(run) if whose == "own" else RUNS_DIR
         value = payload.get(key)
         if value is not None and (not isinstance(value, str) or not _path_under(value, folder)):
-            return f"holds {key} = {value!r}, not a path in {folder}/"
+            raise DamagedFile(f"{where} holds {key} = {value!r}, not a path in {folder}/")
     name = payload.get("staged_name")
     if name is not None and not is_run_name(name):  # (a backslash is a character here: an old job's name)
-        return f"holds staged_name = {name!r}, not a file name"
-    return None
+        raise DamagedFile(f"{where} holds staged_name = {name!r}, not a file name")
 
 
 def _path_under(path: str, folder: str) -> bool:
