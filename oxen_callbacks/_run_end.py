@@ -185,19 +185,25 @@ class RunEnding:
         if self._final_seq is None:  # finish(): the MLflow run id first, then one final commit
             self._wait_for_mlflow_run(deadline)
             self._final_seq = self._submit_final(best)
-        final, error = self._commit_final(best, deadline)
+        final, error, closing = self._commit_final(best, deadline)
         committed = final is not None
-        self._wait_for_mlflow_run(deadline)  # (the record this process holds names the run in any case)
-        self.record = final if committed else self._published_so_far(best)
-        self._warn_unpushed()
-        if self.sink is not None:
-            best_path = _best_path(self.record, best) if committed else None
-            if best_path is None and best and self.publisher.has_source(best):
-                best_path = self.publisher.dest_for(best)
-            self._log_final_or_leave_to_sync(self.record, status, committed=committed, best_path=best_path,
-                                             timeout=max(0.0 if self.end_by is not None else 0.5, deadline - time.monotonic()))
+        try:
+            self._wait_for_mlflow_run(deadline)  # (the record this process holds names the run in any case)
+            self.record = final if committed else self._published_so_far(best)
+            self._warn_unpushed()
+            if self.sink is not None:
+                best_path = _best_path(self.record, best) if committed else None
+                if best_path is None and best and self.publisher.has_source(best):
+                    best_path = self.publisher.dest_for(best)
+                self._log_final_or_leave_to_sync(self.record, status, committed=committed, best_path=best_path,
+                                                 timeout=max(0.0 if self.end_by is not None else 0.5,
+                                                             deadline - time.monotonic()))
+        finally:
+            closed_with = closing.wait() if closing is not None else None
         if error is not None:
             raise error
+        if closed_with is not None:
+            raise closed_with
         return self.record
 
     def _wait_for_mlflow_run(self, deadline: float) -> None:
@@ -205,10 +211,16 @@ class RunEnding:
             self.sink.wait_for_run(max(0.0, deadline - time.monotonic()))
 
     def _commit_final(self, best: str | os.PathLike[str] | None,
-                      deadline: float) -> tuple[LineageJSON | None, Exception | None]:
+                      deadline: float) -> tuple[LineageJSON | None, Exception | None, _Beside | None]:
         """Drain the publisher until the final lineage is committed, then, when the MLflow run was
-        created meanwhile, commit its id into it too; ``(None, error)`` when the final commit failed."""
+        created meanwhile, commit its id into it too; ``(None, error, None)`` when the final commit failed.
+
+        The publisher is closed (the worker frees the repository, the run's name is released) before
+        this returns, or, once the record is committed and no push or pre-emption deadline waits on
+        the close, beside the MLflow logging that follows: the third value, to wait for.
+        """
         assert self.publisher is not None and self._final_seq is not None
+        closing: _Beside | None = None
         try:
             final = self.publisher.final_record(self._final_seq, timeout=self._drain_wait())
             if final is not None:
@@ -218,14 +230,25 @@ class RunEnding:
                 if self.sink.run_id is not None:
                     amended = self.publisher.final_record(self._submit_final(best), timeout=self._drain_wait())
                     final = amended or final
-            return final, None
+            if final is not None and self.sink is not None and self.remote is None and self.remote_url is None \
+                    and self.end_by is None:  # (a push's outcome goes into the record MLflow gets: waited for)
+                closing = _Beside(self._close_publishing, name="oxen-publisher-close")
+            return final, None, closing
         except PublishError as exc:
-            return None, exc
+            return None, exc, None
         finally:
+            if closing is None:
+                self._close_publishing()
+
+    def _close_publishing(self) -> None:
+        """Close the publisher and release the run's name: nothing more comes to the repository for this run."""
+        assert self.publisher is not None
+        try:
             self.publisher.close(timeout=self._drain_wait(), by=self.end_by)
+        finally:
             if self._claim is not None:
                 self._claim.release(preempted=(self.record or {}).get("status") == PREEMPTED)
-            self._committed.set()  # committed or not: nothing more comes to the repository for this run
+            self._committed.set()  # committed or not
 
     def _published_so_far(self, best: str | os.PathLike[str] | None) -> LineageJSON:
         """The record this process holds when the final lineage commit did not complete: the checkpoints
@@ -278,6 +301,25 @@ class RunEnding:
             self.publisher.answers.warn_unpushed(marker)  # once per run, whether training or the end found it
             if self.record is not None:
                 self.record["push"] = {"remote": marker["remote"], "pushed": False, "error": marker.get("error")}
+
+
+class _Beside:
+    """``work()`` in a thread of its own; :meth:`wait` returns what it raised."""
+
+    def __init__(self, work: Any, *, name: str) -> None:
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, args=(work,), daemon=True, name=name)
+        self._thread.start()
+
+    def _run(self, work: Any) -> None:
+        try:
+            work()
+        except BaseException as exc:  # noqa: BLE001 - handed to the waiter
+            self._error = exc
+
+    def wait(self) -> BaseException | None:
+        self._thread.join()
+        return self._error
 
 
 def _best_path(final: LineageJSON, best: str | os.PathLike[str] | None) -> str | None:

@@ -128,6 +128,63 @@ def test_joining_a_logger_run_imports_mlflow_nowhere_else(dataset_repo, tmp_path
     assert record["model"]["commit"] in LocalRepo(tmp_path / "models").commit_ids()
 
 
+def _fit_into_a_logger_run(dataset_repo, tmp_path: Path) -> tuple[OxenLightningCallback, MLFlowLogger]:  # type: ignore[no-untyped-def]
+    pin = PinnedDataset(dataset_repo.path, revision=dataset_repo.commits[0], paths=["train.csv", "val.csv"])
+    logger = MLFlowLogger(experiment_name="shared", log_model=False, tracking_uri=os.environ["MLFLOW_TRACKING_URI"])
+    cb = OxenLightningCallback(dataset=pin, model_repo=tmp_path / "models")
+    make_trainer(tmp_path, [ModelCheckpoint(dirpath=tmp_path / "ckpt"), cb], epochs=2, logger=logger).fit(
+        TinyModel(), datamodule=CsvData(pin))
+    return cb, logger
+
+
+@pytest.mark.timeout(300)
+def test_when_the_lineage_answers_the_repository_is_free_though_the_worker_freed_it_beside_mlflow(
+        dataset_repo, tmp_path, monkeypatch):
+    """The end closes the publisher (the worker frees the repository, the run's name is released) while the
+    MLflow logging goes on; the lineage answers once both are done: the user's own `oxen` commands and
+    another fit of the run's name work at once. The worker is made slow to let go."""
+    from oxen_callbacks._publish.claim import run_in_use
+    from oxen_callbacks._publish.publisher import CheckpointPublisher
+    from oxen_callbacks._publish.queue import repo_lock_path
+    from oxen_callbacks._util.locks import FileLock
+
+    close = CheckpointPublisher.close
+
+    def slow_to_let_go(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        time.sleep(1.5)
+        return close(self, *args, **kwargs)
+
+    monkeypatch.setattr(CheckpointPublisher, "close", slow_to_let_go)
+    cb, logger = _fit_into_a_logger_run(dataset_repo, tmp_path)
+    record = cb.lineage
+    assert not run_in_use(tmp_path / "models", record["run"]["name"])
+    with FileLock(repo_lock_path(tmp_path / "models"), timeout=0):
+        pass  # (held by the commit process until the worker frees the repository)
+    logged = read_lineage(MlflowClient().download_artifacts(logger.run_id, "oxen/lineage.json", str(tmp_path / "dl")))
+    assert logged == record and record["model"]["commit"] in LocalRepo(tmp_path / "models").commit_ids()
+
+
+@pytest.mark.timeout(300)
+def test_an_error_closing_the_publisher_is_raised_after_the_lineage_reached_mlflow(dataset_repo, tmp_path, monkeypatch):
+    """A publishing error that comes as the publisher closes (after the final commit) reaches ``wait()``;
+    the MLflow run still gets the committed lineage first."""
+    from oxen_callbacks._publish.publisher import CheckpointPublisher
+
+    close = CheckpointPublisher.close
+
+    def failing(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        close(self, *args, **kwargs)
+        raise PublishError("the worker said: disk full")
+
+    monkeypatch.setattr(CheckpointPublisher, "close", failing)
+    cb, logger = _fit_into_a_logger_run(dataset_repo, tmp_path)
+    with pytest.raises(PublishError, match="disk full"):
+        cb.run.wait()
+    logged = read_lineage(MlflowClient().download_artifacts(logger.run_id, "oxen/lineage.json", str(tmp_path / "dl")))
+    assert logged["model"]["commit"] in LocalRepo(tmp_path / "models").commit_ids()
+    assert MlflowClient().get_run(logger.run_id).data.tags["oxen.lineage.status"] == "FINISHED"
+
+
 @pytest.mark.timeout(300)
 def test_fit_does_not_wait_for_a_tracking_server_that_never_answers(dataset_repo, tmp_path, monkeypatch):
     """A tracking server that accepts and never answers: fit() returns all the same (were it waiting,
