@@ -9,11 +9,9 @@ checkpoint names every earlier commit; its own entry's ``commit`` is ``null``
 
 from __future__ import annotations
 
-import copy
 import logging
 import os
 import shutil
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -22,7 +20,6 @@ from typing import Any
 from .._oxen.layout import literal_path
 from .._oxen.prestore import prestore
 from .._oxen.repo import LocalRepo
-from .._util.fs import DamagedFile, read_json_object, write_atomically, write_json_atomically
 from .._util.locks import FileLock
 from ..errors import ConfigurationError, OxenError, PublishError, RepoBusyError
 from ..lineage import BEST_KEY, fill_commit
@@ -30,9 +27,6 @@ from ..model_repo import lineage_path
 from .adding import adding
 from .fits import (
     checkpoint_named,
-    earlier_code,
-    earlier_fits,
-    earlier_mlflow_runs,
     finalized,
     late_fit,
     saved_by,
@@ -41,6 +35,7 @@ from .fits import (
 from .freeze import check_frozen, own_inodes
 from .grouping import commit_groups, group_message
 from .queue import Job, JobQueue, repo_lock_path
+from .run_record import RunRecords
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +54,7 @@ class Committer:
 
     def __init__(self, repo: LocalRepo) -> None:
         self.repo = repo
+        self.records = RunRecords(repo)
         self.lock = FileLock(repo_lock_path(repo.path), timeout=LOCK_TIMEOUT_S)
 
     def run_batch(self, queue: JobQueue, jobs: list[Job], *, final: bool = False,
@@ -126,7 +122,7 @@ class Committer:
         """Stage every job of ``group`` and make one commit; the jobs' results, in order."""
         started = time.perf_counter()
         run = group[0].payload["run"]
-        before = self._read_record_text(run)
+        before = self.records.read_text(run)
         staged: list[tuple[Job, dict[str, Any], list[Job]]] = []  # (job, its result so far, removals it completes)
         messages: list[str] = []
         removals: list[Job] = []
@@ -151,12 +147,12 @@ class Committer:
             commit = self._commit(group_message(run, messages))
         except BaseException as exc:
             # the jobs stay queued: the next commit must not list these checkpoints (their commit unknown)
-            self._restore_record_text(run, before)
+            self.records.restore_text(run, before)
             if isinstance(exc, (OxenError, PublishError, OSError, ConfigurationError)):
                 raise _GroupFailed(index, exc) from exc
             raise
-        record = fill_commit(self._load_record(run, None), commit)
-        self._write_record(run, record)  # the working tree copy always names every commit
+        record = fill_commit(self.records.load(run, None), commit)
+        self.records.write(run, record)  # the working tree copy always names every commit
         seconds = round(time.perf_counter() - started, 4)
         results: list[dict[str, Any]] = []
         for job, result, completed in staged:
@@ -183,7 +179,7 @@ class Committer:
         self.repo.inside(dest_rel, literal=True)  # (the queue checked its path: a link in the repository is not)
         check_frozen(queue.folder, staged)
         dest = self.repo.path / dest_rel
-        record = self._load_record(run, p["record"])
+        record = self.records.load(run, p["record"])
         late = late_fit(record, p["record"])
         self._remove_for(record, removals, late)  # they came before this save, which may reuse a name
         changed: list[str] = []
@@ -219,7 +215,7 @@ class Committer:
         if not finalized(record) and late is None:  # a late job never moves a finished (or later) fit's model
             record["model"].update({"path": dest_rel, "commit": None})
             record["model"].pop(BEST_KEY, None)  # (the end says again which checkpoint is the best)
-        self._write_record(run, record)
+        self.records.write(run, record)
         prestore(self.repo.path, dest)
         self.repo.add(dest_rel)
         return {"seq": job.seq, "kind": "checkpoint", "ok": True, "dest": dest_rel, "step": entry["step"],
@@ -230,11 +226,11 @@ class Committer:
         """Write the run's final record (status, end, the model it names); returns its status."""
         p = job.payload
         run = p["run"]
-        record = self._load_record(run, p["record"])
+        record = self.records.load(run, p["record"])
         late = late_fit(record, p["record"])
         self._remove_for(record, removals, late)
         if late is not None:  # the end of a fit the run went on from: the later fit's record stays
-            self._write_record(run, record)
+            self.records.write(run, record)
             return "end of an earlier fit"
         kept = [c for c in record["checkpoints"] if c.get("kept", True)]
         # the last this fit saved: a killed earlier fit's save its worker committed late comes after it
@@ -255,20 +251,20 @@ class Committer:
                 record["model"][BEST_KEY] = named
             else:  # (an amended record that does not say)
                 record["model"].pop(BEST_KEY, None)
-        self._write_record(run, record)
+        self.records.write(run, record)
         return str(record.get("status", "finished"))
 
     def _commit_removals(self, run: str, removals: list[Job], message: str) -> str:
-        record = self._load_record(run, None)
+        record = self.records.load(run, None)
         for removal in removals:
             self._stage_removal(literal_path(removal.payload["dest"]))
         if record is not None:
             self._mark_removed(record, removals)
-            self._write_record(run, record)
+            self.records.write(run, record)
             self.repo.add(lineage_path(run))
         commit = self._commit(message)
         if record is not None:
-            self._write_record(run, fill_commit(record, commit))
+            self.records.write(run, fill_commit(record, commit))
         return commit
 
     # -- helpers ------------------------------------------------------------------
@@ -327,85 +323,6 @@ class Committer:
         for removal in removals:
             self._stage_removal(literal_path(removal.payload["dest"]))
         self._mark_removed(record, removals)
-
-    def _load_record(self, run: str, base: dict[str, Any] | None) -> dict[str, Any]:
-        """The run's record to extend: ``base`` (the job's view of the run) with the checkpoints so far.
-
-        A job that lands after its own run segment was finalized (retried later by ``sync``), or after
-        a later fit continued the run (``earlier_fits`` names its fit), extends the run's record
-        instead: its status, model and end stay as they are.
-        """
-        existing = self._existing_record(run)
-        if base is None:
-            return existing
-        fit, their_fit = base.get("fit_id"), (existing or {}).get("fit_id")
-        if existing and their_fit != fit and not existing.get("checkpoints"):
-            # a run that ended before its first checkpoint (FAILED early): its name was free to take
-            # again, and this fit continues nothing of it (nor can a late job of it come)
-            existing = None
-        if existing and finalized(existing) and their_fit == fit:
-            record = copy.deepcopy(existing)  # what the job learnt since (the MLflow run id) is added
-            record["run"] = {**record["run"], **{k: v for k, v in base["run"].items() if v is not None}}
-            return record
-        if existing and late_fit(existing, base) is not None:
-            # a late job of a fit the run went on from (its worker fell behind, or `sync` after a kill):
-            # its checkpoint joins the history; the later fit's status, model and MLflow run stay
-            return copy.deepcopy(existing)
-        record = copy.deepcopy(base)
-        record["checkpoints"] = existing["checkpoints"] if existing else []
-        if existing:
-            record["model"] = {**existing["model"], "repo": base["model"]["repo"]}
-            earlier = earlier_fits(existing) + ([their_fit] if their_fit and their_fit != fit else [])
-            if earlier:
-                record["earlier_fits"] = earlier  # the fits this one continued, oldest first
-                if runs := earlier_mlflow_runs(existing, continued=their_fit != fit):
-                    record["earlier_mlflow_runs"] = runs  # where their logged models are (their marks move)
-                if codes := earlier_code(existing, continued=their_fit != fit):
-                    record["earlier_code"] = codes  # what made their checkpoints (the record's code is this fit's)
-        return record
-
-    def _existing_record(self, run: str) -> dict[str, Any] | None:
-        """The run's record in the working tree; when that file is damaged (cut short, edited by
-        hand), the one its last commit holds: every commit of the run committed it."""
-        path = self.repo.path / lineage_path(run)
-        try:
-            return read_json_object(path)
-        except FileNotFoundError:
-            return None
-        except DamagedFile as exc:
-            committed = self._committed_record(run)
-            log.warning("%s is damaged (%s): the record its last commit holds is extended instead%s.", path, exc,
-                        "" if committed else " (none: the run's record starts anew; its history keeps the rest)")
-            return committed
-
-    def _committed_record(self, run: str) -> dict[str, Any] | None:
-        """``runs/<run>/lineage.json`` as HEAD's commit holds it, if it does and it is readable."""
-        from .._oxen.shadow import restore_into
-
-        rel = lineage_path(run)
-        with tempfile.TemporaryDirectory(prefix="oxen-record-") as tmp:
-            try:
-                restore_into(self.repo.path, self.repo.resolve(None), [rel], tmp)
-                return read_json_object(Path(tmp) / rel)
-            except (ConfigurationError, OxenError, OSError, DamagedFile):
-                return None
-
-    def _read_record_text(self, run: str) -> str | None:
-        try:
-            return (self.repo.path / lineage_path(run)).read_text()
-        except FileNotFoundError:
-            return None
-
-    def _restore_record_text(self, run: str, text: str | None) -> None:
-        path = self.repo.path / lineage_path(run)
-        if text is None:
-            path.unlink(missing_ok=True)
-        else:
-            write_atomically(path, text)
-
-    def _write_record(self, run: str, record: dict[str, Any]) -> None:
-        path = self.repo.path / lineage_path(run)
-        write_json_atomically(path, record, indent=2, make_parents=True)
 
 
 class _GroupFailed(Exception):
