@@ -432,3 +432,53 @@ def test_a_secret_query_parameter_outside_a_whole_url_is_masked_whole(text, secr
     shown = redact_text(text)
     assert secret not in shown and not any(part in shown for part in secret.split("&")[1:] if len(part) > 1)
     assert redact_text("?key=val_loss&page=2 pad_token=[PAD]") == "?key=val_loss&page=2 pad_token=[PAD]"
+
+
+def test_sync_sends_mlflow_credentials_only_to_the_tracking_server_the_user_names(tmp_path, monkeypatch):
+    """A journal in the (shared) cache naming another tracking server than ``$MLFLOW_TRACKING_URI``: `sync`
+    sent the user's ``MLFLOW_TRACKING_TOKEN`` there (anyone who can write the cache could collect it;
+    found by an adversarial review). It is kept, unsent, saying how to send it; once the user names that
+    server, it is logged there."""
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from oxen_callbacks._mlflow.journal import MlflowJournal
+
+    heard: list[tuple[str, str | None]] = []
+
+    class Server(BaseHTTPRequestHandler):
+        def _any(self) -> None:
+            heard.append((self.path, self.headers.get("Authorization")))
+            body = json.dumps({"run": {"info": {"run_id": "a" * 32, "lifecycle_stage": "active"}, "data": {}}}).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        do_GET = do_POST = _any
+
+        def log_message(self, *_args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Server)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    theirs = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        journal = MlflowJournal.create(tmp_path / "cache", {"tracking_uri": theirs, "run_id": "a" * 32})
+        journal.put(1, {"op": "set_tags", "tags": {"oxen.run": "theirs"}})
+        journal.mark_ended()
+        journal.release_trainer()
+        env = {**os.environ, "MLFLOW_TRACKING_TOKEN": TOKEN, "MLFLOW_TRACKING_URI": "https://mlflow.mine.example",
+               "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "HOME": str(tmp_path)}
+        cmd = [sys.executable, "-m", "oxen_callbacks.cli", "sync", "--cache-dir", str(tmp_path / "cache")]
+        done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL)
+        assert heard == [], heard  # not even asked without the token
+        assert done.returncode == 1 and "not sent" in done.stdout and f"MLFLOW_TRACKING_URI={theirs}" in done.stdout, (
+            done.stdout + done.stderr)
+        assert not journal.is_empty()
+        done = subprocess.run(cmd, env={**env, "MLFLOW_TRACKING_URI": theirs}, capture_output=True, text=True,
+                              timeout=300, stdin=subprocess.DEVNULL)
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert heard and all(auth == f"Bearer {TOKEN}" for _path, auth in heard)  # the server the user named
+    finally:
+        server.shutdown()

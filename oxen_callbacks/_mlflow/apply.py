@@ -18,8 +18,10 @@ from typing import Any
 from .._util.redact import redact_url
 from ..lineage import mlflow_run_status
 from ..names import (
+    ENV_MLFLOW_CREDENTIALS,
     ENV_MLFLOW_TRACKING_URI,
     LINEAGE_ARTIFACT_NAME,
+    MLFLOW_CREDENTIALS_FILE,
     POINTER_ARTIFACT_DIR,
     TAG_CREATION,
     TAG_LINEAGE_STATUS,
@@ -124,6 +126,23 @@ _THE_RUNS_OWN = frozenset({"set_tags", "log_json", "publish_extras", "end_run"})
 def _same_store(recorded: str | None) -> bool:
     env = os.environ.get(ENV_MLFLOW_TRACKING_URI)
     return bool(env) and redact_url(env) == recorded
+
+
+#: Stores whose credentials are in their URI (redacted in a journal) or that need none: never MLflow's settings
+_STORES_WITHOUT_SENT_CREDENTIALS = frozenset({"sqlite", "file", "postgresql", "mysql", "mssql"})
+
+
+def credentials_held_back(recorded: str) -> list[str]:
+    """The MLflow credentials of this process (settings, or MLflow's credentials file) that a client of
+    ``recorded`` (a journal's store) would send to a server the user did not name: not ``$MLFLOW_TRACKING_URI``'s.
+    Anyone who can write a journal into the cache could otherwise name their server and collect them."""
+    scheme, sep, _ = recorded.partition("://")
+    if _same_store(recorded) or not sep or scheme.split("+", 1)[0].lower() in _STORES_WITHOUT_SENT_CREDENTIALS:
+        return []
+    held = [name for name in ENV_MLFLOW_CREDENTIALS if os.environ.get(name)]
+    if Path(MLFLOW_CREDENTIALS_FILE).expanduser().is_file():
+        held.append(MLFLOW_CREDENTIALS_FILE)
+    return held
 
 
 def apply_op(client: Any, journal: MlflowJournal, meta: dict[str, Any], op: dict[str, Any]) -> None:

@@ -136,7 +136,7 @@ def _replay_all(cache_dir: Path) -> list[dict[str, Any]]:
 
 def _replay_one(folder: Path, journal: Any) -> dict[str, Any] | None:
     """Replay one journal whose lock the caller holds; its report (``None``: nothing was left in it)."""
-    from .._mlflow.apply import replay
+    from .._mlflow.apply import credentials_held_back, replay
     from .._mlflow.journal import ABANDONED_SEQ
 
     if journal.abandoned():  # the whole job was killed at once: no sink process lived to say so
@@ -152,6 +152,10 @@ def _replay_one(folder: Path, journal: Any) -> dict[str, Any] | None:
     uri = meta.get("tracking_uri")  # (journaled without credentials; a journal from elsewhere may not be)
     entry: dict[str, Any] = {"journal": folder.name, "tracking_uri": redact_url(uri) if isinstance(uri, str) else uri,
                              "run_id": meta.get("run_id"), "pending": len(journal.pending())}
+    if isinstance(uri, str) and (held := credentials_held_back(uri)):
+        entry.update(status="held", why=f"your MLflow credentials ({', '.join(held)}) go only to the tracking server "
+                     f"you name; to log it there, run `MLFLOW_TRACKING_URI={redact_url(uri)} oxen-callbacks sync`")
+        return entry  # nothing sent: kept for that sync
     try:
         with contextlib.redirect_stdout(_RedactedStderr()):  # MLflow prints run links: keep stdout for our report
             entry["done"] = replay(journal)

@@ -58,6 +58,8 @@ def _mlflow_lines(entry: Result) -> list[str]:
     if entry["status"] == "dropped":
         return [f"{where}: {entry['pending']} operation(s) dropped: {entry['why']} (the lineage stays in the "
                 "model repository)"]
+    if entry["status"] == "held":
+        return [f"{where}: {entry['pending']} operation(s) kept, not sent: {entry['why']}"]
     if entry["status"] == "busy":
         return [f"MLflow journal {entry['journal']}: held by a live process (its training process, or another `sync`): left to it"]
     return [f"{where}: still failing, {entry['pending']} operation(s) kept ({entry['error']})"]
