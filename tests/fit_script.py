@@ -36,6 +36,19 @@ class Progress(Callback):
         pl_module.log("progress", float(trainer.current_epoch))
 
 
+class GateAtTrainEnd(Callback):
+    """At train end (before the callback's fit end), writes ``<gate>.reached`` and waits for ``gate`` to exist."""
+
+    def __init__(self, gate: Path) -> None:
+        self.gate = gate
+
+    def on_train_end(self, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
+        self.gate.with_suffix(".reached").touch()
+        deadline = time.monotonic() + 300
+        while not self.gate.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--dataset")
@@ -63,6 +76,7 @@ def main() -> None:
                         help="kill: SIGKILL this process the moment fit() returns")
     parser.add_argument("--move-branch-in-rank-one", action="store_true",
                         help="in the process of local rank 1, commit to the dataset's branch before pinning it")
+    parser.add_argument("--gate", help="at train end, wait until this file exists (writes <gate>.reached first)")
     parser.add_argument("--worker-pid", help="once the lineage is complete, write the commit worker's pid here")
     parser.add_argument("--forked-child", help="fork a child that sleeps 600 s once the callback is built; "
                         "write its pid and the commit worker's (after fit) to this JSON file")
@@ -94,6 +108,8 @@ def main() -> None:
         callbacks.append(Progress())
     if args.step_sleep:
         callbacks.append(SlowSteps(args.step_sleep))
+    if args.gate:
+        callbacks.insert(0, GateAtTrainEnd(Path(args.gate)))
     logger = MLFlowLogger(experiment_name="fit-script", log_model=False, run_id=args.logger_run_id) if args.logger else False
     trainer = make_trainer(root, callbacks, epochs=args.epochs, strategy=args.strategy, devices=args.devices,
                            logger=logger)

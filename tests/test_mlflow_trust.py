@@ -25,6 +25,7 @@ from oxen_callbacks import PinnedDataset, cli, read_lineage
 from oxen_callbacks._mlflow.sink import MlflowSink
 from oxen_callbacks._mlflow.sink_thread import SinkThread
 from oxen_callbacks._mlflow.warm_sink import WarmSinkProcess
+from oxen_callbacks._oxen.repo import LocalRepo
 from oxen_callbacks.lightning import OxenLightningCallback
 from oxen_callbacks.run import LineageRun
 
@@ -490,6 +491,47 @@ def test_sync_of_a_killed_fit_leaves_the_mlflow_run_a_fit_of_another_oxen_run_we
     assert read_lineage(lineage)["status"] == "KILLED"  # A's own record in the model repository: ended, not RUNNING
 
 
+@pytest.mark.timeout(600)
+def test_a_fit_that_ends_after_another_processes_later_fit_in_its_mlflow_run_leaves_the_run_to_that_fit(
+        dataset_repo, tmp_path):
+    """Fit A (a process, model repository A) logs to an MLflow run through an ``MLFlowLogger(run_id=...)``;
+    while it trains, fit B (a new Oxen run, another repository) joins the same run and finishes. A ended
+    last and wrote its model tags, lineage and final mark over B's: the run named B's Oxen run and
+    repository with A's commit, which that repository does not hold (found by an adversarial review).
+    The run is the later fit's, as `sync` already made it: A's end leaves B's tags, lineage and marks."""
+    client, uri = MlflowClient(), os.environ["MLFLOW_TRACKING_URI"]
+    run_id = client.create_run(client.create_experiment("shared-live")).info.run_id
+    gate = tmp_path / "gate"
+    script = Path(__file__).parent / "fit_script.py"
+    first = subprocess.Popen([sys.executable, str(script), "--dataset", str(dataset_repo.path), "--revision",
+                              dataset_repo.commits[0], "--model-repo", str(tmp_path / "models-a"), "--root",
+                              str(tmp_path / "fit-a"), "--run-name", "first", "--mlflow", "--logger",
+                              "--logger-run-id", run_id, "--gate", str(gate), "--out", str(tmp_path / "a.json")],
+                             stdout=subprocess.DEVNULL, stderr=(tmp_path / "a.err").open("w"))
+    try:
+        deadline = time.monotonic() + 300
+        while not gate.with_suffix(".reached").exists() and first.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert gate.with_suffix(".reached").exists(), (tmp_path / "a.err").read_text()[-3000:]
+        later = _fit_a_new_oxen_run_into(dataset_repo, tmp_path, run_id)
+    finally:
+        gate.touch()
+        first.wait(timeout=300)
+    assert first.returncode == 0, (tmp_path / "a.err").read_text()[-3000:]
+    earlier = json.loads((tmp_path / "a.json").read_text())["lineage"]
+    assert earlier["status"] == "FINISHED" and earlier["model"]["commit"]  # A's own lineage, in its repository
+    tags = client.get_run(run_id).data.tags
+    assert (tags["oxen.run"], tags["oxen.model.repo"], tags["oxen.model.commit"], tags["oxen.model.path"]) == (
+        later["run"]["name"], later["model"]["repo"], later["model"]["commit"], later["model"]["path"])
+    assert tags["oxen.model.commit"] in LocalRepo(later["model"]["repo"]).commit_ids()
+    assert read_lineage(client.download_artifacts(run_id, "oxen/lineage.json", str(tmp_path / "dl"))) == later
+    models = logged_models_of_run(uri, run_id)
+    assert [(m.tags["oxen.run"], m.tags["oxen.model.path"]) for m in models if m.tags.get("oxen.model.final")] == [
+        (later["run"]["name"], later["model"]["path"])]
+    assert {m.tags["oxen.model.commit"] for m in models if m.tags["oxen.run"] == "first"} >= {
+        c["commit"] for c in earlier["checkpoints"] if not c.get("same_model_as")}  # A's models, made all the same
+
+
 def test_a_fit_of_another_oxen_run_that_joins_a_synced_killed_fits_run_takes_its_marks(dataset_repo, tmp_path):
     """As above, with `sync` run before fit B: A's run ends KILLED, its last model marked final; then B,
     a new Oxen run, joins that MLflow run and finishes. The run's final mark is B's alone (A's stayed:
@@ -563,14 +605,14 @@ def test_sync_of_an_earlier_fits_journaled_end_leaves_the_mlflow_run_a_later_fit
     client = MlflowClient()
     run_id = client.create_run(client.create_experiment("shared")).info.run_id
     failing = {"on": False}
-    applying = sink_process.apply_op
+    applying = sink_process.apply_unless_superseded
 
-    def apply_op(client, journal, meta, op):  # type: ignore[no-untyped-def]
+    def apply(client, journal, meta, op, later):  # type: ignore[no-untyped-def]
         if failing["on"]:
             raise MlflowException("the store is down")
-        return applying(client, journal, meta, op)
+        return applying(client, journal, meta, op, later)
 
-    monkeypatch.setattr(sink_process, "apply_op", apply_op)
+    monkeypatch.setattr(sink_process, "apply_unless_superseded", apply)
     monkeypatch.setattr(sink_process, "RETRY_DELAYS_S", (0.05,))
 
     class StoreDownAtTheEnd(Callback):

@@ -102,15 +102,7 @@ def replay(journal: MlflowJournal) -> int:
     later = superseded_by(client, journal, meta)
     done = 0
     for paths, op in journal.batches():
-        if later is not None and op["op"] in _THE_RUNS_OWN:
-            log.info("Not replaying %s of run %s: fit %s went on in the same MLflow run, whose tags, "
-                     "lineage and end are that fit's.", op["op"], meta.get("oxen_run"), later)
-        elif later is not None and op["op"] == "mark_models":  # its checkpoints' models, not the run's marks
-            from .model_marks import complete_and_mark
-
-            complete_and_mark(client, journal, meta, op["record"], went_on=later)
-        else:
-            apply_op(client, journal, meta, op)
+        apply_unless_superseded(client, journal, meta, op, later)
         meta = journal.meta()
         for path in paths:
             path.unlink()
@@ -118,9 +110,24 @@ def replay(journal: MlflowJournal) -> int:
     return done
 
 
-#: Operations that write the MLflow run's own state (tags, ``oxen/lineage.json``, its extras, its end):
-#: a later fit that continued the Oxen run in the same MLflow run wrote its own.
-_THE_RUNS_OWN = frozenset({"set_tags", "log_json", "publish_extras", "end_run"})
+#: Operations that write the MLflow run's own state (tags, ``oxen/lineage.json``, its extras, its end, its
+#: models' marks): a later fit that logs to the same MLflow run writes its own.
+THE_RUNS_OWN = frozenset({"set_tags", "log_json", "publish_extras", "end_run", "mark_models"})
+
+
+def apply_unless_superseded(client: Any, journal: MlflowJournal, meta: dict[str, Any], op: dict[str, Any],
+                            later: str | None) -> None:
+    """:func:`apply_op`, but for ``later`` (a later fit that logs to the run, see
+    :func:`.abandoned.superseded_by`): the run's own state is that fit's; the checkpoints' models are made."""
+    if later is not None and op["op"] == "mark_models":  # its checkpoints' models, not the run's marks
+        from .model_marks import complete_and_mark
+
+        complete_and_mark(client, journal, meta, op["record"], went_on=later)
+    elif later is not None and op["op"] in THE_RUNS_OWN:
+        log.info("Not logging %s of run %s: fit %s logs to the same MLflow run since, whose tags, lineage and "
+                 "end are that fit's.", op["op"], meta.get("oxen_run"), later)
+    else:
+        apply_op(client, journal, meta, op)
 
 
 def _same_store(recorded: str | None) -> bool:

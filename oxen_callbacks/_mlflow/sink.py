@@ -84,6 +84,7 @@ class MlflowSink:
         self._lock = threading.Lock()
         self._seq = 0
         self._unjournaled = 0  # operations lost because the journal could not be written (warned once)
+        self._whose: dict[str, Any] = {}  # the run, model repository and fit the model tags are of (see tag_start)
         # our own retries pace the sink; MLflow's (minutes by default) would only keep a dead server's
         # operations locked away from `sync` longer. The user's own settings win.
         settings = {ENV_MLFLOW_HTTP_REQUEST_MAX_RETRIES: "2", ENV_MLFLOW_HTTP_REQUEST_TIMEOUT: "30",
@@ -207,10 +208,10 @@ class MlflowSink:
         """What is known at fit start: the run, the model repository, the code and the dataset pin."""
         if record.get("fit_id"):
             self.journal.note_fit(record["fit_id"])  # (what `sync` may amend in the repository: this fit's record)
-        tags = {TAG_RUN: run_name, TAG_MODEL_REPO: record["model"]["repo"],
-                TAG_CODE_GIT_COMMIT: record["code"]["git_commit"]}
+        self._whose = {TAG_RUN: run_name, TAG_MODEL_REPO: record["model"]["repo"]}
         if record.get("fit_id") and isinstance(started := self.journal.meta().get(META_FIT_STARTED_MS), int):
-            tags[TAG_FIT] = fit_tag(started, record["fit_id"])
+            self._whose[TAG_FIT] = fit_tag(started, record["fit_id"])
+        tags = {**self._whose, TAG_CODE_GIT_COMMIT: record["code"]["git_commit"]}
         if record["dataset"]:
             d = record["dataset"]
             tags.update({TAG_DATASET_REPO: redact_url(d["repo"]), TAG_DATASET_COMMIT: d["commit"],
@@ -219,8 +220,9 @@ class MlflowSink:
 
     def tag_model(self, commit: str | None, path: str | None, *, lineage_status: str | None = None) -> None:
         """The model commit and path: the latest checkpoint's as each is committed, the final one's (with
-        the lineage's status) at the end."""
-        self.set_tags({TAG_MODEL_COMMIT: commit, TAG_MODEL_PATH: path, TAG_LINEAGE_STATUS: lineage_status})
+        the lineage's status) at the end; with the run, repository and fit they are of (another process's fit
+        logging to the same MLflow run meanwhile never leaves one's model under the other's names)."""
+        self.set_tags({**self._whose, TAG_MODEL_COMMIT: commit, TAG_MODEL_PATH: path, TAG_LINEAGE_STATUS: lineage_status})
 
     def log_checkpoint_model(self, result: dict[str, Any], record: dict[str, Any], *, dataset_input: bool) -> None:
         """An MLflow logged model for a committed checkpoint (see :mod:`.logged_models`), unless the run

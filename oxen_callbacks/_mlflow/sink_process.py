@@ -26,8 +26,8 @@ from .._util.processes import ENTRY_POINTS, yield_cpu_to_training
 from .._util.redact import RedactingFormatter, redact_text, redact_url
 from .._util.stdin_lines import StdinLines
 from ..names import ENV_MLFLOW_TRACKING_URI
-from .abandoned import commits_outstanding
-from .apply import apply_op, client_for
+from .abandoned import commits_outstanding, superseded_by
+from .apply import THE_RUNS_OWN, apply_unless_superseded, client_for
 from .fluent import sqlite_file
 from .journal import ABANDONED_SEQ, END_LINE, TRAINING_OVER_LINE, MlflowJournal
 
@@ -53,7 +53,8 @@ def serve(journal: MlflowJournal, lines: Any = _STDIN, client_uri: str | None = 
     serving: order matters (tags of a run not yet created...), so the rest stays journaled.
     """
     client = None
-    over = False
+    over, trained = False, False
+    later: str | None | object = _UNASKED  # the later fit that logs to the run (asked once training is over)
     while True:
         pending = journal.batches()
         for paths, op in pending:
@@ -66,7 +67,9 @@ def serve(journal: MlflowJournal, lines: Any = _STDIN, client_uri: str | None = 
             for delay in (*RETRY_DELAYS_S, None):
                 try:
                     client = client or client_for(journal, client_uri)
-                    apply_op(client, journal, journal.meta(), op)
+                    if trained and later is _UNASKED and op["op"] in THE_RUNS_OWN:
+                        later = _later_fit(client, journal)
+                    apply_unless_superseded(client, journal, journal.meta(), op, None if later is _UNASKED else later)
                     for path in paths:
                         path.unlink(missing_ok=True)
                     journal.write_status(gave_up=False, last_error=None)
@@ -87,11 +90,27 @@ def serve(journal: MlflowJournal, lines: Any = _STDIN, client_uri: str | None = 
             return over
         line = lines.next(timeout=1.0)
         over, linger_s = _heard(line, linger_s)
+        trained = trained or line == TRAINING_OVER_LINE
         lingering_until = time.monotonic() + linger_s if line and not over else 0.0
         while not over and (left := lingering_until - time.monotonic()) > 0:
             line = lines.next(timeout=left)
             over, linger_s = _heard(line, linger_s)
+            trained = trained or line == TRAINING_OVER_LINE
             lingering_until = lingering_until if linger_s else 0.0
+
+
+_UNASKED = object()
+
+
+def _later_fit(client: Any, journal: MlflowJournal) -> str | None:
+    """The fit that started logging to the journal's MLflow run after this one (another process joined it):
+    the run's tags, lineage, marks and end are that fit's, not this ending fit's to write over."""
+    later = superseded_by(client, journal, journal.meta())
+    if later is not None:
+        log.warning("MLflow run %s: fit %s started logging to it after this fit of run %s: its tags, lineage and "
+                    "end stay that fit's (this fit's lineage is in the model repository, its checkpoints' logged "
+                    "models are made).", journal.meta().get("run_id"), later, journal.meta().get("oxen_run"))
+    return later
 
 
 def _heard(line: str | None, linger_s: float) -> tuple[Any, float]:
