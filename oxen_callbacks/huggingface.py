@@ -50,6 +50,7 @@ from ._preempt import (
     SignalWatch,
     check_timeout,
 )
+from ._publish.fits import better_earlier_checkpoint
 from .errors import ConfigurationError, DatasetMismatchError
 from .lineage import status_of_an_uncaught_raise
 from .names import ENV_MLFLOW_RUN_ID
@@ -272,9 +273,9 @@ class OxenTrainerCallback(TrainerCallback):
         if state.is_world_process_zero and self.run.publisher is not None and not self.run.finished:
             self.run.note_deleted_checkpoints()
             if self._preemption.noticed:
-                self._preemption.end(best=state.best_model_checkpoint)
+                self._preemption.end(best=_best_path(args, state, self.run))
             else:
-                self.run.finish_soon("FINISHED", best=state.best_model_checkpoint)
+                self.run.finish_soon("FINISHED", best=_best_path(args, state, self.run))
 
     @property
     def preempted(self) -> bool:
@@ -285,6 +286,18 @@ class OxenTrainerCallback(TrainerCallback):
     def lineage(self) -> dict[str, Any] | None:
         """The run's lineage record, complete once train() returned (waits for its final commit)."""
         return self.run.lineage()
+
+
+def _best_path(args: TrainingArguments, state: TrainerState, run: LineageRun) -> str | None:
+    """The run's best checkpoint: the Trainer's, or the one an earlier train() of the continued run saved
+    when its ``metric_for_best_model`` is better (a new train() knows only its own evaluations)."""
+    metric = args.metric_for_best_model
+    if not metric or not run.continuing:
+        return state.best_model_checkpoint
+    earlier = better_earlier_checkpoint(run.earlier_fits_record(), (run.record or {}).get("fit_id"),
+                                        metric if metric.startswith("eval_") else f"eval_{metric}",
+                                        "max" if args.greater_is_better else "min", state.best_metric)
+    return earlier["source"] if earlier else state.best_model_checkpoint
 
 
 #: Callbacks whose train() started a run: a train() that raises calls no hook of ours (the next train()

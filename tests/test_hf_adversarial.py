@@ -278,3 +278,31 @@ def test_two_oxen_callbacks_on_one_trainer_are_refused_before_a_step(pin, tmp_pa
     trainer.remove_callback(callbacks[1])
     trainer.train()  # one is fine, on the same Trainer
     assert [c["step"] for c in callbacks[0].lineage["checkpoints"]] == [2]
+
+
+def test_a_continued_runs_best_is_the_whole_runs_across_train_calls(pin, tmp_path):
+    """Two train() calls in one MLflow run (one Oxen run), each with metric_for_best_model: the second
+    Trainer knows only its own evaluations, so the run's model and its MLflow best mark named the second
+    train()'s best though the first's was better (found by a review of the Lightning fix)."""
+    import mlflow
+
+    splits = pin.load_dataset()
+    cb = OxenTrainerCallback(dataset=pin, model_repo=tmp_path / "models", run_name="r")
+    args = dict(eval_dataset=splits["eval"], eval_strategy="steps", metric_for_best_model="eval_loss",
+                greater_is_better=True)  # the loss falls as it learns: "greater is better" makes the untrained best
+    with mlflow.start_run() as active:
+        first, _ = make_trainer(tmp_path / "a", splits["train"], [cb], max_steps=4, save_steps=2, eval_steps=2,
+                                learning_rate=0.0, **args)  # learns nothing: its loss stays the highest
+        first.train()
+        second, _ = make_trainer(tmp_path / "b", splits["train"], [cb], max_steps=6, save_steps=3, eval_steps=3,
+                                 learning_rate=1e-2, **args)
+        second.train()
+    assert Path(second.state.best_model_checkpoint).name == "checkpoint-3"  # (the Trainer's own, of this train())
+    record = cb.lineage
+    best = next(c for c in record["checkpoints"] if c["path"] == record["model"]["path"])
+    assert best["source"] == str(tmp_path / "a" / "checkpoint-2") and record["model"]["best"] is True
+    assert record["run"]["mlflow_run_id"] == active.info.run_id
+    experiment = mlflow.get_run(active.info.run_id).info.experiment_id
+    [marked] = mlflow.search_logged_models(experiment_ids=[experiment], filter_string="tags.`oxen.model.best` = 'true'",
+                                           output_format="list")
+    assert (marked.tags["oxen.model.commit"], marked.tags["oxen.model.path"]) == (best["commit"], best["path"])
