@@ -157,15 +157,20 @@ class OxenLightningCallback(Callback):
         self._watch.install()
         self._preemption = Preemption(self.run, timeout=self.preempt_timeout)
 
-    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Lightning has set its signal handlers: note the requeue signal before its handler saves."""
+    def _watch_requeue_signal(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Lightning has set its signal handlers (``Trainer._run``, just before the sanity check): note the
+        requeue signal before its handler saves. The first hook after that is the sanity check's start (when
+        there is one), else the train start: a signal during the sanity check requeues the job too."""
         env = getattr(trainer.strategy, "cluster_environment", None)
-        if self._preemption is None or not (isinstance(env, SLURMEnvironment) or SLURMEnvironment.detect()):
+        if self._preemption is None or self._signal_watch is not None or not (
+                isinstance(env, SLURMEnvironment) or SLURMEnvironment.detect()):
             return
         requeue_signal = getattr(env, "requeue_signal", None) or signal.SIGUSR1
         self._signal_watch = SignalWatch(requeue_signal, self._preemption.notice)
         if not self._signal_watch.install(only_over_a_handler=True):  # auto_requeue=False: no requeue
             self._signal_watch = None
+
+    on_sanity_check_start = on_train_start = _watch_requeue_signal
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage == "fit" and self._watch is not None:

@@ -1,7 +1,7 @@
 """One SLURM job step (a Lightning fit or an HF Trainer train) that may be pre-empted mid-fit.
 
 ``--signal-at-step N`` sends this process the pre-emption signal at step N, as ``sbatch
---signal=USR1@90`` would. The result (written to ``--out`` however the fit ends) holds what was
+--signal=USR1@90`` would (``--signal-in-sanity-check``: during Lightning's sanity check instead). The result (written to ``--out`` however the fit ends) holds what was
 committed to the model repository when the process was about to exit.
 """
 
@@ -30,6 +30,11 @@ def lightning_fit(args: argparse.Namespace, out: dict) -> None:
         def on_train_batch_end(self, trainer, *_args, **_kwargs) -> None:  # type: ignore[no-untyped-def]
             out["steps"].append(trainer.global_step)
             if trainer.global_step == args.signal_at_step:
+                out["signalled_at"] = time.monotonic()
+                os.kill(os.getpid(), signal.SIGUSR1)
+
+        def on_validation_batch_start(self, trainer, *_args, **_kwargs) -> None:  # type: ignore[no-untyped-def]
+            if trainer.sanity_checking and args.signal_in_sanity_check and "signalled_at" not in out:
                 out["signalled_at"] = time.monotonic()
                 os.kill(os.getpid(), signal.SIGUSR1)
 
@@ -109,6 +114,8 @@ def main() -> None:
     # (also from the environment: a requeued job runs the same command line, see tests/test_preemption.py)
     parser.add_argument("--signal-at-step", type=int, default=int(os.environ.get("TEST_SIGNAL_AT_STEP", "-1")))
     parser.add_argument("--preempt-timeout", type=float, default=30.0)
+    parser.add_argument("--signal-in-sanity-check", action="store_true",
+                        default=os.environ.get("TEST_SIGNAL_IN_SANITY_CHECK") == "1")
     args = parser.parse_args()
     logging.basicConfig(format="%(asctime)s %(name)s %(message)s")
     logging.getLogger("oxen_callbacks").setLevel(logging.INFO)

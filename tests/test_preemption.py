@@ -38,7 +38,8 @@ def slurm_env(tmp_path: Path, restart: int) -> dict[str, str]:
     return env
 
 
-def job(tmp_path: Path, framework: str, dataset: Path, restart: int, *extra: str, signal_at: int = -1) -> dict:
+def job(tmp_path: Path, framework: str, dataset: Path, restart: int, *extra: str, signal_at: int = -1,
+        env: dict[str, str] | None = None) -> dict:
     """One start of the SLURM job (``restart``: SLURM_RESTART_COUNT); MLflow may take its time
     (a first SQLite store migrates for ~10 s here): the deadline under test is the commit's.
     ``signal_at``: the step the pre-emption signal comes at, given in the environment: a requeued
@@ -48,7 +49,7 @@ def job(tmp_path: Path, framework: str, dataset: Path, restart: int, *extra: str
     cmd = [sys.executable, str(SCRIPT), framework, "--dataset", str(dataset), "--model-repo",
            str(tmp_path / "models"), "--root", str(tmp_path / "root"), "--out", str(out),
            "--preempt-timeout", "120", *extra]
-    proc = subprocess.run(cmd, check=False, env={**slurm_env(tmp_path, restart), "TEST_SIGNAL_AT_STEP": str(signal_at)},
+    proc = subprocess.run(cmd, check=False, env={**slurm_env(tmp_path, restart), "TEST_SIGNAL_AT_STEP": str(signal_at), **(env or {})},
                           capture_output=True, text=True, timeout=400)
     (tmp_path / f"job{restart}.log").write_text(proc.stderr)
     assert proc.returncode in (0, -signal.SIGTERM), proc.stderr[-4000:]  # SIGTERM: requeued by the script
@@ -97,6 +98,26 @@ def test_lightning_preempted_job_commits_its_checkpoint_and_the_requeued_job_goe
     assert 3 in steps and max(steps) == 18 and len(steps) == len(set(steps))  # both jobs' saves, once each
     run = only_mlflow_run(mlflow_id)
     assert run.info.status == "FINISHED" and run.data.tags["oxen.lineage.status"] == "FINISHED"
+
+
+@pytest.mark.timeout(600)
+def test_lightning_preemption_signal_during_the_sanity_check_ends_preempted_and_the_requeued_job_goes_on(
+        dataset_repo, tmp_path):
+    """Lightning installs its requeue handler before the sanity check: a signal there requeues the job too."""
+    first = job(tmp_path, "lightning", dataset_repo.path, 0, env={"TEST_SIGNAL_IN_SANITY_CHECK": "1"})
+
+    assert (tmp_path / "scontrol.log").read_text().split() == ["requeue", JOB]
+    committed = first["committed"]
+    assert first["steps"] == [] and committed["status"] == "PREEMPTED"  # no training step ran
+    hpc = tmp_path / "root" / "hpc_ckpt_1.ckpt"
+    entry = next(c for c in committed["checkpoints"] if c["path"].endswith("hpc_ckpt_1.ckpt"))
+    assert file_at(tmp_path / "models", entry["commit"], entry["path"], tmp_path / "read").read_bytes() == hpc.read_bytes()
+
+    second = job(tmp_path, "lightning", dataset_repo.path, 1)
+    assert second["ckpt_path"] == str(hpc)
+    lineage = second["lineage"]
+    assert lineage["run"]["name"] == first["run"] and lineage["status"] == "FINISHED"  # the same run, not a new one
+    assert lineage["run"]["mlflow_run_id"] == committed["run"]["mlflow_run_id"]
 
 
 @pytest.mark.timeout(600)
