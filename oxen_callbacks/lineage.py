@@ -64,6 +64,9 @@ PREEMPTED = "PREEMPTED"
 #: ``model.best``, written by a fit's end: whether the trainer named that checkpoint its best (the
 #: metric it monitors), so that `sync` marks it so even when it is also the last one.
 BEST_KEY = "best"
+#: A checkpoint entry's ``{"step", "path"}`` of a later save written where it was (a Ray report reusing a
+#: ``checkpoint_dir_name``) possibly before it was frozen: its commit may hold that later save's bytes.
+LATER_REPORT_KEY = "may_hold_later_report"
 #: In the record ``callback.lineage`` holds when the run's final lineage commit did not complete
 #: (``"pending"``: ``oxen-callbacks sync`` commits it); never in a committed record.
 FINAL_COMMIT_KEY = "final_commit"

@@ -318,18 +318,23 @@ class LineageRun(RunOptionChecks, RunEnding):
 
     def checkpoint_saved(self, path: str | os.PathLike[str], *, step: int | None = None,
                          epoch: int | None = None, metrics: dict[str, float] | None = None,
-                         copy: bool = False, same_model_as: str | os.PathLike[str] | None = None) -> int:
+                         copy: bool = False, same_model_as: str | os.PathLike[str] | None = None,
+                         rewrites_earlier: bool = False) -> int:
         """Queue the finished checkpoint at ``path`` (file or folder) for commit; returns at once.
         ``copy``: the trainer may rewrite ``path`` in place without calling :meth:`before_overwrite`;
         ``same_model_as``: a checkpoint published before at the same step with the same weights
-        (Lightning's ``last.ckpt`` after its top-k file): MLflow gets one logged model for both."""
+        (Lightning's ``last.ckpt`` after its top-k file): MLflow gets one logged model for both;
+        ``rewrites_earlier``: this save was written where an earlier one was, possibly before that one was
+        frozen (Ray persists a report before its controller sees it): the earlier entries of ``path`` are
+        marked ``may_hold_later_report``."""
         if self.publisher is None or self.record is None:
             raise PublishError("LineageRun.checkpoint_saved() called before start()")
         if self.finished:  # e.g. another callback saving after ours ended the run: not in its lineage
             log.warning("Checkpoint %s was saved after run %s ended; it is not committed.", path, self.run_name)
             return -1
         seq = self.publisher.submit_checkpoint(path, record=self._base_record(), step=step, epoch=epoch,
-                                               metrics=metrics, copy=copy, same_model_as=same_model_as)
+                                               metrics=metrics, copy=copy, same_model_as=same_model_as,
+                                               rewrites_earlier=rewrites_earlier)
         self._published.append(os.fspath(path))
         return seq
 

@@ -22,7 +22,7 @@ from .._oxen.prestore import prestore
 from .._oxen.repo import LocalRepo
 from .._util.locks import FileLock
 from ..errors import ConfigurationError, OxenError, PublishError, RepoBusyError
-from ..lineage import BEST_KEY, fill_commit
+from ..lineage import BEST_KEY, LATER_REPORT_KEY, fill_commit
 from ..model_repo import lineage_path
 from .adding import adding
 from .fits import (
@@ -209,6 +209,10 @@ class Committer:
             log.warning("Checkpoint %s was written over in place after it was saved (%s): its commit holds "
                         "the new bytes, and its lineage entry says so (changed_after_save).", dest_rel, ", ".join(changed))
             entry["changed_after_save"] = changed
+        if p.get("rewrites_earlier"):  # written where earlier saves were, maybe before they were frozen
+            for earlier in record["checkpoints"]:
+                if earlier.get("source") == p.get("source") and earlier.get("job") != entry["job"]:
+                    earlier.setdefault(LATER_REPORT_KEY, {"step": entry["step"], "path": dest_rel})
         if isinstance(p.get("skipped"), list) and p["skipped"]:
             entry["skipped"] = [str(s) for s in p["skipped"]]  # (named pipes, dangling links: not committed)
         record["checkpoints"] = [c for c in record["checkpoints"] if c.get("job") != entry["job"]] + [entry]

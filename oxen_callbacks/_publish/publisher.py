@@ -237,10 +237,12 @@ class CheckpointPublisher:
         metrics: dict[str, float] | None = None,
         copy: bool = False,
         same_model_as: str | os.PathLike[str] | None = None,
+        rewrites_earlier: bool = False,
     ) -> int:
         """Freeze the finished checkpoint at ``path`` (file or folder) and queue its commit
         (``copy``: freeze a copy, see :func:`~oxen_callbacks._publish.freeze.freeze`; ``same_model_as``:
-        a checkpoint submitted before, at the same step, that holds the same model: one logged model)."""
+        a checkpoint submitted before, at the same step, that holds the same model: one logged model;
+        ``rewrites_earlier``: see :meth:`~oxen_callbacks.run.LineageRun.checkpoint_saved`)."""
         started = time.perf_counter()
         if not os.path.exists(path):
             raise PublishError(f"Checkpoint {path} does not exist (was it written?)")
@@ -259,6 +261,8 @@ class CheckpointPublisher:
             payload["skipped"] = frozen.skipped
         if same_model_as is not None and (same_dest := self.dests.known(same_model_as)) is not None:
             payload["same_model_as"] = same_dest
+        if rewrites_earlier:
+            payload["rewrites_earlier"] = True
         self._put("checkpoint", payload)
         self.stall_seconds.append(time.perf_counter() - started)
         return seq

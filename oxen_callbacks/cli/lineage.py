@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from ..lineage import LATER_REPORT_KEY
 from ..names import LINEAGE_ARTIFACT
 from .command import Command, Result, commit_or_none
 
@@ -86,9 +87,21 @@ def _show_lineage(view: Result) -> str:
         metrics = " ".join(f"{k}={_number(v)}" for k, v in sorted((c.get("metrics") or {}).items()))
         gone = "" if c.get("kept", True) else "  (rotated out)"
         lines.append(f"  {commit_or_none(c['commit'])}  {where:<16} {c['path']}{gone}  {metrics}".rstrip())
+        lines.extend(f"               ({note})" for note in entry_notes(c))
     if view.get("graph"):
         lines.append(f"graph        {view['graph']}")
     return "\n".join(lines)
+
+
+def entry_notes(entry: dict[str, Any]) -> list[str]:
+    """What a checkpoint entry says about its commit not holding the bytes of its own save."""
+    notes = []
+    if entry.get("changed_after_save"):
+        notes.append(f"written over after it was saved: its commit holds the new bytes of {entry['changed_after_save']}")
+    later = entry.get(LATER_REPORT_KEY)
+    if isinstance(later, dict):
+        notes.append(f"may hold the bytes of the later report at step {later.get('step')} written to the same folder")
+    return notes
 
 
 def _number(value: Any) -> str:
@@ -107,6 +120,7 @@ def _show_trace(result: Result) -> str:
         lines.extend(run_lines(view, "  "))
         for c in view.get("matched_checkpoints") or []:
             lines.append(f"  checkpoint   {c['path']} @ {commit_or_none(c['commit'])}")
+            lines.extend(f"               ({note})" for note in entry_notes(c))
     return "\n".join(lines)
 
 
