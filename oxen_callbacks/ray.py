@@ -94,6 +94,8 @@ class OxenRayCallback(ControllerCallback, WorkerGroupCallback, ReportCallback, W
             ``revision`` and ``paths`` apply). ``None``: no dataset lineage.
         **run_options: passed to :class:`oxen_callbacks.run.LineageRun` (``mlflow``, ``run_name``,
             ``experiment_name``, ``mlflow_tracking_uri``, ``cache_dir``, ``author``, ``remote``...).
+        allow_dataset_change: let a job Ray resumes from an earlier job's checkpoint (the same
+            ``RunConfig(name, storage_path)``) read another dataset commit than that checkpoint was trained on.
 
     Checkpoints stay where Ray put them (``RunConfig(storage_path)``, pruned by ``num_to_keep``); each
     is hard-linked into the cache at report time (copied when the cache lies on another filesystem;
@@ -107,6 +109,7 @@ class OxenRayCallback(ControllerCallback, WorkerGroupCallback, ReportCallback, W
         dataset: PinnedDataset | str | os.PathLike[str] | None = None,
         revision: str | None = None,
         paths: list[str] | None = None,
+        allow_dataset_change: bool = False,
         **run_options: Any,
     ) -> None:
         global _driver_pin
@@ -124,6 +127,9 @@ class OxenRayCallback(ControllerCallback, WorkerGroupCallback, ReportCallback, W
         self.mlflow_run_id: str | None = None  # the job's run: known on the controller before workers start
         self.mlflow_experiment_id: str | None = None
         self.dataset_remote = _dataset_remote(self.dataset)
+        self.allow_dataset_change = allow_dataset_change
+        self._reported: dict[str, int | None] = {}  # on the controller: each checkpoint folder reported, its step
+        self._warned_reuse = False
         _driver_pin = self.dataset
 
     def __getstate__(self) -> dict[str, Any]:
@@ -137,12 +143,24 @@ class OxenRayCallback(ControllerCallback, WorkerGroupCallback, ReportCallback, W
     def after_controller_start(self, train_run_context: Any) -> None:
         """Start the job's lineage run: claim its name, pull the pin, start the publisher, open MLflow."""
         run = self._controller_run()
-        run.start(fit_key=self._fit_key)  # (a default run name already taken, by an earlier fit: drawn again)
         config = train_run_context.run_config
+        restored = _restored_checkpoint(config.storage_context)  # an earlier job's, under the same name
+        found = _committed_as(self.model_repo, restored) if restored else None
+        if restored and found is None:
+            log.warning("Ray resumes this job from checkpoint %s, an earlier job's under RunConfig(name=%r), which "
+                        "no run of %s committed: the lineage cannot name its commit or check its dataset commit.",
+                        restored, config.name, self.model_repo)
+        recorded_dataset = (found or {}).get("state", {}).get("dataset")
+        if recorded_dataset and self.dataset is not None and not self.allow_dataset_change:
+            self.dataset.check_same(recorded_dataset, what=f"The checkpoint Ray resumes this job from ({restored})")
+        run.start(fit_key=self._fit_key)  # (a default run name already taken, by an earlier fit: drawn again)
         assert run.record is not None
         run.record["run"]["ray"] = {"name": config.name, "storage_path": redact_url(str(config.storage_path)),
                                     "experiment_path": redact_url(config.storage_context.experiment_fs_path),
                                     "run_id": train_run_context.run_id}
+        if restored:
+            run.note_resumed((found or {}).get("state"), step=(found or {}).get("step"), file=restored,
+                             committed=(found or {}).get("committed"))
 
     def before_init_train_context(self, workers: list[Any]) -> dict[str, list[Any]]:
         """Before Ray copies this callback to a (new) worker group: the MLflow run's id for rank 0."""
@@ -162,14 +180,33 @@ class OxenRayCallback(ControllerCallback, WorkerGroupCallback, ReportCallback, W
             return
         try:
             step, epoch, numbers = _report_position(metrics[0] if metrics else {})
+            again = self._note_reported(str(checkpoint.path), step)
             with _local_folder(checkpoint) as folder:
-                self._controller_run().checkpoint_saved(folder, step=step, epoch=epoch, metrics=numbers)
+                self._controller_run().checkpoint_saved(folder, step=step, epoch=epoch, metrics=numbers,
+                                                        rewrites_earlier=again)
         except Exception:  # never stop training for lineage: the checkpoint stays in Ray's storage
             log.exception("Committing checkpoint %s to Oxen failed", checkpoint.path)
+
+    def _note_reported(self, path: str, step: int | None) -> bool:
+        """Whether an earlier report of this job put its checkpoint in the same folder. Ray persists a report
+        before the controller sees it, so by then the worker may have written the next report into that folder:
+        the earlier report's commit may hold the later one's bytes. Warned once per job."""
+        again = path in self._reported
+        if again and not self._warned_reuse:
+            self._warned_reuse = True
+            log.warning("Checkpoint folder %s was reported again (step %s after step %s): a report reusing a "
+                        "checkpoint_dir_name may be written over before its commit freezes it, so each earlier "
+                        "report's lineage entry says it may hold a later report's bytes (may_hold_later_report). "
+                        "Give each report its own checkpoint_dir_name (or leave Ray's default).",
+                        path, step, self._reported[path])
+        self._reported[path] = step
+        return again
 
     def after_controller_finish(self, result: Any) -> None:
         """End the lineage with the job: wait for every commit, commit the final record, end MLflow."""
         run = self._controller_run()
+        if run.publisher is None:  # never started (refused at controller start): nothing to end
+            return
         status = "FAILED" if result.error is not None else "FINISHED"
         try:
             run.finish(status)
@@ -264,6 +301,48 @@ def _report_position(metrics: dict[str, Any]) -> tuple[int | None, int | None, d
         epoch = max(math.ceil(epoch) - 1, 0)
     return (int(step) if isinstance(step, (int, float)) else None,
             epoch if isinstance(epoch, int) else None, numbers)
+
+
+def _restored_checkpoint(storage: Any) -> str | None:
+    """The checkpoint Ray hands this job's workers from an earlier job of the same ``RunConfig(name,
+    storage_path)``: the latest in the run snapshot Ray's checkpoint manager loaded at controller start."""
+    import json
+
+    try:
+        fs, snapshot = storage.storage_filesystem, storage.checkpoint_manager_snapshot_path
+        if fs.get_file_info(snapshot).type.name == "NotFound":
+            return None
+        with fs.open_input_stream(snapshot) as f:
+            latest = (json.loads(f.read().decode("utf-8")) or {}).get("latest_checkpoint_result") or {}
+        name = latest.get("checkpoint_dir_name")
+        return str(storage.build_checkpoint_path_from_name(name)) if isinstance(name, str) else None
+    except Exception:  # Ray's snapshot format is its own: never stop the job for lineage
+        log.warning("Could not read Ray's run snapshot %s: a checkpoint this job resumes from is not recorded.",
+                    getattr(storage, "checkpoint_manager_snapshot_path", "?"), exc_info=True)
+        return None
+
+
+def _committed_as(model_repo: Path, source: str) -> dict[str, Any] | None:
+    """The run of ``model_repo`` that committed the checkpoint Ray reported at ``source`` (its bytes still
+    there): ``{"committed": {commit, path}, "step", "state": the run's resume state}``, newest run first."""
+    from .checkpoints import committed_source
+    from .lineage import read_or_skip
+    from .model_repo import lineage_files
+
+    if not os.path.exists(source):  # (cloud storage: not read back here)
+        return None
+    for file in sorted(lineage_files(model_repo), key=lambda p: p.stat().st_mtime, reverse=True):
+        record = read_or_skip(file)
+        if record is None or not any(c.get("source") == source for c in record["checkpoints"]):
+            continue
+        run = record["run"].get("name")
+        committed = committed_source(model_repo, run, source, hops=1)
+        if committed is not None:
+            step = next((c.get("step") for c in reversed(record["checkpoints"]) if c["commit"] == committed["commit"]
+                         and c["path"] == committed["path"]), None)
+            return {"committed": committed, "step": step,
+                    "state": {"dataset": record.get("dataset"), "run_name": run, "model_repo": str(model_repo)}}
+    return None
 
 
 @contextlib.contextmanager

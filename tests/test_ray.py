@@ -268,6 +268,14 @@ def test_ray_hooks_this_adapter_relies_on_are_still_there() -> None:
     from ray.train.v2._internal.execution.training_report import _TrainingReport
 
     assert "checkpoint" in inspect.signature(_TrainingReport).parameters
+    # the run snapshot a rerun under the same RunConfig(name) restores from (read by _restored_checkpoint)
+    from ray.train.v2._internal.execution.checkpoint import checkpoint_manager
+    from ray.train.v2._internal.execution.storage import StorageContext
+
+    assert {"latest_checkpoint_result"} <= set(checkpoint_manager._CheckpointManagerState.__fields__)
+    assert "checkpoint_dir_name" in checkpoint_manager._TrainingResultState.__fields__
+    assert hasattr(StorageContext, "checkpoint_manager_snapshot_path")
+    assert hasattr(StorageContext, "build_checkpoint_path_from_name")
 
 
 def test_readme_ray_example_is_the_tested_example() -> None:
@@ -303,3 +311,92 @@ def test_worker_on_a_node_without_the_dataset_folder_and_no_remote_is_told_how_t
     dataset_repo.path.rename(tmp_path / "elsewhere")  # the folder is not on this "node"
     with pytest.raises(ConfigurationError, match="oxen push"):
         on_other_node.after_init_train_context()
+
+
+def report_func(config: dict[str, Any]) -> None:
+    """Reports ``config["reports"]`` checkpoints (``model.bin``: ``<tag>-<i>-`` and 1 MB) into
+    ``config["dir_name"]`` (``None``: Ray's default, a new folder each); notes what it resumed from."""
+    from ray.train import Checkpoint
+
+    from oxen_callbacks.ray import pinned_dataset
+
+    pinned_dataset()
+    resumed = ray.train.get_checkpoint()
+    if resumed is not None:
+        with resumed.as_directory() as folder:
+            Path(config["notes"], "resumed.bin").write_bytes((Path(folder) / "model.bin").read_bytes())
+    for i in range(config["reports"]):
+        with tempfile.TemporaryDirectory() as tmp:
+            Path(tmp, "model.bin").write_bytes(f"{config['tag']}-{i}-".encode() + b"x" * 1_000_000)
+            ray.train.report({"step": i}, checkpoint=Checkpoint.from_directory(tmp),
+                             checkpoint_dir_name=config["dir_name"])
+
+
+def report_job(tmp_path: Path, dataset: Any, *, tag: str, reports: int, dir_name: str | None,
+               revision: str | None = None) -> tuple[Any, Any]:
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from oxen_callbacks.ray import OxenRayCallback
+
+    (tmp_path / "notes").mkdir(exist_ok=True)
+    oxen = OxenRayCallback(dataset=str(dataset.path), revision=revision, paths=["train.csv"],
+                           model_repo=tmp_path / "models", mlflow=False)
+    trainer = TorchTrainer(report_func, train_loop_config={"tag": tag, "reports": reports, "dir_name": dir_name,
+                                                           "notes": str(tmp_path / "notes")},
+                           scaling_config=ScalingConfig(num_workers=1),
+                           run_config=RunConfig(name="job", storage_path=str(tmp_path / "ray_results"),
+                                                callbacks=[oxen]))
+    return trainer.fit(), oxen
+
+
+def test_reports_into_one_checkpoint_dir_name_never_claim_bytes_their_commit_may_not_hold(
+        tmp_path: Path, dataset_repo: Any) -> None:
+    """A fixed ``checkpoint_dir_name`` (a "latest" folder): Ray persists each report before its controller
+    sees it, so the next report may overwrite the folder before the earlier one is frozen."""
+    from oxen_callbacks.cli.lineage import entry_notes
+
+    result, oxen = report_job(tmp_path, dataset_repo, tag="A", reports=3, dir_name="latest")
+    lineage = oxen.lineage
+    assert result.error is None and lineage["status"] == "FINISHED"
+    entries = lineage["checkpoints"]
+    assert [c["step"] for c in entries] == [0, 1, 2]
+    for c in entries:
+        held = file_at(tmp_path / "models", c["commit"], f"{c['path']}/model.bin", tmp_path / "read").read_bytes()
+        later = c.get("may_hold_later_report")
+        # each entry's commit holds its own report's bytes, or its entry says it may hold a later report's
+        assert held.startswith(f"A-{c['step']}-".encode()) or (later and held.startswith(b"A-")), (c, held[:8])
+        if c["step"] < 2:  # every report but the last was followed by one into the same folder
+            assert later == {"step": c["step"] + 1, "path": entries[c["step"] + 1]["path"]}
+            assert entry_notes(c)  # `oxen-callbacks lineage` shows it
+    assert "may_hold_later_report" not in entries[-1]
+    last = file_at(tmp_path / "models", entries[-1]["commit"], f"{entries[-1]['path']}/model.bin", tmp_path / "read")
+    assert last.read_bytes().startswith(b"A-2-")
+
+
+def test_a_rerun_of_the_same_ray_run_records_the_checkpoint_it_resumed_and_checks_its_dataset(
+        tmp_path: Path, dataset_repo: Any) -> None:
+    """Ray's recovery after the driver died: the same RunConfig(name, storage_path) restores the earlier job's
+    latest checkpoint (get_checkpoint() in the new job)."""
+    from oxen_callbacks.errors import DatasetMismatchError
+
+    first_result, first = report_job(tmp_path, dataset_repo, tag="A", reports=2, dir_name=None)
+    earlier = first.lineage
+    assert first_result.error is None and earlier["status"] == "FINISHED"
+
+    second_result, second = report_job(tmp_path, dataset_repo, tag="B", reports=1, dir_name=None)
+    lineage = second.lineage
+    assert second_result.error is None and lineage["run"]["name"] != earlier["run"]["name"]
+    resumed, loaded = lineage.get("resumed_from"), earlier["checkpoints"][-1]
+    assert resumed is not None
+    assert (resumed["commit"], resumed["path"], resumed["step"]) == (loaded["commit"], loaded["path"], 1)
+    assert resumed["run_name"] == earlier["run"]["name"] and resumed["dataset"]["commit"] == dataset_repo.head
+    read = (tmp_path / "notes" / "resumed.bin").read_bytes()  # what the new job's worker was handed...
+    committed = file_at(tmp_path / "models", resumed["commit"], f"{resumed['path']}/model.bin", tmp_path / "read")
+    assert read == committed.read_bytes() and read.startswith(b"A-1-")  # ...is what resumed_from names
+
+    # a rerun pinning another dataset commit than the restored checkpoint's is refused, as a Lightning resume is
+    with pytest.raises(ray.train.ControllerError) as refused:  # (Ray wraps our DatasetMismatchError)
+        report_job(tmp_path, dataset_repo, tag="C", reports=1, dir_name=None, revision=dataset_repo.commits[0])
+    assert isinstance(refused.value.__cause__ or refused.value, (DatasetMismatchError, ray.train.ControllerError))
+    assert f"was trained on dataset commit {dataset_repo.head}" in str(refused.value)
