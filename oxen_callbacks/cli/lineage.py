@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from ..lineage import LATER_REPORT_KEY
 from ..names import LINEAGE_ARTIFACT
 from .command import Command, Result, commit_or_none
 
@@ -95,6 +94,8 @@ def _show_lineage(view: Result) -> str:
 
 def entry_notes(entry: dict[str, Any]) -> list[str]:
     """What a checkpoint entry says about its commit not holding the bytes of its own save."""
+    from ..lineage import LATER_REPORT_KEY  # (here: the CLI's import floors stay low)
+
     notes = []
     if entry.get("changed_after_save"):
         notes.append(f"written over after it was saved: its commit holds the new bytes of {entry['changed_after_save']}")
