@@ -147,6 +147,28 @@ def test_same_size_change_is_caught_by_a_deep_check(dataset_repo, capsys):
     assert f"DAMAGED {pin.store.folder(first)}" in out and "'train.csv' changed" in out and "val.csv" not in out
 
 
+def test_a_pinned_file_rewritten_by_rename_in_its_view_is_caught_by_every_check(dataset_repo, capsys):
+    """`sed -i` on what `file()` gave (root, as in most containers): a new file of the same size replaced
+    the view's link into the snapshot. Later pins read the edited rows as the commit's; the check at fit
+    start and `oxen-callbacks verify` passed them (adversarial review)."""
+    first = dataset_repo.commits[0]
+    pin = PinnedDataset(dataset_repo.path, revision=first, paths=["train.csv"])
+    committed = pin.file("train.csv").read_bytes()
+    subprocess.run(["sed", "-i", "s/,0$/,1/", str(pin.file("train.csv"))], check=True)
+    later = PinnedDataset(dataset_repo.path, revision=first, paths=["train.csv"])
+    assert later.file("train.csv").read_bytes() != committed and len(later.file("train.csv").read_bytes()) == len(committed)
+    with pytest.raises(DatasetMismatchError, match=r"'train.csv' in the view .* is not the snapshot's"):
+        later.verify()  # what every fit start runs
+    capsys.readouterr()
+    assert cli_main(["verify"]) == 1
+    out = capsys.readouterr().out
+    assert "DAMAGED" in out and "'train.csv' in the view" in out
+    later.pull_intact()
+    assert later.file("train.csv").read_bytes() == committed
+    later.verify()
+    assert cli_main(["verify"]) == 0
+
+
 def test_deleted_snapshot_is_made_again(dataset_repo):
     pin = PinnedDataset(dataset_repo.path, revision=dataset_repo.head)
     pin.pull()

@@ -257,17 +257,6 @@ def cached_snapshots(cache_dir: str | os.PathLike[str]) -> Iterator[tuple[Snapsh
                 yield SnapshotStore(cache_dir, base.name), commit
 
 
-def verify_cache(cache_dir: str | os.PathLike[str]) -> dict[str, object]:
-    """Deep-check every cached snapshot (:meth:`SnapshotStore.check`); ``damaged`` counts those with problems."""
-    snapshots = []
-    for store, commit in cached_snapshots(cache_dir):
-        manifest = store.manifest(commit)
-        snapshots.append({"folder": str(store.folder(commit)), "commit": commit, "files": manifest.files,
-                          "bytes": manifest.bytes, "problems": store.check(commit, deep=True)})
-    return {"cache_dir": str(Path(cache_dir).expanduser()), "snapshots": snapshots,
-            "damaged": sum(1 for s in snapshots if s["problems"])}
-
-
 def remake_hint(folder: str | os.PathLike[str]) -> str:
     """How to have a damaged snapshot made again at the next pin."""
     return f"delete it (`chmod -R u+w {folder} && rm -rf {folder}`): the next pin makes it again"

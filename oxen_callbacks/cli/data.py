@@ -90,7 +90,7 @@ def _show_diff(result: Result) -> str:
 
 
 def _verify(args: argparse.Namespace) -> Result:
-    from .._data.snapshot import verify_cache
+    from .._data.cache_check import verify_cache
     from .._util.cache import default_cache_dir
 
     return verify_cache(args.cache_dir or default_cache_dir())
