@@ -135,7 +135,8 @@ def test_same_size_change_is_caught_by_a_deep_check(dataset_repo, capsys):
     pin.verify(deep=True)
     assert cli_main(["verify"]) == 0
     changed_in_place(pin, "train.csv")
-    pin.verify()  # sizes and counts: cheap, and blind to this
+    with pytest.raises(DatasetMismatchError, match=r"'train.csv' changed \(content hash differs\)"):
+        pin.verify()  # the cheap check sees another modification time, and reads that file's bytes
     with pytest.raises(DatasetMismatchError, match=r"'train.csv' changed \(content hash differs\)"):
         pin.verify(deep=True)
     with pytest.raises(DatasetMismatchError, match="train.csv"):
@@ -167,6 +168,43 @@ def test_a_pinned_file_rewritten_by_rename_in_its_view_is_caught_by_every_check(
     assert later.file("train.csv").read_bytes() == committed
     later.verify()
     assert cli_main(["verify"]) == 0
+
+
+def test_a_same_size_edit_in_place_is_caught_by_the_check_at_fit_start(dataset_repo, caplog):
+    """Root writes through 0444 (most containers run as root): labels flipped in place, same size, passed
+    the check every fit start runs, which compared counts and sizes only (adversarial review)."""
+    first = dataset_repo.commits[0]
+    pin = PinnedDataset(dataset_repo.path, revision=first)
+    target = pin.file("train.csv")
+    committed = target.read_bytes()
+    if os.geteuid() != 0:
+        target.chmod(0o644)  # (what root needs not)
+    with open(target, "r+b") as f:
+        f.write(committed.replace(b",0\n", b",1\n"))
+    later = PinnedDataset(dataset_repo.path, revision=first)
+    with pytest.raises(DatasetMismatchError, match=r"'train.csv' changed \(content hash differs\)"):
+        later.verify()
+    assert later.pull_intact().joinpath("train.csv").read_bytes() == committed
+    later.verify()
+
+    # the same bytes in other files (a cache copied with `cp -a`): read, found intact, not refused
+    again = PinnedDataset(dataset_repo.path, revision=first, paths=["val.csv"])
+    again.pull()
+    cached = again.store.base  # (views and all: cp -a keeps their hard links)
+    writable(cached)
+    subprocess.run(["cp", "-a", str(cached), f"{cached}.copy"], check=True)
+    subprocess.run(["rm", "-rf", str(cached)], check=True)
+    os.rename(f"{cached}.copy", cached)
+    with caplog.at_level("WARNING"):
+        again.verify()
+    assert "a copied cache?" in caplog.text
+
+    # a manifest of the version before (no stamps) is still read, and checked as then
+    manifest = later.store.manifest_path(first)
+    data = json.loads(manifest.read_text())
+    data["paths"] = {rel: {"files": v["files"], "bytes": v["bytes"]} for rel, v in data["paths"].items()}
+    manifest.write_text(json.dumps(data))
+    PinnedDataset(dataset_repo.path, revision=first).verify()
 
 
 def test_deleted_snapshot_is_made_again(dataset_repo):

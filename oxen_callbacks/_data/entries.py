@@ -7,8 +7,12 @@ import os
 import stat
 from pathlib import Path
 
+import xxhash
+
 from .._util.fs import creation_mask
 from .._util.materialized import content_hash, file_digest
+
+_STAMP_MOD = 1 << 64
 
 
 def hash_file(path: str | os.PathLike[str]) -> str:
@@ -52,24 +56,27 @@ def odd_entries(root: Path, paths: list[str]) -> dict[str, str]:
 
 
 def count_files(root: Path, rel: str, odd: dict[str, str] | None = None) -> dict[str, int]:
-    """Regular files and their bytes at or under ``rel`` of ``root``, never following a symbolic link.
+    """Regular files and their bytes at or under ``rel`` of ``root``, never following a symbolic link,
+    and their ``stamp``: which files they are (each one's path, inode and modification time; a file
+    written in place or replaced, by ``sed -i`` say, changes it; making hard links to it does not).
     Every other entry found (a link as ``root`` itself, on the way or below; a named pipe, a socket,
     a device) is added to ``odd`` with what it is, and not counted."""
     found = {} if odd is None else odd
     top = root if rel == "." else root / rel
     if (link := linked_part(root, rel)) is not None:
         found[link] = "a symbolic link"
-        return {"files": 0, "bytes": 0}
+        return {"files": 0, "bytes": 0, "stamp": 0}
     try:
         info = top.lstat()
     except FileNotFoundError:
-        return {"files": 0, "bytes": 0}
+        return {"files": 0, "bytes": 0, "stamp": 0}
     if not stat.S_ISDIR(info.st_mode):
         if stat.S_ISREG(info.st_mode):
-            return {"files": 1, "bytes": info.st_size}
+            return {"files": 1, "bytes": info.st_size, "stamp": _stamp(rel, info)}
         found[rel] = entry_kind(info.st_mode)
-        return {"files": 0, "bytes": 0}
-    files = size = 0
+        return {"files": 0, "bytes": 0, "stamp": 0}
+    files = size = stamp = 0
+    cut = len(os.fspath(root)) + 1
     for dirpath, dirs, names in os.walk(top):
         for name in [*names, *dirs]:
             path = os.path.join(dirpath, name)
@@ -77,9 +84,15 @@ def count_files(root: Path, rel: str, odd: dict[str, str] | None = None) -> dict
             if stat.S_ISREG(entry.st_mode):
                 files += 1
                 size += entry.st_size
+                stamp += _stamp(path[cut:], entry)
             elif not stat.S_ISDIR(entry.st_mode):
                 found[Path(path).relative_to(root).as_posix()] = entry_kind(entry.st_mode)
-    return {"files": files, "bytes": size}
+    return {"files": files, "bytes": size, "stamp": stamp % _STAMP_MOD}
+
+
+def _stamp(rel: str, info: os.stat_result) -> int:
+    """One file's part of a stamp (summed: the order of a folder's walk does not matter)."""
+    return xxhash.xxh3_64_intdigest(f"{rel}\0{info.st_ino}\0{info.st_mtime_ns}".encode(errors="surrogateescape"))
 
 
 def entry_kind(mode: int) -> str:

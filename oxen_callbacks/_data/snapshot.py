@@ -3,12 +3,14 @@
 A snapshot holds the requested paths of one commit. Its manifest, written last
 and atomically, says which paths are complete, so a re-pin of a cached commit
 reads one small file whatever the data size. Each file's content hash (xxh3-128,
-as Oxen records it) is kept in a sidecar beside the manifest, read only by a deep
-check (:meth:`SnapshotStore.check`).
+as Oxen records it) is kept in a sidecar beside the manifest, read by a deep check
+(:meth:`SnapshotStore.check`), and by the cheap one for the paths whose files are no longer those
+the manifest's stamp recorded (inodes, modification times: written in place, or replaced).
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import stat
 from collections.abc import Iterable, Iterator
@@ -24,6 +26,7 @@ from .._util.relpath import covers, safe_relpath
 from .._util.scratch import scratch_folder
 from .entries import count_files, entry_kind, files_under, hash_file, make_readonly
 
+log = logging.getLogger(__name__)
 _SHOWN = 10  # problems named in a report of one snapshot
 VIEWS_SUFFIX = ".views"  # ``<commit>.views/``: the views of a snapshot (see :mod:`.views`)
 
@@ -34,7 +37,8 @@ class DamagedRecord(ValueError):
 
 @dataclass
 class Manifest:
-    """What a snapshot folder holds: complete paths, with their file count and size."""
+    """What a snapshot folder holds: complete paths, with their file count, size and stamp (which files:
+    :func:`~.entries.count_files`; none in a manifest of an older version)."""
 
     commit: str
     paths: dict[str, dict[str, int]] = field(default_factory=dict)
@@ -205,10 +209,8 @@ class SnapshotStore:
                     dest = folder / name
                     dest.parent.mkdir(parents=True, exist_ok=True)
                     _merge_move(staged_root / name, dest)
-                if counts is not None and rel in counts:
-                    manifest.paths[rel] = counts[rel]
-                else:
-                    manifest.paths[rel] = count_files(folder, rel)
+                on_disk = count_files(folder, rel)  # (its stamp: which files these are)
+                manifest.paths[rel] = {**counts[rel], "stamp": on_disk["stamp"]} if counts and rel in counts else on_disk
         finally:
             make_readonly(folder, files=counts is None)
         self.write_manifest(manifest)
@@ -216,7 +218,8 @@ class SnapshotStore:
     def check(self, commit: str, *, deep: bool = False, paths: list[str] | None = None) -> list[str]:
         """What differs between the snapshot and its records, one line per problem (none: intact).
 
-        Cheap by default: file count and bytes of each recorded path. ``deep`` also
+        Cheap by default: file count, bytes and stamp (which files: inodes, modification times; a path
+        whose stamp differs has its files' content hashes checked) of each recorded path. ``deep`` also
         compares the content hash of every file (under ``paths``, default all) with the
         one recorded when it was made.
         """
@@ -230,12 +233,16 @@ class SnapshotStore:
         manifest = Manifest(commit, recorded_paths if root.is_dir() else {})
         odd: dict[str, str] = {}
         problems: list[str] = []
+        restamped: list[str] = []
         for rel, recorded in manifest.paths.items():
             actual = count_files(root, rel, odd)
-            if actual != recorded:
+            if (actual["files"], actual["bytes"]) != (recorded["files"], recorded["bytes"]):
                 problems.append(f"{rel!r} holds {actual['files']} files, {actual['bytes']} bytes; "
                                 f"recorded {recorded['files']} files, {recorded['bytes']} bytes")
+            elif recorded.get("stamp", actual["stamp"]) != actual["stamp"]:  # (none: made by an older version)
+                restamped.append(rel)
         problems += [f"{path!r} is {kind} (a snapshot holds none)" for path, kind in sorted(odd.items())]
+        problems += self._restamped_problems(commit, restamped, paths)
         if deep and manifest.paths:
             try:
                 hashes = self.hashes(commit)
@@ -244,6 +251,28 @@ class SnapshotStore:
             if hashes is None:
                 return [*problems, "no content hashes were recorded (made by an older version)"]
             problems += _content_problems(root, paths or list(manifest.paths), hashes)
+        return list(dict.fromkeys(problems))  # (a file rewritten in place is found by both checks)
+
+    def _restamped_problems(self, commit: str, rels: list[str], paths: list[str] | None) -> list[str]:
+        """What changed under ``rels`` (and ``paths``, when given: a pin's), whose files are not those the
+        snapshot was made with (written in place, or replaced): their content hashes tell (none: the
+        same bytes, e.g. a copied cache)."""
+        scope = rels if paths is None else list(dict.fromkeys(
+            r if covers(p, r) else p for r in rels for p in paths if covers(p, r) or covers(r, p)))
+        if not scope:
+            return []
+        try:
+            hashes = self.hashes(commit)
+        except DamagedRecord as exc:
+            return [str(exc)]
+        if hashes is None:
+            return [f"{rel!r} was written or replaced in place (its files' inodes or modification times changed)"
+                    for rel in scope]
+        problems = _content_problems(self.folder(commit), scope, hashes)
+        if not problems:
+            log.warning("Snapshot %s holds other files than it was made with under %s, with the commit's bytes "
+                        "(a copied cache?): each check reads them again. To spare that, %s.",
+                        self.folder(commit), shown([repr(r) for r in scope]), remake_hint(self.folder(commit)))
         return problems
 
 
