@@ -10,7 +10,7 @@ import subprocess
 import sys
 
 import pytest
-from helpers import commit_files, tree_state
+from helpers import commit_files, make_repo, tree_state
 
 from oxen_callbacks import PinnedDataset
 from oxen_callbacks._oxen import child as oxen_child
@@ -72,6 +72,19 @@ def test_a_damaged_or_stale_view_is_named_and_made_again(dataset_repo, tmp_path)
     shutil.rmtree(snapshot)
     remade = PinnedDataset(dataset_repo.path, revision=commit, paths=["train.csv"])
     assert os.path.samefile(remade.file("train.csv"), remade.store.folder(commit) / "train.csv")  # ... no old links
+
+
+def test_pins_of_a_file_named_a_newline_b_and_of_a_and_b_read_their_own_files(tmp_path):
+    """The view's name hashed the paths joined by newlines: a pin of the file 'a\nb' and a pin of 'a' and
+    'b' shared one view, and the first then read 'a' and 'b', not its file (adversarial review)."""
+    repo = make_repo(tmp_path / "data", [("one", {"a": "A\n", "b": "B\n", "a\nb": "held out\n"})])
+    odd = PinnedDataset(repo.path, revision=repo.head, paths=["a\nb"])
+    pair = PinnedDataset(repo.path, revision=repo.head, paths=["a", "b"])
+    assert os.listdir(odd.path) == ["a\nb"]
+    assert sorted(os.listdir(pair.path)) == ["a", "b"]
+    assert os.listdir(odd.path) == ["a\nb"] and odd.file("a\nb").read_text() == "held out\n"
+    odd.verify()
+    pair.verify()
 
 
 def test_a_pin_whose_view_went_with_a_snapshot_another_pin_made_again_reads_its_files(dataset_repo, tmp_path):

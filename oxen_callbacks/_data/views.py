@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import json
 import logging
 import os
 import shutil
@@ -35,7 +36,8 @@ def view_folder(store: SnapshotStore, commit: str, paths: list[str]) -> Path | N
     """Where the pin of ``paths`` of ``commit`` reads them (``None``: the whole commit, the snapshot)."""
     if "." in paths:
         return None
-    return store.views_root(commit) / hashlib.sha1("\n".join(sorted(paths)).encode()).hexdigest()[:16]
+    # the list as JSON: no two sets of paths share a view ("\n".join gave ["a\nb"] and ["a", "b"] one)
+    return store.views_root(commit) / hashlib.sha1(json.dumps(sorted(paths)).encode()).hexdigest()[:16]
 
 
 def record_path(view: Path) -> Path:
