@@ -207,6 +207,20 @@ def test_a_same_size_edit_in_place_is_caught_by_the_check_at_fit_start(dataset_r
     PinnedDataset(dataset_repo.path, revision=first).verify()
 
 
+def test_mlflow_dataset_source_load_never_returns_a_damaged_snapshot(dataset_repo):
+    """MLflow's dataset source `load()` "materializes that exact commit": it returned a cached snapshot
+    cut short in place, unchecked (adversarial review)."""
+    from oxen_callbacks._mlflow.dataset import OxenDatasetSource
+
+    first = dataset_repo.commits[0]
+    snapshot = PinnedDataset(dataset_repo.path, revision=first).pull()
+    committed = (snapshot / "train.csv").read_bytes()
+    writable(snapshot)
+    (snapshot / "train.csv").write_bytes(committed[: len(committed) // 2])
+    folder = Path(OxenDatasetSource(str(dataset_repo.path), first).load())
+    assert (folder / "train.csv").read_bytes() == committed
+
+
 def test_deleted_snapshot_is_made_again(dataset_repo):
     pin = PinnedDataset(dataset_repo.path, revision=dataset_repo.head)
     pin.pull()

@@ -45,11 +45,12 @@ class OxenDatasetSource(DatasetSource):
         return SOURCE_TYPE
 
     def load(self, cache_dir: str | os.PathLike[str] | None = None) -> str:
-        """Materialize the snapshot (cached, read-only) and return its folder."""
+        """Materialize the snapshot (cached, read-only) and return its folder: every file checked against the
+        commit's content hash, a damaged snapshot made again (as ``reproduce`` and ``diff`` read it)."""
         from ..pin import PinnedDataset
 
         return str(PinnedDataset(self.repo, revision=self.commit, paths=self.paths, cache_dir=cache_dir,
-                                 named_by_record=True).pull())  # (an MLflow store's record names it)
+                                 named_by_record=True).pull_intact())  # (an MLflow store's record names it)
 
     @staticmethod
     def _can_resolve(raw_source: Any) -> bool:
