@@ -19,6 +19,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from ._data.entries import linked_part
 from ._data.snapshot import VIEWS_SUFFIX, SnapshotStore, remake_hint, shown
 from ._data.source import Source
 from ._data.views import make_view, view_folder, view_problems
@@ -164,12 +165,15 @@ class PinnedDataset:
 
     def _remake_if_lost(self, rels: list[str]) -> None:
         """Make the snapshot again when it lost one of ``rels`` that its records say the commit holds
-        (deleted from the cache): such a path is damage, not a path the commit lacks."""
+        (deleted from the cache): such a path is damage, not a path the commit lacks; so is a symbolic
+        link in place of the snapshot folder or of a folder on the way to one of ``rels`` (other bytes)."""
         folder = self.store.folder(self.commit)
 
         def lost() -> list[str]:
-            return [f"{rel!r} is missing" for rel in rels
-                    if not os.path.lexists(folder / rel) and self.store.records(self.commit, rel)]
+            linked = {link for rel in rels if (link := linked_part(folder, rel)) is not None}
+            return [f"{link!r} is a symbolic link" for link in sorted(linked)] + [
+                f"{rel!r} is missing" for rel in rels
+                if not os.path.lexists(folder / rel) and self.store.records(self.commit, rel)]
 
         if lost():
             self._materialize_missing(lost)

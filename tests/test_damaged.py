@@ -349,6 +349,42 @@ def test_snapshot_folder_replaced_by_a_link_is_caught_cheaply(dataset_repo, tmp_
         whole.verify()
 
 
+def test_a_pin_never_reads_through_a_link_in_place_of_the_snapshot_or_a_folder_of_it(dataset_repo, tmp_path):
+    """A snapshot folder (or a folder in it) replaced by a link to a copy with other bytes of the same size:
+    the next pin's pull() and file() read that copy as the commit (adversarial review). It is damage:
+    the snapshot is made again."""
+    first = dataset_repo.commits[0]
+    snapshot = PinnedDataset(dataset_repo.path, revision=first).pull()
+    committed = (snapshot / "train.csv").read_bytes()
+    other = tmp_path / "other"
+    subprocess.run(["cp", "-r", str(snapshot), str(other)], check=True)
+    writable(other)
+    (other / "train.csv").write_bytes(committed.replace(b",0\n", b",1\n"))
+    writable(snapshot)
+    subprocess.run(["rm", "-rf", str(snapshot)], check=True)
+    snapshot.symlink_to(other)
+    again = PinnedDataset(dataset_repo.path, revision=first)
+    assert not again.pull().is_symlink()
+    assert again.file("train.csv").read_bytes() == committed
+    again.verify()
+    part = PinnedDataset(dataset_repo.path, revision=first, paths=["train.csv"])
+    assert part.file("train.csv").read_bytes() == committed
+
+    nested = make_repo(tmp_path / "nested", [("one", {"data/a.csv": "1,0\n", "b.txt": "b"})])
+    folder = PinnedDataset(nested.path, revision=nested.head, paths=["data"]).pull()
+    snapshot = folder.parent.parent / nested.head
+    copy = tmp_path / "data-copy"
+    subprocess.run(["cp", "-r", str(snapshot / "data"), str(copy)], check=True)
+    writable(copy)
+    (copy / "a.csv").write_text("1,1\n")
+    writable(snapshot)
+    subprocess.run(["rm", "-rf", str(snapshot / "data")], check=True)
+    (snapshot / "data").symlink_to(copy)
+    pin = PinnedDataset(nested.path, revision=nested.head, paths=["data"])
+    assert pin.file("data/a.csv").read_text() == "1,0\n"
+    pin.verify()
+
+
 def test_snapshot_folder_replaced_by_a_file_is_damage(dataset_repo, capsys):
     """Not "ok (0 files)": the manifest records files the folder cannot hold; a pin makes it again."""
     pin = PinnedDataset(dataset_repo.path, revision=dataset_repo.head)
