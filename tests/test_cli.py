@@ -321,6 +321,23 @@ def test_reproduce_and_diff_never_use_a_damaged_cached_snapshot(tmp_path, monkey
     assert main(["verify"]) == 0
 
 
+def test_verify_names_a_snapshot_folder_deleted_with_its_records_kept(tmp_path, capsys):
+    """It said "ok (0 files)" of a snapshot whose folder was gone (adversarial review)."""
+    from oxen_callbacks.cli import main
+
+    data = make_repo(tmp_path / "data", [("A", {"train.csv": "x,label\n1,0\n", "val.csv": "x,label\n2,0\n"})])
+    pin = PinnedDataset(data.path, revision=data.head)
+    folder = pin.pull()
+    subprocess.run(["chmod", "-R", "u+w", str(folder)], check=True)
+    subprocess.run(["rm", "-rf", str(folder)], check=True)
+    capsys.readouterr()
+    assert main(["verify"]) == 1
+    out = capsys.readouterr().out
+    assert f"DAMAGED {folder}" in out and "the snapshot folder is missing (its records say 2 files)" in out
+    pin.pull()
+    assert main(["verify"]) == 0
+
+
 def test_diff_keeps_its_answer_when_one_table_cannot_be_compared(tmp_path, monkeypatch, capsys):
     """An emptied CSV, a cut-off JSON Lines row, a binary file named .csv: that table is marked, the rest stands."""
     from oxen_callbacks.cli import main

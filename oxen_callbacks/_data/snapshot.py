@@ -230,6 +230,8 @@ class SnapshotStore:
             return [str(exc)]
         if recorded_paths and (in_place := self._not_a_folder(commit)):
             return [in_place]
+        if recorded_paths and not os.path.lexists(root):  # (a pin makes it again; "ok" it is not)
+            return [f"the snapshot folder is missing (its records say {Manifest(commit, recorded_paths).files} files)"]
         manifest = Manifest(commit, recorded_paths if root.is_dir() else {})
         odd: dict[str, str] = {}
         problems: list[str] = []
