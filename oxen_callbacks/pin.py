@@ -11,6 +11,7 @@ Example::
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import time
@@ -202,8 +203,10 @@ class PinnedDataset:
                 "or pass cache_dir= another folder."
             ) from None
         except OSError as exc:  # permission denied, disk full, a file in the way...
+            full = exc.errno in (errno.ENOSPC, errno.EDQUOT)
             raise ConfigurationError(
-                f"The snapshot cache {str(self.store.cache_dir)!r} is not writable: {exc.strerror or exc}.",
+                f"The snapshot cache {str(self.store.cache_dir)!r} is {'full' if full else 'not writable'}: "
+                f"{exc.strerror or exc}{f' (pinning {self.source.location}@{self.commit})' if full else ''}.",
                 "free some space, or pass cache_dir= a writable folder (or set OXEN_CALLBACKS_CACHE).",
             ) from exc
 

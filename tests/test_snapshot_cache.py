@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -145,3 +148,48 @@ def test_a_snapshot_planted_in_a_shared_cache_with_records_to_match_is_not_taken
         again.verify(deep=True)
     assert (again.pull_intact() / "train.csv").read_bytes() == real
     again.verify(deep=True)
+
+
+@contextmanager
+def small_disk(where: Path, size: str = "2m") -> Iterator[Path]:
+    """A real filesystem of ``size`` at ``where`` (tmpfs: needs the right to mount, else the test is skipped)."""
+    where.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)], capture_output=True)
+    if mounted.returncode:
+        pytest.skip(f"cannot mount a small tmpfs here: {mounted.stderr.decode().strip()}")
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", "-l", str(where)], check=True)
+
+
+@pytest.mark.parametrize("files", [{"big.bin": 3 << 20}, {f"part{i}.bin": 300 << 10 for i in range(10)}],
+                         ids=["one-large-file", "small-files"])
+def test_a_full_cache_disk_is_a_clear_error_naming_the_cache(tmp_path, files):
+    """A full disk said `OxenError: BufferError: cannot close exported pointers exist` (a large file) or
+    `OSError: [Errno 28]` naming nothing (small files) (adversarial review)."""
+    repo = make_repo(tmp_path / "data", [("one", {rel: os.urandom(size) for rel, size in files.items()})])
+    with small_disk(tmp_path / "small") as disk:
+        pin = PinnedDataset(repo.path, revision=repo.head, cache_dir=disk / "cache")
+        with pytest.raises(ConfigurationError, match=rf"snapshot cache '{disk}/cache' is full: No space left on device"
+                                                     r".*\nHINT: free some space, or pass cache_dir="):
+            pin.pull()
+        assert not pin.is_pulled
+
+
+def test_a_large_file_copy_out_of_space_reports_that_not_a_buffer_error(tmp_path, monkeypatch):
+    """The in-kernel copy of a large file failing for want of room (injected: the copy runs in this process
+    here) left a slice of the stored file's map alive, so closing the map raised BufferError instead."""
+    from oxen_callbacks._oxen import store_copy
+
+    repo = make_repo(tmp_path / "data", [("one", {"big.bin": os.urandom(3 << 20)})])
+    dest = tmp_path / "dest"
+    dest.mkdir()
+
+    def full(*_args: object) -> int:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(store_copy.os, "copy_file_range", full)
+    monkeypatch.setattr(store_copy._Copier, "_clone", lambda *_args: False)  # (a filesystem that reflinks copies nothing)
+    outcome = store_copy.child_copy(str(repo.path), repo.head, ["."], str(dest))
+    assert outcome == {"no_space": os.strerror(errno.ENOSPC), "errno": errno.ENOSPC}

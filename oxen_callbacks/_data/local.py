@@ -165,6 +165,7 @@ def copy_from_store(repo: Path, commit: str, paths: list[str], dest: Path) -> Ma
         oxen_tree.UnreadableTree: the tree or a stored file cannot be read
             (:class:`oxen_tree.UnsupportedLayout`: a configuration the reader does not know).
         CorruptStore: a stored file's size or content differs from the tree's record.
+        OSError: ``dest``'s disk or quota is full (ENOSPC, EDQUOT).
         oxen_child.ChildCrashed: the child was killed by a signal (SIGBUS: a damaged tree).
         oxen_child.ChildTimedOut: after :data:`oxen_child.MATERIALIZE_TIMEOUT_S`.
     """
@@ -175,6 +176,8 @@ def copy_from_store(repo: Path, commit: str, paths: list[str], dest: Path) -> Ma
         raise oxen_tree.PathNotInCommit(outcome["missing"])
     if "corrupt" in outcome:
         raise CorruptStore(outcome["corrupt"])
+    if "no_space" in outcome:
+        raise OSError(outcome["errno"], outcome["no_space"], str(dest))
     if "unreadable" in outcome:
         kind = oxen_tree.UnsupportedLayout if outcome["layout"] else oxen_tree.UnreadableTree
         raise kind(outcome["unreadable"])

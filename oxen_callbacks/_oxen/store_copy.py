@@ -41,6 +41,8 @@ _SMALL = 1 << 20  # files up to this size are read in one call
 _FICLONE = 0x40049409  # linux/fs.h: _IOW(0x94, 9, int)
 _PR_SET_PDEATHSIG = 1  # linux/prctl.h
 _UNSUPPORTED = {errno.EOPNOTSUPP, errno.EXDEV, errno.EINVAL, errno.ENOTTY, errno.ENOSYS}
+#: A write that failed for want of room: the disk, or the user's quota, is full.
+NO_SPACE = {errno.ENOSPC, errno.EDQUOT}
 
 
 class CorruptStore(Exception):
@@ -51,9 +53,9 @@ def child_copy(repo: str, commit: str, paths: list[str], dest: str, parent: int 
     """The child's entry point: :func:`copy_commit`, its outcome as JSON-able data; ``parent``: the pid
     of the pin it copies for, with which it dies (:func:`_die_with`).
 
-    One of ``{"counts", "hashes"}``, ``{"missing": path}``, ``{"corrupt": why}`` or
+    One of ``{"counts", "hashes"}``, ``{"missing": path}``, ``{"corrupt": why}``,
     ``{"unreadable": why, "layout": bool}`` (``layout``: a configuration this reader does
-    not know, not damage).
+    not know, not damage) or ``{"no_space": why, "errno": n}`` (the destination's disk or quota is full).
     """
     if parent is not None:
         _die_with(parent)
@@ -65,6 +67,10 @@ def child_copy(repo: str, commit: str, paths: list[str], dest: str, parent: int 
         return {"corrupt": str(exc)}
     except oxen_tree.UnreadableTree as exc:
         return {"unreadable": str(exc), "layout": isinstance(exc, oxen_tree.UnsupportedLayout)}
+    except OSError as exc:
+        if exc.errno not in NO_SPACE:
+            raise
+        return {"no_space": exc.strerror or str(exc), "errno": exc.errno}
     return {"counts": made.counts, "hashes": made.hashes}
 
 
@@ -263,9 +269,11 @@ def _copy_large(fd_in: int, fd_out: int | None, size: int, progress: Callable[[i
         copied = 0
         while copied < size:
             count = min(size - copied, _CHUNK)
-            if fd_out is not None:
-                count = _copy_range(fd_in, fd_out, view[copied:copied + count])
-            hasher.update(view[copied:copied + count])
+            if fd_out is not None:  # (the slice released at once, even by an error: else closing the map fails
+                with view[copied:copied + count] as block:  # with a BufferError that hides that error)
+                    count = _copy_range(fd_in, fd_out, block)
+            with view[copied:copied + count] as block:
+                hasher.update(block)
             copied += count
             if progress:
                 progress(count)
