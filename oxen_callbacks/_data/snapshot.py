@@ -22,7 +22,7 @@ from .._oxen import layout as oxen_layout
 from .._oxen.commit_id import checked_commit_id, is_commit_id
 from .._util.fs import make_dirs_writable, parse_json, remove_tree, write_json_atomically
 from .._util.materialized import Materialized
-from .._util.relpath import covers, safe_relpath
+from .._util.relpath import covered, covers, safe_relpath
 from .._util.scratch import scratch_folder
 from .entries import count_files, entry_kind, files_under, hash_file, make_readonly
 
@@ -44,7 +44,7 @@ class Manifest:
     paths: dict[str, dict[str, int]] = field(default_factory=dict)
 
     def covers(self, path: str) -> bool:
-        return any(covers(done, path) for done in self.paths)
+        return covered(path, self.paths)
 
     def missing(self, paths: Iterable[str]) -> list[str]:
         return [p for p in paths if not self.covers(p)]
@@ -125,7 +125,8 @@ class SnapshotStore:
         """Where the snapshot's content hash record of the files under ``paths`` differs from ``expected``
         (the repository's own): a record written by someone else, beside bytes that are not the commit's."""
         try:
-            recorded = {f: h for f, h in (self.hashes(commit) or {}).items() if any(covers(rel, f) for rel in paths)}
+            wanted = set(paths)
+            recorded = {f: h for f, h in (self.hashes(commit) or {}).items() if covered(f, wanted)}
         except DamagedRecord as exc:
             return [str(exc)]
         return [f"{f!r} is recorded unlike the repository's commit" for f in sorted(expected.keys() | recorded.keys())
@@ -302,7 +303,8 @@ def shown(problems: list[str]) -> str:
 def _content_problems(root: Path, paths: list[str], recorded: dict[str, str]) -> list[str]:
     """Files under ``paths`` of ``root`` whose content differs from ``recorded``, or missing or extra."""
     on_disk = {f for rel in paths for f in files_under(root, rel, skip=oxen_layout.OXEN_DIR)}
-    wanted = {f for f in recorded if any(covers(rel, f) for rel in paths)}
+    scope = set(paths)
+    wanted = {f for f in recorded if covered(f, scope)}
     problems = [f"{f!r} is missing" for f in sorted(wanted - on_disk)]
     problems += [f"{f!r} was not in the commit" for f in sorted(on_disk - wanted)]
     for f in sorted(wanted & on_disk):

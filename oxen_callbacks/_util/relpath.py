@@ -38,3 +38,16 @@ def safe_relpath(path: str, *, what: str = "path") -> str:
 def covers(parent: str, child: str) -> bool:
     """True when repository path ``parent`` is ``child`` or one of its folders."""
     return parent == "." or child == parent or child.startswith(parent.rstrip("/") + "/")
+
+
+def ancestors(path: str) -> list[str]:
+    """Every normalized path that :func:`covers` ``path``: ``"."``, its folders, itself."""
+    if path == ".":
+        return ["."]
+    parts = path.split("/")
+    return [".", *("/".join(parts[:depth]) for depth in range(1, len(parts) + 1))]
+
+
+def covered(path: str, paths: set[str] | dict[str, object]) -> bool:
+    """Whether one of ``paths`` covers ``path`` (a set test per folder: no walk over ``paths``)."""
+    return any(a in paths for a in ancestors(path))
