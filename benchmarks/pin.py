@@ -4,7 +4,11 @@
 
 Target (issue "training never waits on lineage"): a cold pin costs <= 1.2x ``cp -r`` of
 the same files, and a cached re-pin < 50 ms. Sweeps: one file of 1 MB, 100 MB, 1 GB; and
-1, 100, 10k, 100k files of 1 KiB in one folder (``--quick``: no 1 GB, no 100k; < 3 min).
+1, 100, 10k, 100k files of 1 KiB in one folder (``--quick``: no 1 GB, no 100k; < 3 min). And
+``listed-3000``: 3,000 files of one folder pinned by naming each (a shard list), against pinning
+their folder: first pull, re-pin and the fit-start check (``verify()``) of each, and ``file()`` of each
+listed path (the listed pin grew with the square of its paths before 7292684: 50 s to pull 3,000;
+``file()`` read the snapshot's records again per call: 25 ms each).
 
 Per case, each repeat times in alternating order: ``cp -r`` of the working-tree folder,
 and a cold pin (``PinnedDataset(repo, revision=<commit id>, paths=[folder]).pull()`` into
@@ -119,6 +123,29 @@ def measure(root: Path, name: str, files: dict[str, int], repeats: int) -> dict:
     }
 
 
+def measure_listed(root: Path, count: int, repeats: int) -> dict:
+    """``count`` files pinned by naming each, against pinning their folder (see the module docstring)."""
+    from oxen_callbacks import PinnedDataset
+
+    files = {f"part-{i:05d}.bin": SMALL for i in range(count)}  # (random bytes named .csv: Oxen skips some)
+    repo, commit = make_case(root, f"listed-{count}", files)
+    listed = [f"data/{name}" for name in files]
+    times: dict[str, list[float]] = {}
+    for i in range(repeats):
+        for how, paths in (("listed", listed), ("folder", ["data"])) if i % 2 == 0 else (("folder", ["data"]), ("listed", listed)):
+            cache = root / f"cache-listed-{how}-{i}"
+            times.setdefault(f"{how}_pull_s", []).append(timed(partial(
+                lambda p, c: PinnedDataset(repo, revision=commit, paths=p, cache_dir=c).pull(), paths, cache)))
+            pin = PinnedDataset(repo, revision=commit, paths=paths, cache_dir=cache)
+            times.setdefault(f"{how}_repin_s", []).append(timed(pin.pull))
+            times.setdefault(f"{how}_verify_s", []).append(timed(pin.verify))
+            if how == "listed":  # a loop over the shards, as a DataLoader's dataset makes it
+                times.setdefault("listed_file_ms", []).append(timed(lambda: [pin.file(p) for p in listed]) * 1000 / count)
+    result = {"case": f"listed-{count}", "files": count, **{k: round(statistics.median(v), 4) for k, v in times.items()}}
+    result["ratio_pull"] = round(result["listed_pull_s"] / result["folder_pull_s"], 2)
+    return result
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="skip the 1 GB and 100k-file cases (< 3 min)")
@@ -143,6 +170,11 @@ def main() -> int:
                   f"restore {result['restore_s']:.3f}s  re-pin {result['repin_commit_ms']:.1f}ms "
                   f"(branch {result['repin_branch_ms']:.0f}ms)", file=sys.stderr, flush=True)
             results.append(result)
+        listed = measure_listed(root, 3000, args.repeats)
+        print(f"{listed['case']:>12}: pull {listed['listed_pull_s']:.3f}s (folder {listed['folder_pull_s']:.3f}s)  "
+              f"re-pin {listed['listed_repin_s'] * 1000:.1f}ms  verify {listed['listed_verify_s']:.3f}s",
+              file=sys.stderr, flush=True)
+        results.append(listed)
     finally:  # snapshots are read-only: make them writable, then delete (in C: ~1M files in a full run)
         subprocess.run(["chmod", "-R", "u+w", str(root)], check=False)
         subprocess.run(["rm", "-rf", str(root)], check=False)

@@ -29,7 +29,7 @@ from ._oxen.remote_spec import looks_remote
 from ._oxen.tree import path_not_in_commit
 from ._util.cache import default_cache_dir
 from ._util.locks import FileLock, LockTimeout
-from ._util.relpath import ancestors, covers, safe_relpath
+from ._util.relpath import ancestors, safe_relpath
 from .errors import ConfigurationError, DatasetMismatchError, OxenError
 
 log = logging.getLogger(__name__)
@@ -90,6 +90,7 @@ class PinnedDataset:
         wanted = [safe_relpath(p, what="dataset path") for p in (paths or ["."])]
         asked = set(wanted)  # (a set test per folder of each path: 3,000 paths took seconds pairwise)
         self.paths: list[str] = [p for p in dict.fromkeys(wanted) if not any(a in asked for a in ancestors(p)[:-1])]
+        self._pinned = frozenset(self.paths)  # (file() tests a path's folders against it: no walk over paths)
         self.source: Source = _source_for(repo, host=host, timeout=remote_timeout, role=self.ROLE,
                                           named_by_record=named_by_record)
         self.revision = revision
@@ -113,18 +114,23 @@ class PinnedDataset:
         self.deep_verify = verify
         self._checked = False  # paths found in the snapshot (and deep-checked if asked), once per process
         self._deep_checked: tuple[object, ...] | None = None  # which snapshot the deep check read
+        self._pulled: tuple[tuple[object, ...] | None, Path] | None = None  # (snapshot identity, folder) pull() gave
 
     def __getstate__(self) -> dict[str, Any]:
         """What a copy in another process gets (Ray's workers, a spawned rank): not this process's
         check, which each process makes at its first :meth:`pull` (the cache may differ there; the deep
         one of ``verify=True`` when it is not the snapshot this pin's deep check read)."""
-        return {**self.__dict__, "_checked": False, "pull_seconds": None}
+        return {**self.__dict__, "_checked": False, "_pulled": None, "pull_seconds": None}
 
     # -- materialization -------------------------------------------------------
     def pull(self) -> Path:
         """Materialize the pinned paths (once; later calls and other processes reuse the cache);
         returns the folder that holds them (:attr:`path`)."""
         started = time.perf_counter()
+        pulled = self._pulled
+        if self._checked and pulled is not None and pulled[0] is not None and pulled[0] == self.store.identity(self.commit) \
+                and pulled[1].is_dir():  # the snapshot this process found whole: not its records read again per file()
+            return pulled[1]
         if self.store.manifest(self.commit).missing(self.paths):
             self._materialize_missing()
         folder = self.store.folder(self.commit)
@@ -142,6 +148,7 @@ class PinnedDataset:
         if view is not None and not view.is_dir():  # (gone with a snapshot another pin made again)
             self._make_view_if_lost(self.paths)
         self.pull_seconds = time.perf_counter() - started
+        self._pulled = (self.store.identity(self.commit), view or folder)
         return view or folder
 
     def pull_intact(self) -> Path:
@@ -244,7 +251,7 @@ class PinnedDataset:
     def file(self, rel_path: str) -> Path:
         """Absolute path of ``rel_path`` in the snapshot; it must lie in the pinned paths."""
         rel = safe_relpath(rel_path, what="dataset path")
-        if not any(covers(p, rel) for p in self.paths):
+        if not any(a in self._pinned for a in ancestors(rel)):
             raise ConfigurationError(
                 f"{rel_path!r} is not among the pinned paths {self.paths}.",
                 f"add it: PinnedDataset({self.source.location!r}, paths=[..., {rel_path!r}]).",
