@@ -67,6 +67,9 @@ BEST_KEY = "best"
 #: A checkpoint entry's ``{"step", "path"}`` of a later save written where it was (a Ray report reusing a
 #: ``checkpoint_dir_name``) possibly before it was frozen: its commit may hold that later save's bytes.
 LATER_REPORT_KEY = "may_hold_later_report"
+#: A checkpoint entry's files its commit does not hold: tables Oxen could not parse, which it leaves out
+#: of a commit without a word (the entry's other files are committed).
+NOT_COMMITTED_KEY = "not_committed"
 #: In the record ``callback.lineage`` holds when the run's final lineage commit did not complete
 #: (``"pending"``: ``oxen-callbacks sync`` commits it); never in a committed record.
 FINAL_COMMIT_KEY = "final_commit"

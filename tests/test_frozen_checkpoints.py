@@ -176,3 +176,24 @@ def test_a_checkpoint_whose_name_holds_a_backslash_leaves_its_run_readable(tmp_p
     for step, data in ((2, b"step two"), (4, b"step four")):
         assert materialize_checkpoint(tmp_path / "models", run="odd-names", step=step).path.read_bytes() == data
     assert resolve_resume(tmp_path / "models", "odd-names").path.read_bytes() == b"step four"
+
+
+def test_a_table_oxen_cannot_parse_is_named_as_not_in_its_checkpoints_commit(tmp_path):
+    """Oxen does not commit a file it reads as a table (.csv, .parquet...) and cannot parse, and says
+    nothing: the lineage entry claimed a commit holding the whole checkpoint folder though it lacked that
+    file. The entry names it (not_committed), `lineage` shows it, and the other files are committed."""
+    from oxen_callbacks.cli.lineage import entry_notes
+
+    folder = tmp_path / "out" / "checkpoint-1"
+    folder.mkdir(parents=True)
+    (folder / "model.bin").write_bytes(b"weights")
+    (folder / "metrics.csv").write_text("step,loss\n1,0.5\n")
+    (folder / "predictions.csv").write_bytes(b"x\x01" + bytes(range(256)) * 4)  # (binary: no table)
+    run = _run(tmp_path, "tables")
+    run.checkpoint_saved(folder, step=1, epoch=0)
+    [entry] = run.finish("FINISHED")["checkpoints"]
+    assert entry["not_committed"] == [f"{entry['path']}/predictions.csv"]
+    for rel, data in (("model.bin", b"weights"), ("metrics.csv", b"step,loss\n1,0.5\n")):
+        assert file_at(tmp_path / "models", entry["commit"], f"{entry['path']}/{rel}", tmp_path / "read").read_bytes() \
+            == data
+    assert any("predictions.csv" in note for note in entry_notes(entry))

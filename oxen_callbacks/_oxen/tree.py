@@ -39,6 +39,7 @@ import struct
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, TypeVar
 
 import msgpack
@@ -314,3 +315,35 @@ def _file(path: str, key: bytes, payload: list[Any]) -> TreeFile:
 
 def _hex(key: bytes) -> str:
     return format(int.from_bytes(key, "little"), "x")
+
+
+#: What Oxen reads as a table when it adds a file (and a ``.json`` that starts with ``[``): a table it
+#: cannot parse is not added, and nothing says so (oxenai 0.65: ``util::fs::is_tabular``).
+_TABLE_SUFFIXES = frozenset({".csv", ".tsv", ".parquet", ".arrow", ".ndjson", ".jsonl"})
+
+
+def _read_as_table(file: Path) -> bool:
+    if file.suffix.lower() in _TABLE_SUFFIXES:
+        return True
+    if file.suffix.lower() != ".json":
+        return False
+    with open(file, "rb") as f:
+        return f.read(1) == b"["
+
+
+def tables_left_out(repo: str | os.PathLike[str], commit: str, rel: str) -> list[str]:
+    """The files at or under ``rel`` in the working tree that Oxen reads as tables and ``commit`` does not
+    hold (repository-relative): Oxen leaves out a table it cannot parse and says nothing. The tree is read
+    only when ``rel`` holds a table; an unreadable tree tells nothing (``[]``)."""
+    root = Path(repo) / rel
+    tables = [f for f in ([root] if root.is_file() else root.rglob("*")) if f.is_file() and not f.is_symlink()
+              and _read_as_table(f)]
+    if not tables:
+        return []
+    try:
+        held = {f.path for f in files_at(repo, commit, [rel])[rel].files}
+    except PathNotInCommit:
+        held = set()
+    except UnreadableTree:
+        return []
+    return sorted(name for f in tables if (name := f.relative_to(repo).as_posix()) not in held)

@@ -20,9 +20,10 @@ from typing import Any
 from .._oxen.layout import literal_path
 from .._oxen.prestore import prestore
 from .._oxen.repo import LocalRepo
+from .._oxen.tree import tables_left_out
 from .._util.locks import FileLock
 from ..errors import ConfigurationError, OxenError, PublishError, RepoBusyError
-from ..lineage import BEST_KEY, LATER_REPORT_KEY, fill_commit
+from ..lineage import BEST_KEY, LATER_REPORT_KEY, NOT_COMMITTED_KEY, fill_commit
 from ..model_repo import lineage_path
 from .adding import adding
 from .fits import (
@@ -152,6 +153,7 @@ class Committer:
                 raise _GroupFailed(index, exc) from exc
             raise
         record = fill_commit(self.records.load(run, None), commit)
+        self._note_left_out(commit, [result for job, result, _ in staged if job.kind == "checkpoint"], record)
         self.records.write(run, record)  # the working tree copy always names every commit
         seconds = round(time.perf_counter() - started, 4)
         results: list[dict[str, Any]] = []
@@ -164,6 +166,22 @@ class Committer:
             shutil.rmtree(queue.staging_for(job.seq), ignore_errors=True)
             results.append(result)
         return results
+
+    def _note_left_out(self, commit: str, results: list[dict[str, Any]], record: dict[str, Any]) -> None:
+        """Name in each checkpoint's result and lineage entry the files ``commit`` left out of it (tables Oxen
+        could not parse: it says nothing), so that no record claims bytes its commit does not hold."""
+        for result in results:
+            left_out = tables_left_out(self.repo.path, commit, result["dest"])
+            if not left_out:
+                continue
+            log.warning("Oxen left %d file(s) of checkpoint %s out of commit %s: %s. Oxen reads these as tables and "
+                        "does not commit one it cannot parse; the lineage entry names them (not_committed). Give such "
+                        "files another extension to commit them.", len(left_out), result["dest"], commit,
+                        ", ".join(left_out[:5]))
+            result[NOT_COMMITTED_KEY] = left_out
+            for entry in record["checkpoints"]:
+                if entry.get("path") == result["dest"] and entry.get("commit") == commit:
+                    entry[NOT_COMMITTED_KEY] = left_out
 
     def hold_lock(self) -> None:
         """Take the repository lock for the rest of this process's life (no-op when held)."""

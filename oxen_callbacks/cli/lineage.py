@@ -94,11 +94,14 @@ def _show_lineage(view: Result) -> str:
 
 def entry_notes(entry: dict[str, Any]) -> list[str]:
     """What a checkpoint entry says about its commit not holding the bytes of its own save."""
-    from ..lineage import LATER_REPORT_KEY  # (here: the CLI's import floors stay low)
+    from ..lineage import LATER_REPORT_KEY, NOT_COMMITTED_KEY  # (here: the CLI's import floors stay low)
 
     notes = []
     if entry.get("changed_after_save"):
         notes.append(f"written over after it was saved: its commit holds the new bytes of {entry['changed_after_save']}")
+    if isinstance(left_out := entry.get(NOT_COMMITTED_KEY), list) and left_out:
+        notes.append(f"not in its commit (tables Oxen could not parse): {', '.join(map(str, left_out[:5]))}"
+                     + (f" (+{len(left_out) - 5} more)" if len(left_out) > 5 else ""))
     later = entry.get(LATER_REPORT_KEY)
     if isinstance(later, dict):
         notes.append(f"may hold the bytes of the later report at step {later.get('step')} written to the same folder")
