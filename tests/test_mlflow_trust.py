@@ -532,6 +532,47 @@ def test_a_fit_that_ends_after_another_processes_later_fit_in_its_mlflow_run_lea
         c["commit"] for c in earlier["checkpoints"] if not c.get("same_model_as")}  # A's models, made all the same
 
 
+@pytest.mark.timeout(600)
+def test_a_run_a_fit_created_is_ended_by_it_though_a_later_fit_joined_it_through_mlflow_run_id(
+        dataset_repo, tmp_path, monkeypatch):
+    """Fit A (a process) creates its MLflow run; while it trains, fit B joins that run through
+    ``$MLFLOW_RUN_ID`` (an orchestrator's hand-over: B never ends it) and finishes. A's end left the run's
+    tags and lineage to B, and its end too: the run stayed RUNNING for good, `sync` included (found by a
+    review of the fix above). A ends the run it created; the tags and lineage stay B's."""
+    from oxen_callbacks._ops import sync
+
+    client, gate = MlflowClient(), tmp_path / "gate"
+    script = Path(__file__).parent / "fit_script.py"
+    first = subprocess.Popen([sys.executable, str(script), "--dataset", str(dataset_repo.path), "--revision",
+                              dataset_repo.commits[0], "--model-repo", str(tmp_path / "models-a"), "--root",
+                              str(tmp_path / "fit-a"), "--run-name", "first", "--mlflow", "--gate", str(gate)],
+                             stdout=subprocess.DEVNULL, stderr=(tmp_path / "a.err").open("w"))
+    try:
+        deadline, runs = time.monotonic() + 300, []
+        while time.monotonic() < deadline and first.poll() is None and not (
+                gate.with_suffix(".reached").exists() and (runs := client.search_runs(
+                    [e.experiment_id for e in client.search_experiments()], "tags.`oxen.run` = 'first'"))):
+            time.sleep(0.1)
+        assert runs, (tmp_path / "a.err").read_text()[-3000:]
+        run_id = runs[0].info.run_id
+        monkeypatch.setenv("MLFLOW_RUN_ID", run_id)
+        pin = PinnedDataset(dataset_repo.path, revision=dataset_repo.commits[0], paths=["train.csv", "val.csv"])
+        later = OxenLightningCallback(dataset=pin, model_repo=tmp_path / "models")
+        make_trainer(tmp_path / "b", [ModelCheckpoint(dirpath=tmp_path / "b" / "ckpt"), later]).fit(
+            TinyModel(), datamodule=CsvData(pin))
+        record = later.lineage
+        assert client.get_run(run_id).info.status == "RUNNING"  # (B joined it: never ends it)
+    finally:
+        gate.touch()
+        first.wait(timeout=300)
+    assert first.returncode == 0, (tmp_path / "a.err").read_text()[-3000:]
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED"
+    assert (run.data.tags["oxen.run"], run.data.tags["oxen.model.commit"]) == (record["run"]["name"],
+                                                                              record["model"]["commit"])
+    assert sync.sync_all()["pending"] == 0 and client.get_run(run_id).info.status == "FINISHED"
+
+
 def test_a_fit_of_another_oxen_run_that_joins_a_synced_killed_fits_run_takes_its_marks(dataset_repo, tmp_path):
     """As above, with `sync` run before fit B: A's run ends KILLED, its last model marked final; then B,
     a new Oxen run, joins that MLflow run and finishes. The run's final mark is B's alone (A's stayed:

@@ -28,16 +28,17 @@ log = logging.getLogger(__name__)
 KILLED = "KILLED"
 
 
-def superseded_by(client: Any, journal: Any, meta: dict[str, Any]) -> str | None:
+def superseded_by(client: Any, journal: Any, meta: dict[str, Any], *, by_record: bool = True) -> str | None:
     """The later fit that logs to the journal's MLflow run, whose tags, ``oxen/lineage.json``, marks and end
     are then that fit's, not this journal's to write (``sync`` replays it late); ``None``: none.
 
     Found by the model repository's record (a fit that went on in the same Oxen run, :func:`continued_by`),
     by a later journal of this cache for the run (a fit still training: it tags the run at its end), or
-    by the run's ``oxen.fit`` tag (a later fit, of any Oxen run, from anywhere).
+    by the run's ``oxen.fit`` tag (a later fit, of any Oxen run, from anywhere). ``by_record=False``: not by
+    the record (a live fit holds its run's name: no fit of that run goes on from it meanwhile).
     """
     fit_id = journal.fit_id()
-    if (later := continued_by(meta, fit_id)) is not None:
+    if by_record and (later := continued_by(meta, fit_id)) is not None:
         return later
     run_id, started = meta.get("run_id"), meta.get(META_FIT_STARTED_MS)
     if not run_id or not isinstance(started, int):

@@ -110,15 +110,17 @@ def replay(journal: MlflowJournal) -> int:
     return done
 
 
-#: Operations that write the MLflow run's own state (tags, ``oxen/lineage.json``, its extras, its end, its
-#: models' marks): a later fit that logs to the same MLflow run writes its own.
-THE_RUNS_OWN = frozenset({"set_tags", "log_json", "publish_extras", "end_run", "mark_models"})
+#: Operations that write the MLflow run's own state (tags, ``oxen/lineage.json``, its extras, its models'
+#: marks): a later fit that logs to the same MLflow run writes its own. (Not ``end_run``: only the fit that
+#: created the run journals it, and a fit that joined the run never ends it.)
+THE_RUNS_OWN = frozenset({"set_tags", "log_json", "publish_extras", "mark_models"})
 
 
 def apply_unless_superseded(client: Any, journal: MlflowJournal, meta: dict[str, Any], op: dict[str, Any],
                             later: str | None) -> None:
     """:func:`apply_op`, but for ``later`` (a later fit that logs to the run, see
-    :func:`.abandoned.superseded_by`): the run's own state is that fit's; the checkpoints' models are made."""
+    :func:`.abandoned.superseded_by`): the run's tags, lineage and marks are that fit's; the checkpoints'
+    models are made, and a run this fit created is ended by it all the same."""
     if later is not None and op["op"] == "mark_models":  # its checkpoints' models, not the run's marks
         from .model_marks import complete_and_mark
 

@@ -208,10 +208,11 @@ class MlflowSink:
         """What is known at fit start: the run, the model repository, the code and the dataset pin."""
         if record.get("fit_id"):
             self.journal.note_fit(record["fit_id"])  # (what `sync` may amend in the repository: this fit's record)
+        # (not its fit: a later fit's ``oxen.fit`` is how this fit's end knows the run is that fit's now)
         self._whose = {TAG_RUN: run_name, TAG_MODEL_REPO: record["model"]["repo"]}
-        if record.get("fit_id") and isinstance(started := self.journal.meta().get(META_FIT_STARTED_MS), int):
-            self._whose[TAG_FIT] = fit_tag(started, record["fit_id"])
         tags = {**self._whose, TAG_CODE_GIT_COMMIT: record["code"]["git_commit"]}
+        if record.get("fit_id") and isinstance(started := self.journal.meta().get(META_FIT_STARTED_MS), int):
+            tags[TAG_FIT] = fit_tag(started, record["fit_id"])
         if record["dataset"]:
             d = record["dataset"]
             tags.update({TAG_DATASET_REPO: redact_url(d["repo"]), TAG_DATASET_COMMIT: d["commit"],
@@ -220,7 +221,7 @@ class MlflowSink:
 
     def tag_model(self, commit: str | None, path: str | None, *, lineage_status: str | None = None) -> None:
         """The model commit and path: the latest checkpoint's as each is committed, the final one's (with
-        the lineage's status) at the end; with the run, repository and fit they are of (another process's fit
+        the lineage's status) at the end; with the Oxen run and repository they are of (another process's fit
         logging to the same MLflow run meanwhile never leaves one's model under the other's names)."""
         self.set_tags({**self._whose, TAG_MODEL_COMMIT: commit, TAG_MODEL_PATH: path, TAG_LINEAGE_STATUS: lineage_status})
 

@@ -54,7 +54,7 @@ def serve(journal: MlflowJournal, lines: Any = _STDIN, client_uri: str | None = 
     """
     client = None
     over, trained = False, False
-    later: str | None | object = _UNASKED  # the later fit that logs to the run (asked once training is over)
+    later = _LaterFit()
     while True:
         pending = journal.batches()
         for paths, op in pending:
@@ -67,9 +67,8 @@ def serve(journal: MlflowJournal, lines: Any = _STDIN, client_uri: str | None = 
             for delay in (*RETRY_DELAYS_S, None):
                 try:
                     client = client or client_for(journal, client_uri)
-                    if trained and later is _UNASKED and op["op"] in THE_RUNS_OWN:
-                        later = _later_fit(client, journal)
-                    apply_unless_superseded(client, journal, journal.meta(), op, None if later is _UNASKED else later)
+                    apply_unless_superseded(client, journal, journal.meta(), op,
+                                            later.ask(client, journal, trained) if op["op"] in THE_RUNS_OWN else None)
                     for path in paths:
                         path.unlink(missing_ok=True)
                     journal.write_status(gave_up=False, last_error=None)
@@ -99,18 +98,31 @@ def serve(journal: MlflowJournal, lines: Any = _STDIN, client_uri: str | None = 
             lingering_until = lingering_until if linger_s else 0.0
 
 
-_UNASKED = object()
+class _LaterFit:
+    """The fit that started logging to the journal's MLflow run after this one (another process joined it,
+    see :func:`.abandoned.superseded_by`): the run's tags, lineage and marks are then that fit's, not this
+    fit's to write over. Asked before this fit writes them, again once training is over and at most once a
+    second otherwise (one request); once found, for good."""
 
+    RECHECK_S = 1.0
 
-def _later_fit(client: Any, journal: MlflowJournal) -> str | None:
-    """The fit that started logging to the journal's MLflow run after this one (another process joined it):
-    the run's tags, lineage, marks and end are that fit's, not this ending fit's to write over."""
-    later = superseded_by(client, journal, journal.meta())
-    if later is not None:
-        log.warning("MLflow run %s: fit %s started logging to it after this fit of run %s: its tags, lineage and "
-                    "end stay that fit's (this fit's lineage is in the model repository, its checkpoints' logged "
-                    "models are made).", journal.meta().get("run_id"), later, journal.meta().get("oxen_run"))
-    return later
+    def __init__(self) -> None:
+        self.found: str | None = None
+        self._asked: float | None = None
+        self._asked_trained = False
+
+    def ask(self, client: Any, journal: MlflowJournal, trained: bool) -> str | None:
+        now = time.monotonic()
+        if self.found is None and (self._asked is None or now - self._asked >= self.RECHECK_S
+                                   or (trained and not self._asked_trained)):
+            self._asked, self._asked_trained = now, trained
+            self.found = superseded_by(client, journal, journal.meta(), by_record=False)
+            if self.found is not None:
+                log.warning("MLflow run %s: fit %s started logging to it after this fit of run %s: its tags, lineage "
+                            "and marks stay that fit's (this fit's lineage is in the model repository, its "
+                            "checkpoints' logged models are made).", journal.meta().get("run_id"), self.found,
+                            journal.meta().get("oxen_run"))
+        return self.found
 
 
 def _heard(line: str | None, linger_s: float) -> tuple[Any, float]:
