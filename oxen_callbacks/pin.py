@@ -29,7 +29,7 @@ from ._oxen.remote_spec import looks_remote
 from ._oxen.tree import path_not_in_commit
 from ._util.cache import default_cache_dir
 from ._util.locks import FileLock, LockTimeout
-from ._util.relpath import ancestors, safe_relpath
+from ._util.relpath import ancestors, covered, safe_relpath
 from .errors import ConfigurationError, DatasetMismatchError, OxenError
 
 log = logging.getLogger(__name__)
@@ -130,6 +130,7 @@ class PinnedDataset:
         pulled = self._pulled
         if self._checked and pulled is not None and pulled[0] is not None and pulled[0] == self.store.identity(self.commit) \
                 and pulled[1].is_dir():  # the snapshot this process found whole: not its records read again per file()
+            self.pull_seconds = time.perf_counter() - started
             return pulled[1]
         if self.store.manifest(self.commit).missing(self.paths):
             self._materialize_missing()
@@ -251,7 +252,7 @@ class PinnedDataset:
     def file(self, rel_path: str) -> Path:
         """Absolute path of ``rel_path`` in the snapshot; it must lie in the pinned paths."""
         rel = safe_relpath(rel_path, what="dataset path")
-        if not any(a in self._pinned for a in ancestors(rel)):
+        if not covered(rel, self._pinned):
             raise ConfigurationError(
                 f"{rel_path!r} is not among the pinned paths {self.paths}.",
                 f"add it: PinnedDataset({self.source.location!r}, paths=[..., {rel_path!r}]).",

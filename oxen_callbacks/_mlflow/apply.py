@@ -127,7 +127,7 @@ def apply_unless_superseded(client: Any, journal: MlflowJournal, meta: dict[str,
         complete_and_mark(client, journal, meta, op["record"], went_on=later)
     elif later is not None and op["op"] in THE_RUNS_OWN:
         log.info("Not logging %s of run %s: fit %s logs to the same MLflow run since, whose tags, lineage and "
-                 "end are that fit's.", op["op"], meta.get("oxen_run"), later)
+                 "marks are that fit's.", op["op"], meta.get("oxen_run"), later)
     else:
         apply_op(client, journal, meta, op)
 
